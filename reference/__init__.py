@@ -1,0 +1,1 @@
+"""Pure-PyTorch references: the definition of correctness and the CPU fallback of every op."""

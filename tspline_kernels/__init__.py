@@ -1,0 +1,24 @@
+"""tspline-kernels: fused Triton kernels for compressed linear layers."""
+
+import os as _os
+
+import torch as _torch
+
+if _torch.version.cuda is None and _torch.version.hip is None:
+    # A CPU-only torch build can only run Triton kernels in the interpreter, and the switch must be
+    # set before anything (torch itself included) imports triton. No GPU is queried here.
+    _os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from ._backend import backend, get_backend
+from .spline import HierarchicalSplineLinear, SplineLinear
+from .surgery import Replacement, replace_linear
+
+__all__ = [
+    "backend",
+    "get_backend",
+    "SplineLinear",
+    "HierarchicalSplineLinear",
+    "replace_linear",
+    "Replacement",
+]
+__version__ = "0.1.0"

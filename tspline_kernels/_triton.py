@@ -1,0 +1,103 @@
+"""Shared Triton plumbing: interpreter set-up, autotune configs, launch helpers.
+
+Only the ``kernels`` modules import this, and ``ops`` imports those lazily on the first
+Triton launch, so importing ``tspline_kernels`` neither imports Triton nor touches the GPU.
+Without CUDA the kernels are built for the Triton interpreter (``TRITON_INTERPRET=1``); the
+choice is made once, here, before any ``@triton.jit`` runs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available()
+if INTERPRET:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import numpy as np  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+if INTERPRET and isinstance(tl.zeros, JITFunction):
+    raise ImportError(
+        "tspline_kernels needs the Triton interpreter here (no CUDA device), but triton was imported "
+        "before TRITON_INTERPRET=1 was set. Set TRITON_INTERPRET=1 in the environment before starting Python."
+    )
+
+__all__ = ["INTERPRET", "triton", "tl", "configs", "flatten", "m_bucket", "dot_precision", "check_inputs"]
+
+
+def _patch_interpreter_bf16_dot() -> None:
+    """Make the interpreter's ``tl.dot`` read bfloat16 operands as numbers.
+
+    The interpreter stores bfloat16 as raw ``uint16`` and multiplies the bit patterns
+    (triton-lang/triton#11584, unsupported upstream). Widening bf16 -> fp32 is exact and is
+    what the tensor cores do before accumulating in fp32. ``tests/test_triton_setup.py``
+    checks the patched result.
+    """
+    from triton.runtime import interpreter as interp
+
+    builder = interp.InterpreterBuilder
+    if getattr(builder.create_dot, "_tspline_bf16", False):
+        return
+    original = builder.create_dot
+
+    def widen(h):
+        if h.dtype.scalar == tl.bfloat16:
+            bits = h.data.astype(np.uint32) << np.uint32(16)
+            return interp.TensorHandle(bits.view(np.float32), tl.float32)
+        return h
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return original(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    create_dot._tspline_bf16 = True
+    builder.create_dot = create_dot
+
+
+if INTERPRET:
+    _patch_interpreter_bf16_dot()
+
+
+def configs(space: list[dict], *, interpret: dict, warps=(4, 8), stages=(3, 4)) -> list[triton.Config]:
+    """Autotune configs: every block-size dict in ``space`` x warps x stages on a GPU, and just
+    ``interpret`` (small blocks, no tuning runs) under the interpreter."""
+    if INTERPRET:
+        return [triton.Config(interpret, num_warps=1, num_stages=1)]
+    return [triton.Config(s, num_warps=w, num_stages=n) for s in space for w in warps for n in stages]
+
+
+def m_bucket(m: int) -> int:
+    """Autotune key for a batch-like size: its power-of-two bucket, so a new M rarely re-tunes."""
+    return min(triton.next_power_of_2(max(m, 1)), 16384)
+
+
+def flatten(x: torch.Tensor) -> torch.Tensor:
+    """View ``(*, K)`` as ``(M, K)`` without copying when the strides allow it."""
+    return x.reshape(-1, x.shape[-1])
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision matching torch's matmul setting for fp32 operands."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_inputs(*tensors: torch.Tensor) -> None:
+    """Fail clearly where a Triton launch cannot work: fp64 or integer data, CPU tensors without
+    the interpreter, tensors on different devices."""
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        raise ValueError(f"tensors are on different devices: {sorted(map(str, devices))}")
+    for t in tensors:
+        if t.dtype not in _KERNEL_DTYPES:
+            raise TypeError(f"Triton kernels take fp32, fp16 or bf16 tensors, got {t.dtype} (use the reference backend)")
+        if not t.is_cuda and not INTERPRET:
+            raise RuntimeError("Triton kernels on CPU tensors need TRITON_INTERPRET=1 set before Python starts")

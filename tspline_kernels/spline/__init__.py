@@ -1,0 +1,3 @@
+from .module import HierarchicalSplineLinear, SplineLinear
+
+__all__ = ["SplineLinear", "HierarchicalSplineLinear"]

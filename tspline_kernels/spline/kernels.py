@@ -1,0 +1,537 @@
+"""Triton kernels and launchers for SplineLinear. Reference: ``reference/spline.py``.
+
+Separable bases (``BSPLINE``, ``BICUBIC``): y = ((x @ Bi) @ C.T) @ Bo.T with the four-banded
+basis matrices generated tile by tile in registers, never stored.
+Field bases (``IDW``, ``GAUSSIAN``): y = x @ W.T with every W tile generated from the lattice
+points in registers and fed to ``tl.dot``; W is never written to global memory.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .._triton import configs, dot_precision, flatten, m_bucket, tl, triton
+from ..reference.spline import BICUBIC, BSPLINE, GAUSSIAN, GAUSSIAN_EPS, IDW_EPS, KEYS_A
+
+
+_KEYS_A = tl.constexpr(KEYS_A)
+_IDW_EPS = tl.constexpr(IDW_EPS)
+_GAUSSIAN_EPS = tl.constexpr(GAUSSIAN_EPS)
+
+
+# ----------------------------------------------------------------------------------------------
+# Basis generation (separable bases)
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _clamp(v, lo, hi):
+    return tl.minimum(tl.maximum(v, lo), hi)
+
+
+@triton.jit
+def _basis_taps(idx, scale, top, KIND: tl.constexpr):
+    """Column of each of the four nonzero basis values at positions ``idx`` and the values.
+
+    ``v = idx * scale`` is the position in grid units; ``top`` is the last span start
+    (``G - 3``, B-spline) or the last grid index (``K - 1``, bicubic).
+    """
+    v = idx.to(tl.float32) * scale
+    if KIND == 0:
+        # Cox-de Boor (degree 3); in span units the clamped knots are U[j] = clamp(j - 3, 0, top).
+        s = _clamp(tl.floor(v), 0.0, top - 1.0)
+        l1 = v - _clamp(s, 0.0, top)
+        l2 = v - _clamp(s - 1.0, 0.0, top)
+        l3 = v - _clamp(s - 2.0, 0.0, top)
+        r1 = _clamp(s + 1.0, 0.0, top) - v
+        r2 = _clamp(s + 2.0, 0.0, top) - v
+        r3 = _clamp(s + 3.0, 0.0, top) - v
+        # degree 1
+        tmp = 1.0 / (r1 + l1)
+        n0 = r1 * tmp
+        n1 = l1 * tmp
+        # degree 2
+        tmp = n0 / (r1 + l2)
+        n0 = r1 * tmp
+        saved = l2 * tmp
+        tmp = n1 / (r2 + l1)
+        n1 = saved + r2 * tmp
+        n2 = l1 * tmp
+        # degree 3
+        tmp = n0 / (r1 + l3)
+        n0 = r1 * tmp
+        saved = l3 * tmp
+        tmp = n1 / (r2 + l2)
+        n1 = saved + r2 * tmp
+        saved = l2 * tmp
+        tmp = n2 / (r3 + l1)
+        n2 = saved + r3 * tmp
+        n3 = l1 * tmp
+        c0 = s.to(tl.int32)
+        return c0, c0 + 1, c0 + 2, c0 + 3, n0, n1, n2, n3
+    else:
+        # Keys cubic convolution, taps clamped to the grid (grid_sample's border padding).
+        f = tl.floor(v)
+        t = v - f
+        A = _KEYS_A
+        u = t + 1.0
+        w0 = ((A * u - 5.0 * A) * u + 8.0 * A) * u - 4.0 * A
+        w1 = ((A + 2.0) * t - (A + 3.0)) * t * t + 1.0
+        u = 1.0 - t
+        w2 = ((A + 2.0) * u - (A + 3.0)) * u * u + 1.0
+        u = 2.0 - t
+        w3 = ((A * u - 5.0 * A) * u + 8.0 * A) * u - 4.0 * A
+        c0 = _clamp(f - 1.0, 0.0, top).to(tl.int32)
+        c1 = _clamp(f, 0.0, top).to(tl.int32)
+        c2 = _clamp(f + 1.0, 0.0, top).to(tl.int32)
+        c3 = _clamp(f + 2.0, 0.0, top).to(tl.int32)
+        return c0, c1, c2, c3, w0, w1, w2, w3
+
+
+@triton.jit
+def _basis_tile(idx, n, scale, top, col0, GP: tl.constexpr, KIND: tl.constexpr):
+    """Dense fp32 tile ``T[b, g] = B[idx[b], col0 + g]`` of shape ``(len(idx), GP)``; rows with
+    ``idx >= n`` are zero. Duplicate clamped taps add up, as in the reference's scatter_add."""
+    c0, c1, c2, c3, w0, w1, w2, w3 = _basis_taps(idx, scale, top, KIND)
+    cols = col0 + tl.arange(0, GP)[None, :]
+    tile = tl.where(cols == c0[:, None], w0[:, None], 0.0)
+    tile += tl.where(cols == c1[:, None], w1[:, None], 0.0)
+    tile += tl.where(cols == c2[:, None], w2[:, None], 0.0)
+    tile += tl.where(cols == c3[:, None], w3[:, None], 0.0)
+    return tl.where((idx < n)[:, None], tile, 0.0)
+
+
+@triton.jit
+def _contract_basis(a_ptr, rm, m_mask, n, scale, top, stride_m, stride_k,
+                    GP: tl.constexpr, KIND: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
+    """``A[rm, :] @ B`` for A ``(M, n)`` and the basis B ``(n, G)``: an fp32 ``(BM, GP)`` tile."""
+    acc = tl.zeros((rm.shape[0], GP), dtype=tl.float32)
+    for k0 in range(0, n, BK):
+        rk = k0 + tl.arange(0, BK)
+        a = tl.load(a_ptr + rm[:, None] * stride_m + rk[None, :] * stride_k,
+                    mask=m_mask[:, None] & (rk < n)[None, :], other=0.0)
+        b = _basis_tile(rk, n, scale, top, 0, GP, KIND)
+        acc = tl.dot(a, b.to(a.dtype), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _middle(t, c_ptr, col0, g_out, g_in, stride_co, stride_ci, GIP: tl.constexpr, PW: tl.constexpr):
+    """``t @ C[col0:col0 + PW, :].T`` in fp32: ``(BM, GIP) -> (BM, PW)``."""
+    rq = tl.arange(0, GIP)
+    rp = col0 + tl.arange(0, PW)
+    ct = tl.load(c_ptr + rp[None, :] * stride_co + rq[:, None] * stride_ci,
+                 mask=(rp < g_out)[None, :] & (rq < g_in)[:, None], other=0.0)
+    return tl.dot(t, ct.to(tl.float32), input_precision="ieee")
+
+
+def _separable_prune(cfgs, named_args, **kwargs):
+    """Drop output splits larger than the number of output tiles."""
+    tiles = triton.cdiv(named_args["N_OUT"], kwargs["BN"])
+    kept = [c for c in cfgs if c.kwargs["N_SPLIT"] <= max(tiles, 1)]
+    return kept or cfgs[:1]
+
+
+@triton.autotune(
+    configs=configs(
+        [{"BM": bm, "BK": 64, "N_SPLIT": s} for bm in (16, 32, 64, 128) for s in (1, 4, 16, 64)],
+        interpret={"BM": 16, "BK": 32, "N_SPLIT": 2},
+    ),
+    key=["M_BUCKET", "N_IN", "N_OUT", "G_IN", "G_OUT"],
+    prune_configs_by={"early_config_prune": _separable_prune},
+)
+@triton.jit
+def _separable_fwd_kernel(
+    x_ptr, c_ptr, bias_ptr, y_ptr,
+    M, N_IN, N_OUT, G_IN, G_OUT, M_BUCKET,
+    scale_in, top_in, scale_out, top_out,
+    stride_xm, stride_xk, stride_co, stride_ci, stride_ym, stride_yn,
+    KIND: tl.constexpr, HAS_BIAS: tl.constexpr, GIP: tl.constexpr, PW: tl.constexpr,
+    WINDOWED: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, N_SPLIT: tl.constexpr,
+):
+    """y = ((x @ Bi) @ C.T) @ Bo.T + bias; x ``(M, N_IN)``, C ``(G_OUT, G_IN)``, y ``(M, N_OUT)``.
+
+    Program (i, j) owns rows ``[i*BM, (i+1)*BM)`` and every ``N_SPLIT``-th output tile from j.
+    Stage 1 streams its x rows once: t = x @ Bi (fp32, on chip). Stage 2: u = t @ C.T, hoisted
+    when the whole G_OUT fits (``not WINDOWED``), else per output tile for the ``PW`` grid rows
+    that tile touches (Bo is 4-banded). Stage 3: y tile = u @ Bo_tile.T.
+
+    FLOPs (tensor cores, dense basis tiles): 2*M*N_IN*GIP*N_SPLIT + 2*M*GIP*PW*(1 or N_OUT/BN)
+    + 2*M*N_OUT*PW. Bytes: elt*(M*N_IN*N_SPLIT + M*N_OUT) + elt*G_OUT*G_IN (+ elt*N_OUT bias).
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BM + tl.arange(0, BM)
+    m_mask = rm < M
+    t = _contract_basis(x_ptr, rm, m_mask, N_IN, scale_in, top_in, stride_xm, stride_xk,
+                        GIP, KIND, BK, PRECISION)
+    out_ty = y_ptr.dtype.element_ty
+    if not WINDOWED:
+        u = _middle(t, c_ptr, 0, G_OUT, G_IN, stride_co, stride_ci, GIP, PW).to(out_ty)
+    for n0 in range(pid_n * BN, N_OUT, BN * N_SPLIT):
+        rn = n0 + tl.arange(0, BN)
+        col0 = 0
+        if WINDOWED:
+            col0 = tl.min(_basis_taps(rn, scale_out, top_out, KIND)[0], axis=0)
+            u = _middle(t, c_ptr, col0, G_OUT, G_IN, stride_co, stride_ci, GIP, PW).to(out_ty)
+        bo = _basis_tile(rn, N_OUT, scale_out, top_out, col0, PW, KIND)
+        acc = tl.dot(u, tl.trans(bo.to(out_ty)), input_precision=PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=rn < N_OUT, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, acc.to(out_ty),
+                 mask=m_mask[:, None] & (rn < N_OUT)[None, :])
+
+
+@triton.autotune(
+    configs=configs([{"BM": bm, "BK": 64} for bm in (32, 64, 128)], interpret={"BM": 16, "BK": 32}),
+    key=["M_BUCKET", "N_OUT", "N_IN", "G_OUT", "G_IN"],
+)
+@triton.jit
+def _separable_dc_kernel(
+    u_ptr, v_ptr, part_ptr,
+    M, N_OUT, N_IN, G_OUT, G_IN, M_BUCKET,
+    scale_out, top_out, scale_in, top_in,
+    stride_um, stride_un, stride_vm, stride_vk,
+    KIND: tl.constexpr, GOP: tl.constexpr, GIP: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr,
+):
+    """Partial dC for one block of rows: part[pid] = (u @ Bo).T @ (v @ Bi), ``(GOP, GIP)`` fp32.
+
+    u ``(M, N_OUT)`` is the output gradient, v ``(M, N_IN)`` the input; the host sums the
+    ``cdiv(M, BM)`` partials (deterministic, no atomics).
+    FLOPs: 2*M*(N_OUT*GOP + N_IN*GIP + GOP*GIP). Bytes: elt*M*(N_OUT + N_IN) + 4*cdiv(M,BM)*GOP*GIP.
+    """
+    pid = tl.program_id(0)
+    rm = pid * BM + tl.arange(0, BM)
+    m_mask = rm < M
+    du = _contract_basis(u_ptr, rm, m_mask, N_OUT, scale_out, top_out, stride_um, stride_un,
+                         GOP, KIND, BK, PRECISION)
+    t = _contract_basis(v_ptr, rm, m_mask, N_IN, scale_in, top_in, stride_vm, stride_vk,
+                        GIP, KIND, BK, PRECISION)
+    part = tl.dot(tl.trans(du), t, input_precision="ieee")
+    rp = tl.arange(0, GOP)
+    rq = tl.arange(0, GIP)
+    tl.store(part_ptr + pid * GOP * GIP + rp[:, None] * GIP + rq[None, :], part)
+
+
+def _axis(n: int, g: int, kind: int) -> tuple[float, float]:
+    """(scale, top) of one axis: grid coordinate = index * scale, last span/grid index = top."""
+    top = g - 3 if kind == BSPLINE else g - 1
+    return top / max(n - 1, 1), float(top)
+
+
+def _pad(g: int) -> int:
+    return max(16, triton.next_power_of_2(g))
+
+
+def _window(n_out: int, g_out: int, kind: int, bn: int) -> tuple[int, bool]:
+    """Width of the Bo column window an output tile of ``bn`` rows touches, and whether it is
+    narrower than the padded grid (then stage 2 runs per tile on that window only)."""
+    scale, _ = _axis(n_out, g_out, kind)
+    pw = max(16, triton.next_power_of_2(math.ceil((bn - 1) * scale) + 5))
+    return (pw, True) if pw < _pad(g_out) else (_pad(g_out), False)
+
+
+OUT_TILE = 32  # BN: fixed so that the window width is known on the host
+
+
+def separable_linear(
+    x: torch.Tensor, control: torch.Tensor, bias: torch.Tensor | None, out_features: int, kind: int
+) -> torch.Tensor:
+    """Launch the fused separable forward. x ``(*, n_in)``, control ``(G_out, G_in)``."""
+    x2 = flatten(x)
+    m, n_in = x2.shape
+    g_out, g_in = control.shape
+    y = torch.empty(m, out_features, device=x.device, dtype=x.dtype)
+    if m > 0 and out_features > 0:
+        pw, windowed = _window(out_features, g_out, kind, OUT_TILE)
+        s_in, t_in = _axis(n_in, g_in, kind)
+        s_out, t_out = _axis(out_features, g_out, kind)
+        grid = lambda meta: (triton.cdiv(m, meta["BM"]), meta["N_SPLIT"])  # noqa: E731
+        _separable_fwd_kernel[grid](
+            x2, control, bias if bias is not None else y, y,
+            m, n_in, out_features, g_in, g_out, m_bucket(m),
+            s_in, t_in, s_out, t_out,
+            x2.stride(0), x2.stride(1), control.stride(0), control.stride(1), y.stride(0), y.stride(1),
+            KIND=kind, HAS_BIAS=bias is not None, GIP=_pad(g_in), PW=pw, WINDOWED=windowed,
+            PRECISION=dot_precision(x.dtype), BN=OUT_TILE,
+        )
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+def separable_grad_control(u: torch.Tensor, v: torch.Tensor, g_out: int, g_in: int, kind: int) -> torch.Tensor:
+    """dC ``(g_out, g_in)`` fp32 from output grad u ``(*, n_out)`` and input v ``(*, n_in)``."""
+    u2, v2 = flatten(u), flatten(v)
+    m, n_out = u2.shape
+    n_in = v2.shape[1]
+    gop, gip = _pad(g_out), _pad(g_in)
+    if m == 0:
+        return torch.zeros(g_out, g_in, device=u.device, dtype=torch.float32)
+    blocks = triton.cdiv(m, 16)  # enough partial slots for the smallest BM
+    part = torch.zeros(blocks, gop, gip, device=u.device, dtype=torch.float32)
+    s_out, t_out = _axis(n_out, g_out, kind)
+    s_in, t_in = _axis(n_in, g_in, kind)
+    grid = lambda meta: (triton.cdiv(m, meta["BM"]),)  # noqa: E731
+    _separable_dc_kernel[grid](
+        u2, v2, part, m, n_out, n_in, g_out, g_in, m_bucket(m),
+        s_out, t_out, s_in, t_in,
+        u2.stride(0), u2.stride(1), v2.stride(0), v2.stride(1),
+        KIND=kind, GOP=gop, GIP=gip, PRECISION=dot_precision(u.dtype),
+    )
+    return part.sum(0)[:g_out, :g_in]
+
+
+# ----------------------------------------------------------------------------------------------
+# Field bases (IDW / Gaussian on a lattice): weight tiles generated in registers
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _phi(d2, inv_two_s2, rho2, BASIS: tl.constexpr, LOCAL: tl.constexpr):
+    if BASIS == 0:
+        phi = 1.0 / (d2 + _IDW_EPS)
+    else:
+        phi = tl.exp(-d2 * inv_two_s2)
+    if LOCAL:
+        taper = tl.maximum(1.0 - d2 / rho2, 0.0)
+        phi = phi * taper * taper
+    return phi
+
+
+@triton.jit
+def _reaches(lat_ptr, k, box, rho2):
+    """Whether lattice point k lies within rho of the box (xlo, xhi, ylo, yhi)."""
+    lx = tl.load(lat_ptr + 2 * k)
+    ly = tl.load(lat_ptr + 2 * k + 1)
+    dx = tl.maximum(tl.maximum(box[0] - lx, lx - box[1]), 0.0)
+    dy = tl.maximum(tl.maximum(box[2] - ly, ly - box[3]), 0.0)
+    return dx * dx + dy * dy < rho2
+
+
+@triton.jit
+def _point_phi(lat_ptr, k, x2, y2, inv_two_s2, rho2, BASIS: tl.constexpr, LOCAL: tl.constexpr):
+    """phi_k and d_k^2 over the broadcast of positions x2, y2."""
+    dx = x2 - tl.load(lat_ptr + 2 * k)
+    dy = y2 - tl.load(lat_ptr + 2 * k + 1)
+    d2 = dx * dx + dy * dy
+    return _phi(d2, inv_two_s2, rho2, BASIS, LOCAL), d2
+
+
+@triton.jit
+def _accumulate(num, den, ctrl_ptr, lat_ptr, k, x2, y2, inv_two_s2, rho2, BASIS: tl.constexpr, LOCAL: tl.constexpr):
+    phi, _ = _point_phi(lat_ptr, k, x2, y2, inv_two_s2, rho2, BASIS, LOCAL)
+    c = tl.load(ctrl_ptr + k).to(tl.float32)
+    return num + c * phi, den + phi
+
+
+@triton.jit
+def _field_tile(ro, ri, step_out, step_in, ctrl_ptr, lat_ptr, n_pts, inv_two_s2, rho2,
+                BASIS: tl.constexpr, LOCAL: tl.constexpr, O_ON_ROWS: tl.constexpr):
+    """Numerator and denominator of W over the tile of output rows ``ro`` x input columns ``ri``.
+
+    Laid out ``(len(ro), len(ri))`` if ``O_ON_ROWS`` else ``(len(ri), len(ro))``; W = num / den
+    (plus the Gaussian's epsilon). With ``LOCAL`` the loop skips lattice points farther than rho
+    from the tile's bounding box: they contribute exactly zero.
+    """
+    py = ro.to(tl.float32) * step_out - 1.0
+    px = ri.to(tl.float32) * step_in - 1.0
+    if O_ON_ROWS:
+        y2 = py[:, None]
+        x2 = px[None, :]
+        num = tl.zeros((ro.shape[0], ri.shape[0]), dtype=tl.float32)
+    else:
+        y2 = py[None, :]
+        x2 = px[:, None]
+        num = tl.zeros((ri.shape[0], ro.shape[0]), dtype=tl.float32)
+    den = num
+    box = (tl.min(px, axis=0), tl.max(px, axis=0), tl.min(py, axis=0), tl.max(py, axis=0))
+    for k in range(0, n_pts):
+        if LOCAL:
+            if _reaches(lat_ptr, k, box, rho2):
+                num, den = _accumulate(num, den, ctrl_ptr, lat_ptr, k, x2, y2, inv_two_s2, rho2, BASIS, LOCAL)
+        else:
+            num, den = _accumulate(num, den, ctrl_ptr, lat_ptr, k, x2, y2, inv_two_s2, rho2, BASIS, LOCAL)
+    return num, den, box
+
+
+@triton.jit
+def _inv_two_s2(sigma_ptr, BASIS: tl.constexpr):
+    if BASIS == 1:
+        s = tl.load(sigma_ptr).to(tl.float32)
+        return 0.5 / (s * s)
+    else:
+        return 0.0
+
+
+@triton.jit
+def _normalise(num, den, BASIS: tl.constexpr):
+    if BASIS == 1:
+        return num / (den + _GAUSSIAN_EPS)
+    else:
+        return num / den
+
+
+@triton.autotune(
+    configs=configs(
+        [{"BM": bm, "BN": bn, "BK": bk} for bm, bn, bk in ((64, 64, 32), (128, 64, 32), (128, 128, 32), (64, 128, 64))],
+        interpret={"BM": 16, "BN": 32, "BK": 32},
+    ),
+    key=["M_BUCKET", "N", "K", "N_PTS"],
+)
+@triton.jit
+def _field_matmul_kernel(
+    a_ptr, ctrl_ptr, lat_ptr, sigma_ptr, bias_ptr, out_ptr,
+    M, N, K, N_PTS, M_BUCKET, step_out, step_in, rho2,
+    stride_am, stride_ak, stride_om, stride_on,
+    BASIS: tl.constexpr, LOCAL: tl.constexpr, TRANSPOSE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr = 8,
+):
+    """out = a @ W.T + bias (a ``(M, n_in)``), or a @ W + bias with ``TRANSPOSE`` (a ``(M, n_out)``).
+
+    Each (BK, BN) tile of W.T (or W) is generated in registers from the N_PTS lattice points and
+    fed to ``tl.dot``; programs are grouped along M for L2 reuse of ``a``.
+    FLOPs: 2*M*N*K (tensor cores) + ~6*N_PTS*N*K*cdiv(M, BM) (generation; LOCAL skips far points).
+    Bytes: elt*(M*K*cdiv(N, BN) + M*N) + 12*N_PTS (lattice and control).
+    """
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    inv_two_s2 = _inv_two_s2(sigma_ptr, BASIS)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        rk = k0 + tl.arange(0, BK)
+        a = tl.load(a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak,
+                    mask=(rm < M)[:, None] & (rk < K)[None, :], other=0.0)
+        if TRANSPOSE:  # tile of W: rows are outputs o = rk, columns inputs i = rn
+            num, den, _ = _field_tile(rk, rn, step_out, step_in, ctrl_ptr, lat_ptr, N_PTS, inv_two_s2, rho2,
+                                   BASIS, LOCAL, True)
+        else:  # tile of W.T: rows are inputs i = rk, columns outputs o = rn
+            num, den, _ = _field_tile(rn, rk, step_out, step_in, ctrl_ptr, lat_ptr, N_PTS, inv_two_s2, rho2,
+                                   BASIS, LOCAL, False)
+        w = tl.where((rk < K)[:, None], _normalise(num, den, BASIS), 0.0)
+        acc = tl.dot(a, w.to(a.dtype), acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
+             mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+
+@triton.autotune(
+    configs=configs([{"BO": 64, "BI": 64, "BM": bm} for bm in (32, 64)], interpret={"BO": 16, "BI": 32, "BM": 16}),
+    key=["M_BUCKET", "N_OUT", "N_IN", "N_PTS"],
+)
+@triton.jit
+def _field_grad_kernel(
+    u_ptr, v_ptr, ctrl_ptr, lat_ptr, sigma_ptr, dctrl_ptr, dsigma_ptr,
+    M, N_OUT, N_IN, N_PTS, M_BUCKET, step_out, step_in, rho2,
+    stride_um, stride_un, stride_vm, stride_vk,
+    BASIS: tl.constexpr, LOCAL: tl.constexpr, PRECISION: tl.constexpr,
+    BO: tl.constexpr, BI: tl.constexpr, BM: tl.constexpr,
+):
+    """Per-tile partial gradients of sum(G * W), G = u.T @ v, never storing G or W.
+
+    u ``(M, N_OUT)``, v ``(M, N_IN)``. The tile's G is reduced over M on chip; then, with
+    H = G / S: dctrl[tile, k] = sum H * phi_k and, for the Gaussian, dsigma[tile] =
+    sum H * sum_k (c_k - W) phi_k d_k^2 / sigma^3. The host sums the partials.
+    FLOPs: 2*M*N_OUT*N_IN + ~14*N_PTS*N_OUT*N_IN. Bytes: elt*M*(N_IN*cdiv(N_OUT,BO) + N_OUT*cdiv(N_IN,BI)).
+    """
+    pid_o = tl.program_id(0)
+    pid_i = tl.program_id(1)
+    tile = pid_o * tl.num_programs(1) + pid_i
+    ro = pid_o * BO + tl.arange(0, BO)
+    ri = pid_i * BI + tl.arange(0, BI)
+    g = tl.zeros((BO, BI), dtype=tl.float32)
+    for m0 in range(0, M, BM):
+        rm = m0 + tl.arange(0, BM)
+        ut = tl.load(u_ptr + ro[:, None] * stride_un + rm[None, :] * stride_um,
+                     mask=(ro < N_OUT)[:, None] & (rm < M)[None, :], other=0.0)
+        vv = tl.load(v_ptr + rm[:, None] * stride_vm + ri[None, :] * stride_vk,
+                     mask=(rm < M)[:, None] & (ri < N_IN)[None, :], other=0.0)
+        g = tl.dot(ut, vv, g, input_precision=PRECISION)
+    inv_two_s2 = _inv_two_s2(sigma_ptr, BASIS)
+    num, den, box = _field_tile(ro, ri, step_out, step_in, ctrl_ptr, lat_ptr, N_PTS, inv_two_s2, rho2,
+                                BASIS, LOCAL, True)
+    valid = (ro < N_OUT)[:, None] & (ri < N_IN)[None, :]
+    w = _normalise(num, den, BASIS)
+    h = tl.where(valid, _normalise(g, den, BASIS), 0.0)
+    y2 = (ro.to(tl.float32) * step_out - 1.0)[:, None]
+    x2 = (ri.to(tl.float32) * step_in - 1.0)[None, :]
+    dsig = 0.0
+    for k in range(0, N_PTS):
+        if LOCAL:
+            if _reaches(lat_ptr, k, box, rho2):
+                dsig = _grad_point(h, w, dsig, dctrl_ptr + tile * N_PTS, ctrl_ptr, lat_ptr, k, x2, y2,
+                                   inv_two_s2, rho2, BASIS, LOCAL)
+        else:
+            dsig = _grad_point(h, w, dsig, dctrl_ptr + tile * N_PTS, ctrl_ptr, lat_ptr, k, x2, y2,
+                               inv_two_s2, rho2, BASIS, LOCAL)
+    if BASIS == 1:
+        s = tl.load(sigma_ptr).to(tl.float32)
+        tl.store(dsigma_ptr + tile, dsig / (s * s * s))
+
+
+@triton.jit
+def _grad_point(h, w, dsig, dctrl_ptr, ctrl_ptr, lat_ptr, k, x2, y2, inv_two_s2, rho2,
+                BASIS: tl.constexpr, LOCAL: tl.constexpr):
+    """Store sum(H * phi_k) at dctrl_ptr[k]; return dsig plus point k's Gaussian-width term."""
+    phi, d2 = _point_phi(lat_ptr, k, x2, y2, inv_two_s2, rho2, BASIS, LOCAL)
+    hphi = h * phi
+    tl.store(dctrl_ptr + k, tl.sum(tl.sum(hphi, axis=1), axis=0))
+    if BASIS == 1:
+        c = tl.load(ctrl_ptr + k).to(tl.float32)
+        dsig += tl.sum(tl.sum(hphi * (c - w) * d2, axis=1), axis=0)
+    return dsig
+
+
+def _step(n: int) -> float:
+    return 2.0 / max(n - 1, 1)
+
+
+def field_linear(
+    a: torch.Tensor, control: torch.Tensor, lattice: torch.Tensor, sigma: torch.Tensor | None,
+    bias: torch.Tensor | None, n_out: int, n_in: int, basis: int, rho: float, transpose: bool,
+) -> torch.Tensor:
+    """Launch ``a @ W.T + bias`` (or ``a @ W + bias`` when ``transpose``) with W generated on chip."""
+    a2 = flatten(a)
+    m, k = a2.shape
+    n = n_in if transpose else n_out
+    out = torch.empty(m, n, device=a.device, dtype=a.dtype)
+    if m > 0 and n > 0:
+        grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)  # noqa: E731
+        _field_matmul_kernel[grid](
+            a2, control, lattice, sigma if sigma is not None else lattice, bias if bias is not None else out, out,
+            m, n, k, lattice.shape[0], m_bucket(m), _step(n_out), _step(n_in), rho * rho,
+            a2.stride(0), a2.stride(1), out.stride(0), out.stride(1),
+            BASIS=basis, LOCAL=rho > 0, TRANSPOSE=transpose, HAS_BIAS=bias is not None,
+            PRECISION=dot_precision(a.dtype),
+        )
+    return out.reshape(*a.shape[:-1], n)
+
+
+def field_grad_params(
+    u: torch.Tensor, v: torch.Tensor, control: torch.Tensor, lattice: torch.Tensor,
+    sigma: torch.Tensor | None, basis: int, rho: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d_control ``(n,)``, d_sigma ``(1,)``) in fp32 for G = u.T @ v, u ``(*, n_out)``, v ``(*, n_in)``."""
+    u2, v2 = flatten(u), flatten(v)
+    m, n_out = u2.shape
+    n_in = v2.shape[1]
+    n_pts = lattice.shape[0]
+    tiles = triton.cdiv(n_out, 16) * triton.cdiv(n_in, 32)  # enough slots for the smallest tiles
+    dctrl = torch.zeros(tiles, n_pts, device=u.device, dtype=torch.float32)
+    dsigma = torch.zeros(tiles, device=u.device, dtype=torch.float32)
+    if m > 0 and n_out > 0 and n_in > 0:
+        grid = lambda meta: (triton.cdiv(n_out, meta["BO"]), triton.cdiv(n_in, meta["BI"]))  # noqa: E731
+        _field_grad_kernel[grid](
+            u2, v2, control, lattice, sigma if sigma is not None else lattice, dctrl, dsigma,
+            m, n_out, n_in, n_pts, m_bucket(m), _step(n_out), _step(n_in), rho * rho,
+            u2.stride(0), u2.stride(1), v2.stride(0), v2.stride(1),
+            BASIS=basis, LOCAL=rho > 0, PRECISION=dot_precision(u.dtype),
+        )
+    return dctrl.sum(0), dsigma.sum().reshape(1)

@@ -1,0 +1,228 @@
+"""SplineLinear and HierarchicalSplineLinear: nn.Linear replacements with interpolated weights."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._layers import CompressedLinear
+from ..reference import spline as ref
+from . import ops
+
+BASES = ("bspline", "bicubic", "gaussian", "eisenstein")
+_FIELD = {"eisenstein": ref.IDW, "gaussian": ref.GAUSSIAN}
+_TENSOR_SPLINE_BASIS = {"bspline": "bicubic", "gaussian": "gaussian", "eisenstein": "eisenstein"}
+
+
+def default_grid(n: int) -> int:
+    """Control points along an axis of ``n`` weights when no grid is given: n/8, in [4, 64]."""
+    return min(max(4, n // 8), 64)
+
+
+def _check_grid(grid) -> tuple[int, int]:
+    try:
+        g_out, g_in = (int(g) for g in grid)
+    except (TypeError, ValueError):
+        raise ValueError(f"grid must be a pair (G_out, G_in), got {grid!r}") from None
+    if min(g_out, g_in) < 4:
+        raise ValueError(f"a cubic B-spline grid needs at least 4 control points per axis, got grid={grid!r}")
+    return g_out, g_in
+
+
+def _scale_to_fan_in(control: torch.Tensor, mean_sq_weight: float, in_features: int, share: float = 1.0) -> None:
+    """Rescale ``control`` so that mean(W^2) is ``share`` of nn.Linear's 1 / (3 in_features)."""
+    target = share / (3 * in_features)
+    control.mul_(math.sqrt(target / max(mean_sq_weight, 1e-30)))
+
+
+def _separable_mean_sq(control: torch.Tensor, n_out: int, n_in: int, kind: int) -> float:
+    """mean(W^2) of W = Bo C Bi.T via the small Gram matrices: ||W||^2 = sum((Bo'Bo C) * (C Bi'Bi))."""
+    c = control.detach().double().cpu()
+    bo = ref.basis_matrix(n_out, c.shape[0], kind, torch.float64)
+    bi = ref.basis_matrix(n_in, c.shape[1], kind, torch.float64)
+    return ((bo.T @ bo @ c) * (c @ (bi.T @ bi))).sum().item() / (n_out * n_in)
+
+
+class SplineLinear(CompressedLinear):
+    """``nn.Linear`` whose weight W[o, i] is interpolated from a few control points.
+
+    ``basis="bspline"`` (default): clamped cubic B-spline grid, ``control`` ``(G_out, G_in)``,
+    W = Bo @ control @ Bi.T, computed separably so W is never formed.
+    ``basis="bicubic" | "gaussian" | "eisenstein"``: ``control`` ``(n_control_points,)`` with the
+    maths of tensor-spline 1.0.0 (its "bspline" is our "bicubic"). ``support="local"`` (gaussian and
+    eisenstein only) keeps just the lattice points within ``support_radius`` of each weight,
+    tapered by (1 - d^2 / rho^2)^2; by default rho is the smallest radius that reaches three
+    lattice points from anywhere in [-1, 1]^2 (times 1.25), see ``reference.spline.support_radius``.
+    """
+
+    def __init__(
+        self, in_features: int, out_features: int, *, basis: str = "bspline", grid=None,
+        n_control_points: int | None = None, support: str = "global", support_radius: float | None = None,
+        bias: bool = True, device=None, dtype=None,
+    ) -> None:
+        if basis not in BASES:
+            raise ValueError(f"unknown basis {basis!r}; expected one of {BASES}")
+        if support not in ("global", "local"):
+            raise ValueError(f"support must be 'global' or 'local', got {support!r}")
+        if support == "local" and basis not in _FIELD:
+            raise ValueError(f"support='local' applies to the gaussian and eisenstein bases, not {basis!r}")
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.basis = basis
+        self.support = support
+        factory = {"device": device, "dtype": dtype}
+        if basis == "bspline":
+            if n_control_points is not None:
+                raise ValueError("basis='bspline' takes grid=(G_out, G_in), not n_control_points")
+            self.grid = _check_grid(grid if grid is not None else (default_grid(out_features), default_grid(in_features)))
+            self.control = nn.Parameter(torch.empty(self.grid, **factory))
+        else:
+            if grid is not None:
+                raise ValueError(f"basis={basis!r} takes n_control_points, not grid")
+            n = 16 if n_control_points is None else n_control_points
+            if not isinstance(n, int) or n < 1:
+                raise ValueError(f"n_control_points must be an int >= 1, got {n_control_points!r}")
+            self.n_control_points = n
+            self.control = nn.Parameter(torch.empty(n, **factory))
+        self.rho = 0.0
+        if basis in _FIELD:
+            self.register_buffer("lattice", ref.eisenstein_lattice(self.n_control_points).to(device), persistent=False)
+            if basis == "gaussian":
+                self.log_bandwidth = nn.Parameter(torch.zeros(1, **factory))
+            if support == "local":
+                self.rho = self._check_radius(support_radius)
+        elif support_radius is not None:
+            raise ValueError("support_radius applies to support='local' only")
+        self.reset_parameters()
+
+    def _check_radius(self, radius: float | None) -> float:
+        reach_one = ref.support_radius(self.lattice.cpu(), 1) / 1.25
+        if radius is None:
+            return ref.support_radius(self.lattice.cpu(), 3)
+        if radius <= reach_one:
+            raise ValueError(f"support_radius={radius} leaves weights with no lattice point; it must exceed {reach_one:.4f}")
+        return float(radius)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if hasattr(self, "lattice") and self.lattice.dtype != torch.float32:
+            # Lattice positions stay fp32 whatever the parameters are cast to.
+            self.lattice = ref.eisenstein_lattice(self.n_control_points).to(self.lattice.device)
+        return self
+
+    # ---- parameters ---------------------------------------------------------------------------
+    @property
+    def _kind(self) -> int:
+        return ref.BSPLINE if self.basis == "bspline" else ref.BICUBIC
+
+    def _grid_control(self) -> torch.Tensor:
+        """The control grid of a separable basis; bicubic zero-pads n to K x K, K = ceil(sqrt(n))."""
+        if self.basis == "bspline":
+            return self.control
+        k = math.ceil(math.sqrt(self.n_control_points))
+        return F.pad(self.control, (0, k * k - self.n_control_points)).reshape(k, k)
+
+    def _sigma(self) -> torch.Tensor | None:
+        return self.log_bandwidth.exp().clamp(min=1e-3) if self.basis == "gaussian" else None
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Uniform control values scaled so that mean(W^2) equals nn.Linear's default init."""
+        self.control.uniform_(-1, 1)
+        if self.basis in _FIELD:
+            w = ref.field_weight(self.control.double(), self.lattice, self._sigma(),
+                                 min(self.out_features, 64), min(self.in_features, 64), _FIELD[self.basis], self.rho)
+            mean_sq = w.pow(2).mean().item()
+        else:
+            mean_sq = _separable_mean_sq(self._grid_control(), self.out_features, self.in_features, self._kind)
+        _scale_to_fan_in(self.control, mean_sq, self.in_features)
+
+    # ---- forward --------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self._prepare(x)
+        x = x.to(dtype)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        if self.basis in _FIELD:
+            sigma = self._sigma()
+            return ops.field_linear(
+                x, self.control.to(dtype), self.lattice, None if sigma is None else sigma.to(dtype), bias,
+                self.out_features, self.in_features, _FIELD[self.basis], self.rho, False,
+            )
+        return ops.separable_linear(x, self._grid_control().to(dtype), bias, self.out_features, self._kind)
+
+    def materialize(self) -> torch.Tensor:
+        if self.basis in _FIELD:
+            w = ref.field_weight(self.control, self.lattice, self._sigma(), self.out_features, self.in_features,
+                                 _FIELD[self.basis], self.rho)
+        else:
+            w = ref.separable_weight(self._grid_control(), self.out_features, self.in_features, self._kind)
+        return w.to(self.control.dtype)
+
+    def _structure(self) -> str:
+        if self.basis == "bspline":
+            return f"basis='bspline', grid={self.grid}"
+        local = f", support='local', support_radius={self.rho:.3f}" if self.support == "local" else ""
+        return f"basis={self.basis!r}, n_control_points={self.n_control_points}{local}"
+
+    @classmethod
+    def from_tensor_spline(cls, module: nn.Module) -> "SplineLinear":
+        """Convert a ``tensor_spline.SplineLinear``: same outputs and gradients (its "bspline" is our
+        "bicubic"); parameters are copied, so the two train independently afterwards."""
+        if getattr(module, "basis", None) not in _TENSOR_SPLINE_BASIS:
+            raise TypeError(f"expected a tensor_spline.SplineLinear, got {type(module).__name__}")
+        values = module.control_values
+        new = cls(module.in_features, module.out_features, basis=_TENSOR_SPLINE_BASIS[module.basis],
+                  n_control_points=module.n_control_points, bias=module.bias is not None,
+                  device=values.device, dtype=values.dtype)
+        with torch.no_grad():
+            new.control.copy_(values)
+            if module.basis == "gaussian":
+                new.log_bandwidth.copy_(module.log_bandwidth)
+            if module.bias is not None:
+                new.bias.copy_(module.bias)
+        return new
+
+
+class HierarchicalSplineLinear(CompressedLinear):
+    """Sum of a coarse and a fine clamped cubic B-spline grid: W = Bo_c C_c Bi_c.T + Bo_f C_f Bi_f.T.
+
+    Both levels are smooth and genuinely multi-scale (the coarse one carries the global shape, the
+    fine one local detail); each is applied separably, so W is never formed.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, coarse_grid=None, fine_grid=None,
+                 bias: bool = True, device=None, dtype=None) -> None:
+        super().__init__(in_features, out_features, bias, device, dtype)
+        fine = fine_grid if fine_grid is not None else (default_grid(out_features), default_grid(in_features))
+        self.fine_grid = _check_grid(fine)
+        coarse = coarse_grid if coarse_grid is not None else tuple(max(4, g // 4) for g in self.fine_grid)
+        self.coarse_grid = _check_grid(coarse)
+        factory = {"device": device, "dtype": dtype}
+        self.control_coarse = nn.Parameter(torch.empty(self.coarse_grid, **factory))
+        self.control_fine = nn.Parameter(torch.empty(self.fine_grid, **factory))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Each level gets half of nn.Linear's default weight variance."""
+        for c in (self.control_coarse, self.control_fine):
+            c.uniform_(-1, 1)
+            mean_sq = _separable_mean_sq(c, self.out_features, self.in_features, ref.BSPLINE)
+            _scale_to_fan_in(c, mean_sq, self.in_features, share=0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self._prepare(x)
+        x = x.to(dtype)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        coarse = ops.separable_linear(x, self.control_coarse.to(dtype), None, self.out_features, ref.BSPLINE)
+        return coarse + ops.separable_linear(x, self.control_fine.to(dtype), bias, self.out_features, ref.BSPLINE)
+
+    def materialize(self) -> torch.Tensor:
+        w = sum(ref.separable_weight(c, self.out_features, self.in_features, ref.BSPLINE)
+                for c in (self.control_coarse, self.control_fine))
+        return w.to(self.control_fine.dtype)
+
+    def _structure(self) -> str:
+        return f"coarse_grid={self.coarse_grid}, fine_grid={self.fine_grid}"
