@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .._triton import configs, dot_precision, flatten, m_bucket, tl, triton
+from .._triton import check_inputs, configs, dot_precision, flatten, m_bucket, tl, triton
 from ..reference.spline import BICUBIC, BSPLINE, GAUSSIAN, GAUSSIAN_EPS, IDW_EPS, KEYS_A
 
 
@@ -240,6 +240,7 @@ def separable_linear(
     x: torch.Tensor, control: torch.Tensor, bias: torch.Tensor | None, out_features: int, kind: int
 ) -> torch.Tensor:
     """Launch the fused separable forward. x ``(*, n_in)``, control ``(G_out, G_in)``."""
+    check_inputs(x, control, *([bias] if bias is not None else []))
     x2 = flatten(x)
     m, n_in = x2.shape
     g_out, g_in = control.shape
@@ -262,6 +263,7 @@ def separable_linear(
 
 def separable_grad_control(u: torch.Tensor, v: torch.Tensor, g_out: int, g_in: int, kind: int) -> torch.Tensor:
     """dC ``(g_out, g_in)`` fp32 from output grad u ``(*, n_out)`` and input v ``(*, n_in)``."""
+    check_inputs(u, v)
     u2, v2 = flatten(u), flatten(v)
     m, n_out = u2.shape
     n_in = v2.shape[1]
@@ -498,6 +500,7 @@ def field_linear(
     bias: torch.Tensor | None, n_out: int, n_in: int, basis: int, rho: float, transpose: bool,
 ) -> torch.Tensor:
     """Launch ``a @ W.T + bias`` (or ``a @ W + bias`` when ``transpose``) with W generated on chip."""
+    check_inputs(a, control, *(t for t in (sigma, bias) if t is not None))
     a2 = flatten(a)
     m, k = a2.shape
     n = n_in if transpose else n_out
@@ -519,6 +522,7 @@ def field_grad_params(
     sigma: torch.Tensor | None, basis: int, rho: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(d_control ``(n,)``, d_sigma ``(1,)``) in fp32 for G = u.T @ v, u ``(*, n_out)``, v ``(*, n_in)``."""
+    check_inputs(u, v, control)
     u2, v2 = flatten(u), flatten(v)
     m, n_out = u2.shape
     n_in = v2.shape[1]

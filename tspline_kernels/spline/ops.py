@@ -46,6 +46,24 @@ def _(u, v, g_out, g_in, kind):
     return u.new_empty(g_out, g_in, dtype=compute_dtype(u))
 
 
+def _grad_control_setup(ctx, inputs, output):
+    u, v, g_out, g_in, kind = inputs
+    ctx.save_for_backward(u, v)
+    ctx.kind = kind
+
+
+def _grad_control_backward(ctx, grad):
+    """dC is bilinear in (u, v): du = v @ (Bo G Bi.T).T and dv = u @ (Bo G Bi.T), both separable."""
+    u, v = ctx.saved_tensors
+    grad = grad.to(u.dtype)
+    du = separable_linear(v, grad, None, u.shape[-1], ctx.kind) if ctx.needs_input_grad[0] else None
+    dv = separable_linear(u, grad.mT, None, v.shape[-1], ctx.kind) if ctx.needs_input_grad[1] else None
+    return du, dv, None, None, None
+
+
+separable_grad_control.register_autograd(_grad_control_backward, setup_context=_grad_control_setup)
+
+
 def _separable_setup(ctx, inputs, output):
     x, control, bias, out_features, kind = inputs
     ctx.save_for_backward(x, control)

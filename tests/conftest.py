@@ -1,0 +1,33 @@
+import os
+import zlib
+
+import pytest
+import torch
+
+# Kernels run compiled on CUDA and under the Triton interpreter elsewhere; the switch must be set
+# before anything imports triton (the package sets it itself for CPU-only torch builds).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The device the Triton kernels are checked on: compiled on a GPU, interpreted on the CPU.
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    """A different, reproducible seed per test (derived from its id)."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def kernel_device() -> str:
+    return KERNEL_DEVICE

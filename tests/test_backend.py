@@ -1,0 +1,107 @@
+"""Backend selection, routing of ops, torch.compile(fullgraph=True) and Triton set-up."""
+
+import pytest
+import torch
+
+import tspline_kernels as tk
+from tspline_kernels import backend, get_backend
+from tspline_kernels.spline import kernels
+from tspline_kernels.testing import assert_close
+
+
+def test_default_env_and_context(monkeypatch):
+    monkeypatch.delenv("TSPLINE_BACKEND", raising=False)
+    assert get_backend() == "auto"
+    monkeypatch.setenv("TSPLINE_BACKEND", "reference")
+    assert get_backend() == "reference"
+    with backend("triton"):
+        assert get_backend() == "triton"
+        with backend("auto"):
+            assert get_backend() == "auto"
+        assert get_backend() == "triton"
+    assert get_backend() == "reference"
+    monkeypatch.setenv("TSPLINE_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="unknown backend 'cuda'"):
+        get_backend()
+    with pytest.raises(ValueError, match="unknown backend"):
+        with backend("fast"):
+            pass
+
+
+def test_routing(monkeypatch):
+    """auto sends CPU tensors to the reference; triton forces the launcher."""
+    calls = []
+    real = kernels.separable_linear
+    monkeypatch.setattr(kernels, "separable_linear", lambda *a: calls.append(1) or real(*a))
+    layer = tk.SplineLinear(9, 5)
+    x = torch.randn(2, 9)
+    with backend("auto"):
+        layer(x)
+    assert calls == []
+    with backend("triton"):
+        layer(x)
+    assert calls == [1]
+
+
+def test_backend_switch_reaches_backward_thread():
+    """The override is process-wide, so autograd's backward sees it as well."""
+    layer = tk.SplineLinear(9, 5, basis="eisenstein", n_control_points=7)
+    x = torch.randn(3, 9, requires_grad=True)
+    grads = {}
+    for which in ("reference", "triton"):
+        with backend(which):
+            grads[which] = torch.autograd.grad(layer(x).sum(), [x, layer.control])
+    for a, b in zip(grads["triton"], grads["reference"]):
+        assert_close(a, b, torch.float32)
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("basis", ["bspline", "gaussian"])
+def test_torch_compile_fullgraph(basis):
+    model = torch.nn.Sequential(tk.SplineLinear(24, 16, basis=basis), torch.nn.GELU(), torch.nn.Linear(16, 3))
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(5, 24, requires_grad=True)
+    y_eager = model(x)
+    y_comp = compiled(x)
+    assert_close(y_comp, y_eager, torch.float32)
+    g_eager = torch.autograd.grad(y_eager.sum(), [x, *model.parameters()])
+    g_comp = torch.autograd.grad(y_comp.sum(), [x, *model.parameters()])
+    for a, b in zip(g_comp, g_eager):
+        assert_close(a, b, torch.float32)
+
+
+def test_fake_tensor_shapes():
+    """The fake (meta) implementations give the right shapes without running anything."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    layer = tk.SplineLinear(9, 5, basis="gaussian")
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        y = layer(torch.randn(2, 4, 9))
+        assert y.shape == (2, 4, 5)
+
+
+def test_kernel_launch_input_checks():
+    x = torch.randn(3, 9, dtype=torch.float64)
+    with backend("triton"), pytest.raises(TypeError, match="fp32, fp16 or bf16"):
+        tk.SplineLinear(9, 5, dtype=torch.float64)(x)
+
+
+def test_interpreter_bf16_dot_is_exact():
+    """Our shim for the interpreter's bf16 tl.dot (triton-lang/triton#11584)."""
+    from tspline_kernels._triton import INTERPRET, tl, triton
+
+    if not INTERPRET:
+        pytest.skip("compiled kernels, no interpreter")
+
+    @triton.jit
+    def dot(a_ptr, b_ptr, c_ptr):
+        r = tl.arange(0, 16)
+        a = tl.load(a_ptr + r[:, None] * 16 + r[None, :])
+        b = tl.load(b_ptr + r[:, None] * 16 + r[None, :])
+        tl.store(c_ptr + r[:, None] * 16 + r[None, :], tl.dot(a, b))
+
+    a = torch.randn(16, 16).bfloat16()
+    b = torch.randn(16, 16).bfloat16()
+    c = torch.empty(16, 16)
+    dot[(1,)](a, b, c)
+    assert_close(c, a.float() @ b.float(), torch.float32)

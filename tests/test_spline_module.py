@@ -1,0 +1,134 @@
+"""SplineLinear's nn.Linear contract, input validation and parameter handling."""
+
+import pytest
+import torch
+from torch import nn
+
+import tspline_kernels as tk
+from tspline_kernels.testing import assert_close
+
+ALL = [
+    dict(basis="bspline", grid=(5, 6)),
+    dict(basis="bicubic", n_control_points=9),
+    dict(basis="gaussian", n_control_points=9),
+    dict(basis="eisenstein", n_control_points=9),
+    dict(basis="eisenstein", n_control_points=30, support="local"),
+]
+IDS = ["bspline", "bicubic", "gaussian", "eisenstein", "eisenstein-local"]
+
+
+@pytest.mark.parametrize("kw", ALL, ids=IDS)
+def test_forward_is_linear_in_materialized_weight(kw):
+    layer = tk.SplineLinear(19, 13, **kw)
+    x = torch.randn(2, 3, 19)
+    assert layer(x).shape == (2, 3, 13)
+    assert_close(layer(x), nn.functional.linear(x, layer.materialize(), layer.bias))
+    assert layer.materialize().shape == (13, 19)
+
+
+@pytest.mark.parametrize("kw", ALL, ids=IDS)
+def test_init_matches_nn_linear_scale(kw):
+    layer = tk.SplineLinear(256, 128, **kw)
+    mean_sq = layer.materialize().pow(2).mean().item()
+    assert 0.5 / (3 * 256) < mean_sq < 2.0 / (3 * 256)
+
+
+def test_parameters_extra_repr_and_counts():
+    layer = tk.SplineLinear(64, 32, grid=(8, 16))
+    assert [n for n, _ in layer.named_parameters()] == ["bias", "control"]
+    assert layer.num_parameters() == 8 * 16 + 32
+    assert layer.dense_parameters() == 64 * 32 + 32
+    text = repr(layer)
+    assert "grid=(8, 16)" in text and "params=160" in text
+    g = tk.SplineLinear(64, 32, basis="gaussian", n_control_points=7, bias=False)
+    assert {n for n, _ in g.named_parameters()} == {"control", "log_bandwidth"}
+    assert "lattice" not in g.state_dict()  # derived from n, not saved
+
+
+def test_default_grid_and_control_count():
+    assert tk.SplineLinear(512, 64).grid == (8, 64)
+    assert tk.SplineLinear(8, 8).grid == (4, 4)
+    assert tk.SplineLinear(8, 8, basis="eisenstein").control.shape == (16,)
+
+
+def test_device_and_dtype_kwargs():
+    layer = tk.SplineLinear(10, 4, basis="gaussian", device="cpu", dtype=torch.float64)
+    assert all(p.dtype == torch.float64 for p in layer.parameters())
+    assert layer(torch.randn(3, 10, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_cast_keeps_lattice_fp32():
+    layer = tk.SplineLinear(10, 4, basis="eisenstein").to(torch.bfloat16)
+    assert layer.control.dtype == torch.bfloat16 and layer.lattice.dtype == torch.float32
+    assert torch.equal(layer.lattice, tk.reference.spline.eisenstein_lattice(16))
+
+
+def test_state_dict_round_trip():
+    a = tk.SplineLinear(12, 7, basis="gaussian")
+    b = tk.SplineLinear(12, 7, basis="gaussian")
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(5, 12)
+    assert torch.equal(a(x), b(x))
+
+
+def test_autocast_runs_in_autocast_dtype():
+    layer = tk.SplineLinear(16, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(torch.randn(4, 16))
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer.control.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(basis="spline"), ValueError, "unknown basis"),
+        (dict(grid=(3, 8)), ValueError, "at least 4"),
+        (dict(grid=(8,)), ValueError, "pair"),
+        (dict(basis="gaussian", n_control_points=0), ValueError, "n_control_points"),
+        (dict(basis="bspline", n_control_points=8), ValueError, "not n_control_points"),
+        (dict(basis="eisenstein", grid=(4, 4)), ValueError, "not grid"),
+        (dict(basis="bspline", support="local"), ValueError, "gaussian and eisenstein"),
+        (dict(basis="eisenstein", support="nearby"), ValueError, "'global' or 'local'"),
+        (dict(basis="eisenstein", support="local", support_radius=0.01), ValueError, "no lattice point"),
+        (dict(dtype=torch.int32), TypeError, "floating-point"),
+    ],
+)
+def test_bad_construction(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        tk.SplineLinear(10, 6, **kwargs)
+
+
+def test_bad_features():
+    with pytest.raises(ValueError, match="in_features"):
+        tk.SplineLinear(0, 6)
+
+
+def test_bad_inputs():
+    layer = tk.SplineLinear(10, 6)
+    with pytest.raises(ValueError, match="in_features=10"):
+        layer(torch.randn(3, 11))
+    with pytest.raises(TypeError, match="floating-point"):
+        layer(torch.ones(3, 10, dtype=torch.int64))
+    with pytest.raises(TypeError, match="dtype"):
+        layer(torch.randn(3, 10, dtype=torch.float64))
+    with pytest.raises(ValueError, match="meta"):
+        layer(torch.randn(3, 10, device="meta"))
+
+
+def test_trains_like_a_linear_layer():
+    torch.manual_seed(0)
+    target = tk.SplineLinear(20, 10, grid=(6, 6))
+    model = tk.SplineLinear(20, 10, grid=(6, 6))
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    x = torch.randn(256, 20)
+    y = target(x).detach()
+    first = None
+    for _ in range(200):
+        loss = (model(x) - y).pow(2).mean()
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 1e-3 * first

@@ -1,0 +1,46 @@
+"""Comparison helpers shared by the test suite (and usable by anyone checking a kernel).
+
+``assert_close`` compares in fp64 with two criteria from one per-dtype table:
+  * relative RMS error ||a - e|| / ||e|| <= rms;
+  * every element |a - e| <= atol * max|e| + rtol * |e| (atol scaled to the tensor's magnitude).
+The failure message names the worst element.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# dtype -> (rms, atol, rtol). fp32 covers fp32 accumulation over a few thousand terms; the half
+# types cover operands rounded to 11 (fp16) or 8 (bf16) significant bits before the fp32 dot.
+TOLERANCES: dict[torch.dtype, tuple[float, float, float]] = {
+    torch.float64: (1e-10, 1e-10, 1e-8),
+    torch.float32: (2e-5, 2e-5, 1e-4),
+    torch.float16: (3e-3, 5e-3, 1e-2),
+    torch.bfloat16: (2e-2, 4e-2, 5e-2),
+}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None, name: str = "") -> None:
+    """Assert ``actual`` matches ``expected`` within the tolerances of ``dtype`` (default: actual's)."""
+    rms_tol, atol, rtol = TOLERANCES[dtype or actual.dtype]
+    label = f"{name}: " if name else ""
+    if actual.shape != expected.shape:
+        raise AssertionError(f"{label}shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
+    a = actual.detach().double().cpu()
+    e = expected.detach().double().cpu()
+    if not torch.isfinite(a).all():
+        raise AssertionError(f"{label}non-finite values in result")
+    if e.numel() == 0:
+        return
+    diff = (a - e).abs()
+    scale = e.abs().max().item()
+    rms = (diff.norm() / max(e.norm().item(), 1e-300)).item()
+    bound = atol * scale + rtol * e.abs()
+    worst = int(torch.argmax(diff - bound))
+    idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), e.shape))
+    if rms > rms_tol or bool((diff > bound).any()):
+        raise AssertionError(
+            f"{label}relative RMS error {rms:.3e} (limit {rms_tol:.1e}); worst element {idx}: "
+            f"got {a[idx].item():.6g}, expected {e[idx].item():.6g} "
+            f"(|diff| {diff[idx].item():.3e}, allowed {bound[idx].item():.3e})"
+        )
