@@ -3,9 +3,37 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+
+@dataclass(frozen=True)
+class FitReport:
+    """How well a compressed layer reproduces the dense weight it was fitted to.
+
+    ``relative_error`` is ||W - W_hat||_F / ||W||_F over the whole weight (bias copied exactly).
+    """
+
+    method: str
+    relative_error: float
+    dense_params: int
+    params: int
+    details: dict = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        extra = "".join(f", {k}={v}" for k, v in self.details.items())
+        return (f"{self.method}: relative error {self.relative_error:.3e}, params {self.params} "
+                f"(dense {self.dense_params}, {self.dense_params / max(self.params, 1):.1f}x fewer){extra}")
+
+
+def fit_report(method: str, dense: torch.Tensor, layer: "CompressedLinear", **details) -> FitReport:
+    """Compare ``layer.materialize()`` with the ``dense`` weight it was fitted to."""
+    with torch.no_grad():
+        w = dense.double()
+        err = (layer.materialize().double().to(w.device) - w).norm() / w.norm().clamp_min(1e-300)
+    return FitReport(method, err.item(), layer.dense_parameters(), layer.num_parameters(), details)
 
 
 def check_features(**sizes: int) -> None:
