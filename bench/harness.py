@@ -77,22 +77,23 @@ def cuda_peak_mb(fn: Callable[[], object]) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def _rss_probe(builder: Callable[..., Callable[[], object]], args: tuple, queue) -> None:
+def _rss_probe(builder: Callable[..., Callable[[], object]], args: tuple, warmup: tuple, queue) -> None:
     def rss_kb() -> int:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
 
-    fn = builder(*args)
+    builder(*warmup)()  # load libraries and lazy state on a small instance first
     before = rss_kb()
-    fn()
+    builder(*args)()
     queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
 
 
-def cpu_peak_mb(builder: Callable[..., Callable[[], object]], *args) -> float:
-    """Peak resident memory (MiB) that one call of ``builder(*args)()`` adds, in a fresh process."""
+def cpu_peak_mb(builder: Callable[..., Callable[[], object]], args: tuple, warmup: tuple) -> float:
+    """Peak resident memory (MiB) that building and running ``builder(*args)()`` adds, measured in
+    a fresh process after a warm-up call of ``builder(*warmup)()``."""
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_rss_probe, args=(builder, args, queue))
+    proc = ctx.Process(target=_rss_probe, args=(builder, args, warmup, queue))
     proc.start()
     result = queue.get()
     proc.join()

@@ -139,7 +139,7 @@ def targets(rows: list[dict], device: str, quick: bool) -> list[dict]:
                           ratio("spline.bicubic", "fwd+bwd", "float32", "tensor-spline", M=64, **{"in": 1024}), 50))
         out.append(target("CPU eisenstein fwd+bwd vs tensor-spline, 1024^2, n=16, M=64 (x faster)",
                           ratio("spline.eisenstein", "fwd+bwd", "float32", "tensor-spline", M=64, **{"in": 1024}), 3))
-        ours, theirs = cpu_peak_mb(eisenstein_step, "ours", 1024, 64), cpu_peak_mb(eisenstein_step, "tensor-spline", 1024, 64)
+        ours, theirs = (cpu_peak_mb(eisenstein_step, (impl, 1024, 64), (impl, 64, 8)) for impl in ("ours", "tensor-spline"))
         mem = target("CPU eisenstein fwd+bwd peak memory vs tensor-spline, 1024^2, M=64 (ours / theirs)",
                      ours / theirs if theirs > 0 else None, 1.0, higher_is_better=False)
         mem.update(ours_mb=ours, tensor_spline_mb=theirs)

@@ -34,7 +34,7 @@ KEYS_A = -0.75
 __all__ = [
     "BSPLINE", "BICUBIC", "IDW", "GAUSSIAN", "positions", "basis_matrix", "separable_weight",
     "separable_linear", "separable_grad_control", "eisenstein_lattice", "support_radius",
-    "field_weight", "field_linear", "field_grad_params",
+    "field_weight", "field_linear", "field_linear_backward",
 ]
 
 
@@ -164,24 +164,25 @@ def support_radius(lattice: torch.Tensor, min_points: int = 3) -> float:
     return 1.25 * (kth + (2 / 256) * math.sqrt(0.5))
 
 
-def _phi(d2: torch.Tensor, sigma: torch.Tensor | None, basis: int, rho: float) -> torch.Tensor:
-    phi = 1.0 / (d2 + IDW_EPS) if basis == IDW else torch.exp(-d2 / (2 * sigma * sigma))
-    if rho > 0:
-        phi = phi * torch.clamp(1 - d2 / (rho * rho), min=0) ** 2
-    return phi
+def _field_chunks(lattice, sigma, n_out, n_in, basis, rho, cd, device, budget=1 << 18):
+    """Yield (row slice, phi, d2) over blocks of output rows; phi and d2 are ``(rows, n_in, n)``.
 
-
-def _field_terms(lattice, sigma, n_out, n_in, basis, rho, cd, device):
-    """Yield (k, phi_k, d2_k) over lattice points, each ``(n_out, n_in)``."""
+    Blocks hold about ``budget`` elements (cache-sized), so memory stays O(n_out n_in) for any n.
+    """
     if basis not in (IDW, GAUSSIAN):
         raise ValueError(f"unknown field basis {basis}")
-    ys = positions(n_out, cd, device)[:, None]
-    xs = positions(n_in, cd, device)[None, :]
     lat = lattice.to(device=device, dtype=cd)
-    sig = None if sigma is None else sigma.to(cd).reshape(())
-    for k in range(lat.shape[0]):
-        d2 = (xs - lat[k, 0]) ** 2 + (ys - lat[k, 1]) ** 2
-        yield k, _phi(d2, sig, basis, rho), d2
+    dx2 = (positions(n_in, cd, device)[:, None] - lat[:, 0]) ** 2  # (n_in, n)
+    dy2 = (positions(n_out, cd, device)[:, None] - lat[:, 1]) ** 2  # (n_out, n)
+    if basis == GAUSSIAN:
+        neg_inv = -0.5 / sigma.to(cd).reshape(()) ** 2
+    rows = max(1, budget // max(n_in * lat.shape[0], 1))
+    for r0 in range(0, n_out, rows):
+        d2 = dy2[r0:r0 + rows, None, :] + dx2[None, :, :]
+        phi = (d2 + IDW_EPS).reciprocal_() if basis == IDW else (d2 * neg_inv).exp_()
+        if rho > 0:
+            phi.mul_((1 - d2 / (rho * rho)).clamp_(min=0).square_())
+        yield slice(r0, r0 + rows), phi, d2
 
 
 def _normaliser(s: torch.Tensor, basis: int) -> torch.Tensor:
@@ -192,15 +193,13 @@ def field_weight(
     control: torch.Tensor, lattice: torch.Tensor, sigma: torch.Tensor | None,
     n_out: int, n_in: int, basis: int, rho: float = 0.0,
 ) -> torch.Tensor:
-    """Dense W ``(n_out, n_in)`` of a field basis, one lattice point at a time (memory O(n_out n_in))."""
+    """Dense W ``(n_out, n_in)`` of a field basis, built in cache-sized row blocks."""
     cd = compute_dtype(control)
     c = control.to(cd)
-    num = torch.zeros(n_out, n_in, dtype=cd, device=control.device)
-    den = torch.zeros_like(num)
-    for k, phi, _ in _field_terms(lattice, sigma, n_out, n_in, basis, rho, cd, control.device):
-        num += c[k] * phi
-        den += phi
-    return num / _normaliser(den, basis)
+    w = torch.empty(n_out, n_in, dtype=cd, device=control.device)
+    for rows, phi, _ in _field_chunks(lattice, sigma, n_out, n_in, basis, rho, cd, control.device):
+        w[rows] = (phi @ c) / _normaliser(phi.sum(-1), basis)
+    return w
 
 
 def field_linear(
@@ -216,30 +215,39 @@ def field_linear(
     return y.to(a.dtype)
 
 
-def field_grad_params(
-    u: torch.Tensor, v: torch.Tensor, control: torch.Tensor, lattice: torch.Tensor,
-    sigma: torch.Tensor | None, basis: int, rho: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of sum(G * W) with G = u.T @ v, for u ``(*, n_out)`` and v ``(*, n_in)``.
+def field_linear_backward(
+    dy: torch.Tensor, a: torch.Tensor, control: torch.Tensor, lattice: torch.Tensor,
+    sigma: torch.Tensor | None, n_out: int, n_in: int, basis: int, rho: float, transpose: bool,
+    need_input: bool, need_params: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``field_linear`` from one pass over the generated weights.
 
-    d c_k = sum G phi_k / S;  d sigma = sum G sum_k (c_k - W) phi_k d_k^2 / (sigma^3 S)
-    (S the normaliser). Returns ``(d_control (n,), d_sigma (1,))``; d_sigma is 0 for IDW.
+    With G = dy.T @ a (or a.T @ dy when ``transpose``), shape ``(n_out, n_in)``, and S the normaliser:
+    da = dy @ W (or dy @ W.T);  d c_k = sum G phi_k / S;
+    d sigma = sum G sum_k (c_k - W) phi_k d_k^2 / (sigma^3 S)  (0 for IDW).
+    Returns ``(da like a, d_control (n,), d_sigma (1,))``; unrequested ones are empty tensors.
     """
-    cd = compute_dtype(u)
-    n_out, n_in = u.shape[-1], v.shape[-1]
-    g = u.reshape(-1, n_out).to(cd).T @ v.reshape(-1, n_in).to(cd)
+    cd = compute_dtype(dy)
+    dy2 = dy.reshape(-1, dy.shape[-1]).to(cd)
+    a2 = a.reshape(-1, a.shape[-1]).to(cd)
     c = control.to(cd)
-    w = field_weight(c, lattice, sigma, n_out, n_in, basis, rho)
-    den = torch.zeros_like(g)
-    for _, phi, _ in _field_terms(lattice, sigma, n_out, n_in, basis, rho, cd, u.device):
-        den += phi
-    h = g / _normaliser(den, basis)
-    d_control = torch.zeros_like(c)
-    d_sigma = torch.zeros(1, dtype=cd, device=u.device)
-    for k, phi, d2 in _field_terms(lattice, sigma, n_out, n_in, basis, rho, cd, u.device):
-        d_control[k] = (h * phi).sum()
-        if basis == GAUSSIAN:
-            d_sigma += (h * (c[k] - w) * phi * d2).sum()
-    if basis == GAUSSIAN:
+    da = torch.zeros(a2.shape, dtype=cd, device=dy.device) if need_input else a2.new_empty(0)
+    d_control = torch.zeros_like(c) if need_params else c.new_empty(0)
+    d_sigma = torch.zeros(1, dtype=cd, device=dy.device) if need_params else c.new_empty(0)
+    g = (a2.T @ dy2 if transpose else dy2.T @ a2) if need_params else None
+    for rows, phi, d2 in _field_chunks(lattice, sigma, n_out, n_in, basis, rho, cd, dy.device):
+        den = _normaliser(phi.sum(-1), basis)
+        w = (phi @ c) / den
+        if need_input:
+            if transpose:  # out = a @ W: da[:, rows] = dy @ W[rows].T
+                da[:, rows] = dy2 @ w.T
+            else:  # out = a @ W.T: da += dy[:, rows] @ W[rows]
+                da += dy2[:, rows] @ w
+        if need_params:
+            h = g[rows] / den
+            d_control += torch.einsum("oi,oik->k", h, phi)
+            if basis == GAUSSIAN:
+                d_sigma += torch.einsum("oi,oik->", h, (c - w[..., None]) * phi * d2)
+    if need_params and basis == GAUSSIAN:
         d_sigma = d_sigma / sigma.to(cd).reshape(()) ** 3
-    return d_control, d_sigma
+    return da.reshape(a.shape).to(a.dtype) if need_input else da, d_control, d_sigma

@@ -45,8 +45,9 @@ def _outputs_and_grads(module, x, g, names):
 @pytest.mark.parametrize("basis", ["bspline", "gaussian", "eisenstein"])
 @pytest.mark.parametrize("n", [1, 9, 16, 30])
 def test_from_tensor_spline_same_outputs_and_gradients(basis, n):
-    """Outputs and every gradient within 1e-5 of tensor-spline's maths, evaluated in fp64 (its own
-    fp32 autograd loses ~1e-5 to cancellation in d/d log_bandwidth, ours does not)."""
+    """Outputs and every gradient within 1e-5 (relative to the tensor's scale when that exceeds 1)
+    of tensor-spline's maths evaluated in fp64; its own fp32 autograd loses ~1e-5 to cancellation in
+    d/d log_bandwidth, ours does not."""
     theirs = tensor_spline.SplineLinear(23, 17, n_control_points=n, basis=basis)
     with torch.no_grad():
         theirs.control_values.normal_()
@@ -60,7 +61,7 @@ def test_from_tensor_spline_same_outputs_and_gradients(basis, n):
     exact = _outputs_and_grads(copy.deepcopy(theirs).double(), x.double(), g.double(), names)
     ours_names = [{"control_values": "control"}.get(n, n) for n in names]
     for got, want in zip(_outputs_and_grads(ours, x, g, ours_names), exact):
-        assert (got.double() - want).abs().max() <= 1e-5
+        assert (got.double() - want).abs().max() <= 1e-5 * max(1.0, want.abs().max().item())
     assert_close(ours.materialize(), theirs._materialize(), name="weight")
 
 

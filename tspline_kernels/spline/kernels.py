@@ -517,6 +517,19 @@ def field_linear(
     return out.reshape(*a.shape[:-1], n)
 
 
+def field_linear_backward(
+    dy: torch.Tensor, a: torch.Tensor, control: torch.Tensor, lattice: torch.Tensor, sigma: torch.Tensor | None,
+    n_out: int, n_in: int, basis: int, rho: float, transpose: bool, need_input: bool, need_params: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of ``field_linear``: the transposed on-the-fly matmul for da, the tile reduction
+    kernel for (d_control, d_sigma) in fp32; unrequested results are empty tensors."""
+    da = field_linear(dy, control, lattice, sigma, None, n_out, n_in, basis, rho, not transpose) if need_input else a.new_empty(0)
+    if not need_params:
+        return da, dy.new_empty(0, dtype=torch.float32), dy.new_empty(0, dtype=torch.float32)
+    u, v = (a, dy) if transpose else (dy, a)
+    return (da, *field_grad_params(u, v, control, lattice, sigma, basis, rho))
+
+
 def field_grad_params(
     u: torch.Tensor, v: torch.Tensor, control: torch.Tensor, lattice: torch.Tensor,
     sigma: torch.Tensor | None, basis: int, rho: float,

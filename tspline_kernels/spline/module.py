@@ -90,7 +90,10 @@ class SplineLinear(CompressedLinear):
         if basis in _FIELD:
             self.register_buffer("lattice", ref.eisenstein_lattice(self.n_control_points).to(device), persistent=False)
             if basis == "gaussian":
-                self.log_bandwidth = nn.Parameter(torch.zeros(1, **factory))
+                # bandwidth starts at the lattice spacing, so neighbouring control points overlap
+                # without washing W out (tensor-spline starts at 1.0; from_tensor_spline copies it)
+                spacing = torch.pdist(self.lattice.cpu()).min().item() if self.n_control_points > 1 else 1.0
+                self.log_bandwidth = nn.Parameter(torch.full((1,), math.log(spacing), **factory))
             if support == "local":
                 self.rho = self._check_radius(support_radius)
         elif support_radius is not None:

@@ -4,7 +4,8 @@ Each forward op has a fake implementation and an autograd formula built from oth
 ``torch.compile(fullgraph=True)`` traces straight through. Backward:
   separable: dx = separable_linear(dy, C.T) (the same fused kernel with the axes swapped),
              dC = separable_grad_control(dy, x);
-  field:     dx = field_linear(dy, transpose=not transpose), d(control, sigma) = field_grad_params.
+  field:     field_linear_backward gives dx and d(control, sigma) together (the reference builds
+             each weight block once for both; Triton runs the transposed matmul and a reduction kernel).
 """
 
 from __future__ import annotations
@@ -105,21 +106,25 @@ def _(a, control, lattice, sigma, bias, n_out, n_in, basis, rho, transpose):
     return a.new_empty(*a.shape[:-1], n_in if transpose else n_out)
 
 
-@torch.library.custom_op("tspline::field_grad_params", mutates_args=())
-def field_grad_params(
-    u: Tensor, v: Tensor, control: Tensor, lattice: Tensor, sigma: Tensor | None, basis: int, rho: float
-) -> tuple[Tensor, Tensor]:
-    """Gradients (control ``(n,)``, sigma ``(1,)``) of sum((u.T @ v) * W); u ``(*, n_out)``, v ``(*, n_in)``."""
-    if use_triton(u):
-        from .kernels import field_grad_params as launch
-        return launch(u, v, control, lattice, sigma, basis, rho)
-    return ref.field_grad_params(u, v, control, lattice, sigma, basis, rho)
+@torch.library.custom_op("tspline::field_linear_backward", mutates_args=())
+def field_linear_backward(
+    dy: Tensor, a: Tensor, control: Tensor, lattice: Tensor, sigma: Tensor | None, n_out: int, n_in: int,
+    basis: int, rho: float, transpose: bool, need_input: bool, need_params: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(da like a, d_control ``(n,)``, d_sigma ``(1,)``) of ``field_linear``; unrequested ones are empty."""
+    if use_triton(dy):
+        from .kernels import field_linear_backward as launch
+        return launch(dy, a, control, lattice, sigma, n_out, n_in, basis, rho, transpose, need_input, need_params)
+    return ref.field_linear_backward(dy, a, control, lattice, sigma, n_out, n_in, basis, rho, transpose,
+                                     need_input, need_params)
 
 
-@field_grad_params.register_fake
-def _(u, v, control, lattice, sigma, basis, rho):
-    cd = compute_dtype(u)
-    return u.new_empty(control.shape[0], dtype=cd), u.new_empty(1, dtype=cd)
+@field_linear_backward.register_fake
+def _(dy, a, control, lattice, sigma, n_out, n_in, basis, rho, transpose, need_input, need_params):
+    cd = compute_dtype(dy)
+    da = a.new_empty(a.shape) if need_input else a.new_empty(0)
+    n_params = control.shape[0] if need_params else 0
+    return da, dy.new_empty(n_params, dtype=cd), dy.new_empty(1 if need_params else 0, dtype=cd)
 
 
 def _field_setup(ctx, inputs, output):
@@ -132,14 +137,15 @@ def _field_setup(ctx, inputs, output):
 def _field_backward(ctx, dy):
     a, control, lattice, sigma = ctx.saved_tensors
     n_out, n_in, basis, rho, transpose = ctx.args
+    need_input = ctx.needs_input_grad[0]
+    need_params = ctx.needs_input_grad[1] or ctx.needs_input_grad[3]
     da = dc = ds = db = None
-    if ctx.needs_input_grad[0]:
-        da = field_linear(dy, control, lattice, sigma, None, n_out, n_in, basis, rho, not transpose)
-    if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
-        u, v = (a, dy) if transpose else (dy, a)
-        dc, ds = field_grad_params(u, v, control, lattice, sigma, basis, rho)
-        dc = dc.to(control.dtype)
-        ds = ds.to(sigma.dtype) if sigma is not None else None
+    if need_input or need_params:
+        da, dc, ds = field_linear_backward(dy, a, control, lattice, sigma, n_out, n_in, basis, rho, transpose,
+                                           need_input, need_params)
+        da = da if need_input else None
+        dc = dc.to(control.dtype) if need_params else None
+        ds = ds.to(sigma.dtype) if need_params and sigma is not None else None
     if ctx.bias_dtype is not None and ctx.needs_input_grad[4]:
         db = bias_grad(dy, ctx.bias_dtype)
     return da, dc, None, ds, db, None, None, None, None, None
