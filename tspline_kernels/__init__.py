@@ -10,6 +10,7 @@ if _torch.version.cuda is None and _torch.version.hip is None:
     _os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from ._backend import backend, get_backend
+from .lowrank import LowRankLinear
 from .spline import HierarchicalSplineLinear, SplineLinear
 from .surgery import Replacement, replace_linear
 
@@ -18,6 +19,7 @@ __all__ = [
     "get_backend",
     "SplineLinear",
     "HierarchicalSplineLinear",
+    "LowRankLinear",
     "replace_linear",
     "Replacement",
 ]

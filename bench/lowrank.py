@@ -1,0 +1,110 @@
+"""LowRankLinear benchmarks: the fused kernels, fwd and fwd+bwd, against dense F.linear and the
+unfused two-matmul path F.linear(x @ V, U, bias) (plus tensor-spline's LowRankLinear on CPU).
+
+FLOP and byte counts follow the kernel docstrings in ``tspline_kernels/lowrank/kernels.py``.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+
+from tspline_kernels.lowrank import LowRankLinear
+from tspline_kernels.lowrank.kernels import pad_rank
+
+from .harness import Case, find, forward_backward, layer_case, target
+
+RANK = 16
+KERNEL = "lowrank"
+UNFUSED = "x @ V @ U.T (unfused)"
+
+
+def costs(layer: LowRankLinear, m: int, elt: int, mode: str) -> tuple[float, float]:
+    """(FLOPs, bytes) of one call with the best configs (no output or batch splits).
+
+    fwd: 2*m*RP*(in + out) FLOPs; x read once, y written once, t (fp32) stored, factors and bias
+    read once. fwd+bwd adds the dx kernel (the same costs on dy) and the factor-gradient kernel
+    (x, dy, p, q read once; dU, dV, d bias written).
+    """
+    n_in, n_out, r = layer.in_features, layer.out_features, layer.rank
+    flops = 2.0 * m * pad_rank(r) * (n_in + n_out)
+    params = elt * (r * (n_in + n_out) + n_out)
+    one_pass = elt * m * (n_in + n_out) + 4 * m * r + params
+    if mode == "fwd":
+        return flops, one_pass
+    grads = elt * m * (n_in + n_out) + 2 * 4 * m * r + 4 * (r * (n_in + n_out) + n_out)
+    return 3 * flops, 2 * one_pass + grads
+
+
+def _unfused_call(layer: LowRankLinear, m: int, dtype: torch.dtype, device: str, mode: str):
+    """The same factors as two torch matmuls: F.linear(x @ V, U, bias) (bias in the GEMM epilogue)."""
+    grad = mode != "fwd"
+    u, v, b = (p.detach().to(device=device, dtype=dtype).requires_grad_(grad) for p in (layer.U, layer.V, layer.bias))
+    x = torch.randn(m, layer.in_features, device=device, dtype=dtype, requires_grad=grad)
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                return F.linear(x @ v, u, b)
+        return run
+
+    def step():
+        y = F.linear(x @ v, u, b)
+        y.backward(torch.ones_like(y))
+    return step
+
+
+def _tensor_spline_call(n: int, m: int, mode: str, device: str):
+    import tensor_spline
+
+    theirs = tensor_spline.LowRankLinear(n, n, rank=RANK).to(device)
+    x = torch.randn(m, n, device=device, requires_grad=mode != "fwd")
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                return theirs(x)
+        return run
+    return forward_backward(theirs, x)
+
+
+def cases(device: str, quick: bool):
+    """CUDA: in = out in {1024, 4096, 8192}, M in {16, 256, 8192}, fp32/fp16/bf16 (quick: 4096,
+    M in {16, 8192}, bf16). CPU (the reference fallback, i.e. two torch matmuls): 1024 (and 4096),
+    M in {16, 256}, fp32, with tensor-spline's LowRankLinear in the same run."""
+    if device == "cuda":
+        sizes, ms, dtypes = (((4096,), (16, 8192), (torch.bfloat16,)) if quick
+                             else ((1024, 4096, 8192), (16, 256, 8192), (torch.float32, torch.float16, torch.bfloat16)))
+    else:
+        sizes, ms, dtypes = ((1024,) if quick else (1024, 4096)), (16, 256), (torch.float32,)
+    for n, dtype, mode, m in itertools.product(sizes, dtypes, ("fwd", "fwd+bwd"), ms):
+        yield _case(n, m, dtype, device, mode)
+
+
+def _case(n: int, m: int, dtype: torch.dtype, device: str, mode: str) -> Case:
+    layer = LowRankLinear(n, n, RANK).to(device=device, dtype=dtype)
+    flops, nbytes = costs(layer, m, torch.finfo(dtype).bits // 8, mode)
+    others = {UNFUSED: _unfused_call(layer, m, dtype, device, mode)}
+    if device == "cpu" and dtype == torch.float32:
+        others["tensor-spline"] = _tensor_spline_call(n, m, mode, device)
+    shape = {"M": m, "in": n, "out": n, "rank": RANK}
+    return layer_case(KERNEL, layer, m, dtype, device, mode, flops, nbytes, shape, others)
+
+
+def targets(rows: list[dict], device: str, quick: bool) -> list[dict]:
+    """The stated targets (H100, bf16, 4096^2, rank 16), evaluated on this run's rows; None where
+    not measured here (on CPU, or when the shape was not run)."""
+    def ratio(mode, dtype, other=None, **shape):
+        r = find(rows, KERNEL, mode, dtype, **shape) if device == "cuda" else None
+        if r is None:
+            return None
+        base = r["others_ms"].get(other) if other else r["baseline_ms"]
+        return None if base is None else base / r["ms"]
+
+    at = {"M": 8192, "in": 4096, "rank": RANK}
+    return [
+        target("H100 bf16 low-rank fwd vs cuBLAS, 4096^2, rank 16, M=8192 (x faster)",
+               ratio("fwd", "bfloat16", **at), 7),
+        target("H100 bf16 low-rank fwd vs unfused x @ V @ U.T, 4096^2, rank 16, M=8192 (x faster)",
+               ratio("fwd", "bfloat16", UNFUSED, **at), 1.2),
+    ]

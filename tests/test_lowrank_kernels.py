@@ -1,0 +1,178 @@
+"""Triton low-rank kernels against the reference: forward, projection t, dx, dU, dV, d(bias).
+
+On CPU the kernels run under the Triton interpreter (blocks BM=16, BK=BN=BF=32, two output and two
+batch splits), on CUDA compiled; shapes are deliberately not block multiples. Tolerances:
+``tspline_kernels.testing.TOLERANCES`` for the input dtype.
+"""
+
+import pytest
+import torch
+
+from tspline_kernels import backend
+from tspline_kernels.lowrank import LowRankLinear, kernels, ops
+from tspline_kernels.testing import assert_close
+
+# (leading shape of x, in_features, out_features)
+SHAPES = {
+    "odd-5x37x45": ((5,), 37, 45),
+    "one-row": ((1,), 37, 45),
+    "3d-2x3": ((2, 3), 37, 45),
+    "empty-batch": ((0,), 37, 45),
+    "rows-70-splits": ((70,), 29, 33),  # several row blocks per batch split and per output split
+}
+RANKS = [1, 3, 20]  # padded to 16, 16, 32
+
+
+def make_layer(n_in, n_out, rank, dtype, device, bias=True):
+    layer = LowRankLinear(n_in, n_out, rank, bias=bias).to(device=device, dtype=dtype)
+    if bias:
+        with torch.no_grad():
+            layer.bias.normal_()
+    return layer
+
+
+def run(layer, x, g, which):
+    with backend(which):
+        x = x.detach().clone().requires_grad_()
+        y = layer(x)
+        grads = torch.autograd.grad(y, [x, *layer.parameters()], g)
+    return y, grads
+
+
+def check(layer, x, g, dtype):
+    names = ["y", "dx"] + [n for n, _ in layer.named_parameters()]
+    y_t, g_t = run(layer, x, g, "triton")
+    y_r, g_r = run(layer, x, g, "reference")
+    for name, got, want in zip(names, (y_t, *g_t), (y_r, *g_r)):
+        assert got.dtype == want.dtype, name
+        assert_close(got, want, dtype, name=name)
+
+
+@pytest.mark.parametrize("rank", RANKS)
+@pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
+def test_fp32_shapes(shape, rank, kernel_device):
+    lead, n_in, n_out = SHAPES[shape]
+    rank = min(rank, n_in, n_out)
+    layer = make_layer(n_in, n_out, rank, torch.float32, kernel_device)
+    x = torch.randn(*lead, n_in, device=kernel_device)
+    g = torch.randn(*lead, n_out, device=kernel_device)
+    check(layer, x, g, torch.float32)
+
+
+def test_tiny_layer_rank_one(kernel_device):
+    layer = make_layer(1, 1, 1, torch.float32, kernel_device)
+    check(layer, torch.randn(4, 1, device=kernel_device), torch.randn(4, 1, device=kernel_device), torch.float32)
+
+
+@pytest.mark.parametrize("rank", RANKS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_dtypes(dtype, rank, kernel_device):
+    layer = make_layer(50, 33, rank, dtype, kernel_device)
+    x = torch.randn(7, 50, device=kernel_device, dtype=dtype)
+    g = torch.randn(7, 33, device=kernel_device, dtype=dtype)
+    check(layer, x, g, dtype)
+
+
+def test_non_contiguous_input_and_expanded_grad(kernel_device):
+    layer = make_layer(37, 45, 3, torch.float32, kernel_device)
+    x = torch.randn(6, 2 * 37, device=kernel_device)[:, ::2]  # column stride 2
+    xt = torch.randn(37, 6, device=kernel_device).T  # transposed
+    g_expanded = torch.randn(45, device=kernel_device).expand(6, 45)  # row stride 0, as from y.sum()
+    for inp in (x, xt):
+        assert not inp.is_contiguous()
+        check(layer, inp, torch.randn(6, 45, device=kernel_device), torch.float32)
+    check(layer, x, g_expanded, torch.float32)
+
+
+@pytest.mark.parametrize("frozen", ["x", "U", "V", "U+V+bias"])
+def test_partial_gradients(frozen, kernel_device):
+    """Each backward branch (fused factor kernel, single skinny product, dx only) against the reference."""
+    layer = make_layer(37, 45, 3, torch.float32, kernel_device, bias="bias" not in frozen)
+    for name, p in layer.named_parameters():
+        p.requires_grad_(name not in frozen.split("+"))
+    x = torch.randn(5, 37, device=kernel_device, requires_grad="x" not in frozen)
+    g = torch.randn(5, 45, device=kernel_device)
+    wrt = [t for t in (x, *layer.parameters()) if t.requires_grad]
+    grads = {}
+    for which in ("triton", "reference"):
+        with backend(which):
+            grads[which] = torch.autograd.grad(layer(x), wrt, g)
+    for got, want in zip(grads["triton"], grads["reference"]):
+        assert_close(got, want, torch.float32)
+
+
+def test_second_order_gradients(kernel_device):
+    """Gradients of a penalty on every first-order gradient: differentiates the backward's own ops,
+    including the gradient that reaches the projections t (forward's and the dx call's)."""
+    layer = make_layer(29, 21, 4, torch.float32, kernel_device)
+    x = torch.randn(6, 29, device=kernel_device, requires_grad=True)
+    wrt = [x, *layer.parameters()]
+    weights = [torch.randn_like(t) for t in wrt]
+    out = {}
+    for which in ("triton", "reference"):
+        with backend(which):
+            first = torch.autograd.grad(layer(x).square().sum(), wrt, create_graph=True)
+            penalty = sum((g * w).sum() for g, w in zip(first, weights))
+            out[which] = torch.autograd.grad(penalty, wrt)
+    for name, got, want in zip(["x", "bias", "U", "V"], out["triton"], out["reference"]):
+        assert_close(got, want, torch.float32, name=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_ops_directly(dtype, kernel_device):
+    """The projection output t and the factor-gradient op (batch split partials summed on the host)."""
+    x = torch.randn(3, 23, 19, device=kernel_device, dtype=dtype)  # 69 rows: 5 row blocks over 2 splits
+    a = torch.randn(19, 5, device=kernel_device, dtype=dtype)
+    b = torch.randn(26, 5, device=kernel_device, dtype=dtype)
+    dy = torch.randn(3, 23, 26, device=kernel_device, dtype=dtype)
+    p = torch.randn(3, 23, 5, device=kernel_device)
+    q = torch.randn(3, 23, 5, device=kernel_device)
+    results = {}
+    for which in ("triton", "reference"):
+        with backend(which):
+            results[which] = (*ops.lowrank_linear(x, a, b, None), *ops.lowrank_grad_factors(x, dy, p, q))
+    for name, got, want in zip(["y", "t", "x.T q", "dy.T p", "dy row sum"], results["triton"], results["reference"]):
+        assert got.dtype == want.dtype and got.shape == want.shape, name
+        assert_close(got, want, dtype, name=name)
+
+
+def test_routing(monkeypatch, kernel_device):
+    """auto sends CPU tensors to the reference and CUDA tensors to Triton; triton forces the launchers."""
+    calls = []
+    for name in ("lowrank_linear", "lowrank_grad_factors"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    layer = make_layer(9, 5, 2, torch.float32, "cpu")
+    x = torch.randn(2, 9, requires_grad=True)
+    with backend("auto"):
+        layer(x).sum().backward()
+    assert calls == []
+    with backend("triton"):
+        layer(x).sum().backward()
+    assert calls == ["lowrank_linear", "lowrank_linear", "lowrank_grad_factors"]
+
+
+def test_kernel_launch_input_checks():
+    with backend("triton"), pytest.raises(TypeError, match="fp32, fp16 or bf16"):
+        LowRankLinear(9, 5, 2, dtype=torch.float64)(torch.randn(3, 9, dtype=torch.float64))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("n, m", [(4096, 64), (4096, 4096)])
+def test_no_dense_weight_buffer_on_cuda(n, m):
+    """Forward and backward never allocate an (out x in) buffer: beyond y and dx themselves, the
+    peak (t, q, batch-split partials of dU, dV, d bias) stays below half of a bf16 W."""
+    layer = make_layer(n, n, 16, torch.bfloat16, "cuda")
+    x = torch.randn(m, n, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+    layer(x).backward(g)  # warm-up: autotuning may allocate scratch
+    x.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    layer(x).backward(g)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    activations = 2 * m * n * 2  # y and dx
+    dense_weight = n * n * 2
+    assert peak - activations < dense_weight / 2, f"peak {peak / 2**20:.1f} MiB beyond activations"

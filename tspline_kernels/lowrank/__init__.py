@@ -1,0 +1,3 @@
+from .module import LowRankLinear
+
+__all__ = ["LowRankLinear"]

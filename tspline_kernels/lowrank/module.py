@@ -1,0 +1,107 @@
+"""LowRankLinear: an nn.Linear replacement whose weight is a rank-r product W = U @ V.T."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .._layers import CompressedLinear, FitReport, fit_report
+from ..reference import lowrank as ref
+from . import ops
+
+
+def _check_rank(rank, in_features: int, out_features: int) -> int:
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise ValueError(f"rank must be a positive int, got {rank!r}")
+    limit = min(in_features, out_features)
+    if rank > limit:
+        raise ValueError(
+            f"rank={rank} exceeds min(in_features, out_features)={limit}: a rank-{limit} product already "
+            f"represents every ({out_features} x {in_features}) weight, extra rank only adds parameters"
+        )
+    return rank
+
+
+class LowRankLinear(CompressedLinear):
+    """``nn.Linear`` with weight W = U @ V.T: ``U`` ``(out_features, rank)``, ``V`` ``(in_features, rank)``.
+
+    y = (x @ V) @ U.T + bias for x ``(*, in_features)``; W keeps nn.Linear's ``(out, in)`` layout
+    but is never formed: one fused kernel keeps the rank-r projection x @ V on chip. Parameters:
+    rank * (in_features + out_features) (+ out_features bias). ``rank`` must lie in
+    [1, min(in_features, out_features)] (a larger rank cannot represent more weights).
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
+                 device=None, dtype=None) -> None:
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.rank = _check_rank(rank, in_features, out_features)
+        factory = {"device": device, "dtype": dtype}
+        self.U = nn.Parameter(torch.empty(out_features, rank, **factory))
+        self.V = nn.Parameter(torch.empty(in_features, rank, **factory))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """V like nn.Linear(in, rank)'s weight (variance 1 / (3 in)), U with variance 1 / rank, so
+        that E[W^2] = 1 / (3 in_features), nn.Linear's default, and activations keep its scale."""
+        nn.init.uniform_(self.V, -1 / math.sqrt(self.in_features), 1 / math.sqrt(self.in_features))
+        bound = math.sqrt(3 / self.rank)
+        nn.init.uniform_(self.U, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self._prepare(x)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        y, _ = ops.lowrank_linear(x.to(dtype), self.V.to(dtype), self.U.to(dtype), bias)
+        return y
+
+    def materialize(self) -> torch.Tensor:
+        return ref.lowrank_weight(self.U, self.V).to(self.U.dtype)
+
+    def _structure(self) -> str:
+        return f"rank={self.rank}"
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, rank: int) -> "LowRankLinear":
+        """The best rank-``rank`` approximation of ``linear.weight`` in Frobenius (and spectral)
+        norm, by truncated SVD (Eckart-Young): W = P S Q.T gives U = P_r sqrt(S_r), V = Q_r sqrt(S_r).
+
+        The bias is copied. ``layer.fit_report`` (a :class:`FitReport`) holds the relative error and,
+        in ``details``, ``optimal_error`` = sqrt(sum_{i > rank} s_i^2) / ||W||_F, the smallest error
+        any rank-``rank`` weight can reach (equal to the relative error up to rounding of the factors).
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"expected an nn.Linear, got {type(linear).__name__}")
+        weight = linear.weight.detach()
+        new = cls(linear.in_features, linear.out_features, rank, bias=linear.bias is not None,
+                  device=weight.device, dtype=weight.dtype)
+        p, s, qh = torch.linalg.svd(weight.double(), full_matrices=False)
+        root = s[:rank].sqrt()
+        tail = s[rank:].square().sum().sqrt() / s.square().sum().sqrt().clamp_min(1e-300)
+        with torch.no_grad():
+            new.U.copy_(p[:, :rank] * root)
+            new.V.copy_(qh[:rank].T * root)
+            if linear.bias is not None:
+                new.bias.copy_(linear.bias)
+        new.fit_report: FitReport = fit_report("truncated SVD", weight, new, rank=rank, optimal_error=tail.item())
+        return new
+
+    @classmethod
+    def from_tensor_spline(cls, module: nn.Module) -> "LowRankLinear":
+        """Convert a ``tensor_spline.LowRankLinear`` (y = x @ U_ts @ V_ts + b, U_ts ``(in, r)``,
+        V_ts ``(r, out)``): our V = U_ts and U = V_ts.T, so outputs are identical and gradients
+        correspond (dV = dU_ts, dU = dV_ts.T). Parameters are copied; the two train independently."""
+        u_ts, v_ts = getattr(module, "U", None), getattr(module, "V", None)
+        n_in, n_out, rank = (getattr(module, k, None) for k in ("in_features", "out_features", "rank"))
+        if not (isinstance(u_ts, torch.Tensor) and isinstance(v_ts, torch.Tensor)
+                and u_ts.shape == (n_in, rank) and v_ts.shape == (rank, n_out)):
+            raise TypeError(f"expected a tensor_spline.LowRankLinear, got {type(module).__name__}")
+        bias = getattr(module, "bias", None)
+        new = cls(n_in, n_out, rank, bias=bias is not None, device=u_ts.device, dtype=u_ts.dtype)
+        with torch.no_grad():
+            new.V.copy_(u_ts)
+            new.U.copy_(v_ts.T)
+            if bias is not None:
+                new.bias.copy_(bias)
+        return new
