@@ -87,6 +87,10 @@ def layers():
                    dict(basis="eisenstein", n_control_points=40, support="local")):
             cases.append((f"SplineLinear{kw}", tk.SplineLinear(67, 45, **kw), dtype))
         cases.append(("HierarchicalSplineLinear", tk.HierarchicalSplineLinear(67, 45), dtype))
+        cases.append(("LowRankLinear", tk.LowRankLinear(67, 45, rank=5), dtype))
+        for s in ("contract", "rebuild"):
+            cases.append((f"TTLinear[{s}]", tk.TTLinear((3, 2, 5), (2, 3, 4), (1, 2, 3, 1), strategy=s), dtype))
+            cases.append((f"SplineTTLinear[{s}]", tk.SplineTTLinear((5, 4, 7), (6, 5, 4), 2, (4, 4), strategy=s), dtype))
     return cases
 
 

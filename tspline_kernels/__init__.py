@@ -12,7 +12,9 @@ if _torch.version.cuda is None and _torch.version.hip is None:
 from ._backend import backend, get_backend
 from .lowrank import LowRankLinear
 from .spline import HierarchicalSplineLinear, SplineLinear
+from .spline_tt import SplineTTLinear
 from .surgery import Replacement, replace_linear
+from .tt import TTLinear, suggest_modes
 
 __all__ = [
     "backend",
@@ -20,6 +22,9 @@ __all__ = [
     "SplineLinear",
     "HierarchicalSplineLinear",
     "LowRankLinear",
+    "TTLinear",
+    "SplineTTLinear",
+    "suggest_modes",
     "replace_linear",
     "Replacement",
 ]

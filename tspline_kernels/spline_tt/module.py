@@ -1,0 +1,134 @@
+"""SplineTTLinear: a TT-matrix layer whose cores are smooth cubic B-spline surfaces."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .._layers import CompressedLinear, fit_report
+from ..reference import spline_tt as ref
+from ..reference import tt as ref_tt
+from ..tt import cost
+from ..tt.module import TTLinear, check_structure, init_scale
+from . import ops
+
+
+def _check_grid(grid, d: int) -> tuple[tuple[int, int], ...]:
+    """``grid`` as d pairs ``(G_out_k, G_in_k)``: one pair for every core, or a sequence of d pairs."""
+    def pair(g) -> tuple[int, int]:
+        try:
+            go, gi = g
+        except (TypeError, ValueError):
+            raise ValueError(f"grid must be a pair (G_out, G_in) or {d} such pairs, got {grid!r}") from None
+        if any(not isinstance(v, int) or isinstance(v, bool) for v in (go, gi)):
+            raise ValueError(f"grid sizes must be ints, got {grid!r}")
+        if min(go, gi) < 4:
+            raise ValueError(f"a cubic B-spline grid needs at least 4 control points per axis, got grid={grid!r}")
+        return go, gi
+
+    try:
+        items = list(grid)
+    except TypeError:
+        raise ValueError(f"grid must be a pair (G_out, G_in) or {d} such pairs, got {grid!r}") from None
+    if len(items) == 2 and not any(isinstance(v, Sequence) for v in items):  # one pair for every core
+        return (pair(items),) * d
+    if len(items) != d:
+        raise ValueError(f"grid needs one (G_out, G_in) pair per core ({d}), got {grid!r}")
+    return tuple(pair(g) for g in items)
+
+
+class SplineTTLinear(CompressedLinear):
+    """A TT matrix (see ``TTLinear``) whose cores vary smoothly along their mode indices:
+
+        core_k[a, o, i, b] = sum_{p, q} Bo_k[o, p] control[k][a, p, q, b] Bi_k[i, q]
+
+    with the clamped cubic B-spline bases of SplineLinear's "bspline" (``Bo_k``: ``out_modes[k]``
+    points on ``G_out_k`` control points, ``Bi_k`` likewise). ``control[k]`` is
+    ``(r_{k-1}, G_out_k, G_in_k, r_k)``; ``grid`` is one ``(G_out, G_in)`` pair for every core or a
+    sequence of d pairs, each >= 4 (a grid larger than its mode size is allowed but redundant).
+    The Triton "contract" kernels generate core tiles from the control points on chip.
+    """
+
+    def __init__(self, in_modes: Sequence[int], out_modes: Sequence[int], ranks, grid, bias: bool = True,
+                 device=None, dtype=None, strategy: str = "auto") -> None:
+        ins, outs, rks = check_structure(in_modes, out_modes, ranks)
+        super().__init__(math.prod(ins), math.prod(outs), bias, device, dtype)
+        self.in_modes, self.out_modes, self.ranks = ins, outs, rks
+        self.grid = _check_grid(grid, len(ins))
+        self.strategy = strategy
+        self.control = nn.ParameterList(
+            nn.Parameter(torch.empty(rks[k], go, gi, rks[k + 1], device=device, dtype=dtype))
+            for k, (go, gi) in enumerate(self.grid)
+        )
+        self.reset_parameters()
+
+    @property
+    def strategy(self) -> str:
+        return self._strategy
+
+    @strategy.setter
+    def strategy(self, value: str) -> None:
+        self._strategy = cost.check_strategy(value, self.in_modes, self.out_modes)
+
+    def picked_strategy(self, m: int, dtype: torch.dtype | None = None, transposed: bool = False) -> str:
+        """The kernel strategy the Triton path runs for ``m`` rows ("contract" or "rebuild")."""
+        elt = torch.finfo(dtype or self.control[0].dtype).bits // 8
+        ins, outs = (self.out_modes, self.in_modes) if transposed else (self.in_modes, self.out_modes)
+        return cost.resolve(self.strategy, m, ins, outs, self.ranks, elt)
+
+    def cores(self) -> list[torch.Tensor]:
+        """The TT cores ``(r_{k-1}, O_k, I_k, r_k)`` the control points define (for inspection)."""
+        return [c.to(self.control[0].dtype) for c in ref.spline_cores(list(self.control), self.in_modes, self.out_modes)]
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Uniform control points rescaled so that mean(W^2) equals nn.Linear's default init."""
+        for c in self.control:
+            c.uniform_(-1, 1)
+        cores = ref.spline_cores([c.double() for c in self.control], self.in_modes, self.out_modes)
+        scale = init_scale(cores, self.in_features)
+        for c in self.control:
+            c.mul_(scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self._prepare(x)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return ops.spline_tt_linear(x.to(dtype), [c.to(dtype) for c in self.control], bias,
+                                    list(self.in_modes), list(self.out_modes), self.strategy)
+
+    def materialize(self) -> torch.Tensor:
+        return ref_tt.tt_weight(ref.spline_cores(list(self.control), self.in_modes, self.out_modes)).to(self.control[0].dtype)
+
+    def _structure(self) -> str:
+        grid = self.grid[0] if len(set(self.grid)) == 1 else self.grid
+        return (f"in_modes={self.in_modes}, out_modes={self.out_modes}, ranks={self.ranks}, grid={grid}, "
+                f"strategy={self.strategy!r}")
+
+    @classmethod
+    def from_ttlinear(cls, tt: TTLinear, grid, strategy: str | None = None) -> "SplineTTLinear":
+        """Least-squares spline fit of every core of ``tt``: C_k = pinv(Bo_k) core_k pinv(Bi_k).T per
+        rank pair (exact LS solution; minimum-norm when a grid exceeds its mode size). The bias is
+        copied. Attaches ``fit_report`` (relative error of the whole weight, per-core errors in details)."""
+        if not isinstance(tt, TTLinear):
+            raise TypeError(f"expected a TTLinear, got {type(tt).__name__}")
+        ref_core = tt.cores[0]
+        new = cls(tt.in_modes, tt.out_modes, tt.ranks, grid, bias=tt.bias is not None, device=ref_core.device,
+                  dtype=ref_core.dtype, strategy=strategy or tt.strategy)
+        core_errors = []
+        with torch.no_grad():
+            for core, control, (go, gi), o, i in zip(tt.cores, new.control, new.grid, tt.out_modes, tt.in_modes):
+                g = core.double()
+                po = torch.linalg.pinv(ref.bases(o, go, torch.float64, g.device))
+                pi = torch.linalg.pinv(ref.bases(i, gi, torch.float64, g.device))
+                fitted = torch.einsum("po,aoib,qi->apqb", po, g, pi)
+                control.copy_(fitted)
+                back = ref.spline_cores([fitted], [i], [o])[0]
+                core_errors.append(round(((back - g).norm() / g.norm().clamp_min(1e-300)).item(), 6))
+            if tt.bias is not None:
+                new.bias.copy_(tt.bias)
+        new.fit_report = fit_report("spline-tt least squares", tt.materialize(), new, grid=new.grid,
+                                    core_errors=tuple(core_errors))
+        return new

@@ -1,0 +1,103 @@
+"""``torch.library`` custom ops for SplineTTLinear: Triton on CUDA (or when forced), reference otherwise.
+
+Same structure as ``tt/ops.py``: d(controls) and dx = spline_tt_grad(dy, x, controls, ..., need_dx);
+dx alone = spline_tt_linear(dy, controls with the o and i axes swapped, modes swapped). Each core is
+linear in its control tensor, so the gradient op's own backward is ``multilinear_double_backward``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .._backend import use_triton
+from ..reference import spline_tt as ref
+from ..reference.common import bias_grad, compute_dtype
+from ..tt.ops import multilinear_double_backward
+
+
+def transpose_controls(controls: list[Tensor]) -> list[Tensor]:
+    """Controls of W.T: ``(r0, Go, Gi, r1) -> (r0, Gi, Go, r1)`` views."""
+    return [c.transpose(1, 2) for c in controls]
+
+
+@torch.library.custom_op("tspline::spline_tt_linear", mutates_args=())
+def spline_tt_linear(x: Tensor, controls: list[Tensor], bias: Tensor | None, in_modes: list[int],
+                     out_modes: list[int], strategy: str) -> Tensor:
+    """y = x @ W.T + bias; x ``(*, prod in_modes)``, controls ``(r_{k-1}, Go_k, Gi_k, r_k)`` -> ``(*, prod out_modes)``."""
+    if use_triton(x):
+        from .kernels import spline_tt_linear as launch
+        return launch(x, controls, bias, in_modes, out_modes, strategy)
+    return ref.spline_tt_linear(x, controls, bias, in_modes, out_modes)
+
+
+@spline_tt_linear.register_fake
+def _(x, controls, bias, in_modes, out_modes, strategy):
+    return x.new_empty(*x.shape[:-1], math.prod(out_modes))
+
+
+@torch.library.custom_op("tspline::spline_tt_grad", mutates_args=())
+def spline_tt_grad(dy: Tensor, x: Tensor, controls: list[Tensor], in_modes: list[int], out_modes: list[int],
+                   strategy: str, need_dx: bool) -> list[Tensor]:
+    """``[dC_1, ..., dC_d]`` of sum(dy * (x @ W.T)) in fp32 (fp64 for fp64 inputs), then ``dx = dy @ W``
+    (x's shape and dtype) if ``need_dx``."""
+    if use_triton(dy):
+        from .kernels import spline_tt_grad as launch
+        return launch(dy, x, controls, in_modes, out_modes, strategy, need_dx)
+    return ref.spline_tt_grad(dy, x, controls, in_modes, out_modes, need_dx)
+
+
+@spline_tt_grad.register_fake
+def _(dy, x, controls, in_modes, out_modes, strategy, need_dx):
+    grads = [dy.new_empty(c.shape, dtype=compute_dtype(dy)) for c in controls]
+    return grads + ([x.new_empty(x.shape)] if need_dx else [])
+
+
+def _grad_setup(ctx, inputs, output):
+    dy, x, controls, in_modes, out_modes, strategy, need_dx = inputs
+    ctx.save_for_backward(dy, x, *controls)
+    ctx.args = (list(in_modes), list(out_modes), strategy)
+
+
+def _grad_backward(ctx, grads):
+    dy, x, *controls = ctx.saved_tensors
+    ins, outs, s = ctx.args
+    d_dy, d_x, d_controls = multilinear_double_backward(
+        ctx, grads, controls, dy, x,
+        forward=lambda a, cs: spline_tt_linear(a, cs, None, ins, outs, s),
+        adjoint=lambda a, cs: spline_tt_linear(a, transpose_controls(cs), None, outs, ins, s),
+        grad_params=lambda u, v, cs: spline_tt_grad(u, v, cs, ins, outs, s, False),
+    )
+    return d_dy, d_x, d_controls, None, None, None, None
+
+
+spline_tt_grad.register_autograd(_grad_backward, setup_context=_grad_setup)
+
+
+def _linear_setup(ctx, inputs, output):
+    x, controls, bias, in_modes, out_modes, strategy = inputs
+    ctx.save_for_backward(x, *controls)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.args = (list(in_modes), list(out_modes), strategy)
+
+
+def _linear_backward(ctx, dy):
+    x, *controls = ctx.saved_tensors
+    ins, outs, s = ctx.args
+    need = ctx.needs_input_grad  # (x, [one per control], bias, ...)
+    dx = db = None
+    d_controls = [None] * len(controls)  # the list input needs a list of gradients
+    if any(need[1]):
+        grads = spline_tt_grad(dy, x, controls, ins, outs, s, need[0])
+        d_controls = [g.to(c.dtype) for g, c in zip(grads, controls)]
+        dx = grads[-1] if need[0] else None
+    elif need[0]:
+        dx = spline_tt_linear(dy, transpose_controls(controls), None, outs, ins, s)
+    if ctx.bias_dtype is not None and need[2]:
+        db = bias_grad(dy, ctx.bias_dtype)
+    return dx, d_controls, db, None, None, None
+
+
+spline_tt_linear.register_autograd(_linear_backward, setup_context=_linear_setup)

@@ -1,0 +1,550 @@
+"""Triton kernels and launchers for the tensor-train layers. Reference: ``reference/tt.py``.
+
+Two strategies for y = x @ W.T (and for dx = dy @ W, the same with the cores' o and i axes
+swapped); ``tt/cost.py`` picks one per call from the FLOP / byte counts below unless it is forced.
+Notation: d cores ``(r_{k-1}, O_k, I_k, r_k)``, ``O = prod O_k``, ``I = prod I_k``, M rows.
+
+* ``contract`` (``_step_kernel``, d launches). Step k is the batched product
+  ``U_{k+1}[b, :, c] = A_k @ U_k[b, :, c]`` over the columns ``n = b * C + c`` (``B = M O_<k``,
+  ``C = I_>k``), the tile of ``A_k[(o, b), (a, i)] = G_k[a, o, i, b]`` read from the core (or generated
+  from spline control points, ``SPLINE``). FLOPs ``sum_k 2 M O_<=k r_{k-1} r_k I_>=k``: 1.12x dense for
+  4096^2 as 16^3 rank 16, 0.28x dense for 8^4 rank 8. The states U_2..U_d live in global memory
+  (each ``M O_<=k r_k I_>k`` elements, 16x resp. 8x the size of x for those two shapes), so bytes
+  ~ ``2 elt sum_k |U_k|`` dominate for large M: this strategy is memory-bound there, by design of a
+  per-step kernel, and is meant for small M. Backward (``contract_grad``): the states are recomputed
+  (not kept from the forward), the dy sweep ``V_k = A_k.T V_{k+1}`` runs right to left with the same
+  kernel (``TRANSPOSED``) and ends in dx, and ``_grad_step_kernel`` reduces each
+  ``dA_k = sum V_{k+1} U_k.T``: about 3x the forward.
+* ``rebuild`` (``_rebuild_kernel``, 1 launch). W = sum_r L[o_h, i_h, r] G_d[r, o_d, i_d] with the head
+  product L ``(O/O_d, I/I_d, r_{d-1})`` built on the host from the cores (``r_{d-1}/(O_d I_d)`` times the
+  size of W: 1/16 for 16^3 rank 16, 1/8 for 8^4 rank 8). Each ``(BK, BN)`` tile of W.T is
+  ``L_sub (PO PI x r) @ T (r x O_d I_d)`` on tensor cores, permuted in registers and fed to the main
+  ``tl.dot``. FLOPs ``2 M O I + 2 r O I cdiv(M, BM)`` (rebuild overhead r / BM); bytes
+  ``elt (M I + M O + |L| cdiv(M, BM))`` with x re-reads served from L2. Backward
+  (``_rebuild_grad_kernel``): each tile of G = dy.T @ x is accumulated over M on chip and reduced
+  against T (-> dL, each entry owned by one tile) and L (-> dT partials summed on the host);
+  dL -> d(G_1..G_{d-1}) by a small host VJP (``reference.tt.head_product_grad``); dx is a second
+  ``_rebuild_kernel`` launch on the cores of W.T.
+
+Neither strategy writes W or dW to global memory.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .._triton import INTERPRET, check_inputs, configs, dot_precision, flatten, m_bucket, tl, triton
+from ..reference import tt as ref
+from ..reference.spline import BSPLINE
+from ..spline.kernels import _axis, _basis_taps
+from . import cost
+
+
+# ----------------------------------------------------------------------------------------------
+# Core tiles
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _taps_row(base, po, wo, q0, q1, q2, q3, wi0, wi1, wi2, wi3, s_p, s_q, mask):
+    """sum_t wo * wi_t * C[.., po, q_t, ..] over the four input taps (fp32)."""
+    row = base + po[:, None] * s_p
+    acc = wi0[None, :] * tl.load(row + q0[None, :] * s_q, mask=mask, other=0.0).to(tl.float32)
+    acc += wi1[None, :] * tl.load(row + q1[None, :] * s_q, mask=mask, other=0.0).to(tl.float32)
+    acc += wi2[None, :] * tl.load(row + q2[None, :] * s_q, mask=mask, other=0.0).to(tl.float32)
+    acc += wi3[None, :] * tl.load(row + q3[None, :] * s_q, mask=mask, other=0.0).to(tl.float32)
+    return wo[:, None] * acc
+
+
+@triton.jit
+def _core_tile(core_ptr, o, b, a, i, mask_ob, mask_ai, s_a, s_o, s_i, s_b,
+               scale_o, top_o, scale_i, top_i, SPLINE: tl.constexpr):
+    """Tile ``T[u, v] = G[a[v], o[u], i[v], b[u]]``: rows indexed by (o, b), columns by (a, i).
+
+    Without ``SPLINE`` it is loaded from the core (any strides, native dtype). With ``SPLINE`` the
+    pointer is the control tensor C ``(r0, Go, Gi, r1)`` and G[a, o, i, b] = sum_{p,q} Bo[o, p]
+    C[a, p, q, b] Bi[i, q] is generated in fp32 from the four nonzero cubic B-spline taps of o
+    and of i (``scale``/``top`` as in the spline kernels): 16 gathered loads per entry, no core in memory.
+    """
+    mask = mask_ob[:, None] & mask_ai[None, :]
+    base = core_ptr + a[None, :] * s_a + b[:, None] * s_b
+    if SPLINE:
+        p0, p1, p2, p3, wo0, wo1, wo2, wo3 = _basis_taps(o, scale_o, top_o, 0)
+        q0, q1, q2, q3, wi0, wi1, wi2, wi3 = _basis_taps(i, scale_i, top_i, 0)
+        tile = _taps_row(base, p0, wo0, q0, q1, q2, q3, wi0, wi1, wi2, wi3, s_o, s_i, mask)
+        tile += _taps_row(base, p1, wo1, q0, q1, q2, q3, wi0, wi1, wi2, wi3, s_o, s_i, mask)
+        tile += _taps_row(base, p2, wo2, q0, q1, q2, q3, wi0, wi1, wi2, wi3, s_o, s_i, mask)
+        tile += _taps_row(base, p3, wo3, q0, q1, q2, q3, wi0, wi1, wi2, wi3, s_o, s_i, mask)
+        return tile
+    else:
+        return tl.load(base + o[:, None] * s_o + i[None, :] * s_i, mask=mask, other=0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Strategy "contract": one batched-GEMM step per core
+# ----------------------------------------------------------------------------------------------
+@triton.autotune(
+    configs=configs(
+        [{"BP": bp, "BJ": bj, "BN": bn} for bp in (32, 64, 128) for bj in (16, 32, 64) for bn in (64, 128)],
+        interpret={"BP": 16, "BJ": 16, "BN": 32},
+    ),
+    key=["P", "J", "C", "N_BUCKET", "SPLINE"],
+)
+@triton.jit
+def _step_kernel(
+    in_ptr, core_ptr, bias_ptr, out_ptr,
+    N, C, P, J, R1, IK, N_OUT, N_BUCKET,
+    stride_ib, stride_ie, s_a, s_o, s_i, s_b,
+    scale_o, top_o, scale_i, top_i,
+    SPLINE: tl.constexpr, TRANSPOSED: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    BP: tl.constexpr, BJ: tl.constexpr, BN: tl.constexpr,
+):
+    """out[b, p, c] = sum_j A[p, j] in[b, j, c] (+ bias), for columns n = b * C + c < N.
+
+    ``in`` element (b, j, c) sits at ``b * stride_ib + (j * C + c) * stride_ie``; ``out`` is
+    contiguous ``(N / C, P, C)``. A[(o, b), (a, i)] = G[a, o, i, b] (P = O_k r_k, J = r_{k-1} I_k), or
+    its transpose A[(a, i), (o, b)] with ``TRANSPOSED`` (the dy sweep of the backward).
+    FLOPs 2 P J N (tensor cores; + 32 P J cdiv(N, BN) tap FMAs with ``SPLINE``).
+    Bytes elt * (J N cdiv(P, BP) + P N + P J cdiv(N, BN)).
+    """
+    pid_p = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rp = pid_p * BP + tl.arange(0, BP)
+    rn = pid_n * BN + tl.arange(0, BN)
+    n_mask = rn < N
+    bb = (rn // C).to(tl.int64)
+    cc = rn % C
+    acc = tl.zeros((BP, BN), dtype=tl.float32)
+    for j0 in range(0, J, BJ):
+        rj = j0 + tl.arange(0, BJ)
+        if TRANSPOSED:
+            a = tl.trans(_core_tile(core_ptr, rj // R1, rj % R1, rp // IK, rp % IK, rj < J, rp < P,
+                                    s_a, s_o, s_i, s_b, scale_o, top_o, scale_i, top_i, SPLINE))
+        else:
+            a = _core_tile(core_ptr, rp // R1, rp % R1, rj // IK, rj % IK, rp < P, rj < J,
+                           s_a, s_o, s_i, s_b, scale_o, top_o, scale_i, top_i, SPLINE)
+        v = tl.load(in_ptr + bb[None, :] * stride_ib + (rj[:, None] * C + cc[None, :]) * stride_ie,
+                    mask=(rj < J)[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(a.to(v.dtype), v, acc, input_precision=PRECISION)
+    off = (bb[None, :] * P + rp[:, None]) * C + cc[None, :]
+    mask = (rp < P)[:, None] & n_mask[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + off % N_OUT, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + off, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+GRAD_SPLITS = 2 if INTERPRET else 8  # the most column splits any _grad_step_kernel config uses
+
+
+@triton.autotune(
+    configs=configs(
+        [{"BP": bp, "BJ": bj, "BN": bn, "N_SPLIT": GRAD_SPLITS} for bp in (32, 64) for bj in (32, 64) for bn in (64, 128)],
+        interpret={"BP": 16, "BJ": 16, "BN": 32, "N_SPLIT": 2},
+    ),
+    key=["P", "J", "C", "N_BUCKET"],
+)
+@triton.jit
+def _grad_step_kernel(
+    v_ptr, u_ptr, part_ptr,
+    N, C, P, J, N_BUCKET,
+    stride_vb, stride_ve, stride_ub, stride_ue,
+    PRECISION: tl.constexpr, BP: tl.constexpr, BJ: tl.constexpr, BN: tl.constexpr, N_SPLIT: tl.constexpr,
+):
+    """part[s, p, j] = sum over columns n = b * C + c of split s of V[b, p, c] U[b, j, c] (fp32).
+
+    V ``(N / C, P, C)`` is the gradient of a step's output, U ``(N / C, J, C)`` its input (strided as
+    in ``_step_kernel``); the host sums the ``N_SPLIT`` partials (deterministic, no atomics).
+    FLOPs 2 P J N. Bytes elt * N (P cdiv(J, BJ) + J cdiv(P, BP)) + 4 N_SPLIT P J.
+    """
+    pid_p = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    rp = pid_p * BP + tl.arange(0, BP)
+    rj = pid_j * BJ + tl.arange(0, BJ)
+    acc = tl.zeros((BP, BJ), dtype=tl.float32)
+    for n0 in range(pid_s * BN, N, BN * N_SPLIT):
+        rn = n0 + tl.arange(0, BN)
+        n_mask = rn < N
+        bb = (rn // C).to(tl.int64)
+        cc = rn % C
+        v = tl.load(v_ptr + bb[None, :] * stride_vb + (rp[:, None] * C + cc[None, :]) * stride_ve,
+                    mask=(rp < P)[:, None] & n_mask[None, :], other=0.0)
+        u = tl.load(u_ptr + bb[:, None] * stride_ub + (rj[None, :] * C + cc[:, None]) * stride_ue,
+                    mask=n_mask[:, None] & (rj < J)[None, :], other=0.0)
+        acc = tl.dot(v, u, acc, input_precision=PRECISION)
+    tl.store(part_ptr + (pid_s * P + rp[:, None]) * J + rj[None, :], acc,
+             mask=(rp < P)[:, None] & (rj < J)[None, :])
+
+
+@dataclass(frozen=True)
+class Core:
+    """One core as the step kernel sees it: ``t`` is the core ``(r0, O, I, r1)`` (any strides), or
+    with ``spline`` the control points ``(r0, Go, Gi, r1)`` of a core with mode sizes ``(o, i)``."""
+
+    t: torch.Tensor
+    o: int
+    i: int
+    spline: bool = False
+
+    @property
+    def r0(self) -> int:
+        return self.t.shape[0]
+
+    @property
+    def r1(self) -> int:
+        return self.t.shape[3]
+
+    def axes(self) -> tuple[float, float, float, float]:
+        """(scale_o, top_o, scale_i, top_i) of the B-spline taps (unused for plain cores)."""
+        if not self.spline:
+            return 0.0, 0.0, 0.0, 0.0
+        return (*_axis(self.o, self.t.shape[1], BSPLINE), *_axis(self.i, self.t.shape[2], BSPLINE))
+
+
+def _step(state: torch.Tensor, sb: int, se: int, core: Core, batch: int, c: int, transposed: bool,
+          bias: torch.Tensor | None = None, n_out: int = 1) -> torch.Tensor:
+    """One contraction step on ``batch * c`` columns; returns the contiguous output state (flat).
+    ``bias`` (last step only) is indexed by the output offset modulo ``n_out`` (the layer's O)."""
+    p, j = core.o * core.r1, core.r0 * core.i
+    if transposed:
+        p, j = j, p
+    out = torch.empty(batch * p * c, device=state.device, dtype=state.dtype)
+    n = batch * c
+    if n == 0:
+        return out
+    grid = lambda meta: (triton.cdiv(p, meta["BP"]), triton.cdiv(n, meta["BN"]))  # noqa: E731
+    _step_kernel[grid](
+        state, core.t, bias if bias is not None else out, out,
+        n, c, p, j, core.r1, core.i, n_out, m_bucket(n),
+        sb, se, *core.t.stride(), *core.axes(),
+        SPLINE=core.spline, TRANSPOSED=transposed, HAS_BIAS=bias is not None,
+        PRECISION=dot_precision(state.dtype),
+    )
+    return out
+
+
+def _grad_step(v: torch.Tensor, vs: tuple[int, int], u: torch.Tensor, us: tuple[int, int],
+               batch: int, c: int, p: int, j: int) -> torch.Tensor:
+    """sum_{b, c} V[b, :, c] U[b, :, c].T as a ``(p, j)`` fp32 matrix."""
+    n = batch * c
+    part = torch.zeros(GRAD_SPLITS, p, j, device=v.device, dtype=torch.float32)
+    if n > 0:
+        grid = lambda meta: (triton.cdiv(p, meta["BP"]), triton.cdiv(j, meta["BJ"]), meta["N_SPLIT"])  # noqa: E731
+        _grad_step_kernel[grid](v, u, part, n, c, p, j, m_bucket(n), *vs, *us, PRECISION=dot_precision(v.dtype))
+    return part.sum(0)
+
+
+def contract_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x2 @ W.T + bias by d step launches; x2 ``(M, I)`` -> ``(M, O)``."""
+    m = x2.shape[0]
+    n_out = math.prod(g.o for g in cores)
+    state, sb, se = x2, x2.stride(0), x2.stride(1)  # step 1 batches over rows only: any strides
+    o_done = 1
+    for k, core in enumerate(cores):
+        c = math.prod(g.i for g in cores[k + 1:])
+        last = k == len(cores) - 1
+        state = _step(state, sb, se, core, m * o_done, c, False, bias if last else None, n_out)
+        sb, se = core.r1 * c, 1  # next step's batch (row, O_<=k) spans r_k I_>k elements
+        o_done *= core.o
+    return state.view(m, o_done)
+
+
+def contract_grad(dy2: torch.Tensor, x2: torch.Tensor, cores: list[Core], need_dx: bool
+                  ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """(d(core) in the ``(r0, O, I, r1)`` layout (fp32) for every core, dx ``(M, I)`` or None):
+    forward states U_1..U_d recomputed, then right to left dA_k = sum V_{k+1} U_k.T and
+    V_k = A_k.T V_{k+1}; V_1 is dx."""
+    m, d = x2.shape[0], len(cores)
+    states = [(x2, x2.stride(0), x2.stride(1))]
+    o_done = 1
+    for k, core in enumerate(cores[:-1]):
+        c = math.prod(g.i for g in cores[k + 1:])
+        states.append((_step(states[-1][0], *states[-1][1:], core, m * o_done, c, False), core.r1 * c, 1))
+        o_done *= core.o
+    if dy2.stride(0) != dy2.shape[1] * dy2.stride(1):  # V_d batches over (row, O_<d): rows must be dense
+        dy2 = dy2.contiguous()
+    v, vs = dy2, (cores[-1].o * dy2.stride(1), dy2.stride(1))
+    grads: list[torch.Tensor] = [None] * d  # type: ignore[list-item]
+    for k in range(d - 1, -1, -1):
+        core = cores[k]
+        batch = m * math.prod(g.o for g in cores[:k])
+        c = math.prod(g.i for g in cores[k + 1:])
+        p, j = core.o * core.r1, core.r0 * core.i
+        u, *us = states[k]
+        da = _grad_step(v, vs, u, tuple(us), batch, c, p, j)
+        grads[k] = da.view(core.o, core.r1, core.r0, core.i).permute(2, 0, 3, 1).contiguous()
+        if k > 0 or need_dx:
+            v = _step(v, *vs, core, batch, c, True)
+            vs = (cores[k - 1].o * j * c, 1) if k > 0 else None  # consumed by core k-1: batch (row, O_<k-1)
+    return grads, v.view(m, -1) if need_dx else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Strategy "rebuild": W tiles from the head product L and the last core, on chip
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _tile_index(pid, P: tl.constexpr, DP: tl.constexpr, D_LAST, H):
+    """Columns of a tile covering head indices [pid*P, pid*P + P) x all (padded) last indices:
+    tile position t = p * DP + e -> matrix index h * D_LAST + e, and its validity."""
+    t = tl.arange(0, P * DP)
+    h = pid * P + t // DP
+    e = t % DP
+    return h * D_LAST + e, (h < H) & (e < D_LAST)
+
+
+@triton.jit
+def _load_head(l_ptr, oh0, ih0, O_H, I_H, R, PO: tl.constexpr, PI: tl.constexpr, RP: tl.constexpr):
+    """L[oh0 + po, ih0 + pi, r] as a ``(PO * PI, RP)`` tile, rows s = po * PI + pi."""
+    s = tl.arange(0, PO * PI)
+    oh = oh0 + s // PI
+    ih = ih0 + s % PI
+    rr = tl.arange(0, RP)
+    return tl.load(l_ptr + ((oh * I_H + ih) * R)[:, None] + rr[None, :],
+                   mask=((oh < O_H) & (ih < I_H))[:, None] & (rr < R)[None, :], other=0.0)
+
+
+@triton.jit
+def _load_last(t_ptr, O_D, I_D, R, ODP: tl.constexpr, IDP: tl.constexpr, RP: tl.constexpr):
+    """The last core G_d[r, od, id, 0] as a ``(RP, ODP * IDP)`` tile, columns q = od * IDP + id."""
+    rr = tl.arange(0, RP)
+    q = tl.arange(0, ODP * IDP)
+    od = q // IDP
+    idd = q % IDP
+    return tl.load(t_ptr + rr[:, None] * (O_D * I_D) + (od * I_D + idd)[None, :],
+                   mask=(rr < R)[:, None] & ((od < O_D) & (idd < I_D))[None, :], other=0.0)
+
+
+def _rebuild_prune(cfgs, named_args, **kwargs):
+    """Drop row blocks much taller than M (they only add masked work)."""
+    m = named_args["M"]
+    kept = [c for c in cfgs if c.kwargs["BM"] <= max(16, triton.next_power_of_2(m))]
+    return kept or cfgs[:1]
+
+
+@triton.autotune(
+    configs=configs([{"BM": bm} for bm in (16, 32, 64, 128, 256)], interpret={"BM": 16}, warps=(4, 8)),
+    key=["M_BUCKET", "O_H", "I_H", "O_D", "I_D", "R"],
+    prune_configs_by={"early_config_prune": _rebuild_prune},
+)
+@triton.jit
+def _rebuild_kernel(
+    x_ptr, l_ptr, t_ptr, bias_ptr, y_ptr,
+    M, O_H, I_H, O_D, I_D, R, M_BUCKET,
+    stride_xm, stride_xk, stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    PO: tl.constexpr, PI: tl.constexpr, ODP: tl.constexpr, IDP: tl.constexpr, RP: tl.constexpr,
+    BM: tl.constexpr, GROUP_M: tl.constexpr = 8,
+):
+    """y = x @ W.T + bias, x ``(M, I_H I_D)``, W = sum_r L[o_h, i_h, r] T[r, o_d, i_d], y ``(M, O_H O_D)``.
+
+    Program (m block, n block) owns BM rows and the BN = PO * ODP output columns of head indices
+    [n*PO, n*PO + PO); each K step rebuilds the (BK = PI * IDP, BN) tile of W.T as
+    L_sub (PO PI x RP) @ T (RP x ODP IDP), permuted (po, pi, od, id) -> (pi, id) x (po, od), and
+    feeds it to ``tl.dot``. Programs are grouped along M for L2 reuse of x.
+    FLOPs 2 M O I (main) + 2 RP O I cdiv(M, BM) (rebuild), both tensor-core dots.
+    Bytes elt * (M I + M O + |L| cdiv(M, BM)) when the re-reads of x across column blocks hit L2
+    (at worst elt * M I cdiv(O, BN) for x).
+    """
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(O_H, PO)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+    rm = pid_m * BM + tl.arange(0, BM)
+    m_mask = rm < M
+    cols, col_ok = _tile_index(pid_n, PO, ODP, O_D, O_H)
+    t = _load_last(t_ptr, O_D, I_D, R, ODP, IDP, RP)
+    acc = tl.zeros((BM, PO * ODP), dtype=tl.float32)
+    for k in range(0, tl.cdiv(I_H, PI)):
+        w = tl.dot(_load_head(l_ptr, pid_n * PO, k * PI, O_H, I_H, R, PO, PI, RP), t, input_precision=PRECISION)
+        w = tl.reshape(tl.permute(tl.reshape(w, (PO, PI, ODP, IDP)), (1, 3, 0, 2)), (PI * IDP, PO * ODP))
+        ks, k_ok = _tile_index(k, PI, IDP, I_D, I_H)
+        xt = tl.load(x_ptr + rm[:, None] * stride_xm + ks[None, :] * stride_xk,
+                     mask=m_mask[:, None] & k_ok[None, :], other=0.0)
+        acc = tl.dot(xt, w.to(xt.dtype), acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rm[:, None] * stride_ym + cols[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & col_ok[None, :])
+
+
+@triton.autotune(
+    configs=configs([{"BM": bm} for bm in (32, 64, 128)], interpret={"BM": 16}),
+    key=["M_BUCKET", "O_H", "I_H", "O_D", "I_D", "R"],
+)
+@triton.jit
+def _rebuild_grad_kernel(
+    dy_ptr, x_ptr, l_ptr, t_ptr, dl_ptr, dt_ptr,
+    M, O_H, I_H, O_D, I_D, R, M_BUCKET,
+    stride_dm, stride_dn, stride_xm, stride_xk,
+    PRECISION: tl.constexpr,
+    PO: tl.constexpr, PI: tl.constexpr, ODP: tl.constexpr, IDP: tl.constexpr, RP: tl.constexpr,
+    BM: tl.constexpr,
+):
+    """Gradients of sum(G * W), G = dy.T @ x, for W = sum_r L[o_h, i_h, r] T[r, o_d, i_d].
+
+    Program (n, s) owns output head indices [n*PO, +PO) and every ``num_programs(1)``-th block of
+    PI input head indices from s. For each W tile it accumulates that tile of G over M on chip
+    (never stored), permutes it to G' ``(PO PI, ODP IDP)``, writes dL[tile] = G' @ T.T (each L entry
+    belongs to exactly one tile) and adds L_sub.T @ G' to its dT partial (fp32, registers); the
+    host sums the ``cdiv(O_H, PO) * num_programs(1)`` partials.
+    FLOPs 2 M O I + 4 RP O I. Bytes elt * M (I cdiv(O, BN) + O cdiv(I, BK)) + 4 (|L| + partials RP ODP IDP).
+    """
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    cols, col_ok = _tile_index(pid_n, PO, ODP, O_D, O_H)
+    t = _load_last(t_ptr, O_D, I_D, R, ODP, IDP, RP).to(tl.float32)
+    s = tl.arange(0, PO * PI)
+    rr = tl.arange(0, RP)
+    oh = pid_n * PO + s // PI
+    dt = tl.zeros((RP, ODP * IDP), dtype=tl.float32)
+    for k in range(pid_s, tl.cdiv(I_H, PI), tl.num_programs(1)):
+        ks, k_ok = _tile_index(k, PI, IDP, I_D, I_H)
+        g = tl.zeros((PO * ODP, PI * IDP), dtype=tl.float32)
+        for m0 in range(0, M, BM):
+            rm = m0 + tl.arange(0, BM)
+            m_mask = rm < M
+            dyt = tl.load(dy_ptr + cols[:, None] * stride_dn + rm[None, :] * stride_dm,
+                          mask=col_ok[:, None] & m_mask[None, :], other=0.0)
+            xt = tl.load(x_ptr + rm[:, None] * stride_xm + ks[None, :] * stride_xk,
+                         mask=m_mask[:, None] & k_ok[None, :], other=0.0)
+            g = tl.dot(dyt, xt, g, input_precision=PRECISION)
+        g = tl.reshape(tl.permute(tl.reshape(g, (PO, ODP, PI, IDP)), (0, 2, 1, 3)), (PO * PI, ODP * IDP))
+        ih = k * PI + s % PI
+        tl.store(dl_ptr + ((oh * I_H + ih) * R)[:, None] + rr[None, :], tl.dot(g, tl.trans(t), input_precision="ieee"),
+                 mask=((oh < O_H) & (ih < I_H))[:, None] & (rr < R)[None, :])
+        head = _load_head(l_ptr, pid_n * PO, k * PI, O_H, I_H, R, PO, PI, RP).to(tl.float32)
+        dt = tl.dot(tl.trans(head), g, dt, input_precision="ieee")
+    part = pid_n * tl.num_programs(1) + pid_s
+    q = tl.arange(0, ODP * IDP)
+    tl.store(dt_ptr + (part * RP + rr[:, None]) * (ODP * IDP) + q[None, :], dt)
+
+
+@dataclass(frozen=True)
+class RebuildTiles:
+    """Padded last-core sizes (ODP, IDP), padded rank RP, and head indices per tile (PO, PI)."""
+
+    odp: int
+    idp: int
+    rp: int
+    po: int
+    pi: int
+
+
+def rebuild_tiles(o_d: int, i_d: int, r: int) -> RebuildTiles:
+    """Tile shape of the rebuild kernels: every ``tl.dot`` dimension a power of two >= 16, output
+    and K tiles of about ``target`` columns (32 under the interpreter, 64 on a GPU)."""
+    odp, idp = triton.next_power_of_2(o_d), triton.next_power_of_2(i_d)
+    while odp * idp < 16:
+        if idp <= odp:
+            idp *= 2
+        else:
+            odp *= 2
+    target = 32 if INTERPRET else 64
+    po, pi = max(1, target // odp), max(1, target // idp)
+    while po * pi < 16 or po * odp < 16 or pi * idp < 16:
+        if po * odp <= pi * idp:
+            po *= 2
+        else:
+            pi *= 2
+    return RebuildTiles(odp, idp, max(16, triton.next_power_of_2(r)), po, pi)
+
+
+def _head_and_last(cores: list[torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L ``(O_h, I_h, r)``, T ``(r, O_d, I_d)``), contiguous in ``dtype``; L accumulated in fp32."""
+    head = ref.head_product(cores).to(dtype).contiguous()
+    return head, cores[-1][..., 0].to(dtype).contiguous()
+
+
+def rebuild_linear(x2: torch.Tensor, cores: list[torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x2 @ W.T + bias with W tiles rebuilt on chip; x2 ``(M, I)``, cores ``(r0, O, I, r1)``."""
+    head, last = _head_and_last(cores, x2.dtype)
+    r, o_d, i_d = last.shape
+    o_h, i_h = head.shape[:2]
+    m = x2.shape[0]
+    y = torch.empty(m, o_h * o_d, device=x2.device, dtype=x2.dtype)
+    if m == 0:
+        return y
+    tl_ = rebuild_tiles(o_d, i_d, r)
+    grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(o_h, tl_.po),)  # noqa: E731
+    _rebuild_kernel[grid](
+        x2, head, last, bias if bias is not None else y, y,
+        m, o_h, i_h, o_d, i_d, r, m_bucket(m),
+        x2.stride(0), x2.stride(1), y.stride(0), y.stride(1),
+        HAS_BIAS=bias is not None, PRECISION=dot_precision(x2.dtype),
+        PO=tl_.po, PI=tl_.pi, ODP=tl_.odp, IDP=tl_.idp, RP=tl_.rp,
+    )
+    return y
+
+
+def rebuild_grad(dy2: torch.Tensor, x2: torch.Tensor, cores: list[torch.Tensor]) -> list[torch.Tensor]:
+    """d(core) (fp32) for every core: dL and dT on chip, then dL -> d(G_1..G_{d-1}) on the host."""
+    head, last = _head_and_last(cores, x2.dtype)
+    r, o_d, i_d = last.shape
+    o_h, i_h = head.shape[:2]
+    tl_ = rebuild_tiles(o_d, i_d, r)
+    k_blocks = triton.cdiv(i_h, tl_.pi)
+    grid = (triton.cdiv(o_h, tl_.po), min(k_blocks, max(1, (2 if INTERPRET else 256) // triton.cdiv(o_h, tl_.po))))
+    d_head = torch.zeros(o_h, i_h, r, device=x2.device, dtype=torch.float32)
+    d_last = torch.zeros(grid[0] * grid[1], tl_.rp, tl_.odp, tl_.idp, device=x2.device, dtype=torch.float32)
+    m = x2.shape[0]
+    if m > 0:
+        _rebuild_grad_kernel[grid](
+            dy2, x2, head, last, d_head, d_last,
+            m, o_h, i_h, o_d, i_d, r, m_bucket(m),
+            dy2.stride(0), dy2.stride(1), x2.stride(0), x2.stride(1),
+            PRECISION=dot_precision(x2.dtype), PO=tl_.po, PI=tl_.pi, ODP=tl_.odp, IDP=tl_.idp, RP=tl_.rp,
+        )
+    d_last = d_last.sum(0)[:r, :o_d, :i_d, None]
+    return ref.head_product_grad([c.float() for c in cores], d_head) + [d_last]
+
+
+def tt_transposed(cores: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Cores of W.T (views)."""
+    return [c.transpose(1, 2) for c in cores]
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers used by the ops
+# ----------------------------------------------------------------------------------------------
+def _strategy(strategy: str, m: int, cores: list[torch.Tensor], elt: int) -> str:
+    out_modes, in_modes, ranks = ref.modes_of(cores)
+    return cost.resolve(strategy, m, in_modes, out_modes, ranks, elt)
+
+
+def tt_linear(x: torch.Tensor, cores: list[torch.Tensor], bias: torch.Tensor | None, strategy: str) -> torch.Tensor:
+    """y = x @ W.T + bias for x ``(*, I)`` and cores ``(r0, O_k, I_k, r1)`` (any strides) -> ``(*, O)``."""
+    check_inputs(x, *cores, *([bias] if bias is not None else []))
+    x2 = flatten(x)
+    n_out = math.prod(c.shape[1] for c in cores)
+    if _strategy(strategy, x2.shape[0], cores, x.element_size()) == "rebuild":
+        y = rebuild_linear(x2, cores, bias)
+    else:
+        y = contract_linear(x2, [Core(c, c.shape[1], c.shape[2]) for c in cores], bias)
+    return y.reshape(*x.shape[:-1], n_out)
+
+
+def tt_grad(dy: torch.Tensor, x: torch.Tensor, cores: list[torch.Tensor], strategy: str, need_dx: bool
+            ) -> list[torch.Tensor]:
+    """``[dG_1 .. dG_d]`` (fp32) of sum(dy * (x @ W.T)), then dx = dy @ W if ``need_dx``.
+
+    contract: the dy sweep that yields the core gradients ends in dx (one more step).
+    rebuild: dL/dT from ``_rebuild_grad_kernel``; dx by ``_rebuild_kernel`` on the cores of W.T.
+    """
+    check_inputs(dy, x, *cores)
+    dy2, x2 = flatten(dy), flatten(x)
+    m = dy2.shape[0]
+    if m == 0:
+        grads = [torch.zeros(c.shape, device=dy.device, dtype=torch.float32) for c in cores]
+        return grads + ([x.new_zeros(x.shape)] if need_dx else [])
+    if _strategy(strategy, m, cores, dy.element_size()) == "rebuild":
+        grads = rebuild_grad(dy2, x2, cores)
+        dx = rebuild_linear(dy2, tt_transposed(cores), None) if need_dx else None
+    else:
+        grads, dx = contract_grad(dy2, x2, [Core(c, c.shape[1], c.shape[2]) for c in cores], need_dx)
+    # contiguous, as the fake implementation promises (torch.compile checks strides)
+    return [g.contiguous() for g in grads] + ([dx.reshape(x.shape).to(x.dtype)] if need_dx else [])

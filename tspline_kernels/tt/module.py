@@ -1,0 +1,243 @@
+"""TTLinear: an nn.Linear replacement whose weight is a tensor-train (TT) matrix, never formed."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from .._layers import CompressedLinear, fit_report
+from ..reference import tt as ref
+from . import cost, ops
+
+MIN_CORES, MAX_CORES = 2, 6
+
+
+class TTModes(NamedTuple):
+    """A factorisation of a layer's features into TT modes (``TTLinear(*modes, ranks)`` order)."""
+
+    in_modes: tuple[int, ...]
+    out_modes: tuple[int, ...]
+
+
+def _check_d(d: int) -> None:
+    if not isinstance(d, int) or not MIN_CORES <= d <= MAX_CORES:
+        raise ValueError(f"a TT matrix here has {MIN_CORES} to {MAX_CORES} cores, got d={d!r}")
+
+
+def _balanced(n: int, d: int) -> tuple[int, ...]:
+    """``d`` factors of ``n`` as equal as possible: prime factors, largest first, each given to the
+    currently smallest factor; sorted largest first."""
+    primes, p, rest = [], 2, n
+    while p * p <= rest:
+        while rest % p == 0:
+            primes.append(p)
+            rest //= p
+        p += 1
+    if rest > 1:
+        primes.append(rest)
+    factors = [1] * d
+    for q in sorted(primes, reverse=True):
+        factors[factors.index(min(factors))] *= q
+    return tuple(sorted(factors, reverse=True))
+
+
+def suggest_modes(out_features: int, in_features: int, d: int) -> TTModes:
+    """Balanced mode factorisations of both sizes into ``d`` modes, e.g. 4096 -> (16, 16, 16) for d=3.
+
+    A feature count with a prime factor larger than its d-th root gets unbalanced modes (a prime
+    count becomes ``(n, 1, ..., 1)``); pad the layer if that matters.
+    """
+    _check_d(d)
+    for name, n in (("out_features", out_features), ("in_features", in_features)):
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"{name} must be a positive int, got {n!r}")
+    return TTModes(_balanced(in_features, d), _balanced(out_features, d))
+
+
+def _check_modes(in_modes: Sequence[int], out_modes: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    try:
+        ins, outs = tuple(in_modes), tuple(out_modes)
+    except TypeError:
+        raise ValueError(f"in_modes and out_modes must be sequences of ints, got {in_modes!r}, {out_modes!r}") from None
+    if len(ins) != len(outs):
+        raise ValueError(f"in_modes and out_modes need the same number of modes, got {ins} and {outs}")
+    _check_d(len(ins))
+    for m in ins + outs:
+        if not isinstance(m, int) or isinstance(m, bool) or m < 1:
+            raise ValueError(f"every mode must be a positive int, got in_modes={ins}, out_modes={outs}")
+    return ins, outs
+
+
+def _check_ranks(ranks, d: int) -> tuple[int, ...]:
+    """``ranks`` as ``(1, r_1, ..., r_{d-1}, 1)``; an int r means ``(1, r, ..., r, 1)``."""
+    if isinstance(ranks, int) and not isinstance(ranks, bool):
+        ranks = (1,) + (ranks,) * (d - 1) + (1,)
+    if isinstance(ranks, (str, bytes)) or not isinstance(ranks, Sequence):
+        raise ValueError(f"ranks must be an int or a sequence of d + 1 ints, got {ranks!r}")
+    ranks = tuple(ranks)
+    if len(ranks) != d + 1:
+        raise ValueError(f"ranks must have d + 1 = {d + 1} entries (1, r_1, ..., r_{{d-1}}, 1), got {ranks}")
+    if any(not isinstance(r, int) or isinstance(r, bool) or r < 1 for r in ranks):
+        raise ValueError(f"every rank must be an int >= 1, got {ranks}")
+    if ranks[0] != 1 or ranks[-1] != 1:
+        raise ValueError(f"the boundary ranks must be 1 (ranks = (1, r_1, ..., r_{{d-1}}, 1)), got {ranks}")
+    return ranks
+
+
+def check_structure(in_modes, out_modes, ranks) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """Validated ``(in_modes, out_modes, ranks)``; clear ValueErrors otherwise."""
+    ins, outs = _check_modes(in_modes, out_modes)
+    return ins, outs, _check_ranks(ranks, len(ins))
+
+
+def _check_product(modes: tuple[int, ...], features: int, name: str) -> None:
+    if math.prod(modes) != features:
+        raise ValueError(f"{name} modes {modes} multiply to {math.prod(modes)}, but the layer has {name}_features={features}")
+
+
+def init_scale(cores: list[torch.Tensor], in_features: int) -> float:
+    """Factor to multiply every core by so that mean(W^2) = 1 / (3 in_features), nn.Linear's default
+    weight variance; ||W||^2 comes from ``tt_norm_sq`` (W is not formed)."""
+    n = math.prod(c.shape[1] * c.shape[2] for c in cores)
+    mean_sq = ref.tt_norm_sq([c.detach().double() for c in cores]).item() / n
+    return (1.0 / (3 * in_features * max(mean_sq, 1e-300))) ** (1.0 / (2 * len(cores)))
+
+
+class TTLinear(CompressedLinear):
+    """``nn.Linear`` whose ``(prod out_modes, prod in_modes)`` weight is a tensor-train matrix.
+
+    ``cores[k]`` is ``(r_{k-1}, out_modes[k], in_modes[k], r_k)`` (tltorch ``BlockTT`` layout and
+    index order); ``ranks`` is ``(1, r_1, ..., r_{d-1}, 1)`` or one int for every inner rank; d = 2..6.
+    ``strategy`` chooses the Triton kernels: "contract" (sequential contraction), "rebuild" (W
+    tiles rebuilt on chip for ``tl.dot``) or "auto" (cost model, per call; see ``picked_strategy``).
+    """
+
+    def __init__(self, in_modes: Sequence[int], out_modes: Sequence[int], ranks, bias: bool = True,
+                 device=None, dtype=None, strategy: str = "auto") -> None:
+        ins, outs, rks = check_structure(in_modes, out_modes, ranks)
+        super().__init__(math.prod(ins), math.prod(outs), bias, device, dtype)
+        self.in_modes, self.out_modes, self.ranks = ins, outs, rks
+        self.strategy = strategy
+        self.cores = nn.ParameterList(
+            nn.Parameter(torch.empty(rks[k], outs[k], ins[k], rks[k + 1], device=device, dtype=dtype))
+            for k in range(len(ins))
+        )
+        self.reset_parameters()
+
+    @property
+    def strategy(self) -> str:
+        return self._strategy
+
+    @strategy.setter
+    def strategy(self, value: str) -> None:
+        self._strategy = cost.check_strategy(value, self.in_modes, self.out_modes)
+
+    def picked_strategy(self, m: int, dtype: torch.dtype | None = None, transposed: bool = False) -> str:
+        """The kernel strategy the Triton path runs for ``m`` rows ("contract" or "rebuild");
+        ``transposed`` for the dx product of the backward."""
+        elt = torch.finfo(dtype or self.cores[0].dtype).bits // 8
+        ins, outs = (self.out_modes, self.in_modes) if transposed else (self.in_modes, self.out_modes)
+        return cost.resolve(self.strategy, m, ins, outs, self.ranks, elt)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal cores rescaled so that mean(W^2) equals nn.Linear's default init."""
+        for c in self.cores:
+            c.normal_()
+        scale = init_scale(list(self.cores), self.in_features)
+        for c in self.cores:
+            c.mul_(scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self._prepare(x)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return ops.tt_linear(x.to(dtype), [c.to(dtype) for c in self.cores], bias, self.strategy)
+
+    def materialize(self) -> torch.Tensor:
+        return ref.tt_weight(list(self.cores)).to(self.cores[0].dtype)
+
+    def _structure(self) -> str:
+        return f"in_modes={self.in_modes}, out_modes={self.out_modes}, ranks={self.ranks}, strategy={self.strategy!r}"
+
+    # ---- conversions ----------------------------------------------------------------------------
+    @classmethod
+    def from_tltorch(cls, module: nn.Module, strategy: str = "auto") -> "TTLinear":
+        """Convert a ``tltorch.FactorizedLinear(..., factorization='blocktt')``: same cores, same
+        outputs; parameters are copied, so the two train independently afterwards."""
+        weight = getattr(module, "weight", None)
+        if type(weight).__name__ != "BlockTT" or getattr(module, "n_layers", 1) != 1:
+            raise TypeError(f"expected a single-layer tltorch FactorizedLinear with a BlockTT weight, got {type(module).__name__}")
+        out_modes, in_modes = weight.tensorized_shape
+        factors = [f.detach() for f in weight.factors]
+        ranks = (1,) + tuple(f.shape[-1] for f in factors)
+        bias = getattr(module, "bias", None)
+        new = cls(in_modes, out_modes, ranks, bias=bias is not None, device=factors[0].device,
+                  dtype=factors[0].dtype, strategy=strategy)
+        with torch.no_grad():
+            for core, f in zip(new.cores, factors):
+                core.copy_(f)
+            if bias is not None:
+                new.bias.copy_(bias)
+        return new
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, in_modes: Sequence[int], out_modes: Sequence[int],
+                    eps: float | None = None, max_rank: int | None = None, strategy: str = "auto") -> "TTLinear":
+        """TT-SVD of ``linear.weight`` (Oseledets 2011): ||W - W_hat||_F <= eps ||W||_F whenever
+        ``max_rank`` does not bind. Each unfolding keeps the fewest singular values whose discarded
+        tail has norm <= eps / sqrt(d - 1) * ||W||_F; ``max_rank`` caps every rank. ``eps=None``
+        keeps every nonzero singular value (exact up to rounding) unless capped. Attaches
+        ``fit_report`` (measured relative error, ranks in its details)."""
+        ins, outs = _check_modes(in_modes, out_modes)
+        _check_product(ins, linear.in_features, "in")
+        _check_product(outs, linear.out_features, "out")
+        if eps is not None and not eps >= 0:
+            raise ValueError(f"eps must be >= 0, got {eps!r}")
+        if max_rank is not None and (not isinstance(max_rank, int) or max_rank < 1):
+            raise ValueError(f"max_rank must be an int >= 1, got {max_rank!r}")
+        w = linear.weight.detach()
+        cores = tt_svd(w.double(), ins, outs, eps, max_rank)
+        ranks = (1,) + tuple(c.shape[-1] for c in cores)
+        new = cls(ins, outs, ranks, bias=linear.bias is not None, device=w.device, dtype=w.dtype, strategy=strategy)
+        with torch.no_grad():
+            for core, c in zip(new.cores, cores):
+                core.copy_(c)
+            if linear.bias is not None:
+                new.bias.copy_(linear.bias)
+        new.fit_report = fit_report("tt-svd", w, new, ranks=ranks, eps=eps, max_rank=max_rank)
+        return new
+
+
+def tt_svd(w: torch.Tensor, in_modes: tuple[int, ...], out_modes: tuple[int, ...],
+           eps: float | None, max_rank: int | None) -> list[torch.Tensor]:
+    """TT cores ``(r_{k-1}, O_k, I_k, r_k)`` of the ``(O, I)`` matrix ``w`` (computed in w's dtype).
+
+    W is reshaped to the order-d tensor with merged indices (o_k, i_k), then split left to right:
+    each unfolding ``(r_{k-1} O_k I_k, rest)`` is SVD-ed and truncated to the smallest rank whose
+    discarded singular values have norm <= delta = eps ||W||_F / sqrt(d - 1), capped at max_rank.
+    """
+    d = len(in_modes)
+    t = w.reshape(*out_modes, *in_modes)
+    t = t.permute(*[p for k in range(d) for p in (k, d + k)])  # (o_1, i_1, o_2, i_2, ...)
+    delta = 0.0 if eps is None else eps * w.norm().item() / math.sqrt(d - 1)
+    cores, r = [], 1
+    rest = t.reshape(1, -1)
+    for k in range(d - 1):
+        n = out_modes[k] * in_modes[k]
+        u, s, vh = torch.linalg.svd(rest.reshape(r * n, -1), full_matrices=False)
+        # tail[j] = norm of s[j:]; keep the smallest rank whose tail is within delta
+        tail = torch.cat([s.flip(0).square().cumsum(0).flip(0).sqrt(), s.new_zeros(1)])
+        keep = int((tail > delta).sum().clamp(min=1))
+        if eps is None:
+            keep = max(int((s > 0).sum()), 1)
+        if max_rank is not None:
+            keep = min(keep, max_rank)
+        cores.append(u[:, :keep].reshape(r, out_modes[k], in_modes[k], keep))
+        rest = s[:keep, None] * vh[:keep]
+        r = keep
+    cores.append(rest.reshape(r, out_modes[-1], in_modes[-1], 1))
+    return cores
