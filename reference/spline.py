@@ -12,7 +12,8 @@ Separable bases (W = Bo @ C @ Bi.T, ``C`` shaped ``(G_out, G_in)``):
 Field bases (not separable): W = sum_k c_k phi_k / (sum_k phi_k + eps) over lattice points L_k,
 d_k = |(x_i, y_o) - L_k|:
   * ``IDW`` (tensor-spline "eisenstein"): phi = 1 / (d^2 + 1e-6), eps = 0.
-  * ``GAUSSIAN``: phi = exp(-d^2 / (2 sigma^2)), eps = 1e-8.
+  * ``GAUSSIAN``: phi = exp(max(-d^2 / (2 sigma^2), -60)), eps = 1e-8 (the floor moves W by at most n e^-60 / 1e-8
+    relative and keeps CPU arithmetic out of denormals, which made small bandwidths 3x slower).
   * local support (``rho > 0``): phi is multiplied by the taper (1 - d^2 / rho^2)^2 for d < rho
     and is 0 beyond, so only lattice points within ``rho`` of a weight contribute.
 """
@@ -29,6 +30,7 @@ from .common import compute_dtype
 BSPLINE, BICUBIC = 0, 1
 IDW, GAUSSIAN = 0, 1
 IDW_EPS, GAUSSIAN_EPS = 1e-6, 1e-8
+EXP_FLOOR = -60.0  # exp(-60) ~ 1e-26: negligible next to GAUSSIAN_EPS, and keeps CPU math out of denormals
 KEYS_A = -0.75
 
 __all__ = [
@@ -179,7 +181,7 @@ def _field_chunks(lattice, sigma, n_out, n_in, basis, rho, cd, device, budget=1 
     rows = max(1, budget // max(n_in * lat.shape[0], 1))
     for r0 in range(0, n_out, rows):
         d2 = dy2[r0:r0 + rows, None, :] + dx2[None, :, :]
-        phi = (d2 + IDW_EPS).reciprocal_() if basis == IDW else (d2 * neg_inv).exp_()
+        phi = (d2 + IDW_EPS).reciprocal_() if basis == IDW else (d2 * neg_inv).clamp_(min=EXP_FLOOR).exp_()
         if rho > 0:
             phi.mul_((1 - d2 / (rho * rho)).clamp_(min=0).square_())
         yield slice(r0, r0 + rows), phi, d2

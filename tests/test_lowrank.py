@@ -11,7 +11,7 @@ from torch import nn
 from tspline_kernels import backend
 from tspline_kernels.lowrank import LowRankLinear, ops
 from tspline_kernels.reference import lowrank as ref
-from tspline_kernels.testing import assert_close
+from tspline_kernels.testing import assert_close, assert_compiles_like_eager, assert_learns
 
 
 def _dense_outputs_and_grads(layer, x, g):
@@ -292,17 +292,7 @@ def test_trains_to_a_low_rank_target():
     torch.manual_seed(0)
     target = LowRankLinear(20, 10, 3)
     model = LowRankLinear(20, 10, 3)
-    opt = torch.optim.Adam(model.parameters(), lr=0.03)
-    x = torch.randn(256, 20)
-    y = target(x).detach()
-    first = None
-    for _ in range(300):
-        loss = (model(x) - y).pow(2).mean()
-        first = first if first is not None else loss.item()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert loss.item() < 1e-3 * first
+    assert_learns(model, target, torch.randn(256, 20), steps=300, lr=0.03)
 
 
 @pytest.mark.compile
@@ -310,15 +300,4 @@ def test_torch_compile_fullgraph():
     """fullgraph tracing through both custom ops and their autograd formulas; the compiled graph
     then runs the Triton kernels too (the backend is chosen inside the op at run time)."""
     model = nn.Sequential(LowRankLinear(24, 16, 5), nn.GELU(), nn.Linear(16, 3))
-    compiled = torch.compile(model, fullgraph=True)
-    x = torch.randn(5, 24, requires_grad=True)
-    params = [x, *model.parameters()]
-    y_eager = model(x)
-    g_eager = torch.autograd.grad(y_eager.sum(), params)
-    for which in ("reference", "triton"):
-        with backend(which):
-            y_comp = compiled(x)
-            g_comp = torch.autograd.grad(y_comp.sum(), params)
-        assert_close(y_comp, y_eager, torch.float32, name=f"{which} y")
-        for name, a, b in zip(["x", "bias", "U", "V"], g_comp, g_eager):
-            assert_close(a, b, torch.float32, name=f"{which} d{name}")
+    assert_compiles_like_eager(model, torch.randn(5, 24, requires_grad=True))

@@ -48,12 +48,23 @@ def test_from_tensor_spline_same_outputs_and_gradients(basis, n):
     """Outputs and every gradient within 1e-5 (relative to the tensor's scale when that exceeds 1)
     of tensor-spline's maths evaluated in fp64; its own fp32 autograd loses ~1e-5 to cancellation in
     d/d log_bandwidth, ours does not."""
+    _check_against_tensor_spline(basis, n, log_bandwidth=-0.4)
+
+
+@pytest.mark.parametrize("n", [1, 16])
+def test_narrow_gaussian_matches_tensor_spline(n):
+    """sigma = e^-3.5 puts most exp arguments below the reference's floor of -60 (kept out of
+    denormals); the result still matches the unfloored maths."""
+    _check_against_tensor_spline("gaussian", n, log_bandwidth=-3.5)
+
+
+def _check_against_tensor_spline(basis: str, n: int, log_bandwidth: float) -> None:
     theirs = tensor_spline.SplineLinear(23, 17, n_control_points=n, basis=basis)
     with torch.no_grad():
         theirs.control_values.normal_()
         theirs.bias.normal_()
         if basis == "gaussian":
-            theirs.log_bandwidth.fill_(-0.4)
+            theirs.log_bandwidth.fill_(log_bandwidth)
     ours = tk.SplineLinear.from_tensor_spline(theirs)
     assert ours.basis == {"bspline": "bicubic"}.get(basis, basis)
     x, g = torch.randn(2, 5, 23), torch.randn(2, 5, 17)

@@ -8,7 +8,7 @@ from torch import nn
 
 from tspline_kernels import backend
 from tspline_kernels.reference import tt as ref
-from tspline_kernels.testing import assert_close
+from tspline_kernels.testing import assert_close, assert_compiles_like_eager, assert_learns
 from tspline_kernels.tt import TTLinear, pick_strategy, suggest_modes, tt_svd
 
 
@@ -195,31 +195,13 @@ def test_trains_like_a_linear_layer():
     torch.manual_seed(0)
     target = TTLinear((4, 5), (2, 5), 3)
     model = TTLinear((4, 5), (2, 5), 3)
-    opt = torch.optim.Adam(model.parameters(), lr=0.05)
-    x = torch.randn(256, 20)
-    y = target(x).detach()
-    first = None
-    for _ in range(300):
-        loss = (model(x) - y).pow(2).mean()
-        first = first if first is not None else loss.item()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert loss.item() < 1e-3 * first
+    assert_learns(model, target, torch.randn(256, 20), steps=300, lr=0.05)
 
 
 @pytest.mark.compile
 def test_torch_compile_fullgraph():
     model = nn.Sequential(TTLinear((4, 6), (4, 4), 3), nn.GELU(), TTLinear((4, 4), (3, 2), 2))
-    compiled = torch.compile(model, fullgraph=True)
-    x = torch.randn(5, 24, requires_grad=True)
-    y_eager = model(x)
-    y_comp = compiled(x)
-    assert_close(y_comp, y_eager, torch.float32)
-    g_eager = torch.autograd.grad(y_eager.sum(), [x, *model.parameters()])
-    g_comp = torch.autograd.grad(y_comp.sum(), [x, *model.parameters()])
-    for a, b in zip(g_comp, g_eager):
-        assert_close(a, b, torch.float32)
+    assert_compiles_like_eager(model, torch.randn(5, 24, requires_grad=True))
 
 
 def test_fake_tensor_shapes():

@@ -44,3 +44,38 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
             f"got {a[idx].item():.6g}, expected {e[idx].item():.6g} "
             f"(|diff| {diff[idx].item():.3e}, allowed {bound[idx].item():.3e})"
         )
+
+
+def assert_compiles_like_eager(model: torch.nn.Module, x: torch.Tensor, backends=("reference", "triton")) -> None:
+    """``torch.compile(model, fullgraph=True)`` matches eager in output and in the gradients of ``x``
+    and every parameter, with each backend forced (the op picks its backend at run time, inside the
+    compiled graph)."""
+    from ._backend import backend
+
+    compiled = torch.compile(model, fullgraph=True)
+    params = [x, *model.parameters()]
+    y_eager = model(x)
+    g_eager = torch.autograd.grad(y_eager.sum(), params)
+    names = ["dx"] + [f"d{n}" for n, _ in model.named_parameters()]
+    for which in backends:
+        with backend(which):
+            y_comp = compiled(x)
+            g_comp = torch.autograd.grad(y_comp.sum(), params)
+        assert_close(y_comp, y_eager, torch.float32, name=f"{which} y")
+        for name, a, b in zip(names, g_comp, g_eager):
+            assert_close(a, b, torch.float32, name=f"{which} {name}")
+
+
+def assert_learns(model: torch.nn.Module, target: torch.nn.Module, x: torch.Tensor, steps: int = 300,
+                  lr: float = 0.03, factor: float = 1e-3) -> None:
+    """Adam on the MSE to ``target(x)`` cuts ``model``'s loss below ``factor`` times its start."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    y = target(x).detach()
+    first = loss = None
+    for _ in range(steps):
+        loss = (model(x) - y).pow(2).mean()
+        first = loss.item() if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < factor * first, f"loss {loss.item():.3e} did not fall below {factor} x {first:.3e}"

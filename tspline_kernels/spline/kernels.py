@@ -13,12 +13,13 @@ import math
 import torch
 
 from .._triton import check_inputs, configs, dot_precision, flatten, m_bucket, tl, triton
-from ..reference.spline import BICUBIC, BSPLINE, GAUSSIAN, GAUSSIAN_EPS, IDW_EPS, KEYS_A
+from ..reference.spline import BSPLINE, EXP_FLOOR, GAUSSIAN_EPS, IDW_EPS, KEYS_A
 
 
 _KEYS_A = tl.constexpr(KEYS_A)
 _IDW_EPS = tl.constexpr(IDW_EPS)
 _GAUSSIAN_EPS = tl.constexpr(GAUSSIAN_EPS)
+_EXP_FLOOR = tl.constexpr(EXP_FLOOR)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,7 +282,7 @@ def separable_grad_control(u: torch.Tensor, v: torch.Tensor, g_out: int, g_in: i
         u2.stride(0), u2.stride(1), v2.stride(0), v2.stride(1),
         KIND=kind, GOP=gop, GIP=gip, PRECISION=dot_precision(u.dtype),
     )
-    return part.sum(0)[:g_out, :g_in]
+    return part[:, :g_out, :g_in].sum(0)  # contiguous, as the fake implementation promises
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,7 +293,7 @@ def _phi(d2, inv_two_s2, rho2, BASIS: tl.constexpr, LOCAL: tl.constexpr):
     if BASIS == 0:
         phi = 1.0 / (d2 + _IDW_EPS)
     else:
-        phi = tl.exp(-d2 * inv_two_s2)
+        phi = tl.exp(tl.maximum(-d2 * inv_two_s2, _EXP_FLOOR))
     if LOCAL:
         taper = tl.maximum(1.0 - d2 / rho2, 0.0)
         phi = phi * taper * taper
