@@ -108,6 +108,18 @@ def forward_backward(layer: torch.nn.Module, x: torch.Tensor) -> Callable[[], ob
     return step
 
 
+def module_call(module: torch.nn.Module, x: torch.Tensor, mode: str) -> Callable[[], object]:
+    """A closure running ``module(x)``: without autograd for "fwd", else forward and backward
+    (x must then require grad)."""
+    if mode != "fwd":
+        return forward_backward(module, x)
+
+    def run():
+        with torch.no_grad():
+            return module(x)
+    return run
+
+
 def dense_call(x: torch.Tensor, n_out: int, mode: str) -> Callable[[], object]:
     """The baseline: F.linear with a dense (n_out, n_in) weight in x's dtype (cuBLAS on CUDA)."""
     w = torch.randn(n_out, x.shape[-1], device=x.device, dtype=x.dtype, requires_grad=mode != "fwd")
@@ -126,13 +138,8 @@ def layer_case(kernel: str, layer: torch.nn.Module, m: int, dtype: torch.dtype, 
     """A case timing ``layer`` on a random (m, in_features) input against dense F.linear."""
     layer = layer.to(device=device, dtype=dtype)
     x = torch.randn(m, layer.in_features, device=device, dtype=dtype, requires_grad=mode != "fwd")
-    if mode == "fwd":
-        def run():
-            with torch.no_grad():
-                return layer(x)
-    else:
-        run = forward_backward(layer, x)
-    return Case(kernel, mode, shape, dtype, run, dense_call(x, layer.out_features, mode), flops, bytes_, others or {})
+    return Case(kernel, mode, shape, dtype, module_call(layer, x, mode), dense_call(x, layer.out_features, mode),
+                flops, bytes_, others or {})
 
 
 def _git_commit() -> str:

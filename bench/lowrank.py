@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from tspline_kernels.lowrank import LowRankLinear
 from tspline_kernels.lowrank.kernels import pad_rank
 
-from .harness import Case, find, forward_backward, layer_case, target
+from .harness import Case, find, layer_case, module_call, target
 
 RANK = 16
 KERNEL = "lowrank"
@@ -60,12 +60,7 @@ def _tensor_spline_call(n: int, m: int, mode: str, device: str):
 
     theirs = tensor_spline.LowRankLinear(n, n, rank=RANK).to(device)
     x = torch.randn(m, n, device=device, requires_grad=mode != "fwd")
-    if mode == "fwd":
-        def run():
-            with torch.no_grad():
-                return theirs(x)
-        return run
-    return forward_backward(theirs, x)
+    return module_call(theirs, x, mode)
 
 
 def cases(device: str, quick: bool):

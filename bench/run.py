@@ -10,7 +10,7 @@ import torch
 
 from .harness import device_name, measure, write_json
 
-FAMILIES = ["spline", "lowrank", "tt"]
+FAMILIES = ["spline", "lowrank", "tt", "kronecker"]
 
 
 def default_out(device: str) -> Path:

@@ -12,7 +12,7 @@ import torch
 from tspline_kernels import HierarchicalSplineLinear, SplineLinear, backend
 from tspline_kernels.reference import spline as ref
 
-from .harness import Case, cpu_peak_mb, find, forward_backward, layer_case, target
+from .harness import Case, cpu_peak_mb, find, forward_backward, layer_case, module_call, target
 
 GRID = 64  # B-spline grid per axis
 N_FIELD = 16  # control points of the global field bases (tensor-spline's default)
@@ -57,9 +57,7 @@ def _tensor_spline_call(basis: str, n: int, m: int, mode: str, device: str):
 
     theirs = tensor_spline.SplineLinear(n, n, N_FIELD, {"bicubic": "bspline"}.get(basis, basis)).to(device)
     x = torch.randn(m, n, device=device, requires_grad=mode != "fwd")
-    if mode == "fwd":
-        return lambda: theirs(x)
-    return forward_backward(theirs, x)
+    return module_call(theirs, x, mode)
 
 
 def _materialize_then_dense(layer, m: int, dtype: torch.dtype, device: str):

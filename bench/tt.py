@@ -16,7 +16,7 @@ from tspline_kernels.spline_tt import SplineTTLinear
 from tspline_kernels.tt import TTLinear
 from tspline_kernels.tt import cost
 
-from .harness import Case, find, forward_backward, layer_case, target
+from .harness import Case, find, layer_case, module_call, target
 
 N = 4096
 CONFIGS = {  # name -> (modes of both sides, rank, spline grid per core)
@@ -56,12 +56,7 @@ def _tltorch_call(config: str, m: int, dtype: torch.dtype, device: str, mode: st
             f.normal_(0, 0.3)
     theirs = theirs.to(device=device, dtype=dtype)
     x = torch.randn(m, N, device=device, dtype=dtype, requires_grad=mode != "fwd")
-    if mode == "fwd":
-        def run():
-            with torch.no_grad():
-                return theirs(x)
-        return run
-    return forward_backward(theirs, x)
+    return module_call(theirs, x, mode)
 
 
 def cases(device: str, quick: bool):

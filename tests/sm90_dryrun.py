@@ -91,6 +91,10 @@ def layers(dtypes):
         for s in ("contract", "rebuild"):
             cases.append((f"TTLinear[{s}]", tk.TTLinear((3, 2, 5), (2, 3, 4), (1, 2, 3, 1), strategy=s), dtype))
             cases.append((f"SplineTTLinear[{s}]", tk.SplineTTLinear((5, 4, 7), (6, 5, 4), 2, (4, 4), strategy=s), dtype))
+        cases.append(("KroneckerLinear(3,5)->(4,7)", tk.KroneckerLinear((3, 5), (4, 7)), dtype))
+        cases.append(("KroneckerLinear(64,64)", tk.KroneckerLinear((64, 64), (64, 64)), dtype))
+        cases.append(("KroneckerLinear(128,96)->(100,128)", tk.KroneckerLinear((128, 96), (100, 128)), dtype))
+        cases.append(("KroneckerLinear gated 3 modes", tk.KroneckerLinear((3, 5, 2), (4, 3, 3), gated=True), dtype))
     return cases
 
 

@@ -4,6 +4,7 @@ tensor-spline), the nn.Linear contract, input validation and torch.compile."""
 import copy
 
 import pytest
+import tensor_spline
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -179,7 +180,6 @@ def test_from_linear_rejects_bad_arguments():
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("rank", [1, 4, 9])
 def test_from_tensor_spline_same_outputs_and_gradients(rank, bias):
-    tensor_spline = pytest.importorskip("tensor_spline")
     theirs = tensor_spline.LowRankLinear(17, 9, rank=rank, bias=bias, init_scale=0.3)
     if bias:
         with torch.no_grad():
@@ -201,7 +201,6 @@ def test_from_tensor_spline_same_outputs_and_gradients(rank, bias):
 
 
 def test_from_tensor_spline_rejects_other_modules_and_excess_rank():
-    tensor_spline = pytest.importorskip("tensor_spline")
     with pytest.raises(TypeError, match="tensor_spline.LowRankLinear"):
         LowRankLinear.from_tensor_spline(nn.Linear(3, 3))
     with pytest.raises(ValueError, match=r"rank=16 exceeds min\(in_features, out_features\)=8"):

@@ -18,6 +18,7 @@ LAYERS = {
     "lowrank": lambda: tk.LowRankLinear(19, 13, 3),
     "tt": lambda: tk.TTLinear((3, 2, 2), (2, 3, 2), 2),
     "spline_tt": lambda: tk.SplineTTLinear((4, 5), (5, 4), 2, (4, 4)),
+    "kronecker": lambda: tk.KroneckerLinear((3, 5, 2), (4, 3, 2)),
 }
 
 

@@ -3,6 +3,7 @@
 import copy
 import numpy as np
 import pytest
+import tensor_spline
 import torch
 from scipy.interpolate import BSpline
 
@@ -11,8 +12,6 @@ from tspline_kernels import backend
 from tspline_kernels.reference import spline as ref
 from tspline_kernels.spline import ops
 from tspline_kernels.testing import assert_close
-
-tensor_spline = pytest.importorskip("tensor_spline")
 
 
 @pytest.mark.parametrize("n, g", [(1, 4), (2, 4), (37, 4), (64, 7), (100, 33), (5, 12)])

@@ -4,6 +4,7 @@ autograd (gradcheck / gradgradcheck in float64 through the custom ops on the ref
 import math
 
 import pytest
+import tltorch
 import torch
 
 from tspline_kernels import backend
@@ -14,8 +15,6 @@ from tspline_kernels.spline_tt import ops as sops
 from tspline_kernels.testing import assert_close
 from tspline_kernels.tt import TTLinear
 from tspline_kernels.tt import ops
-
-tltorch = pytest.importorskip("tltorch")
 
 # (in_modes, out_modes, rank): tltorch accepts one int rank or the full (1, r_1, ..., 1) list
 STRUCTURES = {

@@ -10,6 +10,7 @@ if _torch.version.cuda is None and _torch.version.hip is None:
     _os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from ._backend import backend, get_backend
+from .kronecker import KroneckerLinear
 from .lowrank import LowRankLinear
 from .spline import HierarchicalSplineLinear, SplineLinear
 from .spline_tt import SplineTTLinear
@@ -23,6 +24,7 @@ __all__ = [
     "HierarchicalSplineLinear",
     "LowRankLinear",
     "TTLinear",
+    "KroneckerLinear",
     "SplineTTLinear",
     "suggest_modes",
     "replace_linear",

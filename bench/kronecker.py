@@ -1,0 +1,90 @@
+"""KroneckerLinear benchmarks: the fused kernels, fwd and fwd+bwd, against dense F.linear and the
+peer, ``ndlinear.NdLinear`` (per-mode transposes, copies and GEMMs), on the same shapes in one run.
+
+FLOP and byte counts follow the kernel docstrings in ``tspline_kernels/kronecker/kernels.py``.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from tspline_kernels.kronecker import KroneckerLinear
+from tspline_kernels.kronecker.kernels import pad
+
+from .harness import Case, find, layer_case, module_call, target
+
+KERNEL = "kronecker"
+PEER = "NdLinear"
+
+
+def costs(layer: KroneckerLinear, m: int, elt: int, mode: str) -> tuple[float, float]:
+    """(FLOPs, bytes) of one call on a two-mode layer with the best configs (one row block per
+    program, every factor read once per program is left out: it stays in L2).
+
+    fwd: 2*m*(M1P*N1P*N2P + M1P*N2P*M2P) FLOPs, x read and y written once. fwd+bwd adds the dx
+    kernel (the same products with the factors transposed, dy read and dx written once) and the
+    factor-gradient kernel (4*m*(M1P*N1P*N2P + M1P*M2P*N2P) FLOPs, x and dy read once).
+    """
+    (n1, n2), (m1, m2) = (tuple(map(pad, layer.in_dims)), tuple(map(pad, layer.out_dims)))
+    fwd = 2.0 * m * (m1 * n1 * n2 + m1 * n2 * m2)
+    one_pass = elt * m * (layer.in_features + layer.out_features)
+    params = elt * sum(f.numel() for f in layer.parameters())
+    if mode == "fwd":
+        return fwd, one_pass + params
+    dx = 2.0 * m * (n1 * m1 * m2 + n1 * m2 * n2)
+    grads = 4.0 * m * (m1 * n1 * n2 + m1 * m2 * n2)
+    return fwd + dx + grads, 3 * one_pass + params + 4 * sum(f.numel() for f in layer.parameters())
+
+
+def _peer_call(dims: tuple[int, int], m: int, dtype: torch.dtype, device: str, mode: str):
+    """NdLinear on the same data as ``(m, *dims)``."""
+    import ndlinear
+
+    theirs = ndlinear.NdLinear(dims, dims).to(device=device, dtype=dtype)
+    x = torch.randn(m, *dims, device=device, dtype=dtype, requires_grad=mode != "fwd")
+    return module_call(theirs, x, mode)
+
+
+def cases(device: str, quick: bool):
+    """CUDA: in = out in {1024 = 32 x 32, 4096 = 64 x 64, 16384 = 128 x 128}, M in {16, 256, 8192},
+    fp32/fp16/bf16 (quick: 4096, M in {16, 8192}, bf16). CPU (the reference fallback): 1024 (and
+    4096), M in {16, 256}, fp32. NdLinear in the same run everywhere. fp32 128 x 128 modes exceed the
+    fused kernels' on-chip limit (``max_tile``): those rows time the unfused fallback."""
+    if device == "cuda":
+        dims, ms, dtypes = (((64,), (16, 8192), (torch.bfloat16,)) if quick
+                            else ((32, 64, 128), (16, 256, 8192), (torch.float32, torch.float16, torch.bfloat16)))
+    else:
+        dims, ms, dtypes = ((32,) if quick else (32, 64)), (16, 256), (torch.float32,)
+    for d, dtype, mode, m in itertools.product(dims, dtypes, ("fwd", "fwd+bwd"), ms):
+        yield _case((d, d), m, dtype, device, mode)
+
+
+def _case(dims: tuple[int, int], m: int, dtype: torch.dtype, device: str, mode: str) -> Case:
+    layer = KroneckerLinear(dims, dims).to(device=device, dtype=dtype)
+    flops, nbytes = costs(layer, m, torch.finfo(dtype).bits // 8, mode)
+    others = {PEER: _peer_call(dims, m, dtype, device, mode)}
+    shape = {"M": m, "in": layer.in_features, "out": layer.out_features, "dims": list(dims)}
+    return layer_case(KERNEL, layer, m, dtype, device, mode, flops, nbytes, shape, others)
+
+
+def targets(rows: list[dict], device: str, quick: bool) -> list[dict]:
+    """The stated targets (H100, bf16, 4096^2 as 64 x 64 modes, M = 8192), evaluated on this run's
+    rows; None where not measured here (on CPU, or when the shape was not run). Thresholds are
+    estimates: the kernel moves the same bytes as dense F.linear's activations with ~32x fewer
+    FLOPs, and NdLinear makes two extra copies of the activations per mode."""
+    def ratio(mode, other=None, **shape):
+        r = find(rows, KERNEL, mode, "bfloat16", **shape) if device == "cuda" else None
+        if r is None:
+            return None
+        base = r["others_ms"].get(other) if other else r["baseline_ms"]
+        return None if base is None else base / r["ms"]
+
+    at = {"M": 8192, "in": 4096}
+    return [
+        target("H100 bf16 Kronecker fwd vs cuBLAS, 4096^2 as 64x64, M=8192 (x faster)", ratio("fwd", **at), 3),
+        target("H100 bf16 Kronecker fwd vs NdLinear, 4096^2 as 64x64, M=8192 (x faster)", ratio("fwd", PEER, **at), 2),
+        target("H100 bf16 Kronecker fwd+bwd vs NdLinear, 4096^2 as 64x64, M=8192 (x faster)",
+               ratio("fwd+bwd", PEER, **at), 1.5),
+    ]

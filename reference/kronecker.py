@@ -1,0 +1,189 @@
+"""Pure-PyTorch reference for the Kronecker (NdLinear-style) layer: the maths every kernel must match.
+
+Layout. KroneckerLinear is an ``nn.Linear`` drop-in: x ``(*, n)`` with n = prod(in_dims), the
+feature index the row-major flattening of the mode indices, f = ((i_1 * n_2 + i_2) * n_3 + ...).
+NdLinear takes the same data as ``(batch, *in_dims)``: ``x.reshape(-1, *in_dims)``.
+
+NdLinear (``ndlinear.NdLinear``, v1.0.0). Mode k has an ``nn.Linear(in_k, out_k)``: weight A_k
+``(out_k, in_k)``, bias b_k ``(out_k,)``. The modes are applied one after the other, in the order
+1, ..., N (``transform_outer=True``) or N, ..., 1 (``transform_outer=False``); applying mode k
+moves axis k last, runs the linear layer on every fibre, and moves it back:
+    X <- A_k x_k X + b_k (b_k broadcast along every axis but k),
+with x_k the mode-k product. The maps act on different axes, so they commute and the whole layer
+is affine: y = (A_1 (x) ... (x) A_N) x + b_eff, W = A_1 (x) ... (x) A_N of shape
+``(prod out_dims, prod in_dims)``. Only the biases feel the order: b_k is later multiplied by
+the row sums A_j 1 of the modes j applied after it and is constant along the modes applied
+before it, b_eff = sum_k (x)_{j before k} 1_{out_j} (x) b_k (x)_{j after k} A_j 1_{in_j}
+(modes in axis order). ``kronecker_bias`` computes it by running the layer on x = 0.
+
+Gated layer (NdLinearGated, from the NdLinear repository; not in the ``ndlinear`` 1.0.0 wheel).
+Each gated mode k has a gate network Linear(in_k, h) -> ReLU -> Linear(h, 1) -> Sigmoid applied to
+the mean of all mode-k fibres of the current tensor over the whole batch (one scalar g_k per
+call, shared by every sample), and an identity path P_k: the identity when in_k = out_k, else a
+second Linear(in_k, out_k) (weight P_k, bias p_k). Soft gating mixes the two paths:
+    X <- g_k (A_k x_k X + b_k) + (1 - g_k) (P_k x_k X + p_k),
+i.e. mode k with factor g_k A_k + (1 - g_k) P_k and bias g_k b_k + (1 - g_k) p_k; hard gating
+takes the transform path when g_k > 0.5, else the identity path. Averages commute with the
+affine maps, so the fibre mean seen by mode k is the mean over the other axes of the layers
+before k applied to the batch mean of x: ``gated_modes`` finds every gate from that one
+"sample", and the layer is then the plain Kronecker layer with the mixed factors and biases.
+
+Fused op. For two modes, y[b] = A X[b] B.T + bias with X[b] = x[b].reshape(n_1, n_2):
+``kronecker_linear(x, a, b, bias)``; its input gradient is the same op with (A.T, B.T). More modes
+are grouped into two (``kron_factors`` of each group). Every reference computes in fp32 (fp64
+for fp64 inputs) and never forms the dense weight, except ``kronecker_weight`` (its definition).
+
+Nearest Kronecker product (Van Loan & Pitsianis): with R(W)[(o_1, i_1), (o_2, i_2)] =
+W[(o_1, o_2), (i_1, i_2)], ||W - A (x) B||_F = ||R(W) - vec(A) vec(B).T||_F, so the rank-1 SVD of
+R(W) gives the optimum and the residual sqrt(sum_{i >= 2} s_i^2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .common import compute_dtype
+
+__all__ = [
+    "gated_modes",
+    "kron_factors",
+    "kronecker_bias",
+    "kronecker_grad_factors",
+    "kronecker_linear",
+    "kronecker_weight",
+    "mode_product",
+    "ndlinear_forward",
+    "nearest_kronecker",
+    "rearrange",
+]
+
+# Gate network of one mode: (w1 (h, in_k), b1 (h,), w2 (1, h), b2 (1,)).
+Gate = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+# Identity path of one mode: None (in_k == out_k) or the projection (weight (out_k, in_k), bias (out_k,)).
+Projection = tuple[torch.Tensor, torch.Tensor] | None
+
+
+def mode_product(t: torch.Tensor, a: torch.Tensor, axis: int) -> torch.Tensor:
+    """t with ``a`` ``(out, in)`` applied along ``axis`` (of size in): the mode product a x_axis t."""
+    return torch.movedim(torch.movedim(t, axis, -1) @ a.mT, -1, axis)
+
+
+def _order(n_modes: int, transform_outer: bool) -> range:
+    return range(n_modes) if transform_outer else range(n_modes - 1, -1, -1)
+
+
+def _add_along(t: torch.Tensor, v: torch.Tensor, axis: int) -> torch.Tensor:
+    """t + v broadcast along every axis but ``axis`` (counted from the end)."""
+    return t + v.reshape(v.shape[0], *([1] * (-axis - 1)))
+
+
+def ndlinear_forward(x: torch.Tensor, factors: Sequence[torch.Tensor], biases: Sequence[torch.Tensor] | None,
+                     transform_outer: bool = True) -> torch.Tensor:
+    """NdLinear's definition, mode by mode: x ``(batch, *in_dims)`` -> ``(batch, *out_dims)`` in x's dtype."""
+    cd = compute_dtype(x)
+    n = len(factors)
+    t = x.to(cd)
+    for k in _order(n, transform_outer):
+        t = mode_product(t, factors[k].to(cd), k - n)
+        if biases is not None:
+            t = _add_along(t, biases[k].to(cd), k - n)
+    return t.to(x.dtype)
+
+
+def kron_factors(factors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """A_1 (x) ... (x) A_N ``(prod out_k, prod in_k)`` for a non-empty list, row-major mode indices."""
+    out = factors[0]
+    for f in factors[1:]:
+        out = torch.kron(out, f)
+    return out
+
+
+def kronecker_weight(factors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The dense weight ``(prod out_dims, prod in_dims)`` in the compute dtype (the definition)."""
+    cd = compute_dtype(factors[0])
+    return kron_factors([f.to(cd) for f in factors])
+
+
+def kronecker_bias(factors: Sequence[torch.Tensor], biases: Sequence[torch.Tensor],
+                   transform_outer: bool = True) -> torch.Tensor:
+    """b_eff ``(prod out_dims,)``: the layer's output at x = 0, in the compute dtype."""
+    cd = compute_dtype(factors[0])
+    zero = factors[0].new_zeros(1, *(f.shape[1] for f in factors), dtype=cd)
+    return ndlinear_forward(zero, factors, biases, transform_outer).reshape(-1)
+
+
+def gated_modes(
+    x_mean: torch.Tensor, factors: Sequence[torch.Tensor], biases: Sequence[torch.Tensor],
+    gates: Sequence[Gate | None], projections: Sequence[Projection], hard: bool, transform_outer: bool = True,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The mixed factors and biases of the gated layer for one batch, in the compute dtype.
+
+    x_mean ``in_dims``: the batch mean of the input; ``gates[k]`` None leaves mode k ungated.
+    Returns (factors, biases) such that the plain Kronecker layer built from them equals the
+    gated layer on that batch (see the module docstring).
+    """
+    cd = compute_dtype(x_mean)
+    n = len(factors)
+    t = x_mean.to(cd)
+    mixed_f = [f.to(cd) for f in factors]
+    mixed_b = [b.to(cd) for b in biases]
+    for k in _order(n, transform_outer):
+        axis = k - n
+        if gates[k] is not None:
+            w1, b1, w2, b2 = (p.to(cd) for p in gates[k])
+            fibre_mean = torch.movedim(t, axis, -1).reshape(-1, t.shape[axis]).mean(0)
+            g = torch.sigmoid(w2 @ torch.relu(w1 @ fibre_mean + b1) + b2).reshape(())
+            if hard:
+                g = (g > 0.5).to(cd)
+            if projections[k] is None:
+                p_w, p_b = torch.eye(factors[k].shape[0], dtype=cd, device=t.device), None
+            else:
+                p_w, p_b = (p.to(cd) for p in projections[k])
+            mixed_f[k] = g * mixed_f[k] + (1 - g) * p_w
+            mixed_b[k] = g * mixed_b[k] + (0 if p_b is None else (1 - g) * p_b)
+        t = _add_along(mode_product(t, mixed_f[k], axis), mixed_b[k], axis)
+    return mixed_f, mixed_b
+
+
+def kronecker_linear(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y[r] = A X[r] B.T + bias, X[r] = x[r].reshape(n_1, n_2): x ``(*, n_1 n_2)``, a ``(m_1, n_1)``,
+    b ``(m_2, n_2)``, bias ``(m_1 m_2,)`` -> y ``(*, m_1 m_2)`` in x's dtype."""
+    cd = compute_dtype(x)
+    (m1, n1), (m2, n2) = a.shape, b.shape
+    xs = x.to(cd).reshape(*x.shape[:-1], n1, n2)
+    y = (a.to(cd) @ xs @ b.to(cd).mT).reshape(*x.shape[:-1], m1 * m2)
+    if bias is not None:
+        y = y + bias.to(cd)
+    return y.to(x.dtype)
+
+
+def kronecker_grad_factors(
+    x: torch.Tensor, dy: torch.Tensor, a: torch.Tensor, b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sum_r dY[r] B X[r].T ``(m_1, n_1)``, sum_r dY[r].T A X[r] ``(m_2, n_2)``, dy summed over rows
+    ``(m_1 m_2,)``) in the compute dtype: dL/da, dL/db and dL/dbias of ``kronecker_linear``."""
+    cd = compute_dtype(x)
+    (m1, n1), (m2, n2) = a.shape, b.shape
+    xs = x.to(cd).reshape(-1, n1, n2)
+    gs = dy.to(cd).reshape(-1, m1, m2)
+    da = torch.einsum("rpq,qj,rij->pi", gs, b.to(cd), xs)
+    db = torch.einsum("rpq,pi,rij->qj", gs, a.to(cd), xs)
+    return da, db, gs.sum(0).reshape(-1)
+
+
+def rearrange(w: torch.Tensor, out_dims: tuple[int, int], in_dims: tuple[int, int]) -> torch.Tensor:
+    """Van Loan-Pitsianis R(W) ``(m_1 n_1, m_2 n_2)`` of W ``(m_1 m_2, n_1 n_2)``: R(A (x) B) = vec(A) vec(B).T."""
+    (m1, m2), (n1, n2) = out_dims, in_dims
+    return w.reshape(m1, m2, n1, n2).permute(0, 2, 1, 3).reshape(m1 * n1, m2 * n2)
+
+
+def nearest_kronecker(
+    w: torch.Tensor, out_dims: tuple[int, int], in_dims: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(A ``(m_1, n_1)``, B ``(m_2, n_2)``, singular values of R(W)) minimising ||W - A (x) B||_F, in
+    fp64; the residual is ``s[1:].norm()``. The singular value is split evenly: ||A||_F = ||B||_F."""
+    u, s, vh = torch.linalg.svd(rearrange(w.double(), out_dims, in_dims), full_matrices=False)
+    root = s[0].sqrt()
+    return (root * u[:, 0]).reshape(out_dims[0], in_dims[0]), (root * vh[0]).reshape(out_dims[1], in_dims[1]), s

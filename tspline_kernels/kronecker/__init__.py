@@ -1,0 +1,3 @@
+from .module import KroneckerLinear
+
+__all__ = ["KroneckerLinear"]

@@ -1,0 +1,224 @@
+"""Triton kernels and launchers for KroneckerLinear. Reference: ``reference/kronecker.py``.
+
+Forward and input gradient are one fused kernel, ``_kron_fwd_kernel``: y[r] = A X[r] B.T + bias
+for every row r, X[r] = x[r].reshape(n_1, n_2). A program owns a block of rows, loads A and B.T
+once, and per row keeps the intermediate T = A X[r] ``(m_1, n_2)`` on chip in fp32 between the
+two products: only y is written. The input gradient is the same kernel with (A.T, B.T).
+
+The factor gradients dA = sum_r dY[r] B X[r].T and dB = sum_r dY[r].T (A X[r]) and the bias
+gradient sum_r dY[r] are reductions over the rows; ``_kron_grad_kernel`` computes all three in one
+launch, a program per batch split, with both per-row intermediates on chip and the partials summed
+on the host (deterministic, no atomics). No ``(m_1 m_2, n_1 n_2)`` tensor is ever formed.
+
+Every mode size is zero-padded to max(16, next_pow2) (``tl.dot`` needs dimensions >= 16); the
+kernels hold whole factors and per-row tiles on chip, so they take padded sizes up to
+``max_tile(dtype)`` (128 for 16-bit types, 64 for fp32: an sm_90 block's shared memory). Larger modes fall back to the reference (batched torch matmuls, intermediate in
+global memory): ``fits`` tells which path a shape takes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._triton import (
+    check_inputs,
+    configs,
+    dot_precision,
+    flatten,
+    m_bucket,
+    tl,
+    triton,
+)
+from ..reference import kronecker as ref
+
+
+def pad(n: int) -> int:
+    """A mode size as the kernels carry it: a power of two >= 16 (zero-padded)."""
+    return max(16, triton.next_power_of_2(n))
+
+
+def max_tile(dtype: torch.dtype) -> int:
+    """The largest padded mode size the fused kernels keep on chip for inputs of ``dtype``."""
+    return 64 if dtype == torch.float32 else 128
+
+
+def fits(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether factors a ``(m_1, n_1)`` and b ``(m_2, n_2)`` run in the fused kernels on ``dtype`` inputs."""
+    return max(pad(s) for s in (*a.shape, *b.shape)) <= max_tile(dtype)
+
+
+def _fwd_prune(cfgs, named_args, **kwargs):
+    """Keep row blocks no larger than the batch bucket; never return nothing."""
+    kept = [c for c in cfgs if c.kwargs["BM"] <= named_args["M_BUCKET"]]
+    return kept or [min(cfgs, key=lambda c: c.kwargs["BM"])]
+
+
+@triton.autotune(
+    configs=configs([{"BM": bm} for bm in (1, 4, 16, 64)], interpret={"BM": 4}),
+    key=["M_BUCKET", "M1", "N1", "M2", "N2"],
+    prune_configs_by={"early_config_prune": _fwd_prune},
+)
+@triton.jit(do_not_specialize=["M"])
+def _kron_fwd_kernel(
+    x_ptr, a_ptr, b_ptr, bias_ptr, y_ptr,
+    M, M1, N1, M2, N2, M_BUCKET,
+    stride_xm, stride_xk, stride_a0, stride_a1, stride_b0, stride_b1, stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr, M1P: tl.constexpr, N1P: tl.constexpr, M2P: tl.constexpr, N2P: tl.constexpr,
+    PRECISION: tl.constexpr, BM: tl.constexpr,
+):
+    """y[r] = A X[r] B.T + bias for rows r in ``[pid*BM, (pid+1)*BM)``; x ``(M, N1*N2)``,
+    a ``(M1, N1)``, b ``(M2, N2)``, bias ``(M1*M2,)``, y ``(M, M1*M2)``.
+
+    A and B.T are loaded once per program; per row, T = A X[r] is an fp32 ``(M1P, N2P)`` tile in
+    registers, cast to x's dtype for the second ``tl.dot``.
+
+    FLOPs (tensor cores): 2*M*(M1P*N1P*N2P + M1P*N2P*M2P).
+    Bytes: elt*(M*(N1*N2 + M1*M2) + cdiv(M, BM)*(M1*N1 + M2*N2)) (+ elt*M1*M2 bias per program).
+    """
+    pid = tl.program_id(0)
+    out_ty = y_ptr.dtype.element_ty
+    o1 = tl.arange(0, M1P)
+    i1 = tl.arange(0, N1P)
+    o2 = tl.arange(0, M2P)
+    i2 = tl.arange(0, N2P)
+    a = tl.load(a_ptr + o1[:, None] * stride_a0 + i1[None, :] * stride_a1,
+                mask=(o1[:, None] < M1) & (i1[None, :] < N1), other=0.0)
+    bt = tl.load(b_ptr + i2[:, None] * stride_b1 + o2[None, :] * stride_b0,
+                 mask=(i2[:, None] < N2) & (o2[None, :] < M2), other=0.0)
+    x_off = (i1[:, None] * N2 + i2[None, :]) * stride_xk
+    x_mask = (i1[:, None] < N1) & (i2[None, :] < N2)
+    y_idx = o1[:, None] * M2 + o2[None, :]
+    y_mask = (o1[:, None] < M1) & (o2[None, :] < M2)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + y_idx, mask=y_mask, other=0.0).to(tl.float32)
+    row0 = pid * BM
+    for r in range(row0, tl.minimum(row0 + BM, M)):
+        xr = tl.load(x_ptr + r * stride_xm + x_off, mask=x_mask, other=0.0)
+        t = tl.dot(a, xr, input_precision=PRECISION)
+        acc = tl.dot(t.to(out_ty), bt, input_precision=PRECISION)
+        if HAS_BIAS:
+            acc += bias
+        tl.store(y_ptr + r * stride_ym + y_idx * stride_yn, acc.to(out_ty), mask=y_mask)
+
+
+@triton.autotune(
+    configs=configs([{"SPLIT": s} for s in (32, 132, 264, 528)], interpret={"SPLIT": 2}),
+    key=["M_BUCKET", "M1", "N1", "M2", "N2"],
+)
+@triton.jit(do_not_specialize=["M"])
+def _kron_grad_kernel(
+    x_ptr, dy_ptr, a_ptr, b_ptr, da_ptr, db_ptr, dsum_ptr,
+    M, M1, N1, M2, N2, M_BUCKET,
+    stride_xm, stride_xk, stride_gm, stride_gn, stride_a0, stride_a1, stride_b0, stride_b1,
+    M1P: tl.constexpr, N1P: tl.constexpr, M2P: tl.constexpr, N2P: tl.constexpr,
+    PRECISION: tl.constexpr, SPLIT: tl.constexpr,
+):
+    """Partials over batch split s (rows s, s + n_split, ...): da[s] = sum_r (dY[r] B) X[r].T,
+    db[s] = sum_r dY[r].T (A X[r]), dsum[s] = sum_r dY[r].
+
+    x ``(M, N1*N2)``, dy ``(M, M1*M2)`` in one dtype; da ``(>= n_split, M1, N1)``, db
+    ``(>= n_split, M2, N2)``, dsum ``(>= n_split, M1*M2)`` fp32 contiguous. The number of splits
+    n_split is the grid size: the config's SPLIT capped by the partial slots the host allocated.
+
+    FLOPs (tensor cores): 4*M*(M1P*N1P*N2P + M1P*M2P*N2P).
+    Bytes: elt*M*(N1*N2 + M1*M2) + 4*n_split*(M1*N1 + M2*N2 + M1*M2) (+ factors once per program).
+    """
+    pid = tl.program_id(0)
+    n_split = tl.num_programs(0)
+    dt = x_ptr.dtype.element_ty
+    o1 = tl.arange(0, M1P)
+    i1 = tl.arange(0, N1P)
+    o2 = tl.arange(0, M2P)
+    i2 = tl.arange(0, N2P)
+    a_mask = (o1[:, None] < M1) & (i1[None, :] < N1)
+    b_mask = (o2[:, None] < M2) & (i2[None, :] < N2)
+    a = tl.load(a_ptr + o1[:, None] * stride_a0 + i1[None, :] * stride_a1, mask=a_mask, other=0.0)
+    b = tl.load(b_ptr + o2[:, None] * stride_b0 + i2[None, :] * stride_b1, mask=b_mask, other=0.0)
+    x_off = (i1[:, None] * N2 + i2[None, :]) * stride_xk
+    x_mask = (i1[:, None] < N1) & (i2[None, :] < N2)
+    g_idx = o1[:, None] * M2 + o2[None, :]
+    g_mask = (o1[:, None] < M1) & (o2[None, :] < M2)
+    acc_a = tl.zeros((M1P, N1P), dtype=tl.float32)
+    acc_b = tl.zeros((M2P, N2P), dtype=tl.float32)
+    acc_s = tl.zeros((M1P, M2P), dtype=tl.float32)
+    for r in range(pid, M, n_split):
+        xr = tl.load(x_ptr + r * stride_xm + x_off, mask=x_mask, other=0.0)
+        g = tl.load(dy_ptr + r * stride_gm + g_idx * stride_gn, mask=g_mask, other=0.0)
+        t = tl.dot(a, xr, input_precision=PRECISION)
+        acc_b = tl.dot(tl.trans(g), t.to(dt), acc_b, input_precision=PRECISION)
+        u = tl.dot(g, b, input_precision=PRECISION)
+        acc_a = tl.dot(u.to(dt), tl.trans(xr), acc_a, input_precision=PRECISION)
+        acc_s += g.to(tl.float32)
+    tl.store(da_ptr + pid * M1 * N1 + o1[:, None] * N1 + i1[None, :], acc_a, mask=a_mask)
+    tl.store(db_ptr + pid * M2 * N2 + o2[:, None] * N2 + i2[None, :], acc_b, mask=b_mask)
+    tl.store(dsum_ptr + pid * M1 * M2 + g_idx, acc_s, mask=g_mask)
+
+
+def kronecker_linear(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Launch the fused forward: x ``(*, n_1 n_2)``, a ``(m_1, n_1)``, b ``(m_2, n_2)``, bias
+    ``(m_1 m_2,)`` -> y ``(*, m_1 m_2)`` in x's dtype. Factors are cast to x's dtype; shapes that
+    do not ``fit`` run the reference."""
+    check_inputs(x, a, b, *([bias] if bias is not None else []))
+    if not fits(a, b, x.dtype):
+        return ref.kronecker_linear(x, a, b, bias)
+    a, b = a.to(x.dtype), b.to(x.dtype)
+    x2 = flatten(x)
+    m = x2.shape[0]
+    (m1, n1), (m2, n2) = a.shape, b.shape
+    y = torch.empty(m, m1 * m2, device=x.device, dtype=x.dtype)
+    if m > 0:
+        grid = lambda meta: (triton.cdiv(m, meta["BM"]),)
+        _kron_fwd_kernel[grid](
+            x2, a, b, bias if bias is not None else y, y,
+            m, m1, n1, m2, n2, m_bucket(m),
+            x2.stride(0), x2.stride(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+            y.stride(0), y.stride(1),
+            HAS_BIAS=bias is not None, M1P=pad(m1), N1P=pad(n1), M2P=pad(m2), N2P=pad(n2),
+            PRECISION=dot_precision(x.dtype),
+        )
+    return y.reshape(*x.shape[:-1], m1 * m2)
+
+
+_MAX_SPLIT = max(c.kwargs["SPLIT"] for c in _kron_grad_kernel.configs)
+
+
+def kronecker_grad_factors(
+    x: torch.Tensor, dy: torch.Tensor, a: torch.Tensor, b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sum_r dY[r] B X[r].T ``(m_1, n_1)``, sum_r dY[r].T A X[r] ``(m_2, n_2)``, dy summed over
+    rows ``(m_1 m_2,)``) in fp32 for x ``(*, n_1 n_2)``, dy ``(*, m_1 m_2)``."""
+    check_inputs(x, dy, a, b)
+    if not fits(a, b, x.dtype):
+        return ref.kronecker_grad_factors(x, dy, a, b)
+    dy, a, b = dy.to(x.dtype), a.to(x.dtype), b.to(x.dtype)
+    x2, g2 = flatten(x), flatten(dy)
+    m = x2.shape[0]
+    (m1, n1), (m2, n2) = a.shape, b.shape
+    if m == 0:
+        return (x2.new_zeros(m1, n1, dtype=torch.float32), x2.new_zeros(m2, n2, dtype=torch.float32),
+                x2.new_zeros(m1 * m2, dtype=torch.float32))
+    # One partial slot per batch split, never more splits than rows. Separate buffers: the outputs
+    # of a custom op may not share storage.
+    slots = min(_MAX_SPLIT, m)
+    da = torch.empty(slots, m1, n1, device=x.device, dtype=torch.float32)
+    db = torch.empty(slots, m2, n2, device=x.device, dtype=torch.float32)
+    dsum = torch.empty(slots, m1 * m2, device=x.device, dtype=torch.float32)
+    chosen = {}
+
+    def grid(meta):
+        # Called once per launch, the last time for the launch that counts (after any autotuning
+        # runs), so ``chosen`` ends up holding the split count whose partial slots were written.
+        chosen["split"] = min(meta["SPLIT"], slots)
+        return (chosen["split"],)
+
+    _kron_grad_kernel[grid](
+        x2, g2, a, b, da, db, dsum,
+        m, m1, n1, m2, n2, m_bucket(m),
+        x2.stride(0), x2.stride(1), g2.stride(0), g2.stride(1),
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        M1P=pad(m1), N1P=pad(n1), M2P=pad(m2), N2P=pad(n2), PRECISION=dot_precision(x.dtype),
+    )
+    split = chosen["split"]
+    if split == 1:
+        return da[0], db[0], dsum[0]
+    return da[:split].sum(0), db[:split].sum(0), dsum[:split].sum(0)

@@ -1,0 +1,257 @@
+"""KroneckerLinear: an nn.Linear replacement with NdLinear's per-mode maps, W = A_1 (x) ... (x) A_N."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .._layers import CompressedLinear, FitReport, fit_report
+from ..reference import kronecker as ref
+from ..reference.common import compute_dtype
+from . import ops
+
+GATING_MODES = ("soft", "hard")
+
+
+def check_dims(in_dims: Sequence[int], out_dims: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Validated ``(in_dims, out_dims)``: equally long, non-empty sequences of positive ints."""
+    try:
+        ins, outs = tuple(in_dims), tuple(out_dims)
+    except TypeError:
+        raise ValueError(f"in_dims and out_dims must be sequences of ints, got {in_dims!r}, {out_dims!r}") from None
+    if not ins or not outs:
+        raise ValueError(f"in_dims and out_dims need at least one mode, got {ins} and {outs}")
+    if len(ins) != len(outs):
+        raise ValueError(f"in_dims and out_dims need the same number of modes, got {ins} and {outs}")
+    if any(not isinstance(d, int) or isinstance(d, bool) or d < 1 for d in ins + outs):
+        raise ValueError(f"every mode size must be a positive int, got in_dims={ins}, out_dims={outs}")
+    return ins, outs
+
+
+def _check_gated_modes(gated_modes, n: int, transform_outer: bool) -> tuple[int, ...]:
+    """NdLinearGated's choice as mode indices: "all", "first" (the first mode applied) or indices."""
+    if gated_modes == "all":
+        return tuple(range(n))
+    if gated_modes == "first":
+        return (0,) if transform_outer else (n - 1,)
+    if isinstance(gated_modes, str):
+        raise ValueError(f'gated_modes must be "all", "first" or a sequence of mode indices, got {gated_modes!r}')
+    if not isinstance(gated_modes, Sequence):
+        raise TypeError(f'gated_modes must be "all", "first" or a sequence of mode indices, got {gated_modes!r}')
+    modes = tuple(gated_modes)
+    if any(not isinstance(k, int) or isinstance(k, bool) or not 0 <= k < n for k in modes):
+        raise ValueError(f"gated mode indices must lie in [0, {n}), got {modes}")
+    return tuple(sorted(set(modes)))
+
+
+def _split(ins: tuple[int, ...], outs: tuple[int, ...]) -> int:
+    """Where the modes are cut into the two groups of the fused op: the cut whose largest grouped
+    size is smallest (0 for one mode, whose first group is then the trivial ``(1, 1)`` factor)."""
+    return min(range(1, len(ins)), default=0,
+               key=lambda s: max(math.prod(ins[:s]), math.prod(outs[:s]), math.prod(ins[s:]), math.prod(outs[s:])))
+
+
+class KroneckerLinear(CompressedLinear):
+    """``nn.Linear`` with weight W = A_1 (x) ... (x) A_N and NdLinear's per-mode biases.
+
+    x ``(*, prod(in_dims))`` -> y ``(*, prod(out_dims))``: the features are the row-major flattening
+    of the mode indices, so ``layer(x.reshape(b, -1)).reshape(b, *out_dims)`` equals
+    ``NdLinear(in_dims, out_dims)`` on x ``(b, *in_dims)``. ``factors[k]`` ``(out_dims[k],
+    in_dims[k])`` and ``biases[k]`` ``(out_dims[k],)`` are NdLinear's ``align_layers[k]`` weight and
+    bias, applied in mode order (reversed when ``transform_outer=False``); the layer is affine,
+    y = x @ W.T + ``effective_bias()``. ``bias=False`` drops every per-mode bias.
+
+    ``gated=True`` is NdLinearGated: per gated mode a gate network (``gates[k]``) reads the batch
+    mean of that mode's fibres and mixes the transform with an identity path (``projections[k]``,
+    a Linear where in_k != out_k); ``gating_mode`` "soft" or "hard", ``gated_modes`` "all", "first"
+    or mode indices. The gates depend on the whole batch, as in NdLinearGated, so a gated layer
+    has no fixed weight (``materialize`` refuses).
+
+    The modes run as one fused two-factor op: more than two modes are cut into two groups whose
+    factors are Kronecker products of the group's modes (small: never the dense weight).
+    """
+
+    def __init__(self, in_dims: Sequence[int], out_dims: Sequence[int], bias: bool = True, device=None, dtype=None,
+                 gated: bool = False, transform_outer: bool = True, gating_mode: str = "soft",
+                 gating_hidden_dim: int = 16, gated_modes: str | Sequence[int] = "all") -> None:
+        ins, outs = check_dims(in_dims, out_dims)
+        super().__init__(math.prod(ins), math.prod(outs), False, device, dtype)
+        self.in_dims, self.out_dims = ins, outs
+        self.transform_outer = bool(transform_outer)
+        self._cut = _split(ins, outs)
+        factory = {"device": device, "dtype": dtype}
+        self.factors = nn.ParameterList(nn.Parameter(torch.empty(o, i, **factory)) for i, o in zip(ins, outs))
+        self.biases = nn.ParameterList(nn.Parameter(torch.empty(o, **factory)) for o in outs) if bias else None
+        self.gated = bool(gated)
+        if self.gated:
+            if gating_mode not in GATING_MODES:
+                raise ValueError(f"gating_mode must be one of {GATING_MODES}, got {gating_mode!r}")
+            if not isinstance(gating_hidden_dim, int) or isinstance(gating_hidden_dim, bool) or gating_hidden_dim < 1:
+                raise ValueError(f"gating_hidden_dim must be a positive int, got {gating_hidden_dim!r}")
+            self.gating_mode = gating_mode
+            self.gated_modes = _check_gated_modes(gated_modes, len(ins), self.transform_outer)
+            self.gates = nn.ModuleList(
+                nn.Sequential(nn.Linear(i, gating_hidden_dim, **factory), nn.ReLU(),
+                              nn.Linear(gating_hidden_dim, 1, **factory), nn.Sigmoid())
+                for i in ins
+            )
+            self.projections = nn.ModuleList(
+                nn.Linear(i, o, **factory) if i != o else nn.Identity() for i, o in zip(ins, outs)
+            )
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Factors uniform with a common bound such that E[W^2] = 1 / (3 in_features), nn.Linear's
+        default, so activations keep its scale; each bias as its mode's nn.Linear(in_k, out_k)."""
+        bound = math.sqrt(3) * (3 * self.in_features) ** (-1 / (2 * len(self.in_dims)))
+        for f in self.factors:
+            nn.init.uniform_(f, -bound, bound)
+        for b, n in zip(self.biases or (), self.in_dims):
+            nn.init.uniform_(b, -1 / math.sqrt(n), 1 / math.sqrt(n))
+
+    # ---- maths --------------------------------------------------------------------------------
+    def _mode_maps(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """Per-mode factors and biases in x's dtype; for a gated layer the mixes for this batch x."""
+        factors = [f.to(x.dtype) for f in self.factors]
+        biases = None if self.biases is None else [b.to(x.dtype) for b in self.biases]
+        if not self.gated:
+            return factors, biases
+        gates = [(g[0].weight, g[0].bias, g[2].weight, g[2].bias) if k in self.gated_modes else None
+                 for k, g in enumerate(self.gates)]
+        projections = [None if isinstance(p, nn.Identity) else (p.weight, p.bias) for p in self.projections]
+        x_mean = x.reshape(-1, self.in_features).mean(0, dtype=compute_dtype(x)).reshape(self.in_dims)
+        zeros = [f.new_zeros(f.shape[0]) for f in factors]
+        mixed_f, mixed_b = ref.gated_modes(x_mean, factors, biases or zeros, gates, projections,
+                                           self.gating_mode == "hard", self.transform_outer)
+        return [f.to(x.dtype) for f in mixed_f], [b.to(x.dtype) for b in mixed_b]
+
+    def _pair(self, factors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two factors of the fused op: Kronecker products of the modes before and after the cut."""
+        head = ref.kron_factors(factors[:self._cut]) if self._cut else factors[0].new_ones(1, 1)
+        return head, ref.kron_factors(factors[self._cut:])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self._prepare(x))
+        factors, biases = self._mode_maps(x)
+        bias = None if biases is None else ref.kronecker_bias(factors, biases, self.transform_outer).to(x.dtype)
+        return ops.kronecker_linear(x, *self._pair(factors), bias)
+
+    def _prepare(self, x: torch.Tensor) -> torch.dtype:
+        try:
+            return super()._prepare(x)
+        except ValueError as e:
+            if isinstance(x, torch.Tensor) and tuple(x.shape[-len(self.in_dims):]) == self.in_dims:
+                raise ValueError(f"{e}; an NdLinear-shaped input (*, *in_dims) = (*, {', '.join(map(str, self.in_dims))}) "
+                                 f"must be flattened first: x.flatten(-{len(self.in_dims)})") from None
+            raise
+
+    def materialize(self) -> torch.Tensor:
+        if self.gated:
+            raise RuntimeError("a gated KroneckerLinear has no fixed weight: its gates depend on the input batch")
+        return ref.kronecker_weight(list(self.factors)).to(self.factors[0].dtype)
+
+    def effective_bias(self) -> torch.Tensor | None:
+        """b_eff ``(out_features,)`` with y = x @ W.T + b_eff (ungated layers), None without biases."""
+        if self.gated:
+            raise RuntimeError("a gated KroneckerLinear has no fixed bias: its gates depend on the input batch")
+        if self.biases is None:
+            return None
+        return ref.kronecker_bias(list(self.factors), list(self.biases), self.transform_outer).to(self.factors[0].dtype)
+
+    # ---- reporting ----------------------------------------------------------------------------
+    def dense_parameters(self) -> int:
+        return self.in_features * self.out_features + (self.out_features if self.biases is not None else 0)
+
+    def _structure(self) -> str:
+        text = f"in_dims={self.in_dims}, out_dims={self.out_dims}"
+        if not self.transform_outer:
+            text += ", transform_outer=False"
+        if self.gated:
+            text += f", gated={self.gating_mode} on modes {self.gated_modes}"
+        return text
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, {self._structure()}, "
+            f"bias={self.biases is not None}, params={self.num_parameters()} "
+            f"({self.compression_ratio():.1f}x fewer than dense)"
+        )
+
+    # ---- conversions --------------------------------------------------------------------------
+    @classmethod
+    def from_ndlinear(cls, module: nn.Module) -> KroneckerLinear:
+        """Convert an ``ndlinear.NdLinear`` or an NdLinearGated (same outputs on flattened inputs).
+
+        Weights, biases, gate networks and identity projections are copied; ``gated_modes="topk"``
+        needs the modes the module picked on its first batch. The two train independently."""
+        layers = getattr(module, "align_layers", None)
+        ins, outs = getattr(module, "input_dims", None), getattr(module, "hidden_size", None)
+        if not (isinstance(layers, nn.ModuleList) and all(isinstance(m, nn.Linear) for m in layers)
+                and ins is not None and outs is not None):
+            raise TypeError(f"expected an ndlinear.NdLinear or NdLinearGated, got {type(module).__name__}")
+        gated = hasattr(module, "gate_networks")
+        kwargs = {}
+        if gated:
+            modes = module.gated_modes
+            if modes == "topk":
+                if not module.topk_modes:
+                    raise ValueError('gated_modes="topk": the module picks its gated modes on its first batch; '
+                                     "run one batch through it before converting")
+                modes = tuple(module.topk_modes)
+            kwargs = {"gating_mode": module.gating_mode, "gating_hidden_dim": module.gating_hidden_dim,
+                      "gated_modes": modes}
+        weight = layers[0].weight
+        new = cls(ins, outs, bias=layers[0].bias is not None, device=weight.device, dtype=weight.dtype,
+                  gated=gated, transform_outer=module.transform_outer, **kwargs)
+        with torch.no_grad():
+            for k, layer in enumerate(layers):
+                new.factors[k].copy_(layer.weight)
+                if new.biases is not None:
+                    new.biases[k].copy_(layer.bias)
+        if gated:
+            new.gates.load_state_dict(module.gate_networks.state_dict())
+            new.projections.load_state_dict(module.identity_projections.state_dict())
+        return new
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, in_dims: Sequence[int], out_dims: Sequence[int]) -> KroneckerLinear:
+        """The nearest two-mode Kronecker product A (x) B to ``linear.weight`` in Frobenius norm
+        (Van Loan-Pitsianis: rank-1 SVD of the rearranged weight R(W), see ``reference/kronecker.py``).
+
+        The per-mode biases are the least-squares fit of ``linear.bias`` by the layer's effective bias.
+        ``layer.fit_report`` (a :class:`FitReport`) holds the weight's relative error and, in
+        ``details``, ``residual`` = ||W - A (x) B||_F = sqrt(sum_{i >= 2} s_i^2) over the singular values
+        s of R(W), ``optimal_error`` = residual / ||W||_F (the smallest relative error any Kronecker
+        product reaches) and ``bias_error``, the relative error of the fitted effective bias.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"expected an nn.Linear, got {type(linear).__name__}")
+        ins, outs = check_dims(in_dims, out_dims)
+        if len(ins) != 2:
+            raise ValueError(f"from_linear fits two modes (A (x) B), got {len(ins)}: in_dims={ins}, out_dims={outs}")
+        if math.prod(ins) != linear.in_features or math.prod(outs) != linear.out_features:
+            raise ValueError(f"in_dims {ins} and out_dims {outs} multiply to ({math.prod(ins)}, {math.prod(outs)}), "
+                             f"but the layer has (in_features, out_features) = ({linear.in_features}, {linear.out_features})")
+        weight = linear.weight.detach()
+        new = cls(ins, outs, bias=linear.bias is not None, device=weight.device, dtype=weight.dtype)
+        a, b, s = ref.nearest_kronecker(weight, outs, ins)
+        residual = s[1:].norm()
+        details = {"residual": residual.item(), "optimal_error": (residual / s.norm().clamp_min(1e-300)).item()}
+        with torch.no_grad():
+            new.factors[0].copy_(a)
+            new.factors[1].copy_(b)
+            if linear.bias is not None:
+                target = linear.bias.detach().double()
+                # b_eff is linear in (b_1, b_2): its columns are the effective biases of unit vectors.
+                units = torch.eye(sum(outs), dtype=torch.float64, device=weight.device)
+                design = torch.stack([ref.kronecker_bias([a, b], [e[:outs[0]], e[outs[0]:]]) for e in units], 1)
+                fit = torch.linalg.lstsq(design, target[:, None], driver="gelsd" if design.is_cpu else None).solution[:, 0]
+                new.biases[0].copy_(fit[:outs[0]])
+                new.biases[1].copy_(fit[outs[0]:])
+                details["bias_error"] = ((design @ fit - target).norm() / target.norm().clamp_min(1e-300)).item()
+        new.fit_report: FitReport = fit_report("nearest Kronecker product", weight, new, **details)
+        return new

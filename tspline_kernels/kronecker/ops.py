@@ -1,0 +1,107 @@
+"""``torch.library`` custom ops for KroneckerLinear: Triton on CUDA (or when forced), reference otherwise.
+
+Each op has a fake implementation and an autograd formula built from ops, so
+``torch.compile(fullgraph=True)`` traces straight through. For y[r] = A X[r] B.T + bias:
+  dx = kronecker_linear(dy, A.T, B.T) (the same fused kernel on transposed views),
+  (dA, dB, dbias) = kronecker_grad_factors(x, dy, A, B)
+                  = (sum_r dY[r] B X[r].T, sum_r dY[r].T A X[r], sum_r dY[r]).
+Nothing is saved but the inputs: the per-row intermediates are as large as x, so the backward
+recomputes them on chip instead of storing them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._backend import use_triton
+from ..reference import kronecker as ref
+from ..reference.common import bias_grad, compute_dtype
+
+
+# ----------------------------------------------------------------------------------- forward op
+@torch.library.custom_op("tspline::kronecker_linear", mutates_args=())
+def kronecker_linear(x: Tensor, a: Tensor, b: Tensor, bias: Tensor | None) -> Tensor:
+    """y[r] = A X[r] B.T + bias ``(*, m_1 m_2)`` in x's dtype; x ``(*, n_1 n_2)``, a ``(m_1, n_1)``,
+    b ``(m_2, n_2)``, bias ``(m_1 m_2,)``, X[r] = x[r].reshape(n_1, n_2)."""
+    if use_triton(x):
+        from .kernels import kronecker_linear as launch
+        return launch(x, a, b, bias)
+    return ref.kronecker_linear(x, a, b, bias)
+
+
+@kronecker_linear.register_fake
+def _(x, a, b, bias):
+    return x.new_empty(*x.shape[:-1], a.shape[0] * b.shape[0])
+
+
+# --------------------------------------------------------------------------- factor-gradient op
+@torch.library.custom_op("tspline::kronecker_grad_factors", mutates_args=())
+def kronecker_grad_factors(x: Tensor, dy: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(sum_r dY[r] B X[r].T ``(m_1, n_1)``, sum_r dY[r].T A X[r] ``(m_2, n_2)``, dy's row sum
+    ``(m_1 m_2,)``) in the compute dtype, over the leading dims of x ``(*, n_1 n_2)`` and dy ``(*, m_1 m_2)``."""
+    if use_triton(x):
+        from .kernels import kronecker_grad_factors as launch
+        return launch(x, dy, a, b)
+    return ref.kronecker_grad_factors(x, dy, a, b)
+
+
+@kronecker_grad_factors.register_fake
+def _(x, dy, a, b):
+    cd = compute_dtype(x)
+    return a.new_empty(a.shape, dtype=cd), b.new_empty(b.shape, dtype=cd), dy.new_empty(dy.shape[-1], dtype=cd)
+
+
+def _grad_factors_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+    ctx.set_materialize_grads(False)
+
+
+def _grad_factors_backward(ctx, gda, gdb, gsum):
+    """The op is linear in each of x, dy, a, b. With G = gda and H = gdb:
+    dX[r] = G.T dY[r] B + A.T dY[r] H, d(dY)[r] = G X[r] B.T + A X[r] H.T + gsum,
+    dA = sum_r dY[r] H X[r].T and dB = sum_r dY[r].T G X[r]: the forward op and this op again."""
+    x, dy, a, b = ctx.saved_tensors
+    need_x, need_dy, need_a, need_b = ctx.needs_input_grad
+    g = torch.zeros_like(a) if gda is None else gda.to(a.dtype)
+    h = torch.zeros_like(b) if gdb is None else gdb.to(b.dtype)
+    dx = ddy = da = db = None
+    if need_x:
+        dx = (kronecker_linear(dy, g.mT, b.mT, None) + kronecker_linear(dy, a.mT, h.mT, None)).to(x.dtype)
+    if need_dy:
+        bias = None if gsum is None else gsum.to(dy.dtype)
+        ddy = (kronecker_linear(x, g, b, bias) + kronecker_linear(x, a, h, None)).to(dy.dtype)
+    if need_a or need_b:
+        ga, gb, _ = kronecker_grad_factors(x, dy, g, h)
+        da, db = (ga.to(a.dtype) if need_a else None), (gb.to(b.dtype) if need_b else None)
+    return dx, ddy, da, db
+
+
+kronecker_grad_factors.register_autograd(_grad_factors_backward, setup_context=_grad_factors_setup)
+
+
+# --------------------------------------------------------------------------- forward's autograd
+def _linear_setup(ctx, inputs, output):
+    x, a, b, bias = inputs
+    ctx.save_for_backward(x, a, b)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _linear_backward(ctx, dy):
+    x, a, b = ctx.saved_tensors
+    need_x, need_a, need_b, need_bias = ctx.needs_input_grad
+    dx = da = db = dbias = None
+    if need_x:
+        dx = kronecker_linear(dy, a.mT, b.mT, None)
+    if need_a or need_b:
+        da, db, dsum = kronecker_grad_factors(x, dy, a, b)
+        da = da.to(a.dtype) if need_a else None
+        db = db.to(b.dtype) if need_b else None
+        if need_bias and ctx.bias_dtype is not None:
+            dbias = dsum.to(ctx.bias_dtype)
+    elif need_bias and ctx.bias_dtype is not None:
+        dbias = bias_grad(dy, ctx.bias_dtype)
+    return dx, da, db, dbias
+
+
+kronecker_linear.register_autograd(_linear_backward, setup_context=_linear_setup)
