@@ -210,6 +210,13 @@ def find(rows: list[dict], kernel: str, mode: str, dtype: str, **shape) -> dict 
     return None
 
 
+def speedup(rows: list[dict], kernel: str, mode: str, dtype: str, other: str | None = None, **shape) -> float | None:
+    """Baseline time / our time for one row: dense F.linear, or the named ``other`` of the same run."""
+    r = find(rows, kernel, mode, dtype, **shape)
+    base = None if r is None else r["others_ms"].get(other) if other else r["baseline_ms"]
+    return None if base is None else base / r["ms"]
+
+
 def target(text: str, measured: float | None, threshold: float, higher_is_better: bool = True) -> dict:
     """One stated target: met when the measured ratio clears the threshold (None: not measured here)."""
     met = None if measured is None else (measured >= threshold if higher_is_better else measured <= threshold)

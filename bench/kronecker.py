@@ -13,7 +13,7 @@ import torch
 from tspline_kernels.kronecker import KroneckerLinear
 from tspline_kernels.kronecker.kernels import pad
 
-from .harness import Case, find, layer_case, module_call, target
+from .harness import Case, layer_case, module_call, speedup, target
 
 KERNEL = "kronecker"
 PEER = "NdLinear"
@@ -75,11 +75,7 @@ def targets(rows: list[dict], device: str, quick: bool) -> list[dict]:
     estimates: the kernel moves the same bytes as dense F.linear's activations with ~32x fewer
     FLOPs, and NdLinear makes two extra copies of the activations per mode."""
     def ratio(mode, other=None, **shape):
-        r = find(rows, KERNEL, mode, "bfloat16", **shape) if device == "cuda" else None
-        if r is None:
-            return None
-        base = r["others_ms"].get(other) if other else r["baseline_ms"]
-        return None if base is None else base / r["ms"]
+        return speedup(rows, KERNEL, mode, "bfloat16", other, **shape) if device == "cuda" else None
 
     at = {"M": 8192, "in": 4096}
     return [

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from tspline_kernels.lowrank import LowRankLinear
 from tspline_kernels.lowrank.kernels import pad_rank
 
-from .harness import Case, find, layer_case, module_call, target
+from .harness import Case, layer_case, module_call, speedup, target
 
 RANK = 16
 KERNEL = "lowrank"
@@ -90,11 +90,7 @@ def targets(rows: list[dict], device: str, quick: bool) -> list[dict]:
     """The stated targets (H100, bf16, 4096^2, rank 16), evaluated on this run's rows; None where
     not measured here (on CPU, or when the shape was not run)."""
     def ratio(mode, dtype, other=None, **shape):
-        r = find(rows, KERNEL, mode, dtype, **shape) if device == "cuda" else None
-        if r is None:
-            return None
-        base = r["others_ms"].get(other) if other else r["baseline_ms"]
-        return None if base is None else base / r["ms"]
+        return speedup(rows, KERNEL, mode, dtype, other, **shape) if device == "cuda" else None
 
     at = {"M": 8192, "in": 4096, "rank": RANK}
     return [

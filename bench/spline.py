@@ -12,7 +12,7 @@ import torch
 from tspline_kernels import HierarchicalSplineLinear, SplineLinear, backend
 from tspline_kernels.reference import spline as ref
 
-from .harness import Case, cpu_peak_mb, find, forward_backward, layer_case, module_call, target
+from .harness import Case, cpu_peak_mb, forward_backward, layer_case, module_call, speedup, target
 
 GRID = 64  # B-spline grid per axis
 N_FIELD = 16  # control points of the global field bases (tensor-spline's default)
@@ -124,34 +124,27 @@ def eisenstein_step(impl: str, n: int, m: int):
 
 def targets(rows: list[dict], device: str, quick: bool) -> list[dict]:
     """The issue's stated targets, evaluated on this run's rows (None where not measured here)."""
-    def ratio(kernel, mode, dtype, other=None, **shape):
-        r = find(rows, kernel, mode, dtype, **shape)
-        if r is None:
-            return None
-        base = r["others_ms"].get(other) if other else r["baseline_ms"]
-        return None if base is None else base / r["ms"]
-
     out = []
     if device == "cpu":
         out.append(target("CPU bicubic fwd+bwd vs tensor-spline, 1024^2, n=16, M=64 (x faster)",
-                          ratio("spline.bicubic", "fwd+bwd", "float32", "tensor-spline", M=64, **{"in": 1024}), 50))
+                          speedup(rows, "spline.bicubic", "fwd+bwd", "float32", "tensor-spline", M=64, **{"in": 1024}), 50))
         out.append(target("CPU eisenstein fwd+bwd vs tensor-spline, 1024^2, n=16, M=64 (x faster)",
-                          ratio("spline.eisenstein", "fwd+bwd", "float32", "tensor-spline", M=64, **{"in": 1024}), 3))
+                          speedup(rows, "spline.eisenstein", "fwd+bwd", "float32", "tensor-spline", M=64, **{"in": 1024}), 3))
         ours, theirs = (cpu_peak_mb(eisenstein_step, (impl, 1024, 64), (impl, 64, 8)) for impl in ("ours", "tensor-spline"))
         mem = target("CPU eisenstein fwd+bwd peak memory vs tensor-spline, 1024^2, M=64 (ours / theirs)",
                      ours / theirs if theirs > 0 else None, 1.0, higher_is_better=False)
         mem.update(ours_mb=ours, tensor_spline_mb=theirs)
         out.append(mem)
         out.append(target("CPU separable bspline fwd vs dense nn.Linear, 4096^2, grid 64x64, M=256 (x faster)",
-                          ratio("spline.bspline", "fwd", "float32", M=256, **{"in": 4096}), 10))
+                          speedup(rows, "spline.bspline", "fwd", "float32", M=256, **{"in": 4096}), 10))
     else:
         out.append(target("H100 bf16 bspline fwd vs cuBLAS, 4096^2, M=8192 (x faster)",
-                          ratio("spline.bspline", "fwd", "bfloat16", M=8192, **{"in": 4096}), 8))
+                          speedup(rows, "spline.bspline", "fwd", "bfloat16", M=8192, **{"in": 4096}), 8))
         out.append(target("H100 bf16 bspline fwd vs cuBLAS, 4096^2, M=16 (x faster)",
-                          ratio("spline.bspline", "fwd", "bfloat16", M=16, **{"in": 4096}), 5))
+                          speedup(rows, "spline.bspline", "fwd", "bfloat16", M=16, **{"in": 4096}), 5))
         for basis in ("gaussian", "eisenstein"):
             out.append(target(f"H100 bf16 {basis} on-the-fly fwd vs materialize+cuBLAS, 4096^2, M=4096 (x faster)",
-                              ratio(f"spline.{basis}", "fwd", "bfloat16", "materialize+F.linear", M=4096, **{"in": 4096}), 1.0))
+                              speedup(rows, f"spline.{basis}", "fwd", "bfloat16", "materialize+F.linear", M=4096, **{"in": 4096}), 1.0))
         spline_rows = [r for r in rows if r["kernel"].startswith("spline.") and r["roofline_fraction"] is not None]
         if spline_rows:
             worst = min(spline_rows, key=lambda r: r["roofline_fraction"])

@@ -16,7 +16,7 @@ from tspline_kernels.spline_tt import SplineTTLinear
 from tspline_kernels.tt import TTLinear
 from tspline_kernels.tt import cost
 
-from .harness import Case, find, layer_case, module_call, target
+from .harness import Case, find, layer_case, module_call, speedup, target
 
 N = 4096
 CONFIGS = {  # name -> (modes of both sides, rank, spline grid per core)
@@ -90,29 +90,25 @@ def targets(rows: list[dict], device: str, quick: bool) -> list[dict]:
     def row(config, mode, dtype, **shape):
         return find(rows, f"tt.{config}", mode, dtype, strategy="auto", **shape)
 
-    def speedup(config, mode, dtype, other=None, **shape):
-        r = row(config, mode, dtype, **shape)
-        if r is None:
-            return None
-        base = r["others_ms"].get(other) if other else r["baseline_ms"]
-        return None if base is None else base / r["ms"]
+    def ratio(config, mode, dtype, other=None, **shape):
+        return speedup(rows, f"tt.{config}", mode, dtype, other, strategy="auto", **shape)
 
     out = []
     big, small = "16x16x16-r16", "8x8x8x8-r8"
     if device == "cuda":
         out.append(target("H100 bf16 TT 16^3 r16 fwd vs cuBLAS, 4096^2, M=16 (x faster)",
-                          speedup(big, "fwd", "bfloat16", M=16), 5))
+                          ratio(big, "fwd", "bfloat16", M=16), 5))
         r = row(big, "fwd", "bfloat16", M=8192)
         out.append(target("H100 bf16 TT 16^3 r16 fwd time / cuBLAS time, 4096^2, M=8192",
                           None if r is None else r["ms"] / r["baseline_ms"], 1.1, higher_is_better=False))
         for m in (16, 8192):
             out.append(target(f"H100 bf16 TT 16^3 r16 fwd+bwd vs tltorch blocktt, 4096^2, M={m} (x faster)",
-                              speedup(big, "fwd+bwd", "bfloat16", "tltorch blocktt", M=m), 4))
+                              ratio(big, "fwd+bwd", "bfloat16", "tltorch blocktt", M=m), 4))
         out.append(target("H100 bf16 TT 8^4 r8 fwd vs cuBLAS, 4096^2, M=8192 (x faster)",
-                          speedup(small, "fwd", "bfloat16", M=8192), 2.5))
+                          ratio(small, "fwd", "bfloat16", M=8192), 2.5))
     else:
         for config, mode, m in itertools.product((big, small), ("fwd", "fwd+bwd"), (16, 256)):
             out.append(target(f"CPU TT reference {mode} vs tltorch blocktt, 4096^2, {config}, M={m} (tltorch ms / ours)",
-                              speedup(config, mode, "float32", "tltorch blocktt", M=m), 1.0))
+                              ratio(config, mode, "float32", "tltorch blocktt", M=m), 1.0))
     return out
 
