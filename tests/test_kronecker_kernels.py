@@ -12,7 +12,7 @@ import torch
 
 from tspline_kernels import backend
 from tspline_kernels.kronecker import KroneckerLinear, kernels, ops
-from tspline_kernels.testing import assert_close
+from tspline_kernels.testing import assert_backends_agree, assert_close
 
 # (leading shape of x, in_dims, out_dims)
 SHAPES = {
@@ -35,26 +35,6 @@ def make_layer(in_dims, out_dims, dtype, device, **kwargs):
     return layer
 
 
-def run(layer, x, g, which):
-    with backend(which):
-        x = x.detach().clone().requires_grad_()
-        y = layer(x)
-        grads = torch.autograd.grad(y, [x, *layer.parameters()], g, allow_unused=True)
-    return y, grads
-
-
-def check(layer, x, g, dtype):
-    names = ["y", "dx"] + [n for n, _ in layer.named_parameters()]
-    y_t, g_t = run(layer, x, g, "triton")
-    y_r, g_r = run(layer, x, g, "reference")
-    for name, got, want in zip(names, (y_t, *g_t), (y_r, *g_r)):
-        if want is None:  # a hard gate's network gets no gradient
-            assert got is None, name
-            continue
-        assert got.dtype == want.dtype, name
-        assert_close(got, want, dtype, name=name)
-
-
 def inputs(lead, layer, dtype, device):
     x = torch.randn(*lead, layer.in_features, device=device, dtype=dtype)
     g = torch.randn(*lead, layer.out_features, device=device, dtype=dtype)
@@ -66,7 +46,7 @@ def inputs(lead, layer, dtype, device):
 def test_fp32_shapes(shape, bias, kernel_device):
     lead, ins, outs = SHAPES[shape]
     layer = make_layer(ins, outs, torch.float32, kernel_device, bias=bias)
-    check(layer, *inputs(lead, layer, torch.float32, kernel_device), torch.float32)
+    assert_backends_agree(layer, *inputs(lead, layer, torch.float32, kernel_device), torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -74,14 +54,14 @@ def test_fp32_shapes(shape, bias, kernel_device):
 def test_half_dtypes(shape, dtype, kernel_device):
     lead, ins, outs = SHAPES[shape]
     layer = make_layer(ins, outs, dtype, kernel_device)
-    check(layer, *inputs(lead, layer, dtype, kernel_device), dtype)
+    assert_backends_agree(layer, *inputs(lead, layer, dtype, kernel_device), dtype)
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"gating_mode": "hard", "transform_outer": False}], ids=["soft", "hard-reversed"])
 def test_gated(kwargs, kernel_device):
     """The gated layer runs the same kernels on its mixed factors; gate and projection gradients too."""
     layer = make_layer((3, 5, 2), (4, 5, 3), torch.float32, kernel_device, gated=True, gating_hidden_dim=4, **kwargs)
-    check(layer, *inputs((2, 3), layer, torch.float32, kernel_device), torch.float32)
+    assert_backends_agree(layer, *inputs((2, 3), layer, torch.float32, kernel_device), torch.float32)
 
 
 def test_non_contiguous_input_and_expanded_grad(kernel_device):
@@ -91,8 +71,8 @@ def test_non_contiguous_input_and_expanded_grad(kernel_device):
     g_expanded = torch.randn(28, device=kernel_device).expand(6, 28)  # row stride 0, as from y.sum()
     for inp in (x, xt):
         assert not inp.is_contiguous()
-        check(layer, inp, torch.randn(6, 28, device=kernel_device), torch.float32)
-    check(layer, x, g_expanded, torch.float32)
+        assert_backends_agree(layer, inp, torch.randn(6, 28, device=kernel_device), torch.float32)
+    assert_backends_agree(layer, x, g_expanded, torch.float32)
 
 
 @pytest.mark.parametrize("frozen", ["x", "factors.0", "factors.0+factors.1", "biases"])
@@ -150,7 +130,7 @@ def test_large_modes_fall_back_to_the_reference(kernel_device):
     n = kernels.max_tile(torch.float32) + 1
     layer = make_layer((n, 1), (2, 3), torch.float32, kernel_device)
     assert not kernels.fits(*layer._pair(list(layer.factors)), torch.float32)
-    check(layer, *inputs((3,), layer, torch.float32, kernel_device), torch.float32)
+    assert_backends_agree(layer, *inputs((3,), layer, torch.float32, kernel_device), torch.float32)
 
 
 def test_routing(monkeypatch, kernel_device):

@@ -10,7 +10,7 @@ import torch
 
 from tspline_kernels import backend
 from tspline_kernels.lowrank import LowRankLinear, kernels, ops
-from tspline_kernels.testing import assert_close
+from tspline_kernels.testing import assert_backends_agree, assert_close
 
 # (leading shape of x, in_features, out_features)
 SHAPES = {
@@ -31,23 +31,6 @@ def make_layer(n_in, n_out, rank, dtype, device, bias=True):
     return layer
 
 
-def run(layer, x, g, which):
-    with backend(which):
-        x = x.detach().clone().requires_grad_()
-        y = layer(x)
-        grads = torch.autograd.grad(y, [x, *layer.parameters()], g)
-    return y, grads
-
-
-def check(layer, x, g, dtype):
-    names = ["y", "dx"] + [n for n, _ in layer.named_parameters()]
-    y_t, g_t = run(layer, x, g, "triton")
-    y_r, g_r = run(layer, x, g, "reference")
-    for name, got, want in zip(names, (y_t, *g_t), (y_r, *g_r)):
-        assert got.dtype == want.dtype, name
-        assert_close(got, want, dtype, name=name)
-
-
 @pytest.mark.parametrize("rank", RANKS)
 @pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
 def test_fp32_shapes(shape, rank, kernel_device):
@@ -56,12 +39,12 @@ def test_fp32_shapes(shape, rank, kernel_device):
     layer = make_layer(n_in, n_out, rank, torch.float32, kernel_device)
     x = torch.randn(*lead, n_in, device=kernel_device)
     g = torch.randn(*lead, n_out, device=kernel_device)
-    check(layer, x, g, torch.float32)
+    assert_backends_agree(layer, x, g, torch.float32)
 
 
 def test_tiny_layer_rank_one(kernel_device):
     layer = make_layer(1, 1, 1, torch.float32, kernel_device)
-    check(layer, torch.randn(4, 1, device=kernel_device), torch.randn(4, 1, device=kernel_device), torch.float32)
+    assert_backends_agree(layer, torch.randn(4, 1, device=kernel_device), torch.randn(4, 1, device=kernel_device), torch.float32)
 
 
 @pytest.mark.parametrize("rank", RANKS)
@@ -70,7 +53,7 @@ def test_half_dtypes(dtype, rank, kernel_device):
     layer = make_layer(50, 33, rank, dtype, kernel_device)
     x = torch.randn(7, 50, device=kernel_device, dtype=dtype)
     g = torch.randn(7, 33, device=kernel_device, dtype=dtype)
-    check(layer, x, g, dtype)
+    assert_backends_agree(layer, x, g, dtype)
 
 
 def test_non_contiguous_input_and_expanded_grad(kernel_device):
@@ -80,8 +63,8 @@ def test_non_contiguous_input_and_expanded_grad(kernel_device):
     g_expanded = torch.randn(45, device=kernel_device).expand(6, 45)  # row stride 0, as from y.sum()
     for inp in (x, xt):
         assert not inp.is_contiguous()
-        check(layer, inp, torch.randn(6, 45, device=kernel_device), torch.float32)
-    check(layer, x, g_expanded, torch.float32)
+        assert_backends_agree(layer, inp, torch.randn(6, 45, device=kernel_device), torch.float32)
+    assert_backends_agree(layer, x, g_expanded, torch.float32)
 
 
 @pytest.mark.parametrize("frozen", ["x", "U", "V", "U+V+bias"])

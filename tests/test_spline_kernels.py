@@ -9,7 +9,7 @@ import torch
 
 import tspline_kernels as tk
 from tspline_kernels import backend
-from tspline_kernels.testing import assert_close
+from tspline_kernels.testing import assert_backends_agree, assert_close
 
 LAYERS = {
     "bspline": dict(basis="bspline", grid=(6, 9)),
@@ -39,22 +39,6 @@ def make_layer(name, n_in, n_out, dtype, device):
     return layer
 
 
-def run(layer, x, g, which):
-    with backend(which):
-        x = x.detach().clone().requires_grad_()
-        y = layer(x)
-        grads = torch.autograd.grad(y, [x, *layer.parameters()], g, allow_unused=True)
-    return y, grads
-
-
-def check(layer, x, g, dtype):
-    names = ["y", "dx"] + [n for n, _ in layer.named_parameters()]
-    y_t, g_t = run(layer, x, g, "triton")
-    y_r, g_r = run(layer, x, g, "reference")
-    for name, got, want in zip(names, (y_t, *g_t), (y_r, *g_r)):
-        assert_close(got, want, dtype, name=name)
-
-
 @pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
 @pytest.mark.parametrize("name", list(LAYERS), ids=list(LAYERS))
 def test_fp32_shapes(name, shape, kernel_device):
@@ -62,7 +46,7 @@ def test_fp32_shapes(name, shape, kernel_device):
     layer = make_layer(name, n_in, n_out, torch.float32, kernel_device)
     x = torch.randn(*lead, n_in, device=kernel_device)
     g = torch.randn(*lead, n_out, device=kernel_device)
-    check(layer, x, g, torch.float32)
+    assert_backends_agree(layer, x, g, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -71,7 +55,7 @@ def test_half_dtypes(name, dtype, kernel_device):
     layer = make_layer(name, 50, 33, dtype, kernel_device)
     x = torch.randn(7, 50, device=kernel_device, dtype=dtype)
     g = torch.randn(7, 33, device=kernel_device, dtype=dtype)
-    check(layer, x, g, dtype)
+    assert_backends_agree(layer, x, g, dtype)
 
 
 @pytest.mark.parametrize("name", ["bspline", "eisenstein"])
@@ -81,7 +65,7 @@ def test_non_contiguous_input(name, kernel_device):
     xt = torch.randn(37, 6, device=kernel_device).T  # transposed
     for inp in (x, xt):
         assert not inp.is_contiguous()
-        check(layer, inp, torch.randn(6, 45, device=kernel_device), torch.float32)
+        assert_backends_agree(layer, inp, torch.randn(6, 45, device=kernel_device), torch.float32)
 
 
 def test_no_bias_and_frozen_input(kernel_device):
@@ -98,7 +82,7 @@ def test_no_bias_and_frozen_input(kernel_device):
 
 def test_hierarchical_triton_matches_reference(kernel_device):
     layer = tk.HierarchicalSplineLinear(37, 45, coarse_grid=(4, 5), fine_grid=(12, 20)).to(kernel_device)
-    check(layer, torch.randn(3, 37, device=kernel_device), torch.randn(3, 45, device=kernel_device), torch.float32)
+    assert_backends_agree(layer, torch.randn(3, 37, device=kernel_device), torch.randn(3, 45, device=kernel_device), torch.float32)
 
 
 @pytest.mark.cuda

@@ -11,7 +11,7 @@ import torch
 
 from tspline_kernels import backend
 from tspline_kernels.spline_tt import SplineTTLinear
-from tspline_kernels.testing import assert_close
+from tspline_kernels.testing import assert_backends_agree, assert_close
 from tspline_kernels.tt import TTLinear
 from tspline_kernels.tt import kernels
 
@@ -26,22 +26,6 @@ TT = {
 STRATEGIES = ["contract", "rebuild"]
 
 
-def run(layer, x, g, which):
-    with backend(which):
-        x = x.detach().clone().requires_grad_()
-        y = layer(x)
-        grads = torch.autograd.grad(y, [x, *layer.parameters()], g)
-    return y, grads
-
-
-def check(layer, x, g, dtype):
-    names = ["y", "dx"] + [n for n, _ in layer.named_parameters()]
-    y_t, g_t = run(layer, x, g, "triton")
-    y_r, g_r = run(layer, x, g, "reference")
-    for name, got, want in zip(names, (y_t, *g_t), (y_r, *g_r)):
-        assert_close(got, want, dtype, name=name)
-
-
 def inputs(layer, lead, device, dtype):
     x = torch.randn(*lead, layer.in_features, device=device, dtype=dtype)
     g = torch.randn(*lead, layer.out_features, device=device, dtype=dtype)
@@ -52,7 +36,7 @@ def inputs(layer, lead, device, dtype):
 @pytest.mark.parametrize("name", list(TT), ids=list(TT))
 def test_tt_fp32(name, strategy, kernel_device):
     layer = TTLinear(*TT[name], strategy=strategy).to(kernel_device)
-    check(layer, *inputs(layer, (2, 3), kernel_device, torch.float32), torch.float32)  # 3-D input
+    assert_backends_agree(layer, *inputs(layer, (2, 3), kernel_device, torch.float32), torch.float32)  # 3-D input
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -60,14 +44,14 @@ def test_tt_fp32(name, strategy, kernel_device):
 @pytest.mark.parametrize("name", ["d2-3x5-7x2-r3", "d3-3x2x5-r23"])
 def test_tt_half(name, strategy, dtype, kernel_device):
     layer = TTLinear(*TT[name], strategy=strategy).to(kernel_device, dtype)
-    check(layer, *inputs(layer, (9,), kernel_device, dtype), dtype)
+    assert_backends_agree(layer, *inputs(layer, (9,), kernel_device, dtype), dtype)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_tt_many_rows(strategy, kernel_device):
     """More rows than one block: several M blocks (rebuild) and column splits (contract grads)."""
     layer = TTLinear(*TT["d3-3x2x5-r23"], strategy=strategy).to(kernel_device)
-    check(layer, *inputs(layer, (50,), kernel_device, torch.float32), torch.float32)
+    assert_backends_agree(layer, *inputs(layer, (50,), kernel_device, torch.float32), torch.float32)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -87,7 +71,7 @@ def test_tt_non_contiguous_and_partial_grads(strategy, kernel_device):
     layer = TTLinear(*TT["d3-3x2x5-r23"], strategy=strategy).to(kernel_device)
     x = torch.randn(30, 6, device=kernel_device).T  # transposed: neither stride is 1 along a row
     g = torch.randn(6, 24, device=kernel_device)
-    check(layer, x, g, torch.float32)
+    assert_backends_agree(layer, x, g, torch.float32)
     results = {}
     for which in ("triton", "reference"):
         with backend(which):
@@ -139,14 +123,14 @@ SPLINE = {
 def test_spline_tt_fp32(name, strategy, kernel_device):
     in_modes, out_modes, ranks, grid = SPLINE[name]
     layer = SplineTTLinear(in_modes, out_modes, ranks, grid, strategy=strategy).to(kernel_device)
-    check(layer, *inputs(layer, (2, 3), kernel_device, torch.float32), torch.float32)
+    assert_backends_agree(layer, *inputs(layer, (2, 3), kernel_device, torch.float32), torch.float32)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_spline_tt_bf16(strategy, kernel_device):
     in_modes, out_modes, ranks, grid = SPLINE["d3-odd"]
     layer = SplineTTLinear(in_modes, out_modes, ranks, grid, strategy=strategy).to(kernel_device, torch.bfloat16)
-    check(layer, *inputs(layer, (7,), kernel_device, torch.bfloat16), torch.bfloat16)
+    assert_backends_agree(layer, *inputs(layer, (7,), kernel_device, torch.bfloat16), torch.bfloat16)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

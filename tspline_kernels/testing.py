@@ -79,3 +79,24 @@ def assert_learns(model: torch.nn.Module, target: torch.nn.Module, x: torch.Tens
         loss.backward()
         opt.step()
     assert loss.item() < factor * first, f"loss {loss.item():.3e} did not fall below {factor} x {first:.3e}"
+
+
+def assert_backends_agree(layer: torch.nn.Module, x: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> None:
+    """The Triton kernels match the reference: output, dx and every parameter gradient for the
+    output gradient ``g``, in value (``dtype``'s tolerances) and in dtype. A gradient the
+    reference leaves as None (a path not taken) must be None from the kernels too."""
+    from ._backend import backend
+
+    results = {}
+    for which in ("triton", "reference"):
+        with backend(which):
+            xi = x.detach().clone().requires_grad_()
+            y = layer(xi)
+            results[which] = (y, *torch.autograd.grad(y, [xi, *layer.parameters()], g, allow_unused=True))
+    names = ["y", "dx"] + [f"d{n}" for n, _ in layer.named_parameters()]
+    for name, got, want in zip(names, results["triton"], results["reference"]):
+        if want is None:
+            assert got is None, f"{name}: the reference gives no gradient, the kernels do"
+            continue
+        assert got is not None and got.dtype == want.dtype, f"{name}: {getattr(got, 'dtype', None)} != {want.dtype}"
+        assert_close(got, want, dtype, name=name)
