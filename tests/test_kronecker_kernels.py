@@ -12,7 +12,7 @@ import torch
 
 from tspline_kernels import backend
 from tspline_kernels.kronecker import KroneckerLinear, kernels, ops
-from tspline_kernels.testing import assert_backends_agree, assert_close
+from tspline_kernels.testing import assert_backends_agree, assert_close, cuda_step_peak_bytes
 
 # (leading shape of x, in_dims, out_dims)
 SHAPES = {
@@ -163,13 +163,6 @@ def test_no_dense_weight_buffer_on_cuda(m):
     n = math.prod(layer.in_dims)
     x = torch.randn(m, n, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
-    layer(x).backward(g)  # warm-up: autotuning may allocate scratch
-    x.grad = None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    layer(x).backward(g)
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
+    peak = cuda_step_peak_bytes(layer, x, g)
     activations = 2 * m * n * 2  # y and dx
     assert peak - activations < n * n * 2 / 10, f"peak {peak / 2**20:.1f} MiB beyond activations"

@@ -10,7 +10,7 @@ import torch
 
 from tspline_kernels import backend
 from tspline_kernels.lowrank import LowRankLinear, kernels, ops
-from tspline_kernels.testing import assert_backends_agree, assert_close
+from tspline_kernels.testing import assert_backends_agree, assert_close, cuda_step_peak_bytes
 
 # (leading shape of x, in_features, out_features)
 SHAPES = {
@@ -148,14 +148,7 @@ def test_no_dense_weight_buffer_on_cuda(n, m):
     layer = make_layer(n, n, 16, torch.bfloat16, "cuda")
     x = torch.randn(m, n, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
-    layer(x).backward(g)  # warm-up: autotuning may allocate scratch
-    x.grad = None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    layer(x).backward(g)
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
+    peak = cuda_step_peak_bytes(layer, x, g)
     activations = 2 * m * n * 2  # y and dx
     dense_weight = n * n * 2
     assert peak - activations < dense_weight / 2, f"peak {peak / 2**20:.1f} MiB beyond activations"

@@ -9,7 +9,7 @@ import torch
 
 import tspline_kernels as tk
 from tspline_kernels import backend
-from tspline_kernels.testing import assert_backends_agree, assert_close
+from tspline_kernels.testing import assert_backends_agree, assert_close, cuda_step_peak_bytes
 
 LAYERS = {
     "bspline": dict(basis="bspline", grid=(6, 9)),
@@ -93,12 +93,6 @@ def test_no_dense_weight_buffer_on_cuda(name):
     layer = make_layer(name, n, n, torch.bfloat16, "cuda")
     x = torch.randn(m, n, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
-    layer(x).backward(g)  # warm-up: autotuning may allocate scratch
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    layer(x).backward(g)
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
+    peak = cuda_step_peak_bytes(layer, x, g)
     dense_weight = n * n * 2
     assert peak < dense_weight / 8, f"peak {peak / 2**20:.1f} MiB vs dense weight {dense_weight / 2**20:.1f} MiB"

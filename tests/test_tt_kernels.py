@@ -11,7 +11,7 @@ import torch
 
 from tspline_kernels import backend
 from tspline_kernels.spline_tt import SplineTTLinear
-from tspline_kernels.testing import assert_backends_agree, assert_close
+from tspline_kernels.testing import assert_backends_agree, assert_close, cuda_step_peak_bytes
 from tspline_kernels.tt import TTLinear
 from tspline_kernels.tt import kernels
 
@@ -167,11 +167,5 @@ def test_no_dense_weight_buffer_on_cuda(strategy):
     layer = TTLinear((16, 16, 16), (16, 16, 16), 16, strategy=strategy).to("cuda", torch.bfloat16)
     x = torch.randn(m, n, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
-    layer(x).backward(g)  # warm-up: autotuning may allocate scratch
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    layer(x).backward(g)
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
+    peak = cuda_step_peak_bytes(layer, x, g)
     assert peak < n * n * 2 / 2, f"peak {peak / 2**20:.1f} MiB vs dense weight {n * n * 2 / 2**20:.1f} MiB"

@@ -27,7 +27,7 @@ if INTERPRET and isinstance(tl.zeros, JITFunction):
         "before TRITON_INTERPRET=1 was set. Set TRITON_INTERPRET=1 in the environment before starting Python."
     )
 
-__all__ = ["INTERPRET", "triton", "tl", "configs", "flatten", "m_bucket", "dot_precision", "check_inputs"]
+__all__ = ["INTERPRET", "triton", "tl", "configs", "flatten", "m_bucket", "dot_precision", "check_inputs", "grouped_pid"]
 
 
 def _patch_interpreter_bf16_dot() -> None:
@@ -35,7 +35,7 @@ def _patch_interpreter_bf16_dot() -> None:
 
     The interpreter stores bfloat16 as raw ``uint16`` and multiplies the bit patterns
     (triton-lang/triton#11584, unsupported upstream). Widening bf16 -> fp32 is exact and is
-    what the tensor cores do before accumulating in fp32. ``tests/test_triton_setup.py``
+    what the tensor cores do before accumulating in fp32. ``tests/test_backend.py``
     checks the patched result.
     """
     from triton.runtime import interpreter as interp
@@ -101,3 +101,13 @@ def check_inputs(*tensors: torch.Tensor) -> None:
             raise TypeError(f"Triton kernels take fp32, fp16 or bf16 tensors, got {t.dtype} (use the reference backend)")
         if not t.is_cuda and not INTERPRET:
             raise RuntimeError("Triton kernels on CPU tensors need TRITON_INTERPRET=1 set before Python starts")
+
+
+@triton.jit
+def grouped_pid(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of program ``pid`` on a ``num_m x num_n`` tile grid, launched in groups of
+    GROUP_M row blocks so that consecutive programs share row tiles in L2 (Triton tutorial 03)."""
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (pid % group) % size_m, (pid % group) // size_m

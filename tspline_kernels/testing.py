@@ -100,3 +100,16 @@ def assert_backends_agree(layer: torch.nn.Module, x: torch.Tensor, g: torch.Tens
             continue
         assert got is not None and got.dtype == want.dtype, f"{name}: {getattr(got, 'dtype', None)} != {want.dtype}"
         assert_close(got, want, dtype, name=name)
+
+
+def cuda_step_peak_bytes(layer: torch.nn.Module, x: torch.Tensor, g: torch.Tensor) -> int:
+    """Peak CUDA memory allocated by one ``layer(x).backward(g)`` beyond what was live before it,
+    measured after a warm-up step (autotuning allocates scratch on the first call)."""
+    layer(x).backward(g)
+    x.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    layer(x).backward(g)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .._triton import check_inputs, configs, dot_precision, flatten, m_bucket, tl, triton
+from .._triton import check_inputs, configs, dot_precision, flatten, grouped_pid, m_bucket, tl, triton
 from ..reference.spline import BSPLINE, EXP_FLOOR, GAUSSIAN_EPS, IDW_EPS, KEYS_A
 
 
@@ -396,13 +396,7 @@ def _field_matmul_kernel(
     Bytes: elt*(M*K*cdiv(N, BN) + M*N) + 12*N_PTS (lattice and control).
     """
     pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BM)
-    num_n = tl.cdiv(N, BN)
-    group = GROUP_M * num_n
-    first_m = (pid // group) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % size_m
-    pid_n = (pid % group) // size_m
+    pid_m, pid_n = grouped_pid(pid, tl.cdiv(M, BM), tl.cdiv(N, BN), GROUP_M)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     inv_two_s2 = _inv_two_s2(sigma_ptr, BASIS)

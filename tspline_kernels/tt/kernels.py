@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._triton import INTERPRET, check_inputs, configs, dot_precision, flatten, m_bucket, tl, triton
+from .._triton import INTERPRET, check_inputs, configs, dot_precision, flatten, grouped_pid, m_bucket, tl, triton
 from ..reference import tt as ref
 from ..reference.spline import BSPLINE
 from ..spline.kernels import _axis, _basis_taps
@@ -347,13 +347,7 @@ def _rebuild_kernel(
     (at worst elt * M I cdiv(O, BN) for x).
     """
     pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BM)
-    num_n = tl.cdiv(O_H, PO)
-    group = GROUP_M * num_n
-    first_m = (pid // group) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % size_m
-    pid_n = (pid % group) // size_m
+    pid_m, pid_n = grouped_pid(pid, tl.cdiv(M, BM), tl.cdiv(O_H, PO), GROUP_M)
     rm = pid_m * BM + tl.arange(0, BM)
     m_mask = rm < M
     cols, col_ok = _tile_index(pid_n, PO, ODP, O_D, O_H)
