@@ -28,7 +28,7 @@ class FitReport:
                 f"(dense {self.dense_params}, {self.dense_params / max(self.params, 1):.1f}x fewer){extra}")
 
 
-def fit_report(method: str, dense: torch.Tensor, layer: "CompressedLinear", **details) -> FitReport:
+def fit_report(method: str, dense: torch.Tensor, layer: CompressedLinear, **details) -> FitReport:
     """Compare ``layer.materialize()`` with the ``dense`` weight it was fitted to."""
     with torch.no_grad():
         w = dense.double()

@@ -63,7 +63,7 @@ class LowRankLinear(CompressedLinear):
         return f"rank={self.rank}"
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, rank: int) -> "LowRankLinear":
+    def from_linear(cls, linear: nn.Linear, rank: int) -> LowRankLinear:
         """The best rank-``rank`` approximation of ``linear.weight`` in Frobenius (and spectral)
         norm, by truncated SVD (Eckart-Young): W = P S Q.T gives U = P_r sqrt(S_r), V = Q_r sqrt(S_r).
 
@@ -88,7 +88,7 @@ class LowRankLinear(CompressedLinear):
         return new
 
     @classmethod
-    def from_tensor_spline(cls, module: nn.Module) -> "LowRankLinear":
+    def from_tensor_spline(cls, module: nn.Module) -> LowRankLinear:
         """Convert a ``tensor_spline.LowRankLinear`` (y = x @ U_ts @ V_ts + b, U_ts ``(in, r)``,
         V_ts ``(r, out)``): our V = U_ts and U = V_ts.T, so outputs are identical and gradients
         correspond (dV = dU_ts, dU = dV_ts.T). Parameters are copied; the two train independently."""

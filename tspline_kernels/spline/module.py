@@ -170,7 +170,7 @@ class SplineLinear(CompressedLinear):
         return f"basis={self.basis!r}, n_control_points={self.n_control_points}{local}"
 
     @classmethod
-    def from_tensor_spline(cls, module: nn.Module) -> "SplineLinear":
+    def from_tensor_spline(cls, module: nn.Module) -> SplineLinear:
         """Convert a ``tensor_spline.SplineLinear``: same outputs and gradients (its "bspline" is our
         "bicubic"); parameters are copied, so the two train independently afterwards."""
         if getattr(module, "basis", None) not in _TENSOR_SPLINE_BASIS:

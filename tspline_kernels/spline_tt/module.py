@@ -108,7 +108,7 @@ class SplineTTLinear(CompressedLinear):
                 f"strategy={self.strategy!r}")
 
     @classmethod
-    def from_ttlinear(cls, tt: TTLinear, grid, strategy: str | None = None) -> "SplineTTLinear":
+    def from_ttlinear(cls, tt: TTLinear, grid, strategy: str | None = None) -> SplineTTLinear:
         """Least-squares spline fit of every core of ``tt``: C_k = pinv(Bo_k) core_k pinv(Bi_k).T per
         rank pair (exact LS solution; minimum-norm when a grid exceeds its mode size). The bias is
         copied. Attaches ``fit_report`` (relative error of the whole weight, per-core errors in details)."""

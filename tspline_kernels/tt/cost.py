@@ -40,7 +40,7 @@ class Cost:
     launches: int
     seconds: float
 
-    def __add__(self, other: "Cost") -> "Cost":
+    def __add__(self, other: Cost) -> Cost:
         return Cost(self.flops + other.flops, self.bytes + other.bytes, self.launches + other.launches,
                     self.seconds + other.seconds)
 

@@ -165,7 +165,7 @@ class TTLinear(CompressedLinear):
 
     # ---- conversions ----------------------------------------------------------------------------
     @classmethod
-    def from_tltorch(cls, module: nn.Module, strategy: str = "auto") -> "TTLinear":
+    def from_tltorch(cls, module: nn.Module, strategy: str = "auto") -> TTLinear:
         """Convert a ``tltorch.FactorizedLinear(..., factorization='blocktt')``: same cores, same
         outputs; parameters are copied, so the two train independently afterwards."""
         weight = getattr(module, "weight", None)
@@ -186,7 +186,7 @@ class TTLinear(CompressedLinear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, in_modes: Sequence[int], out_modes: Sequence[int],
-                    eps: float | None = None, max_rank: int | None = None, strategy: str = "auto") -> "TTLinear":
+                    eps: float | None = None, max_rank: int | None = None, strategy: str = "auto") -> TTLinear:
         """TT-SVD of ``linear.weight`` (Oseledets 2011): ||W - W_hat||_F <= eps ||W||_F whenever
         ``max_rank`` does not bind. Each unfolding keeps the fewest singular values whose discarded
         tail has norm <= eps / sqrt(d - 1) * ||W||_F; ``max_rank`` caps every rank. ``eps=None``
