@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from .._layers import CompressedLinear, fit_report
+from .._layers import fit_report
 from ..reference import spline_tt as ref
 from ..reference import tt as ref_tt
-from ..tt import cost
-from ..tt.module import TTLinear, check_structure, init_scale
+from ..tt.module import TTLinear, TTStructured, init_scale
 from . import ops
 
 
@@ -40,7 +38,7 @@ def _check_grid(grid, d: int) -> tuple[tuple[int, int], ...]:
     return tuple(pair(g) for g in items)
 
 
-class SplineTTLinear(CompressedLinear):
+class SplineTTLinear(TTStructured):
     """A TT matrix (see ``TTLinear``) whose cores vary smoothly along their mode indices:
 
         core_k[a, o, i, b] = sum_{p, q} Bo_k[o, p] control[k][a, p, q, b] Bi_k[i, q]
@@ -54,30 +52,17 @@ class SplineTTLinear(CompressedLinear):
 
     def __init__(self, in_modes: Sequence[int], out_modes: Sequence[int], ranks, grid, bias: bool = True,
                  device=None, dtype=None, strategy: str = "auto") -> None:
-        ins, outs, rks = check_structure(in_modes, out_modes, ranks)
-        super().__init__(math.prod(ins), math.prod(outs), bias, device, dtype)
-        self.in_modes, self.out_modes, self.ranks = ins, outs, rks
-        self.grid = _check_grid(grid, len(ins))
-        self.strategy = strategy
+        super().__init__(in_modes, out_modes, ranks, bias, device, dtype, strategy)
+        self.grid = _check_grid(grid, len(self.in_modes))
+        rks = self.ranks
         self.control = nn.ParameterList(
             nn.Parameter(torch.empty(rks[k], go, gi, rks[k + 1], device=device, dtype=dtype))
             for k, (go, gi) in enumerate(self.grid)
         )
         self.reset_parameters()
 
-    @property
-    def strategy(self) -> str:
-        return self._strategy
-
-    @strategy.setter
-    def strategy(self, value: str) -> None:
-        self._strategy = cost.check_strategy(value, self.in_modes, self.out_modes)
-
-    def picked_strategy(self, m: int, dtype: torch.dtype | None = None, transposed: bool = False) -> str:
-        """The kernel strategy the Triton path runs for ``m`` rows ("contract" or "rebuild")."""
-        elt = torch.finfo(dtype or self.control[0].dtype).bits // 8
-        ins, outs = (self.out_modes, self.in_modes) if transposed else (self.in_modes, self.out_modes)
-        return cost.resolve(self.strategy, m, ins, outs, self.ranks, elt)
+    def _factors(self) -> nn.ParameterList:
+        return self.control
 
     def cores(self) -> list[torch.Tensor]:
         """The TT cores ``(r_{k-1}, O_k, I_k, r_k)`` the control points define (for inspection)."""

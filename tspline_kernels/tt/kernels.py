@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from .._triton import INTERPRET, check_inputs, configs, dot_precision, flatten, grouped_pid, m_bucket, tl, triton
+from ..reference import spline_tt as spline_ref
 from ..reference import tt as ref
 from ..reference.spline import BSPLINE
 from ..spline.kernels import _axis, _basis_taps
@@ -194,6 +195,10 @@ class Core:
     @property
     def r1(self) -> int:
         return self.t.shape[3]
+
+    def dense(self) -> torch.Tensor:
+        """The core ``(r0, O, I, r1)``; a spline core is formed from its control points (fp32, core-sized)."""
+        return spline_ref.spline_cores([self.t], [self.i], [self.o])[0] if self.spline else self.t
 
     def axes(self) -> tuple[float, float, float, float]:
         """(scale_o, top_o, scale_i, top_i) of the B-spline taps (unused for plain cores)."""
@@ -505,40 +510,59 @@ def tt_transposed(cores: list[torch.Tensor]) -> list[torch.Tensor]:
 # ----------------------------------------------------------------------------------------------
 # Launchers used by the ops
 # ----------------------------------------------------------------------------------------------
-def _strategy(strategy: str, m: int, cores: list[torch.Tensor], elt: int) -> str:
-    out_modes, in_modes, ranks = ref.modes_of(cores)
-    return cost.resolve(strategy, m, in_modes, out_modes, ranks, elt)
+def _strategy(strategy: str, m: int, cores: list[Core], elt: int) -> str:
+    ranks = (cores[0].r0,) + tuple(c.r1 for c in cores)
+    return cost.resolve(strategy, m, [c.i for c in cores], [c.o for c in cores], ranks, elt)
 
 
-def tt_linear(x: torch.Tensor, cores: list[torch.Tensor], bias: torch.Tensor | None, strategy: str) -> torch.Tensor:
-    """y = x @ W.T + bias for x ``(*, I)`` and cores ``(r0, O_k, I_k, r1)`` (any strides) -> ``(*, O)``."""
-    check_inputs(x, *cores, *([bias] if bias is not None else []))
+def cores_linear(x: torch.Tensor, cores: list[Core], bias: torch.Tensor | None, strategy: str) -> torch.Tensor:
+    """y = x @ W.T + bias for x ``(*, I)`` -> ``(*, O)`` with the strategy ``strategy`` resolves to;
+    plain or spline cores (rebuild forms the core-sized spline cores first)."""
+    check_inputs(x, *(c.t for c in cores), *([bias] if bias is not None else []))
     x2 = flatten(x)
-    n_out = math.prod(c.shape[1] for c in cores)
     if _strategy(strategy, x2.shape[0], cores, x.element_size()) == "rebuild":
-        y = rebuild_linear(x2, cores, bias)
+        y = rebuild_linear(x2, [c.dense() for c in cores], bias)
     else:
-        y = contract_linear(x2, [Core(c, c.shape[1], c.shape[2]) for c in cores], bias)
-    return y.reshape(*x.shape[:-1], n_out)
+        y = contract_linear(x2, cores, bias)
+    return y.reshape(*x.shape[:-1], math.prod(c.o for c in cores))
 
 
-def tt_grad(dy: torch.Tensor, x: torch.Tensor, cores: list[torch.Tensor], strategy: str, need_dx: bool
-            ) -> list[torch.Tensor]:
-    """``[dG_1 .. dG_d]`` (fp32) of sum(dy * (x @ W.T)), then dx = dy @ W if ``need_dx``.
+def cores_grad(dy: torch.Tensor, x: torch.Tensor, cores: list[Core], strategy: str, need_dx: bool
+               ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """(``[dG_1 .. dG_d]`` fp32 in the ``(r0, O, I, r1)`` layout, dx in x's shape and dtype or None)
+    of sum(dy * (x @ W.T)).
 
     contract: the dy sweep that yields the core gradients ends in dx (one more step).
     rebuild: dL/dT from ``_rebuild_grad_kernel``; dx by ``_rebuild_kernel`` on the cores of W.T.
     """
-    check_inputs(dy, x, *cores)
+    check_inputs(dy, x, *(c.t for c in cores))
     dy2, x2 = flatten(dy), flatten(x)
     m = dy2.shape[0]
     if m == 0:
-        grads = [torch.zeros(c.shape, device=dy.device, dtype=torch.float32) for c in cores]
-        return grads + ([x.new_zeros(x.shape)] if need_dx else [])
+        shapes = [(c.r0, c.o, c.i, c.r1) for c in cores]
+        return [torch.zeros(s, device=dy.device, dtype=torch.float32) for s in shapes], x.new_zeros(x.shape) if need_dx else None
     if _strategy(strategy, m, cores, dy.element_size()) == "rebuild":
-        grads = rebuild_grad(dy2, x2, cores)
-        dx = rebuild_linear(dy2, tt_transposed(cores), None) if need_dx else None
+        dense = [c.dense() for c in cores]
+        grads = rebuild_grad(dy2, x2, dense)
+        dx = rebuild_linear(dy2, tt_transposed(dense), None) if need_dx else None
     else:
-        grads, dx = contract_grad(dy2, x2, [Core(c, c.shape[1], c.shape[2]) for c in cores], need_dx)
+        grads, dx = contract_grad(dy2, x2, cores, need_dx)
+    return grads, None if dx is None else dx.reshape(x.shape).to(x.dtype)
+
+
+def plain_cores(cores: list[torch.Tensor]) -> list[Core]:
+    """Stored cores ``(r0, O_k, I_k, r1)`` (any strides) as the launchers take them."""
+    return [Core(c, c.shape[1], c.shape[2]) for c in cores]
+
+
+def tt_linear(x: torch.Tensor, cores: list[torch.Tensor], bias: torch.Tensor | None, strategy: str) -> torch.Tensor:
+    """y = x @ W.T + bias for x ``(*, I)`` and cores ``(r0, O_k, I_k, r1)`` (any strides) -> ``(*, O)``."""
+    return cores_linear(x, plain_cores(cores), bias, strategy)
+
+
+def tt_grad(dy: torch.Tensor, x: torch.Tensor, cores: list[torch.Tensor], strategy: str, need_dx: bool
+            ) -> list[torch.Tensor]:
+    """``[dG_1 .. dG_d]`` (fp32) of sum(dy * (x @ W.T)), then dx = dy @ W if ``need_dx``."""
+    grads, dx = cores_grad(dy, x, plain_cores(cores), strategy, need_dx)
     # contiguous, as the fake implementation promises (torch.compile checks strides)
-    return [g.contiguous() for g in grads] + ([dx.reshape(x.shape).to(x.dtype)] if need_dx else [])
+    return [g.contiguous() for g in grads] + ([dx] if need_dx else [])

@@ -107,26 +107,21 @@ def init_scale(cores: list[torch.Tensor], in_features: int) -> float:
     return (1.0 / (3 * in_features * max(mean_sq, 1e-300))) ** (1.0 / (2 * len(cores)))
 
 
-class TTLinear(CompressedLinear):
-    """``nn.Linear`` whose ``(prod out_modes, prod in_modes)`` weight is a tensor-train matrix.
+class TTStructured(CompressedLinear):
+    """What the TT layers share: validated ``in_modes``, ``out_modes`` and ``ranks``, and the choice
+    of Triton kernels, ``strategy``: "contract" (sequential contraction), "rebuild" (W tiles rebuilt
+    on chip for ``tl.dot``) or "auto" (cost model, per call; see ``picked_strategy``)."""
 
-    ``cores[k]`` is ``(r_{k-1}, out_modes[k], in_modes[k], r_k)`` (tltorch ``BlockTT`` layout and
-    index order); ``ranks`` is ``(1, r_1, ..., r_{d-1}, 1)`` or one int for every inner rank; d = 2..6.
-    ``strategy`` chooses the Triton kernels: "contract" (sequential contraction), "rebuild" (W
-    tiles rebuilt on chip for ``tl.dot``) or "auto" (cost model, per call; see ``picked_strategy``).
-    """
-
-    def __init__(self, in_modes: Sequence[int], out_modes: Sequence[int], ranks, bias: bool = True,
-                 device=None, dtype=None, strategy: str = "auto") -> None:
+    def __init__(self, in_modes: Sequence[int], out_modes: Sequence[int], ranks, bias: bool,
+                 device, dtype, strategy: str) -> None:
         ins, outs, rks = check_structure(in_modes, out_modes, ranks)
         super().__init__(math.prod(ins), math.prod(outs), bias, device, dtype)
         self.in_modes, self.out_modes, self.ranks = ins, outs, rks
         self.strategy = strategy
-        self.cores = nn.ParameterList(
-            nn.Parameter(torch.empty(rks[k], outs[k], ins[k], rks[k + 1], device=device, dtype=dtype))
-            for k in range(len(ins))
-        )
-        self.reset_parameters()
+
+    def _factors(self) -> nn.ParameterList:
+        """The per-core trainable tensors (their dtype is the kernels' dtype)."""
+        raise NotImplementedError
 
     @property
     def strategy(self) -> str:
@@ -139,9 +134,31 @@ class TTLinear(CompressedLinear):
     def picked_strategy(self, m: int, dtype: torch.dtype | None = None, transposed: bool = False) -> str:
         """The kernel strategy the Triton path runs for ``m`` rows ("contract" or "rebuild");
         ``transposed`` for the dx product of the backward."""
-        elt = torch.finfo(dtype or self.cores[0].dtype).bits // 8
+        elt = torch.finfo(dtype or self._factors()[0].dtype).bits // 8
         ins, outs = (self.out_modes, self.in_modes) if transposed else (self.in_modes, self.out_modes)
         return cost.resolve(self.strategy, m, ins, outs, self.ranks, elt)
+
+
+class TTLinear(TTStructured):
+    """``nn.Linear`` whose ``(prod out_modes, prod in_modes)`` weight is a tensor-train matrix.
+
+    ``cores[k]`` is ``(r_{k-1}, out_modes[k], in_modes[k], r_k)`` (tltorch ``BlockTT`` layout and
+    index order); ``ranks`` is ``(1, r_1, ..., r_{d-1}, 1)`` or one int for every inner rank; d = 2..6.
+    ``strategy``: see :class:`TTStructured`.
+    """
+
+    def __init__(self, in_modes: Sequence[int], out_modes: Sequence[int], ranks, bias: bool = True,
+                 device=None, dtype=None, strategy: str = "auto") -> None:
+        super().__init__(in_modes, out_modes, ranks, bias, device, dtype, strategy)
+        rks = self.ranks
+        self.cores = nn.ParameterList(
+            nn.Parameter(torch.empty(rks[k], o, i, rks[k + 1], device=device, dtype=dtype))
+            for k, (o, i) in enumerate(zip(self.out_modes, self.in_modes))
+        )
+        self.reset_parameters()
+
+    def _factors(self) -> nn.ParameterList:
+        return self.cores
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
