@@ -81,19 +81,23 @@ def assert_learns(model: torch.nn.Module, target: torch.nn.Module, x: torch.Tens
     assert loss.item() < factor * first, f"loss {loss.item():.3e} did not fall below {factor} x {first:.3e}"
 
 
-def assert_backends_agree(layer: torch.nn.Module, x: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> None:
-    """The Triton kernels match the reference: output, dx and every parameter gradient for the
-    output gradient ``g``, in value (``dtype``'s tolerances) and in dtype. A gradient the
-    reference leaves as None (a path not taken) must be None from the kernels too."""
+def assert_backends_agree(layer: torch.nn.Module, x: torch.Tensor, g: torch.Tensor, dtype: torch.dtype,
+                          x_grad: bool = True) -> None:
+    """The Triton kernels match the reference: output, dx (if ``x_grad``) and the gradient of every
+    parameter that requires grad (frozen ones are left out, so each backward branch can be
+    checked) for the output gradient ``g``, in value (``dtype``'s tolerances) and in dtype. A
+    gradient the reference leaves as None (a path not taken) must be None from the kernels too."""
     from ._backend import backend
 
+    params = [(n, p) for n, p in layer.named_parameters() if p.requires_grad]
     results = {}
     for which in ("triton", "reference"):
         with backend(which):
-            xi = x.detach().clone().requires_grad_()
+            xi = x.detach().clone().requires_grad_(x_grad)
             y = layer(xi)
-            results[which] = (y, *torch.autograd.grad(y, [xi, *layer.parameters()], g, allow_unused=True))
-    names = ["y", "dx"] + [f"d{n}" for n, _ in layer.named_parameters()]
+            wrt = [xi] * x_grad + [p for _, p in params]
+            results[which] = (y, *torch.autograd.grad(y, wrt, g, allow_unused=True))
+    names = ["y"] + ["dx"] * x_grad + [f"d{n}" for n, _ in params]
     for name, got, want in zip(names, results["triton"], results["reference"]):
         if want is None:
             assert got is None, f"{name}: the reference gives no gradient, the kernels do"
