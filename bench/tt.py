@@ -36,8 +36,11 @@ def costs(layer, m: int, dtype: torch.dtype, mode: str, device: str) -> tuple[fl
     """(FLOPs, bytes, strategy run) of one call; the reference on CPU counts as "contract"."""
     ins, outs, ranks = layer.in_modes, layer.out_modes, layer.ranks
     elt = torch.finfo(dtype).bits // 8
-    picked = layer.picked_strategy(m, dtype) if device == "cuda" else "contract"
-    total = cost.forward_cost(picked, m, ins, outs, ranks, elt)
+    if device == "cuda":
+        picked = layer.picked_strategy(m, dtype)
+        total = cost.forward_cost(picked, m, ins, outs, ranks, elt)
+    else:  # the reference keeps its states in memory, like the step kernels
+        picked, total = "contract", cost.steps_cost(m, ins, outs, ranks, elt)
     if mode != "fwd":
         total = total + cost.grad_cores_cost(picked, m, ins, outs, ranks, elt)
         if picked == "rebuild":  # dx is a second rebuild launch on the cores of W.T

@@ -6,6 +6,8 @@ On CPU the kernels run under the Triton interpreter, on CUDA compiled; modes are
 ``tspline_kernels.testing.TOLERANCES`` for the input dtype.
 """
 
+import math
+
 import pytest
 import torch
 
@@ -22,6 +24,7 @@ TT = {
     "d3-3x2x5-r23": ((3, 2, 5), (2, 3, 4), (1, 2, 3, 1)),
     "d3-rank1": ((3, 2, 5), (5, 1, 3), (1, 1, 1, 1)),
     "d2-wide-head-37x3": ((37, 3), (5, 2), (1, 3, 1)),  # several K blocks and grad splits per program
+    "d4-2x3x2x3-r213": ((2, 3, 2, 3), (3, 2, 2, 2), (1, 2, 1, 3, 1)),  # two middle steps in the chain kernel
 }
 STRATEGIES = ["contract", "rebuild"]
 
@@ -90,6 +93,51 @@ def test_tt_auto_runs_the_picked_strategy(monkeypatch, kernel_device):
     assert_close(y, torch.nn.functional.linear(x, layer.materialize(), layer.bias))
 
 
+def test_contract_forward_is_one_chain_launch(monkeypatch, kernel_device):
+    """Where the chain kernel fits, the contract forward (and dx alone) never runs a step kernel:
+    no state reaches global memory."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a per-step launch wrote a state to global memory")
+
+    monkeypatch.setattr(kernels, "_step", forbidden)
+    for name in ("d2-3x5-7x2-r3", "d3-3x2x5-r23", "d4-2x3x2x3-r213"):
+        layer = TTLinear(*TT[name], strategy="contract").to(kernel_device).requires_grad_(False)
+        x = torch.randn(6, layer.in_features, device=kernel_device, requires_grad=True)
+        g = torch.randn(6, layer.out_features, device=kernel_device)
+        with backend("triton"):
+            y = layer(x)
+            y.backward(g)  # frozen cores: dx = dy @ W is a chain launch on the cores of W.T
+        w = layer.materialize()
+        assert_close(y, torch.nn.functional.linear(x, w, layer.bias))
+        assert_close(x.grad, g @ w)
+
+
+@pytest.mark.parametrize("name", ["d2-3x5-7x2-r3", "d3-3x2x5-r23"])
+def test_contract_falls_back_to_step_kernels(name, monkeypatch, kernel_device):
+    """Cores whose chain tiles do not fit run the per-step kernels, with the same results."""
+    monkeypatch.setattr(kernels.cost, "CHAIN_MAX_TILE", 8)
+    layer = TTLinear(*TT[name], strategy="contract").to(kernel_device)
+    assert not kernels.chain_fits(kernels.plain_cores(list(layer.cores)))
+    assert_backends_agree(layer, *inputs(layer, (2, 3), kernel_device, torch.float32), torch.float32)
+
+
+def test_chain_plans_are_valid_dot_shapes():
+    """Every chain plan has power-of-two tiles with each tl.dot side >= 16, within the tile limit;
+    the benchmark shapes (16^3 rank 16, 8^4 rank 8) fit, an oversized middle core does not."""
+    shapes = [((3, 2, 5), (2, 3, 4), (1, 2, 3, 1)), ((16, 16, 16), (16, 16, 16), (1, 16, 16, 1)),
+              ((8,) * 4, (8,) * 4, (1, 8, 8, 8, 1)), ((37, 3), (5, 2), (1, 3, 1)), ((1, 1), (1, 1), (1, 1, 1))]
+    for ins, outs, ranks in shapes:
+        plans = kernels.cost.chain_plans(ins, outs, ranks)
+        assert plans, ins
+        for p in plans:
+            assert p.largest_tile() <= kernels.cost.CHAIN_MAX_TILE
+            for k in range(len(ins)):
+                for n in (p.x[k], p.rp[k] * p.ni[k], p.no[k] * p.rp[k + 1]):
+                    assert n >= 16 and n & (n - 1) == 0, (ins, p)
+                assert p.rp[k + 1] >= ranks[k + 1] and p.no[k] * math.ceil(outs[k] / p.no[k]) >= outs[k]
+    assert not kernels.cost.chain_plans((16, 256, 16), (16, 256, 16), (1, 32, 32, 1))
+
+
 def test_rebuild_tiles_are_valid_dot_shapes():
     for o_d, i_d, r in [(1, 1, 1), (7, 2, 3), (5, 3, 17), (16, 16, 16), (8, 8, 8), (2, 64, 4)]:
         t = kernels.rebuild_tiles(o_d, i_d, r)
@@ -151,7 +199,7 @@ def test_spline_contract_never_forms_cores(monkeypatch, kernel_device):
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_no_dense_weight_buffer_on_cuda(strategy):
     """Forward and backward never allocate an (out x in) buffer: peak memory stays far below W."""
-    n, m = 4096, 16  # contract keeps r-times-larger states: 2 MiB each at M=16
+    n, m = 4096, 16  # the contract backward keeps r-times-larger states: 2 MiB each at M=16
     layer = TTLinear((16, 16, 16), (16, 16, 16), 16, strategy=strategy).to("cuda", torch.bfloat16)
     x = torch.randn(m, n, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)

@@ -4,15 +4,19 @@ Pure Python (no Triton, no GPU query), so modules, ops and benchmarks can import
 Notation: d cores ``(r_{k-1}, O_k, I_k, r_k)``, ``O = prod O_k``, ``I = prod I_k``, ``M`` rows of x,
 ``elt`` bytes per element of x. The counts match the kernel docstrings in ``tt/kernels.py``.
 
-* ``contract``: d launches of one batched-GEMM step kernel; step k reads the state
-  ``(M O_<k, r_{k-1} I_k, I_>k)`` and writes ``(M O_<k, O_k r_k, I_>k)`` to global memory.
-  FLOPs ``sum_k 2 M O_<=k r_{k-1} r_k I_>=k``.
+* ``contract``: sequential contraction of x with the cores. The forward (and dx) is one launch of
+  the fused chain kernel, states on chip, when one of ``CHAIN_CONFIGS`` fits ``CHAIN_MAX_TILE``
+  (``chain_cost``); otherwise d launches of one batched-GEMM step kernel, step k reading the state
+  ``(M O_<k, r_{k-1} I_k, I_>k)`` and writing ``(M O_<k, O_k r_k, I_>k)`` to global memory
+  (``steps_cost``). FLOPs ``sum_k 2 M O_<=k r_{k-1} r_k I_>=k`` (plus padding and, in the chain
+  kernel, step 1 once per block of O_2).
 * ``rebuild``: one launch; every ``(BN, BK)`` tile of W is rebuilt on chip from the head product
   L ``(O/O_d, I/I_d, r_{d-1})`` and the last core, then fed to ``tl.dot``.
   FLOPs ``2 M O I + 2 r_{d-1} O I cdiv(M, BM)``.
 
 The time estimate is, per launch, ``launch overhead + max(FLOPs / peak, bytes / bandwidth)`` with
-H100 SXM datasheet numbers (dense bf16 tensor cores, HBM3). It only has to rank the two
+H100 SXM datasheet numbers (dense bf16 tensor cores, HBM3; the chain kernel's L2 re-reads at an
+estimated L2 bandwidth). It only has to rank the two
 strategies; it is not a performance prediction.
 """
 
@@ -23,11 +27,15 @@ from dataclasses import dataclass
 
 PEAK_FLOPS = 989e12  # H100 SXM dense bf16 tensor-core FLOP/s
 HBM_BYTES = 3.35e12  # H100 SXM HBM3 bytes/s
+L2_BYTES = 10e12  # H100 L2 bytes/s, an estimate (not on the datasheet)
 SMS = 132  # H100 SXM streaming multiprocessors
 LAUNCH_S = 4e-6  # per kernel launch (and per small host-side torch op of the rebuild set-up)
 TILE = 128  # nominal output tile (BN, BP) of the tuned kernels
 MAX_LAST_TILE = 1024  # rebuild needs next_pow2(O_d) * next_pow2(I_d) <= this (register tile of the last core)
 STRATEGIES = ("auto", "contract", "rebuild")
+CHAIN_MAX_TILE = 16384  # elements of the largest register tile (state or core tile) of the chain kernel
+# (BM, BO1, BO2, CD) of the chain kernel: rows, O_1 and O_2 per program, I_d per loop step
+CHAIN_CONFIGS = tuple((bm, bo1, bo2, cd) for bm in (16, 64) for bo1 in (1, 4, 16) for bo2 in (4, 16) for cd in (1, 4))
 
 
 @dataclass(frozen=True)
@@ -45,10 +53,12 @@ class Cost:
                     self.seconds + other.seconds)
 
 
-def _launch(flops: float, nbytes: float, programs: int, launches: int = 1) -> Cost:
-    """One kernel: overhead + roofline time, slowed down when it has fewer programs than SMs."""
+def _launch(flops: float, nbytes: float, programs: int, launches: int = 1, l2_bytes: float = 0.0) -> Cost:
+    """One kernel: overhead + roofline time (HBM ``nbytes``, L2 hits ``l2_bytes``), slowed down when
+    it has fewer programs than SMs."""
     occupancy = min(1.0, programs / SMS)
-    return Cost(flops, nbytes, launches, launches * LAUNCH_S + max(flops / PEAK_FLOPS, nbytes / HBM_BYTES) / occupancy)
+    roof = max(flops / PEAK_FLOPS, nbytes / HBM_BYTES, l2_bytes / L2_BYTES)
+    return Cost(flops, nbytes, launches, launches * LAUNCH_S + roof / occupancy)
 
 
 def _next_pow2(n: int) -> int:
@@ -65,8 +75,80 @@ def rebuild_feasible(in_modes, out_modes) -> bool:
     return _next_pow2(out_modes[-1]) * _next_pow2(in_modes[-1]) <= MAX_LAST_TILE
 
 
+@dataclass(frozen=True)
+class ChainPlan:
+    """Register tiles of the chain kernel for one config. Per step k (0-based): ``ni[k]`` input
+    indices (padded I_k; the chunk CD of I_d for the last step), ``no[k]`` output indices (the
+    blocks BO1, BO2 of O_1, O_2, then padded O_k), ``x[k]`` state rows; ``rp[k]`` padded ranks
+    (k = 0..d), raised so that every ``tl.dot`` side is at least 16 (padding is zero)."""
+
+    bm: int
+    ni: tuple[int, ...]
+    no: tuple[int, ...]
+    rp: tuple[int, ...]
+    x: tuple[int, ...]
+
+    def largest_tile(self) -> int:
+        """Elements of the largest state (rows x K or rows x N) or core (K x N) tile."""
+        sizes = []
+        for k, (ni, no, x) in enumerate(zip(self.ni, self.no, self.x)):
+            kk, nn = self.rp[k] * ni, no * self.rp[k + 1]
+            sizes += [x * kk, x * nn, kk * nn]
+        return max(sizes)
+
+    def programs(self, m: int, out_modes) -> int:
+        """Grid size: row blocks x blocks of O_1 x blocks of O_2."""
+        return math.ceil(m / self.bm) * math.ceil(out_modes[0] / self.no[0]) * math.ceil(out_modes[1] / self.no[1])
+
+
+def chain_plan(in_modes, out_modes, ranks, bm: int, bo1: int, bo2: int, cd: int) -> ChainPlan:
+    """The tiles of config (BM, BO1, BO2, CD); blocks larger than their padded mode are clamped."""
+    d = len(in_modes)
+    ip, op = [_next_pow2(i) for i in in_modes], [_next_pow2(o) for o in out_modes]
+    ni = tuple(ip[:-1]) + (min(cd, ip[-1]),)
+    no = (min(bo1, op[0]), min(bo2, op[1])) + tuple(op[2:])
+    rp = [max(1, 16 // ni[0])]
+    rp += [max(_next_pow2(ranks[k]), 16 // no[k - 1], 16 // ni[k]) for k in range(1, d)]
+    rp.append(max(1, 16 // no[-1]))
+    x = tuple(bm * math.prod(no[:k]) * math.prod(ni[k + 1:]) for k in range(d))
+    return ChainPlan(bm, ni, no, tuple(rp), x)
+
+
+def chain_plans(in_modes, out_modes, ranks, configs=CHAIN_CONFIGS) -> list[ChainPlan]:
+    """Distinct plans of ``configs`` whose tiles fit ``CHAIN_MAX_TILE`` (empty: use the step kernels)."""
+    plans = {chain_plan(in_modes, out_modes, ranks, *c) for c in configs}
+    return sorted((p for p in plans if p.largest_tile() <= CHAIN_MAX_TILE), key=lambda p: (p.bm, p.no, p.ni))
+
+
+def chain_cost(m: int, in_modes, out_modes, ranks, elt: int = 2) -> Cost | None:
+    """Forward (or dx) by the fused chain kernel with its cheapest plan; None when no plan fits.
+
+    Per program and I_d chunk, step k is a ``(x[k], rp[k] ni[k]) @ (rp[k] ni[k], no[k] rp[k+1])``
+    ``tl.dot`` (padded sizes: the tensor cores do the zeros too). HBM bytes: x, y and the cores once;
+    L2 bytes: x once per block column (O_1, O_2 blocks) and the core tiles once per program and chunk.
+    """
+    best = None
+    for p in chain_plans(in_modes, out_modes, ranks):
+        programs, chunks = p.programs(m, out_modes), math.ceil(in_modes[-1] / p.ni[-1])
+        step = sum(2.0 * x * p.rp[k] * ni * no * p.rp[k + 1] for k, (ni, no, x) in enumerate(zip(p.ni, p.no, p.x)))
+        tiles = sum(p.rp[k] * ni * no * p.rp[k + 1] for k, (ni, no) in enumerate(zip(p.ni, p.no)))
+        columns = programs // math.ceil(m / p.bm)
+        cores = sum(ranks[k] * o * i * ranks[k + 1] for k, (o, i) in enumerate(zip(out_modes, in_modes)))
+        nbytes = elt * (m * math.prod(in_modes) + m * math.prod(out_modes) + cores)
+        l2 = elt * (m * math.prod(in_modes) * columns + tiles * programs * chunks)
+        c = _launch(programs * chunks * step, float(nbytes), programs, l2_bytes=float(l2))
+        best = c if best is None or c.seconds < best.seconds else best
+    return best
+
+
 def contract_cost(m: int, in_modes, out_modes, ranks, elt: int = 2) -> Cost:
-    """Forward (or, with the modes swapped, dx) by sequential contraction, one launch per core.
+    """Forward (or, with the modes swapped, dx) by sequential contraction: the chain kernel where
+    it fits, else the step kernels."""
+    return chain_cost(m, in_modes, out_modes, ranks, elt) or steps_cost(m, in_modes, out_modes, ranks, elt)
+
+
+def steps_cost(m: int, in_modes, out_modes, ranks, elt: int = 2) -> Cost:
+    """Forward (or dx) by sequential contraction, one step-kernel launch per core.
 
     Step k reads the state ``(M O_<k, r_{k-1} I_k, I_>k)`` once and writes ``(M O_<k, O_k r_k, I_>k)``.
     """
@@ -117,7 +199,8 @@ def grad_cores_cost(strategy: str, m: int, in_modes, out_modes, ranks, elt: int 
     """Cost of every d(core) from (dy, x).
 
     contract: recompute the forward states U_1..U_{d-1}, run the dy sweep V_d..V_2, and one
-    reduction per core (each as costly as its step): at most 3x the forward, counted as 3x.
+    reduction per core (each as costly as its step), all with the step kernels: at most 3x their
+    forward, counted as 3x.
     rebuild: G = dy.T @ x tile by tile on chip (2 M O I FLOPs, never stored), reduced against L and
     the last core (4 r O I FLOPs); dL -> d(cores 1..d-1) on the host.
     """
@@ -128,7 +211,7 @@ def grad_cores_cost(strategy: str, m: int, in_modes, out_modes, ranks, elt: int 
         kernel = _launch(2.0 * m * n_out * n_in + 4.0 * ranks[-2] * n_out * n_in,
                          elt * m * (n_in + n_out) + 4.0 * head, tiles)
         return kernel + _head_cost(in_modes, out_modes, ranks, elt) + _head_cost(in_modes, out_modes, ranks, elt)
-    fwd = contract_cost(m, in_modes, out_modes, ranks, elt)
+    fwd = steps_cost(m, in_modes, out_modes, ranks, elt)
     return Cost(3 * fwd.flops, 3 * fwd.bytes, 3 * d - 2, 3 * fwd.seconds)
 
 

@@ -4,17 +4,23 @@ Two strategies for y = x @ W.T (and for dx = dy @ W, the same with the cores' o 
 swapped); ``tt/cost.py`` picks one per call from the FLOP / byte counts below unless it is forced.
 Notation: d cores ``(r_{k-1}, O_k, I_k, r_k)``, ``O = prod O_k``, ``I = prod I_k``, M rows.
 
-* ``contract`` (``_step_kernel``, d launches). Step k is the batched product
-  ``U_{k+1}[b, :, c] = A_k @ U_k[b, :, c]`` over the columns ``n = b * C + c`` (``B = M O_<k``,
-  ``C = I_>k``), the tile of ``A_k[(o, b), (a, i)] = G_k[a, o, i, b]`` read from the core (or generated
-  from spline control points, ``SPLINE``). FLOPs ``sum_k 2 M O_<=k r_{k-1} r_k I_>=k``: 1.12x dense for
-  4096^2 as 16^3 rank 16, 0.28x dense for 8^4 rank 8. The states U_2..U_d live in global memory
-  (each ``M O_<=k r_k I_>k`` elements, 16x resp. 8x the size of x for those two shapes), so bytes
-  ~ ``2 elt sum_k |U_k|`` dominate for large M: this strategy is memory-bound there, by design of a
-  per-step kernel, and is meant for small M. Backward (``contract_grad``): the states are recomputed
-  (not kept from the forward), the dy sweep ``V_k = A_k.T V_{k+1}`` runs right to left with the same
-  kernel (``TRANSPOSED``) and ends in dx, and ``_grad_step_kernel`` reduces each
-  ``dA_k = sum V_{k+1} U_k.T``: about 3x the forward.
+* ``contract``: sequential contraction of x with the cores. FLOPs ``sum_k 2 M O_<=k r_{k-1} r_k I_>=k``:
+  1.12x dense for 4096^2 as 16^3 rank 16, 0.28x dense for 8^4 rank 8.
+  - Forward and dx (``_chain_kernel``, 1 launch): program (row block, O_1 block, O_2 block) loops over
+    chunks of i_d and runs all d steps on its tile, each a ``tl.dot`` of the state with a core tile
+    (loaded, or generated from spline control points, ``SPLINE``) followed by a register
+    reshape/permute; the states never leave the chip. Bytes ``elt (M I + M O)`` from HBM, plus x
+    re-reads per output block and core-tile re-reads per chunk (L2). Used when one of
+    ``cost.CHAIN_CONFIGS`` fits ``cost.CHAIN_MAX_TILE`` register elements (``chain_fits``): the
+    benchmark shapes do; a middle core with ``r_{k-1} I_k`` and ``O_k r_k`` both in the thousands does not.
+  - Otherwise, and for the core gradients, ``_step_kernel`` (d launches): step k is the batched
+    product ``U_{k+1}[b, :, c] = A_k @ U_k[b, :, c]`` over the columns ``n = b * C + c``
+    (``B = M O_<k``, ``C = I_>k``), ``A_k[(o, b), (a, i)] = G_k[a, o, i, b]``. The states U_2..U_d
+    live in global memory (each ``M O_<=k r_k I_>k`` elements, 16x resp. 8x the size of x for the
+    two shapes above), so bytes ~ ``2 elt sum_k |U_k|`` dominate for large M. Backward
+    (``contract_grad``): the states are recomputed (not kept from the forward), the dy sweep
+    ``V_k = A_k.T V_{k+1}`` runs right to left with the same kernel (``TRANSPOSED``) and ends in dx,
+    and ``_grad_step_kernel`` reduces each ``dA_k = sum V_{k+1} U_k.T``: about 3x the forward.
 * ``rebuild`` (``_rebuild_kernel``, 1 launch). W = sum_r L[o_h, i_h, r] G_d[r, o_d, i_d] with the head
   product L ``(O/O_d, I/I_d, r_{d-1})`` built on the host from the cores (``r_{d-1}/(O_d I_d)`` times the
   size of W: 1/16 for 16^3 rank 16, 1/8 for 8^4 rank 8). Each ``(BK, BN)`` tile of W.T is
@@ -83,7 +89,143 @@ def _core_tile(core_ptr, o, b, a, i, mask_ob, mask_ai, s_a, s_o, s_i, s_b,
 
 
 # ----------------------------------------------------------------------------------------------
-# Strategy "contract": one batched-GEMM step per core
+# Strategy "contract", fused: the whole chain of steps in one kernel, states on chip
+# ----------------------------------------------------------------------------------------------
+def _chain_prune(cfgs, named_args, **kwargs):
+    """Keep one config per distinct plan whose tiles fit (``cost.chain_plans``)."""
+    args = {**named_args, **kwargs}
+    shape = (args["IN"], args["OUT"], args["RANK"])
+    seen, kept = set(), []
+    for c in cfgs:
+        p = cost.chain_plan(*shape, *(c.kwargs[k] for k in ("BM", "BO1", "BO2", "CD")))
+        if p.largest_tile() <= cost.CHAIN_MAX_TILE and (p, c.num_warps, c.num_stages) not in seen:
+            seen.add((p, c.num_warps, c.num_stages))
+            kept.append(c)
+    return kept
+
+
+def _chain_tiles(args) -> cost.ChainPlan:
+    return cost.chain_plan(args["IN"], args["OUT"], args["RANK"], args["BM"], args["BO1"], args["BO2"], args["CD"])
+
+
+@triton.autotune(
+    configs=configs([dict(zip(("BM", "BO1", "BO2", "CD"), c)) for c in cost.CHAIN_CONFIGS],
+                    interpret={"BM": 16, "BO1": 2, "BO2": 2, "CD": 2}, stages=(2,)),
+    key=["M_BUCKET", "IN", "OUT", "RANK", "SPLINE"],
+    prune_configs_by={"early_config_prune": _chain_prune},
+)
+@triton.heuristics({
+    "NI": lambda a: _chain_tiles(a).ni,
+    "NO": lambda a: _chain_tiles(a).no,
+    "RP": lambda a: _chain_tiles(a).rp,
+    "X": lambda a: _chain_tiles(a).x,
+})
+@triton.jit
+def _chain_kernel(
+    x_ptr, g_ptr, bias_ptr, y_ptr,
+    M, M_BUCKET, stride_xm, stride_xk, stride_ym, stride_yn,
+    D: tl.constexpr, IN: tl.constexpr, OUT: tl.constexpr, RANK: tl.constexpr,
+    GRID: tl.constexpr, AXES: tl.constexpr, OFFS: tl.constexpr,
+    SPLINE: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BO1: tl.constexpr, BO2: tl.constexpr, CD: tl.constexpr,
+    NI: tl.constexpr, NO: tl.constexpr, RP: tl.constexpr, X: tl.constexpr,
+):
+    """y = x @ W.T + bias for a TT matrix, the d contraction steps chained on chip.
+
+    Program (m block, O_1 block, O_2 block) owns y[BM rows, o_1 in its block, o_2 in its block, all
+    o_3..o_d] and loops over chunks of CD indices of i_d. Per chunk the state S_k, rows
+    ``(i_k+1..i_d-1, i_d in chunk, m, o_1..o_k-1)`` and columns ``(a_k-1, i_k)``, goes through
+    ``S_k @ B_k``, ``B_k[(a, i), (o, b)] = G_k[a, o, i, b]`` (``(r_k-1 I_k, O_k r_k)``, loaded from the
+    packed cores ``g_ptr + OFFS[k]`` or generated from spline control points with ``SPLINE``), and a
+    register reshape/permute moves (o_k, a_k) to (rows, columns) for step k + 1; the last step sums
+    the chunk's share of y into an fp32 accumulator. No state leaves the registers; padded sizes
+    (``cost.ChainPlan``: NI, NO, RP, X) are zero-filled so every ``tl.dot`` side is >= 16.
+    FLOPs ``2 sum_k X[k] RP[k] NI[k] NO[k] RP[k+1]`` per program and chunk (the useful part is
+    ``sum_k 2 M O_<=k r_k-1 r_k I_>=k``, step 1 repeated once per O_2 block).
+    Bytes ``elt (M I * O_1 blocks * O_2 blocks + M O)`` for x (re-reads mostly from L2) and y, plus
+    the core tiles once per program and chunk (L2).
+    """
+    pid_m = tl.program_id(0)
+    starts = (tl.program_id(1) * NO[0], tl.program_id(2) * NO[1])
+    dtype = x_ptr.dtype.element_ty
+    # rows of S_1: (i_2 .. i_d-1, chunk c, m), m fastest; columns (a_0, i_1) with a_0 > 0 padding
+    r = tl.arange(0, X[0])
+    rm = pid_m * BM + r % BM
+    c = (r // BM) % CD
+    t = r // (BM * CD)
+    row_ok = rm < M
+    row_off = rm.to(tl.int64) * stride_xm
+    stride = IN[D - 1]
+    for j in tl.static_range(D - 2, 0, -1):
+        ij = t % NI[j]
+        t = t // NI[j]
+        row_ok &= ij < IN[j]
+        row_off += (ij * stride).to(tl.int64) * stride_xk
+        stride *= IN[j]
+    col = tl.arange(0, RP[0] * NI[0])
+    col_ok = (col < NI[0]) & (col % NI[0] < IN[0])
+    col_off = (col % NI[0]) * stride * stride_xk
+    acc = tl.zeros((X[D - 1], NO[D - 1]), dtype=tl.float32)
+    for d0 in range(0, IN[D - 1], CD):
+        s = tl.load(x_ptr + (row_off + (d0 + c) * stride_xk)[:, None] + col_off[None, :],
+                    mask=(row_ok & (d0 + c < IN[D - 1]))[:, None] & col_ok[None, :], other=0.0)
+        for k in tl.static_range(D):
+            if k > 0:  # rows (i_k, rest), columns (o_k-1, a_k-1) -> rows (rest, o_k-1), columns (a_k-1, i_k)
+                s = tl.reshape(tl.permute(tl.reshape(s, (NI[k], X[k], RP[k])), (1, 2, 0)), (X[k], RP[k] * NI[k]))
+            v = tl.arange(0, RP[k] * NI[k])
+            u = tl.arange(0, NO[k] * RP[k + 1])
+            a, i = v // NI[k], v % NI[k] + (d0 if k == D - 1 else 0)
+            o, b = u // RP[k + 1] + (starts[k] if k < 2 else 0), u % RP[k + 1]
+            g = tl.trans(_core_tile(
+                g_ptr + OFFS[k], o, b, a, i, (o < OUT[k]) & (b < RANK[k + 1]), (a < RANK[k]) & (i < IN[k]),
+                GRID[k][0] * GRID[k][1] * RANK[k + 1], GRID[k][1] * RANK[k + 1], RANK[k + 1], 1,
+                AXES[k][0], AXES[k][1], AXES[k][2], AXES[k][3], SPLINE))
+            s = tl.dot(s.to(dtype), g.to(dtype), input_precision=PRECISION)
+        acc += tl.sum(tl.reshape(s, (X[D - 1], NO[D - 1], RP[D])), axis=2)  # only b = 0 is nonzero
+    # rows of acc: (m, o_1 .. o_d-1), o_d-1 fastest; columns o_d
+    r = tl.arange(0, X[D - 1])
+    out_ok = r >= 0
+    out_off = r * 0
+    stride = OUT[D - 1]
+    for q in tl.static_range(D - 2, -1, -1):
+        oq = r % NO[q] + (starts[q] if q < 2 else 0)
+        r = r // NO[q]
+        out_ok &= oq < OUT[q]
+        out_off += oq * stride
+        stride *= OUT[q]
+    rm = pid_m * BM + r
+    od = tl.arange(0, NO[D - 1]) + (starts[1] if D == 2 else 0)
+    off = out_off[:, None] + od[None, :]
+    mask = (out_ok & (rm < M))[:, None] & (od < OUT[D - 1])[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rm.to(tl.int64)[:, None] * stride_ym + off * stride_yn, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def chain_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x2 @ W.T + bias by one ``_chain_kernel`` launch; x2 ``(M, I)`` -> ``(M, O)``. The cores (or
+    spline control tensors) are packed into one contiguous buffer (core-sized, not W)."""
+    m = x2.shape[0]
+    y = torch.empty(m, math.prod(c.o for c in cores), device=x2.device, dtype=x2.dtype)
+    if m == 0:
+        return y
+    packed = torch.cat([c.t.reshape(-1) for c in cores])
+    offs = tuple(int(v) for v in torch.tensor([0] + [c.t.numel() for c in cores[:-1]]).cumsum(0))
+    grid = lambda meta: (triton.cdiv(m, meta["BM"]), triton.cdiv(cores[0].o, meta["NO"][0]),  # noqa: E731
+                         triton.cdiv(cores[1].o, meta["NO"][1]))
+    _chain_kernel[grid](
+        x2, packed, bias if bias is not None else y, y,
+        m, m_bucket(m), x2.stride(0), x2.stride(1), y.stride(0), y.stride(1),
+        D=len(cores), IN=tuple(c.i for c in cores), OUT=tuple(c.o for c in cores),
+        RANK=(cores[0].r0,) + tuple(c.r1 for c in cores), GRID=tuple(tuple(c.t.shape[1:3]) for c in cores),
+        AXES=tuple(c.axes() for c in cores), OFFS=offs,
+        SPLINE=cores[0].spline, HAS_BIAS=bias is not None, PRECISION=dot_precision(x2.dtype),
+    )
+    return y
+
+
+# ----------------------------------------------------------------------------------------------
+# Strategy "contract", unfused: one batched-GEMM step per core (large states, backward)
 # ----------------------------------------------------------------------------------------------
 @triton.autotune(
     configs=configs(
@@ -240,7 +382,19 @@ def _grad_step(v: torch.Tensor, vs: tuple[int, int], u: torch.Tensor, us: tuple[
     return part.sum(0)
 
 
+def chain_fits(cores: list[Core]) -> bool:
+    """Whether one of the chain kernel's configs fits these cores (``cost.chain_plans``)."""
+    ranks = (cores[0].r0,) + tuple(c.r1 for c in cores)
+    cfgs = [tuple(c.kwargs[k] for k in ("BM", "BO1", "BO2", "CD")) for c in _chain_kernel.configs]
+    return bool(cost.chain_plans([c.i for c in cores], [c.o for c in cores], ranks, cfgs))
+
+
 def contract_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x2 @ W.T + bias by the chain kernel where it fits, else by d step launches."""
+    return chain_linear(x2, cores, bias) if chain_fits(cores) else steps_linear(x2, cores, bias)
+
+
+def steps_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None) -> torch.Tensor:
     """y = x2 @ W.T + bias by d step launches; x2 ``(M, I)`` -> ``(M, O)``."""
     m = x2.shape[0]
     n_out = math.prod(g.o for g in cores)
