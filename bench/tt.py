@@ -33,7 +33,8 @@ def make(kernel: str, config: str, strategy: str):
 
 
 def costs(layer, m: int, dtype: torch.dtype, mode: str, device: str) -> tuple[float, float, str]:
-    """(FLOPs, bytes, strategy run) of one call; the reference on CPU counts as "contract"."""
+    """(FLOPs, bytes, strategies run: "forward" or "forward/backward") of one call; the reference on
+    CPU counts as the step kernels ("contract")."""
     ins, outs, ranks = layer.in_modes, layer.out_modes, layer.ranks
     elt = torch.finfo(dtype).bits // 8
     if device == "cuda":
@@ -42,9 +43,9 @@ def costs(layer, m: int, dtype: torch.dtype, mode: str, device: str) -> tuple[fl
     else:  # the reference keeps its states in memory, like the step kernels
         picked, total = "contract", cost.steps_cost(m, ins, outs, ranks, elt)
     if mode != "fwd":
-        total = total + cost.grad_cores_cost(picked, m, ins, outs, ranks, elt)
-        if picked == "rebuild":  # dx is a second rebuild launch on the cores of W.T
-            total = total + cost.forward_cost("rebuild", m, outs, ins, ranks, elt)
+        back = layer.picked_strategy(m, dtype, backward=True) if device == "cuda" else "contract"
+        total = total + cost.grad_cost(back, m, ins, outs, ranks, elt)
+        picked = f"{picked}/{back}"
     return total.flops, total.bytes, picked
 
 

@@ -113,6 +113,9 @@ def test_strategy_cost_model():
     assert pick_strategy(16, modes16, modes16, (1, 16, 16, 1)) == "contract"
     assert pick_strategy(8192, modes8, modes8, (1, 8, 8, 8, 1)) == "contract"
     assert pick_strategy(16, modes8, modes8, (1, 8, 8, 8, 1)) == "contract"
+    # the backward is picked on its own costs: contract's per-step states make it memory-bound
+    assert pick_strategy(8192, modes8, modes8, (1, 8, 8, 8, 1), backward=True) == "rebuild"
+    assert pick_strategy(16, (3, 2, 5), (3, 2, 5), (1, 2, 2, 1), backward=True) == "rebuild"
     layer = TTLinear(modes16, modes16, 16, strategy="contract")
     assert layer.picked_strategy(8192, torch.bfloat16) == "contract"
     layer.strategy = "auto"

@@ -93,6 +93,21 @@ def test_tt_auto_runs_the_picked_strategy(monkeypatch, kernel_device):
     assert_close(y, torch.nn.functional.linear(x, layer.materialize(), layer.bias))
 
 
+def test_tt_auto_backward_runs_its_own_pick(monkeypatch, kernel_device):
+    """The core gradients (and dx) run the strategy picked for the backward: here rebuild, after a
+    contract forward."""
+    calls = []
+    for fn in ("contract_grad", "rebuild_grad"):
+        real = getattr(kernels, fn)
+        monkeypatch.setattr(kernels, fn, lambda *a, _real=real, _fn=fn: calls.append(_fn) or _real(*a))
+    layer = TTLinear((3, 2, 5), (3, 2, 5), (1, 2, 2, 1)).to(kernel_device)
+    x = torch.randn(5, 30, device=kernel_device)
+    assert layer.picked_strategy(5) == "contract" and layer.picked_strategy(5, backward=True) == "rebuild"
+    with backend("triton"):
+        layer(x).sum().backward()
+    assert calls == ["rebuild_grad"]
+
+
 def test_contract_forward_is_one_chain_launch(monkeypatch, kernel_device):
     """Where the chain kernel fits, the contract forward (and dx alone) never runs a step kernel:
     no state reaches global memory."""
@@ -100,8 +115,9 @@ def test_contract_forward_is_one_chain_launch(monkeypatch, kernel_device):
         raise AssertionError("a per-step launch wrote a state to global memory")
 
     monkeypatch.setattr(kernels, "_step", forbidden)
-    for name in ("d2-3x5-7x2-r3", "d3-3x2x5-r23", "d4-2x3x2x3-r213"):
-        layer = TTLinear(*TT[name], strategy="contract").to(kernel_device).requires_grad_(False)
+    d6 = ((2, 1, 3, 2, 1, 2), (1, 2, 2, 1, 3, 2), (1, 2, 3, 1, 2, 2, 1))  # the most cores a layer takes
+    for shape in (TT["d2-3x5-7x2-r3"], TT["d3-3x2x5-r23"], TT["d4-2x3x2x3-r213"], d6):
+        layer = TTLinear(*shape, strategy="contract").to(kernel_device).requires_grad_(False)
         x = torch.randn(6, layer.in_features, device=kernel_device, requires_grad=True)
         g = torch.randn(6, layer.out_features, device=kernel_device)
         with backend("triton"):

@@ -215,12 +215,23 @@ def grad_cores_cost(strategy: str, m: int, in_modes, out_modes, ranks, elt: int 
     return Cost(3 * fwd.flops, 3 * fwd.bytes, 3 * d - 2, 3 * fwd.seconds)
 
 
-def pick_strategy(m: int, in_modes, out_modes, ranks, elt: int = 2) -> str:
-    """The strategy with the lower estimated time for y = x @ W.T on ``m`` rows."""
+def grad_cost(strategy: str, m: int, in_modes, out_modes, ranks, elt: int = 2) -> Cost:
+    """Cost of the backward with every d(core) and dx: contract's dy sweep ends in dx (one more
+    step, within ``grad_cores_cost``'s 3x); rebuild adds a rebuild launch on the cores of W.T."""
+    total = grad_cores_cost(strategy, m, in_modes, out_modes, ranks, elt)
+    if strategy == "rebuild":
+        total = total + rebuild_cost(m, out_modes, in_modes, ranks, elt)
+    return total
+
+
+def pick_strategy(m: int, in_modes, out_modes, ranks, elt: int = 2, backward: bool = False) -> str:
+    """The strategy with the lower estimated time on ``m`` rows for y = x @ W.T, or with
+    ``backward`` for the core gradients and dx (``grad_cost``)."""
     if not rebuild_feasible(in_modes, out_modes):
         return "contract"
-    a = contract_cost(m, in_modes, out_modes, ranks, elt).seconds
-    b = rebuild_cost(m, in_modes, out_modes, ranks, elt).seconds
+    fn = grad_cost if backward else forward_cost
+    a = fn("contract", m, in_modes, out_modes, ranks, elt).seconds
+    b = fn("rebuild", m, in_modes, out_modes, ranks, elt).seconds
     return "contract" if a <= b else "rebuild"
 
 
@@ -236,8 +247,9 @@ def check_strategy(strategy: str, in_modes, out_modes) -> str:
     return strategy
 
 
-def resolve(strategy: str, m: int, in_modes, out_modes, ranks, elt: int = 2) -> str:
-    """``strategy`` with "auto" resolved; a clear error for unknown or infeasible choices."""
+def resolve(strategy: str, m: int, in_modes, out_modes, ranks, elt: int = 2, backward: bool = False) -> str:
+    """``strategy`` with "auto" resolved (for the forward, or the backward with ``backward``); a
+    clear error for unknown or infeasible choices."""
     if check_strategy(strategy, in_modes, out_modes) == "auto":
-        return pick_strategy(m, in_modes, out_modes, ranks, elt)
+        return pick_strategy(m, in_modes, out_modes, ranks, elt, backward)
     return strategy

@@ -1,7 +1,8 @@
 """Triton kernels and launchers for the tensor-train layers. Reference: ``reference/tt.py``.
 
 Two strategies for y = x @ W.T (and for dx = dy @ W, the same with the cores' o and i axes
-swapped); ``tt/cost.py`` picks one per call from the FLOP / byte counts below unless it is forced.
+swapped); ``tt/cost.py`` picks one per call (the forward and the backward separately) from the
+FLOP / byte counts below unless it is forced.
 Notation: d cores ``(r_{k-1}, O_k, I_k, r_k)``, ``O = prod O_k``, ``I = prod I_k``, M rows.
 
 * ``contract``: sequential contraction of x with the cores. FLOPs ``sum_k 2 M O_<=k r_{k-1} r_k I_>=k``:
@@ -37,6 +38,7 @@ Neither strategy writes W or dW to global memory.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -164,10 +166,10 @@ def _chain_kernel(
         stride *= IN[j]
     col = tl.arange(0, RP[0] * NI[0])
     col_ok = (col < NI[0]) & (col % NI[0] < IN[0])
-    col_off = (col % NI[0]) * stride * stride_xk
+    col_off = ((col % NI[0]) * stride).to(tl.int64) * stride_xk
     acc = tl.zeros((X[D - 1], NO[D - 1]), dtype=tl.float32)
     for d0 in range(0, IN[D - 1], CD):
-        s = tl.load(x_ptr + (row_off + (d0 + c) * stride_xk)[:, None] + col_off[None, :],
+        s = tl.load(x_ptr + (row_off + (d0 + c).to(tl.int64) * stride_xk)[:, None] + col_off[None, :],
                     mask=(row_ok & (d0 + c < IN[D - 1]))[:, None] & col_ok[None, :], other=0.0)
         for k in tl.static_range(D):
             if k > 0:  # rows (i_k, rest), columns (o_k-1, a_k-1) -> rows (rest, o_k-1), columns (a_k-1, i_k)
@@ -210,7 +212,7 @@ def chain_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None)
     if m == 0:
         return y
     packed = torch.cat([c.t.reshape(-1) for c in cores])
-    offs = tuple(int(v) for v in torch.tensor([0] + [c.t.numel() for c in cores[:-1]]).cumsum(0))
+    offs = tuple(itertools.accumulate((c.t.numel() for c in cores[:-1]), initial=0))
     grid = lambda meta: (triton.cdiv(m, meta["BM"]), triton.cdiv(cores[0].o, meta["NO"][0]),  # noqa: E731
                          triton.cdiv(cores[1].o, meta["NO"][1]))
     _chain_kernel[grid](
@@ -664,9 +666,9 @@ def tt_transposed(cores: list[torch.Tensor]) -> list[torch.Tensor]:
 # ----------------------------------------------------------------------------------------------
 # Launchers used by the ops
 # ----------------------------------------------------------------------------------------------
-def _strategy(strategy: str, m: int, cores: list[Core], elt: int) -> str:
+def _strategy(strategy: str, m: int, cores: list[Core], elt: int, backward: bool = False) -> str:
     ranks = (cores[0].r0,) + tuple(c.r1 for c in cores)
-    return cost.resolve(strategy, m, [c.i for c in cores], [c.o for c in cores], ranks, elt)
+    return cost.resolve(strategy, m, [c.i for c in cores], [c.o for c in cores], ranks, elt, backward)
 
 
 def cores_linear(x: torch.Tensor, cores: list[Core], bias: torch.Tensor | None, strategy: str) -> torch.Tensor:
@@ -695,7 +697,7 @@ def cores_grad(dy: torch.Tensor, x: torch.Tensor, cores: list[Core], strategy: s
     if m == 0:
         shapes = [(c.r0, c.o, c.i, c.r1) for c in cores]
         return [torch.zeros(s, device=dy.device, dtype=torch.float32) for s in shapes], x.new_zeros(x.shape) if need_dx else None
-    if _strategy(strategy, m, cores, dy.element_size()) == "rebuild":
+    if _strategy(strategy, m, cores, dy.element_size(), backward=True) == "rebuild":
         dense = [c.dense() for c in cores]
         grads = rebuild_grad(dy2, x2, dense)
         dx = rebuild_linear(dy2, tt_transposed(dense), None) if need_dx else None

@@ -110,7 +110,8 @@ def init_scale(cores: list[torch.Tensor], in_features: int) -> float:
 class TTStructured(CompressedLinear):
     """What the TT layers share: validated ``in_modes``, ``out_modes`` and ``ranks``, and the choice
     of Triton kernels, ``strategy``: "contract" (sequential contraction), "rebuild" (W tiles rebuilt
-    on chip for ``tl.dot``) or "auto" (cost model, per call; see ``picked_strategy``)."""
+    on chip for ``tl.dot``) or "auto" (cost model, per call, forward and backward picked separately;
+    see ``picked_strategy``)."""
 
     def __init__(self, in_modes: Sequence[int], out_modes: Sequence[int], ranks, bias: bool,
                  device, dtype, strategy: str) -> None:
@@ -131,12 +132,11 @@ class TTStructured(CompressedLinear):
     def strategy(self, value: str) -> None:
         self._strategy = cost.check_strategy(value, self.in_modes, self.out_modes)
 
-    def picked_strategy(self, m: int, dtype: torch.dtype | None = None, transposed: bool = False) -> str:
-        """The kernel strategy the Triton path runs for ``m`` rows ("contract" or "rebuild");
-        ``transposed`` for the dx product of the backward."""
+    def picked_strategy(self, m: int, dtype: torch.dtype | None = None, backward: bool = False) -> str:
+        """The kernel strategy the Triton path runs for ``m`` rows ("contract" or "rebuild"): for the
+        forward, or with ``backward`` for the core gradients and dx (picked separately)."""
         elt = torch.finfo(dtype or self._factors()[0].dtype).bits // 8
-        ins, outs = (self.out_modes, self.in_modes) if transposed else (self.in_modes, self.out_modes)
-        return cost.resolve(self.strategy, m, ins, outs, self.ranks, elt)
+        return cost.resolve(self.strategy, m, self.in_modes, self.out_modes, self.ranks, elt, backward)
 
 
 class TTLinear(TTStructured):
