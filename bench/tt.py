@@ -12,6 +12,7 @@ import itertools
 
 import torch
 
+from tspline_kernels.reference import tt as tt_ref
 from tspline_kernels.spline_tt import SplineTTLinear
 from tspline_kernels.tt import TTLinear
 from tspline_kernels.tt import cost
@@ -40,7 +41,8 @@ def costs(layer, m: int, dtype: torch.dtype, mode: str, device: str) -> tuple[fl
     if device == "cuda":
         picked = layer.picked_strategy(m, dtype)
         total = cost.forward_cost(picked, m, ins, outs, ranks, elt)
-    else:  # the reference keeps its states in memory, like the step kernels
+    else:  # the reference keeps its states in memory, like the step kernels, on its merged modes
+        outs, ins, ranks = tt_ref.merged_modes(outs, ins, ranks)
         picked, total = "contract", cost.steps_cost(m, ins, outs, ranks, elt)
     if mode != "fwd":
         back = layer.picked_strategy(m, dtype, backward=True) if device == "cuda" else "contract"

@@ -13,7 +13,8 @@ state ``U_k`` laid out ``(M, O_<k, r_{k-1}, I_k, I_>k)`` to ``U_{k+1}`` laid out
 ``U_{k+1}[b, :, c] = A_k @ U_k[b, :, c]``, ``A_k[(o, b), (a, i)] = G_k[a, o, i, b]`` (``(O_k r_k, r_{k-1} I_k)``).
 ``U_1`` is x and ``U_{d+1}`` is y; no step copies its state. Backward, right to left with
 ``V_{d+1} = dy``: ``dA_k = sum_{b, c} V_{k+1}[b, :, c] U_k[b, :, c].T`` and ``V_k[b] = A_k.T @ V_{k+1}[b]``;
-``V_1`` is dx. The Triton "contract" kernels use the same layout.
+``V_1`` is dx. Both run on the cores with the last two merged where ``merged_modes`` says so.
+The Triton "contract" kernels use the same layout.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from .common import compute_dtype
 
 __all__ = [
     "modes_of", "step_matrix", "tt_weight", "tt_linear", "tt_grad", "tt_norm_sq",
-    "head_product", "head_product_grad",
+    "head_product", "head_product_grad", "merged_modes",
 ]
 
 
@@ -87,13 +88,40 @@ def _states(x: torch.Tensor, cores: list[torch.Tensor], in_modes: tuple[int, ...
     return states
 
 
+def merged_modes(out_modes: tuple[int, ...], in_modes: tuple[int, ...], ranks: tuple[int, ...]
+                 ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """``(out_modes, in_modes, ranks)`` that the reference contracts: the last two cores merged
+    into one when d >= 3, the merged core is no larger than 1/8 of W, and O_d < 2 r_{d-1}. Then the
+    merged last step is one plain GEMM with fewer FLOPs than the two steps it replaces, and the
+    backward need not recompute U_d. Otherwise the modes unchanged."""
+    merged = ranks[-3] * out_modes[-2] * out_modes[-1] * in_modes[-2] * in_modes[-1] if len(out_modes) >= 3 else 0
+    if not merged or 8 * merged > math.prod(out_modes) * math.prod(in_modes) or out_modes[-1] >= 2 * ranks[-2]:
+        return out_modes, in_modes, ranks
+    return (out_modes[:-2] + (out_modes[-2] * out_modes[-1],), in_modes[:-2] + (in_modes[-2] * in_modes[-1],),
+            ranks[:-2] + (1,))
+
+
+def _merge_last(cores: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The same TT matrix with the last two cores merged, ``(r_{d-2}, O_{d-1} O_d, I_{d-1} I_d, 1)``,
+    where ``merged_modes`` merges them; otherwise ``cores`` unchanged."""
+    if len(merged_modes(*modes_of(cores))[0]) == len(cores):
+        return cores
+    a, b = cores[-2:]
+    # stored as its step matrix ((o', o, c), (a, i', i)), so that step_matrix() needs no copy
+    merged = torch.einsum("axjb,boic->xocaji", a, b).reshape(
+        a.shape[1] * b.shape[1], b.shape[3], a.shape[0], a.shape[2] * b.shape[2])
+    return cores[:-2] + [merged.permute(2, 0, 3, 1)]
+
+
 def tt_linear(x: torch.Tensor, cores: list[torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
-    """y = x @ W.T + bias for x ``(*, I)`` -> ``(*, O)`` by sequential contraction (W never formed)."""
+    """y = x @ W.T + bias for x ``(*, I)`` -> ``(*, O)`` by sequential contraction (W never formed;
+    the last two cores merged where ``merged_modes`` says so)."""
     cd = compute_dtype(x)
     out_modes, in_modes, _ = modes_of(cores)
     n_out, n_in = math.prod(out_modes), math.prod(in_modes)
     t = x.reshape(-1, n_in).to(cd)
-    y = _states(t, [c.to(cd) for c in cores], in_modes)[-1] if t.shape[0] else t.new_zeros(0, n_out)
+    cores = _merge_last([c.to(cd) for c in cores])
+    y = _states(t, cores, modes_of(cores)[1])[-1] if t.shape[0] else t.new_zeros(0, n_out)
     if bias is not None:
         y = y + bias.to(cd)
     return y.reshape(*x.shape[:-1], n_out).to(x.dtype)
@@ -103,28 +131,42 @@ def tt_grad(dy: torch.Tensor, x: torch.Tensor, cores: list[torch.Tensor], need_d
     """Gradients of sum(dy * (x @ W.T)): ``[dG_1, ..., dG_d]`` in the compute dtype, then
     ``dx = dy @ W`` (x's shape and dtype) if ``need_dx``. dy ``(*, O)``, x ``(*, I)``.
 
-    The forward states U_1..U_d are recomputed; then, right to left, dA_k from (V_{k+1}, U_k) and
-    V_k = A_k.T V_{k+1}; V_1 is dx.
+    The forward states U_1..U_d are recomputed (not saved: each is r x the activations); then,
+    right to left, dA_k from (V_{k+1}, U_k) and V_k = A_k.T V_{k+1}; V_1 is dx. Where ``merged_modes``
+    merges the last two cores this runs on the cores with the last two merged, and the merged core's gradient is
+    split back into dG_{d-1} and dG_d.
     """
     cd = compute_dtype(dy)
-    out_modes, in_modes, _ = modes_of(cores)
-    d = len(cores)
     g = [c.to(cd) for c in cores]
-    m = dy.numel() // math.prod(out_modes)
+    merged = _merge_last(g)
+    m = dy.numel() // dy.shape[-1]
     if m == 0:
         grads = [torch.zeros(c.shape, dtype=cd, device=dy.device) for c in cores]
         return grads + ([x.new_zeros(x.shape)] if need_dx else [])
-    states = _states(x.reshape(m, -1).to(cd), g[:-1], in_modes)  # U_1 .. U_d
-    v = dy.reshape(m, -1).to(cd)
+    grads, dx = _sweep(dy.reshape(m, -1).to(cd), x.reshape(m, -1).to(cd), merged, need_dx)
+    if len(merged) < len(g):
+        a, b = g[-2:]
+        dm = grads.pop().reshape(a.shape[0], a.shape[1], b.shape[1], a.shape[2], b.shape[2], b.shape[3])
+        grads += [torch.einsum("axojic,boic->axjb", dm, b), torch.einsum("axojic,axjb->boic", dm, a)]
+    return [t.contiguous() for t in grads] + ([dx.reshape(x.shape).to(x.dtype)] if need_dx else [])
+
+
+def _sweep(dy: torch.Tensor, x: torch.Tensor, cores: list[torch.Tensor], need_dx: bool
+           ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """(``[dG_k]``, dx or None) for flat dy ``(M, O)`` and x ``(M, I)`` in the compute dtype."""
+    out_modes, in_modes, _ = modes_of(cores)
+    m, d = x.shape[0], len(cores)
+    states = _states(x, cores[:-1], in_modes)  # U_1 .. U_d
+    v = dy
     grads: list[torch.Tensor] = [None] * d  # type: ignore[list-item]
     for k in range(d - 1, -1, -1):
-        r0, o, i, r1 = g[k].shape
+        r0, o, i, r1 = cores[k].shape
         b, c = m * math.prod(out_modes[:k]), math.prod(in_modes[k + 1:])
         da = _reduce(v, states[k], b, c)  # (o r1, r0 i)
-        grads[k] = da.reshape(o, r1, r0, i).permute(2, 0, 3, 1).contiguous()
+        grads[k] = da.reshape(o, r1, r0, i).permute(2, 0, 3, 1)
         if k > 0 or need_dx:
-            v = _step(step_matrix(g[k]).T, v, b, c).reshape(m, -1)
-    return grads + ([v.reshape(x.shape).to(x.dtype)] if need_dx else [])
+            v = _step(step_matrix(cores[k]).T, v, b, c).reshape(m, -1)
+    return grads, v if need_dx else None
 
 
 def tt_norm_sq(cores: list[torch.Tensor]) -> torch.Tensor:

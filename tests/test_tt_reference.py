@@ -77,17 +77,24 @@ def test_from_tltorch_rejects_other_modules():
         TTLinear.from_tltorch(cp)
 
 
-def test_grad_is_the_dense_gradient():
-    """tt_grad's core gradients and dx equal autograd through the dense weight."""
-    in_modes, out_modes, ranks = (3, 2, 5), (2, 3, 4), (1, 2, 3, 1)
+@pytest.mark.parametrize("shape, end_pair", [
+    (((3, 2, 5), (2, 3, 4), (1, 2, 3, 1)), False),
+    (((6, 3, 2), (5, 2, 2), (1, 3, 2, 1)), True),  # last two cores through their environment T
+    (((2, 5, 3, 2), (3, 4, 2, 3), (1, 2, 3, 2, 1)), True),
+])
+def test_grad_is_the_dense_gradient(shape, end_pair):
+    """tt_grad's core gradients and dx equal autograd through the dense weight, with and without
+    the end-pair shortcut."""
+    in_modes, out_modes, ranks = shape
+    assert (len(ref.merged_modes(out_modes, in_modes, ranks)[0]) < len(in_modes)) == end_pair
     cores = random_cores(in_modes, out_modes, ranks, requires_grad=True)
-    x = torch.randn(2, 3, 30, dtype=torch.float64, requires_grad=True)
-    dy = torch.randn(2, 3, 24, dtype=torch.float64)
+    x = torch.randn(2, 3, math.prod(in_modes), dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(2, 3, math.prod(out_modes), dtype=torch.float64)
     expected = torch.autograd.grad(x @ ref.tt_weight(cores).T, [*cores, x], dy)
     got = ref.tt_grad(dy, x, cores, True)
     for a, b in zip(got, expected):
         assert_close(a, b)
-    assert len(ref.tt_grad(dy, x, cores, False)) == 3
+    assert len(ref.tt_grad(dy, x, cores, False)) == len(cores)
 
 
 def test_head_product_and_its_gradient():
@@ -114,7 +121,7 @@ def test_empty_batch():
     assert all(torch.count_nonzero(g) == 0 for g in grads) and grads[-1].shape == (0, 15)
 
 
-@pytest.mark.parametrize("name", ["d2-odd-3x5-7x2-r3", "d3-odd-r123"])
+@pytest.mark.parametrize("name", ["d2-odd-3x5-7x2-r3", "d3-odd-r123", "d4"])  # d4: end-pair shortcut
 def test_tt_ops_gradcheck(name):
     in_modes, out_modes, rank = STRUCTURES[name]
     ranks = rank if isinstance(rank, list) else [1] + [rank] * (len(in_modes) - 1) + [1]
