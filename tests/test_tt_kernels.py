@@ -100,46 +100,47 @@ def test_tt_auto_backward_runs_its_own_pick(monkeypatch, kernel_device):
     for fn in ("contract_grad", "rebuild_grad"):
         real = getattr(kernels, fn)
         monkeypatch.setattr(kernels, fn, lambda *a, _real=real, _fn=fn: calls.append(_fn) or _real(*a))
-    layer = TTLinear((3, 2, 5), (3, 2, 5), (1, 2, 2, 1)).to(kernel_device)
-    x = torch.randn(5, 30, device=kernel_device)
+    layer = TTLinear((5, 3), (5, 3), (1, 2, 1)).to(kernel_device)
+    x = torch.randn(5, 15, device=kernel_device)
     assert layer.picked_strategy(5) == "contract" and layer.picked_strategy(5, backward=True) == "rebuild"
     with backend("triton"):
         layer(x).sum().backward()
     assert calls == ["rebuild_grad"]
 
 
-def test_contract_forward_is_one_chain_launch(monkeypatch, kernel_device):
-    """Where the chain kernel fits, the contract forward (and dx alone) never runs a step kernel:
-    no state reaches global memory."""
+def test_contract_never_writes_a_state(monkeypatch, kernel_device):
+    """Where the chain kernels fit, contract's forward, dx and core gradients never run a step
+    kernel (so no state reaches global memory): one chain launch forward, one gradient-chain
+    launch and one chain launch on the cores of W.T backward."""
     def forbidden(*args, **kwargs):
         raise AssertionError("a per-step launch wrote a state to global memory")
 
     monkeypatch.setattr(kernels, "_step", forbidden)
+    monkeypatch.setattr(kernels, "_grad_step", forbidden)
     d6 = ((2, 1, 3, 2, 1, 2), (1, 2, 2, 1, 3, 2), (1, 2, 3, 1, 2, 2, 1))  # the most cores a layer takes
     for shape in (TT["d2-3x5-7x2-r3"], TT["d3-3x2x5-r23"], TT["d4-2x3x2x3-r213"], d6):
-        layer = TTLinear(*shape, strategy="contract").to(kernel_device).requires_grad_(False)
-        x = torch.randn(6, layer.in_features, device=kernel_device, requires_grad=True)
-        g = torch.randn(6, layer.out_features, device=kernel_device)
-        with backend("triton"):
-            y = layer(x)
-            y.backward(g)  # frozen cores: dx = dy @ W is a chain launch on the cores of W.T
-        w = layer.materialize()
-        assert_close(y, torch.nn.functional.linear(x, w, layer.bias))
-        assert_close(x.grad, g @ w)
+        layer = TTLinear(*shape, strategy="contract").to(kernel_device)
+        x, g = inputs(layer, (6,), kernel_device, torch.float32)
+        assert_backends_agree(layer, x, g, torch.float32)
+        layer.requires_grad_(False)  # dx alone: a chain launch on the cores of W.T
+        assert_backends_agree(layer, x, g, torch.float32)
 
 
 @pytest.mark.parametrize("name", ["d2-3x5-7x2-r3", "d3-3x2x5-r23"])
 def test_contract_falls_back_to_step_kernels(name, monkeypatch, kernel_device):
-    """Cores whose chain tiles do not fit run the per-step kernels, with the same results."""
+    """Cores whose chain tiles do not fit run the per-step kernels (forward and backward), with
+    the same results."""
     monkeypatch.setattr(kernels.cost, "CHAIN_MAX_TILE", 8)
     layer = TTLinear(*TT[name], strategy="contract").to(kernel_device)
-    assert not kernels.chain_fits(kernels.plain_cores(list(layer.cores)))
+    cores = kernels.plain_cores(list(layer.cores))
+    assert not kernels.chain_fits(cores) and not kernels.chain_fits(cores, grad=True)
     assert_backends_agree(layer, *inputs(layer, (2, 3), kernel_device, torch.float32), torch.float32)
 
 
 def test_chain_plans_are_valid_dot_shapes():
     """Every chain plan has power-of-two tiles with each tl.dot side >= 16, within the tile limit;
-    the benchmark shapes (16^3 rank 16, 8^4 rank 8) fit, an oversized middle core does not."""
+    the benchmark shapes (16^3 rank 16, 8^4 rank 8) fit, forward and gradient, an oversized middle
+    core does not."""
     shapes = [((3, 2, 5), (2, 3, 4), (1, 2, 3, 1)), ((16, 16, 16), (16, 16, 16), (1, 16, 16, 1)),
               ((8,) * 4, (8,) * 4, (1, 8, 8, 8, 1)), ((37, 3), (5, 2), (1, 3, 1)), ((1, 1), (1, 1), (1, 1, 1))]
     for ins, outs, ranks in shapes:
@@ -151,6 +152,7 @@ def test_chain_plans_are_valid_dot_shapes():
                 for n in (p.x[k], p.rp[k] * p.ni[k], p.no[k] * p.rp[k + 1]):
                     assert n >= 16 and n & (n - 1) == 0, (ins, p)
                 assert p.rp[k + 1] >= ranks[k + 1] and p.no[k] * math.ceil(outs[k] / p.no[k]) >= outs[k]
+        assert kernels.cost.chain_plans(ins, outs, ranks, grad=True), ins
     assert not kernels.cost.chain_plans((16, 256, 16), (16, 256, 16), (1, 32, 32, 1))
 
 

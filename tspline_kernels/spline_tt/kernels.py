@@ -1,12 +1,13 @@
 """Triton launchers for SplineTTLinear. Reference: ``reference/spline_tt.py``.
 
 The kernels are the TT ones (``tt/kernels.py``):
-* ``contract``: ``_chain_kernel`` (forward, dx) and ``_step_kernel`` (where the chain does not fit,
-  and the backward) with ``SPLINE=True`` generate every core tile they multiply from the control
-  points and the four nonzero cubic B-spline taps of each mode index, in registers; no core (let
-  alone W) is written to memory. The backward's dy sweep does the same (``TRANSPOSED``);
-  the per-core reductions ``_grad_step_kernel`` give d(core) partials that the host projects onto
-  the control points (dC_k = Bo_k.T dG_k Bi_k, a core-sized product).
+* ``contract``: ``_chain_kernel`` (forward, dx), ``_chain_grad_kernel`` (core gradients) and, where
+  those do not fit, ``_step_kernel`` with ``SPLINE=True`` generate every core tile they multiply
+  from the control points and the four nonzero cubic B-spline taps of each mode index, in
+  registers; no core (let alone W) is written to memory. The step backward's dy sweep does the
+  same (``TRANSPOSED``). The core gradients (from the gradient chain, or the per-core reductions
+  ``_grad_step_kernel``) are d(core) in fp32, which the host projects onto the control points
+  (dC_k = Bo_k.T dG_k Bi_k, a core-sized product).
 * ``rebuild``: the head product L is needed on the host anyway, so the (core-sized) spline cores
   are formed there first, in fp32; then the TT rebuild kernels run unchanged. W is never formed.
 """

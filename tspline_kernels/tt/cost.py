@@ -96,6 +96,12 @@ class ChainPlan:
             sizes += [x * kk, x * nn, kk * nn]
         return max(sizes)
 
+    def grad_fits(self) -> bool:
+        """Whether the gradient kernel's d core accumulators (``sum_k K_k N_k`` fp32, held across
+        its row loop) fit besides the tiles: at most twice ``CHAIN_MAX_TILE``."""
+        acc = sum(self.rp[k] * ni * no * self.rp[k + 1] for k, (ni, no) in enumerate(zip(self.ni, self.no)))
+        return acc <= 2 * CHAIN_MAX_TILE
+
     def programs(self, m: int, out_modes) -> int:
         """Grid size: row blocks x blocks of O_1 x blocks of O_2."""
         return math.ceil(m / self.bm) * math.ceil(out_modes[0] / self.no[0]) * math.ceil(out_modes[1] / self.no[1])
@@ -114,13 +120,15 @@ def chain_plan(in_modes, out_modes, ranks, bm: int, bo1: int, bo2: int, cd: int)
     return ChainPlan(bm, ni, no, tuple(rp), x)
 
 
-def chain_plans(in_modes, out_modes, ranks, configs=CHAIN_CONFIGS) -> list[ChainPlan]:
-    """Distinct plans of ``configs`` whose tiles fit ``CHAIN_MAX_TILE`` (empty: use the step kernels)."""
+def chain_plans(in_modes, out_modes, ranks, configs=CHAIN_CONFIGS, grad: bool = False) -> list[ChainPlan]:
+    """Distinct plans of ``configs`` whose tiles fit ``CHAIN_MAX_TILE`` (and, with ``grad``, whose
+    gradient accumulators fit too); empty: use the step kernels."""
     plans = {chain_plan(in_modes, out_modes, ranks, *c) for c in configs}
-    return sorted((p for p in plans if p.largest_tile() <= CHAIN_MAX_TILE), key=lambda p: (p.bm, p.no, p.ni))
+    fits = (p for p in plans if p.largest_tile() <= CHAIN_MAX_TILE and (p.grad_fits() or not grad))
+    return sorted(fits, key=lambda p: (p.bm, p.no, p.ni))
 
 
-def chain_cost(m: int, in_modes, out_modes, ranks, elt: int = 2) -> Cost | None:
+def chain_cost(m: int, in_modes, out_modes, ranks, elt: int = 2, grad: bool = False) -> Cost | None:
     """Forward (or dx) by the fused chain kernel with its cheapest plan; None when no plan fits.
 
     Per program and I_d chunk, step k is a ``(x[k], rp[k] ni[k]) @ (rp[k] ni[k], no[k] rp[k+1])``
@@ -128,7 +136,7 @@ def chain_cost(m: int, in_modes, out_modes, ranks, elt: int = 2) -> Cost | None:
     L2 bytes: x once per block column (O_1, O_2 blocks) and the core tiles once per program and chunk.
     """
     best = None
-    for p in chain_plans(in_modes, out_modes, ranks):
+    for p in chain_plans(in_modes, out_modes, ranks, grad=grad):
         programs, chunks = p.programs(m, out_modes), math.ceil(in_modes[-1] / p.ni[-1])
         step = sum(2.0 * x * p.rp[k] * ni * no * p.rp[k + 1] for k, (ni, no, x) in enumerate(zip(p.ni, p.no, p.x)))
         tiles = sum(p.rp[k] * ni * no * p.rp[k + 1] for k, (ni, no) in enumerate(zip(p.ni, p.no)))
@@ -198,9 +206,10 @@ def forward_cost(strategy: str, m: int, in_modes, out_modes, ranks, elt: int = 2
 def grad_cores_cost(strategy: str, m: int, in_modes, out_modes, ranks, elt: int = 2) -> Cost:
     """Cost of every d(core) from (dy, x).
 
-    contract: recompute the forward states U_1..U_{d-1}, run the dy sweep V_d..V_2, and one
-    reduction per core (each as costly as its step), all with the step kernels: at most 3x their
-    forward, counted as 3x.
+    contract: where the gradient chain kernel fits, one launch that reruns the forward chain and
+    its reverse on chip (3x the chain's FLOPs and time); otherwise recompute the forward states
+    U_1..U_{d-1}, run the dy sweep V_d..V_2, and one reduction per core (each as costly as its
+    step), all with the step kernels: at most 3x their forward, counted as 3x.
     rebuild: G = dy.T @ x tile by tile on chip (2 M O I FLOPs, never stored), reduced against L and
     the last core (4 r O I FLOPs); dL -> d(cores 1..d-1) on the host.
     """
@@ -211,16 +220,22 @@ def grad_cores_cost(strategy: str, m: int, in_modes, out_modes, ranks, elt: int 
         kernel = _launch(2.0 * m * n_out * n_in + 4.0 * ranks[-2] * n_out * n_in,
                          elt * m * (n_in + n_out) + 4.0 * head, tiles)
         return kernel + _head_cost(in_modes, out_modes, ranks, elt) + _head_cost(in_modes, out_modes, ranks, elt)
+    chain = chain_cost(m, in_modes, out_modes, ranks, elt, grad=True)
+    if chain is not None:  # one gradient-chain launch: a forward and two dots per step, on chip
+        return Cost(3 * chain.flops, chain.bytes, 1, 3 * chain.seconds)
     fwd = steps_cost(m, in_modes, out_modes, ranks, elt)
     return Cost(3 * fwd.flops, 3 * fwd.bytes, 3 * d - 2, 3 * fwd.seconds)
 
 
 def grad_cost(strategy: str, m: int, in_modes, out_modes, ranks, elt: int = 2) -> Cost:
-    """Cost of the backward with every d(core) and dx: contract's dy sweep ends in dx (one more
-    step, within ``grad_cores_cost``'s 3x); rebuild adds a rebuild launch on the cores of W.T."""
+    """Cost of the backward with every d(core) and dx: rebuild adds a rebuild launch on the cores
+    of W.T, contract a chain launch on them where the gradient chain kernel runs (the step
+    kernels' dy sweep ends in dx, one more step within ``grad_cores_cost``'s 3x)."""
     total = grad_cores_cost(strategy, m, in_modes, out_modes, ranks, elt)
     if strategy == "rebuild":
         total = total + rebuild_cost(m, out_modes, in_modes, ranks, elt)
+    elif chain_cost(m, in_modes, out_modes, ranks, elt, grad=True) is not None:
+        total = total + contract_cost(m, out_modes, in_modes, ranks, elt)
     return total
 
 

@@ -11,17 +11,24 @@ Notation: d cores ``(r_{k-1}, O_k, I_k, r_k)``, ``O = prod O_k``, ``I = prod I_k
     chunks of i_d and runs all d steps on its tile, each a ``tl.dot`` of the state with a core tile
     (loaded, or generated from spline control points, ``SPLINE``) followed by a register
     reshape/permute; the states never leave the chip. Bytes ``elt (M I + M O)`` from HBM, plus x
-    re-reads per output block and core-tile re-reads per chunk (L2). Used when one of
-    ``cost.CHAIN_CONFIGS`` fits ``cost.CHAIN_MAX_TILE`` register elements (``chain_fits``): the
-    benchmark shapes do; a middle core with ``r_{k-1} I_k`` and ``O_k r_k`` both in the thousands does not.
-  - Otherwise, and for the core gradients, ``_step_kernel`` (d launches): step k is the batched
-    product ``U_{k+1}[b, :, c] = A_k @ U_k[b, :, c]`` over the columns ``n = b * C + c``
-    (``B = M O_<k``, ``C = I_>k``), ``A_k[(o, b), (a, i)] = G_k[a, o, i, b]``. The states U_2..U_d
-    live in global memory (each ``M O_<=k r_k I_>k`` elements, 16x resp. 8x the size of x for the
-    two shapes above), so bytes ~ ``2 elt sum_k |U_k|`` dominate for large M. Backward
-    (``contract_grad``): the states are recomputed (not kept from the forward), the dy sweep
-    ``V_k = A_k.T V_{k+1}`` runs right to left with the same kernel (``TRANSPOSED``) and ends in dx,
-    and ``_grad_step_kernel`` reduces each ``dA_k = sum V_{k+1} U_k.T``: about 3x the forward.
+    re-reads per output block and core-tile re-reads per chunk (L2).
+  - Core gradients (``_chain_grad_kernel``, 1 launch, plus a ``_chain_kernel`` launch on the cores
+    of W.T for dx): program (O_1 block x O_2 block, I_d chunk, row split) reruns the forward chain
+    per row block, keeping every step's input in registers, and walks it back
+    (``dB_k += P_k.T dQ_k``, ``dQ_k-1 = unpermute(dQ_k B_k.T)``); fp32 accumulators, one atomic add
+    per core tile and program at the end (so the fp32 sums are not bitwise deterministic).
+    About 3x the forward chain's FLOPs.
+  - Both are used where one of ``cost.CHAIN_CONFIGS`` fits ``cost.CHAIN_MAX_TILE`` register
+    elements (``chain_fits``; the gradient also needs its accumulators to fit): the benchmark
+    shapes do; a middle core with ``r_{k-1} I_k`` and ``O_k r_k`` both in the thousands does not.
+    Otherwise ``_step_kernel`` (d launches): step k is the batched product
+    ``U_{k+1}[b, :, c] = A_k @ U_k[b, :, c]`` over the columns ``n = b * C + c`` (``B = M O_<k``,
+    ``C = I_>k``), ``A_k[(o, b), (a, i)] = G_k[a, o, i, b]``. The states U_2..U_d live in global
+    memory (each ``M O_<=k r_k I_>k`` elements, 16x resp. 8x the size of x for the two shapes
+    above), so bytes ~ ``2 elt sum_k |U_k|`` dominate for large M. Backward (``steps_grad``): the
+    states are recomputed, the dy sweep ``V_k = A_k.T V_{k+1}`` runs right to left with the same
+    kernel (``TRANSPOSED``) and ends in dx, and ``_grad_step_kernel`` reduces each
+    ``dA_k = sum V_{k+1} U_k.T``: about 3x the forward.
 * ``rebuild`` (``_rebuild_kernel``, 1 launch). W = sum_r L[o_h, i_h, r] G_d[r, o_d, i_d] with the head
   product L ``(O/O_d, I/I_d, r_{d-1})`` built on the host from the cores (``r_{d-1}/(O_d I_d)`` times the
   size of W: 1/16 for 16^3 rank 16, 1/8 for 8^4 rank 8). Each ``(BK, BN)`` tile of W.T is
@@ -110,6 +117,73 @@ def _chain_tiles(args) -> cost.ChainPlan:
     return cost.chain_plan(args["IN"], args["OUT"], args["RANK"], args["BM"], args["BO1"], args["BO2"], args["CD"])
 
 
+@triton.jit
+def _chain_in_index(BM: tl.constexpr, CD: tl.constexpr, D: tl.constexpr, IN: tl.constexpr,
+                    NI: tl.constexpr, RP: tl.constexpr, X: tl.constexpr):
+    """Index vectors of S_1, rows ``(i_2 .. i_d-1, i_d in chunk, m)`` (m fastest) and columns
+    ``(a_0, i_1)`` (a_0 > 0 is padding): (row m, row chunk index, row ok, row element offset in x
+    without m and chunk, i_d's element stride, column ok, column element offset)."""
+    r = tl.arange(0, X[0])
+    t = r // (BM * CD)
+    row_ok = r >= 0
+    row_off = r * 0
+    stride = IN[D - 1]
+    for j in tl.static_range(D - 2, 0, -1):
+        ij = t % NI[j]
+        t = t // NI[j]
+        row_ok &= ij < IN[j]
+        row_off += ij * stride
+        stride *= IN[j]
+    col = tl.arange(0, RP[0] * NI[0])
+    return r % BM, (r // BM) % CD, row_ok, row_off, (col < NI[0]) & (col % NI[0] < IN[0]), (col % NI[0]) * stride
+
+
+@triton.jit
+def _chain_out_index(starts, D: tl.constexpr, OUT: tl.constexpr, NO: tl.constexpr, X: tl.constexpr):
+    """Index vectors of the last step's rows ``(m, o_1 .. o_d-1)`` (o_d-1 fastest) and columns o_d:
+    (row m, row ok, row element offset in y without m, column o_d)."""
+    r = tl.arange(0, X[D - 1])
+    ok = r >= 0
+    off = r * 0
+    stride = OUT[D - 1]
+    for q in tl.static_range(D - 2, -1, -1):
+        oq = r % NO[q] + (starts[q] if q < 2 else 0)
+        r = r // NO[q]
+        ok &= oq < OUT[q]
+        off += oq * stride
+        stride *= OUT[q]
+    return r, ok, off, tl.arange(0, NO[D - 1]) + (starts[1] if D == 2 else 0)
+
+
+@triton.jit
+def _chain_core(g_ptr, k: tl.constexpr, d0, starts, D: tl.constexpr, IN: tl.constexpr, OUT: tl.constexpr,
+                RANK: tl.constexpr, GRID: tl.constexpr, AXES: tl.constexpr, OFFS: tl.constexpr,
+                SPLINE: tl.constexpr, NI: tl.constexpr, NO: tl.constexpr, RP: tl.constexpr):
+    """``B_k[(a, i), (o, b)] = G_k[a, o, i, b]`` ``(RP[k] NI[k], NO[k] RP[k+1])`` for this program's
+    O_1 / O_2 block (k < 2) and I_d chunk from ``d0`` (k = d - 1), zero outside the core."""
+    v = tl.arange(0, RP[k] * NI[k])
+    u = tl.arange(0, NO[k] * RP[k + 1])
+    a, i = v // NI[k], v % NI[k] + (d0 if k == D - 1 else 0)
+    o, b = u // RP[k + 1] + (starts[k] if k < 2 else 0), u % RP[k + 1]
+    return tl.trans(_core_tile(
+        g_ptr + OFFS[k], o, b, a, i, (o < OUT[k]) & (b < RANK[k + 1]), (a < RANK[k]) & (i < IN[k]),
+        GRID[k][0] * GRID[k][1] * RANK[k + 1], GRID[k][1] * RANK[k + 1], RANK[k + 1], 1,
+        AXES[k][0], AXES[k][1], AXES[k][2], AXES[k][3], SPLINE))
+
+
+@triton.jit
+def _chain_next(s, k: tl.constexpr, NI: tl.constexpr, RP: tl.constexpr, X: tl.constexpr):
+    """Step k - 1's output, rows (i_k, rest) x columns (o_k-1, a_k-1), as step k's input, rows
+    (rest, o_k-1) x columns (a_k-1, i_k): a register reshape/permute."""
+    return tl.reshape(tl.permute(tl.reshape(s, (NI[k], X[k], RP[k])), (1, 2, 0)), (X[k], RP[k] * NI[k]))
+
+
+@triton.jit
+def _chain_prev(ds, k: tl.constexpr, NO: tl.constexpr, NI: tl.constexpr, RP: tl.constexpr, X: tl.constexpr):
+    """The inverse of ``_chain_next``: a gradient w.r.t. step k's input as one w.r.t. step k - 1's output."""
+    return tl.reshape(tl.permute(tl.reshape(ds, (X[k], RP[k], NI[k])), (2, 0, 1)), (X[k - 1], NO[k - 1] * RP[k]))
+
+
 @triton.autotune(
     configs=configs([dict(zip(("BM", "BO1", "BO2", "CD"), c)) for c in cost.CHAIN_CONFIGS],
                     interpret={"BM": 16, "BO1": 2, "BO2": 2, "CD": 2}, stages=(2,)),
@@ -150,58 +224,120 @@ def _chain_kernel(
     pid_m = tl.program_id(0)
     starts = (tl.program_id(1) * NO[0], tl.program_id(2) * NO[1])
     dtype = x_ptr.dtype.element_ty
-    # rows of S_1: (i_2 .. i_d-1, chunk c, m), m fastest; columns (a_0, i_1) with a_0 > 0 padding
-    r = tl.arange(0, X[0])
-    rm = pid_m * BM + r % BM
-    c = (r // BM) % CD
-    t = r // (BM * CD)
-    row_ok = rm < M
-    row_off = rm.to(tl.int64) * stride_xm
-    stride = IN[D - 1]
-    for j in tl.static_range(D - 2, 0, -1):
-        ij = t % NI[j]
-        t = t // NI[j]
-        row_ok &= ij < IN[j]
-        row_off += (ij * stride).to(tl.int64) * stride_xk
-        stride *= IN[j]
-    col = tl.arange(0, RP[0] * NI[0])
-    col_ok = (col < NI[0]) & (col % NI[0] < IN[0])
-    col_off = ((col % NI[0]) * stride).to(tl.int64) * stride_xk
+    rm, c, row_ok, row_off, col_ok, col_off = _chain_in_index(BM, CD, D, IN, NI, RP, X)
+    rm += pid_m * BM
+    row_ok &= rm < M
+    x_rows = x_ptr + rm.to(tl.int64) * stride_xm + row_off.to(tl.int64) * stride_xk
+    x_cols = col_off.to(tl.int64) * stride_xk
     acc = tl.zeros((X[D - 1], NO[D - 1]), dtype=tl.float32)
     for d0 in range(0, IN[D - 1], CD):
-        s = tl.load(x_ptr + (row_off + (d0 + c).to(tl.int64) * stride_xk)[:, None] + col_off[None, :],
+        s = tl.load((x_rows + (d0 + c).to(tl.int64) * stride_xk)[:, None] + x_cols[None, :],
                     mask=(row_ok & (d0 + c < IN[D - 1]))[:, None] & col_ok[None, :], other=0.0)
         for k in tl.static_range(D):
-            if k > 0:  # rows (i_k, rest), columns (o_k-1, a_k-1) -> rows (rest, o_k-1), columns (a_k-1, i_k)
-                s = tl.reshape(tl.permute(tl.reshape(s, (NI[k], X[k], RP[k])), (1, 2, 0)), (X[k], RP[k] * NI[k]))
-            v = tl.arange(0, RP[k] * NI[k])
-            u = tl.arange(0, NO[k] * RP[k + 1])
-            a, i = v // NI[k], v % NI[k] + (d0 if k == D - 1 else 0)
-            o, b = u // RP[k + 1] + (starts[k] if k < 2 else 0), u % RP[k + 1]
-            g = tl.trans(_core_tile(
-                g_ptr + OFFS[k], o, b, a, i, (o < OUT[k]) & (b < RANK[k + 1]), (a < RANK[k]) & (i < IN[k]),
-                GRID[k][0] * GRID[k][1] * RANK[k + 1], GRID[k][1] * RANK[k + 1], RANK[k + 1], 1,
-                AXES[k][0], AXES[k][1], AXES[k][2], AXES[k][3], SPLINE))
+            if k > 0:
+                s = _chain_next(s, k, NI, RP, X)
+            g = _chain_core(g_ptr, k, d0, starts, D, IN, OUT, RANK, GRID, AXES, OFFS, SPLINE, NI, NO, RP)
             s = tl.dot(s.to(dtype), g.to(dtype), input_precision=PRECISION)
         acc += tl.sum(tl.reshape(s, (X[D - 1], NO[D - 1], RP[D])), axis=2)  # only b = 0 is nonzero
-    # rows of acc: (m, o_1 .. o_d-1), o_d-1 fastest; columns o_d
-    r = tl.arange(0, X[D - 1])
-    out_ok = r >= 0
-    out_off = r * 0
-    stride = OUT[D - 1]
-    for q in tl.static_range(D - 2, -1, -1):
-        oq = r % NO[q] + (starts[q] if q < 2 else 0)
-        r = r // NO[q]
-        out_ok &= oq < OUT[q]
-        out_off += oq * stride
-        stride *= OUT[q]
-    rm = pid_m * BM + r
-    od = tl.arange(0, NO[D - 1]) + (starts[1] if D == 2 else 0)
+    rm, out_ok, out_off, od = _chain_out_index(starts, D, OUT, NO, X)
+    rm += pid_m * BM
     off = out_off[:, None] + od[None, :]
     mask = (out_ok & (rm < M))[:, None] & (od < OUT[D - 1])[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + off, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + rm.to(tl.int64)[:, None] * stride_ym + off * stride_yn, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _chain_grad_prune(cfgs, named_args, **kwargs):
+    """``_chain_prune``, keeping only plans whose core-gradient accumulators also fit."""
+    args = {**named_args, **kwargs}
+    shape = (args["IN"], args["OUT"], args["RANK"])
+    return [c for c in _chain_prune(cfgs, named_args, **kwargs)
+            if cost.chain_plan(*shape, *(c.kwargs[k] for k in ("BM", "BO1", "BO2", "CD"))).grad_fits()]
+
+
+@triton.autotune(
+    configs=configs([dict(zip(("BM", "BO1", "BO2", "CD"), c)) for c in cost.CHAIN_CONFIGS],
+                    interpret={"BM": 16, "BO1": 2, "BO2": 2, "CD": 2}, stages=(2,)),
+    key=["M_BUCKET", "IN", "OUT", "RANK", "SPLINE"],
+    prune_configs_by={"early_config_prune": _chain_grad_prune},
+    reset_to_zero=["dg_ptr"],
+)
+@triton.heuristics({
+    "NI": lambda a: _chain_tiles(a).ni,
+    "NO": lambda a: _chain_tiles(a).no,
+    "RP": lambda a: _chain_tiles(a).rp,
+    "X": lambda a: _chain_tiles(a).x,
+})
+@triton.jit
+def _chain_grad_kernel(
+    x_ptr, dy_ptr, g_ptr, dg_ptr,
+    M, M_BUCKET, stride_xm, stride_xk, stride_dm, stride_dn,
+    D: tl.constexpr, IN: tl.constexpr, OUT: tl.constexpr, RANK: tl.constexpr,
+    GRID: tl.constexpr, AXES: tl.constexpr, OFFS: tl.constexpr, DOFFS: tl.constexpr,
+    SPLINE: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BO1: tl.constexpr, BO2: tl.constexpr, CD: tl.constexpr,
+    NI: tl.constexpr, NO: tl.constexpr, RP: tl.constexpr, X: tl.constexpr,
+):
+    """Every dG_k of sum(dy * (x @ W.T)), the chain of ``_chain_kernel`` and its reverse on chip.
+
+    Program (O_1 block x O_2 block, I_d chunk, row split s) walks every ``num_programs(2)``-th block
+    of BM rows. Per row block it runs the forward chain keeping each step's input P_k (registers),
+    then the reverse: dQ_d is the dy tile, ``dB_k += P_k.T @ dQ_k`` (fp32 accumulators held across
+    the row loop) and ``dQ_k-1 = unpermute(dQ_k @ B_k.T)``. At the end each program adds its dB_k to
+    the fp32 core gradients (``dg_ptr + DOFFS[k]``, layout ``(r_k-1, O_k, I_k, r_k)``) with atomics.
+    Neither the states nor W or dW touch global memory.
+    FLOPs ``3 x`` the forward chain's (one forward, two dots per step backward, step 1's forward
+    repeated per O_2 block). Bytes ``elt (M I + M O) x`` (O_1 O_2 blocks x I_d chunks) re-reads
+    (mostly L2), plus ``4 sum_k |B_k|`` atomics per program.
+    """
+    pid_o = tl.program_id(0)
+    n_o2 = tl.cdiv(OUT[1], NO[1])
+    starts = ((pid_o // n_o2) * NO[0], (pid_o % n_o2) * NO[1])
+    d0 = tl.program_id(1) * CD
+    dtype = x_ptr.dtype.element_ty
+    rm_in, c, row_ok, row_off, col_ok, col_off = _chain_in_index(BM, CD, D, IN, NI, RP, X)
+    row_ok &= d0 + c < IN[D - 1]
+    x_rows = x_ptr + (row_off + d0 + c).to(tl.int64) * stride_xk
+    x_cols = col_off.to(tl.int64) * stride_xk
+    rm_out, out_ok, out_off, od = _chain_out_index(starts, D, OUT, NO, X)
+    u = tl.arange(0, NO[D - 1] * RP[D])  # dQ_d columns (o_d, b): dy at b = 0, zero padding beside it
+    od = u // RP[D] + (starts[1] if D == 2 else 0)
+    dy_cols = (out_off[:, None] + od[None, :]).to(tl.int64)
+    dy_ok = out_ok[:, None] & ((od < OUT[D - 1]) & (u % RP[D] == 0))[None, :]
+    gs = ()
+    accs = ()
+    for k in tl.static_range(D):
+        gs = gs + (_chain_core(g_ptr, k, d0, starts, D, IN, OUT, RANK, GRID, AXES, OFFS, SPLINE, NI, NO, RP).to(dtype),)
+        accs = accs + (tl.zeros((RP[k] * NI[k], NO[k] * RP[k + 1]), dtype=tl.float32),)
+    for mb in range(tl.program_id(2), tl.cdiv(M, BM), tl.num_programs(2)):
+        rm = mb * BM + rm_in
+        s = tl.load((x_rows + rm.to(tl.int64) * stride_xm)[:, None] + x_cols[None, :],
+                    mask=(row_ok & (rm < M))[:, None] & col_ok[None, :], other=0.0)
+        ps = ()
+        for k in tl.static_range(D):
+            if k > 0:
+                s = _chain_next(s, k, NI, RP, X).to(dtype)
+            ps = ps + (s,)
+            if k < D - 1:
+                s = tl.dot(s, gs[k], input_precision=PRECISION)
+        rm = mb * BM + rm_out
+        dq = tl.load(dy_ptr + rm.to(tl.int64)[:, None] * stride_dm + dy_cols * stride_dn,
+                     mask=dy_ok & (rm < M)[:, None], other=0.0)
+        new = ()
+        for k in tl.static_range(D - 1, -1, -1):
+            new = (accs[k] + tl.dot(tl.trans(ps[k]), dq.to(dtype), input_precision=PRECISION),) + new
+            if k > 0:
+                dq = _chain_prev(tl.dot(dq.to(dtype), tl.trans(gs[k]), input_precision=PRECISION), k, NO, NI, RP, X)
+        accs = new
+    for k in tl.static_range(D):
+        v = tl.arange(0, RP[k] * NI[k])
+        u = tl.arange(0, NO[k] * RP[k + 1])
+        a, i = v // NI[k], v % NI[k] + (d0 if k == D - 1 else 0)
+        o, b = u // RP[k + 1] + (starts[k] if k < 2 else 0), u % RP[k + 1]
+        off = ((a[:, None] * OUT[k] + o[None, :]) * IN[k] + i[:, None]) * RANK[k + 1] + b[None, :]
+        mask = ((a < RANK[k]) & (i < IN[k]))[:, None] & ((o < OUT[k]) & (b < RANK[k + 1]))[None, :]
+        tl.atomic_add(dg_ptr + DOFFS[k] + off, accs[k], mask=mask)
 
 
 def chain_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None) -> torch.Tensor:
@@ -226,8 +362,36 @@ def chain_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None)
     return y
 
 
+def chain_grad(dy2: torch.Tensor, x2: torch.Tensor, cores: list[Core]) -> list[torch.Tensor]:
+    """``[dG_k]`` (fp32, ``(r0, O, I, r1)``) of sum(dy2 * (x2 @ W.T)) by one ``_chain_grad_kernel``
+    launch; row blocks are split over enough programs to fill the GPU (2 under the interpreter)."""
+    m = x2.shape[0]
+    sizes = [c.r0 * c.o * c.i * c.r1 for c in cores]
+    dg = torch.zeros(sum(sizes), device=x2.device, dtype=torch.float32)
+    packed = torch.cat([c.t.reshape(-1) for c in cores])
+
+    def grid(meta):
+        blocks = triton.cdiv(cores[0].o, meta["NO"][0]) * triton.cdiv(cores[1].o, meta["NO"][1])
+        chunks = triton.cdiv(cores[-1].i, meta["CD"])
+        want = 2 if INTERPRET else triton.cdiv(2 * cost.SMS, blocks * chunks)
+        return blocks, chunks, max(1, min(triton.cdiv(m, meta["BM"]), want))
+
+    if m > 0:
+        _chain_grad_kernel[grid](
+            x2, dy2, packed, dg,
+            m, m_bucket(m), x2.stride(0), x2.stride(1), dy2.stride(0), dy2.stride(1),
+            D=len(cores), IN=tuple(c.i for c in cores), OUT=tuple(c.o for c in cores),
+            RANK=(cores[0].r0,) + tuple(c.r1 for c in cores), GRID=tuple(tuple(c.t.shape[1:3]) for c in cores),
+            AXES=tuple(c.axes() for c in cores), OFFS=tuple(itertools.accumulate((c.t.numel() for c in cores[:-1]), initial=0)),
+            DOFFS=tuple(itertools.accumulate(sizes[:-1], initial=0)),
+            SPLINE=cores[0].spline, PRECISION=dot_precision(x2.dtype),
+        )
+    # separate tensors: a custom op may not return outputs that alias each other
+    return [t.view(c.r0, c.o, c.i, c.r1).clone() for t, c in zip(dg.split(sizes), cores)]
+
+
 # ----------------------------------------------------------------------------------------------
-# Strategy "contract", unfused: one batched-GEMM step per core (large states, backward)
+# Strategy "contract", unfused: one batched-GEMM step per core (where the chain kernels do not fit)
 # ----------------------------------------------------------------------------------------------
 @triton.autotune(
     configs=configs(
@@ -344,6 +508,10 @@ class Core:
         """The core ``(r0, O, I, r1)``; a spline core is formed from its control points (fp32, core-sized)."""
         return spline_ref.spline_cores([self.t], [self.i], [self.o])[0] if self.spline else self.t
 
+    def transposed(self) -> Core:
+        """The core of W.T (a view: o and i axes swapped, for spline cores in the control points)."""
+        return Core(self.t.transpose(1, 2), self.i, self.o, self.spline)
+
     def axes(self) -> tuple[float, float, float, float]:
         """(scale_o, top_o, scale_i, top_i) of the B-spline taps (unused for plain cores)."""
         if not self.spline:
@@ -384,11 +552,13 @@ def _grad_step(v: torch.Tensor, vs: tuple[int, int], u: torch.Tensor, us: tuple[
     return part.sum(0)
 
 
-def chain_fits(cores: list[Core]) -> bool:
-    """Whether one of the chain kernel's configs fits these cores (``cost.chain_plans``)."""
+def chain_fits(cores: list[Core], grad: bool = False) -> bool:
+    """Whether one of the configs of the chain kernel (or, with ``grad``, the gradient chain
+    kernel) fits these cores (``cost.chain_plans``)."""
     ranks = (cores[0].r0,) + tuple(c.r1 for c in cores)
-    cfgs = [tuple(c.kwargs[k] for k in ("BM", "BO1", "BO2", "CD")) for c in _chain_kernel.configs]
-    return bool(cost.chain_plans([c.i for c in cores], [c.o for c in cores], ranks, cfgs))
+    kernel = _chain_grad_kernel if grad else _chain_kernel
+    cfgs = [tuple(c.kwargs[k] for k in ("BM", "BO1", "BO2", "CD")) for c in kernel.configs]
+    return bool(cost.chain_plans([c.i for c in cores], [c.o for c in cores], ranks, cfgs, grad))
 
 
 def contract_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None) -> torch.Tensor:
@@ -413,9 +583,19 @@ def steps_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None)
 
 def contract_grad(dy2: torch.Tensor, x2: torch.Tensor, cores: list[Core], need_dx: bool
                   ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    """(d(core) in the ``(r0, O, I, r1)`` layout (fp32) for every core, dx ``(M, I)`` or None):
-    forward states U_1..U_d recomputed, then right to left dA_k = sum V_{k+1} U_k.T and
-    V_k = A_k.T V_{k+1}; V_1 is dx."""
+    """(d(core) in the ``(r0, O, I, r1)`` layout (fp32) for every core, dx ``(M, I)`` or None): the
+    gradient chain kernel (and a chain launch on W.T's cores for dx) where they fit, else
+    ``steps_grad``."""
+    transposed = [c.transposed() for c in cores]
+    if chain_fits(cores, grad=True) and (not need_dx or chain_fits(transposed)):
+        return chain_grad(dy2, x2, cores), chain_linear(dy2, transposed, None) if need_dx else None
+    return steps_grad(dy2, x2, cores, need_dx)
+
+
+def steps_grad(dy2: torch.Tensor, x2: torch.Tensor, cores: list[Core], need_dx: bool
+               ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """``contract_grad`` by step launches: forward states U_1..U_d recomputed, then right to left
+    dA_k = sum V_{k+1} U_k.T and V_k = A_k.T V_{k+1}; V_1 is dx."""
     m, d = x2.shape[0], len(cores)
     states = [(x2, x2.stride(0), x2.stride(1))]
     o_done = 1
