@@ -116,7 +116,7 @@ def test_strategy_cost_model():
     # the backward is picked on its own costs (the gradient chain kernel reruns the forward)
     assert pick_strategy(8192, modes8, modes8, (1, 8, 8, 8, 1), backward=True) == "rebuild"
     assert pick_strategy(256, modes16, modes16, (1, 16, 16, 1), backward=True) == "rebuild"
-    assert pick_strategy(16, modes16, modes16, (1, 16, 16, 1), backward=True) == "contract"
+    assert pick_strategy(256, modes8, modes8, (1, 8, 8, 8, 1), backward=True) == "contract"
     layer = TTLinear(modes16, modes16, 16, strategy="contract")
     assert layer.picked_strategy(8192, torch.bfloat16) == "contract"
     layer.strategy = "auto"

@@ -36,6 +36,9 @@ STRATEGIES = ("auto", "contract", "rebuild")
 CHAIN_MAX_TILE = 16384  # elements of the largest register tile (state or core tile) of the chain kernel
 # (BM, BO1, BO2, CD) of the chain kernel: rows, O_1 and O_2 per program, I_d per loop step
 CHAIN_CONFIGS = tuple((bm, bo1, bo2, cd) for bm in (16, 64) for bo1 in (1, 4, 16) for bo2 in (4, 16) for cd in (1, 4))
+# the gradient chain kernel's configs: few, because each variant compiles slowly (d unrolled
+# forward and backward steps with large register tiles)
+CHAIN_GRAD_CONFIGS = ((16, 1, 4, 1), (16, 4, 4, 1), (64, 1, 4, 1), (16, 1, 16, 1))
 
 
 @dataclass(frozen=True)
@@ -120,9 +123,11 @@ def chain_plan(in_modes, out_modes, ranks, bm: int, bo1: int, bo2: int, cd: int)
     return ChainPlan(bm, ni, no, tuple(rp), x)
 
 
-def chain_plans(in_modes, out_modes, ranks, configs=CHAIN_CONFIGS, grad: bool = False) -> list[ChainPlan]:
-    """Distinct plans of ``configs`` whose tiles fit ``CHAIN_MAX_TILE`` (and, with ``grad``, whose
-    gradient accumulators fit too); empty: use the step kernels."""
+def chain_plans(in_modes, out_modes, ranks, configs=None, grad: bool = False) -> list[ChainPlan]:
+    """Distinct plans of ``configs`` (default ``CHAIN_CONFIGS``, or ``CHAIN_GRAD_CONFIGS`` with
+    ``grad``) whose tiles fit ``CHAIN_MAX_TILE`` (and, with ``grad``, whose gradient accumulators
+    fit too); empty: use the step kernels."""
+    configs = configs or (CHAIN_GRAD_CONFIGS if grad else CHAIN_CONFIGS)
     plans = {chain_plan(in_modes, out_modes, ranks, *c) for c in configs}
     fits = (p for p in plans if p.largest_tile() <= CHAIN_MAX_TILE and (p.grad_fits() or not grad))
     return sorted(fits, key=lambda p: (p.bm, p.no, p.ni))

@@ -257,8 +257,8 @@ def _chain_grad_prune(cfgs, named_args, **kwargs):
 
 
 @triton.autotune(
-    configs=configs([dict(zip(("BM", "BO1", "BO2", "CD"), c)) for c in cost.CHAIN_CONFIGS],
-                    interpret={"BM": 16, "BO1": 2, "BO2": 2, "CD": 2}, stages=(2,)),
+    configs=configs([dict(zip(("BM", "BO1", "BO2", "CD"), c)) for c in cost.CHAIN_GRAD_CONFIGS],
+                    interpret={"BM": 16, "BO1": 2, "BO2": 2, "CD": 2}, warps=(8,), stages=(2,)),
     key=["M_BUCKET", "IN", "OUT", "RANK", "SPLINE"],
     prune_configs_by={"early_config_prune": _chain_grad_prune},
     reset_to_zero=["dg_ptr"],
