@@ -154,6 +154,8 @@ def test_chain_plans_are_valid_dot_shapes():
                 assert p.rp[k + 1] >= ranks[k + 1] and p.no[k] * math.ceil(outs[k] / p.no[k]) >= outs[k]
         assert kernels.cost.chain_plans(ins, outs, ranks, grad=True), ins
     assert not kernels.cost.chain_plans((16, 256, 16), (16, 256, 16), (1, 32, 32, 1))
+    # fp32 gradients need half-size tiles (shared memory): 8^4 rank 8 takes the step kernels there
+    assert not kernels.cost.chain_plans((8,) * 4, (8,) * 4, (1, 8, 8, 8, 1), grad=True, elt=4)
 
 
 def test_rebuild_tiles_are_valid_dot_shapes():

@@ -99,11 +99,12 @@ class ChainPlan:
             sizes += [x * kk, x * nn, kk * nn]
         return max(sizes)
 
-    def grad_fits(self) -> bool:
-        """Whether the gradient kernel's d core accumulators (``sum_k K_k N_k`` fp32, held across
-        its row loop) fit besides the tiles: at most twice ``CHAIN_MAX_TILE``."""
+    def grad_fits(self, elt: int = 2) -> bool:
+        """Whether the gradient kernel fits: its d core accumulators (``sum_k K_k N_k`` fp32, held
+        across its row loop) at most twice ``CHAIN_MAX_TILE``, and for 4-byte inputs every tile at
+        most half of it (fp32 8^4 rank 8 needed 258 KiB of shared memory with full tiles)."""
         acc = sum(self.rp[k] * ni * no * self.rp[k + 1] for k, (ni, no) in enumerate(zip(self.ni, self.no)))
-        return acc <= 2 * CHAIN_MAX_TILE
+        return acc <= 2 * CHAIN_MAX_TILE and self.largest_tile() * elt <= 2 * CHAIN_MAX_TILE
 
     def programs(self, m: int, out_modes) -> int:
         """Grid size: row blocks x blocks of O_1 x blocks of O_2."""
@@ -123,13 +124,13 @@ def chain_plan(in_modes, out_modes, ranks, bm: int, bo1: int, bo2: int, cd: int)
     return ChainPlan(bm, ni, no, tuple(rp), x)
 
 
-def chain_plans(in_modes, out_modes, ranks, configs=None, grad: bool = False) -> list[ChainPlan]:
+def chain_plans(in_modes, out_modes, ranks, configs=None, grad: bool = False, elt: int = 2) -> list[ChainPlan]:
     """Distinct plans of ``configs`` (default ``CHAIN_CONFIGS``, or ``CHAIN_GRAD_CONFIGS`` with
-    ``grad``) whose tiles fit ``CHAIN_MAX_TILE`` (and, with ``grad``, whose gradient accumulators
-    fit too); empty: use the step kernels."""
+    ``grad``) whose tiles fit ``CHAIN_MAX_TILE`` (with ``grad``, ``ChainPlan.grad_fits`` for
+    ``elt``-byte inputs too); empty: use the step kernels."""
     configs = configs or (CHAIN_GRAD_CONFIGS if grad else CHAIN_CONFIGS)
     plans = {chain_plan(in_modes, out_modes, ranks, *c) for c in configs}
-    fits = (p for p in plans if p.largest_tile() <= CHAIN_MAX_TILE and (p.grad_fits() or not grad))
+    fits = (p for p in plans if p.largest_tile() <= CHAIN_MAX_TILE and (not grad or p.grad_fits(elt)))
     return sorted(fits, key=lambda p: (p.bm, p.no, p.ni))
 
 
@@ -141,7 +142,7 @@ def chain_cost(m: int, in_modes, out_modes, ranks, elt: int = 2, grad: bool = Fa
     L2 bytes: x once per block column (O_1, O_2 blocks) and the core tiles once per program and chunk.
     """
     best = None
-    for p in chain_plans(in_modes, out_modes, ranks, grad=grad):
+    for p in chain_plans(in_modes, out_modes, ranks, grad=grad, elt=elt):
         programs, chunks = p.programs(m, out_modes), math.ceil(in_modes[-1] / p.ni[-1])
         step = sum(2.0 * x * p.rp[k] * ni * no * p.rp[k + 1] for k, (ni, no, x) in enumerate(zip(p.ni, p.no, p.x)))
         tiles = sum(p.rp[k] * ni * no * p.rp[k + 1] for k, (ni, no) in enumerate(zip(p.ni, p.no)))

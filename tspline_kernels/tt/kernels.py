@@ -252,8 +252,9 @@ def _chain_grad_prune(cfgs, named_args, **kwargs):
     """``_chain_prune``, keeping only plans whose core-gradient accumulators also fit."""
     args = {**named_args, **kwargs}
     shape = (args["IN"], args["OUT"], args["RANK"])
+    elt = args["x_ptr"].element_size()
     return [c for c in _chain_prune(cfgs, named_args, **kwargs)
-            if cost.chain_plan(*shape, *(c.kwargs[k] for k in ("BM", "BO1", "BO2", "CD"))).grad_fits()]
+            if cost.chain_plan(*shape, *(c.kwargs[k] for k in ("BM", "BO1", "BO2", "CD"))).grad_fits(elt)]
 
 
 @triton.autotune(
@@ -552,13 +553,13 @@ def _grad_step(v: torch.Tensor, vs: tuple[int, int], u: torch.Tensor, us: tuple[
     return part.sum(0)
 
 
-def chain_fits(cores: list[Core], grad: bool = False) -> bool:
+def chain_fits(cores: list[Core], grad: bool = False, elt: int = 2) -> bool:
     """Whether one of the configs of the chain kernel (or, with ``grad``, the gradient chain
-    kernel) fits these cores (``cost.chain_plans``)."""
+    kernel, for ``elt``-byte inputs) fits these cores (``cost.chain_plans``)."""
     ranks = (cores[0].r0,) + tuple(c.r1 for c in cores)
     kernel = _chain_grad_kernel if grad else _chain_kernel
     cfgs = [tuple(c.kwargs[k] for k in ("BM", "BO1", "BO2", "CD")) for c in kernel.configs]
-    return bool(cost.chain_plans([c.i for c in cores], [c.o for c in cores], ranks, cfgs, grad))
+    return bool(cost.chain_plans([c.i for c in cores], [c.o for c in cores], ranks, cfgs, grad, elt))
 
 
 def contract_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None) -> torch.Tensor:
@@ -587,7 +588,7 @@ def contract_grad(dy2: torch.Tensor, x2: torch.Tensor, cores: list[Core], need_d
     gradient chain kernel (and a chain launch on W.T's cores for dx) where they fit, else
     ``steps_grad``."""
     transposed = [c.transposed() for c in cores]
-    if chain_fits(cores, grad=True) and (not need_dx or chain_fits(transposed)):
+    if chain_fits(cores, grad=True, elt=x2.element_size()) and (not need_dx or chain_fits(transposed)):
         return chain_grad(dy2, x2, cores), chain_linear(dy2, transposed, None) if need_dx else None
     return steps_grad(dy2, x2, cores, need_dx)
 
