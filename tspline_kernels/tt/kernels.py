@@ -156,15 +156,22 @@ def _chain_out_index(starts, D: tl.constexpr, OUT: tl.constexpr, NO: tl.constexp
 
 
 @triton.jit
+def _chain_core_index(k: tl.constexpr, d0, starts, D: tl.constexpr, NI: tl.constexpr, NO: tl.constexpr,
+                      RP: tl.constexpr):
+    """(a, i) of the rows and (o, b) of the columns of ``B_k`` for this program's O_1 / O_2 block
+    (k < 2) and I_d chunk from ``d0`` (k = d - 1)."""
+    v = tl.arange(0, RP[k] * NI[k])
+    u = tl.arange(0, NO[k] * RP[k + 1])
+    return v // NI[k], v % NI[k] + (d0 if k == D - 1 else 0), u // RP[k + 1] + (starts[k] if k < 2 else 0), u % RP[k + 1]
+
+
+@triton.jit
 def _chain_core(g_ptr, k: tl.constexpr, d0, starts, D: tl.constexpr, IN: tl.constexpr, OUT: tl.constexpr,
                 RANK: tl.constexpr, GRID: tl.constexpr, AXES: tl.constexpr, OFFS: tl.constexpr,
                 SPLINE: tl.constexpr, NI: tl.constexpr, NO: tl.constexpr, RP: tl.constexpr):
-    """``B_k[(a, i), (o, b)] = G_k[a, o, i, b]`` ``(RP[k] NI[k], NO[k] RP[k+1])`` for this program's
-    O_1 / O_2 block (k < 2) and I_d chunk from ``d0`` (k = d - 1), zero outside the core."""
-    v = tl.arange(0, RP[k] * NI[k])
-    u = tl.arange(0, NO[k] * RP[k + 1])
-    a, i = v // NI[k], v % NI[k] + (d0 if k == D - 1 else 0)
-    o, b = u // RP[k + 1] + (starts[k] if k < 2 else 0), u % RP[k + 1]
+    """``B_k[(a, i), (o, b)] = G_k[a, o, i, b]`` ``(RP[k] NI[k], NO[k] RP[k+1])`` (``_chain_core_index``),
+    zero outside the core."""
+    a, i, o, b = _chain_core_index(k, d0, starts, D, NI, NO, RP)
     return tl.trans(_core_tile(
         g_ptr + OFFS[k], o, b, a, i, (o < OUT[k]) & (b < RANK[k + 1]), (a < RANK[k]) & (i < IN[k]),
         GRID[k][0] * GRID[k][1] * RANK[k + 1], GRID[k][1] * RANK[k + 1], RANK[k + 1], 1,
@@ -301,7 +308,7 @@ def _chain_grad_kernel(
     row_ok &= d0 + c < IN[D - 1]
     x_rows = x_ptr + (row_off + d0 + c).to(tl.int64) * stride_xk
     x_cols = col_off.to(tl.int64) * stride_xk
-    rm_out, out_ok, out_off, od = _chain_out_index(starts, D, OUT, NO, X)
+    rm_out, out_ok, out_off, _ = _chain_out_index(starts, D, OUT, NO, X)
     u = tl.arange(0, NO[D - 1] * RP[D])  # dQ_d columns (o_d, b): dy at b = 0, zero padding beside it
     od = u // RP[D] + (starts[1] if D == 2 else 0)
     dy_cols = (out_off[:, None] + od[None, :]).to(tl.int64)
@@ -332,10 +339,7 @@ def _chain_grad_kernel(
                 dq = _chain_prev(tl.dot(dq.to(dtype), tl.trans(gs[k]), input_precision=PRECISION), k, NO, NI, RP, X)
         accs = new
     for k in tl.static_range(D):
-        v = tl.arange(0, RP[k] * NI[k])
-        u = tl.arange(0, NO[k] * RP[k + 1])
-        a, i = v // NI[k], v % NI[k] + (d0 if k == D - 1 else 0)
-        o, b = u // RP[k + 1] + (starts[k] if k < 2 else 0), u % RP[k + 1]
+        a, i, o, b = _chain_core_index(k, d0, starts, D, NI, NO, RP)
         off = ((a[:, None] * OUT[k] + o[None, :]) * IN[k] + i[:, None]) * RANK[k + 1] + b[None, :]
         mask = ((a < RANK[k]) & (i < IN[k]))[:, None] & ((o < OUT[k]) & (b < RANK[k + 1]))[None, :]
         tl.atomic_add(dg_ptr + DOFFS[k] + off, accs[k], mask=mask)
