@@ -117,6 +117,16 @@ def _chain_tiles(args) -> cost.ChainPlan:
     return cost.chain_plan(args["IN"], args["OUT"], args["RANK"], args["BM"], args["BO1"], args["BO2"], args["CD"])
 
 
+# the chain kernels' padded tile sizes (constexpr tuples), derived from the config and the modes
+_with_chain_tiles = triton.heuristics({n: lambda a, n=n: getattr(_chain_tiles(a), n.lower()) for n in ("NI", "NO", "RP", "X")})
+
+
+def _chain_configs(space, **kwargs) -> list:
+    """Autotune configs of a chain kernel for the (BM, BO1, BO2, CD) tuples in ``space``."""
+    return configs([dict(zip(("BM", "BO1", "BO2", "CD"), c)) for c in space],
+                   interpret={"BM": 16, "BO1": 2, "BO2": 2, "CD": 2}, stages=(2,), **kwargs)
+
+
 @triton.jit
 def _chain_in_index(BM: tl.constexpr, CD: tl.constexpr, D: tl.constexpr, IN: tl.constexpr,
                     NI: tl.constexpr, RP: tl.constexpr, X: tl.constexpr):
@@ -192,17 +202,11 @@ def _chain_prev(ds, k: tl.constexpr, NO: tl.constexpr, NI: tl.constexpr, RP: tl.
 
 
 @triton.autotune(
-    configs=configs([dict(zip(("BM", "BO1", "BO2", "CD"), c)) for c in cost.CHAIN_CONFIGS],
-                    interpret={"BM": 16, "BO1": 2, "BO2": 2, "CD": 2}, stages=(2,)),
+    configs=_chain_configs(cost.CHAIN_CONFIGS),
     key=["M_BUCKET", "IN", "OUT", "RANK", "SPLINE"],
     prune_configs_by={"early_config_prune": _chain_prune},
 )
-@triton.heuristics({
-    "NI": lambda a: _chain_tiles(a).ni,
-    "NO": lambda a: _chain_tiles(a).no,
-    "RP": lambda a: _chain_tiles(a).rp,
-    "X": lambda a: _chain_tiles(a).x,
-})
+@_with_chain_tiles
 @triton.jit
 def _chain_kernel(
     x_ptr, g_ptr, bias_ptr, y_ptr,
@@ -265,18 +269,12 @@ def _chain_grad_prune(cfgs, named_args, **kwargs):
 
 
 @triton.autotune(
-    configs=configs([dict(zip(("BM", "BO1", "BO2", "CD"), c)) for c in cost.CHAIN_GRAD_CONFIGS],
-                    interpret={"BM": 16, "BO1": 2, "BO2": 2, "CD": 2}, warps=(8,), stages=(2,)),
+    configs=_chain_configs(cost.CHAIN_GRAD_CONFIGS, warps=(8,)),
     key=["M_BUCKET", "IN", "OUT", "RANK", "SPLINE"],
     prune_configs_by={"early_config_prune": _chain_grad_prune},
     reset_to_zero=["dg_ptr"],
 )
-@triton.heuristics({
-    "NI": lambda a: _chain_tiles(a).ni,
-    "NO": lambda a: _chain_tiles(a).no,
-    "RP": lambda a: _chain_tiles(a).rp,
-    "X": lambda a: _chain_tiles(a).x,
-})
+@_with_chain_tiles
 @triton.jit
 def _chain_grad_kernel(
     x_ptr, dy_ptr, g_ptr, dg_ptr,
