@@ -91,6 +91,8 @@ def layers(dtypes):
         for s in ("contract", "rebuild"):
             cases.append((f"TTLinear[{s}]", tk.TTLinear((3, 2, 5), (2, 3, 4), (1, 2, 3, 1), strategy=s), dtype))
             cases.append((f"SplineTTLinear[{s}]", tk.SplineTTLinear((5, 4, 7), (6, 5, 4), 2, (4, 4), strategy=s), dtype))
+        # a middle core too large for the chain kernels' registers: the per-step kernels
+        cases.append(("TTLinear[contract, step kernels]", tk.TTLinear((4, 64, 4), (4, 64, 4), 16, strategy="contract"), dtype))
         cases.append(("KroneckerLinear(3,5)->(4,7)", tk.KroneckerLinear((3, 5), (4, 7)), dtype))
         cases.append(("KroneckerLinear(64,64)", tk.KroneckerLinear((64, 64), (64, 64)), dtype))
         cases.append(("KroneckerLinear(128,96)->(100,128)", tk.KroneckerLinear((128, 96), (100, 128)), dtype))
