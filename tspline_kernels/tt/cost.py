@@ -22,6 +22,7 @@ strategies; it is not a performance prediction.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -128,10 +129,17 @@ def chain_plans(in_modes, out_modes, ranks, configs=None, grad: bool = False, el
     """Distinct plans of ``configs`` (default ``CHAIN_CONFIGS``, or ``CHAIN_GRAD_CONFIGS`` with
     ``grad``) whose tiles fit ``CHAIN_MAX_TILE`` (with ``grad``, ``ChainPlan.grad_fits`` for
     ``elt``-byte inputs too); empty: use the step kernels."""
-    configs = configs or (CHAIN_GRAD_CONFIGS if grad else CHAIN_CONFIGS)
+    configs = tuple(configs or (CHAIN_GRAD_CONFIGS if grad else CHAIN_CONFIGS))
+    return list(_fitting_plans(tuple(in_modes), tuple(out_modes), tuple(ranks), configs, grad, elt, CHAIN_MAX_TILE))
+
+
+@functools.lru_cache(maxsize=1024)
+def _fitting_plans(in_modes, out_modes, ranks, configs, grad: bool, elt: int, limit: int) -> tuple[ChainPlan, ...]:
+    """``chain_plans``, cached: the launchers and the strategy pick ask on every call (``limit``,
+    the current ``CHAIN_MAX_TILE``, is part of the key)."""
     plans = {chain_plan(in_modes, out_modes, ranks, *c) for c in configs}
-    fits = (p for p in plans if p.largest_tile() <= CHAIN_MAX_TILE and (not grad or p.grad_fits(elt)))
-    return sorted(fits, key=lambda p: (p.bm, p.no, p.ni))
+    fits = (p for p in plans if p.largest_tile() <= limit and (not grad or p.grad_fits(elt)))
+    return tuple(sorted(fits, key=lambda p: (p.bm, p.no, p.ni)))
 
 
 def chain_cost(m: int, in_modes, out_modes, ranks, elt: int = 2, grad: bool = False) -> Cost | None:
@@ -248,6 +256,13 @@ def grad_cost(strategy: str, m: int, in_modes, out_modes, ranks, elt: int = 2) -
 def pick_strategy(m: int, in_modes, out_modes, ranks, elt: int = 2, backward: bool = False) -> str:
     """The strategy with the lower estimated time on ``m`` rows for y = x @ W.T, or with
     ``backward`` for the core gradients and dx (``grad_cost``)."""
+    return _pick(m, tuple(in_modes), tuple(out_modes), tuple(ranks), elt, backward, CHAIN_MAX_TILE)
+
+
+@functools.lru_cache(maxsize=4096)
+def _pick(m: int, in_modes, out_modes, ranks, elt: int, backward: bool, limit: int) -> str:
+    """``pick_strategy``, cached: "auto" layers ask on every call, and the model is pure (``limit``,
+    the current ``CHAIN_MAX_TILE``, is part of the key)."""
     if not rebuild_feasible(in_modes, out_modes):
         return "contract"
     fn = grad_cost if backward else forward_cost

@@ -100,17 +100,26 @@ def _core_tile(core_ptr, o, b, a, i, mask_ob, mask_ai, s_a, s_o, s_i, s_b,
 # ----------------------------------------------------------------------------------------------
 # Strategy "contract", fused: the whole chain of steps in one kernel, states on chip
 # ----------------------------------------------------------------------------------------------
-def _chain_prune(cfgs, named_args, **kwargs):
-    """Keep one config per distinct plan whose tiles fit (``cost.chain_plans``)."""
-    args = {**named_args, **kwargs}
-    shape = (args["IN"], args["OUT"], args["RANK"])
-    seen, kept = set(), []
-    for c in cfgs:
-        p = cost.chain_plan(*shape, *(c.kwargs[k] for k in ("BM", "BO1", "BO2", "CD")))
-        if p.largest_tile() <= cost.CHAIN_MAX_TILE and (p, c.num_warps, c.num_stages) not in seen:
-            seen.add((p, c.num_warps, c.num_stages))
-            kept.append(c)
-    return kept
+def _config_key(config) -> tuple[int, int, int, int]:
+    """(BM, BO1, BO2, CD) of a chain kernel config."""
+    return tuple(config.kwargs[k] for k in ("BM", "BO1", "BO2", "CD"))
+
+
+def _chain_pruner(grad: bool):
+    """Autotune pruning for a chain kernel: one config per distinct plan (and warps, stages) among
+    those ``cost.chain_plans`` keeps."""
+    def prune(cfgs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        shape = (args["IN"], args["OUT"], args["RANK"])
+        fits = set(cost.chain_plans(*shape, [_config_key(c) for c in cfgs], grad, args["x_ptr"].element_size()))
+        seen, kept = set(), []
+        for c in cfgs:
+            p = cost.chain_plan(*shape, *_config_key(c))
+            if p in fits and (p, c.num_warps, c.num_stages) not in seen:
+                seen.add((p, c.num_warps, c.num_stages))
+                kept.append(c)
+        return kept
+    return prune
 
 
 def _chain_tiles(args) -> cost.ChainPlan:
@@ -204,7 +213,7 @@ def _chain_prev(ds, k: tl.constexpr, NO: tl.constexpr, NI: tl.constexpr, RP: tl.
 @triton.autotune(
     configs=_chain_configs(cost.CHAIN_CONFIGS),
     key=["M_BUCKET", "IN", "OUT", "RANK", "SPLINE"],
-    prune_configs_by={"early_config_prune": _chain_prune},
+    prune_configs_by={"early_config_prune": _chain_pruner(grad=False)},
 )
 @_with_chain_tiles
 @triton.jit
@@ -259,19 +268,10 @@ def _chain_kernel(
     tl.store(y_ptr + rm.to(tl.int64)[:, None] * stride_ym + off * stride_yn, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _chain_grad_prune(cfgs, named_args, **kwargs):
-    """``_chain_prune``, keeping only plans whose core-gradient accumulators also fit."""
-    args = {**named_args, **kwargs}
-    shape = (args["IN"], args["OUT"], args["RANK"])
-    elt = args["x_ptr"].element_size()
-    return [c for c in _chain_prune(cfgs, named_args, **kwargs)
-            if cost.chain_plan(*shape, *(c.kwargs[k] for k in ("BM", "BO1", "BO2", "CD"))).grad_fits(elt)]
-
-
 @triton.autotune(
     configs=_chain_configs(cost.CHAIN_GRAD_CONFIGS, warps=(8,)),
     key=["M_BUCKET", "IN", "OUT", "RANK", "SPLINE"],
-    prune_configs_by={"early_config_prune": _chain_grad_prune},
+    prune_configs_by={"early_config_prune": _chain_pruner(grad=True)},
     reset_to_zero=["dg_ptr"],
 )
 @_with_chain_tiles
@@ -343,24 +343,34 @@ def _chain_grad_kernel(
         tl.atomic_add(dg_ptr + DOFFS[k] + off, accs[k], mask=mask)
 
 
+def _modes(cores: list[Core]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """``(in_modes, out_modes, ranks)`` of the cores."""
+    return tuple(c.i for c in cores), tuple(c.o for c in cores), (cores[0].r0,) + tuple(c.r1 for c in cores)
+
+
+def _chain_args(cores: list[Core]) -> tuple[torch.Tensor, dict]:
+    """The cores (or spline control tensors) packed into one contiguous buffer (core-sized, not W),
+    and the chain kernels' constexpr description of them."""
+    ins, outs, ranks = _modes(cores)
+    return torch.cat([c.t.reshape(-1) for c in cores]), dict(
+        D=len(cores), IN=ins, OUT=outs, RANK=ranks, GRID=tuple(tuple(c.t.shape[1:3]) for c in cores),
+        AXES=tuple(c.axes() for c in cores), OFFS=tuple(itertools.accumulate((c.t.numel() for c in cores[:-1]), initial=0)),
+        SPLINE=cores[0].spline)
+
+
 def chain_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None) -> torch.Tensor:
-    """y = x2 @ W.T + bias by one ``_chain_kernel`` launch; x2 ``(M, I)`` -> ``(M, O)``. The cores (or
-    spline control tensors) are packed into one contiguous buffer (core-sized, not W)."""
+    """y = x2 @ W.T + bias by one ``_chain_kernel`` launch; x2 ``(M, I)`` -> ``(M, O)``."""
     m = x2.shape[0]
     y = torch.empty(m, math.prod(c.o for c in cores), device=x2.device, dtype=x2.dtype)
     if m == 0:
         return y
-    packed = torch.cat([c.t.reshape(-1) for c in cores])
-    offs = tuple(itertools.accumulate((c.t.numel() for c in cores[:-1]), initial=0))
+    packed, meta_args = _chain_args(cores)
     grid = lambda meta: (triton.cdiv(m, meta["BM"]), triton.cdiv(cores[0].o, meta["NO"][0]),  # noqa: E731
                          triton.cdiv(cores[1].o, meta["NO"][1]))
     _chain_kernel[grid](
         x2, packed, bias if bias is not None else y, y,
         m, m_bucket(m), x2.stride(0), x2.stride(1), y.stride(0), y.stride(1),
-        D=len(cores), IN=tuple(c.i for c in cores), OUT=tuple(c.o for c in cores),
-        RANK=(cores[0].r0,) + tuple(c.r1 for c in cores), GRID=tuple(tuple(c.t.shape[1:3]) for c in cores),
-        AXES=tuple(c.axes() for c in cores), OFFS=offs,
-        SPLINE=cores[0].spline, HAS_BIAS=bias is not None, PRECISION=dot_precision(x2.dtype),
+        **meta_args, HAS_BIAS=bias is not None, PRECISION=dot_precision(x2.dtype),
     )
     return y
 
@@ -371,7 +381,7 @@ def chain_grad(dy2: torch.Tensor, x2: torch.Tensor, cores: list[Core]) -> list[t
     m = x2.shape[0]
     sizes = [c.r0 * c.o * c.i * c.r1 for c in cores]
     dg = torch.zeros(sum(sizes), device=x2.device, dtype=torch.float32)
-    packed = torch.cat([c.t.reshape(-1) for c in cores])
+    packed, meta_args = _chain_args(cores)
 
     def grid(meta):
         blocks = triton.cdiv(cores[0].o, meta["NO"][0]) * triton.cdiv(cores[1].o, meta["NO"][1])
@@ -383,11 +393,7 @@ def chain_grad(dy2: torch.Tensor, x2: torch.Tensor, cores: list[Core]) -> list[t
         _chain_grad_kernel[grid](
             x2, dy2, packed, dg,
             m, m_bucket(m), x2.stride(0), x2.stride(1), dy2.stride(0), dy2.stride(1),
-            D=len(cores), IN=tuple(c.i for c in cores), OUT=tuple(c.o for c in cores),
-            RANK=(cores[0].r0,) + tuple(c.r1 for c in cores), GRID=tuple(tuple(c.t.shape[1:3]) for c in cores),
-            AXES=tuple(c.axes() for c in cores), OFFS=tuple(itertools.accumulate((c.t.numel() for c in cores[:-1]), initial=0)),
-            DOFFS=tuple(itertools.accumulate(sizes[:-1], initial=0)),
-            SPLINE=cores[0].spline, PRECISION=dot_precision(x2.dtype),
+            **meta_args, DOFFS=tuple(itertools.accumulate(sizes[:-1], initial=0)), PRECISION=dot_precision(x2.dtype),
         )
     # separate tensors: a custom op may not return outputs that alias each other
     return [t.view(c.r0, c.o, c.i, c.r1).clone() for t, c in zip(dg.split(sizes), cores)]
@@ -558,10 +564,8 @@ def _grad_step(v: torch.Tensor, vs: tuple[int, int], u: torch.Tensor, us: tuple[
 def chain_fits(cores: list[Core], grad: bool = False, elt: int = 2) -> bool:
     """Whether one of the configs of the chain kernel (or, with ``grad``, the gradient chain
     kernel, for ``elt``-byte inputs) fits these cores (``cost.chain_plans``)."""
-    ranks = (cores[0].r0,) + tuple(c.r1 for c in cores)
     kernel = _chain_grad_kernel if grad else _chain_kernel
-    cfgs = [tuple(c.kwargs[k] for k in ("BM", "BO1", "BO2", "CD")) for c in kernel.configs]
-    return bool(cost.chain_plans([c.i for c in cores], [c.o for c in cores], ranks, cfgs, grad, elt))
+    return bool(cost.chain_plans(*_modes(cores), [_config_key(c) for c in kernel.configs], grad, elt))
 
 
 def contract_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None) -> torch.Tensor:
@@ -850,8 +854,7 @@ def tt_transposed(cores: list[torch.Tensor]) -> list[torch.Tensor]:
 # Launchers used by the ops
 # ----------------------------------------------------------------------------------------------
 def _strategy(strategy: str, m: int, cores: list[Core], elt: int, backward: bool = False) -> str:
-    ranks = (cores[0].r0,) + tuple(c.r1 for c in cores)
-    return cost.resolve(strategy, m, [c.i for c in cores], [c.o for c in cores], ranks, elt, backward)
+    return cost.resolve(strategy, m, *_modes(cores), elt, backward)
 
 
 def cores_linear(x: torch.Tensor, cores: list[Core], bias: torch.Tensor | None, strategy: str) -> torch.Tensor:
