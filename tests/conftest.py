@@ -31,3 +31,16 @@ def _seed(request):
 @pytest.fixture
 def kernel_device() -> str:
     return KERNEL_DEVICE
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """``spy(module, *names)`` wraps those functions of ``module`` (calls go through) and returns
+    the list that each call appends its function's name to."""
+    def wrap(module, *names: str) -> list[str]:
+        calls: list[str] = []
+        for name in names:
+            real = getattr(module, name)
+            monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+        return calls
+    return wrap

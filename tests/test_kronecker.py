@@ -126,6 +126,18 @@ def test_module_is_affine_with_the_kronecker_weight(dims):
 
 
 # ------------------------------------------------------------------------------- from_ndlinear
+def _same_as_peer(theirs: nn.Module, ours: KroneckerLinear, rows: int, ins, outs, rtol: float) -> None:
+    """Run the peer on ``(rows, *ins)`` and ours on the flattened input, both backward with one
+    random gradient; outputs agree to ``rtol`` (atol 1e-6) and dx to the fp32 tolerance."""
+    x, g = torch.randn(rows, *ins), torch.randn(rows, *outs)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_theirs, y_ours = theirs(xa), ours(xb.reshape(rows, -1)).reshape(rows, *outs)
+    assert torch.allclose(y_ours, y_theirs, rtol=rtol, atol=1e-6)
+    y_theirs.backward(g)
+    y_ours.backward(g)
+    assert_close(xb.grad, xa.grad, torch.float32, name="dx")
+
+
 @pytest.mark.parametrize("outer", [True, False])
 @pytest.mark.parametrize("dims", list(DIMS), ids=list(DIMS))
 def test_from_ndlinear_same_outputs_and_gradients(dims, outer):
@@ -133,13 +145,7 @@ def test_from_ndlinear_same_outputs_and_gradients(dims, outer):
     theirs = _randomize(ndlinear.NdLinear(ins, outs, transform_outer=outer))
     ours = KroneckerLinear.from_ndlinear(theirs)
     assert (ours.in_dims, ours.out_dims, ours.transform_outer) == (ins, outs, outer)
-    x, g = torch.randn(5, *ins), torch.randn(5, *outs)
-    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y_theirs, y_ours = theirs(xa), ours(xb.reshape(5, -1)).reshape(5, *outs)
-    assert torch.allclose(y_ours, y_theirs, rtol=1e-6, atol=1e-6)
-    y_theirs.backward(g)
-    y_ours.backward(g)
-    assert_close(xb.grad, xa.grad, torch.float32, name="dx")
+    _same_as_peer(theirs, ours, 5, ins, outs, rtol=1e-6)
     for k, m in enumerate(theirs.align_layers):
         assert_close(ours.factors[k].grad, m.weight.grad, torch.float32, name=f"dA_{k}")
         assert_close(ours.biases[k].grad, m.bias.grad, torch.float32, name=f"db_{k}")
@@ -170,13 +176,7 @@ def test_gated_matches_ndlinear_gated(case):
     theirs = _randomize(GatedOracle(ins, outs, gating_hidden_dim=6, **GATED[case]))
     ours = KroneckerLinear.from_ndlinear(theirs)
     assert ours.gated and isinstance(ours.projections[1], nn.Identity)
-    x, g = torch.randn(6, *ins), torch.randn(6, *outs)
-    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y_theirs, y_ours = theirs(xa), ours(xb.reshape(6, -1)).reshape(6, *outs)
-    assert torch.allclose(y_ours, y_theirs, rtol=1e-5, atol=1e-6)
-    y_theirs.backward(g)
-    y_ours.backward(g)
-    assert_close(xb.grad, xa.grad, torch.float32, name="dx")
+    _same_as_peer(theirs, ours, 6, ins, outs, rtol=1e-5)
     pairs = [(ours.factors[k], m.weight) for k, m in enumerate(theirs.align_layers)]
     pairs += list(zip(ours.gates.parameters(), theirs.gate_networks.parameters()))
     pairs += list(zip(ours.projections.parameters(), theirs.identity_projections.parameters()))

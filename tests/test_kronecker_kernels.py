@@ -126,12 +126,9 @@ def test_large_modes_fall_back_to_the_reference(kernel_device):
     assert_backends_agree(layer, *inputs((3,), layer, torch.float32, kernel_device), torch.float32)
 
 
-def test_routing(monkeypatch, kernel_device):
+def test_routing(spy, kernel_device):
     """auto sends CPU tensors to the reference and CUDA tensors to Triton; triton forces the launchers."""
-    calls = []
-    for name in ("kronecker_linear", "kronecker_grad_factors"):
-        real = getattr(kernels, name)
-        monkeypatch.setattr(kernels, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    calls = spy(kernels, "kronecker_linear", "kronecker_grad_factors")
     layer = make_layer((3, 5), (4, 7), torch.float32, "cpu")
     x = torch.randn(2, 15, requires_grad=True)
     with backend("auto"):

@@ -112,12 +112,9 @@ def test_ops_directly(dtype, kernel_device):
         assert_close(got, want, dtype, name=name)
 
 
-def test_routing(monkeypatch, kernel_device):
+def test_routing(spy, kernel_device):
     """auto sends CPU tensors to the reference and CUDA tensors to Triton; triton forces the launchers."""
-    calls = []
-    for name in ("lowrank_linear", "lowrank_grad_factors"):
-        real = getattr(kernels, name)
-        monkeypatch.setattr(kernels, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    calls = spy(kernels, "lowrank_linear", "lowrank_grad_factors")
     layer = make_layer(9, 5, 2, torch.float32, "cpu")
     x = torch.randn(2, 9, requires_grad=True)
     with backend("auto"):

@@ -57,15 +57,21 @@ def test_tt_many_rows(strategy, kernel_device):
     assert_backends_agree(layer, *inputs(layer, (50,), kernel_device, torch.float32), torch.float32)
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_tt_empty_batch(strategy, kernel_device):
-    layer = TTLinear(*TT["d3-3x2x5-r23"], strategy=strategy).to(kernel_device)
-    x = torch.randn(0, 30, device=kernel_device, requires_grad=True)
+def check_empty_batch(layer, device: str) -> None:
+    """No rows: output and dx are empty, every parameter gradient exists and is zero."""
+    x = torch.randn(0, layer.in_features, device=device, requires_grad=True)
     with backend("triton"):
         y = layer(x)
         y.sum().backward()
-    assert y.shape == (0, 24) and x.grad.shape == (0, 30)
+    assert y.shape == (0, layer.out_features) and x.grad.shape == (0, layer.in_features)
     assert all(torch.count_nonzero(p.grad) == 0 for p in layer.parameters())
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_tt_empty_batch(strategy, kernel_device):
+    layer = TTLinear(*TT["d3-3x2x5-r23"], strategy=strategy).to(kernel_device)
+    assert (layer.in_features, layer.out_features) == (30, 24)
+    check_empty_batch(layer, kernel_device)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -80,11 +86,8 @@ def test_tt_non_contiguous_and_partial_grads(strategy, kernel_device):
     assert_backends_agree(layer, x, g, torch.float32)
 
 
-def test_tt_auto_runs_the_picked_strategy(monkeypatch, kernel_device):
-    calls = []
-    for fn in ("contract_linear", "rebuild_linear"):
-        real = getattr(kernels, fn)
-        monkeypatch.setattr(kernels, fn, lambda *a, _real=real, _fn=fn: calls.append(_fn) or _real(*a))
+def test_tt_auto_runs_the_picked_strategy(spy, kernel_device):
+    calls = spy(kernels, "contract_linear", "rebuild_linear")
     layer = TTLinear(*TT["d2-3x5-7x2-r3"]).to(kernel_device)
     x = torch.randn(5, 15, device=kernel_device)
     with backend("triton"), torch.no_grad():
@@ -93,13 +96,10 @@ def test_tt_auto_runs_the_picked_strategy(monkeypatch, kernel_device):
     assert_close(y, torch.nn.functional.linear(x, layer.materialize(), layer.bias))
 
 
-def test_tt_auto_backward_runs_its_own_pick(monkeypatch, kernel_device):
+def test_tt_auto_backward_runs_its_own_pick(spy, kernel_device):
     """The core gradients (and dx) run the strategy picked for the backward: here rebuild, after a
     contract forward."""
-    calls = []
-    for fn in ("contract_grad", "rebuild_grad"):
-        real = getattr(kernels, fn)
-        monkeypatch.setattr(kernels, fn, lambda *a, _real=real, _fn=fn: calls.append(_fn) or _real(*a))
+    calls = spy(kernels, "contract_grad", "rebuild_grad")
     layer = TTLinear((5, 3), (5, 3), (1, 2, 1)).to(kernel_device)
     x = torch.randn(5, 15, device=kernel_device)
     assert layer.picked_strategy(5) == "contract" and layer.picked_strategy(5, backward=True) == "rebuild"
@@ -192,12 +192,8 @@ def test_spline_tt_bf16(strategy, kernel_device):
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_spline_tt_empty_batch(strategy, kernel_device):
     layer = SplineTTLinear((5, 4), (6, 5), 2, (4, 4), strategy=strategy).to(kernel_device)
-    x = torch.randn(0, 20, device=kernel_device, requires_grad=True)
-    with backend("triton"):
-        y = layer(x)
-        y.sum().backward()
-    assert y.shape == (0, 30) and x.grad.shape == (0, 20)
-    assert all(torch.count_nonzero(p.grad) == 0 for p in layer.parameters())
+    assert (layer.in_features, layer.out_features) == (20, 30)
+    check_empty_batch(layer, kernel_device)
 
 
 def test_spline_contract_never_forms_cores(monkeypatch, kernel_device):
