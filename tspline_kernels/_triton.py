@@ -27,7 +27,7 @@ if INTERPRET and isinstance(tl.zeros, JITFunction):
         "before TRITON_INTERPRET=1 was set. Set TRITON_INTERPRET=1 in the environment before starting Python."
     )
 
-__all__ = ["INTERPRET", "triton", "tl", "configs", "flatten", "m_bucket", "dot_precision", "check_inputs", "grouped_pid"]
+__all__ = ["INTERPRET", "triton", "tl", "configs", "autotune_mode", "flatten", "m_bucket", "dot_precision", "check_inputs", "grouped_pid"]
 
 
 def _patch_interpreter_bf16_dot() -> None:
@@ -62,12 +62,48 @@ if INTERPRET:
     _patch_interpreter_bf16_dot()
 
 
-def configs(space: list[dict], *, interpret: dict, warps=(4, 8), stages=(3, 4)) -> list[triton.Config]:
-    """Autotune configs: every block-size dict in ``space`` x warps x stages on a GPU, and just
-    ``interpret`` (small blocks, no tuning runs) under the interpreter."""
+AUTOTUNE_MODES = ("full", "quick")
+
+
+def autotune_mode() -> str:
+    """``TSPLINE_AUTOTUNE``: ``full`` (default, every GPU config) or ``quick`` (1-2 per kernel and
+    shape bucket, for short GPU checks)."""
+    mode = os.environ.get("TSPLINE_AUTOTUNE", "full")
+    if mode not in AUTOTUNE_MODES:
+        raise ValueError(f"TSPLINE_AUTOTUNE={mode!r}; expected one of {AUTOTUNE_MODES}")
+    return mode
+
+
+class Configs(list):
+    """The configs an autotuner tries, with the whole GPU space kept as ``full`` (for the
+    every-config check, ``bench/every_config.py``) and the quick picks as ``quick``."""
+
+    def __init__(self, tried: list[triton.Config], full: list[triton.Config], quick: list[triton.Config]):
+        super().__init__(tried)
+        self.full = full
+        self.quick = quick
+
+
+def configs(space: list[dict], *, interpret: dict, quick: list[dict], warps=(4, 8), stages=(3, 4)) -> Configs:
+    """Autotune configs. The GPU space is every block-size dict in ``space`` x warps x stages; a GPU
+    tries all of it (``TSPLINE_AUTOTUNE=full``) or only the ``quick`` entries (block sizes plus
+    ``num_warps`` and ``num_stages``, each one of the space); the interpreter runs just ``interpret``
+    (small blocks, no tuning runs). ``.full`` is the GPU space in every case."""
+    full = [triton.Config(dict(s), num_warps=w, num_stages=n) for s in space for w in warps for n in stages]
+
+    def find(q: dict) -> triton.Config:
+        blocks = {k: v for k, v in q.items() if k not in ("num_warps", "num_stages")}
+        for c in full:
+            if (c.kwargs, c.num_warps, c.num_stages) == (blocks, q["num_warps"], q["num_stages"]):
+                return c
+        raise ValueError(f"quick config {q} is not in the autotune space")
+
+    picked, mode = [find(q) for q in quick], autotune_mode()
     if INTERPRET:
-        return [triton.Config(interpret, num_warps=1, num_stages=1)]
-    return [triton.Config(s, num_warps=w, num_stages=n) for s in space for w in warps for n in stages]
+        tried = [triton.Config(interpret, num_warps=1, num_stages=1)]
+    else:
+        tried = picked if mode == "quick" else full
+    return Configs(tried, full, picked)
 
 
 def m_bucket(m: int) -> int:

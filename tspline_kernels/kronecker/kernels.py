@@ -54,7 +54,8 @@ def _fwd_prune(cfgs, named_args, **kwargs):
 
 
 @triton.autotune(
-    configs=configs([{"BM": bm} for bm in (1, 4, 16, 64)], interpret={"BM": 4}),
+    configs=configs([{"BM": bm} for bm in (1, 4, 16, 64)], interpret={"BM": 4},
+                    quick=[{"BM": 1, "num_warps": 4, "num_stages": 3}, {"BM": 16, "num_warps": 4, "num_stages": 3}]),
     key=["M_BUCKET", "M1", "N1", "M2", "N2"],
     prune_configs_by={"early_config_prune": _fwd_prune},
 )
@@ -102,7 +103,8 @@ def _kron_fwd_kernel(
 
 
 @triton.autotune(
-    configs=configs([{"SPLIT": s} for s in (32, 132, 264, 528)], interpret={"SPLIT": 2}),
+    configs=configs([{"SPLIT": s} for s in (32, 132, 264, 528)], interpret={"SPLIT": 2},
+                    quick=[{"SPLIT": 264, "num_warps": 4, "num_stages": 3}]),
     key=["M_BUCKET", "M1", "N1", "M2", "N2"],
 )
 @triton.jit(do_not_specialize=["M"])

@@ -44,6 +44,8 @@ def _fwd_prune(cfgs, named_args, **kwargs):
         [{"BM": bm, "BK": bk, "BN": bn, "N_SPLIT": s}
          for bm in (16, 32, 64, 128) for bk, bn in ((64, 64), (128, 128)) for s in (1, 4, 16, 64)],
         interpret={"BM": 16, "BK": 32, "BN": 32, "N_SPLIT": 2},
+        quick=[{"BM": 16, "BK": 64, "BN": 64, "N_SPLIT": 64, "num_warps": 4, "num_stages": 3},
+               {"BM": 64, "BK": 128, "BN": 128, "N_SPLIT": 1, "num_warps": 4, "num_stages": 3}],
     ),
     key=["M_BUCKET", "K", "N", "R"],
     prune_configs_by={"early_config_prune": _fwd_prune},
@@ -139,6 +141,8 @@ def _strip_product(a_ptr, s_ptr, out_ptr, sum_ptr, f0, F, M, R, stride_am, strid
     configs=configs(
         [{"BF": bf, "BM": bm, "SPLIT": s} for bf in (32, 64, 128) for bm in (64, 128) for s in (1, 4, 16)],
         interpret={"BF": 32, "BM": 16, "SPLIT": 2},
+        quick=[{"BF": 32, "BM": 64, "SPLIT": 1, "num_warps": 4, "num_stages": 3},
+               {"BF": 64, "BM": 64, "SPLIT": 4, "num_warps": 4, "num_stages": 3}],
     ),
     key=["M_BUCKET", "K", "N", "R"],
     prune_configs_by={"early_config_prune": _grad_prune},

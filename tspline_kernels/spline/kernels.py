@@ -137,6 +137,8 @@ def _separable_prune(cfgs, named_args, **kwargs):
     configs=configs(
         [{"BM": bm, "BK": 64, "N_SPLIT": s} for bm in (16, 32, 64, 128) for s in (1, 4, 16, 64)],
         interpret={"BM": 16, "BK": 32, "N_SPLIT": 2},
+        quick=[{"BM": 16, "BK": 64, "N_SPLIT": 64, "num_warps": 4, "num_stages": 3},
+               {"BM": 64, "BK": 64, "N_SPLIT": 1, "num_warps": 4, "num_stages": 3}],
     ),
     key=["M_BUCKET", "N_IN", "N_OUT", "G_IN", "G_OUT"],
     prune_configs_by={"early_config_prune": _separable_prune},
@@ -185,7 +187,9 @@ def _separable_fwd_kernel(
 
 
 @triton.autotune(
-    configs=configs([{"BM": bm, "BK": 64} for bm in (32, 64, 128)], interpret={"BM": 16, "BK": 32}),
+    configs=configs([{"BM": bm, "BK": 64} for bm in (32, 64, 128)], interpret={"BM": 16, "BK": 32},
+                    quick=[{"BM": 32, "BK": 64, "num_warps": 4, "num_stages": 3},
+                           {"BM": 128, "BK": 64, "num_warps": 8, "num_stages": 3}]),
     key=["M_BUCKET", "N_OUT", "N_IN", "G_OUT", "G_IN"],
 )
 @triton.jit
@@ -387,6 +391,8 @@ def _field_matmul_kernel(
     stride_am, stride_ak, stride_om, stride_on,
     BASIS: tl.constexpr, LOCAL: tl.constexpr, TRANSPOSE: tl.constexpr, HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr = 8,
+        quick=[{"BM": 64, "BN": 64, "BK": 32, "num_warps": 4, "num_stages": 3},
+               {"BM": 128, "BN": 128, "BK": 32, "num_warps": 8, "num_stages": 3}],
 ):
     """out = a @ W.T + bias (a ``(M, n_in)``), or a @ W + bias with ``TRANSPOSE`` (a ``(M, n_out)``).
 
@@ -420,7 +426,8 @@ def _field_matmul_kernel(
 
 
 @triton.autotune(
-    configs=configs([{"BO": 64, "BI": 64, "BM": bm} for bm in (32, 64)], interpret={"BO": 16, "BI": 32, "BM": 16}),
+    configs=configs([{"BO": 64, "BI": 64, "BM": bm} for bm in (32, 64)], interpret={"BO": 16, "BI": 32, "BM": 16},
+                    quick=[{"BO": 64, "BI": 64, "BM": 64, "num_warps": 4, "num_stages": 3}]),
     key=["M_BUCKET", "N_OUT", "N_IN", "N_PTS"],
 )
 @triton.jit

@@ -211,7 +211,8 @@ def _chain_prev(ds, k: tl.constexpr, NO: tl.constexpr, NI: tl.constexpr, RP: tl.
 
 
 @triton.autotune(
-    configs=_chain_configs(cost.CHAIN_CONFIGS),
+    configs=_chain_configs(cost.CHAIN_CONFIGS, quick=[{"BM": 16, "BO1": 1, "BO2": 4, "CD": 1, "num_warps": 4, "num_stages": 2},
+                                                      {"BM": 64, "BO1": 1, "BO2": 4, "CD": 1, "num_warps": 8, "num_stages": 2}]),
     key=["M_BUCKET", "IN", "OUT", "RANK", "SPLINE"],
     prune_configs_by={"early_config_prune": _chain_pruner(grad=False)},
 )
@@ -269,7 +270,9 @@ def _chain_kernel(
 
 
 @triton.autotune(
-    configs=_chain_configs(cost.CHAIN_GRAD_CONFIGS, warps=(8,)),
+    configs=_chain_configs(cost.CHAIN_GRAD_CONFIGS, warps=(8,),
+                           quick=[{"BM": 16, "BO1": 1, "BO2": 4, "CD": 1, "num_warps": 8, "num_stages": 2},
+                                  {"BM": 64, "BO1": 1, "BO2": 4, "CD": 1, "num_warps": 8, "num_stages": 2}]),
     key=["M_BUCKET", "IN", "OUT", "RANK", "SPLINE"],
     prune_configs_by={"early_config_prune": _chain_pruner(grad=True)},
     reset_to_zero=["dg_ptr"],
@@ -407,6 +410,7 @@ def chain_grad(dy2: torch.Tensor, x2: torch.Tensor, cores: list[Core]) -> list[t
         [{"BP": bp, "BJ": bj, "BN": bn} for bp in (32, 64, 128) for bj in (16, 32, 64) for bn in (64, 128)],
         interpret={"BP": 16, "BJ": 16, "BN": 32},
     ),
+        quick=[{"BP": 64, "BJ": 32, "BN": 128, "num_warps": 4, "num_stages": 3}],
     key=["P", "J", "C", "N_BUCKET", "SPLINE"],
 )
 @triton.jit
@@ -460,6 +464,7 @@ GRAD_SPLITS = 2 if INTERPRET else 8  # the most column splits any _grad_step_ker
         [{"BP": bp, "BJ": bj, "BN": bn, "N_SPLIT": GRAD_SPLITS} for bp in (32, 64) for bj in (32, 64) for bn in (64, 128)],
         interpret={"BP": 16, "BJ": 16, "BN": 32, "N_SPLIT": 2},
     ),
+        quick=[{"BP": 64, "BJ": 64, "BN": 128, "N_SPLIT": GRAD_SPLITS, "num_warps": 4, "num_stages": 3}],
     key=["P", "J", "C", "N_BUCKET"],
 )
 @triton.jit
@@ -671,7 +676,8 @@ def _rebuild_prune(cfgs, named_args, **kwargs):
 
 
 @triton.autotune(
-    configs=configs([{"BM": bm} for bm in (16, 32, 64, 128, 256)], interpret={"BM": 16}, warps=(4, 8)),
+    configs=configs([{"BM": bm} for bm in (16, 32, 64, 128, 256)], interpret={"BM": 16}, warps=(4, 8),
+                    quick=[{"BM": 16, "num_warps": 4, "num_stages": 3}, {"BM": 128, "num_warps": 8, "num_stages": 3}]),
     key=["M_BUCKET", "O_H", "I_H", "O_D", "I_D", "R"],
     prune_configs_by={"early_config_prune": _rebuild_prune},
 )
@@ -715,7 +721,8 @@ def _rebuild_kernel(
 
 
 @triton.autotune(
-    configs=configs([{"BM": bm} for bm in (32, 64, 128)], interpret={"BM": 16}),
+    configs=configs([{"BM": bm} for bm in (32, 64, 128)], interpret={"BM": 16},
+                    quick=[{"BM": 64, "num_warps": 4, "num_stages": 3}]),
     key=["M_BUCKET", "O_H", "I_H", "O_D", "I_D", "R"],
 )
 @triton.jit
