@@ -1,5 +1,7 @@
 """Backend selection, routing of ops, torch.compile(fullgraph=True) and Triton set-up."""
 
+import threading
+
 import pytest
 import torch
 
@@ -41,15 +43,52 @@ def test_routing(spy):
     assert calls == ["separable_linear"]
 
 
-def test_backend_switch_reaches_backward_thread():
-    """The override is process-wide, so autograd's backward sees it as well."""
-    layer = tk.SplineLinear(9, 5, basis="eisenstein", n_control_points=7)
+def test_override_is_per_thread():
+    """Each thread has its own override stack: one thread's exit never pops another's entry."""
+    barrier = threading.Barrier(2)
+    seen = {}
+
+    def run(name, other):
+        with backend(name):
+            barrier.wait()  # both threads are inside their blocks
+            with backend(other):
+                barrier.wait()
+                seen[name, "inner"] = get_backend()
+            barrier.wait()  # the other thread has left its inner block
+            seen[name, "outer"] = get_backend()
+        seen[name, "after"] = get_backend()
+
+    threads = [threading.Thread(target=run, args=args) for args in (("triton", "reference"), ("reference", "auto"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == {("triton", "inner"): "reference", ("triton", "outer"): "triton", ("triton", "after"): "auto",
+                    ("reference", "inner"): "auto", ("reference", "outer"): "reference",
+                    ("reference", "after"): "auto"}
+
+
+@pytest.mark.parametrize("forward_backend", ["triton", "reference"])
+def test_backward_follows_the_forward_backend(spy, forward_backend):
+    """A backward run on another thread, under another override, still uses the forward's backend."""
+    calls = spy(kernels, "separable_grad_control")
+    layer = tk.SplineLinear(9, 5)
     x = torch.randn(3, 9, requires_grad=True)
-    grads = {}
-    for which in ("reference", "triton"):
-        with backend(which):
-            grads[which] = torch.autograd.grad(layer(x).sum(), [x, layer.control])
-    for a, b in zip(grads["triton"], grads["reference"]):
+    with backend(forward_backend):
+        y = layer(x)
+    grads = []
+
+    def run_backward():
+        with backend("reference" if forward_backend == "triton" else "triton"):
+            grads.extend(torch.autograd.grad(y.sum(), [x, layer.control]))
+
+    thread = threading.Thread(target=run_backward)
+    thread.start()
+    thread.join()
+    assert calls == (["separable_grad_control"] if forward_backend == "triton" else [])
+    with backend("reference"):
+        want = torch.autograd.grad(layer(x).sum(), [x, layer.control])
+    for a, b in zip(grads, want):
         assert_close(a, b, torch.float32)
 
 

@@ -3,20 +3,25 @@
 ``auto`` (default) sends CUDA tensors to Triton and everything else to the reference.
 ``triton`` forces the kernels (on CPU tensors they run under the Triton interpreter) and
 ``reference`` forces the reference. The choice comes from, in order: the innermost
-``tspline_kernels.backend(name)`` block, the ``TSPLINE_BACKEND`` environment variable, ``auto``.
-The override is process-wide (not per thread) so that autograd's backward threads see it too.
+``tspline_kernels.backend(name)`` block of the current thread (or asyncio task), the
+``TSPLINE_BACKEND`` environment variable, ``auto``.
+
+Autograd may run a backward on another thread (CUDA's device threads), where the caller's
+override is not in force; every op therefore records the backend at forward time and its
+backward runs under that same backend (``register_autograd``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
 BACKENDS = ("auto", "triton", "reference")
-_stack: list[str] = []
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("tspline_backend", default=None)
 
 
 def _checked(name: str) -> str:
@@ -26,23 +31,37 @@ def _checked(name: str) -> str:
 
 
 def get_backend() -> str:
-    """The backend in force now: ``"auto"``, ``"triton"`` or ``"reference"``."""
-    if _stack:
-        return _stack[-1]
-    return _checked(os.environ.get("TSPLINE_BACKEND", "auto"))
+    """The backend in force now, in this thread: ``"auto"``, ``"triton"`` or ``"reference"``."""
+    name = _override.get()
+    return name if name is not None else _checked(os.environ.get("TSPLINE_BACKEND", "auto"))
 
 
 @contextlib.contextmanager
 def backend(name: str) -> Iterator[None]:
-    """Force ``name`` (``auto``, ``triton`` or ``reference``) for every op inside the block."""
-    _stack.append(_checked(name))
+    """Force ``name`` (``auto``, ``triton`` or ``reference``) for every op inside the block, in the
+    current thread (or asyncio task) only; blocks nest."""
+    token = _override.set(_checked(name))
     try:
         yield
     finally:
-        _stack.pop()
+        _override.reset(token)
 
 
 def use_triton(t: torch.Tensor) -> bool:
     """Whether an op on tensor ``t`` runs the Triton kernels under the current backend."""
     name = get_backend()
     return t.is_cuda if name == "auto" else name == "triton"
+
+
+def register_autograd(op, backward: Callable, setup_context: Callable) -> None:
+    """``op.register_autograd(backward, setup_context=...)``, with the backend in force at forward
+    time recorded in ``ctx`` and forced again while ``backward`` runs, whatever thread runs it."""
+    def setup(ctx, inputs, output) -> None:
+        ctx.tspline_backend = get_backend()
+        setup_context(ctx, inputs, output)
+
+    def replay(ctx, *grads):
+        with backend(ctx.tspline_backend):
+            return backward(ctx, *grads)
+
+    op.register_autograd(replay, setup_context=setup)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._backend import use_triton
+from .._backend import register_autograd, use_triton
 from ..reference import kronecker as ref
 from ..reference.common import bias_grad, compute_dtype
 
@@ -77,7 +77,7 @@ def _grad_factors_backward(ctx, gda, gdb, gsum):
     return dx, ddy, da, db
 
 
-kronecker_grad_factors.register_autograd(_grad_factors_backward, setup_context=_grad_factors_setup)
+register_autograd(kronecker_grad_factors, _grad_factors_backward, _grad_factors_setup)
 
 
 # --------------------------------------------------------------------------- forward's autograd
@@ -104,4 +104,4 @@ def _linear_backward(ctx, dy):
     return dx, da, db, dbias
 
 
-kronecker_linear.register_autograd(_linear_backward, setup_context=_linear_setup)
+register_autograd(kronecker_linear, _linear_backward, _linear_setup)

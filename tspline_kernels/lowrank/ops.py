@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._backend import use_triton
+from .._backend import register_autograd, use_triton
 from ..reference import lowrank as ref
 from ..reference.common import bias_grad, compute_dtype
 
@@ -86,7 +86,7 @@ def _grad_factors_backward(ctx, gda, gdb, gsum):
     return dx, ddy, dp, dq
 
 
-lowrank_grad_factors.register_autograd(_grad_factors_backward, setup_context=_grad_factors_setup)
+register_autograd(lowrank_grad_factors, _grad_factors_backward, _grad_factors_setup)
 
 
 # --------------------------------------------------------------------------- forward's autograd
@@ -135,4 +135,4 @@ def _linear_backward(ctx, dy, dt):
     return dx, da, db, dbias
 
 
-lowrank_linear.register_autograd(_linear_backward, setup_context=_linear_setup)
+register_autograd(lowrank_linear, _linear_backward, _linear_setup)

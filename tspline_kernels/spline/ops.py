@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._backend import use_triton
+from .._backend import register_autograd, use_triton
 from ..reference import spline as ref
 from ..reference.common import bias_grad, compute_dtype
 
@@ -62,7 +62,7 @@ def _grad_control_backward(ctx, grad):
     return du, dv, None, None, None
 
 
-separable_grad_control.register_autograd(_grad_control_backward, setup_context=_grad_control_setup)
+register_autograd(separable_grad_control, _grad_control_backward, _grad_control_setup)
 
 
 def _separable_setup(ctx, inputs, output):
@@ -84,7 +84,7 @@ def _separable_backward(ctx, dy):
     return dx, dc, db, None, None
 
 
-separable_linear.register_autograd(_separable_backward, setup_context=_separable_setup)
+register_autograd(separable_linear, _separable_backward, _separable_setup)
 
 
 # ------------------------------------------------------------------------------------------- field
@@ -151,4 +151,4 @@ def _field_backward(ctx, dy):
     return da, dc, None, ds, db, None, None, None, None, None
 
 
-field_linear.register_autograd(_field_backward, setup_context=_field_setup)
+register_autograd(field_linear, _field_backward, _field_setup)

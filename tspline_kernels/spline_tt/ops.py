@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-from .._backend import use_triton
+from .._backend import register_autograd, use_triton
 from ..reference import spline_tt as ref
 from ..reference.common import bias_grad, compute_dtype
 from ..tt.ops import multilinear_double_backward
@@ -73,7 +73,7 @@ def _grad_backward(ctx, grads):
     return d_dy, d_x, d_controls, None, None, None, None
 
 
-spline_tt_grad.register_autograd(_grad_backward, setup_context=_grad_setup)
+register_autograd(spline_tt_grad, _grad_backward, _grad_setup)
 
 
 def _linear_setup(ctx, inputs, output):
@@ -100,4 +100,4 @@ def _linear_backward(ctx, dy):
     return dx, d_controls, db, None, None, None
 
 
-spline_tt_linear.register_autograd(_linear_backward, setup_context=_linear_setup)
+register_autograd(spline_tt_linear, _linear_backward, _linear_setup)

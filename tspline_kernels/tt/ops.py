@@ -16,7 +16,7 @@ import math
 import torch
 from torch import Tensor
 
-from .._backend import use_triton
+from .._backend import register_autograd, use_triton
 from ..reference import tt as ref
 from ..reference.common import bias_grad, compute_dtype
 
@@ -116,7 +116,7 @@ def _grad_backward(ctx, grads):
     return d_dy, d_x, d_cores, None, None
 
 
-tt_grad.register_autograd(_grad_backward, setup_context=_grad_setup)
+register_autograd(tt_grad, _grad_backward, _grad_setup)
 
 
 def _linear_setup(ctx, inputs, output):
@@ -142,4 +142,4 @@ def _linear_backward(ctx, dy):
     return dx, d_cores, db, None
 
 
-tt_linear.register_autograd(_linear_backward, setup_context=_linear_setup)
+register_autograd(tt_linear, _linear_backward, _linear_setup)
