@@ -1,5 +1,6 @@
 """SplineLinear's nn.Linear contract, input validation and parameter handling."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -93,11 +94,57 @@ def test_autocast_runs_in_autocast_dtype():
         (dict(basis="eisenstein", support="nearby"), ValueError, "'global' or 'local'"),
         (dict(basis="eisenstein", support="local", support_radius=0.01), ValueError, "no lattice point"),
         (dict(dtype=torch.int32), TypeError, "floating-point"),
+        # floats and strings were truncated by int(); bools and NaN slipped through
+        (dict(grid=(4.7, 5.9)), TypeError, r"grid\[0\].*must be an int"),
+        (dict(grid=("4", "5")), TypeError, r"grid\[0\].*must be an int"),
+        (dict(grid="45"), ValueError, "pair"),
+        (dict(grid=(True, 5)), TypeError, "must be an int"),
+        (dict(grid=(5, 6, 7)), ValueError, "pair"),
+        (dict(grid=(4, -5)), ValueError, r"grid\[1\].*>= 4"),
+        (dict(grid=(4, float("inf"))), TypeError, "must be an int"),
+        (dict(basis="gaussian", n_control_points=True), TypeError, "n_control_points must be an int"),
+        (dict(basis="gaussian", n_control_points=4.0), TypeError, "n_control_points must be an int"),
+        (dict(basis="bicubic", n_control_points=-3), ValueError, "n_control_points must be >= 1"),
+        (dict(basis="eisenstein", support="local", support_radius=float("nan")), ValueError, "finite"),
+        (dict(basis="eisenstein", support="local", support_radius=float("inf")), ValueError, "finite"),
+        (dict(basis="eisenstein", support="local", support_radius=-1.0), ValueError, "no lattice point"),
+        (dict(basis="eisenstein", support="local", support_radius="0.5"), TypeError, "real number"),
+        (dict(basis="eisenstein", support="local", support_radius=True), TypeError, "real number"),
+        (dict(basis="gaussian", support_radius=0.5), ValueError, "support='local' only"),
+        (dict(basis="gaussian", support="global", support_radius=0.5), ValueError, "support='local' only"),
+        (dict(basis="BSPLINE"), ValueError, "unknown basis"),
+        (dict(basis=None), ValueError, "unknown basis"),
+        (dict(basis="eisenstein", support=None), ValueError, "'global' or 'local'"),
+        (dict(bias="yes"), TypeError, "bias must be True or False"),
     ],
 )
 def test_bad_construction(kwargs, error, match):
     with pytest.raises(error, match=match):
         tk.SplineLinear(10, 6, **kwargs)
+
+
+def test_integer_like_arguments_are_accepted():
+    """numpy and 0-d tensor integers are exact, so they are taken as ints (floats are refused)."""
+    layer = tk.SplineLinear(10, 6, grid=(np.int64(5), torch.tensor(6)))
+    assert layer.grid == (5, 6) and all(type(g) is int for g in layer.grid)
+    assert tk.SplineLinear(10, 6, basis="gaussian", n_control_points=np.int32(7)).control.shape == (7,)
+    local = tk.SplineLinear(10, 6, basis="eisenstein", n_control_points=12, support="local", support_radius=np.float32(0.9))
+    assert local.rho == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(fine_grid=(4.7, 8)), TypeError, r"fine_grid\[0\].*must be an int"),
+        (dict(coarse_grid=("4", "5")), TypeError, r"coarse_grid\[0\].*must be an int"),
+        (dict(coarse_grid=(3, 4)), ValueError, r"coarse_grid\[0\].*>= 4"),
+        (dict(fine_grid=8), ValueError, "fine_grid must be a pair"),
+        (dict(bias=1), TypeError, "bias must be True or False"),
+    ],
+)
+def test_bad_hierarchical_construction(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        tk.HierarchicalSplineLinear(10, 6, **kwargs)
 
 
 def test_bad_features():

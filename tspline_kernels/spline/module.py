@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 
 import torch
 import torch.nn.functional as F
@@ -22,14 +24,31 @@ def default_grid(n: int) -> int:
     return min(max(4, n // 8), 64)
 
 
-def _check_grid(grid) -> tuple[int, int]:
+def _check_count(name: str, value, minimum: int) -> int:
+    """``value`` as an int >= ``minimum``; floats, strings and bools are refused, not truncated."""
     try:
-        g_out, g_in = (int(g) for g in grid)
-    except (TypeError, ValueError):
-        raise ValueError(f"grid must be a pair (G_out, G_in), got {grid!r}") from None
-    if min(g_out, g_in) < 4:
-        raise ValueError(f"a cubic B-spline grid needs at least 4 control points per axis, got grid={grid!r}")
-    return g_out, g_in
+        if isinstance(value, bool):
+            raise TypeError
+        n = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})") from None
+    if n < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {n}")
+    return n
+
+
+def _check_grid(grid, name: str = "grid") -> tuple[int, int]:
+    """A cubic B-spline grid ``(G_out, G_in)``: two ints >= 4."""
+    if isinstance(grid, (str, bytes)) or not hasattr(grid, "__len__") or len(grid) != 2:
+        raise ValueError(f"{name} must be a pair (G_out, G_in), got {grid!r}")
+    return tuple(_check_count(f"{name}[{axis}] (a cubic B-spline needs at least 4 control points per axis)", g, 4)
+                 for axis, g in enumerate(grid))
+
+
+def _check_flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
 
 
 def _scale_to_fan_in(control: torch.Tensor, mean_sq_weight: float, in_features: int, share: float = 1.0) -> None:
@@ -63,13 +82,15 @@ class SplineLinear(CompressedLinear):
         n_control_points: int | None = None, support: str = "global", support_radius: float | None = None,
         bias: bool = True, device=None, dtype=None,
     ) -> None:
-        if basis not in BASES:
+        if not isinstance(basis, str) or basis not in BASES:
             raise ValueError(f"unknown basis {basis!r}; expected one of {BASES}")
-        if support not in ("global", "local"):
+        if not isinstance(support, str) or support not in ("global", "local"):
             raise ValueError(f"support must be 'global' or 'local', got {support!r}")
         if support == "local" and basis not in _FIELD:
             raise ValueError(f"support='local' applies to the gaussian and eisenstein bases, not {basis!r}")
-        super().__init__(in_features, out_features, bias, device, dtype)
+        if support_radius is not None and support != "local":
+            raise ValueError(f"support_radius applies to support='local' only (got support={support!r})")
+        super().__init__(in_features, out_features, _check_flag("bias", bias), device, dtype)
         self.basis = basis
         self.support = support
         factory = {"device": device, "dtype": dtype}
@@ -81,9 +102,7 @@ class SplineLinear(CompressedLinear):
         else:
             if grid is not None:
                 raise ValueError(f"basis={basis!r} takes n_control_points, not grid")
-            n = 16 if n_control_points is None else n_control_points
-            if not isinstance(n, int) or n < 1:
-                raise ValueError(f"n_control_points must be an int >= 1, got {n_control_points!r}")
+            n = 16 if n_control_points is None else _check_count("n_control_points", n_control_points, 1)
             self.n_control_points = n
             self.control = nn.Parameter(torch.empty(n, **factory))
         self.rho = 0.0
@@ -96,14 +115,16 @@ class SplineLinear(CompressedLinear):
                 self.log_bandwidth = nn.Parameter(torch.full((1,), math.log(spacing), **factory))
             if support == "local":
                 self.rho = self._check_radius(support_radius)
-        elif support_radius is not None:
-            raise ValueError("support_radius applies to support='local' only")
         self.reset_parameters()
 
     def _check_radius(self, radius: float | None) -> float:
         reach_one = ref.support_radius(self.lattice.cpu(), 1) / 1.25
         if radius is None:
             return ref.support_radius(self.lattice.cpu(), 3)
+        if isinstance(radius, bool) or not isinstance(radius, numbers.Real):
+            raise TypeError(f"support_radius must be a real number, got {radius!r}")
+        if not math.isfinite(radius):
+            raise ValueError(f"support_radius must be finite, got {radius!r} (use support='global' for global support)")
         if radius <= reach_one:
             raise ValueError(f"support_radius={radius} leaves weights with no lattice point; it must exceed {reach_one:.4f}")
         return float(radius)
@@ -197,11 +218,11 @@ class HierarchicalSplineLinear(CompressedLinear):
 
     def __init__(self, in_features: int, out_features: int, *, coarse_grid=None, fine_grid=None,
                  bias: bool = True, device=None, dtype=None) -> None:
-        super().__init__(in_features, out_features, bias, device, dtype)
+        super().__init__(in_features, out_features, _check_flag("bias", bias), device, dtype)
         fine = fine_grid if fine_grid is not None else (default_grid(out_features), default_grid(in_features))
-        self.fine_grid = _check_grid(fine)
+        self.fine_grid = _check_grid(fine, "fine_grid")
         coarse = coarse_grid if coarse_grid is not None else tuple(max(4, g // 4) for g in self.fine_grid)
-        self.coarse_grid = _check_grid(coarse)
+        self.coarse_grid = _check_grid(coarse, "coarse_grid")
         factory = {"device": device, "dtype": dtype}
         self.control_coarse = nn.Parameter(torch.empty(self.coarse_grid, **factory))
         self.control_fine = nn.Parameter(torch.empty(self.fine_grid, **factory))
