@@ -139,6 +139,27 @@ def test_routing(spy, kernel_device):
     assert calls == ["kronecker_linear", "kronecker_linear", "kronecker_grad_factors"]
 
 
+@pytest.mark.parametrize("lead", [(0,), (2, 0)], ids=["0-rows", "2x0-rows"])
+@pytest.mark.parametrize("kwargs", [{}, {"gated": True}, {"gated": True, "gating_mode": "hard", "transform_outer": False}],
+                         ids=["plain", "gated", "gated-hard-reversed"])
+@pytest.mark.parametrize("which", ["triton", "reference"])
+def test_empty_batch_gives_zero_gradients(which, kwargs, lead, kernel_device):
+    """An empty batch: an empty output and exactly zero (not NaN) gradients for every parameter,
+    gates included (the gated layer's batch mean has no rows to average). Hard gates are a step
+    function: their networks get no gradient on any batch."""
+    layer = make_layer((3, 5, 2), (4, 5, 3), torch.float32, kernel_device, gating_hidden_dim=4, **kwargs)
+    x = torch.randn(*lead, layer.in_features, device=kernel_device, requires_grad=True)
+    with backend(which):
+        y = layer(x)
+        y.backward(torch.randn_like(y))
+    assert y.shape == (*lead, layer.out_features) and x.grad.shape == x.shape
+    for name, p in layer.named_parameters():
+        if kwargs.get("gating_mode") == "hard" and name.startswith("gates."):
+            assert p.grad is None, name
+        else:
+            assert p.grad is not None and torch.equal(p.grad, torch.zeros_like(p)), name
+
+
 def test_kernel_launch_input_checks():
     with backend("triton"), pytest.raises(TypeError, match="fp32, fp16 or bf16"):
         KroneckerLinear((3, 5), (4, 7), dtype=torch.float64)(torch.randn(3, 15, dtype=torch.float64))

@@ -125,6 +125,20 @@ def test_routing(spy, kernel_device):
     assert calls == ["lowrank_linear", "lowrank_linear", "lowrank_grad_factors"]
 
 
+@pytest.mark.parametrize("lead", [(0,), (2, 0)], ids=["0-rows", "2x0-rows"])
+@pytest.mark.parametrize("which", ["triton", "reference"])
+def test_empty_batch_gives_zero_gradients(which, lead, kernel_device):
+    """An empty batch: an empty output and exactly zero gradients for U, V and the bias."""
+    layer = make_layer(37, 45, 3, torch.float32, kernel_device)
+    x = torch.randn(*lead, 37, device=kernel_device, requires_grad=True)
+    with backend(which):
+        y = layer(x)
+        y.backward(torch.randn_like(y))
+    assert y.shape == (*lead, 45) and x.grad.shape == x.shape
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and torch.equal(p.grad, torch.zeros_like(p)), name
+
+
 def test_kernel_launch_input_checks():
     with backend("triton"), pytest.raises(TypeError, match="fp32, fp16 or bf16"):
         LowRankLinear(9, 5, 2, dtype=torch.float64)(torch.randn(3, 9, dtype=torch.float64))

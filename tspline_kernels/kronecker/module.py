@@ -123,7 +123,10 @@ class KroneckerLinear(CompressedLinear):
         gates = [(g[0].weight, g[0].bias, g[2].weight, g[2].bias) if k in self.gated_modes else None
                  for k, g in enumerate(self.gates)]
         projections = [None if isinstance(p, nn.Identity) else (p.weight, p.bias) for p in self.projections]
-        x_mean = x.reshape(-1, self.in_features).mean(0, dtype=compute_dtype(x)).reshape(self.in_dims)
+        rows = x.reshape(-1, self.in_features)
+        # An empty batch has no mean: its gates read zeros instead of NaN, so the (empty) output has
+        # zero, not NaN, gradients for every parameter.
+        x_mean = (rows.sum(0, dtype=compute_dtype(x)) / max(rows.shape[0], 1)).reshape(self.in_dims)
         zeros = [f.new_zeros(f.shape[0]) for f in factors]
         mixed_f, mixed_b = ref.gated_modes(x_mean, factors, biases or zeros, gates, projections,
                                            self.gating_mode == "hard", self.transform_outer)
