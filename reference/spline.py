@@ -85,7 +85,9 @@ def _keys_rows(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @functools.lru_cache(maxsize=64)
 def basis_matrix(n: int, g: int, kind: int, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
-    """Dense ``(n, g)`` basis matrix B with B[i, q] = basis function q at position x_i."""
+    """Dense ``(n, g)`` basis matrix B with B[i, q] = basis function q at position x_i (on the CPU
+    unless ``device`` is given: a default-device context must not leak into the cache)."""
+    device = torch.device("cpu") if device is None else device
     if kind == BSPLINE:
         if g < 4:
             raise ValueError(f"a cubic B-spline grid needs at least 4 control points per axis, got {g}")
@@ -138,15 +140,20 @@ def eisenstein_lattice(n: int) -> torch.Tensor:
     """The ``n`` Eisenstein integers a + b*omega nearest the origin as (x, y), shape ``(n, 2)``.
 
     Ties in distance are broken by (x, y); positions are scaled so the farthest has norm 1.
-    Same point order as tensor-spline 1.0.0's ``EisensteinLattice``.
+    Same point order as tensor-spline 1.0.0's ``EisensteinLattice``. A fresh CPU fp32 tensor.
     """
+    return _eisenstein_lattice(n).clone()
+
+
+@functools.lru_cache(maxsize=64)
+def _eisenstein_lattice(n: int) -> torch.Tensor:
     if n < 1:
         raise ValueError(f"n_control_points must be >= 1, got {n}")
     r = max(math.ceil(math.sqrt(n / 3.0)) + 2, 3)
     half_sqrt3 = math.sqrt(3.0) / 2.0
     pts = [(float(a) - float(b) * 0.5, float(b) * half_sqrt3) for a in range(-r, r + 1) for b in range(-r, r + 1)]
     pts.sort(key=lambda p: (round(p[0] * p[0] + p[1] * p[1], 9), p[0], p[1]))
-    lattice = torch.tensor(pts[:n], dtype=torch.float32)
+    lattice = torch.tensor(pts[:n], dtype=torch.float32, device="cpu")
     far = lattice.norm(dim=1).max()
     return lattice / far if far > 0 else lattice
 
@@ -160,7 +167,7 @@ def support_radius(lattice: torch.Tensor, min_points: int = 3) -> float:
     taper weight at least (1 - 0.8^2)^2 = 0.13.
     """
     k = min(min_points, lattice.shape[0])
-    g = positions(257, torch.float64)
+    g = positions(257, torch.float64, lattice.device)
     grid = torch.stack(torch.meshgrid(g, g, indexing="ij"), dim=-1).reshape(-1, 2)
     kth = torch.cdist(grid, lattice.double()).kthvalue(k, dim=1).values.max().item()
     return 1.25 * (kth + (2 / 256) * math.sqrt(0.5))

@@ -169,3 +169,31 @@ def test_trains_like_a_linear_layer():
     target = tk.SplineLinear(20, 10, grid=(6, 6))
     model = tk.SplineLinear(20, 10, grid=(6, 6))
     assert_learns(model, target, torch.randn(256, 20), steps=200, lr=0.05)
+
+
+META_LAYERS = {
+    **{name: (lambda kw=kw: tk.SplineLinear(19, 13, **kw)) for name, kw in zip(IDS, ALL)},
+    "gaussian-local": lambda: tk.SplineLinear(19, 13, basis="gaussian", n_control_points=12, support="local"),
+    "hierarchical": lambda: tk.HierarchicalSplineLinear(19, 13, coarse_grid=(4, 5), fine_grid=(8, 9)),
+}
+
+
+@pytest.mark.parametrize("name", list(META_LAYERS))
+def test_meta_device_then_to_empty_and_load(name):
+    """Large-model loading: build on meta (no memory, no init maths), materialise with
+    ``to_empty`` and load the real state: the same layer as the original."""
+    original = META_LAYERS[name]()
+    with torch.device("meta"):
+        meta = META_LAYERS[name]()
+    assert all(p.is_meta for p in meta.parameters())
+    assert repr(meta) == repr(original)
+    meta.to_empty(device="cpu")
+    meta.load_state_dict(original.state_dict())
+    x = torch.randn(4, 19)
+    assert torch.equal(meta(x), original(x))
+    assert torch.equal(meta.materialize(), original.materialize())
+
+
+def test_meta_device_kwarg():
+    layer = tk.SplineLinear(19, 13, basis="eisenstein", n_control_points=12, support="local", device="meta")
+    assert layer.control.is_meta and layer.lattice.is_meta and layer.bias.is_meta

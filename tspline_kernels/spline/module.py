@@ -107,20 +107,22 @@ class SplineLinear(CompressedLinear):
             self.control = nn.Parameter(torch.empty(n, **factory))
         self.rho = 0.0
         if basis in _FIELD:
-            self.register_buffer("lattice", ref.eisenstein_lattice(self.n_control_points).to(device), persistent=False)
+            lattice = ref.eisenstein_lattice(self.n_control_points)  # on the CPU, whatever ``device`` is
+            self.register_buffer("lattice", lattice.to(device), persistent=False)
             if basis == "gaussian":
                 # bandwidth starts at the lattice spacing, so neighbouring control points overlap
                 # without washing W out (tensor-spline starts at 1.0; from_tensor_spline copies it)
-                spacing = torch.pdist(self.lattice.cpu()).min().item() if self.n_control_points > 1 else 1.0
+                spacing = torch.pdist(lattice).min().item() if self.n_control_points > 1 else 1.0
                 self.log_bandwidth = nn.Parameter(torch.full((1,), math.log(spacing), **factory))
             if support == "local":
-                self.rho = self._check_radius(support_radius)
+                self.rho = self._check_radius(lattice, support_radius)
         self.reset_parameters()
 
-    def _check_radius(self, radius: float | None) -> float:
-        reach_one = ref.support_radius(self.lattice.cpu(), 1) / 1.25
+    @staticmethod
+    def _check_radius(lattice: torch.Tensor, radius: float | None) -> float:
+        reach_one = ref.support_radius(lattice, 1) / 1.25
         if radius is None:
-            return ref.support_radius(self.lattice.cpu(), 3)
+            return ref.support_radius(lattice, 3)
         if isinstance(radius, bool) or not isinstance(radius, numbers.Real):
             raise TypeError(f"support_radius must be a real number, got {radius!r}")
         if not math.isfinite(radius):
@@ -131,8 +133,9 @@ class SplineLinear(CompressedLinear):
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
-        if hasattr(self, "lattice") and self.lattice.dtype != torch.float32:
-            # Lattice positions stay fp32 whatever the parameters are cast to.
+        if hasattr(self, "lattice"):
+            # The lattice is derived from n, not saved: rebuilt in fp32 whatever the parameters are
+            # cast to, and with real values after ``to_empty`` (meta -> device loading).
             self.lattice = ref.eisenstein_lattice(self.n_control_points).to(self.lattice.device)
         return self
 
@@ -153,7 +156,10 @@ class SplineLinear(CompressedLinear):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Uniform control values scaled so that mean(W^2) equals nn.Linear's default init."""
+        """Uniform control values scaled so that mean(W^2) equals nn.Linear's default init
+        (nothing to do on the meta device: ``to_empty`` and ``load_state_dict`` fill the values)."""
+        if self.control.is_meta:
+            return
         self.control.uniform_(-1, 1)
         if self.basis in _FIELD:
             w = ref.field_weight(self.control.double(), self.lattice, self._sigma(),
@@ -230,7 +236,9 @@ class HierarchicalSplineLinear(CompressedLinear):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Each level gets half of nn.Linear's default weight variance."""
+        """Each level gets half of nn.Linear's default weight variance (nothing to do on meta)."""
+        if self.control_fine.is_meta:
+            return
         for c in (self.control_coarse, self.control_fine):
             c.uniform_(-1, 1)
             mean_sq = _separable_mean_sq(c, self.out_features, self.in_features, ref.BSPLINE)
