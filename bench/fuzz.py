@@ -26,7 +26,6 @@ so a long sweep can be split into chunks (one process each) and joined with ``--
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
 import datetime
 import json
@@ -60,8 +59,8 @@ INVALID_SHARE = 0.1
 # ---- inputs ---------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """A memory layout of x ``(*lead, n)``: the shape of a base tensor and the view taken of it,
-    as Python source (``{n}`` the features, ``{lead}`` the leading dims)."""
+    """A memory layout of x ``(*lead, n)``: the shape of a base tensor, the view of it that is x,
+    and that view as Python source (``{lead}`` stands for the leading dims)."""
 
     base: Callable[[tuple[int, ...], int], tuple[int, ...]]
     view: Callable[[torch.Tensor, tuple[int, ...]], torch.Tensor]
@@ -100,11 +99,12 @@ class Case:
     def torch_seed(self) -> int:
         return zlib.crc32(f"fuzz:{self.seed}:{self.index}".encode())
 
-    def layer_code(self, device: str | None = None) -> str:
-        kwargs = dict(self.kwargs, dtype=DTYPES[self.dtype]) if "dtype" not in self.kwargs else dict(self.kwargs)
-        if device is not None:
-            kwargs["device"] = device
-        return f"tk.{self.cls}({', '.join(f'{k}={_code(v)}' for k, v in kwargs.items())})"
+    def arguments(self) -> dict:
+        """The layer's keyword arguments, the case's dtype included (unless an invalid one replaces it)."""
+        return {**self.kwargs, "dtype": self.kwargs.get("dtype", DTYPES[self.dtype])}
+
+    def layer_code(self) -> str:
+        return f"tk.{self.cls}({', '.join(f'{k}={_code(v)}' for k, v in self.arguments().items())})"
 
     def snippet(self, features: tuple[int, int] | None = None) -> str:
         """Standalone Python that rebuilds this case and prints every disagreement; ``features``
@@ -141,8 +141,13 @@ def _code(v) -> str:
     return repr(v)
 
 
-def _maybe(rng: random.Random, p: float, value, default=None):
-    return value if rng.random() < p else default
+def _maybe(rng: random.Random, p: float, value):
+    """``value`` with probability ``p``, else None (the argument is left out: its default)."""
+    return value if rng.random() < p else None
+
+
+def _bias(rng: random.Random) -> bool:
+    return rng.random() < 0.6
 
 
 def _features(rng: random.Random) -> dict:
@@ -151,6 +156,38 @@ def _features(rng: random.Random) -> dict:
 
 def _grid(rng: random.Random) -> tuple[int, int]:
     return rng.choice((4, 4, 5, 6, 7, 9, 12)), rng.choice((4, 4, 5, 6, 7, 9, 12))
+
+
+def _bspline(rng: random.Random) -> dict:
+    return {**_features(rng), "grid": _maybe(rng, 0.8, _grid(rng)), "bias": _bias(rng)}
+
+
+def _bicubic(rng: random.Random) -> dict:
+    return {**_features(rng), "basis": "bicubic", "n_control_points": rng.choice((1, 2, 3, 4, 5, 9, 16, 17, 30)),
+            "bias": _bias(rng)}
+
+
+def _field(basis: str) -> Callable[[random.Random], dict]:
+    """Generator of a gaussian or eisenstein layer, global or local support (default or random radius)."""
+    def generate(rng: random.Random) -> dict:
+        kw = {**_features(rng), "basis": basis, "n_control_points": rng.choice((1, 2, 3, 5, 7, 12, 16, 19, 30)),
+              "bias": _bias(rng)}
+        if rng.random() < 0.5:
+            kw.update(support="local", support_radius=_maybe(rng, 0.4, round(rng.uniform(0.3, 2.5), 3)))
+        return kw
+    return generate
+
+
+def _hierarchical(rng: random.Random) -> dict:
+    return {**_features(rng), "coarse_grid": _maybe(rng, 0.6, _grid(rng)), "fine_grid": _maybe(rng, 0.7, _grid(rng)),
+            "bias": _bias(rng)}
+
+
+def _lowrank(rng: random.Random) -> dict:
+    """Ranks 1..min, and above min (which the layer rejects)."""
+    f = _features(rng)
+    low, high = sorted(f.values())
+    return {**f, "rank": rng.choice((1, 1, 2, 3, low, low + 1, 2 * high)), "bias": _bias(rng)}
 
 
 def _modes(rng: random.Random, d: int) -> tuple[int, ...]:
@@ -163,6 +200,7 @@ def _modes(rng: random.Random, d: int) -> tuple[int, ...]:
 
 
 def _tt(rng: random.Random) -> dict:
+    """d = 1..4 (1 is rejected: a TT matrix has 2 to 6 cores), one rank for all or one per bond."""
     d = rng.choice((1, 2, 2, 3, 3, 3, 4, 4))
     ins, outs = _modes(rng, d), _modes(rng, d)
     while math.prod(ins) * math.prod(outs) > (1024 if max(ins + outs) < 17 else 4096):  # keep the interpreter fast
@@ -172,7 +210,13 @@ def _tt(rng: random.Random) -> dict:
     else:
         ranks = (1, *(rng.choice((1, 2, 3, 4)) for _ in range(d - 1)), 1)
     return {"in_modes": ins, "out_modes": outs, "ranks": ranks, "strategy": rng.choice(("contract", "rebuild", "auto")),
-            "bias": rng.random() < 0.6}
+            "bias": _bias(rng)}
+
+
+def _spline_tt(rng: random.Random) -> dict:
+    """A TT structure with one grid for every core or one per core."""
+    kw = _tt(rng)
+    return {**kw, "grid": rng.choice((_grid(rng), tuple(_grid(rng) for _ in kw["in_modes"])))}
 
 
 def _kronecker(rng: random.Random) -> dict:
@@ -182,7 +226,7 @@ def _kronecker(rng: random.Random) -> dict:
     else:
         ins = tuple(rng.choice(MODES) for _ in range(n))
     outs = tuple(rng.choice(MODES) for _ in range(n))
-    return {"in_dims": ins, "out_dims": outs, "bias": rng.random() < 0.6, "transform_outer": rng.random() < 0.7}
+    return {"in_dims": ins, "out_dims": outs, "bias": _bias(rng), "transform_outer": rng.random() < 0.7}
 
 
 def _gated(rng: random.Random) -> dict:
@@ -193,30 +237,25 @@ def _gated(rng: random.Random) -> dict:
             "gating_hidden_dim": rng.choice((1, 3, 16)), "gated_modes": modes}
 
 
-def _field(rng: random.Random) -> dict:
-    kw = {**_features(rng), "n_control_points": rng.choice((1, 2, 3, 5, 7, 12, 16, 19, 30)), "bias": rng.random() < 0.6}
-    if rng.random() < 0.5:
-        kw["support"] = "local"
-        kw["support_radius"] = _maybe(rng, 0.4, round(rng.uniform(0.3, 2.5), 3))
-    return kw
-
-
+# family -> (layer class in tspline_kernels, generator of its keyword arguments)
 GENERATORS: dict[str, tuple[str, Callable[[random.Random], dict]]] = {
-    "spline-bspline": ("SplineLinear", lambda r: {**_features(r), "grid": _maybe(r, 0.8, _grid(r)), "bias": r.random() < 0.6}),
-    "spline-bicubic": ("SplineLinear", lambda r: {**_features(r), "basis": "bicubic", "bias": r.random() < 0.6,
-                                                  "n_control_points": r.choice((1, 2, 3, 4, 5, 9, 16, 17, 30))}),
-    "spline-gaussian": ("SplineLinear", lambda r: {"basis": "gaussian", **_field(r)}),
-    "spline-eisenstein": ("SplineLinear", lambda r: {"basis": "eisenstein", **_field(r)}),
-    "hierarchical": ("HierarchicalSplineLinear", lambda r: {**_features(r), "coarse_grid": _maybe(r, 0.6, _grid(r)),
-                                                            "fine_grid": _maybe(r, 0.7, _grid(r)), "bias": r.random() < 0.6}),
-    "lowrank": ("LowRankLinear", lambda r: (lambda f: {**f, "rank": r.choice(
-        (1, 1, 2, 3, min(f.values()), min(f.values()) + 1, 2 * max(f.values()))), "bias": r.random() < 0.6})(_features(r))),
+    "spline-bspline": ("SplineLinear", _bspline),
+    "spline-bicubic": ("SplineLinear", _bicubic),
+    "spline-gaussian": ("SplineLinear", _field("gaussian")),
+    "spline-eisenstein": ("SplineLinear", _field("eisenstein")),
+    "hierarchical": ("HierarchicalSplineLinear", _hierarchical),
+    "lowrank": ("LowRankLinear", _lowrank),
     "tt": ("TTLinear", _tt),
-    "spline-tt": ("SplineTTLinear", lambda r: (lambda kw: {**kw, "grid": r.choice(
-        (_grid(r), tuple(_grid(r) for _ in kw["in_modes"])))})(_tt(r))),
+    "spline-tt": ("SplineTTLinear", _spline_tt),
     "kronecker": ("KroneckerLinear", _kronecker),
     "kronecker-gated": ("KroneckerLinear", _gated),
 }
+# Layers whose weight is a product of factors (parameter name of the first and of the last):
+# ``skew`` moves magnitude from one to the other without changing W, so intermediates grow or
+# shrink while the output stays put.
+SKEWED = {"LowRankLinear": ("U", "V"), "TTLinear": ("cores", "cores"), "SplineTTLinear": ("control", "control"),
+          "KroneckerLinear": ("factors", "factors")}
+SKEWS = (1.0, 1.0, 1e-3, 1e3)
 
 # Deliberately invalid arguments per family (label -> keyword overrides): each must raise a
 # ValueError or TypeError. Shared ones apply to every family with in_features / out_features.
@@ -298,14 +337,6 @@ def make_case(seed: int, index: int) -> Case:
     return Case(seed, index, family, cls, kwargs, dtype, lead, layout, rng.choice(SCALES[dtype]), invalid, s)
 
 
-# Layers whose weight is a product of factors (parameter name of the first and of the last):
-# ``skew`` moves magnitude from one to the other without changing W, so intermediates grow or
-# shrink while the output stays put.
-SKEWED = {"LowRankLinear": ("U", "V"), "TTLinear": ("cores", "cores"), "SplineTTLinear": ("control", "control"),
-          "KroneckerLinear": ("factors", "factors")}
-SKEWS = (1.0, 1.0, 1e-3, 1e3)
-
-
 @torch.no_grad()
 def skew(layer: torch.nn.Module, s: float) -> None:
     """Multiply the layer's first factor by ``s`` and divide its last by ``s`` (an ungated layer's W
@@ -318,11 +349,8 @@ def skew(layer: torch.nn.Module, s: float) -> None:
 
 def build(case: Case, device: str | None = None) -> torch.nn.Module:
     """The case's layer (a ValueError / TypeError for arguments it rejects)."""
-    kwargs = dict(case.kwargs)
-    kwargs.setdefault("dtype", DTYPES[case.dtype])
-    if device is not None:
-        kwargs["device"] = device
-    return getattr(tk, case.cls)(**kwargs)
+    device_arg = {} if device is None else {"device": device}
+    return getattr(tk, case.cls)(**case.arguments(), **device_arg)
 
 
 def make_layer(case: Case) -> torch.nn.Module:
@@ -427,19 +455,21 @@ class Result:
     case: Case
     outcome: str
     problems: list[dict]
-    seconds: float
+    seconds: float  # wall clock
+    cpu_seconds: float  # this process's CPU time (what one core needs, whatever else runs)
     message: str = ""
     features: tuple[int, int] | None = None
 
 
 def run_case(case: Case) -> Result:
     """Build the case's layer and run every check on it."""
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
 
     def done(outcome: str, problems: list[dict], message: str = "", features=None) -> Result:
         if outcome == "pass" and any(p["check"] != "skipped" for p in problems):
             outcome = "fail"
-        return Result(case, outcome, problems, time.perf_counter() - start, message, features)
+        return Result(case, outcome, problems, time.perf_counter() - start, time.process_time() - cpu_start,
+                      message, features)
 
     try:
         layer = make_layer(case)
@@ -472,7 +502,7 @@ def _blank(message: str) -> str:
 
 
 def empty_summary(seed: int, start: int, stop: int) -> dict:
-    return {"seed": seed, "start": start, "stop": stop, "next_index": start, "cases": 0, "seconds": 0.0,
+    return {"seed": seed, "start": start, "stop": stop, "next_index": start, "cases": 0, "seconds": 0.0, "cpu_seconds": 0.0,
             "outcomes": {}, "per_family": {}, "mismatches": {}, "skipped_nonfinite_reference": {},
             "distinct_failures": {}, "rejected_messages": {}, "failures": []}
 
@@ -482,10 +512,12 @@ def record(summary: dict, result: Result) -> None:
     case = result.case
     summary["cases"] += 1
     summary["seconds"] += result.seconds
+    summary["cpu_seconds"] += result.cpu_seconds
     summary["next_index"] = case.index + 1
     _bump(summary["outcomes"], result.outcome)
     fam = summary["per_family"].setdefault(case.family, {})
     _bump(fam, "cases")
+    _bump(fam, "cpu_seconds", result.cpu_seconds)
     _bump(fam, result.outcome)
     if result.outcome == "rejected":
         _bump(summary["rejected_messages"], f"{case.family} | {_blank(result.message)}")
@@ -515,6 +547,7 @@ def merge(summaries: Sequence[dict]) -> dict:
     for s in summaries:
         out["cases"] += s["cases"]
         out["seconds"] += s["seconds"]
+        out["cpu_seconds"] += s["cpu_seconds"]
         out["failures"] += s["failures"]
         for key in ("outcomes", "mismatches", "skipped_nonfinite_reference", "distinct_failures", "rejected_messages"):
             for k, n in s[key].items():
@@ -531,7 +564,9 @@ def write(path: Path, summary: dict) -> None:
 
     data = dict(summary)
     data["meta"] = metadata("cpu")
+    data["meta"]["torch_threads"] = torch.get_num_threads()
     data["cases_per_second"] = round(summary["cases"] / max(summary["seconds"], 1e-9), 3)
+    data["cases_per_cpu_second"] = round(summary["cases"] / max(summary["cpu_seconds"], 1e-9), 3)
     data["failed_cases"] = summary["outcomes"].get("fail", 0)
     data["mismatch_total"] = sum(summary["mismatches"].values())
     data["distinct_failures"] = dict(sorted(summary["distinct_failures"].items(), key=lambda kv: -kv[1]))
@@ -577,8 +612,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="JSON file (default bench/results/fuzz-<date>-seed<seed>-<start>.json)")
     parser.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
     parser.add_argument("--merge", nargs="+", type=Path, metavar="CHUNK", help="merge chunk files into --out; run nothing")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the rate on one core)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     date = datetime.date.today().isoformat()
     out = args.out or Path(f"bench/results/fuzz-{date}-seed{args.seed}-{args.start}.json")
     if args.merge:
@@ -587,7 +624,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         summary = sweep(args.seed, args.start, args.cases, out, args.resume, progress=not args.no_progress)
     rate = summary["cases"] / max(summary["seconds"], 1e-9)
-    print(f"{summary['cases']} cases, {rate:.2f} cases/s; outcomes {summary['outcomes']}; "
+    cpu_rate = summary["cases"] / max(summary["cpu_seconds"], 1e-9)
+    print(f"{summary['cases']} cases, {rate:.2f} cases/s ({cpu_rate:.2f} per CPU second); outcomes {summary['outcomes']}; "
           f"mismatches {sum(summary['mismatches'].values())}; written to {out}")
 
 

@@ -48,11 +48,12 @@ def test_cases_reproducible_and_cover_every_option():
 def _fake_result(case: fuzz.Case) -> fuzz.Result:
     """A result per index without running kernels: index 1 fails on dcores.0, 2 is rejected, others pass."""
     if case.index % 5 == 1:
-        return fuzz.Result(case, "fail", [{"check": "dcores.0", "message": "relative RMS error 1e-1"},
-                                          {"check": "skipped", "message": "y: the reference is not finite"}], 0.5, "", (3, 4))
+        problems = [{"check": "dcores.0", "message": "relative RMS error 1e-1"},
+                    {"check": "skipped", "message": "y: the reference is not finite"}]
+        return fuzz.Result(case, "fail", problems, seconds=0.5, cpu_seconds=0.25, features=(3, 4))
     if case.index % 5 == 2:
-        return fuzz.Result(case, "rejected", [], 0.5, "ValueError: rank=9 exceeds 4")
-    return fuzz.Result(case, "pass", [], 0.5)
+        return fuzz.Result(case, "rejected", [], seconds=0.5, cpu_seconds=0.25, message="ValueError: rank=9 exceeds 4")
+    return fuzz.Result(case, "pass", [], seconds=0.5, cpu_seconds=0.25)
 
 
 def test_sweep_counts_checkpoints_resumes_and_merges(tmp_path, monkeypatch):
@@ -79,7 +80,7 @@ def test_sweep_counts_checkpoints_resumes_and_merges(tmp_path, monkeypatch):
     assert sum(f["cases"] for f in data["per_family"].values()) == 10
     assert [f["index"] for f in data["failures"]] == [1, 6]
     assert "check_case_inputs(layer, x, g)" in data["failures"][0]["snippet"]
-    assert data["cases_per_second"] == 2.0 and data["meta"]["commit"]
+    assert data["cases_per_second"] == 2.0 and data["cases_per_cpu_second"] == 4.0 and data["meta"]["commit"]
 
     second = fuzz.sweep(3, 10, 5, tmp_path / "b.json", progress=False)
     merged = fuzz.merge([data, second])
