@@ -24,3 +24,51 @@ def test_grouped_pid_visits_every_tile_once_in_row_groups(num_m, num_n, group):
     # consecutive programs stay within one group of GROUP_M row blocks until it is exhausted
     groups = [m // group for m, _ in tiles]
     assert groups == sorted(groups)
+
+
+def _tune_in_sequence(monkeypatch, tuner, blocks: list[dict], winner: int) -> None:
+    """Make ``tuner`` autotune ``blocks`` in order (each run once, as on a GPU) and pick ``winner``."""
+    from tspline_kernels._triton import triton as tr
+
+    monkeypatch.setattr(tuner, "configs", [tr.Config(b, num_warps=1, num_stages=1) for b in blocks])
+    monkeypatch.setattr(tuner, "cache", {})
+    timings = iter([0.0 if i == winner else 1.0 for i in range(len(blocks))])
+    monkeypatch.setitem(tuner.__dict__, "do_bench", lambda call, quantiles=None: (call(), [next(timings)] * 3)[1])
+
+
+@pytest.mark.parametrize("family", ["spline", "lowrank", "kronecker"])
+def test_partial_sums_ignore_slots_of_configs_tried_while_autotuning(monkeypatch, family):
+    """Autotuning runs a many-slot config first and picks a few-slot one: the sum must not read
+    the stale slots the first one left (the separable dC summed them in, issue 9)."""
+    import tspline_kernels as tk
+    from tspline_kernels.kronecker import kernels as kron
+    from tspline_kernels.lowrank import kernels as lowrank
+    from tspline_kernels.spline import kernels as spline
+    from tspline_kernels.testing import assert_backends_agree
+
+    if family == "spline":
+        layer, n_in = tk.SplineLinear(20, 12, grid=(6, 7)), 20
+        _tune_in_sequence(monkeypatch, spline._separable_dc_kernel, [{"BM": 16, "BK": 32}, {"BM": 64, "BK": 32}], 1)
+    elif family == "lowrank":
+        layer, n_in = tk.LowRankLinear(20, 12, rank=3), 20
+        _tune_in_sequence(monkeypatch, lowrank._lowrank_grad_kernel,
+                          [{"BM": 16, "BF": 32, "SPLIT": 4}, {"BM": 16, "BF": 32, "SPLIT": 1}], 1)
+    else:
+        layer, n_in = tk.KroneckerLinear((4, 5), (3, 4)), 20
+        _tune_in_sequence(monkeypatch, kron._kron_grad_kernel, [{"SPLIT": 8}, {"SPLIT": 2}], 1)
+    x = torch.randn(100, n_in)
+    assert_backends_agree(layer, x, torch.randn(100, layer.out_features), torch.float32)
+
+
+def test_split_slots_sum_only_what_the_last_launch_wrote():
+    from tspline_kernels._triton import SplitSlots
+
+    class Tuner:
+        configs = [triton.Config({"SPLIT": s}) for s in (1, 4, 16)]
+
+    slots = SplitSlots(Tuner, lambda meta: min(meta["SPLIT"], 6))
+    assert slots.slots == 6
+    part = torch.arange(6.0)[:, None].expand(6, 2).contiguous()
+    assert slots({"SPLIT": 16}) == 6 and slots({"SPLIT": 4}) == 4
+    assert slots.sum(part).tolist() == [6.0, 6.0]
+    assert slots({"SPLIT": 1}) == 1 and slots.sum(part).tolist() == [0.0, 0.0]

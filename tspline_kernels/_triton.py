@@ -9,6 +9,7 @@ choice is made once, here, before any ``@triton.jit`` runs.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -27,7 +28,7 @@ if INTERPRET and isinstance(tl.zeros, JITFunction):
         "before TRITON_INTERPRET=1 was set. Set TRITON_INTERPRET=1 in the environment before starting Python."
     )
 
-__all__ = ["INTERPRET", "triton", "tl", "configs", "autotune_mode", "flatten", "m_bucket", "dot_precision", "check_inputs", "grouped_pid"]
+__all__ = ["INTERPRET", "triton", "tl", "configs", "autotune_mode", "flatten", "m_bucket", "dot_precision", "check_inputs", "grouped_pid", "SplitSlots"]
 
 
 def _patch_interpreter_bf16_dot() -> None:
@@ -147,3 +148,32 @@ def grouped_pid(pid, num_m, num_n, GROUP_M: tl.constexpr):
     first_m = (pid // group) * GROUP_M
     size_m = tl.minimum(num_m - first_m, GROUP_M)
     return first_m + (pid % group) % size_m, (pid % group) // size_m
+
+
+class SplitSlots:
+    """Partial results of an autotuned kernel whose number of programs along a split axis depends
+    on its config (row block size, split count): program s writes slot s, the host sums the slots.
+
+    Use an instance as (part of) the launch grid. Slots are allocated for the most programs any of
+    the autotuner's configs launches; Triton calls the grid for every launch, the last time for
+    the launch that counts (after any autotuning runs), so ``sum`` adds exactly the slots that
+    launch wrote and never a stale slot left by a config tried while autotuning. Deterministic,
+    no atomics. ``programs(meta)`` must be >= 1, and each of those programs must write its slot.
+    """
+
+    def __init__(self, kernel, programs: Callable[[dict], int]) -> None:
+        self.programs = programs
+        self.slots = max(programs({**c.kwargs, "num_warps": c.num_warps}) for c in kernel.configs)
+        self.used = 0
+
+    def __call__(self, meta: dict) -> int:
+        self.used = self.programs(meta)
+        return self.used
+
+    def empty(self, *shape: int, device: torch.device) -> torch.Tensor:
+        """An fp32 ``(slots, *shape)`` buffer; only slots written by the launch are ever read."""
+        return torch.empty(self.slots, *shape, device=device, dtype=torch.float32)
+
+    def sum(self, part: torch.Tensor) -> torch.Tensor:
+        """The sum of the slots of ``part`` the last launch wrote."""
+        return part[0] if self.used == 1 else part[:self.used].sum(0)

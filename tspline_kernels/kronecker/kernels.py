@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from .._triton import (
+    SplitSlots,
     check_inputs,
     configs,
     dot_precision,
@@ -181,9 +182,6 @@ def kronecker_linear(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: to
     return y.reshape(*x.shape[:-1], m1 * m2)
 
 
-_MAX_SPLIT = max(c.kwargs["SPLIT"] for c in _kron_grad_kernel.configs)
-
-
 def kronecker_grad_factors(
     x: torch.Tensor, dy: torch.Tensor, a: torch.Tensor, b: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -201,26 +199,14 @@ def kronecker_grad_factors(
                 x2.new_zeros(m1 * m2, dtype=torch.float32))
     # One partial slot per batch split, never more splits than rows. Separate buffers: the outputs
     # of a custom op may not share storage.
-    slots = min(_MAX_SPLIT, m)
-    da = torch.empty(slots, m1, n1, device=x.device, dtype=torch.float32)
-    db = torch.empty(slots, m2, n2, device=x.device, dtype=torch.float32)
-    dsum = torch.empty(slots, m1 * m2, device=x.device, dtype=torch.float32)
-    chosen = {}
-
-    def grid(meta):
-        # Called once per launch, the last time for the launch that counts (after any autotuning
-        # runs), so ``chosen`` ends up holding the split count whose partial slots were written.
-        chosen["split"] = min(meta["SPLIT"], slots)
-        return (chosen["split"],)
-
-    _kron_grad_kernel[grid](
+    slots = SplitSlots(_kron_grad_kernel, lambda meta: min(meta["SPLIT"], m))
+    da, db = slots.empty(m1, n1, device=x.device), slots.empty(m2, n2, device=x.device)
+    dsum = slots.empty(m1 * m2, device=x.device)
+    _kron_grad_kernel[lambda meta: (slots(meta),)](
         x2, g2, a, b, da, db, dsum,
         m, m1, n1, m2, n2, m_bucket(m),
         x2.stride(0), x2.stride(1), g2.stride(0), g2.stride(1),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         M1P=pad(m1), N1P=pad(n1), M2P=pad(m2), N2P=pad(n2), PRECISION=dot_precision(x.dtype),
     )
-    split = chosen["split"]
-    if split == 1:
-        return da[0], db[0], dsum[0]
-    return da[:split].sum(0), db[:split].sum(0), dsum[:split].sum(0)
+    return slots.sum(da), slots.sum(db), slots.sum(dsum)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .._triton import check_inputs, configs, dot_precision, flatten, m_bucket, tl, triton
+from .._triton import SplitSlots, check_inputs, configs, dot_precision, flatten, m_bucket, tl, triton
 
 
 def pad_rank(r: int) -> int:
@@ -204,10 +204,6 @@ def lowrank_linear(
     return y.reshape(*lead, n), t.reshape(*lead, r)
 
 
-_MAX_SPLIT = max(c.kwargs["SPLIT"] for c in _lowrank_grad_kernel.configs)
-_MIN_BM = min(c.kwargs["BM"] for c in _lowrank_grad_kernel.configs)
-
-
 def lowrank_grad_factors(
     x: torch.Tensor, dy: torch.Tensor, p: torch.Tensor, q: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -223,20 +219,11 @@ def lowrank_grad_factors(
     if m == 0:
         return (x2.new_zeros(k, r, dtype=torch.float32), x2.new_zeros(n, r, dtype=torch.float32),
                 x2.new_zeros(n, dtype=torch.float32))
-    # One partial slot per batch split, never more splits than row blocks of the smallest BM.
-    # Separate buffers: the outputs of a custom op may not share storage.
-    slots = min(_MAX_SPLIT, triton.cdiv(m, _MIN_BM))
-    da = torch.empty(slots, k, r, device=x.device, dtype=torch.float32)
-    db = torch.empty(slots, n, r, device=x.device, dtype=torch.float32)
-    dsum = torch.empty(slots, n, device=x.device, dtype=torch.float32)
-    chosen = {}
-
-    def grid(meta):
-        # Called once per launch, the last time for the launch that counts (after any autotuning
-        # runs), so ``chosen`` ends up holding the split count whose partial slots were written.
-        chosen["split"] = min(meta["SPLIT"], slots)
-        return triton.cdiv(k, meta["BF"]) + triton.cdiv(n, meta["BF"]), chosen["split"]
-
+    # One partial slot per batch split, never more splits than row blocks. Separate buffers: the
+    # outputs of a custom op may not share storage.
+    slots = SplitSlots(_lowrank_grad_kernel, lambda meta: min(meta["SPLIT"], triton.cdiv(m, meta["BM"])))
+    da, db, dsum = slots.empty(k, r, device=x.device), slots.empty(n, r, device=x.device), slots.empty(n, device=x.device)
+    grid = lambda meta: (triton.cdiv(k, meta["BF"]) + triton.cdiv(n, meta["BF"]), slots(meta))  # noqa: E731
     _lowrank_grad_kernel[grid](
         x2, g2, p2, q2, da, db, dsum,
         m, k, n, r, m_bucket(m),
@@ -244,7 +231,4 @@ def lowrank_grad_factors(
         p2.stride(0), p2.stride(1), q2.stride(0), q2.stride(1),
         RP=pad_rank(r), PRECISION=dot_precision(x.dtype),
     )
-    split = chosen["split"]
-    if split == 1:
-        return da[0], db[0], dsum[0]
-    return da[:split].sum(0), db[:split].sum(0), dsum[:split].sum(0)
+    return slots.sum(da), slots.sum(db), slots.sum(dsum)

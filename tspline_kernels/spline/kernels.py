@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .._triton import check_inputs, configs, dot_precision, flatten, grouped_pid, m_bucket, tl, triton
+from .._triton import SplitSlots, check_inputs, configs, dot_precision, flatten, grouped_pid, m_bucket, tl, triton
 from ..reference.spline import BSPLINE, EXP_FLOOR, GAUSSIAN_EPS, IDW_EPS, KEYS_A
 
 
@@ -275,18 +275,17 @@ def separable_grad_control(u: torch.Tensor, v: torch.Tensor, g_out: int, g_in: i
     gop, gip = _pad(g_out), _pad(g_in)
     if m == 0:
         return torch.zeros(g_out, g_in, device=u.device, dtype=torch.float32)
-    blocks = triton.cdiv(m, 16)  # enough partial slots for the smallest BM
-    part = torch.zeros(blocks, gop, gip, device=u.device, dtype=torch.float32)
+    slots = SplitSlots(_separable_dc_kernel, lambda meta: triton.cdiv(m, meta["BM"]))
+    part = slots.empty(gop, gip, device=u.device)
     s_out, t_out = _axis(n_out, g_out, kind)
     s_in, t_in = _axis(n_in, g_in, kind)
-    grid = lambda meta: (triton.cdiv(m, meta["BM"]),)  # noqa: E731
-    _separable_dc_kernel[grid](
+    _separable_dc_kernel[lambda meta: (slots(meta),)](
         u2, v2, part, m, n_out, n_in, g_out, g_in, m_bucket(m),
         s_out, t_out, s_in, t_in,
         u2.stride(0), u2.stride(1), v2.stride(0), v2.stride(1),
         KIND=kind, GOP=gop, GIP=gip, PRECISION=dot_precision(u.dtype),
     )
-    return part[:, :g_out, :g_in].sum(0)  # contiguous, as the fake implementation promises
+    return slots.sum(part)[:g_out, :g_in].contiguous()  # contiguous, as the fake implementation promises
 
 
 # ----------------------------------------------------------------------------------------------

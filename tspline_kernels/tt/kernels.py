@@ -51,7 +51,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._triton import INTERPRET, check_inputs, configs, dot_precision, flatten, grouped_pid, m_bucket, tl, triton
+from .._triton import INTERPRET, SplitSlots, check_inputs, configs, dot_precision, flatten, grouped_pid, m_bucket, tl, triton
 from ..reference import spline_tt as spline_ref
 from ..reference import tt as ref
 from ..reference.spline import BSPLINE
@@ -559,11 +559,13 @@ def _grad_step(v: torch.Tensor, vs: tuple[int, int], u: torch.Tensor, us: tuple[
                batch: int, c: int, p: int, j: int) -> torch.Tensor:
     """sum_{b, c} V[b, :, c] U[b, :, c].T as a ``(p, j)`` fp32 matrix."""
     n = batch * c
-    part = torch.zeros(GRAD_SPLITS, p, j, device=v.device, dtype=torch.float32)
-    if n > 0:
-        grid = lambda meta: (triton.cdiv(p, meta["BP"]), triton.cdiv(j, meta["BJ"]), meta["N_SPLIT"])  # noqa: E731
-        _grad_step_kernel[grid](v, u, part, n, c, p, j, m_bucket(n), *vs, *us, PRECISION=dot_precision(v.dtype))
-    return part.sum(0)
+    if n == 0:
+        return torch.zeros(p, j, device=v.device, dtype=torch.float32)
+    slots = SplitSlots(_grad_step_kernel, lambda meta: meta["N_SPLIT"])
+    part = slots.empty(p, j, device=v.device)
+    grid = lambda meta: (triton.cdiv(p, meta["BP"]), triton.cdiv(j, meta["BJ"]), slots(meta))  # noqa: E731
+    _grad_step_kernel[grid](v, u, part, n, c, p, j, m_bucket(n), *vs, *us, PRECISION=dot_precision(v.dtype))
+    return slots.sum(part)
 
 
 def chain_fits(cores: list[Core], grad: bool = False, elt: int = 2) -> bool:
