@@ -150,7 +150,7 @@ def _separable_fwd_kernel(
     scale_in, top_in, scale_out, top_out,
     stride_xm, stride_xk, stride_co, stride_ci, stride_ym, stride_yn,
     KIND: tl.constexpr, HAS_BIAS: tl.constexpr, GIP: tl.constexpr, PW: tl.constexpr,
-    WINDOWED: tl.constexpr, PRECISION: tl.constexpr,
+    WINDOWED: tl.constexpr, PRECISION: tl.constexpr, OUT_PRECISION: tl.constexpr,
     BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, N_SPLIT: tl.constexpr,
 ):
     """y = ((x @ Bi) @ C.T) @ Bo.T + bias; x ``(M, N_IN)``, C ``(G_OUT, G_IN)``, y ``(M, N_OUT)``.
@@ -159,6 +159,10 @@ def _separable_fwd_kernel(
     Stage 1 streams its x rows once: t = x @ Bi (fp32, on chip). Stage 2: u = t @ C.T, hoisted
     when the whole G_OUT fits (``not WINDOWED``), else per output tile for the ``PW`` grid rows
     that tile touches (Bo is 4-banded). Stage 3: y tile = u @ Bo_tile.T.
+    Precision: t and u stay fp32 (as in the reference) whatever the input dtype; rounding them
+    to fp16 overflowed to inf where the output is finite, and inf * 0 in the banded tile then
+    spread NaN over whole rows. Stage 3 therefore multiplies fp32 operands, with ``OUT_PRECISION``
+    "tf32" for fp16/bf16 inputs (tensor cores, fp32 range, fp16's 10-bit mantissa).
 
     FLOPs (tensor cores, dense basis tiles): 2*M*N_IN*GIP*N_SPLIT + 2*M*GIP*PW*(1 or N_OUT/BN)
     + 2*M*N_OUT*PW. Bytes: elt*(M*N_IN*N_SPLIT + M*N_OUT) + elt*G_OUT*G_IN (+ elt*N_OUT bias).
@@ -171,15 +175,15 @@ def _separable_fwd_kernel(
                         GIP, KIND, BK, PRECISION)
     out_ty = y_ptr.dtype.element_ty
     if not WINDOWED:
-        u = _middle(t, c_ptr, 0, G_OUT, G_IN, stride_co, stride_ci, GIP, PW).to(out_ty)
+        u = _middle(t, c_ptr, 0, G_OUT, G_IN, stride_co, stride_ci, GIP, PW)
     for n0 in range(pid_n * BN, N_OUT, BN * N_SPLIT):
         rn = n0 + tl.arange(0, BN)
         col0 = 0
         if WINDOWED:
             col0 = tl.min(_basis_taps(rn, scale_out, top_out, KIND)[0], axis=0)
-            u = _middle(t, c_ptr, col0, G_OUT, G_IN, stride_co, stride_ci, GIP, PW).to(out_ty)
+            u = _middle(t, c_ptr, col0, G_OUT, G_IN, stride_co, stride_ci, GIP, PW)
         bo = _basis_tile(rn, N_OUT, scale_out, top_out, col0, PW, KIND)
-        acc = tl.dot(u, tl.trans(bo.to(out_ty)), input_precision=PRECISION)
+        acc = tl.dot(u, tl.trans(bo), input_precision=OUT_PRECISION)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rn, mask=rn < N_OUT, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, acc.to(out_ty),
@@ -205,6 +209,8 @@ def _separable_dc_kernel(
 
     u ``(M, N_OUT)`` is the output gradient, v ``(M, N_IN)`` the input; the host sums the
     ``cdiv(M, BM)`` partials (deterministic, no atomics).
+    Precision: u @ Bo and v @ Bi accumulate in fp32 and stay fp32 (no rounding to the input
+    dtype, as in the reference); their product runs in fp32 ("ieee").
     FLOPs: 2*M*(N_OUT*GOP + N_IN*GIP + GOP*GIP). Bytes: elt*M*(N_OUT + N_IN) + 4*cdiv(M,BM)*GOP*GIP.
     """
     pid = tl.program_id(0)
@@ -241,6 +247,12 @@ def _window(n_out: int, g_out: int, kind: int, bn: int) -> tuple[int, bool]:
 OUT_TILE = 32  # BN: fixed so that the window width is known on the host
 
 
+def _fp32_operand_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` precision for fp32 intermediates of a ``dtype`` layer: tf32 for fp16/bf16 (no
+    less precise than the input type), torch's matmul setting for fp32."""
+    return dot_precision(dtype) if dtype == torch.float32 else "tf32"
+
+
 def separable_linear(
     x: torch.Tensor, control: torch.Tensor, bias: torch.Tensor | None, out_features: int, kind: int
 ) -> torch.Tensor:
@@ -261,7 +273,7 @@ def separable_linear(
             s_in, t_in, s_out, t_out,
             x2.stride(0), x2.stride(1), control.stride(0), control.stride(1), y.stride(0), y.stride(1),
             KIND=kind, HAS_BIAS=bias is not None, GIP=_pad(g_in), PW=pw, WINDOWED=windowed,
-            PRECISION=dot_precision(x.dtype), BN=OUT_TILE,
+            PRECISION=dot_precision(x.dtype), OUT_PRECISION=_fp32_operand_precision(x.dtype), BN=OUT_TILE,
         )
     return y.reshape(*x.shape[:-1], out_features)
 
@@ -397,6 +409,9 @@ def _field_matmul_kernel(
 
     Each (BK, BN) tile of W.T (or W) is generated in registers from the N_PTS lattice points and
     fed to ``tl.dot``; programs are grouped along M for L2 reuse of ``a``.
+    Precision: W is built in fp32 and rounded to a's dtype for the dot; that cannot overflow,
+    since each weight is a convex combination of the control values (phi >= 0), which are
+    already in that dtype. Products accumulate in fp32; only the output is rounded.
     FLOPs: 2*M*N*K (tensor cores) + ~6*N_PTS*N*K*cdiv(M, BM) (generation; LOCAL skips far points).
     Bytes: elt*(M*K*cdiv(N, BN) + M*N) + 12*N_PTS (lattice and control).
     """
@@ -442,6 +457,8 @@ def _field_grad_kernel(
     u ``(M, N_OUT)``, v ``(M, N_IN)``. The tile's G is reduced over M on chip; then, with
     H = G / S: dctrl[tile, k] = sum H * phi_k and, for the Gaussian, dsigma[tile] =
     sum H * sum_k (c_k - W) phi_k d_k^2 / sigma^3. The host sums the partials.
+    Precision: G accumulates in fp32 from the fp16/bf16 operands, and H, W and the sums stay
+    fp32 (as in the reference); no intermediate is rounded to the input dtype.
     FLOPs: 2*M*N_OUT*N_IN + ~14*N_PTS*N_OUT*N_IN. Bytes: elt*M*(N_IN*cdiv(N_OUT,BO) + N_OUT*cdiv(N_IN,BI)).
     """
     pid_o = tl.program_id(0)
