@@ -57,6 +57,44 @@ def test_half_dtypes(name, dtype, kernel_device):
     assert_backends_agree(layer, x, g, dtype)
 
 
+def _grid_with_large_interior(layer, axis: int, big: float) -> None:
+    """Scale the separable control grid's interior along ``axis`` (0: rows, 1: columns) by ``big``
+    and its two edge lines by 0.1: with two features on that axis only the edges reach the
+    output, so the interior's huge intermediates must not leak into it."""
+    grid = layer._grid_control().detach().clone()
+    scale = torch.full((grid.shape[axis],), big)
+    scale[[0, -1]] = 0.1
+    grid *= scale[:, None] if axis == 0 else scale[None, :]
+    with torch.no_grad():
+        layer.control.copy_(grid.reshape(layer.control.shape))
+
+
+@pytest.mark.parametrize("name", ["bspline", "bicubic"])
+@pytest.mark.parametrize("axis", ["forward", "dx"])
+def test_large_fp16_intermediates_stay_finite(name, axis, kernel_device):
+    """x @ Bi @ C.T (or dy @ Bo @ C for dx) exceeds fp16's range in the grid rows no output
+    reads, while y, dx and d(control) are finite: the kernels keep those intermediates in fp32
+    like the reference (they were rounded to fp16: inf, then inf * 0 = NaN over whole rows)."""
+    kw = dict(LAYERS[name], **({"n_control_points": 36} if name == "bicubic" else {}))
+    n_in, n_out = (37, 2) if axis == "forward" else (2, 37)
+    layer = tk.SplineLinear(n_in, n_out, **kw)
+    _grid_with_large_interior(layer, 0 if axis == "forward" else 1, 300.0)
+    layer = layer.to(device=kernel_device, dtype=torch.float16)
+    x = torch.randn(3, n_in, device=kernel_device) * (2000 if axis == "forward" else 1)
+    g = torch.randn(3, n_out, device=kernel_device) * (0.01 if axis == "forward" else 2000)
+    assert_backends_agree(layer, x.half(), g.half(), torch.float16)
+
+
+@pytest.mark.parametrize("name", ["gaussian", "eisenstein-local"])
+def test_large_fp16_inputs_field(name, kernel_device):
+    """Field bases: weight tiles are convex combinations of the fp16 control values and every
+    product accumulates in fp32, so large inputs give the reference's finite y, dx, d(control)."""
+    layer = make_layer(name, 37, 45, torch.float16, kernel_device)
+    x = torch.randn(3, 37, device=kernel_device, dtype=torch.float16) * 2000
+    g = torch.randn(3, 45, device=kernel_device, dtype=torch.float16) * 0.01
+    assert_backends_agree(layer, x, g, torch.float16)
+
+
 @pytest.mark.parametrize("name", ["bspline", "eisenstein"])
 def test_non_contiguous_input(name, kernel_device):
     layer = make_layer(name, 37, 45, torch.float32, kernel_device)
