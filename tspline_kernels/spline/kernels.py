@@ -392,6 +392,8 @@ def _normalise(num, den, BASIS: tl.constexpr):
     configs=configs(
         [{"BM": bm, "BN": bn, "BK": bk} for bm, bn, bk in ((64, 64, 32), (128, 64, 32), (128, 128, 32), (64, 128, 64))],
         interpret={"BM": 16, "BN": 32, "BK": 32},
+        quick=[{"BM": 64, "BN": 64, "BK": 32, "num_warps": 4, "num_stages": 3},
+               {"BM": 128, "BN": 128, "BK": 32, "num_warps": 8, "num_stages": 3}],
     ),
     key=["M_BUCKET", "N", "K", "N_PTS"],
 )
@@ -402,8 +404,6 @@ def _field_matmul_kernel(
     stride_am, stride_ak, stride_om, stride_on,
     BASIS: tl.constexpr, LOCAL: tl.constexpr, TRANSPOSE: tl.constexpr, HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr = 8,
-        quick=[{"BM": 64, "BN": 64, "BK": 32, "num_warps": 4, "num_stages": 3},
-               {"BM": 128, "BN": 128, "BK": 32, "num_warps": 8, "num_stages": 3}],
 ):
     """out = a @ W.T + bias (a ``(M, n_in)``), or a @ W + bias with ``TRANSPOSE`` (a ``(M, n_out)``).
 
