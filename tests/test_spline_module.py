@@ -197,3 +197,45 @@ def test_meta_device_then_to_empty_and_load(name):
 def test_meta_device_kwarg():
     layer = tk.SplineLinear(19, 13, basis="eisenstein", n_control_points=12, support="local", device="meta")
     assert layer.control.is_meta and layer.lattice.is_meta and layer.bias.is_meta
+
+
+@pytest.mark.parametrize(
+    "saved, loading, match",
+    [
+        (dict(basis="bicubic", n_control_points=9), dict(basis="eisenstein", n_control_points=9), "basis='bicubic'"),
+        (dict(basis="eisenstein", n_control_points=12, support="local", support_radius=0.9),
+         dict(basis="eisenstein", n_control_points=12, support="local", support_radius=1.1), "support_radius=0.9"),
+        (dict(basis="eisenstein", n_control_points=12, support="local"),
+         dict(basis="eisenstein", n_control_points=12), "support='local'"),
+        (dict(basis="gaussian", n_control_points=12),
+         dict(basis="gaussian", n_control_points=12, support="local"), "support='global'"),
+    ],
+    ids=["basis", "radius", "local-into-global", "global-into-local"],
+)
+def test_load_into_differently_configured_layer_raises(saved, loading, match):
+    """Same parameter shapes, different function: loading used to succeed silently."""
+    state = tk.SplineLinear(19, 13, **saved).state_dict()
+    with pytest.raises(ValueError, match=match):
+        tk.SplineLinear(19, 13, **loading).load_state_dict(state)
+
+
+@pytest.mark.parametrize("make", [lambda n_in: tk.SplineLinear(n_in, 13, grid=(5, 6)),
+                                  lambda n_in: tk.HierarchicalSplineLinear(n_in, 13, coarse_grid=(4, 4), fine_grid=(8, 8))],
+                         ids=["bspline", "hierarchical"])
+def test_load_with_other_in_features_raises(make):
+    """The control grid's shape does not pin in_features; the saved settings do."""
+    with pytest.raises(ValueError, match="in_features=19 in the state dict but 23"):
+        make(23).load_state_dict(make(19).state_dict())
+
+
+def test_settings_survive_casts_and_safetensors(tmp_path):
+    from safetensors.torch import load_model, save_model
+
+    layer = tk.SplineLinear(19, 13, basis="gaussian", n_control_points=12, support="local", support_radius=1.07)
+    save_model(layer.half(), str(tmp_path / "a.safetensors"))  # a cast must not round the saved radius
+    fresh = tk.SplineLinear(19, 13, basis="gaussian", n_control_points=12, support="local", support_radius=1.07).half()
+    load_model(fresh, str(tmp_path / "a.safetensors"))
+    assert torch.equal(fresh.control, layer.control)
+    other = tk.SplineLinear(19, 13, basis="gaussian", n_control_points=12, support="local").half()
+    with pytest.raises(ValueError, match="support_radius=1.07"):
+        load_model(other, str(tmp_path / "a.safetensors"))

@@ -65,7 +65,36 @@ def _separable_mean_sq(control: torch.Tensor, n_out: int, n_in: int, kind: int) 
     return ((bo.T @ bo @ c) * (c @ (bi.T @ bi))).sum().item() / (n_out * n_in)
 
 
-class SplineLinear(CompressedLinear):
+class _SavedSettings:
+    """Settings that change the function without changing a parameter's shape (basis, support,
+    radius, feature counts) travel in the state dict as ``_extra_state``, a float64 tensor so that
+    safetensors can store it, and loading into a layer built with other settings raises."""
+
+    def _settings(self) -> dict[str, float]:
+        """Name -> value of every such setting, in a fixed order."""
+        raise NotImplementedError
+
+    def _describe(self, name: str, value: float) -> str:
+        return repr(int(value)) if float(value).is_integer() else f"{value:.6g}"
+
+    def get_extra_state(self) -> torch.Tensor:
+        return torch.tensor(list(self._settings().values()), dtype=torch.float64)
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        mine = self._settings()
+        saved = torch.as_tensor(state).detach().double().reshape(-1).tolist()
+        name = type(self).__name__
+        if len(saved) != len(mine):
+            raise ValueError(f"{name}: the state dict holds {len(saved)} settings, this layer has {len(mine)} "
+                             f"({', '.join(mine)}); it was not saved from a {name}")
+        wrong = [f"{k}={self._describe(k, s)} in the state dict but {self._describe(k, v)} in this layer"
+                 for (k, v), s in zip(mine.items(), saved) if not math.isclose(s, v, rel_tol=1e-9)]
+        if wrong:
+            raise ValueError(f"{name}: the state dict was saved from a differently configured layer: "
+                             + "; ".join(wrong) + ". Build the layer with the saved settings before loading.")
+
+
+class SplineLinear(_SavedSettings, CompressedLinear):
     """``nn.Linear`` whose weight W[o, i] is interpolated from a few control points.
 
     ``basis="bspline"`` (default): clamped cubic B-spline grid, ``control`` ``(G_out, G_in)``,
@@ -190,6 +219,17 @@ class SplineLinear(CompressedLinear):
             w = ref.separable_weight(self._grid_control(), self.out_features, self.in_features, self._kind)
         return w.to(self.control.dtype)
 
+    def _settings(self) -> dict[str, float]:
+        return {"in_features": self.in_features, "out_features": self.out_features,
+                "basis": BASES.index(self.basis), "support": self.support == "local", "support_radius": self.rho}
+
+    def _describe(self, name: str, value: float) -> str:
+        if name == "basis" and value in range(len(BASES)):
+            return repr(BASES[int(value)])
+        if name == "support" and value in (0, 1):
+            return repr(("global", "local")[int(value)])
+        return super()._describe(name, value)
+
     def _structure(self) -> str:
         if self.basis == "bspline":
             return f"basis='bspline', grid={self.grid}"
@@ -215,7 +255,7 @@ class SplineLinear(CompressedLinear):
         return new
 
 
-class HierarchicalSplineLinear(CompressedLinear):
+class HierarchicalSplineLinear(_SavedSettings, CompressedLinear):
     """Sum of a coarse and a fine clamped cubic B-spline grid: W = Bo_c C_c Bi_c.T + Bo_f C_f Bi_f.T.
 
     Both levels are smooth and genuinely multi-scale (the coarse one carries the global shape, the
@@ -255,6 +295,9 @@ class HierarchicalSplineLinear(CompressedLinear):
         w = sum(ref.separable_weight(c, self.out_features, self.in_features, ref.BSPLINE)
                 for c in (self.control_coarse, self.control_fine))
         return w.to(self.control_fine.dtype)
+
+    def _settings(self) -> dict[str, float]:
+        return {"in_features": self.in_features, "out_features": self.out_features}
 
     def _structure(self) -> str:
         return f"coarse_grid={self.coarse_grid}, fine_grid={self.fine_grid}"
