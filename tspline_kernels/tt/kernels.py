@@ -409,8 +409,8 @@ def chain_grad(dy2: torch.Tensor, x2: torch.Tensor, cores: list[Core]) -> list[t
     configs=configs(
         [{"BP": bp, "BJ": bj, "BN": bn} for bp in (32, 64, 128) for bj in (16, 32, 64) for bn in (64, 128)],
         interpret={"BP": 16, "BJ": 16, "BN": 32},
-    ),
         quick=[{"BP": 64, "BJ": 32, "BN": 128, "num_warps": 4, "num_stages": 3}],
+    ),
     key=["P", "J", "C", "N_BUCKET", "SPLINE"],
 )
 @triton.jit
@@ -463,8 +463,8 @@ GRAD_SPLITS = 2 if INTERPRET else 8  # the most column splits any _grad_step_ker
     configs=configs(
         [{"BP": bp, "BJ": bj, "BN": bn, "N_SPLIT": GRAD_SPLITS} for bp in (32, 64) for bj in (32, 64) for bn in (64, 128)],
         interpret={"BP": 16, "BJ": 16, "BN": 32, "N_SPLIT": 2},
-    ),
         quick=[{"BP": 64, "BJ": 64, "BN": 128, "N_SPLIT": GRAD_SPLITS, "num_warps": 4, "num_stages": 3}],
+    ),
     key=["P", "J", "C", "N_BUCKET"],
 )
 @triton.jit
