@@ -14,7 +14,7 @@ import torch
 from tspline_kernels import backend
 from tspline_kernels.spline_tt import SplineTTLinear
 from tspline_kernels.testing import assert_backends_agree, assert_close, cuda_step_peak_bytes
-from tspline_kernels.tt import TTLinear
+from tspline_kernels.tt import TTLinear, suggest_modes
 from tspline_kernels.tt import kernels
 
 # (in_modes, out_modes, ranks)
@@ -209,6 +209,98 @@ def test_spline_contract_never_forms_cores(monkeypatch, kernel_device):
     with backend("triton"):
         layer(x).sum().backward()
     assert x.grad is not None and all(c.grad is not None for c in layer.control)
+
+
+# ------------------------------------------------------------------------- degenerate mode patterns
+# (in_modes, out_modes, ranks) where factored index maths breaks first: modes of 1 first, in the
+# middle, last and everywhere, a single mode > 1, a mode > 128, d = 2..4 (d = 1 is rejected by the
+# layers: one core is a dense matrix).
+DEGENERATE = {
+    "d3-last-in-1": ((1, 2, 1), (1, 2, 1), 1),  # last input mode 1 after a mode > 1: y was wrong
+    "d3-last-out-1": ((2, 2, 2), (2, 2, 1), 1),  # last output mode 1: dx was wrong
+    "d3-suggested-12x6": (*suggest_modes(12, 6, 3), 2),  # (3, 2, 1) in, (3, 2, 2) out
+    "d2-first-1": ((1, 5), (5, 1), 2),
+    "d2-all-1": ((1, 1), (1, 1), 2),
+    "d3-all-1": ((1, 1, 1), (1, 1, 1), 2),
+    "d3-first-1": ((1, 3, 2), (2, 1, 3), 3),
+    "d3-middle-1": ((3, 1, 2), (2, 3, 1), 3),
+    "d3-one-mode": ((1, 1, 5), (1, 1, 3), 2),
+    "d4-alternating-1": ((2, 1, 3, 1), (1, 3, 1, 2), 2),
+    "d2-mode-130": ((130, 2), (3, 2), 2),
+}
+# each path forbids the launchers of the others, so the test proves which kernels ran
+PATHS = {
+    "chain": ("_step", "_grad_step", "rebuild_linear", "rebuild_grad"),
+    "steps": ("chain_linear", "chain_grad", "rebuild_linear", "rebuild_grad"),
+    "rebuild": ("contract_linear", "contract_grad"),
+}
+
+
+def forbid(monkeypatch, *names: str) -> None:
+    """Make ``kernels.<name>`` raise for each name."""
+    def fail(*args, **kwargs):
+        raise AssertionError("a forbidden launcher ran")
+
+    for name in names:
+        monkeypatch.setattr(kernels, name, fail)
+
+
+def degenerate_layer(family: str, name: str, strategy: str, device: str):
+    ins, outs, ranks = DEGENERATE[name]
+    if family == "tt":
+        return TTLinear(ins, outs, ranks, strategy=strategy).to(device)
+    return SplineTTLinear(ins, outs, ranks, (4, 4), strategy=strategy).to(device)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("name", list(DEGENERATE), ids=list(DEGENERATE))
+@pytest.mark.parametrize("family", ["tt", "spline"])
+def test_degenerate_modes(family, name, path, monkeypatch, kernel_device):
+    """y, dx and every core / control gradient against the reference, and y against x @ W.T, on
+    each path: the chain kernels, the step kernels (no chain tile fits) and rebuild."""
+    if path == "steps":
+        monkeypatch.setattr(kernels.cost, "CHAIN_MAX_TILE", 8)
+    layer = degenerate_layer(family, name, "rebuild" if path == "rebuild" else "contract", kernel_device)
+    forbid(monkeypatch, *PATHS[path])
+    x, g = inputs(layer, (3,), kernel_device, torch.float32)
+    assert_backends_agree(layer, x, g, torch.float32)
+    with backend("triton"), torch.no_grad():
+        assert_close(layer(x), torch.nn.functional.linear(x, layer.materialize(), layer.bias), name="y vs x @ W.T")
+
+
+def test_suggested_modes_auto_matches_dense(kernel_device):
+    """The issue's report: ``suggest_modes(12, 6, 3)`` with strategy "auto" (which picks contract)."""
+    layer = TTLinear(*suggest_modes(12, 6, 3), 2).to(kernel_device)
+    assert layer.picked_strategy(4) == "contract" and layer.picked_strategy(4, backward=True) == "contract"
+    x, g = inputs(layer, (4,), kernel_device, torch.float32)
+    assert_backends_agree(layer, x, g, torch.float32)
+
+
+CONFIG_SHAPE = ((3, 1, 2), (2, 3, 1), (1, 2, 3, 1))  # I_d = 1 forward, O_d = 1 for dx, both < CD = 4
+
+
+def _distinct_chain_configs() -> list[tuple[int, int, int, int]]:
+    """One chain config per distinct pair of plans (forward, W.T's) for ``CONFIG_SHAPE``."""
+    ins, outs, ranks = CONFIG_SHAPE
+    plans = {}
+    for c in kernels.cost.CHAIN_CONFIGS:
+        plans.setdefault((kernels.cost.chain_plan(ins, outs, ranks, *c), kernels.cost.chain_plan(outs, ins, ranks, *c)), c)
+    return list(plans.values())
+
+
+@pytest.mark.parametrize("config", _distinct_chain_configs(), ids=lambda c: "bm{}-bo{}x{}-cd{}".format(*c))
+def test_chain_kernels_every_config(config, monkeypatch, kernel_device):
+    """The chain and gradient-chain kernels with each (BM, BO1, BO2, CD) of ``cost.CHAIN_CONFIGS``
+    forced (the interpreter otherwise runs one config): chunks of i_d clamped below CD, O blocks
+    clamped to their modes."""
+    for kernel in (kernels._chain_kernel, kernels._chain_grad_kernel):
+        first = kernel.configs[0]
+        forced = kernels.triton.Config(dict(zip(("BM", "BO1", "BO2", "CD"), config)),
+                                       num_warps=first.num_warps, num_stages=first.num_stages)
+        monkeypatch.setattr(kernel, "configs", [forced])
+    forbid(monkeypatch, *PATHS["chain"])
+    layer = TTLinear(*CONFIG_SHAPE, strategy="contract").to(kernel_device)
+    assert_backends_agree(layer, *inputs(layer, (5,), kernel_device, torch.float32), torch.float32)
 
 
 @pytest.mark.cuda

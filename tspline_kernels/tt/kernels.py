@@ -137,13 +137,14 @@ def _chain_configs(space, **kwargs) -> list:
 
 
 @triton.jit
-def _chain_in_index(BM: tl.constexpr, CD: tl.constexpr, D: tl.constexpr, IN: tl.constexpr,
+def _chain_in_index(BM: tl.constexpr, D: tl.constexpr, IN: tl.constexpr,
                     NI: tl.constexpr, RP: tl.constexpr, X: tl.constexpr):
     """Index vectors of S_1, rows ``(i_2 .. i_d-1, i_d in chunk, m)`` (m fastest) and columns
     ``(a_0, i_1)`` (a_0 > 0 is padding): (row m, row chunk index, row ok, row element offset in x
-    without m and chunk, i_d's element stride, column ok, column element offset)."""
+    without m and chunk, column ok, column element offset). A chunk holds ``NI[D - 1]`` indices of
+    i_d (the config's CD clamped to the padded I_d, so smaller than CD when I_d is)."""
     r = tl.arange(0, X[0])
-    t = r // (BM * CD)
+    t = r // (BM * NI[D - 1])
     row_ok = r >= 0
     row_off = r * 0
     stride = IN[D - 1]
@@ -154,7 +155,7 @@ def _chain_in_index(BM: tl.constexpr, CD: tl.constexpr, D: tl.constexpr, IN: tl.
         row_off += ij * stride
         stride *= IN[j]
     col = tl.arange(0, RP[0] * NI[0])
-    return r % BM, (r // BM) % CD, row_ok, row_off, (col < NI[0]) & (col % NI[0] < IN[0]), (col % NI[0]) * stride
+    return r % BM, (r // BM) % NI[D - 1], row_ok, row_off, (col < NI[0]) & (col % NI[0] < IN[0]), (col % NI[0]) * stride
 
 
 @triton.jit
@@ -230,7 +231,7 @@ def _chain_kernel(
     """y = x @ W.T + bias for a TT matrix, the d contraction steps chained on chip.
 
     Program (m block, O_1 block, O_2 block) owns y[BM rows, o_1 in its block, o_2 in its block, all
-    o_3..o_d] and loops over chunks of CD indices of i_d. Per chunk the state S_k, rows
+    o_3..o_d] and loops over chunks of NI[D-1] indices of i_d. Per chunk the state S_k, rows
     ``(i_k+1..i_d-1, i_d in chunk, m, o_1..o_k-1)`` and columns ``(a_k-1, i_k)``, goes through
     ``S_k @ B_k``, ``B_k[(a, i), (o, b)] = G_k[a, o, i, b]`` (``(r_k-1 I_k, O_k r_k)``, loaded from the
     packed cores ``g_ptr + OFFS[k]`` or generated from spline control points with ``SPLINE``), and a
@@ -245,13 +246,13 @@ def _chain_kernel(
     pid_m = tl.program_id(0)
     starts = (tl.program_id(1) * NO[0], tl.program_id(2) * NO[1])
     dtype = x_ptr.dtype.element_ty
-    rm, c, row_ok, row_off, col_ok, col_off = _chain_in_index(BM, CD, D, IN, NI, RP, X)
+    rm, c, row_ok, row_off, col_ok, col_off = _chain_in_index(BM, D, IN, NI, RP, X)
     rm += pid_m * BM
     row_ok &= rm < M
     x_rows = x_ptr + rm.to(tl.int64) * stride_xm + row_off.to(tl.int64) * stride_xk
     x_cols = col_off.to(tl.int64) * stride_xk
     acc = tl.zeros((X[D - 1], NO[D - 1]), dtype=tl.float32)
-    for d0 in range(0, IN[D - 1], CD):
+    for d0 in range(0, IN[D - 1], NI[D - 1]):
         s = tl.load((x_rows + (d0 + c).to(tl.int64) * stride_xk)[:, None] + x_cols[None, :],
                     mask=(row_ok & (d0 + c < IN[D - 1]))[:, None] & col_ok[None, :], other=0.0)
         for k in tl.static_range(D):
@@ -303,9 +304,9 @@ def _chain_grad_kernel(
     pid_o = tl.program_id(0)
     n_o2 = tl.cdiv(OUT[1], NO[1])
     starts = ((pid_o // n_o2) * NO[0], (pid_o % n_o2) * NO[1])
-    d0 = tl.program_id(1) * CD
+    d0 = tl.program_id(1) * NI[D - 1]
     dtype = x_ptr.dtype.element_ty
-    rm_in, c, row_ok, row_off, col_ok, col_off = _chain_in_index(BM, CD, D, IN, NI, RP, X)
+    rm_in, c, row_ok, row_off, col_ok, col_off = _chain_in_index(BM, D, IN, NI, RP, X)
     row_ok &= d0 + c < IN[D - 1]
     x_rows = x_ptr + (row_off + d0 + c).to(tl.int64) * stride_xk
     x_cols = col_off.to(tl.int64) * stride_xk
@@ -388,7 +389,7 @@ def chain_grad(dy2: torch.Tensor, x2: torch.Tensor, cores: list[Core]) -> list[t
 
     def grid(meta):
         blocks = triton.cdiv(cores[0].o, meta["NO"][0]) * triton.cdiv(cores[1].o, meta["NO"][1])
-        chunks = triton.cdiv(cores[-1].i, meta["CD"])
+        chunks = triton.cdiv(cores[-1].i, meta["NI"][-1])
         want = 2 if INTERPRET else triton.cdiv(2 * cost.SMS, blocks * chunks)
         return blocks, chunks, max(1, min(triton.cdiv(m, meta["BM"]), want))
 
