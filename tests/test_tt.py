@@ -9,7 +9,7 @@ from torch import nn
 from tspline_kernels import backend
 from tspline_kernels.reference import tt as ref
 from tspline_kernels.testing import assert_close, assert_compiles_like_eager, assert_learns
-from tspline_kernels.tt import TTLinear, pick_strategy, suggest_modes, tt_svd
+from tspline_kernels.tt import TTLinear, cost, pick_strategy, suggest_modes, tt_svd
 
 
 def test_forward_is_linear_in_materialized_weight():
@@ -121,6 +121,20 @@ def test_strategy_cost_model():
     assert layer.picked_strategy(8192, torch.bfloat16) == "contract"
     layer.strategy = "auto"
     assert layer.picked_strategy(8192, torch.bfloat16) == "rebuild" and layer.picked_strategy(16) == "contract"
+
+
+def test_strategy_pick_on_an_empty_batch():
+    """m = 0 rows (an empty batch) has a pick, forward and backward, for every cost function."""
+    modes = ((3, 2, 5), (2, 3, 4), (1, 2, 3, 1))
+    for backward in (False, True):
+        assert pick_strategy(0, *modes, backward=backward) in ("contract", "rebuild")
+    for fn in (cost.forward_cost, cost.grad_cost):
+        for strategy in ("contract", "rebuild"):
+            assert math.isfinite(fn(strategy, 0, *modes).seconds)
+    assert TTLinear(*modes).picked_strategy(0) in ("contract", "rebuild")
+    for m in (-1, 2.0, True):
+        with pytest.raises(ValueError, match="int >= 0"):
+            pick_strategy(m, *modes)
 
 
 # ------------------------------------------------------------------------------------ TT-SVD

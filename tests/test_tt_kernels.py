@@ -57,21 +57,25 @@ def test_tt_many_rows(strategy, kernel_device):
     assert_backends_agree(layer, *inputs(layer, (50,), kernel_device, torch.float32), torch.float32)
 
 
-def check_empty_batch(layer, device: str) -> None:
-    """No rows: output and dx are empty, every parameter gradient exists and is zero."""
-    x = torch.randn(0, layer.in_features, device=device, requires_grad=True)
-    with backend("triton"):
-        y = layer(x)
-        y.sum().backward()
-    assert y.shape == (0, layer.out_features) and x.grad.shape == (0, layer.in_features)
-    assert all(torch.count_nonzero(p.grad) == 0 for p in layer.parameters())
+def check_empty_batch(layer, device: str, which: str) -> None:
+    """No rows, as ``(0, in)`` and ``(2, 0, in)``: output and dx are empty, every parameter gradient
+    exists and is zero (not None, not NaN)."""
+    for lead in ((0,), (2, 0)):
+        layer.zero_grad(set_to_none=True)
+        x = torch.randn(*lead, layer.in_features, device=device, requires_grad=True)
+        with backend(which):
+            y = layer(x)
+            y.sum().backward()
+        assert y.shape == (*lead, layer.out_features) and x.grad.shape == x.shape
+        assert all(p.grad is not None and torch.count_nonzero(p.grad) == 0 for p in layer.parameters())
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_tt_empty_batch(strategy, kernel_device):
+@pytest.mark.parametrize("which", ["triton", "reference"])
+@pytest.mark.parametrize("strategy", ["auto", *STRATEGIES])
+def test_tt_empty_batch(strategy, which, kernel_device):
     layer = TTLinear(*TT["d3-3x2x5-r23"], strategy=strategy).to(kernel_device)
     assert (layer.in_features, layer.out_features) == (30, 24)
-    check_empty_batch(layer, kernel_device)
+    check_empty_batch(layer, kernel_device, which)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -189,11 +193,12 @@ def test_spline_tt_bf16(strategy, kernel_device):
     assert_backends_agree(layer, *inputs(layer, (7,), kernel_device, torch.bfloat16), torch.bfloat16)
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_spline_tt_empty_batch(strategy, kernel_device):
+@pytest.mark.parametrize("which", ["triton", "reference"])
+@pytest.mark.parametrize("strategy", ["auto", *STRATEGIES])
+def test_spline_tt_empty_batch(strategy, which, kernel_device):
     layer = SplineTTLinear((5, 4), (6, 5), 2, (4, 4), strategy=strategy).to(kernel_device)
     assert (layer.in_features, layer.out_features) == (20, 30)
-    check_empty_batch(layer, kernel_device)
+    check_empty_batch(layer, kernel_device, which)
 
 
 def test_spline_contract_never_forms_cores(monkeypatch, kernel_device):

@@ -59,8 +59,8 @@ class Cost:
 
 def _launch(flops: float, nbytes: float, programs: int, launches: int = 1, l2_bytes: float = 0.0) -> Cost:
     """One kernel: overhead + roofline time (HBM ``nbytes``, L2 hits ``l2_bytes``), slowed down when
-    it has fewer programs than SMs."""
-    occupancy = min(1.0, programs / SMS)
+    it has fewer programs than SMs (an empty launch counts as one program)."""
+    occupancy = min(1.0, max(programs, 1) / SMS)
     roof = max(flops / PEAK_FLOPS, nbytes / HBM_BYTES, l2_bytes / L2_BYTES)
     return Cost(flops, nbytes, launches, launches * LAUNCH_S + roof / occupancy)
 
@@ -154,7 +154,7 @@ def chain_cost(m: int, in_modes, out_modes, ranks, elt: int = 2, grad: bool = Fa
         programs, chunks = p.programs(m, out_modes), math.ceil(in_modes[-1] / p.ni[-1])
         step = sum(2.0 * x * p.rp[k] * ni * no * p.rp[k + 1] for k, (ni, no, x) in enumerate(zip(p.ni, p.no, p.x)))
         tiles = sum(p.rp[k] * ni * no * p.rp[k + 1] for k, (ni, no) in enumerate(zip(p.ni, p.no)))
-        columns = programs // math.ceil(m / p.bm)
+        columns = math.ceil(out_modes[0] / p.no[0]) * math.ceil(out_modes[1] / p.no[1])
         cores = sum(ranks[k] * o * i * ranks[k + 1] for k, (o, i) in enumerate(zip(out_modes, in_modes)))
         nbytes = elt * (m * math.prod(in_modes) + m * math.prod(out_modes) + cores)
         l2 = elt * (m * math.prod(in_modes) * columns + tiles * programs * chunks)
@@ -255,7 +255,9 @@ def grad_cost(strategy: str, m: int, in_modes, out_modes, ranks, elt: int = 2) -
 
 def pick_strategy(m: int, in_modes, out_modes, ranks, elt: int = 2, backward: bool = False) -> str:
     """The strategy with the lower estimated time on ``m`` rows for y = x @ W.T, or with
-    ``backward`` for the core gradients and dx (``grad_cost``)."""
+    ``backward`` for the core gradients and dx (``grad_cost``). ``m = 0`` (an empty batch) is valid."""
+    if not isinstance(m, int) or isinstance(m, bool) or m < 0:
+        raise ValueError(f"the number of rows m must be an int >= 0, got {m!r}")
     return _pick(m, tuple(in_modes), tuple(out_modes), tuple(ranks), elt, backward, CHAIN_MAX_TILE)
 
 
