@@ -189,8 +189,8 @@ def _field_chunks(lattice, sigma, n_out, n_in, basis, rho, cd, device, budget=1 
     for r0 in range(0, n_out, rows):
         d2 = dy2[r0:r0 + rows, None, :] + dx2[None, :, :]
         phi = (d2 + IDW_EPS).reciprocal_() if basis == IDW else (d2 * neg_inv).clamp_(min=EXP_FLOOR).exp_()
-        if rho > 0:
-            phi.mul_((1 - d2 / (rho * rho)).clamp_(min=0).square_())
+        if rho > 0:  # out of place: autograd saved exp_'s output (phi depends on sigma)
+            phi = phi * (1 - d2 / (rho * rho)).clamp_(min=0).square_()
         yield slice(r0, r0 + rows), phi, d2
 
 
