@@ -162,6 +162,26 @@ def test_chain_plans_are_valid_dot_shapes():
     assert not kernels.cost.chain_plans((8,) * 4, (8,) * 4, (1, 8, 8, 8, 1), grad=True, elt=4)
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["chain", "grad-chain"])
+def test_chain_pruner_never_empty(grad):
+    """The chain pruner over the GPU config space keeps one config per fitting plan, and where no
+    plan fits (a direct launch; the launchers take the step kernels there) the config with the
+    smallest tiles instead of an empty list."""
+    space = kernels.cost.CHAIN_GRAD_CONFIGS if grad else kernels.cost.CHAIN_CONFIGS
+    cfgs = [kernels.triton.Config(dict(zip(("BM", "BO1", "BO2", "CD"), c)), num_warps=4, num_stages=2) for c in space]
+    prune = kernels._chain_pruner(grad)
+    x = torch.empty(0, dtype=torch.bfloat16)
+    small = ((3, 2, 5), (2, 3, 4), (1, 2, 3, 1))
+    kept = prune(cfgs, dict(zip(("IN", "OUT", "RANK"), small), x_ptr=x))
+    plans = [kernels.cost.chain_plan(*small, *kernels._config_key(c)) for c in kept]
+    assert kept and len(set(plans)) == len(plans) and set(plans) <= set(kernels.cost.chain_plans(*small, space, grad))
+    big = ((16, 256, 16), (16, 256, 16), (1, 32, 32, 1))
+    assert not kernels.cost.chain_plans(*big, space, grad)
+    kept = prune(cfgs, dict(zip(("IN", "OUT", "RANK"), big), x_ptr=x))
+    tiles = [kernels.cost.chain_plan(*big, *kernels._config_key(c)).largest_tile() for c in cfgs]
+    assert len(kept) == 1 and kernels.cost.chain_plan(*big, *kernels._config_key(kept[0])).largest_tile() == min(tiles)
+
+
 def test_rebuild_tiles_are_valid_dot_shapes():
     for o_d, i_d, r in [(1, 1, 1), (7, 2, 3), (5, 3, 17), (16, 16, 16), (8, 8, 8), (2, 64, 4)]:
         t = kernels.rebuild_tiles(o_d, i_d, r)

@@ -107,7 +107,9 @@ def _config_key(config) -> tuple[int, int, int, int]:
 
 def _chain_pruner(grad: bool):
     """Autotune pruning for a chain kernel: one config per distinct plan (and warps, stages) among
-    those ``cost.chain_plans`` keeps."""
+    those ``cost.chain_plans`` keeps. Never empty: where no plan fits (the launchers route such
+    cores to the step kernels, so only a direct launch gets here) the config with the smallest
+    register tiles."""
     def prune(cfgs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         shape = (args["IN"], args["OUT"], args["RANK"])
@@ -118,7 +120,7 @@ def _chain_pruner(grad: bool):
             if p in fits and (p, c.num_warps, c.num_stages) not in seen:
                 seen.add((p, c.num_warps, c.num_stages))
                 kept.append(c)
-        return kept
+        return kept or [min(cfgs, key=lambda c: cost.chain_plan(*shape, *_config_key(c)).largest_tile())]
     return prune
 
 
