@@ -64,6 +64,34 @@ def test_gated(kwargs, kernel_device):
     assert_backends_agree(layer, *inputs((2, 3), layer, torch.float32, kernel_device), torch.float32)
 
 
+# Scales of (A, B, x, dy) and bias for which an fp32 intermediate of the kernels leaves fp16's range
+# (A X or A.T dY past 65504, or A X a few fp16 subnormal steps) while every result is a normal
+# fp16 number (no bias with a tiny A X: the per-mode bias gradients would pass 65504 then).
+FP16_RANGE = {"x-large": (50, 1e-2, 2e3, 3e-3, True), "dy-large": (50, 1e-2, 1e-2, 2e3, True),
+              "x-tiny": (3e-4, 1e3, 3e-4, 100, False)}
+
+
+@pytest.mark.parametrize("case", list(FP16_RANGE))
+def test_fp16_intermediates_keep_fp32_range(case, kernel_device):
+    """Large- and small-magnitude fp16 data: y, dx and every parameter gradient as the reference
+    (which keeps intermediates in fp32) gives them, not inf, NaN or underflowed values."""
+    sa, sb, sx, sg, bias = FP16_RANGE[case]
+    layer = make_layer((5, 3), (4, 2), torch.float16, kernel_device, bias=bias)
+    with torch.no_grad():
+        for f, scale in zip(layer.factors, (sa, sb)):
+            f.copy_(torch.randn_like(f) * scale)
+    x = (torch.randn(6, 15, device=kernel_device) * sx).half()
+    g = (torch.randn(6, 8, device=kernel_device) * sg).half()
+    a = layer.factors[0].float()
+    ax, adg = a @ x.float().reshape(6, 5, 3), a.T @ g.float().reshape(6, 4, 2)
+    assert max(ax.abs().max(), adg.abs().max()) > 65504 or ax.abs().max() < 1e-6
+    with backend("reference"):
+        xr = x.clone().requires_grad_()
+        y = layer(xr)
+        assert all(r.isfinite().all() for r in (y, *torch.autograd.grad(y, [xr, *layer.parameters()], g)))
+    assert_backends_agree(layer, x, g, torch.float16)
+
+
 def test_non_contiguous_input_and_expanded_grad(kernel_device):
     layer = make_layer((3, 5), (4, 7), torch.float32, kernel_device)
     x = torch.randn(6, 30, device=kernel_device)[:, ::2]  # column stride 2

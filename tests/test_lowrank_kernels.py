@@ -56,6 +56,31 @@ def test_half_dtypes(dtype, rank, kernel_device):
     assert_backends_agree(layer, x, g, dtype)
 
 
+# Scales of (V, U, x, dy) for which an fp32 projection of the kernels leaves fp16's range (x @ V or
+# dy @ U past 65504, or x @ V a few fp16 subnormal steps) while every result is a normal fp16 number.
+FP16_RANGE = {"x-large": (50, 1e-2, 2e3, 3e-3), "dy-large": (1e-2, 50, 1e-2, 2e3), "x-tiny": (3e-4, 1e3, 3e-4, 100)}
+
+
+@pytest.mark.parametrize("case", list(FP16_RANGE))
+def test_fp16_intermediates_keep_fp32_range(case, kernel_device):
+    """Large- and small-magnitude fp16 data: y, dx, dU, dV and the bias gradient as the reference
+    (which keeps the projections in fp32) gives them, not inf, NaN or underflowed values."""
+    sv, su, sx, sg = FP16_RANGE[case]
+    layer = make_layer(20, 12, 3, torch.float16, kernel_device)
+    with torch.no_grad():
+        layer.V.copy_(torch.randn_like(layer.V) * sv)
+        layer.U.copy_(torch.randn_like(layer.U) * su)
+    x = (torch.randn(6, 20, device=kernel_device) * sx).half()
+    g = (torch.randn(6, 12, device=kernel_device) * sg).half()
+    t, q = x.float() @ layer.V.float(), g.float() @ layer.U.float()
+    assert max(t.abs().max(), q.abs().max()) > 65504 or t.abs().max() < 1e-6
+    with backend("reference"):
+        xr = x.clone().requires_grad_()
+        y = layer(xr)
+        assert all(r.isfinite().all() for r in (y, *torch.autograd.grad(y, [xr, *layer.parameters()], g)))
+    assert_backends_agree(layer, x, g, torch.float16)
+
+
 def test_non_contiguous_input_and_expanded_grad(kernel_device):
     layer = make_layer(37, 45, 3, torch.float32, kernel_device)
     x = torch.randn(6, 2 * 37, device=kernel_device)[:, ::2]  # column stride 2

@@ -14,12 +14,20 @@ Every mode size is zero-padded to max(16, next_pow2) (``tl.dot`` needs dimension
 kernels hold whole factors and per-row tiles on chip, so they take padded sizes up to
 ``max_tile(dtype)`` (128 for 16-bit types, 64 for fp32: an sm_90 block's shared memory). Larger modes fall back to the reference (batched torch matmuls, intermediate in
 global memory): ``fits`` tells which path a shape takes.
+
+Intermediates. The per-row products A X[r] and dY[r] B are fp32, as in the reference, and become
+tensor-core operands in the input dtype: bf16 keeps fp32's range, and for fp16 ``narrow`` first
+scales each slice the next dot keeps by a power of two, so a large-magnitude fp16 input whose
+intermediate passes 65504 (or drops below fp16's normal range) still gives the reference's
+result (fp16 precision, fp32 range; see ``_rescale.py``). Keeping them fp32 with tf32 dots would
+double the on-chip tiles, which already set the fp16 size limit (128).
 """
 
 from __future__ import annotations
 
 import torch
 
+from .._rescale import narrow
 from .._triton import (
     SplitSlots,
     check_inputs,
@@ -72,7 +80,7 @@ def _kron_fwd_kernel(
     a ``(M1, N1)``, b ``(M2, N2)``, bias ``(M1*M2,)``, y ``(M, M1*M2)``.
 
     A and B.T are loaded once per program; per row, T = A X[r] is an fp32 ``(M1P, N2P)`` tile in
-    registers, cast to x's dtype for the second ``tl.dot``.
+    registers, narrowed to x's dtype for the second ``tl.dot`` (rows rescaled for fp16).
 
     FLOPs (tensor cores): 2*M*(M1P*N1P*N2P + M1P*N2P*M2P).
     Bytes: elt*(M*(N1*N2 + M1*M2) + cdiv(M, BM)*(M1*N1 + M2*N2)) (+ elt*M1*M2 bias per program).
@@ -97,7 +105,8 @@ def _kron_fwd_kernel(
     for r in range(row0, tl.minimum(row0 + BM, M)):
         xr = tl.load(x_ptr + r * stride_xm + x_off, mask=x_mask, other=0.0)
         t = tl.dot(a, xr, input_precision=PRECISION)
-        acc = tl.dot(t.to(out_ty), bt, input_precision=PRECISION)
+        th, inv = narrow(t, out_ty, 1)
+        acc = tl.dot(th, bt, input_precision=PRECISION) * inv
         if HAS_BIAS:
             acc += bias
         tl.store(y_ptr + r * stride_ym + y_idx * stride_yn, acc.to(out_ty), mask=y_mask)
@@ -117,7 +126,8 @@ def _kron_grad_kernel(
     PRECISION: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """Partials over batch split s (rows s, s + n_split, ...): da[s] = sum_r (dY[r] B) X[r].T,
-    db[s] = sum_r dY[r].T (A X[r]), dsum[s] = sum_r dY[r].
+    db[s] = sum_r dY[r].T (A X[r]), dsum[s] = sum_r dY[r]. The fp32 per-row products dY[r] B
+    and A X[r] are narrowed to x's dtype for the second dots (rescaled for fp16).
 
     x ``(M, N1*N2)``, dy ``(M, M1*M2)`` in one dtype; da ``(>= n_split, M1, N1)``, db
     ``(>= n_split, M2, N2)``, dsum ``(>= n_split, M1*M2)`` fp32 contiguous. The number of splits
@@ -148,9 +158,11 @@ def _kron_grad_kernel(
         xr = tl.load(x_ptr + r * stride_xm + x_off, mask=x_mask, other=0.0)
         g = tl.load(dy_ptr + r * stride_gm + g_idx * stride_gn, mask=g_mask, other=0.0)
         t = tl.dot(a, xr, input_precision=PRECISION)
-        acc_b = tl.dot(tl.trans(g), t.to(dt), acc_b, input_precision=PRECISION)
+        th, inv_t = narrow(t, dt, 0)
+        acc_b += tl.dot(tl.trans(g), th, input_precision=PRECISION) * inv_t
         u = tl.dot(g, b, input_precision=PRECISION)
-        acc_a = tl.dot(u.to(dt), tl.trans(xr), acc_a, input_precision=PRECISION)
+        uh, inv_u = narrow(u, dt, 1)
+        acc_a += tl.dot(uh, tl.trans(xr), input_precision=PRECISION) * inv_u
         acc_s += g.to(tl.float32)
     tl.store(da_ptr + pid * M1 * N1 + o1[:, None] * N1 + i1[None, :], acc_a, mask=a_mask)
     tl.store(db_ptr + pid * M2 * N2 + o2[:, None] * N2 + i2[None, :], acc_b, mask=b_mask)

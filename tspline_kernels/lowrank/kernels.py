@@ -11,12 +11,20 @@ gradient, in one launch tiled over features with the batch as the reduction axis
 split over the batch, partials summed on the host). No ``(n_out, n_in)`` tensor is ever
 formed. The rank is zero-padded to RP = max(16, next_pow2(r)) inside the kernels (``tl.dot``
 needs every dimension >= 16); tiles are sized for r up to ~256.
+
+Intermediates. The projections t = x @ a (forward), p and q (factor gradients) are fp32, as in
+the reference, and become tensor-core operands in the input dtype: bf16 keeps fp32's range, and
+for fp16 ``narrow`` first scales each row of t (each column of p, q over a row block) by a power
+of two, so a large-magnitude fp16 input whose projection passes 65504 still gives the
+reference's finite result (fp16 precision, fp32 range; see ``_rescale.py``). Keeping them fp32
+with tf32 dots would double the operand tiles (BN x RP of b) for the same 11-bit precision.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .._rescale import narrow
 from .._triton import SplitSlots, check_inputs, configs, dot_precision, flatten, m_bucket, tl, triton
 
 
@@ -63,8 +71,9 @@ def _lowrank_fwd_kernel(
 
     Program (i, j) owns rows ``[i*BM, (i+1)*BM)`` and every ``N_SPLIT``-th output tile from j.
     Stage 1 streams its x rows once: t = x @ a, an fp32 ``(BM, RP)`` tile in registers (program
-    j == 0 also stores it). Stage 2 per output tile: y = t @ b_tile.T (+ bias), t cast to x's
-    dtype for the tensor cores. a and b (``r * (K + N)`` elements) stay L2-resident.
+    j == 0 also stores it). Stage 2 per output tile: y = t @ b_tile.T (+ bias), t narrowed to x's
+    dtype for the tensor cores (rows rescaled for fp16). a and b (``r * (K + N)`` elements) stay
+    L2-resident.
 
     FLOPs (tensor cores): 2*M*K*RP*N_SPLIT + 2*M*N*RP.
     Bytes: elt*(M*K*N_SPLIT + M*N) + 4*M*R (t) + elt*R*(K + N)*cdiv(M, BM) from L2 (+ elt*N bias).
@@ -89,13 +98,13 @@ def _lowrank_fwd_kernel(
     if pid_n == 0:
         tl.store(t_ptr + rm[:, None] * R + rr[None, :], t, mask=m_mask[:, None] & r_mask[None, :])
 
-    tc = t.to(out_ty)
+    tc, inv = narrow(t, out_ty, 1)
     for n0 in range(pid_n * BN, N, BN * N_SPLIT):
         rn = n0 + tl.arange(0, BN)
         n_mask = rn < N
         bt = tl.load(b_ptr + rn[None, :] * stride_bn + rr[:, None] * stride_br,
                      mask=n_mask[None, :] & r_mask[:, None], other=0.0)
-        acc = tl.dot(tc, bt, input_precision=PRECISION)
+        acc = tl.dot(tc, bt, input_precision=PRECISION) * inv
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, acc.to(out_ty),
@@ -114,7 +123,8 @@ def _strip_product(a_ptr, s_ptr, out_ptr, sum_ptr, f0, F, M, R, stride_am, strid
                    pid_s, n_split, RP: tl.constexpr, PRECISION: tl.constexpr, BF: tl.constexpr, BM: tl.constexpr,
                    COLSUM: tl.constexpr):
     """out[f0:f0+BF, :R] = a[rows, f0:f0+BF].T @ s[rows, :R] over this split's row blocks
-    (blocks pid_s, pid_s + n_split, ...); a ``(M, F)`` in the input dtype, s ``(M, R)`` fp32.
+    (blocks pid_s, pid_s + n_split, ...); a ``(M, F)`` in the input dtype, s ``(M, R)`` fp32,
+    narrowed to a's dtype per block (columns rescaled for fp16).
     With ``COLSUM`` also sum_ptr[f0:f0+BF] = column sums of a over the same rows."""
     rf = f0 + tl.arange(0, BF)
     f_mask = rf < F
@@ -129,7 +139,8 @@ def _strip_product(a_ptr, s_ptr, out_ptr, sum_ptr, f0, F, M, R, stride_am, strid
                      mask=f_mask[:, None] & m_mask[None, :], other=0.0)
         s = tl.load(s_ptr + rm[:, None] * stride_sm + rr[None, :] * stride_sr,
                     mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-        acc = tl.dot(at, s.to(at.dtype), acc, input_precision=PRECISION)
+        sh, inv = narrow(s, at.dtype, 0)
+        acc += tl.dot(at, sh, input_precision=PRECISION) * inv
         if COLSUM:
             colsum += tl.sum(at.to(tl.float32), axis=1)
     tl.store(out_ptr + rf[:, None] * R + rr[None, :], acc, mask=f_mask[:, None] & r_mask[None, :])
