@@ -128,6 +128,11 @@ def test_field_linear_gradcheck(basis, local, transpose):
             lambda a, c, s, b: ops.field_linear(a, c, lattice, s, b, n_out, n_in, basis, rho, transpose),
             (a, control, sigma, bias),
         )
+        # second order through field_linear_backward's own autograd formula
+        assert torch.autograd.gradgradcheck(
+            lambda a, c, s: ops.field_linear(a, c, lattice, s, None, n_out, n_in, basis, rho, transpose),
+            (a, control, sigma),
+        )
 
 
 @pytest.mark.parametrize("kind", [ref.BSPLINE, ref.BICUBIC], ids=["bspline", "bicubic"])

@@ -5,7 +5,8 @@ Each forward op has a fake implementation and an autograd formula built from oth
   separable: dx = separable_linear(dy, C.T) (the same fused kernel with the axes swapped),
              dC = separable_grad_control(dy, x);
   field:     field_linear_backward gives dx and d(control, sigma) together (the reference builds
-             each weight block once for both; Triton runs the transposed matmul and a reduction kernel).
+             each weight block once for both; Triton runs the transposed matmul and a reduction kernel);
+             its own backward (double backward) is the vector-Jacobian product of the reference maths.
 """
 
 from __future__ import annotations
@@ -152,3 +153,30 @@ def _field_backward(ctx, dy):
 
 
 register_autograd(field_linear, _field_backward, _field_setup)
+
+
+def _field_grad_setup(ctx, inputs, output):
+    dy, a, control, lattice, sigma, *args = inputs
+    ctx.save_for_backward(dy, a, control, lattice, sigma)
+    ctx.args = args
+
+
+def _field_grad_backward(ctx, *grads):
+    """Second order: the vector-Jacobian product of the reference's ``field_linear_backward``
+    (``torch.func.vjp``, itself differentiable), on any device and backend. It builds the weight
+    in cache-sized row blocks like the reference forward; double backward is rare enough that no
+    dedicated kernel is worth it."""
+    dy, a, control, lattice, sigma = ctx.saved_tensors
+    args = ctx.args
+    primals = (dy, a, control) + (() if sigma is None else (sigma,))
+
+    def grads_of(dy, a, control, *sigma):
+        return ref.field_linear_backward(dy, a, control, lattice, sigma[0] if sigma else None, *args)
+
+    outputs, vjp = torch.func.vjp(grads_of, *primals)
+    d_dy, d_a, d_control, *d_sigma = vjp(tuple(torch.zeros_like(o) if g is None else g.to(o.dtype)
+                                              for g, o in zip(grads, outputs)))
+    return (d_dy, d_a, d_control, None, d_sigma[0] if d_sigma else None) + (None,) * len(args)
+
+
+register_autograd(field_linear_backward, _field_grad_backward, _field_grad_setup)
