@@ -95,6 +95,27 @@ def test_large_fp16_inputs_field(name, kernel_device):
     assert_backends_agree(layer, x, g, torch.float16)
 
 
+@pytest.mark.parametrize("lead", [(0,), (2, 0)], ids=["0xin", "2x0xin"])
+@pytest.mark.parametrize("name", [*LAYERS, "hierarchical"])
+def test_empty_batch_gives_zero_gradients(name, lead, kernel_device):
+    """An optimiser step on an empty batch must not move the layer: every parameter gradient
+    (log_bandwidth included) is an exact zero in the parameter's dtype, on both backends."""
+    if name == "hierarchical":
+        layer = tk.HierarchicalSplineLinear(37, 45, coarse_grid=(4, 5), fine_grid=(12, 20)).to(kernel_device)
+    else:
+        layer = make_layer(name, 37, 45, torch.float32, kernel_device)
+    for which in ("triton", "reference"):
+        layer.zero_grad(set_to_none=True)
+        with tk.backend(which):
+            x = torch.randn(*lead, 37, device=kernel_device, requires_grad=True)
+            y = layer(x)
+            y.backward(torch.randn_like(y))
+        assert y.shape == (*lead, 45) and x.grad.shape == x.shape
+        for pname, p in layer.named_parameters():
+            assert p.grad is not None and p.grad.dtype == p.dtype, f"{which} d{pname}"
+            assert torch.equal(p.grad, torch.zeros_like(p)), f"{which} d{pname} is not zero"
+
+
 @pytest.mark.parametrize("name", ["bspline", "gaussian", "eisenstein-local"])
 def test_double_backward(name, kernel_device):
     """A gradient penalty: grad of |dL/dx|^2 w.r.t. x and every parameter, first order on the
