@@ -26,6 +26,7 @@ so a long sweep can be split into chunks (one process each) and joined with ``--
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import datetime
 import json
@@ -333,7 +334,7 @@ def make_case(seed: int, index: int) -> Case:
         kwargs.update(INVALID[family][invalid])
     lead = rng.choice(LEADS)
     layout = rng.choice(tuple(LAYOUTS))
-    s = rng.choice(SKEWS) if cls in SKEWED else 1.0
+    s = rng.choice(SKEWS) if cls in SKEWED and not kwargs.get("gated") else 1.0  # gates would see a new layer
     return Case(seed, index, family, cls, kwargs, dtype, lead, layout, rng.choice(SCALES[dtype]), invalid, s)
 
 
@@ -391,6 +392,12 @@ def _run(layer: torch.nn.Module, x: torch.Tensor, g: torch.Tensor, which: str) -
         return [y.detach(), *torch.autograd.grad(y, [xi, *params], g, allow_unused=True)]
 
 
+def _relative_error(a: torch.Tensor, exact: torch.Tensor) -> float:
+    """||a - exact|| / ||exact|| in fp64 (inf where a is not finite)."""
+    diff = (a.double() - exact).norm().item()
+    return diff / max(exact.norm().item(), 1e-300) if math.isfinite(diff) else math.inf
+
+
 def check_case_inputs(layer: torch.nn.Module, x: torch.Tensor, g: torch.Tensor) -> list[dict]:
     """Every disagreement between Triton and the reference on ``layer(x)`` with output gradient ``g``,
     as ``{"check", "message"}`` records (empty when all agree). A quantity the reference returns as
@@ -402,8 +409,8 @@ def check_case_inputs(layer: torch.nn.Module, x: torch.Tensor, g: torch.Tensor) 
             results[which] = _run(layer, x, g, which)
         except Exception as e:  # a crash is the finding; any exception type counts
             return [{"check": f"{which} raised", "message": _error(e)}]
-    problems = []
-    for name, got, want in zip(names, results["triton"], results["reference"]):
+    problems, mismatched = [], {}
+    for i, (name, got, want) in enumerate(zip(names, results["triton"], results["reference"])):
         if want is None or got is None:
             if (want is None) != (got is None):
                 problems.append({"check": name, "message": f"gradient is None on {'triton' if got is None else 'reference'} only"})
@@ -416,7 +423,15 @@ def check_case_inputs(layer: torch.nn.Module, x: torch.Tensor, g: torch.Tensor) 
             try:
                 assert_close(got, want, x.dtype, name=name)
             except AssertionError as e:
-                problems.append({"check": name, "message": str(e)})
+                mismatched[i] = {"check": name, "message": str(e)}
+    if mismatched:
+        # How far each backend is from the same maths in fp64: a kernel bug leaves the reference
+        # close and Triton far; an ill-conditioned quantity leaves both far.
+        exact = _run(copy.deepcopy(layer).double(), x.double(), g.double(), "reference")
+        for i, problem in mismatched.items():
+            errors = [_relative_error(results[which][i], exact[i]) for which in ("triton", "reference")]
+            problem["message"] += f"; relative error vs fp64: triton {errors[0]:.2e}, reference {errors[1]:.2e}"
+            problems.append(problem)
     if x.numel() == 0:
         for which, values in results.items():
             for name, grad in zip(names[2:], values[2:]):
@@ -438,7 +453,9 @@ def check_meta(case: Case, layer: torch.nn.Module, x: torch.Tensor) -> list[dict
         meta.to_empty(device=x.device)
         meta.load_state_dict(layer.state_dict())
         with torch.no_grad(), tk.backend("reference"):
-            assert_close(meta(x), layer(x), x.dtype, name="y after meta -> to_empty -> load_state_dict")
+            y = layer(x)
+            if torch.isfinite(y).all():
+                assert_close(meta(x), y, x.dtype, name="y after meta -> to_empty -> load_state_dict")
     except AssertionError as e:
         return [{"check": "meta", "message": str(e)}]
     except Exception as e:
