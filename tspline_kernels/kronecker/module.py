@@ -11,6 +11,7 @@ from torch import nn
 from .._layers import CompressedLinear, FitReport, fit_report
 from ..reference import kronecker as ref
 from ..reference.common import compute_dtype
+from ..spline.module import _SavedSettings
 from . import ops
 
 GATING_MODES = ("soft", "hard")
@@ -54,7 +55,7 @@ def _split(ins: tuple[int, ...], outs: tuple[int, ...]) -> int:
                key=lambda s: max(math.prod(ins[:s]), math.prod(outs[:s]), math.prod(ins[s:]), math.prod(outs[s:])))
 
 
-class KroneckerLinear(CompressedLinear):
+class KroneckerLinear(_SavedSettings, CompressedLinear):
     """``nn.Linear`` with weight W = A_1 (x) ... (x) A_N and NdLinear's per-mode biases.
 
     x ``(*, prod(in_dims))`` -> y ``(*, prod(out_dims))``: the features are the row-major flattening
@@ -72,6 +73,10 @@ class KroneckerLinear(CompressedLinear):
 
     The modes run as one fused two-factor op: more than two modes are cut into two groups whose
     factors are Kronecker products of the group's modes (small: never the dense weight).
+
+    The state dict's ``_extra_state`` holds the settings no parameter shape shows
+    (``transform_outer``, ``gated``, ``gating_mode``, ``gated_modes``): loading it into a layer
+    built with other settings raises instead of silently computing another function.
     """
 
     def __init__(self, in_dims: Sequence[int], out_dims: Sequence[int], bias: bool = True, device=None, dtype=None,
@@ -164,6 +169,22 @@ class KroneckerLinear(CompressedLinear):
         if self.biases is None:
             return None
         return ref.kronecker_bias(list(self.factors), list(self.biases), self.transform_outer).to(self.factors[0].dtype)
+
+    # ---- saved settings -------------------------------------------------------------------------
+    def _settings(self) -> dict[str, float]:
+        """gating_mode as its index in GATING_MODES (-1 ungated), gated_modes as a bit mask."""
+        gating = (GATING_MODES.index(self.gating_mode), sum(1 << k for k in self.gated_modes)) if self.gated else (-1, 0)
+        return {"transform_outer": self.transform_outer, "gated": self.gated,
+                "gating_mode": gating[0], "gated_modes": gating[1]}
+
+    def _describe(self, name: str, value: float) -> str:
+        if name in ("transform_outer", "gated") and value in (0, 1):
+            return repr(bool(value))
+        if name == "gating_mode" and value in (-1, *range(len(GATING_MODES))):
+            return "None (ungated)" if value == -1 else repr(GATING_MODES[int(value)])
+        if name == "gated_modes" and float(value).is_integer() and value >= 0:
+            return repr(tuple(k for k in range(int(value).bit_length()) if int(value) >> k & 1))
+        return super()._describe(name, value)
 
     # ---- reporting ----------------------------------------------------------------------------
     def dense_parameters(self) -> int:
