@@ -200,11 +200,29 @@ def test_from_tensor_spline_same_outputs_and_gradients(rank, bias):
     assert_close(ours.materialize(), (theirs.U @ theirs.V).T.detach(), torch.float32, name="weight")
 
 
-def test_from_tensor_spline_rejects_other_modules_and_excess_rank():
+def test_from_tensor_spline_rejects_other_modules():
     with pytest.raises(TypeError, match="tensor_spline.LowRankLinear"):
         LowRankLinear.from_tensor_spline(nn.Linear(3, 3))
-    with pytest.raises(ValueError, match=r"rank=16 exceeds min\(in_features, out_features\)=8"):
-        LowRankLinear.from_tensor_spline(tensor_spline.LowRankLinear(8, 12))  # its default rank is 16
+
+
+def test_from_tensor_spline_recompresses_rank_above_min_exactly():
+    """tensor-spline's own inject_low_rank test model (rank 8 also on the 32 -> 4 layer) and its
+    default rank 16 on an 8 -> 12 layer: rank min(in, out), the same weights and outputs."""
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4))
+    tensor_spline.inject_low_rank(model, rank=8)
+    default = tensor_spline.LowRankLinear(8, 12)
+    with torch.no_grad():
+        for p in [*model.parameters(), *default.parameters()]:
+            p.normal_(0, 0.3)
+    ours = nn.Sequential(*(LowRankLinear.from_tensor_spline(m) if k != 1 else m for k, m in enumerate(model)))
+    ours_default = LowRankLinear.from_tensor_spline(default)
+    assert (ours[0].rank, ours[2].rank, ours_default.rank) == (8, 4, 8)
+    for mine, theirs in ((ours[0], model[0]), (ours[2], model[2]), (ours_default, default)):
+        assert_close(mine.materialize(), (theirs.U @ theirs.V).T.detach(), torch.float32, name="weight")
+    x = torch.randn(2, 5, 64)
+    assert_close(ours(x), model(x).detach(), torch.float32, name="inject_low_rank model")
+    x = torch.randn(3, 8)
+    assert_close(ours_default(x), default(x).detach(), torch.float32, name="default rank 16")
 
 
 # ----------------------------------------------------------------------------- module contract

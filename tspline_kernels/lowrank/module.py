@@ -24,13 +24,22 @@ def _check_rank(rank, in_features: int, out_features: int) -> int:
     return rank
 
 
+def _split_svd(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U ``(n_out, rank)``, V ``(n_in, rank)``, singular values) in fp64 from the SVD W = P S Q.T of
+    ``weight`` ``(n_out, n_in)``: U = P_r sqrt(S_r), V = Q_r sqrt(S_r), the best rank-``rank`` U @ V.T."""
+    p, s, qh = torch.linalg.svd(weight.double(), full_matrices=False)
+    root = s[:rank].sqrt()
+    return p[:, :rank] * root, qh[:rank].T * root, s
+
+
 class LowRankLinear(CompressedLinear):
     """``nn.Linear`` with weight W = U @ V.T: ``U`` ``(out_features, rank)``, ``V`` ``(in_features, rank)``.
 
     y = (x @ V) @ U.T + bias for x ``(*, in_features)``; W keeps nn.Linear's ``(out, in)`` layout
     but is never formed: one fused kernel keeps the rank-r projection x @ V on chip. Parameters:
     rank * (in_features + out_features) (+ out_features bias). ``rank`` must lie in
-    [1, min(in_features, out_features)] (a larger rank cannot represent more weights).
+    [1, min(in_features, out_features)]: a larger rank cannot represent more weights, so it raises
+    (``from_tensor_spline`` recompresses a peer layer built with one to that rank exactly).
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
@@ -76,12 +85,11 @@ class LowRankLinear(CompressedLinear):
         weight = linear.weight.detach()
         new = cls(linear.in_features, linear.out_features, rank, bias=linear.bias is not None,
                   device=weight.device, dtype=weight.dtype)
-        p, s, qh = torch.linalg.svd(weight.double(), full_matrices=False)
-        root = s[:rank].sqrt()
+        u, v, s = _split_svd(weight, rank)
         tail = s[rank:].square().sum().sqrt() / s.square().sum().sqrt().clamp_min(1e-300)
         with torch.no_grad():
-            new.U.copy_(p[:, :rank] * root)
-            new.V.copy_(qh[:rank].T * root)
+            new.U.copy_(u)
+            new.V.copy_(v)
             if linear.bias is not None:
                 new.bias.copy_(linear.bias)
         new.fit_report: FitReport = fit_report("truncated SVD", weight, new, rank=rank, optimal_error=tail.item())
@@ -91,17 +99,28 @@ class LowRankLinear(CompressedLinear):
     def from_tensor_spline(cls, module: nn.Module) -> LowRankLinear:
         """Convert a ``tensor_spline.LowRankLinear`` (y = x @ U_ts @ V_ts + b, U_ts ``(in, r)``,
         V_ts ``(r, out)``): our V = U_ts and U = V_ts.T, so outputs are identical and gradients
-        correspond (dV = dU_ts, dU = dV_ts.T). Parameters are copied; the two train independently."""
+        correspond (dV = dU_ts, dU = dV_ts.T). Parameters are copied; the two train independently.
+
+        tensor-spline accepts r > min(in, out) (its default r = 16 on a layer with fewer than 16
+        outputs); its weight then still has rank <= min(in, out), and the factors are recompressed
+        exactly to that rank by an SVD of W = (U_ts V_ts).T: the same function up to rounding, with
+        fewer parameters, but gradients no longer map one to one onto the peer's."""
         u_ts, v_ts = getattr(module, "U", None), getattr(module, "V", None)
         n_in, n_out, rank = (getattr(module, k, None) for k in ("in_features", "out_features", "rank"))
         if not (isinstance(u_ts, torch.Tensor) and isinstance(v_ts, torch.Tensor)
                 and u_ts.shape == (n_in, rank) and v_ts.shape == (rank, n_out)):
             raise TypeError(f"expected a tensor_spline.LowRankLinear, got {type(module).__name__}")
         bias = getattr(module, "bias", None)
-        new = cls(n_in, n_out, rank, bias=bias is not None, device=u_ts.device, dtype=u_ts.dtype)
+        kept = min(rank, n_in, n_out)
+        new = cls(n_in, n_out, kept, bias=bias is not None, device=u_ts.device, dtype=u_ts.dtype)
         with torch.no_grad():
-            new.V.copy_(u_ts)
-            new.U.copy_(v_ts.T)
+            if kept == rank:
+                new.V.copy_(u_ts)
+                new.U.copy_(v_ts.T)
+            else:
+                u, v, _ = _split_svd((u_ts.double() @ v_ts.double()).T, kept)
+                new.U.copy_(u)
+                new.V.copy_(v)
             if bias is not None:
                 new.bias.copy_(bias)
         return new
