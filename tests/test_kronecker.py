@@ -151,11 +151,35 @@ def test_from_ndlinear_same_outputs_and_gradients(dims, outer):
         assert_close(ours.biases[k].grad, m.bias.grad, torch.float32, name=f"db_{k}")
 
 
+@pytest.mark.parametrize("outer", [True, False])
+@pytest.mark.parametrize("no_bias", [(1,), (0, 2), (0, 1, 2)], ids=["mode-1", "modes-0-2", "all"])
+def test_from_ndlinear_with_bias_on_some_modes(no_bias, outer):
+    """A real NdLinear whose Linears have no bias on some modes: those modes get a zero bias (no
+    biases at all when none has one), with the same outputs and gradients."""
+    ins, outs = DIMS["3-modes"]
+    theirs = _randomize(ndlinear.NdLinear(ins, outs, transform_outer=outer))
+    for k in no_bias:
+        theirs.align_layers[k].bias = None
+    ours = KroneckerLinear.from_ndlinear(theirs)
+    _same_as_peer(theirs, ours, 5, ins, outs, rtol=1e-6)
+    assert (ours.biases is None) == (len(no_bias) == 3)
+    for k, m in enumerate(theirs.align_layers):
+        assert_close(ours.factors[k].grad, m.weight.grad, torch.float32, name=f"dA_{k}")
+        if m.bias is not None:
+            assert_close(ours.biases[k].grad, m.bias.grad, torch.float32, name=f"db_{k}")
+        elif ours.biases is not None:
+            assert not ours.biases[k].any()
+
+
 def test_from_ndlinear_rejects_other_modules():
     with pytest.raises(TypeError, match="NdLinear"):
         KroneckerLinear.from_ndlinear(nn.Linear(3, 3))
     with pytest.raises(ValueError, match="first batch"):
         KroneckerLinear.from_ndlinear(GatedOracle((3, 5), (4, 7), gated_modes="topk"))
+    swapped = ndlinear.NdLinear((3, 5), (4, 7))
+    swapped.align_layers[1] = nn.Linear(5, 6)
+    with pytest.raises(ValueError, match=r"shapes \[\(4, 3\), \(6, 5\)\].*\(3, 5\) and hidden_size \(4, 7\)"):
+        KroneckerLinear.from_ndlinear(swapped)
 
 
 # ------------------------------------------------------------------------------------- gated

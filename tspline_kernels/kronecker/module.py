@@ -211,7 +211,8 @@ class KroneckerLinear(_SavedSettings, CompressedLinear):
         """Convert an ``ndlinear.NdLinear`` or an NdLinearGated (same outputs on flattened inputs).
 
         Weights, biases, gate networks and identity projections are copied; ``gated_modes="topk"``
-        needs the modes the module picked on its first batch. The two train independently."""
+        needs the modes the module picked on its first batch. The two train independently. A mode
+        whose Linear has no bias gets a zero bias (trainable here) when another mode has one."""
         layers = getattr(module, "align_layers", None)
         ins, outs = getattr(module, "input_dims", None), getattr(module, "hidden_size", None)
         if not (isinstance(layers, nn.ModuleList) and all(isinstance(m, nn.Linear) for m in layers)
@@ -228,14 +229,18 @@ class KroneckerLinear(_SavedSettings, CompressedLinear):
                 modes = tuple(module.topk_modes)
             kwargs = {"gating_mode": module.gating_mode, "gating_hidden_dim": module.gating_hidden_dim,
                       "gated_modes": modes}
+        shapes = [tuple(m.weight.shape) for m in layers]
+        if shapes != [(o, i) for i, o in zip(ins, outs)]:
+            raise ValueError(f"the module's per-mode Linear weights have shapes {shapes}, but its input_dims "
+                             f"{tuple(ins)} and hidden_size {tuple(outs)} call for (hidden_size[k], input_dims[k])")
         weight = layers[0].weight
-        new = cls(ins, outs, bias=layers[0].bias is not None, device=weight.device, dtype=weight.dtype,
-                  gated=gated, transform_outer=module.transform_outer, **kwargs)
+        new = cls(ins, outs, bias=any(m.bias is not None for m in layers), device=weight.device,
+                  dtype=weight.dtype, gated=gated, transform_outer=module.transform_outer, **kwargs)
         with torch.no_grad():
             for k, layer in enumerate(layers):
                 new.factors[k].copy_(layer.weight)
                 if new.biases is not None:
-                    new.biases[k].copy_(layer.bias)
+                    new.biases[k].copy_(layer.bias if layer.bias is not None else torch.zeros_like(new.biases[k]))
         if gated:
             new.gates.load_state_dict(module.gate_networks.state_dict())
             new.projections.load_state_dict(module.identity_projections.state_dict())
