@@ -1,6 +1,8 @@
 """The spline reference against its definitions: scipy's B-splines and tensor-spline 1.0.0."""
 
 import copy
+import math
+
 import numpy as np
 import pytest
 import tensor_spline
@@ -96,6 +98,18 @@ def test_local_support_radius_reaches_three_points_everywhere():
         grid = torch.stack(torch.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2)
         inside = (torch.cdist(grid, lattice) < rho).sum(1)
         assert int(inside.min()) >= 3
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 64, 300])
+def test_support_radius_tiled_scan_is_exact(n):
+    """The tiled scan (only lattice points that can be among a tile's k nearest) returns exactly
+    the brute-force maximum k-th distance over the whole grid."""
+    lattice = ref.eisenstein_lattice(n).double()
+    g = ref.positions(257, torch.float64)
+    grid = torch.stack(torch.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2)
+    for k in (1, 3):
+        kth = torch.cdist(grid, lattice).kthvalue(min(k, n), dim=1).values.max().item()
+        assert ref.support_radius(lattice, k) == 1.25 * (kth + (2 / 256) * math.sqrt(0.5))
 
 
 def test_local_support_uses_only_points_within_radius():
