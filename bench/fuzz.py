@@ -4,15 +4,19 @@ Every case is reproducible from ``(seed, index)`` (``make_case``). A case draws 
 (cycled by index so each family gets the same share), random constructor arguments (odd sizes,
 modes and ranks of 1, every basis, support, strategy and gating option, bias on and off), a dtype
 (fp32, fp16, bf16), leading batch dims (one row, 3-D, empty ``(0, in)`` and ``(2, 0, in)``), a memory
-layout for x (contiguous, transposed, strided, every other row, broadcast with stride 0) and an
-input magnitude. About one case in ten instead passes one deliberately invalid argument.
+layout for x (contiguous, transposed, strided, every other row, broadcast with stride 0), an
+input magnitude and, for layers whose weight is a product of factors, a skew (first factor times
+s, last one divided by s: the same W with larger or smaller intermediates). About one case in ten
+instead passes one deliberately invalid argument.
 
 ``run_case`` then checks, with ``tspline_kernels.testing``'s per-dtype tolerances (``assert_close``):
   * construction: a valid-looking case either builds or raises a clean ValueError / TypeError
     ("rejected", not a failure); an invalid argument must raise one of those two;
   * Triton (``backend("triton")``, the interpreter on CPU) against the reference: y, dx and the
     gradient of every parameter, in value and dtype, on the same (possibly strided) x; a result
-    the reference gives as non-finite is counted, not compared (fp16 overflow of the output);
+    the reference gives as non-finite is counted, not compared (fp16 overflow of the output). A
+    mismatch record adds each backend's error against the reference run in fp64, which tells a
+    kernel bug (Triton far, reference close) from an ill-conditioned quantity (both far);
   * an empty batch gives zero (finite) parameter gradients on both backends;
   * ``device="meta"``: the same layer builds on meta and, after ``to_empty`` and
     ``load_state_dict`` of the real layer's state (large-model loading), computes the same y.
