@@ -5,6 +5,7 @@ torch.compile."""
 import math
 
 import ndlinear
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -265,9 +266,10 @@ def test_op_gradchecks_first_and_second_order():
 
 @pytest.mark.parametrize("kind", ["plain", "no-bias", "gated", "reversed-hard"])
 def test_module_gradcheck(kind):
-    kwargs = {"plain": {}, "no-bias": {"bias": False}, "gated": {"gated": True},
-              "reversed-hard": {"gated": True, "gating_mode": "hard", "transform_outer": False}}[kind]
-    layer = KroneckerLinear((3, 2, 2), (2, 3, 2), dtype=torch.float64, gating_hidden_dim=4, **kwargs)
+    gated = {"gated": True, "gating_hidden_dim": 4}
+    kwargs = {"plain": {}, "no-bias": {"bias": False}, "gated": gated,
+              "reversed-hard": {**gated, "gating_mode": "hard", "transform_outer": False}}[kind]
+    layer = KroneckerLinear((3, 2, 2), (2, 3, 2), dtype=torch.float64, **kwargs)
     x = torch.randn(3, 12, dtype=torch.float64, requires_grad=True)
     names = [n for n, _ in layer.named_parameters()]
     params = [p.detach().clone().requires_grad_() for p in layer.parameters()]
@@ -393,26 +395,66 @@ def test_device_dtype_state_dict_and_autocast():
     assert all(p.grad.dtype == torch.float32 for p in a.factors)
 
 
-@pytest.mark.parametrize(
-    "in_dims, out_dims, match",
-    [((), (), "at least one mode"), ((3, 5), (4,), "same number of modes"), ((3, 0), (4, 7), "positive int"),
-     ((3, -1), (4, 7), "positive int"), ((3, 5.0), (4, 7), "positive int"), ((True, 5), (4, 7), "positive int"),
-     (15, 28, "sequences of ints")],
-)
-def test_bad_dims(in_dims, out_dims, match):
-    with pytest.raises(ValueError, match=match):
-        KroneckerLinear(in_dims, out_dims)
+# (constructor arguments over in_dims=(3, 5), out_dims=(4, 7), error type, message)
+BAD_CONSTRUCTION = [
+    ({"in_dims": (), "out_dims": ()}, ValueError, "at least one mode"),
+    ({"in_dims": (3, 5), "out_dims": (4,)}, ValueError, "same number of modes"),
+    ({"in_dims": (3, 0), "out_dims": (4, 7)}, ValueError, r"in_dims\[1\] must be >= 1, got 0"),
+    ({"in_dims": (3, 5), "out_dims": (4, -1)}, ValueError, r"out_dims\[1\] must be >= 1, got -1"),
+    ({"in_dims": (3, 5.0), "out_dims": (4, 7)}, TypeError, r"in_dims\[1\] must be an int, got 5.0"),
+    ({"in_dims": (True, 5), "out_dims": (4, 7)}, TypeError, r"in_dims\[0\] must be an int, got True"),
+    ({"in_dims": ("3", 5), "out_dims": (4, 7)}, TypeError, r"in_dims\[0\] must be an int, got '3'"),
+    ({"in_dims": 15, "out_dims": 28}, TypeError, "in_dims must be a sequence of ints, got 15"),
+    ({"in_dims": "35", "out_dims": "47"}, TypeError, "in_dims must be a sequence of ints, got '35'"),
+    ({"in_dims": {3: 1, 5: 1}, "out_dims": (4, 7)}, TypeError, "in_dims must be a sequence of ints"),
+    ({"in_dims": {3, 5}, "out_dims": (4, 7)}, TypeError, "in_dims must be a sequence of ints"),
+    ({"in_dims": None, "out_dims": (4, 7)}, TypeError, "in_dims must be a sequence of ints"),
+    ({"bias": "no"}, TypeError, "bias must be True or False, got 'no'"),
+    ({"bias": None}, TypeError, "bias must be True or False, got None"),
+    ({"gated": 1}, TypeError, "gated must be True or False, got 1"),
+    ({"transform_outer": 0}, TypeError, "transform_outer must be True or False, got 0"),
+    ({"gated": True, "gating_mode": "sharp"}, ValueError, "gating_mode must be one of"),
+    ({"gated": True, "gating_mode": None}, ValueError, "gating_mode must be one of"),
+    ({"gated": True, "gated_modes": [2]}, ValueError, r"in \[0, 2\)"),
+    ({"gated": True, "gated_modes": []}, ValueError, "at least one"),
+    ({"gated": True, "gated_modes": "topk"}, ValueError, "gated_modes"),
+    ({"gated": True, "gated_modes": 1}, TypeError, "gated_modes must be a sequence of ints, got 1"),
+    ({"gated": True, "gated_modes": [1.0]}, TypeError, r"gated_modes\[0\] must be an int"),
+    ({"gated": True, "gating_hidden_dim": 0}, ValueError, "gating_hidden_dim must be >= 1"),
+    ({"gated": True, "gating_hidden_dim": 4.0}, TypeError, "gating_hidden_dim must be an int"),
+    ({"gating_mode": "hard"}, ValueError, "only apply with gated=True"),
+    ({"gating_hidden_dim": 4}, ValueError, "only apply with gated=True"),
+    ({"gated_modes": "first"}, ValueError, "only apply with gated=True"),
+]
 
 
-def test_bad_gating_options():
-    with pytest.raises(ValueError, match="gating_mode"):
-        KroneckerLinear((3, 5), (4, 7), gated=True, gating_mode="sharp")
-    with pytest.raises(ValueError, match=r"in \[0, 2\)"):
-        KroneckerLinear((3, 5), (4, 7), gated=True, gated_modes=[2])
-    with pytest.raises(ValueError, match="gated_modes"):
-        KroneckerLinear((3, 5), (4, 7), gated=True, gated_modes="topk")
-    with pytest.raises(ValueError, match="gating_hidden_dim"):
-        KroneckerLinear((3, 5), (4, 7), gated=True, gating_hidden_dim=0)
+@pytest.mark.parametrize("kwargs, error, match", BAD_CONSTRUCTION,
+                         ids=[",".join(f"{k}={v!r}" for k, v in kw.items()) for kw, _, _ in BAD_CONSTRUCTION])
+def test_bad_construction(kwargs, error, match):
+    """Every argument is validated with a clear error: nothing is truncated, coerced or ignored."""
+    with pytest.raises(error, match=match):
+        KroneckerLinear(**{"in_dims": (3, 5), "out_dims": (4, 7), **kwargs})
+
+
+def test_int_like_dims_are_accepted():
+    """numpy ints, a torch.Size and an integer tensor are ints; the layer stores plain ints."""
+    for ins, modes in (((np.int64(3), 5), [np.int64(1)]), (torch.Size([3, 5]), torch.tensor([1]))):
+        layer = KroneckerLinear(ins, torch.tensor([4, 7]), gated=True, gated_modes=modes)
+        assert layer.in_dims == (3, 5) and layer.out_dims == (4, 7) and layer.gated_modes == (1,)
+        assert all(type(d) is int for d in (*layer.in_dims, *layer.out_dims, *layer.gated_modes))
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"gated": True, "transform_outer": False, "gating_hidden_dim": 4}],
+                         ids=["plain", "gated"])
+def test_meta_device_then_to_empty_and_load(kwargs):
+    """Large-model loading: build on meta (no memory), to_empty, load_state_dict: equal to the original."""
+    original = _randomize(KroneckerLinear((3, 5, 2), (4, 5, 3), **kwargs))
+    meta = KroneckerLinear((3, 5, 2), (4, 5, 3), device="meta", **kwargs)
+    assert all(p.is_meta for p in meta.parameters())
+    loaded = meta.to_empty(device="cpu")
+    loaded.load_state_dict(original.state_dict())
+    x = torch.randn(4, 30)
+    assert torch.equal(loaded(x), original(x))
 
 
 def test_bad_inputs():
@@ -445,10 +487,9 @@ def test_trains_to_a_kronecker_target():
 
 
 @pytest.mark.compile
-@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
-def test_torch_compile_fullgraph(gated):
+@pytest.mark.parametrize("kwargs", [{}, {"gated": True, "gating_hidden_dim": 4}], ids=["plain", "gated"])
+def test_torch_compile_fullgraph(kwargs):
     """fullgraph tracing through both custom ops and their autograd formulas; the compiled graph
     then runs the Triton kernels too (the backend is chosen inside the op at run time)."""
-    model = nn.Sequential(KroneckerLinear((3, 5, 2), (4, 3, 2), gated=gated, gating_hidden_dim=4), nn.GELU(),
-                          nn.Linear(24, 3))
+    model = nn.Sequential(KroneckerLinear((3, 5, 2), (4, 3, 2), **kwargs), nn.GELU(), nn.Linear(24, 3))
     assert_compiles_like_eager(model, torch.randn(5, 30, requires_grad=True))

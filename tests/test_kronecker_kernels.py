@@ -168,14 +168,15 @@ def test_routing(spy, kernel_device):
 
 
 @pytest.mark.parametrize("lead", [(0,), (2, 0)], ids=["0-rows", "2x0-rows"])
-@pytest.mark.parametrize("kwargs", [{}, {"gated": True}, {"gated": True, "gating_mode": "hard", "transform_outer": False}],
+@pytest.mark.parametrize("kwargs", [{}, {"gated": True, "gating_hidden_dim": 4},
+                                    {"gated": True, "gating_hidden_dim": 4, "gating_mode": "hard", "transform_outer": False}],
                          ids=["plain", "gated", "gated-hard-reversed"])
 @pytest.mark.parametrize("which", ["triton", "reference"])
 def test_empty_batch_gives_zero_gradients(which, kwargs, lead, kernel_device):
     """An empty batch: an empty output and exactly zero (not NaN) gradients for every parameter,
     gates included (the gated layer's batch mean has no rows to average). Hard gates are a step
     function: their networks get no gradient on any batch."""
-    layer = make_layer((3, 5, 2), (4, 5, 3), torch.float32, kernel_device, gating_hidden_dim=4, **kwargs)
+    layer = make_layer((3, 5, 2), (4, 5, 3), torch.float32, kernel_device, **kwargs)
     x = torch.randn(*lead, layer.in_features, device=kernel_device, requires_grad=True)
     with backend(which):
         y = layer(x)

@@ -3,6 +3,7 @@ tensor-spline), the nn.Linear contract, input validation and torch.compile."""
 
 import copy
 
+import numpy as np
 import pytest
 import tensor_spline
 import torch
@@ -261,12 +262,14 @@ def test_device_dtype_state_dict_and_autocast():
 
 
 @pytest.mark.parametrize(
-    "rank, match",
-    [(0, "positive int"), (-2, "positive int"), (2.0, "positive int"), (True, "positive int"),
-     (7, r"rank=7 exceeds min\(in_features, out_features\)=6")],
+    "rank, error, match",
+    [(0, ValueError, "rank must be >= 1, got 0"), (-2, ValueError, "rank must be >= 1, got -2"),
+     (2.0, TypeError, "rank must be an int, got 2.0"), (True, TypeError, "rank must be an int, got True"),
+     ("2", TypeError, "rank must be an int, got '2'"), (None, TypeError, "rank must be an int, got None"),
+     (7, ValueError, r"rank=7 exceeds min\(in_features, out_features\)=6")],
 )
-def test_bad_rank(rank, match):
-    with pytest.raises(ValueError, match=match):
+def test_bad_rank(rank, error, match):
+    with pytest.raises(error, match=match):
         LowRankLinear(10, 6, rank)
 
 
@@ -275,6 +278,25 @@ def test_bad_construction():
         LowRankLinear(0, 6, 1)
     with pytest.raises(TypeError, match="floating-point"):
         LowRankLinear(10, 6, 2, dtype=torch.int32)
+    for bias in ("no", None, 1):
+        with pytest.raises(TypeError, match=f"bias must be True or False, got {bias!r}"):
+            LowRankLinear(10, 6, 2, bias=bias)
+
+
+def test_int_like_rank_is_accepted():
+    layer = LowRankLinear(10, 6, np.int64(2))
+    assert type(layer.rank) is int and layer.rank == 2 and layer.U.shape == (6, 2)
+
+
+def test_meta_device_then_to_empty_and_load():
+    """Large-model loading: build on meta (no memory), to_empty, load_state_dict: equal to the original."""
+    original = LowRankLinear(13, 7, 3)
+    meta = LowRankLinear(13, 7, 3, device="meta")
+    assert all(p.is_meta for p in meta.parameters())
+    loaded = meta.to_empty(device="cpu")
+    loaded.load_state_dict(original.state_dict())
+    x = torch.randn(4, 13)
+    assert torch.equal(loaded(x), original(x))
 
 
 def test_bad_inputs():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -11,40 +11,44 @@ from torch import nn
 from .._layers import CompressedLinear, FitReport, fit_report
 from ..reference import kronecker as ref
 from ..reference.common import compute_dtype
-from ..spline.module import _SavedSettings
+from ..spline.module import _check_count, _check_flag, _SavedSettings
 from . import ops
 
 GATING_MODES = ("soft", "hard")
 
 
+def _ints(name: str, values, minimum: int) -> tuple[int, ...]:
+    """``values`` (a list, tuple, torch.Size, array or 1-D tensor of ints) as ints >= ``minimum``;
+    strings, mappings, sets, floats and bools are refused, not converted."""
+    try:
+        if isinstance(values, (str, bytes, Mapping)) or not hasattr(values, "__getitem__"):
+            raise TypeError
+        items = list(values)
+    except TypeError:
+        raise TypeError(f"{name} must be a sequence of ints, got {values!r}") from None
+    return tuple(_check_count(f"{name}[{k}]", v, minimum) for k, v in enumerate(items))
+
+
 def check_dims(in_dims: Sequence[int], out_dims: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Validated ``(in_dims, out_dims)``: equally long, non-empty sequences of positive ints."""
-    try:
-        ins, outs = tuple(in_dims), tuple(out_dims)
-    except TypeError:
-        raise ValueError(f"in_dims and out_dims must be sequences of ints, got {in_dims!r}, {out_dims!r}") from None
+    ins, outs = _ints("in_dims", in_dims, 1), _ints("out_dims", out_dims, 1)
     if not ins or not outs:
         raise ValueError(f"in_dims and out_dims need at least one mode, got {ins} and {outs}")
     if len(ins) != len(outs):
         raise ValueError(f"in_dims and out_dims need the same number of modes, got {ins} and {outs}")
-    if any(not isinstance(d, int) or isinstance(d, bool) or d < 1 for d in ins + outs):
-        raise ValueError(f"every mode size must be a positive int, got in_dims={ins}, out_dims={outs}")
     return ins, outs
 
 
 def _check_gated_modes(gated_modes, n: int, transform_outer: bool) -> tuple[int, ...]:
     """NdLinearGated's choice as mode indices: "all", "first" (the first mode applied) or indices."""
-    if gated_modes == "all":
-        return tuple(range(n))
-    if gated_modes == "first":
-        return (0,) if transform_outer else (n - 1,)
     if isinstance(gated_modes, str):
-        raise ValueError(f'gated_modes must be "all", "first" or a sequence of mode indices, got {gated_modes!r}')
-    if not isinstance(gated_modes, Sequence):
-        raise TypeError(f'gated_modes must be "all", "first" or a sequence of mode indices, got {gated_modes!r}')
-    modes = tuple(gated_modes)
-    if any(not isinstance(k, int) or isinstance(k, bool) or not 0 <= k < n for k in modes):
-        raise ValueError(f"gated mode indices must lie in [0, {n}), got {modes}")
+        if gated_modes not in ("all", "first"):
+            raise ValueError(f'gated_modes must be "all", "first" or a sequence of mode indices, got {gated_modes!r}')
+        return tuple(range(n)) if gated_modes == "all" else (0,) if transform_outer else (n - 1,)
+    modes = _ints("gated_modes", gated_modes, 0)
+    if not modes or max(modes) >= n:
+        raise ValueError(f"gated_modes needs mode indices in [0, {n}) (at least one; gated=False gates none), "
+                         f"got {modes}")
     return tuple(sorted(set(modes)))
 
 
@@ -83,24 +87,28 @@ class KroneckerLinear(_SavedSettings, CompressedLinear):
                  gated: bool = False, transform_outer: bool = True, gating_mode: str = "soft",
                  gating_hidden_dim: int = 16, gated_modes: str | Sequence[int] = "all") -> None:
         ins, outs = check_dims(in_dims, out_dims)
+        bias, gated, transform_outer = (_check_flag(name, v) for name, v in
+                                        (("bias", bias), ("gated", gated), ("transform_outer", transform_outer)))
+        if not isinstance(gating_mode, str) or gating_mode not in GATING_MODES:
+            raise ValueError(f"gating_mode must be one of {GATING_MODES}, got {gating_mode!r}")
+        hidden = _check_count("gating_hidden_dim", gating_hidden_dim, 1)
+        modes = _check_gated_modes(gated_modes, len(ins), transform_outer)
+        if not gated and (gating_mode, hidden, modes) != ("soft", 16, tuple(range(len(ins)))):
+            raise ValueError("gating_mode, gating_hidden_dim and gated_modes only apply with gated=True, got "
+                             f"gating_mode={gating_mode!r}, gating_hidden_dim={hidden}, gated_modes={gated_modes!r}")
         super().__init__(math.prod(ins), math.prod(outs), False, device, dtype)
         self.in_dims, self.out_dims = ins, outs
-        self.transform_outer = bool(transform_outer)
+        self.transform_outer = transform_outer
         self._cut = _split(ins, outs)
         factory = {"device": device, "dtype": dtype}
         self.factors = nn.ParameterList(nn.Parameter(torch.empty(o, i, **factory)) for i, o in zip(ins, outs))
         self.biases = nn.ParameterList(nn.Parameter(torch.empty(o, **factory)) for o in outs) if bias else None
-        self.gated = bool(gated)
+        self.gated = gated
         if self.gated:
-            if gating_mode not in GATING_MODES:
-                raise ValueError(f"gating_mode must be one of {GATING_MODES}, got {gating_mode!r}")
-            if not isinstance(gating_hidden_dim, int) or isinstance(gating_hidden_dim, bool) or gating_hidden_dim < 1:
-                raise ValueError(f"gating_hidden_dim must be a positive int, got {gating_hidden_dim!r}")
             self.gating_mode = gating_mode
-            self.gated_modes = _check_gated_modes(gated_modes, len(ins), self.transform_outer)
+            self.gated_modes = modes
             self.gates = nn.ModuleList(
-                nn.Sequential(nn.Linear(i, gating_hidden_dim, **factory), nn.ReLU(),
-                              nn.Linear(gating_hidden_dim, 1, **factory), nn.Sigmoid())
+                nn.Sequential(nn.Linear(i, hidden, **factory), nn.ReLU(), nn.Linear(hidden, 1, **factory), nn.Sigmoid())
                 for i in ins
             )
             self.projections = nn.ModuleList(

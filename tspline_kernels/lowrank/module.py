@@ -9,12 +9,12 @@ from torch import nn
 
 from .._layers import CompressedLinear, FitReport, fit_report
 from ..reference import lowrank as ref
+from ..spline.module import _check_count, _check_flag
 from . import ops
 
 
 def _check_rank(rank, in_features: int, out_features: int) -> int:
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise ValueError(f"rank must be a positive int, got {rank!r}")
+    rank = _check_count("rank", rank, 1)
     limit = min(in_features, out_features)
     if rank > limit:
         raise ValueError(
@@ -44,11 +44,11 @@ class LowRankLinear(CompressedLinear):
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
                  device=None, dtype=None) -> None:
-        super().__init__(in_features, out_features, bias, device, dtype)
+        super().__init__(in_features, out_features, _check_flag("bias", bias), device, dtype)
         self.rank = _check_rank(rank, in_features, out_features)
         factory = {"device": device, "dtype": dtype}
-        self.U = nn.Parameter(torch.empty(out_features, rank, **factory))
-        self.V = nn.Parameter(torch.empty(in_features, rank, **factory))
+        self.U = nn.Parameter(torch.empty(out_features, self.rank, **factory))
+        self.V = nn.Parameter(torch.empty(in_features, self.rank, **factory))
         self.reset_parameters()
 
     @torch.no_grad()
