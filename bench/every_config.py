@@ -231,10 +231,12 @@ def select(configs: list, limit: int | None) -> list:
 
 
 def run(dtypes=(torch.bfloat16,), modes=MODES, cases=None, limit: int | None = None, shard: tuple[int, int] = (0, 1),
-        rows: int | None = None, device: str | None = None, progress: Callable[[str], None] = print) -> list[Outcome]:
+        rows: int | None = None, device: str | None = None, progress: Callable[[str], None] = print,
+        on_outcome: Callable[[list[Outcome]], None] | None = None) -> list[Outcome]:
     """Every (case, dtype, kernel, config, mode) item of this shard; ``limit`` configs per kernel
     and case at most (None: all), ``cases`` a subset of ``CASES`` names, ``rows`` instead of each
-    case's own row count (fewer rows: faster under the interpreter, fewer row blocks tried)."""
+    case's own row count (fewer rows: faster under the interpreter, fewer row blocks tried).
+    ``on_outcome(outcomes so far)`` runs after each item (a shard saves its progress with it)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     chosen = [c for c in CASES if cases is None or c[0] in cases]
     unknown = set(cases or ()) - {c[0] for c in CASES}
@@ -253,6 +255,8 @@ def run(dtypes=(torch.bfloat16,), modes=MODES, cases=None, limit: int | None = N
                             continue
                         out = check(work, kernel, config, mode, dtype)
                         outcomes.append(out)
+                        if on_outcome:
+                            on_outcome(outcomes)
                         progress(f"{'FAIL' if out.error else 'ok  '} {out.case:<24} {out.dtype:<8} {kernel:<24} "
                                  f"{mode:<8} {out.config}" + (f"\n     {out.error}" if out.error else ""))
     return outcomes
@@ -266,24 +270,87 @@ def summary(outcomes: list[Outcome]) -> dict:
             "not_run": sorted(set(autotuners()) - kernels), "failures": [asdict(o) for o in failed]}
 
 
+def _write(path: str, outcomes: list[Outcome], extra: dict | None = None) -> None:
+    Path(path).write_text(json.dumps({**summary(outcomes), **(extra or {}), "outcomes": [asdict(o) for o in outcomes]}, indent=1))
+
+
+def _parallel(argv: list[str], jobs: int, deadline: float) -> tuple[list[Outcome], list[str]]:
+    """Run ``jobs`` shards of this check as subprocesses (Triton compiles in parallel), each saving
+    its outcomes as it goes; after ``deadline`` seconds the unfinished ones are stopped and what
+    they saved is kept. Returns every outcome and a note per shard that did not finish cleanly."""
+    import subprocess
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="every_config-"))
+    procs = [subprocess.Popen([sys.executable, "-m", __spec__.name, *argv, "--shard", f"{i}/{jobs}", "--jobs", "1",
+                               "--json", str(tmp / f"shard{i}.json")]) for i in range(jobs)]
+    start, notes = time.monotonic(), []
+    for i, proc in enumerate(procs):
+        try:
+            proc.wait(timeout=max(0.0, deadline - (time.monotonic() - start)))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            notes.append(f"shard {i}/{jobs} stopped at the {deadline:.0f} s deadline (its remaining items did not run)")
+        else:
+            if proc.returncode not in (0, 1):
+                notes.append(f"shard {i}/{jobs} exited with {proc.returncode}")
+    outcomes = []
+    for i in range(jobs):
+        f = tmp / f"shard{i}.json"
+        if f.exists():
+            outcomes += [Outcome(**o) for o in json.loads(f.read_text())["outcomes"]]
+        else:
+            notes.append(f"shard {i}/{jobs} saved no outcomes")
+    return outcomes, notes
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command line; exit status 1 if any run failed or a shard did not finish."""
     parser = argparse.ArgumentParser(prog="every_config", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtype", nargs="+", default=["bf16"], choices=sorted(DTYPES))
     parser.add_argument("--mode", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--case", nargs="+", help="only these cases (default: all)")
     parser.add_argument("--limit", type=int, help="at most this many configs per kernel and case (default: all)")
-    parser.add_argument("--shard", default="0/1", help="run items i, i+n, ... of the list: 'i/n'")
     parser.add_argument("--rows", type=int, help="rows of x for every case (default: each case's own)")
+    parser.add_argument("--shard", default="0/1", help="run items i, i+n, ... of the list: 'i/n'")
+    parser.add_argument("--jobs", type=int, default=1, help="run this many shards in parallel processes")
+    parser.add_argument("--deadline", type=float, default=float("inf"),
+                        help="with --jobs: stop unfinished shards after this many seconds (their partial results are kept)")
     parser.add_argument("--json", help="write the outcomes here")
     args = parser.parse_args(argv)
-    index, count = (int(v) for v in args.shard.split("/"))
-    outcomes = run([DTYPES[d] for d in args.dtype], args.mode, args.case, args.limit, (index, count), args.rows)
+    if args.jobs > 1:
+        forward = _strip(argv if argv is not None else sys.argv[1:], {"--jobs": 1, "--deadline": 1, "--json": 1, "--shard": 1})
+        outcomes, notes = _parallel(forward, args.jobs, args.deadline)
+    else:
+        index, count = (int(v) for v in args.shard.split("/"))
+        save = (lambda so_far: _write(args.json, so_far)) if args.json else None
+        outcomes = run([DTYPES[d] for d in args.dtype], args.mode, args.case, args.limit, (index, count), args.rows,
+                       on_outcome=save)
+        notes = []
     report = summary(outcomes)
     if args.json:
-        Path(args.json).write_text(json.dumps({**report, "outcomes": [asdict(o) for o in outcomes]}, indent=1))
-    print(f"every-config check (shard {args.shard}): {report['checked']} runs, {report['failed']} failed; "
-          f"kernels run: {', '.join(report['kernels'])}; not run in this shard: {', '.join(report['not_run']) or '-'}")
-    return 1 if report["failed"] else 0
+        _write(args.json, outcomes, {"notes": notes})
+    for note in notes:
+        print(f"NOTE {note}")
+    for f in report["failures"]:
+        print(f"FAILED {f['case']} {f['dtype']} {f['kernel']} {f['mode']} [{f['config']}]: {f['error']}")
+    print(f"every-config check (shard {args.shard}, {args.jobs} job(s)): {report['checked']} runs, {report['failed']} failed; "
+          f"kernels run: {', '.join(report['kernels'])}; not run: {', '.join(report['not_run']) or '-'}")
+    return 1 if report["failed"] or notes else 0
+
+
+def _strip(argv: list[str], options: dict[str, int]) -> list[str]:
+    """``argv`` without the given options and their values (``--opt v`` or ``--opt=v``)."""
+    out, skip = [], 0
+    for a in argv:
+        if skip:
+            skip -= 1
+        elif a.split("=")[0] in options:
+            skip = 0 if "=" in a else options[a]
+        else:
+            out.append(a)
+    return out
 
 
 if __name__ == "__main__":

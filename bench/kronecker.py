@@ -13,29 +13,36 @@ import torch
 from tspline_kernels.kronecker import KroneckerLinear
 from tspline_kernels.kronecker.kernels import pad
 
-from .harness import Case, layer_case, module_call, speedup, target
+from .harness import Case, layer_case, module_call, peer, speedup, target
 
 KERNEL = "kronecker"
 PEER = "NdLinear"
 
 
-def costs(layer: KroneckerLinear, m: int, elt: int, mode: str) -> tuple[float, float]:
-    """(FLOPs, bytes) of one call on a two-mode layer with the best configs (one row block per
-    program, every factor read once per program is left out: it stays in L2).
+def costs(layer: KroneckerLinear, m: int, elt: int, mode: str) -> tuple[float, float, float]:
+    """(useful FLOPs, executed FLOPs, bytes) of one call on a two-mode layer with the best configs
+    (one row block per program, every factor read once per program is left out: it stays in L2).
 
-    fwd: 2*m*(M1P*N1P*N2P + M1P*N2P*M2P) FLOPs, x read and y written once. fwd+bwd adds the dx
-    kernel (the same products with the factors transposed, dy read and dx written once) and the
-    factor-gradient kernel (4*m*(M1P*N1P*N2P + M1P*M2P*N2P) FLOPs, x and dy read once).
+    fwd: 2*m*(m1*n1*n2 + m1*n2*m2) FLOPs, useful with the true mode sizes (in the cheaper of the
+    two contraction orders), executed with the modes padded (``pad``); x read and y written once.
+    fwd+bwd adds the dx kernel (the same products with the factors transposed, dy read and dx
+    written once) and the factor-gradient kernel (4*m*(m1*n1*n2 + m1*m2*n2) FLOPs, x and dy read once).
     """
-    (n1, n2), (m1, m2) = (tuple(map(pad, layer.in_dims)), tuple(map(pad, layer.out_dims)))
-    fwd = 2.0 * m * (m1 * n1 * n2 + m1 * n2 * m2)
+    def flops(n1: int, n2: int, m1: int, m2: int, best: bool) -> tuple[float, float, float]:
+        """(fwd, dx, factor grads): the kernels' contraction order (A first), or the cheaper one."""
+        order = min if best else (lambda first, _: first)
+        fwd = 2.0 * m * order(m1 * n1 * n2 + m1 * n2 * m2, n1 * n2 * m2 + m1 * n1 * m2)
+        dx = 2.0 * m * order(n1 * m1 * m2 + n1 * m2 * n2, m1 * m2 * n2 + n1 * m1 * n2)
+        return fwd, dx, 4.0 * m * (m1 * n1 * n2 + m1 * m2 * n2)
+
+    (n1, n2), (m1, m2) = layer.in_dims, layer.out_dims
+    useful = flops(n1, n2, m1, m2, best=True)
+    executed = flops(pad(n1), pad(n2), pad(m1), pad(m2), best=False)
     one_pass = elt * m * (layer.in_features + layer.out_features)
     params = elt * sum(f.numel() for f in layer.parameters())
     if mode == "fwd":
-        return fwd, one_pass + params
-    dx = 2.0 * m * (n1 * m1 * m2 + n1 * m2 * n2)
-    grads = 4.0 * m * (m1 * n1 * n2 + m1 * m2 * n2)
-    return fwd + dx + grads, 3 * one_pass + params + 4 * sum(f.numel() for f in layer.parameters())
+        return useful[0], executed[0], one_pass + params
+    return sum(useful), sum(executed), 3 * one_pass + params + 4 * sum(f.numel() for f in layer.parameters())
 
 
 def _peer_call(dims: tuple[int, int], m: int, dtype: torch.dtype, device: str, mode: str):
@@ -61,12 +68,20 @@ def cases(device: str, quick: bool):
         yield _case((d, d), m, dtype, device, mode)
 
 
+def goal_cases(device: str, tiny: bool = False):
+    """The rows the GPU targets read: bf16, 4096^2 as 64 x 64, M=8192, fwd and fwd+bwd, NdLinear in
+    the same run where installed (``tiny``: 8 x 8, M=32)."""
+    d, m = (8, 32) if tiny else (64, 8192)
+    for mode in ("fwd", "fwd+bwd"):
+        yield _case((d, d), m, torch.bfloat16, device, mode)
+
+
 def _case(dims: tuple[int, int], m: int, dtype: torch.dtype, device: str, mode: str) -> Case:
     layer = KroneckerLinear(dims, dims).to(device=device, dtype=dtype)
-    flops, nbytes = costs(layer, m, torch.finfo(dtype).bits // 8, mode)
-    others = {PEER: _peer_call(dims, m, dtype, device, mode)}
+    useful, executed, nbytes = costs(layer, m, torch.finfo(dtype).bits // 8, mode)
+    others = {PEER: peer(_peer_call, dims, m, dtype, device, mode)}
     shape = {"M": m, "in": layer.in_features, "out": layer.out_features, "dims": list(dims)}
-    return layer_case(KERNEL, layer, m, dtype, device, mode, flops, nbytes, shape, others)
+    return layer_case(KERNEL, layer, m, dtype, device, mode, useful, nbytes, executed, shape, others)
 
 
 def targets(rows: list[dict], device: str, quick: bool) -> list[dict]:

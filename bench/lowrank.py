@@ -14,28 +14,30 @@ import torch.nn.functional as F
 from tspline_kernels.lowrank import LowRankLinear
 from tspline_kernels.lowrank.kernels import pad_rank
 
-from .harness import Case, layer_case, module_call, speedup, target
+from .harness import Case, Step, layer_case, module_call, peer, speedup, target
 
 RANK = 16
 KERNEL = "lowrank"
 UNFUSED = "x @ V @ U.T (unfused)"
 
 
-def costs(layer: LowRankLinear, m: int, elt: int, mode: str) -> tuple[float, float]:
-    """(FLOPs, bytes) of one call with the best configs (no output or batch splits).
+def costs(layer: LowRankLinear, m: int, elt: int, mode: str) -> tuple[float, float, float]:
+    """(useful FLOPs, executed FLOPs, bytes) of one call with the best configs (no output or batch
+    splits).
 
-    fwd: 2*m*RP*(in + out) FLOPs; x read once, y written once, t (fp32) stored, factors and bias
-    read once. fwd+bwd adds the dx kernel (the same costs on dy) and the factor-gradient kernel
-    (x, dy, p, q read once; dU, dV, d bias written).
+    fwd: useful 2*m*r*(in + out), executed with the rank padded to RP (``pad_rank``); x read once,
+    y written once, t (fp32) stored, factors and bias read once. fwd+bwd adds the dx kernel (the
+    same costs on dy) and the factor-gradient kernel (x, dy, p, q read once; dU, dV, d bias
+    written): 3x the FLOPs.
     """
     n_in, n_out, r = layer.in_features, layer.out_features, layer.rank
-    flops = 2.0 * m * pad_rank(r) * (n_in + n_out)
+    useful, executed = 2.0 * m * r * (n_in + n_out), 2.0 * m * pad_rank(r) * (n_in + n_out)
     params = elt * (r * (n_in + n_out) + n_out)
     one_pass = elt * m * (n_in + n_out) + 4 * m * r + params
     if mode == "fwd":
-        return flops, one_pass
+        return useful, executed, one_pass
     grads = elt * m * (n_in + n_out) + 2 * 4 * m * r + 4 * (r * (n_in + n_out) + n_out)
-    return 3 * flops, 2 * one_pass + grads
+    return 3 * useful, 3 * executed, 2 * one_pass + grads
 
 
 def _unfused_call(layer: LowRankLinear, m: int, dtype: torch.dtype, device: str, mode: str):
@@ -47,12 +49,12 @@ def _unfused_call(layer: LowRankLinear, m: int, dtype: torch.dtype, device: str,
         def run():
             with torch.no_grad():
                 return F.linear(x @ v, u, b)
-        return run
+        return Step(run)
 
     def step():
         y = F.linear(x @ v, u, b)
         y.backward(torch.ones_like(y))
-    return step
+    return Step(step, [x, u, v, b])
 
 
 def _tensor_spline_call(n: int, m: int, mode: str, device: str):
@@ -76,14 +78,20 @@ def cases(device: str, quick: bool):
         yield _case(n, m, dtype, device, mode)
 
 
+def goal_cases(device: str, tiny: bool = False):
+    """The row the GPU targets read: bf16 fwd, 4096^2, rank 16, M=8192 (``tiny``: 64^2, M=64)."""
+    n, m = (64, 64) if tiny else (4096, 8192)
+    yield _case(n, m, torch.bfloat16, device, "fwd")
+
+
 def _case(n: int, m: int, dtype: torch.dtype, device: str, mode: str) -> Case:
     layer = LowRankLinear(n, n, RANK).to(device=device, dtype=dtype)
-    flops, nbytes = costs(layer, m, torch.finfo(dtype).bits // 8, mode)
+    useful, executed, nbytes = costs(layer, m, torch.finfo(dtype).bits // 8, mode)
     others = {UNFUSED: _unfused_call(layer, m, dtype, device, mode)}
     if device == "cpu" and dtype == torch.float32:
-        others["tensor-spline"] = _tensor_spline_call(n, m, mode, device)
+        others["tensor-spline"] = peer(_tensor_spline_call, n, m, mode, device)
     shape = {"M": m, "in": n, "out": n, "rank": RANK}
-    return layer_case(KERNEL, layer, m, dtype, device, mode, flops, nbytes, shape, others)
+    return layer_case(KERNEL, layer, m, dtype, device, mode, useful, nbytes, executed, shape, others)
 
 
 def targets(rows: list[dict], device: str, quick: bool) -> list[dict]:

@@ -1,42 +1,73 @@
-"""``tspline bench``: run every family's cases, check the stated targets, write one JSON file."""
+"""``tspline bench``: run every family's cases, check the stated targets, write one JSON file.
+
+The file is named by device and commit (``bench/results/<device>-<commit>[-dirty].json``) and an
+existing file is never overwritten (``-2``, ``-3``, ... are added). It is rewritten after each
+family, so a run cut short keeps what it measured; a family that fails is recorded in
+``meta.errors`` and the others still run.
+"""
 
 from __future__ import annotations
 
 import importlib
 import re
+import traceback
 from pathlib import Path
 
 import torch
 
-from .harness import device_name, measure, write_json
+from .harness import device_name, free_path, git_state, launch_floor, measure, measure_peaks, metadata, write_json
 
 FAMILIES = ["spline", "lowrank", "tt", "kronecker"]
 
 
-def default_out(device: str) -> Path:
+def default_out(device: str, goal: bool = False, tiny: bool = False) -> Path:
+    """``bench/results/<device slug>-<commit>[-dirty][-goal][-tiny].json`` (not checked for existence)."""
     slug = re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
-    return Path("bench/results") / f"{slug}.json"
+    commit, dirty = git_state()
+    tags = "".join(f"-{t}" for t, on in (("dirty", dirty), ("goal", goal), ("tiny", tiny)) if on)
+    return Path("bench/results") / f"{slug}-{commit}{tags}.json"
 
 
-def main(quick: bool = False, out: str | None = None, only: list[str] | None = None) -> Path:
+def main(quick: bool = False, out: str | None = None, only: list[str] | None = None, goal: bool = False,
+         tiny: bool = False) -> Path:
+    """Benchmark ``only`` (default: every family): every case (``quick``: a subset), or with
+    ``goal`` only the rows the GPU targets read (``tiny``: at smoke-test sizes). ``out``: the file,
+    or a folder for the default name. Returns the path written; raises SystemExit(1) after
+    writing it if a family failed."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     families = only or FAMILIES
     unknown = sorted(set(families) - set(FAMILIES))
     if unknown:
         raise SystemExit(f"unknown benchmark families {unknown}; choose from {FAMILIES}")
+    path = default_out(device, goal, tiny)
+    if out:  # a folder (existing, or named with a trailing /) takes the default file name
+        path = Path(out) / path.name if out.endswith("/") or Path(out).is_dir() else Path(out)
+    path = free_path(path)
+    print(f"== peaks and launch floor on {device_name(device)}")
+    peaks, floor = measure_peaks(device, tiny), launch_floor(device)
+    print("  " + ", ".join(f"{k} {v:.4g}" for k, v in {**peaks, **floor}.items()))
+    extra = {**metadata(device), "quick": quick, "goal": goal, "tiny": tiny, "families": families, "peaks": peaks,
+             "launch_floor": floor, "errors": {}}  # metadata taken once: commit and dirty flag as the run began
     rows, targets = [], []
     for name in families:
         module = importlib.import_module(f"{__package__}.{name}")
         print(f"== {name} on {device_name(device)}")
-        family_rows = measure(module.cases(device, quick), device)
-        rows += family_rows
-        targets += module.targets(family_rows, device, quick)
-    path = Path(out) if out else default_out(device)
-    write_json(path, device, rows, targets, {"quick": quick, "families": families})
+        try:
+            cases = module.goal_cases(device, tiny) if goal else module.cases(device, quick)
+            family_rows = measure(cases, device, peaks=peaks, floor=floor)
+            rows += family_rows
+            # goal rows are the GPU targets' rows: evaluate those targets wherever they ran
+            targets += module.targets(family_rows, "cuda" if goal else device, quick)
+        except Exception:  # keep going: the other families' numbers are still worth having
+            extra["errors"][name] = traceback.format_exc()
+            print(f"FAILED {name}:\n{extra['errors'][name]}")
+        write_json(path, device, rows, targets, extra)
     print("\n== targets (benchmarks, not tests)")
     for t in targets:
         state = {True: "met", False: "NOT met", None: "not measured here"}[t["met"]]
         value = "-" if t["measured"] is None else f"{t['measured']:.3g}"
         print(f"  [{state:>17}] {t['target']}: {value} (threshold {t['threshold']})")
     print(f"\nwrote {path}")
+    if extra["errors"]:
+        raise SystemExit(1)
     return path

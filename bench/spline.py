@@ -12,7 +12,7 @@ import torch
 from tspline_kernels import HierarchicalSplineLinear, SplineLinear, backend
 from tspline_kernels.reference import spline as ref
 
-from .harness import Case, cpu_peak_mb, forward_backward, layer_case, module_call, speedup, target
+from .harness import Case, Step, cpu_peak_mb, forward_backward, layer_case, module_call, peer, speedup, target
 
 GRID = 64  # B-spline grid per axis
 N_FIELD = 16  # control points of the global field bases (tensor-spline's default)
@@ -33,23 +33,35 @@ def _pad(g: int) -> int:
     return max(16, 1 << (g - 1).bit_length())
 
 
-def costs(kernel: str, layer, m: int, elt: int, mode: str) -> tuple[float, float]:
-    """(FLOPs, bytes) of one call, as the kernel docstrings count them."""
+GEN_BM = 128  # nominal row block of the field kernels: W tiles are generated once per row block
+
+
+def costs(kernel: str, layer, m: int, elt: int, mode: str) -> tuple[float, float, float]:
+    """(useful FLOPs, executed FLOPs, bytes) of one call.
+
+    Useful: separable bases multiply by 4-banded basis matrices (4 taps per row), so per grid
+    2*m*(4*n_in + g_in*g_out + 4*n_out); field bases do the dense matmul 2*m*n_in*n_out (generating
+    W is extra work). Executed, as the kernel docstrings count it: dense padded basis tiles for the
+    separable kernels; for the field kernels the matmul plus ~6 FLOPs per lattice point per W entry
+    per row block of ``GEN_BM`` rows (an estimate; local support skips far points). fwd+bwd: 3x
+    (dx and the parameter gradient each cost about one forward)."""
     n_in, n_out = layer.in_features, layer.out_features
     act = elt * m * (n_in + n_out)
     if kernel in ("spline.bspline", "spline.bicubic", "spline.hierarchical"):
         grids = [layer.coarse_grid, layer.fine_grid] if kernel == "spline.hierarchical" else [layer._grid_control().shape]
-        flops = 0.0
+        useful = executed = 0.0
         for g_out, g_in in grids:
             gi, go = _pad(g_in), _pad(g_out)
-            flops += 2 * m * (n_in * gi + gi * go + n_out * go)
+            useful += 2 * m * (4 * n_in + g_in * g_out + 4 * n_out)
+            executed += 2 * m * (n_in * gi + gi * go + n_out * go)
         passes = len(grids)
-    else:  # field bases: the matmul on tensor cores; generation runs on the CUDA cores
-        flops = 2.0 * m * n_in * n_out
+    else:
+        useful = 2.0 * m * n_in * n_out
+        executed = useful + 6.0 * layer.n_control_points * n_in * n_out * -(-m // GEN_BM)
         passes = 1
     if mode == "fwd":
-        return flops, passes * act
-    return 3 * flops, 3 * passes * act
+        return useful, executed, passes * act
+    return 3 * useful, 3 * executed, 3 * passes * act
 
 
 def _tensor_spline_call(basis: str, n: int, m: int, mode: str, device: str):
@@ -61,16 +73,17 @@ def _tensor_spline_call(basis: str, n: int, m: int, mode: str, device: str):
 
 
 def _materialize_then_dense(layer, m: int, dtype: torch.dtype, device: str):
-    """Baseline for on-the-fly generation: build W with a compiled fused kernel, then F.linear."""
+    """Baseline for on-the-fly generation: build W with a compiled fused kernel (eager off CUDA),
+    then F.linear."""
     basis = ref.GAUSSIAN if layer.basis == "gaussian" else ref.IDW
-    build = torch.compile(ref.field_weight, fullgraph=True)
+    build = torch.compile(ref.field_weight, fullgraph=True) if device == "cuda" else ref.field_weight
     x = torch.randn(m, layer.in_features, device=device, dtype=dtype)
 
     def run():
         with torch.no_grad():
             w = build(layer.control.float(), layer.lattice, layer._sigma(), layer.out_features, layer.in_features, basis, layer.rho)
             return torch.nn.functional.linear(x, w.to(dtype))
-    return run
+    return Step(run)
 
 
 def cases(device: str, quick: bool):
@@ -93,19 +106,31 @@ def cases(device: str, quick: bool):
             yield _case("spline.bspline", LAYERS["spline.bspline"](4096), 256, torch.float32, device, "fwd")
 
 
-def _case(kernel: str, layer, m: int, dtype: torch.dtype, device: str, mode: str) -> Case:
+def goal_cases(device: str, tiny: bool = False):
+    """The rows the GPU targets read (bf16, fwd): bspline at n=4096, M in {16, 8192}; gaussian and
+    eisenstein at n=4096, M=4096 against materialize+F.linear. ``tiny``: n=64, M in {16, 64, 32}."""
+    n, m_small, m_large, m_field = (64, 16, 64, 32) if tiny else (4096, 16, 8192, 4096)
+    for m in (m_small, m_large):
+        yield _case("spline.bspline", LAYERS["spline.bspline"](n), m, torch.bfloat16, device, "fwd")
+    for kernel in ("spline.gaussian", "spline.eisenstein"):
+        yield _case(kernel, LAYERS[kernel](n), m_field, torch.bfloat16, device, "fwd", materialize=True)
+
+
+def _case(kernel: str, layer, m: int, dtype: torch.dtype, device: str, mode: str, materialize: bool | None = None) -> Case:
+    """One row; ``materialize`` (default: on CUDA) adds the materialize+F.linear baseline to
+    forward rows of global field bases."""
     elt = torch.finfo(dtype).bits // 8
-    flops, nbytes = costs(kernel, layer, m, elt, mode)
+    useful, executed, nbytes = costs(kernel, layer, m, elt, mode)
     n = layer.in_features
     shape = {"M": m, "in": n, "out": layer.out_features}
     shape.update({"grid": GRID} if "bspline" in kernel or "hier" in kernel else {"n_control_points": getattr(layer, "n_control_points", None)})
     others = {}
     basis = getattr(layer, "basis", None)
     if device == "cpu" and basis in ("bicubic", "gaussian", "eisenstein") and layer.support == "global" and n <= 1024:
-        others["tensor-spline"] = _tensor_spline_call(basis, n, m, mode, device)
-    if device == "cuda" and mode == "fwd" and basis in ("gaussian", "eisenstein") and layer.support == "global":
+        others["tensor-spline"] = peer(_tensor_spline_call, basis, n, m, mode, device)
+    if (device == "cuda" if materialize is None else materialize) and mode == "fwd" and basis in ("gaussian", "eisenstein") and layer.support == "global":
         others["materialize+F.linear"] = _materialize_then_dense(layer.to(device), m, dtype, device)
-    return layer_case(kernel, layer, m, dtype, device, mode, flops, nbytes, shape, others)
+    return layer_case(kernel, layer, m, dtype, device, mode, useful, nbytes, executed, shape, others)
 
 
 def eisenstein_step(impl: str, n: int, m: int):

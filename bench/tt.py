@@ -9,6 +9,7 @@ the strategy the layer actually runs. On CPU every layer runs the pure-PyTorch r
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 
@@ -17,27 +18,36 @@ from tspline_kernels.spline_tt import SplineTTLinear
 from tspline_kernels.tt import TTLinear
 from tspline_kernels.tt import cost
 
-from .harness import Case, find, layer_case, module_call, speedup, target
+from .harness import Case, find, layer_case, module_call, peer, speedup, target
 
 N = 4096
 CONFIGS = {  # name -> (modes of both sides, rank, spline grid per core)
     "16x16x16-r16": ((16, 16, 16), 16, (8, 8)),
     "8x8x8x8-r8": ((8, 8, 8, 8), 8, (4, 4)),
 }
+TINY = {"16x16x16-r16": ((4, 4, 4), 4, (4, 4)), "8x8x8x8-r8": ((2, 2, 2, 2), 2, (4, 4))}  # smoke-test stand-ins
 
 
-def make(kernel: str, config: str, strategy: str):
-    modes, rank, grid = CONFIGS[config]
+def spec(config: str, tiny: bool = False) -> tuple[tuple[int, ...], int, tuple[int, int]]:
+    """(modes, rank, spline grid) of a named config, or of its tiny stand-in."""
+    return (TINY if tiny else CONFIGS)[config]
+
+
+def make(kernel: str, config: str, strategy: str, tiny: bool = False):
+    modes, rank, grid = spec(config, tiny)
     if kernel == "tt":
         return TTLinear(modes, modes, rank, strategy=strategy)
     return SplineTTLinear(modes, modes, rank, grid, strategy=strategy)
 
 
-def costs(layer, m: int, dtype: torch.dtype, mode: str, device: str) -> tuple[float, float, str]:
-    """(FLOPs, bytes, strategies run: "forward" or "forward/backward") of one call; the reference on
-    CPU counts as the step kernels ("contract")."""
+def costs(layer, m: int, dtype: torch.dtype, mode: str, device: str) -> tuple[float, float, float, str]:
+    """(useful FLOPs, executed FLOPs, bytes, strategies run: "forward" or "forward/backward") of
+    one call. Useful: the cheaper of sequential contraction (unpadded) and a dense product,
+    3x for fwd+bwd; executed and bytes: ``tt/cost.py``'s counts for the strategies picked (the
+    reference on CPU counts as the step kernels, "contract")."""
     ins, outs, ranks = layer.in_modes, layer.out_modes, layer.ranks
     elt = torch.finfo(dtype).bits // 8
+    useful = min(cost.steps_cost(m, ins, outs, ranks, elt).flops, 2.0 * m * math.prod(ins) * math.prod(outs))
     if device == "cuda":
         picked = layer.picked_strategy(m, dtype)
         total = cost.forward_cost(picked, m, ins, outs, ranks, elt)
@@ -48,20 +58,20 @@ def costs(layer, m: int, dtype: torch.dtype, mode: str, device: str) -> tuple[fl
         back = layer.picked_strategy(m, dtype, backward=True) if device == "cuda" else "contract"
         total = total + cost.grad_cost(back, m, ins, outs, ranks, elt)
         picked = f"{picked}/{back}"
-    return total.flops, total.bytes, picked
+    return (useful if mode == "fwd" else 3 * useful), total.flops, total.bytes, picked
 
 
-def _tltorch_call(config: str, m: int, dtype: torch.dtype, device: str, mode: str):
+def _tltorch_call(config: str, m: int, dtype: torch.dtype, device: str, mode: str, tiny: bool = False):
     import tltorch
 
-    modes, rank, _ = CONFIGS[config]
+    modes, rank, _ = spec(config, tiny)
     theirs = tltorch.FactorizedLinear(in_tensorized_features=modes, out_tensorized_features=modes,
                                       factorization="blocktt", rank=rank)
     with torch.no_grad():
         for f in theirs.weight.factors:
             f.normal_(0, 0.3)
     theirs = theirs.to(device=device, dtype=dtype)
-    x = torch.randn(m, N, device=device, dtype=dtype, requires_grad=mode != "fwd")
+    x = torch.randn(m, math.prod(modes), device=device, dtype=dtype, requires_grad=mode != "fwd")
     return module_call(theirs, x, mode)
 
 
@@ -79,25 +89,39 @@ def cases(device: str, quick: bool):
             yield _case(kernel, config, strategy, m, dtype, device, mode)
 
 
-def _case(kernel: str, config: str, strategy: str, m: int, dtype: torch.dtype, device: str, mode: str) -> Case:
-    layer = make(kernel, config, strategy)
-    flops, nbytes, picked = costs(layer, m, dtype, mode, device)
-    shape = {"M": m, "in": N, "out": N, "config": config, "strategy": strategy, "picked": picked}
+def goal_cases(device: str, tiny: bool = False):
+    """The rows the GPU targets read ("auto" strategy, bf16): 16^3 r16 fwd and fwd+bwd at M in
+    {16, 8192} (tltorch blocktt in the same run where installed), 8^4 r8 fwd at M=8192.
+    ``tiny``: 4^3 r4 and 2^4 r2 stand-ins, M in {16, 64}."""
+    small, large = (16, 64) if tiny else (16, 8192)
+    for m, mode in itertools.product((small, large), ("fwd", "fwd+bwd")):
+        yield _case("tt", "16x16x16-r16", "auto", m, torch.bfloat16, device, mode, tiny)
+    yield _case("tt", "8x8x8x8-r8", "auto", large, torch.bfloat16, device, "fwd", tiny)
+
+
+def _case(kernel: str, config: str, strategy: str, m: int, dtype: torch.dtype, device: str, mode: str,
+          tiny: bool = False) -> Case:
+    layer = make(kernel, config, strategy, tiny)
+    useful, executed, nbytes, picked = costs(layer, m, dtype, mode, device)
+    n = layer.in_features
+    shape = {"M": m, "in": n, "out": layer.out_features, "config": config, "strategy": strategy, "picked": picked}
+    if tiny:
+        shape["modes"] = list(spec(config, tiny)[0])
     if kernel == "spline_tt":
-        shape["grid"] = CONFIGS[config][2]
+        shape["grid"] = spec(config, tiny)[2]
     others = {}
     if kernel == "tt" and strategy == "auto":
-        others["tltorch blocktt"] = _tltorch_call(config, m, dtype, device, mode)
-    return layer_case(f"{kernel}.{config}", layer, m, dtype, device, mode, flops, nbytes, shape, others)
+        others["tltorch blocktt"] = peer(_tltorch_call, config, m, dtype, device, mode, tiny)
+    return layer_case(f"{kernel}.{config}", layer, m, dtype, device, mode, useful, nbytes, executed, shape, others)
 
 
 def targets(rows: list[dict], device: str, quick: bool) -> list[dict]:
     """The stated targets, evaluated on this run's rows (None where not measured here)."""
     def row(config, mode, dtype, **shape):
-        return find(rows, f"tt.{config}", mode, dtype, strategy="auto", **shape)
+        return find(rows, f"tt.{config}", mode, dtype, strategy="auto", **{"in": N}, **shape)
 
     def ratio(config, mode, dtype, other=None, **shape):
-        return speedup(rows, f"tt.{config}", mode, dtype, other, strategy="auto", **shape)
+        return speedup(rows, f"tt.{config}", mode, dtype, other, strategy="auto", **{"in": N}, **shape)
 
     out = []
     big, small = "16x16x16-r16", "8x8x8x8-r8"

@@ -13,7 +13,10 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--seed", type=int, default=0)
     bench = sub.add_parser("bench", help="benchmark every kernel against dense F.linear; write JSON")
     bench.add_argument("--quick", action="store_true", help="a small subset of shapes")
-    bench.add_argument("--out", help="JSON file to write (default bench/results/<device>.json)")
+    bench.add_argument("--goal", action="store_true", help="only the rows the GPU targets read")
+    bench.add_argument("--tiny", action="store_true", help="with --goal: smoke-test sizes")
+    bench.add_argument("--out", help="JSON file to write (default bench/results/<device>-<commit>.json; "
+                                     "an existing file is never overwritten, a -2, -3, ... suffix is added)")
     bench.add_argument("--only", nargs="+", metavar="FAMILY", help="benchmark only these families")
     plot = sub.add_parser("plot", help="draw speed-up charts from a bench JSON file")
     plot.add_argument("file")
@@ -26,7 +29,9 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "bench":
         from .bench.run import main as run_bench
 
-        run_bench(quick=args.quick, out=args.out, only=args.only)
+        if args.tiny and not args.goal:
+            parser.error("--tiny goes with --goal")
+        run_bench(quick=args.quick, out=args.out, only=args.only, goal=args.goal, tiny=args.tiny)
     else:
         from .bench.plot import main as run_plot
 

@@ -1,0 +1,124 @@
+"""The benchmark harness's honesty rules, checked on CPU: gradients cleared every repetition, the
+roofline from useful FLOPs against measured peaks, results never overwritten, the autotune config
+of every kernel recorded; the CUDA-only branches of ``measure`` run with stand-in timers."""
+
+import types
+
+import pytest
+import torch
+
+import tspline_kernels as tk
+from tspline_kernels.bench import harness, kronecker, lowrank, spline, tt
+
+
+def test_fwd_bwd_timing_clears_gradients_every_repetition():
+    """Before: each repetition added into .grad, so the dense baseline paid an extra W.grad +=."""
+    layer = torch.nn.Linear(8, 4)
+    x = torch.randn(3, 8, requires_grad=True)
+    step = harness.forward_backward(layer, x)
+    assert step.grads[0] is x and len(step.grads) == 3
+    harness.time_ms(step, "cpu")
+    expected = torch.ones(3, 4) @ layer.weight
+    torch.testing.assert_close(x.grad, expected)
+    torch.testing.assert_close(layer.bias.grad, torch.full((4,), 3.0))
+
+
+def test_dense_baseline_step_lists_all_its_gradients():
+    x = torch.randn(5, 6, requires_grad=True)
+    step = harness.dense_call(x, 7, "fwd+bwd")
+    assert [tuple(t.shape) for t in step.grads] == [(5, 6), (7, 6), (7,)]
+    assert harness.dense_call(x.detach(), 7, "fwd").grads == []
+
+
+def test_results_are_never_overwritten(tmp_path):
+    first = tmp_path / "run.json"
+    assert harness.free_path(first) == first
+    first.write_text("{}")
+    assert harness.free_path(first) == tmp_path / "run-2.json"
+    (tmp_path / "run-2.json").write_text("{}")
+    assert harness.free_path(first) == tmp_path / "run-3.json"
+
+
+def test_roofline_uses_useful_flops_and_measured_peaks():
+    case = harness.Case("k", "fwd", {"M": 1}, torch.bfloat16, harness.Step(lambda: None), harness.Step(lambda: None),
+                        flops=2e12, bytes=1e9, executed_flops=8e12)
+    peaks = {"bfloat16": 1e15, "bytes_per_s": 1e12}
+    # floor max(2e12 / 1e15, 1e9 / 1e12) = 2 ms; 4 ms measured -> 0.5 (executed FLOPs not counted)
+    assert harness.roofline_fraction(case, 4.0, peaks) == pytest.approx(0.5)
+    assert harness.roofline_fraction(case, 4.0, {"float32": 1e15, "bytes_per_s": 1e12}) is None
+
+
+def test_cpu_peaks_are_measured():
+    peaks = harness.measure_peaks("cpu", tiny=True)
+    assert peaks["float32"] > 1e6 and peaks["bytes_per_s"] > 1e6
+
+
+def test_autotune_configs_records_each_kernel_config():
+    layer = tk.LowRankLinear(20, 24, rank=3)
+    x = torch.randn(5, 20, requires_grad=True)
+    with tk.backend("triton"):
+        configs = harness.autotune_configs(harness.forward_backward(layer, x))
+    assert set(configs) == {"_lowrank_fwd_kernel", "_lowrank_grad_kernel"}
+    assert all("BM=" in c for c in configs.values())
+
+
+def test_empty_kernel_launches():
+    harness.empty_launch("cpu")()  # the interpreter runs it; on CUDA launch_floor times it
+
+
+@pytest.mark.parametrize("family", [spline, lowrank, tt, kronecker], ids=lambda m: m.__name__.rsplit(".", 1)[-1])
+def test_goal_rows_count_useful_work_below_executed_work(family):
+    cases = list(family.goal_cases("cpu", tiny=True))
+    assert cases and all(c.dtype == torch.bfloat16 for c in cases)
+    for c in cases:
+        assert 0 < c.flops <= c.executed_flops and c.bytes > 0, (c.kernel, c.shape)
+
+
+def test_goal_layer_costs_at_target_sizes():
+    """Useful FLOPs at the real goal shapes: low rank 2*M*r*(in+out), padding only in executed."""
+    layer = tk.LowRankLinear(4096, 4096, 16)
+    useful, executed, _ = lowrank.costs(layer, 8192, 2, "fwd")
+    assert useful == executed == 2.0 * 8192 * 16 * 8192
+    useful, executed, _ = lowrank.costs(tk.LowRankLinear(4096, 4096, 5), 8192, 2, "fwd")
+    assert executed == useful * 16 / 5
+    useful, executed, _ = kronecker.costs(tk.KroneckerLinear((64, 64), (64, 64)), 8192, 2, "fwd")
+    assert useful == executed == 2.0 * 8192 * 2 * 64**3
+    useful, executed, _ = spline.costs("spline.bspline", spline.LAYERS["spline.bspline"](4096), 16, 2, "fwd")
+    assert useful == 2 * 16 * (4 * 4096 + 64 * 64 + 4 * 4096) < executed
+
+
+def test_measure_runs_its_cuda_branches_with_stand_in_timers(monkeypatch):
+    """No GPU here: CUDA-only calls (do_bench, CUDA graphs, memory stats, device properties) are
+    replaced, so a typo in the lines around them fails here and not on the first GPU run."""
+    monkeypatch.setattr(harness, "time_ms", lambda step, device: (step(), (2.0, 1.9, 2.1))[1])
+    monkeypatch.setattr(harness, "graph_ms", lambda step: (step(), 1.5)[1])
+    monkeypatch.setattr(harness, "cuda_peak_mb", lambda fn: (fn(), 3.0)[1])
+    cpu_launch = harness.empty_launch
+    monkeypatch.setattr(harness, "empty_launch", lambda device: cpu_launch("cpu"))
+    monkeypatch.setattr(harness, "device_name", lambda device: "stand-in GPU")
+    props = types.SimpleNamespace(multi_processor_count=132, total_memory=141e9, major=9, minor=0)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props)
+    floor = harness.launch_floor("cuda")
+    assert floor == {"launch_ms": 2.0, "launch_graph_ms": 1.5}
+    meta = harness.metadata("cuda")
+    assert meta["sm_count"] == 132 and meta["capability"] == "9.0"
+    with tk.backend("triton"):
+        rows = harness.measure(lowrank.goal_cases("cpu", tiny=True), "cuda", progress=lambda line: None,
+                               peaks={"bfloat16": 1e12, "bytes_per_s": 1e11}, floor=floor)
+    (row,) = rows
+    assert row["ms"] == 2.0 and row["peak_mem_mb"] == 3.0 and row["roofline_fraction"] > 0
+    assert (row["graph_ms"], row["baseline_graph_ms"], row["launch_floor_ms"]) == (1.5, 1.5, 2.0)  # M=64: small
+    assert set(row["configs"]) == {"_lowrank_fwd_kernel"}
+
+
+def test_large_rows_get_no_graph_timing(monkeypatch):
+    monkeypatch.setattr(harness, "time_ms", lambda step, device: (2.0, 1.9, 2.1))
+    monkeypatch.setattr(harness, "graph_ms", lambda step: 1.5)
+    monkeypatch.setattr(harness, "cuda_peak_mb", lambda fn: (fn(), 3.0)[1])
+    monkeypatch.setattr(harness, "metadata", lambda device: {"device": "stand-in GPU", "torch": "t", "triton": "t",
+                                                             "commit": "c", "dirty": False})
+    case = next(lowrank.goal_cases("cpu", tiny=True))
+    case.shape["M"] = harness.SMALL_M + 1
+    (row,) = harness.measure([case], "cuda", progress=lambda line: None, floor={"launch_ms": 0.004})
+    assert (row["graph_ms"], row["baseline_graph_ms"], row["launch_floor_ms"]) == (None, None, None)
