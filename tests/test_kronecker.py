@@ -356,6 +356,8 @@ def test_from_linear_rejects_bad_arguments():
         KroneckerLinear.from_linear(nn.Linear(8, 8), (8,), (8,))
     with pytest.raises(ValueError, match=r"in_features, out_features\) = \(8, 6\)"):
         KroneckerLinear.from_linear(nn.Linear(8, 6), (2, 4), (2, 2))
+    with pytest.raises(ValueError, match="meta device"):
+        KroneckerLinear.from_linear(nn.Linear(6, 4, device="meta"), (2, 3), (2, 2))
 
 
 # ----------------------------------------------------------------------------- module contract

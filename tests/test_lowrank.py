@@ -175,6 +175,8 @@ def test_from_linear_rejects_bad_arguments():
         LowRankLinear.from_linear(nn.Conv1d(3, 3, 1), 2)
     with pytest.raises(ValueError, match=r"min\(in_features, out_features\)=7"):
         LowRankLinear.from_linear(nn.Linear(9, 7), 8)
+    with pytest.raises(ValueError, match="meta device"):
+        LowRankLinear.from_linear(nn.Linear(9, 7, device="meta"), 2)
 
 
 # ------------------------------------------------------------------------- from_tensor_spline

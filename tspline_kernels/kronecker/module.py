@@ -267,6 +267,9 @@ class KroneckerLinear(_SavedSettings, CompressedLinear):
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"expected an nn.Linear, got {type(linear).__name__}")
+        if linear.weight.is_meta:
+            raise ValueError("from_linear fits the Linear's weight values, but it is on the meta device and has "
+                             "none: load its weights first")
         ins, outs = check_dims(in_dims, out_dims)
         if len(ins) != 2:
             raise ValueError(f"from_linear fits two modes (A (x) B), got {len(ins)}: in_dims={ins}, out_dims={outs}")

@@ -82,6 +82,9 @@ class LowRankLinear(CompressedLinear):
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"expected an nn.Linear, got {type(linear).__name__}")
+        if linear.weight.is_meta:
+            raise ValueError("from_linear fits the Linear's weight values, but it is on the meta device and has "
+                             "none: load its weights first")
         weight = linear.weight.detach()
         new = cls(linear.in_features, linear.out_features, rank, bias=linear.bias is not None,
                   device=weight.device, dtype=weight.dtype)
