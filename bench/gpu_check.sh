@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# The prepared GPU check (README, "Benchmarks"): environment, CUDA tests, the every-config check,
+# the goal benchmark rows. Budget: 8 minutes on an H200, each stage under its own `timeout`; a
+# failed or timed-out stage is reported and the next one still runs; the exit status is non-zero
+# if any stage failed. Writes gpu_check.log, every_config.json, the bench JSON and pytest's JUnit
+# XML under $OUT when set, else bench/results/.
+#
+#   bash bench/gpu_check.sh          # on the GPU machine
+#   bash bench/gpu_check.sh --dry    # the same stages on CPU, tiny sizes, Triton interpreter
+#
+# Environment: PYTHON (default python3), JOBS (parallel every-config shards / pytest workers,
+# default 12), STAGES (default "install cuda-tests kernel-tests every-config bench"), and
+# per-stage limits in seconds: T_INSTALL, T_CUDA_TESTS, T_KERNEL_TESTS, T_EVERY_CONFIG, T_BENCH.
+set -uo pipefail
+
+DRY=0
+case "${1:-}" in
+  --dry) DRY=1 ;;
+  "") ;;
+  *) echo "usage: bash bench/gpu_check.sh [--dry]" >&2; exit 2 ;;
+esac
+
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+DEST=${OUT:-bench/results}
+mkdir -p "$DEST"
+LOG="$DEST/gpu_check.log"
+
+main() {
+export TSPLINE_AUTOTUNE=quick PYTHONUNBUFFERED=1
+JOBS=${JOBS:-12}
+if [ "$DRY" = 1 ]; then
+  # interpreter, tiny sizes; the pytest stages only collect (CI runs those tests itself)
+  export TRITON_INTERPRET=1
+  JOBS=2
+  PYTEST_EXTRA=(--collect-only -q)
+  EVERY=(--dtype fp32 --case lowrank --limit 2 --rows 40 --mode sequence)
+  BENCH=(--goal --tiny)
+else
+  PYTEST_EXTRA=(-q -rfE)
+  EVERY=(--dtype bf16)
+  BENCH=(--goal)
+fi
+# worst case with every stage at its limit: about 7.5 minutes
+T_INSTALL=${T_INSTALL:-60} T_CUDA_TESTS=${T_CUDA_TESTS:-100} T_KERNEL_TESTS=${T_KERNEL_TESTS:-90}
+T_EVERY_CONFIG=${T_EVERY_CONFIG:-110} T_BENCH=${T_BENCH:-110}
+
+FAILED=()
+START=$SECONDS
+STAGES=" ${STAGES:-install cuda-tests kernel-tests every-config bench} "
+stage() {  # stage NAME SECONDS CMD...: run CMD under a time limit, record a failure, go on
+  local name=$1 limit=$2 t0=$SECONDS rc
+  shift 2
+  if [[ "$STAGES" != *" $name "* ]]; then
+    echo "=== [$name] skipped (not in STAGES)"
+    return
+  fi
+  echo
+  echo "=== [$name] (limit ${limit}s): $*"
+  timeout --kill-after=10 "$limit" "$@"
+  rc=$?
+  if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+    FAILED+=("$name: timed out after ${limit}s")
+  elif [ "$rc" != 0 ]; then
+    FAILED+=("$name: exit status $rc")
+  fi
+  echo "=== [$name] exit $rc after $((SECONDS - t0))s (total $((SECONDS - START))s)"
+}
+
+echo "=== environment ($(date -u +%Y-%m-%dT%H:%M:%SZ), dry=$DRY)"
+command -v nvidia-smi >/dev/null && nvidia-smi
+echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo ' (dirty)')"
+"$PY" - <<'EOF'
+import platform, torch, triton
+print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}")
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"{p.name}: {p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB, capability {p.major}.{p.minor}")
+EOF
+
+if ! "$PY" -c "import tspline_kernels.bench.every_config" 2>/dev/null; then
+  stage install "$T_INSTALL" "$PY" -m pip install --no-deps --no-build-isolation -e .
+fi
+
+XDIST=()
+if [ "$DRY" = 0 ] && "$PY" -c "import xdist" 2>/dev/null; then
+  XDIST=(-n "$JOBS")
+fi
+stage cuda-tests "$T_CUDA_TESTS" "$PY" -m pytest "${PYTEST_EXTRA[@]}" "${XDIST[@]}" -m cuda tests \
+  --junitxml="$DEST/pytest-cuda.xml"
+stage kernel-tests "$T_KERNEL_TESTS" "$PY" -m pytest "${PYTEST_EXTRA[@]}" "${XDIST[@]}" \
+  tests/test_spline_kernels.py tests/test_lowrank_kernels.py tests/test_kronecker_kernels.py \
+  tests/test_tt_kernels.py tests/test_every_config.py --junitxml="$DEST/pytest-kernels.xml"
+stage every-config "$((T_EVERY_CONFIG + 20))" "$PY" -m tspline_kernels.bench.every_config "${EVERY[@]}" \
+  --jobs "$JOBS" --deadline "$T_EVERY_CONFIG" --json "$DEST/every_config.json"
+stage bench "$T_BENCH" "$PY" -m tspline_kernels.cli bench "${BENCH[@]}" --out "$DEST/"
+
+echo
+echo "=== done in $((SECONDS - START))s; results in $DEST"
+if [ "${#FAILED[@]}" -gt 0 ]; then
+  printf 'FAILED: %s\n' "${FAILED[@]}"
+  return 1
+fi
+echo "all stages passed"
+}
+
+main 2>&1 | tee "$LOG"
+exit "${PIPESTATUS[0]}"

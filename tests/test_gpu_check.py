@@ -1,0 +1,50 @@
+"""``bash bench/gpu_check.sh --dry``: the prepared GPU check end to end on CPU (interpreter, tiny
+sizes), so that the first GPU call cannot fail on a typo; and a stage that fails or times out is
+reported while the next one still runs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh"
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine run the real check")
+
+
+def _run(out: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SCRIPT), "--dry"], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "OUT": str(out), "PYTHON": sys.executable, **env})
+
+
+def test_dry_run_passes_every_stage_and_writes_its_results(tmp_path):
+    done = _run(tmp_path)
+    log = (tmp_path / "gpu_check.log").read_text()
+    assert done.returncode == 0, log[-4000:]
+    assert "all stages passed" in log and "FAILED" not in log
+    for stage in ("cuda-tests", "kernel-tests", "every-config", "bench"):
+        assert f"=== [{stage}] exit 0" in log, stage
+    every = json.loads((tmp_path / "every_config.json").read_text())
+    assert every["checked"] >= 4 and every["failed"] == 0 and not every["notes"]
+    (bench,) = tmp_path.glob("cpu-*-goal-tiny.json")
+    data = json.loads(bench.read_text())
+    meta = data["meta"]
+    assert meta["goal"] and meta["tiny"] and meta["autotune"] == "quick" and not meta["errors"]
+    assert meta["peaks"]["float32"] > 0 and meta["peaks"]["bytes_per_s"] > 0
+    assert {"commit", "dirty", "torch", "triton"} <= set(meta)
+    assert len(data["rows"]) == 12 and len(data["targets"]) == 14
+    for row in data["rows"]:
+        assert row["ms"] > 0 and row["baseline_ms"] > 0 and 0 < row["flops"] <= row["executed_flops"], row["kernel"]
+
+
+def test_a_failed_stage_is_reported_and_the_next_one_still_runs(tmp_path):
+    done = _run(tmp_path, STAGES="cuda-tests kernel-tests", T_CUDA_TESTS="1")
+    log = (tmp_path / "gpu_check.log").read_text()
+    assert done.returncode == 1, log[-4000:]
+    assert "FAILED: cuda-tests: timed out after 1s" in log
+    assert "=== [kernel-tests] exit 0" in log
+    assert "=== [every-config] skipped" in log and "=== [bench] skipped" in log
