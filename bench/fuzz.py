@@ -99,6 +99,7 @@ class Case:
     scale: float
     invalid: str | None = None  # what is deliberately invalid, None for an ordinary case
     skew: float = 1.0  # first factor times skew, last one divided by it (``skew``)
+    grads: str = "all"  # which gradients are asked for (``GRADS``)
 
     @property
     def torch_seed(self) -> int:
@@ -114,24 +115,26 @@ class Case:
     def snippet(self, features: tuple[int, int] | None = None) -> str:
         """Standalone Python that rebuilds this case and prints every disagreement; ``features``
         ``(in, out)`` of the built layer (None: the construction alone)."""
-        helpers = ["check_case_inputs"] * (features is not None) + ["skew"] * (self.skew != 1.0)
+        helpers = (["check_case_inputs"] * (features is not None) + ["skew"] * (self.skew != 1.0)
+                   + ["freeze"] * (self.grads in FROZEN))
         lines = ["import torch", "import tspline_kernels as tk"]
         lines += [f"from tspline_kernels.bench.fuzz import {', '.join(helpers)}"] * bool(helpers)
         lines += [f"torch.manual_seed({self.torch_seed})", f"layer = {self.layer_code()}"]
         lines += [f"skew(layer, {self.skew!r})"] * (self.skew != 1.0)
+        lines += [f"freeze(layer, {self.grads!r})"] * (self.grads in FROZEN)
         if features is not None:
             n_in, n_out = features
             dt = _code(DTYPES[self.dtype])
             lines += [f"x = torch.randn({LAYOUTS[self.layout].base(self.lead, n_in)}, dtype={dt}) * {self.scale!r}",
                       f"x = {LAYOUTS[self.layout].code.format(lead=self.lead)}",
                       f"g = torch.randn({(*self.lead, n_out)}, dtype={dt})",
-                      "print(check_case_inputs(layer, x, g))"]
+                      f"print(check_case_inputs(layer, x, g{', x_grad=False' * (self.grads == 'params-only')}))"]
         return "\n".join(lines)
 
     def describe(self) -> dict:
         return {"seed": self.seed, "index": self.index, "family": self.family, "layer": self.layer_code(),
                 "dtype": self.dtype, "lead": list(self.lead), "layout": self.layout, "scale": self.scale,
-                "skew": self.skew, "invalid": self.invalid}
+                "skew": self.skew, "grads": self.grads, "invalid": self.invalid}
 
 
 def _code(v) -> str:
@@ -261,6 +264,10 @@ GENERATORS: dict[str, tuple[str, Callable[[random.Random], dict]]] = {
 SKEWED = {"LowRankLinear": ("U", "V"), "TTLinear": ("cores", "cores"), "SplineTTLinear": ("control", "control"),
           "KroneckerLinear": ("factors", "factors")}
 SKEWS = (1.0, 1.0, 1e-3, 1e3)
+# Which gradients a case asks for, so every backward branch runs: all, x only (parameters frozen),
+# the parameters only (x without grad), or every other parameter frozen.
+GRADS = ("all",) * 7 + ("input-only", "params-only", "some-params")
+FROZEN = {"input-only": slice(None), "some-params": slice(None, None, 2)}
 
 # Deliberately invalid arguments per family (label -> keyword overrides): each must raise a
 # ValueError or TypeError. Shared ones apply to every family with in_features / out_features.
@@ -339,7 +346,8 @@ def make_case(seed: int, index: int) -> Case:
     lead = rng.choice(LEADS)
     layout = rng.choice(tuple(LAYOUTS))
     s = rng.choice(SKEWS) if cls in SKEWED and not kwargs.get("gated") else 1.0  # gates would see a new layer
-    return Case(seed, index, family, cls, kwargs, dtype, lead, layout, rng.choice(SCALES[dtype]), invalid, s)
+    scale = rng.choice(SCALES[dtype])
+    return Case(seed, index, family, cls, kwargs, dtype, lead, layout, scale, invalid, s, rng.choice(GRADS))
 
 
 @torch.no_grad()
@@ -352,6 +360,12 @@ def skew(layer: torch.nn.Module, s: float) -> None:
     params[[n for n in params if n.split(".")[0] == last][-1]].div_(s)
 
 
+def freeze(layer: torch.nn.Module, grads: str) -> None:
+    """Stop gradients of the parameters that ``grads`` ("input-only" or "some-params") leaves out."""
+    for p in list(layer.parameters())[FROZEN[grads]]:
+        p.requires_grad_(False)
+
+
 def build(case: Case, device: str | None = None) -> torch.nn.Module:
     """The case's layer (a ValueError / TypeError for arguments it rejects)."""
     device_arg = {} if device is None else {"device": device}
@@ -359,11 +373,13 @@ def build(case: Case, device: str | None = None) -> torch.nn.Module:
 
 
 def make_layer(case: Case) -> torch.nn.Module:
-    """The case's layer, skewed, from the case's torch seed (as ``Case.snippet`` does)."""
+    """The case's layer, skewed and partly frozen, from the case's torch seed (as ``Case.snippet`` does)."""
     torch.manual_seed(case.torch_seed)
     layer = build(case)
     if case.skew != 1.0:
         skew(layer, case.skew)
+    if case.grads in FROZEN:
+        freeze(layer, case.grads)
     return layer
 
 
@@ -387,13 +403,14 @@ def _error(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e)[:300]}{where}"
 
 
-def _run(layer: torch.nn.Module, x: torch.Tensor, g: torch.Tensor, which: str) -> list:
-    """[y, dx, d(param) for every parameter] on backend ``which``; x keeps its strides."""
+def _run(layer: torch.nn.Module, x: torch.Tensor, g: torch.Tensor, which: str, x_grad: bool = True) -> list:
+    """[y, dx (if ``x_grad``), d(param) for every parameter that requires grad] on backend ``which``;
+    x keeps its strides."""
     params = [p for p in layer.parameters() if p.requires_grad]
     with tk.backend(which):
-        xi = x.detach().requires_grad_()
+        xi = x.detach().requires_grad_(x_grad)
         y = layer(xi)
-        return [y.detach(), *torch.autograd.grad(y, [xi, *params], g, allow_unused=True)]
+        return [y.detach(), *torch.autograd.grad(y, [xi] * x_grad + params, g, allow_unused=True)]
 
 
 def _relative_error(a: torch.Tensor, exact: torch.Tensor) -> float:
@@ -402,15 +419,17 @@ def _relative_error(a: torch.Tensor, exact: torch.Tensor) -> float:
     return diff / max(exact.norm().item(), 1e-300) if math.isfinite(diff) else math.inf
 
 
-def check_case_inputs(layer: torch.nn.Module, x: torch.Tensor, g: torch.Tensor) -> list[dict]:
-    """Every disagreement between Triton and the reference on ``layer(x)`` with output gradient ``g``,
-    as ``{"check", "message"}`` records (empty when all agree). A quantity the reference returns as
-    non-finite is reported with check "skipped" and not compared."""
-    names = ["y", "dx"] + [f"d{n}" for n, p in layer.named_parameters() if p.requires_grad]
+def check_case_inputs(layer: torch.nn.Module, x: torch.Tensor, g: torch.Tensor, x_grad: bool = True) -> list[dict]:
+    """Every disagreement between Triton and the reference on ``layer(x)`` with output gradient ``g``
+    (y, dx if ``x_grad``, the gradient of every parameter that requires grad), as ``{"check",
+    "message"}`` records (empty when all agree). A quantity the reference returns as non-finite is
+    reported with check "skipped" and not compared."""
+    params = [f"d{n}" for n, p in layer.named_parameters() if p.requires_grad]
+    names = ["y"] + ["dx"] * x_grad + params
     results = {}
     for which in ("reference", "triton"):
         try:
-            results[which] = _run(layer, x, g, which)
+            results[which] = _run(layer, x, g, which, x_grad)
         except Exception as e:  # a crash is the finding; any exception type counts
             return [{"check": f"{which} raised", "message": _error(e)}]
     problems, mismatched = [], {}
@@ -431,14 +450,14 @@ def check_case_inputs(layer: torch.nn.Module, x: torch.Tensor, g: torch.Tensor) 
     if mismatched:
         # How far each backend is from the same maths in fp64: a kernel bug leaves the reference
         # close and Triton far; an ill-conditioned quantity leaves both far.
-        exact = _run(copy.deepcopy(layer).double(), x.double(), g.double(), "reference")
+        exact = _run(copy.deepcopy(layer).double(), x.double(), g.double(), "reference", x_grad)
         for i, problem in mismatched.items():
             errors = [_relative_error(results[which][i], exact[i]) for which in ("triton", "reference")]
             problem["message"] += f"; relative error vs fp64: triton {errors[0]:.2e}, reference {errors[1]:.2e}"
             problems.append(problem)
     if x.numel() == 0:
         for which, values in results.items():
-            for name, grad in zip(names[2:], values[2:]):
+            for name, grad in zip(params, values[len(names) - len(params):]):
                 if grad is not None and not (torch.isfinite(grad).all() and torch.count_nonzero(grad) == 0):
                     problems.append({"check": f"{name} empty batch",
                                      "message": f"{which}: gradient on an empty batch is not zero (max |.| "
@@ -501,7 +520,7 @@ def run_case(case: Case) -> Result:
     if case.invalid:
         return done("fail", [{"check": "construction", "message": f"accepted the invalid argument {case.invalid}"}])
     x, g = make_inputs(case, layer)
-    problems = check_case_inputs(layer, x, g) + check_meta(case, layer, x)
+    problems = check_case_inputs(layer, x, g, case.grads != "params-only") + check_meta(case, layer, x)
     return done("pass", problems, features=(layer.in_features, layer.out_features))
 
 

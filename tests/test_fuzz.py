@@ -33,6 +33,7 @@ def test_cases_reproducible_and_cover_every_option():
     assert {c.dtype for c in cases} == set(fuzz.DTYPES)
     assert {c.layout for c in cases} == set(fuzz.LAYOUTS)
     assert {c.lead for c in cases} == set(fuzz.LEADS)
+    assert {c.grads for c in cases} == set(fuzz.GRADS) and {c.skew for c in cases} == set(fuzz.SKEWS)
     assert {c.family for c in cases if c.invalid} == set(fuzz.FAMILIES)
     tt = [c.kwargs for c in cases if c.family in ("tt", "spline-tt") and not c.invalid]
     assert {kw["strategy"] for kw in tt} == {"contract", "rebuild", "auto"}
@@ -92,15 +93,19 @@ def test_sweep_counts_checkpoints_resumes_and_merges(tmp_path, monkeypatch):
 
 
 def test_snippet_rebuilds_the_case():
-    """The failure record's snippet is runnable Python giving the same layer and inputs."""
+    """The failure record's snippet is runnable Python giving the same layer (skewed, partly frozen)
+    and inputs."""
     import torch
 
-    case = next(c for c in (fuzz.make_case(0, i) for i in range(500))
+    case = next(c for c in (fuzz.make_case(0, i) for i in range(2000))
                 if c.family == "lowrank" and not c.invalid and c.layout == "transposed" and c.skew != 1
-                and 0 not in c.lead and c.kwargs["rank"] <= min(c.kwargs["in_features"], c.kwargs["out_features"]))
+                and c.grads in fuzz.FROZEN and 0 not in c.lead
+                and c.kwargs["rank"] <= min(c.kwargs["in_features"], c.kwargs["out_features"]))
     layer = fuzz.make_layer(case)
     x, g = fuzz.make_inputs(case, layer)
     scope = {}
     exec(case.snippet((layer.in_features, layer.out_features)).replace("print(", "problems = ("), scope)
     assert torch.equal(scope["x"], x) and scope["x"].stride() == x.stride() and torch.equal(scope["g"], g)
-    assert all(torch.equal(a, b) for a, b in zip(scope["layer"].parameters(), layer.parameters()))
+    assert all(torch.equal(a, b) and a.requires_grad == b.requires_grad
+               for a, b in zip(scope["layer"].parameters(), layer.parameters()))
+    assert not all(p.requires_grad for p in layer.parameters())
