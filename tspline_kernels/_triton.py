@@ -59,8 +59,30 @@ def _patch_interpreter_bf16_dot() -> None:
     builder.create_dot = create_dot
 
 
+def _patch_interpreter_index() -> None:
+    """Make the interpreter's scalars usable as Python ints (``range(0, K, BK)``) with NumPy >= 2.4.
+
+    The interpreter holds a scalar as a 1-element array; Triton 3.6's ``tensor.__index__`` calls
+    ``int()`` on it, which NumPy 2.4 rejects ("only 0-dimensional arrays can be converted to Python
+    scalars"). Triton 3.9 squeezes the array first; this does the same on older versions.
+    """
+    from triton.runtime import interpreter as interp
+
+    original = interp._patch_lang_tensor
+    if getattr(original, "_tspline_index", False):
+        return
+
+    def patch_lang_tensor(tensor, scope) -> None:
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patch_lang_tensor._tspline_index = True
+    interp._patch_lang_tensor = patch_lang_tensor
+
+
 if INTERPRET:
     _patch_interpreter_bf16_dot()
+    _patch_interpreter_index()
 
 
 AUTOTUNE_MODES = ("full", "quick")

@@ -253,7 +253,9 @@ def _chain_kernel(
     row_ok &= rm < M
     x_rows = x_ptr + rm.to(tl.int64) * stride_xm + row_off.to(tl.int64) * stride_xk
     x_cols = col_off.to(tl.int64) * stride_xk
-    acc = tl.zeros((X[D - 1], NO[D - 1]), dtype=tl.float32)
+    # tl.full, not tl.zeros: Triton 3.6 cannot pass a shape of entries of a constexpr tuple to a
+    # @jit function (tl.zeros is one there)
+    acc = tl.full((X[D - 1], NO[D - 1]), 0.0, tl.float32)
     for d0 in range(0, IN[D - 1], NI[D - 1]):
         s = tl.load((x_rows + (d0 + c).to(tl.int64) * stride_xk)[:, None] + x_cols[None, :],
                     mask=(row_ok & (d0 + c < IN[D - 1]))[:, None] & col_ok[None, :], other=0.0)
@@ -321,7 +323,7 @@ def _chain_grad_kernel(
     accs = ()
     for k in tl.static_range(D):
         gs = gs + (_chain_core(g_ptr, k, d0, starts, D, IN, OUT, RANK, GRID, AXES, OFFS, SPLINE, NI, NO, RP).to(dtype),)
-        accs = accs + (tl.zeros((RP[k] * NI[k], NO[k] * RP[k + 1]), dtype=tl.float32),)
+        accs = accs + (tl.full((RP[k] * NI[k], NO[k] * RP[k + 1]), 0.0, tl.float32),)  # as in _chain_kernel
     for mb in range(tl.program_id(2), tl.cdiv(M, BM), tl.num_programs(2)):
         rm = mb * BM + rm_in
         s = tl.load((x_rows + rm.to(tl.int64) * stride_xm)[:, None] + x_cols[None, :],
