@@ -236,30 +236,40 @@ def run(dtypes=(torch.bfloat16,), modes=MODES, cases=None, limit: int | None = N
     """Every (case, dtype, kernel, config, mode) item of this shard; ``limit`` configs per kernel
     and case at most (None: all), ``cases`` a subset of ``CASES`` names, ``rows`` instead of each
     case's own row count (fewer rows: faster under the interpreter, fewer row blocks tried).
-    ``on_outcome(outcomes so far)`` runs after each item (a shard saves its progress with it)."""
+    ``on_outcome(outcomes so far)`` runs after each item (a shard saves its progress with it).
+
+    Item order, so that a run cut short has covered every kernel: isolated runs before sequence
+    runs (a sequence needs every config of the kernel compiled, which the isolated runs of all
+    shards do first), and the i-th config of every kernel and case before any (i+1)-th."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    chosen = [c for c in CASES if cases is None or c[0] in cases]
     unknown = set(cases or ()) - {c[0] for c in CASES}
     if unknown:
         raise ValueError(f"unknown cases {sorted(unknown)}; choose from {[c[0] for c in CASES]}")
+    works = [(prepare(name, make, rows or case_rows, dtype, device), dtype)
+             for name, make, case_rows in CASES if cases is None or name in cases for dtype in dtypes]
+    items = sorted(((modes.index(mode), rank, w, (work, dtype, kernel, config, mode))
+                    for w, (work, dtype) in enumerate(works) for kernel in sorted(work.launched)
+                    for rank, config in enumerate(select(work.launched[kernel], limit)) for mode in modes),
+                   key=lambda item: item[:3])
     index, count = shard
-    outcomes, item = [], 0
-    for name, make, case_rows in chosen:
-        for dtype in dtypes:
-            work = prepare(name, make, rows or case_rows, dtype, device)
-            for kernel in sorted(work.launched):
-                for config in select(work.launched[kernel], limit):
-                    for mode in modes:
-                        item += 1
-                        if (item - 1) % count != index:
-                            continue
-                        out = check(work, kernel, config, mode, dtype)
-                        outcomes.append(out)
-                        if on_outcome:
-                            on_outcome(outcomes)
-                        progress(f"{'FAIL' if out.error else 'ok  '} {out.case:<24} {out.dtype:<8} {kernel:<24} "
-                                 f"{mode:<8} {out.config}" + (f"\n     {out.error}" if out.error else ""))
+    outcomes = []
+    for *_, (work, dtype, kernel, config, mode) in items[index::count]:
+        out = check(work, kernel, config, mode, dtype)
+        outcomes.append(out)
+        if on_outcome:
+            on_outcome(outcomes)
+        progress(f"{'FAIL' if out.error else 'ok  '} {out.case:<24} {out.dtype:<8} {kernel:<24} "
+                 f"{mode:<8} {out.config}" + (f"\n     {out.error}" if out.error else ""))
     return outcomes
+
+
+def warm(dtypes, cases, rows: int | None) -> None:
+    """Compile every case's first configs once (the shards then load them from Triton's cache)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for name, make, case_rows in CASES:
+        if cases is None or name in cases:
+            for dtype in dtypes:
+                prepare(name, make, rows or case_rows, dtype, device)
 
 
 def summary(outcomes: list[Outcome]) -> dict:
@@ -274,17 +284,18 @@ def _write(path: str, outcomes: list[Outcome], extra: dict | None = None) -> Non
     Path(path).write_text(json.dumps({**summary(outcomes), **(extra or {}), "outcomes": [asdict(o) for o in outcomes]}, indent=1))
 
 
-def _parallel(argv: list[str], jobs: int, deadline: float) -> tuple[list[Outcome], list[str]]:
+def _parallel(argv: list[str], jobs: int, deadline: float, start: float) -> tuple[list[Outcome], list[str]]:
     """Run ``jobs`` shards of this check as subprocesses (Triton compiles in parallel), each saving
-    its outcomes as it goes; after ``deadline`` seconds the unfinished ones are stopped and what
-    they saved is kept. Returns every outcome and a note per shard that did not finish cleanly."""
+    its outcomes as it goes; ``deadline`` seconds after ``start`` the unfinished ones are stopped
+    and what they saved is kept. Returns every outcome and a note per shard that did not finish
+    cleanly."""
     import subprocess
     import tempfile
 
     tmp = Path(tempfile.mkdtemp(prefix="every_config-"))
+    notes = []
     procs = [subprocess.Popen([sys.executable, "-m", __spec__.name, *argv, "--shard", f"{i}/{jobs}", "--jobs", "1",
                                "--json", str(tmp / f"shard{i}.json")]) for i in range(jobs)]
-    start, notes = time.monotonic(), []
     for i, proc in enumerate(procs):
         try:
             proc.wait(timeout=max(0.0, deadline - (time.monotonic() - start)))
@@ -316,17 +327,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard", default="0/1", help="run items i, i+n, ... of the list: 'i/n'")
     parser.add_argument("--jobs", type=int, default=1, help="run this many shards in parallel processes")
     parser.add_argument("--deadline", type=float, default=float("inf"),
-                        help="with --jobs: stop unfinished shards after this many seconds (their partial results are kept)")
+                        help="with --jobs: stop unfinished shards this many seconds after the start (their partial results are kept)")
     parser.add_argument("--json", help="write the outcomes here")
     args = parser.parse_args(argv)
+    dtypes = [DTYPES[d] for d in args.dtype]
     if args.jobs > 1:
+        start = time.monotonic()
+        if not _triton.INTERPRET:  # compiled once here, not once per shard
+            warm(dtypes, args.case, args.rows)
         forward = _strip(argv if argv is not None else sys.argv[1:], {"--jobs": 1, "--deadline": 1, "--json": 1, "--shard": 1})
-        outcomes, notes = _parallel(forward, args.jobs, args.deadline)
+        outcomes, notes = _parallel(forward, args.jobs, args.deadline, start)
     else:
         index, count = (int(v) for v in args.shard.split("/"))
         save = (lambda so_far: _write(args.json, so_far)) if args.json else None
-        outcomes = run([DTYPES[d] for d in args.dtype], args.mode, args.case, args.limit, (index, count), args.rows,
-                       on_outcome=save)
+        outcomes = run(dtypes, args.mode, args.case, args.limit, (index, count), args.rows, on_outcome=save)
         notes = []
     report = summary(outcomes)
     if args.json:
