@@ -24,7 +24,7 @@ def default_grid(n: int) -> int:
     return min(max(4, n // 8), 64)
 
 
-def _check_count(name: str, value, minimum: int) -> int:
+def _check_count(name: str, value, minimum: int, why: str = "") -> int:
     """``value`` as an int >= ``minimum``; floats, strings and bools are refused, not truncated."""
     try:
         if isinstance(value, bool):
@@ -33,7 +33,7 @@ def _check_count(name: str, value, minimum: int) -> int:
     except TypeError:
         raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})") from None
     if n < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {n}")
+        raise ValueError(f"{name} must be >= {minimum}{why}, got {n}")
     return n
 
 
@@ -41,8 +41,8 @@ def _check_grid(grid, name: str = "grid") -> tuple[int, int]:
     """A cubic B-spline grid ``(G_out, G_in)``: two ints >= 4."""
     if isinstance(grid, (str, bytes)) or not hasattr(grid, "__len__") or len(grid) != 2:
         raise ValueError(f"{name} must be a pair (G_out, G_in), got {grid!r}")
-    return tuple(_check_count(f"{name}[{axis}] (a cubic B-spline needs at least 4 control points per axis)", g, 4)
-                 for axis, g in enumerate(grid))
+    why = " (a cubic B-spline needs at least 4 control points per axis)"
+    return tuple(_check_count(f"{name}[{axis}]", g, 4, why) for axis, g in enumerate(grid))
 
 
 def _check_flag(name: str, value) -> bool:
@@ -104,6 +104,8 @@ class SplineLinear(_SavedSettings, CompressedLinear):
     eisenstein only) keeps just the lattice points within ``support_radius`` of each weight,
     tapered by (1 - d^2 / rho^2)^2; by default rho is the smallest radius that reaches three
     lattice points from anywhere in [-1, 1]^2 (times 1.25), see ``reference.spline.support_radius``.
+    The state dict carries the features, basis, support and radius (``_extra_state``); loading it
+    into a layer built with other settings raises. ``device="meta"`` builds without initialising.
     """
 
     def __init__(
