@@ -8,6 +8,7 @@
 #   bash bench/gpu_check.sh          # on the GPU machine
 #   bash bench/gpu_check.sh --dry    # the same stages on CPU, tiny sizes, Triton interpreter
 #
+# Peer libraries for the baselines, if wanted, travel as wheels in .whl/ (installed to /tmp/site).
 # Environment: PYTHON (default python3), JOBS (parallel every-config shards / pytest workers,
 # default 12), STAGES (default "install cuda-tests kernel-tests every-config bench"), and
 # per-stage limits in seconds: T_INSTALL, T_CUDA_TESTS, T_KERNEL_TESTS, T_EVERY_CONFIG, T_BENCH.
@@ -78,6 +79,10 @@ if torch.cuda.is_available():
     print(f"{p.name}: {p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB, capability {p.major}.{p.minor}")
 EOF
 
+if [ "$DRY" = 0 ] && compgen -G ".whl/*.whl" >/dev/null; then
+  # peer libraries for the baselines (tltorch, ndlinear, ...), carried as wheels: no network there
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
 if ! "$PY" -c "import tspline_kernels.bench.every_config" 2>/dev/null; then
   stage install "$T_INSTALL" "$PY" -m pip install --no-deps --no-build-isolation -e .
 fi

@@ -100,6 +100,16 @@ def graph_ms(step: Step) -> float:
     return float(triton.testing.do_bench_cudagraph(step, grad_to_none=step.grads or None, return_mode="median"))
 
 
+def graph_times(case: Case) -> dict:
+    """CUDA-graph times of ours and of the dense baseline; a call that cannot be captured is
+    recorded as ``graph_error`` instead of stopping the run."""
+    try:
+        return {"graph_ms": graph_ms(case.run), "baseline_graph_ms": graph_ms(case.dense), "graph_error": None}
+    except Exception as e:  # noqa: BLE001 - any capture failure is a finding to report, not a crash
+        torch.cuda.synchronize()
+        return {"graph_ms": None, "baseline_graph_ms": None, "graph_error": f"{type(e).__name__}: {e}"[:300]}
+
+
 def cuda_peak_mb(fn: Callable[[], object]) -> float:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -321,8 +331,7 @@ def measure(cases: Iterable[Case], device: str, progress: Callable[[str], None] 
             "dtype": str(case.dtype).removeprefix("torch."), "device": meta["device"],
             "ms": ms, "ms_p20": p20, "ms_p80": p80,
             "baseline": "F.linear (dense)", "baseline_ms": dense_ms, "speedup": dense_ms / ms,
-            "graph_ms": graph_ms(case.run) if small else None,
-            "baseline_graph_ms": graph_ms(case.dense) if small else None,
+            **(graph_times(case) if small else {"graph_ms": None, "baseline_graph_ms": None, "graph_error": None}),
             "launch_floor_ms": floor.get("launch_ms") if small else None,
             "flops": case.flops, "executed_flops": case.executed_flops, "bytes": case.bytes,
             "roofline_fraction": roofline_fraction(case, ms, peaks),

@@ -122,3 +122,14 @@ def test_large_rows_get_no_graph_timing(monkeypatch):
     case.shape["M"] = harness.SMALL_M + 1
     (row,) = harness.measure([case], "cuda", progress=lambda line: None, floor={"launch_ms": 0.004})
     assert (row["graph_ms"], row["baseline_graph_ms"], row["launch_floor_ms"]) == (None, None, None)
+
+
+def test_a_call_that_cannot_be_captured_is_recorded_not_fatal(monkeypatch):
+    def refuse(step):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(harness, "graph_ms", refuse)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    case = next(lowrank.goal_cases("cpu", tiny=True))
+    times = harness.graph_times(case)
+    assert times["graph_ms"] is None and "not permitted" in times["graph_error"]
