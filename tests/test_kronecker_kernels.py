@@ -167,9 +167,11 @@ def test_routing(spy, kernel_device):
     assert calls == ["kronecker_linear", "kronecker_linear", "kronecker_grad_factors"]
 
 
+GATED_SMALL = {"gated": True, "gating_hidden_dim": 4}
+
+
 @pytest.mark.parametrize("lead", [(0,), (2, 0)], ids=["0-rows", "2x0-rows"])
-@pytest.mark.parametrize("kwargs", [{}, {"gated": True, "gating_hidden_dim": 4},
-                                    {"gated": True, "gating_hidden_dim": 4, "gating_mode": "hard", "transform_outer": False}],
+@pytest.mark.parametrize("kwargs", [{}, GATED_SMALL, {**GATED_SMALL, "gating_mode": "hard", "transform_outer": False}],
                          ids=["plain", "gated", "gated-hard-reversed"])
 @pytest.mark.parametrize("which", ["triton", "reference"])
 def test_empty_batch_gives_zero_gradients(which, kwargs, lead, kernel_device):

@@ -164,6 +164,21 @@ def test_empty_batch_gives_zero_gradients(which, lead, kernel_device):
         assert p.grad is not None and torch.equal(p.grad, torch.zeros_like(p)), name
 
 
+def test_ranks_past_max_rank_fall_back_to_the_reference(spy, kernel_device):
+    """A rank padded past MAX_RANK (no config fits a GPU block's shared memory) runs the reference
+    inside the launchers, with the same results; MAX_RANK itself stays fused."""
+    calls = spy(kernels.ref, "lowrank_linear", "lowrank_grad_factors")
+    fallbacks = ["lowrank_linear", "lowrank_linear", "lowrank_grad_factors"]
+    for rank, expected in ((kernels.MAX_RANK, []), (kernels.MAX_RANK + 1, fallbacks)):
+        layer = make_layer(rank + 3, rank + 5, rank, torch.float32, kernel_device)
+        x = torch.randn(3, rank + 3, device=kernel_device, requires_grad=True)
+        with backend("triton"):
+            layer(x).sum().backward()
+        assert kernels.fits(rank) == (not expected) and calls == expected, rank
+        calls.clear()
+    assert_backends_agree(layer, x.detach(), torch.randn(3, rank + 5, device=kernel_device), torch.float32)
+
+
 def test_kernel_launch_input_checks():
     with backend("triton"), pytest.raises(TypeError, match="fp32, fp16 or bf16"):
         LowRankLinear(9, 5, 2, dtype=torch.float64)(torch.randn(3, 9, dtype=torch.float64))

@@ -10,7 +10,10 @@ skinny products reduced over the batch; ``_lowrank_grad_kernel`` computes both, 
 gradient, in one launch tiled over features with the batch as the reduction axis (optionally
 split over the batch, partials summed on the host). No ``(n_out, n_in)`` tensor is ever
 formed. The rank is zero-padded to RP = max(16, next_pow2(r)) inside the kernels (``tl.dot``
-needs every dimension >= 16); tiles are sized for r up to ~256.
+needs every dimension >= 16). The kernels hold (rows x RP) tiles on chip, so they take RP up to
+``MAX_RANK`` (256: at RP = 512 no config fits an sm_90 block's shared memory, in any dtype);
+larger ranks run the reference (two GEMMs, t in global memory, where fusion gains little):
+``fits`` tells which path a rank takes.
 
 Intermediates. The projections t = x @ a (forward), p and q (factor gradients) are fp32, as in
 the reference, and become tensor-core operands in the input dtype: bf16 keeps fp32's range, and
@@ -26,11 +29,20 @@ import torch
 
 from .._rescale import narrow
 from .._triton import SplitSlots, check_inputs, configs, dot_precision, flatten, m_bucket, tl, triton
+from ..reference import lowrank as ref
 
 
 def pad_rank(r: int) -> int:
     """The rank as the kernels carry it: a power of two >= 16 (zero-padded columns)."""
     return max(16, triton.next_power_of_2(r))
+
+
+MAX_RANK = 256  # largest padded rank the fused kernels keep on chip
+
+
+def fits(r: int) -> bool:
+    """Whether rank ``r`` runs in the fused kernels (else the reference)."""
+    return pad_rank(r) <= MAX_RANK
 
 
 _ACC_LIMIT = 8192  # largest fp32 (rows x RP) accumulator tile a config may hold in registers
@@ -194,8 +206,11 @@ def lowrank_linear(
     x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the fused forward: x ``(*, k)``, a ``(k, r)``, b ``(n, r)``, bias ``(n,)`` ->
-    y ``(*, n)`` in x's dtype and t = x @ a ``(*, r)`` fp32. Factors are cast to x's dtype."""
+    y ``(*, n)`` in x's dtype and t = x @ a ``(*, r)`` fp32. Factors are cast to x's dtype; ranks
+    that do not ``fit`` run the reference."""
     check_inputs(x, a, b, *([bias] if bias is not None else []))
+    if not fits(a.shape[1]):
+        return ref.lowrank_linear(x, a, b, bias)
     a, b = a.to(x.dtype), b.to(x.dtype)
     x2 = flatten(x)
     m, k = x2.shape
@@ -219,8 +234,10 @@ def lowrank_grad_factors(
     x: torch.Tensor, dy: torch.Tensor, p: torch.Tensor, q: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x.T @ q ``(k, r)``, dy.T @ p ``(n, r)``, dy summed over rows ``(n,)``) in fp32 for
-    x ``(*, k)``, dy ``(*, n)``, p and q ``(*, r)``."""
+    x ``(*, k)``, dy ``(*, n)``, p and q ``(*, r)``; ranks that do not ``fit`` run the reference."""
     check_inputs(x, dy, p, q)
+    if not fits(p.shape[-1]):
+        return ref.lowrank_grad_factors(x, dy, p, q)
     dy = dy.to(x.dtype)
     x2, g2 = flatten(x), flatten(dy)
     p2, q2 = flatten(p.float()), flatten(q.float())
