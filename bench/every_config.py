@@ -142,6 +142,7 @@ class Pins:
 
 
 def _first(name: str, pruned: list) -> list:
+    """The plan running every kernel on its first pruned config."""
     return pruned[:1]
 
 
@@ -168,6 +169,8 @@ def results(layer: torch.nn.Module, x: torch.Tensor, g: torch.Tensor, which: str
 
 @dataclass
 class Outcome:
+    """One run: which case, dtype, kernel, config and mode, and the error if it failed."""
+
     case: str
     dtype: str
     kernel: str
