@@ -199,8 +199,9 @@ def _lowrank(rng: random.Random) -> dict:
 
 
 def _modes(rng: random.Random, d: int) -> tuple[int, ...]:
-    """d modes, 1s anywhere; rarely one large mode (> 128 or an odd 17) with the others 1."""
-    if rng.random() < 0.03:
+    """d modes, 1s anywhere; rarely (each such case costs ~10 s under the interpreter) one large
+    mode (> 128 or an odd 17) with the others 1."""
+    if rng.random() < 0.015:
         big = [1] * d
         big[rng.randrange(d)] = rng.choice((17, 130))
         return tuple(big)
