@@ -301,6 +301,32 @@ def test_suggested_modes_auto_matches_dense(kernel_device):
     assert_backends_agree(layer, x, g, torch.float32)
 
 
+# fp16 magnitudes (core scales, x, dy) whose products fit fp16 while the intermediates do not:
+# "x": x ~ 1e3 through a large first core, states ~1e6; "dy": the same for the dy sweep towards dx;
+# "cores": two large cores (rebuild's head product L ~1e5 and the states) before a small last one.
+LARGE = {"x": ((1e3, 1, 1e-3), 1e3, 1e-3), "dy": ((1e-3, 1, 1e3), 1e-3, 1e3), "cores": ((450, 450, 1e-4), 1, 1e-3)}
+
+
+@pytest.mark.parametrize("large", list(LARGE))
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("family", ["tt", "spline"])
+def test_fp16_intermediates_beyond_fp16_range(family, path, large, monkeypatch, kernel_device):
+    """y, dx and every gradient finite in the reference (fp32 intermediates) while states or
+    rebuild's head product exceed fp16's 65504: the kernels keep them in fp32 too, instead of
+    returning inf / NaN."""
+    if path == "steps":
+        monkeypatch.setattr(kernels.cost, "CHAIN_MAX_TILE", 8)
+    scales, x_scale, g_scale = LARGE[large]
+    layer = degenerate_layer(family, "d3-first-1", "rebuild" if path == "rebuild" else "contract", kernel_device)
+    with torch.no_grad():
+        for p, scale in zip(layer._factors(), scales):
+            p.mul_(scale)
+    layer.half()
+    forbid(monkeypatch, *PATHS[path])
+    x, g = inputs(layer, (4,), kernel_device, torch.float16)
+    assert_backends_agree(layer, x * x_scale, g * g_scale, torch.float16)
+
+
 CONFIG_SHAPE = ((3, 1, 2), (2, 3, 1), (1, 2, 3, 1))  # I_d = 1 forward, O_d = 1 for dx, both < CD = 4
 
 

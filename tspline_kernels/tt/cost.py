@@ -2,7 +2,8 @@
 
 Pure Python (no Triton, no GPU query), so modules, ops and benchmarks can import it anywhere.
 Notation: d cores ``(r_{k-1}, O_k, I_k, r_k)``, ``O = prod O_k``, ``I = prod I_k``, ``M`` rows of x,
-``elt`` bytes per element of x. The counts match the kernel docstrings in ``tt/kernels.py``.
+``elt`` bytes per element of x, ``state_elt`` bytes per element of the states and of rebuild's head
+product (``state_dtype``; default ``elt``). The counts match the kernel docstrings in ``tt/kernels.py``.
 
 * ``contract``: sequential contraction of x with the cores. The forward (and dx) is one launch of
   the fused chain kernel, states on chip, when one of ``CHAIN_CONFIGS`` fits ``CHAIN_MAX_TILE``
@@ -26,6 +27,8 @@ import functools
 import math
 from dataclasses import dataclass
 
+import torch
+
 PEAK_FLOPS = 989e12  # H100 SXM dense bf16 tensor-core FLOP/s
 HBM_BYTES = 3.35e12  # H100 SXM HBM3 bytes/s
 L2_BYTES = 10e12  # H100 L2 bytes/s, an estimate (not on the datasheet)
@@ -40,6 +43,13 @@ CHAIN_CONFIGS = tuple((bm, bo1, bo2, cd) for bm in (16, 64) for bo1 in (1, 4, 16
 # the gradient chain kernel's configs: few, because each variant compiles slowly (d unrolled
 # forward and backward steps with large register tiles)
 CHAIN_GRAD_CONFIGS = ((16, 1, 4, 1), (16, 4, 4, 1), (64, 1, 4, 1), (16, 1, 16, 1))
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the kernels' intermediates (states, rebuild's head product) for ``dtype`` inputs:
+    fp32 for fp16, whose range (65504) the states of a finite product can exceed (the reference
+    keeps them in fp32); the input dtype otherwise (bf16 has fp32's range)."""
+    return torch.float32 if dtype == torch.float16 else dtype
 
 
 @dataclass(frozen=True)
@@ -102,7 +112,7 @@ class ChainPlan:
 
     def grad_fits(self, elt: int = 2) -> bool:
         """Whether the gradient kernel fits: its d core accumulators (``sum_k K_k N_k`` fp32, held
-        across its row loop) at most twice ``CHAIN_MAX_TILE``, and for 4-byte inputs every tile at
+        across its row loop) at most twice ``CHAIN_MAX_TILE``, and for 4-byte states every tile at
         most half of it (fp32 8^4 rank 8 needed 258 KiB of shared memory with full tiles)."""
         acc = sum(self.rp[k] * ni * no * self.rp[k + 1] for k, (ni, no) in enumerate(zip(self.ni, self.no)))
         return acc <= 2 * CHAIN_MAX_TILE and self.largest_tile() * elt <= 2 * CHAIN_MAX_TILE
@@ -128,7 +138,7 @@ def chain_plan(in_modes, out_modes, ranks, bm: int, bo1: int, bo2: int, cd: int)
 def chain_plans(in_modes, out_modes, ranks, configs=None, grad: bool = False, elt: int = 2) -> list[ChainPlan]:
     """Distinct plans of ``configs`` (default ``CHAIN_CONFIGS``, or ``CHAIN_GRAD_CONFIGS`` with
     ``grad``) whose tiles fit ``CHAIN_MAX_TILE`` (with ``grad``, ``ChainPlan.grad_fits`` for
-    ``elt``-byte inputs too); empty: use the step kernels."""
+    ``elt``-byte states too); empty: use the step kernels."""
     configs = tuple(configs or (CHAIN_GRAD_CONFIGS if grad else CHAIN_CONFIGS))
     return list(_fitting_plans(tuple(in_modes), tuple(out_modes), tuple(ranks), configs, grad, elt, CHAIN_MAX_TILE))
 
@@ -142,7 +152,8 @@ def _fitting_plans(in_modes, out_modes, ranks, configs, grad: bool, elt: int, li
     return tuple(sorted(fits, key=lambda p: (p.bm, p.no, p.ni)))
 
 
-def chain_cost(m: int, in_modes, out_modes, ranks, elt: int = 2, grad: bool = False) -> Cost | None:
+def chain_cost(m: int, in_modes, out_modes, ranks, elt: int = 2, grad: bool = False,
+               state_elt: int | None = None) -> Cost | None:
     """Forward (or dx) by the fused chain kernel with its cheapest plan; None when no plan fits.
 
     Per program and I_d chunk, step k is a ``(x[k], rp[k] ni[k]) @ (rp[k] ni[k], no[k] rp[k+1])``
@@ -150,7 +161,7 @@ def chain_cost(m: int, in_modes, out_modes, ranks, elt: int = 2, grad: bool = Fa
     L2 bytes: x once per block column (O_1, O_2 blocks) and the core tiles once per program and chunk.
     """
     best = None
-    for p in chain_plans(in_modes, out_modes, ranks, grad=grad, elt=elt):
+    for p in chain_plans(in_modes, out_modes, ranks, grad=grad, elt=state_elt or elt):
         programs, chunks = p.programs(m, out_modes), math.ceil(in_modes[-1] / p.ni[-1])
         step = sum(2.0 * x * p.rp[k] * ni * no * p.rp[k + 1] for k, (ni, no, x) in enumerate(zip(p.ni, p.no, p.x)))
         tiles = sum(p.rp[k] * ni * no * p.rp[k + 1] for k, (ni, no) in enumerate(zip(p.ni, p.no)))
@@ -163,25 +174,29 @@ def chain_cost(m: int, in_modes, out_modes, ranks, elt: int = 2, grad: bool = Fa
     return best
 
 
-def contract_cost(m: int, in_modes, out_modes, ranks, elt: int = 2) -> Cost:
+def contract_cost(m: int, in_modes, out_modes, ranks, elt: int = 2, state_elt: int | None = None) -> Cost:
     """Forward (or, with the modes swapped, dx) by sequential contraction: the chain kernel where
     it fits, else the step kernels."""
-    return chain_cost(m, in_modes, out_modes, ranks, elt) or steps_cost(m, in_modes, out_modes, ranks, elt)
+    return (chain_cost(m, in_modes, out_modes, ranks, elt, state_elt=state_elt)
+            or steps_cost(m, in_modes, out_modes, ranks, elt, state_elt))
 
 
-def steps_cost(m: int, in_modes, out_modes, ranks, elt: int = 2) -> Cost:
+def steps_cost(m: int, in_modes, out_modes, ranks, elt: int = 2, state_elt: int | None = None) -> Cost:
     """Forward (or dx) by sequential contraction, one step-kernel launch per core.
 
-    Step k reads the state ``(M O_<k, r_{k-1} I_k, I_>k)`` once and writes ``(M O_<k, O_k r_k, I_>k)``.
+    Step k reads the state ``(M O_<k, r_{k-1} I_k, I_>k)`` once and writes ``(M O_<k, O_k r_k, I_>k)``
+    (x and y in ``elt`` bytes, the states between in ``state_elt``).
     """
+    d = len(in_modes)
     total = Cost(0.0, 0.0, 0, 0.0)
-    for k in range(len(in_modes)):
+    for k in range(d):
         b = m * math.prod(out_modes[:k])
         j = ranks[k] * in_modes[k]
         p = out_modes[k] * ranks[k + 1]
         c = math.prod(in_modes[k + 1:])
+        read, write = (elt if k == 0 else state_elt or elt), (elt if k == d - 1 else state_elt or elt)
         programs = math.ceil(p / TILE) * math.ceil(b * c / TILE)
-        total = total + _launch(2.0 * p * j * b * c, float(elt * (b * j * c + b * p * c + p * j)), programs)
+        total = total + _launch(2.0 * p * j * b * c, float(read * b * j * c + write * b * p * c + elt * p * j), programs)
     return total
 
 
@@ -190,7 +205,7 @@ def head_size(in_modes, out_modes, ranks) -> int:
     return math.prod(out_modes[:-1]) * math.prod(in_modes[:-1]) * ranks[-2]
 
 
-def rebuild_cost(m: int, in_modes, out_modes, ranks, elt: int = 2) -> Cost:
+def rebuild_cost(m: int, in_modes, out_modes, ranks, elt: int = 2, state_elt: int | None = None) -> Cost:
     """Forward (or dx) by on-chip tile rebuild: the host-side head product, then one kernel.
 
     Bytes assume x tiles are reused from L2 across a group of column blocks (grouped launch order).
@@ -199,8 +214,9 @@ def rebuild_cost(m: int, in_modes, out_modes, ranks, elt: int = 2) -> Cost:
     bm = row_block(m)
     row_blocks = math.ceil(m / bm)
     flops = 2.0 * m * n_out * n_in + 2.0 * ranks[-2] * n_out * n_in * row_blocks
-    nbytes = elt * (m * n_in + m * n_out + head_size(in_modes, out_modes, ranks) * row_blocks)
-    return _head_cost(in_modes, out_modes, ranks, elt) + _launch(flops, nbytes, row_blocks * math.ceil(n_out / TILE))
+    se = state_elt or elt
+    nbytes = elt * (m * n_in + m * n_out) + se * head_size(in_modes, out_modes, ranks) * row_blocks
+    return _head_cost(in_modes, out_modes, ranks, se) + _launch(flops, nbytes, row_blocks * math.ceil(n_out / TILE))
 
 
 def _head_cost(in_modes, out_modes, ranks, elt: int) -> Cost:
@@ -211,13 +227,14 @@ def _head_cost(in_modes, out_modes, ranks, elt: int) -> Cost:
     return _launch(flops, 3.0 * elt * head_size(in_modes, out_modes, ranks), SMS, launches=max(d - 2, 0))
 
 
-def forward_cost(strategy: str, m: int, in_modes, out_modes, ranks, elt: int = 2) -> Cost:
+def forward_cost(strategy: str, m: int, in_modes, out_modes, ranks, elt: int = 2, state_elt: int | None = None) -> Cost:
     """Cost of y = x @ W.T with ``strategy`` ("contract" or "rebuild")."""
     fn = {"contract": contract_cost, "rebuild": rebuild_cost}[strategy]
-    return fn(m, in_modes, out_modes, ranks, elt)
+    return fn(m, in_modes, out_modes, ranks, elt, state_elt)
 
 
-def grad_cores_cost(strategy: str, m: int, in_modes, out_modes, ranks, elt: int = 2) -> Cost:
+def grad_cores_cost(strategy: str, m: int, in_modes, out_modes, ranks, elt: int = 2,
+                    state_elt: int | None = None) -> Cost:
     """Cost of every d(core) from (dy, x).
 
     contract: where the gradient chain kernel fits, one launch that reruns the forward chain and
@@ -233,43 +250,45 @@ def grad_cores_cost(strategy: str, m: int, in_modes, out_modes, ranks, elt: int 
         tiles = math.ceil(n_out / TILE) * math.ceil(n_in / TILE)
         kernel = _launch(2.0 * m * n_out * n_in + 4.0 * ranks[-2] * n_out * n_in,
                          elt * m * (n_in + n_out) + 4.0 * head, tiles)
-        return kernel + _head_cost(in_modes, out_modes, ranks, elt) + _head_cost(in_modes, out_modes, ranks, elt)
-    chain = chain_cost(m, in_modes, out_modes, ranks, elt, grad=True)
+        head_cost = _head_cost(in_modes, out_modes, ranks, state_elt or elt)
+        return kernel + head_cost + head_cost
+    chain = chain_cost(m, in_modes, out_modes, ranks, elt, grad=True, state_elt=state_elt)
     if chain is not None:  # one gradient-chain launch: a forward and two dots per step, on chip
         return Cost(3 * chain.flops, chain.bytes, 1, 3 * chain.seconds)
-    fwd = steps_cost(m, in_modes, out_modes, ranks, elt)
+    fwd = steps_cost(m, in_modes, out_modes, ranks, elt, state_elt)
     return Cost(3 * fwd.flops, 3 * fwd.bytes, 3 * d - 2, 3 * fwd.seconds)
 
 
-def grad_cost(strategy: str, m: int, in_modes, out_modes, ranks, elt: int = 2) -> Cost:
+def grad_cost(strategy: str, m: int, in_modes, out_modes, ranks, elt: int = 2, state_elt: int | None = None) -> Cost:
     """Cost of the backward with every d(core) and dx: rebuild adds a rebuild launch on the cores
     of W.T, contract a chain launch on them where the gradient chain kernel runs (the step
     kernels' dy sweep ends in dx, one more step within ``grad_cores_cost``'s 3x)."""
-    total = grad_cores_cost(strategy, m, in_modes, out_modes, ranks, elt)
+    total = grad_cores_cost(strategy, m, in_modes, out_modes, ranks, elt, state_elt)
     if strategy == "rebuild":
-        total = total + rebuild_cost(m, out_modes, in_modes, ranks, elt)
-    elif chain_cost(m, in_modes, out_modes, ranks, elt, grad=True) is not None:
-        total = total + contract_cost(m, out_modes, in_modes, ranks, elt)
+        total = total + rebuild_cost(m, out_modes, in_modes, ranks, elt, state_elt)
+    elif chain_cost(m, in_modes, out_modes, ranks, elt, grad=True, state_elt=state_elt) is not None:
+        total = total + contract_cost(m, out_modes, in_modes, ranks, elt, state_elt)
     return total
 
 
-def pick_strategy(m: int, in_modes, out_modes, ranks, elt: int = 2, backward: bool = False) -> str:
+def pick_strategy(m: int, in_modes, out_modes, ranks, elt: int = 2, backward: bool = False,
+                  state_elt: int | None = None) -> str:
     """The strategy with the lower estimated time on ``m`` rows for y = x @ W.T, or with
     ``backward`` for the core gradients and dx (``grad_cost``). ``m = 0`` (an empty batch) is valid."""
     if not isinstance(m, int) or isinstance(m, bool) or m < 0:
         raise ValueError(f"the number of rows m must be an int >= 0, got {m!r}")
-    return _pick(m, tuple(in_modes), tuple(out_modes), tuple(ranks), elt, backward, CHAIN_MAX_TILE)
+    return _pick(m, tuple(in_modes), tuple(out_modes), tuple(ranks), elt, state_elt or elt, backward, CHAIN_MAX_TILE)
 
 
 @functools.lru_cache(maxsize=4096)
-def _pick(m: int, in_modes, out_modes, ranks, elt: int, backward: bool, limit: int) -> str:
+def _pick(m: int, in_modes, out_modes, ranks, elt: int, state_elt: int, backward: bool, limit: int) -> str:
     """``pick_strategy``, cached: "auto" layers ask on every call, and the model is pure (``limit``,
     the current ``CHAIN_MAX_TILE``, is part of the key)."""
     if not rebuild_feasible(in_modes, out_modes):
         return "contract"
     fn = grad_cost if backward else forward_cost
-    a = fn("contract", m, in_modes, out_modes, ranks, elt).seconds
-    b = fn("rebuild", m, in_modes, out_modes, ranks, elt).seconds
+    a = fn("contract", m, in_modes, out_modes, ranks, elt, state_elt).seconds
+    b = fn("rebuild", m, in_modes, out_modes, ranks, elt, state_elt).seconds
     return "contract" if a <= b else "rebuild"
 
 
@@ -285,9 +304,10 @@ def check_strategy(strategy: str, in_modes, out_modes) -> str:
     return strategy
 
 
-def resolve(strategy: str, m: int, in_modes, out_modes, ranks, elt: int = 2, backward: bool = False) -> str:
+def resolve(strategy: str, m: int, in_modes, out_modes, ranks, elt: int = 2, backward: bool = False,
+            state_elt: int | None = None) -> str:
     """``strategy`` with "auto" resolved (for the forward, or the backward with ``backward``); a
     clear error for unknown or infeasible choices."""
     if check_strategy(strategy, in_modes, out_modes) == "auto":
-        return pick_strategy(m, in_modes, out_modes, ranks, elt, backward)
+        return pick_strategy(m, in_modes, out_modes, ranks, elt, backward, state_elt)
     return strategy

@@ -41,6 +41,16 @@ Notation: d cores ``(r_{k-1}, O_k, I_k, r_k)``, ``O = prod O_k``, ``I = prod I_k
   ``_rebuild_kernel`` launch on the cores of W.T.
 
 Neither strategy writes W or dW to global memory.
+
+Precision: every ``tl.dot`` accumulates in fp32. Between the dots the intermediates (the states of
+both contract paths, in registers or in global memory, and rebuild's head product L) are kept in
+``cost.state_dtype``: the input dtype for fp32 and bf16 (bf16 has fp32's range), fp32 for fp16,
+whose range (65504) the states of a finite product can exceed where the reference (fp32
+intermediates) is finite. Their products run as tf32 dots: fp16 operands are exact in tf32 and the
+states keep fp16's 10-bit mantissa, so the accuracy is fp16's and no state overflows, at half the
+fp16 tensor-core rate and twice the register / shared-memory tile bytes (the gradient chain kernel
+fits tiles as for fp32). rebuild's W tile is rounded to the input dtype for the main dot, so W
+itself must lie within fp16's range.
 """
 
 from __future__ import annotations
@@ -113,7 +123,7 @@ def _chain_pruner(grad: bool):
     def prune(cfgs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         shape = (args["IN"], args["OUT"], args["RANK"])
-        fits = set(cost.chain_plans(*shape, [_config_key(c) for c in cfgs], grad, args["x_ptr"].element_size()))
+        fits = set(cost.chain_plans(*shape, [_config_key(c) for c in cfgs], grad, _state_elt(args["x_ptr"].dtype)))
         seen, kept = set(), []
         for c in cfgs:
             p = cost.chain_plan(*shape, *_config_key(c))
@@ -226,11 +236,12 @@ def _chain_kernel(
     M, M_BUCKET, stride_xm, stride_xk, stride_ym, stride_yn,
     D: tl.constexpr, IN: tl.constexpr, OUT: tl.constexpr, RANK: tl.constexpr,
     GRID: tl.constexpr, AXES: tl.constexpr, OFFS: tl.constexpr,
-    SPLINE: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    SPLINE: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, STATE: tl.constexpr,
     BM: tl.constexpr, BO1: tl.constexpr, BO2: tl.constexpr, CD: tl.constexpr,
     NI: tl.constexpr, NO: tl.constexpr, RP: tl.constexpr, X: tl.constexpr,
 ):
-    """y = x @ W.T + bias for a TT matrix, the d contraction steps chained on chip.
+    """y = x @ W.T + bias for a TT matrix, the d contraction steps chained on chip; the states and
+    core tiles enter each ``tl.dot`` as ``STATE`` (``cost.state_dtype``, see the module docstring).
 
     Program (m block, O_1 block, O_2 block) owns y[BM rows, o_1 in its block, o_2 in its block, all
     o_3..o_d] and loops over chunks of NI[D-1] indices of i_d. Per chunk the state S_k, rows
@@ -247,7 +258,6 @@ def _chain_kernel(
     """
     pid_m = tl.program_id(0)
     starts = (tl.program_id(1) * NO[0], tl.program_id(2) * NO[1])
-    dtype = x_ptr.dtype.element_ty
     rm, c, row_ok, row_off, col_ok, col_off = _chain_in_index(BM, D, IN, NI, RP, X)
     rm += pid_m * BM
     row_ok &= rm < M
@@ -263,7 +273,7 @@ def _chain_kernel(
             if k > 0:
                 s = _chain_next(s, k, NI, RP, X)
             g = _chain_core(g_ptr, k, d0, starts, D, IN, OUT, RANK, GRID, AXES, OFFS, SPLINE, NI, NO, RP)
-            s = tl.dot(s.to(dtype), g.to(dtype), input_precision=PRECISION)
+            s = tl.dot(s.to(STATE), g.to(STATE), input_precision=PRECISION)
         acc += tl.sum(tl.reshape(s, (X[D - 1], NO[D - 1], RP[D])), axis=2)  # only b = 0 is nonzero
     rm, out_ok, out_off, od = _chain_out_index(starts, D, OUT, NO, X)
     rm += pid_m * BM
@@ -289,11 +299,12 @@ def _chain_grad_kernel(
     M, M_BUCKET, stride_xm, stride_xk, stride_dm, stride_dn,
     D: tl.constexpr, IN: tl.constexpr, OUT: tl.constexpr, RANK: tl.constexpr,
     GRID: tl.constexpr, AXES: tl.constexpr, OFFS: tl.constexpr, DOFFS: tl.constexpr,
-    SPLINE: tl.constexpr, PRECISION: tl.constexpr,
+    SPLINE: tl.constexpr, PRECISION: tl.constexpr, STATE: tl.constexpr,
     BM: tl.constexpr, BO1: tl.constexpr, BO2: tl.constexpr, CD: tl.constexpr,
     NI: tl.constexpr, NO: tl.constexpr, RP: tl.constexpr, X: tl.constexpr,
 ):
-    """Every dG_k of sum(dy * (x @ W.T)), the chain of ``_chain_kernel`` and its reverse on chip.
+    """Every dG_k of sum(dy * (x @ W.T)), the chain of ``_chain_kernel`` and its reverse on chip
+    (operands of every ``tl.dot`` in ``STATE``, as there).
 
     Program (O_1 block x O_2 block, I_d chunk, row split s) walks every ``num_programs(2)``-th block
     of BM rows. Per row block it runs the forward chain keeping each step's input P_k (registers),
@@ -309,7 +320,6 @@ def _chain_grad_kernel(
     n_o2 = tl.cdiv(OUT[1], NO[1])
     starts = ((pid_o // n_o2) * NO[0], (pid_o % n_o2) * NO[1])
     d0 = tl.program_id(1) * NI[D - 1]
-    dtype = x_ptr.dtype.element_ty
     rm_in, c, row_ok, row_off, col_ok, col_off = _chain_in_index(BM, D, IN, NI, RP, X)
     row_ok &= d0 + c < IN[D - 1]
     x_rows = x_ptr + (row_off + d0 + c).to(tl.int64) * stride_xk
@@ -322,16 +332,16 @@ def _chain_grad_kernel(
     gs = ()
     accs = ()
     for k in tl.static_range(D):
-        gs = gs + (_chain_core(g_ptr, k, d0, starts, D, IN, OUT, RANK, GRID, AXES, OFFS, SPLINE, NI, NO, RP).to(dtype),)
+        gs = gs + (_chain_core(g_ptr, k, d0, starts, D, IN, OUT, RANK, GRID, AXES, OFFS, SPLINE, NI, NO, RP).to(STATE),)
         accs = accs + (tl.full((RP[k] * NI[k], NO[k] * RP[k + 1]), 0.0, tl.float32),)  # as in _chain_kernel
     for mb in range(tl.program_id(2), tl.cdiv(M, BM), tl.num_programs(2)):
         rm = mb * BM + rm_in
         s = tl.load((x_rows + rm.to(tl.int64) * stride_xm)[:, None] + x_cols[None, :],
-                    mask=(row_ok & (rm < M))[:, None] & col_ok[None, :], other=0.0)
+                    mask=(row_ok & (rm < M))[:, None] & col_ok[None, :], other=0.0).to(STATE)
         ps = ()
         for k in tl.static_range(D):
             if k > 0:
-                s = _chain_next(s, k, NI, RP, X).to(dtype)
+                s = _chain_next(s, k, NI, RP, X).to(STATE)
             ps = ps + (s,)
             if k < D - 1:
                 s = tl.dot(s, gs[k], input_precision=PRECISION)
@@ -340,15 +350,30 @@ def _chain_grad_kernel(
                      mask=dy_ok & (rm < M)[:, None], other=0.0)
         new = ()
         for k in tl.static_range(D - 1, -1, -1):
-            new = (accs[k] + tl.dot(tl.trans(ps[k]), dq.to(dtype), input_precision=PRECISION),) + new
+            new = (accs[k] + tl.dot(tl.trans(ps[k]), dq.to(STATE), input_precision=PRECISION),) + new
             if k > 0:
-                dq = _chain_prev(tl.dot(dq.to(dtype), tl.trans(gs[k]), input_precision=PRECISION), k, NO, NI, RP, X)
+                dq = _chain_prev(tl.dot(dq.to(STATE), tl.trans(gs[k]), input_precision=PRECISION), k, NO, NI, RP, X)
         accs = new
     for k in tl.static_range(D):
         a, i, o, b = _chain_core_index(k, d0, starts, D, NI, NO, RP)
         off = ((a[:, None] * OUT[k] + o[None, :]) * IN[k] + i[:, None]) * RANK[k + 1] + b[None, :]
         mask = ((a < RANK[k]) & (i < IN[k]))[:, None] & ((o < OUT[k]) & (b < RANK[k + 1]))[None, :]
         tl.atomic_add(dg_ptr + DOFFS[k] + off, accs[k], mask=mask)
+
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def _state_elt(dtype: torch.dtype) -> int:
+    """Bytes per element of the states for ``dtype`` inputs."""
+    return cost.state_dtype(dtype).itemsize
+
+
+def _state_args(dtype: torch.dtype) -> dict:
+    """``STATE`` (the tl dtype of the intermediates) and ``PRECISION`` of their ``tl.dot`` for
+    ``dtype`` inputs: tf32 for fp16's fp32 states (see the module docstring), else ``dot_precision``."""
+    state = cost.state_dtype(dtype)
+    return dict(STATE=_TL_DTYPES[state], PRECISION="tf32" if state != dtype else dot_precision(dtype))
 
 
 def _modes(cores: list[Core]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
@@ -378,7 +403,7 @@ def chain_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None)
     _chain_kernel[grid](
         x2, packed, bias if bias is not None else y, y,
         m, m_bucket(m), x2.stride(0), x2.stride(1), y.stride(0), y.stride(1),
-        **meta_args, HAS_BIAS=bias is not None, PRECISION=dot_precision(x2.dtype),
+        **meta_args, HAS_BIAS=bias is not None, **_state_args(x2.dtype),
     )
     return y
 
@@ -401,7 +426,7 @@ def chain_grad(dy2: torch.Tensor, x2: torch.Tensor, cores: list[Core]) -> list[t
         _chain_grad_kernel[grid](
             x2, dy2, packed, dg,
             m, m_bucket(m), x2.stride(0), x2.stride(1), dy2.stride(0), dy2.stride(1),
-            **meta_args, DOFFS=tuple(itertools.accumulate(sizes[:-1], initial=0)), PRECISION=dot_precision(x2.dtype),
+            **meta_args, DOFFS=tuple(itertools.accumulate(sizes[:-1], initial=0)), **_state_args(x2.dtype),
         )
     # separate tensors: a custom op may not return outputs that alias each other
     return [t.view(c.r0, c.o, c.i, c.r1).clone() for t, c in zip(dg.split(sizes), cores)]
@@ -477,7 +502,8 @@ def _grad_step_kernel(
     v_ptr, u_ptr, part_ptr,
     N, C, P, J, N_BUCKET,
     stride_vb, stride_ve, stride_ub, stride_ue,
-    PRECISION: tl.constexpr, BP: tl.constexpr, BJ: tl.constexpr, BN: tl.constexpr, N_SPLIT: tl.constexpr,
+    PRECISION: tl.constexpr, STATE: tl.constexpr, BP: tl.constexpr, BJ: tl.constexpr, BN: tl.constexpr,
+    N_SPLIT: tl.constexpr,
 ):
     """part[s, p, j] = sum over columns n = b * C + c of split s of V[b, p, c] U[b, j, c] (fp32).
 
@@ -500,7 +526,7 @@ def _grad_step_kernel(
                     mask=(rp < P)[:, None] & n_mask[None, :], other=0.0)
         u = tl.load(u_ptr + bb[:, None] * stride_ub + (rj[None, :] * C + cc[:, None]) * stride_ue,
                     mask=n_mask[:, None] & (rj < J)[None, :], other=0.0)
-        acc = tl.dot(v, u, acc, input_precision=PRECISION)
+        acc = tl.dot(v.to(STATE), u.to(STATE), acc, input_precision=PRECISION)  # x, dy or a state
     tl.store(part_ptr + (pid_s * P + rp[:, None]) * J + rj[None, :], acc,
              mask=(rp < P)[:, None] & (rj < J)[None, :])
 
@@ -539,13 +565,15 @@ class Core:
 
 
 def _step(state: torch.Tensor, sb: int, se: int, core: Core, batch: int, c: int, transposed: bool,
-          bias: torch.Tensor | None = None, n_out: int = 1) -> torch.Tensor:
-    """One contraction step on ``batch * c`` columns; returns the contiguous output state (flat).
-    ``bias`` (last step only) is indexed by the output offset modulo ``n_out`` (the layer's O)."""
+          dtype: torch.dtype, last: bool, bias: torch.Tensor | None = None, n_out: int = 1) -> torch.Tensor:
+    """One contraction step on ``batch * c`` columns of a layer with ``dtype`` inputs; returns the
+    contiguous output state (flat), in ``cost.state_dtype(dtype)``, or in ``dtype`` for the ``last``
+    step (y or dx). ``bias`` (last step only) is indexed by the output offset modulo ``n_out``
+    (the layer's O)."""
     p, j = core.o * core.r1, core.r0 * core.i
     if transposed:
         p, j = j, p
-    out = torch.empty(batch * p * c, device=state.device, dtype=state.dtype)
+    out = torch.empty(batch * p * c, device=state.device, dtype=dtype if last else cost.state_dtype(dtype))
     n = batch * c
     if n == 0:
         return out
@@ -555,27 +583,27 @@ def _step(state: torch.Tensor, sb: int, se: int, core: Core, batch: int, c: int,
         n, c, p, j, core.r1, core.i, n_out, m_bucket(n),
         sb, se, *core.t.stride(), *core.axes(),
         SPLINE=core.spline, TRANSPOSED=transposed, HAS_BIAS=bias is not None,
-        PRECISION=dot_precision(state.dtype),
+        PRECISION=_state_args(dtype)["PRECISION"],
     )
     return out
 
 
 def _grad_step(v: torch.Tensor, vs: tuple[int, int], u: torch.Tensor, us: tuple[int, int],
-               batch: int, c: int, p: int, j: int) -> torch.Tensor:
-    """sum_{b, c} V[b, :, c] U[b, :, c].T as a ``(p, j)`` fp32 matrix."""
+               batch: int, c: int, p: int, j: int, dtype: torch.dtype) -> torch.Tensor:
+    """sum_{b, c} V[b, :, c] U[b, :, c].T as a ``(p, j)`` fp32 matrix (``dtype``: the layer's inputs)."""
     n = batch * c
     if n == 0:
         return torch.zeros(p, j, device=v.device, dtype=torch.float32)
     slots = SplitSlots(_grad_step_kernel, lambda meta: meta["N_SPLIT"])
     part = slots.empty(p, j, device=v.device)
     grid = lambda meta: (triton.cdiv(p, meta["BP"]), triton.cdiv(j, meta["BJ"]), slots(meta))  # noqa: E731
-    _grad_step_kernel[grid](v, u, part, n, c, p, j, m_bucket(n), *vs, *us, PRECISION=dot_precision(v.dtype))
+    _grad_step_kernel[grid](v, u, part, n, c, p, j, m_bucket(n), *vs, *us, **_state_args(dtype))
     return slots.sum(part)
 
 
 def chain_fits(cores: list[Core], grad: bool = False, elt: int = 2) -> bool:
     """Whether one of the configs of the chain kernel (or, with ``grad``, the gradient chain
-    kernel, for ``elt``-byte inputs) fits these cores (``cost.chain_plans``)."""
+    kernel, for ``elt``-byte states) fits these cores (``cost.chain_plans``)."""
     kernel = _chain_grad_kernel if grad else _chain_kernel
     return bool(cost.chain_plans(*_modes(cores), [_config_key(c) for c in kernel.configs], grad, elt))
 
@@ -594,7 +622,7 @@ def steps_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None)
     for k, core in enumerate(cores):
         c = math.prod(g.i for g in cores[k + 1:])
         last = k == len(cores) - 1
-        state = _step(state, sb, se, core, m * o_done, c, False, bias if last else None, n_out)
+        state = _step(state, sb, se, core, m * o_done, c, False, x2.dtype, last, bias if last else None, n_out)
         sb, se = core.r1 * c, 1  # next step's batch (row, O_<=k) spans r_k I_>k elements
         o_done *= core.o
     return state.view(m, o_done)
@@ -606,7 +634,7 @@ def contract_grad(dy2: torch.Tensor, x2: torch.Tensor, cores: list[Core], need_d
     gradient chain kernel (and a chain launch on W.T's cores for dx) where they fit, else
     ``steps_grad``."""
     transposed = [c.transposed() for c in cores]
-    if chain_fits(cores, grad=True, elt=x2.element_size()) and (not need_dx or chain_fits(transposed)):
+    if chain_fits(cores, grad=True, elt=_state_elt(x2.dtype)) and (not need_dx or chain_fits(transposed)):
         return chain_grad(dy2, x2, cores), chain_linear(dy2, transposed, None) if need_dx else None
     return steps_grad(dy2, x2, cores, need_dx)
 
@@ -620,7 +648,7 @@ def steps_grad(dy2: torch.Tensor, x2: torch.Tensor, cores: list[Core], need_dx: 
     o_done = 1
     for k, core in enumerate(cores[:-1]):
         c = math.prod(g.i for g in cores[k + 1:])
-        states.append((_step(states[-1][0], *states[-1][1:], core, m * o_done, c, False), core.r1 * c, 1))
+        states.append((_step(states[-1][0], *states[-1][1:], core, m * o_done, c, False, x2.dtype, False), core.r1 * c, 1))
         o_done *= core.o
     if dy2.stride(0) != dy2.shape[1] * dy2.stride(1):  # V_d batches over (row, O_<d): rows must be dense
         dy2 = dy2.contiguous()
@@ -632,10 +660,10 @@ def steps_grad(dy2: torch.Tensor, x2: torch.Tensor, cores: list[Core], need_dx: 
         c = math.prod(g.i for g in cores[k + 1:])
         p, j = core.o * core.r1, core.r0 * core.i
         u, *us = states[k]
-        da = _grad_step(v, vs, u, tuple(us), batch, c, p, j)
+        da = _grad_step(v, vs, u, tuple(us), batch, c, p, j, x2.dtype)
         grads[k] = da.view(core.o, core.r1, core.r0, core.i).permute(2, 0, 3, 1).contiguous()
         if k > 0 or need_dx:
-            v = _step(v, *vs, core, batch, c, True)
+            v = _step(v, *vs, core, batch, c, True, x2.dtype, k == 0)
             vs = (cores[k - 1].o * j * c, 1) if k > 0 else None  # consumed by core k-1: batch (row, O_<k-1)
     return grads, v.view(m, -1) if need_dx else None
 
@@ -811,9 +839,10 @@ def rebuild_tiles(o_d: int, i_d: int, r: int) -> RebuildTiles:
 
 
 def _head_and_last(cores: list[torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L ``(O_h, I_h, r)``, T ``(r, O_d, I_d)``), contiguous in ``dtype``; L accumulated in fp32."""
-    head = ref.head_product(cores).to(dtype).contiguous()
-    return head, cores[-1][..., 0].to(dtype).contiguous()
+    """(L ``(O_h, I_h, r)``, T ``(r, O_d, I_d)``), contiguous in ``cost.state_dtype(dtype)`` for
+    ``dtype`` inputs; L accumulated in fp32."""
+    state = cost.state_dtype(dtype)
+    return ref.head_product(cores).to(state).contiguous(), cores[-1][..., 0].to(state).contiguous()
 
 
 def rebuild_linear(x2: torch.Tensor, cores: list[torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
@@ -831,7 +860,7 @@ def rebuild_linear(x2: torch.Tensor, cores: list[torch.Tensor], bias: torch.Tens
         x2, head, last, bias if bias is not None else y, y,
         m, o_h, i_h, o_d, i_d, r, m_bucket(m),
         x2.stride(0), x2.stride(1), y.stride(0), y.stride(1),
-        HAS_BIAS=bias is not None, PRECISION=dot_precision(x2.dtype),
+        HAS_BIAS=bias is not None, PRECISION=_state_args(x2.dtype)["PRECISION"],
         PO=tl_.po, PI=tl_.pi, ODP=tl_.odp, IDP=tl_.idp, RP=tl_.rp,
     )
     return y
@@ -867,8 +896,8 @@ def tt_transposed(cores: list[torch.Tensor]) -> list[torch.Tensor]:
 # ----------------------------------------------------------------------------------------------
 # Launchers used by the ops
 # ----------------------------------------------------------------------------------------------
-def _strategy(strategy: str, m: int, cores: list[Core], elt: int, backward: bool = False) -> str:
-    return cost.resolve(strategy, m, *_modes(cores), elt, backward)
+def _strategy(strategy: str, m: int, cores: list[Core], dtype: torch.dtype, backward: bool = False) -> str:
+    return cost.resolve(strategy, m, *_modes(cores), dtype.itemsize, backward, _state_elt(dtype))
 
 
 def cores_linear(x: torch.Tensor, cores: list[Core], bias: torch.Tensor | None, strategy: str) -> torch.Tensor:
@@ -876,7 +905,7 @@ def cores_linear(x: torch.Tensor, cores: list[Core], bias: torch.Tensor | None, 
     plain or spline cores (rebuild forms the core-sized spline cores first)."""
     check_inputs(x, *(c.t for c in cores), *([bias] if bias is not None else []))
     x2 = flatten(x)
-    if _strategy(strategy, x2.shape[0], cores, x.element_size()) == "rebuild":
+    if _strategy(strategy, x2.shape[0], cores, x.dtype) == "rebuild":
         y = rebuild_linear(x2, [c.dense() for c in cores], bias)
     else:
         y = contract_linear(x2, cores, bias)
@@ -897,7 +926,7 @@ def cores_grad(dy: torch.Tensor, x: torch.Tensor, cores: list[Core], strategy: s
     if m == 0:
         shapes = [(c.r0, c.o, c.i, c.r1) for c in cores]
         return [torch.zeros(s, device=dy.device, dtype=torch.float32) for s in shapes], x.new_zeros(x.shape) if need_dx else None
-    if _strategy(strategy, m, cores, dy.element_size(), backward=True) == "rebuild":
+    if _strategy(strategy, m, cores, dy.dtype, backward=True) == "rebuild":
         dense = [c.dense() for c in cores]
         grads = rebuild_grad(dy2, x2, dense)
         dx = rebuild_linear(dy2, tt_transposed(dense), None) if need_dx else None

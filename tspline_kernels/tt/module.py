@@ -135,8 +135,9 @@ class TTStructured(CompressedLinear):
     def picked_strategy(self, m: int, dtype: torch.dtype | None = None, backward: bool = False) -> str:
         """The kernel strategy the Triton path runs for ``m`` rows ("contract" or "rebuild"): for the
         forward, or with ``backward`` for the core gradients and dx (picked separately)."""
-        elt = torch.finfo(dtype or self._factors()[0].dtype).bits // 8
-        return cost.resolve(self.strategy, m, self.in_modes, self.out_modes, self.ranks, elt, backward)
+        dtype = dtype or self._factors()[0].dtype
+        return cost.resolve(self.strategy, m, self.in_modes, self.out_modes, self.ranks, dtype.itemsize, backward,
+                            cost.state_dtype(dtype).itemsize)
 
 
 class TTLinear(TTStructured):
