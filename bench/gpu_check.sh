@@ -93,9 +93,10 @@ if [ "$DRY" = 0 ] && "$PY" -c "import xdist" 2>/dev/null; then
 fi
 stage cuda-tests "$T_CUDA_TESTS" "$PY" -m pytest "${PYTEST_EXTRA[@]}" "${XDIST[@]}" -m cuda tests \
   --junitxml="$DEST/pytest-cuda.xml"
-stage kernel-tests "$T_KERNEL_TESTS" "$PY" -m pytest "${PYTEST_EXTRA[@]}" "${XDIST[@]}" \
-  tests/test_spline_kernels.py tests/test_lowrank_kernels.py tests/test_kronecker_kernels.py \
-  tests/test_tt_kernels.py tests/test_every_config.py --junitxml="$DEST/pytest-kernels.xml"
+# the kernel tests: every test module that runs the Triton kernels on the `kernel_device` fixture
+mapfile -t KERNEL_TESTS < <(grep -l kernel_device tests/test_*.py)
+stage kernel-tests "$T_KERNEL_TESTS" "$PY" -m pytest "${PYTEST_EXTRA[@]}" "${XDIST[@]}" "${KERNEL_TESTS[@]}" \
+  --junitxml="$DEST/pytest-kernels.xml"
 stage every-config "$((T_EVERY_CONFIG + 20))" "$PY" -m tspline_kernels.bench.every_config "${EVERY[@]}" \
   --jobs "$JOBS" --deadline "$T_EVERY_CONFIG" --json "$DEST/every_config.json"
 stage bench "$T_BENCH" "$PY" -m tspline_kernels.cli bench "${BENCH[@]}" --out "$DEST/"
