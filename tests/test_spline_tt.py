@@ -1,6 +1,7 @@
 """SplineTTLinear: nn.Linear contract, spline structure of the cores, grid validation, the
 least-squares conversion from TTLinear and torch.compile."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -53,19 +54,66 @@ def test_init_matches_nn_linear_scale():
 
 
 @pytest.mark.parametrize(
-    "grid, match",
+    "grid, error, match",
     [
-        ((3, 8), "at least 4"),
-        ((8,), "pair"),
-        ([(4, 4)], "one \\(G_out, G_in\\) pair per core"),
-        ([(4, 4), (4, 2)], "at least 4"),
-        (4, "pair"),
-        ((4.0, 5), "ints"),
+        ((3, 8), ValueError, "at least 4"),
+        ((8,), ValueError, "pair"),
+        ([(4, 4)], ValueError, "one \\(G_out, G_in\\) pair per core"),
+        ([(4, 4), (4, 4), (4, 4)], ValueError, "one \\(G_out, G_in\\) pair per core \\(2\\)"),
+        ([(4, 4), (4, 2)], ValueError, "grid\\[1\\]\\[1\\] must be >= 4 \\(a cubic B-spline needs at least 4"),
+        (4, ValueError, "pair"),
+        (None, ValueError, "pair"),
+        ("45", ValueError, "pair"),
+        ({4: 5, 5: 4}, ValueError, "pair"),
+        ((4.0, 5), TypeError, "grid\\[0\\] must be an int, got 4.0"),
+        ((4.7, 5.9), TypeError, "grid\\[0\\] must be an int, got 4.7"),  # was truncated silently elsewhere
+        (("4", "5"), TypeError, "grid\\[0\\] must be an int, got '4'"),
+        ((True, 5), TypeError, "grid\\[0\\] must be an int, got True"),
+        ([(4, 4), (4, 4.5)], TypeError, "grid\\[1\\]\\[1\\] must be an int"),
     ],
 )
-def test_bad_grid(grid, match):
-    with pytest.raises(ValueError, match=match):
+def test_bad_grid(grid, error, match):
+    with pytest.raises(error, match=match):
         SplineTTLinear((8, 6), (4, 5), 2, grid)
+
+
+def test_grid_takes_int_likes():
+    assert SplineTTLinear((8, 6), (4, 5), 2, np.array([4, 5])).grid == ((4, 5), (4, 5))
+    layer = SplineTTLinear((8, 6), (4, 5), 2, np.array([[4, 5], [5, 4]]))
+    assert layer.grid == ((4, 5), (5, 4)) and all(type(g) is int for pair in layer.grid for g in pair)
+
+
+def test_modes_travel_in_the_state_dict(tmp_path):
+    """The control shapes do not show the modes: a state dict saved with other modes (same grid,
+    ranks and features) is refused, by load_state_dict and by safetensors."""
+    from safetensors.torch import load_model, save_model
+
+    saved = SplineTTLinear((8, 6), (4, 5), 2, (4, 4))
+    other = SplineTTLinear((6, 8), (5, 4), 2, (4, 4))
+    assert [p.shape for p in saved.parameters()] == [p.shape for p in other.parameters()]
+    with pytest.raises(ValueError, match="in_modes\\[0\\]=8 in the state dict but 6 in this layer"):
+        other.load_state_dict(saved.state_dict())
+    path = str(tmp_path / "layer.safetensors")
+    save_model(saved, path)
+    with pytest.raises(ValueError, match="out_modes\\[0\\]=4 in the state dict but 5 in this layer"):
+        load_model(other, path)
+    same = SplineTTLinear((8, 6), (4, 5), 2, (4, 4), strategy="contract")  # the strategy is not the function
+    load_model(same, path)
+    x = torch.randn(3, 48)
+    assert torch.equal(same(x), saved(x))
+
+
+def test_meta_device_then_to_empty():
+    source = SplineTTLinear((8, 6, 3), (4, 5, 2), (1, 2, 3, 1), [(4, 5), (5, 4), (4, 4)])
+    layer = SplineTTLinear((8, 6, 3), (4, 5, 2), (1, 2, 3, 1), [(4, 5), (5, 4), (4, 4)], device="meta")
+    assert all(p.is_meta for p in layer.parameters()) and "grid=" in repr(layer)
+    layer.to_empty(device="cpu")
+    layer.load_state_dict(source.state_dict())
+    x = torch.randn(4, 144)
+    assert torch.equal(layer(x), source(x))
+    layer.reset_parameters()
+    assert layer.materialize().double().pow(2).mean().item() == pytest.approx(1 / (3 * 144), rel=1e-5)
+    assert layer.bias.abs().max() <= 1 / 12 and torch.isfinite(layer(x)).all()
 
 
 def test_bad_structure_and_strategy():

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -55,23 +56,67 @@ def test_autocast_runs_in_autocast_dtype():
 
 
 @pytest.mark.parametrize(
-    "args, match",
+    "args, error, match",
     [
-        (((3, 5), (7,), 2), "same number of modes"),
-        (((3,), (7,), 2), "2 to 6 cores"),
-        (((2,) * 7, (2,) * 7, 2), "2 to 6 cores"),
-        (((3, 0), (7, 2), 2), "positive int"),
-        (((3, 5), (7, 2), 0), "int >= 1"),
-        (((3, 5), (7, 2), (1, 0, 1)), "int >= 1"),
-        (((3, 5), (7, 2), (2, 3, 1)), "boundary ranks must be 1"),
-        (((3, 5), (7, 2), (1, 3, 2)), "boundary ranks must be 1"),
-        (((3, 5), (7, 2), (1, 3)), "d \\+ 1 = 3 entries"),
-        (((3, 5), (7, 2), "3"), "ranks must be"),
+        (((3, 5), (7,), 2), ValueError, "same number of modes"),
+        (((3,), (7,), 2), ValueError, "2 to 6 cores"),
+        (((2,) * 7, (2,) * 7, 2), ValueError, "2 to 6 cores"),
+        (((3, 0), (7, 2), 2), ValueError, "in_modes\\[1\\] must be >= 1"),
+        (((3, 5), (7, -2), 2), ValueError, "out_modes\\[1\\] must be >= 1"),
+        (((4.7, 5), (7, 2), 2), TypeError, "in_modes\\[0\\] must be an int, got 4.7"),
+        (((4.0, 5), (7, 2), 2), TypeError, "in_modes\\[0\\] must be an int"),
+        ((("3", "5"), (7, 2), 2), TypeError, "in_modes\\[0\\] must be an int, got '3'"),
+        (("35", (7, 2), 2), TypeError, "in_modes must be a sequence of ints"),
+        (((True, 5), (7, 2), 2), TypeError, "in_modes\\[0\\] must be an int, got True"),
+        (({3, 5}, (7, 2), 2), TypeError, "in_modes must be a sequence"),  # unordered
+        (({3: 1, 5: 1}, (7, 2), 2), TypeError, "in_modes must be a sequence"),
+        ((15, (7, 2), 2), TypeError, "in_modes must be a sequence"),
+        ((None, (7, 2), 2), TypeError, "in_modes must be a sequence"),
+        (((3, 5), (7, 2), 0), ValueError, "ranks must be >= 1"),
+        (((3, 5), (7, 2), 2.5), TypeError, "ranks must be an int, got 2.5"),
+        (((3, 5), (7, 2), True), TypeError, "ranks must be an int, got True"),
+        (((3, 5), (7, 2), None), TypeError, "ranks must be an int"),
+        (((3, 5), (7, 2), (1, 0, 1)), ValueError, "ranks\\[1\\] must be >= 1"),
+        (((3, 5), (7, 2), (1, 2.0, 1)), TypeError, "ranks\\[1\\] must be an int"),
+        (((3, 5), (7, 2), (2, 3, 1)), ValueError, "boundary ranks must be 1"),
+        (((3, 5), (7, 2), (1, 3, 2)), ValueError, "boundary ranks must be 1"),
+        (((3, 5), (7, 2), (1, 3)), ValueError, "d \\+ 1 = 3 entries"),
+        (((3, 5), (7, 2), "3"), TypeError, "ranks must be a sequence of ints"),
     ],
 )
-def test_bad_structure(args, match):
-    with pytest.raises(ValueError, match=match):
+def test_bad_structure(args, error, match):
+    with pytest.raises(error, match=match):
         TTLinear(*args)
+
+
+def test_int_likes_are_accepted_and_stored_as_ints():
+    """numpy and torch ints (e.g. from a config file or a shape) work like Python ints."""
+    layer = TTLinear(np.array([3, 5]), (torch.tensor(7), np.int64(2)), np.int64(3))
+    assert layer.in_modes == (3, 5) and layer.out_modes == (7, 2) and layer.ranks == (1, 3, 1)
+    assert all(type(m) is int for m in layer.in_modes + layer.out_modes + layer.ranks)
+    assert TTLinear((3, 5), (7, 2), np.array([1, 2, 1])).ranks == (1, 2, 1)
+
+
+@pytest.mark.parametrize("bias", ["no", None, 1])
+def test_bias_must_be_a_bool(bias):
+    with pytest.raises(TypeError, match="bias must be True or False"):
+        TTLinear((3, 5), (7, 2), 2, bias=bias)
+
+
+def test_meta_device_then_to_empty():
+    """``device="meta"`` builds without values (as nn.Linear does, for large-model loading); after
+    ``to_empty`` a state dict loads into it, or ``reset_parameters`` initialises it."""
+    source = TTLinear((3, 2, 5), (2, 3, 4), (1, 2, 3, 1))
+    layer = TTLinear((3, 2, 5), (2, 3, 4), (1, 2, 3, 1), device="meta")
+    assert all(p.is_meta for p in layer.parameters()) and "ranks=(1, 2, 3, 1)" in repr(layer)
+    layer.to_empty(device="cpu")
+    layer.load_state_dict(source.state_dict())
+    x = torch.randn(4, 30)
+    assert torch.equal(layer(x), source(x))
+    layer.reset_parameters()
+    assert layer.materialize().double().pow(2).mean().item() == pytest.approx(1 / 90, rel=1e-5)
+    bound = 1 / math.sqrt(30)
+    assert layer.bias.abs().max() <= bound and torch.isfinite(layer(x)).all()
 
 
 def test_bad_strategy():
@@ -100,9 +145,13 @@ def test_suggest_modes():
     assert suggest_modes(13, 12, 2) == ((4, 3), (13, 1))  # a prime stays whole
     layer = TTLinear(*suggest_modes(24, 30, 2), 3)
     assert (layer.out_features, layer.in_features) == (24, 30)
-    for d in (1, 7):
+    for d in (1, 7, True, 3.0):
         with pytest.raises(ValueError, match="2 to 6 cores"):
             suggest_modes(64, 64, d)
+    with pytest.raises(TypeError, match="out_features must be an int"):
+        suggest_modes(True, 64, 2)
+    with pytest.raises(ValueError, match="in_features must be >= 1"):
+        suggest_modes(64, 0, 2)
 
 
 def test_strategy_cost_model():
@@ -206,8 +255,14 @@ def test_from_linear_validation():
         TTLinear.from_linear(lin, (3, 2, 5), (2, 3, 5))
     with pytest.raises(ValueError, match="max_rank"):
         TTLinear.from_linear(lin, (3, 2, 5), (2, 3, 4), max_rank=0)
+    with pytest.raises(TypeError, match="max_rank must be an int"):
+        TTLinear.from_linear(lin, (3, 2, 5), (2, 3, 4), max_rank=2.5)
     with pytest.raises(ValueError, match="eps"):
         TTLinear.from_linear(lin, (3, 2, 5), (2, 3, 4), eps=-1.0)
+    with pytest.raises(ValueError, match="eps"):
+        TTLinear.from_linear(lin, (3, 2, 5), (2, 3, 4), eps=float("nan"))
+    with pytest.raises(TypeError, match="eps must be a real number"):
+        TTLinear.from_linear(lin, (3, 2, 5), (2, 3, 4), eps="0.1")
     converted = TTLinear.from_linear(lin, (3, 2, 5), (2, 3, 4), max_rank=2)
     assert converted.cores[0].dtype == torch.float32 and torch.equal(converted.bias, lin.bias)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -10,35 +10,29 @@ from torch import nn
 from .._layers import fit_report
 from ..reference import spline_tt as ref
 from ..reference import tt as ref_tt
+from ..spline.module import _check_grid as _check_pair
+from ..spline.module import _SavedSettings
 from ..tt.module import TTLinear, TTStructured, init_scale
 from . import ops
 
 
 def _check_grid(grid, d: int) -> tuple[tuple[int, int], ...]:
-    """``grid`` as d pairs ``(G_out_k, G_in_k)``: one pair for every core, or a sequence of d pairs."""
-    def pair(g) -> tuple[int, int]:
-        try:
-            go, gi = g
-        except (TypeError, ValueError):
-            raise ValueError(f"grid must be a pair (G_out, G_in) or {d} such pairs, got {grid!r}") from None
-        if any(not isinstance(v, int) or isinstance(v, bool) for v in (go, gi)):
-            raise ValueError(f"grid sizes must be ints, got {grid!r}")
-        if min(go, gi) < 4:
-            raise ValueError(f"a cubic B-spline grid needs at least 4 control points per axis, got grid={grid!r}")
-        return go, gi
+    """``grid`` as d pairs ``(G_out_k, G_in_k)`` of ints >= 4: one pair for every core, or a
+    sequence of d pairs (numpy / torch ints accepted; floats, strings and bools refused)."""
+    def sequence(g) -> list:
+        if isinstance(g, (str, bytes, Mapping)) or not hasattr(g, "__getitem__") or not hasattr(g, "__len__"):
+            raise ValueError(f"grid must be a pair (G_out, G_in) or {d} such pairs, got {grid!r}")
+        return list(g)
 
-    try:
-        items = list(grid)
-    except TypeError:
-        raise ValueError(f"grid must be a pair (G_out, G_in) or {d} such pairs, got {grid!r}") from None
-    if len(items) == 2 and not any(isinstance(v, Sequence) for v in items):  # one pair for every core
-        return (pair(items),) * d
+    items = sequence(grid)
+    if not any(hasattr(g, "__len__") and not isinstance(g, (str, bytes)) for g in items):  # one pair for every core
+        return (_check_pair(items),) * d
     if len(items) != d:
         raise ValueError(f"grid needs one (G_out, G_in) pair per core ({d}), got {grid!r}")
-    return tuple(pair(g) for g in items)
+    return tuple(_check_pair(sequence(g), f"grid[{k}]") for k, g in enumerate(items))
 
 
-class SplineTTLinear(TTStructured):
+class SplineTTLinear(_SavedSettings, TTStructured):
     """A TT matrix (see ``TTLinear``) whose cores vary smoothly along their mode indices:
 
         core_k[a, o, i, b] = sum_{p, q} Bo_k[o, p] control[k][a, p, q, b] Bi_k[i, q]
@@ -48,6 +42,8 @@ class SplineTTLinear(TTStructured):
     ``(r_{k-1}, G_out_k, G_in_k, r_k)``; ``grid`` is one ``(G_out, G_in)`` pair for every core or a
     sequence of d pairs, each >= 4 (a grid larger than its mode size is allowed but redundant).
     The Triton "contract" kernels generate core tiles from the control points on chip.
+    The control shapes do not show the modes, so the state dict carries them (``_extra_state``);
+    loading it into a layer with other modes raises. ``device="meta"`` builds without initialising.
     """
 
     def __init__(self, in_modes: Sequence[int], out_modes: Sequence[int], ranks, grid, bias: bool = True,
@@ -64,19 +60,25 @@ class SplineTTLinear(TTStructured):
     def _factors(self) -> nn.ParameterList:
         return self.control
 
+    def _settings(self) -> dict[str, float]:
+        return {**{f"in_modes[{k}]": m for k, m in enumerate(self.in_modes)},
+                **{f"out_modes[{k}]": m for k, m in enumerate(self.out_modes)}}
+
     def cores(self) -> list[torch.Tensor]:
         """The TT cores ``(r_{k-1}, O_k, I_k, r_k)`` the control points define (for inspection)."""
         return [c.to(self.control[0].dtype) for c in ref.spline_cores(list(self.control), self.in_modes, self.out_modes)]
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Uniform control points rescaled so that mean(W^2) equals nn.Linear's default init."""
+        """Uniform control points rescaled so that mean(W^2) equals nn.Linear's default init;
+        nn.Linear's bias."""
         for c in self.control:
             c.uniform_(-1, 1)
         cores = ref.spline_cores([c.double() for c in self.control], self.in_modes, self.out_modes)
         scale = init_scale(cores, self.in_features)
         for c in self.control:
             c.mul_(scale)
+        self._reset_bias()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self._prepare(x)

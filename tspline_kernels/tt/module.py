@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -10,7 +11,9 @@ import torch
 from torch import nn
 
 from .._layers import CompressedLinear, fit_report
+from ..kronecker.module import _ints
 from ..reference import tt as ref
+from ..spline.module import _check_count, _check_flag
 from . import cost, ops
 
 MIN_CORES, MAX_CORES = 2, 6
@@ -24,7 +27,7 @@ class TTModes(NamedTuple):
 
 
 def _check_d(d: int) -> None:
-    if not isinstance(d, int) or not MIN_CORES <= d <= MAX_CORES:
+    if not isinstance(d, int) or isinstance(d, bool) or not MIN_CORES <= d <= MAX_CORES:
         raise ValueError(f"a TT matrix here has {MIN_CORES} to {MAX_CORES} cores, got d={d!r}")
 
 
@@ -52,37 +55,28 @@ def suggest_modes(out_features: int, in_features: int, d: int) -> TTModes:
     count becomes ``(n, 1, ..., 1)``); pad the layer if that matters.
     """
     _check_d(d)
-    for name, n in (("out_features", out_features), ("in_features", in_features)):
-        if not isinstance(n, int) or n < 1:
-            raise ValueError(f"{name} must be a positive int, got {n!r}")
-    return TTModes(_balanced(in_features, d), _balanced(out_features, d))
+    n_out, n_in = _check_count("out_features", out_features, 1), _check_count("in_features", in_features, 1)
+    return TTModes(_balanced(n_in, d), _balanced(n_out, d))
 
 
 def _check_modes(in_modes: Sequence[int], out_modes: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    try:
-        ins, outs = tuple(in_modes), tuple(out_modes)
-    except TypeError:
-        raise ValueError(f"in_modes and out_modes must be sequences of ints, got {in_modes!r}, {out_modes!r}") from None
+    """Equally long sequences of 2..6 ints >= 1 (numpy / torch ints accepted; strings, mappings,
+    sets, floats and bools refused: TypeError)."""
+    ins, outs = _ints("in_modes", in_modes, 1), _ints("out_modes", out_modes, 1)
     if len(ins) != len(outs):
         raise ValueError(f"in_modes and out_modes need the same number of modes, got {ins} and {outs}")
     _check_d(len(ins))
-    for m in ins + outs:
-        if not isinstance(m, int) or isinstance(m, bool) or m < 1:
-            raise ValueError(f"every mode must be a positive int, got in_modes={ins}, out_modes={outs}")
     return ins, outs
 
 
 def _check_ranks(ranks, d: int) -> tuple[int, ...]:
     """``ranks`` as ``(1, r_1, ..., r_{d-1}, 1)``; an int r means ``(1, r, ..., r, 1)``."""
-    if isinstance(ranks, int) and not isinstance(ranks, bool):
-        ranks = (1,) + (ranks,) * (d - 1) + (1,)
-    if isinstance(ranks, (str, bytes)) or not isinstance(ranks, Sequence):
-        raise ValueError(f"ranks must be an int or a sequence of d + 1 ints, got {ranks!r}")
-    ranks = tuple(ranks)
+    if hasattr(ranks, "__len__") or isinstance(ranks, str):
+        ranks = _ints("ranks", ranks, 1)
+    else:
+        ranks = (1,) + (_check_count("ranks", ranks, 1),) * (d - 1) + (1,)
     if len(ranks) != d + 1:
         raise ValueError(f"ranks must have d + 1 = {d + 1} entries (1, r_1, ..., r_{{d-1}}, 1), got {ranks}")
-    if any(not isinstance(r, int) or isinstance(r, bool) or r < 1 for r in ranks):
-        raise ValueError(f"every rank must be an int >= 1, got {ranks}")
     if ranks[0] != 1 or ranks[-1] != 1:
         raise ValueError(f"the boundary ranks must be 1 (ranks = (1, r_1, ..., r_{{d-1}}, 1)), got {ranks}")
     return ranks
@@ -101,7 +95,10 @@ def _check_product(modes: tuple[int, ...], features: int, name: str) -> None:
 
 def init_scale(cores: list[torch.Tensor], in_features: int) -> float:
     """Factor to multiply every core by so that mean(W^2) = 1 / (3 in_features), nn.Linear's default
-    weight variance; ||W||^2 comes from ``tt_norm_sq`` (W is not formed)."""
+    weight variance; ||W||^2 comes from ``tt_norm_sq`` (W is not formed). 1 for meta tensors (no
+    values: ``device="meta"`` builds without initialising)."""
+    if cores[0].is_meta:
+        return 1.0
     n = math.prod(c.shape[1] * c.shape[2] for c in cores)
     mean_sq = ref.tt_norm_sq([c.detach().double() for c in cores]).item() / n
     return (1.0 / (3 * in_features * max(mean_sq, 1e-300))) ** (1.0 / (2 * len(cores)))
@@ -116,13 +113,20 @@ class TTStructured(CompressedLinear):
     def __init__(self, in_modes: Sequence[int], out_modes: Sequence[int], ranks, bias: bool,
                  device, dtype, strategy: str) -> None:
         ins, outs, rks = check_structure(in_modes, out_modes, ranks)
-        super().__init__(math.prod(ins), math.prod(outs), bias, device, dtype)
+        super().__init__(math.prod(ins), math.prod(outs), _check_flag("bias", bias), device, dtype)
         self.in_modes, self.out_modes, self.ranks = ins, outs, rks
         self.strategy = strategy
 
     def _factors(self) -> nn.ParameterList:
         """The per-core trainable tensors (their dtype is the kernels' dtype)."""
         raise NotImplementedError
+
+    def _reset_bias(self) -> None:
+        """nn.Linear's bias init (uniform in +-1/sqrt(in_features)), so that ``reset_parameters``
+        after ``to_empty`` leaves nothing uninitialised."""
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
 
     @property
     def strategy(self) -> str:
@@ -163,12 +167,13 @@ class TTLinear(TTStructured):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Normal cores rescaled so that mean(W^2) equals nn.Linear's default init."""
+        """Normal cores rescaled so that mean(W^2) equals nn.Linear's default init; nn.Linear's bias."""
         for c in self.cores:
             c.normal_()
         scale = init_scale(list(self.cores), self.in_features)
         for c in self.cores:
             c.mul_(scale)
+        self._reset_bias()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self._prepare(x)
@@ -213,10 +218,12 @@ class TTLinear(TTStructured):
         ins, outs = _check_modes(in_modes, out_modes)
         _check_product(ins, linear.in_features, "in")
         _check_product(outs, linear.out_features, "out")
+        if eps is not None and (isinstance(eps, bool) or not isinstance(eps, numbers.Real)):
+            raise TypeError(f"eps must be a real number or None, got {eps!r}")
         if eps is not None and not eps >= 0:
             raise ValueError(f"eps must be >= 0, got {eps!r}")
-        if max_rank is not None and (not isinstance(max_rank, int) or max_rank < 1):
-            raise ValueError(f"max_rank must be an int >= 1, got {max_rank!r}")
+        if max_rank is not None:
+            max_rank = _check_count("max_rank", max_rank, 1)
         w = linear.weight.detach()
         cores = tt_svd(w.double(), ins, outs, eps, max_rank)
         ranks = (1,) + tuple(c.shape[-1] for c in cores)
