@@ -95,6 +95,26 @@ def test_large_fp16_inputs_field(name, kernel_device):
     assert_backends_agree(layer, x, g, torch.float16)
 
 
+DEGENERATE = {
+    "bicubic-1": dict(basis="bicubic", n_control_points=1),
+    "bicubic-2": dict(basis="bicubic", n_control_points=2),
+    "eisenstein-1-local": dict(basis="eisenstein", n_control_points=1, support="local"),
+    "gaussian-2-local": dict(basis="gaussian", n_control_points=2, support="local"),
+    "bspline-grid-above-features": dict(basis="bspline", grid=(9, 70)),
+}
+
+
+@pytest.mark.parametrize("n_in, n_out", [(1, 1), (3, 2)], ids=["1x1", "3x2"])
+@pytest.mark.parametrize("name", list(DEGENERATE))
+def test_degenerate_control_counts(name, n_in, n_out, kernel_device):
+    """One or two control points (a 1 x 1 or 2 x 2 bicubic grid, a single lattice point) and grids
+    with more control points than features, on 1-D and 3-D inputs."""
+    layer = tk.SplineLinear(n_in, n_out, **DEGENERATE[name]).to(kernel_device)
+    for lead in [(), (2, 3)]:
+        x = torch.randn(*lead, n_in, device=kernel_device)
+        assert_backends_agree(layer, x, torch.randn(*lead, n_out, device=kernel_device), torch.float32)
+
+
 @pytest.mark.parametrize("lead", [(0,), (2, 0)], ids=["0xin", "2x0xin"])
 @pytest.mark.parametrize("name", [*LAYERS, "hierarchical"])
 def test_empty_batch_gives_zero_gradients(name, lead, kernel_device):
