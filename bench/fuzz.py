@@ -52,9 +52,11 @@ FAMILIES = (
     "lowrank", "tt", "spline-tt", "kronecker", "kronecker-gated",
 )
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# Leading batch dims of x; the empty ones must give empty y / dx and zero parameter gradients.
-LEADS = ((1,), (2,), (3,), (5,), (7,), (9,), (1, 1), (2, 3), (3, 1, 2), (0,), (2, 0))
-SIZES = (1, 2, 3, 4, 5, 7, 8, 9, 13, 16, 17, 24, 31, 33)
+# Leading batch dims of x; the empty ones must give empty y / dx and zero parameter gradients;
+# 17 to 33 rows span several row blocks of the interpreter's configs (16 rows).
+LEADS = ((1,), (2,), (3,), (5,), (7,), (9,), (1, 1), (2, 3), (3, 1, 2), (0,), (2, 0), (17,), (33,), (3, 7))
+# Feature counts; 40 and 65 span several 32-wide blocks.
+SIZES = (1, 2, 3, 4, 5, 7, 8, 9, 13, 16, 17, 24, 31, 33, 40, 65)
 MODES = (1, 1, 2, 3, 4, 5, 7)
 # Input magnitudes: fp16's range ends at 65504, the others reach 3e38.
 SCALES = {"fp32": (1e-3, 1.0, 1e3), "bf16": (1e-3, 1.0, 1e3), "fp16": (1e-2, 1.0, 1e2, 1e4)}
