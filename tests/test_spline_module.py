@@ -185,6 +185,8 @@ def test_meta_device_then_to_empty_and_load(name):
     original = META_LAYERS[name]()
     with torch.device("meta"):
         meta = META_LAYERS[name]()
+        settings = meta.state_dict()["_extra_state"]  # real values, whatever the default device
+    assert torch.equal(settings, original.state_dict()["_extra_state"])
     assert all(p.is_meta for p in meta.parameters())
     assert repr(meta) == repr(original)
     meta.to_empty(device="cpu")

@@ -78,7 +78,7 @@ class _SavedSettings:
         return repr(int(value)) if float(value).is_integer() else f"{value:.6g}"
 
     def get_extra_state(self) -> torch.Tensor:
-        return torch.tensor(list(self._settings().values()), dtype=torch.float64)
+        return torch.tensor(list(self._settings().values()), dtype=torch.float64, device="cpu")
 
     def set_extra_state(self, state: torch.Tensor) -> None:
         mine = self._settings()
