@@ -156,9 +156,11 @@ def test_from_ttlinear_is_the_least_squares_fit():
     assert len(fitted.fit_report.details["core_errors"]) == 2
 
 
-def test_from_ttlinear_rejects_other_modules():
+def test_from_ttlinear_rejects_other_modules_and_meta():
     with pytest.raises(TypeError, match="TTLinear"):
         SplineTTLinear.from_ttlinear(nn.Linear(4, 4), (4, 4))
+    with pytest.raises(ValueError, match="meta device"):
+        SplineTTLinear.from_ttlinear(TTLinear((9, 7), (8, 6), 3, device="meta"), (4, 4))
 
 
 def test_autocast_and_state_dict():

@@ -181,9 +181,12 @@ def test_strategy_pick_on_an_empty_batch():
         for strategy in ("contract", "rebuild"):
             assert math.isfinite(fn(strategy, 0, *modes).seconds)
     assert TTLinear(*modes).picked_strategy(0) in ("contract", "rebuild")
-    for m in (-1, 2.0, True):
-        with pytest.raises(ValueError, match="int >= 0"):
+    with pytest.raises(ValueError, match="m must be >= 0"):
+        pick_strategy(-1, *modes)
+    for m in (2.0, True, "2"):
+        with pytest.raises(TypeError, match="m must be an int"):
             pick_strategy(m, *modes)
+    assert pick_strategy(np.int64(5), *modes) == pick_strategy(5, *modes)
 
 
 # ------------------------------------------------------------------------------------ TT-SVD
@@ -263,6 +266,10 @@ def test_from_linear_validation():
         TTLinear.from_linear(lin, (3, 2, 5), (2, 3, 4), eps=float("nan"))
     with pytest.raises(TypeError, match="eps must be a real number"):
         TTLinear.from_linear(lin, (3, 2, 5), (2, 3, 4), eps="0.1")
+    with pytest.raises(TypeError, match="expected an nn.Linear"):
+        TTLinear.from_linear(TTLinear((3, 2, 5), (2, 3, 4), 2), (3, 2, 5), (2, 3, 4))
+    with pytest.raises(ValueError, match="meta device"):
+        TTLinear.from_linear(nn.Linear(30, 24, device="meta"), (3, 2, 5), (2, 3, 4))
     converted = TTLinear.from_linear(lin, (3, 2, 5), (2, 3, 4), max_rank=2)
     assert converted.cores[0].dtype == torch.float32 and torch.equal(converted.bias, lin.bias)
 

@@ -102,6 +102,9 @@ class SplineTTLinear(_SavedSettings, TTStructured):
         if not isinstance(tt, TTLinear):
             raise TypeError(f"expected a TTLinear, got {type(tt).__name__}")
         ref_core = tt.cores[0]
+        if ref_core.is_meta:
+            raise ValueError("from_ttlinear fits the TTLinear's core values, but it is on the meta device and has "
+                             "none: load its weights first")
         new = cls(tt.in_modes, tt.out_modes, tt.ranks, grid, bias=tt.bias is not None, device=ref_core.device,
                   dtype=ref_core.dtype, strategy=strategy or tt.strategy)
         core_errors = []

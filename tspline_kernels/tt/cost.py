@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -275,8 +276,14 @@ def pick_strategy(m: int, in_modes, out_modes, ranks, elt: int = 2, backward: bo
                   state_elt: int | None = None) -> str:
     """The strategy with the lower estimated time on ``m`` rows for y = x @ W.T, or with
     ``backward`` for the core gradients and dx (``grad_cost``). ``m = 0`` (an empty batch) is valid."""
-    if not isinstance(m, int) or isinstance(m, bool) or m < 0:
-        raise ValueError(f"the number of rows m must be an int >= 0, got {m!r}")
+    try:
+        if isinstance(m, bool):
+            raise TypeError
+        m = operator.index(m)
+    except TypeError:
+        raise TypeError(f"the number of rows m must be an int, got {m!r}") from None
+    if m < 0:
+        raise ValueError(f"the number of rows m must be >= 0, got {m}")
     return _pick(m, tuple(in_modes), tuple(out_modes), tuple(ranks), elt, state_elt or elt, backward, CHAIN_MAX_TILE)
 
 

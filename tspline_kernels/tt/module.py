@@ -215,6 +215,11 @@ class TTLinear(TTStructured):
         tail has norm <= eps / sqrt(d - 1) * ||W||_F; ``max_rank`` caps every rank. ``eps=None``
         keeps every nonzero singular value (exact up to rounding) unless capped. Attaches
         ``fit_report`` (measured relative error, ranks in its details)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"expected an nn.Linear, got {type(linear).__name__}")
+        if linear.weight.is_meta:
+            raise ValueError("from_linear fits the Linear's weight values, but it is on the meta device and has "
+                             "none: load its weights first")
         ins, outs = _check_modes(in_modes, out_modes)
         _check_product(ins, linear.in_features, "in")
         _check_product(outs, linear.out_features, "out")
