@@ -544,6 +544,9 @@ def _blank(message: str) -> str:
     return re.sub(r"[-+]?\d[\d.e+-]*", "#", message)[:120]
 
 
+RECORDS_PER_KIND = 20  # failure records kept per distinct failure (the counts cover every case)
+
+
 def empty_summary(seed: int, start: int, stop: int) -> dict:
     return {"seed": seed, "start": start, "stop": stop, "next_index": start, "cases": 0, "seconds": 0.0, "cpu_seconds": 0.0,
             "outcomes": {}, "per_family": {}, "mismatches": {}, "skipped_nonfinite_reference": {},
@@ -551,7 +554,8 @@ def empty_summary(seed: int, start: int, stop: int) -> dict:
 
 
 def record(summary: dict, result: Result) -> None:
-    """Add one case's result to ``summary`` (counts, and the failure record of a failing case)."""
+    """Add one case's result to ``summary``: counts, and the failure record of a failing case while
+    one of its failures has been seen at most ``RECORDS_PER_KIND`` times."""
     case = result.case
     summary["cases"] += 1
     summary["seconds"] += result.seconds
@@ -564,14 +568,17 @@ def record(summary: dict, result: Result) -> None:
     _bump(fam, result.outcome)
     if result.outcome == "rejected":
         _bump(summary["rejected_messages"], f"{case.family} | {_blank(result.message)}")
+    new_kind = False
     for p in result.problems:
         if p["check"] == "skipped":
             _bump(summary["skipped_nonfinite_reference"], p["message"].split(":")[0])
             continue
         _bump(summary["mismatches"], _param_pattern(p["check"]))
         _bump(fam, "mismatches")
-        _bump(summary["distinct_failures"], _signature(case.family, p))
-    if result.outcome == "fail":
+        signature = _signature(case.family, p)
+        _bump(summary["distinct_failures"], signature)
+        new_kind |= summary["distinct_failures"][signature] <= RECORDS_PER_KIND
+    if result.outcome == "fail" and new_kind:
         summary["failures"].append({**case.describe(), "snippet": case.snippet(result.features),
                                     "problems": [p for p in result.problems if p["check"] != "skipped"]})
 

@@ -79,10 +79,13 @@ def test_sweep_counts_checkpoints_resumes_and_merges(tmp_path, monkeypatch):
     assert data["mismatches"] == {"dcores.*": 2} and data["mismatch_total"] == 2 and data["failed_cases"] == 2
     assert data["skipped_nonfinite_reference"] == {"y": 2}
     assert sum(f["cases"] for f in data["per_family"].values()) == 10
-    assert [f["index"] for f in data["failures"]] == [1, 6]
+    assert [f["index"] for f in data["failures"]] == [1, 6]  # fewer than RECORDS_PER_KIND of this kind
     assert "check_case_inputs(layer, x, g)" in data["failures"][0]["snippet"]
     assert data["cases_per_second"] == 2.0 and data["cases_per_cpu_second"] == 4.0 and data["meta"]["commit"]
 
+    monkeypatch.setattr(fuzz, "RECORDS_PER_KIND", 1)
+    capped = fuzz.sweep(3, 0, 15, tmp_path / "capped.json", progress=False)  # 11 fails like 1 (same family)
+    assert capped["outcomes"]["fail"] == 3 and [f["index"] for f in capped["failures"]] == [1, 6]
     second = fuzz.sweep(3, 10, 5, tmp_path / "b.json", progress=False)
     merged = fuzz.merge([data, second])
     assert merged["cases"] == 15 and merged["outcomes"]["fail"] == 3 and (merged["start"], merged["stop"]) == (0, 15)
