@@ -11,7 +11,8 @@ instead passes one deliberately invalid argument.
 
 ``run_case`` then checks, with ``tspline_kernels.testing``'s per-dtype tolerances (``assert_close``):
   * construction: a valid-looking case either builds or raises a clean ValueError / TypeError
-    ("rejected", not a failure); an invalid argument must raise one of those two;
+    ("rejected", not a failure); arguments that build, with one invalid argument put in, must
+    raise one of those two;
   * Triton (``backend("triton")``, the interpreter on CPU) against the reference: y, dx and the
     gradient of every parameter, in value and dtype, on the same (possibly strided) x; a result
     the reference gives as non-finite is counted, not compared (fp16 overflow of the output). A
@@ -108,8 +109,8 @@ class Case:
         return zlib.crc32(f"fuzz:{self.seed}:{self.index}".encode())
 
     def arguments(self) -> dict:
-        """The layer's keyword arguments, the case's dtype included (unless an invalid one replaces it)."""
-        return {**self.kwargs, "dtype": self.kwargs.get("dtype", DTYPES[self.dtype])}
+        """The layer's keyword arguments: the drawn ones, the invalid override if any, the dtype."""
+        return {**self.kwargs, "dtype": DTYPES[self.dtype], **(INVALID[self.family][self.invalid] if self.invalid else {})}
 
     def layer_code(self) -> str:
         return f"tk.{self.cls}({', '.join(f'{k}={_code(v)}' for k, v in self.arguments().items())})"
@@ -342,10 +343,7 @@ def make_case(seed: int, index: int) -> Case:
     kwargs = generate(rng)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     dtype = rng.choice(("fp32", "fp32", "fp16", "bf16"))
-    invalid = None
-    if rng.random() < INVALID_SHARE:
-        invalid = rng.choice(sorted(INVALID[family]))
-        kwargs.update(INVALID[family][invalid])
+    invalid = rng.choice(sorted(INVALID[family])) if rng.random() < INVALID_SHARE else None
     lead = rng.choice(LEADS)
     layout = rng.choice(tuple(LAYOUTS))
     s = rng.choice(SKEWS) if cls in SKEWED and not kwargs.get("gated") else 1.0  # gates would see a new layer
@@ -492,8 +490,8 @@ def check_meta(case: Case, layer: torch.nn.Module, x: torch.Tensor) -> list[dict
 @dataclasses.dataclass
 class Result:
     """What ``run_case`` found: ``outcome`` is "pass", "rejected" (the layer refused an ordinary
-    argument with a clean error), "invalid-rejected" (a deliberately invalid argument was refused,
-    as it must be) or "fail"; ``problems`` the failing checks (and "skipped" notes)."""
+    argument with a clean error), "invalid-rejected" (arguments the layer accepts plus one
+    deliberately invalid one were refused, as they must be) or "fail"; ``problems`` the failing checks (and "skipped" notes)."""
 
     case: Case
     outcome: str
@@ -514,13 +512,19 @@ def run_case(case: Case) -> Result:
         return Result(case, outcome, problems, time.perf_counter() - start, time.process_time() - cpu_start,
                       message, features)
 
-    try:
-        layer = make_layer(case)
+    try:  # the drawn arguments, without the invalid override
+        layer = make_layer(dataclasses.replace(case, invalid=None))
     except (ValueError, TypeError) as e:
-        return done("invalid-rejected" if case.invalid else "rejected", [], _error(e))
+        return done("rejected", [], _error(e))
     except Exception as e:
         return done("fail", [{"check": "construction", "message": f"not a ValueError/TypeError: {_error(e)}"}])
-    if case.invalid:
+    if case.invalid:  # the same arguments are accepted; with the override they must not be
+        try:
+            build(case)
+        except (ValueError, TypeError) as e:
+            return done("invalid-rejected", [], _error(e))
+        except Exception as e:
+            return done("fail", [{"check": "construction", "message": f"{case.invalid}: not a ValueError/TypeError: {_error(e)}"}])
         return done("fail", [{"check": "construction", "message": f"accepted the invalid argument {case.invalid}"}])
     x, g = make_inputs(case, layer)
     problems = check_case_inputs(layer, x, g, case.grads != "params-only") + check_meta(case, layer, x)
