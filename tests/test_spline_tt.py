@@ -93,6 +93,8 @@ def test_modes_travel_in_the_state_dict(tmp_path):
     assert [p.shape for p in saved.parameters()] == [p.shape for p in other.parameters()]
     with pytest.raises(ValueError, match="in_modes\\[0\\]=8 in the state dict but 6 in this layer"):
         other.load_state_dict(saved.state_dict())
+    with pytest.raises(RuntimeError, match="size mismatch for control.0"):  # the grid is in the shapes
+        SplineTTLinear((8, 6), (4, 5), 2, (5, 4)).load_state_dict(saved.state_dict())
     path = str(tmp_path / "layer.safetensors")
     save_model(saved, path)
     with pytest.raises(ValueError, match="out_modes\\[0\\]=4 in the state dict but 5 in this layer"):
