@@ -11,9 +11,10 @@ gradient, in one launch tiled over features with the batch as the reduction axis
 split over the batch, partials summed on the host). No ``(n_out, n_in)`` tensor is ever
 formed. The rank is zero-padded to RP = max(16, next_pow2(r)) inside the kernels (``tl.dot``
 needs every dimension >= 16). The kernels hold (rows x RP) tiles on chip, so they take RP up to
-``MAX_RANK`` (256: at RP = 512 no config fits an sm_90 block's shared memory, in any dtype);
-larger ranks run the reference (two GEMMs, t in global memory, where fusion gains little):
-``fits`` tells which path a rank takes.
+``MAX_RANK`` = 256 (sm_90 dry run: at RP = 512 no fp32 forward config fits a block's shared
+memory, 295 KB for the smallest; at RP = 1024 none in fp16 either, 297 KB); larger ranks run the
+reference (two GEMMs, t in global memory, where fusion gains little): ``fits`` tells which path
+a rank takes.
 
 Intermediates. The projections t = x @ a (forward), p and q (factor gradients) are fp32, as in
 the reference, and become tensor-core operands in the input dtype: bf16 keeps fp32's range, and
