@@ -212,11 +212,12 @@ def _modes(rng: random.Random, d: int) -> tuple[int, ...]:
     return tuple(rng.choice(MODES) for _ in range(d))
 
 
-def _tt(rng: random.Random) -> dict:
-    """d = 1..4 (1 is rejected: a TT matrix has 2 to 6 cores), one rank for all or one per bond."""
+def _tt(rng: random.Random, budget: int = 1024) -> dict:
+    """d = 1..4 (1 is rejected: a TT matrix has 2 to 6 cores), one rank for all or one per bond;
+    at most ``budget`` weights (four times that with a large mode) to keep the interpreter fast."""
     d = rng.choice((1, 2, 2, 3, 3, 3, 4, 4))
     ins, outs = _modes(rng, d), _modes(rng, d)
-    while math.prod(ins) * math.prod(outs) > (1024 if max(ins + outs) < 17 else 4096):  # keep the interpreter fast
+    while math.prod(ins) * math.prod(outs) > (budget if max(ins + outs) < 17 else 4 * budget):
         ins, outs = _modes(rng, d), _modes(rng, d)
     if rng.random() < 0.5:
         ranks = rng.choice((1, 1, 2, 3, 5))
@@ -227,8 +228,9 @@ def _tt(rng: random.Random) -> dict:
 
 
 def _spline_tt(rng: random.Random) -> dict:
-    """A TT structure with one grid for every core or one per core."""
-    kw = _tt(rng)
+    """A TT structure with one grid for every core or one per core; smaller than TTLinear's (the
+    kernels generate every core tile from the control points, slow under the interpreter)."""
+    kw = _tt(rng, budget=256)
     return {**kw, "grid": rng.choice((_grid(rng), tuple(_grid(rng) for _ in kw["in_modes"])))}
 
 
