@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import operator
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -36,10 +38,72 @@ def fit_report(method: str, dense: torch.Tensor, layer: CompressedLinear, **deta
     return FitReport(method, err.item(), layer.dense_parameters(), layer.num_parameters(), details)
 
 
-def check_features(**sizes: int) -> None:
-    for name, n in sizes.items():
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ValueError(f"{name} must be a positive int, got {n!r}")
+def check_count(name: str, value, minimum: int, why: str = "") -> int:
+    """``value`` as an int >= ``minimum``; floats, strings and bools are refused, not truncated."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        n = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})") from None
+    if n < minimum:
+        raise ValueError(f"{name} must be >= {minimum}{why}, got {n}")
+    return n
+
+
+def check_grid(grid, name: str = "grid") -> tuple[int, int]:
+    """A cubic B-spline grid ``(G_out, G_in)``: two ints >= 4."""
+    if isinstance(grid, (str, bytes)) or not hasattr(grid, "__len__") or len(grid) != 2:
+        raise ValueError(f"{name} must be a pair (G_out, G_in), got {grid!r}")
+    why = " (a cubic B-spline needs at least 4 control points per axis)"
+    return tuple(check_count(f"{name}[{axis}]", g, 4, why) for axis, g in enumerate(grid))
+
+
+def check_flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+class SavedSettings:
+    """Settings that change the function without changing a parameter's shape (basis, support,
+    radius, feature counts) travel in the state dict as ``_extra_state``, a float64 tensor so that
+    safetensors can store it, and loading into a layer built with other settings raises."""
+
+    def _settings(self) -> dict[str, float]:
+        """Name -> value of every such setting, in a fixed order."""
+        raise NotImplementedError
+
+    def _describe(self, name: str, value: float) -> str:
+        return repr(int(value)) if float(value).is_integer() else f"{value:.6g}"
+
+    def get_extra_state(self) -> torch.Tensor:
+        return torch.tensor(list(self._settings().values()), dtype=torch.float64, device="cpu")
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        mine = self._settings()
+        saved = torch.as_tensor(state).detach().double().reshape(-1).tolist()
+        name = type(self).__name__
+        if len(saved) != len(mine):
+            raise ValueError(f"{name}: the state dict holds {len(saved)} settings, this layer has {len(mine)} "
+                             f"({', '.join(mine)}); it was not saved from a {name}")
+        wrong = [f"{k}={self._describe(k, s)} in the state dict but {self._describe(k, v)} in this layer"
+                 for (k, v), s in zip(mine.items(), saved) if not math.isclose(s, v, rel_tol=1e-9)]
+        if wrong:
+            raise ValueError(f"{name}: the state dict was saved from a differently configured layer: "
+                             + "; ".join(wrong) + ". Build the layer with the saved settings before loading.")
+
+
+def check_ints(name: str, values, minimum: int) -> tuple[int, ...]:
+    """``values`` (a list, tuple, torch.Size, array or 1-D tensor of ints) as ints >= ``minimum``;
+    strings, mappings, sets, floats and bools are refused, not converted."""
+    try:
+        if isinstance(values, (str, bytes, Mapping)) or not hasattr(values, "__getitem__"):
+            raise TypeError
+        items = list(values)
+    except TypeError:
+        raise TypeError(f"{name} must be a sequence of ints, got {values!r}") from None
+    return tuple(check_count(f"{name}[{k}]", v, minimum) for k, v in enumerate(items))
 
 
 class CompressedLinear(nn.Module):
@@ -49,17 +113,21 @@ class CompressedLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool, device=None, dtype=None) -> None:
         super().__init__()
-        check_features(in_features=in_features, out_features=out_features)
-        if dtype is not None and not dtype.is_floating_point:
-            raise TypeError(f"dtype must be a floating-point type, got {dtype}")
-        self.in_features = in_features
-        self.out_features = out_features
-        if bias:
+        self.in_features = check_count("in_features", in_features, 1)
+        self.out_features = check_count("out_features", out_features, 1)
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        if check_flag("bias", bias):
             self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype))
-            bound = 1 / math.sqrt(in_features)
-            nn.init.uniform_(self.bias, -bound, bound)
+            self.reset_bias()
         else:
             self.register_parameter("bias", None)
+
+    def reset_bias(self) -> None:
+        """nn.Linear's bias initialisation, U(-1/sqrt(in), 1/sqrt(in)) (after ``to_empty`` too)."""
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
 
     # ---- input handling ---------------------------------------------------------------------
     def _param_ref(self) -> torch.Tensor:
@@ -79,7 +147,7 @@ class CompressedLinear(nn.Module):
         p = self._param_ref()
         if x.device != p.device:
             raise ValueError(f"input is on {x.device} but {type(self).__name__}'s parameters are on {p.device}")
-        if torch.is_autocast_enabled(x.device.type):
+        if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):
             return torch.get_autocast_dtype(x.device.type)
         if x.dtype != p.dtype:
             raise TypeError(

@@ -3,35 +3,22 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from .._layers import CompressedLinear, FitReport, fit_report
+from .._layers import CompressedLinear, FitReport, SavedSettings, check_count, check_flag, check_ints, fit_report
 from ..reference import kronecker as ref
 from ..reference.common import compute_dtype
-from ..spline.module import _check_count, _check_flag, _SavedSettings
 from . import ops
 
 GATING_MODES = ("soft", "hard")
 
 
-def _ints(name: str, values, minimum: int) -> tuple[int, ...]:
-    """``values`` (a list, tuple, torch.Size, array or 1-D tensor of ints) as ints >= ``minimum``;
-    strings, mappings, sets, floats and bools are refused, not converted."""
-    try:
-        if isinstance(values, (str, bytes, Mapping)) or not hasattr(values, "__getitem__"):
-            raise TypeError
-        items = list(values)
-    except TypeError:
-        raise TypeError(f"{name} must be a sequence of ints, got {values!r}") from None
-    return tuple(_check_count(f"{name}[{k}]", v, minimum) for k, v in enumerate(items))
-
-
 def check_dims(in_dims: Sequence[int], out_dims: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Validated ``(in_dims, out_dims)``: equally long, non-empty sequences of positive ints."""
-    ins, outs = _ints("in_dims", in_dims, 1), _ints("out_dims", out_dims, 1)
+    ins, outs = check_ints("in_dims", in_dims, 1), check_ints("out_dims", out_dims, 1)
     if not ins or not outs:
         raise ValueError(f"in_dims and out_dims need at least one mode, got {ins} and {outs}")
     if len(ins) != len(outs):
@@ -45,7 +32,7 @@ def _check_gated_modes(gated_modes, n: int, transform_outer: bool) -> tuple[int,
         if gated_modes not in ("all", "first"):
             raise ValueError(f'gated_modes must be "all", "first" or a sequence of mode indices, got {gated_modes!r}')
         return tuple(range(n)) if gated_modes == "all" else (0,) if transform_outer else (n - 1,)
-    modes = _ints("gated_modes", gated_modes, 0)
+    modes = check_ints("gated_modes", gated_modes, 0)
     if not modes or max(modes) >= n:
         raise ValueError(f"gated_modes needs mode indices in [0, {n}) (at least one; gated=False gates none), "
                          f"got {modes}")
@@ -59,7 +46,7 @@ def _split(ins: tuple[int, ...], outs: tuple[int, ...]) -> int:
                key=lambda s: max(math.prod(ins[:s]), math.prod(outs[:s]), math.prod(ins[s:]), math.prod(outs[s:])))
 
 
-class KroneckerLinear(_SavedSettings, CompressedLinear):
+class KroneckerLinear(SavedSettings, CompressedLinear):
     """``nn.Linear`` with weight W = A_1 (x) ... (x) A_N and NdLinear's per-mode biases.
 
     x ``(*, prod(in_dims))`` -> y ``(*, prod(out_dims))``: the features are the row-major flattening
@@ -87,11 +74,11 @@ class KroneckerLinear(_SavedSettings, CompressedLinear):
                  gated: bool = False, transform_outer: bool = True, gating_mode: str = "soft",
                  gating_hidden_dim: int = 16, gated_modes: str | Sequence[int] = "all") -> None:
         ins, outs = check_dims(in_dims, out_dims)
-        bias, gated, transform_outer = (_check_flag(name, v) for name, v in
+        bias, gated, transform_outer = (check_flag(name, v) for name, v in
                                         (("bias", bias), ("gated", gated), ("transform_outer", transform_outer)))
         if not isinstance(gating_mode, str) or gating_mode not in GATING_MODES:
             raise ValueError(f"gating_mode must be one of {GATING_MODES}, got {gating_mode!r}")
-        hidden = _check_count("gating_hidden_dim", gating_hidden_dim, 1)
+        hidden = check_count("gating_hidden_dim", gating_hidden_dim, 1)
         modes = _check_gated_modes(gated_modes, len(ins), transform_outer)
         if not gated and (gating_mode, hidden, modes) != ("soft", 16, tuple(range(len(ins)))):
             raise ValueError("gating_mode, gating_hidden_dim and gated_modes only apply with gated=True, got "

@@ -7,14 +7,13 @@ import math
 import torch
 from torch import nn
 
-from .._layers import CompressedLinear, FitReport, fit_report
+from .._layers import CompressedLinear, FitReport, check_count, check_flag, fit_report
 from ..reference import lowrank as ref
-from ..spline.module import _check_count, _check_flag
 from . import ops
 
 
 def _check_rank(rank, in_features: int, out_features: int) -> int:
-    rank = _check_count("rank", rank, 1)
+    rank = check_count("rank", rank, 1)
     limit = min(in_features, out_features)
     if rank > limit:
         raise ValueError(
@@ -44,7 +43,7 @@ class LowRankLinear(CompressedLinear):
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
                  device=None, dtype=None) -> None:
-        super().__init__(in_features, out_features, _check_flag("bias", bias), device, dtype)
+        super().__init__(in_features, out_features, check_flag("bias", bias), device, dtype)
         self.rank = _check_rank(rank, in_features, out_features)
         factory = {"device": device, "dtype": dtype}
         self.U = nn.Parameter(torch.empty(out_features, self.rank, **factory))

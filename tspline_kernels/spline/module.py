@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import math
 import numbers
-import operator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._layers import CompressedLinear
+from .._layers import CompressedLinear, SavedSettings, check_count, check_flag, check_grid
 from ..reference import spline as ref
 from . import ops
 
@@ -22,33 +21,6 @@ _TENSOR_SPLINE_BASIS = {"bspline": "bicubic", "gaussian": "gaussian", "eisenstei
 def default_grid(n: int) -> int:
     """Control points along an axis of ``n`` weights when no grid is given: n/8, in [4, 64]."""
     return min(max(4, n // 8), 64)
-
-
-def _check_count(name: str, value, minimum: int, why: str = "") -> int:
-    """``value`` as an int >= ``minimum``; floats, strings and bools are refused, not truncated."""
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        n = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})") from None
-    if n < minimum:
-        raise ValueError(f"{name} must be >= {minimum}{why}, got {n}")
-    return n
-
-
-def _check_grid(grid, name: str = "grid") -> tuple[int, int]:
-    """A cubic B-spline grid ``(G_out, G_in)``: two ints >= 4."""
-    if isinstance(grid, (str, bytes)) or not hasattr(grid, "__len__") or len(grid) != 2:
-        raise ValueError(f"{name} must be a pair (G_out, G_in), got {grid!r}")
-    why = " (a cubic B-spline needs at least 4 control points per axis)"
-    return tuple(_check_count(f"{name}[{axis}]", g, 4, why) for axis, g in enumerate(grid))
-
-
-def _check_flag(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-    return value
 
 
 def _scale_to_fan_in(control: torch.Tensor, mean_sq_weight: float, in_features: int, share: float = 1.0) -> None:
@@ -65,36 +37,7 @@ def _separable_mean_sq(control: torch.Tensor, n_out: int, n_in: int, kind: int) 
     return ((bo.T @ bo @ c) * (c @ (bi.T @ bi))).sum().item() / (n_out * n_in)
 
 
-class _SavedSettings:
-    """Settings that change the function without changing a parameter's shape (basis, support,
-    radius, feature counts) travel in the state dict as ``_extra_state``, a float64 tensor so that
-    safetensors can store it, and loading into a layer built with other settings raises."""
-
-    def _settings(self) -> dict[str, float]:
-        """Name -> value of every such setting, in a fixed order."""
-        raise NotImplementedError
-
-    def _describe(self, name: str, value: float) -> str:
-        return repr(int(value)) if float(value).is_integer() else f"{value:.6g}"
-
-    def get_extra_state(self) -> torch.Tensor:
-        return torch.tensor(list(self._settings().values()), dtype=torch.float64, device="cpu")
-
-    def set_extra_state(self, state: torch.Tensor) -> None:
-        mine = self._settings()
-        saved = torch.as_tensor(state).detach().double().reshape(-1).tolist()
-        name = type(self).__name__
-        if len(saved) != len(mine):
-            raise ValueError(f"{name}: the state dict holds {len(saved)} settings, this layer has {len(mine)} "
-                             f"({', '.join(mine)}); it was not saved from a {name}")
-        wrong = [f"{k}={self._describe(k, s)} in the state dict but {self._describe(k, v)} in this layer"
-                 for (k, v), s in zip(mine.items(), saved) if not math.isclose(s, v, rel_tol=1e-9)]
-        if wrong:
-            raise ValueError(f"{name}: the state dict was saved from a differently configured layer: "
-                             + "; ".join(wrong) + ". Build the layer with the saved settings before loading.")
-
-
-class SplineLinear(_SavedSettings, CompressedLinear):
+class SplineLinear(SavedSettings, CompressedLinear):
     """``nn.Linear`` whose weight W[o, i] is interpolated from a few control points.
 
     ``basis="bspline"`` (default): clamped cubic B-spline grid, ``control`` ``(G_out, G_in)``,
@@ -121,19 +64,19 @@ class SplineLinear(_SavedSettings, CompressedLinear):
             raise ValueError(f"support='local' applies to the gaussian and eisenstein bases, not {basis!r}")
         if support_radius is not None and support != "local":
             raise ValueError(f"support_radius applies to support='local' only (got support={support!r})")
-        super().__init__(in_features, out_features, _check_flag("bias", bias), device, dtype)
+        super().__init__(in_features, out_features, check_flag("bias", bias), device, dtype)
         self.basis = basis
         self.support = support
         factory = {"device": device, "dtype": dtype}
         if basis == "bspline":
             if n_control_points is not None:
                 raise ValueError("basis='bspline' takes grid=(G_out, G_in), not n_control_points")
-            self.grid = _check_grid(grid if grid is not None else (default_grid(out_features), default_grid(in_features)))
+            self.grid = check_grid(grid if grid is not None else (default_grid(out_features), default_grid(in_features)))
             self.control = nn.Parameter(torch.empty(self.grid, **factory))
         else:
             if grid is not None:
                 raise ValueError(f"basis={basis!r} takes n_control_points, not grid")
-            n = 16 if n_control_points is None else _check_count("n_control_points", n_control_points, 1)
+            n = 16 if n_control_points is None else check_count("n_control_points", n_control_points, 1)
             self.n_control_points = n
             self.control = nn.Parameter(torch.empty(n, **factory))
         self.rho = 0.0
@@ -257,7 +200,7 @@ class SplineLinear(_SavedSettings, CompressedLinear):
         return new
 
 
-class HierarchicalSplineLinear(_SavedSettings, CompressedLinear):
+class HierarchicalSplineLinear(SavedSettings, CompressedLinear):
     """Sum of a coarse and a fine clamped cubic B-spline grid: W = Bo_c C_c Bi_c.T + Bo_f C_f Bi_f.T.
 
     Both levels are smooth and genuinely multi-scale (the coarse one carries the global shape, the
@@ -266,11 +209,11 @@ class HierarchicalSplineLinear(_SavedSettings, CompressedLinear):
 
     def __init__(self, in_features: int, out_features: int, *, coarse_grid=None, fine_grid=None,
                  bias: bool = True, device=None, dtype=None) -> None:
-        super().__init__(in_features, out_features, _check_flag("bias", bias), device, dtype)
+        super().__init__(in_features, out_features, check_flag("bias", bias), device, dtype)
         fine = fine_grid if fine_grid is not None else (default_grid(out_features), default_grid(in_features))
-        self.fine_grid = _check_grid(fine, "fine_grid")
+        self.fine_grid = check_grid(fine, "fine_grid")
         coarse = coarse_grid if coarse_grid is not None else tuple(max(4, g // 4) for g in self.fine_grid)
-        self.coarse_grid = _check_grid(coarse, "coarse_grid")
+        self.coarse_grid = check_grid(coarse, "coarse_grid")
         factory = {"device": device, "dtype": dtype}
         self.control_coarse = nn.Parameter(torch.empty(self.coarse_grid, **factory))
         self.control_fine = nn.Parameter(torch.empty(self.fine_grid, **factory))

@@ -7,16 +7,14 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from .._layers import fit_report
+from .._layers import SavedSettings, check_grid, fit_report
 from ..reference import spline_tt as ref
 from ..reference import tt as ref_tt
-from ..spline.module import _check_grid as _check_pair
-from ..spline.module import _SavedSettings
 from ..tt.module import TTLinear, TTStructured, init_scale
 from . import ops
 
 
-def _check_grid(grid, d: int) -> tuple[tuple[int, int], ...]:
+def _check_core_grids(grid, d: int) -> tuple[tuple[int, int], ...]:
     """``grid`` as d pairs ``(G_out_k, G_in_k)`` of ints >= 4: one pair for every core, or a
     sequence of d pairs (numpy / torch ints accepted; floats, strings and bools refused)."""
     def sequence(g) -> list:
@@ -26,13 +24,13 @@ def _check_grid(grid, d: int) -> tuple[tuple[int, int], ...]:
 
     items = sequence(grid)
     if not any(hasattr(g, "__len__") and not isinstance(g, (str, bytes)) for g in items):  # one pair for every core
-        return (_check_pair(items),) * d
+        return (check_grid(items),) * d
     if len(items) != d:
         raise ValueError(f"grid needs one (G_out, G_in) pair per core ({d}), got {grid!r}")
-    return tuple(_check_pair(sequence(g), f"grid[{k}]") for k, g in enumerate(items))
+    return tuple(check_grid(sequence(g), f"grid[{k}]") for k, g in enumerate(items))
 
 
-class SplineTTLinear(_SavedSettings, TTStructured):
+class SplineTTLinear(SavedSettings, TTStructured):
     """A TT matrix (see ``TTLinear``) whose cores vary smoothly along their mode indices:
 
         core_k[a, o, i, b] = sum_{p, q} Bo_k[o, p] control[k][a, p, q, b] Bi_k[i, q]
@@ -49,7 +47,7 @@ class SplineTTLinear(_SavedSettings, TTStructured):
     def __init__(self, in_modes: Sequence[int], out_modes: Sequence[int], ranks, grid, bias: bool = True,
                  device=None, dtype=None, strategy: str = "auto") -> None:
         super().__init__(in_modes, out_modes, ranks, bias, device, dtype, strategy)
-        self.grid = _check_grid(grid, len(self.in_modes))
+        self.grid = _check_core_grids(grid, len(self.in_modes))
         rks = self.ranks
         self.control = nn.ParameterList(
             nn.Parameter(torch.empty(rks[k], go, gi, rks[k + 1], device=device, dtype=dtype))
@@ -78,7 +76,7 @@ class SplineTTLinear(_SavedSettings, TTStructured):
         scale = init_scale(cores, self.in_features)
         for c in self.control:
             c.mul_(scale)
-        self._reset_bias()
+        self.reset_bias()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self._prepare(x)

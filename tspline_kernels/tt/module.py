@@ -10,10 +10,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .._layers import CompressedLinear, fit_report
-from ..kronecker.module import _ints
+from .._layers import CompressedLinear, check_count, check_flag, check_ints, fit_report
 from ..reference import tt as ref
-from ..spline.module import _check_count, _check_flag
 from . import cost, ops
 
 MIN_CORES, MAX_CORES = 2, 6
@@ -55,14 +53,14 @@ def suggest_modes(out_features: int, in_features: int, d: int) -> TTModes:
     count becomes ``(n, 1, ..., 1)``); pad the layer if that matters.
     """
     _check_d(d)
-    n_out, n_in = _check_count("out_features", out_features, 1), _check_count("in_features", in_features, 1)
+    n_out, n_in = check_count("out_features", out_features, 1), check_count("in_features", in_features, 1)
     return TTModes(_balanced(n_in, d), _balanced(n_out, d))
 
 
 def _check_modes(in_modes: Sequence[int], out_modes: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Equally long sequences of 2..6 ints >= 1 (numpy / torch ints accepted; strings, mappings,
     sets, floats and bools refused: TypeError)."""
-    ins, outs = _ints("in_modes", in_modes, 1), _ints("out_modes", out_modes, 1)
+    ins, outs = check_ints("in_modes", in_modes, 1), check_ints("out_modes", out_modes, 1)
     if len(ins) != len(outs):
         raise ValueError(f"in_modes and out_modes need the same number of modes, got {ins} and {outs}")
     _check_d(len(ins))
@@ -72,9 +70,9 @@ def _check_modes(in_modes: Sequence[int], out_modes: Sequence[int]) -> tuple[tup
 def _check_ranks(ranks, d: int) -> tuple[int, ...]:
     """``ranks`` as ``(1, r_1, ..., r_{d-1}, 1)``; an int r means ``(1, r, ..., r, 1)``."""
     if hasattr(ranks, "__len__") or isinstance(ranks, str):
-        ranks = _ints("ranks", ranks, 1)
+        ranks = check_ints("ranks", ranks, 1)
     else:
-        ranks = (1,) + (_check_count("ranks", ranks, 1),) * (d - 1) + (1,)
+        ranks = (1,) + (check_count("ranks", ranks, 1),) * (d - 1) + (1,)
     if len(ranks) != d + 1:
         raise ValueError(f"ranks must have d + 1 = {d + 1} entries (1, r_1, ..., r_{{d-1}}, 1), got {ranks}")
     if ranks[0] != 1 or ranks[-1] != 1:
@@ -113,20 +111,13 @@ class TTStructured(CompressedLinear):
     def __init__(self, in_modes: Sequence[int], out_modes: Sequence[int], ranks, bias: bool,
                  device, dtype, strategy: str) -> None:
         ins, outs, rks = check_structure(in_modes, out_modes, ranks)
-        super().__init__(math.prod(ins), math.prod(outs), _check_flag("bias", bias), device, dtype)
+        super().__init__(math.prod(ins), math.prod(outs), check_flag("bias", bias), device, dtype)
         self.in_modes, self.out_modes, self.ranks = ins, outs, rks
         self.strategy = strategy
 
     def _factors(self) -> nn.ParameterList:
         """The per-core trainable tensors (their dtype is the kernels' dtype)."""
         raise NotImplementedError
-
-    def _reset_bias(self) -> None:
-        """nn.Linear's bias init (uniform in +-1/sqrt(in_features)), so that ``reset_parameters``
-        after ``to_empty`` leaves nothing uninitialised."""
-        if self.bias is not None:
-            bound = 1 / math.sqrt(self.in_features)
-            nn.init.uniform_(self.bias, -bound, bound)
 
     @property
     def strategy(self) -> str:
@@ -173,7 +164,7 @@ class TTLinear(TTStructured):
         scale = init_scale(list(self.cores), self.in_features)
         for c in self.cores:
             c.mul_(scale)
-        self._reset_bias()
+        self.reset_bias()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self._prepare(x)
@@ -228,7 +219,7 @@ class TTLinear(TTStructured):
         if eps is not None and not eps >= 0:
             raise ValueError(f"eps must be >= 0, got {eps!r}")
         if max_rank is not None:
-            max_rank = _check_count("max_rank", max_rank, 1)
+            max_rank = check_count("max_rank", max_rank, 1)
         w = linear.weight.detach()
         cores = tt_svd(w.double(), ins, outs, eps, max_rank)
         ranks = (1,) + tuple(c.shape[-1] for c in cores)
