@@ -47,7 +47,8 @@ def test_report_has_every_kernels_resources(dry_run):
     report = json.loads(path.read_text())
     assert report["target"] == "sm_90" and report["mode"] == "quick" and report["failures"] == 0
     records = report["kernels"]
-    assert {r["kernel"] for r in records} == _kernel_names()
+    missing = _kernel_names() - {r["kernel"] for r in records}
+    assert not missing, f"kernels the dry run never compiles (give sm90_dryrun.layers a case that launches them): {missing}"
     for r in records:
         assert 0 < r["registers"] <= 255, r
         assert r["local_bytes"] >= 0 and r["n_spills"] == r["local_bytes"] // 4, r
