@@ -101,15 +101,16 @@ def _kron_fwd_kernel(
     y_mask = (o1[:, None] < M1) & (o2[None, :] < M2)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + y_idx, mask=y_mask, other=0.0).to(tl.float32)
+    sxm, sym = tl.full((), stride_xm, tl.int64), tl.full((), stride_ym, tl.int64)  # rows past 2^31 elements
     row0 = pid * BM
     for r in range(row0, tl.minimum(row0 + BM, M)):
-        xr = tl.load(x_ptr + r * stride_xm + x_off, mask=x_mask, other=0.0)
+        xr = tl.load(x_ptr + r * sxm + x_off, mask=x_mask, other=0.0)
         t = tl.dot(a, xr, input_precision=PRECISION)
         th, inv = narrow(t, out_ty, 1)
         acc = tl.dot(th, bt, input_precision=PRECISION) * inv
         if HAS_BIAS:
             acc += bias
-        tl.store(y_ptr + r * stride_ym + y_idx * stride_yn, acc.to(out_ty), mask=y_mask)
+        tl.store(y_ptr + r * sym + y_idx * stride_yn, acc.to(out_ty), mask=y_mask)
 
 
 @triton.autotune(
@@ -154,9 +155,10 @@ def _kron_grad_kernel(
     acc_a = tl.zeros((M1P, N1P), dtype=tl.float32)
     acc_b = tl.zeros((M2P, N2P), dtype=tl.float32)
     acc_s = tl.zeros((M1P, M2P), dtype=tl.float32)
+    sxm, sgm = tl.full((), stride_xm, tl.int64), tl.full((), stride_gm, tl.int64)  # rows past 2^31 elements
     for r in range(pid, M, n_split):
-        xr = tl.load(x_ptr + r * stride_xm + x_off, mask=x_mask, other=0.0)
-        g = tl.load(dy_ptr + r * stride_gm + g_idx * stride_gn, mask=g_mask, other=0.0)
+        xr = tl.load(x_ptr + r * sxm + x_off, mask=x_mask, other=0.0)
+        g = tl.load(dy_ptr + r * sgm + g_idx * stride_gn, mask=g_mask, other=0.0)
         t = tl.dot(a, xr, input_precision=PRECISION)
         th, inv_t = narrow(t, dt, 0)
         acc_b += tl.dot(tl.trans(g), th, input_precision=PRECISION) * inv_t

@@ -93,7 +93,7 @@ def _lowrank_fwd_kernel(
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    rm = pid_m * BM + tl.arange(0, BM)
+    rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)  # row offsets past 2^31 elements
     m_mask = rm < M
     rr = tl.arange(0, RP)
     r_mask = rr < R
@@ -146,7 +146,7 @@ def _strip_product(a_ptr, s_ptr, out_ptr, sum_ptr, f0, F, M, R, stride_am, strid
     acc = tl.zeros((BF, RP), dtype=tl.float32)
     colsum = tl.zeros((BF,), dtype=tl.float32)
     for m0 in range(pid_s * BM, M, BM * n_split):
-        rm = m0 + tl.arange(0, BM)
+        rm = (m0 + tl.arange(0, BM)).to(tl.int64)  # row offsets past 2^31 elements
         m_mask = rm < M
         at = tl.load(a_ptr + rf[:, None] * stride_af + rm[None, :] * stride_am,
                      mask=f_mask[:, None] & m_mask[None, :], other=0.0)

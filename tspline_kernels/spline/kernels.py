@@ -169,7 +169,7 @@ def _separable_fwd_kernel(
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    rm = pid_m * BM + tl.arange(0, BM)
+    rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)  # row offsets past 2^31 elements
     m_mask = rm < M
     t = _contract_basis(x_ptr, rm, m_mask, N_IN, scale_in, top_in, stride_xm, stride_xk,
                         GIP, KIND, BK, PRECISION)
@@ -214,7 +214,7 @@ def _separable_dc_kernel(
     FLOPs: 2*M*(N_OUT*GOP + N_IN*GIP + GOP*GIP). Bytes: elt*M*(N_OUT + N_IN) + 4*cdiv(M,BM)*GOP*GIP.
     """
     pid = tl.program_id(0)
-    rm = pid * BM + tl.arange(0, BM)
+    rm = (pid * BM + tl.arange(0, BM)).to(tl.int64)  # row offsets past 2^31 elements
     m_mask = rm < M
     du = _contract_basis(u_ptr, rm, m_mask, N_OUT, scale_out, top_out, stride_um, stride_un,
                          GOP, KIND, BK, PRECISION)
@@ -417,7 +417,7 @@ def _field_matmul_kernel(
     """
     pid = tl.program_id(0)
     pid_m, pid_n = grouped_pid(pid, tl.cdiv(M, BM), tl.cdiv(N, BN), GROUP_M)
-    rm = pid_m * BM + tl.arange(0, BM)
+    rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)  # row offsets past 2^31 elements
     rn = pid_n * BN + tl.arange(0, BN)
     inv_two_s2 = _inv_two_s2(sigma_ptr, BASIS)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -468,7 +468,7 @@ def _field_grad_kernel(
     ri = pid_i * BI + tl.arange(0, BI)
     g = tl.zeros((BO, BI), dtype=tl.float32)
     for m0 in range(0, M, BM):
-        rm = m0 + tl.arange(0, BM)
+        rm = (m0 + tl.arange(0, BM)).to(tl.int64)  # row offsets past 2^31 elements
         ut = tl.load(u_ptr + ro[:, None] * stride_un + rm[None, :] * stride_um,
                      mask=(ro < N_OUT)[:, None] & (rm < M)[None, :], other=0.0)
         vv = tl.load(v_ptr + rm[:, None] * stride_vm + ri[None, :] * stride_vk,

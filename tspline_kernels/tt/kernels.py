@@ -737,7 +737,7 @@ def _rebuild_kernel(
     """
     pid = tl.program_id(0)
     pid_m, pid_n = grouped_pid(pid, tl.cdiv(M, BM), tl.cdiv(O_H, PO), GROUP_M)
-    rm = pid_m * BM + tl.arange(0, BM)
+    rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)  # row offsets past 2^31 elements
     m_mask = rm < M
     cols, col_ok = _tile_index(pid_n, PO, ODP, O_D, O_H)
     t = _load_last(t_ptr, O_D, I_D, R, ODP, IDP, RP)
@@ -790,7 +790,7 @@ def _rebuild_grad_kernel(
         ks, k_ok = _tile_index(k, PI, IDP, I_D, I_H)
         g = tl.zeros((PO * ODP, PI * IDP), dtype=tl.float32)
         for m0 in range(0, M, BM):
-            rm = m0 + tl.arange(0, BM)
+            rm = (m0 + tl.arange(0, BM)).to(tl.int64)  # row offsets past 2^31 elements
             m_mask = rm < M
             dyt = tl.load(dy_ptr + cols[:, None] * stride_dn + rm[None, :] * stride_dm,
                           mask=col_ok[:, None] & m_mask[None, :], other=0.0)
