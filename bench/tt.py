@@ -47,16 +47,17 @@ def costs(layer, m: int, dtype: torch.dtype, mode: str, device: str) -> tuple[fl
     reference on CPU counts as the step kernels, "contract")."""
     ins, outs, ranks = layer.in_modes, layer.out_modes, layer.ranks
     elt = torch.finfo(dtype).bits // 8
+    state_elt = cost.state_dtype(dtype).itemsize  # fp16 layers keep fp32 states
     useful = min(cost.steps_cost(m, ins, outs, ranks, elt).flops, 2.0 * m * math.prod(ins) * math.prod(outs))
     if device == "cuda":
         picked = layer.picked_strategy(m, dtype)
-        total = cost.forward_cost(picked, m, ins, outs, ranks, elt)
+        total = cost.forward_cost(picked, m, ins, outs, ranks, elt, state_elt)
     else:  # the reference keeps its states in memory, like the step kernels, on its merged modes
         outs, ins, ranks = tt_ref.merged_modes(outs, ins, ranks)
-        picked, total = "contract", cost.steps_cost(m, ins, outs, ranks, elt)
+        picked, total = "contract", cost.steps_cost(m, ins, outs, ranks, elt, state_elt)
     if mode != "fwd":
         back = layer.picked_strategy(m, dtype, backward=True) if device == "cuda" else "contract"
-        total = total + cost.grad_cost(back, m, ins, outs, ranks, elt)
+        total = total + cost.grad_cost(back, m, ins, outs, ranks, elt, state_elt)
         picked = f"{picked}/{back}"
     return (useful if mode == "fwd" else 3 * useful), total.flops, total.bytes, picked
 
