@@ -7,7 +7,7 @@ triton wheel, H100 shared-memory limit enforced) but never launches. It then run
 forward and backward through the real launchers (CPU tensors only provide shapes, strides and
 dtypes), so argument binding, specialisation, constexprs and autotune pruning are all exercised.
 
-    python tests/sm90_dryrun.py --quick        # one config per kernel, fp32 and bf16 (CI, via test_sm90_compile.py)
+    python tests/sm90_dryrun.py --quick        # one config per kernel, fp32 and bf16 (+ fp16 low-rank and Kronecker) (CI)
     python tests/sm90_dryrun.py               # first and last autotune config, every dtype (minutes)
     python tests/sm90_dryrun.py --all-configs  # every config (tens of minutes)
     python tests/sm90_dryrun.py --bench        # the benchmarks' goal rows, every config their autotuner
@@ -246,8 +246,14 @@ def main() -> int:
             if isinstance(obj, Autotuner) and not (args.all_configs or args.bench):
                 obj.configs = obj.configs[:1] if args.quick else obj.configs[::max(1, len(obj.configs) - 1)]  # first (and last)
     failures = 0
-    dtypes = (torch.float32, torch.bfloat16) if args.quick else (torch.float32, torch.bfloat16, torch.float16)
-    for name, run in bench_cases() if args.bench else layers(dtypes):
+    if args.bench:
+        cases = bench_cases()
+    elif args.quick:  # fp16 only where it has its own code path (_rescale.narrow's rescaled operands)
+        cases = layers((torch.float32, torch.bfloat16)) + [
+            c for c in layers((torch.float16,)) if c[0].startswith(("LowRankLinear", "KroneckerLinear"))]
+    else:
+        cases = layers((torch.float32, torch.bfloat16, torch.float16))
+    for name, run in cases:
         recorder.case = name
         try:
             with tk.backend("triton"):

@@ -28,6 +28,8 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
         raise AssertionError(f"{label}shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
     a = actual.detach().double().cpu()
     e = expected.detach().double().cpu()
+    if not torch.isfinite(e).all():
+        raise AssertionError(f"{label}non-finite values in the expected tensor: nothing to compare against")
     if not torch.isfinite(a).all():
         raise AssertionError(f"{label}non-finite values in result")
     if e.numel() == 0:
