@@ -12,11 +12,11 @@ import math
 
 import torch
 
+from .._basis import axis, basis_taps
 from .._triton import SplitSlots, check_inputs, configs, dot_precision, flatten, grouped_pid, m_bucket, tl, triton
-from ..reference.spline import BSPLINE, EXP_FLOOR, GAUSSIAN_EPS, IDW_EPS, KEYS_A
+from ..reference.spline import EXP_FLOOR, GAUSSIAN_EPS, IDW_EPS
 
 
-_KEYS_A = tl.constexpr(KEYS_A)
 _IDW_EPS = tl.constexpr(IDW_EPS)
 _GAUSSIAN_EPS = tl.constexpr(GAUSSIAN_EPS)
 _EXP_FLOOR = tl.constexpr(EXP_FLOOR)
@@ -26,74 +26,10 @@ _EXP_FLOOR = tl.constexpr(EXP_FLOOR)
 # Basis generation (separable bases)
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _clamp(v, lo, hi):
-    return tl.minimum(tl.maximum(v, lo), hi)
-
-
-@triton.jit
-def _basis_taps(idx, scale, top, KIND: tl.constexpr):
-    """Column of each of the four nonzero basis values at positions ``idx`` and the values.
-
-    ``v = idx * scale`` is the position in grid units; ``top`` is the last span start
-    (``G - 3``, B-spline) or the last grid index (``K - 1``, bicubic).
-    """
-    v = idx.to(tl.float32) * scale
-    if KIND == 0:
-        # Cox-de Boor (degree 3); in span units the clamped knots are U[j] = clamp(j - 3, 0, top).
-        s = _clamp(tl.floor(v), 0.0, top - 1.0)
-        l1 = v - _clamp(s, 0.0, top)
-        l2 = v - _clamp(s - 1.0, 0.0, top)
-        l3 = v - _clamp(s - 2.0, 0.0, top)
-        r1 = _clamp(s + 1.0, 0.0, top) - v
-        r2 = _clamp(s + 2.0, 0.0, top) - v
-        r3 = _clamp(s + 3.0, 0.0, top) - v
-        # degree 1
-        tmp = 1.0 / (r1 + l1)
-        n0 = r1 * tmp
-        n1 = l1 * tmp
-        # degree 2
-        tmp = n0 / (r1 + l2)
-        n0 = r1 * tmp
-        saved = l2 * tmp
-        tmp = n1 / (r2 + l1)
-        n1 = saved + r2 * tmp
-        n2 = l1 * tmp
-        # degree 3
-        tmp = n0 / (r1 + l3)
-        n0 = r1 * tmp
-        saved = l3 * tmp
-        tmp = n1 / (r2 + l2)
-        n1 = saved + r2 * tmp
-        saved = l2 * tmp
-        tmp = n2 / (r3 + l1)
-        n2 = saved + r3 * tmp
-        n3 = l1 * tmp
-        c0 = s.to(tl.int32)
-        return c0, c0 + 1, c0 + 2, c0 + 3, n0, n1, n2, n3
-    else:
-        # Keys cubic convolution, taps clamped to the grid (grid_sample's border padding).
-        f = tl.floor(v)
-        t = v - f
-        A = _KEYS_A
-        u = t + 1.0
-        w0 = ((A * u - 5.0 * A) * u + 8.0 * A) * u - 4.0 * A
-        w1 = ((A + 2.0) * t - (A + 3.0)) * t * t + 1.0
-        u = 1.0 - t
-        w2 = ((A + 2.0) * u - (A + 3.0)) * u * u + 1.0
-        u = 2.0 - t
-        w3 = ((A * u - 5.0 * A) * u + 8.0 * A) * u - 4.0 * A
-        c0 = _clamp(f - 1.0, 0.0, top).to(tl.int32)
-        c1 = _clamp(f, 0.0, top).to(tl.int32)
-        c2 = _clamp(f + 1.0, 0.0, top).to(tl.int32)
-        c3 = _clamp(f + 2.0, 0.0, top).to(tl.int32)
-        return c0, c1, c2, c3, w0, w1, w2, w3
-
-
-@triton.jit
 def _basis_tile(idx, n, scale, top, col0, GP: tl.constexpr, KIND: tl.constexpr):
     """Dense fp32 tile ``T[b, g] = B[idx[b], col0 + g]`` of shape ``(len(idx), GP)``; rows with
     ``idx >= n`` are zero. Duplicate clamped taps add up, as in the reference's scatter_add."""
-    c0, c1, c2, c3, w0, w1, w2, w3 = _basis_taps(idx, scale, top, KIND)
+    c0, c1, c2, c3, w0, w1, w2, w3 = basis_taps(idx, scale, top, KIND)
     cols = col0 + tl.arange(0, GP)[None, :]
     tile = tl.where(cols == c0[:, None], w0[:, None], 0.0)
     tile += tl.where(cols == c1[:, None], w1[:, None], 0.0)
@@ -180,7 +116,7 @@ def _separable_fwd_kernel(
         rn = n0 + tl.arange(0, BN)
         col0 = 0
         if WINDOWED:
-            col0 = tl.min(_basis_taps(rn, scale_out, top_out, KIND)[0], axis=0)
+            col0 = tl.min(basis_taps(rn, scale_out, top_out, KIND)[0], axis=0)
             u = _middle(t, c_ptr, col0, G_OUT, G_IN, stride_co, stride_ci, GIP, PW)
         bo = _basis_tile(rn, N_OUT, scale_out, top_out, col0, PW, KIND)
         acc = tl.dot(u, tl.trans(bo), input_precision=OUT_PRECISION)
@@ -226,12 +162,6 @@ def _separable_dc_kernel(
     tl.store(part_ptr + pid * GOP * GIP + rp[:, None] * GIP + rq[None, :], part)
 
 
-def _axis(n: int, g: int, kind: int) -> tuple[float, float]:
-    """(scale, top) of one axis: grid coordinate = index * scale, last span/grid index = top."""
-    top = g - 3 if kind == BSPLINE else g - 1
-    return top / max(n - 1, 1), float(top)
-
-
 def _pad(g: int) -> int:
     return max(16, triton.next_power_of_2(g))
 
@@ -239,7 +169,7 @@ def _pad(g: int) -> int:
 def _window(n_out: int, g_out: int, kind: int, bn: int) -> tuple[int, bool]:
     """Width of the Bo column window an output tile of ``bn`` rows touches, and whether it is
     narrower than the padded grid (then stage 2 runs per tile on that window only)."""
-    scale, _ = _axis(n_out, g_out, kind)
+    scale, _ = axis(n_out, g_out, kind)
     pw = max(16, triton.next_power_of_2(math.ceil((bn - 1) * scale) + 5))
     return (pw, True) if pw < _pad(g_out) else (_pad(g_out), False)
 
@@ -264,8 +194,8 @@ def separable_linear(
     y = torch.empty(m, out_features, device=x.device, dtype=x.dtype)
     if m > 0 and out_features > 0:
         pw, windowed = _window(out_features, g_out, kind, OUT_TILE)
-        s_in, t_in = _axis(n_in, g_in, kind)
-        s_out, t_out = _axis(out_features, g_out, kind)
+        s_in, t_in = axis(n_in, g_in, kind)
+        s_out, t_out = axis(out_features, g_out, kind)
         grid = lambda meta: (triton.cdiv(m, meta["BM"]), meta["N_SPLIT"])  # noqa: E731
         _separable_fwd_kernel[grid](
             x2, control, bias if bias is not None else y, y,
@@ -289,8 +219,8 @@ def separable_grad_control(u: torch.Tensor, v: torch.Tensor, g_out: int, g_in: i
         return torch.zeros(g_out, g_in, device=u.device, dtype=torch.float32)
     slots = SplitSlots(_separable_dc_kernel, lambda meta: triton.cdiv(m, meta["BM"]))
     part = slots.empty(gop, gip, device=u.device)
-    s_out, t_out = _axis(n_out, g_out, kind)
-    s_in, t_in = _axis(n_in, g_in, kind)
+    s_out, t_out = axis(n_out, g_out, kind)
+    s_in, t_in = axis(n_in, g_in, kind)
     _separable_dc_kernel[lambda meta: (slots(meta),)](
         u2, v2, part, m, n_out, n_in, g_out, g_in, m_bucket(m),
         s_out, t_out, s_in, t_in,

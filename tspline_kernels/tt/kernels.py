@@ -61,11 +61,11 @@ from dataclasses import dataclass
 
 import torch
 
+from .._basis import axis, basis_taps
 from .._triton import INTERPRET, SplitSlots, check_inputs, configs, dot_precision, flatten, grouped_pid, m_bucket, tl, triton
 from ..reference import spline_tt as spline_ref
 from ..reference import tt as ref
 from ..reference.spline import BSPLINE
-from ..spline.kernels import _axis, _basis_taps
 from . import cost
 
 
@@ -96,8 +96,8 @@ def _core_tile(core_ptr, o, b, a, i, mask_ob, mask_ai, s_a, s_o, s_i, s_b,
     mask = mask_ob[:, None] & mask_ai[None, :]
     base = core_ptr + a[None, :] * s_a + b[:, None] * s_b
     if SPLINE:
-        p0, p1, p2, p3, wo0, wo1, wo2, wo3 = _basis_taps(o, scale_o, top_o, 0)
-        q0, q1, q2, q3, wi0, wi1, wi2, wi3 = _basis_taps(i, scale_i, top_i, 0)
+        p0, p1, p2, p3, wo0, wo1, wo2, wo3 = basis_taps(o, scale_o, top_o, 0)
+        q0, q1, q2, q3, wi0, wi1, wi2, wi3 = basis_taps(i, scale_i, top_i, 0)
         tile = _taps_row(base, p0, wo0, q0, q1, q2, q3, wi0, wi1, wi2, wi3, s_o, s_i, mask)
         tile += _taps_row(base, p1, wo1, q0, q1, q2, q3, wi0, wi1, wi2, wi3, s_o, s_i, mask)
         tile += _taps_row(base, p2, wo2, q0, q1, q2, q3, wi0, wi1, wi2, wi3, s_o, s_i, mask)
@@ -561,7 +561,7 @@ class Core:
         """(scale_o, top_o, scale_i, top_i) of the B-spline taps (unused for plain cores)."""
         if not self.spline:
             return 0.0, 0.0, 0.0, 0.0
-        return (*_axis(self.o, self.t.shape[1], BSPLINE), *_axis(self.i, self.t.shape[2], BSPLINE))
+        return (*axis(self.o, self.t.shape[1], BSPLINE), *axis(self.i, self.t.shape[2], BSPLINE))
 
 
 def _step(state: torch.Tensor, sb: int, se: int, core: Core, batch: int, c: int, transposed: bool,
