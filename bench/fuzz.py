@@ -627,7 +627,7 @@ def merge(summaries: Sequence[dict]) -> dict:
         out["cpu_seconds"] += s["cpu_seconds"]
         out["failures"] += s["failures"]
         for key in ("outcomes", "mismatches", *NOTES.values(), "distinct_failures", "rejected_messages"):
-            for k, n in s[key].items():
+            for k, n in s.get(key, {}).items():  # chunks written before a counter existed lack it
                 _bump(out[key], k, n)
         for family, counts in s["per_family"].items():
             for k, n in counts.items():
