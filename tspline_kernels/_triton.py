@@ -185,7 +185,7 @@ class SplitSlots:
 
     def __init__(self, kernel, programs: Callable[[dict], int]) -> None:
         self.programs = programs
-        self.slots = max(programs({**c.kwargs, "num_warps": c.num_warps}) for c in kernel.configs)
+        self.slots = max(programs(c.kwargs) for c in kernel.configs)
         self.used = 0
 
     def __call__(self, meta: dict) -> int:

@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import functools
 import math
-import operator
 from dataclasses import dataclass
 
 import torch
+
+from .._layers import check_count
 
 PEAK_FLOPS = 989e12  # H100 SXM dense bf16 tensor-core FLOP/s
 HBM_BYTES = 3.35e12  # H100 SXM HBM3 bytes/s
@@ -276,14 +277,7 @@ def pick_strategy(m: int, in_modes, out_modes, ranks, elt: int = 2, backward: bo
                   state_elt: int | None = None) -> str:
     """The strategy with the lower estimated time on ``m`` rows for y = x @ W.T, or with
     ``backward`` for the core gradients and dx (``grad_cost``). ``m = 0`` (an empty batch) is valid."""
-    try:
-        if isinstance(m, bool):
-            raise TypeError
-        m = operator.index(m)
-    except TypeError:
-        raise TypeError(f"the number of rows m must be an int, got {m!r}") from None
-    if m < 0:
-        raise ValueError(f"the number of rows m must be >= 0, got {m}")
+    m = check_count("the number of rows m", m, 0)
     return _pick(m, tuple(in_modes), tuple(out_modes), tuple(ranks), elt, state_elt or elt, backward, CHAIN_MAX_TILE)
 
 
