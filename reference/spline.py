@@ -34,7 +34,7 @@ EXP_FLOOR = -60.0  # exp(-60) ~ 1e-26: negligible next to GAUSSIAN_EPS, and keep
 KEYS_A = -0.75
 
 __all__ = [
-    "BSPLINE", "BICUBIC", "IDW", "GAUSSIAN", "positions", "basis_matrix", "separable_weight",
+    "BSPLINE", "BICUBIC", "IDW", "GAUSSIAN", "positions", "bspline_rows", "basis_matrix", "separable_weight",
     "separable_linear", "separable_grad_control", "eisenstein_lattice", "support_radius",
     "field_weight", "field_linear", "field_linear_backward",
 ]
@@ -45,18 +45,20 @@ def positions(n: int, dtype: torch.dtype = torch.float32, device=None) -> torch.
     return torch.linspace(-1.0, 1.0, n, dtype=dtype, device=device)
 
 
-def _bspline_rows(v: torch.Tensor, g: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cox-de Boor for cubic B-splines at ``v`` in span units [0, g - 3].
+def bspline_rows(v: torch.Tensor, g: int, degree: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cox-de Boor for clamped uniform B-splines (``g`` basis functions of ``degree``, cubic by
+    default) at ``v`` in span units [0, g - degree].
 
-    Returns the first nonzero basis index per point and the four values, shaped (n,), (n, 4).
-    In span units the clamped knots are integers: U[j] = clamp(j - 3, 0, g - 3).
+    Returns the first nonzero basis index per point and the degree + 1 values, shaped (n,), (n, degree + 1).
+    In span units the clamped knots are integers: U[j] = clamp(j - degree, 0, g - degree).
     """
-    spans = g - 3
+    spans = g - degree
     s = torch.clamp(torch.floor(v), 0, spans - 1)
-    left = [None] + [v - torch.clamp(s + 1 - j, 0, spans) for j in (1, 2, 3)]
-    right = [None] + [torch.clamp(s + j, 0, spans) - v for j in (1, 2, 3)]
+    steps = range(1, degree + 1)
+    left = [None] + [v - torch.clamp(s + 1 - j, 0, spans) for j in steps]
+    right = [None] + [torch.clamp(s + j, 0, spans) - v for j in steps]
     n = [torch.ones_like(v)]
-    for j in (1, 2, 3):
+    for j in steps:
         saved = torch.zeros_like(v)
         for r in range(j):
             temp = n[r] / (right[r + 1] + left[j - r])
@@ -92,7 +94,7 @@ def basis_matrix(n: int, g: int, kind: int, dtype: torch.dtype = torch.float32, 
         if g < 4:
             raise ValueError(f"a cubic B-spline grid needs at least 4 control points per axis, got {g}")
         v = (positions(n, torch.float64, device) + 1) / 2 * (g - 3)
-        first, w = _bspline_rows(v, g)
+        first, w = bspline_rows(v, g)
         cols = first[:, None] + torch.arange(4, device=device)
     elif kind == BICUBIC:
         # grid_sample's own arithmetic, in fp32, so the cell boundaries match it exactly.
