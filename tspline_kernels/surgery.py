@@ -1,4 +1,4 @@
-"""Model surgery: swap ``nn.Linear`` modules for compressed layers in place."""
+"""Model surgery: find the targeted ``nn.Linear`` modules of a model and swap them in place."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import nn
+
+from ._layers import check_count
 
 
 @dataclass(frozen=True)
@@ -18,8 +20,46 @@ class Replacement:
     new_params: int
 
 
-def _count(m: nn.Module) -> int:
+def count_parameters(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
+
+
+def _pattern(name: str, value: str | None) -> re.Pattern | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a regular expression (str) or None, got {value!r}")
+    try:
+        return re.compile(value)
+    except re.error as e:
+        raise ValueError(f"{name}={value!r} is not a valid regular expression: {e}") from None
+
+
+def select_linear(model: nn.Module, include: str | None = None, exclude: str | None = None,
+                  min_features: int = 0) -> list[tuple[str, nn.Linear]]:
+    """``(qualified name, module)`` of every plain ``nn.Linear`` in ``model`` (module order) whose
+    name matches ``include`` (regex, searched; all when None), does not match ``exclude``, and has
+    both in and out features >= ``min_features``. Subclasses of nn.Linear are not selected."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    inc, exc = _pattern("include", include), _pattern("exclude", exclude)
+    min_features = check_count("min_features", min_features, 0)
+    return [
+        (name, m) for name, m in model.named_modules()
+        if type(m) is nn.Linear
+        and (inc is None or inc.search(name))
+        and not (exc is not None and exc.search(name))
+        and min(m.in_features, m.out_features) >= min_features
+    ]
+
+
+def swap_module(model: nn.Module, name: str, new: nn.Module, like: nn.Linear) -> None:
+    """Put ``new`` at the qualified ``name`` of ``model``, on ``like.weight``'s device and dtype."""
+    if not isinstance(new, nn.Module):
+        raise TypeError(f"factory returned {type(new).__name__} for {name!r}, expected an nn.Module")
+    new = new.to(device=like.weight.device, dtype=like.weight.dtype)
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, new)
 
 
 def replace_linear(
@@ -29,27 +69,13 @@ def replace_linear(
     exclude: str | None = None,
     min_features: int = 0,
 ) -> list[Replacement]:
-    """Replace every ``nn.Linear`` in ``model`` whose qualified name matches ``include`` (regex,
-    searched; all when None), does not match ``exclude``, and has both in and out features
-    >= ``min_features``, by ``factory(linear)``. The new module is moved to the old weight's device
-    and dtype. Returns one :class:`Replacement` per swapped layer, in module order.
+    """Replace every ``nn.Linear`` that :func:`select_linear` picks by ``factory(linear)``. The new
+    module is moved to the old weight's device and dtype. Returns one :class:`Replacement` per
+    swapped layer, in module order.
     """
-    inc = re.compile(include) if include is not None else None
-    exc = re.compile(exclude) if exclude is not None else None
-    targets = [
-        (name, m) for name, m in model.named_modules()
-        if type(m) is nn.Linear
-        and (inc is None or inc.search(name))
-        and not (exc is not None and exc.search(name))
-        and min(m.in_features, m.out_features) >= min_features
-    ]
     report = []
-    for name, linear in targets:
+    for name, linear in select_linear(model, include, exclude, min_features):
         new = factory(linear)
-        if not isinstance(new, nn.Module):
-            raise TypeError(f"factory returned {type(new).__name__} for {name!r}, expected an nn.Module")
-        new = new.to(device=linear.weight.device, dtype=linear.weight.dtype)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, new)
-        report.append(Replacement(name, _count(linear), _count(new)))
+        swap_module(model, name, new, linear)
+        report.append(Replacement(name, count_parameters(linear), count_parameters(new)))
     return report
