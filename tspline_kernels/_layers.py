@@ -10,12 +10,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ._fit import check_gram, output_error
+
 
 @dataclass(frozen=True)
 class FitReport:
     """How well a compressed layer reproduces the dense weight it was fitted to.
 
-    ``relative_error`` is ||W - W_hat||_F / ||W||_F over the whole weight (bias copied exactly).
+    ``relative_error`` is ||W - W_hat||_F / ||W||_F over the whole weight (bias copied exactly);
+    ``output_error`` is ||(W - W_hat) X^T||_F / ||W X^T||_F on the calibration inputs X, computed from
+    their Gram X^T X (None when the fit had no ``input_gram``).
     """
 
     method: str
@@ -23,19 +27,25 @@ class FitReport:
     dense_params: int
     params: int
     details: dict = field(default_factory=dict)
+    output_error: float | None = None
 
     def __str__(self) -> str:
         extra = "".join(f", {k}={v}" for k, v in self.details.items())
-        return (f"{self.method}: relative error {self.relative_error:.3e}, params {self.params} "
+        calibrated = "" if self.output_error is None else f", output error {self.output_error:.3e}"
+        return (f"{self.method}: relative error {self.relative_error:.3e}{calibrated}, params {self.params} "
                 f"(dense {self.dense_params}, {self.dense_params / max(self.params, 1):.1f}x fewer){extra}")
 
 
-def fit_report(method: str, dense: torch.Tensor, layer: CompressedLinear, **details) -> FitReport:
-    """Compare ``layer.materialize()`` with the ``dense`` weight it was fitted to."""
+def fit_report(method: str, dense: torch.Tensor, layer: CompressedLinear, input_gram: torch.Tensor | None = None,
+               **details) -> FitReport:
+    """Compare ``layer.materialize()`` with the ``dense`` weight ``(out, in)`` it was fitted to; with
+    ``input_gram`` ``(in, in)`` also on the calibration inputs (``output_error``)."""
     with torch.no_grad():
         w = dense.double()
-        err = (layer.materialize().double().to(w.device) - w).norm() / w.norm().clamp_min(1e-300)
-    return FitReport(method, err.item(), layer.dense_parameters(), layer.num_parameters(), details)
+        w_hat = layer.materialize().double().to(w.device)
+        err = (w_hat - w).norm() / w.norm().clamp_min(1e-300)
+        out = None if input_gram is None else output_error(w, w_hat, check_gram(input_gram, w.shape[1]))
+    return FitReport(method, err.item(), layer.dense_parameters(), layer.num_parameters(), details, out)
 
 
 def check_count(name: str, value, minimum: int, why: str = "") -> int:
