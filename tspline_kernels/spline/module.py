@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._layers import CompressedLinear, SavedSettings, check_count, check_flag, check_grid
+from .._fit import check_gram, whiten
+from .._layers import CompressedLinear, SavedSettings, check_count, check_flag, check_grid, fit_report
 from ..reference import spline as ref
 from . import ops
 
@@ -180,6 +181,47 @@ class SplineLinear(SavedSettings, CompressedLinear):
             return f"basis='bspline', grid={self.grid}"
         local = f", support='local', support_radius={self.rho:.3f}" if self.support == "local" else ""
         return f"basis={self.basis!r}, n_control_points={self.n_control_points}{local}"
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, grid=None, input_gram: torch.Tensor | None = None, *,
+                    basis: str = "bspline", damping: float = 1e-6) -> SplineLinear:
+        """Least-squares B-spline fit of ``linear.weight`` W ``(out, in)``: W_hat = Bo C Bi.T with the
+        ``(out, G_out)`` and ``(in, G_in)`` bases (``grid`` defaults as in the constructor).
+
+        Without ``input_gram``: C = pinv(Bo) W pinv(Bi).T minimises ||W - W_hat||_F. With the
+        calibration Gram G = X.T X ``(in, in)`` it minimises the output error ||(W - W_hat) X.T||_F,
+        i.e. ||(W - W_hat) S||_F with S S = G + damping mean(diag G) I; through the Kronecker
+        structure the minimum-norm solution is C = pinv(Bo) W G Bi pinv(Bi.T G Bi). Computed in
+        float64, stored in the Linear's dtype; the bias is copied. Only ``basis="bspline"`` is
+        linear in its control grid, so it is the only basis fitted here. Attaches ``fit_report``.
+        """
+        if basis != "bspline":
+            raise ValueError(f"from_linear fits basis='bspline' only (the one basis whose weight is linear in a "
+                             f"control grid, so least squares is closed form), got basis={basis!r}")
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"expected an nn.Linear, got {type(linear).__name__}")
+        if linear.weight.is_meta:
+            raise ValueError("from_linear fits the Linear's weight values, but it is on the meta device and has "
+                             "none: load its weights first")
+        w = linear.weight.detach()
+        gram = None if input_gram is None else check_gram(input_gram, linear.in_features).to(w.device)
+        new = cls(linear.in_features, linear.out_features, grid=grid, bias=linear.bias is not None,
+                  device=w.device, dtype=w.dtype)
+        bo = ref.basis_matrix(new.out_features, new.grid[0], ref.BSPLINE, torch.float64, w.device)
+        bi = ref.basis_matrix(new.in_features, new.grid[1], ref.BSPLINE, torch.float64, w.device)
+        if gram is None:
+            right = torch.linalg.pinv(bi).T
+        else:
+            s, _ = whiten(gram, damping)
+            g_bi = s @ (s @ bi)  # (G + damping) Bi
+            right = g_bi @ torch.linalg.pinv(bi.T @ g_bi, hermitian=True)
+        with torch.no_grad():
+            new.control.copy_(torch.linalg.pinv(bo) @ w.double() @ right)
+            if linear.bias is not None:
+                new.bias.copy_(linear.bias)
+        method = "spline least squares" if gram is None else "weighted spline least squares"
+        new.fit_report = fit_report(method, w, new, input_gram=gram, grid=new.grid)
+        return new
 
     @classmethod
     def from_tensor_spline(cls, module: nn.Module) -> SplineLinear:
