@@ -12,6 +12,10 @@ All maths runs in float64.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
 
@@ -72,3 +76,133 @@ def output_error(dense: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor) 
     g = gram.double().to(w.device)
     err = weighted_energy(approx.double().to(w.device) - w, g)
     return (err / weighted_energy(w, g).clamp_min(1e-300)).sqrt().item()
+
+
+def whitened_svd(weight: torch.Tensor, gram: torch.Tensor | None = None, damping: float = 1e-6
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(P ``(out, k)``, sigma ``(k,)``, Q ``(in, k)``, S_inv ``(in, in)`` or None), k = min(out, in), from
+    the thin SVD W S = P diag(sigma) Q^T of ``weight`` W ``(out, in)`` whitened by S = whiten(gram)[0]
+    (S = I and S_inv None without a Gram). W_r = P_r diag(sigma_r) Q_r^T S_inv is then the rank-r
+    weight minimising ||(W - W_r) S||_F (SVD-LLM), i.e. tr(E G E^T) + lambda ||E||_F^2."""
+    w = weight.double()
+    if gram is None:
+        p, s, qh = torch.linalg.svd(w, full_matrices=False)
+        return p, s, qh.T, None
+    root, root_inv = whiten(gram.to(w.device), damping)
+    p, s, qh = torch.linalg.svd(w @ root, full_matrices=False)
+    return p, s, qh.T, root_inv
+
+
+def lowrank_error_curve(weight: torch.Tensor, gram: torch.Tensor | None = None, damping: float = 1e-6) -> torch.Tensor:
+    """Errors ``(min(out, in) + 1,)`` float64 of the (whitened) truncated SVD of ``weight`` ``(out, in)``
+    at every rank r = 0 .. min(out, in), from one SVD: what ``LowRankLinear.from_linear(linear, r,
+    input_gram=gram, damping=damping)`` reaches, without fitting each rank.
+
+    Without a Gram: the weight error sqrt(sum_{i>r} s_i^2 / sum_i s_i^2). With one: the output error
+    ||(W - W_r) X^T|| / ||W X^T|| measured on the undamped G. With W S = P diag(sigma) Q^T the residual
+    is T = sum_{i>r} sigma_i p_i q_i^T S^{-1}, and since the p_i are orthonormal
+    tr(T G T^T) = sum_{i>r} sigma_i^2 q_i^T S^{-1} G S^{-1} q_i = sum_{i>r} sigma_i^2 (1 - lambda ||S^{-1} q_i||^2)
+    (S^2 = G + lambda I); the terms sum to tr(W G W^T), so the curve starts at 1."""
+    if gram is not None:
+        gram = check_gram(gram, weight.shape[1])
+    _, s, q, s_inv = whitened_svd(weight, gram, damping)
+    energy = s.square()
+    if s_inv is not None:
+        lam = damping * gram.double().diagonal().mean().to(s.device)
+        energy = (energy * (1 - lam * (s_inv @ q).square().sum(0))).clamp_min(0)
+    tail = torch.cat([energy.flip(0).cumsum(0).flip(0), energy.new_zeros(1)])
+    return (tail / tail[0].clamp_min(1e-300)).sqrt()
+
+
+# Blocks with at most this many (block entries) x (weight entries) are solved by a dense least
+# squares on the block's Jacobian; larger ones by conjugate gradients (the Jacobian would not fit).
+_DENSE_ENTRIES = 1 << 22
+
+
+@dataclass
+class ALSResult:
+    """What :func:`weighted_als` found: ``blocks`` (float64, the best iterate) and ``history``, the
+    objective ||(target - build(blocks)) S||_F^2 at the start and after every block step
+    (non-increasing); ``energy`` = ||target S||_F^2, so ``relative_error`` = sqrt(history[-1] / energy)."""
+
+    blocks: list[torch.Tensor]
+    history: list[float]
+    energy: float
+
+    @property
+    def relative_error(self) -> float:
+        return math.sqrt(self.history[-1] / max(self.energy, 1e-300))
+
+
+def _block_solve(lin: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, rhs: torch.Tensor,
+                 max_cg: int) -> torch.Tensor:
+    """argmin_v ||rhs - lin(v)||_F^2 for a linear ``lin``: exactly by least squares on its Jacobian
+    when small, else by at most ``max_cg`` conjugate-gradient steps on the normal equations
+    lin^*(lin(v)) = lin^*(rhs) started from ``x`` (each step lowers the quadratic)."""
+    _, adjoint = torch.func.vjp(lin, x)  # lin is linear: its vjp at x is its adjoint everywhere
+    if x.numel() * rhs.numel() <= _DENSE_ENTRIES:
+        units = torch.eye(x.numel(), dtype=x.dtype, device=x.device).reshape(-1, *x.shape)
+        jac = torch.func.vmap(lin)(units).reshape(x.numel(), -1)
+        driver = "gelsd" if jac.is_cpu else None
+        return torch.linalg.lstsq(jac.T, rhs.reshape(-1, 1), driver=driver).solution.reshape(x.shape)
+    r = adjoint(rhs - lin(x))[0]
+    p, rr = r.clone(), r.square().sum()
+    stop = 1e-24 * rr
+    for _ in range(max_cg):
+        hp = adjoint(lin(p))[0]
+        curvature = (p * hp).sum()
+        if curvature <= 0 or rr <= stop:
+            break
+        alpha = rr / curvature
+        x = x + alpha * p
+        r = r - alpha * hp
+        rr, rr_old = r.square().sum(), rr
+        p = r + (rr / rr_old) * p
+    return x
+
+
+def weighted_als(blocks: list[torch.Tensor], build: Callable[[list[torch.Tensor]], torch.Tensor], target: torch.Tensor,
+                 gram: torch.Tensor, sweeps: int = 10, tol: float = 1e-6, progress: bool = False, *,
+                 damping: float = 1e-6, max_cg: int = 50) -> ALSResult:
+    """Block-coordinate ("alternating") least squares of f = ||(target - build(blocks)) S||_F^2.
+
+    ``target`` ``(out, in)``; ``gram`` G ``(in, in)`` (checked by :func:`check_gram`), S = whiten(G,
+    damping)[0], so f = tr(E G E^T) + lambda ||E||_F^2 with E = target - build(blocks);
+    ``build(blocks)`` ``(out, in)`` must be linear in each block when the others are fixed
+    (multilinear: Kronecker factors, TT cores, ...) and differentiable by torch.func. Each step
+    replaces one block by the exact minimiser of the quadratic f in that block (least squares on the
+    block's Jacobian, or ``max_cg`` conjugate-gradient steps from the current block for large ones),
+    kept only if f does not increase, so ``history`` never increases. A sweep visits every block in
+    order; the fit stops after ``sweeps`` sweeps or when a sweep lowers f by less than ``tol`` * f.
+    ``progress`` shows a tqdm bar over sweeps. Blocks are fitted in float64."""
+    target = target.detach().double()
+    root, _ = whiten(check_gram(gram, target.shape[1]).to(target.device), damping)
+    goal = target @ root
+    blocks = [b.detach().double().to(target.device).clone() for b in blocks]
+
+    def objective(bl: list[torch.Tensor]) -> float:
+        return (goal - build(bl) @ root).square().sum().item()
+
+    energy = goal.square().sum().item()
+    history = [objective(blocks)]
+    bar = range(sweeps)
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(bar, desc="weighted ALS", leave=False)
+    for _ in bar:
+        start = history[-1]
+        for k in range(len(blocks)):
+            def lin(v: torch.Tensor, k: int = k) -> torch.Tensor:
+                return build(blocks[:k] + [v] + blocks[k + 1:]) @ root
+
+            trial = blocks[:k] + [_block_solve(lin, blocks[k], goal, max_cg)] + blocks[k + 1:]
+            f = objective(trial)
+            if f <= history[-1]:
+                blocks = trial
+            history.append(min(f, history[-1]))
+        if progress:
+            bar.set_postfix(error=f"{math.sqrt(history[-1] / max(energy, 1e-300)):.3e}")
+        if start - history[-1] <= tol * start:
+            break
+    return ALSResult(blocks, history, energy)

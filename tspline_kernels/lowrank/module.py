@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from .._fit import check_gram, whitened_svd
 from .._layers import CompressedLinear, FitReport, check_count, check_flag, fit_report
 from ..reference import lowrank as ref
 from . import ops
@@ -23,12 +24,15 @@ def _check_rank(rank, in_features: int, out_features: int) -> int:
     return rank
 
 
-def _split_svd(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(U ``(n_out, rank)``, V ``(n_in, rank)``, singular values) in fp64 from the SVD W = P S Q.T of
-    ``weight`` ``(n_out, n_in)``: U = P_r sqrt(S_r), V = Q_r sqrt(S_r), the best rank-``rank`` U @ V.T."""
-    p, s, qh = torch.linalg.svd(weight.double(), full_matrices=False)
+def _split_svd(weight: torch.Tensor, rank: int, gram: torch.Tensor | None = None, damping: float = 1e-6
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U ``(n_out, rank)``, V ``(n_in, rank)``, singular values) in fp64 from the SVD W S = P D Q.T of
+    ``weight`` ``(n_out, n_in)`` (whitened by S, see :func:`whitened_svd`; S = I without ``gram``):
+    U = P_r sqrt(D_r), V = S^{-1} Q_r sqrt(D_r), the best rank-``rank`` U @ V.T for ||(W - U V.T) S||_F."""
+    p, s, q, s_inv = whitened_svd(weight, gram, damping)
     root = s[:rank].sqrt()
-    return p[:, :rank] * root, qh[:rank].T * root, s
+    v = q[:, :rank] * root
+    return p[:, :rank] * root, v if s_inv is None else s_inv @ v, s
 
 
 class LowRankLinear(CompressedLinear):
@@ -71,13 +75,28 @@ class LowRankLinear(CompressedLinear):
         return f"rank={self.rank}"
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, rank: int) -> LowRankLinear:
-        """The best rank-``rank`` approximation of ``linear.weight`` in Frobenius (and spectral)
-        norm, by truncated SVD (Eckart-Young): W = P S Q.T gives U = P_r sqrt(S_r), V = Q_r sqrt(S_r).
+    def from_linear(cls, linear: nn.Linear, rank: int, input_gram: torch.Tensor | None = None, *,
+                    damping: float = 1e-6) -> LowRankLinear:
+        """The best rank-``rank`` approximation of ``linear.weight`` W ``(out, in)``.
 
-        The bias is copied. ``layer.fit_report`` (a :class:`FitReport`) holds the relative error and,
-        in ``details``, ``optimal_error`` = sqrt(sum_{i > rank} s_i^2) / ||W||_F, the smallest error
-        any rank-``rank`` weight can reach (equal to the relative error up to rounding of the factors).
+        Without ``input_gram``: in Frobenius (and spectral) norm, by truncated SVD (Eckart-Young):
+        W = P D Q.T gives U = P_r sqrt(D_r), V = Q_r sqrt(D_r).
+
+        With ``input_gram`` G = X^T X ``(in, in)`` of the layer's calibration inputs X ``(N, in)``
+        (float64 ideally): on those inputs, minimising ||(W - U V.T) X^T||_F, by the whitened SVD
+        of SVD-LLM: with S = (G + lambda I)^{1/2}, lambda = ``damping`` * mean(diag G), and
+        W S = P D Q.T, U = P_r sqrt(D_r) and V = S^{-1} Q_r sqrt(D_r), so U V.T = [W S]_r S^{-1}.
+        This minimises ||(W - W_hat) S||_F^2 = ||(W - W_hat) X^T||_F^2 + lambda ||W - W_hat||_F^2:
+        for a full-rank G and small damping the optimum of the output error (up to a relative
+        O(lambda / smallest eigenvalue of G) change); for a rank-deficient G (N < in) the output error
+        alone has many optima and the damping picks the one nearest to W off the calibration inputs.
+        ``lowrank_error_curve`` in ``tspline_kernels._fit`` gives the errors of every rank from one SVD.
+
+        The bias is copied. ``layer.fit_report`` (a :class:`FitReport`) holds the weight's relative
+        error, the ``output_error`` on the calibration inputs (None without a Gram) and, in
+        ``details``, ``optimal_error`` = sqrt(sum_{i > rank} d_i^2) / sqrt(sum_i d_i^2), the smallest
+        relative error any rank-``rank`` weight can reach in the fitted norm (||W - W_hat||_F, or
+        ||(W - W_hat) S||_F with a Gram); the fitted error equals it up to rounding of the factors.
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"expected an nn.Linear, got {type(linear).__name__}")
@@ -87,14 +106,16 @@ class LowRankLinear(CompressedLinear):
         weight = linear.weight.detach()
         new = cls(linear.in_features, linear.out_features, rank, bias=linear.bias is not None,
                   device=weight.device, dtype=weight.dtype)
-        u, v, s = _split_svd(weight, rank)
+        gram = None if input_gram is None else check_gram(input_gram, linear.in_features).to(weight.device)
+        u, v, s = _split_svd(weight, rank, gram, damping)
         tail = s[rank:].square().sum().sqrt() / s.square().sum().sqrt().clamp_min(1e-300)
         with torch.no_grad():
             new.U.copy_(u)
             new.V.copy_(v)
             if linear.bias is not None:
                 new.bias.copy_(linear.bias)
-        new.fit_report: FitReport = fit_report("truncated SVD", weight, new, rank=rank, optimal_error=tail.item())
+        method = "truncated SVD" if gram is None else "whitened SVD"
+        new.fit_report: FitReport = fit_report(method, weight, new, gram, rank=rank, optimal_error=tail.item())
         return new
 
     @classmethod
