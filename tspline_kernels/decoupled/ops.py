@@ -1,0 +1,127 @@
+"""``torch.library`` custom ops for DecoupledSplineMLP: Triton on CUDA (or when forced), reference otherwise.
+
+y = g(x @ V) @ W.T + bias, with z = x @ V ``(*, r)`` and g the per-unit cubic B-spline activation
+(``reference/decoupled.py``). The backward, with u = dy @ W and dz = u * g'(z):
+  decoupled_mlp_backward gives (dx = dz @ V.T, G = g(z), dz, dcoef) in one pass: dcoef[i, j] =
+  sum over rows of u[:, i] * dg_i/dcoef[i, j] (the four nonzero basis values of each scalar,
+  extrapolation included), G and dz in the compute dtype for the factor gradients;
+  (dV, dW, dbias) = lowrank_grad_factors(x, dy, G, dz) = (x.T @ dz, dy.T @ G, sum of dy's rows),
+  the low-rank family's two-sided skinny-product op (same shapes, same partial sums).
+The knot ranges lo, hi are constants (buffers): they get no gradient. Second order runs the
+vector-Jacobian product of the reference backward (``torch.func.vjp``), on any backend.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._backend import register_autograd, use_triton
+from ..lowrank.ops import lowrank_grad_factors
+from ..reference import decoupled as ref
+from ..reference.common import bias_grad, compute_dtype
+
+
+# ------------------------------------------------------------------------------------- forward op
+@torch.library.custom_op("tspline::decoupled_mlp", mutates_args=())
+def decoupled_mlp(x: Tensor, v: Tensor, w: Tensor, coef: Tensor, lo: Tensor, hi: Tensor,
+                  bias: Tensor | None) -> Tensor:
+    """y = g(x @ v) @ w.T + bias ``(*, n)`` in x's dtype; x ``(*, m)``, v ``(m, r)``, w ``(n, r)``,
+    coef ``(r, K)``, lo/hi ``(r,)`` (hi > lo), bias ``(n,)`` or None."""
+    if use_triton(x):
+        from .kernels import decoupled_mlp as launch
+        return launch(x, v, w, coef, lo, hi, bias)
+    return ref.decoupled_mlp(x, v, w, coef, lo, hi, bias)
+
+
+@decoupled_mlp.register_fake
+def _(x, v, w, coef, lo, hi, bias):
+    return x.new_empty(*x.shape[:-1], w.shape[0])
+
+
+# ------------------------------------------------------------------------------------ backward op
+def reference_backward(dy: Tensor, x: Tensor, v: Tensor, w: Tensor, coef: Tensor, lo: Tensor, hi: Tensor,
+                       need_input: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``decoupled_mlp_backward`` in plain PyTorch (differentiable by autograd in dy, x, v, w, coef)."""
+    cd = compute_dtype(x)
+    x2, dy2 = x.reshape(-1, x.shape[-1]).to(cd), dy.reshape(-1, dy.shape[-1]).to(cd)
+    v, coef, lo, hi = v.to(cd), coef.to(cd), lo.to(cd), hi.to(cd)
+    z = x2 @ v
+    u = dy2 @ w.to(cd)
+    g = ref.spline_activation(z, coef, lo, hi)
+    dz = u * ref.spline_activation_derivative(z, coef, lo, hi)
+    r, k = coef.shape
+    first, values, _ = ref.spline_rows(z, lo, hi, k)
+    cols = (first + torch.arange(r, device=x.device) * k)[..., None] + torch.arange(4, device=x.device)
+    dcoef = torch.zeros(r * k, dtype=cd, device=x.device).index_add(0, cols.reshape(-1), (u[..., None] * values).reshape(-1))
+    dx = (dz @ v.T).reshape(x.shape).to(x.dtype) if need_input else x.new_empty(0)
+    lead = x.shape[:-1]
+    return dx, g.reshape(*lead, r), dz.reshape(*lead, r), dcoef.reshape(r, k)
+
+
+@torch.library.custom_op("tspline::decoupled_mlp_backward", mutates_args=())
+def decoupled_mlp_backward(dy: Tensor, x: Tensor, v: Tensor, w: Tensor, coef: Tensor, lo: Tensor, hi: Tensor,
+                           need_input: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx like x (empty unless ``need_input``), G = g(x @ v) ``(*, r)``, dz = (dy @ w) * g'(x @ v)
+    ``(*, r)``, dcoef ``(r, K)``), the last three in the compute dtype; dy ``(*, n)``."""
+    if use_triton(x):
+        from .kernels import decoupled_mlp_backward as launch
+        return launch(dy, x, v, w, coef, lo, hi, need_input)
+    return reference_backward(dy, x, v, w, coef, lo, hi, need_input)
+
+
+@decoupled_mlp_backward.register_fake
+def _(dy, x, v, w, coef, lo, hi, need_input):
+    cd = compute_dtype(x)
+    r = v.shape[1]
+    dx = x.new_empty(x.shape) if need_input else x.new_empty(0)
+    return (dx, x.new_empty(*x.shape[:-1], r, dtype=cd), x.new_empty(*x.shape[:-1], r, dtype=cd),
+            x.new_empty(coef.shape, dtype=cd))
+
+
+def _grad_setup(ctx, inputs, output):
+    dy, x, v, w, coef, lo, hi, need_input = inputs
+    ctx.save_for_backward(dy, x, v, w, coef, lo, hi)
+    ctx.need_input = need_input
+
+
+def _grad_backward(ctx, *grads):
+    """Second order: the vector-Jacobian product of ``reference_backward`` (``torch.func.vjp``,
+    itself differentiable), on any device and backend; rare enough that no kernel is worth it."""
+    dy, x, v, w, coef, lo, hi = ctx.saved_tensors
+    outputs, vjp = torch.func.vjp(
+        lambda *p: reference_backward(*p, lo, hi, ctx.need_input), dy, x, v, w, coef)
+    cotangents = tuple(torch.zeros_like(o) if g is None else g.to(o.dtype) for g, o in zip(grads, outputs))
+    return (*vjp(cotangents), None, None, None)
+
+
+register_autograd(decoupled_mlp_backward, _grad_backward, _grad_setup)
+
+
+# ---------------------------------------------------------------------------- forward's autograd
+def _setup(ctx, inputs, output):
+    x, v, w, coef, lo, hi, bias = inputs
+    ctx.save_for_backward(x, v, w, coef, lo, hi)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(ctx, dy):
+    x, v, w, coef, lo, hi = ctx.saved_tensors
+    need_x, need_v, need_w, need_coef, _, _, need_bias = ctx.needs_input_grad
+    need_bias = need_bias and ctx.bias_dtype is not None
+    dx = dv = dw = dcoef = dbias = None
+    if need_x or need_v or need_w or need_coef:
+        dx, g, dz, dcoef = decoupled_mlp_backward(dy, x, v, w, coef, lo, hi, need_x)
+        dx = dx if need_x else None
+        dcoef = dcoef.to(coef.dtype) if need_coef else None
+        if need_v or need_w:
+            dv, dw, dsum = lowrank_grad_factors(x, dy, g, dz)
+            dv = dv.to(v.dtype) if need_v else None
+            dw = dw.to(w.dtype) if need_w else None
+            dbias = dsum.to(ctx.bias_dtype) if need_bias else None
+    if need_bias and dbias is None:
+        dbias = bias_grad(dy, ctx.bias_dtype)
+    return dx, dv, dw, dcoef, None, None, dbias
+
+
+register_autograd(decoupled_mlp, _backward, _setup)
