@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from tspline_kernels import SplineLinear
+from tspline_kernels import SplineLinear, SplineTTLinear, TTLinear
 from tspline_kernels.reference.spline import BSPLINE, basis_matrix
 from tspline_kernels.testing import assert_close
 
@@ -103,3 +103,103 @@ def test_spline_fit_defaults_copies_bias_and_checks_arguments():
         SplineLinear.from_linear(lin, input_gram=torch.eye(24))
     with pytest.raises(TypeError, match="input_gram"):
         SplineLinear.from_linear(lin, input_gram=[[1.0]])
+
+
+# ---------------------------------------------------------------------------- TTLinear and SplineTTLinear
+def _check_weighted_fit(layer: nn.Module, plain: nn.Module, lin: nn.Linear, x: torch.Tensor) -> None:
+    """A Gram-weighted fit against the plain one on the same structure: ALS sweep errors never rise,
+    the final output error is at most the start's and the plain fit's (and clearly lower on these
+    correlated inputs), and the report's numbers are the measured ones; the bias is copied."""
+    w = lin.weight.detach()
+    report, details = layer.fit_report, layer.fit_report.details
+    sweep_errors = details["als_sweep_errors"]
+    assert len(sweep_errors) >= 2 and all(b <= a for a, b in zip(sweep_errors, sweep_errors[1:]))
+    assert details["final_output_error"] <= details["start_output_error"]
+    w_hat = layer.materialize()
+    measured = _output_error(w, w_hat, x)
+    assert report.output_error == pytest.approx(measured, rel=1e-9)
+    assert details["final_output_error"] == pytest.approx(measured, rel=1e-9)
+    assert report.relative_error == pytest.approx(((w_hat - w).norm() / w.norm()).item(), rel=1e-9)
+    assert measured < 0.9 * _output_error(w, plain.materialize(), x)
+    assert layer.ranks == plain.ranks and torch.equal(layer.bias, lin.bias)
+
+
+@pytest.mark.parametrize("in_modes, out_modes", [((2, 3), (3, 2)), ((2, 1, 3), (1, 3, 2))], ids=["d2", "d3-ones"])
+def test_tt_weighted_als_lowers_the_output_error(in_modes, out_modes):
+    w = torch.randn(6, 6, dtype=F64)
+    x = _correlated_inputs(40, 6)
+    lin = _linear(w)
+    plain = TTLinear.from_linear(lin, in_modes, out_modes, max_rank=2)
+    layer = TTLinear.from_linear(lin, in_modes, out_modes, max_rank=2, input_gram=x.T @ x)
+    assert plain.fit_report.output_error is None and layer.fit_report.method == "tt-svd + weighted als"
+    # the ALS starts at the TT-SVD, which is exactly the plain fit
+    assert layer.fit_report.details["start_output_error"] == pytest.approx(_output_error(w, plain.materialize(), x),
+                                                                           rel=1e-9)
+    _check_weighted_fit(layer, plain, lin, x)
+
+
+def test_tt_weighted_fit_in_float32_and_argument_checks():
+    w = torch.randn(6, 6)
+    x = _correlated_inputs(40, 6)
+    layer = TTLinear.from_linear(_linear(w), (2, 3), (3, 2), max_rank=2, input_gram=x.T @ x)
+    layer64 = TTLinear.from_linear(_linear(w.double()), (2, 3), (3, 2), max_rank=2, input_gram=x.T @ x)
+    assert all(c.dtype == torch.float32 for c in layer.cores)
+    assert_close(layer.materialize(), layer64.materialize().float())
+    lin = _linear(w)
+    with pytest.raises(ValueError, match="input_gram must have shape"):
+        TTLinear.from_linear(lin, (2, 3), (3, 2), input_gram=torch.eye(5))
+    with pytest.raises(ValueError, match="sweeps must be >= 1"):
+        TTLinear.from_linear(lin, (2, 3), (3, 2), input_gram=x.T @ x, sweeps=0)
+    with pytest.raises(TypeError, match="progress must be True or False"):
+        TTLinear.from_linear(lin, (2, 3), (3, 2), progress=1)
+    with pytest.raises(ValueError, match="damping"):
+        TTLinear.from_linear(lin, (2, 3), (3, 2), input_gram=x.T @ x, damping=-1.0)
+
+
+@pytest.mark.parametrize("in_modes, out_modes", [((6, 5), (5, 6)), ((6, 1, 5), (1, 5, 6))], ids=["d2", "d3-ones"])
+def test_spline_tt_weighted_als_lowers_the_output_error(in_modes, out_modes):
+    w = torch.randn(30, 30, dtype=F64)
+    x = _correlated_inputs(40, 30)
+    lin = _linear(w)
+    plain = SplineTTLinear.from_linear(lin, in_modes, out_modes, (4, 4), max_rank=2)
+    layer = SplineTTLinear.from_linear(lin, in_modes, out_modes, (4, 4), max_rank=2, input_gram=x.T @ x)
+    assert plain.fit_report.output_error is None and plain.fit_report.method == "tt-svd + spline least squares"
+    assert layer.fit_report.method == "tt-svd + spline + weighted als"
+    # without a Gram: the TT-SVD's spline projection, as from_ttlinear computes it
+    projected = SplineTTLinear.from_ttlinear(TTLinear.from_linear(lin, in_modes, out_modes, max_rank=2), (4, 4))
+    assert_close(plain.materialize(), projected.materialize())
+    assert plain.fit_report.relative_error == pytest.approx(((plain.materialize() - w).norm() / w.norm()).item(), rel=1e-9)
+    _check_weighted_fit(layer, plain, lin, x)
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "weighted"])
+@pytest.mark.parametrize("family", [TTLinear, SplineTTLinear], ids=["tt", "spline-tt"])
+def test_fit_is_exact_on_a_weight_of_the_family(family, weighted):
+    """A weight that is exactly a TT (a spline-TT) with those ranks (and grid) is fitted exactly,
+    with or without a Gram; modes of 1 included."""
+    if family is TTLinear:
+        truth, grid = TTLinear((2, 1, 3), (3, 2, 1), (1, 2, 2, 1), dtype=F64), ()
+    else:
+        truth, grid = SplineTTLinear((6, 1, 5), (1, 5, 6), (1, 2, 2, 1), (4, 4), dtype=F64), ((4, 4),)
+    w = truth.materialize().detach()
+    x = _correlated_inputs(40, w.shape[1])
+    layer = family.from_linear(_linear(w), truth.in_modes, truth.out_modes, *grid, max_rank=2,
+                               input_gram=x.T @ x if weighted else None)
+    assert layer.ranks == truth.ranks and layer.fit_report.relative_error < 1e-10
+    if weighted:
+        assert layer.fit_report.output_error < 1e-10
+
+
+def test_spline_tt_fit_argument_checks():
+    lin = nn.Linear(30, 30)
+    with pytest.raises(ValueError, match="at least 4 control points"):
+        SplineTTLinear.from_linear(lin, (6, 5), (5, 6), (3, 4))
+    with pytest.raises(ValueError, match="in modes"):
+        SplineTTLinear.from_linear(lin, (6, 4), (5, 6), (4, 4))
+    with pytest.raises(TypeError, match="expected an nn.Linear"):
+        SplineTTLinear.from_linear(SplineLinear(30, 30), (6, 5), (5, 6), (4, 4))
+    with pytest.raises(TypeError, match="input_gram"):
+        SplineTTLinear.from_linear(lin, (6, 5), (5, 6), (4, 4), input_gram=torch.eye(30, dtype=torch.int64))
+    layer = SplineTTLinear.from_linear(nn.Linear(30, 30, bias=False), (6, 5), (5, 6), (4, 4), max_rank=3,
+                                       strategy="contract")
+    assert layer.bias is None and layer.strategy == "contract" and layer.control[0].dtype == torch.float32

@@ -10,7 +10,7 @@ from torch import nn
 from .._layers import SavedSettings, check_grid, fit_report
 from ..reference import spline_tt as ref
 from ..reference import tt as ref_tt
-from ..tt.module import TTLinear, TTStructured, init_scale
+from ..tt.module import TTLinear, TTStructured, check_structure, fit_tt_cores, init_scale, refine_weighted
 from . import ops
 
 
@@ -92,6 +92,14 @@ class SplineTTLinear(SavedSettings, TTStructured):
         return (f"in_modes={self.in_modes}, out_modes={self.out_modes}, ranks={self.ranks}, grid={grid}, "
                 f"strategy={self.strategy!r}")
 
+    @torch.no_grad()
+    def _load(self, controls: list[torch.Tensor], bias: torch.Tensor | None) -> None:
+        """Copy fitted control grids and a bias (None: keep the layer's) into the parameters."""
+        for control, c in zip(self.control, controls):
+            control.copy_(c)
+        if bias is not None:
+            self.bias.copy_(bias)
+
     @classmethod
     def from_ttlinear(cls, tt: TTLinear, grid, strategy: str | None = None) -> SplineTTLinear:
         """Least-squares spline fit of every core of ``tt``: C_k = pinv(Bo_k) core_k pinv(Bi_k).T per
@@ -105,18 +113,59 @@ class SplineTTLinear(SavedSettings, TTStructured):
                              "none: load its weights first")
         new = cls(tt.in_modes, tt.out_modes, tt.ranks, grid, bias=tt.bias is not None, device=ref_core.device,
                   dtype=ref_core.dtype, strategy=strategy or tt.strategy)
-        core_errors = []
-        with torch.no_grad():
-            for core, control, (go, gi), o, i in zip(tt.cores, new.control, new.grid, tt.out_modes, tt.in_modes):
-                g = core.double()
-                po = torch.linalg.pinv(ref.bases(o, go, torch.float64, g.device))
-                pi = torch.linalg.pinv(ref.bases(i, gi, torch.float64, g.device))
-                fitted = torch.einsum("po,aoib,qi->apqb", po, g, pi)
-                control.copy_(fitted)
-                back = ref.spline_cores([fitted], [i], [o])[0]
-                core_errors.append(round(((back - g).norm() / g.norm().clamp_min(1e-300)).item(), 6))
-            if tt.bias is not None:
-                new.bias.copy_(tt.bias)
+        controls, core_errors = _project_cores([c.detach().double() for c in tt.cores], new.grid)
+        new._load(controls, tt.bias)
         new.fit_report = fit_report("spline-tt least squares", tt.materialize(), new, grid=new.grid,
-                                    core_errors=tuple(core_errors))
+                                    core_errors=core_errors)
         return new
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, in_modes: Sequence[int], out_modes: Sequence[int], grid,
+                    eps: float | None = None, max_rank: int | None = None, input_gram: torch.Tensor | None = None,
+                    *, strategy: str = "auto", sweeps: int = 10, damping: float = 1e-6,
+                    progress: bool = False) -> SplineTTLinear:
+        """Spline-TT fit of ``linear.weight``: ``TTLinear.from_linear``'s TT fit (TT-SVD with ``eps`` /
+        ``max_rank``, then with ``input_gram`` weighted ALS over the cores), then the least-squares
+        spline projection of every core (``from_ttlinear``), then with ``input_gram`` G = X.T X
+        ``(in, in)`` at most ``sweeps`` sweeps of ALS over the control grids on the output error
+        ||(W - W_hat) X.T||_F (the cores are linear in their controls, so W_hat stays multilinear in
+        them), never ending above the projection's output error. Computed in float64, stored in the
+        Linear's dtype; the bias is copied. Attaches ``fit_report`` (errors against W; details: ranks,
+        grid, per-core projection errors and, with a Gram, the TT fit's output error, the projection's
+        (``start_output_error``), the final one and the ALS sweep errors)."""
+        _check_core_grids(grid, len(check_structure(in_modes, out_modes, 1)[0]))  # before the (long) fit
+        fit = fit_tt_cores(linear, in_modes, out_modes, eps, max_rank, input_gram, sweeps, damping, progress)
+        outs, ins, ranks = ref_tt.modes_of(fit.cores)
+        w = fit.weight
+        new = cls(ins, outs, ranks, grid, bias=linear.bias is not None, device=w.device, dtype=w.dtype,
+                  strategy=strategy)
+        controls, core_errors = _project_cores(fit.cores, new.grid)
+        details = {"ranks": ranks, "grid": new.grid, "eps": eps, "max_rank": max_rank, "core_errors": core_errors}
+        if fit.gram is not None:
+            def build(blocks: list[torch.Tensor]) -> torch.Tensor:
+                return ref_tt.tt_weight(ref.spline_cores(blocks, ins, outs))
+
+            details["tt_output_error"] = fit.details["final_output_error"]
+            controls, refined = refine_weighted(controls, build, w.double(), fit.gram, sweeps, progress, damping)
+            details.update(refined)
+        new._load(controls, linear.bias)
+        method = "tt-svd + spline least squares" if fit.gram is None else "tt-svd + spline + weighted als"
+        new.fit_report = fit_report(method, w, new, input_gram=fit.gram, **details)
+        return new
+
+
+def _project_cores(cores: list[torch.Tensor], grid: tuple[tuple[int, int], ...]
+                   ) -> tuple[list[torch.Tensor], tuple[float, ...]]:
+    """Least-squares control points C_k = pinv(Bo_k) core_k pinv(Bi_k).T ``(r_{k-1}, G_out_k, G_in_k,
+    r_k)`` of every core ``(r_{k-1}, O_k, I_k, r_k)`` (per rank pair, in the cores' dtype), and each
+    core's relative error (6 decimals)."""
+    controls, errors = [], []
+    for core, (go, gi) in zip(cores, grid):
+        _, o, i, _ = core.shape
+        po = torch.linalg.pinv(ref.bases(o, go, core.dtype, core.device))
+        pi = torch.linalg.pinv(ref.bases(i, gi, core.dtype, core.device))
+        control = torch.einsum("po,aoib,qi->apqb", po, core, pi)
+        back = ref.spline_cores([control], [i], [o])[0]
+        controls.append(control)
+        errors.append(round(((back - core).norm() / core.norm().clamp_min(1e-300)).item(), 6))
+    return controls, tuple(errors)

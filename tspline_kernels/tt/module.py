@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from .._fit import check_gram, output_error, weighted_als
 from .._layers import CompressedLinear, check_count, check_flag, check_ints, fit_report
 from ..reference import tt as ref
 from . import cost, ops
@@ -200,37 +201,90 @@ class TTLinear(TTStructured):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, in_modes: Sequence[int], out_modes: Sequence[int],
-                    eps: float | None = None, max_rank: int | None = None, strategy: str = "auto") -> TTLinear:
+                    eps: float | None = None, max_rank: int | None = None, strategy: str = "auto",
+                    input_gram: torch.Tensor | None = None, *, sweeps: int = 10, damping: float = 1e-6,
+                    progress: bool = False) -> TTLinear:
         """TT-SVD of ``linear.weight`` (Oseledets 2011): ||W - W_hat||_F <= eps ||W||_F whenever
         ``max_rank`` does not bind. Each unfolding keeps the fewest singular values whose discarded
         tail has norm <= eps / sqrt(d - 1) * ||W||_F; ``max_rank`` caps every rank. ``eps=None``
-        keeps every nonzero singular value (exact up to rounding) unless capped. Attaches
-        ``fit_report`` (measured relative error, ranks in its details)."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"expected an nn.Linear, got {type(linear).__name__}")
-        if linear.weight.is_meta:
-            raise ValueError("from_linear fits the Linear's weight values, but it is on the meta device and has "
-                             "none: load its weights first")
-        ins, outs = _check_modes(in_modes, out_modes)
-        _check_product(ins, linear.in_features, "in")
-        _check_product(outs, linear.out_features, "out")
-        if eps is not None and (isinstance(eps, bool) or not isinstance(eps, numbers.Real)):
-            raise TypeError(f"eps must be a real number or None, got {eps!r}")
-        if eps is not None and not eps >= 0:
-            raise ValueError(f"eps must be >= 0, got {eps!r}")
-        if max_rank is not None:
-            max_rank = check_count("max_rank", max_rank, 1)
-        w = linear.weight.detach()
-        cores = tt_svd(w.double(), ins, outs, eps, max_rank)
-        ranks = (1,) + tuple(c.shape[-1] for c in cores)
+        keeps every nonzero singular value (exact up to rounding) unless capped.
+
+        With the calibration Gram ``input_gram`` G = X.T X ``(in, in)`` the TT-SVD cores (ranks as
+        above) start at most ``sweeps`` sweeps of alternating least squares on the output error
+        ||(W - W_hat) X.T||_F over the cores (``refine_weighted``; ``damping`` as in
+        ``_fit.whiten``; ``progress`` shows a bar), which never ends above the TT-SVD's output error. Computed in float64, stored in the Linear's
+        dtype. Attaches ``fit_report`` (measured errors; ranks, and with a Gram the start's and the
+        final output error and the ALS objective history, in its details)."""
+        fit = fit_tt_cores(linear, in_modes, out_modes, eps, max_rank, input_gram, sweeps, damping, progress)
+        outs, ins, ranks = ref.modes_of(fit.cores)
+        w = fit.weight
         new = cls(ins, outs, ranks, bias=linear.bias is not None, device=w.device, dtype=w.dtype, strategy=strategy)
         with torch.no_grad():
-            for core, c in zip(new.cores, cores):
+            for core, c in zip(new.cores, fit.cores):
                 core.copy_(c)
             if linear.bias is not None:
                 new.bias.copy_(linear.bias)
-        new.fit_report = fit_report("tt-svd", w, new, ranks=ranks, eps=eps, max_rank=max_rank)
+        method = "tt-svd" if fit.gram is None else "tt-svd + weighted als"
+        new.fit_report = fit_report(method, w, new, input_gram=fit.gram, **fit.details)
         return new
+
+
+class CoreFit(NamedTuple):
+    """A TT fit of a Linear (``fit_tt_cores``): its weight ``(out, in)`` (its own dtype), the checked
+    Gram (float64) or None, the float64 cores ``(r_{k-1}, O_k, I_k, r_k)`` and the report details."""
+
+    weight: torch.Tensor
+    gram: torch.Tensor | None
+    cores: list[torch.Tensor]
+    details: dict
+
+
+def fit_tt_cores(linear: nn.Linear, in_modes: Sequence[int], out_modes: Sequence[int], eps: float | None,
+                 max_rank: int | None, input_gram: torch.Tensor | None, sweeps: int, damping: float,
+                 progress: bool) -> CoreFit:
+    """``TTLinear.from_linear``'s fit in float64, arguments checked: TT-SVD, then with ``input_gram``
+    ``refine_weighted`` over the cores."""
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"expected an nn.Linear, got {type(linear).__name__}")
+    if linear.weight.is_meta:
+        raise ValueError("from_linear fits the Linear's weight values, but it is on the meta device and has "
+                         "none: load its weights first")
+    ins, outs = _check_modes(in_modes, out_modes)
+    _check_product(ins, linear.in_features, "in")
+    _check_product(outs, linear.out_features, "out")
+    if eps is not None and (isinstance(eps, bool) or not isinstance(eps, numbers.Real)):
+        raise TypeError(f"eps must be a real number or None, got {eps!r}")
+    if eps is not None and not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps!r}")
+    if max_rank is not None:
+        max_rank = check_count("max_rank", max_rank, 1)
+    sweeps, progress = check_count("sweeps", sweeps, 1), check_flag("progress", progress)
+    w = linear.weight.detach()
+    gram = None if input_gram is None else check_gram(input_gram, linear.in_features).to(w.device)
+    cores = tt_svd(w.double(), ins, outs, eps, max_rank)
+    details = {"ranks": ref.modes_of(cores)[2], "eps": eps, "max_rank": max_rank}
+    if gram is not None:
+        cores, refined = refine_weighted(cores, ref.tt_weight, w.double(), gram, sweeps, progress, damping)
+        details.update(refined)
+    return CoreFit(w, gram, cores, details)
+
+
+def refine_weighted(blocks: list[torch.Tensor], build: Callable[[list[torch.Tensor]], torch.Tensor],
+                    target: torch.Tensor, gram: torch.Tensor, sweeps: int, progress: bool, damping: float
+                    ) -> tuple[list[torch.Tensor], dict]:
+    """``_fit.weighted_als`` from ``blocks`` on ||(target - build(blocks)) X.T||_F (``build``
+    multilinear in the blocks, ``target`` ``(out, in)``, ``gram`` = X.T X checked). Returns the float64
+    blocks with the lower output error, the start's or the ALS result's (ALS lowers the damped
+    objective, so the comparison on G itself makes the guarantee exact), and the details
+    ``start_output_error``, ``final_output_error`` and ``als_sweep_errors``: the damped relative
+    error sqrt(f / ||target S||^2) at the start and after each sweep (non-increasing, 4 digits)."""
+    start = output_error(target, build(blocks), gram)
+    result = weighted_als(blocks, build, target, gram, sweeps, progress=progress, damping=damping)
+    final = output_error(target, build(result.blocks), gram)
+    best, err = (result.blocks, final) if final <= start else ([b.double() for b in blocks], start)
+    per_sweep = result.history[::len(blocks)]  # history: the start, then every block step of whole sweeps
+    errors = tuple(float(f"{math.sqrt(f / max(result.energy, 1e-300)):.4g}") for f in per_sweep)
+    return best, {"start_output_error": start, "final_output_error": err, "als_sweep_errors": errors}
 
 
 def tt_svd(w: torch.Tensor, in_modes: tuple[int, ...], out_modes: tuple[int, ...],
