@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from tspline_kernels import LowRankLinear
+from tspline_kernels import _fit as fit
 from tspline_kernels._fit import check_gram, output_error, whiten
 from tspline_kernels._layers import fit_report
 from tspline_kernels.testing import assert_close
@@ -92,3 +93,82 @@ def test_fit_report_fills_output_error_only_with_a_gram():
     assert f"output error {report.output_error:.3e}" in str(report)
     with pytest.raises(ValueError, match="input_gram must have shape"):
         fit_report("svd", linear.weight, layer, input_gram=torch.eye(12))
+
+
+# ------------------------------------------------------------------------------ weighted_als
+def _kron(blocks):
+    return torch.kron(blocks[0], blocks[1])
+
+
+def _dense_block_optimum(w, x, lam, fixed, k):
+    """min over factor k of ||(W - A (x) B) X^T||^2 + lam ||W - A (x) B||^2 with the other factor
+    ``fixed``, by lstsq on a design matrix built entry by entry from X (no whitening involved)."""
+    shape = (3, 4) if k == 0 else (4, 5)
+    lift = torch.cat([x.T, lam.sqrt() * torch.eye(20, dtype=DT)], 1)  # ||E lift||^2 = the objective
+    columns = []
+    for idx in range(shape[0] * shape[1]):
+        unit = torch.zeros(shape[0] * shape[1], dtype=DT)
+        unit[idx] = 1
+        pair = [unit.reshape(shape), fixed] if k == 0 else [fixed, unit.reshape(shape)]
+        columns.append((_kron(pair) @ lift).flatten())
+    design = torch.stack(columns, 1)
+    rhs = (w @ lift).flatten()
+    sol = torch.linalg.lstsq(design, rhs[:, None]).solution[:, 0]
+    return sol.reshape(shape), (design @ sol - rhs).square().sum().item()
+
+
+@pytest.mark.parametrize("cg", [False, True], ids=["dense", "cg"])
+def test_weighted_als_block_step_is_the_dense_least_squares_optimum(cg, monkeypatch):
+    if cg:  # force the conjugate-gradient path (its 50 steps are exact on 12- and 20-entry blocks)
+        monkeypatch.setattr(fit, "_DENSE_ENTRIES", 0)
+    w = torch.randn(12, 20, dtype=DT)
+    x = _correlated_inputs(50, 20)
+    a, b = torch.randn(3, 4, dtype=DT), torch.randn(4, 5, dtype=DT)
+    lam = 1e-3 * (x.T @ x).diagonal().mean()
+    result = fit.weighted_als([a, b], _kron, w, x.T @ x, sweeps=1, damping=1e-3)
+    a_opt, f_a = _dense_block_optimum(w, x, lam, b, 0)
+    assert result.history[1] == pytest.approx(f_a, rel=1e-9)
+    b_opt, f_b = _dense_block_optimum(w, x, lam, result.blocks[0], 1)
+    assert result.history[2] == pytest.approx(f_b, rel=1e-9)
+    # the A (x) B product is unique even though the scale split between A and B is not
+    assert_close(_kron(result.blocks), _kron([result.blocks[0], b_opt]))
+    assert len(result.history) == 3 and result.energy == pytest.approx(((w @ fit.whiten(x.T @ x, 1e-3)[0]) ** 2).sum().item())
+
+
+def test_weighted_als_never_increases_the_objective_and_stops_at_tol():
+    w = torch.randn(12, 20, dtype=DT)
+    x = _correlated_inputs(50, 20)
+    cores = [torch.randn(1, 3, 2, dtype=DT), torch.randn(2, 4, 2, dtype=DT), torch.randn(2, 20, dtype=DT)]
+
+    def build(bl):  # a 3-block multilinear map: a rank-(2, 2) chain, (3 * 4, 20)
+        return torch.einsum("aib,bjc,cn->ijn", *bl).reshape(12, 20)
+
+    result = fit.weighted_als(cores, build, w, x.T @ x, sweeps=30, tol=0.0)
+    steps = torch.tensor(result.history)
+    assert len(result.history) == 1 + 30 * 3
+    assert (steps[1:] <= steps[:-1]).all() and steps[-1] < 0.8 * steps[0]
+    e = w - build(result.blocks)
+    lam = 1e-6 * (x.T @ x).diagonal().mean()
+    assert result.history[-1] == pytest.approx(((e @ x.T).square().sum() + lam * e.square().sum()).item(), rel=1e-9)
+    assert result.relative_error == pytest.approx((result.history[-1] / result.energy) ** 0.5)
+    early = fit.weighted_als(cores, build, w, x.T @ x, sweeps=30, tol=0.5)
+    per_sweep = early.history[::3]  # f at the start and after each sweep
+    drops = [(f0 - f1) / f0 for f0, f1 in zip(per_sweep, per_sweep[1:])]
+    assert len(early.history) == 1 + 3 * len(drops) and len(drops) < 30
+    assert all(d > 0.5 for d in drops[:-1]) and drops[-1] <= 0.5  # stops after the first sweep gaining < tol
+    with pytest.raises(ValueError, match="sweeps must be an int >= 0"):
+        fit.weighted_als(cores, build, w, x.T @ x, sweeps=1.5)
+    with pytest.raises(ValueError, match="input_gram must have shape"):
+        fit.weighted_als(cores, build, w, torch.eye(12))
+
+
+def test_weighted_als_rejects_a_worse_step_and_shows_progress(capsys):
+    """A solve that returns a worse block is not taken: the iterate and the history stay put."""
+    w = torch.randn(12, 20, dtype=DT)
+    x = _correlated_inputs(50, 20)
+    a, b = torch.randn(3, 4, dtype=DT), torch.randn(4, 5, dtype=DT)
+    result = fit.weighted_als([a, b], _kron, w, x.T @ x, sweeps=2, tol=0.0, progress=True,
+                              solve=lambda bl, k: 10 * bl[k] + 1)
+    assert result.history == [result.history[0]] * 3  # no gain in the first sweep: it stops there
+    assert torch.equal(result.blocks[0], a) and torch.equal(result.blocks[1], b)
+    assert "weighted ALS" in capsys.readouterr().err

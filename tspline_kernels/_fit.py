@@ -47,14 +47,30 @@ def check_gram(input_gram, in_features: int) -> torch.Tensor:
     return (g + g.T) / 2
 
 
+def _check_damping(damping) -> float:
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping >= 0:
+        raise ValueError(f"damping must be a float >= 0, got {damping!r}")
+    return float(damping)
+
+
+def damping_shift(gram: torch.Tensor, damping: float = 1e-6) -> torch.Tensor:
+    """lambda = ``damping`` * mean(diag G), the shift fits add to G (a float64 scalar tensor)."""
+    return _check_damping(damping) * gram.double().diagonal().mean()
+
+
+def damped_gram(gram: torch.Tensor, damping: float = 1e-6) -> torch.Tensor:
+    """G + lambda I ``(in, in)`` float64, lambda = :func:`damping_shift`: the Gram every fit minimises
+    tr(E (G + lambda I) E^T) with (= ||E S||_F^2 for S = whiten(G, damping)[0])."""
+    g = gram.double()
+    return g + damping_shift(g, damping) * torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+
+
 def whiten(gram: torch.Tensor, damping: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     """(S, S_inv), both symmetric float64 ``(in, in)``: S = (G + lambda I)^{1/2} and its inverse,
     lambda = ``damping`` * mean(diag G), by an eigendecomposition of G (rounding's negative
     eigenvalues clamped to 0). ``gram`` as returned by :func:`check_gram`."""
-    if not isinstance(damping, (int, float)) or isinstance(damping, bool) or not damping >= 0:
-        raise ValueError(f"damping must be a float >= 0, got {damping!r}")
     g = gram.double()
-    lam = damping * g.diagonal().mean()
+    lam = damping_shift(g, damping)
     evals, evecs = torch.linalg.eigh(g)
     evals = evals.clamp_min(0) + lam
     if evals.min() <= 0:
@@ -108,7 +124,7 @@ def lowrank_error_curve(weight: torch.Tensor, gram: torch.Tensor | None = None, 
     _, s, q, s_inv = whitened_svd(weight, gram, damping)
     energy = s.square()
     if s_inv is not None:
-        lam = damping * gram.double().diagonal().mean().to(s.device)
+        lam = damping_shift(gram, damping).to(s.device)
         energy = (energy * (1 - lam * (s_inv @ q).square().sum(0))).clamp_min(0)
     tail = torch.cat([energy.flip(0).cumsum(0).flip(0), energy.new_zeros(1)])
     return (tail / tail[0].clamp_min(1e-300)).sqrt()
@@ -163,7 +179,8 @@ def _block_solve(lin: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, r
 
 def weighted_als(blocks: list[torch.Tensor], build: Callable[[list[torch.Tensor]], torch.Tensor], target: torch.Tensor,
                  gram: torch.Tensor, sweeps: int = 10, tol: float = 1e-6, progress: bool = False, *,
-                 damping: float = 1e-6, max_cg: int = 50) -> ALSResult:
+                 damping: float = 1e-6, max_cg: int = 50,
+                 solve: Callable[[list[torch.Tensor], int], torch.Tensor] | None = None) -> ALSResult:
     """Block-coordinate ("alternating") least squares of f = ||(target - build(blocks)) S||_F^2.
 
     ``target`` ``(out, in)``; ``gram`` G ``(in, in)`` (checked by :func:`check_gram`), S = whiten(G,
@@ -174,7 +191,16 @@ def weighted_als(blocks: list[torch.Tensor], build: Callable[[list[torch.Tensor]
     block's Jacobian, or ``max_cg`` conjugate-gradient steps from the current block for large ones),
     kept only if f does not increase, so ``history`` never increases. A sweep visits every block in
     order; the fit stops after ``sweeps`` sweeps or when a sweep lowers f by less than ``tol`` * f.
-    ``progress`` shows a tqdm bar over sweeps. Blocks are fitted in float64."""
+    ``progress`` shows a tqdm bar over sweeps. Blocks are fitted in float64.
+
+    ``solve(blocks, k)``, if given, returns that exact minimiser of block k for the float64
+    ``blocks`` instead of the generic solve (which costs out * in^2 per Jacobian column or CG step):
+    a family whose block Hessians have structure (Kronecker: (I (x) M) with M small) solves its normal
+    equations directly, from :func:`damped_gram`. Its steps are accepted under the same rule."""
+    if isinstance(sweeps, bool) or not isinstance(sweeps, int) or sweeps < 0:
+        raise ValueError(f"sweeps must be an int >= 0, got {sweeps!r}")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
+        raise ValueError(f"tol must be a float >= 0, got {tol!r}")
     target = target.detach().double()
     root, _ = whiten(check_gram(gram, target.shape[1]).to(target.device), damping)
     goal = target @ root
@@ -196,7 +222,8 @@ def weighted_als(blocks: list[torch.Tensor], build: Callable[[list[torch.Tensor]
             def lin(v: torch.Tensor, k: int = k) -> torch.Tensor:
                 return build(blocks[:k] + [v] + blocks[k + 1:]) @ root
 
-            trial = blocks[:k] + [_block_solve(lin, blocks[k], goal, max_cg)] + blocks[k + 1:]
+            step = _block_solve(lin, blocks[k], goal, max_cg) if solve is None else solve(blocks, k)
+            trial = blocks[:k] + [step.double()] + blocks[k + 1:]
             f = objective(trial)
             if f <= history[-1]:
                 blocks = trial

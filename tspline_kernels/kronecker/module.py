@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
+from .._fit import check_gram, damped_gram, output_error, weighted_als
 from .._layers import CompressedLinear, FitReport, SavedSettings, check_count, check_flag, check_ints, fit_report
 from ..reference import kronecker as ref
 from ..reference.common import compute_dtype
@@ -242,15 +243,33 @@ class KroneckerLinear(SavedSettings, CompressedLinear):
         return new
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, in_dims: Sequence[int], out_dims: Sequence[int]) -> KroneckerLinear:
-        """The nearest two-mode Kronecker product A (x) B to ``linear.weight`` in Frobenius norm
-        (Van Loan-Pitsianis: rank-1 SVD of the rearranged weight R(W), see ``reference/kronecker.py``).
+    def from_linear(cls, linear: nn.Linear, in_dims: Sequence[int], out_dims: Sequence[int],
+                    input_gram: torch.Tensor | None = None, *, sweeps: int = 10, damping: float = 1e-6,
+                    progress: bool = False) -> KroneckerLinear:
+        """A two-mode Kronecker product A (x) B (A ``(out_dims[0], in_dims[0])``, B ``(out_dims[1],
+        in_dims[1])``) fitted to ``linear.weight`` W ``(out, in)``.
+
+        Without ``input_gram``: the nearest one in Frobenius norm (Van Loan-Pitsianis: rank-1 SVD of
+        the rearranged weight R(W), see ``reference/kronecker.py``), the global optimum.
+
+        With ``input_gram`` G = X^T X ``(in, in)`` of the calibration inputs X: minimising
+        ||(W - A (x) B) X^T||_F^2 + lambda ||W - A (x) B||_F^2 (lambda = ``damping`` * mean(diag G),
+        see ``tspline_kernels._fit``) by alternating least squares started from the Van Loan fit:
+        ``sweeps`` rounds of exact minimisation over A with B fixed, then B with A fixed. With
+        G' = G + lambda I and P = W G' read as 4-index tensors G'[j1, j2, j1', j2'] and
+        P[i1, i2, j1, j2], the A step solves A M = C, M[j1, j1'] = sum (B^T B)[j2, j2'] G'[j1, j2, j1', j2'],
+        C[i1, j1] = sum B[i2, j2] P[i1, i2, j1, j2] (and symmetrically for B): in^2 work per step, no
+        weight-sized products. The objective never increases; the problem is not convex, so ALS
+        reaches a stationary point, not necessarily the global optimum.
 
         The per-mode biases are the least-squares fit of ``linear.bias`` by the layer's effective bias.
-        ``layer.fit_report`` (a :class:`FitReport`) holds the weight's relative error and, in
-        ``details``, ``residual`` = ||W - A (x) B||_F = sqrt(sum_{i >= 2} s_i^2) over the singular values
-        s of R(W), ``optimal_error`` = residual / ||W||_F (the smallest relative error any Kronecker
-        product reaches) and ``bias_error``, the relative error of the fitted effective bias.
+        ``layer.fit_report`` (a :class:`FitReport`) holds the weight's relative error, the
+        ``output_error`` on the calibration inputs (None without a Gram) and in ``details``
+        ``bias_error``, the relative error of the fitted effective bias, and: without a Gram,
+        ``residual`` = ||W - A (x) B||_F = sqrt(sum_{i >= 2} s_i^2) over the singular values s of R(W)
+        and ``optimal_error`` = residual / ||W||_F (the smallest relative error any Kronecker product
+        reaches); with one, ``start_output_error`` (the Van Loan fit's) and ``als_history``, the ALS
+        objective's relative value sqrt(f / ||W S||_F^2) at the start and after every block step.
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"expected an nn.Linear, got {type(linear).__name__}")
@@ -264,10 +283,18 @@ class KroneckerLinear(SavedSettings, CompressedLinear):
             raise ValueError(f"in_dims {ins} and out_dims {outs} multiply to ({math.prod(ins)}, {math.prod(outs)}), "
                              f"but the layer has (in_features, out_features) = ({linear.in_features}, {linear.out_features})")
         weight = linear.weight.detach()
+        gram = None if input_gram is None else check_gram(input_gram, linear.in_features).to(weight.device)
         new = cls(ins, outs, bias=linear.bias is not None, device=weight.device, dtype=weight.dtype)
         a, b, s = ref.nearest_kronecker(weight, outs, ins)
-        residual = s[1:].norm()
-        details = {"residual": residual.item(), "optimal_error": (residual / s.norm().clamp_min(1e-300)).item()}
+        if gram is None:
+            residual = s[1:].norm()
+            details = {"residual": residual.item(), "optimal_error": (residual / s.norm().clamp_min(1e-300)).item()}
+        else:
+            details = {"start_output_error": output_error(weight, torch.kron(a, b), gram)}
+            fit = weighted_als([a, b], lambda f: torch.kron(*f), weight, gram, sweeps, progress=progress,
+                               damping=damping, solve=_kronecker_block_solver(weight, gram, outs, ins, damping))
+            a, b = fit.blocks
+            details["als_history"] = [math.sqrt(f / max(fit.energy, 1e-300)) for f in fit.history]
         with torch.no_grad():
             new.factors[0].copy_(a)
             new.factors[1].copy_(b)
@@ -280,5 +307,29 @@ class KroneckerLinear(SavedSettings, CompressedLinear):
                 new.biases[0].copy_(fit[:outs[0]])
                 new.biases[1].copy_(fit[outs[0]:])
                 details["bias_error"] = ((design @ fit - target).norm() / target.norm().clamp_min(1e-300)).item()
-        new.fit_report: FitReport = fit_report("nearest Kronecker product", weight, new, **details)
+        method = "nearest Kronecker product" if gram is None else "weighted Kronecker ALS"
+        new.fit_report: FitReport = fit_report(method, weight, new, gram, **details)
         return new
+
+
+def _kronecker_block_solver(weight: torch.Tensor, gram: torch.Tensor, outs: tuple[int, int], ins: tuple[int, int],
+                            damping: float) -> Callable[[list[torch.Tensor], int], torch.Tensor]:
+    """``solve(blocks, k)`` for :func:`weighted_als` on W ~ A (x) B: the exact minimiser of
+    tr(E G' E^T), G' = G + lambda I, over factor k with the other fixed (normal equations in
+    ``KroneckerLinear.from_linear``'s docstring; M is symmetric, A M = C is solved as M A^T = C^T)."""
+    g = damped_gram(gram, damping)
+    g4 = g.reshape(ins[0], ins[1], ins[0], ins[1])
+    p4 = (weight.double() @ g).reshape(outs[0], outs[1], ins[0], ins[1])
+    driver = "gelsd" if weight.is_cpu else None
+
+    def solve(blocks: list[torch.Tensor], k: int) -> torch.Tensor:
+        other = blocks[1 - k]
+        if k == 0:
+            m = torch.einsum("bd,abcd->ac", other.T @ other, g4)
+            c = torch.einsum("kl,ikjl->ij", other, p4)
+        else:
+            m = torch.einsum("ac,abcd->bd", other.T @ other, g4)
+            c = torch.einsum("ij,ikjl->kl", other, p4)
+        return torch.linalg.lstsq(m, c.T, driver=driver).solution.T
+
+    return solve
