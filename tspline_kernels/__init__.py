@@ -10,6 +10,7 @@ if _torch.version.cuda is None and _torch.version.hip is None:
     _os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from ._backend import backend, get_backend
+from .decoupled import DecoupledSplineMLP
 from .kronecker import KroneckerLinear
 from .lowrank import LowRankLinear
 from .spline import HierarchicalSplineLinear, SplineLinear
@@ -26,6 +27,7 @@ __all__ = [
     "TTLinear",
     "KroneckerLinear",
     "SplineTTLinear",
+    "DecoupledSplineMLP",
     "suggest_modes",
     "replace_linear",
     "Replacement",

@@ -1,0 +1,3 @@
+from .module import DecoupledSplineMLP
+
+__all__ = ["DecoupledSplineMLP"]
