@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
+import numbers
 import operator
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -116,10 +119,54 @@ def check_ints(name: str, values, minimum: int) -> tuple[int, ...]:
     return tuple(check_count(f"{name}[{k}]", v, minimum) for k, v in enumerate(items))
 
 
+def _plain(value):
+    """``value`` as JSON-ready data (ints, floats, strings, bools, None; sequences, tensors and
+    arrays as tuples), or unchanged when it has no such form (``save_compressed`` refuses it)."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, torch.Tensor) or type(value).__module__ == "numpy":
+        value = value.tolist()
+        if not isinstance(value, list):
+            return _plain(value)
+    if isinstance(value, (list, tuple)):
+        return tuple(_plain(v) for v in value)
+    return value
+
+
+def _recording(init):
+    """Wrap a subclass's ``__init__`` so that the outermost call (the class being built) stores its
+    arguments, defaults applied and ``device``/``dtype`` left out, as ``self.init_args``."""
+    signature = inspect.signature(init)
+
+    @functools.wraps(init)
+    def wrapper(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        if type(self).__init__ is wrapper:
+            bound = signature.bind(self, *args, **kwargs)
+            bound.apply_defaults()
+            names = list(bound.arguments)[1:]  # without self
+            self.init_args = {k: _plain(bound.arguments[k]) for k in names if k not in ("device", "dtype")}
+
+    return wrapper
+
+
 class CompressedLinear(nn.Module):
     """Base of the drop-in ``nn.Linear`` replacements: y = x @ W.T + b for x ``(*, in_features)``,
     with W ``(out_features, in_features)`` never stored. Subclasses define ``forward``,
-    ``materialize`` and ``_structure``."""
+    ``materialize`` and ``_structure``.
+
+    Every instance records the arguments its class was built with as ``init_args`` (a dict of
+    JSON-ready values, ``device`` and ``dtype`` left out): ``type(layer)(**layer.init_args)`` builds
+    a layer computing the same function once the state dict is loaded (``tk.save_compressed``)."""
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = _recording(cls.__init__)
 
     def __init__(self, in_features: int, out_features: int, bias: bool, device=None, dtype=None) -> None:
         super().__init__()
