@@ -1,4 +1,4 @@
-"""The ``tspline`` command: ``demo``, ``bench`` and ``plot``."""
+"""The ``tspline`` command: ``demo``, ``bench``, ``plot`` and ``inspect``."""
 
 from __future__ import annotations
 
@@ -18,6 +18,14 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--out", help="JSON file to write (default bench/results/<device>-<commit>.json; "
                                      "an existing file is never overwritten, a -2, -3, ... suffix is added)")
     bench.add_argument("--only", nargs="+", metavar="FAMILY", help="benchmark only these families")
+    inspect = sub.add_parser(
+        "inspect", help="per-layer table of a compressed model file (tk.save_compressed)",
+        description="Per-layer table (format, shape, params, ratio, weight/output error from the stored "
+                    "report, checksum status) and totals, read from the metadata alone. Checksums read "
+                    "'not verified' unless --verify reads every tensor and checks its SHA-256 (exit status 1 "
+                    "when one fails).")
+    inspect.add_argument("file", help="a .safetensors file, its .index.json, or a folder or fsspec URL holding one")
+    inspect.add_argument("--verify", action="store_true", help="read all the data and check every checksum")
     plot = sub.add_parser("plot", help="draw speed-up charts from a bench JSON file")
     plot.add_argument("file")
     plot.add_argument("--out", help="PNG to write (default: next to the JSON)")
@@ -32,6 +40,17 @@ def main(argv: list[str] | None = None) -> None:
         if args.tiny and not args.goal:
             parser.error("--tiny goes with --goal")
         run_bench(quick=args.quick, out=args.out, only=args.only, goal=args.goal, tiny=args.tiny)
+    elif args.command == "inspect":
+        from .files import open_compressed
+
+        try:
+            with open_compressed(args.file) as f:
+                failed = f.verify(progress=True) if args.verify else None
+                print(f.table(failed))
+        except (OSError, ValueError) as e:
+            inspect.error(str(e))
+        if failed:
+            raise SystemExit(f"tspline inspect: {len(failed)} tensors failed verification")
     else:
         from .bench.plot import main as run_plot
 

@@ -1,0 +1,657 @@
+"""Compressed model files: safetensors with the layers' structure, a SHA-256 per tensor and the
+compression report, loaded without the dense weights.
+
+Layout: one ``*.safetensors`` file, or (past ``max_shard_size``) shards ``<stem>-00001-of-0000N.safetensors``
+beside a Hugging Face style ``<path>.index.json`` (``{"metadata": {...}, "weight_map": {tensor: shard}}``).
+Tensor names are the model's state-dict keys (module paths). The JSON document (in the file's
+``__metadata__["tspline"]``, or the index's ``metadata["tspline"]``) holds the format version, the
+package version, every compressed layer's class and constructor arguments, each tensor's dtype,
+shape and SHA-256 (of its bytes as stored), tied tensors (``aliases``) and the report. Storage goes
+through fsspec, so a path may be any fsspec URL. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import __version__
+from ._layers import CompressedLinear, check_flag
+from .calibration import with_progress
+from .surgery import _pattern
+
+FORMAT = "tspline-compressed"
+FORMAT_VERSION = 1
+INDEX_SUFFIX = ".index.json"
+_KEY = "tspline"
+_SHARD_KEY = "tspline_shard_of"
+_MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+class IntegrityError(ValueError):
+    """A tensor's bytes, dtype or shape differ from what ``save_compressed`` recorded."""
+
+
+def _need(module: str):
+    try:
+        return __import__(module, fromlist=["_"])
+    except ImportError:
+        raise ImportError(f"compressed model files need {module.split('.')[0]}: "
+                          "pip install 'tspline-kernels[files]'") from None
+
+
+def _filesystem(path) -> tuple[object, str, bool]:
+    """(fsspec filesystem, path within it, whether it is the local disk) for a path or URL."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str, os.PathLike or fsspec URL, got {type(path).__name__}")
+    fsspec = _need("fsspec")
+    fs, root = fsspec.core.url_to_fs(os.fspath(path))
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return fs, root, "file" in protocols or "local" in protocols
+
+
+def _sha256(t: torch.Tensor) -> str:
+    """SHA-256 of ``t``'s bytes in row-major order (what safetensors stores, little-endian)."""
+    data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+    return hashlib.sha256(data.numpy()).hexdigest()
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def _class_key(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _known_classes() -> dict[str, type]:
+    """Every CompressedLinear subclass imported so far (the package imports all of its own)."""
+    found, todo = {}, [CompressedLinear]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            found[_class_key(sub)] = sub
+            todo.append(sub)
+    return found
+
+
+def _shard_bytes(value) -> int | None:
+    """``max_shard_size`` in bytes: an int, or a string such as "500MB" or "2GiB"."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", value)
+        if not m or m.group(2).upper() not in _UNITS:
+            raise ValueError(f"max_shard_size must be bytes (int) or a size such as '500MB' or '2GiB', got {value!r}")
+        value = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    elif isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"max_shard_size must be an int (bytes), a size string or None, got {value!r}")
+    if value < 1:
+        raise ValueError(f"max_shard_size must be at least 1 byte, got {value}")
+    return value
+
+
+def _report_json(report) -> dict | None:
+    if report is None:
+        return None
+    data = report.to_json() if hasattr(report, "to_json") else report
+    if isinstance(data, str):
+        data = json.loads(data)
+    if not isinstance(data, Mapping):
+        raise TypeError(f"report must be a mapping or have to_json() (a compression report), got {type(report).__name__}")
+    return dict(data)
+
+
+def _outermost_compressed(model: nn.Module) -> dict[str, CompressedLinear]:
+    """Qualified name -> compressed layer, skipping those nested inside another compressed layer."""
+    found: dict[str, CompressedLinear] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, CompressedLinear) and not any(name.startswith(p + ".") for p in found):
+            if name == "":
+                raise ValueError("save_compressed takes a model that contains compressed layers; the model "
+                                 f"itself is a {type(m).__name__} (wrap it, e.g. in nn.Sequential)")
+            found[name] = m
+    return found
+
+
+def _layer_record(name: str, layer: CompressedLinear) -> dict:
+    args = getattr(layer, "init_args", None)
+    if not isinstance(args, dict):
+        raise ValueError(f"layer {name!r} ({type(layer).__name__}) has no recorded constructor arguments (init_args)")
+    for key, value in args.items():
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError):
+            raise TypeError(f"layer {name!r} ({type(layer).__name__}): argument {key}={value!r} cannot be "
+                            "recorded in JSON") from None
+    return {"class": _class_key(type(layer)), "init_args": args, "in_features": layer.in_features,
+            "out_features": layer.out_features, "params": layer.num_parameters(),
+            "dense_params": layer.dense_parameters()}
+
+
+def _tensors_to_write(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(name -> CPU tensor to store, alias -> stored name) from ``model.state_dict()``: a tensor
+    tied to an earlier one (same storage, offset, shape and strides) is stored once."""
+    tensors, aliases, seen, storages = {}, {}, {}, set()
+    for name, t in model.state_dict().items():
+        if t.device.type == "meta":
+            raise ValueError(f"tensor {name!r} is on the meta device: there is no data to save")
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if t.numel() and key in seen:
+            aliases[name] = seen[key]
+            continue
+        ptr = t.untyped_storage().data_ptr()
+        t = t.detach().cpu().contiguous()
+        if t.numel() and ptr in storages:
+            t = t.clone()  # overlaps another tensor without being it: stored on its own
+        seen[key] = name
+        storages.add(ptr)
+        tensors[name] = t
+    return tensors, aliases
+
+
+def _shards(tensors: Mapping[str, torch.Tensor], limit: int | None) -> list[list[str]]:
+    groups, size = [[]], 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if limit is not None and groups[-1] and size + n > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += n
+    return groups
+
+
+def _sibling(root: str, name: str) -> str:
+    """File ``name`` in the folder of ``root`` (a path within an fsspec filesystem)."""
+    return root[:root.rfind("/") + 1] + name
+
+
+def save_compressed(model: nn.Module, path, report=None, max_shard_size=None, *, progress: bool = False) -> list[str]:
+    """Write ``model.state_dict()`` with its compressed layers' structure to ``path`` (a file path or
+    fsspec URL; ``*.safetensors`` by convention). ``report``: a compression report (anything with
+    ``to_json()``, or a dict), stored in the metadata. ``max_shard_size`` (bytes, or "500MB") splits
+    the tensors into shards beside ``path + ".index.json"``. Returns the paths written.
+
+    Every compressed layer (``tk.CompressedLinear``, outermost only) is recorded by class and the
+    constructor arguments it was built with (``layer.init_args``); every tensor by dtype, shape and
+    SHA-256. Tied tensors are stored once. A previous file or index at ``path`` is replaced."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    st = _need("safetensors.torch")
+    limit = _shard_bytes(max_shard_size)
+    fs, root, _ = _filesystem(path)
+    layers = {name: _layer_record(name, m) for name, m in _outermost_compressed(model).items()}
+    tensors, aliases = _tensors_to_write(model)
+    records = {name: {"dtype": _dtype_name(t), "shape": list(t.shape), "sha256": _sha256(t)}
+               for name, t in with_progress(tensors.items(), progress, desc="checksums", total=len(tensors))}
+    doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "package_version": __version__,
+           "layers": layers, "tensors": records, "aliases": aliases, "report": _report_json(report)}
+    groups = _shards(tensors, limit)
+    if "/" in root.strip("/"):
+        fs.makedirs(root[:root.rfind("/")], exist_ok=True)
+    _remove_previous(fs, root)
+    if len(groups) == 1:
+        _write(fs, root, st.save(tensors, {"format": "pt", _KEY: json.dumps(doc)}))
+        return [root]
+    stem = root[root.rfind("/") + 1:].removesuffix(".safetensors")
+    names = [f"{stem}-{k + 1:05d}-of-{len(groups):05d}.safetensors" for k in range(len(groups))]
+    index_name = root[root.rfind("/") + 1:] + INDEX_SUFFIX
+    for shard, group in with_progress(list(zip(names, groups)), progress, desc="shards"):
+        _write(fs, _sibling(root, shard), st.save({n: tensors[n] for n in group},
+                                                  {"format": "pt", _SHARD_KEY: index_name}))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total, _KEY: doc},
+             "weight_map": {n: shard for shard, group in zip(names, groups) for n in group}}
+    _write(fs, root + INDEX_SUFFIX, json.dumps(index, indent=1).encode())
+    return [_sibling(root, n) for n in names] + [root + INDEX_SUFFIX]
+
+
+def _write(fs, path: str, data: bytes) -> None:
+    with fs.open(path, "wb") as f:
+        f.write(data)
+
+
+def _remove_previous(fs, root: str) -> None:
+    """Remove the file or the index and shards a previous save left at ``root``."""
+    if fs.isfile(root):
+        fs.rm(root)
+    index = root + INDEX_SUFFIX
+    if fs.isfile(index):
+        try:
+            shards = set(json.loads(fs.cat_file(index))["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError):
+            shards = set()
+        for shard in shards:
+            if isinstance(shard, str) and "/" not in shard and fs.isfile(_sibling(root, shard)):
+                fs.rm(_sibling(root, shard))
+        fs.rm(index)
+
+
+# ---- reading -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TensorInfo:
+    """One stored tensor: dtype name (``"float32"``), shape, SHA-256 and the shard holding it."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    sha256: str
+    shard: str
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One compressed layer as recorded: its module path, class, constructor arguments, dense
+    ``shape`` ``(out_features, in_features)``, parameter counts and the report's errors for it."""
+
+    name: str
+    class_name: str
+    init_args: dict
+    shape: tuple[int, int]
+    params: int
+    dense_params: int
+    errors: dict = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        """Dense parameters over compressed parameters."""
+        return self.dense_params / max(self.params, 1)
+
+
+def _read_header(fs, path: str) -> tuple[dict, dict, int]:
+    """(tensor entries, ``__metadata__``, data offset) of a safetensors file, reading only its header."""
+    size = fs.size(path)
+    with fs.open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else None
+        if n is None or n > min(size - 8, _MAX_HEADER):
+            raise ValueError(f"{path}: bad header: not a safetensors file, or truncated inside its header "
+                             f"({size} bytes)")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        meta = header.pop("__metadata__", None) or {}
+        end = 0
+        for name, entry in header.items():
+            begin, stop = entry["data_offsets"]
+            if not (isinstance(entry["shape"], list) and 0 <= begin <= stop):
+                raise ValueError(f"tensor {name!r} has a malformed entry")
+            end = max(end, stop)
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: bad header: {e}") from None
+    if 8 + n + end > size:
+        raise ValueError(f"{path}: truncated: its header describes {8 + n + end} bytes, the file holds {size}")
+    return header, meta, 8 + n
+
+
+def _document(meta: Mapping, where: str) -> dict:
+    doc = meta.get(_KEY)
+    if doc is None and _SHARD_KEY in meta:
+        raise ValueError(f"{where} is one shard of a sharded model: open its index, {meta[_SHARD_KEY]!r}")
+    if doc is None:
+        raise ValueError(f"{where}: not a tspline compressed model file (no {_KEY!r} metadata; "
+                         "write it with tk.save_compressed)")
+    try:
+        doc = json.loads(doc) if isinstance(doc, str) else doc
+        version = doc["format_version"]
+        if doc.get("format") != FORMAT:
+            raise ValueError(f"format is {doc.get('format')!r}, expected {FORMAT!r}")
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{where}: bad {_KEY!r} metadata: {e}") from None
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{where}: format version {version!r}; this tspline-kernels ({__version__}) reads "
+                         f"version {FORMAT_VERSION} (upgrade the package to read newer files)")
+    return doc
+
+
+def _layer_errors(report: dict | None) -> dict[str, dict]:
+    """Per-layer numbers whose key names an error, from a report's ``layers`` (list or mapping)."""
+    layers = (report or {}).get("layers")
+    if isinstance(layers, Mapping):
+        layers = [{"name": k, **v} for k, v in layers.items() if isinstance(v, Mapping)]
+    if not isinstance(layers, list):
+        return {}
+    return {entry["name"]: {k: v for k, v in entry.items() if "error" in k and isinstance(v, (int, float))}
+            for entry in layers if isinstance(entry, Mapping) and "name" in entry}
+
+
+class CompressedFile:
+    """A compressed model file opened by :func:`open_compressed`: metadata in memory, tensors read
+    on demand. ``layers``: the :class:`LayerInfo` of every compressed layer, in model order;
+    ``tensors``: name -> :class:`TensorInfo` of every stored tensor; ``report``: the stored report
+    (a dict) or None. Use as a context manager, or ``close()``, to drop downloaded copies."""
+
+    def __init__(self, path) -> None:
+        self._fs, root, self._local = _filesystem(path)
+        self.path = root
+        if self._fs.isdir(root):
+            root = f"{root.rstrip('/')}/model.safetensors"
+        index = root if root.endswith(INDEX_SUFFIX) else root + INDEX_SUFFIX
+        if not root.endswith(INDEX_SUFFIX) and self._fs.isfile(root):
+            header, meta, _ = _read_header(self._fs, root)
+            doc = _document(meta, root)
+            shards = {name: root for name in header}
+            headers = {root: header}
+        elif self._fs.isfile(index):
+            try:
+                data = json.loads(self._fs.cat_file(index))
+                weight_map = data["weight_map"]
+                doc = _document(data["metadata"], index)
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{index}: bad index file: {e}") from None
+            shards = {name: _sibling(index, shard) for name, shard in weight_map.items()}
+            headers = {p: _read_header(self._fs, p)[0] for p in sorted(set(shards.values()))}
+        else:
+            raise FileNotFoundError(f"no compressed model at {os.fspath(path)!r} (neither the file nor "
+                                    f"{os.path.basename(index)!r} exists)")
+        self.format_version = doc["format_version"]
+        self.package_version = doc.get("package_version")
+        self.report = doc.get("report")
+        self.aliases: dict[str, str] = dict(doc.get("aliases") or {})
+        try:
+            self.tensors = {name: TensorInfo(r["dtype"], tuple(r["shape"]), r["sha256"], shards[name])
+                            for name, r in doc["tensors"].items()}
+            errors = _layer_errors(self.report)
+            self.layers = tuple(
+                LayerInfo(name, r["class"].rpartition(".")[2], dict(r["init_args"]),
+                          (r["out_features"], r["in_features"]), r["params"], r["dense_params"],
+                          errors.get(name, {}))
+                for name, r in doc["layers"].items())
+            self._classes = {name: r["class"] for name, r in doc["layers"].items()}
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{self.path}: bad {_KEY!r} metadata: missing or malformed {e}") from None
+        stored = {name for header in headers.values() for name in header}
+        if stored != set(self.tensors):
+            odd = sorted(stored ^ set(self.tensors))[:5]
+            raise IntegrityError(f"{self.path}: the stored tensors and the recorded ones differ ({odd})")
+        for p, header in headers.items():
+            for name, entry in header.items():
+                if tuple(entry["shape"]) != self.tensors[name].shape or shards[name] != p:
+                    raise IntegrityError(f"tensor {name!r}: the file stores shape {tuple(entry['shape'])}, "
+                                         f"recorded {self.tensors[name].shape}")
+        self._tmp: tempfile.TemporaryDirectory | None = None  # removed when closed or collected
+        self._local_copies: dict[str, str] = {}
+
+    def __enter__(self) -> CompressedFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp, self._local_copies = None, {}
+
+    def __repr__(self) -> str:
+        return f"CompressedFile({self.path!r}, {len(self.layers)} compressed layers, {len(self.tensors)} tensors)"
+
+    def layer(self, name: str) -> LayerInfo:
+        for info in self.layers:
+            if info.name == name:
+                return info
+        raise KeyError(f"no compressed layer {name!r} in {self.path} (layers: {[i.name for i in self.layers]})")
+
+    def keys(self) -> list[str]:
+        """Every state-dict key the file holds: the stored tensors, then the tied ones (``aliases``)."""
+        return [*self.tensors, *self.aliases]
+
+    def layer_tensors(self, name: str) -> list[str]:
+        """The state-dict keys of compressed layer ``name`` (prefixed by ``name + "."``)."""
+        return [t for t in self.keys() if t.startswith(name + ".")]
+
+    def _reader_path(self, shard: str) -> str:
+        """A local path for ``shard``: itself on the local disk, else a copy downloaded once."""
+        if self._local:
+            return shard
+        if shard not in self._local_copies:
+            if self._tmp is None:
+                self._tmp = tempfile.TemporaryDirectory(prefix="tspline-")
+            local = os.path.join(self._tmp.name, f"{len(self._local_copies)}.safetensors")
+            self._fs.get_file(shard, local)
+            self._local_copies[shard] = local
+        return self._local_copies[shard]
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """Read stored tensor ``name`` (lazily, through ``safe_open``) and check its dtype, shape and
+        SHA-256; a mismatch raises :class:`IntegrityError`. A tied name reads the tensor it is tied
+        to. On the local disk only that tensor's bytes are read; other filesystems download the
+        shard holding it once (to a temporary file)."""
+        name = self.aliases.get(name, name)
+        if name not in self.tensors:
+            raise KeyError(f"no tensor {name!r} in {self.path}")
+        info = self.tensors[name]
+        safetensors = _need("safetensors")
+        try:
+            with safetensors.safe_open(self._reader_path(info.shard), framework="pt", device="cpu") as f:
+                t = f.get_tensor(name)
+        except safetensors.SafetensorError as e:
+            raise ValueError(f"{info.shard}: cannot read tensor {name!r}: {e}") from e
+        if _dtype_name(t) != info.dtype or tuple(t.shape) != info.shape:
+            raise IntegrityError(f"tensor {name!r}: stored as {_dtype_name(t)} {tuple(t.shape)}, recorded as "
+                                 f"{info.dtype} {info.shape}")
+        if _sha256(t) != info.sha256:
+            raise IntegrityError(f"tensor {name!r}: its SHA-256 differs from the one recorded when it was saved "
+                                 f"(the file is corrupted or was modified): {info.shard}")
+        return t
+
+    def read(self, names: Iterable[str], progress: bool = False) -> dict[str, torch.Tensor]:
+        """``tensor(name)`` for each of ``names``: every checksum is verified before this returns."""
+        names = list(names)
+        return {n: self.tensor(n) for n in with_progress(names, progress, desc="verify", total=len(names))}
+
+    def _build(self, name: str, tensors: Mapping[str, torch.Tensor], device: torch.device) -> CompressedLinear:
+        """The recorded layer ``name`` on ``device``, its state loaded from ``tensors`` (its keys
+        prefixed by ``name + "."``); the tensors keep their stored dtype."""
+        info, key = self.layer(name), self._classes[name]
+        cls = _known_classes().get(key)
+        if cls is None:
+            raise ValueError(f"layer {name!r}: class {key!r} is not a compressed layer this tspline-kernels "
+                             f"({__version__}) knows")
+        try:
+            layer = cls(**info.init_args, device=device)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"layer {name!r}: cannot build {info.class_name}(**{info.init_args}): {e}") from e
+        if (layer.out_features, layer.in_features) != info.shape:
+            raise ValueError(f"layer {name!r}: {info.class_name}(**{info.init_args}) is "
+                             f"{layer.out_features}x{layer.in_features}, recorded {info.shape[0]}x{info.shape[1]}")
+        prefix = name + "."
+        state = {k[len(prefix):]: t.to(device) for k, t in tensors.items() if k.startswith(prefix)}
+        try:
+            layer.load_state_dict(state, strict=True, assign=True)
+        except (RuntimeError, ValueError) as e:
+            raise ValueError(f"layer {name!r}: the recorded arguments {info.class_name}(**{info.init_args}) do "
+                             f"not match the stored tensors: {e}") from e
+        _tie(layer, {a[len(prefix):]: t[len(prefix):] for a, t in self.aliases.items()
+                     if a.startswith(prefix) and t.startswith(prefix)})
+        return layer
+
+    def load_layer(self, name: str, device=None) -> CompressedLinear:
+        """Compressed layer ``name`` rebuilt from its recorded class and arguments, its tensors read
+        and verified (only this layer's), on ``device`` (default CPU)."""
+        tensors = self.read(self.layer_tensors(self.layer(name).name))
+        return self._build(name, tensors, torch.device(device if device is not None else "cpu"))
+
+    @torch.no_grad()
+    def materialize(self, name: str) -> torch.Tensor:
+        """The dense ``(out_features, in_features)`` weight of compressed layer ``name``."""
+        return self.load_layer(name).materialize().detach()
+
+    def verify(self, progress: bool = False) -> dict[str, str]:
+        """Read every stored tensor and check its dtype, shape and SHA-256 (reads all the data).
+        Returns tensor name -> why it failed, for each that failed (empty when all pass)."""
+        failed = {}
+        for name in with_progress(list(self.tensors), progress, desc="verify", unit="tensor"):
+            try:
+                self.tensor(name)
+            except ValueError as e:  # IntegrityError, or bytes safetensors cannot read
+                failed[name] = str(e)
+        return failed
+
+    def table(self, failed: Mapping[str, str] | None = None) -> str:
+        """Per-layer table (format, shape, params, ratio, the report's weight and output errors,
+        checksum status) and totals, from the metadata; ``failed`` (what :meth:`verify` returned)
+        fills the checksum column, which reads "not verified" without it."""
+        def status(keys: list[str]) -> str:
+            if failed is None:
+                return "not verified"
+            bad = sum(self.aliases.get(k, k) in failed for k in keys)
+            return f"FAILED ({bad} of {len(keys)})" if bad else "ok"
+
+        def err(value) -> str:
+            return "-" if value is None else f"{value:.4f}"
+
+        header = ["layer", "format", "shape", "params", "dense", "ratio", "weight err", "output err", "checksum"]
+        rows = [[i.name, i.class_name, f"{i.shape[0]}x{i.shape[1]}", str(i.params), str(i.dense_params),
+                 f"{i.ratio:.2f}x", err(i.errors.get("weight_error")), err(i.errors.get("output_error")),
+                 status(self.layer_tensors(i.name))] for i in self.layers]
+        in_layers = {t for i in self.layers for t in self.layer_tensors(i.name)}
+        other = [t for t in self.tensors if t not in in_layers]
+        other_elements = sum(math.prod(self.tensors[t].shape) for t in other)
+        rows.append([f"(other tensors: {len(other)})", "-", "-", str(other_elements), str(other_elements), "-", "-",
+                     "-", status(other)])
+        params = sum(i.params for i in self.layers)
+        dense = sum(i.dense_params for i in self.layers)
+        rows.append(["total", "-", "-", str(params + other_elements), str(dense + other_elements),
+                     f"{(dense + other_elements) / max(params + other_elements, 1):.2f}x", "-", "-",
+                     status(list(self.tensors))])
+        widths = [max(len(r[k]) for r in [header] + rows) for k in range(len(header))]
+        lines = ["  ".join(c.ljust(w) if k < 3 else c.rjust(w) for k, (c, w) in enumerate(zip(r, widths))).rstrip()
+                 for r in [header] + rows]
+        lines.insert(-1, "-" * len(lines[0]))
+        lines.append(f"{len(self.layers)} compressed layers ({dense / max(params, 1):.2f}x fewer parameters than "
+                     f"their dense Linears), {len(self.tensors)} tensors, format version {self.format_version}, "
+                     f"written by tspline-kernels {self.package_version}")
+        if failed is None:
+            lines.append("checksums: not verified (--verify reads every tensor and checks its SHA-256)")
+        elif failed:
+            lines.append(f"checksums: {len(failed)} of {len(self.tensors)} tensors FAILED: " + "; ".join(failed.values()))
+        else:
+            lines.append(f"checksums: all {len(self.tensors)} tensors match their SHA-256")
+        return "\n".join(lines)
+
+
+def open_compressed(path) -> CompressedFile:
+    """Open a file written by :func:`save_compressed` (the file, its ``.index.json``, or a folder
+    holding ``model.safetensors[.index.json]``) reading its metadata only: headers and, for a
+    sharded model, the index. No tensor data is read until asked for (``tensor``, ``load_layer``,
+    ``materialize``). Raises FileNotFoundError, or ValueError for a truncated file, a bad header or
+    an unknown format version."""
+    return CompressedFile(path)
+
+
+# ---- loading into a model ------------------------------------------------------------------------
+def _home(t: torch.Tensor | None) -> torch.device:
+    """Where a loaded tensor goes: the device of the one it replaces, the CPU for meta."""
+    return torch.device("cpu") if t is None or t.device.type == "meta" else t.device
+
+
+def _owner(model: nn.Module, key: str) -> tuple[nn.Module, str]:
+    path, _, attr = key.rpartition(".")
+    return model.get_submodule(path), attr
+
+
+def _tie(module: nn.Module, aliases: Mapping[str, str]) -> None:
+    """Make each alias key of ``module``'s state dict the very tensor object of its target."""
+    if aliases:
+        state = module.state_dict(keep_vars=True)
+        for alias, target in aliases.items():
+            if alias in state and target in state:
+                owner, attr = _owner(module, alias)
+                setattr(owner, attr, state[target])
+
+
+def _targets(model: nn.Module, f: CompressedFile, names: list[str], strict: bool) -> dict[str, nn.Module]:
+    """The model's module at each recorded layer's path (usually an nn.Linear; a block for layers
+    that replace one, such as DecoupledSplineMLP), with the same features where it has them."""
+    targets = {}
+    for name in names:
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            if strict:
+                raise ValueError(f"the file's layer {name!r} has no module in the model (strict=False skips it)") from None
+            continue
+        info = f.layer(name)
+        shape = (getattr(old, "out_features", None), getattr(old, "in_features", None))
+        if None not in shape and shape != info.shape:
+            raise ValueError(f"layer {name!r}: the model's {type(old).__name__} is {shape[0]}x{shape[1]}, the "
+                             f"file's {info.class_name} {info.shape[0]}x{info.shape[1]}")
+        targets[name] = old
+    return targets
+
+
+def load_compressed(model: nn.Module, path, strict: bool = True, include: str | None = None, *,
+                    progress: bool = False) -> nn.Module:
+    """Load a file written by :func:`save_compressed` into ``model``, the original architecture
+    (dense, or built on the meta device), in place, and return it.
+
+    Each recorded compressed layer replaces the module at its path (an ``nn.Linear`` of the same
+    features, a compressed layer, or the block a DecoupledSplineMLP replaced); every other stored tensor is loaded into the model. Tensors
+    keep their stored dtype and go to the device of what they replace (the CPU for meta); tied
+    tensors are tied again. ``include``: a regex; only the layers and tensors whose names match
+    (searched) are loaded. ``strict``: every selected name must exist in the model and, without
+    ``include``, every model tensor must be in the file. All checksums are verified, all layers
+    built and every shape checked before the model is touched: on any error
+    (:class:`IntegrityError` for corrupted data) the model is left exactly as it was."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    strict = check_flag("strict", strict)
+    pattern = _pattern("include", include)
+    with open_compressed(path) as f:
+        picked = [i.name for i in f.layers if pattern is None or pattern.search(i.name)]
+        in_layers = {t for i in f.layers for t in f.layer_tensors(i.name)}
+        plain = [t for t in f.keys() if t not in in_layers and (pattern is None or pattern.search(t))]
+        if pattern is not None and not picked and not plain:
+            raise ValueError(f"include={include!r} matches no layer or tensor of {f.path}")
+        targets = _targets(model, f, picked, strict)
+        kept = {k: v for k, v in model.state_dict(keep_vars=True).items()
+                if not any(k.startswith(n + ".") for n in targets)}
+        unexpected = [k for k in plain if k not in kept]
+        missing = [k for k in kept if k not in plain] if pattern is None else []
+        if strict and (unexpected or missing):
+            raise ValueError(f"the file and the model differ: in the file only {unexpected[:10]}, in the model "
+                             f"only {missing[:10]} (strict=False loads what matches)")
+        plain = [k for k in plain if k in kept]
+        for k in plain:
+            stored = f.tensors[f.aliases.get(k, k)].shape
+            if tuple(kept[k].shape) != stored:
+                raise ValueError(f"tensor {k!r}: the file holds shape {stored}, the model {tuple(kept[k].shape)}")
+        tensors = f.read([t for name in targets for t in f.layer_tensors(name)] + plain, progress)
+        layers = {name: f._build(name, tensors, _home(next(iter(old.parameters()), None)))
+                  for name, old in targets.items()}
+        aliases = {a: t for a, t in f.aliases.items() if a in plain}
+    _swap(model, layers, {k: tensors[k].to(_home(kept[k])) for k in plain}, aliases)
+    return model
+
+
+def _swap(model: nn.Module, layers: Mapping[str, nn.Module], state: Mapping[str, torch.Tensor],
+          aliases: Mapping[str, str]) -> None:
+    """Put ``layers`` in ``model``, assign ``state`` and re-tie ``aliases``; on any error put back
+    every module and tensor object it replaced."""
+    old_layers = {name: model.get_submodule(name) for name in layers}
+    before = model.state_dict(keep_vars=True)
+    try:
+        for name, layer in layers.items():
+            parent, child = _owner(model, name)
+            setattr(parent, child, layer)
+        model.load_state_dict(dict(state), strict=False, assign=True)
+        _tie(model, aliases)
+    except BaseException:
+        for name, layer in old_layers.items():
+            parent, child = _owner(model, name)
+            setattr(parent, child, layer)
+        model.load_state_dict({k: before[k] for k in state}, strict=False, assign=True)
+        raise
