@@ -11,6 +11,7 @@ if _torch.version.cuda is None and _torch.version.hip is None:
 
 from ._backend import backend, get_backend
 from .decoupled import DecoupledSplineMLP
+from .files import CompressedFile, IntegrityError, load_compressed, open_compressed, save_compressed
 from .kronecker import KroneckerLinear
 from .lowrank import LowRankLinear
 from .spline import HierarchicalSplineLinear, SplineLinear
@@ -31,5 +32,10 @@ __all__ = [
     "suggest_modes",
     "replace_linear",
     "Replacement",
+    "save_compressed",
+    "load_compressed",
+    "open_compressed",
+    "CompressedFile",
+    "IntegrityError",
 ]
 __version__ = "0.1.0"

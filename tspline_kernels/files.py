@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import __version__
 from ._layers import CompressedLinear, check_flag
 from .calibration import with_progress
 from .surgery import _pattern
@@ -37,6 +36,12 @@ _SHARD_KEY = "tspline_shard_of"
 _MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def _version() -> str:
+    from . import __version__  # at call time: the package imports this module before defining it
+
+    return __version__
 
 
 class IntegrityError(ValueError):
@@ -195,7 +200,7 @@ def save_compressed(model: nn.Module, path, report=None, max_shard_size=None, *,
     tensors, aliases = _tensors_to_write(model)
     records = {name: {"dtype": _dtype_name(t), "shape": list(t.shape), "sha256": _sha256(t)}
                for name, t in with_progress(tensors.items(), progress, desc="checksums", total=len(tensors))}
-    doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "package_version": __version__,
+    doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "package_version": _version(),
            "layers": layers, "tensors": records, "aliases": aliases, "report": _report_json(report)}
     groups = _shards(tensors, limit)
     if "/" in root.strip("/"):
@@ -311,7 +316,7 @@ def _document(meta: Mapping, where: str) -> dict:
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{where}: bad {_KEY!r} metadata: {e}") from None
     if version != FORMAT_VERSION:
-        raise ValueError(f"{where}: format version {version!r}; this tspline-kernels ({__version__}) reads "
+        raise ValueError(f"{where}: format version {version!r}; this tspline-kernels ({_version()}) reads "
                          f"version {FORMAT_VERSION} (upgrade the package to read newer files)")
     return doc
 
@@ -459,7 +464,7 @@ class CompressedFile:
         cls = _known_classes().get(key)
         if cls is None:
             raise ValueError(f"layer {name!r}: class {key!r} is not a compressed layer this tspline-kernels "
-                             f"({__version__}) knows")
+                             f"({_version()}) knows")
         try:
             layer = cls(**info.init_args, device=device)
         except (TypeError, ValueError) as e:
