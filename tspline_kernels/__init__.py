@@ -17,6 +17,8 @@ from .lowrank import LowRankLinear
 from .spline import HierarchicalSplineLinear, SplineLinear
 from .spline_tt import SplineTTLinear
 from .surgery import Replacement, replace_linear
+from .calibration import Calibration, LayerStats, calibrate
+from .compress import Auto, CompressionReport, Kronecker, LowRank, Spline, TensorTrain, compress_, recommend
 from .tt import TTLinear, suggest_modes
 
 __all__ = [
@@ -32,6 +34,17 @@ __all__ = [
     "suggest_modes",
     "replace_linear",
     "Replacement",
+    "calibrate",
+    "Calibration",
+    "LayerStats",
+    "compress_",
+    "CompressionReport",
+    "recommend",
+    "LowRank",
+    "TensorTrain",
+    "Kronecker",
+    "Spline",
+    "Auto",
     "save_compressed",
     "load_compressed",
     "open_compressed",

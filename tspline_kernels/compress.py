@@ -1,0 +1,634 @@
+"""compress_: swap a model's Linear layers for compressed ones in place, fitted to calibration data.
+
+A config says which format and size every targeted ``nn.Linear`` gets: ``LowRank``,
+``TensorTrain``, ``Kronecker``, ``Spline`` (one format, sized per layer by rank, grid or a
+per-layer ``ratio``) or ``Auto`` (format and size chosen per layer under one global parameter
+budget). A "ratio" is always dense parameters / compressed parameters, biases included (> 1 means
+smaller). Fits use the layer's calibration Gram when there is one (``from_linear(...,
+input_gram=)``), so they minimise the output error ||(W - W_hat) X^T|| rather than the weight error.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import math
+import numbers
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._fit import lowrank_error_curve
+from ._layers import CompressedLinear, check_count, check_grid, check_ints
+from .calibration import Calibration, calibrate, with_progress
+from .kronecker import KroneckerLinear
+from .lowrank import LowRankLinear
+from .spline import SplineLinear
+from .surgery import count_parameters, select_linear, swap_module
+from .tt import TTLinear, suggest_modes
+
+FORMATS = ("lowrank", "tt", "spline", "kronecker")
+DENSE = "dense"
+# Auto ignores error decreases below this (squared relative error): rounding, not signal (a
+# float32 weight alone carries ~1e-7 relative rounding error, 1e-14 squared).
+NEGLIGIBLE = 1e-12
+
+Spec = dict  # the from_linear keyword arguments that fix one layer's structure
+
+
+def _check_ratio(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    if not (math.isfinite(value) and value > 1):
+        raise ValueError(f"{name} (dense parameters / compressed parameters) must be a finite number > 1, got {value!r}")
+    return float(value)
+
+
+def _exactly_one(config, names: Sequence[str]) -> None:
+    given = [n for n in names if getattr(config, n) is not None]
+    if len(given) != 1:
+        options = " | ".join(f"{n}=" for n in names)
+        raise ValueError(f"{type(config).__name__} takes exactly one of {options}, got "
+                         f"{', '.join(given) if given else 'none'}")
+
+
+def _bias(linear: nn.Linear) -> int:
+    return linear.out_features if linear.bias is not None else 0
+
+
+def _budget(linear: nn.Linear, ratio: float) -> float:
+    """The parameter count a layer may keep at ``ratio``."""
+    return count_parameters(linear) / ratio
+
+
+# ---- per-family sizing and fitting ---------------------------------------------------------------
+# Each family maps a Linear and a size to from_linear's keyword arguments (a Spec), counts the
+# parameters a Spec gives without fitting, and fits. ``at_ratio`` returns the largest Spec within
+# the ratio's parameter budget, or the reason (a str) why the family has none.
+
+class _LowRankFamily:
+    name = "lowrank"
+
+    def params(self, linear: nn.Linear, spec: Spec) -> int:
+        return spec["rank"] * (linear.in_features + linear.out_features) + _bias(linear)
+
+    def at_ratio(self, linear: nn.Linear, ratio: float) -> Spec | str:
+        rank = int((_budget(linear, ratio) - _bias(linear)) // (linear.in_features + linear.out_features))
+        if rank < 1:
+            return f"rank 1 already has {self.params(linear, {'rank': 1})} parameters, over the {ratio:g}x budget"
+        return {"rank": min(rank, linear.in_features, linear.out_features)}
+
+    def fit(self, linear: nn.Linear, spec: Spec, gram: torch.Tensor | None) -> CompressedLinear:
+        return LowRankLinear.from_linear(linear, spec["rank"], input_gram=gram)
+
+
+class _TTFamily:
+    name = "tt"
+
+    def __init__(self, d: int) -> None:
+        self.d = d
+
+    def modes(self, linear: nn.Linear) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        m = suggest_modes(linear.out_features, linear.in_features, self.d)
+        return m.in_modes, m.out_modes
+
+    def params(self, linear: nn.Linear, spec: Spec) -> int:
+        """TT-SVD's ranks are at most min(max_rank, the sizes of both sides of each unfolding)."""
+        sizes = [i * o for i, o in zip(spec["in_modes"], spec["out_modes"])]
+        cap = spec.get("max_rank") or math.inf
+        ranks = [1] + [min(cap, math.prod(sizes[:k + 1]), math.prod(sizes[k + 1:])) for k in range(self.d - 1)] + [1]
+        return sum(ranks[k] * n * ranks[k + 1] for k, n in enumerate(sizes)) + _bias(linear)
+
+    def at_ratio(self, linear: nn.Linear, ratio: float) -> Spec | str:
+        ins, outs = self.modes(linear)
+        spec = {"in_modes": ins, "out_modes": outs, "max_rank": 1}
+        budget = _budget(linear, ratio)
+        if self.params(linear, spec) > budget:
+            return (f"modes in={ins}, out={outs} give {self.params(linear, spec)} parameters at rank 1, over the "
+                    f"{ratio:g}x budget")
+        top = max(linear.in_features, linear.out_features)
+        lo, hi = 1, top  # largest max_rank within the budget, by bisection (params grow with max_rank)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if self.params(linear, {**spec, "max_rank": mid}) <= budget else (lo, mid - 1)
+        return {**spec, "max_rank": lo}
+
+    def fit(self, linear: nn.Linear, spec: Spec, gram: torch.Tensor | None) -> CompressedLinear:
+        return TTLinear.from_linear(linear, spec["in_modes"], spec["out_modes"], eps=spec.get("eps"),
+                                    max_rank=spec.get("max_rank"), input_gram=gram)
+
+
+class _SplineFamily:
+    name = "spline"
+
+    def params(self, linear: nn.Linear, spec: Spec) -> int:
+        return math.prod(spec["grid"]) + _bias(linear)
+
+    def at_ratio(self, linear: nn.Linear, ratio: float) -> Spec | str:
+        """The grid shaped like the weight (the same share of control points along each axis)."""
+        n_out, n_in = linear.out_features, linear.in_features
+        points = _budget(linear, ratio) - _bias(linear)
+        g_out = min(max(4, math.floor(math.sqrt(points * n_out / n_in))), n_out)
+        g_in = min(math.floor(points / g_out), n_in)
+        if g_out < 4 or g_in < 4:
+            return f"a 4 x 4 control grid has {self.params(linear, {'grid': (4, 4)})} parameters, over the {ratio:g}x budget"
+        return {"grid": (g_out, g_in)}
+
+    def fit(self, linear: nn.Linear, spec: Spec, gram: torch.Tensor | None) -> CompressedLinear:
+        return SplineLinear.from_linear(linear, grid=spec["grid"], input_gram=gram)
+
+
+class _KroneckerFamily:
+    name = "kronecker"
+
+    def __init__(self, in_dims: tuple[int, ...] | None = None, out_dims: tuple[int, ...] | None = None) -> None:
+        self.in_dims, self.out_dims = in_dims, out_dims
+
+    def spec(self, linear: nn.Linear) -> Spec:
+        """The given dims, else the balanced two-mode factorisation of each side."""
+        if self.in_dims is None:
+            m = suggest_modes(linear.out_features, linear.in_features, 2)
+            return {"in_dims": m.in_modes, "out_dims": m.out_modes}
+        if math.prod(self.in_dims) != linear.in_features or math.prod(self.out_dims) != linear.out_features:
+            raise ValueError(f"Kronecker in_dims={self.in_dims}, out_dims={self.out_dims} multiply to "
+                             f"({math.prod(self.in_dims)}, {math.prod(self.out_dims)}), but a targeted layer has "
+                             f"(in_features, out_features) = ({linear.in_features}, {linear.out_features}): "
+                             "give dims only when every targeted layer has that shape")
+        return {"in_dims": self.in_dims, "out_dims": self.out_dims}
+
+    def params(self, linear: nn.Linear, spec: Spec) -> int:
+        # one bias per mode (NdLinear's), when the Linear has a bias
+        bias = sum(spec["out_dims"]) if linear.bias is not None else 0
+        return sum(i * o for i, o in zip(spec["in_dims"], spec["out_dims"])) + bias
+
+    def at_ratio(self, linear: nn.Linear, ratio: float) -> Spec | str:
+        spec = self.spec(linear)
+        if self.params(linear, spec) > _budget(linear, ratio):
+            have = count_parameters(linear) / self.params(linear, spec)
+            return (f"in_dims={spec['in_dims']}, out_dims={spec['out_dims']} fix the size at {have:.2f}x, "
+                    f"short of {ratio:g}x")
+        return spec
+
+    def fit(self, linear: nn.Linear, spec: Spec, gram: torch.Tensor | None) -> CompressedLinear:
+        return KroneckerLinear.from_linear(linear, spec["in_dims"], spec["out_dims"], input_gram=gram)
+
+
+# ---- configs ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LowRank:
+    """W = U V^T: a fixed ``rank`` for every layer, or each layer's largest rank within ``ratio``."""
+
+    rank: int | None = None
+    ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        _exactly_one(self, ("rank", "ratio"))
+        if self.rank is not None:
+            check_count("rank", self.rank, 1)
+        else:
+            _check_ratio("ratio", self.ratio)
+
+    def _plan(self, linear: nn.Linear) -> tuple[_LowRankFamily, Spec | str]:
+        family = _LowRankFamily()
+        if self.ratio is not None:
+            return family, family.at_ratio(linear, self.ratio)
+        limit = min(linear.in_features, linear.out_features)
+        if self.rank > limit:
+            return family, f"rank {self.rank} exceeds min(in_features, out_features) = {limit}"
+        return family, {"rank": self.rank}
+
+
+@dataclass(frozen=True)
+class TensorTrain:
+    """A ``d``-core tensor train on the balanced modes of ``suggest_modes``: the largest ``max_rank``
+    within ``ratio``, or TT-SVD truncated at relative error ``eps`` and/or capped at ``max_rank``."""
+
+    ratio: float | None = None
+    eps: float | None = None
+    max_rank: int | None = None
+    d: int = 3
+
+    def __post_init__(self) -> None:
+        if self.ratio is not None:
+            if self.eps is not None or self.max_rank is not None:
+                raise ValueError("TensorTrain takes either ratio= or eps= and/or max_rank=, not both")
+            _check_ratio("ratio", self.ratio)
+        elif self.eps is None and self.max_rank is None:
+            raise ValueError("TensorTrain needs ratio=, eps= or max_rank=")
+        if self.eps is not None and (isinstance(self.eps, bool) or not isinstance(self.eps, numbers.Real)
+                                     or not 0 <= self.eps < 1):
+            raise ValueError(f"eps (the relative error TT-SVD may leave) must be in [0, 1), got {self.eps!r}")
+        if self.max_rank is not None:
+            check_count("max_rank", self.max_rank, 1)
+        suggest_modes(1, 1, self.d)  # validates d
+
+    def _plan(self, linear: nn.Linear) -> tuple[_TTFamily, Spec | str]:
+        family = _TTFamily(self.d)
+        if self.ratio is not None:
+            return family, family.at_ratio(linear, self.ratio)
+        ins, outs = family.modes(linear)
+        return family, {"in_modes": ins, "out_modes": outs, "eps": self.eps, "max_rank": self.max_rank}
+
+
+@dataclass(frozen=True)
+class Kronecker:
+    """W = A (x) B with A ``(out_dims[0], in_dims[0])``, B ``(out_dims[1], in_dims[1])``; by default
+    the balanced two-mode factorisation of each layer's sizes. Its size is fixed by the dims."""
+
+    in_dims: tuple[int, int] | None = None
+    out_dims: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.in_dims is None) != (self.out_dims is None):
+            raise ValueError("Kronecker takes both in_dims and out_dims, or neither (balanced per layer)")
+        if self.in_dims is not None:
+            for name in ("in_dims", "out_dims"):
+                dims = check_ints(name, getattr(self, name), 1)
+                if len(dims) != 2:
+                    raise ValueError(f"{name} must be two ints (A (x) B), got {dims}")
+                object.__setattr__(self, name, dims)
+
+    def _plan(self, linear: nn.Linear) -> tuple[_KroneckerFamily, Spec | str]:
+        family = _KroneckerFamily(self.in_dims, self.out_dims)
+        return family, family.spec(linear)
+
+
+@dataclass(frozen=True)
+class Spline:
+    """A cubic B-spline control ``grid`` (G_out, G_in) for every layer, or per layer the grid shaped
+    like the weight with the most control points within ``ratio``."""
+
+    grid: tuple[int, int] | None = None
+    ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        _exactly_one(self, ("grid", "ratio"))
+        if self.grid is not None:
+            object.__setattr__(self, "grid", check_grid(self.grid))
+        else:
+            _check_ratio("ratio", self.ratio)
+
+    def _plan(self, linear: nn.Linear) -> tuple[_SplineFamily, Spec | str]:
+        family = _SplineFamily()
+        return family, family.at_ratio(linear, self.ratio) if self.ratio is not None else {"grid": self.grid}
+
+
+_FAMILIES: dict[str, Callable[[], object]] = {
+    "lowrank": _LowRankFamily, "tt": lambda: _TTFamily(TensorTrain.d), "spline": _SplineFamily,
+    "kronecker": _KroneckerFamily,
+}
+
+
+def _check_formats(formats) -> tuple[str, ...]:
+    if isinstance(formats, str) or not isinstance(formats, Iterable):
+        raise TypeError(f"formats must be a tuple of format names from {FORMATS}, got {formats!r}")
+    formats = tuple(formats)
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats or len(set(formats)) != len(formats):
+        raise ValueError(f"formats must be distinct names from {FORMATS} (at least one), got {formats!r}")
+    return formats
+
+
+@dataclass(frozen=True)
+class Auto:
+    """Format and size chosen per layer to minimise the summed squared calibrated output error
+    sum_l ||(W_l - W_hat_l) X_l^T||^2 / ||W_l X_l^T||^2 (each layer relative to its own output
+    energy; the weight error without calibration) under one budget: the targeted Linears keep at
+    most (their dense parameters) / ``ratio`` parameters in total. Keeping a layer dense is always
+    an option. Low rank is scored at every rank from one SVD; TT and spline are fitted at each of
+    ``candidate_ratios()`` (per-layer ratios), Kronecker at its one size. The cost is dominated by
+    the TT fits (alternating least squares with a Gram): leave "tt" out of ``formats`` for speed.
+
+    Why squared errors: to first order the perturbations of different layers add up in energy,
+    and low rank's squared error curve is convex in the parameter count (its steps are the sorted
+    squared singular values), which is where greedy allocation is optimal."""
+
+    ratio: float
+    formats: tuple[str, ...] = FORMATS
+    ratios: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        _check_ratio("ratio", self.ratio)
+        object.__setattr__(self, "formats", _check_formats(self.formats))
+        if self.ratios is None:
+            return
+        if isinstance(self.ratios, (str, bytes)) or not isinstance(self.ratios, Iterable):
+            raise TypeError(f"ratios must be a tuple of per-layer ratios > 1, got {self.ratios!r}")
+        ratios = tuple(sorted({_check_ratio("ratios[]", r) for r in self.ratios}))
+        if not ratios:
+            raise ValueError("ratios needs at least one per-layer ratio > 1")
+        object.__setattr__(self, "ratios", ratios)
+
+    def candidate_ratios(self) -> tuple[float, ...]:
+        """The per-layer ratios at which TT and spline are fitted: ``ratios``, or by default
+        2/3, 1, 1.5 and 2 times the target (at least 1.1), as most layers land near the target."""
+        if self.ratios is not None:
+            return self.ratios
+        return tuple(sorted({max(1.1, self.ratio * f) for f in (2 / 3, 1, 1.5, 2)}))
+
+    def _options(self, linear: nn.Linear, gram: torch.Tensor | None) -> list[tuple[object, Spec | None, int, float]]:
+        """(family, spec, params, squared error) of every candidate for one layer, dense first."""
+        dense = count_parameters(linear)
+        options = [(None, None, dense, 0.0)]
+        for name in self.formats:
+            family = _FAMILIES[name]()
+            if name == "lowrank":
+                curve = lowrank_error_curve(linear.weight.detach(), gram).square().tolist()
+                options += [(family, {"rank": r}, family.params(linear, {"rank": r}), curve[r])
+                            for r in range(1, len(curve)) if family.params(linear, {"rank": r}) < dense]
+                continue
+            ratios = self.candidate_ratios() if name != "kronecker" else (self.ratio,)
+            specs = [family.at_ratio(linear, r) for r in ratios]
+            for spec in {repr(s): s for s in specs if not isinstance(s, str)}.values():
+                new = family.fit(linear, spec, gram)
+                rep = new.fit_report
+                error = rep.relative_error if gram is None else rep.output_error
+                options.append((family, spec, new.num_parameters(), error ** 2))
+        return options
+
+    def _allocate(self, targets: list[tuple[str, nn.Linear]], grams: dict[str, torch.Tensor | None],
+                  progress: bool) -> dict[str, tuple[object, Spec | str]]:
+        options = [self._options(linear, grams[name])
+                   for name, linear in with_progress(targets, progress, desc="Auto: error curves", unit="layer")]
+        budget = sum(count_parameters(linear) for _, linear in targets) / self.ratio
+        chosen = allocate([[(p, e) for _, _, p, e in opts] for opts in options], budget)
+        plans = {}
+        for (name, _), opts, k in zip(targets, options, chosen):
+            family, spec, _, _ = opts[k]
+            plans[name] = (family, spec) if family is not None else (None, f"Auto keeps it dense ({self.ratio:g}x budget)")
+        return plans
+
+
+def allocate(options: list[list[tuple[int, float]]], budget: float) -> list[int]:
+    """Index of the chosen ``(params, error)`` option of every layer such that the chosen params sum
+    to at most ``budget``, greedily minimising the summed error: start from each layer's smallest
+    option, then repeatedly take the move (one layer, to an option with lower error, by more than
+    ``NEGLIGIBLE``) with the largest error decrease per added parameter that still fits, until
+    none does.
+
+    Moves are kept in a max-heap; the budget only shrinks, so a layer's best move only gets worse
+    and a stale entry is recomputed when it reaches the top (lazy greedy)."""
+    params = [np.array([p for p, _ in opts], dtype=np.float64) for opts in options]
+    errors = [np.array([e for _, e in opts], dtype=np.float64) for opts in options]
+    chosen = [int(np.lexsort((e, p))[0]) for p, e in zip(params, errors)]
+    left = budget - sum(p[k] for p, k in zip(params, chosen))
+    if left < 0:
+        raise ValueError(f"the smallest option of every layer already needs {budget - left:.0f} parameters, over "
+                         f"the budget of {budget:.0f}: ask for a smaller ratio")
+
+    def best(i: int) -> tuple[float, int, int, int] | None:
+        grow = params[i] - params[i][chosen[i]]
+        gain = errors[i][chosen[i]] - errors[i]
+        ok = (grow > 0) & (grow <= left) & (gain > NEGLIGIBLE)
+        if not ok.any():
+            return None
+        slope = np.where(ok, gain / np.where(ok, grow, 1), -np.inf)
+        j = int(np.argmax(slope))
+        return -slope[j], i, j, version[i]
+
+    version = [0] * len(options)
+    heap = [m for m in map(best, range(len(options))) if m is not None]
+    heapq.heapify(heap)
+    while heap:
+        _, i, j, v = heapq.heappop(heap)
+        if v != version[i]:
+            continue  # this layer moved since; its newer best move is in the heap
+        grow = params[i][j] - params[i][chosen[i]]
+        if grow > left:
+            move = best(i)  # the budget shrank under it: recompute with what is left
+        else:
+            left -= grow
+            chosen[i] = j
+            version[i] += 1
+            move = best(i)
+        if move is not None:
+            heapq.heappush(heap, move)
+    return chosen
+
+
+# ---- reports ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LayerReport:
+    """One layer: ``shape`` (out_features, in_features); ``format`` a name from ``FORMATS`` or
+    "dense"; ``structure`` the compressed layer's, or why no fit was made; ``weight_error``
+    ||W - W_hat|| / ||W||; ``output_error`` ||(W - W_hat) X^T|| / ||W X^T|| on the calibration
+    inputs (None without calibration); both None where no fit was made; ``fit_seconds``."""
+
+    name: str
+    shape: tuple[int, int]
+    format: str
+    structure: str
+    params_before: int
+    params_after: int
+    weight_error: float | None
+    output_error: float | None
+    fit_seconds: float
+
+    def cells(self) -> list[str]:
+        def err(e: float | None) -> str:
+            return "-" if e is None else f"{e:.4f}"
+        return [self.name, f"{self.shape[0]}x{self.shape[1]}", self.format, self.structure,
+                str(self.params_before), str(self.params_after), f"{self.params_before / self.params_after:.2f}x",
+                err(self.weight_error), err(self.output_error), f"{self.fit_seconds:.2f}"]
+
+
+_HEADER = ["layer", "shape", "format", "structure", "params", "after", "ratio", "weight err", "output err", "fit s"]
+
+
+def _table(rows: list[list[str]], markdown: bool) -> str:
+    if markdown:
+        lines = [_HEADER, ["---"] * len(_HEADER)] + rows
+        return "\n".join("| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in lines)
+    widths = [max(len(r[k]) for r in [_HEADER] + rows) for k in range(len(_HEADER))]
+    return "\n".join("  ".join(c.ljust(w) if k < 4 else c.rjust(w) for k, (c, w) in enumerate(zip(r, widths))).rstrip()
+                     for r in [_HEADER] + rows)
+
+
+class _Rows:
+    """JSON and table rendering shared by the reports: a dataclass with ``layers`` and scalars."""
+
+    layers: tuple[LayerReport, ...]
+
+    def _rows(self) -> list[list[str]]:
+        return [layer.cells() for layer in self.layers]
+
+    def __str__(self) -> str:
+        return _table(self._rows(), markdown=False)
+
+    def to_markdown(self) -> str:
+        return _table(self._rows(), markdown=True)
+
+    def to_dict(self) -> dict:
+        """Plain JSON types (tuples as lists): ``json.loads(report.to_json()) == report.to_dict()``."""
+        return json.loads(json.dumps(asdict(self)))
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        layers = tuple(LayerReport(**{**row, "shape": tuple(row["shape"])}) for row in data["layers"])
+        return cls(**{**data, "layers": layers})
+
+    @classmethod
+    def from_json(cls, text: str):
+        return cls.from_dict(json.loads(text))
+
+
+@dataclass(frozen=True)
+class CompressionReport(_Rows):
+    """What :func:`compress_` did, one :class:`LayerReport` per targeted Linear (module order).
+    ``print(report)`` is a table with a total row; ``to_json`` / ``from_json`` round-trip."""
+
+    layers: tuple[LayerReport, ...]
+    config: str
+
+    @property
+    def params_before(self) -> int:
+        return sum(layer.params_before for layer in self.layers)
+
+    @property
+    def params_after(self) -> int:
+        return sum(layer.params_after for layer in self.layers)
+
+    @property
+    def ratio(self) -> float:
+        """Dense / compressed parameters over the targeted Linears."""
+        return self.params_before / self.params_after
+
+    def _rows(self) -> list[list[str]]:
+        seconds = sum(layer.fit_seconds for layer in self.layers)
+        total = [f"total ({len(self.layers)} layers)", "", "", self.config, str(self.params_before),
+                 str(self.params_after), f"{self.ratio:.2f}x", "", "", f"{seconds:.2f}"]
+        return super()._rows() + [total]
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "params_before": self.params_before, "params_after": self.params_after,
+                "ratio": self.ratio}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CompressionReport:
+        return super().from_dict({k: data[k] for k in (f.name for f in fields(cls))})
+
+
+@dataclass(frozen=True)
+class Recommendation(_Rows):
+    """What :func:`recommend` measured: for every targeted Linear, one :class:`LayerReport` per
+    format at ``ratio`` (where a format cannot reach it, ``structure`` says why and the errors are
+    None). The model is not changed."""
+
+    layers: tuple[LayerReport, ...]
+    ratio: float
+
+    def best(self) -> dict[str, str]:
+        """Layer name -> the format with the lowest output error (weight error without calibration)."""
+        out: dict[str, tuple[float, str]] = {}
+        for row in self.layers:
+            err = row.output_error if row.output_error is not None else row.weight_error
+            if err is not None and (row.name not in out or err < out[row.name][0]):
+                out[row.name] = (err, row.format)
+        return {name: fmt for name, (_, fmt) in out.items()}
+
+
+# ---- entry points -------------------------------------------------------------------------------------
+
+_CONFIGS = (LowRank, TensorTrain, Kronecker, Spline, Auto)
+
+
+def _targets_and_grams(model: nn.Module, calibration, include, exclude, min_features, progress: bool
+                       ) -> tuple[list[tuple[str, nn.Linear]], dict[str, torch.Tensor | None]]:
+    targets = select_linear(model, include, exclude, min_features)
+    if not targets:
+        raise ValueError(f"no nn.Linear in the model matches include={include!r}, exclude={exclude!r}, "
+                         f"min_features={min_features}")
+    if calibration is None:
+        return targets, {name: None for name, _ in targets}
+    if not isinstance(calibration, Calibration):
+        calibration = calibrate(model, calibration, include, exclude, min_features, progress=progress)
+    missing = [name for name, _ in targets if name not in calibration]
+    if missing:
+        raise ValueError(f"the calibration has no statistics for {', '.join(missing)}: calibrate with the same "
+                         "include, exclude and min_features")
+    return targets, {name: calibration[name].gram.to(linear.weight.device) for name, linear in targets}
+
+
+def _fit(linear: nn.Linear, family, spec: Spec | str, gram: torch.Tensor | None
+         ) -> tuple[CompressedLinear | str, float]:
+    """The fitted layer, or why there is none (the family has no size for it, or its fit is not
+    smaller than the dense layer), and the seconds the fit took."""
+    if isinstance(spec, str):
+        return spec, 0.0
+    start = time.perf_counter()
+    new = family.fit(linear, spec, gram)
+    seconds = time.perf_counter() - start
+    if new.num_parameters() >= count_parameters(linear):
+        return f"{new._structure()} has {new.num_parameters()} parameters, not fewer than dense", seconds
+    return new, seconds
+
+
+def _row(name: str, linear: nn.Linear, fmt: str, structure: str, params_after: int | None = None,
+         errors: tuple[float | None, float | None] = (None, None), seconds: float = 0.0) -> LayerReport:
+    before = count_parameters(linear)
+    return LayerReport(name, (linear.out_features, linear.in_features), fmt, structure, before,
+                       before if params_after is None else params_after, *errors, seconds)
+
+
+def _fitted_row(name: str, linear: nn.Linear, fmt: str, new: CompressedLinear, seconds: float) -> LayerReport:
+    rep = new.fit_report
+    return _row(name, linear, fmt, new._structure(), new.num_parameters(), (rep.relative_error, rep.output_error),
+                seconds)
+
+
+@torch.no_grad()
+def compress_(model: nn.Module, config, calibration=None, include: str | None = None, exclude: str | None = None,
+              min_features: int = 0, *, progress: bool = True) -> CompressionReport:
+    """Replace the targeted ``nn.Linear`` modules of ``model`` (see ``select_linear``) in place by
+    the compressed layers ``config`` asks for, fitted to each layer's calibration Gram when
+    ``calibration`` is given (a :class:`Calibration`, or what :func:`calibrate` takes). A layer
+    the format cannot make smaller at the requested size stays dense; its row says why.
+    Returns a :class:`CompressionReport`."""
+    if not isinstance(config, _CONFIGS):
+        raise TypeError(f"config must be one of {', '.join(c.__name__ for c in _CONFIGS)}, got {config!r}")
+    targets, grams = _targets_and_grams(model, calibration, include, exclude, min_features, progress)
+    if isinstance(config, Auto):
+        plans = config._allocate(targets, grams, progress)
+    else:
+        plans = {name: config._plan(linear) for name, linear in targets}
+    rows = []
+    for name, linear in with_progress(targets, progress, desc=f"compressing ({type(config).__name__})", unit="layer"):
+        family, spec = plans[name]
+        new, seconds = _fit(linear, family, spec, grams[name])
+        if isinstance(new, str):
+            exact = (0.0, None if grams[name] is None else 0.0)
+            rows.append(_row(name, linear, DENSE, f"kept dense: {new}", errors=exact, seconds=seconds))
+        else:
+            swap_module(model, name, new, linear)
+            rows.append(_fitted_row(name, linear, family.name, new, seconds))
+    return CompressionReport(tuple(rows), repr(config))
+
+
+@torch.no_grad()
+def recommend(model: nn.Module, calibration, ratio: float, formats: Sequence[str] = FORMATS,
+              include: str | None = None, exclude: str | None = None, min_features: int = 0, *,
+              progress: bool = True) -> Recommendation:
+    """Fit every format in ``formats`` to every targeted Linear at ``ratio`` (each family's largest
+    size within it; Kronecker's one size if it is small enough) and report the weight and calibrated
+    output errors, without changing ``model``. ``calibration`` as for :func:`compress_` (None
+    scores the weight error only)."""
+    ratio = _check_ratio("ratio", ratio)
+    formats = _check_formats(formats)
+    targets, grams = _targets_and_grams(model, calibration, include, exclude, min_features, progress)
+    rows = []
+    for name, linear in with_progress(targets, progress, desc="recommend", unit="layer"):
+        for fmt in formats:
+            family = _FAMILIES[fmt]()
+            new, seconds = _fit(linear, family, family.at_ratio(linear, ratio), grams[name])
+            rows.append(_row(name, linear, fmt, f"n/a: {new}", seconds=seconds) if isinstance(new, str)
+                        else _fitted_row(name, linear, fmt, new, seconds))
+    return Recommendation(tuple(rows), ratio)
