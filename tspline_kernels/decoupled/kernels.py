@@ -271,6 +271,8 @@ def decoupled_mlp(x: torch.Tensor, v: torch.Tensor, w: torch.Tensor, coef: torch
     check_inputs(x, v, w, coef, lo, hi, *([bias] if bias is not None else []))
     _check_ranges(v, w, coef, lo, hi)
     v, w = v.to(x.dtype), w.to(x.dtype)
+    lo, hi = lo.contiguous(), hi.contiguous()  # (r,) vectors: the kernels read them unit-strided
+    bias = None if bias is None else bias.contiguous()
     x2 = flatten(x)
     m, k = x2.shape
     n, r = w.shape
@@ -296,6 +298,7 @@ def decoupled_mlp_backward(
     check_inputs(dy, x, v, w, coef, lo, hi)
     _check_ranges(v, w, coef, lo, hi)
     v, w, dy = v.to(x.dtype), w.to(x.dtype), dy.to(x.dtype)
+    lo, hi = lo.contiguous(), hi.contiguous()
     x2, g2 = flatten(x), flatten(dy)
     m, k = x2.shape
     n, r = w.shape
