@@ -66,8 +66,10 @@ def test_whiten_refuses_a_singular_gram_without_damping():
     assert_close(s @ s, x.T @ x + torch.eye(20, dtype=DT))
     with pytest.raises(ValueError, match="singular"):
         whiten(x.T @ x, damping=0.0)
-    with pytest.raises(ValueError, match="damping must be a float >= 0"):
+    with pytest.raises(ValueError, match="damping must be >= 0"):
         whiten(x.T @ x, damping=-1.0)
+    with pytest.raises(TypeError, match="damping must be a float >= 0"):
+        whiten(x.T @ x, damping="1e-6")
 
 
 # ------------------------------------------------------------------------------ output_error
@@ -96,6 +98,11 @@ def test_fit_report_fills_output_error_only_with_a_gram():
 
 
 # ------------------------------------------------------------------------------ weighted_als
+def _damped_from_inputs(x, lam):
+    """G + lam I from the inputs themselves."""
+    return x.T @ x + lam * torch.eye(x.shape[1], dtype=DT)
+
+
 def _kron(blocks):
     return torch.kron(blocks[0], blocks[1])
 
@@ -132,7 +139,8 @@ def test_weighted_als_block_step_is_the_dense_least_squares_optimum(cg, monkeypa
     assert result.history[2] == pytest.approx(f_b, rel=1e-9)
     # the A (x) B product is unique even though the scale split between A and B is not
     assert_close(_kron(result.blocks), _kron([result.blocks[0], b_opt]))
-    assert len(result.history) == 3 and result.energy == pytest.approx(((w @ fit.whiten(x.T @ x, 1e-3)[0]) ** 2).sum().item())
+    assert len(result.history) == 3
+    assert result.energy == pytest.approx((w @ _damped_from_inputs(x, lam) @ w.T).trace().item(), rel=1e-10)
 
 
 def test_weighted_als_never_increases_the_objective_and_stops_at_tol():
@@ -156,8 +164,10 @@ def test_weighted_als_never_increases_the_objective_and_stops_at_tol():
     drops = [(f0 - f1) / f0 for f0, f1 in zip(per_sweep, per_sweep[1:])]
     assert len(early.history) == 1 + 3 * len(drops) and len(drops) < 30
     assert all(d > 0.5 for d in drops[:-1]) and drops[-1] <= 0.5  # stops after the first sweep gaining < tol
-    with pytest.raises(ValueError, match="sweeps must be an int >= 0"):
+    with pytest.raises(TypeError, match="sweeps must be an int >= 0"):
         fit.weighted_als(cores, build, w, x.T @ x, sweeps=1.5)
+    with pytest.raises(ValueError, match="tol must be >= 0"):
+        fit.weighted_als(cores, build, w, x.T @ x, tol=-1e-3)
     with pytest.raises(ValueError, match="input_gram must have shape"):
         fit.weighted_als(cores, build, w, torch.eye(12))
 

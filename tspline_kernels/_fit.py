@@ -17,6 +17,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+
+
+def fit_inputs(linear, input_gram=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What every ``from_linear`` fits: (``linear.weight`` detached ``(out, in)``, ``input_gram`` checked
+    by :func:`check_gram` and moved to the weight's device, or None). ``linear`` must be an
+    ``nn.Linear`` whose weight has values (not on the meta device)."""
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"expected an nn.Linear, got {type(linear).__name__}")
+    if linear.weight.is_meta:
+        raise ValueError("from_linear fits the Linear's weight values, but it is on the meta device and has "
+                         "none: load its weights first")
+    weight = linear.weight.detach()
+    return weight, None if input_gram is None else check_gram(input_gram, linear.in_features).to(weight.device)
 
 
 def check_gram(input_gram, in_features: int) -> torch.Tensor:
@@ -47,20 +61,24 @@ def check_gram(input_gram, in_features: int) -> torch.Tensor:
     return (g + g.T) / 2
 
 
-def _check_damping(damping) -> float:
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping >= 0:
-        raise ValueError(f"damping must be a float >= 0, got {damping!r}")
-    return float(damping)
+def _check_nonnegative(name: str, value, integer: bool = False) -> float:
+    """``value`` (an int, or with ``integer=False`` also a float; never a bool) checked to be >= 0."""
+    kinds = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise TypeError(f"{name} must be {'an int' if integer else 'a float'} >= 0, got {value!r}")
+    if not value >= 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    return value
 
 
 def damping_shift(gram: torch.Tensor, damping: float = 1e-6) -> torch.Tensor:
     """lambda = ``damping`` * mean(diag G), the shift fits add to G (a float64 scalar tensor)."""
-    return _check_damping(damping) * gram.double().diagonal().mean()
+    return float(_check_nonnegative("damping", damping)) * gram.double().diagonal().mean()
 
 
 def damped_gram(gram: torch.Tensor, damping: float = 1e-6) -> torch.Tensor:
-    """G + lambda I ``(in, in)`` float64, lambda = :func:`damping_shift`: the Gram every fit minimises
-    tr(E (G + lambda I) E^T) with (= ||E S||_F^2 for S = whiten(G, damping)[0])."""
+    """G + lambda I ``(in, in)`` float64, lambda = :func:`damping_shift`: every fit minimises
+    tr(E (G + lambda I) E^T) = ||E S||_F^2, S = whiten(G, damping)[0]."""
     g = gram.double()
     return g + damping_shift(g, damping) * torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
 
@@ -197,10 +215,9 @@ def weighted_als(blocks: list[torch.Tensor], build: Callable[[list[torch.Tensor]
     ``blocks`` instead of the generic solve (which costs out * in^2 per Jacobian column or CG step):
     a family whose block Hessians have structure (Kronecker: (I (x) M) with M small) solves its normal
     equations directly, from :func:`damped_gram`. Its steps are accepted under the same rule."""
-    if isinstance(sweeps, bool) or not isinstance(sweeps, int) or sweeps < 0:
-        raise ValueError(f"sweeps must be an int >= 0, got {sweeps!r}")
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
-        raise ValueError(f"tol must be a float >= 0, got {tol!r}")
+    _check_nonnegative("sweeps", sweeps, integer=True)
+    _check_nonnegative("tol", tol)
+    _check_nonnegative("max_cg", max_cg, integer=True)
     target = target.detach().double()
     root, _ = whiten(check_gram(gram, target.shape[1]).to(target.device), damping)
     goal = target @ root

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from .._fit import check_gram, damped_gram, output_error, weighted_als
+from .._fit import damped_gram, fit_inputs, output_error, weighted_als
 from .._layers import CompressedLinear, FitReport, SavedSettings, check_count, check_flag, check_ints, fit_report
 from ..reference import kronecker as ref
 from ..reference.common import compute_dtype
@@ -271,19 +271,13 @@ class KroneckerLinear(SavedSettings, CompressedLinear):
         reaches); with one, ``start_output_error`` (the Van Loan fit's) and ``als_history``, the ALS
         objective's relative value sqrt(f / ||W S||_F^2) at the start and after every block step.
         """
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"expected an nn.Linear, got {type(linear).__name__}")
-        if linear.weight.is_meta:
-            raise ValueError("from_linear fits the Linear's weight values, but it is on the meta device and has "
-                             "none: load its weights first")
+        weight, gram = fit_inputs(linear, input_gram)
         ins, outs = check_dims(in_dims, out_dims)
         if len(ins) != 2:
             raise ValueError(f"from_linear fits two modes (A (x) B), got {len(ins)}: in_dims={ins}, out_dims={outs}")
         if math.prod(ins) != linear.in_features or math.prod(outs) != linear.out_features:
             raise ValueError(f"in_dims {ins} and out_dims {outs} multiply to ({math.prod(ins)}, {math.prod(outs)}), "
                              f"but the layer has (in_features, out_features) = ({linear.in_features}, {linear.out_features})")
-        weight = linear.weight.detach()
-        gram = None if input_gram is None else check_gram(input_gram, linear.in_features).to(weight.device)
         new = cls(ins, outs, bias=linear.bias is not None, device=weight.device, dtype=weight.dtype)
         a, b, s = ref.nearest_kronecker(weight, outs, ins)
         if gram is None:

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from .._fit import check_gram, whitened_svd
+from .._fit import fit_inputs, whitened_svd
 from .._layers import CompressedLinear, FitReport, check_count, check_flag, fit_report
 from ..reference import lowrank as ref
 from . import ops
@@ -98,15 +98,9 @@ class LowRankLinear(CompressedLinear):
         relative error any rank-``rank`` weight can reach in the fitted norm (||W - W_hat||_F, or
         ||(W - W_hat) S||_F with a Gram); the fitted error equals it up to rounding of the factors.
         """
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"expected an nn.Linear, got {type(linear).__name__}")
-        if linear.weight.is_meta:
-            raise ValueError("from_linear fits the Linear's weight values, but it is on the meta device and has "
-                             "none: load its weights first")
-        weight = linear.weight.detach()
+        weight, gram = fit_inputs(linear, input_gram)
         new = cls(linear.in_features, linear.out_features, rank, bias=linear.bias is not None,
                   device=weight.device, dtype=weight.dtype)
-        gram = None if input_gram is None else check_gram(input_gram, linear.in_features).to(weight.device)
         u, v, s = _split_svd(weight, rank, gram, damping)
         tail = s[rank:].square().sum().sqrt() / s.square().sum().sqrt().clamp_min(1e-300)
         with torch.no_grad():
