@@ -1,4 +1,4 @@
-"""Compressed model files (tk.save_compressed / load_compressed / open_compressed, ``tspline
+"""Compressed model files (tk.save_compressed / tk.load_compressed / tk.open_compressed, ``tspline
 inspect``): round trips of a model mixing every family, sharding, fsspec, checksums, and refusals of
 tampered, truncated and mismatched files that leave the model untouched."""
 
@@ -13,7 +13,6 @@ from torch import nn
 
 import tspline_kernels as tk
 from tspline_kernels import cli
-from tspline_kernels.files import IntegrityError, load_compressed, open_compressed, save_compressed
 
 # every family, 24 -> 12 features, with the settings no parameter shape shows
 FAMILIES = {
@@ -63,7 +62,7 @@ def saved(tmp_path_factory):
     """(compressed model, its file, an input and the model's output on it)."""
     net = compressed_net()
     path = tmp_path_factory.mktemp("files") / "model.safetensors"
-    save_compressed(net, path)
+    tk.save_compressed(net, path)
     x = torch.randn(5, 24, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         return net, path, x, net(x)
@@ -117,7 +116,7 @@ def test_every_family_records_its_constructor_arguments(saved):
 @pytest.mark.parametrize("device", [None, "meta"], ids=["dense", "meta"])
 def test_round_trip_into_the_original_architecture(saved, device):
     net, path, x, y = saved
-    model = load_compressed(Net(device=device), path)
+    model = tk.load_compressed(Net(device=device), path)
     assert module_types(model) == module_types(net)
     assert all(t.device.type == "cpu" for t in model.state_dict().values())
     with torch.no_grad():
@@ -127,7 +126,7 @@ def test_round_trip_into_the_original_architecture(saved, device):
 def test_sharded_round_trip_follows_the_hugging_face_index_convention(saved, tmp_path):
     net, _, x, y = saved
     path = tmp_path / "model.safetensors"
-    written = save_compressed(net, path, max_shard_size="1kB")
+    written = tk.save_compressed(net, path, max_shard_size="1kB")
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
@@ -137,21 +136,30 @@ def test_sharded_round_trip_follows_the_hugging_face_index_convention(saved, tmp
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in net.state_dict().values())
     for source in (path, tmp_path / "model.safetensors.index.json", tmp_path):
         with torch.no_grad():
-            assert torch.equal(load_compressed(Net(), source)(x), y)
+            assert torch.equal(tk.load_compressed(Net(), source)(x), y)
     with pytest.raises(ValueError, match="one shard of a sharded model"):
-        open_compressed(tmp_path / shards[0])
-    save_compressed(net, path)  # a single file replaces the shards and their index
+        tk.open_compressed(tmp_path / shards[0])
+    tk.save_compressed(net, path)  # a single file replaces the shards and their index
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
 
 
 def test_fsspec_memory_round_trip(saved):
     net, _, x, y = saved
     url = "memory://tspline-test/model.safetensors"
-    save_compressed(net, url, max_shard_size=4096)
+    tk.save_compressed(net, url, max_shard_size=4096)
     with torch.no_grad():
-        assert torch.equal(load_compressed(Net(device="meta"), url)(x), y)
-    with open_compressed(url) as f:
+        assert torch.equal(tk.load_compressed(Net(device="meta"), url)(x), y)
+    with tk.open_compressed(url) as f:
         assert torch.equal(f.materialize("layers.tt"), net.layers["tt"].materialize())
+
+
+def test_a_class_that_moved_module_is_found_by_name(saved, tmp_path):
+    net, path, x, _ = saved
+    moved = tmp_path / "model.safetensors"
+    rewrite(path, moved, lambda doc: doc["layers"]["layers.lowrank"].update(
+        {"class": "tspline_kernels.old_module.LowRankLinear"}))
+    with tk.open_compressed(moved) as f:
+        assert torch.equal(f.load_layer("layers.lowrank")(x), net.layers["lowrank"](x))
 
 
 def test_tied_tensors_are_stored_once_and_tied_again(tmp_path):
@@ -159,11 +167,11 @@ def test_tied_tensors_are_stored_once_and_tied_again(tmp_path):
     model = nn.ModuleDict({"emb": nn.Embedding(12, 8), "head": nn.Linear(8, 12, bias=False),
                            "proj": tk.LowRankLinear(8, 8, 2)})
     model["head"].weight = model["emb"].weight
-    save_compressed(model, tmp_path / "m.safetensors")
+    tk.save_compressed(model, tmp_path / "m.safetensors")
     assert "head.weight" not in header(tmp_path / "m.safetensors")[0]
     fresh = nn.ModuleDict({"emb": nn.Embedding(12, 8), "head": nn.Linear(8, 12, bias=False),
                            "proj": nn.Linear(8, 8)})
-    load_compressed(fresh, tmp_path / "m.safetensors")
+    tk.load_compressed(fresh, tmp_path / "m.safetensors")
     assert fresh["head"].weight is fresh["emb"].weight
     assert torch.equal(fresh["emb"].weight, model["emb"].weight)
 
@@ -175,14 +183,14 @@ def test_open_reads_metadata_only(tmp_path, monkeypatch):
     path = tmp_path / "m.safetensors"
     report = type("Report", (), {"to_json": lambda self: json.dumps(
         {"layers": [{"name": "0", "weight_error": 0.25, "output_error": None}]})})()
-    save_compressed(model, path, report=report)
+    tk.save_compressed(model, path, report=report)
 
     import fsspec.implementations.local as local
     read = []
     real_read = local.LocalFileOpener.read
     monkeypatch.setattr(local.LocalFileOpener, "read", lambda self, *a: read.append(real_read(self, *a)) or read[-1])
-    monkeypatch.setattr(safetensors, "safe_open", lambda *a, **k: pytest.fail("open_compressed read tensor data"))
-    f = open_compressed(path)
+    monkeypatch.setattr(safetensors, "safe_open", lambda *a, **k: pytest.fail("tk.open_compressed read tensor data"))
+    f = tk.open_compressed(path)
     (info,) = f.layers
     assert (info.name, info.class_name, info.shape, info.params, info.dense_params) == (
         "0", "LowRankLinear", (512, 512), 2 * 512 * 2 + 512, 512 * 512 + 512)
@@ -203,7 +211,7 @@ def test_include_loads_only_the_matching_layers(saved):
     net, path, x, _ = saved
     model = Net()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    load_compressed(model, path, include=r"layers\.(lowrank|kron_gated)$")
+    tk.load_compressed(model, path, include=r"layers\.(lowrank|kron_gated)$")
     assert isinstance(model.layers["lowrank"], tk.LowRankLinear)
     assert isinstance(model.layers["kron_gated"], tk.KroneckerLinear)
     assert type(model.layers["tt"]) is nn.Linear and type(model.block) is nn.Sequential
@@ -213,9 +221,9 @@ def test_include_loads_only_the_matching_layers(saved):
     for k in ("lowrank", "kron_gated"):
         assert torch.equal(model.layers[k](x), net.layers[k](x))
     with pytest.raises(ValueError, match="matches no layer or tensor"):
-        load_compressed(Net(), path, include="nothing-like-this")
+        tk.load_compressed(Net(), path, include="nothing-like-this")
     with pytest.raises(ValueError, match="not a valid regular expression"):
-        load_compressed(Net(), path, include="(")
+        tk.load_compressed(Net(), path, include="(")
 
 
 def test_strict_refuses_a_model_that_differs(saved):
@@ -224,18 +232,18 @@ def test_strict_refuses_a_model_that_differs(saved):
     del model.block
     state = snapshot(model)
     with pytest.raises(ValueError, match="layer 'block' has no module in the model"):
-        load_compressed(model, path)
+        tk.load_compressed(model, path)
     assert_same_model(model, *state)
-    load_compressed(model, path, strict=False)
+    tk.load_compressed(model, path, strict=False)
     assert isinstance(model.layers["tt"], tk.TTLinear)
     model = Net()
     model.extra = nn.Linear(2, 2)
     with pytest.raises(ValueError, match=r"in the model only \['extra.weight', 'extra.bias'\]"):
-        load_compressed(model, path)
+        tk.load_compressed(model, path)
     other = Net()
     other.layers["tt"] = nn.Linear(24, 13)
     with pytest.raises(ValueError, match="layer 'layers.tt': the model's Linear is 13x24"):
-        load_compressed(other, path)
+        tk.load_compressed(other, path)
 
 
 # ---- refusals -------------------------------------------------------------------------------------
@@ -285,11 +293,11 @@ def set_arg(layer: str, **args):
 
 
 BROKEN = {
-    "flipped-core": (lambda p: flip_data_byte(p, "layers.tt.cores.1"), IntegrityError,
+    "flipped-core": (lambda p: flip_data_byte(p, "layers.tt.cores.1"), tk.IntegrityError,
                      "tensor 'layers.tt.cores.1': its SHA-256 differs"),
-    "flipped-norm": (lambda p: flip_data_byte(p, "norm.weight"), IntegrityError, "tensor 'norm.weight'"),
-    "flipped-buffer": (lambda p: flip_data_byte(p, "block.lo"), IntegrityError, "tensor 'block.lo'"),
-    "header-dtype": (lambda p: change_dtype(p, "layers.lowrank.U"), IntegrityError,
+    "flipped-norm": (lambda p: flip_data_byte(p, "norm.weight"), tk.IntegrityError, "tensor 'norm.weight'"),
+    "flipped-buffer": (lambda p: flip_data_byte(p, "block.lo"), tk.IntegrityError, "tensor 'block.lo'"),
+    "header-dtype": (lambda p: change_dtype(p, "layers.lowrank.U"), tk.IntegrityError,
                      r"tensor 'layers.lowrank.U': stored as int32 \(12, 3\), recorded as float32"),
     "truncated": (truncate, ValueError, "truncated: its header describes"),
     "cut-in-header": (cut_inside_header, ValueError, "bad header"),
@@ -299,7 +307,8 @@ BROKEN = {
                       "class 'tspline_kernels.nope.NopeLinear' is not a compressed layer this tspline-kernels"),
     "not-ours": (plain_safetensors, ValueError, "not a tspline compressed model file"),
     "rank": (set_arg("layers.lowrank", rank=4), ValueError,
-             r"layer 'layers.lowrank': the recorded arguments .* do not match the stored tensors(?s:.*)size mismatch for U"),
+             r"layer 'layers.lowrank': the recorded arguments .* do not match the stored tensors"
+             r"(?s:.*)size mismatch for U"),
     "modes": (set_arg("layers.tt", in_modes=[4, 3, 2]), ValueError, "do not match the stored tensors"),
     "radius": (set_arg("layers.gaussian_local", support_radius=1.2), ValueError,
                "support_radius=0.9 in the state dict but 1.2 in this layer"),
@@ -321,18 +330,18 @@ def test_broken_file_is_refused_and_the_model_left_untouched(saved, tmp_path, ca
     model = Net()
     state = snapshot(model)
     with pytest.raises(error, match=match):
-        load_compressed(model, broken)
+        tk.load_compressed(model, broken)
     assert_same_model(model, *state)
 
 
 def test_integrity_error_is_a_value_error_and_found_lazily(saved, tmp_path):
-    assert issubclass(IntegrityError, ValueError)
+    assert issubclass(tk.IntegrityError, ValueError)
     path = tmp_path / "model.safetensors"
     path.write_bytes(saved[1].read_bytes())
     flip_data_byte(path, "layers.bspline.control")
-    with open_compressed(path) as f:  # metadata is intact: opening works, reading the tensor fails
+    with tk.open_compressed(path) as f:  # metadata is intact: opening works, reading the tensor fails
         assert torch.equal(f.tensor("layers.lowrank.U"), saved[0].layers["lowrank"].U)
-        with pytest.raises(IntegrityError, match="layers.bspline.control"):
+        with pytest.raises(tk.IntegrityError, match="layers.bspline.control"):
             f.load_layer("layers.bspline")
         assert list(f.verify()) == ["layers.bspline.control"]
 
@@ -340,24 +349,24 @@ def test_integrity_error_is_a_value_error_and_found_lazily(saved, tmp_path):
 def test_save_refuses_what_it_cannot_record(tmp_path):
     path = tmp_path / "m.safetensors"
     with pytest.raises(TypeError, match="model must be an nn.Module"):
-        save_compressed("model", path)
+        tk.save_compressed("model", path)
     with pytest.raises(ValueError, match="the model itself is a LowRankLinear"):
-        save_compressed(tk.LowRankLinear(4, 4, 1), path)
+        tk.save_compressed(tk.LowRankLinear(4, 4, 1), path)
     with pytest.raises(ValueError, match="tensor '0.bias' is on the meta device"):
-        save_compressed(nn.Sequential(tk.LowRankLinear(4, 4, 1, device="meta")), path)
+        tk.save_compressed(nn.Sequential(tk.LowRankLinear(4, 4, 1, device="meta")), path)
     with pytest.raises(ValueError, match="max_shard_size must be bytes"):
-        save_compressed(nn.Sequential(nn.Linear(2, 2)), path, max_shard_size="lots")
+        tk.save_compressed(nn.Sequential(nn.Linear(2, 2)), path, max_shard_size="lots")
     with pytest.raises(TypeError, match="max_shard_size must be an int"):
-        save_compressed(nn.Sequential(nn.Linear(2, 2)), path, max_shard_size=1.5)
+        tk.save_compressed(nn.Sequential(nn.Linear(2, 2)), path, max_shard_size=1.5)
     layer = tk.LowRankLinear(4, 4, 1)
     layer.init_args = {**layer.init_args, "rank": object()}
     with pytest.raises(TypeError, match=r"layer '0' \(LowRankLinear\): argument rank=.* cannot be recorded"):
-        save_compressed(nn.Sequential(layer), path)
+        tk.save_compressed(nn.Sequential(layer), path)
     with pytest.raises(TypeError, match="report must be a mapping or have to_json"):
-        save_compressed(nn.Sequential(nn.Linear(2, 2)), path, report=[1])
+        tk.save_compressed(nn.Sequential(nn.Linear(2, 2)), path, report=[1])
     assert not path.exists()
     with pytest.raises(FileNotFoundError, match="no compressed model at"):
-        open_compressed(tmp_path / "missing.safetensors")
+        tk.open_compressed(tmp_path / "missing.safetensors")
 
 
 # ---- tspline inspect ------------------------------------------------------------------------------

@@ -113,7 +113,8 @@ def _report_json(report) -> dict | None:
     if isinstance(data, str):
         data = json.loads(data)
     if not isinstance(data, Mapping):
-        raise TypeError(f"report must be a mapping or have to_json() (a compression report), got {type(report).__name__}")
+        raise TypeError(f"report must be a mapping or have to_json() (a compression report), "
+                        f"got {type(report).__name__}")
     return dict(data)
 
 
@@ -149,6 +150,8 @@ def _tensors_to_write(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
     tied to an earlier one (same storage, offset, shape and strides) is stored once."""
     tensors, aliases, seen, storages = {}, {}, {}, set()
     for name, t in model.state_dict().items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"state-dict entry {name!r} is a {type(t).__name__}: safetensors stores tensors only")
         if t.device.type == "meta":
             raise ValueError(f"tensor {name!r} is on the meta device: there is no data to save")
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
@@ -383,11 +386,13 @@ class CompressedFile:
             raise IntegrityError(f"{self.path}: the stored tensors and the recorded ones differ ({odd})")
         for p, header in headers.items():
             for name, entry in header.items():
-                if tuple(entry["shape"]) != self.tensors[name].shape or shards[name] != p:
+                if shards[name] != p:
+                    raise IntegrityError(f"tensor {name!r}: the index places it in {shards[name]}, but {p} holds it")
+                if tuple(entry["shape"]) != self.tensors[name].shape:
                     raise IntegrityError(f"tensor {name!r}: the file stores shape {tuple(entry['shape'])}, "
                                          f"recorded {self.tensors[name].shape}")
         self._tmp: tempfile.TemporaryDirectory | None = None  # removed when closed or collected
-        self._local_copies: dict[str, str] = {}
+        self._handles: dict[str, object] = {}  # shard -> open safe_open handle
 
     def __enter__(self) -> CompressedFile:
         return self
@@ -396,9 +401,13 @@ class CompressedFile:
         self.close()
 
     def close(self) -> None:
+        """Release the open shards and remove downloaded copies (the object stays usable)."""
+        for handle in self._handles.values():
+            handle.__exit__(None, None, None)
+        self._handles = {}
         if self._tmp is not None:
             self._tmp.cleanup()
-            self._tmp, self._local_copies = None, {}
+            self._tmp = None
 
     def __repr__(self) -> str:
         return f"CompressedFile({self.path!r}, {len(self.layers)} compressed layers, {len(self.tensors)} tensors)"
@@ -417,17 +426,22 @@ class CompressedFile:
         """The state-dict keys of compressed layer ``name`` (prefixed by ``name + "."``)."""
         return [t for t in self.keys() if t.startswith(name + ".")]
 
-    def _reader_path(self, shard: str) -> str:
-        """A local path for ``shard``: itself on the local disk, else a copy downloaded once."""
-        if self._local:
-            return shard
-        if shard not in self._local_copies:
-            if self._tmp is None:
-                self._tmp = tempfile.TemporaryDirectory(prefix="tspline-")
-            local = os.path.join(self._tmp.name, f"{len(self._local_copies)}.safetensors")
-            self._fs.get_file(shard, local)
-            self._local_copies[shard] = local
-        return self._local_copies[shard]
+    def _handle(self, shard: str):
+        """A ``safe_open`` handle on ``shard``, opened once: on the file itself on the local disk,
+        else on a copy downloaded to a temporary folder."""
+        if shard not in self._handles:
+            safetensors = _need("safetensors")
+            local = shard
+            if not self._local:
+                if self._tmp is None:
+                    self._tmp = tempfile.TemporaryDirectory(prefix="tspline-")
+                local = os.path.join(self._tmp.name, f"{len(self._handles)}.safetensors")
+                self._fs.get_file(shard, local)
+            try:
+                self._handles[shard] = safetensors.safe_open(local, framework="pt", device="cpu")
+            except safetensors.SafetensorError as e:
+                raise ValueError(f"{shard}: cannot read it: {e}") from e
+        return self._handles[shard]
 
     def tensor(self, name: str) -> torch.Tensor:
         """Read stored tensor ``name`` (lazily, through ``safe_open``) and check its dtype, shape and
@@ -438,11 +452,10 @@ class CompressedFile:
         if name not in self.tensors:
             raise KeyError(f"no tensor {name!r} in {self.path}")
         info = self.tensors[name]
-        safetensors = _need("safetensors")
+        handle = self._handle(info.shard)
         try:
-            with safetensors.safe_open(self._reader_path(info.shard), framework="pt", device="cpu") as f:
-                t = f.get_tensor(name)
-        except safetensors.SafetensorError as e:
+            t = handle.get_tensor(name)
+        except _need("safetensors").SafetensorError as e:
             raise ValueError(f"{info.shard}: cannot read tensor {name!r}: {e}") from e
         if _dtype_name(t) != info.dtype or tuple(t.shape) != info.shape:
             raise IntegrityError(f"tensor {name!r}: stored as {_dtype_name(t)} {tuple(t.shape)}, recorded as "
@@ -461,7 +474,9 @@ class CompressedFile:
         """The recorded layer ``name`` on ``device``, its state loaded from ``tensors`` (its keys
         prefixed by ``name + "."``); the tensors keep their stored dtype."""
         info, key = self.layer(name), self._classes[name]
-        cls = _known_classes().get(key)
+        known = _known_classes()
+        same_name = [c for c in known.values() if c.__qualname__ == key.rpartition(".")[2]]
+        cls = known.get(key, same_name[0] if len(same_name) == 1 else None)  # a class moved to another module
         if cls is None:
             raise ValueError(f"layer {name!r}: class {key!r} is not a compressed layer this tspline-kernels "
                              f"({_version()}) knows")
@@ -486,7 +501,8 @@ class CompressedFile:
     def load_layer(self, name: str, device=None) -> CompressedLinear:
         """Compressed layer ``name`` rebuilt from its recorded class and arguments, its tensors read
         and verified (only this layer's), on ``device`` (default CPU)."""
-        tensors = self.read(self.layer_tensors(self.layer(name).name))
+        self.layer(name)  # KeyError naming the layers when there is no such layer
+        tensors = self.read(self.layer_tensors(name))
         return self._build(name, tensors, torch.device(device if device is not None else "cpu"))
 
     @torch.no_grad()
@@ -542,7 +558,8 @@ class CompressedFile:
         if failed is None:
             lines.append("checksums: not verified (--verify reads every tensor and checks its SHA-256)")
         elif failed:
-            lines.append(f"checksums: {len(failed)} of {len(self.tensors)} tensors FAILED: " + "; ".join(failed.values()))
+            lines.append(f"checksums: {len(failed)} of {len(self.tensors)} tensors FAILED: "
+                         + "; ".join(failed.values()))
         else:
             lines.append(f"checksums: all {len(self.tensors)} tensors match their SHA-256")
         return "\n".join(lines)
@@ -587,7 +604,8 @@ def _targets(model: nn.Module, f: CompressedFile, names: list[str], strict: bool
             old = model.get_submodule(name)
         except AttributeError:
             if strict:
-                raise ValueError(f"the file's layer {name!r} has no module in the model (strict=False skips it)") from None
+                raise ValueError(f"the file's layer {name!r} has no module in the model "
+                                 "(strict=False skips it)") from None
             continue
         info = f.layer(name)
         shape = (getattr(old, "out_features", None), getattr(old, "in_features", None))
@@ -604,12 +622,13 @@ def load_compressed(model: nn.Module, path, strict: bool = True, include: str | 
     (dense, or built on the meta device), in place, and return it.
 
     Each recorded compressed layer replaces the module at its path (an ``nn.Linear`` of the same
-    features, a compressed layer, or the block a DecoupledSplineMLP replaced); every other stored tensor is loaded into the model. Tensors
-    keep their stored dtype and go to the device of what they replace (the CPU for meta); tied
-    tensors are tied again. ``include``: a regex; only the layers and tensors whose names match
-    (searched) are loaded. ``strict``: every selected name must exist in the model and, without
-    ``include``, every model tensor must be in the file. All checksums are verified, all layers
-    built and every shape checked before the model is touched: on any error
+    features, a compressed layer, or the block a DecoupledSplineMLP replaced); every other stored
+    tensor is loaded into the model. Tensors keep their stored dtype and go to the device of what
+    they replace (the CPU for meta); tied tensors are tied again. Non-persistent buffers are not in
+    the file: on a meta model they stay on meta. ``include``: a regex; only the layers and tensors
+    whose names match (searched) are loaded. ``strict``: every selected name must exist in the
+    model and, without ``include``, every model tensor must be in the file. All checksums are
+    verified, all layers built and every shape checked before the model is touched: on any error
     (:class:`IntegrityError` for corrupted data) the model is left exactly as it was."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
