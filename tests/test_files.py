@@ -3,6 +3,7 @@ inspect``): round trips of a model mixing every family, sharding, fsspec, checks
 tampered, truncated and mismatched files that leave the model untouched."""
 
 import json
+import sys
 
 import pytest
 import safetensors
@@ -126,6 +127,7 @@ def test_round_trip_into_the_original_architecture(saved, device):
 def test_sharded_round_trip_follows_the_hugging_face_index_convention(saved, tmp_path):
     net, _, x, y = saved
     path = tmp_path / "model.safetensors"
+    tk.save_compressed(net, path)  # the shards replace it
     written = tk.save_compressed(net, path, max_shard_size="1kB")
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
@@ -367,6 +369,12 @@ def test_save_refuses_what_it_cannot_record(tmp_path):
     assert not path.exists()
     with pytest.raises(FileNotFoundError, match="no compressed model at"):
         tk.open_compressed(tmp_path / "missing.safetensors")
+
+
+def test_a_missing_fsspec_is_named(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "fsspec", None)
+    with pytest.raises(ImportError, match=r"need fsspec: pip install 'tspline-kernels\[files\]'"):
+        tk.open_compressed(tmp_path / "m.safetensors")
 
 
 # ---- tspline inspect ------------------------------------------------------------------------------

@@ -118,11 +118,18 @@ def _report_json(report) -> dict | None:
     return dict(data)
 
 
+def _owner_in(key: str, names) -> str | None:
+    """The member of ``names`` that is a proper module-path prefix of ``key`` (``"a.b"`` of
+    ``"a.b.U"``), or None."""
+    parts = key.split(".")
+    return next((p for p in (".".join(parts[:k]) for k in range(1, len(parts))) if p in names), None)
+
+
 def _outermost_compressed(model: nn.Module) -> dict[str, CompressedLinear]:
     """Qualified name -> compressed layer, skipping those nested inside another compressed layer."""
     found: dict[str, CompressedLinear] = {}
     for name, m in model.named_modules():
-        if isinstance(m, CompressedLinear) and not any(name.startswith(p + ".") for p in found):
+        if isinstance(m, CompressedLinear) and _owner_in(name, found) is None:
             if name == "":
                 raise ValueError("save_compressed takes a model that contains compressed layers; the model "
                                  f"itself is a {type(m).__name__} (wrap it, e.g. in nn.Sequential)")
@@ -208,9 +215,9 @@ def save_compressed(model: nn.Module, path, report=None, max_shard_size=None, *,
     groups = _shards(tensors, limit)
     if "/" in root.strip("/"):
         fs.makedirs(root[:root.rfind("/")], exist_ok=True)
-    _remove_previous(fs, root)
     if len(groups) == 1:
         _write(fs, root, st.save(tensors, {"format": "pt", _KEY: json.dumps(doc)}))
+        _remove_previous(fs, root, keep={root})
         return [root]
     stem = root[root.rfind("/") + 1:].removesuffix(".safetensors")
     names = [f"{stem}-{k + 1:05d}-of-{len(groups):05d}.safetensors" for k in range(len(groups))]
@@ -218,11 +225,13 @@ def save_compressed(model: nn.Module, path, report=None, max_shard_size=None, *,
     for shard, group in with_progress(list(zip(names, groups)), progress, desc="shards"):
         _write(fs, _sibling(root, shard), st.save({n: tensors[n] for n in group},
                                                   {"format": "pt", _SHARD_KEY: index_name}))
+    written = [_sibling(root, n) for n in names]
+    _remove_previous(fs, root, keep=set(written))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total, _KEY: doc},
              "weight_map": {n: shard for shard, group in zip(names, groups) for n in group}}
     _write(fs, root + INDEX_SUFFIX, json.dumps(index, indent=1).encode())
-    return [_sibling(root, n) for n in names] + [root + INDEX_SUFFIX]
+    return written + [root + INDEX_SUFFIX]
 
 
 def _write(fs, path: str, data: bytes) -> None:
@@ -230,9 +239,10 @@ def _write(fs, path: str, data: bytes) -> None:
         f.write(data)
 
 
-def _remove_previous(fs, root: str) -> None:
-    """Remove the file or the index and shards a previous save left at ``root``."""
-    if fs.isfile(root):
+def _remove_previous(fs, root: str, keep: set[str]) -> None:
+    """Remove what a previous save left at ``root`` (the file, or the index and its shards) and
+    the new save did not overwrite (``keep``)."""
+    if root not in keep and fs.isfile(root):
         fs.rm(root)
     index = root + INDEX_SUFFIX
     if fs.isfile(index):
@@ -241,8 +251,9 @@ def _remove_previous(fs, root: str) -> None:
         except (ValueError, KeyError, TypeError, AttributeError):
             shards = set()
         for shard in shards:
-            if isinstance(shard, str) and "/" not in shard and fs.isfile(_sibling(root, shard)):
-                fs.rm(_sibling(root, shard))
+            old = _sibling(root, shard) if isinstance(shard, str) and "/" not in shard else None
+            if old is not None and old not in keep and fs.isfile(old):
+                fs.rm(old)
         fs.rm(index)
 
 
@@ -380,6 +391,9 @@ class CompressedFile:
             self._classes = {name: r["class"] for name, r in doc["layers"].items()}
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{self.path}: bad {_KEY!r} metadata: missing or malformed {e}") from None
+        self._by_layer: dict[str | None, list[str]] = {}  # layer name (None: outside them) -> its keys
+        for key in self.keys():
+            self._by_layer.setdefault(_owner_in(key, self._classes), []).append(key)
         stored = {name for header in headers.values() for name in header}
         if stored != set(self.tensors):
             odd = sorted(stored ^ set(self.tensors))[:5]
@@ -424,7 +438,11 @@ class CompressedFile:
 
     def layer_tensors(self, name: str) -> list[str]:
         """The state-dict keys of compressed layer ``name`` (prefixed by ``name + "."``)."""
-        return [t for t in self.keys() if t.startswith(name + ".")]
+        return self._by_layer.get(name, [])
+
+    def other_tensors(self) -> list[str]:
+        """The state-dict keys outside every compressed layer."""
+        return self._by_layer.get(None, [])
 
     def _handle(self, shard: str):
         """A ``safe_open`` handle on ``shard``, opened once: on the file itself on the local disk,
@@ -538,8 +556,7 @@ class CompressedFile:
         rows = [[i.name, i.class_name, f"{i.shape[0]}x{i.shape[1]}", str(i.params), str(i.dense_params),
                  f"{i.ratio:.2f}x", err(i.errors.get("weight_error")), err(i.errors.get("output_error")),
                  status(self.layer_tensors(i.name))] for i in self.layers]
-        in_layers = {t for i in self.layers for t in self.layer_tensors(i.name)}
-        other = [t for t in self.tensors if t not in in_layers]
+        other = [t for t in self.other_tensors() if t in self.tensors]
         other_elements = sum(math.prod(self.tensors[t].shape) for t in other)
         rows.append([f"(other tensors: {len(other)})", "-", "-", str(other_elements), str(other_elements), "-", "-",
                      "-", status(other)])
@@ -636,13 +653,12 @@ def load_compressed(model: nn.Module, path, strict: bool = True, include: str | 
     pattern = _pattern("include", include)
     with open_compressed(path) as f:
         picked = [i.name for i in f.layers if pattern is None or pattern.search(i.name)]
-        in_layers = {t for i in f.layers for t in f.layer_tensors(i.name)}
-        plain = [t for t in f.keys() if t not in in_layers and (pattern is None or pattern.search(t))]
+        plain = [t for t in f.other_tensors() if pattern is None or pattern.search(t)]
         if pattern is not None and not picked and not plain:
             raise ValueError(f"include={include!r} matches no layer or tensor of {f.path}")
         targets = _targets(model, f, picked, strict)
         kept = {k: v for k, v in model.state_dict(keep_vars=True).items()
-                if not any(k.startswith(n + ".") for n in targets)}
+                if _owner_in(k, targets) is None}
         unexpected = [k for k in plain if k not in kept]
         missing = [k for k in kept if k not in plain] if pattern is None else []
         if strict and (unexpected or missing):
