@@ -100,15 +100,18 @@ def _reference(layer: DecoupledSplineMLP, x: torch.Tensor) -> torch.Tensor:
     pytest.param((9,), 6, 1, 1, 4, False, id="rank1-k4-nobias"),
     pytest.param((3, 1, 2), 13, 11, 9, 5, True, id="odd-4d"),
 ])
-def test_layer_matches_reference(lead, m, n, rank, k, bias):
-    layer = DecoupledSplineMLP(m, n, rank, n_basis=k, bias=bias, dtype=F64)
+@pytest.mark.parametrize("which", ["reference", "triton"])
+def test_layer_matches_reference(lead, m, n, rank, k, bias, which):
+    dtype = F64 if which == "reference" else torch.float32  # the kernels run fp32 and the half types
+    layer = DecoupledSplineMLP(m, n, rank, n_basis=k, bias=bias, dtype=dtype)
     with torch.no_grad():  # spread the ranges so inputs land inside and outside them
         layer.lo.uniform_(-2, -0.5)
         layer.hi.uniform_(0.2, 1.5)
-    x = 2 * torch.randn(*lead, m, dtype=F64)
-    y = layer(x)
+    x = 2 * torch.randn(*lead, m, dtype=dtype)
+    with tk.backend(which):
+        y = layer(x)
     assert y.shape == (*lead, n)
-    assert_close(y, _reference(layer, x))
+    assert_close(y, _reference(layer, x), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

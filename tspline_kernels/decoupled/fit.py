@@ -191,8 +191,8 @@ class _ALS:
                + self.l_c * torch.diff(st.c, n=2, dim=1).square().sum())
         return (self.w_j * fit_j + self.w_f * fit_f + reg).item()
 
-    def update_w(self, st: _State) -> _State:
-        a, d = _designs(self.data.x, st)
+    def update_w(self, st: _State, a: torch.Tensor, d: torch.Tensor) -> _State:
+        """The exact W for ``st``'s V, knots and C (whose designs are ``a``, ``d``)."""
         g, h = (a * st.c).sum(-1), (d * st.c).sum(-1)
         gc = g - g.mean(0)
         lhs = self.w_j * (h.T @ h) * (st.v.T @ st.v) + self.w_f * gc.T @ gc
@@ -200,8 +200,8 @@ class _ALS:
         rhs = self.w_j * self.data.jac.m1(st.v, h) + self.w_f * self.fc.T @ gc
         return _State(st.v, _solve_psd(lhs, rhs.T).T, st.c, st.lo, st.hi)
 
-    def propose_v(self, st: _State) -> torch.Tensor:
-        _, d = _designs(self.data.x, st)
+    def propose_v(self, st: _State, d: torch.Tensor) -> torch.Tensor:
+        """The CPD step for V with H (slope design ``d``) held fixed, before normalisation."""
         h = (d * st.c).sum(-1)
         lhs = self.w_j * (h.T @ h) * (st.w.T @ st.w)
         lhs = lhs + self.l_v * torch.eye(lhs.shape[0], dtype=lhs.dtype, device=lhs.device)
@@ -238,13 +238,14 @@ class _ALS:
 
     def step(self, st: _State, phi: float) -> tuple[_State, float]:
         """One iteration (W, then V with a step-length search, each V followed by C); never raises Phi."""
-        updated = self.update_w(st)
-        phi_w = self.objective(updated)
+        a, d = _designs(self.data.x, st)
+        updated = self.update_w(st, a, d)
+        phi_w = self.objective(updated, a, d)
         if phi_w <= phi:  # W is the exact minimiser: only rounding can raise Phi here
             st = updated
         else:
             phi_w = phi
-        proposal = self.propose_v(st)
+        proposal = self.propose_v(st, d)
         for t in STEPS:
             v = _normalised(st.v + t * (proposal - st.v))
             lo, hi = _knots(self.data.x, v)
@@ -384,7 +385,7 @@ def _linear_start(x: torch.Tensor, jac: torch.Tensor, rank: int, n_basis: int, s
 
 def fit(cls, f: Callable, samples: torch.Tensor, rank: int, n_basis: int = 12, iters: int = 100, *,
         init: nn.Module | None = None, value_weight: float = 1.0, regularization: float = 1e-6,
-        holdout: float = 0.1, c_update: str = "auto", tol: float = 1e-9, batch_size: int = 256,
+        holdout: float = 0.1, c_update: str = "auto", tol: float = 1e-6, batch_size: int = 256,
         seed: int = 0, progress: bool = True) -> nn.Module:
     """Fit ``cls`` (a DecoupledSplineMLP) to ``f`` (row-wise: ``(N, m)`` -> ``(N, n)``, differentiable
     by autograd) at ``samples`` ``(N, m)``.
@@ -417,7 +418,7 @@ def fit(cls, f: Callable, samples: torch.Tensor, rank: int, n_basis: int = 12, i
     start = _start_from(init, x) if init is not None else _linear_start(fitted.x, fitted.jac.jac, rank, n_basis, seed)
     if init is None:
         als = _ALS(fitted, start, value_weight, 0.0, c_update)
-        start = als.update_w(start)
+        start = als.update_w(start, *_designs(fitted.x, start))
     als = _ALS(fitted, start, value_weight, regularization, c_update)
     st, history = _run(als, start, iters, tol, progress)
     dense = sum(p.numel() for p in f.parameters()) if isinstance(f, nn.Module) else values.shape[1] * (x.shape[1] + 1)
@@ -427,7 +428,7 @@ def fit(cls, f: Callable, samples: torch.Tensor, rank: int, n_basis: int = 12, i
 
 def from_mlp(cls, fc1: nn.Linear, activation: Callable, fc2: nn.Linear, samples: torch.Tensor, rank: int,
              n_basis: int = 12, iters: int = 100, *, value_weight: float = 1.0, regularization: float = 1e-6,
-             holdout: float = 0.1, c_update: str = "auto", tol: float = 1e-9, seed: int = 0,
+             holdout: float = 0.1, c_update: str = "auto", tol: float = 1e-6, seed: int = 0,
              progress: bool = True) -> nn.Module:
     """Fit ``cls`` to the block fc2(activation(fc1 x)) at ``samples`` ``(N, fc1.in_features)`` with
     implicit Jacobians (see the module docstring), starting from the ``rank`` hidden units l with the

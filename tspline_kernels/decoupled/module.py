@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from .._layers import CompressedLinear, check_count, check_flag
-from ..reference import decoupled as ref
 from . import fit as _fit
+from . import ops
 
 INIT_RANGE = 3.0  # a fresh layer's activations are GELU on [-3, 3], linear beyond
 
@@ -55,7 +55,7 @@ class DecoupledSplineMLP(CompressedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self._prepare(x)
         bias = None if self.bias is None else self.bias.to(dtype)
-        return ref.decoupled_mlp(x.to(dtype), self.V.to(dtype), self.W.to(dtype), self.coef.to(dtype),
+        return ops.decoupled_mlp(x.to(dtype), self.V.to(dtype), self.W.to(dtype), self.coef.to(dtype),
                                  self.lo, self.hi, bias)
 
     def materialize(self) -> torch.Tensor:
