@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import tspline_kernels as tk
-from tspline_kernels import cli
+from tspline_kernels import cli, files
+from tspline_kernels.files import IntegrityError
 
 # every family, 24 -> 12 features, with the settings no parameter shape shows
 FAMILIES = {
@@ -295,11 +296,11 @@ def set_arg(layer: str, **args):
 
 
 BROKEN = {
-    "flipped-core": (lambda p: flip_data_byte(p, "layers.tt.cores.1"), tk.IntegrityError,
+    "flipped-core": (lambda p: flip_data_byte(p, "layers.tt.cores.1"), IntegrityError,
                      "tensor 'layers.tt.cores.1': its SHA-256 differs"),
-    "flipped-norm": (lambda p: flip_data_byte(p, "norm.weight"), tk.IntegrityError, "tensor 'norm.weight'"),
-    "flipped-buffer": (lambda p: flip_data_byte(p, "block.lo"), tk.IntegrityError, "tensor 'block.lo'"),
-    "header-dtype": (lambda p: change_dtype(p, "layers.lowrank.U"), tk.IntegrityError,
+    "flipped-norm": (lambda p: flip_data_byte(p, "norm.weight"), IntegrityError, "tensor 'norm.weight'"),
+    "flipped-buffer": (lambda p: flip_data_byte(p, "block.lo"), IntegrityError, "tensor 'block.lo'"),
+    "header-dtype": (lambda p: change_dtype(p, "layers.lowrank.U"), IntegrityError,
                      r"tensor 'layers.lowrank.U': stored as int32 \(12, 3\), recorded as float32"),
     "truncated": (truncate, ValueError, "truncated: its header describes"),
     "cut-in-header": (cut_inside_header, ValueError, "bad header"),
@@ -336,14 +337,58 @@ def test_broken_file_is_refused_and_the_model_left_untouched(saved, tmp_path, ca
     assert_same_model(model, *state)
 
 
+def test_a_failure_while_swapping_puts_every_module_and_tensor_back(saved, monkeypatch):
+    model = Net()
+    state = snapshot(model)
+    tie = files._tie
+
+    def failing(module, aliases):
+        if module is model:  # after the layers are swapped in and the other tensors assigned
+            raise RuntimeError("interrupted")
+        tie(module, aliases)
+
+    monkeypatch.setattr(files, "_tie", failing)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        tk.load_compressed(model, saved[1])
+    assert_same_model(model, *state)
+
+
+def test_sharded_files_are_checked_like_single_ones(saved, tmp_path):
+    net, _, _, _ = saved
+    path = tmp_path / "model.safetensors"
+    tk.save_compressed(net, path, max_shard_size="1kB")
+    index_path = tmp_path / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shard = tmp_path / index["weight_map"]["layers.spline_tt.control.0"]
+    model = Net()
+    state = snapshot(model)
+    flip_data_byte(shard, "layers.spline_tt.control.0")
+    with pytest.raises(IntegrityError, match="tensor 'layers.spline_tt.control.0'"):
+        tk.load_compressed(model, path)
+    truncate(shard)
+    with pytest.raises(ValueError, match="truncated"):
+        tk.load_compressed(model, path)
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=shard.name):
+        tk.load_compressed(model, path)
+    index["weight_map"]["norm.weight"] = "../elsewhere.safetensors"
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="bad index file: weight_map must name shard files"):
+        tk.load_compressed(model, path)
+    index_path.write_text("{")
+    with pytest.raises(ValueError, match="bad index file"):
+        tk.load_compressed(model, path)
+    assert_same_model(model, *state)
+
+
 def test_integrity_error_is_a_value_error_and_found_lazily(saved, tmp_path):
-    assert issubclass(tk.IntegrityError, ValueError)
+    assert tk.IntegrityError is IntegrityError and issubclass(IntegrityError, ValueError)
     path = tmp_path / "model.safetensors"
     path.write_bytes(saved[1].read_bytes())
     flip_data_byte(path, "layers.bspline.control")
     with tk.open_compressed(path) as f:  # metadata is intact: opening works, reading the tensor fails
         assert torch.equal(f.tensor("layers.lowrank.U"), saved[0].layers["lowrank"].U)
-        with pytest.raises(tk.IntegrityError, match="layers.bspline.control"):
+        with pytest.raises(IntegrityError, match="layers.bspline.control"):
             f.load_layer("layers.bspline")
         assert list(f.verify()) == ["layers.bspline.control"]
 

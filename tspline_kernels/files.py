@@ -287,8 +287,8 @@ class LayerInfo:
         return self.dense_params / max(self.params, 1)
 
 
-def _read_header(fs, path: str) -> tuple[dict, dict, int]:
-    """(tensor entries, ``__metadata__``, data offset) of a safetensors file, reading only its header."""
+def _read_header(fs, path: str) -> tuple[dict, dict]:
+    """(tensor entries, ``__metadata__``) of a safetensors file, reading only its header."""
     size = fs.size(path)
     with fs.open(path, "rb") as f:
         head = f.read(8)
@@ -312,7 +312,7 @@ def _read_header(fs, path: str) -> tuple[dict, dict, int]:
         raise ValueError(f"{path}: bad header: {e}") from None
     if 8 + n + end > size:
         raise ValueError(f"{path}: truncated: its header describes {8 + n + end} bytes, the file holds {size}")
-    return header, meta, 8 + n
+    return header, meta
 
 
 def _document(meta: Mapping, where: str) -> dict:
@@ -359,17 +359,19 @@ class CompressedFile:
             root = f"{root.rstrip('/')}/model.safetensors"
         index = root if root.endswith(INDEX_SUFFIX) else root + INDEX_SUFFIX
         if not root.endswith(INDEX_SUFFIX) and self._fs.isfile(root):
-            header, meta, _ = _read_header(self._fs, root)
+            header, meta = _read_header(self._fs, root)
             doc = _document(meta, root)
             shards = {name: root for name in header}
             headers = {root: header}
         elif self._fs.isfile(index):
             try:
                 data = json.loads(self._fs.cat_file(index))
-                weight_map = data["weight_map"]
-                doc = _document(data["metadata"], index)
+                weight_map, meta = dict(data["weight_map"]), dict(data["metadata"])
+                if not all(isinstance(v, str) and v and "/" not in v for v in weight_map.values()):
+                    raise ValueError("weight_map must name shard files in the index's folder")
             except (ValueError, KeyError, TypeError) as e:
                 raise ValueError(f"{index}: bad index file: {e}") from None
+            doc = _document(meta, index)
             shards = {name: _sibling(index, shard) for name, shard in weight_map.items()}
             headers = {p: _read_header(self._fs, p)[0] for p in sorted(set(shards.values()))}
         else:
