@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from tspline_kernels import LowRankLinear
+from tspline_kernels import KroneckerLinear, LowRankLinear
 from tspline_kernels import _fit as fit
 from tspline_kernels._fit import check_gram, output_error, whiten
 from tspline_kernels._layers import fit_report
@@ -182,3 +182,20 @@ def test_weighted_als_rejects_a_worse_step_and_shows_progress(capsys):
     assert result.history == [result.history[0]] * 3  # no gain in the first sweep: it stops there
     assert torch.equal(result.blocks[0], a) and torch.equal(result.blocks[1], b)
     assert "weighted ALS" in capsys.readouterr().err
+
+
+def test_grams_from_inference_mode_and_weights_that_require_grad():
+    """Calibration usually runs under torch.inference_mode (sentence-transformers' encode does): its
+    Grams, and a Linear's trainable weight, go through every fit and report without autograd."""
+    linear = nn.Linear(20, 12)
+    with torch.inference_mode():
+        x = _correlated_inputs(50, 20)
+        gram = x.T @ x
+    low = LowRankLinear.from_linear(linear, 3, gram)
+    kron = KroneckerLinear.from_linear(linear, (4, 5), (3, 4), gram, sweeps=2)
+    curve = fit.lowrank_error_curve(linear.weight, gram)
+    assert not curve.requires_grad
+    assert curve[3].item() == pytest.approx(low.fit_report.output_error, rel=1e-6)
+    assert output_error(linear.weight, kron.materialize(), gram) == pytest.approx(kron.fit_report.output_error)
+    result = fit.weighted_als([torch.randn(3, 4), torch.randn(4, 5)], _kron, linear.weight, gram, sweeps=1)
+    assert not any(b.requires_grad for b in result.blocks) and result.relative_error < 1

@@ -99,16 +99,16 @@ def whiten(gram: torch.Tensor, damping: float = 1e-6) -> tuple[torch.Tensor, tor
 
 def weighted_energy(weight: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     """tr(W G W^T) = ||W X^T||_F^2 for W ``(out, in)``, as a float64 scalar tensor (>= 0)."""
-    w = weight.double()
-    return ((w @ gram.double()) * w).sum().clamp_min(0)
+    w = weight.detach().double()
+    return ((w @ gram.detach().double()) * w).sum().clamp_min(0)
 
 
 def output_error(dense: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor) -> float:
     """||(W - W_hat) X^T||_F / ||W X^T||_F = sqrt(tr(E G E^T) / tr(W G W^T)), E = W - W_hat, for
     ``dense`` W and ``approx`` W_hat ``(out, in)`` and the (undamped) Gram G ``(in, in)``."""
-    w = dense.double()
-    g = gram.double().to(w.device)
-    err = weighted_energy(approx.double().to(w.device) - w, g)
+    w = dense.detach().double()
+    g = gram.detach().double().to(w.device)
+    err = weighted_energy(approx.detach().double().to(w.device) - w, g)
     return (err / weighted_energy(w, g).clamp_min(1e-300)).sqrt().item()
 
 
@@ -118,7 +118,7 @@ def whitened_svd(weight: torch.Tensor, gram: torch.Tensor | None = None, damping
     the thin SVD W S = P diag(sigma) Q^T of ``weight`` W ``(out, in)`` whitened by S = whiten(gram)[0]
     (S = I and S_inv None without a Gram). W_r = P_r diag(sigma_r) Q_r^T S_inv is then the rank-r
     weight minimising ||(W - W_r) S||_F (SVD-LLM), i.e. tr(E G E^T) + lambda ||E||_F^2."""
-    w = weight.double()
+    w = weight.detach().double()
     if gram is None:
         p, s, qh = torch.linalg.svd(w, full_matrices=False)
         return p, s, qh.T, None
