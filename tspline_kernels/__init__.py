@@ -11,6 +11,7 @@ if _torch.version.cuda is None and _torch.version.hip is None:
 
 from ._backend import backend, get_backend
 from .decoupled import DecoupledSplineMLP
+from .heal import HealReport, heal
 from .files import CompressedFile, IntegrityError, load_compressed, open_compressed, save_compressed
 from .kronecker import KroneckerLinear
 from .lowrank import LowRankLinear
@@ -34,6 +35,8 @@ __all__ = [
     "suggest_modes",
     "replace_linear",
     "Replacement",
+    "heal",
+    "HealReport",
     "calibrate",
     "Calibration",
     "LayerStats",
