@@ -125,6 +125,15 @@ def test_round_trip_into_the_original_architecture(saved, device):
         assert torch.equal(model(x), y)
 
 
+@pytest.mark.cuda
+def test_tensors_go_to_the_device_of_what_they_replace(saved):
+    net, path, _, _ = saved
+    model = tk.load_compressed(Net().cuda(), path)
+    state = model.state_dict()
+    assert all(t.device.type == "cuda" for t in state.values())
+    assert all(torch.equal(t.cpu(), net.state_dict()[k]) for k, t in state.items())
+
+
 def test_sharded_round_trip_follows_the_hugging_face_index_convention(saved, tmp_path):
     net, _, x, y = saved
     path = tmp_path / "model.safetensors"

@@ -393,6 +393,7 @@ class CompressedFile:
             self._classes = {name: r["class"] for name, r in doc["layers"].items()}
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{self.path}: bad {_KEY!r} metadata: missing or malformed {e}") from None
+        self._info = {info.name: info for info in self.layers}
         self._by_layer: dict[str | None, list[str]] = {}  # layer name (None: outside them) -> its keys
         for key in self.keys():
             self._by_layer.setdefault(_owner_in(key, self._classes), []).append(key)
@@ -429,9 +430,9 @@ class CompressedFile:
         return f"CompressedFile({self.path!r}, {len(self.layers)} compressed layers, {len(self.tensors)} tensors)"
 
     def layer(self, name: str) -> LayerInfo:
-        for info in self.layers:
-            if info.name == name:
-                return info
+        """The :class:`LayerInfo` of compressed layer ``name``."""
+        if name in self._info:
+            return self._info[name]
         raise KeyError(f"no compressed layer {name!r} in {self.path} (layers: {[i.name for i in self.layers]})")
 
     def keys(self) -> list[str]:
@@ -482,7 +483,7 @@ class CompressedFile:
                                  f"{info.dtype} {info.shape}")
         if _sha256(t) != info.sha256:
             raise IntegrityError(f"tensor {name!r}: its SHA-256 differs from the one recorded when it was saved "
-                                 f"(the file is corrupted or was modified): {info.shard}")
+                                 f"(in {info.shard}: the file is corrupted or was modified)")
         return t
 
     def read(self, names: Iterable[str], progress: bool = False) -> dict[str, torch.Tensor]:
@@ -508,7 +509,7 @@ class CompressedFile:
             raise ValueError(f"layer {name!r}: {info.class_name}(**{info.init_args}) is "
                              f"{layer.out_features}x{layer.in_features}, recorded {info.shape[0]}x{info.shape[1]}")
         prefix = name + "."
-        state = {k[len(prefix):]: t.to(device) for k, t in tensors.items() if k.startswith(prefix)}
+        state = {k[len(prefix):]: tensors[k].to(device) for k in self.layer_tensors(name)}
         try:
             layer.load_state_dict(state, strict=True, assign=True)
         except (RuntimeError, ValueError) as e:
