@@ -8,7 +8,8 @@ J (n x m x N) = [[W, V, H]] (a CPD, H_ki = g_i'(v_i^T x_k)) and values F ~ G W^T
 
 (Fc, Gc column-centred, which is the exact minimum over b0; w_J = 1 / ||J||^2, w_F = value_weight / ||Fc||^2;
 D2 second differences; the l_* are ``regularization`` times the mean diagonal of each step's Gram at the
-start, then fixed so that Phi is one function throughout). One iteration:
+start, then fixed so that Phi is one function throughout), plus mu sum_i (mean_k g_i)^2, which fixes the
+constant in each g_i that no other term sees (b0 takes it) and is 0 at every iterate. One iteration:
   1. W: the exact minimiser, W = [w_J M1 + w_F Fc^T Gc] [w_J (H^T H)*(V^T V) + w_F Gc^T Gc + l_w I]^-1;
   2. V: the CPD step V = M2 [w_J (H^T H)*(W^T W) + l_v I]^-1 w_J (H held fixed), columns normalised
      (the scale moves into g) and each unit's knots rebuilt on the samples' range of z_i, followed by
@@ -140,6 +141,13 @@ def _knots(x: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return torch.where(flat, lo - 0.5, lo), torch.where(flat, hi + 0.5, hi)
 
 
+def _centred(x: torch.Tensor, st: _State) -> _State:
+    """The same model with each g_i shifted to mean 0 over the samples ``x`` (b0 absorbs the shift;
+    the basis values sum to 1 everywhere, extrapolation included, so the shift is one on c_i)."""
+    a, _ = _designs(x, st)
+    return _State(st.v, st.w, st.c - (a * st.c).sum(-1).mean(0)[:, None], st.lo, st.hi)
+
+
 def _normalised(v: torch.Tensor) -> torch.Tensor:
     return v / v.norm(dim=0).clamp_min(1e-300)
 
@@ -167,7 +175,6 @@ class _ALS:
         d2 = torch.diff(torch.eye(k, dtype=torch.float64, device=start.c.device), n=2, dim=0)
         self.d2tn = d2.T @ d2
         # l_* from the Grams at the start (then fixed: Phi must stay one function)
-        self.l_w = self.l_v = self.l_c = 0.0
         a, d = _designs(data.x, start)
         g, h = (a * start.c).sum(-1), (d * start.c).sum(-1)
         gc = g - g.mean(0)
@@ -178,6 +185,10 @@ class _ALS:
         gram_c = (self.w_j * (start.v.T @ start.v).diagonal() * (start.w.T @ start.w).diagonal())[:, None] \
             * d.square().sum(0) + self.w_f * (start.w.T @ start.w).diagonal()[:, None] * ac.square().sum(0)
         self.l_c = regularization * gram_c.mean()
+        # Adding a constant to g_i changes no term above (Gc is centred, H and D2 c_i ignore it), so
+        # the C step would be singular: mu (mean_k g_i)^2 pins each g_i to mean 0 over the samples
+        # (b0 absorbs it). It is 0 at every C step's minimiser and at the (centred) start.
+        self.mu = gram_c.mean() if gram_c.mean() > 0 else torch.ones((), dtype=torch.float64)
 
     def objective(self, st: _State, a: torch.Tensor | None = None, d: torch.Tensor | None = None) -> float:
         if a is None:
@@ -188,7 +199,7 @@ class _ALS:
                  + ((st.w.T @ st.w) * (st.v.T @ st.v) * (h.T @ h)).sum())
         fit_f = (self.fc - gc @ st.w.T).square().sum()
         reg = (self.l_w * st.w.square().sum() + self.l_v * st.v.square().sum()
-               + self.l_c * torch.diff(st.c, n=2, dim=1).square().sum())
+               + self.l_c * torch.diff(st.c, n=2, dim=1).square().sum() + self.mu * g.mean(0).square().sum())
         return (self.w_j * fit_j + self.w_f * fit_f + reg).item()
 
     def update_w(self, st: _State, a: torch.Tensor, d: torch.Tensor) -> _State:
@@ -210,8 +221,10 @@ class _ALS:
     def update_c(self, st: _State) -> tuple[_State, torch.Tensor, torch.Tensor]:
         """Exact (or per-unit exact) coefficients for W, V and the knots of ``st``; also returns the designs."""
         a, d = _designs(self.data.x, st)
-        ac = a - a.mean(0)
+        am = a.mean(0)
+        ac = a - am
         n_s, r, k = a.shape
+        own = self.l_c * self.d2tn + self.mu * am[:, :, None] * am[:, None, :]  # unit i's own K x K terms
         gam = (st.v.T @ st.v) * (st.w.T @ st.w)
         om = st.w.T @ st.w
         m3 = self.data.jac.m3(st.w, st.v)
@@ -220,7 +233,7 @@ class _ALS:
             df, af = d.reshape(n_s, r * k), ac.reshape(n_s, r * k)
             lhs = (self.w_j * (df.T @ df).reshape(r, k, r, k) * gam[:, None, :, None]
                    + self.w_f * (af.T @ af).reshape(r, k, r, k) * om[:, None, :, None])
-            lhs = lhs + self.l_c * torch.eye(r, dtype=a.dtype, device=a.device)[:, None, :, None] * self.d2tn[None, :, None, :]
+            lhs = lhs + torch.eye(r, dtype=a.dtype, device=a.device)[:, None, :, None] * own[:, :, None, :]
             rhs = self.w_j * torch.einsum("nik,ni->ik", d, m3) + self.w_f * torch.einsum("nik,ni->ik", ac, fw)
             c = _solve_psd(lhs.reshape(r * k, r * k), rhs.reshape(-1, 1)).reshape(r, k)
         else:
@@ -230,7 +243,7 @@ class _ALS:
                 di, ai = d[:, i], ac[:, i]
                 res_j = m3[:, i] - h @ gam[:, i] + gam[i, i] * h[:, i]
                 res_f = fw[:, i] - gc @ om[:, i] + om[i, i] * gc[:, i]
-                lhs = self.w_j * gam[i, i] * di.T @ di + self.w_f * om[i, i] * ai.T @ ai + self.l_c * self.d2tn
+                lhs = self.w_j * gam[i, i] * di.T @ di + self.w_f * om[i, i] * ai.T @ ai + own[i]
                 rhs = self.w_j * di.T @ res_j + self.w_f * ai.T @ res_f
                 c[i] = _solve_psd(lhs, rhs[:, None])[:, 0]
                 h[:, i], gc[:, i] = di @ c[i], ai @ c[i]
@@ -416,6 +429,7 @@ def fit(cls, f: Callable, samples: torch.Tensor, rank: int, n_basis: int = 12, i
     fitted = _Data(x[rows], values[rows], ExplicitJacobians(jac[rows]))
     held_out = _Data(x[test], values[test], ExplicitJacobians(jac[test])) if test.numel() else None
     start = _start_from(init, x) if init is not None else _linear_start(fitted.x, fitted.jac.jac, rank, n_basis, seed)
+    start = _centred(fitted.x, start)
     if init is None:
         als = _ALS(fitted, start, value_weight, 0.0, c_update)
         start = als.update_w(start, *_designs(fitted.x, start))
@@ -474,7 +488,7 @@ def from_mlp(cls, fc1: nn.Linear, activation: Callable, fc2: nn.Linear, samples:
     shift = b1[units]
     with torch.no_grad():
         c = spline_coefficients(lambda z: activation(z * scale + shift), lo, hi, n_basis)
-    start = _State(v, w2[:, units], c, lo, hi)
+    start = _centred(fitted.x, _State(v, w2[:, units], c, lo, hi))
     als = _ALS(fitted, start, value_weight, regularization, c_update)
     st, history = _run(als, start, iters, tol, progress)
     dense = sum(p.numel() for lin in (fc1, fc2) for p in lin.parameters())
