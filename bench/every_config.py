@@ -30,13 +30,14 @@ import torch
 
 import tspline_kernels as tk
 from tspline_kernels import _triton
+from tspline_kernels.decoupled import kernels as decoupled_kernels
 from tspline_kernels.kronecker import kernels as kron_kernels
 from tspline_kernels.lowrank import kernels as lowrank_kernels
 from tspline_kernels.spline import kernels as spline_kernels
 from tspline_kernels.testing import assert_close
 from tspline_kernels.tt import kernels as tt_kernels
 
-KERNEL_MODULES = (spline_kernels, lowrank_kernels, kron_kernels, tt_kernels)
+KERNEL_MODULES = (spline_kernels, lowrank_kernels, kron_kernels, tt_kernels, decoupled_kernels)
 MODES = ("isolated", "sequence")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -61,6 +62,8 @@ CASES: list[tuple[str, Callable[[], torch.nn.Module], int]] = [
     ("spline_tt.rebuild", lambda: tk.SplineTTLinear((5, 4, 3), (3, 5, 4), 2, (4, 4), strategy="rebuild"), 300),
     ("kronecker", lambda: tk.KroneckerLinear((3, 5), (4, 7)), 300),
     ("kronecker.gated", lambda: tk.KroneckerLinear((3, 5, 2), (4, 3, 3), gated=True), 300),
+    # 130 features and rank 40: every output tile (up to 256) and rank block (up to 64) survives pruning
+    ("decoupled", lambda: tk.DecoupledSplineMLP(130, 130, rank=40, n_basis=7), 300),
 ]
 
 

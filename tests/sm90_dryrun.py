@@ -7,7 +7,7 @@ triton wheel, H100 shared-memory limit enforced) but never launches. It then run
 forward and backward through the real launchers (CPU tensors only provide shapes, strides and
 dtypes), so argument binding, specialisation, constexprs and autotune pruning are all exercised.
 
-    python tests/sm90_dryrun.py --quick        # one config per kernel, fp32 and bf16 (+ fp16 low-rank and Kronecker) (CI)
+    python tests/sm90_dryrun.py --quick        # one config per kernel, fp32 and bf16 (+ fp16 low-rank, Kronecker, decoupled) (CI)
     python tests/sm90_dryrun.py               # first and last autotune config, every dtype (minutes)
     python tests/sm90_dryrun.py --all-configs  # every config (tens of minutes)
     python tests/sm90_dryrun.py --bench        # the benchmarks' goal rows, every config their autotuner
@@ -208,6 +208,8 @@ def layers(dtypes) -> list[tuple[str, object]]:
         cases.append(("KroneckerLinear(64,64)", tk.KroneckerLinear((64, 64), (64, 64)), dtype))
         cases.append(("KroneckerLinear(128,96)->(100,128)", tk.KroneckerLinear((128, 96), (100, 128)), dtype))
         cases.append(("KroneckerLinear gated 3 modes", tk.KroneckerLinear((3, 5, 2), (4, 3, 3), gated=True), dtype))
+        cases.append(("DecoupledSplineMLP rank 5", tk.DecoupledSplineMLP(67, 45, rank=5), dtype))
+        cases.append(("DecoupledSplineMLP rank 150", tk.DecoupledSplineMLP(67, 300, rank=150, n_basis=4), dtype))
 
     def run(layer, dtype):
         layer = layer.to(dtype)
@@ -250,7 +252,7 @@ def main() -> int:
         cases = bench_cases()
     elif args.quick:  # fp16 only where it has its own code path (_rescale.narrow's rescaled operands)
         cases = layers((torch.float32, torch.bfloat16)) + [
-            c for c in layers((torch.float16,)) if c[0].startswith(("LowRankLinear", "KroneckerLinear"))]
+            c for c in layers((torch.float16,)) if c[0].startswith(("LowRankLinear", "KroneckerLinear", "DecoupledSplineMLP"))]
     else:
         cases = layers((torch.float32, torch.bfloat16, torch.float16))
     for name, run in cases:

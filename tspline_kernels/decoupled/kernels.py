@@ -94,6 +94,9 @@ def _coef(coef_ptr, rr, r_mask, col, stride_cr, stride_ck):
     return tl.load(coef_ptr + rr[None, :] * stride_cr + col * stride_ck, mask=r_mask[None, :], other=0.0).to(tl.float32)
 
 
+_MIN_SPLIT = 8  # the backward's smallest row split: kept for any batch (the launch caps it at the row blocks)
+
+
 def _pruner(width: str):
     """Config pruning for a kernel whose output tiles span the argument ``width``: keep row blocks
     no taller than the batch bucket, output tiles and rank blocks no wider than needed, row splits
@@ -104,7 +107,7 @@ def _pruner(width: str):
                 if c.kwargs["BM"] <= max(16, bucket)
                 and c.kwargs["BN"] <= max(64, triton.next_power_of_2(n))
                 and c.kwargs["BR"] <= max(32, triton.next_power_of_2(r))
-                and c.kwargs.get("SPLIT", 1) <= max(triton.cdiv(bucket, c.kwargs["BM"]), 1)]
+                and c.kwargs.get("SPLIT", 1) <= max(triton.cdiv(bucket, c.kwargs["BM"]), _MIN_SPLIT)]
         smallest = min(cfgs, key=lambda c: (c.kwargs["BM"], c.kwargs["BN"], c.kwargs["BR"], c.kwargs.get("SPLIT", 1)))
         return kept or [smallest]
     return prune
@@ -175,7 +178,7 @@ def _decoupled_fwd_kernel(
 @triton.autotune(
     configs=configs(
         [{"BM": bm, "BK": bk, "BR": br, "BN": bn, "SPLIT": s}
-         for bm in (16, 32, 64) for bk, br in ((32, 32), (64, 64)) for bn in (64, 128) for s in (16, 64)
+         for bm in (16, 32, 64) for bk, br in ((32, 32), (64, 64)) for bn in (64, 128) for s in (_MIN_SPLIT, 64)
          if bm * br <= 2048],
         interpret={"BM": 16, "BK": 32, "BR": 16, "BN": 32, "SPLIT": 2},
         quick=[{"BM": 16, "BK": 64, "BR": 64, "BN": 64, "SPLIT": 64, "num_warps": 4, "num_stages": 3},
