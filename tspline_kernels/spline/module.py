@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._fit import check_gram, whiten
+from .._fit import damped_gram, fit_inputs
 from .._layers import CompressedLinear, SavedSettings, check_count, check_flag, check_grid, fit_report
 from ..reference import spline as ref
 from . import ops
@@ -198,13 +198,7 @@ class SplineLinear(SavedSettings, CompressedLinear):
         if basis != "bspline":
             raise ValueError(f"from_linear fits basis='bspline' only (the one basis whose weight is linear in a "
                              f"control grid, so least squares is closed form), got basis={basis!r}")
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"expected an nn.Linear, got {type(linear).__name__}")
-        if linear.weight.is_meta:
-            raise ValueError("from_linear fits the Linear's weight values, but it is on the meta device and has "
-                             "none: load its weights first")
-        w = linear.weight.detach()
-        gram = None if input_gram is None else check_gram(input_gram, linear.in_features).to(w.device)
+        w, gram = fit_inputs(linear, input_gram)
         new = cls(linear.in_features, linear.out_features, grid=grid, bias=linear.bias is not None,
                   device=w.device, dtype=w.dtype)
         bo = ref.basis_matrix(new.out_features, new.grid[0], ref.BSPLINE, torch.float64, w.device)
@@ -212,8 +206,7 @@ class SplineLinear(SavedSettings, CompressedLinear):
         if gram is None:
             right = torch.linalg.pinv(bi).T
         else:
-            s, _ = whiten(gram, damping)
-            g_bi = s @ (s @ bi)  # (G + damping) Bi
+            g_bi = damped_gram(gram, damping) @ bi
             right = g_bi @ torch.linalg.pinv(bi.T @ g_bi, hermitian=True)
         with torch.no_grad():
             new.control.copy_(torch.linalg.pinv(bo) @ w.double() @ right)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -10,7 +10,8 @@ from torch import nn
 from .._layers import SavedSettings, check_grid, fit_report
 from ..reference import spline_tt as ref
 from ..reference import tt as ref_tt
-from ..tt.module import TTLinear, TTStructured, check_structure, fit_tt_cores, init_scale, refine_weighted
+from ..tt.module import (TTLinear, TTStructured, check_structure, fit_tt_cores, init_scale, refine_weighted,
+                         structured_system, tt_normal_equations)
 from . import ops
 
 
@@ -146,7 +147,9 @@ class SplineTTLinear(SavedSettings, TTStructured):
                 return ref_tt.tt_weight(ref.spline_cores(blocks, ins, outs))
 
             details["tt_output_error"] = fit.details["final_output_error"]
-            controls, refined = refine_weighted(controls, build, w.double(), fit.gram, sweeps, progress, damping)
+            system = structured_system(fit.cores, w, fit.gram, damping)
+            solve = None if system is None else _control_block_solver(system, ins, outs)
+            controls, refined = refine_weighted(controls, build, w.double(), fit.gram, sweeps, progress, damping, solve)
             details.update(refined)
         new._load(controls, linear.bias)
         method = "tt-svd + spline least squares" if fit.gram is None else "tt-svd + spline + weighted als"
@@ -169,3 +172,22 @@ def _project_cores(cores: list[torch.Tensor], grid: tuple[tuple[int, int], ...]
         controls.append(control)
         errors.append(round(((back - core).norm() / core.norm().clamp_min(1e-300)).item(), 6))
     return controls, tuple(errors)
+
+
+def _control_block_solver(system: tuple[torch.Tensor, torch.Tensor], in_modes: tuple[int, ...],
+                          out_modes: tuple[int, ...]) -> Callable[[list[torch.Tensor], int], torch.Tensor]:
+    """``solve(controls, k)`` for ``weighted_als`` over spline-TT control grids: the exact (minimum-norm)
+    minimiser over control k. Core k is Bo C Bi^T per rank pair, i.e. core_o = sum_p Bo[o, p] P C_p with
+    P = I (x) Bi (x) I mapping (a, q, b) to (a, i, b); with H, C from ``tt_normal_equations`` on the
+    current cores the normal equations (Bo^T Bo) X (P^T H P) = Bo^T C^T P give X = pinv(Bo) C^T P pinv(P^T H P)."""
+    def solve(blocks: list[torch.Tensor], k: int) -> torch.Tensor:
+        h, c = tt_normal_equations(ref.spline_cores(blocks, in_modes, out_modes), k, *system)
+        r0, go, gi, r1 = blocks[k].shape
+        o, i = out_modes[k], in_modes[k]
+        bo = ref.bases(o, go, h.dtype, h.device)
+        bi = ref.bases(i, gi, h.dtype, h.device)
+        m = torch.einsum("aibcjd,iq,js->aqbcsd", h.reshape(r0, i, r1, r0, i, r1), bi, bi).reshape(r0 * gi * r1, -1)
+        rhs = torch.einsum("po,aibo,iq->paqb", torch.linalg.pinv(bo), c.reshape(r0, i, r1, o), bi).reshape(go, -1)
+        return (rhs @ torch.linalg.pinv(m, hermitian=True)).reshape(go, r0, gi, r1).permute(1, 0, 2, 3)
+
+    return solve

@@ -10,7 +10,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .._fit import check_gram, output_error, weighted_als
+from .._fit import damped_gram, fit_inputs, output_error, weighted_als
 from .._layers import CompressedLinear, check_count, check_flag, check_ints, fit_report
 from ..reference import tt as ref
 from . import cost, ops
@@ -212,9 +212,10 @@ class TTLinear(TTStructured):
         With the calibration Gram ``input_gram`` G = X.T X ``(in, in)`` the TT-SVD cores (ranks as
         above) start at most ``sweeps`` sweeps of alternating least squares on the output error
         ||(W - W_hat) X.T||_F over the cores (``refine_weighted``; ``damping`` as in
-        ``_fit.whiten``; ``progress`` shows a bar), which never ends above the TT-SVD's output error. Computed in float64, stored in the Linear's
-        dtype. Attaches ``fit_report`` (measured errors; ranks, and with a Gram the start's and the
-        final output error and the ALS objective history, in its details)."""
+        ``_fit.whiten``; ``progress`` shows a bar), which never ends above the TT-SVD's output
+        error. Computed in float64, stored in the Linear's dtype. Attaches ``fit_report`` (measured
+        errors; ranks, and with a Gram the start's and the final output error and the ALS objective
+        per sweep, in its details)."""
         fit = fit_tt_cores(linear, in_modes, out_modes, eps, max_rank, input_gram, sweeps, damping, progress)
         outs, ins, ranks = ref.modes_of(fit.cores)
         w = fit.weight
@@ -244,11 +245,7 @@ def fit_tt_cores(linear: nn.Linear, in_modes: Sequence[int], out_modes: Sequence
                  progress: bool) -> CoreFit:
     """``TTLinear.from_linear``'s fit in float64, arguments checked: TT-SVD, then with ``input_gram``
     ``refine_weighted`` over the cores."""
-    if not isinstance(linear, nn.Linear):
-        raise TypeError(f"expected an nn.Linear, got {type(linear).__name__}")
-    if linear.weight.is_meta:
-        raise ValueError("from_linear fits the Linear's weight values, but it is on the meta device and has "
-                         "none: load its weights first")
+    w, gram = fit_inputs(linear, input_gram)
     ins, outs = _check_modes(in_modes, out_modes)
     _check_product(ins, linear.in_features, "in")
     _check_product(outs, linear.out_features, "out")
@@ -259,32 +256,114 @@ def fit_tt_cores(linear: nn.Linear, in_modes: Sequence[int], out_modes: Sequence
     if max_rank is not None:
         max_rank = check_count("max_rank", max_rank, 1)
     sweeps, progress = check_count("sweeps", sweeps, 1), check_flag("progress", progress)
-    w = linear.weight.detach()
-    gram = None if input_gram is None else check_gram(input_gram, linear.in_features).to(w.device)
     cores = tt_svd(w.double(), ins, outs, eps, max_rank)
     details = {"ranks": ref.modes_of(cores)[2], "eps": eps, "max_rank": max_rank}
     if gram is not None:
-        cores, refined = refine_weighted(cores, ref.tt_weight, w.double(), gram, sweeps, progress, damping)
+        system = structured_system(cores, w, gram, damping)
+        solve = None if system is None else _tt_block_solver(system)
+        cores, refined = refine_weighted(cores, ref.tt_weight, w.double(), gram, sweeps, progress, damping, solve)
         details.update(refined)
     return CoreFit(w, gram, cores, details)
 
 
 def refine_weighted(blocks: list[torch.Tensor], build: Callable[[list[torch.Tensor]], torch.Tensor],
-                    target: torch.Tensor, gram: torch.Tensor, sweeps: int, progress: bool, damping: float
-                    ) -> tuple[list[torch.Tensor], dict]:
+                    target: torch.Tensor, gram: torch.Tensor, sweeps: int, progress: bool, damping: float,
+                    solve: Callable[[list[torch.Tensor], int], torch.Tensor] | None) -> tuple[list[torch.Tensor], dict]:
     """``_fit.weighted_als`` from ``blocks`` on ||(target - build(blocks)) X.T||_F (``build``
-    multilinear in the blocks, ``target`` ``(out, in)``, ``gram`` = X.T X checked). Returns the float64
+    multilinear in the blocks, ``target`` ``(out, in)``, ``gram`` = X.T X checked; ``solve`` an exact
+    structured block step or None, see ``weighted_als``). Returns the float64
     blocks with the lower output error, the start's or the ALS result's (ALS lowers the damped
     objective, so the comparison on G itself makes the guarantee exact), and the details
     ``start_output_error``, ``final_output_error`` and ``als_sweep_errors``: the damped relative
     error sqrt(f / ||target S||^2) at the start and after each sweep (non-increasing, 4 digits)."""
     start = output_error(target, build(blocks), gram)
-    result = weighted_als(blocks, build, target, gram, sweeps, progress=progress, damping=damping)
+    result = weighted_als(blocks, build, target, gram, sweeps, progress=progress, damping=damping, solve=solve)
     final = output_error(target, build(result.blocks), gram)
     best, err = (result.blocks, final) if final <= start else ([b.double() for b in blocks], start)
     per_sweep = result.history[::len(blocks)]  # history: the start, then every block step of whole sweeps
     errors = tuple(float(f"{math.sqrt(f / max(result.energy, 1e-300)):.4g}") for f in per_sweep)
     return best, {"start_output_error": start, "final_output_error": err, "als_sweep_errors": errors}
+
+
+# Largest number of entries a structured TT block step may build (its normal matrix or an
+# intermediate: 256 MB in float64); a fit with a larger one leaves every step to weighted_als' own solve.
+_STRUCTURED_ENTRIES = 1 << 25
+
+
+def _interfaces(cores: list[torch.Tensor], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """L ``(O_<k, I_<k, r_{k-1})`` and R ``(r_k, O_>k, I_>k)``, the products of the cores left and right
+    of core k, so that W[(x, o, p), (y, i, z)] = sum_{a, b} L[x, y, a] G_k[a, o, i, b] R[b, p, z]."""
+    one = cores[k].new_ones(1, 1, 1)
+    left = one if k == 0 else ref.head_product(cores[:k + 1])
+    right = one
+    for core in reversed(cores[k + 1:]):
+        a, o, i, _ = core.shape
+        right = torch.einsum("aoib,bpz->aopiz", core, right).reshape(a, o * right.shape[1], i * right.shape[2])
+    return left, right
+
+
+def _step_entries(shape: Sequence[int], outer: tuple[int, int], inner: tuple[int, int]) -> int:
+    """Largest tensor ``tt_normal_equations`` builds for a core ``shape`` (r0, O_k, I_k, r1) with
+    ``outer`` = (O_<k, O_>k) and ``inner`` = (I_<k, I_>k)."""
+    r0, o, i, r1 = shape
+    (xl, xr), (y, z) = outer, inner
+    n = r0 * i * r1
+    return max(n * n, n * o, (y * r0) ** 2, (r1 * z) ** 2, min(r0 * z, y * r1) ** 2 * i * i,
+               xl * y * r0, r1 * xr * z, r0 * o * xr * i * z)
+
+
+def tt_normal_equations(cores: list[torch.Tensor], k: int, gram: torch.Tensor, target_gram: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H ``(n, n)``, C ``(n, O_k)``), n = r_{k-1} I_k r_k: tr(E G E^T), E = W - TT(cores), as a function
+    of core k is sum_o (g_o^T H g_o - 2 C[:, o]^T g_o) + const, g_o = core[:, o, :, :] flattened,
+    ``gram`` G ``(I, I)``, ``target_gram`` W G ``(O, I)``. G couples input indices only, so one H serves
+    every o: with the interfaces L, R (``_interfaces``), LL = sum_x L L and RR = sum_p R R,
+        H[(a, i, b), (c, j, d)] = sum LL[y, a, u, c] G[(y, i, z), (u, j, w)] RR[b, z, d, w],
+        C[(a, i, b), o] = sum L[x, y, a] (W G)[(x, o, p), (y, i, z)] R[b, p, z]."""
+    left, right = _interfaces(cores, k)
+    r0, o, i, r1 = cores[k].shape
+    (x, y, _), (_, p, z) = left.shape, right.shape
+    g6 = gram.reshape(y, i, z, y, i, z)
+    ll = torch.einsum("xya,xuc->yauc", left, left)
+    rr = torch.einsum("bpz,dpw->bzdw", right, right)
+    if r0 * z <= y * r1:  # contract G first with the side that leaves the smaller intermediate
+        h = torch.einsum("acizjw,bzdw->aibcjd", torch.einsum("yauc,yizujw->acizjw", ll, g6), rr)
+    else:
+        h = torch.einsum("yiujbd,yauc->aibcjd", torch.einsum("yizujw,bzdw->yiujbd", g6, rr), ll)
+    c = torch.einsum("xya,xopyiz->aopiz", left, target_gram.reshape(x, o, p, y, i, z))
+    c = torch.einsum("aopiz,bpz->aibo", c, right)
+    n = r0 * i * r1
+    return h.reshape(n, n), c.reshape(n, o)
+
+
+def structured_system(cores: list[torch.Tensor], target: torch.Tensor, gram: torch.Tensor, damping: float
+                      ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(G' = G + lambda I, W G'), float64, for ``tt_normal_equations`` on TT cores shaped like ``cores``
+    fitted to ``target`` W ``(O, I)``, if no core's step builds more than ``_STRUCTURED_ENTRIES``
+    entries; None otherwise (``weighted_als`` then solves every step itself)."""
+    outs, ins, _ = ref.modes_of(cores)
+    sizes = [_step_entries(c.shape, (math.prod(outs[:k]), math.prod(outs[k + 1:])),
+                           (math.prod(ins[:k]), math.prod(ins[k + 1:]))) for k, c in enumerate(cores)]
+    if max(sizes) > _STRUCTURED_ENTRIES:
+        return None
+    g = damped_gram(gram, damping)
+    return g, target.double() @ g
+
+
+def _tt_block_solver(system: tuple[torch.Tensor, torch.Tensor]) -> Callable[[list[torch.Tensor], int], torch.Tensor]:
+    """``solve(blocks, k)`` for ``weighted_als`` over TT cores: the exact minimiser over core k,
+    H g_o = C[:, o] for every o (Cholesky; least squares if H is singular)."""
+    def solve(blocks: list[torch.Tensor], k: int) -> torch.Tensor:
+        h, c = tt_normal_equations(blocks, k, *system)
+        chol, info = torch.linalg.cholesky_ex(h)
+        if info == 0:
+            step = torch.cholesky_solve(c, chol)
+        else:
+            step = torch.linalg.lstsq(h, c, driver="gelsd" if h.is_cpu else None).solution
+        r0, o, i, r1 = blocks[k].shape
+        return step.reshape(r0, i, r1, o).permute(0, 3, 1, 2)
+
+    return solve
 
 
 def tt_svd(w: torch.Tensor, in_modes: tuple[int, ...], out_modes: tuple[int, ...],
