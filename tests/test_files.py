@@ -174,6 +174,26 @@ def test_a_class_that_moved_module_is_found_by_name(saved, tmp_path):
         assert torch.equal(f.load_layer("layers.lowrank")(x), net.layers["lowrank"](x))
 
 
+class PassThrough(tk.LowRankLinear):
+    """A user's subclass whose ``__init__`` forwards ``*args``/``**kwargs``."""
+
+    def __init__(self, scale: float, /, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * self.scale
+
+
+def test_a_subclass_forwarding_args_and_kwargs_round_trips(tmp_path):
+    model = nn.Sequential(PassThrough(0.5, 24, 12, 3, bias=False, device="cpu"))
+    assert model[0].init_args == {"scale": 0.5, "args": (24, 12, 3), "kwargs": {"bias": False}}
+    tk.save_compressed(model, tmp_path / "m.safetensors")
+    fresh = tk.load_compressed(nn.Sequential(nn.Linear(24, 12)), tmp_path / "m.safetensors")
+    x = torch.randn(3, 24)
+    assert type(fresh[0]) is PassThrough and torch.equal(fresh(x), model(x))
+
+
 def test_tied_tensors_are_stored_once_and_tied_again(tmp_path):
     torch.manual_seed(0)
     model = nn.ModuleDict({"emb": nn.Embedding(12, 8), "head": nn.Linear(8, 12, bias=False),

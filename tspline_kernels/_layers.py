@@ -134,13 +134,17 @@ def _plain(value):
             return _plain(value)
     if isinstance(value, (list, tuple)):
         return tuple(_plain(v) for v in value)
+    if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
+        return {k: _plain(v) for k, v in value.items()}
     return value
 
 
 def _recording(init):
     """Wrap a subclass's ``__init__`` so that the outermost call (the class being built) stores its
-    arguments, defaults applied and ``device``/``dtype`` left out, as ``self.init_args``."""
+    arguments, defaults applied and ``device``/``dtype`` left out (of ``**kwargs`` too), as
+    ``self.init_args``: parameter name -> value (``*args`` a tuple, ``**kwargs`` a dict)."""
     signature = inspect.signature(init)
+    var_keyword = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
 
     @functools.wraps(init)
     def wrapper(self, *args, **kwargs):
@@ -148,8 +152,11 @@ def _recording(init):
         if type(self).__init__ is wrapper:
             bound = signature.bind(self, *args, **kwargs)
             bound.apply_defaults()
-            names = list(bound.arguments)[1:]  # without self
-            self.init_args = {k: _plain(bound.arguments[k]) for k in names if k not in ("device", "dtype")}
+            arguments = {k: v for k, v in list(bound.arguments.items())[1:] if k not in ("device", "dtype")}
+            if var_keyword in arguments:
+                arguments[var_keyword] = {k: v for k, v in arguments[var_keyword].items()
+                                          if k not in ("device", "dtype")}
+            self.init_args = {k: _plain(v) for k, v in arguments.items()}
 
     return wrapper
 
@@ -161,7 +168,8 @@ class CompressedLinear(nn.Module):
 
     Every instance records the arguments its class was built with as ``init_args`` (a dict of
     JSON-ready values, ``device`` and ``dtype`` left out): ``type(layer)(**layer.init_args)`` builds
-    a layer computing the same function once the state dict is loaded (``tk.save_compressed``)."""
+    a layer computing the same function once the state dict is loaded (``tk.save_compressed``;
+    it also rebuilds subclasses whose ``__init__`` takes ``*args``/``**kwargs``)."""
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)

@@ -13,6 +13,7 @@ through fsspec, so a path may be any fsspec URL. Nothing is pickled.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -78,6 +79,27 @@ def _dtype_name(t: torch.Tensor) -> str:
 
 def _class_key(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _call(cls: type, init_args: Mapping, **extra):
+    """``cls(...)`` with the recorded ``init_args`` (see ``CompressedLinear``): positional-only
+    parameters, ``*args`` and the parameters before it by position, ``**kwargs`` spread."""
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    star = next((k for k, p in enumerate(params) if p.kind is p.VAR_POSITIONAL), -1)
+    args, kwargs = [], {}
+    for k, p in enumerate(params):
+        if p.name not in init_args:
+            continue
+        value = init_args[p.name]
+        if p.kind is p.VAR_POSITIONAL:
+            args.extend(value)
+        elif p.kind is p.VAR_KEYWORD:
+            kwargs.update(value)
+        elif p.kind is p.POSITIONAL_ONLY or k < star:
+            args.append(value)
+        else:
+            kwargs[p.name] = value
+    return cls(*args, **kwargs, **extra)
 
 
 def _known_classes() -> dict[str, type]:
@@ -502,7 +524,7 @@ class CompressedFile:
             raise ValueError(f"layer {name!r}: class {key!r} is not a compressed layer this tspline-kernels "
                              f"({_version()}) knows")
         try:
-            layer = cls(**info.init_args, device=device)
+            layer = _call(cls, info.init_args, device=device)
         except (TypeError, ValueError) as e:
             raise ValueError(f"layer {name!r}: cannot build {info.class_name}(**{info.init_args}): {e}") from e
         if (layer.out_features, layer.in_features) != info.shape:
