@@ -168,8 +168,8 @@ class CompressedLinear(nn.Module):
 
     Every instance records the arguments its class was built with as ``init_args`` (a dict of
     JSON-ready values, ``device`` and ``dtype`` left out): ``type(layer)(**layer.init_args)`` builds
-    a layer computing the same function once the state dict is loaded (``tk.save_compressed``;
-    it also rebuilds subclasses whose ``__init__`` takes ``*args``/``**kwargs``)."""
+    a layer computing the same function once the state dict is loaded (what ``tk.save_compressed``
+    records; ``tk.load_compressed`` also rebuilds subclasses whose ``__init__`` takes ``*args``)."""
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
