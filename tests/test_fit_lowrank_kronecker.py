@@ -91,6 +91,20 @@ def test_rank_deficient_gram_stays_finite_and_near_optimal(n):
         assert (w_hat - w).norm() < w.norm()
 
 
+def test_whitened_factors_are_balanced_and_independent_of_the_gram_scale():
+    linear = nn.Linear(20, 12, dtype=DT)
+    x = _correlated_inputs(50, 20)
+    layer = LowRankLinear.from_linear(linear, 5, x.T @ x)
+    assert_close(layer.U.norm(dim=0), layer.V.norm(dim=0))
+    # a Gram summed over 1e8 times more tokens: same factors (no overflow in half precision)
+    scaled = LowRankLinear.from_linear(linear, 5, 1e8 * x.T @ x)
+    assert_close(scaled.U, layer.U)
+    assert_close(scaled.V, layer.V)
+    half = LowRankLinear.from_linear(linear.half(), 5, 1e8 * x.T @ x)
+    assert torch.isfinite(half.materialize()).all()
+    assert half.fit_report.output_error == pytest.approx(layer.fit_report.output_error, abs=2e-3)
+
+
 def test_error_curve_matches_every_fitted_rank():
     linear = nn.Linear(20, 12, dtype=DT)
     x = _correlated_inputs(50, 20)

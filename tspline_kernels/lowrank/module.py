@@ -27,12 +27,14 @@ def _check_rank(rank, in_features: int, out_features: int) -> int:
 def _split_svd(weight: torch.Tensor, rank: int, gram: torch.Tensor | None = None, damping: float = 1e-6
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(U ``(n_out, rank)``, V ``(n_in, rank)``, singular values) in fp64 from the SVD W S = P D Q.T of
-    ``weight`` ``(n_out, n_in)`` (whitened by S, see :func:`whitened_svd`; S = I without ``gram``):
-    U = P_r sqrt(D_r), V = S^{-1} Q_r sqrt(D_r), the best rank-``rank`` U @ V.T for ||(W - U V.T) S||_F."""
+    ``weight`` ``(n_out, n_in)`` (whitened by S, see :func:`whitened_svd`; S = I without ``gram``),
+    U V.T = P_r D_r Q_r.T S^{-1}, the best rank-``rank`` weight for ||(W - U V.T) S||_F. Each term
+    d_i p_i (S^{-1} q_i).T is split evenly, ||U[:, i]|| = ||V[:, i]|| = sqrt(d_i ||S^{-1} q_i||)
+    (sqrt(d_i) without a Gram), so the factors do not depend on the Gram's scale."""
     p, s, q, s_inv = whitened_svd(weight, gram, damping)
-    root = s[:rank].sqrt()
-    v = q[:, :rank] * root
-    return p[:, :rank] * root, v if s_inv is None else s_inv @ v, s
+    v = q[:, :rank] if s_inv is None else s_inv @ q[:, :rank]
+    length = v.norm(dim=0)
+    return p[:, :rank] * (s[:rank] * length).sqrt(), v * (s[:rank] / length).sqrt(), s
 
 
 class LowRankLinear(CompressedLinear):
@@ -85,7 +87,9 @@ class LowRankLinear(CompressedLinear):
         With ``input_gram`` G = X^T X ``(in, in)`` of the layer's calibration inputs X ``(N, in)``
         (float64 ideally): on those inputs, minimising ||(W - U V.T) X^T||_F, by the whitened SVD
         of SVD-LLM: with S = (G + lambda I)^{1/2}, lambda = ``damping`` * mean(diag G), and
-        W S = P D Q.T, U = P_r sqrt(D_r) and V = S^{-1} Q_r sqrt(D_r), so U V.T = [W S]_r S^{-1}.
+        W S = P D Q.T, U V.T = [W S]_r S^{-1} = P_r D_r (S^{-1} Q_r).T, each rank-one term split evenly
+        between U and V (equal column norms, independent of the Gram's scale: fp16 factors neither
+        overflow nor underflow for a Gram summed over many tokens).
         This minimises ||(W - W_hat) S||_F^2 = ||(W - W_hat) X^T||_F^2 + lambda ||W - W_hat||_F^2:
         for a full-rank G and small damping the optimum of the output error (up to a relative
         O(lambda / smallest eigenvalue of G) change); for a rank-deficient G (N < in) the output error
