@@ -220,8 +220,13 @@ def test_open_reads_metadata_only(tmp_path, monkeypatch):
     import fsspec.implementations.local as local
     read = []
     real_read = local.LocalFileOpener.read
-    monkeypatch.setattr(local.LocalFileOpener, "read", lambda self, *a: read.append(real_read(self, *a)) or read[-1])
-    monkeypatch.setattr(safetensors, "safe_open", lambda *a, **k: pytest.fail("tk.open_compressed read tensor data"))
+
+    def counted_read(self, *args):
+        read.append(real_read(self, *args))
+        return read[-1]
+
+    monkeypatch.setattr(local.LocalFileOpener, "read", counted_read)
+    monkeypatch.setattr(safetensors, "safe_open", lambda *a, **k: pytest.fail("open_compressed read tensor data"))
     f = tk.open_compressed(path)
     (info,) = f.layers
     assert (info.name, info.class_name, info.shape, info.params, info.dense_params) == (
