@@ -159,6 +159,7 @@ def test_kronecker_als_lowers_the_output_error_from_the_van_loan_start():
     # the objective is the damped one, ~ the output error (damping 1e-6)
     assert history[-1].item() == pytest.approx(measured, rel=1e-4)
     assert report.relative_error == pytest.approx(((layer.materialize() - w).norm() / w.norm()).item(), rel=1e-10)
+    assert layer.factors[0].norm().item() == pytest.approx(layer.factors[1].norm().item(), rel=1e-10)
     # the bias is fitted as before: y = x @ W_hat.T + b_eff, b_eff the least-squares fit of the bias
     assert report.details["bias_error"] == pytest.approx(
         ((layer.effective_bias() - linear.bias).norm() / linear.bias.norm()).item(), rel=1e-8)
@@ -213,3 +214,14 @@ def test_kronecker_gram_errors_name_input_gram_and_keep_dtype():
         KroneckerLinear.from_linear(linear, (4, 5), (3, 4), torch.randn(20, 20))
     with pytest.raises(ValueError, match="sweeps must be >= 0"):
         KroneckerLinear.from_linear(linear, (4, 5), (3, 4), x.T @ x, sweeps=-1)
+
+
+def test_a_zero_weight_fits_to_zero_with_a_gram():
+    linear = nn.Linear(20, 12, dtype=DT)
+    with torch.no_grad():
+        linear.weight.zero_()
+    x = _correlated_inputs(50, 20)
+    for layer in (LowRankLinear.from_linear(linear, 3, x.T @ x),
+                  KroneckerLinear.from_linear(linear, (4, 5), (3, 4), x.T @ x)):
+        assert torch.equal(layer.materialize(), torch.zeros(12, 20, dtype=DT))
+        assert layer.fit_report.output_error == 0.0 and layer.fit_report.relative_error == 0.0

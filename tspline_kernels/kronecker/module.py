@@ -288,6 +288,9 @@ class KroneckerLinear(SavedSettings, CompressedLinear):
             fit = weighted_als([a, b], lambda f: torch.kron(*f), weight, gram, sweeps, progress=progress,
                                damping=damping, solve=_kronecker_block_solver(weight, gram, outs, ins, damping))
             a, b = fit.blocks
+            if a.norm() > 0 and b.norm() > 0:  # A (x) B = (c A) (x) (B / c): split ||A (x) B|| evenly
+                balance = (b.norm() / a.norm()).sqrt()
+                a, b = a * balance, b / balance
             details["als_history"] = [math.sqrt(f / max(fit.energy, 1e-300)) for f in fit.history]
         with torch.no_grad():
             new.factors[0].copy_(a)
