@@ -88,6 +88,16 @@ def test_spline_fit_recovers_a_spline_weight_exactly_even_with_a_singular_gram()
         assert_close(layer32.control, control.float())
 
 
+def test_spline_fit_with_a_grid_larger_than_the_layer_is_exact():
+    """More control points than weights per axis (the default grid of a tiny layer): the bases have
+    full row rank, so W itself is reached, by the minimum-norm control grid."""
+    w = torch.randn(2, 3, dtype=F64)
+    x = _correlated_inputs(40, 3)
+    for gram in (None, x.T @ x):
+        layer = SplineLinear.from_linear(_linear(w), input_gram=gram)
+        assert layer.grid == (4, 4) and layer.fit_report.relative_error < 1e-10
+
+
 def test_spline_fit_defaults_copies_bias_and_checks_arguments():
     lin = nn.Linear(40, 24)
     layer = SplineLinear.from_linear(lin)
@@ -193,7 +203,8 @@ def test_spline_tt_weighted_als_lowers_the_output_error(in_modes, out_modes):
     # without a Gram: the TT-SVD's spline projection, as from_ttlinear computes it
     projected = SplineTTLinear.from_ttlinear(TTLinear.from_linear(lin, in_modes, out_modes, max_rank=2), (4, 4))
     assert_close(plain.materialize(), projected.materialize())
-    assert plain.fit_report.relative_error == pytest.approx(((plain.materialize() - w).norm() / w.norm()).item(), rel=1e-9)
+    measured = ((plain.materialize() - w).norm() / w.norm()).item()
+    assert plain.fit_report.relative_error == pytest.approx(measured, rel=1e-9)
     _check_weighted_fit(layer, plain, lin, x)
 
 
