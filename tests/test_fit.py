@@ -151,9 +151,9 @@ def test_weighted_als_never_increases_the_objective_and_stops_at_tol():
     def build(bl):  # a 3-block multilinear map: a rank-(2, 2) chain, (3 * 4, 20)
         return torch.einsum("aib,bjc,cn->ijn", *bl).reshape(12, 20)
 
-    result = fit.weighted_als(cores, build, w, x.T @ x, sweeps=30, tol=0.0)
+    result = fit.weighted_als(cores, build, w, x.T @ x, sweeps=12, tol=0.0)
     steps = torch.tensor(result.history)
-    assert len(result.history) == 1 + 30 * 3
+    assert len(result.history) == 1 + 12 * 3
     assert (steps[1:] <= steps[:-1]).all() and steps[-1] < 0.8 * steps[0]
     e = w - build(result.blocks)
     lam = 1e-6 * (x.T @ x).diagonal().mean()
