@@ -133,7 +133,7 @@ class SplineTTLinear(SavedSettings, TTStructured):
         them), never ending above the projection's output error. Computed in float64, stored in the
         Linear's dtype; the bias is copied. Attaches ``fit_report`` (errors against W; details: ranks,
         grid, per-core projection errors and, with a Gram, the TT fit's output error, the projection's
-        (``start_output_error``), the final one and the ALS sweep errors)."""
+        (``start_output_error``), the final one and the ALS history)."""
         _check_core_grids(grid, len(check_structure(in_modes, out_modes, 1)[0]))  # before the (long) fit
         fit = fit_tt_cores(linear, in_modes, out_modes, eps, max_rank, input_gram, sweeps, damping, progress)
         outs, ins, ranks = ref_tt.modes_of(fit.cores)

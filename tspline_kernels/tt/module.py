@@ -215,7 +215,7 @@ class TTLinear(TTStructured):
         ``_fit.whiten``; ``progress`` shows a bar), which never ends above the TT-SVD's output
         error. Computed in float64, stored in the Linear's dtype. Attaches ``fit_report`` (measured
         errors; ranks, and with a Gram the start's and the final output error and the ALS objective
-        per sweep, in its details)."""
+        after every step, in its details)."""
         fit = fit_tt_cores(linear, in_modes, out_modes, eps, max_rank, input_gram, sweeps, damping, progress)
         outs, ins, ranks = ref.modes_of(fit.cores)
         w = fit.weight
@@ -274,15 +274,15 @@ def refine_weighted(blocks: list[torch.Tensor], build: Callable[[list[torch.Tens
     structured block step or None, see ``weighted_als``). Returns the float64
     blocks with the lower output error, the start's or the ALS result's (ALS lowers the damped
     objective, so the comparison on G itself makes the guarantee exact), and the details
-    ``start_output_error``, ``final_output_error`` and ``als_sweep_errors``: the damped relative
-    error sqrt(f / ||target S||^2) at the start and after each sweep (non-increasing, 4 digits)."""
+    ``start_output_error``, ``final_output_error`` and ``als_history``: the ALS objective's relative
+    value sqrt(f / ||target S||_F^2) at the start and after every block step (non-increasing), as
+    ``KroneckerLinear.from_linear`` reports it."""
     start = output_error(target, build(blocks), gram)
     result = weighted_als(blocks, build, target, gram, sweeps, progress=progress, damping=damping, solve=solve)
     final = output_error(target, build(result.blocks), gram)
     best, err = (result.blocks, final) if final <= start else ([b.double() for b in blocks], start)
-    per_sweep = result.history[::len(blocks)]  # history: the start, then every block step of whole sweeps
-    errors = tuple(float(f"{math.sqrt(f / max(result.energy, 1e-300)):.4g}") for f in per_sweep)
-    return best, {"start_output_error": start, "final_output_error": err, "als_sweep_errors": errors}
+    history = [math.sqrt(f / max(result.energy, 1e-300)) for f in result.history]
+    return best, {"start_output_error": start, "final_output_error": err, "als_history": history}
 
 
 # Largest number of entries a structured TT block step may build (its normal matrix or an
