@@ -271,9 +271,9 @@ def refine_weighted(blocks: list[torch.Tensor], build: Callable[[list[torch.Tens
                     solve: Callable[[list[torch.Tensor], int], torch.Tensor] | None) -> tuple[list[torch.Tensor], dict]:
     """``_fit.weighted_als`` from ``blocks`` on ||(target - build(blocks)) X.T||_F (``build``
     multilinear in the blocks, ``target`` ``(out, in)``, ``gram`` = X.T X checked; ``solve`` an exact
-    structured block step or None, see ``weighted_als``). Returns the float64
-    blocks with the lower output error, the start's or the ALS result's (ALS lowers the damped
-    objective, so the comparison on G itself makes the guarantee exact), and the details
+    structured block step or None, see ``weighted_als``). Returns the float64 blocks with the lower
+    output error, the start's or the ALS result's (ALS lowers the damped objective, so the
+    comparison on G itself makes the guarantee exact), and the details
     ``start_output_error``, ``final_output_error`` and ``als_history``: the ALS objective's relative
     value sqrt(f / ||target S||_F^2) at the start and after every block step (non-increasing), as
     ``KroneckerLinear.from_linear`` reports it."""
