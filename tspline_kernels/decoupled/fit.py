@@ -239,13 +239,13 @@ class _ALS:
         else:
             c = st.c.clone()
             h, gc = (d * c).sum(-1), (ac * c).sum(-1)
+            lhs = (self.w_j * gam.diagonal()[:, None, None] * torch.einsum("nik,nil->ikl", d, d)
+                   + self.w_f * om.diagonal()[:, None, None] * torch.einsum("nik,nil->ikl", ac, ac) + own)
             for i in range(r):
                 di, ai = d[:, i], ac[:, i]
                 res_j = m3[:, i] - h @ gam[:, i] + gam[i, i] * h[:, i]
                 res_f = fw[:, i] - gc @ om[:, i] + om[i, i] * gc[:, i]
-                lhs = self.w_j * gam[i, i] * di.T @ di + self.w_f * om[i, i] * ai.T @ ai + own[i]
-                rhs = self.w_j * di.T @ res_j + self.w_f * ai.T @ res_f
-                c[i] = _solve_psd(lhs, rhs[:, None])[:, 0]
+                c[i] = _solve_psd(lhs[i], (self.w_j * di.T @ res_j + self.w_f * ai.T @ res_f)[:, None])[:, 0]
                 h[:, i], gc[:, i] = di @ c[i], ai @ c[i]
         return _State(st.v, st.w, c, st.lo, st.hi), a, d
 
@@ -440,6 +440,22 @@ def fit(cls, f: Callable, samples: torch.Tensor, rank: int, n_basis: int = 12, i
                    samples.device, samples.dtype, "decoupled B-spline ALS")
 
 
+def activation_and_slope(activation: Callable, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(activation(pre), activation'(pre)) for an elementwise ``activation``, by autograd, detached."""
+    with torch.enable_grad():
+        pre = pre.detach().requires_grad_(True)
+        post = activation(pre)
+        (slope,) = torch.autograd.grad(post.sum(), pre)
+    return post.detach(), slope
+
+
+def important_units(w1: torch.Tensor, w2: torch.Tensor, slope: torch.Tensor, rank: int) -> torch.Tensor:
+    """Indices of the ``rank`` hidden units l of an MLP block (W1 ``(h, m)``, W2 ``(n, h)``) with the
+    largest ||W2[:, l]|| ||W1[l]|| mean_k |s'(a_kl)| (``slope`` ``(N, h)``), most important first."""
+    score = w2.norm(dim=0) * w1.norm(dim=1) * slope.abs().mean(0)
+    return score.argsort(descending=True)[:rank]
+
+
 def from_mlp(cls, fc1: nn.Linear, activation: Callable, fc2: nn.Linear, samples: torch.Tensor, rank: int,
              n_basis: int = 12, iters: int = 100, *, value_weight: float = 1.0, regularization: float = 1e-6,
              holdout: float = 0.1, c_update: str = "auto", tol: float = 1e-6, seed: int = 0,
@@ -472,16 +488,12 @@ def from_mlp(cls, fc1: nn.Linear, activation: Callable, fc2: nn.Linear, samples:
     b1 = torch.zeros(hidden, dtype=torch.float64, device=w1.device) if fc1.bias is None else fc1.bias.detach().double()
     b2 = torch.zeros(fc2.out_features, dtype=torch.float64, device=w1.device) if fc2.bias is None \
         else fc2.bias.detach().double()
-    with torch.enable_grad():
-        pre = (x_all @ w1.T + b1).requires_grad_(True)
-        post = activation(pre)
-        (slope,) = torch.autograd.grad(post.sum(), pre)
-    values = post.detach() @ w2.T + b2
+    post, slope = activation_and_slope(activation, x_all @ w1.T + b1)
+    values = post @ w2.T + b2
     rows, test = _split(x_all.shape[0], holdout, seed, x_all.device)
     fitted = _Data(x_all[rows], values[rows], MLPJacobians(w1, w2, slope[rows]))
     held_out = _Data(x_all[test], values[test], MLPJacobians(w1, w2, slope[test])) if test.numel() else None
-    importance = w2.norm(dim=0) * w1.norm(dim=1) * slope[rows].abs().mean(0)
-    units = importance.argsort(descending=True)[:rank]
+    units = important_units(w1, w2, slope[rows], rank)
     scale = w1[units].norm(dim=1).clamp_min(1e-300)
     v = (w1[units] / scale[:, None]).T
     lo, hi = _knots(fitted.x, v)
