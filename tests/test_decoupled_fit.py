@@ -140,6 +140,13 @@ def test_bad_arguments(kwargs, error, match):
         DecoupledSplineMLP.from_mlp(**args)
 
 
-def test_fit_rejects_a_non_rowwise_output():
+def test_fit_rejects_bad_arguments():
+    x = torch.randn(10, 3, dtype=F64)
     with pytest.raises(ValueError, match=r"\(N, n\)"):
-        DecoupledSplineMLP.fit(lambda x: x.sum(), torch.randn(10, 3, dtype=F64), 2, progress=False)
+        DecoupledSplineMLP.fit(lambda x: x.sum(), x, 2, progress=False)
+    with pytest.raises(TypeError, match="init"):
+        DecoupledSplineMLP.fit(torch.sin, x, 2, init=nn.Linear(3, 3), progress=False)
+    with pytest.raises(ValueError, match="out_features"):
+        DecoupledSplineMLP.fit(torch.sin, x, 2, init=DecoupledSplineMLP(3, 4, 2, dtype=F64), progress=False)
+    with pytest.raises(TypeError, match="callable"):
+        DecoupledSplineMLP.fit("sin", x, 2, progress=False)

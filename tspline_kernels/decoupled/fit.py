@@ -411,6 +411,8 @@ def fit(cls, f: Callable, samples: torch.Tensor, rank: int, n_basis: int = 12, i
     or when the objective falls by less than ``tol`` relative. ``fit_report.relative_error`` is the
     Jacobians' held-out relative error (for a linear f, the weight's), ``output_error`` the values'.
     """
+    if init is not None and not isinstance(init, cls):
+        raise TypeError(f"init must be a {cls.__name__} to start from, got {type(init).__name__}")
     x_all = _check_samples(samples, None if init is None else init.in_features)
     rank = check_count("rank", rank, 1)
     n_basis = check_count("n_basis", n_basis, 4, " (a cubic B-spline needs at least 4 basis functions)")
@@ -424,6 +426,8 @@ def fit(cls, f: Callable, samples: torch.Tensor, rank: int, n_basis: int = 12, i
                          f"n_basis={n_basis}")
     started = time.perf_counter()
     values, jac = _jacobians(f, x_all, batch_size)
+    if init is not None and values.shape[1] != init.out_features:
+        raise ValueError(f"f gives {values.shape[1]} outputs but init has out_features={init.out_features}")
     x = x_all.double()
     rows, test = _split(x.shape[0], holdout, seed, x.device)
     fitted = _Data(x[rows], values[rows], ExplicitJacobians(jac[rows]))
