@@ -232,8 +232,7 @@ def save_compressed(model: nn.Module, path, report=None, max_shard_size=None, *,
     tensors, aliases = _tensors_to_write(model)
     records = {name: {"dtype": _dtype_name(t), "shape": list(t.shape), "sha256": _sha256(t)}
                for name, t in with_progress(tensors.items(), progress, desc="checksums", total=len(tensors))}
-    doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "package_version": _version(),
-           "layers": layers, "tensors": records, "aliases": aliases, "report": _report_json(report)}
+    doc = _doc(layers, records, aliases, report)
     groups = _shards(tensors, limit)
     if "/" in root.strip("/"):
         fs.makedirs(root[:root.rfind("/")], exist_ok=True)
@@ -250,10 +249,19 @@ def save_compressed(model: nn.Module, path, report=None, max_shard_size=None, *,
     written = [_sibling(root, n) for n in names]
     _remove_previous(fs, root, keep=set(written))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total, _KEY: doc},
-             "weight_map": {n: shard for shard, group in zip(names, groups) for n in group}}
-    _write(fs, root + INDEX_SUFFIX, json.dumps(index, indent=1).encode())
+    _write_index(fs, root, doc, total, {n: shard for shard, group in zip(names, groups) for n in group})
     return written + [root + INDEX_SUFFIX]
+
+
+def _doc(layers: dict, records: dict, aliases: dict, report) -> dict:
+    """The JSON document a file's metadata holds (see the module docstring)."""
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "package_version": _version(),
+            "layers": layers, "tensors": records, "aliases": aliases, "report": _report_json(report)}
+
+
+def _write_index(fs, root: str, doc: dict, total: int, weight_map: dict[str, str]) -> None:
+    index = {"metadata": {"total_size": total, _KEY: doc}, "weight_map": weight_map}
+    _write(fs, root + INDEX_SUFFIX, json.dumps(index, indent=1).encode())
 
 
 def _write(fs, path: str, data: bytes) -> None:
@@ -277,6 +285,103 @@ def _remove_previous(fs, root: str, keep: set[str]) -> None:
             if old is not None and old not in keep and fs.isfile(old):
                 fs.rm(old)
         fs.rm(index)
+
+
+class StreamingWriter:
+    """What :func:`save_compressed` writes, for a model that is never whole in memory: tensors and
+    compressed layers are added one at a time and buffered until ``max_shard_size`` bytes (an int
+    or a size such as "500MB"), then written out as a shard, so memory holds at most one shard.
+
+    ``close(report)`` writes the metadata: one file at ``path`` when everything fit in one shard,
+    else the shards (``<stem>-00001-of-0000N.safetensors``) beside ``path + ".index.json"``; what a
+    previous save left at ``path`` is replaced only then. As a context manager, an exception inside
+    it removes the shards written so far (``abort``)."""
+
+    def __init__(self, path, max_shard_size="1GB") -> None:
+        self._st = _need("safetensors.torch")
+        self._limit = _shard_bytes(max_shard_size)
+        if self._limit is None:
+            raise ValueError("max_shard_size must be given: it bounds the memory the writer holds")
+        self._fs, self._root, _ = _filesystem(path)
+        self._stem = self._root[self._root.rfind("/") + 1:].removesuffix(".safetensors")
+        self._layers: dict[str, dict] = {}
+        self._records: dict[str, dict] = {}
+        self._buffer: dict[str, torch.Tensor] = {}
+        self._buffered = 0
+        self._shards: list[tuple[str, list[str]]] = []  # (temporary file, its tensors)
+        self.total = 0  # bytes of tensor data added
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Store ``tensor`` under the state-dict key ``name``."""
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"tensor {name!r} must be a torch.Tensor, got {type(tensor).__name__}")
+        if name in self._records:
+            raise ValueError(f"tensor {name!r} was already added")
+        t = tensor.detach().cpu().contiguous()
+        size = t.numel() * t.element_size()
+        if self._buffer and self._buffered + size > self._limit:
+            self._flush()
+        self._records[name] = {"dtype": _dtype_name(t), "shape": list(t.shape), "sha256": _sha256(t)}
+        self._buffer[name] = t
+        self._buffered += size
+        self.total += size
+
+    def add_layer(self, name: str, layer: CompressedLinear) -> None:
+        """Record compressed ``layer`` at module path ``name`` and store its state dict."""
+        if not isinstance(layer, CompressedLinear):
+            raise TypeError(f"layer {name!r} must be a compressed layer, got {type(layer).__name__}")
+        if not name or name in self._layers:
+            raise ValueError(f"layer name {name!r} is empty or was already added")
+        self._layers[name] = _layer_record(name, layer)
+        for key, t in layer.state_dict().items():
+            self.add(f"{name}.{key}", t)
+
+    def _flush(self) -> None:
+        if not self._shards and "/" in self._root.strip("/"):
+            self._fs.makedirs(self._root[:self._root.rfind("/")], exist_ok=True)
+        tmp = _sibling(self._root, f"{self._stem}.partial-{len(self._shards) + 1:05d}.safetensors")
+        index_name = self._root[self._root.rfind("/") + 1:] + INDEX_SUFFIX
+        _write(self._fs, tmp, self._st.save(self._buffer, {"format": "pt", _SHARD_KEY: index_name}))
+        self._shards.append((tmp, list(self._buffer)))
+        self._buffer, self._buffered = {}, 0
+
+    def close(self, report=None) -> list[str]:
+        """Write what is buffered and the metadata (``report`` as for :func:`save_compressed`).
+        Returns the paths written."""
+        doc = _doc(self._layers, self._records, {}, report)
+        fs, root = self._fs, self._root
+        if not self._shards:
+            if "/" in root.strip("/"):
+                fs.makedirs(root[:root.rfind("/")], exist_ok=True)
+            _write(fs, root, self._st.save(self._buffer, {"format": "pt", _KEY: json.dumps(doc)}))
+            _remove_previous(fs, root, keep={root})
+            return [root]
+        if self._buffer:
+            self._flush()
+        n = len(self._shards)
+        names = [f"{self._stem}-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+        written = [_sibling(root, name) for name in names]
+        weight_map = {t: name for name, (_, group) in zip(names, self._shards) for t in group}
+        for (tmp, _), final in zip(self._shards, written):
+            fs.mv(tmp, final)
+        self._shards = []
+        _remove_previous(fs, root, keep=set(written))
+        _write_index(fs, root, doc, self.total, weight_map)
+        return written + [root + INDEX_SUFFIX]
+
+    def abort(self) -> None:
+        """Remove the shards written so far and drop the buffer."""
+        for tmp, _ in self._shards:
+            if self._fs.isfile(tmp):
+                self._fs.rm(tmp)
+        self._shards, self._buffer = [], {}
+
+    def __enter__(self) -> StreamingWriter:
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None:
+            self.abort()
 
 
 # ---- reading -----------------------------------------------------------------------------------
