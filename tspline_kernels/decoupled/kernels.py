@@ -24,6 +24,15 @@ dV = x.T @ dz and dW = dy.T @ G contract over the batch, so ``lowrank_grad_facto
 back) and add the coefficient gradient dcoef[i, k] = sum_rows u_i (B_k(v_c) + B_k'(v_c)(v - v_c))
 into their split's partial slot (``SplitSlots``, deterministic, summed on the host).
 What is materialised: G and dz (8 M r bytes), S partial (r, K) tables; never an (m, n) matrix.
+
+Cost against the minimum (elt = bytes per input element, T_n = cdiv(n, BN), T_m = cdiv(m, BN)):
+  forward   useful 2 M r (m + n) FLOPs + ~30 M r for the splines; kernel 2 M r (m T_n + n);
+            minimal bytes elt (M m + M n + r (m + n)); kernel adds (T_n - 1) elt M m of x re-reads.
+  backward  useful 2 M r (3 m + 2 n) (z, u, dx, dV, dW) + ~80 M r splines + ~10 M r K for dcoef
+            (a K-step select-and-sum per rank block); kernel 2 M r (m + n) T_m + 2 M r m, then the
+            factor kernel's 2 M r (m + n); minimal bytes elt (2 M m + M n + 2 r (m + n)); kernels add
+            (T_m - 1) elt M (m + n) of re-reads, 16 M r for G and dz (written, read back) and
+            elt M (m + n) for the factor kernel's second pass over x and dy.
 """
 
 from __future__ import annotations
