@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from tspline_kernels.bench.decoupling import block_params, compress_block, ranks
 from tspline_kernels.decoupled import DecoupledSplineMLP
 from tspline_kernels.decoupled import fit as fitting
 from tspline_kernels.reference import decoupled as ref
@@ -150,3 +151,38 @@ def test_fit_rejects_bad_arguments():
         DecoupledSplineMLP.fit(torch.sin, x, 2, init=DecoupledSplineMLP(3, 4, 2, dtype=F64), progress=False)
     with pytest.raises(TypeError, match="callable"):
         DecoupledSplineMLP.fit("sin", x, 2, progress=False)
+
+
+# ------------------------------------------------------------------------ the benchmark's blocks
+class _Layer(nn.Module):
+    """The parts of a BERT layer that bench/decoupling.py replaces."""
+
+    def __init__(self, m: int, h: int, n: int) -> None:
+        super().__init__()
+        self.intermediate = nn.Module()
+        self.intermediate.dense, self.intermediate.intermediate_act_fn = nn.Linear(m, h), nn.GELU()
+        self.output = nn.Module()
+        self.output.dense = nn.Linear(h, n)
+
+    def forward(self, x):
+        return self.output.dense(self.intermediate.intermediate_act_fn(self.intermediate.dense(x)))
+
+
+@pytest.mark.parametrize("method", ["decoupled", "lowrank", "keep_units"])
+def test_benchmark_methods_fit_the_budget(method):
+    m, h, n = 6, 16, 5
+    width = ranks(0.5, m, h, n)[method]
+    layer = _Layer(m, h, n)
+    x = torch.randn(64, m)
+    fit = compress_block(layer, method, width, x, iters=1, progress=False)
+    params = sum(p.numel() for p in layer.parameters())
+    assert fit["params"] == params <= 0.5 * block_params(m, h, n)
+    assert layer(x).shape == (64, n)
+
+
+def test_keeping_every_unit_is_exact():
+    layer = _Layer(5, 8, 4)
+    x = torch.randn(40, 5)
+    expected = layer(x).detach()
+    compress_block(layer, "keep_units", 8, x, iters=0, progress=False)
+    assert_close(layer(x), expected, torch.float32)
