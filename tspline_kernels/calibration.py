@@ -8,7 +8,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .surgery import select_linear
+from ._layers import check_flag
+from .heal import call
+from .surgery import require_linear
 
 
 @dataclass(frozen=True, eq=False)
@@ -52,23 +54,11 @@ def with_progress(iterable: Iterable, enable: bool = True, **kwargs) -> Iterable
     return tqdm(iterable, **kwargs)
 
 
-def _run_batch(model: nn.Module, batch) -> None:
-    if isinstance(batch, torch.Tensor):
-        model(batch)
-    elif isinstance(batch, Mapping):
-        model(**batch)
-    elif isinstance(batch, (tuple, list)):
-        model(*batch)
-    else:
-        raise TypeError(f"calibration batches must be tensors, tuples/lists or dicts of model inputs, got "
-                        f"{type(batch).__name__}")
-
-
 def calibrate(model: nn.Module, calibration: Callable[[nn.Module], object] | Iterable,
               include: str | None = None, exclude: str | None = None, min_features: int = 0,
               progress: bool = True) -> Calibration:
     """Run ``calibration`` on ``model`` (under ``torch.no_grad``) and collect, for every Linear that
-    :func:`~tspline_kernels.surgery.select_linear` picks, the float64 Gram X^T X of its inputs and
+    :func:`~tspline_kernels.surgery.select_linear` picks (at least one), the float64 Gram X^T X of its inputs and
     the number of input rows. Activations are never stored: each layer keeps one ``(in, in)`` sum.
 
     ``calibration`` is a callable run as ``calibration(model)`` (e.g. ``lambda m: m.encode(texts)``)
@@ -76,10 +66,8 @@ def calibrate(model: nn.Module, calibration: Callable[[nn.Module], object] | Ite
     ``model(**d)``; ``progress`` shows a bar over an iterable that has a length. A Linear the
     calibration never reaches raises (its statistics would be empty).
     """
-    targets = select_linear(model, include, exclude, min_features)
-    if not targets:
-        raise ValueError(f"no nn.Linear in the model matches include={include!r}, exclude={exclude!r}, "
-                         f"min_features={min_features}")
+    targets = require_linear(model, include, exclude, min_features)
+    check_flag("progress", progress)
     if isinstance(calibration, (torch.Tensor, str, bytes, Mapping)) or not (
             callable(calibration) or isinstance(calibration, Iterable)):
         raise TypeError("calibration must be a callable run on the model or an iterable of batches, got "
@@ -89,7 +77,10 @@ def calibrate(model: nn.Module, calibration: Callable[[nn.Module], object] | Ite
 
     def hook_for(name: str, features: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            x = (args[0] if args else kwargs["input"]).detach().reshape(-1, features).double()
+            x = args[0] if args else kwargs.get("input")
+            if not isinstance(x, torch.Tensor):
+                return  # the Linear itself raises on it
+            x = x.detach().reshape(-1, features).double()
             g = x.T @ x
             grams[name] = g if grams[name] is None else grams[name] + g
             tokens[name] += x.shape[0]
@@ -104,7 +95,7 @@ def calibrate(model: nn.Module, calibration: Callable[[nn.Module], object] | Ite
                 total = len(calibration) if hasattr(calibration, "__len__") else None
                 for batch in with_progress(calibration, progress and total is not None, total=total,
                                       desc="calibrating", unit="batch"):
-                    _run_batch(model, batch)
+                    call(model, batch)
     finally:
         for h in handles:
             h.remove()

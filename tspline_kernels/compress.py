@@ -23,12 +23,12 @@ import torch
 from torch import nn
 
 from ._fit import lowrank_error_curve
-from ._layers import CompressedLinear, check_count, check_grid, check_ints
+from ._layers import CompressedLinear, check_count, check_flag, check_grid, check_ints
 from .calibration import Calibration, calibrate, with_progress
 from .kronecker import KroneckerLinear
 from .lowrank import LowRankLinear
 from .spline import SplineLinear
-from .surgery import count_parameters, select_linear, swap_module
+from .surgery import count_parameters, require_linear, swap_module
 from .tt import TTLinear, suggest_modes
 
 FORMATS = ("lowrank", "tt", "spline", "kronecker")
@@ -342,9 +342,12 @@ class Auto:
                 options += [(family, {"rank": r}, family.params(linear, {"rank": r}), curve[r])
                             for r in range(1, len(curve)) if family.params(linear, {"rank": r}) < dense]
                 continue
-            ratios = self.candidate_ratios() if name != "kronecker" else (self.ratio,)
-            specs = [family.at_ratio(linear, r) for r in ratios]
-            for spec in {repr(s): s for s in specs if not isinstance(s, str)}.values():
+            if name == "kronecker":
+                specs = [family.spec(linear)]  # its one size, whatever the target
+            else:
+                specs = [family.at_ratio(linear, r) for r in self.candidate_ratios()]
+            specs = [s for s in specs if not isinstance(s, str) and family.params(linear, s) < dense]
+            for spec in {repr(s): s for s in specs}.values():
                 new = family.fit(linear, spec, gram)
                 rep = new.fit_report
                 error = rep.relative_error if gram is None else rep.output_error
@@ -399,13 +402,11 @@ def allocate(options: list[list[tuple[int, float]]], budget: float) -> list[int]
         if v != version[i]:
             continue  # this layer moved since; its newer best move is in the heap
         grow = params[i][j] - params[i][chosen[i]]
-        if grow > left:
-            move = best(i)  # the budget shrank under it: recompute with what is left
-        else:
+        if grow <= left:
             left -= grow
             chosen[i] = j
             version[i] += 1
-            move = best(i)
+        move = best(i)  # after the move, or (it no longer fits) with the budget that is left
         if move is not None:
             heapq.heappush(heap, move)
     return chosen
@@ -483,11 +484,13 @@ class _Rows:
 
 @dataclass(frozen=True)
 class CompressionReport(_Rows):
-    """What :func:`compress_` did, one :class:`LayerReport` per targeted Linear (module order).
+    """What :func:`compress_` did, one :class:`LayerReport` per targeted Linear (module order), the
+    config's repr and the call's wall ``seconds`` (calibration and Auto's scoring included).
     ``print(report)`` is a table with a total row; ``to_json`` / ``from_json`` round-trip."""
 
     layers: tuple[LayerReport, ...]
     config: str
+    seconds: float
 
     @property
     def params_before(self) -> int:
@@ -503,9 +506,8 @@ class CompressionReport(_Rows):
         return self.params_before / self.params_after
 
     def _rows(self) -> list[list[str]]:
-        seconds = sum(layer.fit_seconds for layer in self.layers)
         total = [f"total ({len(self.layers)} layers)", "", "", self.config, str(self.params_before),
-                 str(self.params_after), f"{self.ratio:.2f}x", "", "", f"{seconds:.2f}"]
+                 str(self.params_after), f"{self.ratio:.2f}x", "", "", f"{self.seconds:.2f}"]
         return super()._rows() + [total]
 
     def to_dict(self) -> dict:
@@ -543,10 +545,8 @@ _CONFIGS = (LowRank, TensorTrain, Kronecker, Spline, Auto)
 
 def _targets_and_grams(model: nn.Module, calibration, include, exclude, min_features, progress: bool
                        ) -> tuple[list[tuple[str, nn.Linear]], dict[str, torch.Tensor | None]]:
-    targets = select_linear(model, include, exclude, min_features)
-    if not targets:
-        raise ValueError(f"no nn.Linear in the model matches include={include!r}, exclude={exclude!r}, "
-                         f"min_features={min_features}")
+    check_flag("progress", progress)
+    targets = require_linear(model, include, exclude, min_features)
     if calibration is None:
         return targets, {name: None for name, _ in targets}
     if not isinstance(calibration, Calibration):
@@ -593,6 +593,7 @@ def compress_(model: nn.Module, config, calibration=None, include: str | None = 
     ``calibration`` is given (a :class:`Calibration`, or what :func:`calibrate` takes). A layer
     the format cannot make smaller at the requested size stays dense; its row says why.
     Returns a :class:`CompressionReport`."""
+    start = time.perf_counter()
     if not isinstance(config, _CONFIGS):
         raise TypeError(f"config must be one of {', '.join(c.__name__ for c in _CONFIGS)}, got {config!r}")
     targets, grams = _targets_and_grams(model, calibration, include, exclude, min_features, progress)
@@ -610,7 +611,7 @@ def compress_(model: nn.Module, config, calibration=None, include: str | None = 
         else:
             swap_module(model, name, new, linear)
             rows.append(_fitted_row(name, linear, family.name, new, seconds))
-    return CompressionReport(tuple(rows), repr(config))
+    return CompressionReport(tuple(rows), repr(config), time.perf_counter() - start)
 
 
 @torch.no_grad()

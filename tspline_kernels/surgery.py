@@ -53,6 +53,16 @@ def select_linear(model: nn.Module, include: str | None = None, exclude: str | N
     ]
 
 
+def require_linear(model: nn.Module, include: str | None = None, exclude: str | None = None,
+                   min_features: int = 0) -> list[tuple[str, nn.Linear]]:
+    """:func:`select_linear`, raising ValueError when it selects nothing."""
+    targets = select_linear(model, include, exclude, min_features)
+    if not targets:
+        raise ValueError(f"no nn.Linear in the model matches include={include!r}, exclude={exclude!r}, "
+                         f"min_features={min_features}")
+    return targets
+
+
 def swap_module(model: nn.Module, name: str, new: nn.Module, like: nn.Linear) -> None:
     """Put ``new`` at the qualified ``name`` of ``model``, on ``like.weight``'s device and dtype."""
     if not isinstance(new, nn.Module):
