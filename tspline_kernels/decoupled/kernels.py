@@ -61,17 +61,6 @@ def _project(a_ptr, b_ptr, rm, m_mask, rr, r_mask, K, stride_am, stride_ak, stri
 
 
 @triton.jit
-def _span_units(z, rr, r_mask, lo_ptr, hi_ptr, KB):
-    """(v, v_c, d v / d z) of z ``(BM, BR)``: span units, clamped to [0, K - 3], and the scale."""
-    top = (KB - 3).to(tl.float32)
-    lo = tl.load(lo_ptr + rr, mask=r_mask, other=0.0).to(tl.float32)
-    hi = tl.load(hi_ptr + rr, mask=r_mask, other=1.0).to(tl.float32)
-    scale = top / (hi - lo)
-    v = (z - lo[None, :]) * scale[None, :]
-    return v, clamp(v, 0.0, top), scale
-
-
-@triton.jit
 def _slopes(v, top):
     """d/dv of the four nonzero cubic basis values at ``v`` in span units [0, top], in the columns
     ``basis_taps`` gives: B_j' = 3 N_j / (U[j+3] - U[j]) - 3 N_{j+1} / (U[j+4] - U[j+1]) with N the
@@ -98,9 +87,33 @@ def _slopes(v, top):
 
 
 @triton.jit
-def _coef(coef_ptr, rr, r_mask, col, stride_cr, stride_ck):
-    """coef[rr, col] for a column index tile ``col`` ``(BM, BR)``, as fp32 (0 for masked units)."""
-    return tl.load(coef_ptr + rr[None, :] * stride_cr + col * stride_ck, mask=r_mask[None, :], other=0.0).to(tl.float32)
+def _unit_block(x_ptr, v_ptr, coef_ptr, lo_ptr, hi_ptr, rm, m_mask, r0, K, R, KB,
+                stride_xm, stride_xk, stride_vk, stride_vr, stride_cr, stride_ck,
+                PRECISION: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
+    """Units r0 .. r0 + BR at rows rm: z = x[rm] @ v[:, units] and the splines' taps there.
+
+    Returns (rr, r_mask, v_c, e, scale, c0, b0..b3, k0..k3): v_c = clamp(v, 0, K - 3) with v the
+    span-unit position, e = v - v_c (nonzero beyond the range), scale = dv/dz per unit ``(BR,)``,
+    c0 the first nonzero basis column, b the four basis values at v_c (columns c0 .. c0 + 3) and
+    k the coefficients there (fp32, 0 for units past R); all ``(BM, BR)`` but scale.
+    """
+    rr = r0 + tl.arange(0, BR)
+    r_mask = rr < R
+    z = _project(x_ptr, v_ptr, rm, m_mask, rr, r_mask, K, stride_xm, stride_xk, stride_vk, stride_vr,
+                 PRECISION, BM, BR, BK)
+    top = (KB - 3).to(tl.float32)
+    lo = tl.load(lo_ptr + rr, mask=r_mask, other=0.0).to(tl.float32)
+    hi = tl.load(hi_ptr + rr, mask=r_mask, other=1.0).to(tl.float32)
+    scale = top / (hi - lo)
+    v = (z - lo[None, :]) * scale[None, :]
+    vc = clamp(v, 0.0, top)
+    c0, c1, c2, c3, b0, b1, b2, b3 = basis_taps(vc, 1.0, top, 0)
+    row = coef_ptr + rr[None, :] * stride_cr
+    k0 = tl.load(row + c0 * stride_ck, mask=r_mask[None, :], other=0.0).to(tl.float32)
+    k1 = tl.load(row + c1 * stride_ck, mask=r_mask[None, :], other=0.0).to(tl.float32)
+    k2 = tl.load(row + c2 * stride_ck, mask=r_mask[None, :], other=0.0).to(tl.float32)
+    k3 = tl.load(row + c3 * stride_ck, mask=r_mask[None, :], other=0.0).to(tl.float32)
+    return rr, r_mask, vc, v - vc, scale, c0, b0, b1, b2, b3, k0, k1, k2, k3
 
 
 _MIN_SPLIT = 8  # the backward's smallest row split: kept for any batch (the launch caps it at the row blocks)
@@ -157,22 +170,16 @@ def _decoupled_fwd_kernel(
     out_ty = y_ptr.dtype.element_ty
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for r0 in range(0, R, BR):
-        rr = r0 + tl.arange(0, BR)
-        r_mask = rr < R
-        z = _project(x_ptr, v_ptr, rm, m_mask, rr, r_mask, K, stride_xm, stride_xk, stride_vk, stride_vr,
-                     PRECISION, BM, BR, BK)
-        v, vc, _ = _span_units(z, rr, r_mask, lo_ptr, hi_ptr, KB)
-        c0, c1, c2, c3, b0, b1, b2, b3 = basis_taps(vc, 1.0, (KB - 3).to(tl.float32), 0)
-        g = (_coef(coef_ptr, rr, r_mask, c0, stride_cr, stride_ck) * b0
-             + _coef(coef_ptr, rr, r_mask, c1, stride_cr, stride_ck) * b1
-             + _coef(coef_ptr, rr, r_mask, c2, stride_cr, stride_ck) * b2
-             + _coef(coef_ptr, rr, r_mask, c3, stride_cr, stride_ck) * b3)
+        rr, r_mask, _, e, _, _, b0, b1, b2, b3, k0, k1, k2, k3 = _unit_block(
+            x_ptr, v_ptr, coef_ptr, lo_ptr, hi_ptr, rm, m_mask, r0, K, R, KB,
+            stride_xm, stride_xk, stride_vk, stride_vr, stride_cr, stride_ck, PRECISION, BM, BR, BK)
         # linear beyond the range: the edge slopes of a clamped cubic, 3 (c1 - c0) and 3 (c_K-1 - c_K-2)
-        c_lo0 = tl.load(coef_ptr + rr * stride_cr, mask=r_mask, other=0.0).to(tl.float32)
-        c_lo1 = tl.load(coef_ptr + rr * stride_cr + stride_ck, mask=r_mask, other=0.0).to(tl.float32)
-        c_hi0 = tl.load(coef_ptr + rr * stride_cr + (KB - 2) * stride_ck, mask=r_mask, other=0.0).to(tl.float32)
-        c_hi1 = tl.load(coef_ptr + rr * stride_cr + (KB - 1) * stride_ck, mask=r_mask, other=0.0).to(tl.float32)
-        e = v - vc
+        edge = coef_ptr + rr * stride_cr
+        c_lo0 = tl.load(edge, mask=r_mask, other=0.0).to(tl.float32)
+        c_lo1 = tl.load(edge + stride_ck, mask=r_mask, other=0.0).to(tl.float32)
+        c_hi0 = tl.load(edge + (KB - 2) * stride_ck, mask=r_mask, other=0.0).to(tl.float32)
+        c_hi1 = tl.load(edge + (KB - 1) * stride_ck, mask=r_mask, other=0.0).to(tl.float32)
+        g = k0 * b0 + k1 * b1 + k2 * b2 + k3 * b3
         g += e * tl.where(e < 0, 3.0 * (c_lo1 - c_lo0)[None, :], 3.0 * (c_hi1 - c_hi0)[None, :])
         gc, inv = narrow(g, out_ty, 1)
         wt = tl.load(w_ptr + rn[None, :] * stride_wn + rr[:, None] * stride_wr,
@@ -225,20 +232,12 @@ def _decoupled_bwd_kernel(
         m_mask = rm < M
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for r0 in range(0, R, BR):
-            rr = r0 + tl.arange(0, BR)
-            r_mask = rr < R
-            z = _project(x_ptr, v_ptr, rm, m_mask, rr, r_mask, K, stride_xm, stride_xk, stride_vk, stride_vr,
-                         PRECISION, BM, BR, BK)
+            rr, r_mask, vc, e, scale, c0, b0, b1, b2, b3, k0, k1, k2, k3 = _unit_block(
+                x_ptr, v_ptr, coef_ptr, lo_ptr, hi_ptr, rm, m_mask, r0, K, R, KB,
+                stride_xm, stride_xk, stride_vk, stride_vr, stride_cr, stride_ck, PRECISION, BM, BR, BK)
             u = _project(dy_ptr, w_ptr, rm, m_mask, rr, r_mask, N_OUT, stride_gm, stride_gn, stride_wn, stride_wr,
                          PRECISION, BM, BR, BK)
-            v, vc, scale = _span_units(z, rr, r_mask, lo_ptr, hi_ptr, KB)
-            e = v - vc
-            c0, c1, c2, c3, b0, b1, b2, b3 = basis_taps(vc, 1.0, top, 0)
             d0, d1, d2, d3 = _slopes(vc, top)
-            k0 = _coef(coef_ptr, rr, r_mask, c0, stride_cr, stride_ck)
-            k1 = _coef(coef_ptr, rr, r_mask, c1, stride_cr, stride_ck)
-            k2 = _coef(coef_ptr, rr, r_mask, c2, stride_cr, stride_ck)
-            k3 = _coef(coef_ptr, rr, r_mask, c3, stride_cr, stride_ck)
             # values with the linear extrapolation: B_j(v_c) + B_j'(v_c) (v - v_c)
             b0 += d0 * e
             b1 += d1 * e
