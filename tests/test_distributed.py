@@ -12,6 +12,7 @@ within 1e-10 max|e| + 1e-8 |e|): only the order of the gradient sums differs.
 
 from __future__ import annotations
 
+import re
 import warnings
 from datetime import timedelta
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
@@ -32,9 +33,17 @@ import tspline_kernels as tk
 from tspline_kernels._layers import CompressedLinear
 from tspline_kernels.testing import assert_close
 
+pytestmark = pytest.mark.filterwarnings(  # DCP's note when loading into a process without a process group
+    "ignore:torch.distributed is disabled, unavailable or uninitialized:UserWarning")
+
 WORLD = 2
 BATCH, FEATURES, STEPS, LR = 8, 12, 3, 1e-2
 SHARDS = [slice(r * BATCH // WORLD, (r + 1) * BATCH // WORLD) for r in range(WORLD)]
+# settings that change a layer's function but no parameter shape: (_model overrides, setting named)
+MISMATCHED = [
+    pytest.param({"kronecker": {"transform_outer": False}}, "transform_outer", id="kronecker-transform_outer"),
+    pytest.param({"gaussian": {"support_radius": 1.5}}, "support_radius", id="gaussian-support_radius"),
+]
 
 
 def _model(seed: int = 0, gated: bool = False, **changed) -> nn.Sequential:
@@ -56,13 +65,17 @@ def _model(seed: int = 0, gated: bool = False, **changed) -> nn.Sequential:
     ).double()
 
 
-def _fsdp_model(seed: int = 0) -> nn.Sequential:
-    """``_model`` with ``fully_shard`` applied to every compressed layer, then to the root."""
-    model = _model(seed)
+def _fsdp_model(seed: int = 0, mp_policy: MixedPrecisionPolicy | None = None, **changed) -> nn.Sequential:
+    """``_model`` with ``fully_shard`` applied to every compressed layer, then to the root; with
+    ``mp_policy`` the model is float32 and computes in the policy's ``param_dtype``."""
+    model = _model(seed, **changed)
+    if mp_policy is not None:
+        model.float()
+    options = {} if mp_policy is None else {"mp_policy": mp_policy}
     for layer in model:
         if isinstance(layer, CompressedLinear):
-            fully_shard(layer)
-    return fully_shard(model)
+            fully_shard(layer, **options)
+    return fully_shard(model, **options)
 
 
 def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -107,10 +120,20 @@ def _load(model: nn.Module, opt: torch.optim.Optimizer, checkpoint: Path) -> Non
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
+def _loss_and_grads(model: nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The output on the probe (in the parameters' dtype; float32) and every parameter's gradient of
+    its mean square."""
+    y = model(_probe().to(next(model.parameters()).dtype)).float()
+    y.square().mean().backward()
+    grads = {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad) for n, p in model.named_parameters()}
+    return y.detach(), grads
+
+
 def _worker(rank: int, path: Path) -> None:
     torch.set_num_threads(1)
-    # torch 2.13 warns when an FSDP2 module returns a view (an in-place op on it would skip the
-    # pre-backward hook); nothing here modifies an output in place
+    # torch 2.13 warns when an FSDP2 module returns a view (TTLinear, SplineTTLinear and
+    # DecoupledSplineMLP do: an in-place op on it would skip the pre-backward hook); nothing here
+    # modifies an output in place
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module")
     dist.init_process_group("gloo", init_method=(path / "rendezvous").as_uri(), rank=rank, world_size=WORLD,
                             timeout=timedelta(seconds=120))
@@ -138,6 +161,15 @@ def _worker(rank: int, path: Path) -> None:
             results["loaded output"] = loaded(_probe())
         _train(loaded, loaded_opt, batches[STEPS:], shard)
         results["loaded next step"] = _params(loaded)
+
+        bf16 = _fsdp_model(mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
+        results["bf16 output"] = _loss_and_grads(bf16)
+
+        other = _fsdp_model(**MISMATCHED[0].values[0])  # loading it must raise
+        try:
+            _load(other, _adam(other), path / "checkpoint")
+        except ValueError as e:
+            results["mismatch error"] = str(e)
         if rank == 0:
             torch.save(results, path / "results.pt")
     finally:
@@ -157,16 +189,24 @@ def _single_process(model: nn.Module, batches, shards=(slice(None),)) -> dict[st
     return _params(model)
 
 
+@pytest.fixture(scope="module")
+def single_process() -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Parameters after single-process training on the whole batches, and the output on the probe."""
+    model = _model()
+    params = _single_process(model, _batches()[:STEPS])
+    with torch.no_grad():
+        return params, model(_probe())
+
+
 def _assert_same(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
     assert actual.keys() == expected.keys()
     for name, value in expected.items():
         assert_close(actual[name], value, name=name)
 
 
-def test_ddp_matches_single_process(distributed):
+def test_ddp_matches_single_process(distributed, single_process):
     results, _ = distributed
-    start = _params(_model())
-    expected = _single_process(_model(), _batches()[:STEPS])
+    start, (expected, _) = _params(_model()), single_process
     _assert_same(results["ddp"], expected)
     # every parameter trained (Adam moves each by about LR per step unless its gradient vanishes)
     assert all((expected[n] - p).abs().max() > LR / 10 for n, p in start.items())
@@ -179,17 +219,29 @@ def test_gated_kronecker_under_ddp_sees_the_local_batch(distributed):
     batches = _batches()[:STEPS]
     _assert_same(results["ddp-gated"], _single_process(_model(gated=True), batches, SHARDS))
     whole = _single_process(_model(gated=True), batches)
-    gate = "5.gates.0.0.weight"
-    assert (results["ddp-gated"][gate] - whole[gate]).abs().max() > 1e-6
+    assert max((results["ddp-gated"][n] - p).abs().max() for n, p in whole.items()) > 1e-6
 
 
-def test_fsdp2_matches_ddp_and_single_process(distributed):
+def test_fsdp2_matches_ddp_and_single_process(distributed, single_process):
     results, _ = distributed
     _assert_same(results["fsdp"], results["ddp"])
-    model = _model()
-    _assert_same(results["fsdp"], _single_process(model, _batches()[:STEPS]))
-    with torch.no_grad():
-        assert_close(results["fsdp output"], model(_probe()))
+    _assert_same(results["fsdp"], single_process[0])
+    assert_close(results["fsdp output"], single_process[1])
+
+
+def test_fsdp2_mixed_precision(distributed):
+    """bf16 compute with float32 parameters and gradient reduction (``MixedPrecisionPolicy``): the
+    output within bf16 tolerances of the float32 model's, the gradients those of a bf16 copy of
+    the model in one process (after 8 layers, bf16 rounding alone moves them beyond one op's
+    bf16 tolerance from the float32 ones)."""
+    results, _ = distributed
+    y, grads = results["bf16 output"]
+    assert_close(y, _loss_and_grads(_model().float())[0], dtype=torch.bfloat16)
+    expected = _loss_and_grads(_model().bfloat16())[1]
+    assert grads.keys() == expected.keys()
+    for name, g in grads.items():
+        assert g.dtype == torch.float32
+        assert_close(g, expected[name].float(), name=name)
 
 
 def test_checkpoint_loads_into_two_ranks(distributed):
@@ -204,7 +256,6 @@ def test_checkpoint_loads_into_one_process(distributed):
     model = _model(seed=1)
     opt = _adam(model)
     _load(model, opt, path / "checkpoint")
-    assert _params(model).keys() == results["fsdp"].keys()
     with torch.no_grad():
         assert torch.equal(model(_probe()), results["fsdp output"])
     assert all(s["step"].item() == STEPS for s in opt.state.values())
@@ -212,15 +263,21 @@ def test_checkpoint_loads_into_one_process(distributed):
     _assert_same(_params(model), results["next step"])
 
 
-@pytest.mark.parametrize("changed, setting", [
-    pytest.param({"kronecker": {"transform_outer": False}}, "transform_outer", id="kronecker-transform_outer"),
-    pytest.param({"gaussian": {"support_radius": 1.5}}, "support_radius", id="gaussian-support_radius"),
-])
+def _refusal(setting: str) -> str:
+    return f"{setting}=.* in the state dict but"
+
+
+@pytest.mark.parametrize("changed, setting", MISMATCHED)
 def test_checkpoint_refuses_a_differently_configured_layer(distributed, changed, setting):
     """``_extra_state`` travels through DCP: the saved settings reach ``set_extra_state``, which
     refuses a layer built with other ones (same parameter shapes, another function)."""
     _, path = distributed
     model = _model(**changed)
-    opt = _adam(model)
-    with pytest.raises(ValueError, match=f"{setting}=.* in the state dict but"):
-        _load(model, opt, path / "checkpoint")
+    with pytest.raises(ValueError, match=_refusal(setting)):
+        _load(model, _adam(model), path / "checkpoint")
+
+
+def test_checkpoint_refuses_a_differently_configured_layer_in_two_ranks(distributed):
+    results, _ = distributed
+    error = results.get("mismatch error", "no ValueError raised")
+    assert re.search(_refusal(MISMATCHED[0].values[1]), error), error
