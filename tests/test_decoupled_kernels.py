@@ -113,7 +113,7 @@ def test_fp64_runs_the_reference_exactly(kernel_device):
     params = [t.requires_grad_() for t in (x, v, w, coef, b)]
     assert torch.autograd.gradcheck(lambda x, v, w, coef, b: ops.decoupled_mlp(x, v, w, coef, lo, hi, b), params)
     with backend("triton"), pytest.raises(TypeError, match="float64"):
-        ops.decoupled_mlp(x, v, w, coef, lo, hi, b)
+        ops.decoupled_mlp(*(t.detach().to(kernel_device) for t in (x, v, w, coef, lo, hi, b)))
 
 
 def test_non_contiguous_input_and_expanded_grad(kernel_device):
@@ -171,27 +171,27 @@ def test_backward_op_outputs(kernel_device):
     assert_close(dz.reshape(-1, 20), want_dz, torch.float32, name="dz")
 
 
-def _opcheck_args():
-    x, v, w, coef, lo, hi, b = make_args((2, 3), 7, 5, 3, 6, torch.float32, "cpu")
+def _opcheck_args(device):
+    x, v, w, coef, lo, hi, b = make_args((2, 3), 7, 5, 3, 6, torch.float32, device)
     params = [t.requires_grad_() for t in (x, v, w, coef, b)]
-    return params, lo, hi, torch.randn(2, 3, 5)
+    return params, lo, hi, torch.randn(2, 3, 5, device=device)
 
 
 @pytest.mark.parametrize("which", ["reference", "triton"])
-def test_opcheck_forward(which):
+def test_opcheck_forward(which, kernel_device):
     """Schema, fake implementation (shapes, strides, dtypes), autograd registration and AOT dispatch."""
-    (x, v, w, coef, b), lo, hi, _ = _opcheck_args()
+    (x, v, w, coef, b), lo, hi, _ = _opcheck_args(kernel_device)
     with backend(which):
         torch.library.opcheck(ops.decoupled_mlp, (x, v, w, coef, lo, hi, b))
 
 
 @pytest.mark.parametrize("which", ["reference", "triton"])
 @pytest.mark.parametrize("need_input", [True, False], ids=["dx", "no-dx"])
-def test_opcheck_backward(which, need_input):
+def test_opcheck_backward(which, need_input, kernel_device):
     """The backward op as the forward's autograd calls it. AOT dispatch traces its second-order
     formula (the same on both backends): once, on the kernels, with static shapes (dynamic ones
     take 3x as long, ~16 s on a CPU core; the forward op's opcheck covers dynamic shapes)."""
-    (x, v, w, coef, _), lo, hi, dy = _opcheck_args()
+    (x, v, w, coef, _), lo, hi, dy = _opcheck_args(kernel_device)
     tests = ("test_schema", "test_autograd_registration", "test_faketensor")
     if which == "triton" and need_input:
         tests += ("test_aot_dispatch_static",)
@@ -200,9 +200,9 @@ def test_opcheck_backward(which, need_input):
 
 
 @pytest.mark.compile
-def test_torch_compile_fullgraph():
+def test_torch_compile_fullgraph(kernel_device):
     """fullgraph tracing through the forward op and the backward's ops, both backends."""
-    x, v, w, coef, lo, hi, b = make_args((5,), 9, 6, 3, 6, torch.float32, "cpu")
+    x, v, w, coef, lo, hi, b = make_args((5,), 9, 6, 3, 6, torch.float32, kernel_device)
     params = [t.requires_grad_() for t in (x, v, w, coef, b)]
 
     def loss(x, v, w, coef, b):
@@ -217,20 +217,20 @@ def test_torch_compile_fullgraph():
             assert_close(a, e, torch.float32, name=f"{which} d{name}")
 
 
-def test_shape_mismatch_is_a_value_error():
-    x, v, w, coef, lo, hi, b = make_args((2,), 7, 5, 3, 6, torch.float32, "cpu")
+def test_shape_mismatch_is_a_value_error(kernel_device):
+    x, v, w, coef, lo, hi, b = make_args((2,), 7, 5, 3, 6, torch.float32, kernel_device)
     with backend("triton"), pytest.raises(ValueError, match="coef"):
         ops.decoupled_mlp(x, v, w, coef[:2], lo, hi, b)
 
 
-def test_routing(spy):
+def test_routing(spy, kernel_device):
     """auto sends CPU tensors to the reference; triton forces both launchers."""
     calls = spy(kernels, "decoupled_mlp", "decoupled_mlp_backward")
-    x, v, w, coef, lo, hi, b = make_args((2,), 7, 5, 3, 6, torch.float32, "cpu")
-    v.requires_grad_()
-    with backend("auto"):
-        ops.decoupled_mlp(x, v, w, coef, lo, hi, b).sum().backward()
-    assert calls == []
-    with backend("triton"):
-        ops.decoupled_mlp(x, v, w, coef, lo, hi, b).sum().backward()
-    assert calls == ["decoupled_mlp", "decoupled_mlp_backward"]
+    args = make_args((2,), 7, 5, 3, 6, torch.float32, "cpu")
+    for device, which, expected in (("cpu", "auto", []), (kernel_device, "triton", ["decoupled_mlp", "decoupled_mlp_backward"])):
+        x, v, w, coef, lo, hi, b = (t.to(device) for t in args)
+        v.requires_grad_()
+        with backend(which):
+            ops.decoupled_mlp(x, v, w, coef, lo, hi, b).sum().backward()
+        assert calls == expected
+        calls.clear()
