@@ -4,7 +4,7 @@ One model mixing every family is trained for a few Adam steps under DDP and unde
 (``fully_shard`` per compressed layer and at the root), each rank on its half of every batch, and
 compared with single-process training on the whole batch; the FSDP2 run is then saved with
 ``torch.distributed.checkpoint`` (model and optimiser through ``get_state_dict``) and loaded into
-2 ranks and into 1 process. The processes are started once for the whole file (``_worker`` runs
+2 ranks (a model built on the meta device) and into 1 process. The processes are started once for the whole file (``_worker`` runs
 every scenario, rank 0 saves what the tests check). The model is float64, so "the same
 parameters" is checked at ``assert_close``'s float64 tolerances (relative RMS 1e-10, every element
 within 1e-10 max|e| + 1e-8 |e|): only the order of the gradient sums differs.
@@ -154,7 +154,9 @@ def _worker(rank: int, path: Path) -> None:
         _train(model, opt, batches[STEPS:], shard)
         results["next step"] = _params(model)
 
-        loaded = _fsdp_model(seed=1)
+        with torch.device("meta"):  # FSDP2's recipe for models too large to build whole
+            loaded = _fsdp_model()
+        loaded.to_empty(device="cpu")
         loaded_opt = _adam(loaded)
         _load(loaded, loaded_opt, path / "checkpoint")
         with torch.no_grad():
@@ -245,6 +247,7 @@ def test_fsdp2_mixed_precision(distributed):
 
 
 def test_checkpoint_loads_into_two_ranks(distributed):
+    """Into a model built on the meta device, sharded, then given (uninitialised) CPU memory."""
     results, _ = distributed
     assert torch.equal(results["loaded output"], results["fsdp output"])
     # the optimiser state came back too: the next step is the one the saved run took
