@@ -4,10 +4,11 @@ One model mixing every family is trained for a few Adam steps under DDP and unde
 (``fully_shard`` per compressed layer and at the root), each rank on its half of every batch, and
 compared with single-process training on the whole batch; the FSDP2 run is then saved with
 ``torch.distributed.checkpoint`` (model and optimiser through ``get_state_dict``) and loaded into
-2 ranks (a model built on the meta device) and into 1 process. The processes are started once for the whole file (``_worker`` runs
-every scenario, rank 0 saves what the tests check). The model is float64, so "the same
-parameters" is checked at ``assert_close``'s float64 tolerances (relative RMS 1e-10, every element
-within 1e-10 max|e| + 1e-8 |e|): only the order of the gradient sums differs.
+2 ranks (a model built on the meta device) and into 1 process. The processes are started once
+for the whole file (``_worker`` runs every scenario, rank 0 saves what the tests check). The model
+is float64, so "the same parameters" is checked at ``assert_close``'s float64 tolerances (relative
+RMS 1e-10, every element within 1e-10 max|e| + 1e-8 |e|): only the order of the gradient sums
+differs. FSDP2's bf16 mixed precision is checked against a bf16 copy of the model.
 """
 
 from __future__ import annotations
