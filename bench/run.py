@@ -18,6 +18,7 @@ import torch
 from .harness import device_name, free_path, git_state, launch_floor, measure, measure_peaks, metadata, write_json
 
 FAMILIES = ["spline", "lowrank", "tt", "kronecker"]
+FIDELITY = "fidelity"  # not a kernel family: compressed MiniLM's fidelity, its own JSON (bench/fidelity.py)
 
 
 def default_out(device: str, goal: bool = False, tiny: bool = False) -> Path:
@@ -36,9 +37,15 @@ def main(quick: bool = False, out: str | None = None, only: list[str] | None = N
     writing it if a family failed."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     families = only or FAMILIES
-    unknown = sorted(set(families) - set(FAMILIES))
+    unknown = sorted(set(families) - set(FAMILIES) - {FIDELITY})
     if unknown:
-        raise SystemExit(f"unknown benchmark families {unknown}; choose from {FAMILIES}")
+        raise SystemExit(f"unknown benchmark families {unknown}; choose from {FAMILIES + [FIDELITY]}")
+    if FIDELITY in families:
+        if len(families) > 1:
+            raise SystemExit(f"--only {FIDELITY} runs alone (it writes its own JSON)")
+        from .fidelity import main as run_fidelity
+
+        return run_fidelity(quick=quick, out=out)
     path = default_out(device, goal, tiny)
     if out:  # a folder (existing, or named with a trailing /) takes the default file name
         path = Path(out) / path.name if out.endswith("/") or Path(out).is_dir() else Path(out)
