@@ -21,6 +21,7 @@ from .surgery import Replacement, replace_linear
 from .calibration import Calibration, LayerStats, calibrate
 from .compress import Auto, CompressionReport, Kronecker, LowRank, Spline, TensorTrain, compress_, recommend
 from .tt import TTLinear, suggest_modes
+from .export import export_onnx
 
 __all__ = [
     "backend",
@@ -53,5 +54,6 @@ __all__ = [
     "open_compressed",
     "CompressedFile",
     "IntegrityError",
+    "export_onnx",
 ]
 __version__ = "0.1.0"
