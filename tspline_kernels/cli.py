@@ -47,13 +47,14 @@ def main(argv: list[str] | None = None) -> None:
     compress.add_argument("--calib", metavar="FILE.txt",
                           help="calibration texts, one per line: activation-aware fits (model directories only)")
     compress.add_argument("--heal-steps", type=int, default=0, metavar="N",
-                          help="distil the original's outputs into the compressed model for N Adam steps on the "
-                               "--calib texts (default 0)")
+                          help="distil the original's outputs into the compressed layers for N Adam steps on the "
+                               "--calib texts (the other weights stay the original's; default 0)")
     compress.add_argument("--heal-lr", type=float, default=1e-4, help="healing learning rate (default 1e-4)")
     compress.add_argument("--include", metavar="RE", help="compress only Linears whose name matches (searched)")
     compress.add_argument("--exclude", metavar="RE", help="leave out Linears whose name matches")
     compress.add_argument("--max-shard-size", default="1GB",
-                          help="shard DST past this size (default 1GB; a streamed state dict holds one shard in memory)")
+                          help="shard DST past this size (default 1GB; a streamed state dict holds one shard "
+                               "in memory)")
     compare = sub.add_parser(
         "compare", help="sentence-embedding fidelity of a compressed model file to its original",
         description="Embed the texts with the original sentence-transformers model and with the compressed file "

@@ -122,7 +122,8 @@ def compress(src: str, out: str, fmt: str, ratio: float | None = None, calib: st
              max_shard_size: str | int = "1GB", progress: bool = True) -> CompressionReport:
     """``tspline compress``: compress the Linears of ``src`` that ``include`` / ``exclude`` select,
     calibrated on the texts of ``calib`` (one per line) and healed for ``heal_steps`` on the same
-    texts when given, and write ``out`` with ``save_compressed``. Returns the report."""
+    texts when given (only the compressed layers are trained), and write ``out`` with
+    ``save_compressed``. Returns the report."""
     kind = source_kind(src)
     config = make_config(fmt, ratio)
     if heal_steps < 0:
@@ -140,6 +141,10 @@ def compress(src: str, out: str, fmt: str, ratio: float | None = None, calib: st
     teacher = copy.deepcopy(model) if heal_steps else None
     report = compress_(model, config, data.calibration if data else None, include, exclude, progress=progress)
     if heal_steps:
+        # only the compressed layers learn: the rest of the file stays the original's
+        trainable = {id(p) for m in model.modules() if isinstance(m, CompressedLinear) for p in m.parameters()}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in trainable)
         print(heal(model, teacher, data.batches, heal_steps, heal_lr, forward=data.forward, loss=data.loss,
                    progress=progress))
     save_compressed(model, out, report, max_shard_size, progress=progress)
@@ -270,11 +275,11 @@ def compare(original: str, compressed: str, texts_file: str, batch_size: int = 3
     texts = read_texts(texts_file, "--texts")
     if len(texts) < 2:
         raise ValueError(f"--texts {texts_file}: nearest-neighbour agreement needs at least 2 texts, got 1")
+    open_compressed(compressed).close()  # a missing or unreadable file is named before the model loads
     kind = source_kind(original)
     if kind != ST:
         raise ValueError(f"{original}: compare measures sentence embeddings; ORIGINAL must be a "
                          "sentence-transformers model directory (with modules.json)")
-    open_compressed(compressed).close()  # a missing or unreadable file is named before the model loads
     model = load_model(original, kind)
     reference = embed(model, texts, batch_size)
     load_compressed(model, compressed, progress=True)
