@@ -104,6 +104,8 @@ def test_file_holds_the_compressed_tensors_only(mixed):
     assert not others, f"tensors beyond the model's own state, scalars and shape vectors: {others}"
     graph = onnx.load(str(path)).graph
     assert not [n.op_type for n in graph.node if n.domain not in ("", "ai.onnx")], "non-standard ops"
+    dims = graph.input[0].type.tensor_type.shape.dim
+    assert [bool(d.dim_param) for d in dims] == [True, True, False] and dims[2].dim_value == IN
 
 
 def test_export_leaves_the_model_unchanged(mixed):
@@ -161,6 +163,17 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match=r"example_inputs\[0\] has shape \(1, 8\)"):
         tk.export_onnx(layer, torch.randn(1, 8), path)
     assert not os.listdir(tmp_path)
+
+
+def test_dynamic_shapes_override(tmp_path):
+    layer = tk.LowRankLinear(8, 6, rank=2).eval()
+    path = tmp_path / "m.onnx"
+    x = torch.randn(1, 8)  # a batch of 1 is fine once the batch is static
+    tk.export_onnx(layer, x, path, dynamic_shapes=(None,))
+    dims = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims] == [1, 8]
+    with torch.no_grad():
+        assert_close(run_onnx(path, x), layer(x))
 
 
 def test_op_without_reference_named(tmp_path, monkeypatch):

@@ -42,7 +42,7 @@ __all__ = ["export_onnx"]
 _OPS = torch.ops.tspline
 # Each forward op and its reference, called with the op's arguments (the TT ops' ``strategy``
 # only picks Triton kernels).
-_REFERENCES: dict[Any, Callable] = {
+_REFERENCES: dict[object, Callable] = {
     _OPS.lowrank_linear.default: lowrank.lowrank_linear,
     _OPS.tt_linear.default: lambda x, cores, bias, strategy: tt.tt_linear(x, cores, bias),
     _OPS.spline_tt_linear.default: lambda x, controls, bias, in_modes, out_modes, strategy:
@@ -93,9 +93,9 @@ def _leading_dims_dynamic(example_inputs: tuple) -> tuple:
 
 
 def _keeps_size(node) -> bool | None:
-    """Constant-folding rule: never fold a node that reads a parameter (each stays one initializer
-    under its module path, as in the state dict), nor one whose outputs hold more values than its
-    inputs (a basis, a Kronecker group or a spline core stays a recipe); else the default rules."""
+    """Constant-folding rule: never fold a node that reads an initializer (each parameter and buffer
+    stays one tensor under its module path, as in the state dict), nor one whose outputs hold more
+    values than its inputs (a basis stays a recipe); else the default rules."""
     if any(v is not None and v.is_initializer() for v in node.inputs):
         return False
     shapes = [v.shape for v in node.outputs]
@@ -108,7 +108,9 @@ def _keeps_size(node) -> bool | None:
 def _trace(model: nn.Module, example_inputs: tuple, dynamic_shapes) -> torch.export.ExportedProgram:
     """``torch.export`` with every tspline op traced as its reference. The reference's basis cache is
     emptied around the trace: a cached basis would enter the graph as a constant, and one built
-    while tracing is a traced tensor that must not outlive the trace."""
+    while tracing is a traced tensor that must not outlive the trace (within the trace the cache
+    makes layers of equal shape share one basis recipe). A spline forward running in another
+    thread meanwhile could read such a tensor: do not export while other threads run the model."""
     spline.basis_matrix.cache_clear()
     try:
         with _TraceReferences():
@@ -137,7 +139,7 @@ def _strip(graph) -> None:
 
 
 def export_onnx(model: nn.Module, example_inputs: torch.Tensor | Sequence[Any], path: str | os.PathLike, *,
-                dynamic_shapes=None) -> None:
+                dynamic_shapes: dict[str, Any] | Sequence[Any] | None = None) -> None:
     """Write ``model`` as an ONNX file at ``path``, every compressed layer as its factored graph.
 
     ``example_inputs``: one tensor or a tuple of the forward's positional arguments, e.g. x
