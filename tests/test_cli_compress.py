@@ -288,6 +288,8 @@ def files(tmp_path, every_family) -> dict[str, str]:
     (["compress", "HF", "--out", "x", "--format", "lowrank", "--ratio", "2", "--calib", "MISSING"], "no such file"),
     (["compress", "SD", "--out", "x", "--format", "svd", "--ratio", "2"], "invalid choice"),
     (["compress", "SD", "--format", "lowrank", "--ratio", "2"], "required: --out"),
+    (["compress", "SD", "--out", "SD", "--format", "lowrank", "--ratio", "2"], "would overwrite the source"),
+    (["compress", "HF", "--out", "HF/model.safetensors", "--format", "lowrank", "--ratio", "2"], "would overwrite"),
     (["compare", "HF", "CF", "--texts", "TEXTS"], "must be a sentence-transformers model directory"),
     (["compare", "DIR", "CF", "--texts", "TEXTS"], "holds modules.json"),
     (["compare", "HF", "MISSING", "--texts", "TEXTS"], "no compressed model"),
@@ -299,7 +301,7 @@ def files(tmp_path, every_family) -> dict[str, str]:
     (["plot", "SD", "--layer", "fc"], "not a tspline compressed model file"),
 ])
 def test_bad_paths_and_arguments_exit_2_with_a_message(files, argv, message, capsys):
-    argv = [files.get(a, a) for a in argv]
+    argv = [files.get(a, a) if "/" not in a else a.replace("HF", files["HF"]) for a in argv]
     with pytest.raises(SystemExit) as exit_info:
         cli.main(argv)
     err = capsys.readouterr().err

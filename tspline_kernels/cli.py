@@ -5,6 +5,14 @@ from __future__ import annotations
 import argparse
 
 
+def _or_usage_error(parser: argparse.ArgumentParser, run, *args):
+    """``run(*args)``; a bad path, argument or missing package exits with status 2 and its message."""
+    try:
+        return run(*args)
+    except (OSError, ValueError, ImportError) as e:
+        parser.error(str(e))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="tspline", description="tspline-kernels: compressed linear layers")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -98,29 +106,19 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "compress":
         from .cli_commands import compress as run_compress
 
-        try:
-            report = run_compress(args.src, args.out, args.format, args.ratio, args.calib, args.heal_steps,
-                                  args.heal_lr, args.include, args.exclude, args.max_shard_size)
-        except (OSError, ValueError, ImportError) as e:
-            compress.error(str(e))
-        print(report)
+        print(_or_usage_error(compress, run_compress, args.src, args.out, args.format, args.ratio, args.calib,
+                              args.heal_steps, args.heal_lr, args.include, args.exclude, args.max_shard_size))
         print(f"wrote {args.out}")
     elif args.command == "compare":
         from .cli_commands import compare as run_compare
 
-        try:
-            scores = run_compare(args.original, args.compressed, args.texts)
-        except (OSError, ValueError, ImportError) as e:
-            compare.error(str(e))
+        scores = _or_usage_error(compare, run_compare, args.original, args.compressed, args.texts)
         print(f"{scores['texts']} texts: mean cosine {scores['mean_cosine']:.4f}, min cosine "
               f"{scores['min_cosine']:.4f}, nearest-neighbour agreement {scores['nn_agreement']:.4f}")
     elif args.layer is not None:
         from .cli_commands import plot_layer
 
-        try:
-            print(f"wrote {plot_layer(args.file, args.layer, args.out)}")
-        except (OSError, ValueError, ImportError) as e:
-            plot.error(str(e))
+        print(f"wrote {_or_usage_error(plot, plot_layer, args.file, args.layer, args.out)}")
     else:
         from .bench.plot import main as run_plot
 

@@ -25,7 +25,7 @@ from torch import nn
 from ._layers import CompressedLinear
 from .calibration import with_progress
 from .compress import Auto, CompressionReport, compress_
-from .files import StreamingWriter, load_compressed, open_compressed, save_compressed
+from .files import StreamingWriter, _filesystem, _read_header, load_compressed, open_compressed, save_compressed
 from .heal import heal
 from .surgery import _pattern
 
@@ -49,6 +49,16 @@ def source_kind(src: str) -> str:
     if p.name.endswith((".safetensors", ".safetensors.index.json")):
         return STATE_DICT
     raise ValueError(f"{src}: expected a model directory, a .safetensors state dict or its .safetensors.index.json")
+
+
+def _check_out(src: str, out: str) -> None:
+    """Refuse an ``out`` that would overwrite or remove the source: inside a source directory, or
+    beside a source file with the same stem (its shards and index share the stem's names)."""
+    source, target = Path(src).resolve(), Path(out).resolve()
+    inside = source.is_dir() and target.is_relative_to(source)
+    if inside or (not source.is_dir() and target.parent == source.parent
+                  and target.name.split(".")[0] == source.name.split(".")[0]):
+        raise ValueError(f"--out {out} would overwrite the source {src}: write it elsewhere or under another name")
 
 
 def load_model(src: str, kind: str) -> nn.Module:
@@ -125,6 +135,7 @@ def compress(src: str, out: str, fmt: str, ratio: float | None = None, calib: st
     texts when given (only the compressed layers are trained), and write ``out`` with
     ``save_compressed``. Returns the report."""
     kind = source_kind(src)
+    _check_out(src, out)
     config = make_config(fmt, ratio)
     if heal_steps < 0:
         raise ValueError(f"--heal-steps must be >= 0, got {heal_steps}")
@@ -153,11 +164,11 @@ def compress(src: str, out: str, fmt: str, ratio: float | None = None, calib: st
 
 class StateDictReader:
     """A safetensors state dict (one file, or an index and its shards) read one tensor at a time:
-    the headers are read up front, and at most one shard is open (memory mapped) at a time, plus
-    briefly another when a tensor lives elsewhere."""
+    the headers are read up front (their bytes only), and at most one shard is open (memory mapped)
+    at a time, plus briefly another when a tensor lives elsewhere."""
 
     def __init__(self, path: str) -> None:
-        from safetensors import SafetensorError, safe_open
+        from safetensors import safe_open
 
         self._safe_open = safe_open
         p = Path(path)
@@ -170,30 +181,29 @@ class StateDictReader:
                 raise ValueError(f"{path}: bad index file: {e}") from None
         self.info: dict[str, tuple[Path, tuple[int, ...], str]] = {}  # key -> (shard, shape, dtype)
         for shard in shards:
-            try:
-                with safe_open(shard, framework="pt") as f:
-                    for key in f.keys():
-                        piece = f.get_slice(key)
-                        self.info[key] = (shard, tuple(piece.get_shape()), piece.get_dtype())
-            except (SafetensorError, OSError) as e:
-                raise ValueError(f"{shard}: cannot read it as safetensors: {e}") from None
+            fs, root, _ = _filesystem(shard)
+            if not fs.isfile(root):
+                raise FileNotFoundError(f"{shard}: no such file (named by {path})")
+            header, _ = _read_header(fs, root)
+            self.info.update({key: (shard, tuple(entry["shape"]), entry["dtype"]) for key, entry in header.items()})
         self._open: tuple[Path | None, object] = (None, None)
 
     def get(self, key: str) -> torch.Tensor:
-        """Tensor ``key``, from its shard (which becomes the open one)."""
+        """Tensor ``key`` from its shard (which becomes the open one), copied out of the mapping: a
+        tensor safetensors returns keeps its whole shard mapped while it lives."""
         shard = self.info[key][0]
         if self._open[0] != shard:
             self.close()
             self._open = (shard, self._safe_open(shard, framework="pt"))
-        return self._open[1].get_tensor(key)
+        return self._open[1].get_tensor(key).clone()
 
     def get_once(self, key: str) -> torch.Tensor:
         """Tensor ``key`` without changing the open shard (a bias stored apart from its weight)."""
         shard = self.info[key][0]
         if self._open[0] == shard:
-            return self._open[1].get_tensor(key)
+            return self.get(key)
         with self._safe_open(shard, framework="pt") as f:
-            return f.get_tensor(key)
+            return f.get_tensor(key).clone()
 
     def close(self) -> None:
         if self._open[1] is not None:
