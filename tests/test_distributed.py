@@ -267,6 +267,21 @@ def test_checkpoint_loads_into_one_process(distributed):
     _assert_same(_params(model), results["next step"])
 
 
+def test_checkpoint_to_compressed_file(distributed, tmp_path):
+    """Shipping a model trained at scale: the DCP checkpoint loaded into one process, written by
+    ``tk.save_compressed`` and loaded into the dense architecture by ``tk.load_compressed``."""
+    results, path = distributed
+    model = _model(seed=1)
+    _load(model, _adam(model), path / "checkpoint")
+    tk.save_compressed(model, tmp_path / "model.safetensors")
+    dense = nn.Sequential(*(nn.Linear(FEATURES, FEATURES, dtype=torch.float64) if isinstance(m, CompressedLinear) else m
+                            for m in _model(seed=2)))
+    tk.load_compressed(dense, tmp_path / "model.safetensors")
+    assert [type(m) for m in dense] == [type(m) for m in model]
+    with torch.no_grad():
+        assert torch.equal(dense(_probe()), results["fsdp output"])
+
+
 def _refusal(setting: str) -> str:
     return f"{setting}=.* in the state dict but"
 
