@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> None:
     compress.add_argument("src", metavar="SRC", help="model directory, .safetensors or .safetensors.index.json")
     compress.add_argument("--out", required=True, metavar="DST", help="compressed model file to write (.safetensors)")
     compress.add_argument("--format", required=True, choices=["auto", "lowrank", "tt", "kronecker", "spline"],
-                          help="auto chooses each layer's format and size under one global budget (model "
-                               "directories only)")
+                          help="auto chooses each layer's format and size under one global budget (a state "
+                               "dict is then read twice)")
     compress.add_argument("--ratio", type=float, metavar="R",
                           help="dense / compressed parameters over the compressed Linears, > 1 (not for kronecker, "
                                "whose size is fixed)")

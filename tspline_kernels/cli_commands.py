@@ -24,10 +24,11 @@ from torch import nn
 
 from ._layers import CompressedLinear
 from .calibration import with_progress
-from .compress import Auto, CompressionReport, compress_
+from .compress import (DENSE, Auto, CompressionReport, Kronecker, LayerReport, LowRank, Spline, TensorTrain,
+                       allocate, compress_)
 from .files import StreamingWriter, _filesystem, _read_header, load_compressed, open_compressed, save_compressed
 from .heal import heal
-from .surgery import _pattern
+from .surgery import _pattern, count_parameters
 
 FORMATS = ("auto", "lowrank", "tt", "kronecker", "spline")
 ST, HF, STATE_DICT = "sentence-transformers", "transformers", "safetensors"
@@ -237,11 +238,8 @@ def compress_state_dict(src: str, out: str, config, include: str | None = None, 
                         max_shard_size: str | int = "1GB", progress: bool = True) -> CompressionReport:
     """Data-free ``compress_`` of the Linear weights of a safetensors state dict (see the module
     docstring), streamed: one tensor is read at a time and the result written in shards of at most
-    ``max_shard_size`` as it goes, so memory holds about one layer and one shard, not the model."""
-    if isinstance(config, Auto):
-        raise ValueError(f"{src} is a plain state dict: --format auto shares one budget over all layers and is "
-                         "not streamed; choose one format (lowrank, tt, kronecker, spline), or compress a model "
-                         "directory")
+    ``max_shard_size`` as it goes, so memory holds about one layer and one shard, not the model.
+    ``Auto`` reads the layers twice: once for every layer's error curves, once to fit its pick."""
     start = time.perf_counter()
     source = StateDictReader(src)
     linears = source.linears(include, exclude)
@@ -250,6 +248,7 @@ def compress_state_dict(src: str, out: str, config, include: str | None = None, 
     biases = {b for b in linears.values() if b is not None}
     rows = []
     try:
+        plans = _auto_plans(source, linears, config, progress) if isinstance(config, Auto) else None
         with StreamingWriter(out, max_shard_size) as writer:
             for key in with_progress(list(source.info), progress, desc="compressing", unit="tensor"):
                 name = key.removesuffix(".weight")
@@ -261,8 +260,11 @@ def compress_state_dict(src: str, out: str, config, include: str | None = None, 
                 bias = source.get_once(linears[name]) if linears[name] else None
                 holder = nn.Module()
                 holder.add_module("linear", _linear(source.get(key), bias))
-                row = compress_(holder, config, progress=False).layers[0]
-                rows.append(replace(row, name=name))
+                layer_config = plans[name] if plans is not None else config
+                if layer_config is None:
+                    rows.append(_kept_dense(name, holder.linear, config))
+                else:
+                    rows.append(replace(compress_(holder, layer_config, progress=False).layers[0], name=name))
                 if isinstance(holder.linear, CompressedLinear):
                     writer.add_layer(name, holder.linear)
                 else:
@@ -274,6 +276,33 @@ def compress_state_dict(src: str, out: str, config, include: str | None = None, 
     finally:
         source.close()
     return report
+
+
+def _auto_plans(source: StateDictReader, linears: dict[str, str | None], config: Auto, progress: bool) -> dict:
+    """The first pass of a streamed Auto: every layer's candidates (format, size, weight error),
+    one layer in memory at a time, then the global allocation of ``compress_``'s Auto. Layer name
+    -> the one-format config that refits its pick in the second pass, or None where it stays dense."""
+    options, dense = {}, 0
+    for name, bias in with_progress(linears.items(), progress, desc="Auto: error curves", unit="layer"):
+        linear = _linear(source.get(f"{name}.weight"), source.get_once(bias) if bias else None)
+        options[name] = config._options(linear, None)
+        dense += count_parameters(linear)
+    chosen = allocate([[(params, error) for _, _, params, error in opts] for opts in options.values()],
+                      dense / config.ratio)
+    refit = {"lowrank": lambda spec: LowRank(rank=spec["rank"]), "spline": lambda spec: Spline(grid=spec["grid"]),
+             "kronecker": lambda spec: Kronecker(spec["in_dims"], spec["out_dims"]),
+             "tt": lambda spec: TensorTrain(max_rank=spec["max_rank"])}  # Auto's TT: TensorTrain's default modes
+    plans = {}
+    for (name, opts), k in zip(options.items(), chosen):
+        family, spec, _, _ = opts[k]
+        plans[name] = None if family is None else refit[family.name](spec)
+    return plans
+
+
+def _kept_dense(name: str, linear: nn.Linear, config: Auto) -> LayerReport:
+    params = count_parameters(linear)
+    return LayerReport(name, (linear.out_features, linear.in_features), DENSE,
+                       f"kept dense: Auto keeps it dense ({config.ratio:g}x budget)", params, params, 0.0, None, 0.0)
 
 
 def compare(original: str, compressed: str, texts_file: str, batch_size: int = 32) -> dict[str, float]:
