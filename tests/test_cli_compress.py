@@ -116,6 +116,42 @@ def test_state_dict_source_with_auto_picks_what_compress_picks(tmp_path, capsys)
         assert torch.equal(loaded.state_dict()[key], value), key
 
 
+@pytest.mark.parametrize("url", [False, True], ids=["local", "memory"])
+def test_streaming_writer_shards_as_it_goes_and_aborts_cleanly(tmp_path, url):
+    pytest.importorskip("fsspec")
+    import fsspec
+
+    from tspline_kernels.files import StreamingWriter
+
+    torch.manual_seed(0)
+    root = f"memory://stream-{tmp_path.name}" if url else str(tmp_path)
+    path = f"{root}/m.safetensors"
+    layer = tk.LowRankLinear.from_linear(nn.Linear(20, 12), 3)
+    tensors = {f"t{k}": torch.randn(100 + k) for k in range(4)}
+    with StreamingWriter(path, max_shard_size=600) as writer:
+        writer.add_layer("block.proj", layer)
+        for name, t in tensors.items():
+            writer.add(name, t)
+        with pytest.raises(ValueError, match="already added"):
+            writer.add("t0", tensors["t0"])
+        written = writer.close({"note": "streamed"})
+    assert written[-1].endswith("/m.safetensors.index.json") and len(written) > 2
+    with tk.open_compressed(path) as f:
+        assert f.report == {"note": "streamed"} and [i.class_name for i in f.layers] == ["LowRankLinear"]
+        assert all(torch.equal(f.tensor(n), t) for n, t in tensors.items())
+        x = torch.randn(3, 20)
+        assert_close(f.load_layer("block.proj")(x), layer(x), name="streamed layer")
+    fs, _ = fsspec.core.url_to_fs(root)
+    before = sorted(fs.ls(root, detail=False))
+    with pytest.raises(RuntimeError, match="midway"), StreamingWriter(path, max_shard_size=600) as writer:
+        for name, t in tensors.items():
+            writer.add(name, t * 2)
+        raise RuntimeError("midway")
+    assert sorted(fs.ls(root, detail=False)) == before  # partial shards removed, the previous save kept
+    with tk.open_compressed(path) as f:
+        assert torch.equal(f.tensor("t3"), tensors["t3"])
+
+
 def test_state_dict_source_memory_stays_near_one_layer(tmp_path):
     """The data-free path on a sharded checkpoint 4x larger than the memory the process may add
     after its imports (RLIMIT_AS, which counts mapped files too)."""
