@@ -31,7 +31,8 @@ import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
@@ -120,8 +121,14 @@ def _checkpoint_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict:
 
 
 def _load(model: nn.Module, opt: torch.optim.Optimizer, checkpoint: Path) -> None:
-    """The DCP recipe: the state dicts of this (re)built model, filled from ``checkpoint``, set back."""
+    """The DCP recipe: the state dicts of this (re)built model, filled from ``checkpoint``, set back.
+    ``dcp.load`` fills tensors in place and only ``load_state_dict`` checks the layers' settings
+    (``_extra_state``), so those are loaded and checked first: a refused checkpoint leaves the
+    model untouched."""
     state = _checkpoint_state(model, opt)
+    settings = {k: v for k, v in state["model"].items() if k.endswith("_extra_state")}
+    dcp.load({"model": settings}, checkpoint_id=checkpoint)
+    set_model_state_dict(model, settings, options=StateDictOptions(strict=False))
     dcp.load(state, checkpoint_id=checkpoint)
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
@@ -294,11 +301,14 @@ def _refusal(setting: str) -> str:
 @pytest.mark.parametrize("changed, setting", MISMATCHED)
 def test_checkpoint_refuses_a_differently_configured_layer(distributed, changed, setting):
     """``_extra_state`` travels through DCP: the saved settings reach ``set_extra_state``, which
-    refuses a layer built with other ones (same parameter shapes, another function)."""
+    refuses a layer built with other ones (same parameter shapes, another function), before any
+    parameter is overwritten."""
     _, path = distributed
     model = _model(**changed)
+    before = _params(model)
     with pytest.raises(ValueError, match=_refusal(setting)):
         _load(model, _adam(model), path / "checkpoint")
+    assert all(torch.equal(p, before[n]) for n, p in _params(model).items())
 
 
 def test_checkpoint_refuses_a_differently_configured_layer_in_two_ranks(distributed):
