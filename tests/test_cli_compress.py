@@ -339,6 +339,7 @@ def files(tmp_path, every_family) -> dict[str, str]:
     (["compress", "SD", "--out", "x", "--format", "lowrank", "--ratio", "2", "--max-shard-size", "lots"],
      "max_shard_size must be"),
     (["compress", "SD", "--out", "x", "--format", "lowrank", "--ratio", "2", "--heal-steps", "-1"], ">= 0"),
+    (["compress", "HF", "--out", "x", "--format", "lowrank", "--ratio", "2", "--heal-lr", "0"], "--heal-lr must be"),
     (["compress", "HF", "--out", "x", "--format", "lowrank", "--ratio", "2", "--heal-steps", "3"],
      "--heal-steps needs --calib"),
     (["compress", "HF", "--out", "x", "--format", "lowrank", "--ratio", "2", "--calib", "MISSING"], "no such file"),

@@ -118,7 +118,7 @@ def _data(model: nn.Module, src: str, kind: str, texts: list[str], batch_size: i
     from .bench.fidelity import sentence_embedding, tokenized
 
     if kind == ST:
-        return _Data(lambda m: m.encode(texts, batch_size=batch_size, show_progress_bar=False),
+        return _Data(lambda m: m.encode(texts, batch_size=batch_size, show_progress_bar=True),
                      tokenized(model, texts, batch_size), sentence_embedding, "cosine")
     from transformers import AutoTokenizer
 
@@ -140,6 +140,8 @@ def compress(src: str, out: str, fmt: str, ratio: float | None = None, calib: st
     config = make_config(fmt, ratio)
     if heal_steps < 0:
         raise ValueError(f"--heal-steps must be >= 0, got {heal_steps}")
+    if not heal_lr > 0:
+        raise ValueError(f"--heal-lr must be > 0, got {heal_lr}")
     if kind == STATE_DICT:
         if calib is not None or heal_steps:
             raise ValueError(f"{src} is a plain state dict, with no architecture to run: --calib and --heal-steps "
