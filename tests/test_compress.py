@@ -293,6 +293,46 @@ def test_auto_budget_is_exact_on_a_random_model(net):
         check_report(report, dense, model, x)
 
 
+class Branches(nn.Module):
+    """y = 0.01 a(x) + b(x): the output hardly sees ``a``, which a per-layer relative error cannot know."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(24, 24)
+        self.b = nn.Linear(24, 24)
+
+    def forward(self, x):
+        return 0.01 * self.a(x) + self.b(x)
+
+
+def test_sensitivity_weights_steer_auto_to_the_layer_the_output_ignores():
+    torch.manual_seed(0)
+    model, batches = Branches(), [torch.randn(40, 24), torch.randn(30, 24)]
+    state = copy.deepcopy(model.state_dict())
+    weights = tk.sensitivity(model, batches, ratio=2, progress=False)
+    assert all(type(m) is nn.Linear for m in (model.a, model.b))
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert set(weights) == {"a", "b"} and 0 < weights["a"] < 1e-3 * weights["b"]
+    x = torch.cat(batches)
+    with torch.no_grad():
+        y = model(x)
+    moved = {}
+    for label, w in (("plain", None), ("weighted", weights)):
+        student = copy.deepcopy(model)
+        report = tk.compress_(student, tk.Auto(ratio=2, formats=("lowrank",), weights=w), batches, progress=False)
+        assert report.params_after <= report.params_before / 2
+        with torch.no_grad(), tk.backend("reference"):
+            moved[label] = ((student(x) - y).norm() / y.norm()).item()
+    assert "weights=<2 layers>" in report.config
+    assert moved["weighted"] < 0.7 * moved["plain"]
+    with pytest.raises(TypeError, match="iterator"):
+        tk.sensitivity(model, iter(batches), progress=False)
+    with pytest.raises(ValueError, match="no entry for b"):
+        tk.compress_(model, tk.Auto(ratio=2, weights={"a": 1.0}), progress=False)
+    with pytest.raises(ValueError, match="finite numbers >= 0"):
+        tk.Auto(ratio=2, weights={"a": -1.0})
+
+
 # ---- recommend -------------------------------------------------------------------------------------
 
 def test_recommend_measures_every_format_and_leaves_the_model_alone(net):

@@ -19,7 +19,8 @@ from .spline import HierarchicalSplineLinear, SplineLinear
 from .spline_tt import SplineTTLinear
 from .surgery import Replacement, replace_linear
 from .calibration import Calibration, LayerStats, calibrate
-from .compress import Auto, CompressionReport, Kronecker, LowRank, Spline, TensorTrain, compress_, recommend
+from .compress import (Auto, CompressionReport, Kronecker, LowRank, Spline, TensorTrain, compress_, recommend,
+                       sensitivity)
 from .tt import TTLinear, suggest_modes
 from .export import export_onnx
 
@@ -44,6 +45,7 @@ __all__ = [
     "compress_",
     "CompressionReport",
     "recommend",
+    "sensitivity",
     "LowRank",
     "TensorTrain",
     "Kronecker",

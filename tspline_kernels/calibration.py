@@ -54,6 +54,30 @@ def with_progress(iterable: Iterable, enable: bool = True, **kwargs) -> Iterable
     return tqdm(iterable, **kwargs)
 
 
+def check_calibration(calibration) -> None:
+    if isinstance(calibration, (torch.Tensor, str, bytes, Mapping)) or not (
+            callable(calibration) or isinstance(calibration, Iterable)):
+        raise TypeError("calibration must be a callable run on the model or an iterable of batches, got "
+                        f"{type(calibration).__name__} (wrap a single batch in a list)")
+
+
+@torch.no_grad()
+def run_calibration(model: nn.Module, calibration, progress: bool = False, keep: bool = True) -> list:
+    """Run ``calibration`` on ``model`` under ``torch.no_grad``: ``[calibration(model)]`` for a
+    callable, else ``model`` on every batch (see :func:`calibrate`); the outputs when ``keep``."""
+    if callable(calibration):
+        out = calibration(model)
+        return [out] if keep else []
+    total = len(calibration) if hasattr(calibration, "__len__") else None
+    outputs = []
+    for batch in with_progress(calibration, progress and total is not None, total=total, desc="calibrating",
+                               unit="batch"):
+        out = call(model, batch)
+        if keep:
+            outputs.append(out)
+    return outputs
+
+
 def calibrate(model: nn.Module, calibration: Callable[[nn.Module], object] | Iterable,
               include: str | None = None, exclude: str | None = None, min_features: int = 0,
               progress: bool = True) -> Calibration:
@@ -68,10 +92,7 @@ def calibrate(model: nn.Module, calibration: Callable[[nn.Module], object] | Ite
     """
     targets = require_linear(model, include, exclude, min_features)
     check_flag("progress", progress)
-    if isinstance(calibration, (torch.Tensor, str, bytes, Mapping)) or not (
-            callable(calibration) or isinstance(calibration, Iterable)):
-        raise TypeError("calibration must be a callable run on the model or an iterable of batches, got "
-                        f"{type(calibration).__name__} (wrap a single batch in a list)")
+    check_calibration(calibration)
     grams: dict[str, torch.Tensor | None] = {name: None for name, _ in targets}
     tokens = dict.fromkeys(grams, 0)
 
@@ -88,14 +109,7 @@ def calibrate(model: nn.Module, calibration: Callable[[nn.Module], object] | Ite
 
     handles = [m.register_forward_pre_hook(hook_for(name, m.in_features), with_kwargs=True) for name, m in targets]
     try:
-        with torch.no_grad():
-            if callable(calibration):
-                calibration(model)
-            else:
-                total = len(calibration) if hasattr(calibration, "__len__") else None
-                for batch in with_progress(calibration, progress and total is not None, total=total,
-                                      desc="calibrating", unit="batch"):
-                    call(model, batch)
+        run_calibration(model, calibration, progress, keep=False)
     finally:
         for h in handles:
             h.remove()

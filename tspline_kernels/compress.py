@@ -15,16 +15,17 @@ import json
 import math
 import numbers
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
 from torch import nn
 
+from ._backend import backend
 from ._fit import lowrank_error_curve
 from ._layers import CompressedLinear, check_count, check_flag, check_grid, check_ints
-from .calibration import Calibration, calibrate, with_progress
+from .calibration import Calibration, calibrate, check_calibration, run_calibration, with_progress
 from .kronecker import KroneckerLinear
 from .lowrank import LowRankLinear
 from .spline import SplineLinear
@@ -294,7 +295,7 @@ def _check_formats(formats) -> tuple[str, ...]:
     return formats
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Auto:
     """Format and size chosen per layer to minimise the summed squared calibrated output error
     sum_l ||(W_l - W_hat_l) X_l^T||^2 / ||W_l X_l^T||^2 (each layer relative to its own output
@@ -306,15 +307,29 @@ class Auto:
 
     Why squared errors: to first order the perturbations of different layers add up in energy,
     and low rank's squared error curve is convex in the parameter count (its steps are the sorted
-    squared singular values), which is where greedy allocation is optimal."""
+    squared singular values), which is where greedy allocation is optimal.
+
+    ``weights`` (layer name -> w_l, e.g. from :func:`sensitivity`) minimises sum_l w_l e_l^2
+    instead: a layer's relative error says nothing of how much the model's output moves with it
+    (on all-MiniLM-L6-v2 at 2x, measured weights raised the held-out embedding cosine from 0.75
+    to 0.86, the uniform low rank's being 0.80)."""
 
     ratio: float
     formats: tuple[str, ...] = FORMATS
     ratios: tuple[float, ...] | None = None
+    weights: Mapping[str, float] | None = None
 
     def __post_init__(self) -> None:
         _check_ratio("ratio", self.ratio)
         object.__setattr__(self, "formats", _check_formats(self.formats))
+        if self.weights is not None:
+            if not isinstance(self.weights, Mapping):
+                raise TypeError(f"weights must map layer names to numbers (see tk.sensitivity), got {self.weights!r}")
+            bad = {k: v for k, v in self.weights.items() if isinstance(v, bool) or not isinstance(v, numbers.Real)
+                   or not (math.isfinite(v) and v >= 0)}
+            if bad:
+                raise ValueError(f"weights must be finite numbers >= 0, got {bad}")
+            object.__setattr__(self, "weights", {k: float(v) for k, v in self.weights.items()})
         if self.ratios is None:
             return
         if isinstance(self.ratios, (str, bytes)) or not isinstance(self.ratios, Iterable):
@@ -323,6 +338,10 @@ class Auto:
         if not ratios:
             raise ValueError("ratios needs at least one per-layer ratio > 1")
         object.__setattr__(self, "ratios", ratios)
+
+    def __repr__(self) -> str:
+        weights = "None" if self.weights is None else f"<{len(self.weights)} layers>"
+        return f"Auto(ratio={self.ratio!r}, formats={self.formats!r}, ratios={self.ratios!r}, weights={weights})"
 
     def candidate_ratios(self) -> tuple[float, ...]:
         """The per-layer ratios at which TT and spline are fitted: ``ratios``, or by default
@@ -356,10 +375,16 @@ class Auto:
 
     def _allocate(self, targets: list[tuple[str, nn.Linear]], grams: dict[str, torch.Tensor | None],
                   progress: bool) -> dict[str, tuple[object, Spec | str]]:
+        weights = dict.fromkeys((name for name, _ in targets), 1.0) if self.weights is None else self.weights
+        missing = [name for name, _ in targets if name not in weights]
+        if missing:
+            raise ValueError(f"Auto's weights have no entry for {', '.join(missing)}: measure them with "
+                             "tk.sensitivity over the same layers")
         options = [self._options(linear, grams[name])
                    for name, linear in with_progress(targets, progress, desc="Auto: error curves", unit="layer")]
         budget = sum(count_parameters(linear) for _, linear in targets) / self.ratio
-        chosen = allocate([[(p, e) for _, _, p, e in opts] for opts in options], budget)
+        chosen = allocate([[(p, weights[name] * e) for _, _, p, e in opts] for (name, _), opts in zip(targets, options)],
+                          budget)
         plans = {}
         for (name, _), opts, k in zip(targets, options, chosen):
             family, spec, _, _ = opts[k]
@@ -583,6 +608,55 @@ def _fitted_row(name: str, linear: nn.Linear, fmt: str, new: CompressedLinear, s
     rep = new.fit_report
     return _row(name, linear, fmt, new._structure(), new.num_parameters(), (rep.relative_error, rep.output_error),
                 seconds)
+
+
+def _flat(out) -> torch.Tensor:
+    """Every number of a model output (tensors or arrays, nested in tuples, lists or dicts) as one
+    float64 CPU vector."""
+    if isinstance(out, torch.Tensor):
+        return out.detach().double().reshape(-1).cpu()
+    if isinstance(out, np.ndarray) and out.dtype.kind in "fiu":
+        return torch.from_numpy(out).double().reshape(-1)
+    if isinstance(out, Mapping):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return torch.cat([_flat(o) for o in out] + [torch.zeros(0, dtype=torch.float64)])
+    raise TypeError(f"sensitivity compares model outputs, but the calibration produced a {type(out).__name__}: "
+                    "make it return tensors or arrays")
+
+
+@torch.no_grad()
+def sensitivity(model: nn.Module, calibration, ratio: float = 2.0, include: str | None = None,
+                exclude: str | None = None, min_features: int = 0, *, progress: bool = True) -> dict[str, float]:
+    """How much the model's output moves per unit of each targeted Linear's squared calibrated
+    output error, for ``Auto(weights=)``: each layer alone is replaced by its calibrated low-rank
+    fit at ``ratio``, the calibration is run, and w_l = (||y_l - y||^2 / ||y||^2) / e_l^2, with y
+    the dense model's outputs, y_l the outputs with layer l replaced, e_l that fit's relative
+    output error. The model is restored. ``calibration`` (a callable or a list of batches, as for
+    :func:`calibrate`) runs once per layer plus twice, so keep it small (a few dozen sentences
+    for a sentence encoder); its outputs must be tensors or arrays (nested in tuples, lists or dicts)."""
+    ratio = _check_ratio("ratio", ratio)
+    check_calibration(calibration)
+    if not callable(calibration) and iter(calibration) is calibration:
+        raise TypeError("sensitivity runs the calibration once per layer: pass a callable or a list of batches, "
+                        "not an iterator (it runs once only)")
+    cal = calibrate(model, calibration, include, exclude, min_features, progress=False)
+    reference = _flat(run_calibration(model, calibration))
+    energy = reference.square().sum().clamp_min(1e-300)
+    family = _LowRankFamily()
+    weights = {}
+    for name, linear in with_progress(require_linear(model, include, exclude, min_features), progress,
+                                      desc="sensitivity", unit="layer"):
+        spec = family.at_ratio(linear, ratio)
+        fit = family.fit(linear, {"rank": 1} if isinstance(spec, str) else spec, cal[name].gram.to(linear.weight.device))
+        swap_module(model, name, fit, linear)
+        try:
+            with backend("reference"):  # the same maths; the kernels would only add interpreter time on a CPU
+                moved = (_flat(run_calibration(model, calibration)) - reference).square().sum() / energy
+        finally:
+            swap_module(model, name, linear, linear)
+        weights[name] = moved.item() / max(fit.fit_report.output_error ** 2, NEGLIGIBLE)
+    return weights
 
 
 @torch.no_grad()
