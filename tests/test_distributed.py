@@ -134,8 +134,8 @@ def _load(model: nn.Module, opt: torch.optim.Optimizer, checkpoint: Path) -> Non
 
 
 def _loss_and_grads(model: nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The output on the probe (in the parameters' dtype; float32) and every parameter's gradient of
-    its mean square."""
+    """The output on the probe (fed in the parameters' dtype, returned in float32) and every
+    parameter's full gradient of its mean square."""
     y = model(_probe().to(next(model.parameters()).dtype)).float()
     y.square().mean().backward()
     grads = {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad) for n, p in model.named_parameters()}
@@ -178,7 +178,7 @@ def _worker(rank: int, path: Path) -> None:
         results["loaded next step"] = _params(loaded)
 
         bf16 = _fsdp_model(mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
-        results["bf16 output"] = _loss_and_grads(bf16)
+        results["bf16"] = _loss_and_grads(bf16)
 
         other = _fsdp_model(**MISMATCHED[0].values[0])  # loading it must raise
         try:
@@ -250,7 +250,7 @@ def test_fsdp2_mixed_precision(distributed):
     the model in one process (after 8 layers, bf16 rounding alone moves them beyond one op's
     bf16 tolerance from the float32 ones)."""
     results, _ = distributed
-    y, grads = results["bf16 output"]
+    y, grads = results["bf16"]
     assert_close(y, _loss_and_grads(_model().float())[0], dtype=torch.bfloat16)
     expected = _loss_and_grads(_model().bfloat16())[1]
     assert grads.keys() == expected.keys()
