@@ -46,6 +46,8 @@ pytestmark = pytest.mark.filterwarnings(  # DCP's note when loading into a proce
 WORLD = 2
 BATCH, FEATURES, STEPS, LR = 8, 12, 3, 1e-2
 SHARDS = [slice(r * BATCH // WORLD, (r + 1) * BATCH // WORLD) for r in range(WORLD)]
+# NdLinearGated's gating of the first mode only: the other modes' gate and projection get no gradient
+GATED = {"kronecker": {"gated": True, "gated_modes": "first"}}
 # settings that change a layer's function but no parameter shape: (_model overrides, setting named)
 MISMATCHED = [
     pytest.param({"kronecker": {"transform_outer": False}}, "transform_outer", id="kronecker-transform_outer"),
@@ -53,12 +55,11 @@ MISMATCHED = [
 ]
 
 
-def _model(seed: int = 0, gated: bool = False, **changed) -> nn.Sequential:
+def _model(seed: int = 0, **changed) -> nn.Sequential:
     """Every family, 12 features wide, float64. ``changed`` overrides one layer's constructor
-    arguments by family (``kronecker=...``, ``gaussian=...``) to build a differently configured
-    model with the same parameter shapes."""
+    arguments by family (``kronecker=...``, ``gaussian=...``)."""
     torch.manual_seed(seed)
-    kronecker = {"gated": gated, **changed.get("kronecker", {})}
+    kronecker = changed.get("kronecker", {})
     gaussian = {"basis": "gaussian", "n_control_points": 9, "support": "local", **changed.get("gaussian", {})}
     return nn.Sequential(
         tk.LowRankLinear(FEATURES, FEATURES, 3), nn.Tanh(),
@@ -152,10 +153,11 @@ def _worker(rank: int, path: Path) -> None:
                             timeout=timedelta(seconds=120))
     try:
         batches, shard, results = _batches(), [SHARDS[rank]], {}
-        for gated in (False, True):
-            ddp = DistributedDataParallel(_model(gated=gated))
+        for name, changed in (("ddp", {}), ("ddp-gated", GATED)):
+            # DDP's default raises on the gated model's parameters that get no gradient
+            ddp = DistributedDataParallel(_model(**changed), find_unused_parameters=bool(changed))
             _train(ddp, _adam(ddp), batches[:STEPS], shard)
-            results["ddp-gated" if gated else "ddp"] = _params(ddp.module)
+            results[name] = _params(ddp.module)
 
         model = _fsdp_model()
         opt = _adam(model)
@@ -229,12 +231,16 @@ def test_ddp_matches_single_process(distributed, single_process):
 
 def test_gated_kronecker_under_ddp_sees_the_local_batch(distributed):
     """A gated KroneckerLinear's gates read the batch mean: under DDP each rank's local batch, so
-    DDP equals single-process training on the shards run separately, not on the whole batch."""
+    DDP equals single-process training on the shards run separately, not on the whole batch. The
+    gate and projection of an ungated mode get no gradient (``find_unused_parameters=True``) and
+    keep their initial values."""
     results, _ = distributed
-    batches = _batches()[:STEPS]
-    _assert_same(results["ddp-gated"], _single_process(_model(gated=True), batches, SHARDS))
-    whole = _single_process(_model(gated=True), batches)
+    batches, start = _batches()[:STEPS], _params(_model(**GATED))
+    _assert_same(results["ddp-gated"], _single_process(_model(**GATED), batches, SHARDS))
+    whole = _single_process(_model(**GATED), batches)
     assert max((results["ddp-gated"][n] - p).abs().max() for n, p in whole.items()) > 1e-6
+    unused = [n for n in start if n.startswith(("5.gates.1.", "5.projections.1."))]
+    assert unused and all(torch.equal(results["ddp-gated"][n], start[n]) for n in unused)
 
 
 def test_fsdp2_matches_ddp_and_single_process(distributed, single_process):
