@@ -12,6 +12,8 @@ FAMILIES = {
     "tt": lambda **kw: tk.TTLinear((3, 4), (2, 4), 2, **kw),
     "spline_tt": lambda **kw: tk.SplineTTLinear((3, 4), (2, 4), 2, (4, 4), **kw),
     "kronecker": lambda **kw: tk.KroneckerLinear((3, 4), (2, 4), **kw),
+    "gaussian": lambda **kw: tk.SplineLinear(12, 8, basis="gaussian", n_control_points=6, **kw),
+    "decoupled": lambda **kw: tk.DecoupledSplineMLP(12, 8, 3, n_basis=5, **kw),
 }
 
 
@@ -47,3 +49,21 @@ def test_reset_bias_after_to_empty(family):
     layer.bias.data.fill_(float("nan"))
     layer.reset_bias()
     assert torch.isfinite(layer.bias).all() and layer.bias.abs().max() <= 12 ** -0.5
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_inplace_op_on_the_output(family, backend):
+    """As after nn.Linear, an in-place op on the layer's output (``ReLU(inplace=True)``, ``y += r``)
+    works and backpropagates like its out-of-place form: the ops return no view of their scratch."""
+    torch.manual_seed(0)
+    layer = FAMILIES[family]()
+    x = torch.randn(2, 3, 12)
+    with tk.backend(backend):
+        y = layer(x)
+        expected = torch.autograd.grad(torch.relu(y).square().sum(), list(layer.parameters()))
+        y = layer(x)
+        y.relu_()
+        got = torch.autograd.grad(y.square().sum(), list(layer.parameters()))
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)

@@ -65,3 +65,14 @@ def register_autograd(op, backward: Callable, setup_context: Callable) -> None:
             return backward(ctx, *grads)
 
     op.register_autograd(replay, setup_context=setup)
+
+
+def owned(out):
+    """A forward op's result (a tensor or a tuple of tensors) with every view of the op's own
+    scratch (the launchers and references reshape a 2-D result back to ``(*, n)``) re-labelled as
+    a plain tensor (``aten._unsafe_view``: no copy). Autograd forbids in-place ops on a view
+    returned by a custom Function, so without this ``nn.ReLU(inplace=True)`` or ``y += r`` after
+    the layer raise, where they work after ``nn.Linear`` (FSDP2 also warns about view outputs)."""
+    if isinstance(out, tuple):
+        return tuple(owned(t) for t in out)
+    return torch.ops.aten._unsafe_view(out, out.shape) if out._is_view() else out

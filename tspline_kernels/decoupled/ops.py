@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._backend import register_autograd, use_triton
+from .._backend import owned, register_autograd, use_triton
 from ..lowrank.ops import lowrank_grad_factors
 from ..reference import decoupled as ref
 from ..reference.common import bias_grad, compute_dtype
@@ -30,8 +30,8 @@ def decoupled_mlp(x: Tensor, v: Tensor, w: Tensor, coef: Tensor, lo: Tensor, hi:
     coef ``(r, K)``, lo/hi ``(r,)`` (hi > lo), bias ``(n,)`` or None."""
     if use_triton(x):
         from .kernels import decoupled_mlp as launch
-        return launch(x, v, w, coef, lo, hi, bias)
-    return ref.decoupled_mlp(x, v, w, coef, lo, hi, bias)
+        return owned(launch(x, v, w, coef, lo, hi, bias))
+    return owned(ref.decoupled_mlp(x, v, w, coef, lo, hi, bias))
 
 
 @decoupled_mlp.register_fake

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._backend import register_autograd, use_triton
+from .._backend import owned, register_autograd, use_triton
 from ..reference import kronecker as ref
 from ..reference.common import bias_grad, compute_dtype
 
@@ -26,8 +26,8 @@ def kronecker_linear(x: Tensor, a: Tensor, b: Tensor, bias: Tensor | None) -> Te
     b ``(m_2, n_2)``, bias ``(m_1 m_2,)``, X[r] = x[r].reshape(n_1, n_2)."""
     if use_triton(x):
         from .kernels import kronecker_linear as launch
-        return launch(x, a, b, bias)
-    return ref.kronecker_linear(x, a, b, bias)
+        return owned(launch(x, a, b, bias))
+    return owned(ref.kronecker_linear(x, a, b, bias))
 
 
 @kronecker_linear.register_fake

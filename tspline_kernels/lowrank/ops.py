@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._backend import register_autograd, use_triton
+from .._backend import owned, register_autograd, use_triton
 from ..reference import lowrank as ref
 from ..reference.common import bias_grad, compute_dtype
 
@@ -28,8 +28,8 @@ def lowrank_linear(x: Tensor, a: Tensor, b: Tensor, bias: Tensor | None) -> tupl
     x ``(*, k)``, a ``(k, r)``, b ``(n, r)``."""
     if use_triton(x):
         from .kernels import lowrank_linear as launch
-        return launch(x, a, b, bias)
-    return ref.lowrank_linear(x, a, b, bias)
+        return owned(launch(x, a, b, bias))
+    return owned(ref.lowrank_linear(x, a, b, bias))
 
 
 @lowrank_linear.register_fake

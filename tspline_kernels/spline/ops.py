@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._backend import register_autograd, use_triton
+from .._backend import owned, register_autograd, use_triton
 from ..reference import spline as ref
 from ..reference.common import bias_grad, compute_dtype
 
@@ -25,8 +25,8 @@ def separable_linear(x: Tensor, control: Tensor, bias: Tensor | None, out_featur
     """y = ((x @ Bi) @ C.T) @ Bo.T + bias; x ``(*, n_in)``, C ``(G_out, G_in)`` -> ``(*, out_features)``."""
     if use_triton(x):
         from .kernels import separable_linear as launch
-        return launch(x, control, bias, out_features, kind)
-    return ref.separable_linear(x, control, bias, out_features, kind)
+        return owned(launch(x, control, bias, out_features, kind))
+    return owned(ref.separable_linear(x, control, bias, out_features, kind))
 
 
 @separable_linear.register_fake
@@ -98,8 +98,8 @@ def field_linear(
     W ``(n_out, n_in)`` interpolated from ``control`` at the ``lattice`` points."""
     if use_triton(a):
         from .kernels import field_linear as launch
-        return launch(a, control, lattice, sigma, bias, n_out, n_in, basis, rho, transpose)
-    return ref.field_linear(a, control, lattice, sigma, bias, n_out, n_in, basis, rho, transpose)
+        return owned(launch(a, control, lattice, sigma, bias, n_out, n_in, basis, rho, transpose))
+    return owned(ref.field_linear(a, control, lattice, sigma, bias, n_out, n_in, basis, rho, transpose))
 
 
 @field_linear.register_fake

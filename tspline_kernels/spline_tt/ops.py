@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-from .._backend import register_autograd, use_triton
+from .._backend import owned, register_autograd, use_triton
 from ..reference import spline_tt as ref
 from ..reference.common import bias_grad, compute_dtype
 from ..tt.ops import multilinear_double_backward
@@ -29,8 +29,8 @@ def spline_tt_linear(x: Tensor, controls: list[Tensor], bias: Tensor | None, in_
     """y = x @ W.T + bias; x ``(*, prod in_modes)``, controls ``(r_{k-1}, Go_k, Gi_k, r_k)`` -> ``(*, prod out_modes)``."""
     if use_triton(x):
         from .kernels import spline_tt_linear as launch
-        return launch(x, controls, bias, in_modes, out_modes, strategy)
-    return ref.spline_tt_linear(x, controls, bias, in_modes, out_modes)
+        return owned(launch(x, controls, bias, in_modes, out_modes, strategy))
+    return owned(ref.spline_tt_linear(x, controls, bias, in_modes, out_modes))
 
 
 @spline_tt_linear.register_fake

@@ -16,7 +16,7 @@ import math
 import torch
 from torch import Tensor
 
-from .._backend import register_autograd, use_triton
+from .._backend import owned, register_autograd, use_triton
 from ..reference import tt as ref
 from ..reference.common import bias_grad, compute_dtype
 
@@ -31,8 +31,8 @@ def tt_linear(x: Tensor, cores: list[Tensor], bias: Tensor | None, strategy: str
     """y = x @ W.T + bias; x ``(*, prod I_k)``, cores ``(r_{k-1}, O_k, I_k, r_k)`` -> ``(*, prod O_k)``."""
     if use_triton(x):
         from .kernels import tt_linear as launch
-        return launch(x, cores, bias, strategy)
-    return ref.tt_linear(x, cores, bias)
+        return owned(launch(x, cores, bias, strategy))
+    return owned(ref.tt_linear(x, cores, bias))
 
 
 @tt_linear.register_fake
