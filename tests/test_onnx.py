@@ -116,8 +116,9 @@ def test_export_leaves_the_model_unchanged(mixed):
         assert torch.equal(model(x), y)  # the spline basis cache holds no traced tensor
 
 
-# Sizes so that the graph, a few KB per layer (the basis recipes of a spline: ~3 KB each), is
-# under a tenth of the data; the grids are not a realistic compression choice, the point is the file.
+# Sizes so that the graph, a few KB per layer (the basis recipes of a spline: ~3 KB each), is small
+# next to the data (file / parameters 1.00 to 1.12); the grids are not a realistic compression
+# choice, the point is what the file holds.
 FACTORED = {
     "lowrank": lambda: tk.LowRankLinear(256, 256, rank=16),
     "tt": lambda: tk.TTLinear((16, 16), (16, 16), (1, 16, 1)),
