@@ -117,7 +117,7 @@ def test_export_leaves_the_model_unchanged(mixed):
 
 
 # Sizes so that the graph, a few KB per layer (the basis recipes of a spline: ~3 KB each), is small
-# next to the data (file / parameters 1.00 to 1.12); the grids are not a realistic compression
+# next to the data (file / parameters 1.04 to 1.12); the grids are not a realistic compression
 # choice, the point is what the file holds.
 FACTORED = {
     "lowrank": lambda: tk.LowRankLinear(256, 256, rank=16),
