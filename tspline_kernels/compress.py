@@ -6,6 +6,8 @@ per-layer ``ratio``) or ``Auto`` (format and size chosen per layer under one glo
 budget). A "ratio" is always dense parameters / compressed parameters, biases included (> 1 means
 smaller). Fits use the layer's calibration Gram when there is one (``from_linear(...,
 input_gram=)``), so they minimise the output error ||(W - W_hat) X^T|| rather than the weight error.
+``recommend`` measures every format's error per layer without changing the model; ``sensitivity``
+measures how much the model's output moves with each layer's error, as weights for ``Auto``.
 """
 
 from __future__ import annotations
@@ -311,8 +313,9 @@ class Auto:
 
     ``weights`` (layer name -> w_l, e.g. from :func:`sensitivity`) minimises sum_l w_l e_l^2
     instead: a layer's relative error says nothing of how much the model's output moves with it
-    (on all-MiniLM-L6-v2 at 2x, measured weights raised the held-out embedding cosine from 0.75
-    to 0.86, the uniform low rank's being 0.80)."""
+    (all-MiniLM-L6-v2's 36 encoder Linears, 128 calibration and 64 held-out sentences, weights
+    from 64: mean held-out embedding cosine 0.75 -> 0.86 at 2x and 0.915 -> 0.944 at 1.33x; the
+    uniform whitened low rank reaches 0.80 at 2x). Low rank won every layer there."""
 
     ratio: float
     formats: tuple[str, ...] = FORMATS
