@@ -178,6 +178,9 @@ def test_existing_calibration_and_selection(net):
         tk.compress_(net, tk.LowRank(rank=2), cal, include="down", progress=False)
     with pytest.raises(ValueError, match="no nn.Linear"):
         tk.compress_(net, tk.LowRank(rank=2), include="nothing", progress=False)
+    dead = tk.Calibration({"down": tk.LayerStats(torch.zeros(36, 36, dtype=torch.float64), 40)})
+    with pytest.raises(ValueError, match="calibration of 'down': input_gram is all zeros"):
+        tk.compress_(net, tk.LowRank(rank=2), dead, include="down", progress=False)
 
 
 @pytest.mark.parametrize("make, error, match", [

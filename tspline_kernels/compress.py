@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ._backend import backend
-from ._fit import lowrank_error_curve
+from ._fit import check_gram, lowrank_error_curve
 from ._layers import CompressedLinear, check_count, check_flag, check_grid, check_ints
 from .calibration import Calibration, calibrate, check_calibration, run_calibration, with_progress
 from .kronecker import KroneckerLinear
@@ -583,7 +583,13 @@ def _targets_and_grams(model: nn.Module, calibration, include, exclude, min_feat
     if missing:
         raise ValueError(f"the calibration has no statistics for {', '.join(missing)}: calibrate with the same "
                          "include, exclude and min_features")
-    return targets, {name: calibration[name].gram.to(linear.weight.device) for name, linear in targets}
+    grams = {}
+    for name, linear in targets:
+        try:
+            grams[name] = check_gram(calibration[name].gram, linear.in_features).to(linear.weight.device)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"the calibration of {name!r}: {e}") from None
+    return targets, grams
 
 
 def _fit(linear: nn.Linear, family, spec: Spec | str, gram: torch.Tensor | None
