@@ -85,10 +85,17 @@ def _keys_rows(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return i0.long() - 1, torch.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], dim=1)
 
 
-@functools.lru_cache(maxsize=64)
 def basis_matrix(n: int, g: int, kind: int, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
     """Dense ``(n, g)`` basis matrix B with B[i, q] = basis function q at position x_i (on the CPU
-    unless ``device`` is given: a default-device context must not leak into the cache)."""
+    unless ``device`` is given: a default-device context must not leak into the cache). Cached,
+    except while ``torch.export`` traces: the basis is then built in the graph (ONNX export keeps
+    it as the few ops that make it) and no traced tensor enters the cache."""
+    if torch.compiler.is_exporting():
+        return _basis_matrix(n, g, kind, dtype, device)
+    return _cached_basis_matrix(n, g, kind, dtype, device)
+
+
+def _basis_matrix(n: int, g: int, kind: int, dtype: torch.dtype, device) -> torch.Tensor:
     device = torch.device("cpu") if device is None else device
     if kind == BSPLINE:
         if g < 4:
@@ -106,6 +113,9 @@ def basis_matrix(n: int, g: int, kind: int, dtype: torch.dtype = torch.float32, 
     b = torch.zeros(n, g, dtype=torch.float64, device=device)
     b.scatter_add_(1, cols, w)
     return b.to(dtype)
+
+
+_cached_basis_matrix = functools.lru_cache(maxsize=64)(_basis_matrix)
 
 
 def separable_weight(control: torch.Tensor, n_out: int, n_in: int, kind: int) -> torch.Tensor:
@@ -217,13 +227,14 @@ def _normaliser(s: torch.Tensor, basis: int) -> torch.Tensor:
 
 def field_weight(
     control: torch.Tensor, lattice: torch.Tensor, sigma: torch.Tensor | None,
-    n_out: int, n_in: int, basis: int, rho: float = 0.0,
+    n_out: int, n_in: int, basis: int, rho: float = 0.0, budget: int = 1 << 18,
 ) -> torch.Tensor:
-    """Dense W ``(n_out, n_in)`` of a field basis, built in cache-sized row blocks."""
+    """Dense W ``(n_out, n_in)`` of a field basis, built in row blocks of about ``budget`` elements
+    (cache-sized by default; ONNX export passes a larger one so the graph has fewer blocks)."""
     cd = compute_dtype(control)
     c = control.to(cd)
     w = torch.empty(n_out, n_in, dtype=cd, device=control.device)
-    for rows, phi, _ in _field_chunks(lattice, sigma, n_out, n_in, basis, rho, cd, control.device):
+    for rows, phi, _ in _field_chunks(lattice, sigma, n_out, n_in, basis, rho, cd, control.device, budget):
         w[rows] = (phi @ c) / _normaliser(phi.sum(-1), basis)
     return w
 
@@ -231,10 +242,12 @@ def field_weight(
 def field_linear(
     a: torch.Tensor, control: torch.Tensor, lattice: torch.Tensor, sigma: torch.Tensor | None,
     bias: torch.Tensor | None, n_out: int, n_in: int, basis: int, rho: float, transpose: bool,
+    budget: int = 1 << 18,
 ) -> torch.Tensor:
-    """``a @ W.T + bias`` for a ``(*, n_in)``, or ``a @ W + bias`` (``transpose``) for a ``(*, n_out)``."""
+    """``a @ W.T + bias`` for a ``(*, n_in)``, or ``a @ W + bias`` (``transpose``) for a ``(*, n_out)``;
+    ``budget`` as in :func:`field_weight`."""
     cd = compute_dtype(a)
-    w = field_weight(control.to(cd), lattice, sigma, n_out, n_in, basis, rho)
+    w = field_weight(control.to(cd), lattice, sigma, n_out, n_in, basis, rho, budget)
     y = a.to(cd) @ (w if transpose else w.T)
     if bias is not None:
         y = y + bias.to(cd)

@@ -31,6 +31,8 @@ parameters of a small model.
 
 from __future__ import annotations
 
+import functools
+
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -54,7 +56,8 @@ _REFERENCES: dict[object, Callable] = {
         spline_tt.spline_tt_linear(x, controls, bias, in_modes, out_modes),
     _OPS.kronecker_linear.default: kronecker.kronecker_linear,
     _OPS.separable_linear.default: spline.separable_linear,
-    _OPS.field_linear.default: spline.field_linear,
+    # W in blocks of 4M elements: a few graph nodes per layer instead of one block per 256K
+    _OPS.field_linear.default: functools.partial(spline.field_linear, budget=1 << 22),
     _OPS.decoupled_mlp.default: decoupled.decoupled_mlp,
 }
 
@@ -111,17 +114,10 @@ def _keeps_size(node) -> bool | None:
 
 
 def _trace(model: nn.Module, example_inputs: tuple, dynamic_shapes) -> torch.export.ExportedProgram:
-    """``torch.export`` with every tspline op traced as its reference. The reference's basis cache is
-    emptied around the trace: a cached basis would enter the graph as a constant, and one built
-    while tracing is a traced tensor that must not outlive the trace (within the trace the cache
-    makes layers of equal shape share one basis recipe). A spline forward running in another
-    thread meanwhile could read such a tensor: do not export while other threads run the model."""
-    spline.basis_matrix.cache_clear()
-    try:
-        with _TraceReferences():
-            program = torch.export.export(model, example_inputs, dynamic_shapes=dynamic_shapes)
-    finally:
-        spline.basis_matrix.cache_clear()
+    """``torch.export`` with every tspline op traced as its reference (whose basis matrices are then
+    built in the graph, not read from its cache)."""
+    with _TraceReferences():
+        program = torch.export.export(model, example_inputs, dynamic_shapes=dynamic_shapes)
     left = sorted({str(n.target) for n in program.graph.nodes
                    if n.op == "call_function" and str(n.target).startswith("tspline.")})
     if left:
