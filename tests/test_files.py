@@ -496,3 +496,20 @@ def test_inspect_help_and_bad_paths(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(["inspect", str(tmp_path / "junk.safetensors")])
     assert exit_.value.code == 2 and "bad header" in capsys.readouterr().err
+
+
+def test_save_refuses_fsdp2_shards_clearly(tmp_path):
+    """A model wrapped by FSDP2 holds DTensor shards: refused with the recipe, not a storage error."""
+    dist = pytest.importorskip("torch.distributed")
+    fsdp = pytest.importorskip("torch.distributed.fsdp")
+    if not hasattr(fsdp, "fully_shard"):
+        pytest.skip("torch without FSDP2's public fully_shard")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        model = nn.Sequential(tk.LowRankLinear(8, 6, 2))
+        fsdp.fully_shard(model)
+        with pytest.raises(ValueError, match="DTensor shard.*distributed checkpoint"):
+            tk.save_compressed(model, str(tmp_path / "m.safetensors"))
+        assert not (tmp_path / "m.safetensors").exists()
+    finally:
+        dist.destroy_process_group()

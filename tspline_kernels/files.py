@@ -183,6 +183,10 @@ def _tensors_to_write(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
             raise TypeError(f"state-dict entry {name!r} is a {type(t).__name__}: safetensors stores tensors only")
         if t.device.type == "meta":
             raise ValueError(f"tensor {name!r} is on the meta device: there is no data to save")
+        if type(t).__name__ == "DTensor":
+            raise ValueError(f"tensor {name!r} is a DTensor shard (a model wrapped by FSDP2 or tensor "
+                             "parallelism): save a distributed checkpoint and load it into one process, "
+                             "then save_compressed that model (see the README's distributed recipe)")
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
         if t.numel() and key in seen:
             aliases[name] = seen[key]
