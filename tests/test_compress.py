@@ -202,6 +202,7 @@ def test_existing_calibration_and_selection(net):
     (lambda: tk.Auto(ratio=2, formats=("lowrank", "svd")), ValueError, "formats"),
     (lambda: tk.Auto(ratio=2, formats="lowrank"), TypeError, "formats"),
     (lambda: tk.Auto(ratio=2, ratios=()), ValueError, "ratios"),
+    (lambda: tk.Auto(ratio=2, prune="yes"), TypeError, "prune"),
 ])
 def test_bad_configs_raise(make, error, match):
     with pytest.raises(error, match=match):
@@ -273,6 +274,25 @@ def test_auto_prefers_the_exact_format_and_respects_the_budget():
     assert by_name["kr"].format == "kronecker"
     assert max(r.output_error for r in report.layers) < 1e-6
     assert report.params_after <= report.params_before / 4
+
+
+def test_auto_prunes_a_format_that_loses_near_the_target(net, monkeypatch):
+    """Spline on random weights loses to low rank at the target size: with prune only that one size
+    is fitted per layer, and the choice is the same as with every size fitted."""
+    from tspline_kernels import compress
+
+    fits = []
+    fit = compress._SplineFamily.fit
+    monkeypatch.setattr(compress._SplineFamily, "fit", lambda self, *a: fits.append(a[1]) or fit(self, *a))
+    x = torch.randn(64, 24)
+    reports = {}
+    for prune in (True, False):
+        fits.clear()
+        config = tk.Auto(ratio=2, formats=("spline", "lowrank"), ratios=(1.5, 2.0, 3.0, 4.0), prune=prune)
+        reports[prune] = tk.compress_(copy.deepcopy(net), config, [x], progress=False)
+        assert len(fits) == (3 if prune else 12)
+    assert [(r.format, r.structure) for r in reports[True].layers] == \
+        [(r.format, r.structure) for r in reports[False].layers]
 
 
 def test_auto_with_tt_uncalibrated(net):

@@ -281,6 +281,7 @@ class Spline:
         return family, family.at_ratio(linear, self.ratio) if self.ratio is not None else {"grid": self.grid}
 
 
+_CHEAPEST_FIRST = ("lowrank", "kronecker", "spline", "tt")
 _FAMILIES: dict[str, Callable[[], object]] = {
     "lowrank": _LowRankFamily, "tt": lambda: _TTFamily(TensorTrain.d), "spline": _SplineFamily,
     "kronecker": _KroneckerFamily,
@@ -306,6 +307,10 @@ class Auto:
     an option. Low rank is scored at every rank from one SVD; TT and spline are fitted at each of
     ``candidate_ratios()`` (per-layer ratios), Kronecker at its one size. The cost is dominated by
     the TT fits (alternating least squares with a Gram): leave "tt" out of ``formats`` for speed.
+    With ``prune`` (default) formats are scored cheapest first, and a format's sizes are fitted
+    nearest the target first, stopping at the first fit that an option already scored matches or
+    beats in both parameters and error (a format that loses near the target is not fitted at
+    every size); ``prune=False`` fits every candidate.
 
     Why squared errors: to first order the perturbations of different layers add up in energy,
     and low rank's squared error curve is convex in the parameter count (its steps are the sorted
@@ -321,9 +326,11 @@ class Auto:
     formats: tuple[str, ...] = FORMATS
     ratios: tuple[float, ...] | None = None
     weights: Mapping[str, float] | None = None
+    prune: bool = True
 
     def __post_init__(self) -> None:
         _check_ratio("ratio", self.ratio)
+        check_flag("prune", self.prune)
         object.__setattr__(self, "formats", _check_formats(self.formats))
         if self.weights is not None:
             if not isinstance(self.weights, Mapping):
@@ -344,7 +351,8 @@ class Auto:
 
     def __repr__(self) -> str:
         weights = "None" if self.weights is None else f"<{len(self.weights)} layers>"
-        return f"Auto(ratio={self.ratio!r}, formats={self.formats!r}, ratios={self.ratios!r}, weights={weights})"
+        return (f"Auto(ratio={self.ratio!r}, formats={self.formats!r}, ratios={self.ratios!r}, weights={weights}, "
+                f"prune={self.prune})")
 
     def candidate_ratios(self) -> tuple[float, ...]:
         """The per-layer ratios at which TT and spline are fitted: ``ratios``, or by default
@@ -357,7 +365,7 @@ class Auto:
         """(family, spec, params, squared error) of every candidate for one layer, dense first."""
         dense = count_parameters(linear)
         options = [(None, None, dense, 0.0)]
-        for name in self.formats:
+        for name in sorted(self.formats, key=_CHEAPEST_FIRST.index):
             family = _FAMILIES[name]()
             if name == "lowrank":
                 curve = lowrank_error_curve(linear.weight.detach(), gram).square().tolist()
@@ -366,14 +374,18 @@ class Auto:
                 continue
             if name == "kronecker":
                 specs = [family.spec(linear)]  # its one size, whatever the target
-            else:
-                specs = [family.at_ratio(linear, r) for r in self.candidate_ratios()]
+            else:  # nearest the target first
+                ratios = sorted(self.candidate_ratios(), key=lambda r: abs(math.log(r / self.ratio)))
+                specs = [family.at_ratio(linear, r) for r in ratios]
             specs = [s for s in specs if not isinstance(s, str) and family.params(linear, s) < dense]
             for spec in {repr(s): s for s in specs}.values():
                 new = family.fit(linear, spec, gram)
                 rep = new.fit_report
-                error = rep.relative_error if gram is None else rep.output_error
-                options.append((family, spec, new.num_parameters(), error ** 2))
+                error = (rep.relative_error if gram is None else rep.output_error) ** 2
+                dominated = any(p <= new.num_parameters() and e <= error for _, _, p, e in options)
+                options.append((family, spec, new.num_parameters(), error))
+                if dominated and self.prune:
+                    break
         return options
 
     def _allocate(self, targets: list[tuple[str, nn.Linear]], grams: dict[str, torch.Tensor | None],
