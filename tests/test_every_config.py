@@ -76,7 +76,7 @@ def test_select_spreads_configs_over_the_list():
 
 # the partial-sum and split kernels of every family but TT contract (chain kernels: slow under the
 # interpreter, run on the GPU); 40 rows: several row blocks for BM 16 and 32, one for BM >= 64
-CI_CASES = ["spline.bspline", "spline.gaussian", "lowrank", "tt.rebuild", "kronecker"]
+CI_CASES = ["spline.bspline", "spline.gaussian", "lowrank", "tt.rebuild", "kronecker", "decoupled"]
 
 
 @pytest.mark.parametrize("case", CI_CASES)
