@@ -42,7 +42,7 @@ from .harness import free_path, git_state, module_call, time_ms
 KEEP = (0.5, 0.25)  # fraction of each block's parameters kept
 METHODS = ("decoupled", "lowrank", "keep_units")
 N_BASIS = 12
-HEAL = dict(steps=100, lr=1e-4, batch=16)
+HEAL = dict(steps=60, lr=1e-4, batch=16)
 QUICK = dict(keep=(0.25,), tokens=256, iters=2, sizes={"calibration": 32, "held_out": 32, "heal": 16},
              heal_steps=2, heal_batch=8, timing_tokens=64, quick=True)
 
@@ -160,7 +160,7 @@ def timing(layer: nn.Module, width: int, x: torch.Tensor, tokens: int) -> list[d
 
 # --------------------------------------------------------------------------------------- run
 def run(out: str | Path | None = None, keep: Sequence[float] = KEEP, methods: Sequence[str] = METHODS,
-        tokens: int = 2048, iters: int = 8, heal_steps: int = HEAL["steps"], heal_lr: float = HEAL["lr"],
+        tokens: int = 2048, iters: int = 5, heal_steps: int = HEAL["steps"], heal_lr: float = HEAL["lr"],
         heal_batch: int = HEAL["batch"], sizes: dict[str, int | None] | None = None, threads: int | None = 1,
         timing_tokens: int = 512, quick: bool = False, progress: bool = True) -> Path:
     """Measure every (keep fraction, method), unhealed and healed (``heal_steps`` > 0), and the
@@ -278,7 +278,7 @@ if __name__ == "__main__":
     parser.add_argument("--keep", nargs="+", type=float, default=list(KEEP))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--tokens", type=int, default=2048, help="calibration tokens per block")
-    parser.add_argument("--iters", type=int, default=8, help="ALS iterations per block")
+    parser.add_argument("--iters", type=int, default=5, help="ALS iterations per block")
     parser.add_argument("--heal-steps", type=int, default=HEAL["steps"], help="0: no healing")
     parser.add_argument("--heal-lr", type=float, default=HEAL["lr"])
     parser.add_argument("--heal-batch", type=int, default=HEAL["batch"])
