@@ -21,8 +21,8 @@ from .tt import TTLinear, suggest_modes
 # model-level work: surgery, calibration, compression, healing, files, export
 from .surgery import Replacement, replace_linear
 from .calibration import Calibration, LayerStats, calibrate
-from .compress import (Auto, CompressionReport, Kronecker, LowRank, Spline, TensorTrain, compress_, recommend,
-                       sensitivity)
+from .compress import (Auto, CompressionReport, Decoupled, Kronecker, LowRank, Spline, TensorTrain, compress_,
+                       recommend, sensitivity)
 from .heal import HealReport, heal
 from .files import CompressedFile, IntegrityError, load_compressed, open_compressed, save_compressed
 from .export import export_onnx
@@ -35,7 +35,7 @@ __all__ = [
     "KroneckerLinear", "SplineTTLinear", "DecoupledSplineMLP", "suggest_modes",
     # compressing a model
     "replace_linear", "Replacement", "calibrate", "Calibration", "LayerStats", "compress_", "CompressionReport",
-    "recommend", "sensitivity", "LowRank", "TensorTrain", "Kronecker", "Spline", "Auto", "heal", "HealReport",
+    "recommend", "sensitivity", "LowRank", "TensorTrain", "Kronecker", "Spline", "Auto", "Decoupled", "heal", "HealReport",
     # files and export
     "save_compressed", "load_compressed", "open_compressed", "CompressedFile", "IntegrityError", "export_onnx",
 ]

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ._layers import check_flag
+from ._layers import check_count, check_flag
 from .heal import call
 from .surgery import require_linear
 
@@ -78,6 +78,38 @@ def run_calibration(model: nn.Module, calibration, progress: bool = False, keep:
     return outputs
 
 
+def observe_inputs(model: nn.Module, calibration, modules: Sequence[tuple[str, nn.Module]], features: Sequence[int],
+                   record: Callable[[str, torch.Tensor], None], progress: bool = True) -> None:
+    """Run ``calibration`` on ``model`` (see :func:`calibrate`) with a hook that passes every input
+    of each named module, detached and flattened to ``(rows, features)``, to ``record(name, x)``.
+    A module the calibration never reaches raises ValueError."""
+    check_flag("progress", progress)
+    check_calibration(calibration)
+    rows = {name: 0 for name, _ in modules}
+
+    def hook_for(name: str, width: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = args[0] if args else kwargs.get("input")
+            if not isinstance(x, torch.Tensor):
+                return  # the module itself raises on it
+            x = x.detach().reshape(-1, width)
+            rows[name] += x.shape[0]
+            record(name, x)
+        return hook
+
+    handles = [m.register_forward_pre_hook(hook_for(name, width), with_kwargs=True)
+               for (name, m), width in zip(modules, features)]
+    try:
+        run_calibration(model, calibration, progress, keep=False)
+    finally:
+        for h in handles:
+            h.remove()
+    missed = [name for name, n in rows.items() if n == 0]
+    if missed:
+        raise ValueError(f"the calibration never reached {len(missed)} of the targeted layers: "
+                         f"{', '.join(missed)} (exclude them, or run inputs that use them)")
+
+
 def calibrate(model: nn.Module, calibration: Callable[[nn.Module], object] | Iterable,
               include: str | None = None, exclude: str | None = None, min_features: int = 0,
               progress: bool = True) -> Calibration:
@@ -91,30 +123,30 @@ def calibrate(model: nn.Module, calibration: Callable[[nn.Module], object] | Ite
     calibration never reaches raises (its statistics would be empty).
     """
     targets = require_linear(model, include, exclude, min_features)
-    check_flag("progress", progress)
-    check_calibration(calibration)
-    grams: dict[str, torch.Tensor | None] = {name: None for name, _ in targets}
-    tokens = dict.fromkeys(grams, 0)
+    grams: dict[str, torch.Tensor] = {}
+    tokens = {name: 0 for name, _ in targets}
 
-    def hook_for(name: str, features: int):
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            x = args[0] if args else kwargs.get("input")
-            if not isinstance(x, torch.Tensor):
-                return  # the Linear itself raises on it
-            x = x.detach().reshape(-1, features).double()
-            g = x.T @ x
-            grams[name] = g if grams[name] is None else grams[name] + g
-            tokens[name] += x.shape[0]
-        return hook
+    def record(name: str, x: torch.Tensor) -> None:
+        x = x.double()
+        grams[name] = x.T @ x + grams[name] if name in grams else x.T @ x
+        tokens[name] += x.shape[0]
 
-    handles = [m.register_forward_pre_hook(hook_for(name, m.in_features), with_kwargs=True) for name, m in targets]
-    try:
-        run_calibration(model, calibration, progress, keep=False)
-    finally:
-        for h in handles:
-            h.remove()
-    missed = [name for name, n in tokens.items() if n == 0]
-    if missed:
-        raise ValueError(f"the calibration never reached {len(missed)} of the targeted Linear layers: "
-                         f"{', '.join(missed)} (exclude them, or run inputs that use them)")
-    return Calibration({name: LayerStats(grams[name], tokens[name]) for name in grams})
+    observe_inputs(model, calibration, targets, [m.in_features for _, m in targets], record, progress)
+    return Calibration({name: LayerStats(grams[name], tokens[name]) for name in tokens})
+
+
+def collect_inputs(model: nn.Module, calibration, modules: Sequence[tuple[str, nn.Linear]], tokens: int,
+                   seed: int = 0, progress: bool = True) -> dict[str, torch.Tensor]:
+    """Up to ``tokens`` input rows of each named Linear ``(rows, in_features)`` (its input's dtype
+    and device) while ``calibration`` runs on ``model`` (as for :func:`calibrate`): a seeded random
+    choice among all rows it saw, which are held until the run ends (memory O(rows x in) per layer)."""
+    tokens = check_count("tokens", tokens, 1)
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name, _ in modules}
+    observe_inputs(model, calibration, modules, [m.in_features for _, m in modules],
+                   lambda name, x: seen[name].append(x.clone()), progress)
+    out = {}
+    for name, parts in seen.items():
+        x = torch.cat(parts)
+        pick = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:tokens]
+        out[name] = x[pick.to(x.device)]
+    return out

@@ -27,7 +27,8 @@ from torch import nn
 from ._backend import backend
 from ._fit import check_gram, lowrank_error_curve
 from ._layers import CompressedLinear, check_count, check_flag, check_grid, check_ints
-from .calibration import Calibration, calibrate, check_calibration, run_calibration, with_progress
+from .calibration import Calibration, calibrate, check_calibration, collect_inputs, run_calibration, with_progress
+from .decoupled import DecoupledSplineMLP
 from .kronecker import KroneckerLinear
 from .lowrank import LowRankLinear
 from .spline import SplineLinear
@@ -279,6 +280,50 @@ class Spline:
     def _plan(self, linear: nn.Linear) -> tuple[_SplineFamily, Spec | str]:
         family = _SplineFamily()
         return family, family.at_ratio(linear, self.ratio) if self.ratio is not None else {"grid": self.grid}
+
+
+@dataclass(frozen=True)
+class Decoupled:
+    """Each MLP block fc2(activation(fc1 x)) replaced by one ``DecoupledSplineMLP`` (W g(V^T x) + b,
+    its own cubic B-spline per hidden unit) with the largest rank that keeps at most 1/``ratio``
+    of the block's parameters (both Linears), fitted by ``from_mlp`` to the block's values and
+    Jacobians at up to ``tokens`` calibration inputs of fc1 (so it needs ``calibration``), ``iters``
+    ALS iterations, ``value_weight`` weighing values against Jacobians. ``include`` selects the
+    blocks' first Linears; fc2 and the activation are found for Hugging Face BERT-style encoders
+    (``*.intermediate.dense`` -> ``*.intermediate.intermediate_act_fn`` -> ``*.output.dense``; the
+    residual and LayerNorm stay) and ``nn.Sequential(..., Linear, activation, Linear, ...)``;
+    other models give ``blocks`` = ((fc1_name, fc2_name, activation), ...), the activation being
+    the name of the model attribute that holds it or the module itself. fc1 becomes the new layer,
+    the activation and fc2 ``nn.Identity()``. The report's row is named after fc1, with the fit's
+    held-out relative Jacobian error as ``weight_error`` and value error as ``output_error``."""
+
+    ratio: float
+    blocks: tuple[tuple[str, str, str | nn.Module], ...] | None = None
+    n_basis: int = 12
+    iters: int = 5
+    tokens: int = 2048
+    value_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_ratio("ratio", self.ratio)
+        check_count("n_basis", self.n_basis, 4, " (a cubic B-spline needs at least 4 basis functions)")
+        check_count("iters", self.iters, 0)
+        check_count("tokens", self.tokens, 2)
+        if isinstance(self.value_weight, bool) or not isinstance(self.value_weight, numbers.Real) or not (
+                math.isfinite(self.value_weight) and self.value_weight >= 0):
+            raise ValueError(f"value_weight must be a finite number >= 0, got {self.value_weight!r}")
+        if self.blocks is not None:
+            if isinstance(self.blocks, (str, bytes)) or not isinstance(self.blocks, Iterable):
+                raise TypeError(f"blocks must be a sequence of (fc1_name, fc2_name, activation), got {self.blocks!r}")
+            blocks = tuple(tuple(b) if isinstance(b, (tuple, list)) else b for b in self.blocks)
+            for b in blocks:
+                if not (isinstance(b, tuple) and len(b) == 3 and isinstance(b[0], str) and isinstance(b[1], str)
+                        and isinstance(b[2], (str, nn.Module))):
+                    raise TypeError("each of blocks must be (fc1_name: str, fc2_name: str, activation: attribute "
+                                    f"name or nn.Module of the model), got {b!r}")
+            if not blocks:
+                raise ValueError("blocks is empty: give at least one (fc1_name, fc2_name, activation)")
+            object.__setattr__(self, "blocks", blocks)
 
 
 _CHEAPEST_FIRST = ("lowrank", "kronecker", "spline", "tt")
@@ -578,9 +623,153 @@ class Recommendation(_Rows):
         return {name: fmt for name, (_, fmt) in out.items()}
 
 
+# ---- decoupled MLP blocks ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MLPBlock:
+    """An MLP block of a model, fc2(activation(fc1 x)): the qualified names of its two Linears and
+    of the attribute holding its activation, and the modules themselves."""
+
+    first: str
+    second: str
+    activation: str
+    fc1: nn.Linear
+    act: Callable[[torch.Tensor], torch.Tensor]
+    fc2: nn.Linear
+
+    @property
+    def params(self) -> int:
+        return count_parameters(self.fc1) + count_parameters(self.fc2)
+
+
+def _attribute(model: nn.Module, name: str):
+    parent, _, child = name.rpartition(".")
+    try:
+        return getattr(model.get_submodule(parent), child)
+    except AttributeError:
+        raise ValueError(f"the model has no attribute {name!r}") from None
+
+
+def _block(model: nn.Module, first: str, second: str, activation: str | nn.Module) -> MLPBlock:
+    """The block with these names (``activation`` a name, or a submodule of ``model``), checked."""
+    if isinstance(activation, nn.Module):
+        found = [n for n, m in model.named_modules(remove_duplicate=False) if m is activation]
+        if not found:
+            raise ValueError(f"the activation {activation!r} of block {first!r} is not a submodule of the model: "
+                             "give the module or the name of the attribute that holds it, so that it can be "
+                             "replaced by nn.Identity()")
+        activation = found[0]
+    fc1, act, fc2 = (_attribute(model, n) for n in (first, activation, second))
+    for role, name, lin in (("first", first, fc1), ("second", second, fc2)):
+        if type(lin) is not nn.Linear:
+            raise ValueError(f"the {role} Linear of block {first!r}, {name!r}, is a {type(lin).__name__}, not an nn.Linear")
+    if not callable(act):
+        raise ValueError(f"the activation of block {first!r}, {activation!r}, is a {type(act).__name__}, not callable")
+    if fc2.in_features != fc1.out_features:
+        raise ValueError(f"block {first!r}: {second!r} takes {fc2.in_features} features but {first!r} gives "
+                         f"{fc1.out_features}")
+    return MLPBlock(first, second, activation, fc1, act, fc2)
+
+
+def _found_block(model: nn.Module, name: str) -> MLPBlock | None:
+    """The block whose first Linear is ``name``: BERT-style or inside an nn.Sequential; else None."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    prefix = parent_name + "." if parent_name else ""
+    if child == "dense" and parent_name.rpartition(".")[2] == "intermediate":
+        layer = parent_name.rpartition(".")[0]
+        layer_prefix = layer + "." if layer else ""
+        output = getattr(model.get_submodule(layer), "output", None)
+        act = next((a for a in ("intermediate_act_fn", "act_fn", "activation", "act") if hasattr(parent, a)), None)
+        if act is not None and type(getattr(output, "dense", None)) is nn.Linear:
+            return _block(model, name, f"{layer_prefix}output.dense", f"{prefix}{act}")
+    if isinstance(parent, nn.Sequential) and child.isdigit() and int(child) + 2 < len(parent):
+        i = int(child)
+        if type(parent[i + 2]) is nn.Linear and type(parent[i + 1]) is not nn.Linear:
+            return _block(model, name, f"{prefix}{i + 2}", f"{prefix}{i + 1}")
+    return None
+
+
+def find_blocks(model: nn.Module, targets: Sequence[tuple[str, nn.Linear]],
+                blocks: Sequence[tuple[str, str, str | nn.Module]] | None = None) -> list[MLPBlock]:
+    """The MLP blocks whose first Linear is among ``targets``: the given ``blocks`` (those of them
+    targeted, at least one), or each target's block found by :func:`_found_block`; a targeted
+    Linear that is the second Linear of another target's block is part of that block, any other
+    raises ValueError."""
+    names = [name for name, _ in targets]
+    if blocks is not None:
+        out = [_block(model, *b) for b in blocks if b[0] in names]
+        if not out:
+            raise ValueError(f"none of the blocks' first Linears ({', '.join(b[0] for b in blocks)}) is a targeted "
+                             "nn.Linear: check the names and include / exclude / min_features")
+        return out
+    found = {name: _found_block(model, name) for name in names}
+    seconds = {b.second for b in found.values() if b is not None}
+    missing = [name for name, b in found.items() if b is None and name not in seconds]
+    if missing:
+        raise ValueError(f"no MLP block (Linear, activation, Linear) starts at {', '.join(missing)}: only Hugging "
+                         "Face BERT-style blocks (*.intermediate.dense) and nn.Sequential(Linear, activation, "
+                         "Linear) are found; set include to the blocks' first Linears (e.g. "
+                         "include=r'intermediate\\.dense$'), or pass Decoupled(blocks=[(fc1_name, fc2_name, "
+                         "activation)])")
+    return [b for name, b in found.items() if b is not None and name not in seconds]
+
+
+def decoupled_rank(block: MLPBlock, ratio: float, n_basis: int = 12) -> int:
+    """The largest rank whose DecoupledSplineMLP (rank (in + out + n_basis) + out parameters) keeps
+    at most 1/``ratio`` of ``block``'s parameters; ValueError when rank 1 is already over."""
+    m, h, n = block.fc1.in_features, block.fc1.out_features, block.fc2.out_features
+    rank = int((block.params / ratio - n) // (m + n + n_basis))
+    if rank < 1:
+        raise ValueError(f"ratio={ratio:g} is unreachable for block {block.first!r}: rank 1 already has "
+                         f"{m + n + n_basis + n} of its {block.params} parameters")
+    return min(rank, h)
+
+
+def install_block(model: nn.Module, block: MLPBlock, new: nn.Module) -> None:
+    """Put ``new`` (the whole block) at fc1's place, ``nn.Identity()`` at the activation's and fc2's."""
+    swap_module(model, block.first, new, block.fc1)
+    for name in (block.activation, block.second):
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, nn.Identity())
+
+
+def decouple_block(model: nn.Module, block: MLPBlock, samples: torch.Tensor, config: Decoupled,
+                   progress: bool = True, **options) -> LayerReport:
+    """Fit ``block`` at ``samples`` ``(N, in)`` as ``config`` asks (``options``: more keyword
+    arguments of ``from_mlp``), install the fit in ``model`` and return its report row."""
+    start = time.perf_counter()
+    new = DecoupledSplineMLP.from_mlp(block.fc1, block.act, block.fc2, samples, decoupled_rank(block, config.ratio,
+                                      config.n_basis), config.n_basis, config.iters,
+                                      value_weight=config.value_weight, progress=progress, **options)
+    seconds = time.perf_counter() - start
+    install_block(model, block, new)
+    rep = new.fit_report
+    return LayerReport(block.first, (block.fc2.out_features, block.fc1.in_features), "decoupled",
+                       f"{new._structure()}, replaces {block.first} -> {block.second}", block.params,
+                       new.num_parameters(), rep.relative_error, rep.output_error, seconds)
+
+
+def _decouple(model: nn.Module, config: Decoupled, calibration, targets: list[tuple[str, nn.Linear]],
+              progress: bool) -> list[LayerReport]:
+    if calibration is None:
+        raise ValueError("Decoupled fits each block to its inputs: pass calibration= (a callable run on the model "
+                         "or an iterable of batches)")
+    if isinstance(calibration, Calibration):
+        raise TypeError("Decoupled needs input samples, which a Calibration (Grams only) does not hold: pass the "
+                        "calibration callable or batches themselves")
+    blocks = find_blocks(model, targets, config.blocks)
+    for block in blocks:
+        decoupled_rank(block, config.ratio, config.n_basis)  # an unreachable ratio raises before any work
+    samples = collect_inputs(model, calibration, [(b.first, b.fc1) for b in blocks], config.tokens,
+                             progress=progress)
+    return [decouple_block(model, b, samples[b.first], config, progress)
+            for b in with_progress(blocks, progress, desc="decoupling", unit="block")]
+
+
 # ---- entry points -------------------------------------------------------------------------------------
 
-_CONFIGS = (LowRank, TensorTrain, Kronecker, Spline, Auto)
+_CONFIGS = (LowRank, TensorTrain, Kronecker, Spline, Auto, Decoupled)
 
 
 def _targets_and_grams(model: nn.Module, calibration, include, exclude, min_features, progress: bool
@@ -687,10 +876,16 @@ def compress_(model: nn.Module, config, calibration=None, include: str | None = 
     the compressed layers ``config`` asks for, fitted to each layer's calibration Gram when
     ``calibration`` is given (a :class:`Calibration`, or what :func:`calibrate` takes). A layer
     the format cannot make smaller at the requested size stays dense; its row says why.
+    :class:`Decoupled` replaces whole MLP blocks instead (one row per block) and needs the
+    calibration callable or batches (samples of each block's input, not Grams).
     Returns a :class:`CompressionReport`."""
     start = time.perf_counter()
     if not isinstance(config, _CONFIGS):
         raise TypeError(f"config must be one of {', '.join(c.__name__ for c in _CONFIGS)}, got {config!r}")
+    if isinstance(config, Decoupled):
+        check_flag("progress", progress)
+        rows = _decouple(model, config, calibration, require_linear(model, include, exclude, min_features), progress)
+        return CompressionReport(tuple(rows), repr(config), time.perf_counter() - start)
     targets, grams = _targets_and_grams(model, calibration, include, exclude, min_features, progress)
     if isinstance(config, Auto):
         plans = config._allocate(targets, grams, progress)
