@@ -34,7 +34,9 @@ import torch
 from torch import nn
 
 import tspline_kernels as tk
+from tspline_kernels.compress import MLPBlock, decouple_block, decoupled_rank, find_blocks
 from tspline_kernels.decoupled.fit import activation_and_slope, important_units
+from tspline_kernels.surgery import require_linear, swap_module
 
 from .fidelity import embed, fidelity, load_minilm, sentence_embedding, texts, tokenized, versions
 from .harness import free_path, git_state, module_call, time_ms
@@ -53,8 +55,10 @@ def blocks(model: nn.Module) -> list[nn.Module]:
     return list(model[0].auto_model.encoder.layer)
 
 
-def block_parts(layer: nn.Module) -> tuple[nn.Linear, nn.Module, nn.Linear]:
-    return layer.intermediate.dense, layer.intermediate.intermediate_act_fn, layer.output.dense
+def mlp_block(layer: nn.Module) -> MLPBlock:
+    """A BERT layer's MLP block, as ``tk.compress_(..., tk.Decoupled(...))`` finds it."""
+    (block,) = find_blocks(layer, require_linear(layer, include=r"intermediate\.dense$"))
+    return block
 
 
 def block_params(m: int, h: int, n: int) -> int:
@@ -64,7 +68,7 @@ def block_params(m: int, h: int, n: int) -> int:
 def ranks(keep: float, m: int, h: int, n: int) -> dict[str, int]:
     """Each method's width at ``keep`` times the block's parameters (rounded down)."""
     budget = keep * block_params(m, h, n)
-    return {"decoupled": int((budget - n) // (m + n + N_BASIS)),
+    return {"decoupled": decoupled_rank(m, h, n, budget, N_BASIS),
             "lowrank": int((budget - h - n) // (m + 2 * h + n)),
             "keep_units": int((budget - n) // (m + 1 + n))}
 
@@ -93,48 +97,38 @@ def block_inputs(model: nn.Module, sentences: Sequence[str], tokens: int, seed: 
     return out
 
 
-def _install(layer: nn.Module, first: nn.Module, second: nn.Module | None) -> None:
-    """Put ``first`` (and ``second``, or identities when ``first`` is the whole block) in place."""
-    layer.intermediate.dense = first
-    if second is None:
-        layer.intermediate.intermediate_act_fn = nn.Identity()
-        layer.output.dense = nn.Identity()
-    else:
-        layer.output.dense = second
-
-
 def compress_block(layer: nn.Module, method: str, width: int, x: torch.Tensor, iters: int,
                    progress: bool, value_weight: float = 1.0) -> dict:
     """Replace ``layer``'s MLP by ``method`` at ``width`` fitted at block inputs ``x``; the fit's numbers."""
-    fc1, act, fc2 = block_parts(layer)
+    block = mlp_block(layer)
+    fc1, act, fc2 = block.fc1, block.act, block.fc2
     if method == "decoupled":
-        new = tk.DecoupledSplineMLP.from_mlp(fc1, act, fc2, x, width, N_BASIS, iters, c_update="branch",
-                                             value_weight=value_weight, progress=progress)
-        _install(layer, new, None)
-        rep = new.fit_report
-        return {"params": new.num_parameters(), "held_out_value_error": rep.output_error,
-                "held_out_jacobian_error": rep.relative_error, "iterations": rep.details["iterations"],
+        row = decouple_block(layer, block, x, width, N_BASIS, iters, progress, c_update="branch",
+                             value_weight=value_weight)
+        new = layer.get_submodule(block.first)
+        return {"params": row.params_after, "held_out_value_error": row.output_error,
+                "held_out_jacobian_error": row.weight_error, "iterations": new.fit_report.details["iterations"],
                 "objective": new.fit_objective}
     hidden, slope = activation_and_slope(act, fc1(x).detach())
     if method == "lowrank":
         first = tk.LowRankLinear.from_linear(fc1, width, input_gram=x.double().T @ x.double())
         second = tk.LowRankLinear.from_linear(fc2, width, input_gram=hidden.double().T @ hidden.double())
-        _install(layer, first, second)
-        return {"params": first.num_parameters() + second.num_parameters()}
-    units = important_units(fc1.weight.detach(), fc2.weight.detach(), slope, width)
-    first = nn.Linear(fc1.in_features, width)
-    with torch.no_grad():
-        first.weight.copy_(fc1.weight[units])
-        first.bias.copy_(fc1.bias[units])
-        kept = torch.cat([hidden[:, units], torch.ones(x.shape[0], 1)], dim=1).double()
-        target = fc2(hidden).double()
-        sol = torch.linalg.lstsq(kept, target).solution  # (width + 1, n)
-    second = nn.Linear(width, fc2.out_features)
-    with torch.no_grad():
-        second.weight.copy_(sol[:-1].T)
-        second.bias.copy_(sol[-1])
-    _install(layer, first, second)
-    return {"params": first.weight.numel() + first.bias.numel() + second.weight.numel() + second.bias.numel()}
+    else:
+        units = important_units(fc1.weight.detach(), fc2.weight.detach(), slope, width)
+        first = nn.Linear(fc1.in_features, width)
+        with torch.no_grad():
+            first.weight.copy_(fc1.weight[units])
+            first.bias.copy_(fc1.bias[units])
+            kept = torch.cat([hidden[:, units], torch.ones(x.shape[0], 1)], dim=1).double()
+            target = fc2(hidden).double()
+            sol = torch.linalg.lstsq(kept, target).solution  # (width + 1, n)
+        second = nn.Linear(width, fc2.out_features)
+        with torch.no_grad():
+            second.weight.copy_(sol[:-1].T)
+            second.bias.copy_(sol[-1])
+    swap_module(layer, block.first, first, fc1)
+    swap_module(layer, block.second, second, fc2)
+    return {"params": sum(p.numel() for p in (*first.parameters(), *second.parameters()))}
 
 
 # ---------------------------------------------------------------------------------- the timing
@@ -142,7 +136,8 @@ def timing(layer: nn.Module, width: int, x: torch.Tensor, tokens: int) -> list[d
     """Forward and forward+backward time of one dense block and its decoupled replacement."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    fc1, act, fc2 = (copy.deepcopy(p) for p in block_parts(layer))
+    block = mlp_block(layer)
+    fc1, act, fc2 = (copy.deepcopy(p) for p in (block.fc1, block.act, block.fc2))
     dense = nn.Sequential(fc1, act, fc2).to(device, dtype)
     decoupled = tk.DecoupledSplineMLP.from_mlp(fc1, act, fc2, x, width, N_BASIS, 0, progress=False).to(device, dtype)
     rows = []
@@ -192,8 +187,8 @@ def run(out: str | Path | None = None, keep: Sequence[float] = KEEP, methods: Se
     meta["tokens_per_block"] = inputs[0].shape[0]
     heal_batches = tokenized(model, split["heal"], heal_batch)
     held_batches = tokenized(model, split["held_out"], 64)
-    fc1, _, fc2 = block_parts(blocks(model)[0])
-    m, h, n = fc1.in_features, fc1.out_features, fc2.out_features
+    block0 = mlp_block(blocks(model)[0])
+    m, h, n = block0.fc1.in_features, block0.fc1.out_features, block0.fc2.out_features
     meta["block_params"] = block_params(m, h, n)
     save()
     for fraction in keep:
@@ -229,9 +224,8 @@ def run(out: str | Path | None = None, keep: Sequence[float] = KEEP, methods: Se
                 print(f"FAILED:\n{row['error']}")
                 data["results"].append(row)
                 save()
-    layer0 = blocks(model)[0]
     for fraction in keep if timing_tokens > 0 else ():
-        data["timing"] += timing(layer0, ranks(fraction, m, h, n)["decoupled"], inputs[0], timing_tokens)
+        data["timing"] += timing(blocks(model)[0], ranks(fraction, m, h, n)["decoupled"], inputs[0], timing_tokens)
         save()
     plot(data, path.with_suffix(".png"))
     print(f"wrote {path} and {path.with_suffix('.png')}")

@@ -18,7 +18,9 @@ import torch
 from .harness import device_name, free_path, git_state, launch_floor, measure, measure_peaks, metadata, write_json
 
 FAMILIES = ["spline", "lowrank", "tt", "kronecker"]
-FIDELITY = "fidelity"  # not a kernel family: compressed MiniLM's fidelity, its own JSON (bench/fidelity.py)
+# not kernel families: compressed MiniLM's fidelity (bench/fidelity.py) and its MLP blocks decoupled
+# (bench/decoupling.py), each run alone with its own JSON
+STANDALONE = ("fidelity", "decoupling")
 
 
 def default_out(device: str, goal: bool = False, tiny: bool = False) -> Path:
@@ -37,15 +39,14 @@ def main(quick: bool = False, out: str | None = None, only: list[str] | None = N
     writing it if a family failed."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     families = only or FAMILIES
-    unknown = sorted(set(families) - set(FAMILIES) - {FIDELITY})
+    unknown = sorted(set(families) - set(FAMILIES) - set(STANDALONE))
     if unknown:
-        raise SystemExit(f"unknown benchmark families {unknown}; choose from {FAMILIES + [FIDELITY]}")
-    if FIDELITY in families:
+        raise SystemExit(f"unknown benchmark families {unknown}; choose from {FAMILIES + list(STANDALONE)}")
+    alone = [f for f in families if f in STANDALONE]
+    if alone:
         if len(families) > 1:
-            raise SystemExit(f"--only {FIDELITY} runs alone (it writes its own JSON)")
-        from .fidelity import main as run_fidelity
-
-        return run_fidelity(quick=quick, out=out)
+            raise SystemExit(f"--only {alone[0]} runs alone (it writes its own JSON)")
+        return importlib.import_module(f"{__package__}.{alone[0]}").main(quick=quick, out=out)
     path = default_out(device, goal, tiny)
     if out:  # a folder (existing, or named with a trailing /) takes the default file name
         path = Path(out) / path.name if out.endswith("/") or Path(out).is_dir() else Path(out)

@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--out", help="JSON file to write (default bench/results/<device>-<commit>.json; "
                                      "an existing file is never overwritten, a -2, -3, ... suffix is added)")
     bench.add_argument("--only", nargs="+", metavar="FAMILY",
-                       help="benchmark only these families; 'fidelity': compressed all-MiniLM-L6-v2 vs the original")
+                       help="benchmark only these families; 'fidelity': compressed all-MiniLM-L6-v2 vs the original; "
+                            "'decoupling': its MLP blocks decoupled (B-spline) vs two baselines")
     inspect = sub.add_parser(
         "inspect", help="per-layer table of a compressed model file (tk.save_compressed)",
         description="Per-layer table (format, shape, params, ratio, weight/output error from the stored "

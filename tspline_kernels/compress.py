@@ -715,15 +715,19 @@ def find_blocks(model: nn.Module, targets: Sequence[tuple[str, nn.Linear]],
     return [b for name, b in found.items() if b is not None and name not in seconds]
 
 
-def decoupled_rank(block: MLPBlock, ratio: float, n_basis: int = 12) -> int:
-    """The largest rank whose DecoupledSplineMLP (rank (in + out + n_basis) + out parameters) keeps
-    at most 1/``ratio`` of ``block``'s parameters; ValueError when rank 1 is already over."""
+def decoupled_rank(in_features: int, hidden: int, out_features: int, budget: float, n_basis: int = 12) -> int:
+    """The largest rank (at most ``hidden``) of a DecoupledSplineMLP ``(in_features, out_features)``
+    with at most ``budget`` parameters, rank (in + out + n_basis) + out; 0 when rank 1 is over."""
+    return max(0, min(hidden, int((budget - out_features) // (in_features + out_features + n_basis))))
+
+
+def _block_rank(block: MLPBlock, ratio: float, n_basis: int) -> int:
     m, h, n = block.fc1.in_features, block.fc1.out_features, block.fc2.out_features
-    rank = int((block.params / ratio - n) // (m + n + n_basis))
+    rank = decoupled_rank(m, h, n, block.params / ratio, n_basis)
     if rank < 1:
         raise ValueError(f"ratio={ratio:g} is unreachable for block {block.first!r}: rank 1 already has "
                          f"{m + n + n_basis + n} of its {block.params} parameters")
-    return min(rank, h)
+    return rank
 
 
 def install_block(model: nn.Module, block: MLPBlock, new: nn.Module) -> None:
@@ -734,14 +738,14 @@ def install_block(model: nn.Module, block: MLPBlock, new: nn.Module) -> None:
         setattr(model.get_submodule(parent), child, nn.Identity())
 
 
-def decouple_block(model: nn.Module, block: MLPBlock, samples: torch.Tensor, config: Decoupled,
-                   progress: bool = True, **options) -> LayerReport:
-    """Fit ``block`` at ``samples`` ``(N, in)`` as ``config`` asks (``options``: more keyword
-    arguments of ``from_mlp``), install the fit in ``model`` and return its report row."""
+def decouple_block(model: nn.Module, block: MLPBlock, samples: torch.Tensor, rank: int, n_basis: int = 12,
+                   iters: int = 5, progress: bool = True, **options) -> LayerReport:
+    """Fit a rank-``rank`` DecoupledSplineMLP to ``block`` at ``samples`` ``(N, in)``
+    (``DecoupledSplineMLP.from_mlp``; ``options``: its other keyword arguments), install it in
+    ``model`` (:func:`install_block`) and return its report row."""
     start = time.perf_counter()
-    new = DecoupledSplineMLP.from_mlp(block.fc1, block.act, block.fc2, samples, decoupled_rank(block, config.ratio,
-                                      config.n_basis), config.n_basis, config.iters,
-                                      value_weight=config.value_weight, progress=progress, **options)
+    new = DecoupledSplineMLP.from_mlp(block.fc1, block.act, block.fc2, samples, rank, n_basis, iters,
+                                      progress=progress, **options)
     seconds = time.perf_counter() - start
     install_block(model, block, new)
     rep = new.fit_report
@@ -759,12 +763,12 @@ def _decouple(model: nn.Module, config: Decoupled, calibration, targets: list[tu
         raise TypeError("Decoupled needs input samples, which a Calibration (Grams only) does not hold: pass the "
                         "calibration callable or batches themselves")
     blocks = find_blocks(model, targets, config.blocks)
-    for block in blocks:
-        decoupled_rank(block, config.ratio, config.n_basis)  # an unreachable ratio raises before any work
+    ranks = [_block_rank(b, config.ratio, config.n_basis) for b in blocks]  # raises before any work
     samples = collect_inputs(model, calibration, [(b.first, b.fc1) for b in blocks], config.tokens,
                              progress=progress)
-    return [decouple_block(model, b, samples[b.first], config, progress)
-            for b in with_progress(blocks, progress, desc="decoupling", unit="block")]
+    return [decouple_block(model, b, samples[b.first], rank, config.n_basis, config.iters, progress,
+                           value_weight=config.value_weight)
+            for b, rank in with_progress(list(zip(blocks, ranks)), progress, desc="decoupling", unit="block")]
 
 
 # ---- entry points -------------------------------------------------------------------------------------
