@@ -287,8 +287,9 @@ class Decoupled:
     """Each MLP block fc2(activation(fc1 x)) replaced by one ``DecoupledSplineMLP`` (W g(V^T x) + b,
     its own cubic B-spline per hidden unit) with the largest rank that keeps at most 1/``ratio``
     of the block's parameters (both Linears), fitted by ``from_mlp`` to the block's values and
-    Jacobians at up to ``tokens`` calibration inputs of fc1 (so it needs ``calibration``), ``iters``
-    ALS iterations, ``value_weight`` weighing values against Jacobians. ``include`` selects the
+    Jacobians at up to ``tokens`` inputs of fc1 drawn from one calibration run of the original model
+    (so it needs ``calibration``; every input row counts, padding tokens included), ``iters`` ALS
+    iterations, ``value_weight`` weighing values against Jacobians. ``include`` selects the
     blocks' first Linears; fc2 and the activation are found for Hugging Face BERT-style encoders
     (``*.intermediate.dense`` -> ``*.intermediate.intermediate_act_fn`` -> ``*.output.dense``; the
     residual and LayerNorm stay) and ``nn.Sequential(..., Linear, activation, Linear, ...)``;
@@ -662,7 +663,8 @@ def _block(model: nn.Module, first: str, second: str, activation: str | nn.Modul
     fc1, act, fc2 = (_attribute(model, n) for n in (first, activation, second))
     for role, name, lin in (("first", first, fc1), ("second", second, fc2)):
         if type(lin) is not nn.Linear:
-            raise ValueError(f"the {role} Linear of block {first!r}, {name!r}, is a {type(lin).__name__}, not an nn.Linear")
+            raise ValueError(f"the {role} Linear of block {first!r}, {name!r}, is a {type(lin).__name__}, "
+                             "not an nn.Linear")
     if not callable(act):
         raise ValueError(f"the activation of block {first!r}, {activation!r}, is a {type(act).__name__}, not callable")
     if fc2.in_features != fc1.out_features:
@@ -750,7 +752,7 @@ def decouple_block(model: nn.Module, block: MLPBlock, samples: torch.Tensor, ran
     install_block(model, block, new)
     rep = new.fit_report
     return LayerReport(block.first, (block.fc2.out_features, block.fc1.in_features), "decoupled",
-                       f"{new._structure()}, replaces {block.first} -> {block.second}", block.params,
+                       f"{new._structure()}, block to {block.second}", block.params,
                        new.num_parameters(), rep.relative_error, rep.output_error, seconds)
 
 
