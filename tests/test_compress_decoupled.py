@@ -139,6 +139,12 @@ def test_bad_inputs_raise():
                      progress=False)
     with pytest.raises(ValueError, match="no MLP block"):
         tk.compress_(_Named(), tk.Decoupled(ratio=2), calibration=batches, progress=False)
+    with pytest.raises(ValueError, match="no attribute 'upp'"):
+        tk.compress_(_Named(), tk.Decoupled(ratio=2, blocks=[("upp", "down", "squash")]), calibration=batches,
+                     progress=False)
+    with pytest.raises(ValueError, match="none of the blocks' first Linears"):
+        tk.compress_(_Named(), tk.Decoupled(ratio=2, blocks=[("up", "down", "squash")]), calibration=batches,
+                     exclude="up", progress=False)
     with pytest.raises(TypeError, match="each of blocks"):
         tk.Decoupled(ratio=2, blocks=[("up", "down", torch.tanh)])
     with pytest.raises(ValueError, match="ratio"):

@@ -694,13 +694,13 @@ def _found_block(model: nn.Module, name: str) -> MLPBlock | None:
 
 def find_blocks(model: nn.Module, targets: Sequence[tuple[str, nn.Linear]],
                 blocks: Sequence[tuple[str, str, str | nn.Module]] | None = None) -> list[MLPBlock]:
-    """The MLP blocks whose first Linear is among ``targets``: the given ``blocks`` (those of them
-    targeted, at least one), or each target's block found by :func:`_found_block`; a targeted
+    """The MLP blocks whose first Linear is among ``targets``: the given ``blocks`` (each checked,
+    those targeted kept, at least one), or each target's block found by :func:`_found_block`; a targeted
     Linear that is the second Linear of another target's block is part of that block, any other
     raises ValueError."""
     names = [name for name, _ in targets]
     if blocks is not None:
-        out = [_block(model, *b) for b in blocks if b[0] in names]
+        out = [block for block in (_block(model, *b) for b in blocks) if block.first in names]
         if not out:
             raise ValueError(f"none of the blocks' first Linears ({', '.join(b[0] for b in blocks)}) is a targeted "
                              "nn.Linear: check the names and include / exclude / min_features")
