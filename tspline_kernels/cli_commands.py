@@ -25,7 +25,8 @@ from torch import nn
 from ._layers import CompressedLinear
 from .calibration import with_progress
 from .compress import (DENSE, Auto, CompressionReport, Kronecker, LayerReport, LowRank, Spline, TensorTrain,
-                       allocate, compress_)
+                       allocate, compress_, config_for)
+from .fidelity import embed, fidelity, sentence_embedding, tokenized
 from .files import StreamingWriter, _filesystem, _read_header, load_compressed, open_compressed, save_compressed
 from .heal import heal
 from .surgery import _pattern, count_parameters
@@ -90,8 +91,6 @@ def read_texts(path: str, option: str) -> list[str]:
 
 def make_config(fmt: str, ratio: float | None):
     """The ``compress_`` config of ``--format`` at ``--ratio`` (Kronecker has one size: no ratio)."""
-    from .bench.fidelity import config
-
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if fmt == "kronecker" and ratio is not None:
@@ -99,7 +98,7 @@ def make_config(fmt: str, ratio: float | None):
                          "features): leave out --ratio")
     if fmt != "kronecker" and ratio is None:
         raise ValueError(f"--format {fmt} needs --ratio (dense / compressed parameters, > 1)")
-    return config(fmt, ratio)
+    return config_for(fmt, ratio)
 
 
 @dataclass(frozen=True)
@@ -115,8 +114,6 @@ class _Data:
 def _data(model: nn.Module, src: str, kind: str, texts: list[str], batch_size: int = 32) -> _Data:
     """Sentence embeddings (cosine) for a sentence-transformers model; the last hidden state (mse)
     of a transformers model, tokenized by the directory's tokenizer."""
-    from .bench.fidelity import sentence_embedding, tokenized
-
     if kind == ST:
         return _Data(lambda m: m.encode(texts, batch_size=batch_size, show_progress_bar=True),
                      tokenized(model, texts, batch_size), sentence_embedding, "cosine")
@@ -311,8 +308,6 @@ def compare(original: str, compressed: str, texts_file: str, batch_size: int = 3
     """``tspline compare``: mean and min cosine between the sentence embeddings of ``original`` (a
     sentence-transformers directory) and of it with ``compressed`` loaded, and nearest-neighbour
     agreement, on the texts of ``texts_file`` (one per line, at least 2)."""
-    from .bench.fidelity import embed, fidelity
-
     texts = read_texts(texts_file, "--texts")
     if len(texts) < 2:
         raise ValueError(f"--texts {texts_file}: nearest-neighbour agreement needs at least 2 texts, got 1")

@@ -875,6 +875,28 @@ def sensitivity(model: nn.Module, calibration, ratio: float = 2.0, include: str 
     return weights
 
 
+# Auto's formats in config_for: the ones whose candidates are cheap to score (TT's weighted ALS at
+# every candidate size costs minutes per wide layer on a CPU; spline ~10 s)
+QUICK_AUTO_FORMATS = ("lowrank", "kronecker")
+
+
+def config_for(fmt: str, ratio: float | None = None):
+    """The config of format ``fmt`` ("lowrank", "tt", "spline", "kronecker" or "auto") at ``ratio``
+    (Kronecker: its one balanced size, no ratio; Auto: over ``QUICK_AUTO_FORMATS``)."""
+    if fmt == "kronecker":
+        if ratio is not None:
+            raise ValueError("kronecker has one size per layer (the balanced factorisation of its features): "
+                             "give no ratio")
+        return Kronecker()
+    makers = {"lowrank": LowRank, "tt": TensorTrain, "spline": Spline,
+              "auto": lambda ratio: Auto(ratio=ratio, formats=QUICK_AUTO_FORMATS)}
+    if fmt not in makers:
+        raise ValueError(f"format must be one of {(*makers, 'kronecker')}, got {fmt!r}")
+    if ratio is None:
+        raise ValueError(f"format {fmt!r} needs a ratio (dense / compressed parameters, > 1)")
+    return makers[fmt](ratio=ratio)
+
+
 @torch.no_grad()
 def compress_(model: nn.Module, config, calibration=None, include: str | None = None, exclude: str | None = None,
               min_features: int = 0, *, progress: bool = True) -> CompressionReport:
