@@ -9,8 +9,9 @@ the mean-pooled sentence embedding), three methods:
 - ``healed``: ``aware`` followed by :func:`tspline_kernels.heal` (the sentence embeddings of the
   original distilled into the compressed copy with a cosine loss, Adam, on the ``heal`` split).
 
-Auto chooses among low rank and Kronecker (``AUTO_FORMATS``: TT and spline left out for time, see
-there; their own rows measure them).
+Auto chooses among low rank and Kronecker (``compress.QUICK_AUTO_FORMATS``: TT and spline left out
+for time, their own rows measure them). The metrics, tokenized batches and heal forward live in
+``tspline_kernels.fidelity`` (re-exported here for the benchmarks that import them from this module).
 
 Metrics on a held-out set of sentences disjoint from the calibration and healing text: mean and
 minimum cosine between each sentence's compressed and original embeddings, and nearest-neighbour
@@ -43,19 +44,17 @@ from fractions import Fraction
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 import tspline_kernels as tk
+from tspline_kernels.compress import QUICK_AUTO_FORMATS as AUTO_FORMATS
+from tspline_kernels.compress import config_for
+from tspline_kernels.fidelity import (cosines, embed, fidelity, nearest_neighbours, nn_agreement,  # noqa: F401
+                                      sentence_embedding, tokenized)
 
 from .harness import free_path, git_state
 
 RATIOS = (4 / 3, 2.0, 3.0, 4.0)
 FORMATS = ("lowrank", "auto", "tt", "spline", "kronecker")
-# Auto leaves TT and spline out: fitting every layer at every candidate size takes minutes per layer
-# (TT's weighted ALS) or ~10 s per wide layer (spline) on two shared CPU cores; their own rows say
-# how they fare
-AUTO_FORMATS = ("lowrank", "kronecker")
 METHODS = ("aware", "healed", "plain")  # in this order: healing starts from the aware fit
 INCLUDE = r"\.encoder\."  # the 36 encoder Linears of the BERT body
 SPLITS = {"calibration": (0, 512), "held_out": (512, 768), "heal": (768, None)}
@@ -106,61 +105,6 @@ def texts(split: str, n: int | None = None) -> list[str]:
     start, stop = SPLITS[split]
     part = sentences()[start:stop]
     return list(part if n is None else part[:n])
-
-
-def embed(model: nn.Module, sentences: Sequence[str], batch_size: int = 64) -> torch.Tensor:
-    """Unit-norm float32 sentence embeddings, ``(len(sentences), 384)``, on the CPU."""
-    out = model.encode(list(sentences), batch_size=batch_size, convert_to_tensor=True, normalize_embeddings=True,
-                       show_progress_bar=False)
-    return out.float().cpu()
-
-
-def cosines(reference: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
-    """Per-row cosine between two ``(n, d)`` embedding sets."""
-    return F.cosine_similarity(embeddings.double(), reference.double(), dim=-1)
-
-
-def nearest_neighbours(embeddings: torch.Tensor) -> torch.Tensor:
-    """For each row of ``(n, d)`` embeddings, the index of the most cosine-similar other row."""
-    unit = F.normalize(embeddings.double(), dim=-1)
-    sim = unit @ unit.T
-    sim.fill_diagonal_(-torch.inf)
-    return sim.argmax(dim=1)
-
-
-def nn_agreement(reference: torch.Tensor, embeddings: torch.Tensor) -> float:
-    """Fraction of rows whose nearest neighbour (among the other rows) is the same in both sets."""
-    return (nearest_neighbours(reference) == nearest_neighbours(embeddings)).double().mean().item()
-
-
-def fidelity(reference: torch.Tensor, embeddings: torch.Tensor) -> dict[str, float]:
-    """Mean and min cosine to the reference embeddings, and nearest-neighbour agreement."""
-    c = cosines(reference, embeddings)
-    return {"mean_cosine": c.mean().item(), "min_cosine": c.min().item(),
-            "nn_agreement": nn_agreement(reference, embeddings)}
-
-
-def tokenized(model: nn.Module, sentences: Sequence[str], batch_size: int, seed: int = 0) -> list[dict]:
-    """Tokenized batches for :func:`sentence_embedding`: sentences grouped by length (little
-    padding), the batches in a shuffled order."""
-    tokenize = getattr(model, "preprocess", None) or model.tokenize
-    ordered = sorted(sentences, key=len)
-    batches = [tokenize(ordered[i:i + batch_size]) for i in range(0, len(ordered), batch_size)]
-    random.Random(seed).shuffle(batches)
-    return batches
-
-
-def sentence_embedding(model: nn.Module, batch: dict) -> torch.Tensor:
-    """The heal ``forward`` for a SentenceTransformer: its sentence embeddings of a tokenized batch
-    (``(batch, 384)``; the batch dict is copied, the model adds its outputs to the dict it gets)."""
-    return model(dict(batch))["sentence_embedding"]
-
-
-def config(fmt: str, ratio: float):
-    """The ``compress_`` config of ``fmt`` at ``ratio`` (Kronecker: its one balanced size)."""
-    return {"lowrank": lambda: tk.LowRank(ratio=ratio), "tt": lambda: tk.TensorTrain(ratio=ratio),
-            "spline": lambda: tk.Spline(ratio=ratio), "kronecker": tk.Kronecker,
-            "auto": lambda: tk.Auto(ratio=ratio, formats=AUTO_FORMATS)}[fmt]()
 
 
 def schedule(formats: Sequence[str], ratios: Sequence[float]) -> list[tuple[str, float]]:
@@ -317,7 +261,7 @@ def run(out: str | Path | None = None, formats: Sequence[str] = FORMATS, ratios:
                 if method != "healed":
                     student = copy.deepcopy(model)
                     began = time.perf_counter()
-                    report = tk.compress_(student, config(fmt, ratio), calibration if method == "aware" else None,
+                    report = tk.compress_(student, config_for(fmt, None if fmt == "kronecker" else ratio), calibration if method == "aware" else None,
                                           include=INCLUDE, progress=progress)
                     row.update(summary(report), compress_seconds=time.perf_counter() - began,
                                compress_cpu_seconds=time.process_time() - cpu)
