@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 SMALL_M = 256  # rows up to this many also get a CUDA-graph timing
 
@@ -79,8 +81,6 @@ def time_ms(step: Step, device: str) -> tuple[float, float, float]:
     """(median, 20 %, 80 %) wall time of ``step`` in milliseconds, its gradients cleared before
     every repetition (outside the timed region on CUDA, a few attribute stores inside it on CPU)."""
     if device == "cuda":
-        import triton
-
         return tuple(triton.testing.do_bench(step, grad_to_none=step.grads or None, quantiles=[0.5, 0.2, 0.8]))
     from torch.utils import benchmark
 
@@ -95,8 +95,6 @@ def time_ms(step: Step, device: str) -> tuple[float, float, float]:
 
 def graph_ms(step: Step) -> float:
     """Median time of ``step`` replayed from a CUDA graph (no Python or launch overhead), ms."""
-    import triton
-
     return float(triton.testing.do_bench_cudagraph(step, grad_to_none=step.grads or None, return_mode="median"))
 
 
@@ -228,8 +226,6 @@ def _nvidia_smi() -> dict:
 
 def metadata(device: str) -> dict:
     """Where and with what the numbers were taken: device, versions, commit, autotune mode."""
-    import triton
-
     commit, dirty = git_state()
     meta = {
         "device": device_name(device),
@@ -271,15 +267,13 @@ def measure_peaks(device: str, tiny: bool = False) -> dict:
     return peaks
 
 
+@triton.jit
+def _empty(x_ptr, N: tl.constexpr):
+    pass
+
+
 def empty_launch(device: str) -> Step:
     """One launch of an empty Triton kernel on ``device``."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def _empty(x_ptr, N: tl.constexpr):
-        pass
-
     x = torch.empty(1, device=device)
     return Step(lambda: _empty[(1,)](x, 1))
 

@@ -199,12 +199,13 @@ def test_kernel_launch_input_checks():
 @pytest.mark.cuda
 @pytest.mark.parametrize("m", [64, 4096])
 def test_no_dense_weight_buffer_on_cuda(m):
-    """Forward and backward never allocate an (out x in) buffer nor a per-row intermediate: beyond
-    y and dx themselves, the peak stays below a tenth of a bf16 W."""
+    """Forward and backward never allocate an (out x in) buffer nor a per-row intermediate (each
+    would be a whole bf16 W here): beyond y and dx, only the fp32 split partials of the factors
+    (at most one slot per MIN_SPLIT_ROWS rows, 6 MiB at m = 4096), below a quarter of W."""
     layer = make_layer((64, 64), (64, 64), torch.bfloat16, "cuda")
     n = math.prod(layer.in_dims)
     x = torch.randn(m, n, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
     peak = cuda_step_peak_bytes(layer, x, g)
     activations = 2 * m * n * 2  # y and dx
-    assert peak - activations < n * n * 2 / 10, f"peak {peak / 2**20:.1f} MiB beyond activations"
+    assert peak - activations < n * n * 2 / 4, f"peak {peak / 2**20:.1f} MiB beyond activations"

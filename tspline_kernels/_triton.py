@@ -196,6 +196,10 @@ class SplitSlots:
         """An fp32 ``(slots, *shape)`` buffer; only slots written by the launch are ever read."""
         return torch.empty(self.slots, *shape, device=device, dtype=torch.float32)
 
+    def zeros(self, *shape: int, device: torch.device) -> torch.Tensor:
+        """As :meth:`empty`, zero-filled: for kernels that leave parts of their slot unwritten."""
+        return torch.zeros(self.slots, *shape, device=device, dtype=torch.float32)
+
     def sum(self, part: torch.Tensor) -> torch.Tensor:
         """The sum of the slots of ``part`` the last launch wrote."""
         return part[0] if self.used == 1 else part[:self.used].sum(0)

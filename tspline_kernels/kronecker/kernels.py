@@ -38,6 +38,8 @@ from .._triton import (
     tl,
     triton,
 )
+
+MIN_SPLIT_ROWS = 32  # rows per batch split of the gradient kernel, at least
 from ..reference import kronecker as ref
 
 
@@ -211,9 +213,10 @@ def kronecker_grad_factors(
     if m == 0:
         return (x2.new_zeros(m1, n1, dtype=torch.float32), x2.new_zeros(m2, n2, dtype=torch.float32),
                 x2.new_zeros(m1 * m2, dtype=torch.float32))
-    # One partial slot per batch split, never more splits than rows. Separate buffers: the outputs
-    # of a custom op may not share storage.
-    slots = SplitSlots(_kron_grad_kernel, lambda meta: min(meta["SPLIT"], m))
+    # One partial slot per batch split of at least MIN_SPLIT_ROWS rows (fewer splits than rows: the
+    # slots' bytes and their host sum stay a fraction of x's). Separate buffers: the outputs of a
+    # custom op may not share storage.
+    slots = SplitSlots(_kron_grad_kernel, lambda meta: min(meta["SPLIT"], triton.cdiv(m, MIN_SPLIT_ROWS)))
     da, db = slots.empty(m1, n1, device=x.device), slots.empty(m2, n2, device=x.device)
     dsum = slots.empty(m1 * m2, device=x.device)
     _kron_grad_kernel[lambda meta: (slots(meta),)](

@@ -488,15 +488,15 @@ def field_grad_params(
     m, n_out = u2.shape
     n_in = v2.shape[1]
     n_pts = lattice.shape[0]
-    tiles = triton.cdiv(n_out, 16) * triton.cdiv(n_in, 32)  # enough slots for the smallest tiles
-    dctrl = torch.zeros(tiles, n_pts, device=u.device, dtype=torch.float32)
-    dsigma = torch.zeros(tiles, device=u.device, dtype=torch.float32)
+    # one partial slot per (BO, BI) tile; points a local tile does not reach stay zero
+    slots = SplitSlots(_field_grad_kernel, lambda meta: triton.cdiv(n_out, meta["BO"]) * triton.cdiv(n_in, meta["BI"]))
+    dctrl, dsigma = slots.zeros(n_pts, device=u.device), slots.zeros(device=u.device)
     if m > 0 and n_out > 0 and n_in > 0:
-        grid = lambda meta: (triton.cdiv(n_out, meta["BO"]), triton.cdiv(n_in, meta["BI"]))  # noqa: E731
+        grid = lambda meta: (triton.cdiv(n_out, meta["BO"]), slots(meta) // triton.cdiv(n_out, meta["BO"]))  # noqa: E731
         _field_grad_kernel[grid](
             u2, v2, control, lattice, sigma if sigma is not None else lattice, dctrl, dsigma,
             m, n_out, n_in, n_pts, m_bucket(m), _step(n_out), _step(n_in), rho * rho,
             u2.stride(0), u2.stride(1), v2.stride(0), v2.stride(1),
             BASIS=basis, LOCAL=rho > 0, PRECISION=dot_precision(u.dtype),
         )
-    return dctrl.sum(0), dsigma.sum().reshape(1)
+    return slots.sum(dctrl), slots.sum(dsigma).reshape(1)
