@@ -111,6 +111,8 @@ class Pins:
     def active(self) -> Iterator[Pins]:
         tuners = self.tuners or autotuners()
         saved = {name: t.configs for name, t in tuners.items()}
+        # instance entries replaced below (Triton 3.6 caches do_bench there once it has tuned)
+        own = {name: {a: t.__dict__[a] for a in ("run", "do_bench") if a in t.__dict__} for name, t in tuners.items()}
         try:
             for name, t in tuners.items():
                 t.configs = space(t)
@@ -125,6 +127,7 @@ class Pins:
                 t.cache.clear()
                 for attr in ("run", "do_bench"):
                     t.__dict__.pop(attr, None)
+                t.__dict__.update(own[name])
 
     def _runner(self, name: str, tuner) -> Callable:
         full = tuner.configs

@@ -96,15 +96,21 @@ fi
 if [ "$DRY" = 0 ] && "$PY" -c "import pytest_timeout" 2>/dev/null; then
   PYTEST_GPU+=(--timeout 60)  # a hung test fails alone instead of using up its stage
 fi
-stage cuda-tests "$T_CUDA_TESTS" "$PY" -m pytest "${PYTEST_EXTRA[@]}" "${PYTEST_GPU[@]}" -m cuda tests \
+session_timeout() {  # pytest-timeout >= 2.3 ends the session between tests and still reports
+  if [ "$DRY" = 0 ] && "$PY" -c "import pytest_timeout as p; assert hasattr(p, 'SESSION_TIMEOUT_DESC')" 2>/dev/null; then
+    echo "--session-timeout=$(($1 - 25))"
+  fi
+}
+stage cuda-tests "$T_CUDA_TESTS" "$PY" -m pytest "${PYTEST_EXTRA[@]}" "${PYTEST_GPU[@]}" $(session_timeout "$T_CUDA_TESTS") -m cuda tests \
   --junitxml="$DEST/pytest-cuda.xml"
 # the kernel tests: every test module that runs the Triton kernels on the `kernel_device` fixture
 mapfile -t KERNEL_TESTS < <(grep -l kernel_device tests/test_*.py)
-stage kernel-tests "$T_KERNEL_TESTS" "$PY" -m pytest "${PYTEST_EXTRA[@]}" "${PYTEST_GPU[@]}" "${KERNEL_TESTS[@]}" \
+stage kernel-tests "$T_KERNEL_TESTS" "$PY" -m pytest "${PYTEST_EXTRA[@]}" "${PYTEST_GPU[@]}" $(session_timeout "$T_KERNEL_TESTS") "${KERNEL_TESTS[@]}" \
   --junitxml="$DEST/pytest-kernels.xml"
 stage every-config "$((T_EVERY_CONFIG + 20))" "$PY" -m tspline_kernels.bench.every_config "${EVERY[@]}" \
   --jobs "$JOBS" --deadline "$T_EVERY_CONFIG" --json "$DEST/every_config.json"
-stage bench "$T_BENCH" "$PY" -m tspline_kernels.cli bench "${BENCH[@]}" --out "$DEST/"
+# rows start until 40 s before the limit (the slowest H200 row so far took about a minute)
+stage bench "$T_BENCH" "$PY" -m tspline_kernels.cli bench "${BENCH[@]}" --deadline "$((T_BENCH - 40))" --out "$DEST/"
 
 echo
 echo "=== done in $((SECONDS - START))s; results in $DEST"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import re
+import time
 import traceback
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import torch
 
 from .harness import device_name, free_path, git_state, launch_floor, measure, measure_peaks, metadata, write_json
 
-FAMILIES = ["spline", "lowrank", "tt", "kronecker"]
+FAMILIES = ["lowrank", "kronecker", "tt", "spline"]  # cheapest goal rows first: a run cut by its deadline keeps them
 # not kernel families: compressed MiniLM's fidelity (bench/fidelity.py) and its MLP blocks decoupled
 # (bench/decoupling.py), each run alone with its own JSON
 STANDALONE = ("fidelity", "decoupling")
@@ -32,11 +33,13 @@ def default_out(device: str, goal: bool = False, tiny: bool = False) -> Path:
 
 
 def main(quick: bool = False, out: str | None = None, only: list[str] | None = None, goal: bool = False,
-         tiny: bool = False) -> Path:
+         tiny: bool = False, deadline: float | None = None) -> Path:
     """Benchmark ``only`` (default: every family): every case (``quick``: a subset), or with
     ``goal`` only the rows the GPU targets read (``tiny``: at smoke-test sizes). ``out``: the file,
-    or a folder for the default name. Returns the path written; raises SystemExit(1) after
-    writing it if a family failed."""
+    or a folder for the default name. ``deadline``: seconds after the start past which no new row
+    starts (those left are listed in ``meta.not_run``). Returns the path written; raises
+    SystemExit(1) after writing it if a family failed."""
+    start = time.monotonic()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     families = only or FAMILIES
     unknown = sorted(set(families) - set(FAMILIES) - set(STANDALONE))
@@ -55,14 +58,23 @@ def main(quick: bool = False, out: str | None = None, only: list[str] | None = N
     peaks, floor = measure_peaks(device, tiny), launch_floor(device)
     print("  " + ", ".join(f"{k} {v:.4g}" for k, v in {**peaks, **floor}.items()))
     extra = {**metadata(device), "quick": quick, "goal": goal, "tiny": tiny, "families": families, "peaks": peaks,
-             "launch_floor": floor, "errors": {}}  # metadata taken once: commit and dirty flag as the run began
+             "launch_floor": floor, "errors": {}, "deadline_s": deadline, "not_run": []}
+    # metadata taken once: commit and dirty flag as the run began
     rows, targets = [], []
     for name in families:
         module = importlib.import_module(f"{__package__}.{name}")
         print(f"== {name} on {device_name(device)}")
         try:
-            cases = module.goal_cases(device, tiny) if goal else module.cases(device, quick)
-            family_rows = measure(cases, device, peaks=peaks, floor=floor)
+            family_rows = []
+            for case in (module.goal_cases(device, tiny) if goal else module.cases(device, quick)):
+                elapsed = time.monotonic() - start
+                if deadline is not None and elapsed > deadline:
+                    extra["not_run"].append(f"{case.kernel} {case.mode} {case.shape}")
+                    print(f"  not run (past the {deadline:g} s deadline): {case.kernel} {case.mode} {case.shape}")
+                    continue
+                family_rows += measure([case], device, peaks=peaks, floor=floor,
+                                       progress=lambda line, t=elapsed: print(f"[{t:5.0f} s] {line}"))
+                write_json(path, device, rows + family_rows, targets, extra)
             rows += family_rows
             # goal rows are the GPU targets' rows: evaluate those targets wherever they ran
             targets += module.targets(family_rows, "cuda" if goal else device, quick)

@@ -158,13 +158,14 @@ def test_routing(spy, kernel_device):
     """auto sends CPU tensors to the reference and CUDA tensors to Triton; triton forces the launchers."""
     calls = spy(kernels, "kronecker_linear", "kronecker_grad_factors")
     layer = make_layer((3, 5), (4, 7), torch.float32, "cpu")
-    x = torch.randn(2, 15, requires_grad=True)
-    with backend("auto"):
-        layer(x).sum().backward()
-    assert calls == []
-    with backend("triton"):
-        layer(x).sum().backward()
-    assert calls == ["kronecker_linear", "kronecker_linear", "kronecker_grad_factors"]
+    x = torch.randn(2, 15)
+    for device, which, expected in (("cpu", "auto", []),
+                                    (kernel_device, "triton", ["kronecker_linear", "kronecker_linear", "kronecker_grad_factors"])):
+        layer.to(device)
+        with backend(which):
+            layer(x.to(device).requires_grad_()).sum().backward()
+        assert calls == expected
+        calls.clear()
 
 
 GATED_SMALL = {"gated": True, "gating_hidden_dim": 4}

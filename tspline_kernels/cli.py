@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--tiny", action="store_true", help="with --goal: smoke-test sizes")
     bench.add_argument("--out", help="JSON file to write (default bench/results/<device>-<commit>.json; "
                                      "an existing file is never overwritten, a -2, -3, ... suffix is added)")
+    bench.add_argument("--deadline", type=float, metavar="SECONDS",
+                       help="start no new row this many seconds after the start; rows not run are listed in the JSON")
     bench.add_argument("--only", nargs="+", metavar="FAMILY",
                        help="benchmark only these families; 'fidelity': compressed all-MiniLM-L6-v2 vs the original; "
                             "'decoupling': its MLP blocks decoupled (B-spline) vs two baselines")
@@ -92,7 +94,10 @@ def main(argv: list[str] | None = None) -> None:
 
         if args.tiny and not args.goal:
             parser.error("--tiny goes with --goal")
-        run_bench(quick=args.quick, out=args.out, only=args.only, goal=args.goal, tiny=args.tiny)
+        if args.deadline is not None and args.deadline <= 0:
+            parser.error("--deadline must be a positive number of seconds")
+        run_bench(quick=args.quick, out=args.out, only=args.only, goal=args.goal, tiny=args.tiny,
+                  deadline=args.deadline)
     elif args.command == "inspect":
         from .files import open_compressed
 
