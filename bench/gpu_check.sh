@@ -8,7 +8,8 @@
 #   bash bench/gpu_check.sh          # on the GPU machine
 #   bash bench/gpu_check.sh --dry    # the same stages on CPU, tiny sizes, Triton interpreter
 #
-# Peer libraries for the baselines, if wanted, travel as wheels in .whl/ (installed to /tmp/site).
+# Peer libraries (the reference tests' comparisons, the baselines) travel as wheels in .whl/, made
+# by bench/peer_wheels.sh and carried with the run (installed to /tmp/site).
 # Environment: PYTHON (default python3), JOBS (parallel every-config shards / pytest workers,
 # default 12), STAGES (default "install cuda-tests kernel-tests every-config bench"), and
 # per-stage limits in seconds: T_INSTALL, T_CUDA_TESTS, T_KERNEL_TESTS, T_EVERY_CONFIG, T_BENCH.
