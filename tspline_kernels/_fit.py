@@ -7,13 +7,15 @@ it is ||E S||_F^2, a plain Frobenius norm. G is often rank-deficient (N < in, de
 ``whiten`` adds a small damping lambda = damping * mean(diag G) to its eigenvalues: fits then
 minimise tr(E G E^T) + lambda ||E||_F^2, which keeps S invertible and, among the fits that are
 equally good on the calibration inputs, picks the one nearest to W in the directions G never saw.
-All maths runs in float64.
+All maths runs in float64. The checked Gram and its whitening are cached per Gram tensor (``_derived``),
+so fitting one layer at several sizes or in several formats computes them once.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 import torch
@@ -33,10 +35,43 @@ def fit_inputs(linear, input_gram=None) -> tuple[torch.Tensor, torch.Tensor | No
     return weight, None if input_gram is None else check_gram(input_gram, linear.in_features).to(weight.device)
 
 
+# id(source) -> (weak reference to source, source._version, {key: (value, value._version)}): what
+# ``derived`` computed from a tensor. An entry is dropped when its source is freed and ignored once
+# the source (or a cached value) has changed in place, so a cached value is never stale.
+_derived: dict[int, tuple[weakref.ref, int, dict[Hashable, tuple[object, tuple[int, ...]]]]] = {}
+
+
+def _versions(value) -> tuple[int, ...]:
+    return tuple(t._version for t in (value if isinstance(value, tuple) else (value,)))
+
+
+def derived(source: torch.Tensor, key: Hashable, compute: Callable[[], torch.Tensor | tuple[torch.Tensor, ...]]):
+    """``compute()`` (a tensor or a tuple of tensors computed from ``source``), cached under ``key`` for
+    this ``source`` object while neither it nor the cached value changes in place (their version
+    counters) and while it is alive. Inference-mode tensors have no version counter: not cached."""
+    if source.is_inference():
+        return compute()
+    entry = _derived.get(id(source))
+    if entry is None or entry[0]() is not source or entry[1] != source._version:
+        def forget(ref: weakref.ref, key: int = id(source)) -> None:
+            if key in _derived and _derived[key][0] is ref:
+                del _derived[key]
+
+        entry = (weakref.ref(source, forget), source._version, {})
+        _derived[id(source)] = entry
+    hit = entry[2].get(key)
+    if hit is not None and _versions(hit[0]) == hit[1]:
+        return hit[0]
+    value = compute()
+    entry[2][key] = (value, _versions(value))
+    return value
+
+
 def check_gram(input_gram, in_features: int) -> torch.Tensor:
     """``input_gram`` ``(in_features, in_features)`` validated (a real floating-point tensor, finite,
     symmetric up to rounding, non-negative diagonal, not all zero) and returned as a symmetrised
-    float64 tensor on its own device."""
+    float64 tensor on its own device (cached per ``input_gram``, see :func:`derived`: the same
+    unchanged Gram gives the same tensor, so what is derived from that is cached too)."""
     if not isinstance(input_gram, torch.Tensor):
         raise TypeError(f"input_gram must be a torch.Tensor (the input Gram X^T X), got {type(input_gram).__name__}")
     if not input_gram.dtype.is_floating_point:
@@ -46,6 +81,11 @@ def check_gram(input_gram, in_features: int) -> torch.Tensor:
                          f"got {tuple(input_gram.shape)}")
     if input_gram.is_meta:
         raise ValueError("input_gram is on the meta device and has no values")
+    return derived(input_gram, "check_gram", lambda: _checked_gram(input_gram))
+
+
+def _checked_gram(input_gram: torch.Tensor) -> torch.Tensor:
+    """:func:`check_gram`'s value checks and symmetrisation of a square floating-point tensor."""
     g = input_gram.detach().double()
     if not torch.isfinite(g).all():
         raise ValueError("input_gram has non-finite values (inf or NaN): the calibration activations overflowed")
@@ -86,7 +126,14 @@ def damped_gram(gram: torch.Tensor, damping: float = 1e-6) -> torch.Tensor:
 def whiten(gram: torch.Tensor, damping: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     """(S, S_inv), both symmetric float64 ``(in, in)``: S = (G + lambda I)^{1/2} and its inverse,
     lambda = ``damping`` * mean(diag G), by an eigendecomposition of G (rounding's negative
-    eigenvalues clamped to 0). ``gram`` as returned by :func:`check_gram`."""
+    eigenvalues clamped to 0). ``gram`` as returned by :func:`check_gram`. Cached per ``gram``
+    tensor and ``damping`` (:func:`derived`): treat the result as read-only."""
+    _check_nonnegative("damping", damping)
+    return derived(gram, ("whiten", float(damping)), lambda: _matrix_root(gram, damping))
+
+
+def _matrix_root(gram: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`whiten`'s (S, S_inv), computed."""
     g = gram.double()
     lam = damping_shift(g, damping)
     evals, evecs = torch.linalg.eigh(g)
