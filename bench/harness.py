@@ -357,17 +357,72 @@ def find(rows: list[dict], kernel: str, mode: str, dtype: str, **shape) -> dict 
     return None
 
 
-def speedup(rows: list[dict], kernel: str, mode: str, dtype: str, other: str | None = None, **shape) -> float | None:
-    """Baseline time / our time for one row: dense F.linear, or the named ``other`` of the same run."""
+def speedup(rows: list[dict], kernel: str, mode: str, dtype: str, other: str | None = None, graph: bool = False,
+            **shape) -> float | None:
+    """Baseline time / our time for one row: dense F.linear, or the named ``other`` of the same run;
+    ``graph``: both timed as CUDA-graph replays (the small-M rows)."""
     r = find(rows, kernel, mode, dtype, **shape)
-    base = None if r is None else r["others_ms"].get(other) if other else r["baseline_ms"]
-    return None if base is None else base / r["ms"]
+    if r is None:
+        return None
+    if graph:
+        ours, base = r.get("graph_ms"), r.get("baseline_graph_ms")
+    else:
+        ours, base = r["ms"], r["others_ms"].get(other) if other else r["baseline_ms"]
+    return None if ours is None or base is None else base / ours
 
 
-def target(text: str, measured: float | None, threshold: float, higher_is_better: bool = True) -> dict:
-    """One stated target: met when the measured ratio clears the threshold (None: not measured here)."""
+GOALS = ("fwd small", "fwd large", "fwd+bwd small", "fwd+bwd large", "roofline fwd", "roofline fwd+bwd")
+
+
+def layer_goals(rows: list[dict], device: str, kernel: str, label: str, small: dict, large: dict,
+                predicted: dict[str, float], large_ratio: float | None = None,
+                large_time_at_most: float | None = None, small_ratio: float = 3.0) -> list[dict]:
+    """The GPU goals of one layer (bf16, vs cuBLAS F.linear in the same run): forward at the small
+    M (CUDA-graph timing) at least ``small_ratio`` faster; forward at the large M at least
+    ``large_ratio`` faster, or at most ``large_time_at_most`` times the dense time; forward+backward
+    at both at least 0.7x the forward's ratio; forward and forward+backward at the large M at least
+    70% of the roofline floor. ``small``/``large``: the rows' shape keys. ``predicted``: the cost
+    model's value for each of ``GOALS``. None where not measured."""
+    if set(predicted) != set(GOALS):
+        raise ValueError(f"predicted must give exactly {GOALS}, got {sorted(predicted)}")
+    def ratio(mode: str, at: dict, graph: bool = False) -> float | None:
+        return speedup(rows, kernel, mode, "bfloat16", graph=graph, **at) if device == "cuda" else None
+
+    def relative(at: dict, graph: bool = False) -> float | None:
+        fwd, both = ratio("fwd", at, graph), ratio("fwd+bwd", at, graph)
+        return None if fwd is None or both is None else both / fwd
+
+    def roofline(mode: str) -> float | None:
+        r = find(rows, kernel, mode, "bfloat16", **large) if device == "cuda" else None
+        return None if r is None else r["roofline_fraction"]
+
+    m_small, m_large = small["M"], large["M"]
+    p = predicted
+    out = [target(f"GPU bf16 {label} fwd vs cuBLAS, M={m_small}, CUDA graphs (x faster)",
+                  ratio("fwd", small, graph=True), small_ratio, predicted=p["fwd small"])]
+    if large_ratio is not None:
+        out.append(target(f"GPU bf16 {label} fwd vs cuBLAS, M={m_large} (x faster)", ratio("fwd", large), large_ratio,
+                          predicted=p["fwd large"]))
+    else:
+        fwd = ratio("fwd", large)
+        out.append(target(f"GPU bf16 {label} fwd time / cuBLAS time, M={m_large}", None if fwd is None else 1 / fwd,
+                          large_time_at_most, higher_is_better=False, predicted=p["fwd large"]))
+    out += [target(f"GPU bf16 {label} fwd+bwd ratio / fwd ratio, M={m_small}, CUDA graphs", relative(small, True), 0.7,
+                   predicted=p["fwd+bwd small"]),
+            target(f"GPU bf16 {label} fwd+bwd ratio / fwd ratio, M={m_large}", relative(large), 0.7,
+                   predicted=p["fwd+bwd large"])]
+    out += [target(f"GPU bf16 {label} {mode} at M={m_large}: fraction of its roofline floor", roofline(mode), 0.7,
+                   predicted=p[f"roofline {mode}"]) for mode in ("fwd", "fwd+bwd")]
+    return out
+
+
+def target(text: str, measured: float | None, threshold: float, higher_is_better: bool = True,
+           predicted: float | None = None) -> dict:
+    """One stated target: met when the measured ratio clears the threshold (None: not measured
+    here). ``predicted``: the H200 cost model's value (reasoning in bench/NOTES.md), reported
+    beside the target until it is measured, never as a measurement."""
     met = None if measured is None else (measured >= threshold if higher_is_better else measured <= threshold)
-    return {"target": text, "measured": measured, "threshold": threshold, "met": met}
+    return {"target": text, "measured": measured, "threshold": threshold, "met": met, "predicted": predicted}
 
 
 def free_path(path: str | Path) -> Path:

@@ -85,7 +85,7 @@ def _case(dims: tuple[int, int], m: int, dtype: torch.dtype, device: str, mode: 
 
 
 def targets(rows: list[dict], device: str, quick: bool) -> list[dict]:
-    """The stated targets (H100, bf16, 4096^2 as 64 x 64 modes, M = 8192), evaluated on this run's
+    """The stated targets (GPU, bf16, 4096^2 as 64 x 64 modes, M = 8192), evaluated on this run's
     rows; None where not measured here (on CPU, or when the shape was not run). Thresholds are
     estimates: the kernel moves the same bytes as dense F.linear's activations with ~32x fewer
     FLOPs, and NdLinear makes two extra copies of the activations per mode."""
@@ -93,9 +93,12 @@ def targets(rows: list[dict], device: str, quick: bool) -> list[dict]:
         return speedup(rows, KERNEL, mode, "bfloat16", other, **shape) if device == "cuda" else None
 
     at = {"M": 8192, "in": 4096}
+    # predictions: bench/NOTES.md, "Predictions"
     return [
-        target("H100 bf16 Kronecker fwd vs cuBLAS, 4096^2 as 64x64, M=8192 (x faster)", ratio("fwd", **at), 3),
-        target("H100 bf16 Kronecker fwd vs NdLinear, 4096^2 as 64x64, M=8192 (x faster)", ratio("fwd", PEER, **at), 2),
-        target("H100 bf16 Kronecker fwd+bwd vs NdLinear, 4096^2 as 64x64, M=8192 (x faster)",
-               ratio("fwd+bwd", PEER, **at), 1.5),
+        target("GPU bf16 Kronecker fwd vs cuBLAS, 4096^2 as 64x64, M=8192 (x faster)", ratio("fwd", **at), 3,
+               predicted=6.0),
+        target("GPU bf16 Kronecker fwd vs NdLinear, 4096^2 as 64x64, M=8192 (x faster)", ratio("fwd", PEER, **at), 2,
+               predicted=2.5),
+        target("GPU bf16 Kronecker fwd+bwd vs NdLinear, 4096^2 as 64x64, M=8192 (x faster)",
+               ratio("fwd+bwd", PEER, **at), 1.5, predicted=2.0),
     ]

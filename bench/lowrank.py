@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from tspline_kernels.lowrank import LowRankLinear
 from tspline_kernels.lowrank.kernels import pad_rank
 
-from .harness import Case, Step, layer_case, module_call, peer, speedup, target
+from .harness import Case, Step, layer_case, layer_goals, module_call, peer, speedup, target
 
 RANK = 16
 KERNEL = "lowrank"
@@ -79,9 +79,11 @@ def cases(device: str, quick: bool):
 
 
 def goal_cases(device: str, tiny: bool = False):
-    """The row the GPU targets read: bf16 fwd, 4096^2, rank 16, M=8192 (``tiny``: 64^2, M=64)."""
-    n, m = (64, 64) if tiny else (4096, 8192)
-    yield _case(n, m, torch.bfloat16, device, "fwd")
+    """The rows the GPU targets read: bf16 4096^2, rank 16, fwd and fwd+bwd at M in {16, 8192}
+    (``tiny``: 64^2, M in {16, 64})."""
+    n, ms = (64, (16, 64)) if tiny else (4096, (16, 8192))
+    for mode, m in itertools.product(("fwd", "fwd+bwd"), ms):
+        yield _case(n, m, torch.bfloat16, device, mode)
 
 
 def _case(n: int, m: int, dtype: torch.dtype, device: str, mode: str) -> Case:
@@ -95,15 +97,14 @@ def _case(n: int, m: int, dtype: torch.dtype, device: str, mode: str) -> Case:
 
 
 def targets(rows: list[dict], device: str, quick: bool) -> list[dict]:
-    """The stated targets (H100, bf16, 4096^2, rank 16), evaluated on this run's rows; None where
-    not measured here (on CPU, or when the shape was not run)."""
-    def ratio(mode, dtype, other=None, **shape):
-        return speedup(rows, KERNEL, mode, dtype, other, **shape) if device == "cuda" else None
-
-    at = {"M": 8192, "in": 4096, "rank": RANK}
-    return [
-        target("H100 bf16 low-rank fwd vs cuBLAS, 4096^2, rank 16, M=8192 (x faster)",
-               ratio("fwd", "bfloat16", **at), 7),
-        target("H100 bf16 low-rank fwd vs unfused x @ V @ U.T, 4096^2, rank 16, M=8192 (x faster)",
-               ratio("fwd", "bfloat16", UNFUSED, **at), 1.2),
-    ]
+    """The GPU goals (bf16, 4096^2, rank 16: ``layer_goals`` at M = 16 and 8192, and 1.2x the
+    unfused two-matmul path at M = 8192), evaluated on this run's rows; None where not measured."""
+    at = {"in": 4096, "rank": RANK}
+    unfused = speedup(rows, KERNEL, "fwd", "bfloat16", UNFUSED, M=8192, **at) if device == "cuda" else None
+    # predictions: bench/NOTES.md, "Predictions"
+    predicted = {"fwd small": 4.0, "fwd large": 6.5, "fwd+bwd small": 0.8, "fwd+bwd large": 1.0,
+                 "roofline fwd": 0.6, "roofline fwd+bwd": 0.55}
+    return layer_goals(rows, device, KERNEL, "low-rank 4096^2 r16", {"M": 16, **at}, {"M": 8192, **at},
+                       predicted, large_ratio=7) + [
+        target("GPU bf16 low-rank 4096^2 r16 fwd vs unfused x @ V @ U.T, M=8192 (x faster)", unfused, 1.2,
+               predicted=0.95)]

@@ -86,7 +86,9 @@ def main(quick: bool = False, out: str | None = None, only: list[str] | None = N
     for t in targets:
         state = {True: "met", False: "NOT met", None: "not measured here"}[t["met"]]
         value = "-" if t["measured"] is None else f"{t['measured']:.3g}"
-        print(f"  [{state:>17}] {t['target']}: {value} (threshold {t['threshold']})")
+        guess = "" if t.get("predicted") is None or t["measured"] is not None else \
+            f"; PREDICTED {t['predicted']:.3g} by the H200 cost model, not measured (bench/NOTES.md)"
+        print(f"  [{state:>17}] {t['target']}: {value} (threshold {t['threshold']}{guess})")
     print(f"\nwrote {path}")
     if extra["errors"]:
         raise SystemExit(1)

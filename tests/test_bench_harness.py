@@ -104,11 +104,11 @@ def test_measure_runs_its_cuda_branches_with_stand_in_timers(monkeypatch):
     meta = harness.metadata("cuda")
     assert meta["sm_count"] == 132 and meta["capability"] == "9.0"
     with tk.backend("triton"):
-        rows = harness.measure(lowrank.goal_cases("cpu", tiny=True), "cuda", progress=lambda line: None,
+        rows = harness.measure([next(lowrank.goal_cases("cpu", tiny=True))], "cuda", progress=lambda line: None,
                                peaks={"bfloat16": 1e12, "bytes_per_s": 1e11}, floor=floor)
     (row,) = rows
     assert row["ms"] == 2.0 and row["peak_mem_mb"] == 3.0 and row["roofline_fraction"] > 0
-    assert (row["graph_ms"], row["baseline_graph_ms"], row["launch_floor_ms"]) == (1.5, 1.5, 2.0)  # M=64: small
+    assert (row["graph_ms"], row["baseline_graph_ms"], row["launch_floor_ms"]) == (1.5, 1.5, 2.0)  # M=16: small
     assert set(row["configs"]) == {"_lowrank_fwd_kernel"}
 
 
@@ -133,3 +133,26 @@ def test_a_call_that_cannot_be_captured_is_recorded_not_fatal(monkeypatch):
     case = next(lowrank.goal_cases("cpu", tiny=True))
     times = harness.graph_times(case)
     assert times["graph_ms"] is None and "not permitted" in times["graph_error"]
+
+
+def _row(mode: str, m: int, ms: float, dense_ms: float, graph: tuple | None = None, roofline: float = 0.5) -> dict:
+    return {"kernel": "lowrank", "mode": mode, "dtype": "bfloat16", "shape": {"M": m, "in": 4096, "rank": 16},
+            "ms": ms, "baseline_ms": dense_ms, "others_ms": {lowrank.UNFUSED: 2 * ms},
+            "graph_ms": graph and graph[0], "baseline_graph_ms": graph and graph[1], "roofline_fraction": roofline}
+
+
+def test_layer_goals_read_graph_times_for_small_rows_and_relate_fwd_bwd_to_fwd():
+    rows = [_row("fwd", 16, 9.0, 9.0, graph=(1.0, 4.0)), _row("fwd+bwd", 16, 9.0, 9.0, graph=(2.0, 6.0)),
+            _row("fwd", 8192, 1.0, 8.0, roofline=0.8), _row("fwd+bwd", 8192, 2.0, 12.0, roofline=0.6)]
+    got = {t["target"]: t for t in lowrank.targets(rows, "cuda", quick=False)}
+    measured = [round(t["measured"], 6) for t in got.values()]
+    assert measured == [4.0, 8.0, 0.75, 0.75, 0.8, 0.6, 2.0]  # 3/4 / 4, 6/8: fwd+bwd relative to fwd
+    assert [t["met"] for t in got.values()] == [True, True, True, True, True, False, True]
+    assert all(t["predicted"] is not None for t in got.values())
+    on_cpu = lowrank.targets(rows, "cpu", quick=False)
+    assert all(t["measured"] is None and t["met"] is None and t["predicted"] is not None for t in on_cpu)
+
+
+def test_layer_goals_need_a_prediction_for_every_goal():
+    with pytest.raises(ValueError, match="predicted must give exactly"):
+        harness.layer_goals([], "cpu", "lowrank", "x", {"M": 16}, {"M": 8192}, {"fwd small": 1.0}, large_ratio=2)
