@@ -35,35 +35,44 @@ def fit_inputs(linear, input_gram=None) -> tuple[torch.Tensor, torch.Tensor | No
     return weight, None if input_gram is None else check_gram(input_gram, linear.in_features).to(weight.device)
 
 
-# id(source) -> (weak reference to source, source._version, {key: (value, value._version)}): what
+# id(source) -> (weak reference to source, its stamp, {key: (value, value's stamp)}): what
 # ``derived`` computed from a tensor. An entry is dropped when its source is freed and ignored once
 # the source (or a cached value) has changed in place, so a cached value is never stale.
-_derived: dict[int, tuple[weakref.ref, int, dict[Hashable, tuple[object, tuple[int, ...]]]]] = {}
+_derived: dict[int, tuple[weakref.ref, object, dict[Hashable, tuple[object, object]]]] = {}
 
 
-def _versions(value) -> tuple[int, ...]:
-    return tuple(t._version for t in (value if isinstance(value, tuple) else (value,)))
+def _stamp(t: torch.Tensor) -> int | torch.Tensor:
+    """What tells whether ``t`` changed in place: its version counter, or for an inference-mode
+    tensor (calibration under ``torch.inference_mode`` makes them; they have no version counter) a
+    copy of its values."""
+    return t.detach().clone() if t.is_inference() else t._version
+
+
+def _unchanged(t: torch.Tensor, stamp: int | torch.Tensor) -> bool:
+    return torch.equal(t, stamp) if isinstance(stamp, torch.Tensor) else t._version == stamp
+
+
+def _tensors(value: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return value if isinstance(value, tuple) else (value,)
 
 
 def derived(source: torch.Tensor, key: Hashable, compute: Callable[[], torch.Tensor | tuple[torch.Tensor, ...]]):
     """``compute()`` (a tensor or a tuple of tensors computed from ``source``), cached under ``key`` for
-    this ``source`` object while neither it nor the cached value changes in place (their version
-    counters) and while it is alive. Inference-mode tensors have no version counter: not cached."""
-    if source.is_inference():
-        return compute()
+    this ``source`` object while it is alive and neither it nor the cached value has changed in
+    place since (version counters; values for inference-mode tensors)."""
     entry = _derived.get(id(source))
-    if entry is None or entry[0]() is not source or entry[1] != source._version:
+    if entry is None or entry[0]() is not source or not _unchanged(source, entry[1]):
         def forget(ref: weakref.ref, key: int = id(source)) -> None:
             if key in _derived and _derived[key][0] is ref:
                 del _derived[key]
 
-        entry = (weakref.ref(source, forget), source._version, {})
+        entry = (weakref.ref(source, forget), _stamp(source), {})
         _derived[id(source)] = entry
     hit = entry[2].get(key)
-    if hit is not None and _versions(hit[0]) == hit[1]:
+    if hit is not None and all(_unchanged(v, s) for v, s in zip(_tensors(hit[0]), hit[1])):
         return hit[0]
     value = compute()
-    entry[2][key] = (value, _versions(value))
+    entry[2][key] = (value, tuple(_stamp(v) for v in _tensors(value)))
     return value
 
 
