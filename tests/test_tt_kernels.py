@@ -15,7 +15,7 @@ from tspline_kernels import backend
 from tspline_kernels.spline_tt import SplineTTLinear
 from tspline_kernels.testing import assert_backends_agree, assert_close, cuda_step_peak_bytes
 from tspline_kernels.tt import TTLinear, suggest_modes
-from tspline_kernels.tt import kernels
+from tspline_kernels.tt import chain, kernels
 
 # (in_modes, out_modes, ranks)
 TT = {
@@ -169,17 +169,17 @@ def test_chain_pruner_never_empty(grad):
     smallest tiles instead of an empty list."""
     space = kernels.cost.CHAIN_GRAD_CONFIGS if grad else kernels.cost.CHAIN_CONFIGS
     cfgs = [kernels.triton.Config(dict(zip(("BM", "BO1", "BO2", "CD"), c)), num_warps=4, num_stages=2) for c in space]
-    prune = kernels._chain_pruner(grad)
+    prune = chain._chain_pruner(grad)
     x = torch.empty(0, dtype=torch.bfloat16)
     small = ((3, 2, 5), (2, 3, 4), (1, 2, 3, 1))
     kept = prune(cfgs, dict(zip(("IN", "OUT", "RANK"), small), x_ptr=x))
-    plans = [kernels.cost.chain_plan(*small, *kernels._config_key(c)) for c in kept]
+    plans = [kernels.cost.chain_plan(*small, *chain.config_key(c)) for c in kept]
     assert kept and len(set(plans)) == len(plans) and set(plans) <= set(kernels.cost.chain_plans(*small, space, grad))
     big = ((16, 256, 16), (16, 256, 16), (1, 32, 32, 1))
     assert not kernels.cost.chain_plans(*big, space, grad)
     kept = prune(cfgs, dict(zip(("IN", "OUT", "RANK"), big), x_ptr=x))
-    tiles = [kernels.cost.chain_plan(*big, *kernels._config_key(c)).largest_tile() for c in cfgs]
-    assert len(kept) == 1 and kernels.cost.chain_plan(*big, *kernels._config_key(kept[0])).largest_tile() == min(tiles)
+    tiles = [kernels.cost.chain_plan(*big, *chain.config_key(c)).largest_tile() for c in cfgs]
+    assert len(kept) == 1 and kernels.cost.chain_plan(*big, *chain.config_key(kept[0])).largest_tile() == min(tiles)
 
 
 def test_rebuild_tiles_are_valid_dot_shapes():

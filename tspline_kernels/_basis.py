@@ -4,9 +4,12 @@ spline kernels and the spline-TT cores). Reference: ``reference/spline.py``."""
 from __future__ import annotations
 
 from ._triton import tl, triton
-from .reference.spline import BSPLINE, KEYS_A
+from .reference.spline import BICUBIC, BSPLINE, KEYS_A
 
 _KEYS_A = tl.constexpr(KEYS_A)
+# ``basis_taps``' KIND: a clamped cubic B-spline, or Keys' bicubic convolution (``reference/spline.py``)
+BSPLINE_KIND = tl.constexpr(BSPLINE)
+BICUBIC_KIND = tl.constexpr(BICUBIC)
 
 
 def axis(n: int, g: int, kind: int) -> tuple[float, float]:
@@ -25,10 +28,11 @@ def basis_taps(idx, scale, top, KIND: tl.constexpr):
     """Column of each of the four nonzero basis values at positions ``idx`` and the values.
 
     ``v = idx * scale`` is the position in grid units; ``top`` is the last span start
-    (``G - 3``, B-spline) or the last grid index (``K - 1``, bicubic).
+    (``G - 3``, B-spline) or the last grid index (``K - 1``, bicubic); ``KIND`` is ``BSPLINE_KIND``
+    or ``BICUBIC_KIND``.
     """
     v = idx.to(tl.float32) * scale
-    if KIND == 0:
+    if KIND == BSPLINE_KIND:
         # Cox-de Boor (degree 3); in span units the clamped knots are U[j] = clamp(j - 3, 0, top).
         s = clamp(tl.floor(v), 0.0, top - 1.0)
         l1 = v - clamp(s, 0.0, top)

@@ -126,6 +126,12 @@ class ChainPlan:
 
 def chain_plan(in_modes, out_modes, ranks, bm: int, bo1: int, bo2: int, cd: int) -> ChainPlan:
     """The tiles of config (BM, BO1, BO2, CD); blocks larger than their padded mode are clamped."""
+    return _chain_plan(tuple(in_modes), tuple(out_modes), tuple(ranks), bm, bo1, bo2, cd)
+
+
+@functools.lru_cache(maxsize=4096)
+def _chain_plan(in_modes, out_modes, ranks, bm: int, bo1: int, bo2: int, cd: int) -> ChainPlan:
+    """``chain_plan``, cached: each chain launch asks four times (its tile-size heuristics)."""
     d = len(in_modes)
     ip, op = [_next_pow2(i) for i in in_modes], [_next_pow2(o) for o in out_modes]
     ni = tuple(ip[:-1]) + (min(cd, ip[-1]),)
