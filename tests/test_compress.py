@@ -141,6 +141,38 @@ def test_calibrated_fit_beats_plain_on_its_inputs(net):
     assert plain.layers[0].output_error is None and weighted.layers[0].output_error is not None
 
 
+def test_tensor_train_sweeps_bound_the_weighted_als(net):
+    """TensorTrain(sweeps=) is the number of weighted ALS sweeps of every calibrated fit (a sweep
+    steps each of the d cores once, so the ALS history has at most 1 + d * sweeps entries); more
+    sweeps end at a lower output error."""
+    x = correlated(64, 24, seed=3)
+    cal = tk.calibrate(net, [x], progress=False)
+    errors = {}
+    for sweeps in (1, 4):
+        model = copy.deepcopy(net)
+        report = tk.compress_(model, tk.TensorTrain(ratio=2, sweeps=sweeps), cal, progress=False)
+        assert {row.format for row in report.layers} == {"tt"}
+        steps = [len(model.get_submodule(row.name).fit_report.details["als_history"]) - 1 for row in report.layers]
+        assert steps == [3, 3, 3] if sweeps == 1 else all(6 <= n <= 3 * sweeps for n in steps)
+        errors[sweeps] = [row.output_error for row in report.layers]
+    assert all(more <= fewer * (1 + 1e-9) for more, fewer in zip(errors[4], errors[1]))
+    assert sum(errors[4]) < sum(errors[1]) - 1e-3
+
+
+@pytest.mark.parametrize(("config", "sweeps"), [
+    pytest.param(tk.TensorTrain(ratio=2), 10, id="tt-default"),
+    pytest.param(tk.TensorTrain(ratio=2, sweeps=2), 2, id="tt-2"),
+    pytest.param(tk.Auto(ratio=2, formats=("tt",), ratios=(2.0,)), 3, id="auto-default"),
+    pytest.param(tk.Auto(ratio=2, formats=("tt",), ratios=(2.0,), tt_sweeps=1), 1, id="auto-1"),
+])
+def test_tt_fits_get_the_configs_sweeps(net, config, sweeps, monkeypatch):
+    seen = []
+    fit = tk.TTLinear.from_linear
+    monkeypatch.setattr(tk.TTLinear, "from_linear", staticmethod(lambda *a, **k: seen.append(k["sweeps"]) or fit(*a, **k)))
+    tk.compress_(net, config, [correlated(32, 24, seed=4)], progress=False)
+    assert len(seen) >= 3 and set(seen) == {sweeps}
+
+
 def test_layers_left_dense_say_why():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(13, 7), nn.Linear(7, 24))  # prime sizes: no TT or Kronecker modes
@@ -194,6 +226,8 @@ def test_existing_calibration_and_selection(net):
     (lambda: tk.TensorTrain(eps=1.5), ValueError, "eps"),
     (lambda: tk.TensorTrain(max_rank=0), ValueError, "max_rank"),
     (lambda: tk.TensorTrain(ratio=2, d=9), ValueError, "d=9"),
+    (lambda: tk.TensorTrain(ratio=2, sweeps=0), ValueError, "sweeps must be >= 1"),
+    (lambda: tk.TensorTrain(ratio=2, sweeps=2.5), TypeError, "sweeps must be an int"),
     (lambda: tk.Kronecker(in_dims=(2, 3)), ValueError, "both in_dims and out_dims"),
     (lambda: tk.Kronecker(in_dims=(2, 3, 4), out_dims=(2, 3, 4)), ValueError, "two ints"),
     (lambda: tk.Spline(grid=(3, 8)), ValueError, "at least 4"),
@@ -203,6 +237,8 @@ def test_existing_calibration_and_selection(net):
     (lambda: tk.Auto(ratio=2, formats="lowrank"), TypeError, "formats"),
     (lambda: tk.Auto(ratio=2, ratios=()), ValueError, "ratios"),
     (lambda: tk.Auto(ratio=2, prune="yes"), TypeError, "prune"),
+    (lambda: tk.Auto(ratio=2, tt_sweeps=0), ValueError, "tt_sweeps must be >= 1"),
+    (lambda: tk.Auto(ratio=2, tt_sweeps=True), TypeError, "tt_sweeps must be an int"),
 ])
 def test_bad_configs_raise(make, error, match):
     with pytest.raises(error, match=match):

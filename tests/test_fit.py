@@ -2,11 +2,13 @@
 calibrated output error, and the weighted alternating least squares used by the Kronecker, TT and
 spline-TT fits."""
 
+import gc
+
 import pytest
 import torch
 from torch import nn
 
-from tspline_kernels import KroneckerLinear, LowRankLinear
+from tspline_kernels import KroneckerLinear, LowRankLinear, TTLinear
 from tspline_kernels import _fit as fit
 from tspline_kernels._fit import check_gram, output_error, whiten
 from tspline_kernels._layers import fit_report
@@ -70,6 +72,71 @@ def test_whiten_refuses_a_singular_gram_without_damping():
         whiten(x.T @ x, damping=-1.0)
     with pytest.raises(TypeError, match="damping must be a float >= 0"):
         whiten(x.T @ x, damping="1e-6")
+
+
+# ------------------------------------------------------------------- cache per Gram tensor
+def _count_roots(monkeypatch) -> list:
+    """Every computation of a whitening (``_fit._matrix_root``) from now on, recorded."""
+    calls = []
+    root = fit._matrix_root
+    monkeypatch.setattr(fit, "_matrix_root", lambda *a: calls.append(a) or root(*a))
+    return calls
+
+
+@pytest.mark.parametrize("inference", [False, True], ids=["tensor", "inference-mode"])
+def test_gram_and_whitening_are_cached_until_the_gram_changes(inference, monkeypatch):
+    """The same unchanged Gram object gives the same checked Gram and whitening, computed once and
+    equal to a fresh computation; an in-place change of the Gram (or of the cached value) is seen.
+    Inference-mode Grams (no version counter) are compared by value."""
+    calls = _count_roots(monkeypatch)
+    x = _correlated_inputs(50, 12)
+    with torch.inference_mode(inference):
+        gram = x.T @ x
+    checked = check_gram(gram, 12)
+    s, s_inv = whiten(checked, 1e-4)
+    assert check_gram(gram, 12) is checked and check_gram(checked, 12) is checked
+    assert whiten(check_gram(gram, 12), 1e-4)[0] is s and len(calls) == 1
+    fresh = whiten(checked.clone(), 1e-4)  # another tensor object: computed again, same values
+    assert len(calls) == 2 and torch.equal(fresh[0], s) and torch.equal(fresh[1], s_inv)
+    whiten(checked, 1e-3)  # another damping
+    assert len(calls) == 3
+    with torch.inference_mode(inference):
+        gram.mul_(2)
+    doubled = check_gram(gram, 12)
+    assert doubled is not checked
+    assert_close(doubled, 2 * checked)
+    assert_close(whiten(doubled, 1e-4)[0] @ whiten(doubled, 1e-4)[0], fit.damped_gram(2 * checked, 1e-4))
+    assert len(calls) == 4
+    doubled.add_(1.0)  # the cached value itself changed: recomputed from the Gram
+    again = check_gram(gram, 12)
+    assert again is not doubled
+    assert_close(again, 2 * checked)
+
+
+def test_cache_entries_go_with_their_gram():
+    x = _correlated_inputs(30, 8)
+    gram = x.T @ x
+    checked = check_gram(gram, 8)
+    whiten(checked)
+    keys = id(gram), id(checked)
+    assert keys[0] in fit._derived and keys[1] in fit._derived and keys[1] in fit._checked
+    del gram, checked
+    gc.collect()
+    assert not any(k in fit._derived or k in fit._checked for k in keys)
+
+
+def test_one_layer_fitted_at_several_sizes_and_formats_whitens_once(monkeypatch):
+    calls = _count_roots(monkeypatch)
+    linear = nn.Linear(12, 8)
+    x = _correlated_inputs(40, 12)
+    gram = x.T @ x
+    fits = [TTLinear.from_linear(linear, (3, 4), (2, 4), max_rank=r, input_gram=gram, sweeps=1) for r in (2, 3)]
+    fits.append(LowRankLinear.from_linear(linear, 2, gram))
+    fits.append(KroneckerLinear.from_linear(linear, (3, 4), (2, 4), gram, sweeps=1))
+    assert len(calls) == 1
+    for layer in fits:  # the reported errors are those of the fitted weights on the Gram
+        assert output_error(linear.weight, layer.materialize(), x.T @ x) == \
+            pytest.approx(layer.fit_report.output_error, rel=1e-9)
 
 
 # ------------------------------------------------------------------------------ output_error

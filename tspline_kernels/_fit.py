@@ -35,10 +35,13 @@ def fit_inputs(linear, input_gram=None) -> tuple[torch.Tensor, torch.Tensor | No
     return weight, None if input_gram is None else check_gram(input_gram, linear.in_features).to(weight.device)
 
 
-# id(source) -> (weak reference to source, its stamp, {key: (value, value's stamp)}): what
-# ``derived`` computed from a tensor. An entry is dropped when its source is freed and ignored once
-# the source (or a cached value) has changed in place, so a cached value is never stale.
-_derived: dict[int, tuple[weakref.ref, object, dict[Hashable, tuple[object, object]]]] = {}
+# Tensors tracked by identity, id(t) -> (weak reference to t, t's stamp, payload); an entry goes
+# with its tensor and is ignored once the tensor has changed in place. ``_derived``: what
+# ``derived`` computed from a tensor, {key: (value, the value's stamps)}; ``_checked``: the
+# tensors check_gram returned (payload None), so that checking one again returns it as it is.
+_Entry = tuple[weakref.ref, object, object]
+_derived: dict[int, _Entry] = {}
+_checked: dict[int, _Entry] = {}
 
 
 def _stamp(t: torch.Tensor) -> int | torch.Tensor:
@@ -56,31 +59,41 @@ def _tensors(value: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tens
     return value if isinstance(value, tuple) else (value,)
 
 
+def _tracked(table: dict[int, _Entry], t: torch.Tensor) -> _Entry | None:
+    """``t``'s entry in ``table`` if it has one and has not changed in place since."""
+    entry = table.get(id(t))
+    return entry if entry is not None and entry[0]() is t and _unchanged(t, entry[1]) else None
+
+
+def _track(table: dict[int, _Entry], t: torch.Tensor, payload: object) -> _Entry:
+    """A new entry of ``t`` in ``table``, removed when ``t`` is freed."""
+    def forget(ref: weakref.ref, key: int = id(t)) -> None:
+        if key in table and table[key][0] is ref:
+            del table[key]
+
+    entry = table[id(t)] = (weakref.ref(t, forget), _stamp(t), payload)
+    return entry
+
+
 def derived(source: torch.Tensor, key: Hashable, compute: Callable[[], torch.Tensor | tuple[torch.Tensor, ...]]):
     """``compute()`` (a tensor or a tuple of tensors computed from ``source``), cached under ``key`` for
     this ``source`` object while it is alive and neither it nor the cached value has changed in
     place since (version counters; values for inference-mode tensors)."""
-    entry = _derived.get(id(source))
-    if entry is None or entry[0]() is not source or not _unchanged(source, entry[1]):
-        def forget(ref: weakref.ref, key: int = id(source)) -> None:
-            if key in _derived and _derived[key][0] is ref:
-                del _derived[key]
-
-        entry = (weakref.ref(source, forget), _stamp(source), {})
-        _derived[id(source)] = entry
-    hit = entry[2].get(key)
+    cache = (_tracked(_derived, source) or _track(_derived, source, {}))[2]
+    hit = cache.get(key)
     if hit is not None and all(_unchanged(v, s) for v, s in zip(_tensors(hit[0]), hit[1])):
         return hit[0]
     value = compute()
-    entry[2][key] = (value, tuple(_stamp(v) for v in _tensors(value)))
+    cache[key] = (value, tuple(_stamp(v) for v in _tensors(value)))
     return value
 
 
 def check_gram(input_gram, in_features: int) -> torch.Tensor:
     """``input_gram`` ``(in_features, in_features)`` validated (a real floating-point tensor, finite,
     symmetric up to rounding, non-negative diagonal, not all zero) and returned as a symmetrised
-    float64 tensor on its own device (cached per ``input_gram``, see :func:`derived`: the same
-    unchanged Gram gives the same tensor, so what is derived from that is cached too)."""
+    float64 tensor on its own device. Cached (:func:`derived`): the same unchanged ``input_gram``
+    gives the same tensor, and that tensor checked again is itself, so what is derived from it
+    (the whitening) is computed once per Gram."""
     if not isinstance(input_gram, torch.Tensor):
         raise TypeError(f"input_gram must be a torch.Tensor (the input Gram X^T X), got {type(input_gram).__name__}")
     if not input_gram.dtype.is_floating_point:
@@ -90,7 +103,12 @@ def check_gram(input_gram, in_features: int) -> torch.Tensor:
                          f"got {tuple(input_gram.shape)}")
     if input_gram.is_meta:
         raise ValueError("input_gram is on the meta device and has no values")
-    return derived(input_gram, "check_gram", lambda: _checked_gram(input_gram))
+    if _tracked(_checked, input_gram):
+        return input_gram
+    gram = derived(input_gram, "check_gram", lambda: _checked_gram(input_gram))
+    if not _tracked(_checked, gram):
+        _track(_checked, gram, None)
+    return gram
 
 
 def _checked_gram(input_gram: torch.Tensor) -> torch.Tensor:
