@@ -1,19 +1,25 @@
 """Triton kernels and launchers for SplineLinear. Reference: ``reference/spline.py``.
 
-Separable bases (``BSPLINE``, ``BICUBIC``): y = ((x @ Bi) @ C.T) @ Bo.T with the four-banded
-basis matrices generated tile by tile in registers, never stored.
+Separable bases (``BSPLINE``, ``BICUBIC``): y = ((x @ Bi) @ C.T) @ Bo.T in two streaming passes
+on the tensor cores. The input pass reads x once, split over K, and writes u = x @ Bi as fp32
+partials, each only over the narrow window of grid columns its chunk of x touches (Bi is
+four-banded); the output pass sums u from them and writes y tile by tile through the window of
+C and Bo each tile touches. Bi and Bo are read from per-shape cached tables (``basis_windows``).
+dC (backward) generates dense basis tiles in registers.
 Field bases (``IDW``, ``GAUSSIAN``): y = x @ W.T with every W tile generated from the lattice
 points in registers and fed to ``tl.dot``; W is never written to global memory.
 """
 
 from __future__ import annotations
 
-import math
+import functools
+from typing import NamedTuple
 
 import torch
 
 from .._basis import axis, basis_taps
 from .._triton import SplitSlots, check_inputs, configs, dot_precision, flatten, grouped_pid, m_bucket, tl, triton
+from ..reference import spline as ref
 from ..reference.spline import EXP_FLOOR, GAUSSIAN_EPS, IDW_EPS
 
 
@@ -23,7 +29,207 @@ _EXP_FLOOR = tl.constexpr(EXP_FLOOR)
 
 
 # ----------------------------------------------------------------------------------------------
-# Basis generation (separable bases)
+# Separable forward: an input pass and an output pass, both on tensor cores
+# ----------------------------------------------------------------------------------------------
+OUT_TILE = 64  # output columns per tile of the output pass: the row chunk of the output basis table
+
+
+class BasisWindows(NamedTuple):
+    """One axis's basis B ``(n, G)`` cut into chunks of ``chunk`` rows, each kept only over the
+    ``width`` grid columns its rows touch (B is four-banded and monotone, so that is a narrow
+    window): ``table[s, b, w] = B[s*chunk + b, start[s] + w]`` ``(S, chunk, width)``, zero past
+    n or G, and ``start`` ``(S,)`` int32. ``width`` is a power of two >= 16 (``tl.dot``'s minimum)."""
+
+    table: torch.Tensor
+    start: torch.Tensor
+    width: int
+
+
+@functools.lru_cache(maxsize=64)
+def basis_windows(n: int, g: int, kind: int, chunk: int, dtype: torch.dtype, device: torch.device) -> BasisWindows:
+    """The windowed basis table of one axis, built once per shape from the reference's float64
+    basis (it depends on the shape only, never on parameters) and cached on ``device``."""
+    s = max(triton.cdiv(n, chunk), 1)
+    rows = torch.zeros(s * chunk, g, dtype=torch.float64)
+    rows[:n] = ref.basis_matrix(n, g, kind, torch.float64)
+    touched = (rows != 0).reshape(s, chunk, g).any(1)
+    cols = torch.arange(g)
+    start = torch.where(touched, cols, g).min(1).values.clamp(max=g - 1)
+    last = torch.where(touched, cols, -1).max(1).values
+    width = max(16, triton.next_power_of_2(max(int((last - start).max()) + 1, 1)))
+    padded = torch.cat([rows, rows.new_zeros(s * chunk, width)], 1).reshape(s, chunk, g + width)
+    table = padded.gather(2, (start[:, None] + torch.arange(width))[:, None, :].expand(s, chunk, width))
+    return BasisWindows(table.to(device=device, dtype=dtype), start.to(device=device, dtype=torch.int32), width)
+
+
+@triton.autotune(
+    configs=configs(
+        [{"BM": bm, "BK": bk} for bm in (16, 32, 64, 128) for bk in (64, 128)],
+        interpret={"BM": 16, "BK": 64},
+        quick=[{"BM": 16, "BK": 128, "num_warps": 4, "num_stages": 3},
+               {"BM": 64, "BK": 128, "num_warps": 4, "num_stages": 4}],
+    ),
+    key=["M_BUCKET", "N_IN", "CHUNK", "W"],
+)
+@triton.jit
+def _separable_in_kernel(
+    x_ptr, tab_ptr, part_ptr,
+    M, N_IN, M_BUCKET, stride_xm, stride_xk,
+    CHUNK: tl.constexpr, W: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+):
+    """Input pass, split over K: part[s, rows] = x[rows, chunk s] @ Bi[chunk s, start[s]:start[s]+W].
+
+    x ``(M, N_IN)``, the windowed table of Bi ``(S, CHUNK, W)`` (``BasisWindows``), part
+    ``(S, M, W)`` fp32. Program (i, s) streams its ``BM x CHUNK`` block of x once; every (s, row)
+    slot is written whatever the config, so no slot is ever stale. Products of x's dtype on the
+    tensor cores, fp32 accumulation, the partials stay fp32 (see ``_separable_out_kernel``).
+    FLOPs: 2*M*S*CHUNK*W (useful: 8*M*N_IN). Bytes: elt*M*N_IN + 4*S*M*W, plus the table (L2).
+    """
+    pid_m = tl.program_id(0)
+    s = tl.program_id(1)
+    rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)  # row offsets past 2^31 elements
+    m_mask = rm < M
+    rw = tl.arange(0, W)
+    acc = tl.zeros((BM, W), dtype=tl.float32)
+    for k0 in range(0, CHUNK, BK):
+        rb = s * CHUNK + k0 + tl.arange(0, BK)
+        a = tl.load(x_ptr + rm[:, None] * stride_xm + rb[None, :] * stride_xk,
+                    mask=m_mask[:, None] & (rb < N_IN)[None, :], other=0.0)
+        b = tl.load(tab_ptr + rb[:, None] * W + rw[None, :])  # rows past N_IN are zero
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    tl.store(part_ptr + (s.to(tl.int64) * M + rm)[:, None] * W + rw[None, :], acc, mask=m_mask[:, None])
+
+
+@triton.jit
+def _gather_windows(part_ptr, start_ptr, rm, m_mask, M, S, GP: tl.constexpr, W: tl.constexpr):
+    """u[rm, g] = sum over slots s of part[s, rm, g - start[s]] where that lies in the window:
+    ``(len(rm), GP)`` fp32, summed in slot order (deterministic)."""
+    SB: tl.constexpr = max(128 // rm.shape[0], 1)  # slots per load: an (SB, BM, GP) gather
+    rg = tl.arange(0, GP)
+    u = tl.zeros((rm.shape[0], GP), dtype=tl.float32)
+    for s0 in range(0, S, SB):
+        rs = s0 + tl.arange(0, SB)
+        w = rg[None, None, :] - tl.load(start_ptr + rs, mask=rs < S, other=0)[:, None, None]
+        ok = (rs < S)[:, None, None] & m_mask[None, :, None] & (w >= 0) & (w < W)
+        rows = rs.to(tl.int64)[:, None, None] * M + rm[None, :, None]
+        u += tl.sum(tl.load(part_ptr + rows * W + w, mask=ok, other=0.0), axis=0)
+    return u
+
+
+def _split_prune(cfgs, named_args, **kwargs):
+    """Drop output splits larger than the number of output tiles."""
+    tiles = triton.cdiv(named_args["N_OUT"], kwargs["BN"])
+    kept = [c for c in cfgs if c.kwargs["N_SPLIT"] <= max(tiles, 1)]
+    return kept or cfgs[:1]
+
+
+@triton.autotune(
+    configs=configs(
+        [{"BM": bm, "N_SPLIT": n} for bm in (16, 32, 64, 128) for n in (1, 2, 8, 64)],
+        interpret={"BM": 16, "N_SPLIT": 2},
+        quick=[{"BM": 16, "N_SPLIT": 64, "num_warps": 4, "num_stages": 3},
+               {"BM": 64, "N_SPLIT": 1, "num_warps": 4, "num_stages": 3}],
+    ),
+    key=["M_BUCKET", "N_OUT", "G_IN", "G_OUT", "S"],
+    prune_configs_by={"early_config_prune": _split_prune},
+)
+@triton.jit
+def _separable_out_kernel(
+    part_ptr, start_in_ptr, c_ptr, tab_ptr, start_out_ptr, bias_ptr, y_ptr,
+    M, S, N_OUT, G_IN, G_OUT, M_BUCKET,
+    stride_co, stride_ci, stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr, GIP: tl.constexpr, W_IN: tl.constexpr, BN: tl.constexpr, PW: tl.constexpr,
+    PRECISION: tl.constexpr, BM: tl.constexpr, N_SPLIT: tl.constexpr,
+):
+    """Output pass: y = (u @ C.T) @ Bo.T + bias with u = x @ Bi summed from the input pass's slots.
+
+    part ``(S, M, W_IN)`` fp32, C ``(G_OUT, G_IN)``, the windowed table of Bo ``(T, BN, PW)``
+    (``BasisWindows``, T = cdiv(N_OUT, BN)), y ``(M, N_OUT)``. Program (i, j) gathers u for its
+    ``BM`` rows once, then for every ``N_SPLIT``-th output tile t from j: z = u @ C[win_t].T over
+    the ``PW`` grid rows tile t touches (Bo is four-banded), y tile = z @ Bo_t.T. Both dots run on
+    the tensor cores with fp32 accumulation, in the output table's dtype: bf16 for bf16 layers
+    (bf16 has fp32's range); fp32 with ``PRECISION`` "tf32" for fp16 layers, because u and z can
+    exceed fp16's range where y does not (rounded to fp16 they were inf, and inf * 0 in the banded
+    tile spread NaN over whole rows); fp32 layers use torch's matmul precision.
+    FLOPs: 2*M*T*PW*(GIP + BN) (useful: 2*M*(G_IN*G_OUT + 4*N_OUT)).
+    Bytes: elt*M*N_OUT + 4*S*M*W_IN*N_SPLIT (partials, L2-resident) + elt*G_OUT*G_IN.
+    Minimal bytes of the whole forward (both passes): elt*(M*(N_IN + N_OUT) + G_OUT*G_IN).
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)  # row offsets past 2^31 elements
+    m_mask = rm < M
+    inter = tab_ptr.dtype.element_ty
+    u = _gather_windows(part_ptr, start_in_ptr, rm, m_mask, M, S, GIP, W_IN).to(inter)
+    rq = tl.arange(0, GIP)
+    rw = tl.arange(0, PW)
+    for t in range(pid_n, tl.cdiv(N_OUT, BN), N_SPLIT):
+        rp = tl.load(start_out_ptr + t) + rw
+        ct = tl.load(c_ptr + rp[None, :] * stride_co + rq[:, None] * stride_ci,
+                     mask=(rp < G_OUT)[None, :] & (rq < G_IN)[:, None], other=0.0)
+        z = tl.dot(u, ct.to(inter), input_precision=PRECISION)
+        rn = t * BN + tl.arange(0, BN)
+        bo_t = tl.load(tab_ptr + rn[None, :] * PW + rw[:, None])  # (PW, BN): Bo's window, transposed
+        acc = tl.dot(z.to(inter), bo_t, input_precision=PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=rn < N_OUT, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
+                 mask=m_mask[:, None] & (rn < N_OUT)[None, :])
+
+
+def in_chunk(m: int) -> int:
+    """Columns of x per input-pass program: short chunks (split-K: more programs) for few rows,
+    long ones (fewer partial slots to write and gather) for many."""
+    return 256 if m < 2048 else 512
+
+
+def _pad(g: int) -> int:
+    return max(16, triton.next_power_of_2(g))
+
+
+def _fp32_operand_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` precision for fp32 intermediates of a ``dtype`` layer: tf32 for fp16/bf16 (no
+    less precise than the input type), torch's matmul setting for fp32."""
+    return dot_precision(dtype) if dtype == torch.float32 else "tf32"
+
+
+def separable_linear(
+    x: torch.Tensor, control: torch.Tensor, bias: torch.Tensor | None, out_features: int, kind: int,
+    chunk: int | None = None,
+) -> torch.Tensor:
+    """Launch the separable forward (input pass, then output pass). x ``(*, n_in)``, control
+    ``(G_out, G_in)``; ``chunk``: columns of x per input-pass program (default ``in_chunk(M)``),
+    a power of two >= 128."""
+    check_inputs(x, control, *([bias] if bias is not None else []))
+    chunk = in_chunk(x.numel() // max(x.shape[-1], 1)) if chunk is None else chunk
+    if chunk < 128 or chunk & (chunk - 1):
+        raise ValueError(f"chunk must be a power of two >= 128 (the input pass's largest BK), got {chunk}")
+    x2 = flatten(x)
+    m, n_in = x2.shape
+    g_out, g_in = control.shape
+    y = torch.empty(m, out_features, device=x.device, dtype=x.dtype)
+    if m > 0 and out_features > 0:
+        inter = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
+        bi = basis_windows(n_in, g_in, kind, chunk, x.dtype, x.device)
+        bo = basis_windows(out_features, g_out, kind, OUT_TILE, inter, x.device)
+        s = bi.start.numel()
+        part = torch.empty(s, m, bi.width, device=x.device, dtype=torch.float32)
+        _separable_in_kernel[lambda meta: (triton.cdiv(m, meta["BM"]), s)](
+            x2, bi.table, part, m, n_in, m_bucket(m), x2.stride(0), x2.stride(1),
+            CHUNK=chunk, W=bi.width, PRECISION=dot_precision(x.dtype),
+        )
+        _separable_out_kernel[lambda meta: (triton.cdiv(m, meta["BM"]), meta["N_SPLIT"])](
+            part, bi.start, control, bo.table, bo.start, bias if bias is not None else y, y,
+            m, s, out_features, g_in, g_out, m_bucket(m),
+            control.stride(0), control.stride(1), y.stride(0), y.stride(1),
+            HAS_BIAS=bias is not None, GIP=_pad(g_in), W_IN=bi.width, BN=OUT_TILE, PW=bo.width,
+            PRECISION=_fp32_operand_precision(x.dtype),
+        )
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+# ----------------------------------------------------------------------------------------------
+# Separable dC: dense basis tiles generated in registers
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _basis_tile(idx, n, scale, top, col0, GP: tl.constexpr, KIND: tl.constexpr):
@@ -50,80 +256,6 @@ def _contract_basis(a_ptr, rm, m_mask, n, scale, top, stride_m, stride_k,
         b = _basis_tile(rk, n, scale, top, 0, GP, KIND)
         acc = tl.dot(a, b.to(a.dtype), acc, input_precision=PRECISION)
     return acc
-
-
-@triton.jit
-def _middle(t, c_ptr, col0, g_out, g_in, stride_co, stride_ci, GIP: tl.constexpr, PW: tl.constexpr):
-    """``t @ C[col0:col0 + PW, :].T`` in fp32: ``(BM, GIP) -> (BM, PW)``."""
-    rq = tl.arange(0, GIP)
-    rp = col0 + tl.arange(0, PW)
-    ct = tl.load(c_ptr + rp[None, :] * stride_co + rq[:, None] * stride_ci,
-                 mask=(rp < g_out)[None, :] & (rq < g_in)[:, None], other=0.0)
-    return tl.dot(t, ct.to(tl.float32), input_precision="ieee")
-
-
-def _separable_prune(cfgs, named_args, **kwargs):
-    """Drop output splits larger than the number of output tiles."""
-    tiles = triton.cdiv(named_args["N_OUT"], kwargs["BN"])
-    kept = [c for c in cfgs if c.kwargs["N_SPLIT"] <= max(tiles, 1)]
-    return kept or cfgs[:1]
-
-
-@triton.autotune(
-    configs=configs(
-        [{"BM": bm, "BK": 64, "N_SPLIT": s} for bm in (16, 32, 64, 128) for s in (1, 4, 16, 64)],
-        interpret={"BM": 16, "BK": 32, "N_SPLIT": 2},
-        quick=[{"BM": 16, "BK": 64, "N_SPLIT": 64, "num_warps": 4, "num_stages": 3},
-               {"BM": 64, "BK": 64, "N_SPLIT": 1, "num_warps": 4, "num_stages": 3}],
-    ),
-    key=["M_BUCKET", "N_IN", "N_OUT", "G_IN", "G_OUT"],
-    prune_configs_by={"early_config_prune": _separable_prune},
-)
-@triton.jit
-def _separable_fwd_kernel(
-    x_ptr, c_ptr, bias_ptr, y_ptr,
-    M, N_IN, N_OUT, G_IN, G_OUT, M_BUCKET,
-    scale_in, top_in, scale_out, top_out,
-    stride_xm, stride_xk, stride_co, stride_ci, stride_ym, stride_yn,
-    KIND: tl.constexpr, HAS_BIAS: tl.constexpr, GIP: tl.constexpr, PW: tl.constexpr,
-    WINDOWED: tl.constexpr, PRECISION: tl.constexpr, OUT_PRECISION: tl.constexpr,
-    BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, N_SPLIT: tl.constexpr,
-):
-    """y = ((x @ Bi) @ C.T) @ Bo.T + bias; x ``(M, N_IN)``, C ``(G_OUT, G_IN)``, y ``(M, N_OUT)``.
-
-    Program (i, j) owns rows ``[i*BM, (i+1)*BM)`` and every ``N_SPLIT``-th output tile from j.
-    Stage 1 streams its x rows once: t = x @ Bi (fp32, on chip). Stage 2: u = t @ C.T, hoisted
-    when the whole G_OUT fits (``not WINDOWED``), else per output tile for the ``PW`` grid rows
-    that tile touches (Bo is 4-banded). Stage 3: y tile = u @ Bo_tile.T.
-    Precision: t and u stay fp32 (as in the reference) whatever the input dtype; rounding them
-    to fp16 overflowed to inf where the output is finite, and inf * 0 in the banded tile then
-    spread NaN over whole rows. Stage 3 therefore multiplies fp32 operands, with ``OUT_PRECISION``
-    "tf32" for fp16/bf16 inputs (tensor cores, fp32 range, fp16's 10-bit mantissa).
-
-    FLOPs (tensor cores, dense basis tiles): 2*M*N_IN*GIP*N_SPLIT + 2*M*GIP*PW*(1 or N_OUT/BN)
-    + 2*M*N_OUT*PW. Bytes: elt*(M*N_IN*N_SPLIT + M*N_OUT) + elt*G_OUT*G_IN (+ elt*N_OUT bias).
-    """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)  # row offsets past 2^31 elements
-    m_mask = rm < M
-    t = _contract_basis(x_ptr, rm, m_mask, N_IN, scale_in, top_in, stride_xm, stride_xk,
-                        GIP, KIND, BK, PRECISION)
-    out_ty = y_ptr.dtype.element_ty
-    if not WINDOWED:
-        u = _middle(t, c_ptr, 0, G_OUT, G_IN, stride_co, stride_ci, GIP, PW)
-    for n0 in range(pid_n * BN, N_OUT, BN * N_SPLIT):
-        rn = n0 + tl.arange(0, BN)
-        col0 = 0
-        if WINDOWED:
-            col0 = tl.min(basis_taps(rn, scale_out, top_out, KIND)[0], axis=0)
-            u = _middle(t, c_ptr, col0, G_OUT, G_IN, stride_co, stride_ci, GIP, PW)
-        bo = _basis_tile(rn, N_OUT, scale_out, top_out, col0, PW, KIND)
-        acc = tl.dot(u, tl.trans(bo), input_precision=OUT_PRECISION)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + rn, mask=rn < N_OUT, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, acc.to(out_ty),
-                 mask=m_mask[:, None] & (rn < N_OUT)[None, :])
 
 
 @triton.autotune(
@@ -160,52 +292,6 @@ def _separable_dc_kernel(
     rp = tl.arange(0, GOP)
     rq = tl.arange(0, GIP)
     tl.store(part_ptr + pid * GOP * GIP + rp[:, None] * GIP + rq[None, :], part)
-
-
-def _pad(g: int) -> int:
-    return max(16, triton.next_power_of_2(g))
-
-
-def _window(n_out: int, g_out: int, kind: int, bn: int) -> tuple[int, bool]:
-    """Width of the Bo column window an output tile of ``bn`` rows touches, and whether it is
-    narrower than the padded grid (then stage 2 runs per tile on that window only)."""
-    scale, _ = axis(n_out, g_out, kind)
-    pw = max(16, triton.next_power_of_2(math.ceil((bn - 1) * scale) + 5))
-    return (pw, True) if pw < _pad(g_out) else (_pad(g_out), False)
-
-
-OUT_TILE = 32  # BN: fixed so that the window width is known on the host
-
-
-def _fp32_operand_precision(dtype: torch.dtype) -> str:
-    """``tl.dot`` precision for fp32 intermediates of a ``dtype`` layer: tf32 for fp16/bf16 (no
-    less precise than the input type), torch's matmul setting for fp32."""
-    return dot_precision(dtype) if dtype == torch.float32 else "tf32"
-
-
-def separable_linear(
-    x: torch.Tensor, control: torch.Tensor, bias: torch.Tensor | None, out_features: int, kind: int
-) -> torch.Tensor:
-    """Launch the fused separable forward. x ``(*, n_in)``, control ``(G_out, G_in)``."""
-    check_inputs(x, control, *([bias] if bias is not None else []))
-    x2 = flatten(x)
-    m, n_in = x2.shape
-    g_out, g_in = control.shape
-    y = torch.empty(m, out_features, device=x.device, dtype=x.dtype)
-    if m > 0 and out_features > 0:
-        pw, windowed = _window(out_features, g_out, kind, OUT_TILE)
-        s_in, t_in = axis(n_in, g_in, kind)
-        s_out, t_out = axis(out_features, g_out, kind)
-        grid = lambda meta: (triton.cdiv(m, meta["BM"]), meta["N_SPLIT"])  # noqa: E731
-        _separable_fwd_kernel[grid](
-            x2, control, bias if bias is not None else y, y,
-            m, n_in, out_features, g_in, g_out, m_bucket(m),
-            s_in, t_in, s_out, t_out,
-            x2.stride(0), x2.stride(1), control.stride(0), control.stride(1), y.stride(0), y.stride(1),
-            KIND=kind, HAS_BIAS=bias is not None, GIP=_pad(g_in), PW=pw, WINDOWED=windowed,
-            PRECISION=dot_precision(x.dtype), OUT_PRECISION=_fp32_operand_precision(x.dtype), BN=OUT_TILE,
-        )
-    return y.reshape(*x.shape[:-1], out_features)
 
 
 def separable_grad_control(u: torch.Tensor, v: torch.Tensor, g_out: int, g_in: int, kind: int) -> torch.Tensor:
