@@ -185,3 +185,81 @@ def test_no_dense_weight_buffer_on_cuda(name):
     peak = cuda_step_peak_bytes(layer, x, g)
     dense_weight = n * n * 2
     assert peak < dense_weight / 8, f"peak {peak / 2**20:.1f} MiB vs dense weight {dense_weight / 2**20:.1f} MiB"
+
+
+# ------------------------------------------------------------------ separable forward, two passes
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# (rows, in, out, grid (G_out, G_in), kind, chunk): the input pass's chunk sets the split over K
+SEPARABLE = {
+    "one-chunk-odd": (5, 37, 45, (9, 6), "bspline", None),
+    "split-3-chunks": (37, 300, 131, (40, 70), "bspline", 128),  # partial last chunk, 3 row blocks
+    "long-chunk-large-m-path": (3, 1100, 70, (12, 64), "bspline", 512),
+    "bicubic-split": (4, 290, 200, (10, 16), "bicubic", 128),
+    "one-row-one-out": (1, 1, 1, (4, 4), "bspline", None),
+    "grid-above-features": (6, 9, 5, (70, 40), "bspline", 128),
+}
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("case", list(SEPARABLE), ids=list(SEPARABLE))
+def test_separable_passes_match_reference(case, dtype, bias, kernel_device):
+    """The input pass (split over K into windowed partials) and the output pass (gather, windowed
+    middle and output dots, N_SPLIT tiles per program) against the float reference, every dtype,
+    on odd shapes, one and several chunks (the large-M path's 512-column chunks among them)."""
+    from tspline_kernels.reference import spline as ref
+    from tspline_kernels.spline import kernels
+
+    m, n_in, n_out, (g_out, g_in), basis, chunk = SEPARABLE[case]
+    kind = ref.BSPLINE if basis == "bspline" else ref.BICUBIC
+    x = torch.randn(m, n_in, device=kernel_device).to(dtype)
+    control = torch.randn(g_out, g_in, device=kernel_device).to(dtype)
+    b = torch.randn(n_out, device=kernel_device).to(dtype) if bias else None
+    got = kernels.separable_linear(x, control, b, n_out, kind, chunk)
+    assert got.dtype == dtype and got.shape == (m, n_out)
+    assert_close(got, ref.separable_linear(x, control, b, n_out, kind), dtype)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+def test_separable_passes_empty_batch_and_3d(dtype, kernel_device):
+    """An empty batch launches nothing and keeps the shape; a 3-D input with several chunks."""
+    from tspline_kernels.reference import spline as ref
+    from tspline_kernels.spline import kernels
+
+    control = torch.randn(9, 12, device=kernel_device).to(dtype)
+    for lead in [(0,), (2, 0), (2, 3)]:
+        x = torch.randn(*lead, 260, device=kernel_device).to(dtype)
+        got = kernels.separable_linear(x, control, None, 70, ref.BSPLINE, 128)
+        assert got.shape == (*lead, 70)
+        assert_close(got, ref.separable_linear(x, control, None, 70, ref.BSPLINE), dtype)
+
+
+@pytest.mark.parametrize("chunk", [0, 64, 96, 384])
+def test_separable_chunk_validation(chunk, kernel_device):
+    from tspline_kernels.spline import kernels
+
+    with pytest.raises(ValueError, match="chunk"):
+        kernels.separable_linear(torch.randn(2, 37, device=kernel_device), torch.randn(6, 6, device=kernel_device),
+                                 None, 5, 0, chunk)
+
+
+@pytest.mark.parametrize("basis", ["bspline", "bicubic"])
+@pytest.mark.parametrize("n, g, chunk", [(4096, 64, 512), (4096, 64, 256), (4096, 64, 64), (300, 70, 128), (37, 9, 128), (1, 4, 64)])
+def test_basis_windows_hold_the_whole_basis(basis, n, g, chunk):
+    """Scattered back, the windowed table is the reference basis exactly (float64), and at the goal
+    shape (4096 features, grid 64) every window is 16 columns: the input pass's and output pass's
+    dots are 16 wide, not 64."""
+    from tspline_kernels.reference import spline as ref
+    from tspline_kernels.spline import kernels
+
+    kind = ref.BSPLINE if basis == "bspline" else ref.BICUBIC
+    win = kernels.basis_windows(n, g, kind, chunk, torch.float64, torch.device("cpu"))
+    s = win.start.numel()
+    assert win.table.shape == (s, chunk, win.width) and s == -(-n // chunk)
+    dense = torch.zeros(s, chunk, g + win.width, dtype=torch.float64)
+    dense.scatter_(2, (win.start.long()[:, None] + torch.arange(win.width))[:, None, :].expand_as(win.table), win.table)
+    torch.testing.assert_close(dense.reshape(s * chunk, -1)[:n, :g], ref.basis_matrix(n, g, kind, torch.float64), rtol=0, atol=0)
+    assert dense[..., g:].abs().sum() == 0 and dense.reshape(s * chunk, -1)[n:].abs().sum() == 0
+    if (n, g) == (4096, 64):
+        assert win.width == 16
