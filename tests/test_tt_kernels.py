@@ -6,6 +6,7 @@ On CPU the kernels run under the Triton interpreter, on CUDA compiled; modes are
 ``tspline_kernels.testing.TOLERANCES`` for the input dtype.
 """
 
+import gc
 import math
 
 import pytest
@@ -364,3 +365,81 @@ def test_no_dense_weight_buffer_on_cuda(strategy):
     g = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
     peak = cuda_step_peak_bytes(layer, x, g)
     assert peak < n * n * 2 / 2, f"peak {peak / 2**20:.1f} MiB vs dense weight {n * n * 2 / 2**20:.1f} MiB"
+
+
+def _mutations(layer):
+    """In-place and replacing updates of a layer's parameters, each named: after every one the
+    launchers must see the new values."""
+    factors = layer._factors()
+
+    def step():
+        opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+        layer(torch.randn(2, layer.in_features, device=factors[0].device)).square().sum().backward()
+        opt.step()
+
+    def load():
+        params = dict(layer.named_parameters())
+        layer.load_state_dict({k: torch.randn_like(v) if k in params else v for k, v in layer.state_dict().items()})
+
+    def assign():
+        factors[-1].data = torch.randn_like(factors[-1])
+
+    def copy_into_view():
+        with torch.no_grad():
+            factors[0][:, :1].copy_(torch.randn_like(factors[0][:, :1]))
+
+    return {"optimizer step": step, "load_state_dict": load, ".data =": assign, "copy_ into a view": copy_into_view}
+
+
+@pytest.mark.parametrize("family,strategy", [("tt", "contract"), ("spline", "contract"), ("spline", "rebuild")])
+def test_derived_results_follow_parameter_versions(family, strategy, kernel_device):
+    """The launchers' host-side results of the cores (the chain kernels' packed cores, rebuild's
+    spline cores) are reused while the parameters are unchanged, and never after an in-place
+    update, ``load_state_dict``, ``.data =`` or a write through a view: every call still matches
+    the reference."""
+    layer = degenerate_layer(family, "d3-first-1", strategy, kernel_device)
+    x = torch.randn(3, layer.in_features, device=kernel_device)
+
+    def check(label):
+        with torch.no_grad():
+            with backend("reference"):
+                expected = layer(x)
+            with backend("triton"):
+                assert_close(layer(x), expected, name=label)
+
+    check("first call")
+    before = {key: entry[2] for key, entry in kernels._derived.items()}
+    check("second call")
+    assert all(kernels._derived[key][2] is value for key, value in before.items()), "unchanged parameters: reused"
+    for name, mutate in _mutations(layer).items():
+        mutate()
+        check(name)
+    x_grad = x.clone().requires_grad_()
+    assert_backends_agree(layer, x_grad, torch.randn(3, layer.out_features, device=kernel_device), torch.float32)
+
+
+def test_derived_entries_go_with_their_tensors(kernel_device):
+    """One entry per kind and set of cores (a new version replaces the old), entries of views found
+    again from fresh views of the same cores, and none left once the cores are freed; inference
+    tensors are never cached."""
+    layer = TTLinear(*TT["d3-3x2x5-r23"], strategy="contract").to(kernel_device)
+    cores = kernels.plain_cores(list(layer.cores))
+    gc.collect()  # entries of earlier tests' layers (modules sit in reference cycles)
+    size = len(kernels._derived)
+    packed = kernels._chain_args(cores)[0]
+    assert kernels._chain_args(kernels.plain_cores(list(layer.cores)))[0] is packed
+    views = kernels._chain_args([c.transposed() for c in cores])[0]
+    assert kernels._chain_args([c.transposed() for c in cores])[0] is views
+    assert len(kernels._derived) == size + 2
+    with torch.no_grad():
+        layer.cores[1].mul_(3)
+    repacked = kernels._chain_args(cores)[0]
+    assert repacked is not packed and len(kernels._derived) == size + 2
+    assert_close(repacked, torch.cat([c.detach().reshape(-1) for c in layer.cores]), name="repacked cores")
+    del cores, layer
+    gc.collect()
+    assert len(kernels._derived) == size
+    with torch.inference_mode():
+        frozen = kernels.plain_cores([torch.randn(1, 2, 3, 2), torch.randn(2, 3, 2, 1)])
+        assert kernels._chain_args(frozen)[0] is not kernels._chain_args(frozen)[0]
+    assert len(kernels._derived) == size

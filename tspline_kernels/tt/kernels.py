@@ -80,38 +80,41 @@ from .tiles import Core, core_modes, state_args, state_elt
 # Host-side results derived from the cores, cached per parameter version
 # ----------------------------------------------------------------------------------------------
 DERIVED_SIZE = 256  # entries kept at most (each core-sized)
-_derived: OrderedDict[Hashable, tuple[list[weakref.ref], object]] = OrderedDict()
+_derived: OrderedDict[Hashable, tuple[list[weakref.ref], tuple[int, ...], object]] = OrderedDict()
 
 
-def _signature(t: torch.Tensor) -> tuple | None:
-    """What identifies a tensor's current values: its root object (the base of a view: a view's
-    ``_version`` is its base's), version, storage address, shape, strides, dtype and device. An
-    in-place update (an optimizer step, ``load_state_dict``'s ``copy_``) bumps the version and
-    ``.data =`` moves the storage, so the signature changes whenever the values may have. None
-    for inference tensors (no version counter): never cached."""
-    if t.is_inference():
-        return None
-    root = t if t._base is None else t._base
-    return id(root), t._version, t.data_ptr(), t.shape, t.stride(), t.dtype, t.device
+def _root(t: torch.Tensor) -> torch.Tensor:
+    """The tensor that owns ``t``'s version counter: its base if it is a view."""
+    return t if t._base is None else t._base
 
 
 def derived(kind: Hashable, cores: list[Core], build: Callable[[], object]) -> object:
     """``build()``, a ``kind`` of host-side result of ``cores`` (a packed buffer, spline cores), or
-    the one built earlier for the same cores at the same versions. An entry holds weak references
-    to its source tensors (their roots) and goes when one of them is freed, so an ``id`` reused by
-    a new tensor never finds it; beyond ``DERIVED_SIZE`` entries the least recently used go."""
-    sigs = tuple(_signature(c.t) for c in cores)
-    if None in sigs:
+    the one built earlier from the same tensors at the same versions.
+
+    A tensor's values are identified by its root object (the base of a view), storage address,
+    shape, strides, dtype, device and ``_version``: an in-place update (an optimizer step,
+    ``load_state_dict``'s ``copy_``) bumps the version and ``.data =`` moves the storage, so a
+    result is never reused after the values may have changed; it is replaced by the new version's.
+    An entry holds weak references to its roots and goes when one of them is freed, so an ``id``
+    reused by a new tensor never finds it; beyond ``DERIVED_SIZE`` entries the least recently used
+    go. Inference tensors have no version counter: their results are built every call. ``build``
+    must not return the cores or views of them (the entry would keep them alive)."""
+    if any(c.t.is_inference() for c in cores):
         return build()
-    key = (kind, tuple((s, c.o, c.i, c.spline) for s, c in zip(sigs, cores)))
+    roots = [_root(c.t) for c in cores]
+    key = (kind, tuple((id(r), c.t.data_ptr(), c.t.shape, c.t.stride(), c.t.dtype, c.t.device, c.o, c.i, c.spline)
+                       for r, c in zip(roots, cores)))
+    versions = tuple(c.t._version for c in cores)
     hit = _derived.get(key)
-    roots = [c.t if c.t._base is None else c.t._base for c in cores]
-    if hit is not None and all(r() is t for r, t in zip(hit[0], roots)):
+    if hit is not None and hit[1] == versions and all(ref() is r for ref, r in zip(hit[0], roots)):
         _derived.move_to_end(key)
-        return hit[1]
-    value = build()
+        return hit[2]
+    with torch.no_grad():  # an autograd graph would keep the cores alive (the ops' gradients are explicit)
+        value = build()
     drop = lambda _: _derived.pop(key, None)  # noqa: E731
-    _derived[key] = ([weakref.ref(t, drop) for t in roots], value)
+    _derived[key] = ([weakref.ref(r, drop) for r in roots], versions, value)
+    _derived.move_to_end(key)
     while len(_derived) > DERIVED_SIZE:
         _derived.popitem(last=False)
     return value
