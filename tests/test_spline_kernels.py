@@ -263,3 +263,20 @@ def test_basis_windows_hold_the_whole_basis(basis, n, g, chunk):
     assert dense[..., g:].abs().sum() == 0 and dense.reshape(s * chunk, -1)[n:].abs().sum() == 0
     if (n, g) == (4096, 64):
         assert win.width == 16
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("case", ["one-chunk-odd", "split-3-chunks", "long-chunk-large-m-path", "bicubic-split"])
+def test_separable_grad_control_from_input_passes(case, dtype, kernel_device):
+    """dC = (dy @ Bo).T @ (x @ Bi) from the input pass run on dy and on x (each split into
+    chunks) and the gather-and-multiply kernel, in fp32 whatever the input dtype."""
+    from tspline_kernels.reference import spline as ref
+    from tspline_kernels.spline import kernels
+
+    m, n_in, n_out, (g_out, g_in), basis, chunk = SEPARABLE[case]
+    kind = ref.BSPLINE if basis == "bspline" else ref.BICUBIC
+    x = torch.randn(m, n_in, device=kernel_device).to(dtype)
+    dy = torch.randn(m, n_out, device=kernel_device).to(dtype)
+    got = kernels.separable_grad_control(dy, x, g_out, g_in, kind, chunk)
+    assert got.dtype == torch.float32 and got.shape == (g_out, g_in)
+    assert_close(got, ref.separable_grad_control(dy, x, g_out, g_in, kind), dtype)

@@ -5,7 +5,7 @@ on the tensor cores. The input pass reads x once, split over K, and writes u = x
 partials, each only over the narrow window of grid columns its chunk of x touches (Bi is
 four-banded); the output pass sums u from them and writes y tile by tile through the window of
 C and Bo each tile touches. Bi and Bo are read from per-shape cached tables (``basis_windows``).
-dC (backward) generates dense basis tiles in registers.
+dC (backward) runs the input pass on x and dy and multiplies the gathered results.
 Field bases (``IDW``, ``GAUSSIAN``): y = x @ W.T with every W tile generated from the lattice
 points in registers and fed to ``tl.dot``; W is never written to global memory.
 """
@@ -17,7 +17,6 @@ from typing import NamedTuple
 
 import torch
 
-from .._basis import axis, basis_taps
 from .._triton import SplitSlots, check_inputs, configs, dot_precision, flatten, grouped_pid, m_bucket, tl, triton
 from ..reference import spline as ref
 from ..reference.spline import EXP_FLOOR, GAUSSIAN_EPS, IDW_EPS
@@ -193,6 +192,27 @@ def _fp32_operand_precision(dtype: torch.dtype) -> str:
     return dot_precision(dtype) if dtype == torch.float32 else "tf32"
 
 
+def _chunk(m: int, chunk: int | None) -> int:
+    chunk = in_chunk(m) if chunk is None else chunk
+    if chunk < 128 or chunk & (chunk - 1):
+        raise ValueError(f"chunk must be a power of two >= 128 (the input pass's largest BK), got {chunk}")
+    return chunk
+
+
+def _input_pass(a2: torch.Tensor, g: int, kind: int, chunk: int) -> tuple[torch.Tensor, BasisWindows]:
+    """Launch ``_separable_in_kernel`` on a2 ``(M, n)`` (M > 0): the fp32 windowed partials of
+    a2 @ B ``(S, M, W)`` and the basis windows they refer to."""
+    m, n = a2.shape
+    win = basis_windows(n, g, kind, chunk, a2.dtype, a2.device)
+    s = win.start.numel()
+    part = torch.empty(s, m, win.width, device=a2.device, dtype=torch.float32)
+    _separable_in_kernel[lambda meta: (triton.cdiv(m, meta["BM"]), s)](
+        a2, win.table, part, m, n, m_bucket(m), a2.stride(0), a2.stride(1),
+        CHUNK=chunk, W=win.width, PRECISION=dot_precision(a2.dtype),
+    )
+    return part, win
+
+
 def separable_linear(
     x: torch.Tensor, control: torch.Tensor, bias: torch.Tensor | None, out_features: int, kind: int,
     chunk: int | None = None,
@@ -201,26 +221,18 @@ def separable_linear(
     ``(G_out, G_in)``; ``chunk``: columns of x per input-pass program (default ``in_chunk(M)``),
     a power of two >= 128."""
     check_inputs(x, control, *([bias] if bias is not None else []))
-    chunk = in_chunk(x.numel() // max(x.shape[-1], 1)) if chunk is None else chunk
-    if chunk < 128 or chunk & (chunk - 1):
-        raise ValueError(f"chunk must be a power of two >= 128 (the input pass's largest BK), got {chunk}")
     x2 = flatten(x)
-    m, n_in = x2.shape
+    m = x2.shape[0]
+    chunk = _chunk(m, chunk)
     g_out, g_in = control.shape
     y = torch.empty(m, out_features, device=x.device, dtype=x.dtype)
     if m > 0 and out_features > 0:
-        inter = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
-        bi = basis_windows(n_in, g_in, kind, chunk, x.dtype, x.device)
-        bo = basis_windows(out_features, g_out, kind, OUT_TILE, inter, x.device)
-        s = bi.start.numel()
-        part = torch.empty(s, m, bi.width, device=x.device, dtype=torch.float32)
-        _separable_in_kernel[lambda meta: (triton.cdiv(m, meta["BM"]), s)](
-            x2, bi.table, part, m, n_in, m_bucket(m), x2.stride(0), x2.stride(1),
-            CHUNK=chunk, W=bi.width, PRECISION=dot_precision(x.dtype),
-        )
+        part, bi = _input_pass(x2, g_in, kind, chunk)
+        bo = basis_windows(out_features, g_out, kind, OUT_TILE,
+                           torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32, x.device)
         _separable_out_kernel[lambda meta: (triton.cdiv(m, meta["BM"]), meta["N_SPLIT"])](
             part, bi.start, control, bo.table, bo.start, bias if bias is not None else y, y,
-            m, s, out_features, g_in, g_out, m_bucket(m),
+            m, bi.start.numel(), out_features, g_in, g_out, m_bucket(m),
             control.stride(0), control.stride(1), y.stride(0), y.stride(1),
             HAS_BIAS=bias is not None, GIP=_pad(g_in), W_IN=bi.width, BN=OUT_TILE, PW=bo.width,
             PRECISION=_fp32_operand_precision(x.dtype),
@@ -228,90 +240,55 @@ def separable_linear(
     return y.reshape(*x.shape[:-1], out_features)
 
 
-# ----------------------------------------------------------------------------------------------
-# Separable dC: dense basis tiles generated in registers
-# ----------------------------------------------------------------------------------------------
-@triton.jit
-def _basis_tile(idx, n, scale, top, col0, GP: tl.constexpr, KIND: tl.constexpr):
-    """Dense fp32 tile ``T[b, g] = B[idx[b], col0 + g]`` of shape ``(len(idx), GP)``; rows with
-    ``idx >= n`` are zero. Duplicate clamped taps add up, as in the reference's scatter_add."""
-    c0, c1, c2, c3, w0, w1, w2, w3 = basis_taps(idx, scale, top, KIND)
-    cols = col0 + tl.arange(0, GP)[None, :]
-    tile = tl.where(cols == c0[:, None], w0[:, None], 0.0)
-    tile += tl.where(cols == c1[:, None], w1[:, None], 0.0)
-    tile += tl.where(cols == c2[:, None], w2[:, None], 0.0)
-    tile += tl.where(cols == c3[:, None], w3[:, None], 0.0)
-    return tl.where((idx < n)[:, None], tile, 0.0)
-
-
-@triton.jit
-def _contract_basis(a_ptr, rm, m_mask, n, scale, top, stride_m, stride_k,
-                    GP: tl.constexpr, KIND: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
-    """``A[rm, :] @ B`` for A ``(M, n)`` and the basis B ``(n, G)``: an fp32 ``(BM, GP)`` tile."""
-    acc = tl.zeros((rm.shape[0], GP), dtype=tl.float32)
-    for k0 in range(0, n, BK):
-        rk = k0 + tl.arange(0, BK)
-        a = tl.load(a_ptr + rm[:, None] * stride_m + rk[None, :] * stride_k,
-                    mask=m_mask[:, None] & (rk < n)[None, :], other=0.0)
-        b = _basis_tile(rk, n, scale, top, 0, GP, KIND)
-        acc = tl.dot(a, b.to(a.dtype), acc, input_precision=PRECISION)
-    return acc
-
-
 @triton.autotune(
-    configs=configs([{"BM": bm, "BK": 64} for bm in (32, 64, 128)], interpret={"BM": 16, "BK": 32},
-                    quick=[{"BM": 32, "BK": 64, "num_warps": 4, "num_stages": 3},
-                           {"BM": 128, "BK": 64, "num_warps": 8, "num_stages": 3}]),
-    key=["M_BUCKET", "N_OUT", "N_IN", "G_OUT", "G_IN"],
+    configs=configs([{"BM": bm} for bm in (32, 64, 128)], interpret={"BM": 16},
+                    quick=[{"BM": 32, "num_warps": 4, "num_stages": 3},
+                           {"BM": 128, "num_warps": 8, "num_stages": 3}]),
+    key=["M_BUCKET", "G_OUT", "G_IN", "S_OUT", "S_IN"],
 )
 @triton.jit
 def _separable_dc_kernel(
-    u_ptr, v_ptr, part_ptr,
-    M, N_OUT, N_IN, G_OUT, G_IN, M_BUCKET,
-    scale_out, top_out, scale_in, top_in,
-    stride_um, stride_un, stride_vm, stride_vk,
-    KIND: tl.constexpr, GOP: tl.constexpr, GIP: tl.constexpr, PRECISION: tl.constexpr,
-    BM: tl.constexpr, BK: tl.constexpr,
+    pout_ptr, start_out_ptr, pin_ptr, start_in_ptr, part_ptr,
+    M, S_OUT, S_IN, G_OUT, G_IN, M_BUCKET,
+    GOP: tl.constexpr, GIP: tl.constexpr, W_OUT: tl.constexpr, W_IN: tl.constexpr, BM: tl.constexpr,
 ):
     """Partial dC for one block of rows: part[pid] = (u @ Bo).T @ (v @ Bi), ``(GOP, GIP)`` fp32.
 
-    u ``(M, N_OUT)`` is the output gradient, v ``(M, N_IN)`` the input; the host sums the
-    ``cdiv(M, BM)`` partials (deterministic, no atomics).
-    Precision: u @ Bo and v @ Bi accumulate in fp32 and stay fp32 (no rounding to the input
-    dtype, as in the reference); their product runs in fp32 ("ieee").
-    FLOPs: 2*M*(N_OUT*GOP + N_IN*GIP + GOP*GIP). Bytes: elt*M*(N_OUT + N_IN) + 4*cdiv(M,BM)*GOP*GIP.
+    u @ Bo and v @ Bi (u the output gradient, v the input) are gathered from the input pass's
+    windowed partials, ``(S_OUT, M, W_OUT)`` and ``(S_IN, M, W_IN)`` fp32; the host sums the
+    ``cdiv(M, BM)`` partials (deterministic, no atomics). Their product runs in fp32 ("ieee"):
+    nothing is rounded to the input dtype, as in the reference.
+    FLOPs: 2*M*GOP*GIP (plus the two input passes). Bytes: 4*M*(S_OUT*W_OUT + S_IN*W_IN) + 4*cdiv(M,BM)*GOP*GIP.
     """
     pid = tl.program_id(0)
     rm = (pid * BM + tl.arange(0, BM)).to(tl.int64)  # row offsets past 2^31 elements
     m_mask = rm < M
-    du = _contract_basis(u_ptr, rm, m_mask, N_OUT, scale_out, top_out, stride_um, stride_un,
-                         GOP, KIND, BK, PRECISION)
-    t = _contract_basis(v_ptr, rm, m_mask, N_IN, scale_in, top_in, stride_vm, stride_vk,
-                        GIP, KIND, BK, PRECISION)
+    du = _gather_windows(pout_ptr, start_out_ptr, rm, m_mask, M, S_OUT, GOP, W_OUT)
+    t = _gather_windows(pin_ptr, start_in_ptr, rm, m_mask, M, S_IN, GIP, W_IN)
     part = tl.dot(tl.trans(du), t, input_precision="ieee")
     rp = tl.arange(0, GOP)
     rq = tl.arange(0, GIP)
     tl.store(part_ptr + pid * GOP * GIP + rp[:, None] * GIP + rq[None, :], part)
 
 
-def separable_grad_control(u: torch.Tensor, v: torch.Tensor, g_out: int, g_in: int, kind: int) -> torch.Tensor:
-    """dC ``(g_out, g_in)`` fp32 from output grad u ``(*, n_out)`` and input v ``(*, n_in)``."""
+def separable_grad_control(u: torch.Tensor, v: torch.Tensor, g_out: int, g_in: int, kind: int,
+                           chunk: int | None = None) -> torch.Tensor:
+    """dC ``(g_out, g_in)`` fp32 from output grad u ``(*, n_out)`` and input v ``(*, n_in)``: the
+    input pass on each, then ``_separable_dc_kernel``. ``chunk`` as in ``separable_linear``."""
     check_inputs(u, v)
     u2, v2 = flatten(u), flatten(v)
-    m, n_out = u2.shape
-    n_in = v2.shape[1]
-    gop, gip = _pad(g_out), _pad(g_in)
+    m = u2.shape[0]
     if m == 0:
         return torch.zeros(g_out, g_in, device=u.device, dtype=torch.float32)
+    chunk = _chunk(m, chunk)
+    pout, wout = _input_pass(u2, g_out, kind, chunk)
+    pin, win = _input_pass(v2, g_in, kind, chunk)
+    gop, gip = _pad(g_out), _pad(g_in)
     slots = SplitSlots(_separable_dc_kernel, lambda meta: triton.cdiv(m, meta["BM"]))
     part = slots.empty(gop, gip, device=u.device)
-    s_out, t_out = axis(n_out, g_out, kind)
-    s_in, t_in = axis(n_in, g_in, kind)
     _separable_dc_kernel[lambda meta: (slots(meta),)](
-        u2, v2, part, m, n_out, n_in, g_out, g_in, m_bucket(m),
-        s_out, t_out, s_in, t_in,
-        u2.stride(0), u2.stride(1), v2.stride(0), v2.stride(1),
-        KIND=kind, GOP=gop, GIP=gip, PRECISION=dot_precision(u.dtype),
+        pout, wout.start, pin, win.start, part, m, wout.start.numel(), win.start.numel(), g_out, g_in, m_bucket(m),
+        GOP=gop, GIP=gip, W_OUT=wout.width, W_IN=win.width,
     )
     return slots.sum(part)[:g_out, :g_in].contiguous()  # contiguous, as the fake implementation promises
 
