@@ -36,24 +36,39 @@ def _pad(g: int) -> int:
 GEN_BM = 128  # nominal row block of the field kernels: W tiles are generated once per row block
 
 
+def _separable_executed(m: int, n_in: int, n_out: int, g_out: int, g_in: int, kind: int) -> float:
+    """Tensor-core FLOPs of the separable forward's two passes, as their docstrings count them:
+    input pass 2*m*S*chunk*W (x times each chunk's window of Bi), output pass
+    2*m*T*PW*(GIP + BN) (per output tile, the windowed middle then the output dot)."""
+    from tspline_kernels.spline import kernels
+
+    cpu = torch.device("cpu")
+    chunk = kernels.in_chunk(m)
+    bi = kernels.basis_windows(n_in, g_in, kind, chunk, torch.float32, cpu)
+    bo = kernels.basis_windows(n_out, g_out, kind, kernels.OUT_TILE, torch.float32, cpu)
+    tiles = bo.start.numel()
+    return 2.0 * m * (bi.start.numel() * chunk * bi.width + tiles * bo.width * (_pad(g_in) + kernels.OUT_TILE))
+
+
 def costs(kernel: str, layer, m: int, elt: int, mode: str) -> tuple[float, float, float]:
     """(useful FLOPs, executed FLOPs, bytes) of one call.
 
     Useful: separable bases multiply by 4-banded basis matrices (4 taps per row), so per grid
     2*m*(4*n_in + g_in*g_out + 4*n_out); field bases do the dense matmul 2*m*n_in*n_out (generating
-    W is extra work). Executed, as the kernel docstrings count it: dense padded basis tiles for the
-    separable kernels; for the field kernels the matmul plus ~6 FLOPs per lattice point per W entry
-    per row block of ``GEN_BM`` rows (an estimate; local support skips far points). fwd+bwd: 3x
+    W is extra work). Executed, as the kernel docstrings count it: the separable passes' windowed
+    tensor-core dots (``_separable_executed``); for the field kernels the matmul plus ~6 FLOPs per
+    lattice point per W entry per row block of ``GEN_BM`` rows (an estimate; local support skips
+    far points). Bytes: the minimal traffic, x and y once per pass over the grid(s). fwd+bwd: 3x
     (dx and the parameter gradient each cost about one forward)."""
     n_in, n_out = layer.in_features, layer.out_features
     act = elt * m * (n_in + n_out)
     if kernel in ("spline.bspline", "spline.bicubic", "spline.hierarchical"):
         grids = [layer.coarse_grid, layer.fine_grid] if kernel == "spline.hierarchical" else [layer._grid_control().shape]
+        kind = ref.BICUBIC if kernel == "spline.bicubic" else ref.BSPLINE
         useful = executed = 0.0
         for g_out, g_in in grids:
-            gi, go = _pad(g_in), _pad(g_out)
             useful += 2 * m * (4 * n_in + g_in * g_out + 4 * n_out)
-            executed += 2 * m * (n_in * gi + gi * go + n_out * go)
+            executed += _separable_executed(m, n_in, n_out, g_out, g_in, kind)
         passes = len(grids)
     else:
         useful = 2.0 * m * n_in * n_out
