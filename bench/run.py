@@ -19,9 +19,10 @@ import torch
 from .harness import device_name, free_path, git_state, launch_floor, measure, measure_peaks, metadata, write_json
 
 FAMILIES = ["lowrank", "kronecker", "tt", "spline"]  # cheapest goal rows first: a run cut by its deadline keeps them
-# not kernel families: compressed MiniLM's fidelity (bench/fidelity.py) and its MLP blocks decoupled
-# (bench/decoupling.py), each run alone with its own JSON
-STANDALONE = ("fidelity", "decoupling")
+# not kernel families: compressed MiniLM's fidelity (bench/fidelity.py), its MLP blocks decoupled
+# (bench/decoupling.py) and every layer's host overhead (bench/host_overhead.py), each run alone
+# with its own JSON
+STANDALONE = ("fidelity", "decoupling", "host_overhead")
 
 
 def default_out(device: str, goal: bool = False, tiny: bool = False) -> Path:

@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> None:
                        help="start no new row this many seconds after the start; rows not run are listed in the JSON")
     bench.add_argument("--only", nargs="+", metavar="FAMILY",
                        help="benchmark only these families; 'fidelity': compressed all-MiniLM-L6-v2 vs the original; "
-                            "'decoupling': its MLP blocks decoupled (B-spline) vs two baselines")
+                            "'decoupling': its MLP blocks decoupled (B-spline) vs two baselines; "
+                            "'host_overhead': every layer's host time per call at M=16, Triton launches stubbed (CPU)")
     inspect = sub.add_parser(
         "inspect", help="per-layer table of a compressed model file (tk.save_compressed)",
         description="Per-layer table (format, shape, params, ratio, weight/output error from the stored "

@@ -1,0 +1,258 @@
+"""Host overhead per call of every layer family, measured with every Triton launch stubbed.
+
+What is counted. A layer call runs as it would on a GPU with the Triton path forced
+(``tspline_kernels.backend("triton")``): the module's Python, the custom-op dispatch and autograd
+bookkeeping, the launchers' checks, constants, casts, allocations (``torch.empty``) and strides,
+and each launch's grid: ``grid(meta)`` is evaluated with the config the launch would run (the
+autotuner's first, under the interpreter its only one) and any ``triton.heuristics`` values, so
+:class:`SplitSlots` and the other grid callables do their work. Torch ops between launches (a cast,
+a sum of partial slots) also run: on a GPU each is an asynchronous kernel launch; without one (the
+CPU) its arithmetic runs here and is part of the time, so each row also reports these "torch
+kernels" per call and their approximate CPU time (:func:`torch_kernels`).
+
+What is not counted. The launch ``kernel[grid](*args)`` itself is a no-op that records the kernel's
+name and grid: nothing of Triton's launch path runs (the autotuner's key and cache lookup, the
+JIT's argument binding and specialisation, the driver launch; under the interpreter, the whole
+interpreted kernel). On a GPU that costs about the "launch floor" ``tspline bench`` measures per
+launch (an empty kernel, ~3.7 us on an H200) plus a few us for an autotuner, so a call's GPU host
+time is about this overhead plus launches x that. Outputs of stubbed launches are uninitialised
+(``torch.empty``): fine for timing, never for checking values.
+
+How. Each layer runs at a 4096 x 4096-like shape (or its family's natural shape near it) on
+M = 16 rows in bf16, one thread, timed with ``torch.utils.benchmark.Timer.blocked_autorange`` in
+CPU time of the calling thread (``time.thread_time``: other processes on a shared machine do not
+inflate it). "fwd" is an inference call (``torch.no_grad``), "fwd+bwd" a forward and
+``torch.autograd.grad`` into x and every parameter (no ``.grad`` accumulation). With a GPU the
+tensors live on it (torch's kernels then run asynchronously), else on the CPU. ``torch.nn.Linear``
+is reported for scale, unstubbed: at the same shape with its real 16-row matmul (fp32 on the CPU:
+a bf16 CPU matmul takes milliseconds), and at 64 x 64, where its arithmetic is negligible (its
+dispatch and autograd cost alone). Goals (issue 10): <= 30 us per forward, <= 100 us per forward
+and backward, for every layer.
+
+``tspline bench --only host_overhead`` (or ``python -m bench.host_overhead``) writes
+``bench/results/host-overhead-<date>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import inspect
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.utils.benchmark
+from torch import nn
+
+import tspline_kernels as tk
+from tspline_kernels import _triton  # noqa: F401  (sets TRITON_INTERPRET before triton is imported)
+
+from .harness import free_path, metadata, write_json
+
+GOAL_FWD_US = 30.0
+GOAL_FWD_BWD_US = 100.0
+ROWS = 16
+N = 4096
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One stubbed Triton launch: the kernel's name and the grid it would have run."""
+
+    kernel: str
+    grid: tuple[int, ...]
+
+
+def _meta(kernel, args: tuple, kwargs: dict) -> dict:
+    """The ``meta`` a launch's grid callable receives: the kernel's arguments by name plus what the
+    wrappers between ``kernel[grid]`` and the compiled kernel add: an autotuner its config (its
+    first, under the interpreter its only one), a ``triton.heuristics`` its values."""
+    from triton.runtime.autotuner import Autotuner, Heuristics
+
+    meta = {**dict(zip(kernel.arg_names, args)), **kwargs}
+    while isinstance(kernel, (Autotuner, Heuristics)):
+        if isinstance(kernel, Autotuner):
+            meta.update(kernel.configs[0].all_kwargs())
+        else:
+            meta.update({name: value(meta) for name, value in kernel.values.items()})
+        kernel = kernel.fn
+    return meta
+
+
+def _kernel_name(kernel) -> str:
+    """The name of the Python function under a kernel's wrappers."""
+    while not inspect.isfunction(kernel):
+        kernel = kernel.fn
+    return kernel.__name__
+
+
+@contextlib.contextmanager
+def stubbed_launches() -> Iterator[list[Launch]]:
+    """Inside the block every Triton launch ``kernel[grid](*args, **kwargs)`` is a no-op that
+    evaluates the grid (callable grids on the launch's :func:`_meta`) and appends a :class:`Launch`
+    to the yielded list; nothing of Triton's launch path and no kernel body runs, outputs stay as
+    allocated. Not thread-safe: the patch is process-wide for the block."""
+    from triton.runtime.jit import KernelInterface
+
+    launches: list[Launch] = []
+
+    def launcher(kernel, grid):
+        def launch(*args, **kwargs) -> None:
+            shape = grid(_meta(kernel, args, kwargs)) if callable(grid) else grid
+            launches.append(Launch(_kernel_name(kernel), tuple(int(g) for g in shape)))
+        return launch
+
+    original = KernelInterface.__dict__["__getitem__"]
+    KernelInterface.__getitem__ = launcher
+    try:
+        yield launches
+    finally:
+        KernelInterface.__getitem__ = original
+
+
+# ------------------------------------------------------------------------------------------ layers
+LAYERS: dict[str, Callable[[], nn.Module]] = {
+    "lowrank r16": lambda: tk.LowRankLinear(N, N, 16),
+    "kronecker 64x64": lambda: tk.KroneckerLinear((64, 64), (64, 64)),
+    "kronecker 64x64 gated": lambda: tk.KroneckerLinear((64, 64), (64, 64), gated=True),
+    "tt 16x16x16 r16": lambda: tk.TTLinear((16, 16, 16), (16, 16, 16), 16),
+    "tt 8x8x8x8 r8": lambda: tk.TTLinear((8,) * 4, (8,) * 4, 8),
+    "spline_tt 16x16x16 r16 grid 8x8": lambda: tk.SplineTTLinear((16, 16, 16), (16, 16, 16), 16, (8, 8)),
+    "spline bspline 64x64": lambda: tk.SplineLinear(N, N, grid=(64, 64)),
+    "spline bicubic n16": lambda: tk.SplineLinear(N, N, basis="bicubic", n_control_points=16),
+    "spline gaussian n16": lambda: tk.SplineLinear(N, N, basis="gaussian", n_control_points=16),
+    "spline eisenstein n16": lambda: tk.SplineLinear(N, N, basis="eisenstein", n_control_points=16),
+    "spline gaussian local n64": lambda: tk.SplineLinear(N, N, basis="gaussian", n_control_points=64, support="local"),
+    "spline eisenstein local n64": lambda: tk.SplineLinear(N, N, basis="eisenstein", n_control_points=64,
+                                                           support="local"),
+    "spline hierarchical 16x16+64x64": lambda: tk.HierarchicalSplineLinear(N, N, coarse_grid=(16, 16),
+                                                                          fine_grid=(64, 64)),
+    "decoupled r64 K12": lambda: tk.DecoupledSplineMLP(N, N, rank=64, n_basis=12),
+}
+# for scale, unstubbed: nn.Linear at the same shape with its real matmul of 16 rows, and at 64 x 64,
+# where its arithmetic is negligible (fp32 on the CPU, bf16 on a GPU)
+BASELINES: dict[str, Callable[[], nn.Module]] = {
+    "nn.Linear 4096 (real matmul)": lambda: nn.Linear(N, N),
+    "nn.Linear 64 (dispatch only)": lambda: nn.Linear(64, 64),
+}
+
+
+def calls(layer: nn.Module, x: torch.Tensor) -> dict[str, Callable[[], object]]:
+    """``fwd``: an inference call; ``fwd+bwd``: forward and the gradients of x and every
+    parameter (``torch.autograd.grad``: nothing accumulates into ``.grad``)."""
+    inputs = [x.detach().requires_grad_(), *(p for p in layer.parameters() if p.requires_grad)]
+
+    def forward():
+        with torch.no_grad():
+            return layer(x)
+
+    def forward_backward():
+        y = layer(inputs[0])
+        return torch.autograd.grad(y, inputs, torch.ones_like(y))
+
+    return {"fwd": forward, "fwd+bwd": forward_backward}
+
+
+def median_us(fn: Callable[[], object], min_run_time: float) -> float:
+    """Median microseconds per call of ``fn`` on one thread (blocked autorange), in CPU time of the
+    calling thread: other processes on a shared machine do not inflate it."""
+    timer = torch.utils.benchmark.Timer("fn()", globals={"fn": fn}, num_threads=1, timer=time.thread_time)
+    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e6
+
+
+# aten ops that only allocate or re-describe memory: no kernel on a GPU
+_NO_KERNEL = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "view", "reshape",
+              "_unsafe_view", "_reshape_alias", "as_strided", "select", "slice", "expand", "t", "transpose",
+              "permute", "detach", "alias", "unsqueeze", "squeeze", "unflatten", "lift_fresh", "resolve_conj",
+              "resolve_neg", "set_", "numpy_T", "_has_compatible_shallow_copy_type"}
+
+
+def torch_kernels(fn: Callable[[], object], calls: int = 5) -> tuple[float, float]:
+    """(torch kernels per call, their approximate CPU microseconds per call) of ``fn``: the aten
+    ops it runs that do arithmetic (leaves of the profiler's op tree that are not allocations or
+    views: a copy, a fill, a sum). On a GPU each is a launch of its own; here their arithmetic runs
+    on the CPU and is part of the measured time. The time is the profiler's wall clock, approximate."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            fn()
+    leaves = [e for e in prof.events() if e.name.startswith("aten::") and not e.cpu_children
+              and e.name[len("aten::"):] not in _NO_KERNEL]
+    return len(leaves) / calls, sum(e.self_cpu_time_total for e in leaves) / calls
+
+
+def measure_layer(name: str, layer: nn.Module, device: str, dtype: torch.dtype, stub: bool,
+                  min_run_time: float) -> dict:
+    """One row: median us per fwd and per fwd+bwd, the Triton launches each call makes and the
+    torch kernels it runs besides (:func:`torch_kernels`)."""
+    layer = layer.to(device=device, dtype=dtype)
+    x = torch.randn(ROWS, layer.in_features, device=device, dtype=dtype)
+    row = {"layer": name, "type": type(layer).__name__, "in_features": layer.in_features,
+           "out_features": layer.out_features, "rows": ROWS, "dtype": str(dtype), "device": device, "stubbed": stub}
+    for mode, fn in calls(layer, x).items():
+        with stubbed_launches() as launches:
+            fn()  # warm-up: the layers' caches fill on the first call
+            launches.clear()
+            fn()
+            row[f"{mode}_launches"] = len(launches)
+            row[f"{mode}_kernels"] = sorted({launch.kernel for launch in launches})
+            row[f"{mode}_torch_kernels"], row[f"{mode}_torch_kernel_us"] = torch_kernels(fn)
+            row[f"{mode}_us"] = median_us(fn, min_run_time)
+            goal = GOAL_FWD_US if mode == "fwd" else GOAL_FWD_BWD_US
+            row[f"{mode}_goal_met"] = row[f"{mode}_us"] <= goal if stub else None
+    return row
+
+
+def run(out: str | None = None, layers: list[str] | None = None, min_run_time: float = 0.5) -> Path:
+    """Measure every layer (or ``layers``) and the nn.Linear baselines on CUDA tensors where there is
+    a GPU (torch's own kernels then run asynchronously), else on the CPU; write and return the JSON."""
+    torch.set_num_threads(1)
+    names = layers or list(LAYERS)
+    unknown = sorted(set(names) - set(LAYERS))
+    if unknown:
+        raise SystemExit(f"unknown layers {unknown}; choose from {list(LAYERS)}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    date = datetime.date.today().isoformat()
+    path = free_path(out or Path("bench/results") / f"host-overhead-{date}{'-cuda' if device == 'cuda' else ''}.json")
+    from tqdm import tqdm
+
+    rows = []
+    print(f"{'layer':<36} {'fwd us':>8} {'launches':>8} {'torch':>6} {'fwd+bwd us':>11} {'launches':>8} {'torch':>6}")
+    with tk.backend("triton"):
+        for name in (bar := tqdm(names, desc="host overhead", leave=False)):
+            rows.append(measure_layer(name, LAYERS[name](), device, torch.bfloat16, True, min_run_time))
+            bar.write(_line(rows[-1]))
+    for name, build in BASELINES.items():
+        baseline_dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        rows.append(measure_layer(name, build(), device, baseline_dtype, False, min_run_time))
+        print(_line(rows[-1]))
+    extra = {"rows_per_call": ROWS, "goal_fwd_us": GOAL_FWD_US, "goal_fwd_bwd_us": GOAL_FWD_BWD_US,
+             "threads": 1, "timer": "time.thread_time", "what": __doc__.split("\n\n")[1:4]}
+    write_json(path, device, rows, [], extra)
+    print(f"wrote {path}")
+    return path
+
+
+def _line(row: dict) -> str:
+    """A row of the printed table; ``*`` marks a time over its goal."""
+    marks = {True: " ", False: "*", None: " "}
+    return (f"{row['layer']:<36} {row['fwd_us']:>7.1f}{marks[row['fwd_goal_met']]} {row['fwd_launches']:>8} "
+          f"{row['fwd_torch_kernels']:>6.0f} {row['fwd+bwd_us']:>10.1f}{marks[row['fwd+bwd_goal_met']]} "
+          f"{row['fwd+bwd_launches']:>8} {row['fwd+bwd_torch_kernels']:>6.0f}")
+
+
+def main(quick: bool = False, out: str | None = None) -> Path:
+    """``tspline bench --only host_overhead``: every layer (``quick``: shorter timing runs)."""
+    return run(out=out, min_run_time=0.1 if quick else 0.5)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", help="JSON file (default bench/results/host-overhead-<date>.json)")
+    parser.add_argument("--layers", nargs="+", choices=list(LAYERS), metavar="LAYER", help="only these layers")
+    parser.add_argument("--min-run-time", type=float, default=0.5, help="seconds of timing per measurement")
+    args = parser.parse_args()
+    run(args.out, args.layers, args.min_run_time)
