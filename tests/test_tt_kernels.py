@@ -419,22 +419,22 @@ def test_derived_results_follow_parameter_versions(family, strategy, kernel_devi
 
 
 def test_derived_entries_go_with_their_tensors(kernel_device):
-    """One entry per kind and set of cores (a new version replaces the old), entries of views found
-    again from fresh views of the same cores, and none left once the cores are freed; inference
-    tensors are never cached."""
+    """One entry per kind and set of cores (a new version replaces the old), shared by W.T's cores
+    (views of W's: their buffer is W's, read with swapped strides), none left once the cores are
+    freed, and none for inference tensors."""
     layer = TTLinear(*TT["d3-3x2x5-r23"], strategy="contract").to(kernel_device)
     cores = kernels.plain_cores(list(layer.cores))
     gc.collect()  # entries of earlier tests' layers (modules sit in reference cycles)
     size = len(kernels._derived)
-    packed = kernels._chain_args(cores)[0]
+    packed, meta = kernels._chain_args(cores)
     assert kernels._chain_args(kernels.plain_cores(list(layer.cores)))[0] is packed
-    views = kernels._chain_args([c.transposed() for c in cores])[0]
-    assert kernels._chain_args([c.transposed() for c in cores])[0] is views
-    assert len(kernels._derived) == size + 2
+    views, meta_t = kernels._chain_args([c.transposed() for c in cores])
+    assert views is packed and len(kernels._derived) == size + 1
+    assert meta_t["STRIDES"] == tuple(c.t.transpose(1, 2).stride() for c in cores) != meta["STRIDES"]
     with torch.no_grad():
         layer.cores[1].mul_(3)
     repacked = kernels._chain_args(cores)[0]
-    assert repacked is not packed and len(kernels._derived) == size + 2
+    assert repacked is not packed and len(kernels._derived) == size + 1
     assert_close(repacked, torch.cat([c.detach().reshape(-1) for c in layer.cores]), name="repacked cores")
     del cores, layer
     gc.collect()

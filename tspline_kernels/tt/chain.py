@@ -111,14 +111,14 @@ def _chain_core_index(k: tl.constexpr, d0, starts, D: tl.constexpr, NI: tl.const
 
 @triton.jit
 def _chain_core(g_ptr, k: tl.constexpr, d0, starts, D: tl.constexpr, IN: tl.constexpr, OUT: tl.constexpr,
-                RANK: tl.constexpr, GRID: tl.constexpr, AXES: tl.constexpr, OFFS: tl.constexpr,
+                RANK: tl.constexpr, STRIDES: tl.constexpr, AXES: tl.constexpr, OFFS: tl.constexpr,
                 SPLINE: tl.constexpr, NI: tl.constexpr, NO: tl.constexpr, RP: tl.constexpr):
     """``B_k[(a, i), (o, b)] = G_k[a, o, i, b]`` ``(RP[k] NI[k], NO[k] RP[k+1])`` (``_chain_core_index``),
-    zero outside the core."""
+    zero outside the core; G_k's (a, o, i, b) element strides are ``STRIDES[k]`` from ``g_ptr + OFFS[k]``."""
     a, i, o, b = _chain_core_index(k, d0, starts, D, NI, NO, RP)
     return tl.trans(core_tile(
         g_ptr + OFFS[k], o, b, a, i, (o < OUT[k]) & (b < RANK[k + 1]), (a < RANK[k]) & (i < IN[k]),
-        GRID[k][0] * GRID[k][1] * RANK[k + 1], GRID[k][1] * RANK[k + 1], RANK[k + 1], 1,
+        STRIDES[k][0], STRIDES[k][1], STRIDES[k][2], STRIDES[k][3],
         AXES[k][0], AXES[k][1], AXES[k][2], AXES[k][3], SPLINE))
 
 
@@ -147,7 +147,7 @@ def _chain_kernel(
     x_ptr, g_ptr, bias_ptr, y_ptr,
     M, M_BUCKET, stride_xm, stride_xk, stride_ym, stride_yn,
     D: tl.constexpr, IN: tl.constexpr, OUT: tl.constexpr, RANK: tl.constexpr,
-    GRID: tl.constexpr, AXES: tl.constexpr, OFFS: tl.constexpr,
+    STRIDES: tl.constexpr, AXES: tl.constexpr, OFFS: tl.constexpr,
     SPLINE: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, STATE: tl.constexpr,
     BM: tl.constexpr, BO1: tl.constexpr, BO2: tl.constexpr, CD: tl.constexpr,
     NI: tl.constexpr, NO: tl.constexpr, RP: tl.constexpr, X: tl.constexpr,
@@ -159,7 +159,8 @@ def _chain_kernel(
     o_3..o_d] and loops over chunks of NI[D-1] indices of i_d. Per chunk the state S_k, rows
     ``(i_k+1..i_d-1, i_d in chunk, m, o_1..o_k-1)`` and columns ``(a_k-1, i_k)``, goes through
     ``S_k @ B_k``, ``B_k[(a, i), (o, b)] = G_k[a, o, i, b]`` (``(r_k-1 I_k, O_k r_k)``, loaded from the
-    packed cores ``g_ptr + OFFS[k]`` or generated from spline control points with ``SPLINE``), and a
+    packed cores ``g_ptr + OFFS[k]`` with strides ``STRIDES[k]`` (W's cores serve W.T's too), or
+    generated from spline control points with ``SPLINE``), and a
     register reshape/permute moves (o_k, a_k) to (rows, columns) for step k + 1; the last step sums
     the chunk's share of y into an fp32 accumulator. No state leaves the registers; padded sizes
     (``cost.ChainPlan``: NI, NO, RP, X) are zero-filled so every ``tl.dot`` side is >= 16.
@@ -184,7 +185,7 @@ def _chain_kernel(
         for k in tl.static_range(D):
             if k > 0:
                 s = _chain_next(s, k, NI, RP, X)
-            g = _chain_core(g_ptr, k, d0, starts, D, IN, OUT, RANK, GRID, AXES, OFFS, SPLINE, NI, NO, RP)
+            g = _chain_core(g_ptr, k, d0, starts, D, IN, OUT, RANK, STRIDES, AXES, OFFS, SPLINE, NI, NO, RP)
             s = tl.dot(s.to(STATE), g.to(STATE), input_precision=PRECISION)
         acc += tl.sum(tl.reshape(s, (X[D - 1], NO[D - 1], RP[D])), axis=2)  # only b = 0 is nonzero
     rm, out_ok, out_off, od = _chain_out_index(starts, D, OUT, NO, X)
@@ -210,7 +211,7 @@ def _chain_grad_kernel(
     x_ptr, dy_ptr, g_ptr, dg_ptr,
     M, M_BUCKET, stride_xm, stride_xk, stride_dm, stride_dn,
     D: tl.constexpr, IN: tl.constexpr, OUT: tl.constexpr, RANK: tl.constexpr,
-    GRID: tl.constexpr, AXES: tl.constexpr, OFFS: tl.constexpr, DOFFS: tl.constexpr,
+    STRIDES: tl.constexpr, AXES: tl.constexpr, OFFS: tl.constexpr, DOFFS: tl.constexpr,
     SPLINE: tl.constexpr, PRECISION: tl.constexpr, STATE: tl.constexpr,
     BM: tl.constexpr, BO1: tl.constexpr, BO2: tl.constexpr, CD: tl.constexpr,
     NI: tl.constexpr, NO: tl.constexpr, RP: tl.constexpr, X: tl.constexpr,
@@ -244,7 +245,7 @@ def _chain_grad_kernel(
     gs = ()
     accs = ()
     for k in tl.static_range(D):
-        gs = gs + (_chain_core(g_ptr, k, d0, starts, D, IN, OUT, RANK, GRID, AXES, OFFS, SPLINE, NI, NO, RP).to(STATE),)
+        gs = gs + (_chain_core(g_ptr, k, d0, starts, D, IN, OUT, RANK, STRIDES, AXES, OFFS, SPLINE, NI, NO, RP).to(STATE),)
         accs = accs + (tl.full((RP[k] * NI[k], NO[k] * RP[k + 1]), 0.0, tl.float32),)  # as in _chain_kernel
     for mb in range(tl.program_id(2), tl.cdiv(M, BM), tl.num_programs(2)):
         rm = mb * BM + rm_in

@@ -60,6 +60,7 @@ itself must lie within fp16's range.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import weakref
@@ -88,8 +89,8 @@ def _root(t: torch.Tensor) -> torch.Tensor:
     return t if t._base is None else t._base
 
 
-def derived(kind: Hashable, cores: list[Core], build: Callable[[], object]) -> object:
-    """``build()``, a ``kind`` of host-side result of ``cores`` (a packed buffer, spline cores), or
+def derived(kind: Hashable, tensors: list[torch.Tensor], build: Callable[[], object]) -> object:
+    """``build()``, a ``kind`` of host-side result of ``tensors`` (a packed buffer, spline cores), or
     the one built earlier from the same tensors at the same versions.
 
     A tensor's values are identified by its root object (the base of a view), storage address,
@@ -99,18 +100,17 @@ def derived(kind: Hashable, cores: list[Core], build: Callable[[], object]) -> o
     An entry holds weak references to its roots and goes when one of them is freed, so an ``id``
     reused by a new tensor never finds it; beyond ``DERIVED_SIZE`` entries the least recently used
     go. Inference tensors have no version counter: their results are built every call. ``build``
-    must not return the cores or views of them (the entry would keep them alive)."""
-    if any(c.t.is_inference() for c in cores):
+    must not return the tensors or views of them (the entry would keep them alive)."""
+    if any(t.is_inference() for t in tensors):
         return build()
-    roots = [_root(c.t) for c in cores]
-    key = (kind, tuple((id(r), c.t.data_ptr(), c.t.shape, c.t.stride(), c.t.dtype, c.t.device, c.o, c.i, c.spline)
-                       for r, c in zip(roots, cores)))
-    versions = tuple(c.t._version for c in cores)
+    roots = [_root(t) for t in tensors]
+    key = (kind, tuple((id(r), t.data_ptr(), t.shape, t.stride(), t.dtype, t.device) for r, t in zip(roots, tensors)))
+    versions = tuple(t._version for t in tensors)
     hit = _derived.get(key)
     if hit is not None and hit[1] == versions and all(ref() is r for ref, r in zip(hit[0], roots)):
         _derived.move_to_end(key)
         return hit[2]
-    with torch.no_grad():  # an autograd graph would keep the cores alive (the ops' gradients are explicit)
+    with torch.no_grad():  # an autograd graph would keep the tensors alive (the ops' gradients are explicit)
         value = build()
     drop = lambda _: _derived.pop(key, None)  # noqa: E731
     _derived[key] = ([weakref.ref(r, drop) for r in roots], versions, value)
@@ -123,17 +123,38 @@ def derived(kind: Hashable, cores: list[Core], build: Callable[[], object]) -> o
 # ----------------------------------------------------------------------------------------------
 # Strategy "contract": the chain kernels, or d step launches where they do not fit
 # ----------------------------------------------------------------------------------------------
+def _memory_order(t: torch.Tensor) -> torch.Tensor | None:
+    """``t`` (a core ``(r0, O, I, r1)``) or the view with its O and I axes swapped, whichever is
+    contiguous (W.T's cores are views of W's), else None."""
+    for v in (t, t.transpose(1, 2)):
+        if v.is_contiguous():
+            return v
+    return None
+
+
+@functools.lru_cache(maxsize=1024)
+def _chain_meta(layout: tuple) -> dict:
+    """The chain kernels' constexpr description of cores given as ``(shape, strides, o, i, spline)``
+    each, packed one after the other (``_chain_args``)."""
+    cores = [Core(torch.empty_strided(shape, strides, device="meta"), o, i, spline) for shape, strides, o, i, spline in layout]
+    ins, outs, ranks = core_modes(cores)
+    return dict(D=len(cores), IN=ins, OUT=outs, RANK=ranks, STRIDES=tuple(strides for _, strides, *_ in layout),
+                AXES=tuple(c.axes() for c in cores), SPLINE=cores[0].spline,
+                OFFS=tuple(itertools.accumulate((c.t.numel() for c in cores[:-1]), initial=0)))
+
+
 def _chain_args(cores: list[Core]) -> tuple[torch.Tensor, dict]:
     """The cores (or spline control tensors) packed into one contiguous buffer (core-sized, not W),
-    and the chain kernels' constexpr description of them; cached per parameter version (``derived``)."""
-    def build() -> tuple[torch.Tensor, dict]:
-        ins, outs, ranks = core_modes(cores)
-        return torch.cat([c.t.reshape(-1) for c in cores]), dict(
-            D=len(cores), IN=ins, OUT=outs, RANK=ranks, GRID=tuple(tuple(c.t.shape[1:3]) for c in cores),
-            AXES=tuple(c.axes() for c in cores),
-            OFFS=tuple(itertools.accumulate((c.t.numel() for c in cores[:-1]), initial=0)), SPLINE=cores[0].spline)
-
-    return derived("chain", cores, build)
+    each in its memory order, and the chain kernels' constexpr description of them (each core's
+    strides in the buffer). W.T's cores (views) share W's buffer; cached per parameter version
+    (``derived``)."""
+    sources = [_memory_order(c.t) for c in cores]
+    if None in sources:  # other layouts: packed contiguous, every call
+        sources = [c.t.contiguous() for c in cores]
+        layout = tuple((tuple(c.t.shape), s.stride(), c.o, c.i, c.spline) for c, s in zip(cores, sources))
+        return torch.cat([s.reshape(-1) for s in sources]), _chain_meta(layout)
+    layout = tuple((tuple(c.t.shape), c.t.stride(), c.o, c.i, c.spline) for c in cores)
+    return derived("chain", sources, lambda: torch.cat([s.reshape(-1) for s in sources])), _chain_meta(layout)
 
 
 def chain_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None) -> torch.Tensor:
@@ -290,9 +311,9 @@ def _head_and_last(cores: list[torch.Tensor], dtype: torch.dtype) -> tuple[torch
     return ref.head_product(cores).to(state).contiguous(), cores[-1][..., 0].to(state).contiguous()
 
 
-def rebuild_linear(x2: torch.Tensor, cores: list[torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
-    """y = x2 @ W.T + bias with W tiles rebuilt on chip; x2 ``(M, I)``, cores ``(r0, O, I, r1)``."""
-    head, last = _head_and_last(cores, x2.dtype)
+def _rebuild(x2: torch.Tensor, head: torch.Tensor, last: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x2 @ W.T + bias by one ``_rebuild_kernel`` launch, W from its head product ``head``
+    ``(O_h, I_h, r)`` and last core ``last`` ``(r, O_d, I_d)`` (both contiguous); x2 ``(M, I)``."""
     r, o_d, i_d = last.shape
     o_h, i_h = head.shape[:2]
     m = x2.shape[0]
@@ -311,8 +332,16 @@ def rebuild_linear(x2: torch.Tensor, cores: list[torch.Tensor], bias: torch.Tens
     return y
 
 
-def rebuild_grad(dy2: torch.Tensor, x2: torch.Tensor, cores: list[torch.Tensor]) -> list[torch.Tensor]:
-    """d(core) (fp32) for every core: dL and dT on chip, then dL -> d(G_1..G_{d-1}) on the host."""
+def rebuild_linear(x2: torch.Tensor, cores: list[torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x2 @ W.T + bias with W tiles rebuilt on chip; x2 ``(M, I)``, cores ``(r0, O, I, r1)``."""
+    return _rebuild(x2, *_head_and_last(cores, x2.dtype), bias)
+
+
+def rebuild_grad(dy2: torch.Tensor, x2: torch.Tensor, cores: list[torch.Tensor], need_dx: bool
+                 ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """(d(core) (fp32) for every core, dx ``(M, I)`` or None): dL and dT on chip, then dL ->
+    d(G_1..G_{d-1}) on the host; dx by ``_rebuild_kernel`` on W.T, whose head product and last
+    core are W's transposed (two copies, no second head product)."""
     head, last = _head_and_last(cores, x2.dtype)
     r, o_d, i_d = last.shape
     o_h, i_h = head.shape[:2]
@@ -330,7 +359,10 @@ def rebuild_grad(dy2: torch.Tensor, x2: torch.Tensor, cores: list[torch.Tensor])
             PRECISION=dot_precision(x2.dtype), PO=tl_.po, PI=tl_.pi, ODP=tl_.odp, IDP=tl_.idp, RP=tl_.rp,
         )
     d_last = d_last.sum(0)[:r, :o_d, :i_d, None]
-    return ref.head_product_grad([c.float() for c in cores], d_head) + [d_last]
+    grads = ref.head_product_grad([c.float() for c in cores], d_head) + [d_last]
+    if not need_dx:
+        return grads, None
+    return grads, _rebuild(dy2, head.transpose(0, 1).contiguous(), last.transpose(1, 2).contiguous(), None)
 
 
 def dense_cores(cores: list[Core]) -> list[torch.Tensor]:
@@ -338,12 +370,7 @@ def dense_cores(cores: list[Core]) -> list[torch.Tensor]:
     their control points (fp32, core-sized; cached per parameter version, ``derived``)."""
     if not cores[0].spline:
         return [c.t for c in cores]
-    return derived("dense", cores, lambda: [c.dense() for c in cores])
-
-
-def tt_transposed(cores: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Cores of W.T (views)."""
-    return [c.transpose(1, 2) for c in cores]
+    return derived(("dense", tuple((c.o, c.i) for c in cores)), [c.t for c in cores], lambda: [c.dense() for c in cores])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -371,7 +398,7 @@ def cores_grad(dy: torch.Tensor, x: torch.Tensor, cores: list[Core], strategy: s
     of sum(dy * (x @ W.T)).
 
     contract: the dy sweep that yields the core gradients ends in dx (one more step).
-    rebuild: dL/dT from ``_rebuild_grad_kernel``; dx by ``_rebuild_kernel`` on the cores of W.T.
+    rebuild: dL/dT from ``_rebuild_grad_kernel``; dx by ``_rebuild_kernel`` on W.T (``rebuild_grad``).
     """
     check_inputs(dy, x, *(c.t for c in cores))
     dy2, x2 = flatten(dy), flatten(x)
@@ -380,9 +407,7 @@ def cores_grad(dy: torch.Tensor, x: torch.Tensor, cores: list[Core], strategy: s
         shapes = [(c.r0, c.o, c.i, c.r1) for c in cores]
         return [torch.zeros(s, device=dy.device, dtype=torch.float32) for s in shapes], x.new_zeros(x.shape) if need_dx else None
     if _strategy(strategy, m, cores, dy.dtype, backward=True) == "rebuild":
-        dense = dense_cores(cores)
-        grads = rebuild_grad(dy2, x2, dense)
-        dx = rebuild_linear(dy2, tt_transposed(dense), None) if need_dx else None
+        grads, dx = rebuild_grad(dy2, x2, dense_cores(cores), need_dx)
     else:
         grads, dx = contract_grad(dy2, x2, cores, need_dx)
     return grads, None if dx is None else dx.reshape(x.shape).to(x.dtype)
