@@ -33,6 +33,15 @@ _EXP_FLOOR = tl.constexpr(EXP_FLOOR)
 OUT_TILE = 64  # output columns per tile of the output pass: the row chunk of the output basis table
 
 
+def _cdiv(a: int, b: int) -> int:
+    """Host ceil division (``triton.cdiv`` is a constexpr function in Triton 3.9: ~3 us a call)."""
+    return -(-a // b)
+
+
+def _pad(g: int) -> int:
+    return max(16, triton.next_power_of_2(g))
+
+
 class BasisWindows(NamedTuple):
     """One axis's basis B ``(n, G)`` cut into chunks of ``chunk`` rows, each kept only over the
     ``width`` grid columns its rows touch (B is four-banded and monotone, so that is a narrow
@@ -103,7 +112,7 @@ def _separable_in_kernel(
 def _gather_windows(part_ptr, start_ptr, rm, m_mask, M, S, GP: tl.constexpr, W: tl.constexpr):
     """u[rm, g] = sum over slots s of part[s, rm, g - start[s]] where that lies in the window:
     ``(len(rm), GP)`` fp32, summed in slot order (deterministic)."""
-    SB: tl.constexpr = max(128 // rm.shape[0], 1)  # slots per load: an (SB, BM, GP) gather
+    SB: tl.constexpr = max(8192 // (rm.shape[0] * GP), 1)  # slots per load: an (SB, BM, GP) gather
     rg = tl.arange(0, GP)
     u = tl.zeros((rm.shape[0], GP), dtype=tl.float32)
     for s0 in range(0, S, SB):
@@ -177,19 +186,10 @@ def _separable_out_kernel(
                  mask=m_mask[:, None] & (rn < N_OUT)[None, :])
 
 
-def _cdiv(a: int, b: int) -> int:
-    """Host ceil division (``triton.cdiv`` is a constexpr function in Triton 3.9: ~3 us a call)."""
-    return -(-a // b)
-
-
 def in_chunk(m: int) -> int:
     """Columns of x per input-pass program: short chunks (split-K: more programs) for few rows,
     long ones (fewer partial slots to write and gather) for many."""
     return 256 if m < 2048 else 512
-
-
-def _pad(g: int) -> int:
-    return max(16, triton.next_power_of_2(g))
 
 
 def _fp32_operand_precision(dtype: torch.dtype) -> str:
@@ -199,6 +199,7 @@ def _fp32_operand_precision(dtype: torch.dtype) -> str:
 
 
 def _chunk(m: int, chunk: int | None) -> int:
+    """The input pass's chunk: ``in_chunk(m)`` unless given; a power of two the BK configs divide."""
     chunk = in_chunk(m) if chunk is None else chunk
     if chunk < 128 or chunk & (chunk - 1):
         raise ValueError(f"chunk must be a power of two >= 128 (the input pass's largest BK), got {chunk}")
