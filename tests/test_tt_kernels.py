@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tspline_kernels import backend
 from tspline_kernels.spline_tt import SplineTTLinear
@@ -101,12 +102,13 @@ def test_tt_auto_runs_the_picked_strategy(spy, kernel_device):
     assert_close(y, torch.nn.functional.linear(x, layer.materialize(), layer.bias))
 
 
-def test_tt_auto_backward_runs_its_own_pick(spy, kernel_device):
+def test_tt_auto_backward_runs_its_own_pick(spy, monkeypatch, kernel_device):
     """The core gradients (and dx) run the strategy picked for the backward: here rebuild, after a
-    contract forward."""
+    contract forward (register tiles that fit the chain kernel but not the gradient chain)."""
     calls = spy(kernels, "contract_grad", "rebuild_grad")
-    layer = TTLinear((5, 3), (5, 3), (1, 2, 1)).to(kernel_device)
-    x = torch.randn(5, 15, device=kernel_device)
+    monkeypatch.setattr(kernels.cost, "CHAIN_MAX_TILE", 2048)
+    layer = TTLinear(*TT["d3-3x2x5-r23"]).to(kernel_device)
+    x = torch.randn(5, 30, device=kernel_device)
     assert layer.picked_strategy(5) == "contract" and layer.picked_strategy(5, backward=True) == "rebuild"
     with backend("triton"):
         layer(x).sum().backward()
@@ -443,3 +445,57 @@ def test_derived_entries_go_with_their_tensors(kernel_device):
         frozen = kernels.plain_cores([torch.randn(1, 2, 3, 2), torch.randn(2, 3, 2, 1)])
         assert kernels._chain_args(frozen)[0] is not kernels._chain_args(frozen)[0]
     assert len(kernels._derived) == size
+
+
+class _TorchLaunches(TorchDispatchMode):
+    """Counts the torch ops that run (each one launch on a GPU): views and allocations are free."""
+
+    FREE = {"empty", "empty_strided", "new_empty", "new_empty_strided", "detach", "lift_fresh", "_unsafe_view"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and func.overloadpacket.__name__ not in self.FREE:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("path", ["chain", "steps", "rebuild"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("shape", [TT["d2-3x5-7x2-r3"], TT["d3-3x2x5-r23"], TT["d4-2x3x2x3-r213"]], ids=["d2", "d3", "d4"])
+def test_cost_model_counts_the_launches_made(shape, dtype, path, monkeypatch):
+    """``cost.forward_cost``, ``grad_cores_cost`` and ``grad_cost`` count exactly the launches that
+    ``cores_linear`` and ``cores_grad`` (with and without dx) make: Triton kernels and host-side
+    torch ops, each one launch on a GPU, with the packed cores cached (inference, or a backward
+    after its forward); on the GPU's config space, Triton launches stubbed out."""
+    from triton.runtime.autotuner import Autotuner
+
+    triton_launches = []
+    monkeypatch.setattr(Autotuner, "run", lambda self, *args, **kwargs: triton_launches.append(self.base_fn.__name__))
+    for kernel in (kernels._chain_kernel, kernels._chain_grad_kernel):
+        monkeypatch.setattr(kernel, "configs", list(kernel.configs.full))
+    if path == "steps":
+        monkeypatch.setattr(kernels.cost, "CHAIN_MAX_TILE", 8)
+    strategy = "rebuild" if path == "rebuild" else "contract"
+    ins, outs, ranks = shape
+    cores = kernels.plain_cores([torch.randn(ranks[k], o, i, ranks[k + 1], dtype=dtype)
+                                 for k, (o, i) in enumerate(zip(outs, ins))])
+    x = torch.randn(5, 4, math.prod(ins), dtype=dtype)
+    dy = torch.randn(5, 4, math.prod(outs), dtype=dtype)
+    kernels.cores_linear(x, cores, None, strategy)  # packs the cores
+
+    def launches(fn) -> int:
+        triton_launches.clear()
+        with _TorchLaunches() as torch_ops:
+            fn()
+        return torch_ops.count + len(triton_launches)
+
+    model = {fn: getattr(kernels.cost, fn)(strategy, 20, ins, outs, ranks, dtype.itemsize,
+                                           state_elt=kernels.cost.state_dtype(dtype).itemsize).launches
+             for fn in ("forward_cost", "grad_cores_cost", "grad_cost")}
+    made = {"forward_cost": launches(lambda: kernels.cores_linear(x, cores, None, strategy)),
+            "grad_cores_cost": launches(lambda: kernels.cores_grad(dy, x, cores, strategy, False)),
+            "grad_cost": launches(lambda: kernels.cores_grad(dy, x, cores, strategy, True))}
+    assert made == model

@@ -1,9 +1,12 @@
-"""FLOP / byte model of the two TT kernel strategies, and the rule that picks one.
+"""FLOP / byte / launch model of the two TT kernel strategies, and the rule that picks one.
 
 Pure Python (no Triton, no GPU query), so modules, ops and benchmarks can import it anywhere.
 Notation: d cores ``(r_{k-1}, O_k, I_k, r_k)``, ``O = prod O_k``, ``I = prod I_k``, ``M`` rows of x,
 ``elt`` bytes per element of x, ``state_elt`` bytes per element of the states and of rebuild's head
-product (``state_dtype``; default ``elt``). The counts match the kernel docstrings in ``tt/kernels.py``.
+product (``state_dtype``; default ``elt``). The FLOP and byte counts match the kernel docstrings
+(``tt/chain.py``, ``steps.py``, ``rebuild.py``); the launches are those ``tt/kernels.py`` makes, host-side
+torch ops included (each one launch on a GPU; the packed cores cached, as in inference or a backward
+after its forward), which a test counts.
 
 * ``contract``: sequential contraction of x with the cores. The forward (and dx) is one launch of
   the fused chain kernel, states on chip, when one of ``CHAIN_CONFIGS`` fits ``CHAIN_MAX_TILE``
@@ -35,7 +38,7 @@ PEAK_FLOPS = 989e12  # H100 SXM dense bf16 tensor-core FLOP/s
 HBM_BYTES = 3.35e12  # H100 SXM HBM3 bytes/s
 L2_BYTES = 10e12  # H100 L2 bytes/s, an estimate (not on the datasheet)
 SMS = 132  # H100 SXM streaming multiprocessors
-LAUNCH_S = 4e-6  # per kernel launch (and per small host-side torch op of the rebuild set-up)
+LAUNCH_S = 4e-6  # per kernel launch (and per host-side torch op: each is a launch on a GPU)
 TILE = 128  # nominal output tile (BN, BP) of the tuned kernels
 MAX_LAST_TILE = 1024  # rebuild needs next_pow2(O_d) * next_pow2(I_d) <= this (register tile of the last core)
 STRATEGIES = ("auto", "contract", "rebuild")
@@ -214,25 +217,55 @@ def head_size(in_modes, out_modes, ranks) -> int:
 
 
 def rebuild_cost(m: int, in_modes, out_modes, ranks, elt: int = 2, state_elt: int | None = None) -> Cost:
-    """Forward (or dx) by on-chip tile rebuild: the host-side head product, then one kernel.
+    """Forward (or dx) by on-chip tile rebuild: the host-side head product, then one kernel."""
+    return _head_cost(in_modes, out_modes, ranks, elt, state_elt or elt) + _rebuild_kernel_cost(m, in_modes, out_modes,
+                                                                                                ranks, elt, state_elt)
 
-    Bytes assume x tiles are reused from L2 across a group of column blocks (grouped launch order).
-    """
+
+def _rebuild_kernel_cost(m: int, in_modes, out_modes, ranks, elt: int, state_elt: int | None) -> Cost:
+    """One rebuild kernel launch. Bytes assume x tiles are reused from L2 across a group of column
+    blocks (grouped launch order)."""
     n_out, n_in = math.prod(out_modes), math.prod(in_modes)
-    bm = row_block(m)
-    row_blocks = math.ceil(m / bm)
+    row_blocks = math.ceil(m / row_block(m))
     flops = 2.0 * m * n_out * n_in + 2.0 * ranks[-2] * n_out * n_in * row_blocks
-    se = state_elt or elt
-    nbytes = elt * (m * n_in + m * n_out) + se * head_size(in_modes, out_modes, ranks) * row_blocks
-    return _head_cost(in_modes, out_modes, ranks, se) + _launch(flops, nbytes, row_blocks * math.ceil(n_out / TILE))
+    nbytes = elt * (m * n_in + m * n_out) + (state_elt or elt) * head_size(in_modes, out_modes, ranks) * row_blocks
+    return _launch(flops, nbytes, row_blocks * math.ceil(n_out / TILE))
 
 
-def _head_cost(in_modes, out_modes, ranks, elt: int) -> Cost:
-    """Host-side head product L = G_1 ... G_{d-1} (d - 2 small einsums), read and written once each."""
+# Launches of the host-side torch ops (each one launch on a GPU), as ``kernels.py`` and
+# ``reference/tt.py`` run them on contiguous cores and as torch runs an einsum there: a step of the
+# head product is a bmm and a permuting copy, a step of its gradient two bmm and three copies.
+HEAD_STEP_LAUNCHES = 2
+HEAD_GRAD_STEP_LAUNCHES = 5
+
+
+def head_launches(d: int, elt: int, state_elt: int) -> int:
+    """Launches of ``kernels._head_and_last`` for ``elt``-byte cores: the cores cast to fp32 (16-bit
+    cores), d - 2 head-product steps, L cast to the state dtype (16-bit states) and the last core
+    cast to it (where the state dtype is not the cores')."""
+    cast = int(elt < 4)
+    return cast + (d - 2) * (cast + HEAD_STEP_LAUNCHES) + int(state_elt < 4) + int(state_elt != elt)
+
+
+def _head_cost(in_modes, out_modes, ranks, elt: int, state_elt: int) -> Cost:
+    """Host-side head product L = G_1 ... G_{d-1} (d - 2 small einsums, ``head_launches``), read
+    and written once each."""
     d = len(in_modes)
     flops = sum(2.0 * math.prod(out_modes[:k + 1]) * math.prod(in_modes[:k + 1]) * ranks[k] * ranks[k + 1]
                 for k in range(1, d - 1))
-    return _launch(flops, 3.0 * elt * head_size(in_modes, out_modes, ranks), SMS, launches=max(d - 2, 0))
+    return _launch(flops, 3.0 * state_elt * head_size(in_modes, out_modes, ranks), SMS,
+                   launches=head_launches(d, elt, state_elt))
+
+
+def _head_grad_cost(in_modes, out_modes, ranks, elt: int) -> Cost:
+    """dL -> d(G_1..G_{d-1}) on the host (``reference.tt.head_product_grad`` in fp32 on the cores
+    cast to fp32): the zeroed dL and dT partials, the sum of the dT partials, the casts, the
+    partial products L_1..L_{d-2} and per core two einsums; FLOPs and bytes as for the head product."""
+    d = len(in_modes)
+    launches = 3 + d * int(elt < 4) + HEAD_STEP_LAUNCHES * max(d - 3, 0) + HEAD_GRAD_STEP_LAUNCHES * (d - 2)
+    head = _head_cost(in_modes, out_modes, ranks, 4, 4)
+    return Cost(2 * head.flops, 2 * head.bytes, launches, 2 * (head.seconds - head.launches * LAUNCH_S)
+                + launches * LAUNCH_S)
 
 
 def forward_cost(strategy: str, m: int, in_modes, out_modes, ranks, elt: int = 2, state_elt: int | None = None) -> Cost:
@@ -241,42 +274,53 @@ def forward_cost(strategy: str, m: int, in_modes, out_modes, ranks, elt: int = 2
     return fn(m, in_modes, out_modes, ranks, elt, state_elt)
 
 
+def _times(c: Cost, factor: float, launches: int, nbytes: float | None = None) -> Cost:
+    """``factor`` times the work of ``c`` (FLOPs, bytes unless given, roofline time) in ``launches`` launches."""
+    roof = c.seconds - c.launches * LAUNCH_S
+    return Cost(factor * c.flops, c.bytes * factor if nbytes is None else nbytes, launches,
+                factor * roof + launches * LAUNCH_S)
+
+
 def grad_cores_cost(strategy: str, m: int, in_modes, out_modes, ranks, elt: int = 2,
                     state_elt: int | None = None) -> Cost:
-    """Cost of every d(core) from (dy, x).
+    """Cost of every d(core) from (dy, x), launches counted as ``kernels.cores_grad`` makes them.
 
     contract: where the gradient chain kernel fits, one launch that reruns the forward chain and
-    its reverse on chip (3x the chain's FLOPs and time); otherwise recompute the forward states
-    U_1..U_{d-1}, run the dy sweep V_d..V_2, and one reduction per core (each as costly as its
-    step), all with the step kernels: at most 3x their forward, counted as 3x.
+    its reverse on chip (3x the chain's FLOPs and time), plus zeroing its fp32 buffer and one copy
+    per core; otherwise recompute the forward states U_1..U_{d-1}, run the dy sweep V_d..V_2, and
+    one reduction per core (each as costly as its step, plus the sum of its partials and a
+    permuting copy), all with the step kernels: at most 3x their forward, counted as 3x.
     rebuild: G = dy.T @ x tile by tile on chip (2 M O I FLOPs, never stored), reduced against L and
-    the last core (4 r O I FLOPs); dL -> d(cores 1..d-1) on the host.
+    the last core (4 r O I FLOPs); dL -> d(cores 1..d-1) on the host (``_head_grad_cost``).
     """
     n_out, n_in, d = math.prod(out_modes), math.prod(in_modes), len(in_modes)
+    se = state_elt or elt
     if strategy == "rebuild":
         head = head_size(in_modes, out_modes, ranks)
         tiles = math.ceil(n_out / TILE) * math.ceil(n_in / TILE)
         kernel = _launch(2.0 * m * n_out * n_in + 4.0 * ranks[-2] * n_out * n_in,
                          elt * m * (n_in + n_out) + 4.0 * head, tiles)
-        head_cost = _head_cost(in_modes, out_modes, ranks, state_elt or elt)
-        return kernel + head_cost + head_cost
+        return kernel + _head_cost(in_modes, out_modes, ranks, elt, se) + _head_grad_cost(in_modes, out_modes, ranks, elt)
     chain = chain_cost(m, in_modes, out_modes, ranks, elt, grad=True, state_elt=state_elt)
-    if chain is not None:  # one gradient-chain launch: a forward and two dots per step, on chip
-        return Cost(3 * chain.flops, chain.bytes, 1, 3 * chain.seconds)
-    fwd = steps_cost(m, in_modes, out_modes, ranks, elt, state_elt)
-    return Cost(3 * fwd.flops, 3 * fwd.bytes, 3 * d - 2, 3 * fwd.seconds)
+    if chain is not None:
+        return _times(chain, 3, d + 2, chain.bytes)
+    return _times(steps_cost(m, in_modes, out_modes, ranks, elt, state_elt), 3, 5 * d - 2)
 
 
 def grad_cost(strategy: str, m: int, in_modes, out_modes, ranks, elt: int = 2, state_elt: int | None = None) -> Cost:
-    """Cost of the backward with every d(core) and dx: rebuild adds a rebuild launch on the cores
-    of W.T, contract a chain launch on them where the gradient chain kernel runs (the step
-    kernels' dy sweep ends in dx, one more step within ``grad_cores_cost``'s 3x)."""
+    """Cost of the backward with every d(core) and dx: rebuild adds copies of L and the last core
+    transposed (W.T's) and a rebuild launch; contract a chain launch on W.T's cores where the
+    gradient chain kernel runs, else one more step (the dy sweep ends in dx; its work is within
+    ``grad_cores_cost``'s 3x)."""
     total = grad_cores_cost(strategy, m, in_modes, out_modes, ranks, elt, state_elt)
+    se = state_elt or elt
     if strategy == "rebuild":
-        total = total + rebuild_cost(m, out_modes, in_modes, ranks, elt, state_elt)
-    elif chain_cost(m, in_modes, out_modes, ranks, elt, grad=True, state_elt=state_elt) is not None:
-        total = total + contract_cost(m, out_modes, in_modes, ranks, elt, state_elt)
-    return total
+        copies = _launch(0.0, 2.0 * se * (head_size(in_modes, out_modes, ranks) + ranks[-2] * in_modes[-1] * out_modes[-1]),
+                         SMS, launches=2)
+        return total + copies + _rebuild_kernel_cost(m, out_modes, in_modes, ranks, elt, state_elt)
+    if chain_cost(m, in_modes, out_modes, ranks, elt, grad=True, state_elt=state_elt) is not None:
+        return total + contract_cost(m, out_modes, in_modes, ranks, elt, state_elt)
+    return total + Cost(0.0, 0.0, 1, LAUNCH_S)
 
 
 def pick_strategy(m: int, in_modes, out_modes, ranks, elt: int = 2, backward: bool = False,
