@@ -109,14 +109,15 @@ def _separable_in_kernel(
 
 
 @triton.jit
-def _gather_windows(part_ptr, start_ptr, rm, m_mask, M, S, GP: tl.constexpr, W: tl.constexpr):
+def _gather_windows(part_ptr, start_ptr, rm, m_mask, M, S, GP: tl.constexpr, W: tl.constexpr, BM: tl.constexpr):
     """u[rm, g] = sum over slots s of part[s, rm, g - start[s]] where that lies in the window:
-    ``(len(rm), GP)`` fp32, summed in slot order (deterministic)."""
-    SB: tl.constexpr = max(8192 // (rm.shape[0] * GP), 1)  # slots per load: an (SB, BM, GP) gather
+    ``(BM, GP)`` fp32, summed in slot order (deterministic). Each load gathers
+    ceil(8192 / (BM*GP)) slots at once: an (slots, BM, GP) tile of ~8192 elements. (The expression
+    is written out twice: assigned to a name, the interpreter no longer takes it as a constexpr.)"""
     rg = tl.arange(0, GP)
-    u = tl.zeros((rm.shape[0], GP), dtype=tl.float32)
-    for s0 in range(0, S, SB):
-        rs = s0 + tl.arange(0, SB)
+    u = tl.zeros((BM, GP), dtype=tl.float32)
+    for s0 in range(0, S, (8192 + BM * GP - 1) // (BM * GP)):
+        rs = s0 + tl.arange(0, (8192 + BM * GP - 1) // (BM * GP))
         w = rg[None, None, :] - tl.load(start_ptr + rs, mask=rs < S, other=0)[:, None, None]
         ok = (rs < S)[:, None, None] & m_mask[None, :, None] & (w >= 0) & (w < W)
         rows = rs.to(tl.int64)[:, None, None] * M + rm[None, :, None]
@@ -169,7 +170,7 @@ def _separable_out_kernel(
     rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)  # row offsets past 2^31 elements
     m_mask = rm < M
     inter = tab_ptr.dtype.element_ty
-    u = _gather_windows(part_ptr, start_in_ptr, rm, m_mask, M, S, GIP, W_IN).to(inter)
+    u = _gather_windows(part_ptr, start_in_ptr, rm, m_mask, M, S, GIP, W_IN, BM).to(inter)
     rq = tl.arange(0, GIP)
     rw = tl.arange(0, PW)
     for t in range(pid_n, tl.cdiv(N_OUT, BN), N_SPLIT):
@@ -270,8 +271,8 @@ def _separable_dc_kernel(
     pid = tl.program_id(0)
     rm = (pid * BM + tl.arange(0, BM)).to(tl.int64)  # row offsets past 2^31 elements
     m_mask = rm < M
-    du = _gather_windows(pout_ptr, start_out_ptr, rm, m_mask, M, S_OUT, GOP, W_OUT)
-    t = _gather_windows(pin_ptr, start_in_ptr, rm, m_mask, M, S_IN, GIP, W_IN)
+    du = _gather_windows(pout_ptr, start_out_ptr, rm, m_mask, M, S_OUT, GOP, W_OUT, BM)
+    t = _gather_windows(pin_ptr, start_in_ptr, rm, m_mask, M, S_IN, GIP, W_IN, BM)
     part = tl.dot(tl.trans(du), t, input_precision="ieee")
     rp = tl.arange(0, GOP)
     rq = tl.arange(0, GIP)
