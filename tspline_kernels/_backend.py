@@ -9,6 +9,11 @@
 Autograd may run a backward on another thread (CUDA's device threads), where the caller's
 override is not in force; every op therefore records the backend at forward time and its
 backward runs under that same backend (``register_autograd``).
+
+``register_autograd`` also gives each op a cheap eager path (:class:`EagerOp`): torch.library's
+Python dispatch of a custom op costs ~15 us per call without autograd and ~35-55 us with it (its
+generated ``autograd.Function`` binds the arguments with ``inspect.signature`` on every call), more
+than the host time of the launch it wraps.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import os
 from collections.abc import Callable, Iterator
 
 import torch
+from torch import nn
+from torch._library.custom_ops import CustomOpDef
 
 BACKENDS = ("auto", "triton", "reference")
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("tspline_backend", default=None)
@@ -53,18 +60,83 @@ def use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda if name == "auto" else name == "triton"
 
 
-def register_autograd(op, backward: Callable, setup_context: Callable) -> None:
+def register_autograd(op: CustomOpDef, backward: Callable, setup_context: Callable) -> None:
     """``op.register_autograd(backward, setup_context=...)``, with the backend in force at forward
-    time recorded in ``ctx`` and forced again while ``backward`` runs, whatever thread runs it."""
+    time recorded in ``ctx`` and forced again while ``backward`` runs, whatever thread runs it; and
+    ``op`` made an :class:`EagerOp` running the same forward, setup and backward in eager mode."""
     def setup(ctx, inputs, output) -> None:
         ctx.tspline_backend = get_backend()
         setup_context(ctx, inputs, output)
 
     def replay(ctx, *grads):
-        with backend(ctx.tspline_backend):
+        token = _override.set(ctx.tspline_backend)  # backend(...) without a context manager's cost
+        try:
             return backward(ctx, *grads)
+        finally:
+            _override.reset(token)
 
     op.register_autograd(replay, setup_context=setup)
+    EagerOp.install(op, setup, replay)
+
+
+_PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
+
+
+def _plain_eager(args: tuple) -> bool:
+    """Whether a call with ``args`` is plain eager PyTorch: no compile or export trace, no functorch
+    transform, no torch function or dispatch mode, no tensor subclass (DTensor, FakeTensor, ...)."""
+    if (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+            or torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack()):
+        return False
+    return all(type(a) in _PLAIN_TENSORS for a in args if isinstance(a, torch.Tensor))
+
+
+class EagerOp(CustomOpDef):
+    """A custom op whose plain eager calls (:func:`_plain_eager`, every argument given
+    positionally) skip torch.library's dispatch: without autograd they call the op's function
+    directly, with it they go through a classic ``autograd.Function`` (~5 us) running the op's
+    function, ``setup_context`` and registered backward. Anything else (``torch.compile``,
+    ``torch.export``, ``opcheck``, vmap, fake or DTensor inputs, keyword arguments) calls the
+    custom op itself, so traces, fake implementations and schema checks see it as before.
+    Ops taking tensor lists keep the custom op's path (a Function only tracks top-level tensors)."""
+
+    _eager_function: type[torch.autograd.Function]
+    _eager_arity: int
+
+    @classmethod
+    def install(cls, op: CustomOpDef, setup: Callable, backward: Callable) -> None:
+        """Give ``op`` (the ``torch.library.custom_op`` object, so every caller gets it) the eager
+        path, unless one of its arguments is a tensor list."""
+        arguments = op._opoverload._schema.arguments
+        if any(isinstance(a.type, torch.ListType) and a.type.getElementType().isSubtypeOf(torch.TensorType.get())
+               for a in arguments):
+            return
+        fn = op._init_fn
+
+        class Function(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, *args):
+                out = fn(*args)
+                setup(ctx, args, out)
+                return out
+
+            @staticmethod
+            def backward(ctx, *grads):
+                return backward(ctx, *grads)
+
+        Function.__name__ = Function.__qualname__ = f"{op._name}_eager"
+        op.__class__ = cls
+        op._eager_function, op._eager_arity = Function, len(arguments)
+
+    def __call__(self, *args, **kwargs):
+        if kwargs or len(args) != self._eager_arity or not _plain_eager(args):
+            return super().__call__(*args, **kwargs)
+        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            return self._eager_function.apply(*args)
+        return self._init_fn(*args)
+
+
+_UNSAFE_VIEW = torch.ops.aten._unsafe_view.default
 
 
 def owned(out):
@@ -75,4 +147,4 @@ def owned(out):
     the layer raise, where they work after ``nn.Linear`` (FSDP2 also warns about view outputs)."""
     if isinstance(out, tuple):
         return tuple(owned(t) for t in out)
-    return torch.ops.aten._unsafe_view(out, out.shape) if out._is_view() else out
+    return _UNSAFE_VIEW(out, out.shape) if out._is_view() else out

@@ -7,7 +7,7 @@ import inspect
 import math
 import numbers
 import operator
-from collections.abc import Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -49,6 +49,39 @@ def fit_report(method: str, dense: torch.Tensor, layer: CompressedLinear, input_
         err = (w_hat - w).norm() / w.norm().clamp_min(1e-300)
         out = None if input_gram is None else output_error(w, w_hat, check_gram(input_gram, w.shape[1]))
     return FitReport(method, err.item(), layer.dense_parameters(), layer.num_parameters(), details, out)
+
+
+def cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``t.to(dtype)`` (None stays None) without the dispatch when ``t`` already has ``dtype``
+    (``.to`` then returns ``t`` itself too, after ~1 us)."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+class Derived:
+    """A value a layer derives from some of its tensors on every call (an effective bias, a grid of
+    control points), kept while they are unchanged: the same tensor objects, storage, dtype and
+    version counter (optimizer steps, ``load_state_dict`` and other in-place updates bump it).
+    While autograd records (grad mode on and a tensor requires grad) the value must carry its own
+    graph, so it is computed afresh and not kept; inference tensors (no version counter) neither,
+    nor under ``torch.compile``/``torch.export`` (the trace computes it in the graph)."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._value = None
+
+    def get(self, tensors: tuple[torch.Tensor, ...], compute: Callable[[], object], *extra: Hashable):
+        """``compute()``, or the value kept from an earlier call with the same unchanged ``tensors``
+        (those ``compute`` reads) and equal ``extra`` (e.g. the dtype it is computed in)."""
+        if torch.compiler.is_compiling() or any(t.is_inference() for t in tensors) or (
+                torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+            self._key = self._value = None
+            return compute()
+        key = tuple((t.data_ptr(), t.dtype, t.device, t._version) for t in tensors) + extra
+        old = self._key
+        if old is None or old[0] != key or any(a is not b for a, b in zip(old[1], tensors)):
+            self._value = compute()
+            self._key = (key, tensors)
+        return self._value
 
 
 def check_count(name: str, value, minimum: int, why: str = "") -> int:
@@ -196,14 +229,24 @@ class CompressedLinear(nn.Module):
 
     # ---- input handling ---------------------------------------------------------------------
     def _param_ref(self) -> torch.Tensor:
+        """The first parameter, ``next(self.parameters())``, looked up directly among the layer's own
+        parameters, then its first submodule's (a ParameterList), before that generator's ~2.5 us."""
+        for p in self._parameters.values():
+            if p is not None:
+                return p
+        first = next((m for m in self._modules.values() if m is not None), None)
+        for p in () if first is None else first._parameters.values():
+            if p is not None:
+                return p
         return next(self.parameters())
 
     def _prepare(self, x: torch.Tensor) -> torch.dtype:
         """Validate ``x`` and return the dtype the op runs in (autocast's when it is on)."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{type(self).__name__} expects a tensor, got {type(x).__name__}")
-        if not x.dtype.is_floating_point:
-            raise TypeError(f"{type(self).__name__} expects a floating-point input, got {x.dtype}")
+        dtype = x.dtype
+        if not dtype.is_floating_point:
+            raise TypeError(f"{type(self).__name__} expects a floating-point input, got {dtype}")
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(
                 f"{type(self).__name__} expects the last dimension to be in_features={self.in_features}, "
@@ -212,14 +255,16 @@ class CompressedLinear(nn.Module):
         p = self._param_ref()
         if x.device != p.device:
             raise ValueError(f"input is on {x.device} but {type(self).__name__}'s parameters are on {p.device}")
-        if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):
-            return torch.get_autocast_dtype(x.device.type)
-        if x.dtype != p.dtype:
+        if torch._C._is_any_autocast_enabled():
+            kind = x.device.type
+            if kind != "meta" and torch.is_autocast_enabled(kind):
+                return torch.get_autocast_dtype(kind)
+        if dtype != p.dtype:
             raise TypeError(
-                f"input dtype {x.dtype} does not match {type(self).__name__}'s parameter dtype {p.dtype} "
+                f"input dtype {dtype} does not match {type(self).__name__}'s parameter dtype {p.dtype} "
                 "(cast one of them, or run under torch.autocast)"
             )
-        return x.dtype
+        return dtype
 
     # ---- reporting ----------------------------------------------------------------------------
     def num_parameters(self) -> int:

@@ -28,7 +28,8 @@ if INTERPRET and isinstance(tl.zeros, JITFunction):
         "before TRITON_INTERPRET=1 was set. Set TRITON_INTERPRET=1 in the environment before starting Python."
     )
 
-__all__ = ["INTERPRET", "triton", "tl", "configs", "autotune_mode", "flatten", "m_bucket", "dot_precision", "check_inputs", "grouped_pid", "SplitSlots"]
+__all__ = ["INTERPRET", "triton", "tl", "configs", "autotune_mode", "flatten", "m_bucket", "cdiv", "next_pow2",
+           "dot_precision", "check_inputs", "grouped_pid", "SplitSlots"]
 
 
 def _patch_interpreter_bf16_dot() -> None:
@@ -129,14 +130,25 @@ def configs(space: list[dict], *, interpret: dict, quick: list[dict], warps=(4, 
     return Configs(tried, full, picked)
 
 
+def cdiv(a: int, b: int) -> int:
+    """``triton.cdiv`` for host code: ceil(a / b) of ints (``triton.cdiv`` is a constexpr function,
+    ~2.5 us per call from Python, paid on every launch that calls it)."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """``triton.next_power_of_2`` for host code: the smallest power of two >= n (1 for n <= 1)."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
 def m_bucket(m: int) -> int:
     """Autotune key for a batch-like size: its power-of-two bucket, so a new M rarely re-tunes."""
-    return min(triton.next_power_of_2(max(m, 1)), 16384)
+    return min(next_pow2(m), 16384)
 
 
 def flatten(x: torch.Tensor) -> torch.Tensor:
-    """View ``(*, K)`` as ``(M, K)`` without copying when the strides allow it."""
-    return x.reshape(-1, x.shape[-1])
+    """View ``(*, K)`` as ``(M, K)`` without copying when the strides allow it (2-D ``x`` as is)."""
+    return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -152,9 +164,9 @@ _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def check_inputs(*tensors: torch.Tensor) -> None:
     """Fail clearly where a Triton launch cannot work: fp64 or integer data, CPU tensors without
     the interpreter, tensors on different devices."""
-    devices = {t.device for t in tensors}
-    if len(devices) > 1:
-        raise ValueError(f"tensors are on different devices: {sorted(map(str, devices))}")
+    device = tensors[0].device
+    if any(t.device != device for t in tensors):
+        raise ValueError(f"tensors are on different devices: {sorted({str(t.device) for t in tensors})}")
     for t in tensors:
         if t.dtype not in _KERNEL_DTYPES:
             raise TypeError(f"Triton kernels take fp32, fp16 or bf16 tensors, got {t.dtype} (use the reference backend)")
@@ -172,6 +184,21 @@ def grouped_pid(pid, num_m, num_n, GROUP_M: tl.constexpr):
     return first_m + (pid % group) % size_m, (pid % group) // size_m
 
 
+_BLOCK_SIZES: dict[int, tuple[list, int, list[dict]]] = {}
+
+
+def _block_sizes(kernel) -> list[dict]:
+    """The distinct block-size dicts of an autotuner's configs (a GPU's space repeats each for
+    every warps x stages pair), cached per kernel while its config list is the same object of the
+    same length (the every-config check swaps it)."""
+    configs = kernel.configs
+    cached = _BLOCK_SIZES.get(id(kernel))
+    if cached is None or cached[0] is not configs or cached[1] != len(configs):
+        distinct = {tuple(sorted(c.kwargs.items())): None for c in configs}
+        cached = _BLOCK_SIZES[id(kernel)] = (configs, len(configs), [dict(k) for k in distinct])
+    return cached[2]
+
+
 class SplitSlots:
     """Partial results of an autotuned kernel whose number of programs along a split axis depends
     on its config (row block size, split count): program s writes slot s, the host sums the slots.
@@ -185,7 +212,7 @@ class SplitSlots:
 
     def __init__(self, kernel, programs: Callable[[dict], int]) -> None:
         self.programs = programs
-        self.slots = max(programs(c.kwargs) for c in kernel.configs)
+        self.slots = max(map(programs, _block_sizes(kernel)))
         self.used = 0
 
     def __call__(self, meta: dict) -> int:
