@@ -67,19 +67,29 @@ class Launch:
     grid: tuple[int, ...]
 
 
-def _meta(kernel, args: tuple, kwargs: dict) -> dict:
-    """The ``meta`` a launch's grid callable receives: the kernel's arguments by name plus what the
-    wrappers between ``kernel[grid]`` and the compiled kernel add: an autotuner its config (its
-    first, under the interpreter its only one), a ``triton.heuristics`` its values."""
+def _wrappers(kernel) -> tuple[list[str], list[tuple[str, object]]]:
+    """(argument names, the wrappers between ``kernel[grid]`` and the compiled kernel, outermost
+    first): an autotuner adds its config (its first, under the interpreter its only one), a
+    ``triton.heuristics`` its values."""
     from triton.runtime.autotuner import Autotuner, Heuristics
 
-    meta = {**dict(zip(kernel.arg_names, args)), **kwargs}
+    names, chain = kernel.arg_names, []
     while isinstance(kernel, (Autotuner, Heuristics)):
         if isinstance(kernel, Autotuner):
-            meta.update(kernel.configs[0].all_kwargs())
+            chain.append(("config", kernel.configs[0].all_kwargs()))
         else:
-            meta.update({name: value(meta) for name, value in kernel.values.items()})
+            chain.append(("heuristics", kernel.values))
         kernel = kernel.fn
+    return names, chain
+
+
+def _meta(wrappers: tuple[list[str], list[tuple[str, object]]], args: tuple, kwargs: dict) -> dict:
+    """The ``meta`` a launch's grid callable receives: the kernel's arguments by name, plus what
+    its :func:`_wrappers` add."""
+    names, chain = wrappers
+    meta = {**dict(zip(names, args)), **kwargs}
+    for kind, payload in chain:
+        meta.update(payload if kind == "config" else {name: value(meta) for name, value in payload.items()})
     return meta
 
 
@@ -99,11 +109,16 @@ def stubbed_launches() -> Iterator[list[Launch]]:
     from triton.runtime.jit import KernelInterface
 
     launches: list[Launch] = []
+    known: dict[int, tuple[str, tuple]] = {}  # per kernel in this block: name and wrappers, looked up once
 
     def launcher(kernel, grid):
+        if id(kernel) not in known:
+            known[id(kernel)] = (_kernel_name(kernel), _wrappers(kernel))
+        name, wrappers = known[id(kernel)]
+
         def launch(*args, **kwargs) -> None:
-            shape = grid(_meta(kernel, args, kwargs)) if callable(grid) else grid
-            launches.append(Launch(_kernel_name(kernel), tuple(int(g) for g in shape)))
+            shape = grid(_meta(wrappers, args, kwargs)) if callable(grid) else grid
+            launches.append(Launch(name, tuple(shape)))
         return launch
 
     original = KernelInterface.__dict__["__getitem__"]

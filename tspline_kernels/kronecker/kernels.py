@@ -27,14 +27,17 @@ from __future__ import annotations
 
 import torch
 
+from .._layers import cast
 from .._rescale import narrow
 from .._triton import (
     SplitSlots,
+    cdiv,
     check_inputs,
     configs,
     dot_precision,
     flatten,
     m_bucket,
+    next_pow2,
     tl,
     triton,
 )
@@ -45,7 +48,7 @@ from ..reference import kronecker as ref
 
 def pad(n: int) -> int:
     """A mode size as the kernels carry it: a power of two >= 16 (zero-padded)."""
-    return max(16, triton.next_power_of_2(n))
+    return max(16, next_pow2(n))
 
 
 def max_tile(dtype: torch.dtype) -> int:
@@ -180,22 +183,22 @@ def kronecker_linear(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: to
     check_inputs(x, a, b, *([bias] if bias is not None else []))
     if not fits(a, b, x.dtype):
         return ref.kronecker_linear(x, a, b, bias)
-    a, b = a.to(x.dtype), b.to(x.dtype)
+    a, b = cast(a, x.dtype), cast(b, x.dtype)
     x2 = flatten(x)
     m = x2.shape[0]
     (m1, n1), (m2, n2) = a.shape, b.shape
-    y = torch.empty(m, m1 * m2, device=x.device, dtype=x.dtype)
+    # allocated in its final shape, contiguous: no view for the op to re-label
+    y = torch.empty((*x.shape[:-1], m1 * m2), device=x.device, dtype=x.dtype)
     if m > 0:
-        grid = lambda meta: (triton.cdiv(m, meta["BM"]),)
+        grid = lambda meta: (cdiv(m, meta["BM"]),)  # noqa: E731
         _kron_fwd_kernel[grid](
             x2, a, b, bias if bias is not None else y, y,
             m, m1, n1, m2, n2, m_bucket(m),
-            x2.stride(0), x2.stride(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-            y.stride(0), y.stride(1),
+            x2.stride(0), x2.stride(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1), m1 * m2, 1,
             HAS_BIAS=bias is not None, M1P=pad(m1), N1P=pad(n1), M2P=pad(m2), N2P=pad(n2),
             PRECISION=dot_precision(x.dtype),
         )
-    return y.reshape(*x.shape[:-1], m1 * m2)
+    return y
 
 
 def kronecker_grad_factors(
@@ -206,7 +209,7 @@ def kronecker_grad_factors(
     check_inputs(x, dy, a, b)
     if not fits(a, b, x.dtype):
         return ref.kronecker_grad_factors(x, dy, a, b)
-    dy, a, b = dy.to(x.dtype), a.to(x.dtype), b.to(x.dtype)
+    dy, a, b = cast(dy, x.dtype), cast(a, x.dtype), cast(b, x.dtype)
     x2, g2 = flatten(x), flatten(dy)
     m = x2.shape[0]
     (m1, n1), (m2, n2) = a.shape, b.shape
@@ -216,7 +219,7 @@ def kronecker_grad_factors(
     # One partial slot per batch split of at least MIN_SPLIT_ROWS rows (fewer splits than rows: the
     # slots' bytes and their host sum stay a fraction of x's). Separate buffers: the outputs of a
     # custom op may not share storage.
-    slots = SplitSlots(_kron_grad_kernel, lambda meta: min(meta["SPLIT"], triton.cdiv(m, MIN_SPLIT_ROWS)))
+    slots = SplitSlots(_kron_grad_kernel, lambda meta: min(meta["SPLIT"], cdiv(m, MIN_SPLIT_ROWS)))
     da, db = slots.empty(m1, n1, device=x.device), slots.empty(m2, n2, device=x.device)
     dsum = slots.empty(m1 * m2, device=x.device)
     _kron_grad_kernel[lambda meta: (slots(meta),)](

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from .._fit import damped_gram, fit_inputs, output_error, weighted_als
-from .._layers import CompressedLinear, FitReport, SavedSettings, check_count, check_flag, check_ints, fit_report
+from .._layers import (CompressedLinear, Derived, FitReport, SavedSettings, cast, check_count, check_flag, check_ints,
+                       fit_report)
 from ..reference import kronecker as ref
 from ..reference.common import compute_dtype
 from . import ops
@@ -88,6 +89,7 @@ class KroneckerLinear(SavedSettings, CompressedLinear):
         self.in_dims, self.out_dims = ins, outs
         self.transform_outer = transform_outer
         self._cut = _split(ins, outs)
+        self._derived = Derived()  # the ungated layer's fused factors and bias, kept between calls
         factory = {"device": device, "dtype": dtype}
         self.factors = nn.ParameterList(nn.Parameter(torch.empty(o, i, **factory)) for i, o in zip(ins, outs))
         self.biases = nn.ParameterList(nn.Parameter(torch.empty(o, **factory)) for o in outs) if bias else None
@@ -117,8 +119,8 @@ class KroneckerLinear(SavedSettings, CompressedLinear):
     # ---- maths --------------------------------------------------------------------------------
     def _mode_maps(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
         """Per-mode factors and biases in x's dtype; for a gated layer the mixes for this batch x."""
-        factors = [f.to(x.dtype) for f in self.factors]
-        biases = None if self.biases is None else [b.to(x.dtype) for b in self.biases]
+        factors = [cast(f, x.dtype) for f in self.factors]
+        biases = None if self.biases is None else [cast(b, x.dtype) for b in self.biases]
         if not self.gated:
             return factors, biases
         gates = [(g[0].weight, g[0].bias, g[2].weight, g[2].bias) if k in self.gated_modes else None
@@ -139,10 +141,23 @@ class KroneckerLinear(SavedSettings, CompressedLinear):
         return head, ref.kron_factors(factors[self._cut:])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self._prepare(x))
+        x = cast(x, self._prepare(x))
+        if self.gated:  # the maps depend on the batch
+            return ops.kronecker_linear(x, *self._fused_maps(x))
+        # the factors and biases, read from the lists' dicts (indexing a ParameterList costs ~1 us an item)
+        params = (*self.factors._parameters.values(), *(() if self.biases is None else self.biases._parameters.values()))
+        return ops.kronecker_linear(x, *self._derived.get(params, lambda: self._fused_maps(x), x.dtype))
+
+    def _apply(self, fn, recurse=True):
+        self._derived = Derived()  # .to(), .half(), ... swap the parameters' storage
+        return super()._apply(fn, recurse)
+
+    def _fused_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(A, B, bias) of the fused two-factor op for the batch x, in x's dtype (x only matters
+        to a gated layer)."""
         factors, biases = self._mode_maps(x)
-        bias = None if biases is None else ref.kronecker_bias(factors, biases, self.transform_outer).to(x.dtype)
-        return ops.kronecker_linear(x, *self._pair(factors), bias)
+        bias = None if biases is None else cast(ref.kronecker_bias(factors, biases, self.transform_outer), x.dtype)
+        return (*self._pair(factors), bias)
 
     def _prepare(self, x: torch.Tensor) -> torch.dtype:
         try:

@@ -28,14 +28,15 @@ from __future__ import annotations
 
 import torch
 
+from .._layers import cast
 from .._rescale import narrow
-from .._triton import SplitSlots, check_inputs, configs, dot_precision, flatten, m_bucket, tl, triton
+from .._triton import SplitSlots, cdiv, check_inputs, configs, dot_precision, flatten, m_bucket, next_pow2, tl, triton
 from ..reference import lowrank as ref
 
 
 def pad_rank(r: int) -> int:
     """The rank as the kernels carry it: a power of two >= 16 (zero-padded columns)."""
-    return max(16, triton.next_power_of_2(r))
+    return max(16, next_pow2(r))
 
 
 MAX_RANK = 256  # largest padded rank the fused kernels keep on chip
@@ -55,7 +56,7 @@ def _fwd_prune(cfgs, named_args, **kwargs):
     rp, n, bucket = kwargs["RP"], named_args["N"], named_args["M_BUCKET"]
     kept = [c for c in cfgs
             if c.kwargs["BM"] <= max(16, bucket)
-            and c.kwargs["N_SPLIT"] <= max(triton.cdiv(n, c.kwargs["BN"]), 1)
+            and c.kwargs["N_SPLIT"] <= max(cdiv(n, c.kwargs["BN"]), 1)
             and c.kwargs["BM"] * rp <= _ACC_LIMIT]
     return kept or [min(cfgs, key=lambda c: (c.kwargs["BM"], c.kwargs["N_SPLIT"], c.kwargs["BK"]))]
 
@@ -127,7 +128,7 @@ def _lowrank_fwd_kernel(
 def _grad_prune(cfgs, named_args, **kwargs):
     """Keep batch splits that give every split at least one row block; never return nothing."""
     m = named_args["M"]
-    kept = [c for c in cfgs if c.kwargs["SPLIT"] <= max(triton.cdiv(m, c.kwargs["BM"]), 1)]
+    kept = [c for c in cfgs if c.kwargs["SPLIT"] <= max(cdiv(m, c.kwargs["BM"]), 1)]
     return kept or cfgs[:1]
 
 
@@ -212,23 +213,22 @@ def lowrank_linear(
     check_inputs(x, a, b, *([bias] if bias is not None else []))
     if not fits(a.shape[1]):
         return ref.lowrank_linear(x, a, b, bias)
-    a, b = a.to(x.dtype), b.to(x.dtype)
+    a, b = cast(a, x.dtype), cast(b, x.dtype)
     x2 = flatten(x)
     m, k = x2.shape
     n, r = b.shape
-    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    t = torch.empty(m, r, device=x.device, dtype=torch.float32)
+    # allocated in their final shape, contiguous (rows m * n apart): no view for the op to re-label
+    y = torch.empty((*x.shape[:-1], n), device=x.device, dtype=x.dtype)
+    t = torch.empty((*x.shape[:-1], r), device=x.device, dtype=torch.float32)
     if m > 0:
-        grid = lambda meta: (triton.cdiv(m, meta["BM"]), meta["N_SPLIT"])  # noqa: E731
+        grid = lambda meta: (cdiv(m, meta["BM"]), meta["N_SPLIT"])  # noqa: E731
         _lowrank_fwd_kernel[grid](
             x2, a, b, bias if bias is not None else y, y, t,
             m, k, n, r, m_bucket(m),
-            x2.stride(0), x2.stride(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-            y.stride(0), y.stride(1),
+            x2.stride(0), x2.stride(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1), n, 1,
             HAS_BIAS=bias is not None, RP=pad_rank(r), PRECISION=dot_precision(x.dtype),
         )
-    lead = x.shape[:-1]
-    return y.reshape(*lead, n), t.reshape(*lead, r)
+    return y, t
 
 
 def lowrank_grad_factors(
@@ -239,9 +239,8 @@ def lowrank_grad_factors(
     check_inputs(x, dy, p, q)
     if not fits(p.shape[-1]):
         return ref.lowrank_grad_factors(x, dy, p, q)
-    dy = dy.to(x.dtype)
-    x2, g2 = flatten(x), flatten(dy)
-    p2, q2 = flatten(p.float()), flatten(q.float())
+    x2, g2 = flatten(x), flatten(cast(dy, x.dtype))
+    p2, q2 = flatten(cast(p, torch.float32)), flatten(cast(q, torch.float32))
     m, k = x2.shape
     n = g2.shape[1]
     r = p2.shape[1]
@@ -250,9 +249,9 @@ def lowrank_grad_factors(
                 x2.new_zeros(n, dtype=torch.float32))
     # One partial slot per batch split, never more splits than row blocks. Separate buffers: the
     # outputs of a custom op may not share storage.
-    slots = SplitSlots(_lowrank_grad_kernel, lambda meta: min(meta["SPLIT"], triton.cdiv(m, meta["BM"])))
+    slots = SplitSlots(_lowrank_grad_kernel, lambda meta: min(meta["SPLIT"], cdiv(m, meta["BM"])))
     da, db, dsum = slots.empty(k, r, device=x.device), slots.empty(n, r, device=x.device), slots.empty(n, device=x.device)
-    grid = lambda meta: (triton.cdiv(k, meta["BF"]) + triton.cdiv(n, meta["BF"]), slots(meta))  # noqa: E731
+    grid = lambda meta: (cdiv(k, meta["BF"]) + cdiv(n, meta["BF"]), slots(meta))  # noqa: E731
     _lowrank_grad_kernel[grid](
         x2, g2, p2, q2, da, db, dsum,
         m, k, n, r, m_bucket(m),

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .._fit import fit_inputs, whitened_svd
-from .._layers import CompressedLinear, FitReport, check_count, check_flag, fit_report
+from .._layers import CompressedLinear, FitReport, cast, check_count, check_flag, fit_report
 from ..reference import lowrank as ref
 from . import ops
 
@@ -66,8 +66,7 @@ class LowRankLinear(CompressedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self._prepare(x)
-        bias = None if self.bias is None else self.bias.to(dtype)
-        y, _ = ops.lowrank_linear(x.to(dtype), self.V.to(dtype), self.U.to(dtype), bias)
+        y, _ = ops.lowrank_linear(cast(x, dtype), cast(self.V, dtype), cast(self.U, dtype), cast(self.bias, dtype))
         return y
 
     def materialize(self) -> torch.Tensor:
