@@ -28,8 +28,8 @@ if INTERPRET and isinstance(tl.zeros, JITFunction):
         "before TRITON_INTERPRET=1 was set. Set TRITON_INTERPRET=1 in the environment before starting Python."
     )
 
-__all__ = ["INTERPRET", "triton", "tl", "configs", "autotune_mode", "flatten", "m_bucket", "cdiv", "next_pow2",
-           "dot_precision", "check_inputs", "grouped_pid", "SplitSlots"]
+__all__ = ["INTERPRET", "triton", "tl", "configs", "autotune_mode", "flatten", "contiguous", "m_bucket", "cdiv",
+           "next_pow2", "dot_precision", "check_inputs", "grouped_pid", "SplitSlots"]
 
 
 def _patch_interpreter_bf16_dot() -> None:
@@ -149,6 +149,11 @@ def m_bucket(m: int) -> int:
 def flatten(x: torch.Tensor) -> torch.Tensor:
     """View ``(*, K)`` as ``(M, K)`` without copying when the strides allow it (2-D ``x`` as is)."""
     return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+
+
+def contiguous(t: torch.Tensor) -> torch.Tensor:
+    """``t.contiguous()`` without the dispatch when ``t`` already is."""
+    return t if t.is_contiguous() else t.contiguous()
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -40,8 +40,10 @@ from __future__ import annotations
 import torch
 
 from .._basis import basis_taps, clamp
+from .._layers import cast
 from .._rescale import narrow
-from .._triton import SplitSlots, check_inputs, configs, dot_precision, flatten, m_bucket, tl, triton
+from .._triton import (SplitSlots, cdiv, check_inputs, configs, contiguous, dot_precision, flatten, m_bucket, next_pow2,
+                       tl, triton)
 
 
 @triton.jit
@@ -127,9 +129,9 @@ def _pruner(width: str):
         bucket, n, r = named_args["M_BUCKET"], named_args[width], named_args["R"]
         kept = [c for c in cfgs
                 if c.kwargs["BM"] <= max(16, bucket)
-                and c.kwargs["BN"] <= max(64, triton.next_power_of_2(n))
-                and c.kwargs["BR"] <= max(32, triton.next_power_of_2(r))
-                and c.kwargs.get("SPLIT", 1) <= max(triton.cdiv(bucket, c.kwargs["BM"]), _MIN_SPLIT)]
+                and c.kwargs["BN"] <= max(64, next_pow2(n))
+                and c.kwargs["BR"] <= max(32, next_pow2(r))
+                and c.kwargs.get("SPLIT", 1) <= max(cdiv(bucket, c.kwargs["BM"]), _MIN_SPLIT)]
         smallest = min(cfgs, key=lambda c: (c.kwargs["BM"], c.kwargs["BN"], c.kwargs["BR"], c.kwargs.get("SPLIT", 1)))
         return kept or [smallest]
     return prune
@@ -281,23 +283,23 @@ def decoupled_mlp(x: torch.Tensor, v: torch.Tensor, w: torch.Tensor, coef: torch
     ``(r,)``, bias ``(n,)`` or None -> y ``(*, n)`` in x's dtype (v, w cast to it)."""
     check_inputs(x, v, w, coef, lo, hi, *([bias] if bias is not None else []))
     _check_ranges(v, w, coef, lo, hi)
-    v, w = v.to(x.dtype), w.to(x.dtype)
-    lo, hi = lo.contiguous(), hi.contiguous()  # (r,) vectors: the kernels read them unit-strided
-    bias = None if bias is None else bias.contiguous()
+    v, w = cast(v, x.dtype), cast(w, x.dtype)
+    lo, hi = contiguous(lo), contiguous(hi)  # (r,) vectors: the kernels read them unit-strided
+    bias = None if bias is None else contiguous(bias)
     x2 = flatten(x)
     m, k = x2.shape
     n, r = w.shape
-    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    y = torch.empty((*x.shape[:-1], n), device=x.device, dtype=x.dtype)  # final shape: no view to re-label
     if m > 0 and n > 0:
-        grid = lambda meta: (triton.cdiv(m, meta["BM"]), triton.cdiv(n, meta["BN"]))  # noqa: E731
+        grid = lambda meta: (cdiv(m, meta["BM"]), cdiv(n, meta["BN"]))  # noqa: E731
         _decoupled_fwd_kernel[grid](
             x2, v, w, coef, lo, hi, bias if bias is not None else y, y,
             m, k, n, r, coef.shape[1], m_bucket(m),
             x2.stride(0), x2.stride(1), v.stride(0), v.stride(1), w.stride(0), w.stride(1),
-            coef.stride(0), coef.stride(1), y.stride(0), y.stride(1),
+            coef.stride(0), coef.stride(1), n, 1,
             HAS_BIAS=bias is not None, PRECISION=dot_precision(x.dtype),
         )
-    return y.reshape(*x.shape[:-1], n)
+    return y
 
 
 def decoupled_mlp_backward(
@@ -308,29 +310,29 @@ def decoupled_mlp_backward(
     dz ``(*, r)``, dcoef ``(r, K)`` fp32) for dy ``(*, n)`` and the forward's inputs."""
     check_inputs(dy, x, v, w, coef, lo, hi)
     _check_ranges(v, w, coef, lo, hi)
-    v, w, dy = v.to(x.dtype), w.to(x.dtype), dy.to(x.dtype)
-    lo, hi = lo.contiguous(), hi.contiguous()
+    v, w, dy = cast(v, x.dtype), cast(w, x.dtype), cast(dy, x.dtype)
+    lo, hi = contiguous(lo), contiguous(hi)
     x2, g2 = flatten(x), flatten(dy)
     m, k = x2.shape
     n, r = w.shape
     kb = coef.shape[1]
-    dx = torch.empty(m, k, device=x.device, dtype=x.dtype) if need_input else x.new_empty(0)
-    g = torch.empty(m, r, device=x.device, dtype=torch.float32)
-    dz = torch.empty(m, r, device=x.device, dtype=torch.float32)
+    # final shapes, contiguous
+    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype) if need_input else x.new_empty(0)
+    g = torch.empty((*x.shape[:-1], r), device=x.device, dtype=torch.float32)
+    dz = torch.empty((*x.shape[:-1], r), device=x.device, dtype=torch.float32)
     if m == 0:
         dcoef = torch.zeros(r, kb, device=x.device, dtype=torch.float32)
     else:
-        slots = SplitSlots(_decoupled_bwd_kernel, lambda meta: min(meta["SPLIT"], triton.cdiv(m, meta["BM"])))
+        slots = SplitSlots(_decoupled_bwd_kernel, lambda meta: min(meta["SPLIT"], cdiv(m, meta["BM"])))
         part = slots.empty(r, kb, device=x.device)
-        grid = lambda meta: (slots(meta), triton.cdiv(k, meta["BN"]) if need_input else 1)  # noqa: E731
+        grid = lambda meta: (slots(meta), cdiv(k, meta["BN"]) if need_input else 1)  # noqa: E731
         _decoupled_bwd_kernel[grid](
             x2, g2, v, w, coef, lo, hi, dx, g, dz, part,
             m, k, n, r, kb, m_bucket(m),
             x2.stride(0), x2.stride(1), g2.stride(0), g2.stride(1), v.stride(0), v.stride(1),
             w.stride(0), w.stride(1), coef.stride(0), coef.stride(1),
-            dx.stride(0) if need_input else 0, dx.stride(1) if need_input else 0,
+            k if need_input else 0, 1 if need_input else 0,
             NEED_DX=need_input, PRECISION=dot_precision(x.dtype),
         )
         dcoef = slots.sum(part)
-    lead = x.shape[:-1]
-    return dx.reshape(x.shape) if need_input else dx, g.reshape(*lead, r), dz.reshape(*lead, r), dcoef
+    return dx, g, dz, dcoef

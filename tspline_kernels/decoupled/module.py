@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from .._layers import CompressedLinear, check_count, check_flag
+from .._layers import CompressedLinear, cast, check_count, check_flag
 from . import fit as _fit
 from . import ops
 
@@ -54,9 +54,8 @@ class DecoupledSplineMLP(CompressedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self._prepare(x)
-        bias = None if self.bias is None else self.bias.to(dtype)
-        return ops.decoupled_mlp(x.to(dtype), self.V.to(dtype), self.W.to(dtype), self.coef.to(dtype),
-                                 self.lo, self.hi, bias)
+        return ops.decoupled_mlp(cast(x, dtype), cast(self.V, dtype), cast(self.W, dtype), cast(self.coef, dtype),
+                                 self.lo, self.hi, cast(self.bias, dtype))
 
     def materialize(self) -> torch.Tensor:
         raise NotImplementedError(
