@@ -14,6 +14,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tspline_kernels import backend
+from tspline_kernels._triton import triton
 from tspline_kernels.spline_tt import SplineTTLinear
 from tspline_kernels.testing import assert_backends_agree, assert_close, cuda_step_peak_bytes
 from tspline_kernels.tt import TTLinear, suggest_modes
@@ -171,7 +172,7 @@ def test_chain_pruner_never_empty(grad):
     plan fits (a direct launch; the launchers take the step kernels there) the config with the
     smallest tiles instead of an empty list."""
     space = kernels.cost.CHAIN_GRAD_CONFIGS if grad else kernels.cost.CHAIN_CONFIGS
-    cfgs = [kernels.triton.Config(dict(zip(("BM", "BO1", "BO2", "CD"), c)), num_warps=4, num_stages=2) for c in space]
+    cfgs = [triton.Config(dict(zip(("BM", "BO1", "BO2", "CD"), c)), num_warps=4, num_stages=2) for c in space]
     prune = chain._chain_pruner(grad)
     x = torch.empty(0, dtype=torch.bfloat16)
     small = ((3, 2, 5), (2, 3, 4), (1, 2, 3, 1))
@@ -349,7 +350,7 @@ def test_chain_kernels_every_config(config, monkeypatch, kernel_device):
     clamped to their modes."""
     for kernel in (kernels._chain_kernel, kernels._chain_grad_kernel):
         first = kernel.configs[0]
-        forced = kernels.triton.Config(dict(zip(("BM", "BO1", "BO2", "CD"), config)),
+        forced = triton.Config(dict(zip(("BM", "BO1", "BO2", "CD"), config)),
                                        num_warps=first.num_warps, num_stages=first.num_stages)
         monkeypatch.setattr(kernel, "configs", [forced])
     forbid(monkeypatch, *PATHS["chain"])

@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .._layers import SavedSettings, check_grid, fit_report
+from .._layers import SavedSettings, cast, check_grid, fit_report
 from ..reference import spline_tt as ref
 from ..reference import tt as ref_tt
 from ..tt.module import (TTLinear, TTStructured, check_structure, fit_tt_cores, init_scale, refine_weighted,
@@ -81,8 +81,7 @@ class SplineTTLinear(SavedSettings, TTStructured):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self._prepare(x)
-        bias = None if self.bias is None else self.bias.to(dtype)
-        return ops.spline_tt_linear(x.to(dtype), [c.to(dtype) for c in self.control], bias,
+        return ops.spline_tt_linear(cast(x, dtype), [cast(c, dtype) for c in self.control], cast(self.bias, dtype),
                                     list(self.in_modes), list(self.out_modes), self.strategy)
 
     def materialize(self) -> torch.Tensor:

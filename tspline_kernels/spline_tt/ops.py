@@ -2,7 +2,7 @@
 
 Same structure as ``tt/ops.py``: d(controls) and dx = spline_tt_grad(dy, x, controls, ..., need_dx);
 dx alone = spline_tt_linear(dy, controls with the o and i axes swapped, modes swapped). Each core is
-linear in its control tensor, so the gradient op's own backward is ``multilinear_double_backward``.
+linear in its control tensor, so the gradient op's own backward is ``_multilinear.multilinear_double_backward``.
 """
 
 from __future__ import annotations
@@ -13,14 +13,9 @@ import torch
 from torch import Tensor
 
 from .._backend import owned, register_autograd, use_triton
+from .._multilinear import linear_backward, multilinear_double_backward, transpose_factors
 from ..reference import spline_tt as ref
-from ..reference.common import bias_grad, compute_dtype
-from ..tt.ops import multilinear_double_backward
-
-
-def transpose_controls(controls: list[Tensor]) -> list[Tensor]:
-    """Controls of W.T: ``(r0, Go, Gi, r1) -> (r0, Gi, Go, r1)`` views."""
-    return [c.transpose(1, 2) for c in controls]
+from ..reference.common import compute_dtype
 
 
 @torch.library.custom_op("tspline::spline_tt_linear", mutates_args=())
@@ -67,7 +62,7 @@ def _grad_backward(ctx, grads):
     d_dy, d_x, d_controls = multilinear_double_backward(
         ctx, grads, controls, dy, x,
         forward=lambda a, cs: spline_tt_linear(a, cs, None, ins, outs, s),
-        adjoint=lambda a, cs: spline_tt_linear(a, transpose_controls(cs), None, outs, ins, s),
+        adjoint=lambda a, cs: spline_tt_linear(a, transpose_factors(cs), None, outs, ins, s),
         grad_params=lambda u, v, cs: spline_tt_grad(u, v, cs, ins, outs, s, False),
     )
     return d_dy, d_x, d_controls, None, None, None, None
@@ -86,17 +81,9 @@ def _linear_setup(ctx, inputs, output):
 def _linear_backward(ctx, dy):
     x, *controls = ctx.saved_tensors
     ins, outs, s = ctx.args
-    need = ctx.needs_input_grad  # (x, [one per control], bias, ...)
-    dx = db = None
-    d_controls = [None] * len(controls)  # the list input needs a list of gradients
-    if any(need[1]):
-        grads = spline_tt_grad(dy, x, controls, ins, outs, s, need[0])
-        d_controls = [g.to(c.dtype) for g, c in zip(grads, controls)]
-        dx = grads[-1] if need[0] else None
-    elif need[0]:
-        dx = spline_tt_linear(dy, transpose_controls(controls), None, outs, ins, s)
-    if ctx.bias_dtype is not None and need[2]:
-        db = bias_grad(dy, ctx.bias_dtype)
+    dx, d_controls, db = linear_backward(
+        ctx, dy, controls, grad_op=lambda need_dx: spline_tt_grad(dy, x, controls, ins, outs, s, need_dx),
+        adjoint=lambda transposed: spline_tt_linear(dy, transposed, None, outs, ins, s))
     return dx, d_controls, db, None, None, None
 
 

@@ -69,7 +69,7 @@ from collections.abc import Callable, Hashable
 
 import torch
 
-from .._triton import INTERPRET, SplitSlots, check_inputs, dot_precision, flatten, m_bucket, triton
+from .._triton import INTERPRET, SplitSlots, cdiv, check_inputs, dot_precision, flatten, m_bucket
 from ..reference import tt as ref
 from . import cost
 from .chain import _chain_grad_kernel, _chain_kernel, config_keys
@@ -126,10 +126,10 @@ def derived(kind: Hashable, tensors: list[torch.Tensor], build: Callable[[], obj
 def _memory_order(t: torch.Tensor) -> torch.Tensor | None:
     """``t`` (a core ``(r0, O, I, r1)``) or the view with its O and I axes swapped, whichever is
     contiguous (W.T's cores are views of W's), else None."""
-    for v in (t, t.transpose(1, 2)):
-        if v.is_contiguous():
-            return v
-    return None
+    if t.is_contiguous():
+        return t
+    swapped = t.transpose(1, 2)
+    return swapped if swapped.is_contiguous() else None
 
 
 @functools.lru_cache(maxsize=1024)
@@ -149,7 +149,7 @@ def _chain_args(cores: list[Core]) -> tuple[torch.Tensor, dict]:
     strides in the buffer). W.T's cores (views) share W's buffer; cached per parameter version
     (``derived``)."""
     sources = [_memory_order(c.t) for c in cores]
-    if None in sources:  # other layouts: packed contiguous, every call
+    if any(s is None for s in sources):  # other layouts: packed contiguous, every call
         sources = [c.t.contiguous() for c in cores]
         layout = tuple((tuple(c.t.shape), s.stride(), c.o, c.i, c.spline) for c, s in zip(cores, sources))
         return torch.cat([s.reshape(-1) for s in sources]), _chain_meta(layout)
@@ -164,8 +164,8 @@ def chain_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None)
     if m == 0:
         return y
     packed, meta_args = _chain_args(cores)
-    grid = lambda meta: (triton.cdiv(m, meta["BM"]), triton.cdiv(cores[0].o, meta["NO"][0]),  # noqa: E731
-                         triton.cdiv(cores[1].o, meta["NO"][1]))
+    grid = lambda meta: (cdiv(m, meta["BM"]), cdiv(cores[0].o, meta["NO"][0]),  # noqa: E731
+                         cdiv(cores[1].o, meta["NO"][1]))
     _chain_kernel[grid](
         x2, packed, bias if bias is not None else y, y,
         m, m_bucket(m), x2.stride(0), x2.stride(1), y.stride(0), y.stride(1),
@@ -183,10 +183,10 @@ def chain_grad(dy2: torch.Tensor, x2: torch.Tensor, cores: list[Core]) -> list[t
     packed, meta_args = _chain_args(cores)
 
     def grid(meta):
-        blocks = triton.cdiv(cores[0].o, meta["NO"][0]) * triton.cdiv(cores[1].o, meta["NO"][1])
-        chunks = triton.cdiv(cores[-1].i, meta["NI"][-1])
-        want = 2 if INTERPRET else triton.cdiv(2 * cost.SMS, blocks * chunks)
-        return blocks, chunks, max(1, min(triton.cdiv(m, meta["BM"]), want))
+        blocks = cdiv(cores[0].o, meta["NO"][0]) * cdiv(cores[1].o, meta["NO"][1])
+        chunks = cdiv(cores[-1].i, meta["NI"][-1])
+        want = 2 if INTERPRET else cdiv(2 * cost.SMS, blocks * chunks)
+        return blocks, chunks, max(1, min(cdiv(m, meta["BM"]), want))
 
     if m > 0:
         _chain_grad_kernel[grid](
@@ -211,7 +211,7 @@ def _step(state: torch.Tensor, sb: int, se: int, core: Core, batch: int, c: int,
     n = batch * c
     if n == 0:
         return out
-    grid = lambda meta: (triton.cdiv(p, meta["BP"]), triton.cdiv(n, meta["BN"]))  # noqa: E731
+    grid = lambda meta: (cdiv(p, meta["BP"]), cdiv(n, meta["BN"]))  # noqa: E731
     _step_kernel[grid](
         state, core.t, bias if bias is not None else out, out,
         n, c, p, j, core.r1, core.i, n_out, m_bucket(n),
@@ -230,7 +230,7 @@ def _grad_step(v: torch.Tensor, vs: tuple[int, int], u: torch.Tensor, us: tuple[
         return torch.zeros(p, j, device=v.device, dtype=torch.float32)
     slots = SplitSlots(_grad_step_kernel, lambda meta: meta["N_SPLIT"])
     part = slots.empty(p, j, device=v.device)
-    grid = lambda meta: (triton.cdiv(p, meta["BP"]), triton.cdiv(j, meta["BJ"]), slots(meta))  # noqa: E731
+    grid = lambda meta: (cdiv(p, meta["BP"]), cdiv(j, meta["BJ"]), slots(meta))  # noqa: E731
     _grad_step_kernel[grid](v, u, part, n, c, p, j, m_bucket(n), *vs, *us, **state_args(dtype))
     return slots.sum(part)
 
@@ -321,7 +321,7 @@ def _rebuild(x2: torch.Tensor, head: torch.Tensor, last: torch.Tensor, bias: tor
     if m == 0:
         return y
     tl_ = rebuild_tiles(o_d, i_d, r)
-    grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(o_h, tl_.po),)  # noqa: E731
+    grid = lambda meta: (cdiv(m, meta["BM"]) * cdiv(o_h, tl_.po),)  # noqa: E731
     _rebuild_kernel[grid](
         x2, head, last, bias if bias is not None else y, y,
         m, o_h, i_h, o_d, i_d, r, m_bucket(m),
@@ -346,8 +346,8 @@ def rebuild_grad(dy2: torch.Tensor, x2: torch.Tensor, cores: list[torch.Tensor],
     r, o_d, i_d = last.shape
     o_h, i_h = head.shape[:2]
     tl_ = rebuild_tiles(o_d, i_d, r)
-    k_blocks = triton.cdiv(i_h, tl_.pi)
-    grid = (triton.cdiv(o_h, tl_.po), min(k_blocks, max(1, (2 if INTERPRET else 256) // triton.cdiv(o_h, tl_.po))))
+    k_blocks = cdiv(i_h, tl_.pi)
+    grid = (cdiv(o_h, tl_.po), min(k_blocks, max(1, (2 if INTERPRET else 256) // cdiv(o_h, tl_.po))))
     d_head = torch.zeros(o_h, i_h, r, device=x2.device, dtype=torch.float32)
     d_last = torch.zeros(grid[0] * grid[1], tl_.rp, tl_.odp, tl_.idp, device=x2.device, dtype=torch.float32)
     m = x2.shape[0]

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .._fit import damped_gram, fit_inputs, output_error, weighted_als
-from .._layers import CompressedLinear, check_count, check_flag, check_ints, fit_report
+from .._layers import CompressedLinear, cast, check_count, check_flag, check_ints, fit_report
 from ..reference import tt as ref
 from . import cost, ops
 
@@ -169,8 +169,7 @@ class TTLinear(TTStructured):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self._prepare(x)
-        bias = None if self.bias is None else self.bias.to(dtype)
-        return ops.tt_linear(x.to(dtype), [c.to(dtype) for c in self.cores], bias, self.strategy)
+        return ops.tt_linear(cast(x, dtype), [cast(c, dtype) for c in self.cores], cast(self.bias, dtype), self.strategy)
 
     def materialize(self) -> torch.Tensor:
         return ref.tt_weight(list(self.cores)).to(self.cores[0].dtype)

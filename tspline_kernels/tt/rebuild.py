@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .._triton import INTERPRET, configs, grouped_pid, tl, triton
+from .._triton import INTERPRET, configs, grouped_pid, next_pow2, tl, triton
 
 
 @triton.jit
@@ -44,7 +44,7 @@ def _load_last(t_ptr, O_D, I_D, R, ODP: tl.constexpr, IDP: tl.constexpr, RP: tl.
 def _rebuild_prune(cfgs, named_args, **kwargs):
     """Drop row blocks much taller than M (they only add masked work)."""
     m = named_args["M"]
-    kept = [c for c in cfgs if c.kwargs["BM"] <= max(16, triton.next_power_of_2(m))]
+    kept = [c for c in cfgs if c.kwargs["BM"] <= max(16, next_pow2(m))]
     return kept or cfgs[:1]
 
 
@@ -160,7 +160,7 @@ class RebuildTiles:
 def rebuild_tiles(o_d: int, i_d: int, r: int) -> RebuildTiles:
     """Tile shape of the rebuild kernels: every ``tl.dot`` dimension a power of two >= 16, output
     and K tiles of about ``target`` columns (32 under the interpreter, 64 on a GPU)."""
-    odp, idp = triton.next_power_of_2(o_d), triton.next_power_of_2(i_d)
+    odp, idp = next_pow2(o_d), next_pow2(i_d)
     while odp * idp < 16:
         if idp <= odp:
             idp *= 2
@@ -173,5 +173,5 @@ def rebuild_tiles(o_d: int, i_d: int, r: int) -> RebuildTiles:
             po *= 2
         else:
             pi *= 2
-    return RebuildTiles(odp, idp, max(16, triton.next_power_of_2(r)), po, pi)
+    return RebuildTiles(odp, idp, max(16, next_pow2(r)), po, pi)
 
