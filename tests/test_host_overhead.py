@@ -1,18 +1,25 @@
 """The launch stub of ``bench/host_overhead.py``: it records every Triton launch with its grid, runs
-no kernel body, restores Triton afterwards, and the benchmark's rows count launches per call.
+no kernel body, restores Triton afterwards, and the benchmark's rows count launches per call. And
+what cut the overhead computes the same: an op's eager path (``EagerOp``) against its custom op,
+values derived once (``Derived``) after every kind of parameter update.
 Timings are benchmarks, never tests: nothing here checks one."""
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction, KernelInterface
 
 import tspline_kernels as tk
 from tspline_kernels import cli
+from tspline_kernels._backend import EagerOp, register_autograd
+from tspline_kernels._layers import Derived
 from tspline_kernels._triton import cdiv, tl, triton
 from tspline_kernels.bench import host_overhead
 from tspline_kernels.bench.host_overhead import Launch, stubbed_launches
 from tspline_kernels.lowrank import kernels as lowrank_kernels
+from tspline_kernels.lowrank import ops as lowrank_ops
+from tspline_kernels.testing import assert_close
 
 
 @triton.jit
@@ -109,3 +116,156 @@ def test_bench_only_host_overhead_runs_the_benchmark(monkeypatch, tmp_path):
     assert calls == [(True, str(tmp_path / "h.json"))]
     with pytest.raises(SystemExit, match="runs alone"):
         cli.main(["bench", "--only", "host_overhead", "lowrank"])
+
+
+# ------------------------------------------------------------------------------ eager op path
+def _lowrank_args(dtype=torch.float32):
+    torch.manual_seed(1)
+    shapes = ((2, 3, 19), (19, 4), (13, 4), (13,))
+    return [torch.randn(*s, dtype=dtype, requires_grad=True) for s in shapes]
+
+
+@pytest.mark.parametrize("which", ["reference", "triton"])
+def test_eager_op_matches_the_custom_op(which):
+    """The eager path (an autograd.Function) and the custom op's dispatch give the same outputs and
+    gradients, and the eager path is the one a plain call takes."""
+    assert isinstance(lowrank_ops.lowrank_linear, EagerOp)
+    results = []
+    for call in (lowrank_ops.lowrank_linear, torch.ops.tspline.lowrank_linear.default):
+        args = _lowrank_args()
+        with tk.backend(which):
+            y, t = call(*args)
+            (y.square().sum() + t.sum()).backward()  # both outputs reach the loss
+        results.append((y.grad_fn, [y, t, *(a.grad for a in args)]))
+    (eager_fn, eager), (op_fn, op) = results
+    assert "eager" in type(eager_fn).__name__ and "eager" not in type(op_fn).__name__
+    for name, a, b in zip(["y", "t", "dx", "da", "db", "dbias"], eager, op):
+        assert_close(a, b, name=name)
+
+
+def test_eager_op_double_backward():
+    args = [a.detach().double().requires_grad_() for a in _lowrank_args()]
+    with tk.backend("reference"):
+        assert torch.autograd.gradgradcheck(lambda *a: lowrank_ops.lowrank_linear(*a)[0], args)
+
+
+def test_eager_op_without_autograd_is_a_plain_call():
+    args = _lowrank_args()
+    with torch.no_grad(), tk.backend("reference"):
+        y, _ = lowrank_ops.lowrank_linear(*args)
+    assert y.grad_fn is None and not y._is_view()
+
+
+class _Record(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+def test_eager_op_leaves_modes_and_keywords_to_the_custom_op():
+    """Under a dispatch mode (fake tensors, tracing, opcheck's recorders) and with keyword arguments
+    the call goes through the custom op, which the mode sees."""
+    args = _lowrank_args()
+    with tk.backend("reference"), _Record() as rec:
+        lowrank_ops.lowrank_linear(*args)
+    assert torch.ops.tspline.lowrank_linear.default in rec.ops
+    with tk.backend("reference"):
+        y, _ = lowrank_ops.lowrank_linear(*args[:3], bias=args[3])
+    assert "eager" not in type(y.grad_fn).__name__
+
+
+def test_ops_with_tensor_lists_keep_the_custom_op():
+    @torch.library.custom_op("tspline_test::scaled_sum", mutates_args=())
+    def scaled_sum(xs: list[torch.Tensor], s: float) -> torch.Tensor:
+        return sum(xs) * s
+
+    def setup(ctx, inputs, output):
+        ctx.n, ctx.s = len(inputs[0]), inputs[1]
+
+    register_autograd(scaled_sum, lambda ctx, g: ([g * ctx.s] * ctx.n, None), setup)
+    assert not isinstance(scaled_sum, EagerOp)
+    xs = [torch.randn(3, requires_grad=True) for _ in range(2)]
+    scaled_sum(xs, 2.0).sum().backward()
+    torch.testing.assert_close(xs[1].grad, torch.full((3,), 2.0))
+
+
+# ------------------------------------------------------------------------------- derived values
+def test_derived_recomputes_on_change_and_never_under_autograd():
+    a, b = torch.randn(3), torch.randn(3)
+    cache, computed = Derived(), []
+
+    def compute():
+        computed.append(1)
+        return a + b
+
+    with torch.no_grad():
+        first = cache.get((a, b), compute)
+        assert cache.get((a, b), compute) is first and len(computed) == 1
+        a.add_(1)  # in place: version counter
+        assert_close(cache.get((a, b), compute), a + b)
+        a.data = torch.randn(3)  # new storage, same object and version
+        assert_close(cache.get((a, b), compute), a + b)
+        n = len(computed)
+        cache.get((b, a), compute)  # other tensors
+        assert len(computed) == n + 1
+        assert cache.get((a, b), compute, torch.float64) is not cache.get((a, b), compute, torch.float32)
+    a.requires_grad_()
+    n = len(computed)
+    cache.get((a, b), compute), cache.get((a, b), compute)
+    assert len(computed) == n + 2, "a value carrying a graph was kept"
+
+
+def _kron_reference(layer, x):
+    with tk.backend("reference"):
+        return torch.nn.functional.linear(x, layer.materialize(), layer.effective_bias())
+
+
+@pytest.mark.parametrize("which", ["reference", "triton"])
+def test_kronecker_inference_follows_every_parameter_update(which):
+    torch.manual_seed(2)
+    layer = tk.KroneckerLinear((3, 5, 2), (4, 3, 2))
+    x = torch.randn(4, layer.in_features)
+    with tk.backend(which), torch.no_grad():
+        layer(x)  # fills the cache
+        layer.factors[1].mul_(-2.0)  # an optimizer-like in-place step
+        assert_close(layer(x), _kron_reference(layer, x), name="in-place")
+        layer.load_state_dict({k: v + 1 for k, v in layer.state_dict().items() if k != "_extra_state"},
+                              strict=False)
+        assert_close(layer(x), _kron_reference(layer, x), name="load_state_dict")
+        dtype = torch.float64 if which == "reference" else torch.float16  # new storage through _apply
+        layer.to(dtype)
+        assert_close(layer(x.to(dtype)), _kron_reference(layer, x.to(dtype)), name=f".to({dtype})")
+
+
+def test_kronecker_training_steps_build_a_fresh_graph_each_call():
+    torch.manual_seed(3)
+    layer = tk.KroneckerLinear((3, 5), (4, 3))
+    x = torch.randn(4, layer.in_features)
+    with tk.backend("reference"):
+        with torch.no_grad():
+            layer(x)  # an inference call first: its kept value must not leak into training
+        for _ in range(2):  # a kept graph would fail the second backward
+            layer.zero_grad()
+            layer(x).square().sum().backward()
+        grads = [p.grad.clone() for p in layer.parameters()]
+        layer.zero_grad()
+        _kron_reference(layer, x).square().sum().backward()
+    for g, p in zip(grads, layer.parameters()):
+        assert_close(g, p.grad)
+
+
+@pytest.mark.parametrize("basis", ["bicubic", "gaussian"])
+def test_spline_inference_follows_parameter_updates(basis):
+    torch.manual_seed(4)
+    layer = tk.SplineLinear(11, 7, basis=basis, n_control_points=5)
+    x = torch.randn(3, 11)
+    with tk.backend("reference"), torch.no_grad():
+        layer(x)
+        for p in layer.parameters():
+            p.mul_(0.5)
+        expected = torch.nn.functional.linear(x, layer.materialize(), layer.bias)
+        assert_close(layer(x), expected)

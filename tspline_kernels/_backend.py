@@ -113,18 +113,14 @@ class EagerOp(CustomOpDef):
             return
         fn = op._init_fn
 
-        class Function(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, *args):
-                out = fn(*args)
-                setup(ctx, args, out)
-                return out
+        def forward(ctx, *args):
+            out = fn(*args)
+            setup(ctx, args, out)
+            return out
 
-            @staticmethod
-            def backward(ctx, *grads):
-                return backward(ctx, *grads)
-
-        Function.__name__ = Function.__qualname__ = f"{op._name}_eager"
+        # built by name so that its graph nodes read "<op>_eagerBackward"
+        Function = type(f"{op._name}_eager", (torch.autograd.Function,),
+                        {"forward": staticmethod(forward), "backward": staticmethod(backward)})
         op.__class__ = cls
         op._eager_function, op._eager_arity = Function, len(arguments)
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._fit import damped_gram, fit_inputs
-from .._layers import CompressedLinear, SavedSettings, check_count, check_flag, check_grid, fit_report
+from .._layers import CompressedLinear, Derived, SavedSettings, cast, check_count, check_flag, check_grid, fit_report
 from ..reference import spline as ref
 from . import ops
 
@@ -81,6 +81,7 @@ class SplineLinear(SavedSettings, CompressedLinear):
             self.n_control_points = n
             self.control = nn.Parameter(torch.empty(n, **factory))
         self.rho = 0.0
+        self._derived = Derived()  # bicubic's control grid, gaussian's bandwidth, kept between inference calls
         if basis in _FIELD:
             lattice = ref.eisenstein_lattice(self.n_control_points)  # on the CPU, whatever ``device`` is
             self.register_buffer("lattice", lattice.to(device), persistent=False)
@@ -107,6 +108,7 @@ class SplineLinear(SavedSettings, CompressedLinear):
         return float(radius)
 
     def _apply(self, fn, recurse=True):
+        self._derived = Derived()  # .to(), .half(), ... swap the parameters' storage
         super()._apply(fn, recurse)
         if hasattr(self, "lattice"):
             # The lattice is derived from n, not saved: rebuilt in fp32 whatever the parameters are
@@ -147,15 +149,15 @@ class SplineLinear(SavedSettings, CompressedLinear):
     # ---- forward --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self._prepare(x)
-        x = x.to(dtype)
-        bias = None if self.bias is None else self.bias.to(dtype)
+        x, bias = cast(x, dtype), cast(self.bias, dtype)
         if self.basis in _FIELD:
-            sigma = self._sigma()
-            return ops.field_linear(
-                x, self.control.to(dtype), self.lattice, None if sigma is None else sigma.to(dtype), bias,
-                self.out_features, self.in_features, _FIELD[self.basis], self.rho, False,
-            )
-        return ops.separable_linear(x, self._grid_control().to(dtype), bias, self.out_features, self._kind)
+            sigma = None if self.basis != "gaussian" else self._derived.get(
+                (self.log_bandwidth,), lambda: cast(self._sigma(), dtype), dtype)
+            return ops.field_linear(x, cast(self.control, dtype), self.lattice, sigma, bias,
+                                    self.out_features, self.in_features, _FIELD[self.basis], self.rho, False)
+        control = cast(self.control, dtype) if self.basis == "bspline" else self._derived.get(
+            (self.control,), lambda: cast(self._grid_control(), dtype), dtype)
+        return ops.separable_linear(x, control, bias, self.out_features, self._kind)
 
     def materialize(self) -> torch.Tensor:
         if self.basis in _FIELD:
@@ -266,10 +268,11 @@ class HierarchicalSplineLinear(SavedSettings, CompressedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self._prepare(x)
-        x = x.to(dtype)
-        bias = None if self.bias is None else self.bias.to(dtype)
-        coarse = ops.separable_linear(x, self.control_coarse.to(dtype), None, self.out_features, ref.BSPLINE)
-        return coarse + ops.separable_linear(x, self.control_fine.to(dtype), bias, self.out_features, ref.BSPLINE)
+        x = cast(x, dtype)
+        coarse = ops.separable_linear(x, cast(self.control_coarse, dtype), None, self.out_features, ref.BSPLINE)
+        fine = ops.separable_linear(x, cast(self.control_fine, dtype), cast(self.bias, dtype), self.out_features,
+                                    ref.BSPLINE)
+        return coarse + fine
 
     def materialize(self) -> torch.Tensor:
         w = sum(ref.separable_weight(c, self.out_features, self.in_features, ref.BSPLINE)
