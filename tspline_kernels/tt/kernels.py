@@ -69,6 +69,7 @@ from collections.abc import Callable, Hashable
 
 import torch
 
+from .._layers import cast
 from .._triton import INTERPRET, SplitSlots, cdiv, check_inputs, dot_precision, flatten, m_bucket
 from ..reference import tt as ref
 from . import cost
@@ -389,7 +390,7 @@ def cores_linear(x: torch.Tensor, cores: list[Core], bias: torch.Tensor | None, 
         y = rebuild_linear(x2, dense_cores(cores), bias)
     else:
         y = contract_linear(x2, cores, bias)
-    return y.reshape(*x.shape[:-1], math.prod(c.o for c in cores))
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[1])  # no view of y to re-label (ops' owned)
 
 
 def cores_grad(dy: torch.Tensor, x: torch.Tensor, cores: list[Core], strategy: str, need_dx: bool
@@ -410,7 +411,7 @@ def cores_grad(dy: torch.Tensor, x: torch.Tensor, cores: list[Core], strategy: s
         grads, dx = rebuild_grad(dy2, x2, dense_cores(cores), need_dx)
     else:
         grads, dx = contract_grad(dy2, x2, cores, need_dx)
-    return grads, None if dx is None else dx.reshape(x.shape).to(x.dtype)
+    return grads, None if dx is None else cast(dx if x.dim() == 2 else dx.reshape(x.shape), x.dtype)
 
 
 def plain_cores(cores: list[torch.Tensor]) -> list[Core]:
