@@ -17,7 +17,8 @@ from typing import NamedTuple
 
 import torch
 
-from .._triton import SplitSlots, check_inputs, configs, dot_precision, flatten, grouped_pid, m_bucket, tl, triton
+from .._triton import (SplitSlots, cdiv, check_inputs, configs, dot_precision, flatten, grouped_pid, m_bucket, next_pow2,
+                       tl, triton)
 from ..reference import spline as ref
 from ..reference.spline import EXP_FLOOR, GAUSSIAN_EPS, IDW_EPS
 
@@ -33,13 +34,8 @@ _EXP_FLOOR = tl.constexpr(EXP_FLOOR)
 OUT_TILE = 64  # output columns per tile of the output pass: the row chunk of the output basis table
 
 
-def _cdiv(a: int, b: int) -> int:
-    """Host ceil division (``triton.cdiv`` is a constexpr function in Triton 3.9: ~3 us a call)."""
-    return -(-a // b)
-
-
 def _pad(g: int) -> int:
-    return max(16, triton.next_power_of_2(g))
+    return max(16, next_pow2(g))
 
 
 class BasisWindows(NamedTuple):
@@ -57,14 +53,14 @@ class BasisWindows(NamedTuple):
 def basis_windows(n: int, g: int, kind: int, chunk: int, dtype: torch.dtype, device: torch.device) -> BasisWindows:
     """The windowed basis table of one axis, built once per shape from the reference's float64
     basis (it depends on the shape only, never on parameters) and cached on ``device``."""
-    s = max(_cdiv(n, chunk), 1)
+    s = max(cdiv(n, chunk), 1)
     rows = torch.zeros(s * chunk, g, dtype=torch.float64)
     rows[:n] = ref.basis_matrix(n, g, kind, torch.float64)
     touched = (rows != 0).reshape(s, chunk, g).any(1)
     cols = torch.arange(g)
     start = torch.where(touched, cols, g).min(1).values.clamp(max=g - 1)
     last = torch.where(touched, cols, -1).max(1).values
-    width = max(16, triton.next_power_of_2(max(int((last - start).max()) + 1, 1)))
+    width = max(16, next_pow2(int((last - start).max()) + 1))
     padded = torch.cat([rows, rows.new_zeros(s * chunk, width)], 1).reshape(s, chunk, g + width)
     table = padded.gather(2, (start[:, None] + torch.arange(width))[:, None, :].expand(s, chunk, width))
     return BasisWindows(table.to(device=device, dtype=dtype), start.to(device=device, dtype=torch.int32), width)
@@ -127,7 +123,7 @@ def _gather_windows(part_ptr, start_ptr, rm, m_mask, M, S, GP: tl.constexpr, W: 
 
 def _split_prune(cfgs, named_args, **kwargs):
     """Drop output splits larger than the number of output tiles."""
-    tiles = _cdiv(named_args["N_OUT"], kwargs["BN"])
+    tiles = cdiv(named_args["N_OUT"], kwargs["BN"])
     kept = [c for c in cfgs if c.kwargs["N_SPLIT"] <= max(tiles, 1)]
     return kept or cfgs[:1]
 
@@ -214,8 +210,8 @@ def _input_pass(a2: torch.Tensor, g: int, kind: int, chunk: int) -> tuple[torch.
     win = basis_windows(n, g, kind, chunk, a2.dtype, a2.device)
     s = win.start.numel()
     part = torch.empty(s, m, win.width, device=a2.device, dtype=torch.float32)
-    _separable_in_kernel[lambda meta: (_cdiv(m, meta["BM"]), s)](
-        a2, win.table, part, m, n, m_bucket(m), a2.stride(0), a2.stride(1),
+    _separable_in_kernel[lambda meta: (cdiv(m, meta["BM"]), s)](
+        a2, win.table, part, m, n, m_bucket(m), *a2.stride(),
         CHUNK=chunk, W=win.width, PRECISION=dot_precision(a2.dtype),
     )
     return part, win
@@ -233,19 +229,19 @@ def separable_linear(
     m = x2.shape[0]
     chunk = _chunk(m, chunk)
     g_out, g_in = control.shape
-    y = torch.empty(m, out_features, device=x.device, dtype=x.dtype)
+    y = torch.empty(*x.shape[:-1], out_features, device=x.device, dtype=x.dtype)
     if m > 0 and out_features > 0:
         part, bi = _input_pass(x2, g_in, kind, chunk)
         bo = basis_windows(out_features, g_out, kind, OUT_TILE,
                            torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32, x.device)
-        _separable_out_kernel[lambda meta: (_cdiv(m, meta["BM"]), meta["N_SPLIT"])](
-            part, bi.start, control, bo.table, bo.start, bias if bias is not None else y, y,
-            m, bi.start.numel(), out_features, g_in, g_out, m_bucket(m),
-            control.stride(0), control.stride(1), y.stride(0), y.stride(1),
+        y2 = flatten(y)
+        _separable_out_kernel[lambda meta: (cdiv(m, meta["BM"]), meta["N_SPLIT"])](
+            part, bi.start, control, bo.table, bo.start, bias if bias is not None else y2, y2,
+            m, bi.start.numel(), out_features, g_in, g_out, m_bucket(m), *control.stride(), *y2.stride(),
             HAS_BIAS=bias is not None, GIP=_pad(g_in), W_IN=bi.width, BN=OUT_TILE, PW=bo.width,
             PRECISION=_fp32_operand_precision(x.dtype),
         )
-    return y.reshape(*x.shape[:-1], out_features)
+    return y
 
 
 @triton.autotune(
@@ -292,7 +288,7 @@ def separable_grad_control(u: torch.Tensor, v: torch.Tensor, g_out: int, g_in: i
     pout, wout = _input_pass(u2, g_out, kind, chunk)
     pin, win = _input_pass(v2, g_in, kind, chunk)
     gop, gip = _pad(g_out), _pad(g_in)
-    slots = SplitSlots(_separable_dc_kernel, lambda meta: _cdiv(m, meta["BM"]))
+    slots = SplitSlots(_separable_dc_kernel, lambda meta: cdiv(m, meta["BM"]))
     part = slots.empty(gop, gip, device=u.device)
     _separable_dc_kernel[lambda meta: (slots(meta),)](
         pout, wout.start, pin, win.start, part, m, wout.start.numel(), win.start.numel(), g_out, g_in, m_bucket(m),
