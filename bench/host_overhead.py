@@ -8,7 +8,7 @@ autotuner's first, under the interpreter its only one) and any ``triton.heuristi
 :class:`SplitSlots` and the other grid callables do their work. Torch ops between launches (a cast,
 a sum of partial slots) also run: on a GPU each is an asynchronous kernel launch; without one (the
 CPU) its arithmetic runs here and is part of the time, so each row also reports these "torch
-kernels" per call and their approximate CPU time (:func:`torch_kernels`).
+kernels" per call (:func:`torch_kernels`).
 
 What is not counted. The launch ``kernel[grid](*args)`` itself is a no-op that records the kernel's
 name and grid: nothing of Triton's launch path runs (the autotuner's key and cache lookup, the
@@ -179,24 +179,27 @@ def median_us(fn: Callable[[], object], min_run_time: float) -> float:
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e6
 
 
-# aten ops that only allocate or re-describe memory: no kernel on a GPU
-_NO_KERNEL = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "view", "reshape",
-              "_unsafe_view", "_reshape_alias", "as_strided", "select", "slice", "expand", "t", "transpose",
-              "permute", "detach", "alias", "unsqueeze", "squeeze", "unflatten", "lift_fresh", "resolve_conj",
-              "resolve_neg", "set_", "numpy_T", "_has_compatible_shallow_copy_type"}
+# aten ops that only allocate, re-describe memory or return their input: no kernel on a GPU
+_NO_KERNEL = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "view", "reshape", "view_as",
+              "_unsafe_view", "_reshape_alias", "as_strided", "select", "slice", "narrow", "expand", "expand_as",
+              "t", "mT", "transpose", "permute", "movedim", "flatten", "unflatten", "squeeze", "unsqueeze", "split",
+              "split_with_sizes", "chunk", "unbind", "diagonal", "detach", "alias", "lift_fresh", "resolve_conj",
+              "resolve_neg", "to", "contiguous", "set_", "requires_grad_", "_has_compatible_shallow_copy_type"}
 
 
-def torch_kernels(fn: Callable[[], object], calls: int = 5) -> tuple[float, float]:
-    """(torch kernels per call, their approximate CPU microseconds per call) of ``fn``: the aten
-    ops it runs that do arithmetic (leaves of the profiler's op tree that are not allocations or
-    views: a copy, a fill, a sum). On a GPU each is a launch of its own; here their arithmetic runs
-    on the CPU and is part of the measured time. The time is the profiler's wall clock, approximate."""
+def torch_kernels(fn: Callable[[], object], calls: int = 3) -> float:
+    """Torch kernels per call of ``fn``: the aten ops it runs that do arithmetic (a copy, a fill, a
+    sum, a matmul: ops outside ``_NO_KERNEL`` none of whose callees does arithmetic, from the
+    profiler's op tree). On a GPU each is a launch of its own; here their arithmetic runs on the CPU
+    and is part of the measured time."""
+    def kernels(event) -> int:
+        below = sum(kernels(c) for c in event.cpu_children)
+        return below or int(event.name.startswith("aten::") and event.name[6:] not in _NO_KERNEL)
+
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(calls):
             fn()
-    leaves = [e for e in prof.events() if e.name.startswith("aten::") and not e.cpu_children
-              and e.name[len("aten::"):] not in _NO_KERNEL]
-    return len(leaves) / calls, sum(e.self_cpu_time_total for e in leaves) / calls
+    return sum(kernels(e) for e in prof.events() if e.cpu_parent is None) / calls
 
 
 def measure_layer(name: str, layer: nn.Module, device: str, dtype: torch.dtype, stub: bool,
@@ -214,7 +217,7 @@ def measure_layer(name: str, layer: nn.Module, device: str, dtype: torch.dtype, 
             fn()
             row[f"{mode}_launches"] = len(launches)
             row[f"{mode}_kernels"] = sorted({launch.kernel for launch in launches})
-            row[f"{mode}_torch_kernels"], row[f"{mode}_torch_kernel_us"] = torch_kernels(fn)
+            row[f"{mode}_torch_kernels"] = torch_kernels(fn)
             row[f"{mode}_us"] = median_us(fn, min_run_time)
             goal = GOAL_FWD_US if mode == "fwd" else GOAL_FWD_BWD_US
             row[f"{mode}_goal_met"] = row[f"{mode}_us"] <= goal if stub else None

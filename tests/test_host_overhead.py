@@ -105,8 +105,9 @@ def test_measure_layer_row(monkeypatch):
 
 def test_torch_kernels_counts_arithmetic_not_views():
     a = torch.randn(8, 8)
-    count, _ = host_overhead.torch_kernels(lambda: (a.view(64).reshape(8, 8).t(), torch.empty(3), a + 1, a.sum()))
-    assert count == 2  # the add and the sum
+    count = host_overhead.torch_kernels(lambda: (a.view(64).reshape(8, 8).t(), torch.empty(3), a.to(a.dtype), a + 1,
+                                                 a.sum(), a.to(torch.float64), torch.ones_like(a)))
+    assert count == 4  # the add, the sum, the cast's copy and the ones' fill
 
 
 def test_bench_only_host_overhead_runs_the_benchmark(monkeypatch, tmp_path):
@@ -269,3 +270,16 @@ def test_spline_inference_follows_parameter_updates(basis):
             p.mul_(0.5)
         expected = torch.nn.functional.linear(x, layer.materialize(), layer.bias)
         assert_close(layer(x), expected)
+
+
+@pytest.mark.parametrize("transform_outer", [True, False])
+@pytest.mark.parametrize("dims", [((5,), (3,)), ((3, 5), (4, 2)), ((2, 3, 4), (3, 1, 2)), ((1, 3, 2, 2), (2, 2, 1, 3))],
+                         ids=["1-mode", "2-modes", "3-modes", "4-modes"])
+def test_kronecker_effective_bias_closed_form(dims, transform_outer):
+    from tspline_kernels.kronecker.module import effective_bias
+    from tspline_kernels.reference import kronecker as ref
+
+    torch.manual_seed(5)
+    factors = [torch.randn(o, i, dtype=torch.float64) for i, o in zip(*dims)]
+    biases = [torch.randn(o, dtype=torch.float64) for o in dims[1]]
+    assert_close(effective_bias(factors, biases, transform_outer), ref.kronecker_bias(factors, biases, transform_outer))
