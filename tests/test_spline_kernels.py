@@ -247,20 +247,26 @@ def test_separable_chunk_validation(chunk, kernel_device):
 @pytest.mark.parametrize("basis", ["bspline", "bicubic"])
 @pytest.mark.parametrize("n, g, chunk", [(4096, 64, 512), (4096, 64, 256), (4096, 64, 64), (300, 70, 128), (37, 9, 128), (1, 4, 64)])
 def test_basis_windows_hold_the_whole_basis(basis, n, g, chunk):
-    """Scattered back, the windowed table is the reference basis exactly (float64), and at the goal
-    shape (4096 features, grid 64) every window is 16 columns: the input pass's and output pass's
-    dots are 16 wide, not 64."""
+    """Scattered back, the windowed table is the reference basis exactly (float64); its fp16/bf16
+    parts (rounded basis + residual) sum to it within 2^-16 relative, where one part alone is off
+    by up to 2^-9; at the goal shape (4096 features, grid 64) every window is 16 columns: the
+    passes' dots are 16 wide, not 64."""
     from tspline_kernels.reference import spline as ref
     from tspline_kernels.spline import kernels
 
     kind = ref.BSPLINE if basis == "bspline" else ref.BICUBIC
-    win = kernels.basis_windows(n, g, kind, chunk, torch.float64, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    win = kernels.basis_windows(n, g, kind, chunk, torch.float64, cpu)
     s = win.start.numel()
-    assert win.table.shape == (s, chunk, win.width) and s == -(-n // chunk)
+    assert win.table.shape == (1, s, chunk, win.width) and s == -(-n // chunk)
     dense = torch.zeros(s, chunk, g + win.width, dtype=torch.float64)
-    dense.scatter_(2, (win.start.long()[:, None] + torch.arange(win.width))[:, None, :].expand_as(win.table), win.table)
+    dense.scatter_(2, (win.start.long()[:, None] + torch.arange(win.width))[:, None, :].expand_as(win.table[0]), win.table[0])
     torch.testing.assert_close(dense.reshape(s * chunk, -1)[:n, :g], ref.basis_matrix(n, g, kind, torch.float64), rtol=0, atol=0)
     assert dense[..., g:].abs().sum() == 0 and dense.reshape(s * chunk, -1)[n:].abs().sum() == 0
+    for dtype in (torch.float16, torch.bfloat16):
+        parts = kernels.basis_windows(n, g, kind, chunk, dtype, cpu).table.double()
+        assert parts.shape == (2, *win.table.shape[1:])
+        torch.testing.assert_close(parts.sum(0), win.table[0], rtol=2**-16, atol=1e-7)
     if (n, g) == (4096, 64):
         assert win.width == 16
 

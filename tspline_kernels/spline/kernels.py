@@ -41,8 +41,11 @@ def _pad(g: int) -> int:
 class BasisWindows(NamedTuple):
     """One axis's basis B ``(n, G)`` cut into chunks of ``chunk`` rows, each kept only over the
     ``width`` grid columns its rows touch (B is four-banded and monotone, so that is a narrow
-    window): ``table[s, b, w] = B[s*chunk + b, start[s] + w]`` ``(S, chunk, width)``, zero past
-    n or G, and ``start`` ``(S,)`` int32. ``width`` is a power of two >= 16 (``tl.dot``'s minimum)."""
+    window): ``table[p, s, b, w]`` is part p of ``B[s*chunk + b, start[s] + w]``, zero past n or
+    G, ``(P, S, chunk, width)``; ``start`` ``(S,)`` int32. ``width`` is a power of two >= 16
+    (``tl.dot``'s minimum). For fp16/bf16 P = 2: B rounded to the dtype and its rounding residual,
+    whose sum holds B to ~16 bits where one 16-bit value holds 8 or 11 (cancelling sums of large
+    inputs lost up to 10x the reference's accuracy to a rounded basis); P = 1 otherwise."""
 
     table: torch.Tensor
     start: torch.Tensor
@@ -63,7 +66,10 @@ def basis_windows(n: int, g: int, kind: int, chunk: int, dtype: torch.dtype, dev
     width = max(16, next_pow2(int((last - start).max()) + 1))
     padded = torch.cat([rows, rows.new_zeros(s * chunk, width)], 1).reshape(s, chunk, g + width)
     table = padded.gather(2, (start[:, None] + torch.arange(width))[:, None, :].expand(s, chunk, width))
-    return BasisWindows(table.to(device=device, dtype=dtype), start.to(device=device, dtype=torch.int32), width)
+    parts = [table.to(dtype)]
+    if dtype in (torch.float16, torch.bfloat16):
+        parts.append((table - parts[0].double()).to(dtype))
+    return BasisWindows(torch.stack(parts).to(device), start.to(device=device, dtype=torch.int32), width)
 
 
 @triton.autotune(
@@ -79,15 +85,17 @@ def basis_windows(n: int, g: int, kind: int, chunk: int, dtype: torch.dtype, dev
 def _separable_in_kernel(
     x_ptr, tab_ptr, part_ptr,
     M, N_IN, M_BUCKET, stride_xm, stride_xk,
-    CHUNK: tl.constexpr, W: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+    CHUNK: tl.constexpr, W: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr,
 ):
     """Input pass, split over K: part[s, rows] = x[rows, chunk s] @ Bi[chunk s, start[s]:start[s]+W].
 
-    x ``(M, N_IN)``, the windowed table of Bi ``(S, CHUNK, W)`` (``BasisWindows``), part
+    x ``(M, N_IN)``, the windowed table of Bi ``(P, S, CHUNK, W)`` (``BasisWindows``), part
     ``(S, M, W)`` fp32. Program (i, s) streams its ``BM x CHUNK`` block of x once; every (s, row)
     slot is written whatever the config, so no slot is ever stale. Products of x's dtype on the
-    tensor cores, fp32 accumulation, the partials stay fp32 (see ``_separable_out_kernel``).
-    FLOPs: 2*M*S*CHUNK*W (useful: 8*M*N_IN). Bytes: elt*M*N_IN + 4*S*M*W, plus the table (L2).
+    tensor cores, fp32 accumulation; with ``SPLIT`` (fp16/bf16, P = 2) x multiplies both parts of
+    the table, so the basis is not rounded to x's dtype (x itself is exact). The partials stay fp32.
+    FLOPs: 2*P*M*S*CHUNK*W (useful: 8*M*N_IN). Bytes: elt*M*N_IN + 4*S*M*W, plus the table (L2).
     """
     pid_m = tl.program_id(0)
     s = tl.program_id(1)
@@ -99,8 +107,10 @@ def _separable_in_kernel(
         rb = s * CHUNK + k0 + tl.arange(0, BK)
         a = tl.load(x_ptr + rm[:, None] * stride_xm + rb[None, :] * stride_xk,
                     mask=m_mask[:, None] & (rb < N_IN)[None, :], other=0.0)
-        b = tl.load(tab_ptr + rb[:, None] * W + rw[None, :])  # rows past N_IN are zero
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        tab = tab_ptr + rb[:, None] * W + rw[None, :]  # rows past N_IN are zero
+        acc = tl.dot(a, tl.load(tab), acc, input_precision=PRECISION)
+        if SPLIT:
+            acc = tl.dot(a, tl.load(tab + tl.num_programs(1) * CHUNK * W), acc, input_precision=PRECISION)
     tl.store(part_ptr + (s.to(tl.int64) * M + rm)[:, None] * W + rw[None, :], acc, mask=m_mask[:, None])
 
 
@@ -149,14 +159,14 @@ def _separable_out_kernel(
 ):
     """Output pass: y = (u @ C.T) @ Bo.T + bias with u = x @ Bi summed from the input pass's slots.
 
-    part ``(S, M, W_IN)`` fp32, C ``(G_OUT, G_IN)``, the windowed table of Bo ``(T, BN, PW)``
+    part ``(S, M, W_IN)`` fp32, C ``(G_OUT, G_IN)``, the fp32 windowed table of Bo ``(1, T, BN, PW)``
     (``BasisWindows``, T = cdiv(N_OUT, BN)), y ``(M, N_OUT)``. Program (i, j) gathers u for its
     ``BM`` rows once, then for every ``N_SPLIT``-th output tile t from j: z = u @ C[win_t].T over
-    the ``PW`` grid rows tile t touches (Bo is four-banded), y tile = z @ Bo_t.T. Both dots run on
-    the tensor cores with fp32 accumulation, in the output table's dtype: bf16 for bf16 layers
-    (bf16 has fp32's range); fp32 with ``PRECISION`` "tf32" for fp16 layers, because u and z can
-    exceed fp16's range where y does not (rounded to fp16 they were inf, and inf * 0 in the banded
-    tile spread NaN over whole rows); fp32 layers use torch's matmul precision.
+    the ``PW`` grid rows tile t touches (Bo is four-banded), y tile = z @ Bo_t.T. u, z and the
+    fp32 table of Bo stay fp32: ``PRECISION`` "tf32" for fp16/bf16 layers (tensor cores, fp32's
+    range, 10-bit mantissas): rounded to fp16, u and z overflowed where y does not (inf * 0 in the
+    banded tile then spread NaN over whole rows), and rounded to bf16 they cost cancelling outputs
+    several times the reference's error; fp32 layers use torch's matmul precision.
     FLOPs: 2*M*T*PW*(GIP + BN) (useful: 2*M*(G_IN*G_OUT + 4*N_OUT)).
     Bytes: elt*M*N_OUT + 4*S*M*W_IN*N_SPLIT (partials, L2-resident) + elt*G_OUT*G_IN.
     Minimal bytes of the whole forward (both passes): elt*(M*(N_IN + N_OUT) + G_OUT*G_IN).
@@ -165,18 +175,17 @@ def _separable_out_kernel(
     pid_n = tl.program_id(1)
     rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)  # row offsets past 2^31 elements
     m_mask = rm < M
-    inter = tab_ptr.dtype.element_ty
-    u = _gather_windows(part_ptr, start_in_ptr, rm, m_mask, M, S, GIP, W_IN, BM).to(inter)
+    u = _gather_windows(part_ptr, start_in_ptr, rm, m_mask, M, S, GIP, W_IN, BM)
     rq = tl.arange(0, GIP)
     rw = tl.arange(0, PW)
     for t in range(pid_n, tl.cdiv(N_OUT, BN), N_SPLIT):
         rp = tl.load(start_out_ptr + t) + rw
         ct = tl.load(c_ptr + rp[None, :] * stride_co + rq[:, None] * stride_ci,
                      mask=(rp < G_OUT)[None, :] & (rq < G_IN)[:, None], other=0.0)
-        z = tl.dot(u, ct.to(inter), input_precision=PRECISION)
+        z = tl.dot(u, ct.to(tl.float32), input_precision=PRECISION)
         rn = t * BN + tl.arange(0, BN)
         bo_t = tl.load(tab_ptr + rn[None, :] * PW + rw[:, None])  # (PW, BN): Bo's window, transposed
-        acc = tl.dot(z.to(inter), bo_t, input_precision=PRECISION)
+        acc = tl.dot(z, bo_t, input_precision=PRECISION)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rn, mask=rn < N_OUT, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
@@ -212,7 +221,7 @@ def _input_pass(a2: torch.Tensor, g: int, kind: int, chunk: int) -> tuple[torch.
     part = torch.empty(s, m, win.width, device=a2.device, dtype=torch.float32)
     _separable_in_kernel[lambda meta: (cdiv(m, meta["BM"]), s)](
         a2, win.table, part, m, n, m_bucket(m), *a2.stride(),
-        CHUNK=chunk, W=win.width, PRECISION=dot_precision(a2.dtype),
+        CHUNK=chunk, W=win.width, SPLIT=win.table.shape[0] == 2, PRECISION=dot_precision(a2.dtype),
     )
     return part, win
 
@@ -232,8 +241,7 @@ def separable_linear(
     y = torch.empty(*x.shape[:-1], out_features, device=x.device, dtype=x.dtype)
     if m > 0 and out_features > 0:
         part, bi = _input_pass(x2, g_in, kind, chunk)
-        bo = basis_windows(out_features, g_out, kind, OUT_TILE,
-                           torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32, x.device)
+        bo = basis_windows(out_features, g_out, kind, OUT_TILE, torch.float32, x.device)
         y2 = flatten(y)
         _separable_out_kernel[lambda meta: (cdiv(m, meta["BM"]), meta["N_SPLIT"])](
             part, bi.start, control, bo.table, bo.start, bias if bias is not None else y2, y2,
