@@ -1,6 +1,7 @@
 """Triton launchers for SplineTTLinear. Reference: ``reference/spline_tt.py``.
 
-The kernels are the TT ones (``tt/kernels.py``):
+The kernels are the TT ones (``tt/chain.py``, ``tt/steps.py``, ``tt/rebuild.py``), launched by
+``tt/kernels.py``:
 * ``contract``: ``_chain_kernel`` (forward, dx), ``_chain_grad_kernel`` (core gradients) and, where
   those do not fit, ``_step_kernel`` with ``SPLINE=True`` generate every core tile they multiply
   from the control points and the four nonzero cubic B-spline taps of each mode index, in
@@ -9,7 +10,8 @@ The kernels are the TT ones (``tt/kernels.py``):
   ``_grad_step_kernel``) are d(core) in fp32, which the host projects onto the control points
   (dC_k = Bo_k.T dG_k Bi_k, a core-sized product).
 * ``rebuild``: the head product L is needed on the host anyway, so the (core-sized) spline cores
-  are formed there first, in fp32; then the TT rebuild kernels run unchanged. W is never formed.
+  are formed there first, in fp32 (kept while the controls are unchanged, ``tt.kernels.derived``);
+  then the TT rebuild kernels run unchanged. W is never formed.
 """
 
 from __future__ import annotations

@@ -153,7 +153,7 @@ def _chain_kernel(
     NI: tl.constexpr, NO: tl.constexpr, RP: tl.constexpr, X: tl.constexpr,
 ):
     """y = x @ W.T + bias for a TT matrix, the d contraction steps chained on chip; the states and
-    core tiles enter each ``tl.dot`` as ``STATE`` (``cost.state_dtype``, see the module docstring).
+    core tiles enter each ``tl.dot`` as ``STATE`` (``cost.state_dtype``, see ``kernels.py``'s docstring).
 
     Program (m block, O_1 block, O_2 block) owns y[BM rows, o_1 in its block, o_2 in its block, all
     o_3..o_d] and loops over chunks of NI[D-1] indices of i_d. Per chunk the state S_k, rows
