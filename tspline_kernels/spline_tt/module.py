@@ -81,7 +81,7 @@ class SplineTTLinear(SavedSettings, TTStructured):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self._prepare(x)
-        return ops.spline_tt_linear(cast(x, dtype), [cast(c, dtype) for c in self.control], cast(self.bias, dtype),
+        return ops.spline_tt_linear(cast(x, dtype), self._cast_factors(dtype), cast(self.bias, dtype),
                                     list(self.in_modes), list(self.out_modes), self.strategy)
 
     def materialize(self) -> torch.Tensor:

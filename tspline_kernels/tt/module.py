@@ -120,6 +120,11 @@ class TTStructured(CompressedLinear):
         """The per-core trainable tensors (their dtype is the kernels' dtype)."""
         raise NotImplementedError
 
+    def _cast_factors(self, dtype: torch.dtype) -> list[torch.Tensor]:
+        """The per-core tensors in ``dtype`` for a forward call (read from the list's parameter
+        dict: iterating an ``nn.ParameterList`` costs ~2 us per entry in ``__getattr__``)."""
+        return [cast(p, dtype) for p in self._factors()._parameters.values()]
+
     @property
     def strategy(self) -> str:
         return self._strategy
@@ -169,7 +174,7 @@ class TTLinear(TTStructured):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self._prepare(x)
-        return ops.tt_linear(cast(x, dtype), [cast(c, dtype) for c in self.cores], cast(self.bias, dtype), self.strategy)
+        return ops.tt_linear(cast(x, dtype), self._cast_factors(dtype), cast(self.bias, dtype), self.strategy)
 
     def materialize(self) -> torch.Tensor:
         return ref.tt_weight(list(self.cores)).to(self.cores[0].dtype)
