@@ -100,9 +100,11 @@ def derived(kind: Hashable, tensors: list[torch.Tensor], build: Callable[[], obj
     result is never reused after the values may have changed; it is replaced by the new version's.
     An entry holds weak references to its roots and goes when one of them is freed, so an ``id``
     reused by a new tensor never finds it; beyond ``DERIVED_SIZE`` entries the least recently used
-    go. Inference tensors have no version counter: their results are built every call. ``build``
-    must not return the tensors or views of them (the entry would keep them alive)."""
-    if any(t.is_inference() for t in tensors):
+    go. Inference tensors have no version counter, and a CUDA graph being captured must record
+    the build (a replay after an in-place update would read a kept result): their results are
+    built every call. ``build`` must not return the tensors or views of them (the entry would keep
+    them alive)."""
+    if any(t.is_inference() for t in tensors) or (tensors[0].is_cuda and torch.cuda.is_current_stream_capturing()):
         return build()
     roots = [_root(t) for t in tensors]
     key = (kind, tuple((id(r), t.data_ptr(), t.shape, t.stride(), t.dtype, t.device) for r, t in zip(roots, tensors)))
