@@ -36,18 +36,19 @@ def _pad(g: int) -> int:
 GEN_BM = 128  # nominal row block of the field kernels: W tiles are generated once per row block
 
 
-def _separable_executed(m: int, n_in: int, n_out: int, g_out: int, g_in: int, kind: int) -> float:
+def _separable_executed(m: int, n_in: int, n_out: int, g_out: int, g_in: int, kind: int, elt: int) -> float:
     """Tensor-core FLOPs of the separable forward's two passes, as their docstrings count them:
-    input pass 2*m*S*chunk*W (x times each chunk's window of Bi), output pass
-    2*m*T*PW*(GIP + BN) (per output tile, the windowed middle then the output dot)."""
+    input pass 2*P*m*S*chunk*W (x times each chunk's window of Bi, in P = 2 parts for 16-bit
+    inputs, ``elt`` == 2), output pass 2*m*T*PW*(GIP + BN) (per output tile, the windowed middle
+    then the output dot)."""
     from tspline_kernels.spline import kernels
 
     cpu = torch.device("cpu")
     chunk = kernels.in_chunk(m)
-    bi = kernels.basis_windows(n_in, g_in, kind, chunk, torch.float32, cpu)
+    bi = kernels.basis_windows(n_in, g_in, kind, chunk, torch.bfloat16 if elt == 2 else torch.float32, cpu)
     bo = kernels.basis_windows(n_out, g_out, kind, kernels.OUT_TILE, torch.float32, cpu)
-    tiles = bo.start.numel()
-    return 2.0 * m * (bi.start.numel() * chunk * bi.width + tiles * bo.width * (_pad(g_in) + kernels.OUT_TILE))
+    parts, slots, tiles = bi.table.shape[0], bi.start.numel(), bo.start.numel()
+    return 2.0 * m * (parts * slots * chunk * bi.width + tiles * bo.width * (_pad(g_in) + kernels.OUT_TILE))
 
 
 def costs(kernel: str, layer, m: int, elt: int, mode: str) -> tuple[float, float, float]:
@@ -68,7 +69,7 @@ def costs(kernel: str, layer, m: int, elt: int, mode: str) -> tuple[float, float
         useful = executed = 0.0
         for g_out, g_in in grids:
             useful += 2 * m * (4 * n_in + g_in * g_out + 4 * n_out)
-            executed += _separable_executed(m, n_in, n_out, g_out, g_in, kind)
+            executed += _separable_executed(m, n_in, n_out, g_out, g_in, kind, elt)
         passes = len(grids)
     else:
         useful = 2.0 * m * n_in * n_out
