@@ -21,7 +21,7 @@ time is about this overhead plus launches x that. Outputs of stubbed launches ar
 How. Each layer runs at a 4096 x 4096-like shape (or its family's natural shape near it) on
 M = 16 rows in bf16, one thread, timed with ``torch.utils.benchmark.Timer.blocked_autorange`` in
 CPU time of the calling thread (``time.thread_time``: other processes on a shared machine do not
-inflate it). "fwd" is an inference call (``torch.no_grad``), "fwd+bwd" a forward and
+inflate it). "fwd" is an inference call (timed under ``torch.no_grad``), "fwd+bwd" a forward and
 ``torch.autograd.grad`` into x and every parameter (no ``.grad`` accumulation). With a GPU the
 tensors live on it (torch's kernels then run asynchronously), else on the CPU. ``torch.nn.Linear``
 is reported for scale, unstubbed: at the same shape with its real 16-row matmul (fp32 on the CPU:
@@ -40,7 +40,7 @@ import contextlib
 import datetime
 import inspect
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,30 +67,54 @@ class Launch:
     grid: tuple[int, ...]
 
 
-def _wrappers(kernel) -> tuple[list[str], list[tuple[str, object]]]:
-    """(argument names, the wrappers between ``kernel[grid]`` and the compiled kernel, outermost
-    first): an autotuner adds its config (its first, under the interpreter its only one), a
-    ``triton.heuristics`` its values."""
+def _wrappers(kernel) -> tuple[dict[str, int], list[tuple[str, object]]]:
+    """(argument name -> position, the wrappers between ``kernel[grid]`` and the compiled kernel,
+    outermost first): an autotuner adds its config (its first, under the interpreter its only
+    one), a ``triton.heuristics`` its values."""
     from triton.runtime.autotuner import Autotuner, Heuristics
 
-    names, chain = kernel.arg_names, []
+    index, chain = {name: k for k, name in enumerate(kernel.arg_names)}, []
     while isinstance(kernel, (Autotuner, Heuristics)):
         if isinstance(kernel, Autotuner):
             chain.append(("config", kernel.configs[0].all_kwargs()))
         else:
             chain.append(("heuristics", kernel.values))
         kernel = kernel.fn
-    return names, chain
+    return index, chain
 
 
-def _meta(wrappers: tuple[list[str], list[tuple[str, object]]], args: tuple, kwargs: dict) -> dict:
-    """The ``meta`` a launch's grid callable receives: the kernel's arguments by name, plus what
-    its :func:`_wrappers` add."""
-    names, chain = wrappers
-    meta = {**dict(zip(names, args)), **kwargs}
-    for kind, payload in chain:
-        meta.update(payload if kind == "config" else {name: value(meta) for name, value in payload.items()})
-    return meta
+class _Meta(Mapping):
+    """The ``meta`` a launch's grid callable receives: the kernel's arguments by name plus what its
+    :func:`_wrappers` add, read lazily (a grid reads two or three entries; building the whole dict
+    would add the stub's own ~1.5 us to every launch)."""
+
+    def __init__(self, wrappers: tuple[dict[str, int], list[tuple[str, object]]], args: tuple, kwargs: dict) -> None:
+        self._index, chain = wrappers
+        self._args, self._kwargs, self._extra = args, kwargs, {}
+        for kind, payload in chain:
+            if kind == "config":
+                self._extra.update(payload)
+            else:  # in order: a heuristic sees the values of those before it, as in Triton
+                for name, value in payload.items():
+                    self._extra[name] = value(self)
+
+    def __getitem__(self, key: str):
+        for table in (self._extra, self._kwargs):
+            if key in table:
+                return table[key]
+        k = self._index[key]
+        if k >= len(self._args):
+            raise KeyError(key)
+        return self._args[k]
+
+    def _keys(self) -> dict:
+        return {**{n: None for n, k in self._index.items() if k < len(self._args)}, **self._kwargs, **self._extra}
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys())
+
+    def __len__(self) -> int:
+        return len(self._keys())
 
 
 def _kernel_name(kernel) -> str:
@@ -103,7 +127,7 @@ def _kernel_name(kernel) -> str:
 @contextlib.contextmanager
 def stubbed_launches() -> Iterator[list[Launch]]:
     """Inside the block every Triton launch ``kernel[grid](*args, **kwargs)`` is a no-op that
-    evaluates the grid (callable grids on the launch's :func:`_meta`) and appends a :class:`Launch`
+    evaluates the grid (callable grids on the launch's :class:`_Meta`) and appends a :class:`Launch`
     to the yielded list; nothing of Triton's launch path and no kernel body runs, outputs stay as
     allocated. Not thread-safe: the patch is process-wide for the block."""
     from triton.runtime.jit import KernelInterface
@@ -117,7 +141,7 @@ def stubbed_launches() -> Iterator[list[Launch]]:
         name, wrappers = known[id(kernel)]
 
         def launch(*args, **kwargs) -> None:
-            shape = grid(_meta(wrappers, args, kwargs)) if callable(grid) else grid
+            shape = grid(_Meta(wrappers, args, kwargs)) if callable(grid) else grid
             launches.append(Launch(name, tuple(shape)))
         return launch
 
@@ -156,20 +180,20 @@ BASELINES: dict[str, Callable[[], nn.Module]] = {
 }
 
 
-def calls(layer: nn.Module, x: torch.Tensor) -> dict[str, Callable[[], object]]:
-    """``fwd``: an inference call; ``fwd+bwd``: forward and the gradients of x and every
-    parameter (``torch.autograd.grad``: nothing accumulates into ``.grad``)."""
-    inputs = [x.detach().requires_grad_(), *(p for p in layer.parameters() if p.requires_grad)]
+GRAD_MODE = {"fwd": False, "fwd+bwd": True}  # the grad mode each call runs (and is timed) under
 
-    def forward():
-        with torch.no_grad():
-            return layer(x)
+
+def calls(layer: nn.Module, x: torch.Tensor) -> dict[str, Callable[[], object]]:
+    """``fwd``: an inference call (run it under ``torch.no_grad``, see ``GRAD_MODE``: entering that
+    context inside the timed call would add its own ~2 us); ``fwd+bwd``: forward and the gradients
+    of x and every parameter (``torch.autograd.grad``: nothing accumulates into ``.grad``)."""
+    inputs = [x.detach().requires_grad_(), *(p for p in layer.parameters() if p.requires_grad)]
 
     def forward_backward():
         y = layer(inputs[0])
         return torch.autograd.grad(y, inputs, torch.ones_like(y))
 
-    return {"fwd": forward, "fwd+bwd": forward_backward}
+    return {"fwd": lambda: layer(x), "fwd+bwd": forward_backward}
 
 
 def median_us(fn: Callable[[], object], min_run_time: float) -> float:
@@ -211,7 +235,7 @@ def measure_layer(name: str, layer: nn.Module, device: str, dtype: torch.dtype, 
     row = {"layer": name, "type": type(layer).__name__, "in_features": layer.in_features,
            "out_features": layer.out_features, "rows": ROWS, "dtype": str(dtype), "device": device, "stubbed": stub}
     for mode, fn in calls(layer, x).items():
-        with stubbed_launches() as launches:
+        with stubbed_launches() as launches, torch.set_grad_enabled(GRAD_MODE[mode]):
             fn()  # warm-up: the layers' caches fill on the first call
             launches.clear()
             fn()

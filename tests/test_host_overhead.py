@@ -87,7 +87,7 @@ def test_stubbed_layer_calls_record_each_launch_and_run_no_kernel(family, monkey
     with tk.backend("triton"):
         calls = host_overhead.calls(layer, x)
         for mode, expected in (("fwd", fwd_launches), ("fwd+bwd", fwd_bwd_launches)):
-            with stubbed_launches() as launches:
+            with stubbed_launches() as launches, torch.set_grad_enabled(host_overhead.GRAD_MODE[mode]):
                 calls[mode]()
             assert len(launches) == expected, f"{mode}: {launches}"
             assert all(g >= 1 for launch in launches for g in launch.grid), launches

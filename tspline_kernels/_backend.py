@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
+import importlib
 import os
 from collections.abc import Callable, Iterator
+from types import ModuleType
 
 import torch
 from torch import nn
@@ -58,6 +61,13 @@ def use_triton(t: torch.Tensor) -> bool:
     """Whether an op on tensor ``t`` runs the Triton kernels under the current backend."""
     name = get_backend()
     return t.is_cuda if name == "auto" else name == "triton"
+
+
+def kernels_of(package: str) -> Callable[[], ModuleType]:
+    """A loader of ``<package>.kernels``, the family's Triton launchers: imported on the first
+    Triton call (importing the package imports no Triton), then a cached lookup instead of an
+    import statement per call (~1.5 us)."""
+    return functools.cache(lambda: importlib.import_module(f"{package}.kernels"))
 
 
 def register_autograd(op: CustomOpDef, backward: Callable, setup_context: Callable) -> None:

@@ -16,10 +16,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._backend import owned, register_autograd, use_triton
+from .._backend import kernels_of, owned, register_autograd, use_triton
 from ..lowrank.ops import lowrank_grad_factors
 from ..reference import decoupled as ref
 from ..reference.common import bias_grad, compute_dtype
+
+_kernels = kernels_of(__package__)  # the Triton launchers, imported on first use
 
 
 # ------------------------------------------------------------------------------------- forward op
@@ -29,8 +31,7 @@ def decoupled_mlp(x: Tensor, v: Tensor, w: Tensor, coef: Tensor, lo: Tensor, hi:
     """y = g(x @ v) @ w.T + bias ``(*, n)`` in x's dtype; x ``(*, m)``, v ``(m, r)``, w ``(n, r)``,
     coef ``(r, K)``, lo/hi ``(r,)`` (hi > lo), bias ``(n,)`` or None."""
     if use_triton(x):
-        from .kernels import decoupled_mlp as launch
-        return owned(launch(x, v, w, coef, lo, hi, bias))
+        return owned(_kernels().decoupled_mlp(x, v, w, coef, lo, hi, bias))
     return owned(ref.decoupled_mlp(x, v, w, coef, lo, hi, bias))
 
 
@@ -65,8 +66,7 @@ def decoupled_mlp_backward(dy: Tensor, x: Tensor, v: Tensor, w: Tensor, coef: Te
     """(dx like x (empty unless ``need_input``), G = g(x @ v) ``(*, r)``, dz = (dy @ w) * g'(x @ v)
     ``(*, r)``, dcoef ``(r, K)``), the last three in the compute dtype; dy ``(*, n)``."""
     if use_triton(x):
-        from .kernels import decoupled_mlp_backward as launch
-        return launch(dy, x, v, w, coef, lo, hi, need_input)
+        return _kernels().decoupled_mlp_backward(dy, x, v, w, coef, lo, hi, need_input)
     return reference_backward(dy, x, v, w, coef, lo, hi, need_input)
 
 

@@ -14,9 +14,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._backend import owned, register_autograd, use_triton
+from .._backend import kernels_of, owned, register_autograd, use_triton
 from ..reference import kronecker as ref
 from ..reference.common import bias_grad, compute_dtype
+
+_kernels = kernels_of(__package__)  # the Triton launchers, imported on first use
 
 
 # ----------------------------------------------------------------------------------- forward op
@@ -25,8 +27,7 @@ def kronecker_linear(x: Tensor, a: Tensor, b: Tensor, bias: Tensor | None) -> Te
     """y[r] = A X[r] B.T + bias ``(*, m_1 m_2)`` in x's dtype; x ``(*, n_1 n_2)``, a ``(m_1, n_1)``,
     b ``(m_2, n_2)``, bias ``(m_1 m_2,)``, X[r] = x[r].reshape(n_1, n_2)."""
     if use_triton(x):
-        from .kernels import kronecker_linear as launch
-        return owned(launch(x, a, b, bias))
+        return owned(_kernels().kronecker_linear(x, a, b, bias))
     return owned(ref.kronecker_linear(x, a, b, bias))
 
 
@@ -41,8 +42,7 @@ def kronecker_grad_factors(x: Tensor, dy: Tensor, a: Tensor, b: Tensor) -> tuple
     """(sum_r dY[r] B X[r].T ``(m_1, n_1)``, sum_r dY[r].T A X[r] ``(m_2, n_2)``, dy's row sum
     ``(m_1 m_2,)``) in the compute dtype, over the leading dims of x ``(*, n_1 n_2)`` and dy ``(*, m_1 m_2)``."""
     if use_triton(x):
-        from .kernels import kronecker_grad_factors as launch
-        return launch(x, dy, a, b)
+        return _kernels().kronecker_grad_factors(x, dy, a, b)
     return ref.kronecker_grad_factors(x, dy, a, b)
 
 

@@ -16,9 +16,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._backend import owned, register_autograd, use_triton
+from .._backend import kernels_of, owned, register_autograd, use_triton
 from ..reference import lowrank as ref
 from ..reference.common import bias_grad, compute_dtype
+
+_kernels = kernels_of(__package__)  # the Triton launchers, imported on first use
 
 
 # ----------------------------------------------------------------------------------- forward op
@@ -27,8 +29,7 @@ def lowrank_linear(x: Tensor, a: Tensor, b: Tensor, bias: Tensor | None) -> tupl
     """(y, t): t = x @ a ``(*, r)`` in the compute dtype, y = t @ b.T + bias ``(*, n)`` in x's dtype;
     x ``(*, k)``, a ``(k, r)``, b ``(n, r)``."""
     if use_triton(x):
-        from .kernels import lowrank_linear as launch
-        return owned(launch(x, a, b, bias))
+        return owned(_kernels().lowrank_linear(x, a, b, bias))
     return owned(ref.lowrank_linear(x, a, b, bias))
 
 
@@ -44,8 +45,7 @@ def lowrank_grad_factors(x: Tensor, dy: Tensor, p: Tensor, q: Tensor) -> tuple[T
     """(x.T @ q ``(k, r)``, dy.T @ p ``(n, r)``, dy's row sum ``(n,)``) in the compute dtype, summed
     over the leading dims; x ``(*, k)``, dy ``(*, n)``, p and q ``(*, r)``."""
     if use_triton(x):
-        from .kernels import lowrank_grad_factors as launch
-        return launch(x, dy, p, q)
+        return _kernels().lowrank_grad_factors(x, dy, p, q)
     return ref.lowrank_grad_factors(x, dy, p, q)
 
 

@@ -14,9 +14,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._backend import owned, register_autograd, use_triton
+from .._backend import kernels_of, owned, register_autograd, use_triton
 from ..reference import spline as ref
 from ..reference.common import bias_grad, compute_dtype
+
+_kernels = kernels_of(__package__)  # the Triton launchers, imported on first use
 
 
 # --------------------------------------------------------------------------------------- separable
@@ -24,8 +26,7 @@ from ..reference.common import bias_grad, compute_dtype
 def separable_linear(x: Tensor, control: Tensor, bias: Tensor | None, out_features: int, kind: int) -> Tensor:
     """y = ((x @ Bi) @ C.T) @ Bo.T + bias; x ``(*, n_in)``, C ``(G_out, G_in)`` -> ``(*, out_features)``."""
     if use_triton(x):
-        from .kernels import separable_linear as launch
-        return owned(launch(x, control, bias, out_features, kind))
+        return owned(_kernels().separable_linear(x, control, bias, out_features, kind))
     return owned(ref.separable_linear(x, control, bias, out_features, kind))
 
 
@@ -38,8 +39,7 @@ def _(x, control, bias, out_features, kind):
 def separable_grad_control(u: Tensor, v: Tensor, g_out: int, g_in: int, kind: int) -> Tensor:
     """dC = (u @ Bo).T @ (v @ Bi) in fp32 (fp64 for fp64 inputs): u ``(*, n_out)``, v ``(*, n_in)``."""
     if use_triton(u):
-        from .kernels import separable_grad_control as launch
-        return launch(u, v, g_out, g_in, kind)
+        return _kernels().separable_grad_control(u, v, g_out, g_in, kind)
     return ref.separable_grad_control(u, v, g_out, g_in, kind)
 
 
@@ -97,8 +97,7 @@ def field_linear(
     """``a @ W.T + bias`` (a ``(*, n_in)``) or ``a @ W + bias`` if ``transpose`` (a ``(*, n_out)``),
     W ``(n_out, n_in)`` interpolated from ``control`` at the ``lattice`` points."""
     if use_triton(a):
-        from .kernels import field_linear as launch
-        return owned(launch(a, control, lattice, sigma, bias, n_out, n_in, basis, rho, transpose))
+        return owned(_kernels().field_linear(a, control, lattice, sigma, bias, n_out, n_in, basis, rho, transpose))
     return owned(ref.field_linear(a, control, lattice, sigma, bias, n_out, n_in, basis, rho, transpose))
 
 
@@ -114,8 +113,7 @@ def field_linear_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(da like a, d_control ``(n,)``, d_sigma ``(1,)``) of ``field_linear``; unrequested ones are empty."""
     if use_triton(dy):
-        from .kernels import field_linear_backward as launch
-        return launch(dy, a, control, lattice, sigma, n_out, n_in, basis, rho, transpose, need_input, need_params)
+        return _kernels().field_linear_backward(dy, a, control, lattice, sigma, n_out, n_in, basis, rho, transpose, need_input, need_params)
     return ref.field_linear_backward(dy, a, control, lattice, sigma, n_out, n_in, basis, rho, transpose,
                                      need_input, need_params)
 
