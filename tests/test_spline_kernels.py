@@ -286,3 +286,20 @@ def test_separable_grad_control_from_input_passes(case, dtype, kernel_device):
     got = kernels.separable_grad_control(dy, x, g_out, g_in, kind, chunk)
     assert got.dtype == torch.float32 and got.shape == (g_out, g_in)
     assert_close(got, ref.separable_grad_control(dy, x, g_out, g_in, kind), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_separable_16bit_inputs_meet_an_unrounded_basis(dtype, kernel_device):
+    """fp16/bf16 inputs are exact in their dtype and the input pass multiplies them by the two-part
+    basis table (rounded basis + residual), so dC (fp32, nothing rounded to the input dtype) is
+    within 1e-4 of float64; a basis rounded to the input dtype is off by ~3e-4 (fp16) and ~3e-3
+    (bf16), and cost a bf16 fuzz case (x ~ 1e3, cancelling outputs) 2.4e-2 in y."""
+    from tspline_kernels.reference import spline as ref
+    from tspline_kernels.spline import kernels
+
+    x = (torch.randn(6, 300, device=kernel_device) * 1000).to(dtype)
+    dy = torch.randn(6, 131, device=kernel_device).to(dtype)
+    got = kernels.separable_grad_control(dy, x, 40, 70, ref.BSPLINE, 128).double().cpu()
+    bo, bi = ref.basis_matrix(131, 40, ref.BSPLINE, torch.float64), ref.basis_matrix(300, 70, ref.BSPLINE, torch.float64)
+    exact = (dy.double().cpu() @ bo).T @ (x.double().cpu() @ bi)
+    assert (got - exact).norm() / exact.norm() < 1e-4
