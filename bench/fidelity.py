@@ -21,6 +21,12 @@ under both models). Kronecker has one size per layer (the balanced factorisation
 once, at the ratio that size gives. The text is offline: sentences of Python's own documentation
 (``pydoc_data.topics``), split, filtered and shuffled deterministically.
 
+``dense_eval`` measures the held-out embeddings of a copy whose compressed Linears are dense
+``nn.Linear`` holding their materialized weight and bias: the same function up to float32 rounding
+(checked on the first ``CHECK_SENTENCES`` held-out sentences against the compressed model itself,
+recorded per row), for formats whose CPU forward is far slower than dense (TT's reference path:
+~100x a dense Linear). Healing always trains the compressed layers themselves.
+
 The JSON is rewritten after every measurement, so a run cut short keeps what it measured.
 ``python -m bench.fidelity --help`` for the options of the full run; ``tspline bench --only
 fidelity [--quick]`` runs it from the command line.
@@ -46,12 +52,15 @@ from fractions import Fraction
 from pathlib import Path
 
 import torch
+from torch import nn
 
 import tspline_kernels as tk
 from tspline_kernels.compress import QUICK_AUTO_FORMATS as AUTO_FORMATS
 from tspline_kernels.compress import config_for
 from tspline_kernels.fidelity import (cosines, embed, fidelity, nearest_neighbours, nn_agreement,  # noqa: F401
                                       sentence_embedding, tokenized)
+
+from tspline_kernels.surgery import swap_module
 
 from .harness import free_path, git_state
 
@@ -64,6 +73,7 @@ QUICK = dict(formats=("lowrank",), ratios=(2.0,), heal_formats=("lowrank",), hea
              sizes={"calibration": 64, "held_out": 32, "heal": 16}, threads=1, quick=True)
 HEAL = dict(steps=200, lr=1e-4, batch=16)
 TT_SWEEPS = 3
+CHECK_SENTENCES = 8
 FAR = 8.0  # ratios beyond this are listed beside the plot, not drawn
 GOALS = [("auto", "healed", 4 / 3, 0.99), ("auto", "healed", 2.0, 0.97), ("auto", "aware", 4 / 3, 0.95)]
 
@@ -195,6 +205,34 @@ def plot(data: dict, path: Path) -> Path:
     return path
 
 
+def densified(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every compressed Linear replaced by an ``nn.Linear`` holding its
+    materialized weight ``(out, in)`` and bias (Kronecker's effective bias)."""
+    dense = copy.deepcopy(model)
+    for name, layer in list(dense.named_modules()):
+        if isinstance(layer, tk.CompressedLinear):
+            bias = layer.effective_bias() if isinstance(layer, tk.KroneckerLinear) else layer.bias
+            linear = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None)
+            with torch.no_grad():
+                linear.weight.copy_(layer.materialize())
+                if bias is not None:
+                    linear.bias.copy_(bias)
+            swap_module(dense, name, linear, linear)
+    return dense
+
+
+def held_out_embeddings(student: nn.Module, sentences: list[str], dense_eval: bool) -> tuple[torch.Tensor, dict]:
+    """``student``'s embeddings of ``sentences``, by the model itself or with ``dense_eval`` by
+    :func:`densified`, and what the check of that on the first ``CHECK_SENTENCES`` gives."""
+    if not dense_eval:
+        return embed(student, sentences), {}
+    dense = densified(student)
+    head = sentences[:CHECK_SENTENCES]
+    agree = cosines(embed(student, head), embed(dense, head))
+    return embed(dense, sentences), {"dense_eval_check_sentences": len(head),
+                                     "dense_eval_check_min_cosine": agree.min().item()}
+
+
 def out_path(out: str | Path | None, quick: bool = False) -> Path:
     """``out``, or in the folder ``out`` (existing, or named with a trailing /) or in
     ``bench/results`` when None, a new ``fidelity-<date>[-quick].json`` (never overwriting)."""
@@ -210,16 +248,20 @@ def run(out: str | Path | None = None, formats: Sequence[str] = FORMATS, ratios:
         heal_formats: Sequence[str] = ("auto",), heal_steps: int = HEAL["steps"], heal_lr: float = HEAL["lr"],
         heal_batch: int = HEAL["batch"], sizes: dict[str, int | None] | None = None, threads: int | None = None,
         quick: bool = False, progress: bool = True, heal_ratios: Sequence[float] | None = None,
-        tt_sweeps: int = TT_SWEEPS) -> Path:
+        tt_sweeps: int = TT_SWEEPS, dense_eval: bool = False, methods: Sequence[str] = METHODS) -> Path:
     """Measure every (format, ratio, method) and write the JSON to ``out`` (see :func:`out_path`;
     ``quick`` tags the default name) and the plot beside it. ``sizes`` caps the number of
     sentences per split; ``heal_formats`` are healed at ``heal_ratios`` (None: every ratio);
-    ``tt_sweeps`` is ``TensorTrain(sweeps=)`` of the TT rows; ``threads`` sets torch's intra-op
+    ``tt_sweeps`` is ``TensorTrain(sweeps=)`` of the TT rows; ``dense_eval`` embeds the held-out
+    sentences with the compressed layers materialized (see the module docstring); ``methods`` (of
+    ``METHODS``; healing needs "aware") are the ones run; ``threads`` sets torch's intra-op
     threads (1 on a shared machine: busy OpenMP threads slow each other down badly).
     Returns the JSON path."""
     unknown = sorted(set(formats) - set(FORMATS)) + sorted(set(heal_formats) - set(formats))
     if unknown:
         raise ValueError(f"unknown or unmeasured formats {unknown}; choose from {FORMATS}")
+    if not set(methods) <= set(METHODS) or ("healed" in methods and "aware" not in methods):
+        raise ValueError(f"methods must be among {METHODS}, with 'aware' if 'healed' is, got {tuple(methods)}")
     heal_ratios = tuple(ratios if heal_ratios is None else heal_ratios)
     if not set(heal_ratios) <= set(ratios):
         raise ValueError(f"heal_ratios {heal_ratios} must be among the ratios {tuple(ratios)}")
@@ -239,7 +281,7 @@ def run(out: str | Path | None = None, formats: Sequence[str] = FORMATS, ratios:
             **{name: len(v) for name, v in split.items()},
             "heal": {"formats": list(heal_formats), "ratios": list(heal_ratios), "steps": heal_steps, "lr": heal_lr,
                      "batch": heal_batch, "loss": "cosine", "optimizer": "Adam"},
-            "auto_formats": list(AUTO_FORMATS), "tt_sweeps": tt_sweeps, "errors": {}}
+            "methods": list(methods), "auto_formats": list(AUTO_FORMATS), "tt_sweeps": tt_sweeps, "dense_eval": dense_eval, "errors": {}}
     data = {"meta": meta, "results": [], "goals": []}
 
     def save() -> None:
@@ -263,7 +305,7 @@ def run(out: str | Path | None = None, formats: Sequence[str] = FORMATS, ratios:
     for fmt, ratio in schedule(formats, ratios):
         aware = None
         for method in METHODS:
-            if method == "healed" and (fmt not in heal_formats or ratio not in heal_ratios):
+            if method not in methods or method == "healed" and (fmt not in heal_formats or ratio not in heal_ratios):
                 continue
             row = {"format": fmt, "target_ratio": ratio if fmt != "kronecker" else None, "method": method}
             print(f"== {fmt} {method} at {ratio:.3g}x" if fmt != "kronecker" else f"== kronecker {method}")
@@ -292,7 +334,9 @@ def run(out: str | Path | None = None, formats: Sequence[str] = FORMATS, ratios:
                                heal_loss_first=rep.history[0],
                                heal_loss_last=rep.history[-1], held_out_loss_before=rep.held_out_before,
                                held_out_loss_after=rep.held_out_after)
-                row.update(fidelity(reference, embed(student, split["held_out"])))
+                began = time.perf_counter()
+                embedded, check = held_out_embeddings(student, split["held_out"], dense_eval)
+                row.update(fidelity(reference, embedded), **check, embed_seconds=time.perf_counter() - began)
                 print("  " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float)))
             except Exception:  # record it and go on: the other rows are still worth having
                 row["error"] = traceback.format_exc()
@@ -324,6 +368,9 @@ if __name__ == "__main__":
     parser.add_argument("--heal-ratios", nargs="+", type=lambda s: float(Fraction(s)),
                         help="heal only at these of --ratios (default: all)")
     parser.add_argument("--tt-sweeps", type=int, default=TT_SWEEPS, help="weighted ALS sweeps of the aware TT fits")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--dense-eval", action="store_true",
+                        help="embed the held-out sentences with the compressed layers materialized (checked)")
     parser.add_argument("--heal-steps", type=int, default=HEAL["steps"])
     parser.add_argument("--heal-lr", type=float, default=HEAL["lr"])
     parser.add_argument("--heal-batch", type=int, default=HEAL["batch"])
@@ -337,4 +384,5 @@ if __name__ == "__main__":
         run(out=args.out, **{**QUICK, "threads": args.threads or 1})
     else:
         run(args.out, args.formats, args.ratios, args.heal_formats, args.heal_steps, args.heal_lr, args.heal_batch,
-            threads=args.threads, heal_ratios=args.heal_ratios, tt_sweeps=args.tt_sweeps)
+            threads=args.threads, heal_ratios=args.heal_ratios, tt_sweeps=args.tt_sweeps, dense_eval=args.dense_eval,
+            methods=args.methods)
