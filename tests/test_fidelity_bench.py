@@ -6,9 +6,12 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+import tspline_kernels as tk
 from tspline_kernels import cli
 from tspline_kernels.bench import fidelity
+from tspline_kernels.testing import assert_close
 
 
 def test_splits_are_disjoint_deterministic_and_sized():
@@ -51,6 +54,33 @@ def test_goals_read_the_matching_rows():
             {"format": "auto", "method": "healed", "target_ratio": 2.0, "mean_cosine": 0.9},
             {"format": "auto", "method": "aware", "target_ratio": 4 / 3, "error": "boom"}]
     assert [g["met"] for g in fidelity.goals(rows)] == [True, False, None]
+
+
+def test_densified_is_the_same_function_at_dense_speed():
+    """dense_eval's model: every compressed Linear (TT, Kronecker with its effective bias, low rank)
+    as an nn.Linear of its materialized weight; the original is left alone."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 6))
+    tk.compress_(model, tk.TensorTrain(max_rank=2, d=2), include="^0$", progress=False)
+    tk.compress_(model, tk.Kronecker(in_dims=(2, 4), out_dims=(3, 4)), include="^2$", progress=False)
+    tk.compress_(model, tk.LowRank(rank=2), include="^4$", progress=False)
+    dense = fidelity.densified(model)
+    assert all(type(m) is nn.Linear for m in (dense[0], dense[2], dense[4]))
+    assert isinstance(model[0], tk.TTLinear) and isinstance(model[2], tk.KroneckerLinear)
+    x = torch.randn(5, 12)
+    assert_close(dense(x), model(x))
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), [
+    ({"methods": ("aware", "tuned")}, ValueError, "methods must be among"),
+    ({"methods": ("healed",)}, ValueError, "'aware' if 'healed'"),
+    ({"ratios": (2.0,), "heal_ratios": (3.0,)}, ValueError, "heal_ratios"),
+    ({"formats": ("tt",), "heal_formats": (), "tt_sweeps": 0}, ValueError, "sweeps must be >= 1"),
+], ids=["method", "heal-without-aware", "heal-ratio", "tt-sweeps"])
+def test_run_checks_its_options_before_loading_the_model(tmp_path, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        fidelity.run(tmp_path / "x.json", **kwargs)
+    assert not (tmp_path / "x.json").exists()
 
 
 def test_quick_run_end_to_end(tmp_path):
