@@ -92,17 +92,24 @@ def register_autograd(op: CustomOpDef, backward: Callable, setup_context: Callab
 _PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
 
 
-def _plain_eager(args: tuple) -> bool:
-    """Whether a call with ``args`` is plain eager PyTorch: no compile or export trace, no functorch
-    transform, no torch function or dispatch mode, no tensor subclass (DTensor, FakeTensor, ...)."""
+def _eager_mode(args: tuple) -> str | None:
+    """How a call with ``args`` runs in plain eager PyTorch: ``"autograd"`` when autograd records it,
+    ``"direct"`` when not; None when it is not plain eager (a compile or export trace, a functorch
+    transform, a torch function or dispatch mode, a tensor subclass: DTensor, FakeTensor, ...)."""
     if (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
             or torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack()):
-        return False
-    return all(type(a) in _PLAIN_TENSORS for a in args if isinstance(a, torch.Tensor))
+        return None
+    grad = False
+    for a in args:  # a loop, not all()/any() over generators: this runs on every op call
+        if isinstance(a, torch.Tensor):
+            if type(a) not in _PLAIN_TENSORS:
+                return None
+            grad = grad or a.requires_grad
+    return "autograd" if grad and torch.is_grad_enabled() else "direct"
 
 
 class EagerOp(CustomOpDef):
-    """A custom op whose plain eager calls (:func:`_plain_eager`, every argument given
+    """A custom op whose plain eager calls (:func:`_eager_mode`, every argument given
     positionally) skip torch.library's dispatch: without autograd they call the op's function
     directly, with it they go through a classic ``autograd.Function`` (~5 us) running the op's
     function, ``setup_context`` and registered backward. Anything else (``torch.compile``,
@@ -135,11 +142,10 @@ class EagerOp(CustomOpDef):
         op._eager_function, op._eager_arity = Function, len(arguments)
 
     def __call__(self, *args, **kwargs):
-        if kwargs or len(args) != self._eager_arity or not _plain_eager(args):
+        mode = None if kwargs or len(args) != self._eager_arity else _eager_mode(args)
+        if mode is None:
             return super().__call__(*args, **kwargs)
-        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
-            return self._eager_function.apply(*args)
-        return self._init_fn(*args)
+        return self._eager_function.apply(*args) if mode == "autograd" else self._init_fn(*args)
 
 
 _UNSAFE_VIEW = torch.ops.aten._unsafe_view.default
