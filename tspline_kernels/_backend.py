@@ -94,9 +94,10 @@ _PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
 
 def _eager_mode(args: tuple) -> str | None:
     """How a call with ``args`` runs in plain eager PyTorch: ``"autograd"`` when autograd records it,
-    ``"direct"`` when not; None when it is not plain eager (a compile or export trace, a functorch
-    transform, a torch function or dispatch mode, a tensor subclass: DTensor, FakeTensor, ...)."""
-    if (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+    ``"direct"`` when not; None when it is not plain eager (a compile, export or jit trace, a
+    functorch transform, a torch function or dispatch mode, a tensor subclass: DTensor, FakeTensor, ...)."""
+    if (torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None
+            or torch._C._are_functorch_transforms_active()
             or torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack()):
         return None
     grad = False
