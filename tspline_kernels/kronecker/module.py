@@ -170,7 +170,8 @@ class KroneckerLinear(SavedSettings, CompressedLinear):
         if self.gated:  # the maps depend on the batch
             return ops.kronecker_linear(x, *self._fused_maps(x))
         # the factors and biases, read from the lists' dicts (indexing a ParameterList costs ~1 us an item)
-        params = (*self.factors._parameters.values(), *(() if self.biases is None else self.biases._parameters.values()))
+        biases = () if self.biases is None else self.biases._parameters.values()
+        params = (*self.factors._parameters.values(), *biases)
         return ops.kronecker_linear(x, *self._derived.get(params, lambda: self._fused_maps(x), x.dtype))
 
     def _apply(self, fn, recurse=True):
