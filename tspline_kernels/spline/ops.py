@@ -2,8 +2,8 @@
 
 Each forward op has a fake implementation and an autograd formula built from other ops, so
 ``torch.compile(fullgraph=True)`` traces straight through. Backward:
-  separable: dx = separable_linear(dy, C.T) (the same fused kernel with the axes swapped),
-             dC = separable_grad_control(dy, x);
+  separable: dx = separable_linear(dy, C.T) (the same two passes with the axes swapped),
+             dC = separable_grad_control(dy, x) (Triton: the input pass on dy and on x, then their product);
   field:     field_linear_backward gives dx and d(control, sigma) together (the reference builds
              each weight block once for both; Triton runs the transposed matmul and a reduction kernel);
              its own backward (double backward) is the vector-Jacobian product of the reference maths.
