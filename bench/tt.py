@@ -18,7 +18,7 @@ from tspline_kernels.spline_tt import SplineTTLinear
 from tspline_kernels.tt import TTLinear
 from tspline_kernels.tt import cost
 
-from .harness import Case, find, layer_case, module_call, peer, speedup, target
+from .harness import Case, layer_case, layer_goals, module_call, peer, speedup, target
 
 N = 4096
 CONFIGS = {  # name -> (modes of both sides, rank, spline grid per core)
@@ -91,13 +91,12 @@ def cases(device: str, quick: bool):
 
 
 def goal_cases(device: str, tiny: bool = False):
-    """The rows the GPU targets read ("auto" strategy, bf16): 16^3 r16 fwd and fwd+bwd at M in
-    {16, 8192} (tltorch blocktt in the same run where installed), 8^4 r8 fwd at M=8192.
-    ``tiny``: 4^3 r4 and 2^4 r2 stand-ins, M in {16, 64}."""
+    """The rows the GPU targets read ("auto" strategy, bf16): 16^3 r16 and 8^4 r8, fwd and fwd+bwd
+    at M in {16, 8192} (tltorch blocktt in the same run where installed). ``tiny``: 4^3 r4 and
+    2^4 r2 stand-ins, M in {16, 64}."""
     small, large = (16, 64) if tiny else (16, 8192)
-    for m, mode in itertools.product((small, large), ("fwd", "fwd+bwd")):
-        yield _case("tt", "16x16x16-r16", "auto", m, torch.bfloat16, device, mode, tiny)
-    yield _case("tt", "8x8x8x8-r8", "auto", large, torch.bfloat16, device, "fwd", tiny)
+    for config, mode, m in itertools.product(("16x16x16-r16", "8x8x8x8-r8"), ("fwd", "fwd+bwd"), (small, large)):
+        yield _case("tt", config, "auto", m, torch.bfloat16, device, mode, tiny)
 
 
 def _case(kernel: str, config: str, strategy: str, m: int, dtype: torch.dtype, device: str, mode: str,
@@ -116,30 +115,34 @@ def _case(kernel: str, config: str, strategy: str, m: int, dtype: torch.dtype, d
     return layer_case(f"{kernel}.{config}", layer, m, dtype, device, mode, useful, nbytes, executed, shape, others)
 
 
-def targets(rows: list[dict], device: str, quick: bool) -> list[dict]:
-    """The stated targets, evaluated on this run's rows (None where not measured here)."""
-    def row(config, mode, dtype, **shape):
-        return find(rows, f"tt.{config}", mode, dtype, strategy="auto", **{"in": N}, **shape)
+# the H200 cost model's predictions (bench/NOTES.md, "Predictions") for each layer's goals
+PREDICTED = {
+    "16x16x16-r16": {"fwd small": 0.8, "fwd large": 2.2, "fwd+bwd small": 0.7, "fwd+bwd large": 1.5,
+                     "roofline fwd": 0.7, "roofline fwd+bwd": 0.65},
+    "8x8x8x8-r8": {"fwd small": 0.8, "fwd large": 0.46, "fwd+bwd small": 0.7, "fwd+bwd large": 1.3,
+                   "roofline fwd": 0.7, "roofline fwd+bwd": 0.65},
+}
 
+
+def targets(rows: list[dict], device: str, quick: bool) -> list[dict]:
+    """The GPU goals (``layer_goals`` of 16^3 r16 and 8^4 r8 at M = 16 and 8192, and the
+    fwd+bwd comparison with tltorch), or on CPU the reference against tltorch; None where not
+    measured here."""
     def ratio(config, mode, dtype, other=None, **shape):
         return speedup(rows, f"tt.{config}", mode, dtype, other, strategy="auto", **{"in": N}, **shape)
 
-    out = []
     big, small = "16x16x16-r16", "8x8x8x8-r8"
-    if device == "cuda":
-        out.append(target("H100 bf16 TT 16^3 r16 fwd vs cuBLAS, 4096^2, M=16 (x faster)",
-                          ratio(big, "fwd", "bfloat16", M=16), 5))
-        r = row(big, "fwd", "bfloat16", M=8192)
-        out.append(target("H100 bf16 TT 16^3 r16 fwd time / cuBLAS time, 4096^2, M=8192",
-                          None if r is None else r["ms"] / r["baseline_ms"], 1.1, higher_is_better=False))
-        for m in (16, 8192):
-            out.append(target(f"H100 bf16 TT 16^3 r16 fwd+bwd vs tltorch blocktt, 4096^2, M={m} (x faster)",
-                              ratio(big, "fwd+bwd", "bfloat16", "tltorch blocktt", M=m), 4))
-        out.append(target("H100 bf16 TT 8^4 r8 fwd vs cuBLAS, 4096^2, M=8192 (x faster)",
-                          ratio(small, "fwd", "bfloat16", M=8192), 2.5))
-    else:
-        for config, mode, m in itertools.product((big, small), ("fwd", "fwd+bwd"), (16, 256)):
-            out.append(target(f"CPU TT reference {mode} vs tltorch blocktt, 4096^2, {config}, M={m} (tltorch ms / ours)",
-                              ratio(config, mode, "float32", "tltorch blocktt", M=m), 1.0))
+    if device != "cuda" and not quick and any(r["dtype"] == "float32" for r in rows):
+        return [target(f"CPU TT reference {mode} vs tltorch blocktt, 4096^2, {config}, M={m} (tltorch ms / ours)",
+                       ratio(config, mode, "float32", "tltorch blocktt", M=m), 1.0)
+                for config, mode, m in itertools.product((big, small), ("fwd", "fwd+bwd"), (16, 256))]
+    at = {"in": N, "strategy": "auto"}
+    out = layer_goals(rows, device, f"tt.{big}", "TT 16^3 r16 4096^2", {"M": 16, **at}, {"M": 8192, **at},
+                      PREDICTED[big], large_time_at_most=1.1)
+    out += layer_goals(rows, device, f"tt.{small}", "TT 8^4 r8 4096^2", {"M": 16, **at}, {"M": 8192, **at},
+                       PREDICTED[small], large_ratio=2.5)
+    for m, guess in ((16, 1.5), (8192, 1.2)):
+        measured = ratio(big, "fwd+bwd", "bfloat16", "tltorch blocktt", M=m) if device == "cuda" else None
+        out.append(target(f"GPU bf16 TT 16^3 r16 fwd+bwd vs tltorch blocktt, 4096^2, M={m} (x faster)", measured, 4,
+                          predicted=guess))
     return out
-

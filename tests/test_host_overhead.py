@@ -6,6 +6,7 @@ Timings are benchmarks, never tests: nothing here checks one."""
 
 import pytest
 import torch
+from torch._library.custom_ops import CustomOpDef
 from torch.utils._python_dispatch import TorchDispatchMode
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction, KernelInterface
@@ -179,7 +180,7 @@ def test_eager_op_leaves_modes_and_keywords_to_the_custom_op():
     assert "eager" not in type(y.grad_fn).__name__
 
 
-def test_ops_with_tensor_lists_keep_the_custom_op():
+def test_ops_with_tensor_lists_run_directly_without_autograd_and_through_the_custom_op_with_it(monkeypatch):
     @torch.library.custom_op("tspline_test::scaled_sum", mutates_args=())
     def scaled_sum(xs: list[torch.Tensor], s: float) -> torch.Tensor:
         return sum(xs) * s
@@ -188,9 +189,17 @@ def test_ops_with_tensor_lists_keep_the_custom_op():
         ctx.n, ctx.s = len(inputs[0]), inputs[1]
 
     register_autograd(scaled_sum, lambda ctx, g: ([g * ctx.s] * ctx.n, None), setup)
-    assert not isinstance(scaled_sum, EagerOp)
+    assert isinstance(scaled_sum, EagerOp) and scaled_sum._eager_function is None
+    dispatched = []
+    custom_call = CustomOpDef.__call__
+    monkeypatch.setattr(CustomOpDef, "__call__", lambda self, *a, **k: dispatched.append(1) or custom_call(self, *a, **k))
     xs = [torch.randn(3, requires_grad=True) for _ in range(2)]
-    scaled_sum(xs, 2.0).sum().backward()
+    with torch.no_grad():
+        torch.testing.assert_close(scaled_sum(xs, 2.0), (xs[0] + xs[1]) * 2)
+    assert dispatched == []  # the direct call
+    y = scaled_sum(xs, 2.0)
+    assert dispatched == [1]  # a list argument needs the custom op's autograd
+    y.sum().backward()
     torch.testing.assert_close(xs[1].grad, torch.full((3,), 2.0))
 
 

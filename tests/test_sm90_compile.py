@@ -38,7 +38,7 @@ def test_every_kernel_compiles_for_sm90(dry_run):
 
 def _kernel_names() -> set[str]:
     """Every ``*_kernel`` Triton kernel defined in the package."""
-    return {name for path in PACKAGE.glob("*/kernels.py") for name in re.findall(r"^def (_\w+_kernel)\(", path.read_text(), re.M)}
+    return {name for path in PACKAGE.glob("*/*.py") for name in re.findall(r"^def (_\w+_kernel)\(", path.read_text(), re.M)}
 
 
 def test_report_has_every_kernels_resources(dry_run):

@@ -101,11 +101,12 @@ def _eager_mode(args: tuple) -> str | None:
             or torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack()):
         return None
     grad = False
-    for a in args:  # a loop, not all()/any() over generators: this runs on every op call
-        if isinstance(a, torch.Tensor):
-            if type(a) not in _PLAIN_TENSORS:
-                return None
-            grad = grad or a.requires_grad
+    for a in args:  # loops, not all()/any() over generators: this runs on every op call
+        for t in a if isinstance(a, list) else (a,):
+            if isinstance(t, torch.Tensor):
+                if type(t) not in _PLAIN_TENSORS:
+                    return None
+                grad = grad or t.requires_grad
     return "autograd" if grad and torch.is_grad_enabled() else "direct"
 
 
@@ -116,16 +117,19 @@ class EagerOp(CustomOpDef):
     function, ``setup_context`` and registered backward. Anything else (``torch.compile``,
     ``torch.export``, ``opcheck``, vmap, fake or DTensor inputs, keyword arguments) calls the
     custom op itself, so traces, fake implementations and schema checks see it as before.
-    Ops taking tensor lists keep the custom op's path (a Function only tracks top-level tensors)."""
+    Ops taking tensor lists take the direct path only: with autograd they keep the custom op's
+    (a Function only tracks top-level tensors)."""
 
-    _eager_function: type[torch.autograd.Function]
+    _eager_function: type[torch.autograd.Function] | None
     _eager_arity: int
 
     @classmethod
     def install(cls, op: CustomOpDef, setup: Callable, backward: Callable) -> None:
         """Give ``op`` (the ``torch.library.custom_op`` object, so every caller gets it) the eager
-        path, unless one of its arguments is a tensor list."""
+        path; calls with autograd only where no argument is a tensor list."""
         arguments = op._opoverload._schema.arguments
+        op.__class__ = cls
+        op._eager_function, op._eager_arity = None, len(arguments)
         if any(isinstance(a.type, torch.ListType) and a.type.getElementType().isSubtypeOf(torch.TensorType.get())
                for a in arguments):
             return
@@ -137,14 +141,12 @@ class EagerOp(CustomOpDef):
             return out
 
         # built by name so that its graph nodes read "<op>_eagerBackward"
-        Function = type(f"{op._name}_eager", (torch.autograd.Function,),
-                        {"forward": staticmethod(forward), "backward": staticmethod(backward)})
-        op.__class__ = cls
-        op._eager_function, op._eager_arity = Function, len(arguments)
+        op._eager_function = type(f"{op._name}_eager", (torch.autograd.Function,),
+                                  {"forward": staticmethod(forward), "backward": staticmethod(backward)})
 
     def __call__(self, *args, **kwargs):
         mode = None if kwargs or len(args) != self._eager_arity else _eager_mode(args)
-        if mode is None:
+        if mode is None or (mode == "autograd" and self._eager_function is None):
             return super().__call__(*args, **kwargs)
         return self._eager_function.apply(*args) if mode == "autograd" else self._init_fn(*args)
 

@@ -63,7 +63,8 @@ class Derived:
     version counter (optimizer steps, ``load_state_dict`` and other in-place updates bump it).
     While autograd records (grad mode on and a tensor requires grad) the value must carry its own
     graph, so it is computed afresh and not kept; inference tensors (no version counter) neither,
-    nor under ``torch.compile``/``torch.export`` (the trace computes it in the graph)."""
+    nor under ``torch.compile``/``torch.export`` (the trace computes it in the graph) or a CUDA
+    graph capture (replays after a parameter update must recompute it)."""
 
     def __init__(self) -> None:
         self._key: tuple | None = None
@@ -73,7 +74,8 @@ class Derived:
         """``compute()``, or the value kept from an earlier call with the same unchanged ``tensors``
         (those ``compute`` reads) and equal ``extra`` (e.g. the dtype it is computed in)."""
         if torch.compiler.is_compiling() or any(t.is_inference() for t in tensors) or (
-                torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+                torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) or (
+                tensors[0].is_cuda and torch.cuda.is_current_stream_capturing()):
             self._key = self._value = None
             return compute()
         key = tuple((t.data_ptr(), t.dtype, t.device, t._version) for t in tensors) + extra

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import torch
 
-from .._basis import basis_taps, clamp
+from .._basis import BSPLINE_KIND, basis_taps, clamp
 from .._layers import cast
 from .._rescale import narrow
 from .._triton import (SplitSlots, cdiv, check_inputs, configs, contiguous, dot_precision, flatten, m_bucket, next_pow2,
@@ -109,7 +109,7 @@ def _unit_block(x_ptr, v_ptr, coef_ptr, lo_ptr, hi_ptr, rm, m_mask, r0, K, R, KB
     scale = top / (hi - lo)
     v = (z - lo[None, :]) * scale[None, :]
     vc = clamp(v, 0.0, top)
-    c0, c1, c2, c3, b0, b1, b2, b3 = basis_taps(vc, 1.0, top, 0)
+    c0, c1, c2, c3, b0, b1, b2, b3 = basis_taps(vc, 1.0, top, BSPLINE_KIND)
     row = coef_ptr + rr[None, :] * stride_cr
     k0 = tl.load(row + c0 * stride_ck, mask=r_mask[None, :], other=0.0).to(tl.float32)
     k1 = tl.load(row + c1 * stride_ck, mask=r_mask[None, :], other=0.0).to(tl.float32)
