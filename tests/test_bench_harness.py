@@ -2,13 +2,15 @@
 roofline from useful FLOPs against measured peaks, results never overwritten, the autotune config
 of every kernel recorded; the CUDA-only branches of ``measure`` run with stand-in timers."""
 
+import importlib
 import types
 
 import pytest
 import torch
 
 import tspline_kernels as tk
-from tspline_kernels.bench import harness, kronecker, lowrank, spline, tt
+from tspline_kernels import cli
+from tspline_kernels.bench import harness, kronecker, lowrank, run, spline, tt
 
 
 def test_fwd_bwd_timing_clears_gradients_every_repetition():
@@ -156,3 +158,14 @@ def test_layer_goals_read_graph_times_for_small_rows_and_relate_fwd_bwd_to_fwd()
 def test_layer_goals_need_a_prediction_for_every_goal():
     with pytest.raises(ValueError, match="predicted must give exactly"):
         harness.layer_goals([], "cpu", "lowrank", "x", {"M": 16}, {"M": 8192}, {"fwd small": 1.0}, large_ratio=2)
+
+
+@pytest.mark.parametrize("name", run.STANDALONE)
+def test_bench_only_runs_a_standalone_benchmark_alone(monkeypatch, tmp_path, name):
+    module = importlib.import_module(f"tspline_kernels.bench.{name}")
+    calls = []
+    monkeypatch.setattr(module, "main", lambda quick, out: calls.append((quick, out)) or out)
+    cli.main(["bench", "--only", name, "--quick", "--out", str(tmp_path / "b.json")])
+    assert calls == [(True, str(tmp_path / "b.json"))]
+    with pytest.raises(SystemExit, match="runs alone"):
+        cli.main(["bench", "--only", name, "lowrank"])

@@ -153,15 +153,3 @@ def test_bad_inputs_raise():
         tk.Decoupled(ratio=2, iters=-1)
     with pytest.raises(ValueError, match="value_weight"):
         tk.Decoupled(ratio=2, value_weight=-1.0)
-
-
-def test_bench_only_decoupling_runs_the_decoupling_benchmark(monkeypatch, tmp_path):
-    from tspline_kernels import cli
-    from tspline_kernels.bench import decoupling
-
-    calls = []
-    monkeypatch.setattr(decoupling, "main", lambda quick, out: calls.append((quick, out)) or out)
-    cli.main(["bench", "--only", "decoupling", "--quick", "--out", str(tmp_path / "d.json")])
-    assert calls == [(True, str(tmp_path / "d.json"))]
-    with pytest.raises(SystemExit, match="runs alone"):
-        cli.main(["bench", "--only", "decoupling", "lowrank"])

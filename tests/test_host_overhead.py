@@ -12,7 +12,6 @@ from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction, KernelInterface
 
 import tspline_kernels as tk
-from tspline_kernels import cli
 from tspline_kernels._backend import EagerOp, register_autograd
 from tspline_kernels._layers import Derived
 from tspline_kernels._triton import cdiv, tl, triton
@@ -109,15 +108,6 @@ def test_torch_kernels_counts_arithmetic_not_views():
     count = host_overhead.torch_kernels(lambda: (a.view(64).reshape(8, 8).t(), torch.empty(3), a.to(a.dtype), a + 1,
                                                  a.sum(), a.to(torch.float64), torch.ones_like(a)))
     assert count == 4  # the add, the sum, the cast's copy and the ones' fill
-
-
-def test_bench_only_host_overhead_runs_the_benchmark(monkeypatch, tmp_path):
-    calls = []
-    monkeypatch.setattr(host_overhead, "main", lambda quick, out: calls.append((quick, out)) or out)
-    cli.main(["bench", "--only", "host_overhead", "--quick", "--out", str(tmp_path / "h.json")])
-    assert calls == [(True, str(tmp_path / "h.json"))]
-    with pytest.raises(SystemExit, match="runs alone"):
-        cli.main(["bench", "--only", "host_overhead", "lowrank"])
 
 
 # ------------------------------------------------------------------------------ eager op path
