@@ -51,7 +51,7 @@ from torch import nn
 import tspline_kernels as tk
 from tspline_kernels import _triton  # noqa: F401  (sets TRITON_INTERPRET before triton is imported)
 
-from .harness import free_path, metadata, write_json
+from .harness import free_path, write_json
 
 GOAL_FWD_US = 30.0
 GOAL_FWD_BWD_US = 100.0
