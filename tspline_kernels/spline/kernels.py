@@ -527,17 +527,18 @@ def field_linear(
     a2 = flatten(a)
     m, k = a2.shape
     n = n_in if transpose else n_out
-    out = torch.empty(m, n, device=a.device, dtype=a.dtype)
+    out = torch.empty(*a.shape[:-1], n, device=a.device, dtype=a.dtype)  # final shape: nothing to re-label
     if m > 0 and n > 0:
-        grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)  # noqa: E731
+        out2 = flatten(out)
+        grid = lambda meta: (cdiv(m, meta["BM"]) * cdiv(n, meta["BN"]),)  # noqa: E731
         _field_matmul_kernel[grid](
-            a2, control, lattice, sigma if sigma is not None else lattice, bias if bias is not None else out, out,
+            a2, control, lattice, sigma if sigma is not None else lattice, bias if bias is not None else out2, out2,
             m, n, k, lattice.shape[0], m_bucket(m), _step(n_out), _step(n_in), rho * rho,
-            a2.stride(0), a2.stride(1), out.stride(0), out.stride(1),
+            a2.stride(0), a2.stride(1), *out2.stride(),
             BASIS=basis, LOCAL=rho > 0, TRANSPOSE=transpose, HAS_BIAS=bias is not None,
             PRECISION=dot_precision(a.dtype),
         )
-    return out.reshape(*a.shape[:-1], n)
+    return out
 
 
 def field_linear_backward(
@@ -564,10 +565,10 @@ def field_grad_params(
     n_in = v2.shape[1]
     n_pts = lattice.shape[0]
     # one partial slot per (BO, BI) tile; points a local tile does not reach stay zero
-    slots = SplitSlots(_field_grad_kernel, lambda meta: triton.cdiv(n_out, meta["BO"]) * triton.cdiv(n_in, meta["BI"]))
+    slots = SplitSlots(_field_grad_kernel, lambda meta: cdiv(n_out, meta["BO"]) * cdiv(n_in, meta["BI"]))
     dctrl, dsigma = slots.zeros(n_pts, device=u.device), slots.zeros(device=u.device)
     if m > 0 and n_out > 0 and n_in > 0:
-        grid = lambda meta: (triton.cdiv(n_out, meta["BO"]), slots(meta) // triton.cdiv(n_out, meta["BO"]))  # noqa: E731
+        grid = lambda meta: (cdiv(n_out, meta["BO"]), slots(meta) // cdiv(n_out, meta["BO"]))  # noqa: E731
         _field_grad_kernel[grid](
             u2, v2, control, lattice, sigma if sigma is not None else lattice, dctrl, dsigma,
             m, n_out, n_in, n_pts, m_bucket(m), _step(n_out), _step(n_in), rho * rho,
