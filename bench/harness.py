@@ -385,6 +385,7 @@ def layer_goals(rows: list[dict], device: str, kernel: str, label: str, small: d
     model's value for each of ``GOALS``. None where not measured."""
     if set(predicted) != set(GOALS):
         raise ValueError(f"predicted must give exactly {GOALS}, got {sorted(predicted)}")
+
     def ratio(mode: str, at: dict, graph: bool = False) -> float | None:
         return speedup(rows, kernel, mode, "bfloat16", graph=graph, **at) if device == "cuda" else None
 
