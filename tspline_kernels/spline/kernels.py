@@ -13,6 +13,7 @@ points in registers and fed to ``tl.dot``; W is never written to global memory.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -514,65 +515,86 @@ def _grad_point(h, w, dsig, dctrl_ptr, ctrl_ptr, lat_ptr, k, x2, y2, inv_two_s2,
     return dsig
 
 
+@dataclass(frozen=True)
+class Field:
+    """A field weight W ``(n_out, n_in)`` as the field launchers see it: interpolated from
+    ``control`` ``(n,)`` at the ``lattice`` points ``(n, 2)`` fp32 with ``basis`` (``ref.IDW`` or
+    ``ref.GAUSSIAN``, whose width is ``sigma`` ``(1,)``; None for IDW), only the points within
+    ``rho`` of a weight contributing when ``rho > 0`` (``reference.spline.field_weight``)."""
+
+    control: torch.Tensor
+    lattice: torch.Tensor
+    sigma: torch.Tensor | None
+    n_out: int
+    n_in: int
+    basis: int
+    rho: float
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The kernels' (control, lattice, sigma) pointers; the lattice stands in for an absent sigma
+        (never read: only the Gaussian loads sigma)."""
+        return self.control, self.lattice, self.sigma if self.sigma is not None else self.lattice
+
+    def geometry(self) -> tuple[int, float, float, float]:
+        """The kernels' (N_PTS, step_out, step_in, rho2): lattice size, weight spacing along each
+        axis of [-1, 1], squared support radius."""
+        return self.lattice.shape[0], _step(self.n_out), _step(self.n_in), self.rho * self.rho
+
+
 def _step(n: int) -> float:
     return 2.0 / max(n - 1, 1)
 
 
-def field_linear(
-    a: torch.Tensor, control: torch.Tensor, lattice: torch.Tensor, sigma: torch.Tensor | None,
-    bias: torch.Tensor | None, n_out: int, n_in: int, basis: int, rho: float, transpose: bool,
-) -> torch.Tensor:
-    """Launch ``a @ W.T + bias`` (or ``a @ W + bias`` when ``transpose``) with W generated on chip."""
-    check_inputs(a, control, *(t for t in (sigma, bias) if t is not None))
+def field_linear(a: torch.Tensor, field: Field, bias: torch.Tensor | None, transpose: bool) -> torch.Tensor:
+    """Launch ``a @ W.T + bias`` for a ``(*, n_in)``, or ``a @ W + bias`` for a ``(*, n_out)`` when
+    ``transpose``, with W generated on chip."""
+    check_inputs(a, field.control, *(t for t in (field.sigma, bias) if t is not None))
     a2 = flatten(a)
     m, k = a2.shape
-    n = n_in if transpose else n_out
+    n = field.n_in if transpose else field.n_out
     out = torch.empty(*a.shape[:-1], n, device=a.device, dtype=a.dtype)  # final shape: nothing to re-label
     if m > 0 and n > 0:
         out2 = flatten(out)
+        n_pts, step_out, step_in, rho2 = field.geometry()
         grid = lambda meta: (cdiv(m, meta["BM"]) * cdiv(n, meta["BN"]),)  # noqa: E731
         _field_matmul_kernel[grid](
-            a2, control, lattice, sigma if sigma is not None else lattice, bias if bias is not None else out2, out2,
-            m, n, k, lattice.shape[0], m_bucket(m), _step(n_out), _step(n_in), rho * rho,
+            a2, *field.tensors(), bias if bias is not None else out2, out2,
+            m, n, k, n_pts, m_bucket(m), step_out, step_in, rho2,
             a2.stride(0), a2.stride(1), *out2.stride(),
-            BASIS=basis, LOCAL=rho > 0, TRANSPOSE=transpose, HAS_BIAS=bias is not None,
+            BASIS=field.basis, LOCAL=field.rho > 0, TRANSPOSE=transpose, HAS_BIAS=bias is not None,
             PRECISION=dot_precision(a.dtype),
         )
     return out
 
 
 def field_linear_backward(
-    dy: torch.Tensor, a: torch.Tensor, control: torch.Tensor, lattice: torch.Tensor, sigma: torch.Tensor | None,
-    n_out: int, n_in: int, basis: int, rho: float, transpose: bool, need_input: bool, need_params: bool,
+    dy: torch.Tensor, a: torch.Tensor, field: Field, transpose: bool, need_input: bool, need_params: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward of ``field_linear``: the transposed on-the-fly matmul for da, the tile reduction
     kernel for (d_control, d_sigma) in fp32; unrequested results are empty tensors."""
-    da = field_linear(dy, control, lattice, sigma, None, n_out, n_in, basis, rho, not transpose) if need_input else a.new_empty(0)
+    da = field_linear(dy, field, None, not transpose) if need_input else a.new_empty(0)
     if not need_params:
         return da, dy.new_empty(0, dtype=torch.float32), dy.new_empty(0, dtype=torch.float32)
     u, v = (a, dy) if transpose else (dy, a)
-    return (da, *field_grad_params(u, v, control, lattice, sigma, basis, rho))
+    return (da, *field_grad_params(u, v, field))
 
 
-def field_grad_params(
-    u: torch.Tensor, v: torch.Tensor, control: torch.Tensor, lattice: torch.Tensor,
-    sigma: torch.Tensor | None, basis: int, rho: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def field_grad_params(u: torch.Tensor, v: torch.Tensor, field: Field) -> tuple[torch.Tensor, torch.Tensor]:
     """(d_control ``(n,)``, d_sigma ``(1,)``) in fp32 for G = u.T @ v, u ``(*, n_out)``, v ``(*, n_in)``."""
-    check_inputs(u, v, control)
+    check_inputs(u, v, field.control)
     u2, v2 = flatten(u), flatten(v)
     m, n_out = u2.shape
     n_in = v2.shape[1]
-    n_pts = lattice.shape[0]
+    n_pts, step_out, step_in, rho2 = field.geometry()
     # one partial slot per (BO, BI) tile; points a local tile does not reach stay zero
     slots = SplitSlots(_field_grad_kernel, lambda meta: cdiv(n_out, meta["BO"]) * cdiv(n_in, meta["BI"]))
     dctrl, dsigma = slots.zeros(n_pts, device=u.device), slots.zeros(device=u.device)
     if m > 0 and n_out > 0 and n_in > 0:
         grid = lambda meta: (cdiv(n_out, meta["BO"]), slots(meta) // cdiv(n_out, meta["BO"]))  # noqa: E731
         _field_grad_kernel[grid](
-            u2, v2, control, lattice, sigma if sigma is not None else lattice, dctrl, dsigma,
-            m, n_out, n_in, n_pts, m_bucket(m), _step(n_out), _step(n_in), rho * rho,
+            u2, v2, *field.tensors(), dctrl, dsigma,
+            m, n_out, n_in, n_pts, m_bucket(m), step_out, step_in, rho2,
             u2.stride(0), u2.stride(1), v2.stride(0), v2.stride(1),
-            BASIS=basis, LOCAL=rho > 0, PRECISION=dot_precision(u.dtype),
+            BASIS=field.basis, LOCAL=field.rho > 0, PRECISION=dot_precision(u.dtype),
         )
     return slots.sum(dctrl), slots.sum(dsigma).reshape(1)

@@ -97,7 +97,8 @@ def field_linear(
     """``a @ W.T + bias`` (a ``(*, n_in)``) or ``a @ W + bias`` if ``transpose`` (a ``(*, n_out)``),
     W ``(n_out, n_in)`` interpolated from ``control`` at the ``lattice`` points."""
     if use_triton(a):
-        return owned(_kernels().field_linear(a, control, lattice, sigma, bias, n_out, n_in, basis, rho, transpose))
+        k = _kernels()
+        return owned(k.field_linear(a, k.Field(control, lattice, sigma, n_out, n_in, basis, rho), bias, transpose))
     return owned(ref.field_linear(a, control, lattice, sigma, bias, n_out, n_in, basis, rho, transpose))
 
 
@@ -113,7 +114,9 @@ def field_linear_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(da like a, d_control ``(n,)``, d_sigma ``(1,)``) of ``field_linear``; unrequested ones are empty."""
     if use_triton(dy):
-        return _kernels().field_linear_backward(dy, a, control, lattice, sigma, n_out, n_in, basis, rho, transpose, need_input, need_params)
+        k = _kernels()
+        field = k.Field(control, lattice, sigma, n_out, n_in, basis, rho)
+        return k.field_linear_backward(dy, a, field, transpose, need_input, need_params)
     return ref.field_linear_backward(dy, a, control, lattice, sigma, n_out, n_in, basis, rho, transpose,
                                      need_input, need_params)
 
