@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The prepared GPU check (README, "Benchmarks"): environment, CUDA tests, the every-config check,
-# the goal benchmark rows. Budget: 8 minutes on an H200, each stage under its own `timeout`; a
-# failed or timed-out stage is reported and the next one still runs; the exit status is non-zero
-# if any stage failed. Writes gpu_check.log, every_config.json, the bench JSON and pytest's JUnit
-# XML under $OUT when set, else bench/results/.
+# the host overhead per call (launches stubbed, CUDA tensors), the goal benchmark rows. Budget:
+# 8.5 minutes on an H200, each stage under its own `timeout`; a failed or timed-out stage is
+# reported and the next one still runs; the exit status is non-zero if any stage failed. Writes
+# gpu_check.log, every_config.json, host-overhead.json, the bench JSON and pytest's JUnit XML
+# under $OUT when set, else bench/results/.
 #
 #   bash bench/gpu_check.sh          # on the GPU machine
 #   bash bench/gpu_check.sh --dry    # the same stages on CPU, tiny sizes, Triton interpreter
@@ -11,8 +12,9 @@
 # Peer libraries (the reference tests' comparisons, the baselines) travel as wheels in .whl/, made
 # by bench/peer_wheels.sh and carried with the run (installed to /tmp/site).
 # Environment: PYTHON (default python3), JOBS (parallel every-config shards / pytest workers,
-# default 12), STAGES (default "install cuda-tests kernel-tests every-config bench"), and
-# per-stage limits in seconds: T_INSTALL, T_CUDA_TESTS, T_KERNEL_TESTS, T_EVERY_CONFIG, T_BENCH.
+# default 12), STAGES (default "install cuda-tests kernel-tests every-config host-overhead bench"),
+# and per-stage limits in seconds: T_INSTALL, T_CUDA_TESTS, T_KERNEL_TESTS, T_EVERY_CONFIG,
+# T_HOST, T_BENCH.
 set -uo pipefail
 
 DRY=0
@@ -38,20 +40,23 @@ if [ "$DRY" = 1 ]; then
   PYTEST_EXTRA=(--collect-only -q)
   EVERY=(--dtype fp32 --case lowrank --limit 2 --rows 40 --mode sequence)
   BENCH=(--goal --tiny)
+  HOST=(--layers "lowrank r16" --min-run-time 0.01)
 else
   # -v: each outcome is logged as it happens, so a stage cut at its limit still names its failures
   PYTEST_EXTRA=(-v -rfE)
   EVERY=(--dtype bf16)
   BENCH=(--goal)
+  HOST=(--min-run-time 0.05)
 fi
 # measured on the H200 (2026-11-30): install 3 s, cuda-tests 83 s, kernel-tests over 90 s, the
-# every-config check 333 configs in 110 s; worst case with every stage at its limit: about 8 minutes
+# every-config check 333 configs in 110 s; the host overhead about 30 s on this CPU (not yet run
+# there); worst case with every stage at its limit: about 8.5 minutes
 T_INSTALL=${T_INSTALL:-30} T_CUDA_TESTS=${T_CUDA_TESTS:-100} T_KERNEL_TESTS=${T_KERNEL_TESTS:-150}
-T_EVERY_CONFIG=${T_EVERY_CONFIG:-60} T_BENCH=${T_BENCH:-120}
+T_EVERY_CONFIG=${T_EVERY_CONFIG:-40} T_HOST=${T_HOST:-45} T_BENCH=${T_BENCH:-120}
 
 FAILED=()
 START=$SECONDS
-STAGES=" ${STAGES:-install cuda-tests kernel-tests every-config bench} "
+STAGES=" ${STAGES:-install cuda-tests kernel-tests every-config host-overhead bench} "
 stage() {  # stage NAME SECONDS CMD...: run CMD under a time limit, record a failure, go on
   local name=$1 limit=$2 t0=$SECONDS rc
   shift 2
@@ -110,6 +115,8 @@ stage kernel-tests "$T_KERNEL_TESTS" "$PY" -m pytest "${PYTEST_EXTRA[@]}" "${PYT
   --junitxml="$DEST/pytest-kernels.xml"
 stage every-config "$((T_EVERY_CONFIG + 20))" "$PY" -m tspline_kernels.bench.every_config "${EVERY[@]}" \
   --jobs "$JOBS" --deadline "$T_EVERY_CONFIG" --json "$DEST/every_config.json"
+# the host time per call of every layer at M=16 on CUDA tensors (the issue's goal is for a GPU host)
+stage host-overhead "$T_HOST" "$PY" -m tspline_kernels.bench.host_overhead "${HOST[@]}" --out "$DEST/host-overhead.json"
 # rows start until 40 s before the limit (the slowest H200 row so far took about a minute)
 stage bench "$T_BENCH" "$PY" -m tspline_kernels.cli bench "${BENCH[@]}" --deadline "$((T_BENCH - 40))" --out "$DEST/"
 

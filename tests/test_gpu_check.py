@@ -26,10 +26,13 @@ def test_dry_run_passes_every_stage_and_writes_its_results(tmp_path):
     log = (tmp_path / "gpu_check.log").read_text()
     assert done.returncode == 0, log[-4000:]
     assert "all stages passed" in log and "FAILED" not in log
-    for stage in ("cuda-tests", "kernel-tests", "every-config", "bench"):
+    for stage in ("cuda-tests", "kernel-tests", "every-config", "host-overhead", "bench"):
         assert f"=== [{stage}] exit 0" in log, stage
     every = json.loads((tmp_path / "every_config.json").read_text())
     assert every["checked"] >= 4 and every["failed"] == 0 and not every["notes"]
+    host = json.loads((tmp_path / "host-overhead.json").read_text())
+    assert [r["layer"] for r in host["rows"] if r["stubbed"]] == ["lowrank r16"]
+    assert all(r["fwd_us"] > 0 and r["fwd+bwd_us"] > 0 for r in host["rows"])
     (bench,) = tmp_path.glob("cpu-*-goal-tiny.json")
     data = json.loads(bench.read_text())
     meta = data["meta"]
