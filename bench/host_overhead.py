@@ -26,7 +26,9 @@ inflate it). "fwd" is an inference call (timed under ``torch.no_grad``), "fwd+bw
 tensors live on it (torch's kernels then run asynchronously), else on the CPU. ``torch.nn.Linear``
 is reported for scale, unstubbed: at the same shape with its real 16-row matmul (fp32 on the CPU:
 a bf16 CPU matmul takes milliseconds), and at 64 x 64, where its arithmetic is negligible (its
-dispatch and autograd cost alone). Each layer's row also gives ``<mode>_beyond_linear_us``, its
+dispatch and autograd cost alone), and a layer that is one empty custom autograd Function (its
+apply, saved tensors and the engine's call of a Python backward: the floor of every layer here,
+all of which are built on such Functions). Each layer's row also gives ``<mode>_beyond_linear_us``, its
 time less that 64 x 64 nn.Linear's in the same run: what the layer adds to the host cost PyTorch's
 own layer pays (module call, dispatch, autograd engine), which moves less with the machine than
 the absolute time. Goals (issue 10): <= 30 us per forward, <= 100 us per forward and backward, for
@@ -175,10 +177,41 @@ LAYERS: dict[str, Callable[[], nn.Module]] = {
                                                                           fine_grid=(64, 64)),
     "decoupled r64 K12": lambda: tk.DecoupledSplineMLP(N, N, rank=64, n_basis=12),
 }
+
+
+class _Empty(torch.autograd.Function):
+    """y = an uninitialised (M, out) tensor; the gradients of x and w likewise: the host cost of a
+    custom autograd Function itself (apply, saving, the engine calling a Python backward)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, w)
+        return x.new_empty(*x.shape[:-1], w.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, w = ctx.saved_tensors
+        return torch.empty_like(x), torch.empty_like(w)
+
+
+class EmptyFunctionLayer(nn.Module):
+    """A 64 x 64 "layer" whose forward is one :class:`_Empty` call: the floor of any layer built on a
+    Python autograd Function (ours are), without a kernel, a launch or an allocation beyond its outputs."""
+
+    def __init__(self, n: int = 64) -> None:
+        super().__init__()
+        self.in_features = self.out_features = n
+        self.weight = nn.Parameter(torch.randn(n, n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _Empty.apply(x, self.weight)
+
+
 # for scale, unstubbed: nn.Linear at the same shape with its real matmul of 16 rows, and at 64 x 64,
-# where its arithmetic is negligible (fp32 on the CPU, bf16 on a GPU)
+# where its arithmetic is negligible (fp32 on the CPU, bf16 on a GPU); an empty autograd Function
 BASELINES: dict[str, Callable[[], nn.Module]] = {
     "nn.Linear 4096 (real matmul)": lambda: nn.Linear(N, N),
+    "empty autograd.Function 64": EmptyFunctionLayer,
     "nn.Linear 64 (dispatch only)": lambda: nn.Linear(64, 64),
 }
 
@@ -271,7 +304,7 @@ def run(out: str | None = None, layers: list[str] | None = None, min_run_time: f
         baseline_dtype = torch.bfloat16 if device == "cuda" else torch.float32
         baselines.append(measure_layer(name, build(), device, baseline_dtype, False, min_run_time))
         print(_line(baselines[-1]))
-    dispatch = baselines[-1]
+    dispatch = next(r for r in baselines if r["layer"] == "nn.Linear 64 (dispatch only)")
     rows = []
     with tk.backend("triton"):
         for name in (bar := tqdm(names, desc="host overhead", leave=False, disable=None)):  # no bar off a terminal
