@@ -25,6 +25,8 @@ double the on-chip tiles, which already set the fp16 size limit (128).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .._layers import cast
@@ -56,9 +58,17 @@ def max_tile(dtype: torch.dtype) -> int:
     return 64 if dtype == torch.float32 else 128
 
 
+@functools.cache
+def padded(m1: int, n1: int, m2: int, n2: int, dtype: torch.dtype) -> dict[str, int] | None:
+    """The padded mode sizes ``M1P, N1P, M2P, N2P`` the fused kernels carry for factors
+    ``(m_1, n_1)`` and ``(m_2, n_2)`` on ``dtype`` inputs, or None where they do not fit on chip."""
+    sizes = dict(M1P=pad(m1), N1P=pad(n1), M2P=pad(m2), N2P=pad(n2))
+    return sizes if max(sizes.values()) <= max_tile(dtype) else None
+
+
 def fits(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> bool:
     """Whether factors a ``(m_1, n_1)`` and b ``(m_2, n_2)`` run in the fused kernels on ``dtype`` inputs."""
-    return max(pad(s) for s in (*a.shape, *b.shape)) <= max_tile(dtype)
+    return padded(*a.shape, *b.shape, dtype) is not None
 
 
 def _fwd_prune(cfgs, named_args, **kwargs):
@@ -181,7 +191,8 @@ def kronecker_linear(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: to
     ``(m_1 m_2,)`` -> y ``(*, m_1 m_2)`` in x's dtype. Factors are cast to x's dtype; shapes that
     do not ``fit`` run the reference."""
     check_inputs(x, a, b, *([bias] if bias is not None else []))
-    if not fits(a, b, x.dtype):
+    sizes = padded(*a.shape, *b.shape, x.dtype)
+    if sizes is None:
         return ref.kronecker_linear(x, a, b, bias)
     a, b = cast(a, x.dtype), cast(b, x.dtype)
     x2 = flatten(x)
@@ -195,8 +206,7 @@ def kronecker_linear(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: to
             x2, a, b, bias if bias is not None else y, y,
             m, m1, n1, m2, n2, m_bucket(m),
             x2.stride(0), x2.stride(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1), m1 * m2, 1,
-            HAS_BIAS=bias is not None, M1P=pad(m1), N1P=pad(n1), M2P=pad(m2), N2P=pad(n2),
-            PRECISION=dot_precision(x.dtype),
+            HAS_BIAS=bias is not None, **sizes, PRECISION=dot_precision(x.dtype),
         )
     return y
 
@@ -207,7 +217,8 @@ def kronecker_grad_factors(
     """(sum_r dY[r] B X[r].T ``(m_1, n_1)``, sum_r dY[r].T A X[r] ``(m_2, n_2)``, dy summed over
     rows ``(m_1 m_2,)``) in fp32 for x ``(*, n_1 n_2)``, dy ``(*, m_1 m_2)``."""
     check_inputs(x, dy, a, b)
-    if not fits(a, b, x.dtype):
+    sizes = padded(*a.shape, *b.shape, x.dtype)
+    if sizes is None:
         return ref.kronecker_grad_factors(x, dy, a, b)
     dy, a, b = cast(dy, x.dtype), cast(a, x.dtype), cast(b, x.dtype)
     x2, g2 = flatten(x), flatten(dy)
@@ -227,6 +238,6 @@ def kronecker_grad_factors(
         m, m1, n1, m2, n2, m_bucket(m),
         x2.stride(0), x2.stride(1), g2.stride(0), g2.stride(1),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        M1P=pad(m1), N1P=pad(n1), M2P=pad(m2), N2P=pad(n2), PRECISION=dot_precision(x.dtype),
+        **sizes, PRECISION=dot_precision(x.dtype),
     )
     return slots.sum(da), slots.sum(db), slots.sum(dsum)
