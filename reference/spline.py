@@ -264,7 +264,8 @@ def field_linear_backward(
     With G = dy.T @ a (or a.T @ dy when ``transpose``), shape ``(n_out, n_in)``, and S the normaliser:
     da = dy @ W (or dy @ W.T);  d c_k = sum G phi_k / S;
     d sigma = sum G sum_k (c_k - W) phi_k d_k^2 / (sigma^3 S)  (0 for IDW).
-    Returns ``(da like a, d_control (n,), d_sigma (1,))``; unrequested ones are empty tensors.
+    Returns ``(da like a, d_params (n + 1,))``, d_params the concatenation of d_control and d_sigma;
+    unrequested ones are empty tensors.
     """
     cd = compute_dtype(dy)
     dy2 = dy.reshape(-1, dy.shape[-1]).to(cd)
@@ -289,4 +290,5 @@ def field_linear_backward(
                 d_sigma += torch.einsum("oi,oik->", h, (c - w[..., None]) * phi * d2)
     if need_params and basis == GAUSSIAN:
         d_sigma = d_sigma / sigma.to(cd).reshape(()) ** 3
-    return da.reshape(a.shape).to(a.dtype) if need_input else da, d_control, d_sigma
+    d_params = torch.cat([d_control, d_sigma]) if need_params else c.new_empty(0)
+    return da.reshape(a.shape).to(a.dtype) if need_input else da, d_params

@@ -21,12 +21,14 @@ import torch
 from .._triton import (SplitSlots, cdiv, check_inputs, configs, dot_precision, flatten, grouped_pid, m_bucket, next_pow2,
                        tl, triton)
 from ..reference import spline as ref
-from ..reference.spline import EXP_FLOOR, GAUSSIAN_EPS, IDW_EPS
+from ..reference.spline import EXP_FLOOR, GAUSSIAN, GAUSSIAN_EPS, IDW, IDW_EPS
 
 
 _IDW_EPS = tl.constexpr(IDW_EPS)
 _GAUSSIAN_EPS = tl.constexpr(GAUSSIAN_EPS)
 _EXP_FLOOR = tl.constexpr(EXP_FLOOR)
+_IDW = tl.constexpr(IDW)  # the field basis codes, as the kernels' BASIS
+_GAUSSIAN = tl.constexpr(GAUSSIAN)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -311,7 +313,7 @@ def separable_grad_control(u: torch.Tensor, v: torch.Tensor, g_out: int, g_in: i
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _phi(d2, inv_two_s2, rho2, BASIS: tl.constexpr, LOCAL: tl.constexpr):
-    if BASIS == 0:
+    if BASIS == _IDW:
         phi = 1.0 / (d2 + _IDW_EPS)
     else:
         phi = tl.exp(tl.maximum(-d2 * inv_two_s2, _EXP_FLOOR))
@@ -379,7 +381,7 @@ def _field_tile(ro, ri, step_out, step_in, ctrl_ptr, lat_ptr, n_pts, inv_two_s2,
 
 @triton.jit
 def _inv_two_s2(sigma_ptr, BASIS: tl.constexpr):
-    if BASIS == 1:
+    if BASIS == _GAUSSIAN:
         s = tl.load(sigma_ptr).to(tl.float32)
         return 0.5 / (s * s)
     else:
@@ -388,7 +390,7 @@ def _inv_two_s2(sigma_ptr, BASIS: tl.constexpr):
 
 @triton.jit
 def _normalise(num, den, BASIS: tl.constexpr):
-    if BASIS == 1:
+    if BASIS == _GAUSSIAN:
         return num / (den + _GAUSSIAN_EPS)
     else:
         return num / den
@@ -452,7 +454,7 @@ def _field_matmul_kernel(
 )
 @triton.jit
 def _field_grad_kernel(
-    u_ptr, v_ptr, ctrl_ptr, lat_ptr, sigma_ptr, dctrl_ptr, dsigma_ptr,
+    u_ptr, v_ptr, ctrl_ptr, lat_ptr, sigma_ptr, dparams_ptr,
     M, N_OUT, N_IN, N_PTS, M_BUCKET, step_out, step_in, rho2,
     stride_um, stride_un, stride_vm, stride_vk,
     BASIS: tl.constexpr, LOCAL: tl.constexpr, PRECISION: tl.constexpr,
@@ -460,9 +462,11 @@ def _field_grad_kernel(
 ):
     """Per-tile partial gradients of sum(G * W), G = u.T @ v, never storing G or W.
 
-    u ``(M, N_OUT)``, v ``(M, N_IN)``. The tile's G is reduced over M on chip; then, with
-    H = G / S: dctrl[tile, k] = sum H * phi_k and, for the Gaussian, dsigma[tile] =
-    sum H * sum_k (c_k - W) phi_k d_k^2 / sigma^3. The host sums the partials.
+    u ``(M, N_OUT)``, v ``(M, N_IN)``, dparams ``(tiles, N_PTS + 1)`` fp32. The tile's G is reduced
+    over M on chip; then, with H = G / S: dparams[tile, k] = sum H * phi_k (the control values) and
+    dparams[tile, N_PTS] = sum H * sum_k (c_k - W) phi_k d_k^2 / sigma^3 (sigma; 0 for IDW). Every
+    entry of the tile's slot is written (points a local tile does not reach get 0), so the slots
+    need no zero-fill; the host sums them.
     Precision: G accumulates in fp32 from the fp16/bf16 operands, and H, W and the sums stay
     fp32 (as in the reference); no intermediate is rounded to the input dtype.
     FLOPs: 2*M*N_OUT*N_IN + ~14*N_PTS*N_OUT*N_IN. Bytes: elt*M*(N_IN*cdiv(N_OUT,BO) + N_OUT*cdiv(N_IN,BI)).
@@ -488,18 +492,20 @@ def _field_grad_kernel(
     h = tl.where(valid, _normalise(g, den, BASIS), 0.0)
     y2 = (ro.to(tl.float32) * step_out - 1.0)[:, None]
     x2 = (ri.to(tl.float32) * step_in - 1.0)[None, :]
+    slot = dparams_ptr + tile * (N_PTS + 1)
     dsig = 0.0
     for k in range(0, N_PTS):
         if LOCAL:
             if _reaches(lat_ptr, k, box, rho2):
-                dsig = _grad_point(h, w, dsig, dctrl_ptr + tile * N_PTS, ctrl_ptr, lat_ptr, k, x2, y2,
-                                   inv_two_s2, rho2, BASIS, LOCAL)
+                dsig = _grad_point(h, w, dsig, slot, ctrl_ptr, lat_ptr, k, x2, y2, inv_two_s2, rho2, BASIS, LOCAL)
+            else:
+                tl.store(slot + k, 0.0)
         else:
-            dsig = _grad_point(h, w, dsig, dctrl_ptr + tile * N_PTS, ctrl_ptr, lat_ptr, k, x2, y2,
-                               inv_two_s2, rho2, BASIS, LOCAL)
-    if BASIS == 1:
+            dsig = _grad_point(h, w, dsig, slot, ctrl_ptr, lat_ptr, k, x2, y2, inv_two_s2, rho2, BASIS, LOCAL)
+    if BASIS == _GAUSSIAN:
         s = tl.load(sigma_ptr).to(tl.float32)
-        tl.store(dsigma_ptr + tile, dsig / (s * s * s))
+        dsig = dsig / (s * s * s)
+    tl.store(slot + N_PTS, dsig)
 
 
 @triton.jit
@@ -509,7 +515,7 @@ def _grad_point(h, w, dsig, dctrl_ptr, ctrl_ptr, lat_ptr, k, x2, y2, inv_two_s2,
     phi, d2 = _point_phi(lat_ptr, k, x2, y2, inv_two_s2, rho2, BASIS, LOCAL)
     hphi = h * phi
     tl.store(dctrl_ptr + k, tl.sum(tl.sum(hphi, axis=1), axis=0))
-    if BASIS == 1:
+    if BASIS == _GAUSSIAN:
         c = tl.load(ctrl_ptr + k).to(tl.float32)
         dsig += tl.sum(tl.sum(hphi * (c - w) * d2, axis=1), axis=0)
     return dsig
@@ -549,6 +555,11 @@ def field_linear(a: torch.Tensor, field: Field, bias: torch.Tensor | None, trans
     """Launch ``a @ W.T + bias`` for a ``(*, n_in)``, or ``a @ W + bias`` for a ``(*, n_out)`` when
     ``transpose``, with W generated on chip."""
     check_inputs(a, field.control, *(t for t in (field.sigma, bias) if t is not None))
+    return _field_matmul(a, field, bias, transpose)
+
+
+def _field_matmul(a: torch.Tensor, field: Field, bias: torch.Tensor | None, transpose: bool) -> torch.Tensor:
+    """``field_linear`` on checked inputs."""
     a2 = flatten(a)
     m, k = a2.shape
     n = field.n_in if transpose else field.n_out
@@ -569,32 +580,34 @@ def field_linear(a: torch.Tensor, field: Field, bias: torch.Tensor | None, trans
 
 def field_linear_backward(
     dy: torch.Tensor, a: torch.Tensor, field: Field, transpose: bool, need_input: bool, need_params: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward of ``field_linear``: the transposed on-the-fly matmul for da, the tile reduction
-    kernel for (d_control, d_sigma) in fp32; unrequested results are empty tensors."""
-    da = field_linear(dy, field, None, not transpose) if need_input else a.new_empty(0)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward of ``field_linear``: (da like a, d_params ``(n + 1,)`` fp32: the control values'
+    gradients, then sigma's) from the transposed on-the-fly matmul and the tile reduction kernel;
+    unrequested results are empty tensors."""
+    check_inputs(dy, a, field.control, *([field.sigma] if field.sigma is not None else []))
+    da = _field_matmul(dy, field, None, not transpose) if need_input else a.new_empty(0)
     if not need_params:
-        return da, dy.new_empty(0, dtype=torch.float32), dy.new_empty(0, dtype=torch.float32)
+        return da, dy.new_empty(0, dtype=torch.float32)
     u, v = (a, dy) if transpose else (dy, a)
-    return (da, *field_grad_params(u, v, field))
+    return da, _field_grad_params(u, v, field)
 
 
-def field_grad_params(u: torch.Tensor, v: torch.Tensor, field: Field) -> tuple[torch.Tensor, torch.Tensor]:
-    """(d_control ``(n,)``, d_sigma ``(1,)``) in fp32 for G = u.T @ v, u ``(*, n_out)``, v ``(*, n_in)``."""
-    check_inputs(u, v, field.control)
+def _field_grad_params(u: torch.Tensor, v: torch.Tensor, field: Field) -> torch.Tensor:
+    """d_params ``(n + 1,)`` fp32 (control values, then sigma) for G = u.T @ v, u ``(*, n_out)``,
+    v ``(*, n_in)``, on checked inputs."""
     u2, v2 = flatten(u), flatten(v)
-    m, n_out = u2.shape
-    n_in = v2.shape[1]
+    m = u2.shape[0]
+    n_out, n_in = field.n_out, field.n_in
     n_pts, step_out, step_in, rho2 = field.geometry()
-    # one partial slot per (BO, BI) tile; points a local tile does not reach stay zero
+    # one partial slot per (BO, BI) tile, every entry written by the kernel
     slots = SplitSlots(_field_grad_kernel, lambda meta: cdiv(n_out, meta["BO"]) * cdiv(n_in, meta["BI"]))
-    dctrl, dsigma = slots.zeros(n_pts, device=u.device), slots.zeros(device=u.device)
-    if m > 0 and n_out > 0 and n_in > 0:
+    part = slots.empty(n_pts + 1, device=u.device)
+    if m > 0:  # else no launch and no slot used: the sum is zero
         grid = lambda meta: (cdiv(n_out, meta["BO"]), slots(meta) // cdiv(n_out, meta["BO"]))  # noqa: E731
         _field_grad_kernel[grid](
-            u2, v2, *field.tensors(), dctrl, dsigma,
+            u2, v2, *field.tensors(), part,
             m, n_out, n_in, n_pts, m_bucket(m), step_out, step_in, rho2,
             u2.stride(0), u2.stride(1), v2.stride(0), v2.stride(1),
             BASIS=field.basis, LOCAL=field.rho > 0, PRECISION=dot_precision(u.dtype),
         )
-    return slots.sum(dctrl), slots.sum(dsigma).reshape(1)
+    return slots.sum(part)

@@ -4,8 +4,9 @@ Each forward op has a fake implementation and an autograd formula built from oth
 ``torch.compile(fullgraph=True)`` traces straight through. Backward:
   separable: dx = separable_linear(dy, C.T) (the same two passes with the axes swapped),
              dC = separable_grad_control(dy, x) (Triton: the input pass on dy and on x, then their product);
-  field:     field_linear_backward gives dx and d(control, sigma) together (the reference builds
-             each weight block once for both; Triton runs the transposed matmul and a reduction kernel);
+  field:     field_linear_backward gives dx and d(control, sigma) together, the latter as one vector
+             (the reference builds each weight block once for both; Triton runs the transposed matmul
+             and a reduction kernel whose partial sums hold both);
              its own backward (double backward) is the vector-Jacobian product of the reference maths.
 """
 
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .._backend import kernels_of, owned, register_autograd, use_triton
+from .._layers import cast
 from ..reference import spline as ref
 from ..reference.common import bias_grad, compute_dtype
 
@@ -111,8 +113,9 @@ def _(a, control, lattice, sigma, bias, n_out, n_in, basis, rho, transpose):
 def field_linear_backward(
     dy: Tensor, a: Tensor, control: Tensor, lattice: Tensor, sigma: Tensor | None, n_out: int, n_in: int,
     basis: int, rho: float, transpose: bool, need_input: bool, need_params: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(da like a, d_control ``(n,)``, d_sigma ``(1,)``) of ``field_linear``; unrequested ones are empty."""
+) -> tuple[Tensor, Tensor]:
+    """(da like a, d_params ``(n + 1,)``: d_control, then d_sigma (0 without sigma)) of ``field_linear``;
+    unrequested ones are empty."""
     if use_triton(dy):
         k = _kernels()
         field = k.Field(control, lattice, sigma, n_out, n_in, basis, rho)
@@ -123,10 +126,8 @@ def field_linear_backward(
 
 @field_linear_backward.register_fake
 def _(dy, a, control, lattice, sigma, n_out, n_in, basis, rho, transpose, need_input, need_params):
-    cd = compute_dtype(dy)
     da = a.new_empty(a.shape) if need_input else a.new_empty(0)
-    n_params = control.shape[0] if need_params else 0
-    return da, dy.new_empty(n_params, dtype=cd), dy.new_empty(1 if need_params else 0, dtype=cd)
+    return da, dy.new_empty(control.shape[0] + 1 if need_params else 0, dtype=compute_dtype(dy))
 
 
 def _field_setup(ctx, inputs, output):
@@ -143,11 +144,13 @@ def _field_backward(ctx, dy):
     need_params = ctx.needs_input_grad[1] or ctx.needs_input_grad[3]
     da = dc = ds = db = None
     if need_input or need_params:
-        da, dc, ds = field_linear_backward(dy, a, control, lattice, sigma, n_out, n_in, basis, rho, transpose,
-                                           need_input, need_params)
+        da, dp = field_linear_backward(dy, a, control, lattice, sigma, n_out, n_in, basis, rho, transpose,
+                                       need_input, need_params)
         da = da if need_input else None
-        dc = dc.to(control.dtype) if need_params else None
-        ds = ds.to(sigma.dtype) if need_params and sigma is not None else None
+        if need_params:
+            dp = dp.to(control.dtype)  # one cast for both: sigma has the control values' dtype in a layer
+            dc = dp[:-1]
+            ds = None if sigma is None else cast(dp[-1:], sigma.dtype)
     if ctx.bias_dtype is not None and ctx.needs_input_grad[4]:
         db = bias_grad(dy, ctx.bias_dtype)
     return da, dc, None, ds, db, None, None, None, None, None
