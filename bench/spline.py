@@ -47,7 +47,7 @@ def _separable_executed(m: int, n_in: int, n_out: int, g_out: int, g_in: int, ki
     chunk = kernels.in_chunk(m)
     bi = kernels.basis_windows(n_in, g_in, kind, chunk, torch.bfloat16 if elt == 2 else torch.float32, cpu)
     bo = kernels.basis_windows(n_out, g_out, kind, kernels.OUT_TILE, torch.float32, cpu)
-    parts, slots, tiles = bi.table.shape[0], bi.start.numel(), bo.start.numel()
+    parts, slots, tiles = 2 if bi.split else 1, bi.chunks, bo.chunks
     return 2.0 * m * (parts * slots * chunk * bi.width + tiles * bo.width * (_pad(g_in) + kernels.OUT_TILE))
 
 

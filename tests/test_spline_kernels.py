@@ -258,14 +258,15 @@ def test_basis_windows_hold_the_whole_basis(basis, n, g, chunk):
     cpu = torch.device("cpu")
     win = kernels.basis_windows(n, g, kind, chunk, torch.float64, cpu)
     s = win.start.numel()
-    assert win.table.shape == (1, s, chunk, win.width) and s == -(-n // chunk)
+    assert win.table.shape == (1, s, chunk, win.width) and s == -(-n // chunk) == win.chunks and not win.split
     dense = torch.zeros(s, chunk, g + win.width, dtype=torch.float64)
     dense.scatter_(2, (win.start.long()[:, None] + torch.arange(win.width))[:, None, :].expand_as(win.table[0]), win.table[0])
     torch.testing.assert_close(dense.reshape(s * chunk, -1)[:n, :g], ref.basis_matrix(n, g, kind, torch.float64), rtol=0, atol=0)
     assert dense[..., g:].abs().sum() == 0 and dense.reshape(s * chunk, -1)[n:].abs().sum() == 0
     for dtype in (torch.float16, torch.bfloat16):
-        parts = kernels.basis_windows(n, g, kind, chunk, dtype, cpu).table.double()
-        assert parts.shape == (2, *win.table.shape[1:])
+        half = kernels.basis_windows(n, g, kind, chunk, dtype, cpu)
+        parts = half.table.double()
+        assert parts.shape == (2, *win.table.shape[1:]) and half.split
         torch.testing.assert_close(parts.sum(0), win.table[0], rtol=2**-16, atol=1e-7)
     if (n, g) == (4096, 64):
         assert win.width == 16

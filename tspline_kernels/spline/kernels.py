@@ -48,11 +48,14 @@ class BasisWindows(NamedTuple):
     G, ``(P, S, chunk, width)``; ``start`` ``(S,)`` int32. ``width`` is a power of two >= 16
     (``tl.dot``'s minimum). For fp16/bf16 P = 2: B rounded to the dtype and its rounding residual,
     whose sum holds B to ~16 bits where one 16-bit value holds 8 or 11 (cancelling sums of large
-    inputs lost up to 10x the reference's accuracy to a rounded basis); P = 1 otherwise."""
+    inputs lost up to 10x the reference's accuracy to a rounded basis); P = 1 otherwise. ``chunks``
+    is S and ``split`` whether P = 2, kept as ints so that launches need not ask the tensors."""
 
     table: torch.Tensor
     start: torch.Tensor
     width: int
+    chunks: int
+    split: bool
 
 
 @functools.lru_cache(maxsize=64)
@@ -72,7 +75,8 @@ def basis_windows(n: int, g: int, kind: int, chunk: int, dtype: torch.dtype, dev
     parts = [table.to(dtype)]
     if dtype in (torch.float16, torch.bfloat16):
         parts.append((table - parts[0].double()).to(dtype))
-    return BasisWindows(torch.stack(parts).to(device), start.to(device=device, dtype=torch.int32), width)
+    return BasisWindows(torch.stack(parts).to(device), start.to(device=device, dtype=torch.int32), width, s,
+                        len(parts) == 2)
 
 
 @triton.autotune(
@@ -215,16 +219,15 @@ def _chunk(m: int, chunk: int | None) -> int:
     return chunk
 
 
-def _input_pass(a2: torch.Tensor, g: int, kind: int, chunk: int) -> tuple[torch.Tensor, BasisWindows]:
-    """Launch ``_separable_in_kernel`` on a2 ``(M, n)`` (M > 0): the fp32 windowed partials of
-    a2 @ B ``(S, M, W)`` and the basis windows they refer to."""
+def _input_pass(a2: torch.Tensor, g: int, kind: int, chunk: int, bucket: int) -> tuple[torch.Tensor, BasisWindows]:
+    """Launch ``_separable_in_kernel`` on a2 ``(M, n)`` (M > 0, ``bucket`` = ``m_bucket(M)``): the fp32
+    windowed partials of a2 @ B ``(S, M, W)`` and the basis windows they refer to."""
     m, n = a2.shape
     win = basis_windows(n, g, kind, chunk, a2.dtype, a2.device)
-    s = win.start.numel()
-    part = torch.empty(s, m, win.width, device=a2.device, dtype=torch.float32)
-    _separable_in_kernel[lambda meta: (cdiv(m, meta["BM"]), s)](
-        a2, win.table, part, m, n, m_bucket(m), *a2.stride(),
-        CHUNK=chunk, W=win.width, SPLIT=win.table.shape[0] == 2, PRECISION=dot_precision(a2.dtype),
+    part = torch.empty(win.chunks, m, win.width, device=a2.device, dtype=torch.float32)
+    _separable_in_kernel[lambda meta: (cdiv(m, meta["BM"]), win.chunks)](
+        a2, win.table, part, m, n, bucket, *a2.stride(),
+        CHUNK=chunk, W=win.width, SPLIT=win.split, PRECISION=dot_precision(a2.dtype),
     )
     return part, win
 
@@ -243,12 +246,13 @@ def separable_linear(
     g_out, g_in = control.shape
     y = torch.empty(*x.shape[:-1], out_features, device=x.device, dtype=x.dtype)
     if m > 0 and out_features > 0:
-        part, bi = _input_pass(x2, g_in, kind, chunk)
+        bucket = m_bucket(m)
+        part, bi = _input_pass(x2, g_in, kind, chunk, bucket)
         bo = basis_windows(out_features, g_out, kind, OUT_TILE, torch.float32, x.device)
         y2 = flatten(y)
         _separable_out_kernel[lambda meta: (cdiv(m, meta["BM"]), meta["N_SPLIT"])](
             part, bi.start, control, bo.table, bo.start, bias if bias is not None else y2, y2,
-            m, bi.start.numel(), out_features, g_in, g_out, m_bucket(m), *control.stride(), *y2.stride(),
+            m, bi.chunks, out_features, g_in, g_out, bucket, *control.stride(), *y2.stride(),
             HAS_BIAS=bias is not None, GIP=_pad(g_in), W_IN=bi.width, BN=OUT_TILE, PW=bo.width,
             PRECISION=_fp32_operand_precision(x.dtype),
         )
@@ -296,13 +300,14 @@ def separable_grad_control(u: torch.Tensor, v: torch.Tensor, g_out: int, g_in: i
     if m == 0:
         return torch.zeros(g_out, g_in, device=u.device, dtype=torch.float32)
     chunk = _chunk(m, chunk)
-    pout, wout = _input_pass(u2, g_out, kind, chunk)
-    pin, win = _input_pass(v2, g_in, kind, chunk)
+    bucket = m_bucket(m)
+    pout, wout = _input_pass(u2, g_out, kind, chunk, bucket)
+    pin, win = _input_pass(v2, g_in, kind, chunk, bucket)
     gop, gip = _pad(g_out), _pad(g_in)
     slots = SplitSlots(_separable_dc_kernel, lambda meta: cdiv(m, meta["BM"]))
     part = slots.empty(gop, gip, device=u.device)
     _separable_dc_kernel[lambda meta: (slots(meta),)](
-        pout, wout.start, pin, win.start, part, m, wout.start.numel(), win.start.numel(), g_out, g_in, m_bucket(m),
+        pout, wout.start, pin, win.start, part, m, wout.chunks, win.chunks, g_out, g_in, bucket,
         GOP=gop, GIP=gip, W_OUT=wout.width, W_IN=win.width,
     )
     return slots.sum(part)[:g_out, :g_in].contiguous()  # contiguous, as the fake implementation promises
@@ -570,8 +575,7 @@ def _field_matmul(a: torch.Tensor, field: Field, bias: torch.Tensor | None, tran
         grid = lambda meta: (cdiv(m, meta["BM"]) * cdiv(n, meta["BN"]),)  # noqa: E731
         _field_matmul_kernel[grid](
             a2, *field.tensors(), bias if bias is not None else out2, out2,
-            m, n, k, n_pts, m_bucket(m), step_out, step_in, rho2,
-            a2.stride(0), a2.stride(1), *out2.stride(),
+            m, n, k, n_pts, m_bucket(m), step_out, step_in, rho2, *a2.stride(), *out2.stride(),
             BASIS=field.basis, LOCAL=field.rho > 0, TRANSPOSE=transpose, HAS_BIAS=bias is not None,
             PRECISION=dot_precision(a.dtype),
         )
@@ -606,8 +610,7 @@ def _field_grad_params(u: torch.Tensor, v: torch.Tensor, field: Field) -> torch.
         grid = lambda meta: (cdiv(n_out, meta["BO"]), slots(meta) // cdiv(n_out, meta["BO"]))  # noqa: E731
         _field_grad_kernel[grid](
             u2, v2, *field.tensors(), part,
-            m, n_out, n_in, n_pts, m_bucket(m), step_out, step_in, rho2,
-            u2.stride(0), u2.stride(1), v2.stride(0), v2.stride(1),
+            m, n_out, n_in, n_pts, m_bucket(m), step_out, step_in, rho2, *u2.stride(), *v2.stride(),
             BASIS=field.basis, LOCAL=field.rho > 0, PRECISION=dot_precision(u.dtype),
         )
     return slots.sum(part)
