@@ -126,7 +126,8 @@ class SplineLinear(SavedSettings, CompressedLinear):
         if self.basis == "bspline":
             return self.control
         k = math.ceil(math.sqrt(self.n_control_points))
-        return F.pad(self.control, (0, k * k - self.n_control_points)).reshape(k, k)
+        pad = k * k - self.n_control_points
+        return (F.pad(self.control, (0, pad)) if pad else self.control).reshape(k, k)  # a square n: a view, no copy
 
     def _sigma(self) -> torch.Tensor | None:
         return self.log_bandwidth.exp().clamp(min=1e-3) if self.basis == "gaussian" else None
