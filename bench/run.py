@@ -33,6 +33,41 @@ def default_out(device: str, goal: bool = False, tiny: bool = False) -> Path:
     return Path("bench/results") / f"{slug}-{commit}{tags}.json"
 
 
+def warm(shard: int, shards: int, quick: bool = False, only: list[str] | None = None, goal: bool = False,
+         tiny: bool = False) -> None:
+    """Call every callable of each ``shards``-th case from case ``shard`` on (ours, dense and the
+    other baselines) once: their Triton kernels compile and autotune, ``torch.compile`` baselines
+    compile, nothing is timed or written. Triton's and Inductor's on-disk caches keep the binaries,
+    so parallel warm processes (``bench/gpu_check.sh``) shorten a timed run of the same cases that
+    follows; its autotuning then benchmarks compiled configs only. A failing callable is reported
+    and the rest still run; raises SystemExit(1) at the end if one failed."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    families = only or FAMILIES
+    unknown = sorted(set(families) - set(FAMILIES))
+    if unknown:
+        raise SystemExit(f"unknown benchmark families for --warm {unknown}; choose from {FAMILIES}")
+    index, failed = 0, 0
+    for name in families:
+        module = importlib.import_module(f"{__package__}.{name}")
+        for case in module.goal_cases(device, tiny) if goal else module.cases(device, quick):
+            index += 1
+            if (index - 1) % shards != shard:
+                continue
+            start = time.monotonic()
+            for label, step in (("ours", case.run), ("dense", case.dense), *case.others.items()):
+                try:
+                    step()
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                except Exception:
+                    failed += 1
+                    print(f"FAILED warm {case.kernel} {case.mode} {case.shape} {label}:\n{traceback.format_exc()}")
+            print(f"warm {case.kernel:<26} {case.mode:<8} {str(case.shape):<44} {time.monotonic() - start:6.1f} s",
+                  flush=True)
+    if failed:
+        raise SystemExit(1)
+
+
 def main(quick: bool = False, out: str | None = None, only: list[str] | None = None, goal: bool = False,
          tiny: bool = False, deadline: float | None = None) -> Path:
     """Benchmark ``only`` (default: every family): every case (``quick``: a subset), or with

@@ -35,3 +35,21 @@ def test_bench_writes_json_then_plot_draws_it(tmp_path, capsys):
 def test_bench_rejects_unknown_family():
     with pytest.raises(SystemExit, match="unknown benchmark families"):
         cli.main(["bench", "--only", "nope"])
+
+
+def test_bench_warm_runs_its_shard_of_the_cases_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    lines = []
+    for shard in ("0/2", "1/2"):
+        cli.main(["bench", "--goal", "--tiny", "--only", "lowrank", "--warm", shard])
+        lines.append([line for line in capsys.readouterr().out.splitlines() if line.startswith("warm ")])
+    assert [len(part) for part in lines] == [2, 2]  # the four low-rank goal rows, split between the shards
+    assert not set(lines[0]) & set(lines[1]) and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("bad, message", [(["--warm", "2/2"], "0 <= K < N"), (["--warm", "a/b"], "K/N"),
+                                          (["--warm", "0/2", "--out", "x.json"], "writes nothing")])
+def test_bench_warm_rejects_bad_arguments(bad, message, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--goal", *bad])
+    assert message in capsys.readouterr().err

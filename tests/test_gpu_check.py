@@ -30,6 +30,10 @@ def test_dry_run_passes_every_stage_and_writes_its_results(tmp_path):
         assert f"=== [{stage}] exit 0" in log, stage
     every = json.loads((tmp_path / "every_config.json").read_text())
     assert every["checked"] >= 4 and every["failed"] == 0 and not every["notes"]
+    assert "=== [bench-warm] done" in log and "0 of 2 failed" in log
+    warmed = "".join((tmp_path / f"bench-warm-{k}.log").read_text() for k in range(2))
+    assert sum(line.startswith("warm ") for line in warmed.splitlines()) == 20  # every goal row, once
+    assert "FAILED" not in warmed
     host = json.loads((tmp_path / "host-overhead.json").read_text())
     assert [r["layer"] for r in host["rows"] if r["stubbed"]] == ["lowrank r16"]
     assert all(r["fwd_us"] > 0 and r["fwd+bwd_us"] > 0 for r in host["rows"])
@@ -53,3 +57,4 @@ def test_a_failed_stage_is_reported_and_the_next_one_still_runs(tmp_path):
     assert "FAILED: cuda-tests: timed out after 1s" in log
     assert "=== [kernel-tests] exit 0" in log
     assert "=== [every-config] skipped" in log and "=== [bench] skipped" in log
+    assert "[bench-warm]" not in log  # no bench, nothing to warm

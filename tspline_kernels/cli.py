@@ -27,6 +27,10 @@ def main(argv: list[str] | None = None) -> None:
                                      "an existing file is never overwritten, a -2, -3, ... suffix is added)")
     bench.add_argument("--deadline", type=float, metavar="SECONDS",
                        help="start no new row this many seconds after the start; rows not run are listed in the JSON")
+    bench.add_argument("--warm", metavar="K/N",
+                       help="compile and autotune only, writing nothing: call what every N-th case from case K "
+                            "(0-based) runs once, so that N parallel processes fill Triton's on-disk cache for a "
+                            "timed run of the same cases")
     bench.add_argument("--only", nargs="+", metavar="FAMILY",
                        help="benchmark only these families; 'fidelity': compressed all-MiniLM-L6-v2 vs the original; "
                             "'decoupling': its MLP blocks decoupled (B-spline) vs two baselines; "
@@ -91,14 +95,22 @@ def main(argv: list[str] | None = None) -> None:
 
         run_demo(epochs=args.epochs, seed=args.seed)
     elif args.command == "bench":
-        from .bench.run import main as run_bench
+        from .bench.run import main as run_bench, warm
 
         if args.tiny and not args.goal:
             parser.error("--tiny goes with --goal")
         if args.deadline is not None and args.deadline <= 0:
             parser.error("--deadline must be a positive number of seconds")
-        run_bench(quick=args.quick, out=args.out, only=args.only, goal=args.goal, tiny=args.tiny,
-                  deadline=args.deadline)
+        if args.warm is not None:
+            shard, _, shards = args.warm.partition("/")
+            if not (shard.isdigit() and shards.isdigit() and int(shard) < int(shards)):
+                parser.error(f"--warm takes K/N with 0 <= K < N, got {args.warm!r}")
+            if args.out is not None or args.deadline is not None:
+                parser.error("--warm writes nothing and times nothing: no --out or --deadline")
+            warm(int(shard), int(shards), quick=args.quick, only=args.only, goal=args.goal, tiny=args.tiny)
+        else:
+            run_bench(quick=args.quick, out=args.out, only=args.only, goal=args.goal, tiny=args.tiny,
+                      deadline=args.deadline)
     elif args.command == "inspect":
         from .files import open_compressed
 
