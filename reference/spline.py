@@ -127,15 +127,19 @@ def separable_weight(control: torch.Tensor, n_out: int, n_in: int, kind: int) ->
 
 
 def separable_linear(
-    x: torch.Tensor, control: torch.Tensor, bias: torch.Tensor | None, out_features: int, kind: int
+    x: torch.Tensor, control: torch.Tensor, bias: torch.Tensor | None, out_features: int, kind: int,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """y = ((x @ Bi) @ C.T) @ Bo.T + bias for x ``(*, n_in)``, C ``(G_out, G_in)`` -> ``(*, out_features)``."""
+    """y = ((x @ Bi) @ C.T) @ Bo.T + bias + residual for x ``(*, n_in)``, C ``(G_out, G_in)``, residual
+    (optional) ``(*, out_features)`` -> ``(*, out_features)``."""
     cd = compute_dtype(x)
     bi = basis_matrix(x.shape[-1], control.shape[1], kind, cd, x.device)
     bo = basis_matrix(out_features, control.shape[0], kind, cd, x.device)
     y = ((x.to(cd) @ bi) @ control.to(cd).T) @ bo.T
     if bias is not None:
         y = y + bias.to(cd)
+    if residual is not None:
+        y = y + residual.to(cd)
     return y.to(x.dtype)
 
 

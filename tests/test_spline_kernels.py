@@ -201,13 +201,14 @@ SEPARABLE = {
 }
 
 
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("extra", ["bias", "none", "bias+residual"])
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 @pytest.mark.parametrize("case", list(SEPARABLE), ids=list(SEPARABLE))
-def test_separable_passes_match_reference(case, dtype, bias, kernel_device):
+def test_separable_passes_match_reference(case, dtype, extra, kernel_device):
     """The input pass (split over K into windowed partials) and the output pass (gather, windowed
-    middle and output dots, N_SPLIT tiles per program) against the float reference, every dtype,
-    on odd shapes, one and several chunks (the large-M path's 512-column chunks among them)."""
+    middle and output dots, N_SPLIT tiles per program, optional bias and residual) against the
+    float reference, every dtype, on odd shapes, one and several chunks (the large-M path's
+    512-column chunks among them); the residual is a transposed view (both strides exercised)."""
     from tspline_kernels.reference import spline as ref
     from tspline_kernels.spline import kernels
 
@@ -215,10 +216,11 @@ def test_separable_passes_match_reference(case, dtype, bias, kernel_device):
     kind = ref.BSPLINE if basis == "bspline" else ref.BICUBIC
     x = torch.randn(m, n_in, device=kernel_device).to(dtype)
     control = torch.randn(g_out, g_in, device=kernel_device).to(dtype)
-    b = torch.randn(n_out, device=kernel_device).to(dtype) if bias else None
-    got = kernels.separable_linear(x, control, b, n_out, kind, chunk)
+    b = torch.randn(n_out, device=kernel_device).to(dtype) if "bias" in extra else None
+    r = torch.randn(n_out, m, device=kernel_device).to(dtype).T if "residual" in extra else None
+    got = kernels.separable_linear(x, control, b, n_out, kind, r, chunk=chunk)
     assert got.dtype == dtype and got.shape == (m, n_out)
-    assert_close(got, ref.separable_linear(x, control, b, n_out, kind), dtype)
+    assert_close(got, ref.separable_linear(x, control, b, n_out, kind, r), dtype)
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
@@ -230,9 +232,17 @@ def test_separable_passes_empty_batch_and_3d(dtype, kernel_device):
     control = torch.randn(9, 12, device=kernel_device).to(dtype)
     for lead in [(0,), (2, 0), (2, 3)]:
         x = torch.randn(*lead, 260, device=kernel_device).to(dtype)
-        got = kernels.separable_linear(x, control, None, 70, ref.BSPLINE, 128)
+        got = kernels.separable_linear(x, control, None, 70, ref.BSPLINE, chunk=128)
         assert got.shape == (*lead, 70)
         assert_close(got, ref.separable_linear(x, control, None, 70, ref.BSPLINE), dtype)
+
+
+def test_separable_residual_shape_validation(kernel_device):
+    from tspline_kernels.spline import kernels
+
+    x, control = torch.randn(2, 37, device=kernel_device), torch.randn(6, 6, device=kernel_device)
+    with pytest.raises(ValueError, match="residual must have the output's shape"):
+        kernels.separable_linear(x, control, None, 5, 0, torch.randn(2, 4, device=kernel_device))
 
 
 @pytest.mark.parametrize("chunk", [0, 64, 96, 384])
@@ -241,7 +251,7 @@ def test_separable_chunk_validation(chunk, kernel_device):
 
     with pytest.raises(ValueError, match="chunk"):
         kernels.separable_linear(torch.randn(2, 37, device=kernel_device), torch.randn(6, 6, device=kernel_device),
-                                 None, 5, 0, chunk)
+                                 None, 5, 0, chunk=chunk)
 
 
 @pytest.mark.parametrize("basis", ["bspline", "bicubic"])

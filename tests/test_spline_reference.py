@@ -155,8 +155,10 @@ def test_separable_linear_gradcheck(kind):
     x = torch.randn(2, 3, 11, dtype=torch.float64, requires_grad=True)
     control = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(9, dtype=torch.float64, requires_grad=True)
+    residual = torch.randn(2, 3, 9, dtype=torch.float64, requires_grad=True)
     with backend("reference"):
-        assert torch.autograd.gradcheck(lambda x, c, b: ops.separable_linear(x, c, b, 9, kind), (x, control, bias))
+        assert torch.autograd.gradcheck(lambda x, c, b, r: ops.separable_linear(x, c, b, 9, kind, r),
+                                        (x, control, bias, residual))
         # second order through the autograd formula's own ops (dx = separable_linear(dy, C.T))
         assert torch.autograd.gradgradcheck(lambda x, c: ops.separable_linear(x, c, None, 9, kind), (x, control))
 

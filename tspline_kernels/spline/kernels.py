@@ -158,16 +158,19 @@ def _split_prune(cfgs, named_args, **kwargs):
 )
 @triton.jit
 def _separable_out_kernel(
-    part_ptr, start_in_ptr, c_ptr, tab_ptr, start_out_ptr, bias_ptr, y_ptr,
+    part_ptr, start_in_ptr, c_ptr, tab_ptr, start_out_ptr, bias_ptr, res_ptr, y_ptr,
     M, S, N_OUT, G_IN, G_OUT, M_BUCKET,
-    stride_co, stride_ci, stride_ym, stride_yn,
-    HAS_BIAS: tl.constexpr, GIP: tl.constexpr, W_IN: tl.constexpr, BN: tl.constexpr, PW: tl.constexpr,
+    stride_co, stride_ci, stride_rm, stride_rn, stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    GIP: tl.constexpr, W_IN: tl.constexpr, BN: tl.constexpr, PW: tl.constexpr,
     PRECISION: tl.constexpr, BM: tl.constexpr, N_SPLIT: tl.constexpr,
 ):
-    """Output pass: y = (u @ C.T) @ Bo.T + bias with u = x @ Bi summed from the input pass's slots.
+    """Output pass: y = (u @ C.T) @ Bo.T + bias + residual with u = x @ Bi summed from the input
+    pass's slots.
 
     part ``(S, M, W_IN)`` fp32, C ``(G_OUT, G_IN)``, the fp32 windowed table of Bo ``(1, T, BN, PW)``
-    (``BasisWindows``, T = cdiv(N_OUT, BN)), y ``(M, N_OUT)``. Program (i, j) gathers u for its
+    (``BasisWindows``, T = cdiv(N_OUT, BN)), residual (with ``HAS_RESIDUAL``) and y ``(M, N_OUT)``.
+    The sum is rounded once, at the store. Program (i, j) gathers u for its
     ``BM`` rows once, then for every ``N_SPLIT``-th output tile t from j: z = u @ C[win_t].T over
     the ``PW`` grid rows tile t touches (Bo is four-banded), y tile = z @ Bo_t.T. u, z and the
     fp32 table of Bo stay fp32: ``PRECISION`` "tf32" for fp16/bf16 layers (tensor cores, fp32's
@@ -175,7 +178,8 @@ def _separable_out_kernel(
     banded tile then spread NaN over whole rows), and rounded to bf16 they cost cancelling outputs
     several times the reference's error; fp32 layers use torch's matmul precision.
     FLOPs: 2*M*T*PW*(GIP + BN) (useful: 2*M*(G_IN*G_OUT + 4*N_OUT)).
-    Bytes: elt*M*N_OUT + 4*S*M*W_IN*N_SPLIT (partials, L2-resident) + elt*G_OUT*G_IN.
+    Bytes: elt*M*N_OUT (twice with a residual) + 4*S*M*W_IN*N_SPLIT (partials, L2-resident)
+    + elt*G_OUT*G_IN.
     Minimal bytes of the whole forward (both passes): elt*(M*(N_IN + N_OUT) + G_OUT*G_IN).
     """
     pid_m = tl.program_id(0)
@@ -193,10 +197,13 @@ def _separable_out_kernel(
         rn = t * BN + tl.arange(0, BN)
         bo_t = tl.load(tab_ptr + rn[None, :] * PW + rw[:, None])  # (PW, BN): Bo's window, transposed
         acc = tl.dot(z, bo_t, input_precision=PRECISION)
+        mask = m_mask[:, None] & (rn < N_OUT)[None, :]
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rn, mask=rn < N_OUT, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
-                 mask=m_mask[:, None] & (rn < N_OUT)[None, :])
+        if HAS_RESIDUAL:
+            res = tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :] * stride_rn, mask=mask, other=0.0)
+            acc += res.to(tl.float32)
+        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def in_chunk(m: int) -> int:
@@ -219,7 +226,8 @@ def _chunk(m: int, chunk: int | None) -> int:
     return chunk
 
 
-def _input_pass(a2: torch.Tensor, g: int, kind: int, chunk: int, bucket: int) -> tuple[torch.Tensor, BasisWindows]:
+def _input_pass(a2: torch.Tensor, g: int, kind: int, chunk: int,
+                bucket: int) -> tuple[torch.Tensor, BasisWindows]:
     """Launch ``_separable_in_kernel`` on a2 ``(M, n)`` (M > 0, ``bucket`` = ``m_bucket(M)``): the fp32
     windowed partials of a2 @ B ``(S, M, W)`` and the basis windows they refer to."""
     m, n = a2.shape
@@ -234,26 +242,30 @@ def _input_pass(a2: torch.Tensor, g: int, kind: int, chunk: int, bucket: int) ->
 
 def separable_linear(
     x: torch.Tensor, control: torch.Tensor, bias: torch.Tensor | None, out_features: int, kind: int,
-    chunk: int | None = None,
+    residual: torch.Tensor | None = None, *, chunk: int | None = None,
 ) -> torch.Tensor:
-    """Launch the separable forward (input pass, then output pass). x ``(*, n_in)``, control
-    ``(G_out, G_in)``; ``chunk``: columns of x per input-pass program (default ``in_chunk(M)``),
-    a power of two >= 128."""
-    check_inputs(x, control, *([bias] if bias is not None else []))
+    """Launch the separable forward (input pass, then output pass), plus ``residual`` (shaped like the
+    output) if given: the op's arguments. x ``(*, n_in)``, control ``(G_out, G_in)``; ``chunk``:
+    columns of x per input-pass program (default ``in_chunk(M)``), a power of two >= 128."""
+    check_inputs(x, control, *(t for t in (bias, residual) if t is not None))
     x2 = flatten(x)
     m = x2.shape[0]
     chunk = _chunk(m, chunk)
     g_out, g_in = control.shape
     y = torch.empty(*x.shape[:-1], out_features, device=x.device, dtype=x.dtype)
+    if residual is not None and residual.shape != y.shape:
+        raise ValueError(f"residual must have the output's shape {tuple(y.shape)}, got {tuple(residual.shape)}")
     if m > 0 and out_features > 0:
         bucket = m_bucket(m)
         part, bi = _input_pass(x2, g_in, kind, chunk, bucket)
         bo = basis_windows(out_features, g_out, kind, OUT_TILE, torch.float32, x.device)
         y2 = flatten(y)
+        r2 = y2 if residual is None else flatten(residual)
         _separable_out_kernel[lambda meta: (cdiv(m, meta["BM"]), meta["N_SPLIT"])](
-            part, bi.start, control, bo.table, bo.start, bias if bias is not None else y2, y2,
-            m, bi.chunks, out_features, g_in, g_out, bucket, *control.stride(), *y2.stride(),
-            HAS_BIAS=bias is not None, GIP=_pad(g_in), W_IN=bi.width, BN=OUT_TILE, PW=bo.width,
+            part, bi.start, control, bo.table, bo.start, bias if bias is not None else y2, r2, y2,
+            m, bi.chunks, out_features, g_in, g_out, bucket, *control.stride(), *r2.stride(), *y2.stride(),
+            HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+            GIP=_pad(g_in), W_IN=bi.width, BN=OUT_TILE, PW=bo.width,
             PRECISION=_fp32_operand_precision(x.dtype),
         )
     return y

@@ -25,15 +25,17 @@ _kernels = kernels_of(__package__)  # the Triton launchers, imported on first us
 
 # --------------------------------------------------------------------------------------- separable
 @torch.library.custom_op("tspline::separable_linear", mutates_args=())
-def separable_linear(x: Tensor, control: Tensor, bias: Tensor | None, out_features: int, kind: int) -> Tensor:
-    """y = ((x @ Bi) @ C.T) @ Bo.T + bias; x ``(*, n_in)``, C ``(G_out, G_in)`` -> ``(*, out_features)``."""
+def separable_linear(x: Tensor, control: Tensor, bias: Tensor | None, out_features: int, kind: int,
+                     residual: Tensor | None = None) -> Tensor:
+    """y = ((x @ Bi) @ C.T) @ Bo.T + bias + residual; x ``(*, n_in)``, C ``(G_out, G_in)``, residual
+    (optional: another level's output, added before the one rounding) -> ``(*, out_features)``."""
     if use_triton(x):
-        return owned(_kernels().separable_linear(x, control, bias, out_features, kind))
-    return owned(ref.separable_linear(x, control, bias, out_features, kind))
+        return owned(_kernels().separable_linear(x, control, bias, out_features, kind, residual))
+    return owned(ref.separable_linear(x, control, bias, out_features, kind, residual))
 
 
 @separable_linear.register_fake
-def _(x, control, bias, out_features, kind):
+def _(x, control, bias, out_features, kind, residual=None):
     return x.new_empty(*x.shape[:-1], out_features)
 
 
@@ -60,8 +62,8 @@ def _grad_control_backward(ctx, grad):
     """dC is bilinear in (u, v): du = v @ (Bo G Bi.T).T and dv = u @ (Bo G Bi.T), both separable."""
     u, v = ctx.saved_tensors
     grad = grad.to(u.dtype)
-    du = separable_linear(v, grad, None, u.shape[-1], ctx.kind) if ctx.needs_input_grad[0] else None
-    dv = separable_linear(u, grad.mT, None, v.shape[-1], ctx.kind) if ctx.needs_input_grad[1] else None
+    du = separable_linear(v, grad, None, u.shape[-1], ctx.kind, None) if ctx.needs_input_grad[0] else None
+    dv = separable_linear(u, grad.mT, None, v.shape[-1], ctx.kind, None) if ctx.needs_input_grad[1] else None
     return du, dv, None, None, None
 
 
@@ -69,22 +71,24 @@ register_autograd(separable_grad_control, _grad_control_backward, _grad_control_
 
 
 def _separable_setup(ctx, inputs, output):
-    x, control, bias, out_features, kind = inputs
+    x, control, bias, out_features, kind, residual = inputs
     ctx.save_for_backward(x, control)
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.kind = kind
+    # read here, not from needs_input_grad: torch.library's dispatch drops a trailing default argument
+    ctx.has_residual = residual is not None
 
 
 def _separable_backward(ctx, dy):
     x, control = ctx.saved_tensors
     dx = dc = db = None
     if ctx.needs_input_grad[0]:
-        dx = separable_linear(dy, control.mT, None, x.shape[-1], ctx.kind)
+        dx = separable_linear(dy, control.mT, None, x.shape[-1], ctx.kind, None)
     if ctx.needs_input_grad[1]:
         dc = separable_grad_control(dy, x, control.shape[0], control.shape[1], ctx.kind).to(control.dtype)
     if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
         db = bias_grad(dy, ctx.bias_dtype)
-    return dx, dc, db, None, None
+    return dx, dc, db, None, None, dy if ctx.has_residual else None  # d residual = dy
 
 
 register_autograd(separable_linear, _separable_backward, _separable_setup)
