@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from tspline_kernels import backend
 from tspline_kernels._triton import triton
+from tspline_kernels.bench.host_overhead import stubbed_launches
 from tspline_kernels.spline_tt import SplineTTLinear
 from tspline_kernels.testing import assert_backends_agree, assert_close, cuda_step_peak_bytes
 from tspline_kernels.tt import TTLinear, suggest_modes
@@ -184,6 +185,77 @@ def test_chain_pruner_never_empty(grad):
     kept = prune(cfgs, dict(zip(("IN", "OUT", "RANK"), big), x_ptr=x))
     tiles = [kernels.cost.chain_plan(*big, *chain.config_key(c)).largest_tile() for c in cfgs]
     assert len(kept) == 1 and kernels.cost.chain_plan(*big, *chain.config_key(kept[0])).largest_tile() == min(tiles)
+
+
+def _spy_grad_splits(monkeypatch) -> list:
+    """Record every ``cost.grad_split`` the gradient chain launcher asks for (its grid's choices)."""
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(split(*args, **kwargs))
+        return seen[-1]
+
+    split = kernels.cost.grad_split
+    monkeypatch.setattr(kernels.cost, "grad_split", spy)
+    return seen
+
+
+# (shape, rows, programs aimed at, slot budget in bytes) -> the (groups, per_group, splits) the grid
+# must take under the interpreter's config (BM 16, BO 2 x 2, CD 2: I_d = 5 is 3 chunks)
+GRAD_SPLITS = {
+    "d3-groups-with-a-tail": ("d3-3x2x5-r23", 9, 4, 1 << 20, (2, 2, 1)),  # chunk 4 of 4 past I_d: zero tile
+    "d3-groups-and-row-splits": ("d3-3x2x5-r23", 40, 16, 1 << 20, (3, 1, 2)),
+    "d3-over-budget": ("d3-3x2x5-r23", 40, 16, 1, (1, 3, 1)),  # the least: one group, one split
+    "d2-groups-and-row-splits": ("d2-3x5-7x2-r3", 40, 32, 1 << 20, (3, 1, 2)),  # core 2 has O_2 blocks and chunks
+    "d4-row-splits": ("d4-2x3x2x3-r213", 50, 64, 1 << 20, (2, 1, 4)),
+}
+
+
+@pytest.mark.parametrize("case", list(GRAD_SPLITS), ids=list(GRAD_SPLITS))
+def test_chain_grad_splits(case, monkeypatch, kernel_device):
+    """The gradient chain kernel with chunk groups (a last group past I_d included), row splits and
+    a budget that allows neither: the core gradients match the reference, the grid took the
+    expected split, and the partial slots hold no more than the budget (or, over it, the least the
+    O blocks need: one group of all the chunks, one row split)."""
+    name, rows, programs, budget, expected = GRAD_SPLITS[case]
+    monkeypatch.setattr(kernels, "GRAD_PROGRAMS", programs)
+    monkeypatch.setattr(kernels.cost, "CHAIN_GRAD_PART_BYTES", budget)
+    forbid(monkeypatch, *PATHS["chain"])
+    seen = _spy_grad_splits(monkeypatch)
+    layer = TTLinear(*TT[name], strategy="contract").to(kernel_device)
+    assert_backends_agree(layer, *inputs(layer, (rows,), kernel_device, torch.float32), torch.float32)
+    split = seen[-1]
+    assert (split.groups, split.per_group, split.splits) == expected
+    assert 4 * split.elements <= budget or (split.groups, split.splits) == (1, 1)
+
+
+def test_chain_grad_is_deterministic(monkeypatch, kernel_device):
+    """Two gradient chain launches on the same inputs give bitwise-equal core gradients (slots
+    summed on the host in a fixed order, no atomics), with several programs per core entry."""
+    monkeypatch.setattr(kernels, "GRAD_PROGRAMS", 16)
+    seen = _spy_grad_splits(monkeypatch)
+    layer = TTLinear(*TT["d3-3x2x5-r23"], strategy="contract").to(kernel_device)
+    cores = kernels.plain_cores([c.detach() for c in layer.cores])
+    x, g = inputs(layer, (40,), kernel_device, torch.float32)
+    first, second = kernels.chain_grad(g, x, cores), kernels.chain_grad(g, x, cores)
+    assert seen[-1].groups * seen[-1].splits > 1
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert all(t.is_contiguous() for t in first)
+
+
+def test_chain_grad_partial_slots_are_bounded():
+    """For the benchmark shapes (16^3 rank 16, 8^4 rank 8) at M = 16 and 8192 on the GPU's program
+    target, every gradient config that fits keeps its partial slots within the budget, or, where
+    one group and split per O block exceed it, takes exactly that least split; never more than
+    a sixth of W (4096 x 4096 bf16)."""
+    cost = kernels.cost
+    for ins, outs, ranks in [((16,) * 3, (16,) * 3, (1, 16, 16, 1)), ((8,) * 4, (8,) * 4, (1, 8, 8, 8, 1))]:
+        for plan in cost.chain_plans(ins, outs, ranks, grad=True):
+            for m in (16, 8192):
+                split = cost.grad_split(plan, m, ins, outs)
+                nbytes = 4 * split.elements
+                assert nbytes <= cost.CHAIN_GRAD_PART_BYTES or (split.groups, split.splits) == (1, 1), (plan, m)
+                assert nbytes <= 4096 * 4096 * 2 / 6 and math.prod(split.grid) <= cost.CHAIN_GRAD_PROGRAMS
 
 
 def test_rebuild_tiles_are_valid_dot_shapes():
@@ -470,11 +542,7 @@ def test_cost_model_counts_the_launches_made(shape, dtype, path, monkeypatch):
     """``cost.forward_cost``, ``grad_cores_cost`` and ``grad_cost`` count exactly the launches that
     ``cores_linear`` and ``cores_grad`` (with and without dx) make: Triton kernels and host-side
     torch ops, each one launch on a GPU, with the packed cores cached (inference, or a backward
-    after its forward); on the GPU's config space, Triton launches stubbed out."""
-    from triton.runtime.autotuner import Autotuner
-
-    triton_launches = []
-    monkeypatch.setattr(Autotuner, "run", lambda self, *args, **kwargs: triton_launches.append(self.base_fn.__name__))
+    after its forward); on the GPU's config space, Triton launches stubbed out (their grids run)."""
     for kernel in (kernels._chain_kernel, kernels._chain_grad_kernel):
         monkeypatch.setattr(kernel, "configs", list(kernel.configs.full))
     if path == "steps":
@@ -485,11 +553,11 @@ def test_cost_model_counts_the_launches_made(shape, dtype, path, monkeypatch):
                                  for k, (o, i) in enumerate(zip(outs, ins))])
     x = torch.randn(5, 4, math.prod(ins), dtype=dtype)
     dy = torch.randn(5, 4, math.prod(outs), dtype=dtype)
-    kernels.cores_linear(x, cores, None, strategy)  # packs the cores
+    with stubbed_launches():
+        kernels.cores_linear(x, cores, None, strategy)  # packs the cores
 
     def launches(fn) -> int:
-        triton_launches.clear()
-        with _TorchLaunches() as torch_ops:
+        with stubbed_launches() as triton_launches, _TorchLaunches() as torch_ops:
             fn()
         return torch_ops.count + len(triton_launches)
 

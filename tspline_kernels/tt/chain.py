@@ -197,79 +197,105 @@ def _chain_kernel(
     tl.store(y_ptr + rm.to(tl.int64)[:, None] * stride_ym + off * stride_yn, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _chain_store_tile(ptr, acc, k: tl.constexpr, NI: tl.constexpr, NO: tl.constexpr, RP: tl.constexpr):
+    """Store core k's accumulator ``(RP[k] NI[k], NO[k] RP[k+1])`` whole (padding included) at
+    ``ptr``, contiguous ``(RP[k], NI[k], NO[k], RP[k+1])``."""
+    v = tl.arange(0, RP[k] * NI[k])
+    u = tl.arange(0, NO[k] * RP[k + 1])
+    tl.store(ptr + v[:, None] * (NO[k] * RP[k + 1]) + u[None, :], acc)
+
+
 @triton.autotune(
     configs=_chain_configs(cost.CHAIN_GRAD_CONFIGS, warps=(8,),
                            quick=[{"BM": 16, "BO1": 1, "BO2": 4, "CD": 1, "num_warps": 8, "num_stages": 2},
                                   {"BM": 64, "BO1": 1, "BO2": 4, "CD": 1, "num_warps": 8, "num_stages": 2}]),
     key=["M_BUCKET", "IN", "OUT", "RANK", "SPLINE"],
     prune_configs_by={"early_config_prune": _chain_pruner(grad=True)},
-    reset_to_zero=["dg_ptr"],
 )
 @_with_chain_tiles
 @triton.jit
 def _chain_grad_kernel(
-    x_ptr, dy_ptr, g_ptr, dg_ptr,
+    x_ptr, dy_ptr, g_ptr, part_ptr,
     M, M_BUCKET, stride_xm, stride_xk, stride_dm, stride_dn,
     D: tl.constexpr, IN: tl.constexpr, OUT: tl.constexpr, RANK: tl.constexpr,
-    STRIDES: tl.constexpr, AXES: tl.constexpr, OFFS: tl.constexpr, DOFFS: tl.constexpr,
+    STRIDES: tl.constexpr, AXES: tl.constexpr, OFFS: tl.constexpr,
     SPLINE: tl.constexpr, PRECISION: tl.constexpr, STATE: tl.constexpr,
     BM: tl.constexpr, BO1: tl.constexpr, BO2: tl.constexpr, CD: tl.constexpr,
     NI: tl.constexpr, NO: tl.constexpr, RP: tl.constexpr, X: tl.constexpr,
 ):
-    """Every dG_k of sum(dy * (x @ W.T)), the chain of ``_chain_kernel`` and its reverse on chip
-    (operands of every ``tl.dot`` in ``STATE``, as there).
+    """Partial sums of every dG_k of sum(dy * (x @ W.T)), the chain of ``_chain_kernel`` and its
+    reverse on chip (operands of every ``tl.dot`` in ``STATE``, as there); ``cost.GradSplit``
+    describes the grid and the slots, the host sums them.
 
-    Program (O_1 block x O_2 block, I_d chunk, row split s) walks every ``num_programs(2)``-th block
-    of BM rows. Per row block it runs the forward chain keeping each step's input P_k (registers),
-    then the reverse: dQ_d is the dy tile, ``dB_k += P_k.T @ dQ_k`` (fp32 accumulators held across
-    the row loop) and ``dQ_k-1 = unpermute(dQ_k @ B_k.T)``. At the end each program adds its dB_k to
-    the fp32 core gradients (``dg_ptr + DOFFS[k]``, layout ``(r_k-1, O_k, I_k, r_k)``) with atomics.
-    Neither the states nor W or dW touch global memory.
+    Program (O_1 block x O_2 block, chunk group g, row split s) runs the I_d chunks of group g
+    (``cdiv(chunks, num_programs(1))`` each), and per chunk every ``num_programs(2)``-th block of BM
+    rows. Per row block it runs the forward chain keeping each step's input P_k (registers), then
+    the reverse: dQ_d is the dy tile, ``dB_k += P_k.T @ dQ_k`` (fp32 accumulators) and
+    ``dQ_k-1 = unpermute(dQ_k @ B_k.T)``. Its slot (``part_ptr``, fp32, one per program) gets each
+    chunk's dB_d tile after the chunk, and the dB_1..dB_d-1 tiles (summed over its chunks) at the
+    end: every tile whole, padding included, ``(RP[k], NI[k], NO[k], RP[k+1])`` contiguous, so the
+    launch writes every element of its slots. Neither the states nor W or dW touch global memory.
     FLOPs ``3 x`` the forward chain's (one forward, two dots per step backward, step 1's forward
     repeated per O_2 block). Bytes ``elt (M I + M O) x`` (O_1 O_2 blocks x I_d chunks) re-reads
-    (mostly L2), plus ``4 sum_k |B_k|`` atomics per program.
+    (mostly L2), plus ``4 GradSplit.elements`` of slots.
     """
     pid_o = tl.program_id(0)
     n_o2 = tl.cdiv(OUT[1], NO[1])
     starts = ((pid_o // n_o2) * NO[0], (pid_o % n_o2) * NO[1])
-    d0 = tl.program_id(1) * NI[D - 1]
-    rm_in, c, row_ok, row_off, col_ok, col_off = _chain_in_index(BM, D, IN, NI, RP, X)
-    row_ok &= d0 + c < IN[D - 1]
-    x_rows = x_ptr + (row_off + d0 + c).to(tl.int64) * stride_xk
+    per_group = tl.cdiv(tl.cdiv(IN[D - 1], NI[D - 1]), tl.num_programs(1))
+    head: tl.constexpr = 0
+    for k in tl.static_range(D - 1):
+        head += RP[k] * NI[k] * NO[k] * RP[k + 1]
+    last: tl.constexpr = RP[D - 1] * NI[D - 1] * NO[D - 1] * RP[D]
+    slot = part_ptr + ((pid_o * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2)
+                       + tl.program_id(2)).to(tl.int64) * (head + per_group * last)
+    rm_in, c, row_ok_in, row_off, col_ok, col_off = _chain_in_index(BM, D, IN, NI, RP, X)
     x_cols = col_off.to(tl.int64) * stride_xk
     rm_out, out_ok, out_off, _ = _chain_out_index(starts, D, OUT, NO, X)
     u = tl.arange(0, NO[D - 1] * RP[D])  # dQ_d columns (o_d, b): dy at b = 0, zero padding beside it
     od = u // RP[D] + (starts[1] if D == 2 else 0)
     dy_cols = (out_off[:, None] + od[None, :]).to(tl.int64)
     dy_ok = out_ok[:, None] & ((od < OUT[D - 1]) & (u % RP[D] == 0))[None, :]
-    gs = ()
+    heads = ()  # cores 1..d-1: their tiles and accumulators do not depend on the chunk
     accs = ()
-    for k in tl.static_range(D):
-        gs = gs + (_chain_core(g_ptr, k, d0, starts, D, IN, OUT, RANK, STRIDES, AXES, OFFS, SPLINE, NI, NO, RP).to(STATE),)
+    for k in tl.static_range(D - 1):
+        heads = heads + (_chain_core(g_ptr, k, 0, starts, D, IN, OUT, RANK, STRIDES, AXES, OFFS, SPLINE, NI, NO, RP).to(STATE),)
         accs = accs + (tl.full((RP[k] * NI[k], NO[k] * RP[k + 1]), 0.0, tl.float32),)  # as in _chain_kernel
-    for mb in range(tl.program_id(2), tl.cdiv(M, BM), tl.num_programs(2)):
-        rm = mb * BM + rm_in
-        s = tl.load((x_rows + rm.to(tl.int64) * stride_xm)[:, None] + x_cols[None, :],
-                    mask=(row_ok & (rm < M))[:, None] & col_ok[None, :], other=0.0).to(STATE)
-        ps = ()
-        for k in tl.static_range(D):
-            if k > 0:
-                s = _chain_next(s, k, NI, RP, X).to(STATE)
-            ps = ps + (s,)
-            if k < D - 1:
-                s = tl.dot(s, gs[k], input_precision=PRECISION)
-        rm = mb * BM + rm_out
-        dq = tl.load(dy_ptr + rm.to(tl.int64)[:, None] * stride_dm + dy_cols * stride_dn,
-                     mask=dy_ok & (rm < M)[:, None], other=0.0)
-        new = ()
-        for k in tl.static_range(D - 1, -1, -1):
-            new = (accs[k] + tl.dot(tl.trans(ps[k]), dq.to(STATE), input_precision=PRECISION),) + new
-            if k > 0:
-                dq = _chain_prev(tl.dot(dq.to(STATE), tl.trans(gs[k]), input_precision=PRECISION), k, NO, NI, RP, X)
-        accs = new
-    for k in tl.static_range(D):
-        a, i, o, b = _chain_core_index(k, d0, starts, D, NI, NO, RP)
-        off = ((a[:, None] * OUT[k] + o[None, :]) * IN[k] + i[:, None]) * RANK[k + 1] + b[None, :]
-        mask = ((a < RANK[k]) & (i < IN[k]))[:, None] & ((o < OUT[k]) & (b < RANK[k + 1]))[None, :]
-        tl.atomic_add(dg_ptr + DOFFS[k] + off, accs[k], mask=mask)
-
+    for j in range(per_group):
+        d0 = (tl.program_id(1) * per_group + j) * NI[D - 1]
+        row_ok = row_ok_in & (d0 + c < IN[D - 1])
+        x_rows = x_ptr + (row_off + d0 + c).to(tl.int64) * stride_xk
+        gs = heads + (_chain_core(g_ptr, D - 1, d0, starts, D, IN, OUT, RANK, STRIDES, AXES, OFFS, SPLINE,
+                                  NI, NO, RP).to(STATE),)
+        accs = accs + (tl.full((RP[D - 1] * NI[D - 1], NO[D - 1] * RP[D]), 0.0, tl.float32),)
+        # a chunk past I_d (the last group's tail) runs no row block: its dB_d tile stays zero
+        for mb in range(tl.program_id(2), tl.where(d0 < IN[D - 1], tl.cdiv(M, BM), 0), tl.num_programs(2)):
+            rm = mb * BM + rm_in
+            s = tl.load((x_rows + rm.to(tl.int64) * stride_xm)[:, None] + x_cols[None, :],
+                        mask=(row_ok & (rm < M))[:, None] & col_ok[None, :], other=0.0).to(STATE)
+            ps = ()
+            for k in tl.static_range(D):
+                if k > 0:
+                    s = _chain_next(s, k, NI, RP, X).to(STATE)
+                ps = ps + (s,)
+                if k < D - 1:
+                    s = tl.dot(s, gs[k], input_precision=PRECISION)
+            rm = mb * BM + rm_out
+            dq = tl.load(dy_ptr + rm.to(tl.int64)[:, None] * stride_dm + dy_cols * stride_dn,
+                         mask=dy_ok & (rm < M)[:, None], other=0.0)
+            new = ()
+            for k in tl.static_range(D - 1, -1, -1):
+                new = (accs[k] + tl.dot(tl.trans(ps[k]), dq.to(STATE), input_precision=PRECISION),) + new
+                if k > 0:
+                    dq = _chain_prev(tl.dot(dq.to(STATE), tl.trans(gs[k]), input_precision=PRECISION), k, NO, NI, RP, X)
+            accs = new
+        _chain_store_tile(slot + head + j * last, accs[D - 1], D - 1, NI, NO, RP)
+        done = ()
+        for k in tl.static_range(D - 1):
+            done = done + (accs[k],)
+        accs = done
+    off: tl.constexpr = 0
+    for k in tl.static_range(D - 1):
+        _chain_store_tile(slot + off, accs[k], k, NI, NO, RP)
+        off += RP[k] * NI[k] * NO[k] * RP[k + 1]

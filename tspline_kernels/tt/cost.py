@@ -48,6 +48,10 @@ CHAIN_CONFIGS = tuple((bm, bo1, bo2, cd) for bm in (16, 64) for bo1 in (1, 4, 16
 # the gradient chain kernel's configs: few, because each variant compiles slowly (d unrolled
 # forward and backward steps with large register tiles)
 CHAIN_GRAD_CONFIGS = ((16, 1, 4, 1), (16, 4, 4, 1), (64, 1, 4, 1), (16, 1, 16, 1))
+# the gradient chain kernel's fp32 partial slots (``grad_split``): at most this many bytes where
+# one chunk group and one row split per O block allow it, and programs enough to fill the GPU twice
+CHAIN_GRAD_PART_BYTES = 4 << 20
+CHAIN_GRAD_PROGRAMS = 2 * SMS
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -115,12 +119,16 @@ class ChainPlan:
             sizes += [x * kk, x * nn, kk * nn]
         return max(sizes)
 
+    def core_tiles(self) -> tuple[int, ...]:
+        """Elements of each core tile ``B_k`` (``rp[k] ni[k] x no[k] rp[k+1]``): the gradient
+        kernel's accumulator per core."""
+        return tuple(self.rp[k] * ni * no * self.rp[k + 1] for k, (ni, no) in enumerate(zip(self.ni, self.no)))
+
     def grad_fits(self, elt: int = 2) -> bool:
         """Whether the gradient kernel fits: its d core accumulators (``sum_k K_k N_k`` fp32, held
         across its row loop) at most twice ``CHAIN_MAX_TILE``, and for 4-byte states every tile at
         most half of it (fp32 8^4 rank 8 needed 258 KiB of shared memory with full tiles)."""
-        acc = sum(self.rp[k] * ni * no * self.rp[k + 1] for k, (ni, no) in enumerate(zip(self.ni, self.no)))
-        return acc <= 2 * CHAIN_MAX_TILE and self.largest_tile() * elt <= 2 * CHAIN_MAX_TILE
+        return sum(self.core_tiles()) <= 2 * CHAIN_MAX_TILE and self.largest_tile() * elt <= 2 * CHAIN_MAX_TILE
 
     def programs(self, m: int, out_modes) -> int:
         """Grid size: row blocks x blocks of O_1 x blocks of O_2."""
@@ -163,6 +171,68 @@ def _fitting_plans(in_modes, out_modes, ranks, configs, grad: bool, elt: int, li
     return tuple(sorted(fits, key=lambda p: (p.bm, p.no, p.ni)))
 
 
+@dataclass(frozen=True)
+class GradSplit:
+    """How ``_chain_grad_kernel`` divides its work, grid ``(blocks, groups, splits)``: program
+    (O_1 x O_2 block, chunk group g, row split s) runs I_d chunks ``g * per_group ..`` (``per_group``
+    of them; past the last chunk its tiles are zero) on row blocks ``s, s + splits, ..``, and writes
+    its partial core gradients to its own slot of ``slot`` fp32 elements: the tiles of cores
+    1..d-1 (``head`` elements, summed over its chunks) then one tile of core d per chunk (``last``
+    elements each). The host sums the slots (deterministic, no atomics)."""
+
+    blocks: tuple[int, int]
+    groups: int
+    per_group: int
+    splits: int
+    head: int
+    last: int
+
+    @property
+    def slot(self) -> int:
+        return self.head + self.per_group * self.last
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        return self.blocks[0] * self.blocks[1], self.groups, self.splits
+
+    @property
+    def elements(self) -> int:
+        """fp32 elements of all the launch's slots."""
+        return math.prod(self.grid) * self.slot
+
+
+def grad_split(plan: ChainPlan, m: int, in_modes, out_modes, programs: int | None = None,
+               budget: int | None = None) -> GradSplit:
+    """The gradient chain kernel's split for ``plan`` on ``m`` rows: as many chunk groups and then
+    row splits as fill ``programs`` (default ``CHAIN_GRAD_PROGRAMS``) while the slots stay within
+    ``budget`` bytes (default ``CHAIN_GRAD_PART_BYTES``); at least one group and split per O block,
+    so one chunk group of all the chunks where even that exceeds the budget (a lower bound:
+    ``blocks x (head + chunks x last)`` elements)."""
+    programs = CHAIN_GRAD_PROGRAMS if programs is None else programs
+    budget = CHAIN_GRAD_PART_BYTES if budget is None else budget
+    return _grad_split(plan, min(math.ceil(m / plan.bm), programs), in_modes[-1], tuple(out_modes[:2]),
+                       programs, budget)
+
+
+@functools.lru_cache(maxsize=1024)
+def _grad_split(plan: ChainPlan, row_blocks: int, i_last: int, out_head: tuple[int, int], programs: int,
+                budget: int) -> GradSplit:
+    """``grad_split``, cached (every gradient launch asks once per config)."""
+    blocks = (math.ceil(out_head[0] / plan.no[0]), math.ceil(out_head[1] / plan.no[1]))
+    chunks = math.ceil(i_last / plan.ni[-1])
+    tiles = plan.core_tiles()
+
+    def split(groups: int, splits: int) -> GradSplit:
+        per_group = math.ceil(chunks / groups)  # then as few groups as cover the chunks: none empty
+        return GradSplit(blocks, math.ceil(chunks / per_group), per_group, splits, sum(tiles[:-1]), tiles[-1])
+
+    best = split(max(1, min(chunks, programs // (blocks[0] * blocks[1]))), 1)
+    while best.groups > 1 and 4 * best.elements > budget:
+        best = split(best.groups - 1, 1)
+    splits = min(row_blocks, programs // math.prod(best.grid), budget // (4 * best.elements))
+    return split(best.groups, max(1, splits))
+
+
 def chain_cost(m: int, in_modes, out_modes, ranks, elt: int = 2, grad: bool = False,
                state_elt: int | None = None) -> Cost | None:
     """Forward (or dx) by the fused chain kernel with its cheapest plan; None when no plan fits.
@@ -175,7 +245,7 @@ def chain_cost(m: int, in_modes, out_modes, ranks, elt: int = 2, grad: bool = Fa
     for p in chain_plans(in_modes, out_modes, ranks, grad=grad, elt=state_elt or elt):
         programs, chunks = p.programs(m, out_modes), math.ceil(in_modes[-1] / p.ni[-1])
         step = sum(2.0 * x * p.rp[k] * ni * no * p.rp[k + 1] for k, (ni, no, x) in enumerate(zip(p.ni, p.no, p.x)))
-        tiles = sum(p.rp[k] * ni * no * p.rp[k + 1] for k, (ni, no) in enumerate(zip(p.ni, p.no)))
+        tiles = sum(p.core_tiles())
         columns = math.ceil(out_modes[0] / p.no[0]) * math.ceil(out_modes[1] / p.no[1])
         cores = sum(ranks[k] * o * i * ranks[k + 1] for k, (o, i) in enumerate(zip(out_modes, in_modes)))
         nbytes = elt * (m * math.prod(in_modes) + m * math.prod(out_modes) + cores)
@@ -286,8 +356,8 @@ def grad_cores_cost(strategy: str, m: int, in_modes, out_modes, ranks, elt: int 
     """Cost of every d(core) from (dy, x), launches counted as ``kernels.cores_grad`` makes them.
 
     contract: where the gradient chain kernel fits, one launch that reruns the forward chain and
-    its reverse on chip (3x the chain's FLOPs and time), plus zeroing its fp32 buffer and one copy
-    per core; otherwise recompute the forward states U_1..U_{d-1}, run the dy sweep V_d..V_2, and
+    its reverse on chip (3x the chain's FLOPs and time), plus per core the sum of its partial slots
+    and a copy out of the padded tiles; otherwise recompute the forward states U_1..U_{d-1}, run the dy sweep V_d..V_2, and
     one reduction per core (each as costly as its step, plus the sum of its partials and a
     permuting copy), all with the step kernels: at most 3x their forward, counted as 3x.
     rebuild: G = dy.T @ x tile by tile on chip (2 M O I FLOPs, never stored), reduced against L and
@@ -303,7 +373,7 @@ def grad_cores_cost(strategy: str, m: int, in_modes, out_modes, ranks, elt: int 
         return kernel + _head_cost(in_modes, out_modes, ranks, elt, se) + _head_grad_cost(in_modes, out_modes, ranks, elt)
     chain = chain_cost(m, in_modes, out_modes, ranks, elt, grad=True, state_elt=state_elt)
     if chain is not None:
-        return _times(chain, 3, d + 2, chain.bytes)
+        return _times(chain, 3, 2 * d + 1, chain.bytes)
     return _times(steps_cost(m, in_modes, out_modes, ranks, elt, state_elt), 3, 5 * d - 2)
 
 

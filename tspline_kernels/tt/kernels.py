@@ -18,11 +18,14 @@ Notation: d cores ``(r_{k-1}, O_k, I_k, r_k)``, ``O = prod O_k``, ``I = prod I_k
     reshape/permute; the states never leave the chip. Bytes ``elt (M I + M O)`` from HBM, plus x
     re-reads per output block and core-tile re-reads per chunk (L2).
   - Core gradients (``_chain_grad_kernel``, 1 launch, plus a ``_chain_kernel`` launch on the cores
-    of W.T for dx): program (O_1 block x O_2 block, I_d chunk, row split) reruns the forward chain
-    per row block, keeping every step's input in registers, and walks it back
-    (``dB_k += P_k.T dQ_k``, ``dQ_k-1 = unpermute(dQ_k B_k.T)``); fp32 accumulators, one atomic add
-    per core tile and program at the end (so the fp32 sums are not bitwise deterministic).
-    About 3x the forward chain's FLOPs.
+    of W.T for dx): program (O_1 block x O_2 block, group of I_d chunks, row split) reruns the
+    forward chain per chunk and row block, keeping every step's input in registers, and walks it
+    back (``dB_k += P_k.T dQ_k``, ``dQ_k-1 = unpermute(dQ_k B_k.T)``); fp32 accumulators written
+    to the program's own partial slot, summed on the host (``SplitSlots``: deterministic, no
+    atomics). Groups and splits aim at 2 programs per SM while the slots stay within
+    ``cost.CHAIN_GRAD_PART_BYTES`` (``cost.grad_split``) or, where one group and split per O block
+    already exceed it, take that least split: 3.5-5.1 MiB for 16^3 rank 16 and 2.1-3.2 MiB for 8^4
+    rank 8 (bf16, per config, at any M). About 3x the forward chain's FLOPs.
   - Both are used where one of ``cost.CHAIN_CONFIGS`` fits ``cost.CHAIN_MAX_TILE`` register
     elements (``chain_fits``; the gradient also needs its accumulators to fit): the benchmark
     shapes do; a middle core with ``r_{k-1} I_k`` and ``O_k r_k`` both in the thousands does not.
@@ -177,28 +180,66 @@ def chain_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None)
     return y
 
 
+GRAD_PROGRAMS = 2 if INTERPRET else cost.CHAIN_GRAD_PROGRAMS  # programs the gradient chain kernel's split aims at
+
+
 def chain_grad(dy2: torch.Tensor, x2: torch.Tensor, cores: list[Core]) -> list[torch.Tensor]:
-    """``[dG_k]`` (fp32, ``(r0, O, I, r1)``) of sum(dy2 * (x2 @ W.T)) by one ``_chain_grad_kernel``
-    launch; row blocks are split over enough programs to fill the GPU (2 under the interpreter)."""
+    """``[dG_k]`` (fp32, ``(r0, O, I, r1)``, contiguous) of sum(dy2 * (x2 @ W.T)) by one
+    ``_chain_grad_kernel`` launch, its partial slots (``cost.grad_split``: chunk groups and row
+    splits towards ``GRAD_PROGRAMS`` programs within ``cost.CHAIN_GRAD_PART_BYTES``) summed on the
+    host."""
     m = x2.shape[0]
-    sizes = [c.r0 * c.o * c.i * c.r1 for c in cores]
-    dg = torch.zeros(sum(sizes), device=x2.device, dtype=torch.float32)
-    packed, meta_args = _chain_args(cores)
+    if m == 0:
+        return [torch.zeros(c.r0, c.o, c.i, c.r1, device=x2.device, dtype=torch.float32) for c in cores]
+    modes = core_modes(cores)
+
+    def split(meta) -> tuple[cost.ChainPlan, cost.GradSplit]:
+        plan = cost.chain_plan(*modes, meta["BM"], meta["BO1"], meta["BO2"], meta["CD"])
+        return plan, cost.grad_split(plan, m, modes[0], modes[1], GRAD_PROGRAMS)
+
+    slots = SplitSlots(_chain_grad_kernel, lambda meta: split(meta)[1].elements)  # a slot per fp32 element
+    part = slots.empty(device=x2.device)
+    launched = []
 
     def grid(meta):
-        blocks = cdiv(cores[0].o, meta["NO"][0]) * cdiv(cores[1].o, meta["NO"][1])
-        chunks = cdiv(cores[-1].i, meta["NI"][-1])
-        want = 2 if INTERPRET else cdiv(2 * cost.SMS, blocks * chunks)
-        return blocks, chunks, max(1, min(cdiv(m, meta["BM"]), want))
+        slots(meta)
+        launched.append(split(meta))  # the last is the launch that counts (after any autotuning)
+        return launched[-1][1].grid
 
-    if m > 0:
-        _chain_grad_kernel[grid](
-            x2, dy2, packed, dg,
-            m, m_bucket(m), x2.stride(0), x2.stride(1), dy2.stride(0), dy2.stride(1),
-            **meta_args, DOFFS=tuple(itertools.accumulate(sizes[:-1], initial=0)), **state_args(x2.dtype),
-        )
-    # separate tensors: a custom op may not return outputs that alias each other
-    return [t.view(c.r0, c.o, c.i, c.r1).clone() for t, c in zip(dg.split(sizes), cores)]
+    packed, meta_args = _chain_args(cores)
+    _chain_grad_kernel[grid](
+        x2, dy2, packed, part,
+        m, m_bucket(m), x2.stride(0), x2.stride(1), dy2.stride(0), dy2.stride(1),
+        **meta_args, **state_args(x2.dtype),
+    )
+    return _chain_grad_sum(part[:slots.used], *launched[-1], cores)
+
+
+def _chain_grad_sum(part: torch.Tensor, plan: cost.ChainPlan, split: cost.GradSplit, cores: list[Core]
+                    ) -> list[torch.Tensor]:
+    """``[dG_k]`` from the slots of a ``_chain_grad_kernel`` launch (``part``, flat fp32): per core, the
+    tiles summed over the grid axes that do not index it (core 1 is indexed by the O_1 block, core 2
+    by the O_2 block, core d by the chunk), then cut out of the padded blocks. Two launches per core
+    (a sum into a padded buffer, a contiguous copy); separate tensors, as a custom op must return."""
+    d = len(cores)
+    slots = part.view(*split.blocks, split.groups, split.splits, split.slot)
+    offs = itertools.accumulate(plan.core_tiles()[:-1], initial=0)
+    grads = []
+    for k, (core, off) in enumerate(zip(cores, offs)):
+        rp, ni, no, rp1 = plan.rp[k], plan.ni[k], plan.no[k], plan.rp[k + 1]
+        per_group = split.per_group if k == d - 1 else 1
+        tiles = slots[..., off:off + per_group * rp * ni * no * rp1].view(*slots.shape[:4], per_group, rp, ni, no, rp1)
+        # axes (O_1 block, O_2 block, group, split, chunk in group): core 1 keeps the first, core 2
+        # the second, core d the group and chunk; the split axis is always summed
+        kept = {0} if k == 0 else {1} if k == 1 else set()
+        if k == d - 1:
+            kept |= {2, 4}
+        b1, b2, g, _, c = (n if a in kept else 1 for a, n in enumerate(tiles.shape[:5]))
+        padded = torch.empty(rp, b1 * b2 * no, g * c * ni, rp1, device=part.device, dtype=torch.float32)
+        out = padded.view(rp, b1, b2, no, g, 1, c, ni, rp1).permute(1, 2, 4, 5, 6, 0, 7, 3, 8)
+        torch.sum(tiles, [a for a in range(5) if a not in kept], keepdim=True, out=out)
+        grads.append(padded[:core.r0, :core.o, :core.i, :core.r1].clone(memory_format=torch.contiguous_format))
+    return grads
 
 
 def _step(state: torch.Tensor, sb: int, se: int, core: Core, batch: int, c: int, transposed: bool,
