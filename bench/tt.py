@@ -53,7 +53,7 @@ def costs(layer, m: int, dtype: torch.dtype, mode: str, device: str) -> tuple[fl
         picked = layer.picked_strategy(m, dtype)
         total = cost.forward_cost(picked, m, ins, outs, ranks, elt, state_elt)
     else:  # the reference keeps its states in memory, like the step kernels, on its merged modes
-        outs, ins, ranks = tt_ref.merged_modes(outs, ins, ranks)
+        ins, outs, ranks = tt_ref.merged_modes(ins, outs, ranks)
         picked, total = "contract", cost.steps_cost(m, ins, outs, ranks, elt, state_elt)
     if mode != "fwd":
         back = layer.picked_strategy(m, dtype, backward=True) if device == "cuda" else "contract"

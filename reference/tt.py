@@ -32,11 +32,11 @@ __all__ = [
 
 
 def modes_of(cores: list[torch.Tensor]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-    """``(out_modes, in_modes, ranks)`` of a list of cores ``(r_{k-1}, O_k, I_k, r_k)``."""
-    out_modes = tuple(c.shape[1] for c in cores)
+    """``(in_modes, out_modes, ranks)`` of a list of cores ``(r_{k-1}, O_k, I_k, r_k)``."""
     in_modes = tuple(c.shape[2] for c in cores)
+    out_modes = tuple(c.shape[1] for c in cores)
     ranks = (cores[0].shape[0],) + tuple(c.shape[3] for c in cores)
-    return out_modes, in_modes, ranks
+    return in_modes, out_modes, ranks
 
 
 def step_matrix(core: torch.Tensor) -> torch.Tensor:
@@ -88,16 +88,16 @@ def _states(x: torch.Tensor, cores: list[torch.Tensor], in_modes: tuple[int, ...
     return states
 
 
-def merged_modes(out_modes: tuple[int, ...], in_modes: tuple[int, ...], ranks: tuple[int, ...]
+def merged_modes(in_modes: tuple[int, ...], out_modes: tuple[int, ...], ranks: tuple[int, ...]
                  ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-    """``(out_modes, in_modes, ranks)`` that the reference contracts: the last two cores merged
+    """``(in_modes, out_modes, ranks)`` that the reference contracts: the last two cores merged
     into one when d >= 3, the merged core is no larger than 1/8 of W, and O_d < 2 r_{d-1}. Then the
     merged last step is one plain GEMM with fewer FLOPs than the two steps it replaces, and the
     backward need not recompute U_d. Otherwise the modes unchanged."""
     merged = ranks[-3] * out_modes[-2] * out_modes[-1] * in_modes[-2] * in_modes[-1] if len(out_modes) >= 3 else 0
     if not merged or 8 * merged > math.prod(out_modes) * math.prod(in_modes) or out_modes[-1] >= 2 * ranks[-2]:
-        return out_modes, in_modes, ranks
-    return (out_modes[:-2] + (out_modes[-2] * out_modes[-1],), in_modes[:-2] + (in_modes[-2] * in_modes[-1],),
+        return in_modes, out_modes, ranks
+    return (in_modes[:-2] + (in_modes[-2] * in_modes[-1],), out_modes[:-2] + (out_modes[-2] * out_modes[-1],),
             ranks[:-2] + (1,))
 
 
@@ -117,11 +117,11 @@ def tt_linear(x: torch.Tensor, cores: list[torch.Tensor], bias: torch.Tensor | N
     """y = x @ W.T + bias for x ``(*, I)`` -> ``(*, O)`` by sequential contraction (W never formed;
     the last two cores merged where ``merged_modes`` says so)."""
     cd = compute_dtype(x)
-    out_modes, in_modes, _ = modes_of(cores)
+    in_modes, out_modes, _ = modes_of(cores)
     n_out, n_in = math.prod(out_modes), math.prod(in_modes)
     t = x.reshape(-1, n_in).to(cd)
     cores = _merge_last([c.to(cd) for c in cores])
-    y = _states(t, cores, modes_of(cores)[1])[-1] if t.shape[0] else t.new_zeros(0, n_out)
+    y = _states(t, cores, modes_of(cores)[0])[-1] if t.shape[0] else t.new_zeros(0, n_out)
     if bias is not None:
         y = y + bias.to(cd)
     return y.reshape(*x.shape[:-1], n_out).to(x.dtype)
@@ -154,7 +154,7 @@ def tt_grad(dy: torch.Tensor, x: torch.Tensor, cores: list[torch.Tensor], need_d
 def _sweep(dy: torch.Tensor, x: torch.Tensor, cores: list[torch.Tensor], need_dx: bool
            ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """(``[dG_k]``, dx or None) for flat dy ``(M, O)`` and x ``(M, I)`` in the compute dtype."""
-    out_modes, in_modes, _ = modes_of(cores)
+    in_modes, out_modes, _ = modes_of(cores)
     m, d = x.shape[0], len(cores)
     states = _states(x, cores[:-1], in_modes)  # U_1 .. U_d
     v = dy

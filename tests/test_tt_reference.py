@@ -86,7 +86,7 @@ def test_grad_is_the_dense_gradient(shape, end_pair):
     """tt_grad's core gradients and dx equal autograd through the dense weight, with and without
     the end-pair shortcut."""
     in_modes, out_modes, ranks = shape
-    assert (len(ref.merged_modes(out_modes, in_modes, ranks)[0]) < len(in_modes)) == end_pair
+    assert (len(ref.merged_modes(in_modes, out_modes, ranks)[0]) < len(in_modes)) == end_pair
     cores = random_cores(in_modes, out_modes, ranks, requires_grad=True)
     x = torch.randn(2, 3, math.prod(in_modes), dtype=torch.float64, requires_grad=True)
     dy = torch.randn(2, 3, math.prod(out_modes), dtype=torch.float64)

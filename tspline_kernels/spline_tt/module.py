@@ -135,7 +135,7 @@ class SplineTTLinear(SavedSettings, TTStructured):
         (``start_output_error``), the final one and the ALS history)."""
         _check_core_grids(grid, len(check_structure(in_modes, out_modes, 1)[0]))  # before the (long) fit
         fit = fit_tt_cores(linear, in_modes, out_modes, eps, max_rank, input_gram, sweeps, damping, progress)
-        outs, ins, ranks = ref_tt.modes_of(fit.cores)
+        ins, outs, ranks = ref_tt.modes_of(fit.cores)
         w = fit.weight
         new = cls(ins, outs, ranks, grid, bias=linear.bias is not None, device=w.device, dtype=w.dtype,
                   strategy=strategy)

@@ -221,7 +221,7 @@ class TTLinear(TTStructured):
         errors; ranks, and with a Gram the start's and the final output error and the ALS objective
         after every step, in its details)."""
         fit = fit_tt_cores(linear, in_modes, out_modes, eps, max_rank, input_gram, sweeps, damping, progress)
-        outs, ins, ranks = ref.modes_of(fit.cores)
+        ins, outs, ranks = ref.modes_of(fit.cores)
         w = fit.weight
         new = cls(ins, outs, ranks, bias=linear.bias is not None, device=w.device, dtype=w.dtype, strategy=strategy)
         with torch.no_grad():
@@ -306,11 +306,11 @@ def _interfaces(cores: list[torch.Tensor], k: int) -> tuple[torch.Tensor, torch.
     return left, right
 
 
-def _step_entries(shape: Sequence[int], outer: tuple[int, int], inner: tuple[int, int]) -> int:
+def _step_entries(shape: Sequence[int], ins: tuple[int, int], outs: tuple[int, int]) -> int:
     """Largest tensor ``tt_normal_equations`` builds for a core ``shape`` (r0, O_k, I_k, r1) with
-    ``outer`` = (O_<k, O_>k) and ``inner`` = (I_<k, I_>k)."""
+    ``ins`` = (I_<k, I_>k) and ``outs`` = (O_<k, O_>k)."""
     r0, o, i, r1 = shape
-    (xl, xr), (y, z) = outer, inner
+    (y, z), (xl, xr) = ins, outs
     n = r0 * i * r1
     return max(n * n, n * o, (y * r0) ** 2, (r1 * z) ** 2, min(r0 * z, y * r1) ** 2 * i * i,
                xl * y * r0, r1 * xr * z, r0 * o * xr * i * z)
@@ -345,9 +345,9 @@ def structured_system(cores: list[torch.Tensor], target: torch.Tensor, gram: tor
     """(G' = G + lambda I, W G'), float64, for ``tt_normal_equations`` on TT cores shaped like ``cores``
     fitted to ``target`` W ``(O, I)``, if no core's step builds more than ``_STRUCTURED_ENTRIES``
     entries; None otherwise (``weighted_als`` then solves every step itself)."""
-    outs, ins, _ = ref.modes_of(cores)
-    sizes = [_step_entries(c.shape, (math.prod(outs[:k]), math.prod(outs[k + 1:])),
-                           (math.prod(ins[:k]), math.prod(ins[k + 1:]))) for k, c in enumerate(cores)]
+    ins, outs, _ = ref.modes_of(cores)
+    sizes = [_step_entries(c.shape, (math.prod(ins[:k]), math.prod(ins[k + 1:])),
+                           (math.prod(outs[:k]), math.prod(outs[k + 1:]))) for k, c in enumerate(cores)]
     if max(sizes) > _STRUCTURED_ENTRIES:
         return None
     g = damped_gram(gram, damping)
