@@ -69,6 +69,7 @@ import math
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -242,40 +243,68 @@ def _chain_grad_sum(part: torch.Tensor, plan: cost.ChainPlan, split: cost.GradSp
     return grads
 
 
-def _step(state: torch.Tensor, sb: int, se: int, core: Core, batch: int, c: int, transposed: bool,
-          dtype: torch.dtype, last: bool, bias: torch.Tensor | None = None, n_out: int = 1) -> torch.Tensor:
-    """One contraction step on ``batch * c`` columns of a layer with ``dtype`` inputs; returns the
-    contiguous output state (flat), in ``cost.state_dtype(dtype)``, or in ``dtype`` for the ``last``
-    step (y or dx). ``bias`` (last step only) is indexed by the output offset modulo ``n_out``
-    (the layer's O)."""
-    p, j = core.o * core.r1, core.r0 * core.i
-    if transposed:
-        p, j = j, p
-    out = torch.empty(batch * p * c, device=state.device, dtype=dtype if last else cost.state_dtype(dtype))
-    n = batch * c
+@dataclass(frozen=True)
+class State:
+    """A state of the step path as the step kernels read it: element (b, j, c) of ``t`` at
+    ``b * batch_stride + (j * C + c) * stride``, C the ``cols`` of the step that reads it."""
+
+    t: torch.Tensor
+    batch_stride: int
+    stride: int = 1
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of the step path on a layer with ``dtype`` inputs: ``A_k`` (``A_k.T`` if
+    ``transposed``, the dy sweep) applied to the ``batch * cols`` columns ``n = b * cols + c`` of a
+    state (``batch = M O_<k``, ``cols = I_>k``), ``A_k[(o, b), (a, i)] = G_k[a, o, i, b]``."""
+
+    core: Core
+    batch: int
+    cols: int
+    dtype: torch.dtype
+    transposed: bool = False
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(P, J): the rows and columns of the step's matrix."""
+        p, j = self.core.o * self.core.r1, self.core.r0 * self.core.i
+        return (j, p) if self.transposed else (p, j)
+
+
+def _step(state: State, step: Step, last: bool = False, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``step`` on ``state``; returns the contiguous output state (flat, ``(batch, P, cols)``), in
+    ``cost.state_dtype(step.dtype)``, or in ``step.dtype`` for the ``last`` step (y or dx).
+    ``bias`` ``(O,)`` (last step only) is indexed by the output offset modulo O."""
+    p, j = step.shape
+    n = step.batch * step.cols
+    out = torch.empty(n * p, device=state.t.device, dtype=step.dtype if last else cost.state_dtype(step.dtype))
     if n == 0:
         return out
+    core = step.core
     grid = lambda meta: (cdiv(p, meta["BP"]), cdiv(n, meta["BN"]))  # noqa: E731
     _step_kernel[grid](
-        state, core.t, bias if bias is not None else out, out,
-        n, c, p, j, core.r1, core.i, n_out, m_bucket(n),
-        sb, se, *core.t.stride(), *core.axes(),
-        SPLINE=core.spline, TRANSPOSED=transposed, HAS_BIAS=bias is not None,
-        PRECISION=state_args(dtype)["PRECISION"],
+        state.t, core.t, bias if bias is not None else out, out,
+        n, step.cols, p, j, core.r1, core.i, 1 if bias is None else bias.shape[0], m_bucket(n),
+        state.batch_stride, state.stride, *core.t.stride(), *core.axes(),
+        SPLINE=core.spline, TRANSPOSED=step.transposed, HAS_BIAS=bias is not None,
+        PRECISION=state_args(step.dtype)["PRECISION"],
     )
     return out
 
 
-def _grad_step(v: torch.Tensor, vs: tuple[int, int], u: torch.Tensor, us: tuple[int, int],
-               batch: int, c: int, p: int, j: int, dtype: torch.dtype) -> torch.Tensor:
-    """sum_{b, c} V[b, :, c] U[b, :, c].T as a ``(p, j)`` fp32 matrix (``dtype``: the layer's inputs)."""
-    n = batch * c
+def _grad_step(v: State, u: State, step: Step) -> torch.Tensor:
+    """``dA_k = sum_{b, c} V[b, :, c] U[b, :, c].T``, a ``(P, J)`` fp32 matrix, for ``step``'s output
+    gradient ``v`` and its input ``u``."""
+    p, j = step.shape
+    n = step.batch * step.cols
     if n == 0:
-        return torch.zeros(p, j, device=v.device, dtype=torch.float32)
+        return torch.zeros(p, j, device=v.t.device, dtype=torch.float32)
     slots = SplitSlots(_grad_step_kernel, lambda meta: meta["N_SPLIT"])
-    part = slots.empty(p, j, device=v.device)
+    part = slots.empty(p, j, device=v.t.device)
     grid = lambda meta: (cdiv(p, meta["BP"]), cdiv(j, meta["BJ"]), slots(meta))  # noqa: E731
-    _grad_step_kernel[grid](v, u, part, n, c, p, j, m_bucket(n), *vs, *us, **state_args(dtype))
+    _grad_step_kernel[grid](v.t, u.t, part, n, step.cols, p, j, m_bucket(n),
+                            v.batch_stride, v.stride, u.batch_stride, u.stride, **state_args(step.dtype))
     return slots.sum(part)
 
 
@@ -293,16 +322,15 @@ def contract_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | No
 def steps_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None) -> torch.Tensor:
     """y = x2 @ W.T + bias by d step launches; x2 ``(M, I)`` -> ``(M, O)``."""
     m = x2.shape[0]
-    n_out = math.prod(g.o for g in cores)
-    state, sb, se = x2, x2.stride(0), x2.stride(1)  # step 1 batches over rows only: any strides
+    state = State(x2, x2.stride(0), x2.stride(1))  # step 1 batches over rows only: any strides
     o_done = 1
     for k, core in enumerate(cores):
         c = math.prod(g.i for g in cores[k + 1:])
         last = k == len(cores) - 1
-        state = _step(state, sb, se, core, m * o_done, c, False, x2.dtype, last, bias if last else None, n_out)
-        sb, se = core.r1 * c, 1  # next step's batch (row, O_<=k) spans r_k I_>k elements
+        out = _step(state, Step(core, m * o_done, c, x2.dtype), last, bias if last else None)
+        state = State(out, core.r1 * c)  # next step's batch (row, O_<=k) spans r_k I_>k elements
         o_done *= core.o
-    return state.view(m, o_done)
+    return state.t.view(m, o_done)
 
 
 def contract_grad(dy2: torch.Tensor, x2: torch.Tensor, cores: list[Core], need_dx: bool
@@ -321,28 +349,25 @@ def steps_grad(dy2: torch.Tensor, x2: torch.Tensor, cores: list[Core], need_dx: 
     """``contract_grad`` by step launches: forward states U_1..U_d recomputed, then right to left
     dA_k = sum V_{k+1} U_k.T and V_k = A_k.T V_{k+1}; V_1 is dx."""
     m, d = x2.shape[0], len(cores)
-    states = [(x2, x2.stride(0), x2.stride(1))]
-    o_done = 1
-    for k, core in enumerate(cores[:-1]):
-        c = math.prod(g.i for g in cores[k + 1:])
-        states.append((_step(states[-1][0], *states[-1][1:], core, m * o_done, c, False, x2.dtype, False), core.r1 * c, 1))
-        o_done *= core.o
+    steps = [Step(core, m * math.prod(g.o for g in cores[:k]), math.prod(g.i for g in cores[k + 1:]), x2.dtype)
+             for k, core in enumerate(cores)]
+    states = [State(x2, x2.stride(0), x2.stride(1))]
+    for step in steps[:-1]:
+        states.append(State(_step(states[-1], step), step.core.r1 * step.cols))
     if dy2.stride(0) != dy2.shape[1] * dy2.stride(1):  # V_d batches over (row, O_<d): rows must be dense
         dy2 = dy2.contiguous()
-    v, vs = dy2, (cores[-1].o * dy2.stride(1), dy2.stride(1))
+    v = State(dy2, cores[-1].o * dy2.stride(1), dy2.stride(1))
     grads: list[torch.Tensor] = [None] * d  # type: ignore[list-item]
+    dx = None
     for k in range(d - 1, -1, -1):
-        core = cores[k]
-        batch = m * math.prod(g.o for g in cores[:k])
-        c = math.prod(g.i for g in cores[k + 1:])
-        p, j = core.o * core.r1, core.r0 * core.i
-        u, *us = states[k]
-        da = _grad_step(v, vs, u, tuple(us), batch, c, p, j, x2.dtype)
+        core, step = cores[k], steps[k]
+        da = _grad_step(v, states[k], step)
         grads[k] = da.view(core.o, core.r1, core.r0, core.i).permute(2, 0, 3, 1).contiguous()
-        if k > 0 or need_dx:
-            v = _step(v, *vs, core, batch, c, True, x2.dtype, k == 0)
-            vs = (cores[k - 1].o * j * c, 1) if k > 0 else None  # consumed by core k-1: batch (row, O_<k-1)
-    return grads, v.view(m, -1) if need_dx else None
+        if k > 0:  # V_k, read by core k-1: its batch (row, O_<k-1) spans O_k-1 r_k-1 I_>=k elements
+            v = State(_step(v, replace(step, transposed=True)), cores[k - 1].o * step.shape[1] * step.cols)
+        elif need_dx:
+            dx = _step(v, replace(step, transposed=True), last=True).view(m, -1)
+    return grads, dx
 
 
 # ----------------------------------------------------------------------------------------------
