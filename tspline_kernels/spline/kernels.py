@@ -562,12 +562,9 @@ class Field:
 
     def geometry(self) -> tuple[int, float, float, float]:
         """The kernels' (N_PTS, step_out, step_in, rho2): lattice size, weight spacing along each
-        axis of [-1, 1], squared support radius."""
-        return self.lattice.shape[0], _step(self.n_out), _step(self.n_in), self.rho * self.rho
-
-
-def _step(n: int) -> float:
-    return 2.0 / max(n - 1, 1)
+        axis of [-1, 1] (``reference.spline.positions``), squared support radius."""
+        return (self.lattice.shape[0], 2.0 / max(self.n_out - 1, 1), 2.0 / max(self.n_in - 1, 1),
+                self.rho * self.rho)
 
 
 def field_linear(a: torch.Tensor, field: Field, bias: torch.Tensor | None, transpose: bool) -> torch.Tensor:
