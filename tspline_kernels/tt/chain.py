@@ -198,12 +198,50 @@ def _chain_kernel(
 
 
 @triton.jit
-def _chain_store_tile(ptr, acc, k: tl.constexpr, NI: tl.constexpr, NO: tl.constexpr, RP: tl.constexpr):
-    """Store core k's accumulator ``(RP[k] NI[k], NO[k] RP[k+1])`` whole (padding included) at
-    ``ptr``, contiguous ``(RP[k], NI[k], NO[k], RP[k+1])``."""
+def _chain_store_grad(part_ptr, acc, k: tl.constexpr, blocks, chunk, groups, splits, per_group,
+                      D: tl.constexpr, OUT: tl.constexpr, NI: tl.constexpr, NO: tl.constexpr, RP: tl.constexpr):
+    """Store core k's accumulator ``(RP[k] NI[k], NO[k] RP[k+1])`` (padding included) for program
+    (O_1 block, O_2 block, chunk group, row split) ``blocks`` x (``groups``, ``splits``) and I_d
+    chunk ``chunk`` (core d) in core k's region of ``part_ptr``: ``(n, RP[k], nb NO[k], nc NI[k],
+    RP[k+1])`` contiguous, where the tile lands at the block and chunk it covers (``nb`` blocks of
+    O_k for k < 2, ``nc = groups x per_group`` chunks for core d, else 1) and ``n`` runs over the
+    programs that share them (those partials the host sums). The regions follow one another in
+    core order, each ``programs x`` its tile (core d: ``x per_group``)."""
+    n_b1: tl.constexpr = (OUT[0] + NO[0] - 1) // NO[0]
+    n_b2: tl.constexpr = (OUT[1] + NO[1] - 1) // NO[1]
+    programs = n_b1 * n_b2 * groups * splits
+    base = programs.to(tl.int64) * 0
+    for j in tl.static_range(k):  # the regions of cores 1..k (before the last)
+        base += programs * (RP[j] * NI[j] * NO[j] * RP[j + 1])
+    # (kept block, their number), (kept chunk, their number), and the index of the partial
+    b1, b2, g, s = blocks[0], blocks[1], blocks[2], blocks[3]
+    n = 0
+    if k != 0:
+        n = b1
+    if k != 1:
+        n = n * n_b2 + b2
+    if k != D - 1:
+        n = n * groups + g
+    n = n * splits + s
+    kb = 0
+    nb = 1
+    if k == 0:
+        kb = b1
+        nb = n_b1
+    if k == 1:
+        kb = b2
+        nb = n_b2
+    kc = 0
+    nc = 1
+    if k == D - 1:
+        kc = chunk
+        nc = groups * per_group
     v = tl.arange(0, RP[k] * NI[k])
     u = tl.arange(0, NO[k] * RP[k + 1])
-    tl.store(ptr + v[:, None] * (NO[k] * RP[k + 1]) + u[None, :], acc)
+    row = (v // NI[k]) * (nb * NO[k] * nc * NI[k]) + kc * NI[k] + v % NI[k]
+    col = (kb * NO[k] + u // RP[k + 1]) * (nc * NI[k]) * RP[k + 1] + u % RP[k + 1]
+    padded = RP[k] * nb * NO[k] * nc * NI[k] * RP[k + 1]
+    tl.store(part_ptr + base + n.to(tl.int64) * padded + (row[:, None] * RP[k + 1] + col[None, :]), acc)
 
 
 @triton.autotune(
@@ -232,10 +270,11 @@ def _chain_grad_kernel(
     (``cdiv(chunks, num_programs(1))`` each), and per chunk every ``num_programs(2)``-th block of BM
     rows. Per row block it runs the forward chain keeping each step's input P_k (registers), then
     the reverse: dQ_d is the dy tile, ``dB_k += P_k.T @ dQ_k`` (fp32 accumulators) and
-    ``dQ_k-1 = unpermute(dQ_k @ B_k.T)``. Its slot (``part_ptr``, fp32, one per program) gets each
-    chunk's dB_d tile after the chunk, and the dB_1..dB_d-1 tiles (summed over its chunks) at the
-    end: every tile whole, padding included, ``(RP[k], NI[k], NO[k], RP[k+1])`` contiguous, so the
-    launch writes every element of its slots. Neither the states nor W or dW touch global memory.
+    ``dQ_k-1 = unpermute(dQ_k @ B_k.T)``. It stores (``_chain_store_grad``, fp32, every tile whole,
+    padding included, so the launch writes every element of its ``GradSplit.elements``) each
+    chunk's dB_d tile after the chunk and the dB_1..dB_d-1 tiles (summed over its chunks) at the
+    end, each at its place in a padded core behind the other programs' partials of it: the host
+    sums core k's region over its first axis. Neither the states nor W or dW touch global memory.
     FLOPs ``3 x`` the forward chain's (one forward, two dots per step backward, step 1's forward
     repeated per O_2 block). Bytes ``elt (M I + M O) x`` (O_1 O_2 blocks x I_d chunks) re-reads
     (mostly L2), plus ``4 GradSplit.elements`` of slots.
@@ -244,12 +283,7 @@ def _chain_grad_kernel(
     n_o2 = tl.cdiv(OUT[1], NO[1])
     starts = ((pid_o // n_o2) * NO[0], (pid_o % n_o2) * NO[1])
     per_group = tl.cdiv(tl.cdiv(IN[D - 1], NI[D - 1]), tl.num_programs(1))
-    head: tl.constexpr = 0
-    for k in tl.static_range(D - 1):
-        head += RP[k] * NI[k] * NO[k] * RP[k + 1]
-    last: tl.constexpr = RP[D - 1] * NI[D - 1] * NO[D - 1] * RP[D]
-    slot = part_ptr + ((pid_o * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2)
-                       + tl.program_id(2)).to(tl.int64) * (head + per_group * last)
+    me = (pid_o // n_o2, pid_o % n_o2, tl.program_id(1), tl.program_id(2))  # O_1, O_2 block, group, split
     rm_in, c, row_ok_in, row_off, col_ok, col_off = _chain_in_index(BM, D, IN, NI, RP, X)
     x_cols = col_off.to(tl.int64) * stride_xk
     rm_out, out_ok, out_off, _ = _chain_out_index(starts, D, OUT, NO, X)
@@ -290,12 +324,12 @@ def _chain_grad_kernel(
                 if k > 0:
                     dq = _chain_prev(tl.dot(dq.to(STATE), tl.trans(gs[k]), input_precision=PRECISION), k, NO, NI, RP, X)
             accs = new
-        _chain_store_tile(slot + head + j * last, accs[D - 1], D - 1, NI, NO, RP)
+        _chain_store_grad(part_ptr, accs[D - 1], D - 1, me, tl.program_id(1) * per_group + j, tl.num_programs(1),
+                          tl.num_programs(2), per_group, D, OUT, NI, NO, RP)
         done = ()
         for k in tl.static_range(D - 1):
             done = done + (accs[k],)
         accs = done
-    off: tl.constexpr = 0
     for k in tl.static_range(D - 1):
-        _chain_store_tile(slot + off, accs[k], k, NI, NO, RP)
-        off += RP[k] * NI[k] * NO[k] * RP[k + 1]
+        _chain_store_grad(part_ptr, accs[k], k, me, 0, tl.num_programs(1), tl.num_programs(2), per_group,
+                          D, OUT, NI, NO, RP)

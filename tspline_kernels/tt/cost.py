@@ -176,9 +176,10 @@ class GradSplit:
     """How ``_chain_grad_kernel`` divides its work, grid ``(blocks, groups, splits)``: program
     (O_1 x O_2 block, chunk group g, row split s) runs I_d chunks ``g * per_group ..`` (``per_group``
     of them; past the last chunk its tiles are zero) on row blocks ``s, s + splits, ..``, and writes
-    its partial core gradients to its own slot of ``slot`` fp32 elements: the tiles of cores
-    1..d-1 (``head`` elements, summed over its chunks) then one tile of core d per chunk (``last``
-    elements each). The host sums the slots (deterministic, no atomics)."""
+    ``slot`` fp32 elements of partial core gradients: a tile of each of cores 1..d-1 (``head``
+    elements in all, summed over its chunks) and one tile of core d per chunk (``last`` elements
+    each), each into its core's region (``chain._chain_store_grad``). The host sums each region
+    over the programs that share its entries (deterministic, no atomics)."""
 
     blocks: tuple[int, int]
     groups: int

@@ -218,28 +218,20 @@ def chain_grad(dy2: torch.Tensor, x2: torch.Tensor, cores: list[Core]) -> list[t
 
 def _chain_grad_sum(part: torch.Tensor, plan: cost.ChainPlan, split: cost.GradSplit, cores: list[Core]
                     ) -> list[torch.Tensor]:
-    """``[dG_k]`` from the slots of a ``_chain_grad_kernel`` launch (``part``, flat fp32): per core, the
-    tiles summed over the grid axes that do not index it (core 1 is indexed by the O_1 block, core 2
-    by the O_2 block, core d by the chunk), then cut out of the padded blocks. Two launches per core
-    (a sum into a padded buffer, a contiguous copy); separate tensors, as a custom op must return."""
-    d = len(cores)
-    slots = part.view(*split.blocks, split.groups, split.splits, split.slot)
-    offs = itertools.accumulate(plan.core_tiles()[:-1], initial=0)
-    grads = []
-    for k, (core, off) in enumerate(zip(cores, offs)):
-        rp, ni, no, rp1 = plan.rp[k], plan.ni[k], plan.no[k], plan.rp[k + 1]
-        per_group = split.per_group if k == d - 1 else 1
-        tiles = slots[..., off:off + per_group * rp * ni * no * rp1].view(*slots.shape[:4], per_group, rp, ni, no, rp1)
-        # axes (O_1 block, O_2 block, group, split, chunk in group): core 1 keeps the first, core 2
-        # the second, core d the group and chunk; the split axis is always summed
-        kept = {0} if k == 0 else {1} if k == 1 else set()
-        if k == d - 1:
-            kept |= {2, 4}
-        b1, b2, g, _, c = (n if a in kept else 1 for a, n in enumerate(tiles.shape[:5]))
-        padded = torch.empty(rp, b1 * b2 * no, g * c * ni, rp1, device=part.device, dtype=torch.float32)
-        out = padded.view(rp, b1, b2, no, g, 1, c, ni, rp1).permute(1, 2, 4, 5, 6, 0, 7, 3, 8)
-        torch.sum(tiles, [a for a in range(5) if a not in kept], keepdim=True, out=out)
+    """``[dG_k]`` from the partials of a ``_chain_grad_kernel`` launch (``part``, flat fp32): core
+    k's region is ``(n, RP, nb NO, nc NI, RP1)`` (``_chain_store_grad``: each of the n partials a
+    padded core, its O_1 / O_2 blocks (k < 2) and its chunks (core d) in place), summed over n and
+    cut to ``(r0, O, I, r1)``. Two launches per core; separate tensors, as a custom op must return."""
+    d, programs = len(cores), math.prod(split.grid)
+    tiles = plan.core_tiles()
+    grads, off = [], 0
+    for k, core in enumerate(cores):
+        nb = split.blocks[k] if k < 2 else 1
+        nc = split.groups * split.per_group if k == d - 1 else 1
+        size = programs * tiles[k] * (split.per_group if k == d - 1 else 1)
+        padded = part[off:off + size].view(-1, plan.rp[k], nb * plan.no[k], nc * plan.ni[k], plan.rp[k + 1]).sum(0)
         grads.append(padded[:core.r0, :core.o, :core.i, :core.r1].clone(memory_format=torch.contiguous_format))
+        off += size
     return grads
 
 
