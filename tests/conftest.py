@@ -9,6 +9,15 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# No compiled graph is reused from an earlier run: Inductor's on-disk cache key does not cover a
+# custom op's fake implementation, so after an edit to one a cached graph asserts the old shapes.
+# (Imported after the switch above: Inductor's config imports triton.)
+import torch._functorch.config  # noqa: E402
+import torch._inductor.config  # noqa: E402
+
+torch._inductor.config.fx_graph_cache = False
+torch._functorch.config.enable_autograd_cache = False
+
 # The device the Triton kernels are checked on: compiled on a GPU, interpreted on the CPU.
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -101,12 +101,12 @@ def _eager_mode(args: tuple) -> str | None:
             or torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack()):
         return None
     grad = False
-    for a in args:  # loops, not all()/any() over generators: this runs on every op call
-        for t in a if isinstance(a, list) else (a,):
-            if isinstance(t, torch.Tensor):
-                if type(t) not in _PLAIN_TENSORS:
-                    return None
+    for a in args:  # exact-type tests first, no generators: this runs on every op call
+        for t in a if type(a) is list else (a,):
+            if type(t) in _PLAIN_TENSORS:
                 grad = grad or t.requires_grad
+            elif isinstance(t, torch.Tensor):  # a subclass
+                return None
     return "autograd" if grad and torch.is_grad_enabled() else "direct"
 
 

@@ -73,12 +73,14 @@ class Derived:
     def get(self, tensors: tuple[torch.Tensor, ...], compute: Callable[[], object], *extra: Hashable):
         """``compute()``, or the value kept from an earlier call with the same unchanged ``tensors``
         (those ``compute`` reads) and equal ``extra`` (e.g. the dtype it is computed in)."""
-        if torch.compiler.is_compiling() or any(t.is_inference() for t in tensors) or (
-                torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) or (
-                tensors[0].is_cuda and torch.cuda.is_current_stream_capturing()):
-            self._key = self._value = None
-            return compute()
-        key = tuple((t.data_ptr(), t.dtype, t.device, t._version) for t in tensors) + extra
+        keep = not torch.compiler.is_compiling() and not (tensors[0].is_cuda and torch.cuda.is_current_stream_capturing())
+        grad = torch.is_grad_enabled()
+        key = list(extra)
+        for t in tensors:  # one loop, no generators: this runs on every call
+            if not keep or t.is_inference() or (grad and t.requires_grad):
+                self._key = self._value = None
+                return compute()
+            key.append((t.data_ptr(), t.dtype, t.device, t._version))
         old = self._key
         if old is None or old[0] != key or any(a is not b for a, b in zip(old[1], tensors)):
             self._value = compute()

@@ -170,13 +170,13 @@ def check_inputs(*tensors: torch.Tensor) -> None:
     """Fail clearly where a Triton launch cannot work: fp64 or integer data, CPU tensors without
     the interpreter, tensors on different devices."""
     device = tensors[0].device
-    if any(t.device != device for t in tensors):
-        raise ValueError(f"tensors are on different devices: {sorted({str(t.device) for t in tensors})}")
-    for t in tensors:
+    for t in tensors:  # one pass, no generators: this runs on every launch
         if t.dtype not in _KERNEL_DTYPES:
             raise TypeError(f"Triton kernels take fp32, fp16 or bf16 tensors, got {t.dtype} (use the reference backend)")
-        if not t.is_cuda and not INTERPRET:
-            raise RuntimeError("Triton kernels on CPU tensors need TRITON_INTERPRET=1 set before Python starts")
+        if t.device != device:
+            raise ValueError(f"tensors are on different devices: {sorted({str(t.device) for t in tensors})}")
+    if device.type != "cuda" and not INTERPRET:
+        raise RuntimeError("Triton kernels on CPU tensors need TRITON_INTERPRET=1 set before Python starts")
 
 
 @triton.jit
