@@ -142,7 +142,8 @@ def test_contract_falls_back_to_step_kernels(name, monkeypatch, kernel_device):
     monkeypatch.setattr(kernels.cost, "CHAIN_MAX_TILE", 8)
     layer = TTLinear(*TT[name], strategy="contract").to(kernel_device)
     cores = kernels.plain_cores(list(layer.cores))
-    assert not kernels.chain_fits(cores) and not kernels.chain_fits(cores, grad=True)
+    modes = kernels.core_modes(cores)
+    assert not kernels.chain_fits(modes) and not kernels.chain_fits(modes, grad=True)
     assert_backends_agree(layer, *inputs(layer, (2, 3), kernel_device, torch.float32), torch.float32)
 
 

@@ -89,11 +89,6 @@ DERIVED_SIZE = 256  # entries kept at most (each core-sized)
 _derived: OrderedDict[Hashable, tuple[list[weakref.ref], tuple[int, ...], object]] = OrderedDict()
 
 
-def _root(t: torch.Tensor) -> torch.Tensor:
-    """The tensor that owns ``t``'s version counter: its base if it is a view."""
-    return t if t._base is None else t._base
-
-
 def derived(kind: Hashable, tensors: list[torch.Tensor], build: Callable[[], object]) -> object:
     """``build()``, a ``kind`` of host-side result of ``tensors`` (a packed buffer, spline cores), or
     the one built earlier from the same tensors at the same versions.
@@ -108,19 +103,22 @@ def derived(kind: Hashable, tensors: list[torch.Tensor], build: Callable[[], obj
     the build (a replay after an in-place update would read a kept result): their results are
     built every call. ``build`` must not return the tensors or views of them (the entry would keep
     them alive)."""
-    if any(t.is_inference() for t in tensors) or (tensors[0].is_cuda and torch.cuda.is_current_stream_capturing()):
+    if tensors[0].is_cuda and torch.cuda.is_current_stream_capturing():
         return build()
-    roots = [_root(t) for t in tensors]
-    key = (kind, tuple((id(r), t.data_ptr(), t.shape, t.stride(), t.dtype, t.device) for r, t in zip(roots, tensors)))
-    versions = tuple(t._version for t in tensors)
+    try:  # one tuple per tensor: the entry's key is the roots' ids, the rest must match
+        state = tuple((t._version, t.data_ptr(), t.shape, t.stride(), t.dtype, t.device) for t in tensors)
+    except RuntimeError:  # an inference tensor (no version counter)
+        return build()
+    roots = [t if t._base is None else t._base for t in tensors]
+    key = (kind, *map(id, roots))
     hit = _derived.get(key)
-    if hit is not None and hit[1] == versions and all(ref() is r for ref, r in zip(hit[0], roots)):
+    if hit is not None and hit[1] == state and all(ref() is r for ref, r in zip(hit[0], roots)):
         _derived.move_to_end(key)
         return hit[2]
     with torch.no_grad():  # an autograd graph would keep the tensors alive (the ops' gradients are explicit)
         value = build()
     drop = lambda _: _derived.pop(key, None)  # noqa: E731
-    _derived[key] = ([weakref.ref(r, drop) for r in roots], versions, value)
+    _derived[key] = ([weakref.ref(r, drop) for r in roots], state, value)
     _derived.move_to_end(key)
     while len(_derived) > DERIVED_SIZE:
         _derived.popitem(last=False)
@@ -300,15 +298,16 @@ def _grad_step(v: State, u: State, step: Step) -> torch.Tensor:
     return slots.sum(part)
 
 
-def chain_fits(cores: list[Core], grad: bool = False, elt: int = 2) -> bool:
+def chain_fits(modes: tuple, grad: bool = False, elt: int = 2) -> bool:
     """Whether one of the configs of the chain kernel (or, with ``grad``, the gradient chain
-    kernel, for ``elt``-byte states) fits these cores (``cost.chain_plans``)."""
-    return bool(cost.chain_plans(*core_modes(cores), config_keys(_chain_grad_kernel if grad else _chain_kernel), grad, elt))
+    kernel, for ``elt``-byte states) fits cores of ``modes`` (``core_modes``; ``cost.chain_plans``)."""
+    return bool(cost.chain_plans(*modes, config_keys(_chain_grad_kernel if grad else _chain_kernel), grad, elt))
 
 
-def contract_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None) -> torch.Tensor:
-    """y = x2 @ W.T + bias by the chain kernel where it fits, else by d step launches."""
-    return chain_linear(x2, cores, bias) if chain_fits(cores) else steps_linear(x2, cores, bias)
+def contract_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None, modes: tuple) -> torch.Tensor:
+    """y = x2 @ W.T + bias by the chain kernel where it fits, else by d step launches (``modes``: the
+    cores' ``core_modes``)."""
+    return chain_linear(x2, cores, bias) if chain_fits(modes) else steps_linear(x2, cores, bias)
 
 
 def steps_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None) -> torch.Tensor:
@@ -325,14 +324,15 @@ def steps_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None)
     return state.t.view(m, o_done)
 
 
-def contract_grad(dy2: torch.Tensor, x2: torch.Tensor, cores: list[Core], need_dx: bool
+def contract_grad(dy2: torch.Tensor, x2: torch.Tensor, cores: list[Core], need_dx: bool, modes: tuple
                   ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """(d(core) in the ``(r0, O, I, r1)`` layout (fp32) for every core, dx ``(M, I)`` or None): the
     gradient chain kernel (and a chain launch on W.T's cores for dx) where they fit, else
-    ``steps_grad``."""
-    transposed = [c.transposed() for c in cores]
-    if chain_fits(cores, grad=True, elt=state_elt(x2.dtype)) and (not need_dx or chain_fits(transposed)):
-        return chain_grad(dy2, x2, cores), chain_linear(dy2, transposed, None) if need_dx else None
+    ``steps_grad`` (``modes``: the cores' ``core_modes``)."""
+    ins, outs, ranks = modes
+    if chain_fits(modes, grad=True, elt=state_elt(x2.dtype)) and (not need_dx or chain_fits((outs, ins, ranks))):
+        dx = chain_linear(dy2, [c.transposed() for c in cores], None) if need_dx else None
+        return chain_grad(dy2, x2, cores), dx
     return steps_grad(dy2, x2, cores, need_dx)
 
 
@@ -437,8 +437,8 @@ def dense_cores(cores: list[Core]) -> list[torch.Tensor]:
 # ----------------------------------------------------------------------------------------------
 # Launchers used by the ops
 # ----------------------------------------------------------------------------------------------
-def _strategy(strategy: str, m: int, cores: list[Core], dtype: torch.dtype, backward: bool = False) -> str:
-    return cost.resolve(strategy, m, *core_modes(cores), dtype.itemsize, backward, state_elt(dtype))
+def _strategy(strategy: str, m: int, modes: tuple, dtype: torch.dtype, backward: bool = False) -> str:
+    return cost.resolve(strategy, m, *modes, dtype.itemsize, backward, state_elt(dtype))
 
 
 def cores_linear(x: torch.Tensor, cores: list[Core], bias: torch.Tensor | None, strategy: str) -> torch.Tensor:
@@ -446,10 +446,11 @@ def cores_linear(x: torch.Tensor, cores: list[Core], bias: torch.Tensor | None, 
     plain or spline cores (rebuild forms the core-sized spline cores first)."""
     check_inputs(x, *(c.t for c in cores), *([bias] if bias is not None else []))
     x2 = flatten(x)
-    if _strategy(strategy, x2.shape[0], cores, x.dtype) == "rebuild":
+    modes = core_modes(cores)
+    if _strategy(strategy, x2.shape[0], modes, x.dtype) == "rebuild":
         y = rebuild_linear(x2, dense_cores(cores), bias)
     else:
-        y = contract_linear(x2, cores, bias)
+        y = contract_linear(x2, cores, bias, modes)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[1])  # no view of y to re-label (ops' owned)
 
 
@@ -467,10 +468,11 @@ def cores_grad(dy: torch.Tensor, x: torch.Tensor, cores: list[Core], strategy: s
     if m == 0:
         shapes = [(c.r0, c.o, c.i, c.r1) for c in cores]
         return [torch.zeros(s, device=dy.device, dtype=torch.float32) for s in shapes], x.new_zeros(x.shape) if need_dx else None
-    if _strategy(strategy, m, cores, dy.dtype, backward=True) == "rebuild":
+    modes = core_modes(cores)
+    if _strategy(strategy, m, modes, dy.dtype, backward=True) == "rebuild":
         grads, dx = rebuild_grad(dy2, x2, dense_cores(cores), need_dx)
     else:
-        grads, dx = contract_grad(dy2, x2, cores, need_dx)
+        grads, dx = contract_grad(dy2, x2, cores, need_dx, modes)
     return grads, None if dx is None else cast(dx if x.dim() == 2 else dx.reshape(x.shape), x.dtype)
 
 

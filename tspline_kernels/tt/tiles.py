@@ -4,7 +4,7 @@ it or generates one from the control points, and the dtype of the kernels' inter
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -51,10 +51,10 @@ def core_tile(core_ptr, o, b, a, i, mask_ob, mask_ai, s_a, s_o, s_i, s_b,
 
 
 
-@dataclass(frozen=True)
-class Core:
+class Core(NamedTuple):
     """One core as the step kernel sees it: ``t`` is the core ``(r0, O, I, r1)`` (any strides), or
-    with ``spline`` the control points ``(r0, Go, Gi, r1)`` of a core with mode sizes ``(o, i)``."""
+    with ``spline`` the control points ``(r0, Go, Gi, r1)`` of a core with mode sizes ``(o, i)``.
+    Immutable (a named tuple: built for every core on every call, ~4x cheaper than a frozen dataclass)."""
 
     t: torch.Tensor
     o: int
@@ -101,5 +101,6 @@ def state_args(dtype: torch.dtype) -> dict:
 
 def core_modes(cores: list[Core]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
     """``(in_modes, out_modes, ranks)`` of the cores."""
-    return tuple(c.i for c in cores), tuple(c.o for c in cores), (cores[0].r0,) + tuple(c.r1 for c in cores)
+    return (tuple(c.i for c in cores), tuple(c.o for c in cores),
+            (cores[0].t.shape[0], *(c.t.shape[3] for c in cores)))
 
