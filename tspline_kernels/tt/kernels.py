@@ -69,7 +69,7 @@ import math
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 
@@ -233,18 +233,18 @@ def _chain_grad_sum(part: torch.Tensor, plan: cost.ChainPlan, split: cost.GradSp
     return grads
 
 
-@dataclass(frozen=True)
-class State:
+class State(NamedTuple):
     """A state of the step path as the step kernels read it: element (b, j, c) of ``t`` at
-    ``b * batch_stride + (j * C + c) * stride``, C the ``cols`` of the step that reads it."""
+    ``b * batch_stride + (j * C + c) * stride``, C the ``cols`` of the step that reads it.
+    (Immutable records of the step launchers, named tuples like ``Core``: a frozen dataclass
+    costs ~4x as much to build, on every step of every call.)"""
 
     t: torch.Tensor
     batch_stride: int
     stride: int = 1
 
 
-@dataclass(frozen=True)
-class Step:
+class Step(NamedTuple):
     """One step of the step path on a layer with ``dtype`` inputs: ``A_k`` (``A_k.T`` if
     ``transposed``, the dy sweep) applied to the ``batch * cols`` columns ``n = b * cols + c`` of a
     state (``batch = M O_<k``, ``cols = I_>k``), ``A_k[(o, b), (a, i)] = G_k[a, o, i, b]``."""
@@ -258,7 +258,8 @@ class Step:
     @property
     def shape(self) -> tuple[int, int]:
         """(P, J): the rows and columns of the step's matrix."""
-        p, j = self.core.o * self.core.r1, self.core.r0 * self.core.i
+        r0, _, _, r1 = self.core.t.shape
+        p, j = self.core.o * r1, r0 * self.core.i
         return (j, p) if self.transposed else (p, j)
 
 
@@ -275,7 +276,7 @@ def _step(state: State, step: Step, last: bool = False, bias: torch.Tensor | Non
     grid = lambda meta: (cdiv(p, meta["BP"]), cdiv(n, meta["BN"]))  # noqa: E731
     _step_kernel[grid](
         state.t, core.t, bias if bias is not None else out, out,
-        n, step.cols, p, j, core.r1, core.i, 1 if bias is None else bias.shape[0], m_bucket(n),
+        n, step.cols, p, j, core.t.shape[3], core.i, 1 if bias is None else bias.shape[0], m_bucket(n),
         state.batch_stride, state.stride, *core.t.stride(), *core.axes(),
         SPLINE=core.spline, TRANSPOSED=step.transposed, HAS_BIAS=bias is not None,
         PRECISION=state_args(step.dtype)["PRECISION"],
@@ -356,9 +357,9 @@ def steps_grad(dy2: torch.Tensor, x2: torch.Tensor, cores: list[Core], need_dx: 
         da = _grad_step(v, states[k], step)
         grads[k] = da.view(core.o, core.r1, core.r0, core.i).permute(2, 0, 3, 1).contiguous()
         if k > 0:  # V_k, read by core k-1: its batch (row, O_<k-1) spans O_k-1 r_k-1 I_>=k elements
-            v = State(_step(v, replace(step, transposed=True)), cores[k - 1].o * step.shape[1] * step.cols)
+            v = State(_step(v, step._replace(transposed=True)), cores[k - 1].o * step.shape[1] * step.cols)
         elif need_dx:
-            dx = _step(v, replace(step, transposed=True), last=True).view(m, -1)
+            dx = _step(v, step._replace(transposed=True), last=True).view(m, -1)
     return grads, dx
 
 
