@@ -14,6 +14,8 @@ d_k = |(x_i, y_o) - L_k|:
   * ``IDW`` (tensor-spline "eisenstein"): phi = 1 / (d^2 + 1e-6), eps = 0.
   * ``GAUSSIAN``: phi = exp(max(-d^2 / (2 sigma^2), -60)), eps = 1e-8 (the floor moves W by at most n e^-60 / 1e-8
     relative and keeps CPU arithmetic out of denormals, which made small bandwidths 3x slower).
+    The layers' parameter is log_bandwidth: sigma = max(exp(log_bandwidth), 1e-3) (``gaussian_width``);
+    the ops take log_bandwidth and apply that map themselves.
   * local support (``rho > 0``): phi is multiplied by the taper (1 - d^2 / rho^2)^2 for d < rho
     and is 0 beyond, so only lattice points within ``rho`` of a weight contribute.
 """
@@ -30,13 +32,14 @@ from .common import compute_dtype
 BSPLINE, BICUBIC = 0, 1
 IDW, GAUSSIAN = 0, 1
 IDW_EPS, GAUSSIAN_EPS = 1e-6, 1e-8
+SIGMA_MIN = 1e-3  # the Gaussian's smallest width
 EXP_FLOOR = -60.0  # exp(-60) ~ 1e-26: negligible next to GAUSSIAN_EPS, and keeps CPU math out of denormals
 KEYS_A = -0.75
 
 __all__ = [
     "BSPLINE", "BICUBIC", "IDW", "GAUSSIAN", "positions", "bspline_rows", "basis_matrix", "separable_weight",
     "separable_linear", "separable_grad_control", "eisenstein_lattice", "support_radius",
-    "field_weight", "field_linear", "field_linear_backward",
+    "gaussian_width", "field_weight", "field_linear", "field_linear_backward",
 ]
 
 
@@ -204,6 +207,11 @@ def support_radius(lattice: torch.Tensor, min_points: int = 3) -> float:
     return 1.25 * (kth + (2 / 256) * math.sqrt(0.5))
 
 
+def gaussian_width(log_bandwidth: torch.Tensor) -> torch.Tensor:
+    """The Gaussian's sigma from its parameter: exp(log_bandwidth), at least ``SIGMA_MIN``."""
+    return log_bandwidth.exp().clamp(min=SIGMA_MIN)
+
+
 def _field_chunks(lattice, sigma, n_out, n_in, basis, rho, cd, device, budget=1 << 18):
     """Yield (row slice, phi, d2) over blocks of output rows; phi and d2 are ``(rows, n_in, n)``.
 
@@ -244,13 +252,15 @@ def field_weight(
 
 
 def field_linear(
-    a: torch.Tensor, control: torch.Tensor, lattice: torch.Tensor, sigma: torch.Tensor | None,
+    a: torch.Tensor, control: torch.Tensor, lattice: torch.Tensor, log_bandwidth: torch.Tensor | None,
     bias: torch.Tensor | None, n_out: int, n_in: int, basis: int, rho: float, transpose: bool,
     budget: int = 1 << 18,
 ) -> torch.Tensor:
     """``a @ W.T + bias`` for a ``(*, n_in)``, or ``a @ W + bias`` (``transpose``) for a ``(*, n_out)``;
-    ``budget`` as in :func:`field_weight`."""
+    the Gaussian's sigma is ``gaussian_width(log_bandwidth)`` (``(1,)``; None for IDW); ``budget`` as
+    in :func:`field_weight`."""
     cd = compute_dtype(a)
+    sigma = None if log_bandwidth is None else gaussian_width(log_bandwidth.to(cd))
     w = field_weight(control.to(cd), lattice, sigma, n_out, n_in, basis, rho, budget)
     y = a.to(cd) @ (w if transpose else w.T)
     if bias is not None:
@@ -260,18 +270,22 @@ def field_linear(
 
 def field_linear_backward(
     dy: torch.Tensor, a: torch.Tensor, control: torch.Tensor, lattice: torch.Tensor,
-    sigma: torch.Tensor | None, n_out: int, n_in: int, basis: int, rho: float, transpose: bool,
+    log_bandwidth: torch.Tensor | None, n_out: int, n_in: int, basis: int, rho: float, transpose: bool,
     need_input: bool, need_params: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of ``field_linear`` from one pass over the generated weights.
 
     With G = dy.T @ a (or a.T @ dy when ``transpose``), shape ``(n_out, n_in)``, and S the normaliser:
     da = dy @ W (or dy @ W.T);  d c_k = sum G phi_k / S;
-    d sigma = sum G sum_k (c_k - W) phi_k d_k^2 / (sigma^3 S)  (0 for IDW).
-    Returns ``(da like a, d_params (n + 1,))``, d_params the concatenation of d_control and d_sigma;
-    unrequested ones are empty tensors.
+    d sigma = sum G sum_k (c_k - W) phi_k d_k^2 / (sigma^3 S)  (0 for IDW), and through
+    sigma = max(e, SIGMA_MIN), e = exp(log_bandwidth): d log_bandwidth = d sigma * e where
+    e >= SIGMA_MIN, else 0 (the clamp's gradient).
+    Returns ``(da like a, d_params (n + 1,))``, d_params the concatenation of d_control and
+    d_log_bandwidth; unrequested ones are empty tensors.
     """
     cd = compute_dtype(dy)
+    e = None if log_bandwidth is None else log_bandwidth.to(cd).exp()
+    sigma = None if e is None else e.clamp(min=SIGMA_MIN)
     dy2 = dy.reshape(-1, dy.shape[-1]).to(cd)
     a2 = a.reshape(-1, a.shape[-1]).to(cd)
     c = control.to(cd)
@@ -292,7 +306,8 @@ def field_linear_backward(
             d_control += torch.einsum("oi,oik->k", h, phi)
             if basis == GAUSSIAN:
                 d_sigma += torch.einsum("oi,oik->", h, (c - w[..., None]) * phi * d2)
+    d_log_bandwidth = d_sigma
     if need_params and basis == GAUSSIAN:
-        d_sigma = d_sigma / sigma.to(cd).reshape(()) ** 3
-    d_params = torch.cat([d_control, d_sigma]) if need_params else c.new_empty(0)
+        d_log_bandwidth = d_sigma / sigma.reshape(()) ** 3 * torch.where(e >= SIGMA_MIN, e, 0)
+    d_params = torch.cat([d_control, d_log_bandwidth]) if need_params else c.new_empty(0)
     return da.reshape(a.shape).to(a.dtype) if need_input else da, d_params

@@ -57,6 +57,19 @@ def test_half_dtypes(name, dtype, kernel_device):
     assert_backends_agree(layer, x, g, dtype)
 
 
+def test_gaussian_width_floor(kernel_device):
+    """exp(log_bandwidth) = e^-8 is below SIGMA_MIN = 1e-3: both backends use the floor as sigma,
+    and the log_bandwidth gradient is exactly 0 (the clamp's), computed by the op itself."""
+    layer = make_layer("gaussian", 37, 45, torch.float32, kernel_device)
+    with torch.no_grad():
+        layer.log_bandwidth.fill_(-8.0)
+    x, g = torch.randn(5, 37, device=kernel_device), torch.randn(5, 45, device=kernel_device)
+    assert_backends_agree(layer, x, g, torch.float32)
+    with tk.backend("triton"):
+        (d_log_bandwidth,) = torch.autograd.grad(layer(x), [layer.log_bandwidth], g)
+    assert d_log_bandwidth.item() == 0.0
+
+
 def _grid_with_large_interior(layer, axis: int, big: float) -> None:
     """Scale the separable control grid's interior along ``axis`` (0: rows, 1: columns) by ``big``
     and its two edge lines by 0.1: with two features on that axis only the edges reach the

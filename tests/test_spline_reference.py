@@ -136,17 +136,17 @@ def test_field_linear_gradcheck(basis, local, transpose):
     control = torch.randn(9, dtype=torch.float64, requires_grad=True)
     lattice = ref.eisenstein_lattice(9)
     rho = ref.support_radius(lattice) if local else 0.0
-    sigma = torch.tensor([0.6], dtype=torch.float64, requires_grad=basis == ref.GAUSSIAN)
+    log_bandwidth = torch.tensor([-0.5], dtype=torch.float64, requires_grad=basis == ref.GAUSSIAN)
     bias = torch.randn(n_in if transpose else n_out, dtype=torch.float64, requires_grad=True)
     with backend("reference"):
         assert torch.autograd.gradcheck(
-            lambda a, c, s, b: ops.field_linear(a, c, lattice, s, b, n_out, n_in, basis, rho, transpose),
-            (a, control, sigma, bias),
+            lambda a, c, lb, b: ops.field_linear(a, c, lattice, lb, b, n_out, n_in, basis, rho, transpose),
+            (a, control, log_bandwidth, bias),
         )
         # second order through field_linear_backward's own autograd formula
         assert torch.autograd.gradgradcheck(
-            lambda a, c, s: ops.field_linear(a, c, lattice, s, None, n_out, n_in, basis, rho, transpose),
-            (a, control, sigma),
+            lambda a, c, lb: ops.field_linear(a, c, lattice, lb, None, n_out, n_in, basis, rho, transpose),
+            (a, control, log_bandwidth),
         )
 
 

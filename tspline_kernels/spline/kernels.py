@@ -21,12 +21,13 @@ import torch
 from .._triton import (SplitSlots, cdiv, check_inputs, configs, dot_precision, flatten, grouped_pid, m_bucket, next_pow2,
                        tl, triton)
 from ..reference import spline as ref
-from ..reference.spline import EXP_FLOOR, GAUSSIAN, GAUSSIAN_EPS, IDW, IDW_EPS
+from ..reference.spline import EXP_FLOOR, GAUSSIAN, GAUSSIAN_EPS, IDW, IDW_EPS, SIGMA_MIN
 
 
 _IDW_EPS = tl.constexpr(IDW_EPS)
 _GAUSSIAN_EPS = tl.constexpr(GAUSSIAN_EPS)
 _EXP_FLOOR = tl.constexpr(EXP_FLOOR)
+_SIGMA_MIN = tl.constexpr(SIGMA_MIN)
 _IDW = tl.constexpr(IDW)  # the field basis codes, as the kernels' BASIS
 _GAUSSIAN = tl.constexpr(GAUSSIAN)
 
@@ -399,9 +400,17 @@ def _field_tile(ro, ri, step_out, step_in, ctrl_ptr, lat_ptr, n_pts, inv_two_s2,
 
 
 @triton.jit
-def _inv_two_s2(sigma_ptr, BASIS: tl.constexpr):
+def _width(lbw_ptr):
+    """The Gaussian's (e, sigma): e = exp(log_bandwidth) and sigma = max(e, SIGMA_MIN), in fp32
+    (``reference.spline.gaussian_width``)."""
+    e = tl.exp(tl.load(lbw_ptr).to(tl.float32))
+    return e, tl.maximum(e, _SIGMA_MIN)
+
+
+@triton.jit
+def _inv_two_s2(lbw_ptr, BASIS: tl.constexpr):
     if BASIS == _GAUSSIAN:
-        s = tl.load(sigma_ptr).to(tl.float32)
+        _, s = _width(lbw_ptr)
         return 0.5 / (s * s)
     else:
         return 0.0
@@ -426,7 +435,7 @@ def _normalise(num, den, BASIS: tl.constexpr):
 )
 @triton.jit
 def _field_matmul_kernel(
-    a_ptr, ctrl_ptr, lat_ptr, sigma_ptr, bias_ptr, out_ptr,
+    a_ptr, ctrl_ptr, lat_ptr, lbw_ptr, bias_ptr, out_ptr,
     M, N, K, N_PTS, M_BUCKET, step_out, step_in, rho2,
     stride_am, stride_ak, stride_om, stride_on,
     BASIS: tl.constexpr, LOCAL: tl.constexpr, TRANSPOSE: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -446,7 +455,7 @@ def _field_matmul_kernel(
     pid_m, pid_n = grouped_pid(pid, tl.cdiv(M, BM), tl.cdiv(N, BN), GROUP_M)
     rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)  # row offsets past 2^31 elements
     rn = pid_n * BN + tl.arange(0, BN)
-    inv_two_s2 = _inv_two_s2(sigma_ptr, BASIS)
+    inv_two_s2 = _inv_two_s2(lbw_ptr, BASIS)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, K, BK):
         rk = k0 + tl.arange(0, BK)
@@ -473,7 +482,7 @@ def _field_matmul_kernel(
 )
 @triton.jit
 def _field_grad_kernel(
-    u_ptr, v_ptr, ctrl_ptr, lat_ptr, sigma_ptr, dparams_ptr,
+    u_ptr, v_ptr, ctrl_ptr, lat_ptr, lbw_ptr, dparams_ptr,
     M, N_OUT, N_IN, N_PTS, M_BUCKET, step_out, step_in, rho2,
     stride_um, stride_un, stride_vm, stride_vk,
     BASIS: tl.constexpr, LOCAL: tl.constexpr, PRECISION: tl.constexpr,
@@ -483,7 +492,8 @@ def _field_grad_kernel(
 
     u ``(M, N_OUT)``, v ``(M, N_IN)``, dparams ``(tiles, N_PTS + 1)`` fp32. The tile's G is reduced
     over M on chip; then, with H = G / S: dparams[tile, k] = sum H * phi_k (the control values) and
-    dparams[tile, N_PTS] = sum H * sum_k (c_k - W) phi_k d_k^2 / sigma^3 (sigma; 0 for IDW). Every
+    dparams[tile, N_PTS] = sum H * sum_k (c_k - W) phi_k d_k^2 / sigma^3 * d sigma / d log_bandwidth
+    (the Gaussian's log_bandwidth; 0 for IDW). Every
     entry of the tile's slot is written (points a local tile does not reach get 0), so the slots
     need no zero-fill; the host sums them.
     Precision: G accumulates in fp32 from the fp16/bf16 operands, and H, W and the sums stay
@@ -503,7 +513,7 @@ def _field_grad_kernel(
         vv = tl.load(v_ptr + rm[:, None] * stride_vm + ri[None, :] * stride_vk,
                      mask=(rm < M)[:, None] & (ri < N_IN)[None, :], other=0.0)
         g = tl.dot(ut, vv, g, input_precision=PRECISION)
-    inv_two_s2 = _inv_two_s2(sigma_ptr, BASIS)
+    inv_two_s2 = _inv_two_s2(lbw_ptr, BASIS)
     num, den, box = _field_tile(ro, ri, step_out, step_in, ctrl_ptr, lat_ptr, N_PTS, inv_two_s2, rho2,
                                 BASIS, LOCAL, True)
     valid = (ro < N_OUT)[:, None] & (ri < N_IN)[None, :]
@@ -521,9 +531,9 @@ def _field_grad_kernel(
                 tl.store(slot + k, 0.0)
         else:
             dsig = _grad_point(h, w, dsig, slot, ctrl_ptr, lat_ptr, k, x2, y2, inv_two_s2, rho2, BASIS, LOCAL)
-    if BASIS == _GAUSSIAN:
-        s = tl.load(sigma_ptr).to(tl.float32)
-        dsig = dsig / (s * s * s)
+    if BASIS == _GAUSSIAN:  # d sigma, then d log_bandwidth: times e where sigma = e (the clamp's gradient)
+        e, s = _width(lbw_ptr)
+        dsig = dsig / (s * s * s) * tl.where(e >= _SIGMA_MIN, e, 0.0)
     tl.store(slot + N_PTS, dsig)
 
 
@@ -543,22 +553,23 @@ def _grad_point(h, w, dsig, dctrl_ptr, ctrl_ptr, lat_ptr, k, x2, y2, inv_two_s2,
 @dataclass(frozen=True)
 class Field:
     """A field weight W ``(n_out, n_in)`` as the field launchers see it: interpolated from
-    ``control`` ``(n,)`` at the ``lattice`` points ``(n, 2)`` fp32 with ``basis`` (``ref.IDW`` or
-    ``ref.GAUSSIAN``, whose width is ``sigma`` ``(1,)``; None for IDW), only the points within
-    ``rho`` of a weight contributing when ``rho > 0`` (``reference.spline.field_weight``)."""
+    ``control`` ``(n,)`` at the ``lattice`` points ``(n, 2)`` fp32 with ``basis`` (``ref.IDW``, or
+    ``ref.GAUSSIAN`` of width ``ref.gaussian_width(log_bandwidth)``, ``log_bandwidth`` ``(1,)`` and
+    None for IDW), only the points within ``rho`` of a weight contributing when ``rho > 0``
+    (``reference.spline.field_weight``)."""
 
     control: torch.Tensor
     lattice: torch.Tensor
-    sigma: torch.Tensor | None
+    log_bandwidth: torch.Tensor | None
     n_out: int
     n_in: int
     basis: int
     rho: float
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The kernels' (control, lattice, sigma) pointers; the lattice stands in for an absent sigma
-        (never read: only the Gaussian loads sigma)."""
-        return self.control, self.lattice, self.sigma if self.sigma is not None else self.lattice
+        """The kernels' (control, lattice, log_bandwidth) pointers; the lattice stands in for an absent
+        log_bandwidth (never read: only the Gaussian loads it)."""
+        return self.control, self.lattice, self.lattice if self.log_bandwidth is None else self.log_bandwidth
 
     def geometry(self) -> tuple[int, float, float, float]:
         """The kernels' (N_PTS, step_out, step_in, rho2): lattice size, weight spacing along each
@@ -570,7 +581,7 @@ class Field:
 def field_linear(a: torch.Tensor, field: Field, bias: torch.Tensor | None, transpose: bool) -> torch.Tensor:
     """Launch ``a @ W.T + bias`` for a ``(*, n_in)``, or ``a @ W + bias`` for a ``(*, n_out)`` when
     ``transpose``, with W generated on chip."""
-    check_inputs(a, field.control, *(t for t in (field.sigma, bias) if t is not None))
+    check_inputs(a, field.control, *(t for t in (field.log_bandwidth, bias) if t is not None))
     return _field_matmul(a, field, bias, transpose)
 
 
@@ -597,9 +608,9 @@ def field_linear_backward(
     dy: torch.Tensor, a: torch.Tensor, field: Field, transpose: bool, need_input: bool, need_params: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Backward of ``field_linear``: (da like a, d_params ``(n + 1,)`` fp32: the control values'
-    gradients, then sigma's) from the transposed on-the-fly matmul and the tile reduction kernel;
+    gradients, then log_bandwidth's) from the transposed on-the-fly matmul and the tile reduction kernel;
     unrequested results are empty tensors."""
-    check_inputs(dy, a, field.control, *([field.sigma] if field.sigma is not None else []))
+    check_inputs(dy, a, field.control, *([] if field.log_bandwidth is None else [field.log_bandwidth]))
     da = _field_matmul(dy, field, None, not transpose) if need_input else a.new_empty(0)
     if not need_params:
         return da, dy.new_empty(0, dtype=torch.float32)
@@ -608,7 +619,7 @@ def field_linear_backward(
 
 
 def _field_grad_params(u: torch.Tensor, v: torch.Tensor, field: Field) -> torch.Tensor:
-    """d_params ``(n + 1,)`` fp32 (control values, then sigma) for G = u.T @ v, u ``(*, n_out)``,
+    """d_params ``(n + 1,)`` fp32 (control values, then log_bandwidth) for G = u.T @ v, u ``(*, n_out)``,
     v ``(*, n_in)``, on checked inputs."""
     u2, v2 = flatten(u), flatten(v)
     m = u2.shape[0]

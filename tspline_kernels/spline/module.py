@@ -81,7 +81,7 @@ class SplineLinear(SavedSettings, CompressedLinear):
             self.n_control_points = n
             self.control = nn.Parameter(torch.empty(n, **factory))
         self.rho = 0.0
-        self._derived = Derived()  # bicubic's control grid, gaussian's bandwidth, kept between inference calls
+        self._derived = Derived()  # bicubic's control grid, kept between inference calls
         if basis in _FIELD:
             lattice = ref.eisenstein_lattice(self.n_control_points)  # on the CPU, whatever ``device`` is
             self.register_buffer("lattice", lattice.to(device), persistent=False)
@@ -130,7 +130,7 @@ class SplineLinear(SavedSettings, CompressedLinear):
         return (F.pad(self.control, (0, pad)) if pad else self.control).reshape(k, k)  # a square n: a view, no copy
 
     def _sigma(self) -> torch.Tensor | None:
-        return self.log_bandwidth.exp().clamp(min=1e-3) if self.basis == "gaussian" else None
+        return ref.gaussian_width(self.log_bandwidth) if self.basis == "gaussian" else None
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -151,10 +151,9 @@ class SplineLinear(SavedSettings, CompressedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self._prepare(x)
         x, bias = cast(x, dtype), cast(self.bias, dtype)
-        if self.basis in _FIELD:
-            sigma = None if self.basis != "gaussian" else self._derived.get(
-                (self.log_bandwidth,), lambda: cast(self._sigma(), dtype), dtype)
-            return ops.field_linear(x, cast(self.control, dtype), self.lattice, sigma, bias,
+        if self.basis in _FIELD:  # the op maps the Gaussian's log_bandwidth to its width itself
+            log_bandwidth = cast(self.log_bandwidth, dtype) if self.basis == "gaussian" else None
+            return ops.field_linear(x, cast(self.control, dtype), self.lattice, log_bandwidth, bias,
                                     self.out_features, self.in_features, _FIELD[self.basis], self.rho, False)
         control = cast(self.control, dtype) if self.basis == "bspline" else self._derived.get(
             (self.control,), lambda: cast(self._grid_control(), dtype), dtype)

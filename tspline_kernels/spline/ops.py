@@ -4,7 +4,7 @@ Each forward op has a fake implementation and an autograd formula built from oth
 ``torch.compile(fullgraph=True)`` traces straight through. Backward:
   separable: dx = separable_linear(dy, C.T) (the same two passes with the axes swapped),
              dC = separable_grad_control(dy, x) (Triton: the input pass on dy and on x, then their product);
-  field:     field_linear_backward gives dx and d(control, sigma) together, the latter as one vector
+  field:     field_linear_backward gives dx and d(control, log_bandwidth) together, the latter as one vector
              (the reference builds each weight block once for both; Triton runs the transposed matmul
              and a reduction kernel whose partial sums hold both);
              its own backward (double backward) is the vector-Jacobian product of the reference maths.
@@ -97,75 +97,77 @@ register_autograd(separable_linear, _separable_backward, _separable_setup)
 # ------------------------------------------------------------------------------------------- field
 @torch.library.custom_op("tspline::field_linear", mutates_args=())
 def field_linear(
-    a: Tensor, control: Tensor, lattice: Tensor, sigma: Tensor | None, bias: Tensor | None,
+    a: Tensor, control: Tensor, lattice: Tensor, log_bandwidth: Tensor | None, bias: Tensor | None,
     n_out: int, n_in: int, basis: int, rho: float, transpose: bool,
 ) -> Tensor:
     """``a @ W.T + bias`` (a ``(*, n_in)``) or ``a @ W + bias`` if ``transpose`` (a ``(*, n_out)``),
-    W ``(n_out, n_in)`` interpolated from ``control`` at the ``lattice`` points."""
+    W ``(n_out, n_in)`` interpolated from ``control`` at the ``lattice`` points; the Gaussian's width
+    is ``ref.gaussian_width(log_bandwidth)`` (the layer's parameter itself: no ops of its own)."""
     if use_triton(a):
         k = _kernels()
-        return owned(k.field_linear(a, k.Field(control, lattice, sigma, n_out, n_in, basis, rho), bias, transpose))
-    return owned(ref.field_linear(a, control, lattice, sigma, bias, n_out, n_in, basis, rho, transpose))
+        field = k.Field(control, lattice, log_bandwidth, n_out, n_in, basis, rho)
+        return owned(k.field_linear(a, field, bias, transpose))
+    return owned(ref.field_linear(a, control, lattice, log_bandwidth, bias, n_out, n_in, basis, rho, transpose))
 
 
 @field_linear.register_fake
-def _(a, control, lattice, sigma, bias, n_out, n_in, basis, rho, transpose):
+def _(a, control, lattice, log_bandwidth, bias, n_out, n_in, basis, rho, transpose):
     return a.new_empty(*a.shape[:-1], n_in if transpose else n_out)
 
 
 @torch.library.custom_op("tspline::field_linear_backward", mutates_args=())
 def field_linear_backward(
-    dy: Tensor, a: Tensor, control: Tensor, lattice: Tensor, sigma: Tensor | None, n_out: int, n_in: int,
-    basis: int, rho: float, transpose: bool, need_input: bool, need_params: bool,
+    dy: Tensor, a: Tensor, control: Tensor, lattice: Tensor, log_bandwidth: Tensor | None, n_out: int,
+    n_in: int, basis: int, rho: float, transpose: bool, need_input: bool, need_params: bool,
 ) -> tuple[Tensor, Tensor]:
-    """(da like a, d_params ``(n + 1,)``: d_control, then d_sigma (0 without sigma)) of ``field_linear``;
-    unrequested ones are empty."""
+    """(da like a, d_params ``(n + 1,)``: d_control, then d_log_bandwidth (0 for IDW)) of
+    ``field_linear``; unrequested ones are empty."""
     if use_triton(dy):
         k = _kernels()
-        field = k.Field(control, lattice, sigma, n_out, n_in, basis, rho)
+        field = k.Field(control, lattice, log_bandwidth, n_out, n_in, basis, rho)
         return k.field_linear_backward(dy, a, field, transpose, need_input, need_params)
-    return ref.field_linear_backward(dy, a, control, lattice, sigma, n_out, n_in, basis, rho, transpose,
+    return ref.field_linear_backward(dy, a, control, lattice, log_bandwidth, n_out, n_in, basis, rho, transpose,
                                      need_input, need_params)
 
 
 @field_linear_backward.register_fake
-def _(dy, a, control, lattice, sigma, n_out, n_in, basis, rho, transpose, need_input, need_params):
+def _(dy, a, control, lattice, log_bandwidth, n_out, n_in, basis, rho, transpose, need_input, need_params):
     da = a.new_empty(a.shape) if need_input else a.new_empty(0)
     return da, dy.new_empty(control.shape[0] + 1 if need_params else 0, dtype=compute_dtype(dy))
 
 
 def _field_setup(ctx, inputs, output):
-    a, control, lattice, sigma, bias, n_out, n_in, basis, rho, transpose = inputs
-    ctx.save_for_backward(a, control, lattice, sigma)
+    a, control, lattice, log_bandwidth, bias, n_out, n_in, basis, rho, transpose = inputs
+    ctx.save_for_backward(a, control, lattice, log_bandwidth)
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.args = (n_out, n_in, basis, rho, transpose)
 
 
 def _field_backward(ctx, dy):
-    a, control, lattice, sigma = ctx.saved_tensors
+    a, control, lattice, log_bandwidth = ctx.saved_tensors
     n_out, n_in, basis, rho, transpose = ctx.args
     need_input = ctx.needs_input_grad[0]
     need_params = ctx.needs_input_grad[1] or ctx.needs_input_grad[3]
-    da = dc = ds = db = None
+    da = dc = dl = db = None
     if need_input or need_params:
-        da, dp = field_linear_backward(dy, a, control, lattice, sigma, n_out, n_in, basis, rho, transpose,
+        da, dp = field_linear_backward(dy, a, control, lattice, log_bandwidth, n_out, n_in, basis, rho, transpose,
                                        need_input, need_params)
         da = da if need_input else None
         if need_params:
-            dp = dp.to(control.dtype)  # one cast for both: sigma has the control values' dtype in a layer
+            dp = dp.to(control.dtype)  # one cast for both: in a layer the parameters share a dtype
             dc = dp[:-1]
-            ds = None if sigma is None else cast(dp[-1:], sigma.dtype)
+            dl = None if log_bandwidth is None else cast(dp[-1:], log_bandwidth.dtype)
     if ctx.bias_dtype is not None and ctx.needs_input_grad[4]:
         db = bias_grad(dy, ctx.bias_dtype)
-    return da, dc, None, ds, db, None, None, None, None, None
+    return da, dc, None, dl, db, None, None, None, None, None
 
 
 register_autograd(field_linear, _field_backward, _field_setup)
 
 
 def _field_grad_setup(ctx, inputs, output):
-    dy, a, control, lattice, sigma, *args = inputs
-    ctx.save_for_backward(dy, a, control, lattice, sigma)
+    dy, a, control, lattice, log_bandwidth, *args = inputs
+    ctx.save_for_backward(dy, a, control, lattice, log_bandwidth)
     ctx.args = args
 
 
@@ -174,17 +176,17 @@ def _field_grad_backward(ctx, *grads):
     (``torch.func.vjp``, itself differentiable), on any device and backend. It builds the weight
     in cache-sized row blocks like the reference forward; double backward is rare enough that no
     dedicated kernel is worth it."""
-    dy, a, control, lattice, sigma = ctx.saved_tensors
+    dy, a, control, lattice, log_bandwidth = ctx.saved_tensors
     args = ctx.args
-    primals = (dy, a, control) + (() if sigma is None else (sigma,))
+    primals = (dy, a, control) + (() if log_bandwidth is None else (log_bandwidth,))
 
-    def grads_of(dy, a, control, *sigma):
-        return ref.field_linear_backward(dy, a, control, lattice, sigma[0] if sigma else None, *args)
+    def grads_of(dy, a, control, *log_bandwidth):
+        return ref.field_linear_backward(dy, a, control, lattice, log_bandwidth[0] if log_bandwidth else None, *args)
 
     outputs, vjp = torch.func.vjp(grads_of, *primals)
-    d_dy, d_a, d_control, *d_sigma = vjp(tuple(torch.zeros_like(o) if g is None else g.to(o.dtype)
-                                              for g, o in zip(grads, outputs)))
-    return (d_dy, d_a, d_control, None, d_sigma[0] if d_sigma else None) + (None,) * len(args)
+    d_dy, d_a, d_control, *d_log_bandwidth = vjp(tuple(torch.zeros_like(o) if g is None else g.to(o.dtype)
+                                                      for g, o in zip(grads, outputs)))
+    return (d_dy, d_a, d_control, None, d_log_bandwidth[0] if d_log_bandwidth else None) + (None,) * len(args)
 
 
 register_autograd(field_linear_backward, _field_grad_backward, _field_grad_setup)
