@@ -12,4 +12,7 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 def bias_grad(dy: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Gradient of a bias added over the leading dims of ``dy`` ``(*, n)``: ``(n,)`` in ``dtype``."""
-    return dy.reshape(-1, dy.shape[-1]).sum(0, dtype=compute_dtype(dy)).to(dtype)
+    rows = dy.reshape(-1, dy.shape[-1])
+    # one reduction (torch accumulates fp16/bf16 in fp32) rounded once to dtype; to a narrower
+    # dtype the sum is taken in dy's and then rounded (sum's dtype= would round every term first)
+    return rows.sum(0, dtype=dtype) if dtype.itemsize >= dy.dtype.itemsize else rows.sum(0).to(dtype)

@@ -166,11 +166,14 @@ def dot_precision(dtype: torch.dtype) -> str:
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def check_inputs(*tensors: torch.Tensor) -> None:
+def check_inputs(*tensors: torch.Tensor | None) -> None:
     """Fail clearly where a Triton launch cannot work: fp64 or integer data, CPU tensors without
-    the interpreter, tensors on different devices."""
+    the interpreter, tensors on different devices. The first must be a tensor; None (an absent
+    bias) is skipped."""
     device = tensors[0].device
     for t in tensors:  # one pass, no generators: this runs on every launch
+        if t is None:
+            continue
         if t.dtype not in _KERNEL_DTYPES:
             raise TypeError(f"Triton kernels take fp32, fp16 or bf16 tensors, got {t.dtype} (use the reference backend)")
         if t.device != device:

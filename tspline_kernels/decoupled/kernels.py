@@ -281,7 +281,7 @@ def decoupled_mlp(x: torch.Tensor, v: torch.Tensor, w: torch.Tensor, coef: torch
                   hi: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Launch the fused forward: x ``(*, m)``, v ``(m, r)``, w ``(n, r)``, coef ``(r, K)``, lo/hi
     ``(r,)``, bias ``(n,)`` or None -> y ``(*, n)`` in x's dtype (v, w cast to it)."""
-    check_inputs(x, v, w, coef, lo, hi, *([bias] if bias is not None else []))
+    check_inputs(x, v, w, coef, lo, hi, bias)
     _check_ranges(v, w, coef, lo, hi)
     v, w = cast(v, x.dtype), cast(w, x.dtype)
     lo, hi = contiguous(lo), contiguous(hi)  # (r,) vectors: the kernels read them unit-strided

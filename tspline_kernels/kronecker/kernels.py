@@ -190,7 +190,7 @@ def kronecker_linear(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: to
     """Launch the fused forward: x ``(*, n_1 n_2)``, a ``(m_1, n_1)``, b ``(m_2, n_2)``, bias
     ``(m_1 m_2,)`` -> y ``(*, m_1 m_2)`` in x's dtype. Factors are cast to x's dtype; shapes that
     do not ``fit`` run the reference."""
-    check_inputs(x, a, b, *([bias] if bias is not None else []))
+    check_inputs(x, a, b, bias)
     sizes = padded(*a.shape, *b.shape, x.dtype)
     if sizes is None:
         return ref.kronecker_linear(x, a, b, bias)

@@ -210,7 +210,7 @@ def lowrank_linear(
     """Launch the fused forward: x ``(*, k)``, a ``(k, r)``, b ``(n, r)``, bias ``(n,)`` ->
     y ``(*, n)`` in x's dtype and t = x @ a ``(*, r)`` fp32. Factors are cast to x's dtype; ranks
     that do not ``fit`` run the reference."""
-    check_inputs(x, a, b, *([bias] if bias is not None else []))
+    check_inputs(x, a, b, bias)
     if not fits(a.shape[1]):
         return ref.lowrank_linear(x, a, b, bias)
     a, b = cast(a, x.dtype), cast(b, x.dtype)
