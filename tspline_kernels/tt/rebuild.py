@@ -57,7 +57,7 @@ def _rebuild_prune(cfgs, named_args, **kwargs):
 @triton.jit
 def _rebuild_kernel(
     x_ptr, l_ptr, t_ptr, bias_ptr, y_ptr,
-    M, O_H, I_H, O_D, I_D, R, M_BUCKET,
+    M, O_H, I_H, O_D: tl.constexpr, I_D: tl.constexpr, R, M_BUCKET,  # O_D, I_D constexpr: x's K tiles vectorise
     stride_xm, stride_xk, stride_ym, stride_yn,
     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
     PO: tl.constexpr, PI: tl.constexpr, ODP: tl.constexpr, IDP: tl.constexpr, RP: tl.constexpr,
@@ -101,7 +101,7 @@ def _rebuild_kernel(
 @triton.jit
 def _rebuild_grad_kernel(
     dy_ptr, x_ptr, l_ptr, t_ptr, dl_ptr, dt_ptr,
-    M, O_H, I_H, O_D, I_D, R, M_BUCKET,
+    M, O_H, I_H, O_D: tl.constexpr, I_D: tl.constexpr, R, M_BUCKET,  # O_D, I_D constexpr: x's K tiles vectorise
     stride_dm, stride_dn, stride_xm, stride_xk,
     PRECISION: tl.constexpr,
     PO: tl.constexpr, PI: tl.constexpr, ODP: tl.constexpr, IDP: tl.constexpr, RP: tl.constexpr,
