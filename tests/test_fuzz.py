@@ -14,9 +14,7 @@ SLICE_SEED, SLICE_CASES = 0, 60
 
 
 # Open findings, each a case the slice must keep failing until it is fixed (strict xfail).
-KNOWN = {52: "Gaussian d(log_bandwidth) under the Triton field-gradient kernel: 3.0e-5 from the fp64 "
-             "value where the reference is 2.8e-6 (fp32 limit 2e-5); sum_k phi_k (c_k - W) d_k^2 "
-             "cancels, and the kernel's order of summation loses more of it (issue 9 note)"}
+KNOWN: dict[int, str] = {}
 
 
 @pytest.mark.parametrize("index", [pytest.param(i, marks=pytest.mark.xfail(strict=True, reason=KNOWN[i])) if i in KNOWN

@@ -327,3 +327,91 @@ def test_separable_16bit_inputs_meet_an_unrounded_basis(dtype, kernel_device):
     bo, bi = ref.basis_matrix(131, 40, ref.BSPLINE, torch.float64), ref.basis_matrix(300, 70, ref.BSPLINE, torch.float64)
     exact = (dy.double().cpu() @ bo).T @ (x.double().cpu() @ bi)
     assert (got - exact).norm() / exact.norm() < 1e-4
+
+
+# ------------------------------------------------------------------ field bases, generated in slices
+FIELD_LAYERS = ["gaussian", "eisenstein", "gaussian-local", "eisenstein-local"]
+
+
+@pytest.fixture
+def sliced(monkeypatch):
+    """Every field matmul with rows takes the sliced path, with a workspace of 1000 bytes: 6 rows of
+    a 37-wide fp32 W (13 for fp16/bf16), so the 45 output columns (and dx's 37) span several slices
+    and a partial last one."""
+    from tspline_kernels.spline import kernels
+
+    monkeypatch.setattr(kernels, "FIELD_ON_THE_FLY_MAX_ROWS", 0)
+    monkeypatch.setattr(kernels, "FIELD_SLICE_BYTES", 1000)
+    return kernels
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("name", FIELD_LAYERS)
+def test_field_sliced_matches_reference(name, dtype, sliced, kernel_device):
+    """The sliced path (workspace kernel + one GEMM per slice) against the reference: y with bias,
+    dx (the transposed product, also sliced), d(control), d(log_bandwidth), d(bias), every dtype,
+    global and local support."""
+    layer = make_layer(name, 37, 45, dtype, kernel_device)
+    x = torch.randn(5, 37, device=kernel_device, dtype=dtype)
+    assert_backends_agree(layer, x, torch.randn(5, 45, device=kernel_device, dtype=dtype), dtype)
+
+
+@pytest.mark.parametrize("lead", [(2, 3), (0,)], ids=["3d-2x3", "empty-batch"])
+@pytest.mark.parametrize("name", ["gaussian", "eisenstein-local"])
+def test_field_sliced_no_bias_3d_and_empty(name, lead, sliced, kernel_device):
+    """Without a bias, on a 3-D input and on an empty batch (no launch, zero gradients)."""
+    layer = tk.SplineLinear(37, 45, bias=False, **LAYERS[name]).to(kernel_device)
+    x = torch.randn(*lead, 37, device=kernel_device)
+    assert_backends_agree(layer, x, torch.randn(*lead, 45, device=kernel_device), torch.float32)
+
+
+def test_field_sliced_equals_on_the_fly(sliced, kernel_device):
+    """Both paths multiply by the same rounded weights: bf16 outputs agree to a few bf16 ulps (the
+    two only sum the products in different orders), for a @ W.T + bias and for a @ W."""
+    from tspline_kernels.reference import spline as ref
+
+    layer = make_layer("gaussian", 37, 45, torch.bfloat16, kernel_device).requires_grad_(False)
+    field = sliced.Field(layer.control, layer.lattice, layer.log_bandwidth, 45, 37, ref.GAUSSIAN, 0.0)
+    for transpose, width in ((False, 37), (True, 45)):
+        a = torch.randn(9, width, device=kernel_device, dtype=torch.bfloat16)
+        bias = None if transpose else layer.bias
+        got = sliced.field_linear(a, field, bias, transpose)
+        sliced.FIELD_ON_THE_FLY_MAX_ROWS = 1 << 30
+        want = sliced.field_linear(a, field, bias, transpose)
+        sliced.FIELD_ON_THE_FLY_MAX_ROWS = 0
+        torch.testing.assert_close(got.float(), want.float(), rtol=2**-6, atol=2**-6 * want.float().abs().max().item())
+
+
+@pytest.mark.parametrize("n, k, elt", [(4096, 4096, 2), (4096, 4096, 4), (45, 37, 4), (3, 5, 2), (10, 1 << 22, 4)])
+def test_field_slice_rows_bounded(n, k, elt):
+    """The workspace holds at most FIELD_SLICE_BYTES (one row where a row alone is larger), never more
+    rows than the output has, a multiple of 128 rows when it holds more than 128: 1024 rows of a
+    4096-wide bf16 W (8 MiB), 512 in fp32."""
+    from tspline_kernels.spline import kernels
+
+    rows = kernels.field_slice_rows(n, k, elt)
+    assert 1 <= rows <= n and (rows * k * elt <= kernels.FIELD_SLICE_BYTES or rows == 1)
+    assert rows <= 128 or rows % 128 == 0
+    if (n, k) == (4096, 4096):
+        assert rows == {2: 1024, 4: 512}[elt]
+
+
+def test_field_sliced_workspace_is_bounded(sliced, monkeypatch, kernel_device):
+    """Forward and dx allocate nothing but their outputs and a workspace within the budget, far below
+    W's size: every torch.empty other than an output is <= FIELD_SLICE_BYTES."""
+    from tspline_kernels.reference import spline as ref
+
+    layer = make_layer("eisenstein", 37, 45, torch.float32, kernel_device).requires_grad_(False)
+    field = sliced.Field(layer.control, layer.lattice, None, 45, 37, ref.IDW, 0.0)
+    sizes, empty = [], torch.empty
+
+    def spy(*shape, **kw):
+        t = empty(*shape, **kw)
+        sizes.append((tuple(t.shape), t.numel() * t.element_size()))
+        return t
+
+    monkeypatch.setattr(torch, "empty", spy)
+    y = sliced.field_linear(torch.randn(7, 37, device=kernel_device), field, layer.bias, False)
+    dx = sliced.field_linear(torch.randn(7, 45, device=kernel_device), field, None, True)
+    workspaces = [b for s, b in sizes if s not in (tuple(y.shape), tuple(dx.shape))]
+    assert workspaces and max(workspaces) <= sliced.FIELD_SLICE_BYTES < 45 * 37 * 4

@@ -6,8 +6,10 @@ partials, each only over the narrow window of grid columns its chunk of x touche
 four-banded); the output pass sums u from them and writes y tile by tile through the window of
 C and Bo each tile touches. Bi and Bo are read from per-shape cached tables (``basis_windows``).
 dC (backward) runs the input pass on x and dy and multiplies the gathered results.
-Field bases (``IDW``, ``GAUSSIAN``): y = x @ W.T with every W tile generated from the lattice
-points in registers and fed to ``tl.dot``; W is never written to global memory.
+Field bases (``IDW``, ``GAUSSIAN``): y = x @ W.T without W in memory. For few rows every W tile
+is generated from the lattice points in registers and fed to ``tl.dot`` (on the fly); for many
+rows, where that would regenerate each tile once per row block, W is generated once, slice by
+slice, into an L2-sized workspace that cuBLAS multiplies (``field_slice_rows``).
 """
 
 from __future__ import annotations
@@ -363,16 +365,20 @@ def _point_phi(lat_ptr, k, x2, y2, inv_two_s2, rho2, BASIS: tl.constexpr, LOCAL:
 
 
 @triton.jit
-def _accumulate(num, den, ctrl_ptr, lat_ptr, k, x2, y2, inv_two_s2, rho2, BASIS: tl.constexpr, LOCAL: tl.constexpr):
-    phi, _ = _point_phi(lat_ptr, k, x2, y2, inv_two_s2, rho2, BASIS, LOCAL)
+def _accumulate(num, den, mom, ctrl_ptr, lat_ptr, k, x2, y2, inv_two_s2, rho2,
+                BASIS: tl.constexpr, LOCAL: tl.constexpr, MOMENT: tl.constexpr):
+    phi, d2 = _point_phi(lat_ptr, k, x2, y2, inv_two_s2, rho2, BASIS, LOCAL)
     c = tl.load(ctrl_ptr + k).to(tl.float32)
-    return num + c * phi, den + phi
+    if MOMENT:
+        mom += phi * d2
+    return num + c * phi, den + phi, mom
 
 
 @triton.jit
 def _field_tile(ro, ri, step_out, step_in, ctrl_ptr, lat_ptr, n_pts, inv_two_s2, rho2,
-                BASIS: tl.constexpr, LOCAL: tl.constexpr, O_ON_ROWS: tl.constexpr):
-    """Numerator and denominator of W over the tile of output rows ``ro`` x input columns ``ri``.
+                BASIS: tl.constexpr, LOCAL: tl.constexpr, O_ON_ROWS: tl.constexpr, MOMENT: tl.constexpr = False):
+    """Numerator, denominator and (with ``MOMENT``) second moment sum_k phi_k d_k^2 of W over the
+    tile of output rows ``ro`` x input columns ``ri``; without ``MOMENT`` the moment is zeros.
 
     Laid out ``(len(ro), len(ri))`` if ``O_ON_ROWS`` else ``(len(ri), len(ro))``; W = num / den
     (plus the Gaussian's epsilon). With ``LOCAL`` the loop skips lattice points farther than rho
@@ -389,14 +395,17 @@ def _field_tile(ro, ri, step_out, step_in, ctrl_ptr, lat_ptr, n_pts, inv_two_s2,
         x2 = px[:, None]
         num = tl.zeros((ri.shape[0], ro.shape[0]), dtype=tl.float32)
     den = num
+    mom = num
     box = (tl.min(px, axis=0), tl.max(px, axis=0), tl.min(py, axis=0), tl.max(py, axis=0))
     for k in range(0, n_pts):
         if LOCAL:
             if _reaches(lat_ptr, k, box, rho2):
-                num, den = _accumulate(num, den, ctrl_ptr, lat_ptr, k, x2, y2, inv_two_s2, rho2, BASIS, LOCAL)
+                num, den, mom = _accumulate(num, den, mom, ctrl_ptr, lat_ptr, k, x2, y2, inv_two_s2, rho2,
+                                            BASIS, LOCAL, MOMENT)
         else:
-            num, den = _accumulate(num, den, ctrl_ptr, lat_ptr, k, x2, y2, inv_two_s2, rho2, BASIS, LOCAL)
-    return num, den, box
+            num, den, mom = _accumulate(num, den, mom, ctrl_ptr, lat_ptr, k, x2, y2, inv_two_s2, rho2,
+                                        BASIS, LOCAL, MOMENT)
+    return num, den, mom, box
 
 
 @triton.jit
@@ -462,10 +471,10 @@ def _field_matmul_kernel(
         a = tl.load(a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak,
                     mask=(rm < M)[:, None] & (rk < K)[None, :], other=0.0)
         if TRANSPOSE:  # tile of W: rows are outputs o = rk, columns inputs i = rn
-            num, den, _ = _field_tile(rk, rn, step_out, step_in, ctrl_ptr, lat_ptr, N_PTS, inv_two_s2, rho2,
+            num, den, _, _ = _field_tile(rk, rn, step_out, step_in, ctrl_ptr, lat_ptr, N_PTS, inv_two_s2, rho2,
                                    BASIS, LOCAL, True)
         else:  # tile of W.T: rows are inputs i = rk, columns outputs o = rn
-            num, den, _ = _field_tile(rn, rk, step_out, step_in, ctrl_ptr, lat_ptr, N_PTS, inv_two_s2, rho2,
+            num, den, _, _ = _field_tile(rn, rk, step_out, step_in, ctrl_ptr, lat_ptr, N_PTS, inv_two_s2, rho2,
                                    BASIS, LOCAL, False)
         w = tl.where((rk < K)[:, None], _normalise(num, den, BASIS), 0.0)
         acc = tl.dot(a, w.to(a.dtype), acc, input_precision=PRECISION)
@@ -473,6 +482,43 @@ def _field_matmul_kernel(
         acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
              mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+
+@triton.autotune(
+    configs=configs([{"BJ": bj, "BK": bk} for bj in (32, 64, 128) for bk in (64, 128)], stages=(1,),
+                    interpret={"BJ": 16, "BK": 32},
+                    quick=[{"BJ": 64, "BK": 128, "num_warps": 8, "num_stages": 1}]),
+    key=["K", "N_PTS"],
+)
+@triton.jit
+def _field_slice_kernel(
+    ctrl_ptr, lat_ptr, lbw_ptr, ws_ptr,
+    J0, J, K, N_PTS, step_out, step_in, rho2,
+    BASIS: tl.constexpr, LOCAL: tl.constexpr, TRANSPOSE: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr,
+):
+    """One slice of the field matmul's operand: ws[j, k] = W[J0 + j, k], or W[k, J0 + j] with
+    ``TRANSPOSE``, for j < J, k < K: the rows J0..J0+J-1 of B.T where out = a @ B (B = W.T, or W),
+    so that out[:, J0:J0+J] = a @ ws.T.
+
+    ws ``(J, K)`` contiguous, in a's dtype: the same fp32 values, normalised and rounded the same
+    way, as ``_field_matmul_kernel`` feeds to ``tl.dot``. Elementwise (no dot, one stage).
+    FLOPs: ~6*N_PTS*J*K (LOCAL skips far points), plus one division per weight.
+    Bytes: elt*J*K written (L2-resident for the GEMM that follows) + 12*N_PTS.
+    """
+    pid_j = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rj = J0 + pid_j * BJ + tl.arange(0, BJ)
+    rk = pid_k * BK + tl.arange(0, BK)
+    inv_two_s2 = _inv_two_s2(lbw_ptr, BASIS)
+    if TRANSPOSE:  # rows are inputs i = rj, columns outputs o = rk
+        num, den, _, _ = _field_tile(rk, rj, step_out, step_in, ctrl_ptr, lat_ptr, N_PTS, inv_two_s2, rho2,
+                                     BASIS, LOCAL, False)
+    else:  # rows are outputs o = rj, columns inputs i = rk
+        num, den, _, _ = _field_tile(rj, rk, step_out, step_in, ctrl_ptr, lat_ptr, N_PTS, inv_two_s2, rho2,
+                                     BASIS, LOCAL, True)
+    rows = rj - J0
+    tl.store(ws_ptr + rows.to(tl.int64)[:, None] * K + rk[None, :],
+             _normalise(num, den, BASIS).to(ws_ptr.dtype.element_ty), mask=(rows < J)[:, None] & (rk < K)[None, :])
 
 
 @triton.autotune(
@@ -493,12 +539,15 @@ def _field_grad_kernel(
     u ``(M, N_OUT)``, v ``(M, N_IN)``, dparams ``(tiles, N_PTS + 1)`` fp32. The tile's G is reduced
     over M on chip; then, with H = G / S: dparams[tile, k] = sum H * phi_k (the control values) and
     dparams[tile, N_PTS] = sum H * sum_k (c_k - W) phi_k d_k^2 / sigma^3 * d sigma / d log_bandwidth
-    (the Gaussian's log_bandwidth; 0 for IDW). Every
+    (the Gaussian's log_bandwidth; 0 for IDW). That sum cancels (sum_k phi_k (c_k - W) = W eps ~ 0),
+    so it is computed centred, as sum_k phi_k (c_k - W)(d_k^2 - D) + W eps D with
+    D = sum_k phi_k d_k^2 / S (a covariance: the fuzz sweep's case 52 lost 10x the reference's
+    accuracy to the plain form); D takes a third accumulator in the pass that builds W. Every
     entry of the tile's slot is written (points a local tile does not reach get 0), so the slots
     need no zero-fill; the host sums them.
     Precision: G accumulates in fp32 from the fp16/bf16 operands, and H, W and the sums stay
     fp32 (as in the reference); no intermediate is rounded to the input dtype.
-    FLOPs: 2*M*N_OUT*N_IN + ~14*N_PTS*N_OUT*N_IN. Bytes: elt*M*(N_IN*cdiv(N_OUT,BO) + N_OUT*cdiv(N_IN,BI)).
+    FLOPs: 2*M*N_OUT*N_IN + ~16*N_PTS*N_OUT*N_IN. Bytes: elt*M*(N_IN*cdiv(N_OUT,BO) + N_OUT*cdiv(N_IN,BI)).
     """
     pid_o = tl.program_id(0)
     pid_i = tl.program_id(1)
@@ -514,11 +563,12 @@ def _field_grad_kernel(
                      mask=(rm < M)[:, None] & (ri < N_IN)[None, :], other=0.0)
         g = tl.dot(ut, vv, g, input_precision=PRECISION)
     inv_two_s2 = _inv_two_s2(lbw_ptr, BASIS)
-    num, den, box = _field_tile(ro, ri, step_out, step_in, ctrl_ptr, lat_ptr, N_PTS, inv_two_s2, rho2,
-                                BASIS, LOCAL, True)
+    num, den, mom, box = _field_tile(ro, ri, step_out, step_in, ctrl_ptr, lat_ptr, N_PTS, inv_two_s2, rho2,
+                                     BASIS, LOCAL, True, BASIS == _GAUSSIAN)
     valid = (ro < N_OUT)[:, None] & (ri < N_IN)[None, :]
     w = _normalise(num, den, BASIS)
     h = tl.where(valid, _normalise(g, den, BASIS), 0.0)
+    dmean = _normalise(mom, den, BASIS)  # D = sum_k phi_k d_k^2 / S (Gaussian only)
     y2 = (ro.to(tl.float32) * step_out - 1.0)[:, None]
     x2 = (ri.to(tl.float32) * step_in - 1.0)[None, :]
     slot = dparams_ptr + tile * (N_PTS + 1)
@@ -526,27 +576,32 @@ def _field_grad_kernel(
     for k in range(0, N_PTS):
         if LOCAL:
             if _reaches(lat_ptr, k, box, rho2):
-                dsig = _grad_point(h, w, dsig, slot, ctrl_ptr, lat_ptr, k, x2, y2, inv_two_s2, rho2, BASIS, LOCAL)
+                dsig = _grad_point(h, w, dmean, dsig, slot, ctrl_ptr, lat_ptr, k, x2, y2, inv_two_s2, rho2,
+                                   BASIS, LOCAL)
             else:
                 tl.store(slot + k, 0.0)
         else:
-            dsig = _grad_point(h, w, dsig, slot, ctrl_ptr, lat_ptr, k, x2, y2, inv_two_s2, rho2, BASIS, LOCAL)
-    if BASIS == _GAUSSIAN:  # d sigma, then d log_bandwidth: times e where sigma = e (the clamp's gradient)
+            dsig = _grad_point(h, w, dmean, dsig, slot, ctrl_ptr, lat_ptr, k, x2, y2, inv_two_s2, rho2, BASIS, LOCAL)
+    if BASIS == _GAUSSIAN:
+        # the centring's exact remainder: sum_k phi_k (c_k - W) = num - W den = W eps
+        dsig += tl.sum(tl.sum(h * dmean * w, axis=1), axis=0) * _GAUSSIAN_EPS
+        # d sigma, then d log_bandwidth: times e where sigma = e (the clamp's gradient)
         e, s = _width(lbw_ptr)
         dsig = dsig / (s * s * s) * tl.where(e >= _SIGMA_MIN, e, 0.0)
     tl.store(slot + N_PTS, dsig)
 
 
 @triton.jit
-def _grad_point(h, w, dsig, dctrl_ptr, ctrl_ptr, lat_ptr, k, x2, y2, inv_two_s2, rho2,
+def _grad_point(h, w, dmean, dsig, dctrl_ptr, ctrl_ptr, lat_ptr, k, x2, y2, inv_two_s2, rho2,
                 BASIS: tl.constexpr, LOCAL: tl.constexpr):
-    """Store sum(H * phi_k) at dctrl_ptr[k]; return dsig plus point k's Gaussian-width term."""
+    """Store sum(H * phi_k) at dctrl_ptr[k]; return dsig plus point k's Gaussian-width term
+    sum(H * phi_k (c_k - W)(d_k^2 - D)) (centred: see ``_field_grad_kernel``)."""
     phi, d2 = _point_phi(lat_ptr, k, x2, y2, inv_two_s2, rho2, BASIS, LOCAL)
     hphi = h * phi
     tl.store(dctrl_ptr + k, tl.sum(tl.sum(hphi, axis=1), axis=0))
     if BASIS == _GAUSSIAN:
         c = tl.load(ctrl_ptr + k).to(tl.float32)
-        dsig += tl.sum(tl.sum(hphi * (c - w) * d2, axis=1), axis=0)
+        dsig += tl.sum(tl.sum(hphi * (c - w) * (d2 - dmean), axis=1), axis=0)
     return dsig
 
 
@@ -578,9 +633,29 @@ class Field:
                 self.rho * self.rho)
 
 
+# On the fly, each W tile is generated once per row block of BM <= 128 rows: above 256 rows that is
+# 3 or more times, while the sliced path generates it once and pays only the workspace's round trip
+# through L2 and two launches per slice (bench/NOTES.md, "fields generated once").
+FIELD_ON_THE_FLY_MAX_ROWS = 256
+# The workspace of the sliced path: 8 MiB (1024 rows of a 4096-wide bf16 W) stays in the H200's
+# 50 MB L2 (25 MB per partition) between the kernel that writes it and the GEMM that reads it, beside
+# the GEMM's own a and output tiles; a 4096 x 1024 x 4096 GEMM still fills the 132 SMs (128 tiles of
+# 128 x 256).
+FIELD_SLICE_BYTES = 8 << 20
+
+
+def field_slice_rows(n: int, k: int, elt: int) -> int:
+    """Rows of the sliced path's workspace ``(rows, k)`` of ``elt``-byte elements for an output of
+    ``n`` columns: as many as ``FIELD_SLICE_BYTES`` holds (at least 1), a multiple of 128 (the GEMM's
+    tile) above that, at most n."""
+    rows = max(FIELD_SLICE_BYTES // max(k * elt, 1), 1)
+    return min(rows - rows % 128 if rows > 128 else rows, n)
+
+
 def field_linear(a: torch.Tensor, field: Field, bias: torch.Tensor | None, transpose: bool) -> torch.Tensor:
     """Launch ``a @ W.T + bias`` for a ``(*, n_in)``, or ``a @ W + bias`` for a ``(*, n_out)`` when
-    ``transpose``, with W generated on chip."""
+    ``transpose``, W never whole in memory: generated on chip for at most
+    ``FIELD_ON_THE_FLY_MAX_ROWS`` rows of a, else in slices (``_field_sliced``)."""
     check_inputs(a, field.control, *(t for t in (field.log_bandwidth, bias) if t is not None))
     return _field_matmul(a, field, bias, transpose)
 
@@ -591,7 +666,9 @@ def _field_matmul(a: torch.Tensor, field: Field, bias: torch.Tensor | None, tran
     m, k = a2.shape
     n = field.n_in if transpose else field.n_out
     out = torch.empty(*a.shape[:-1], n, device=a.device, dtype=a.dtype)  # final shape: nothing to re-label
-    if m > 0 and n > 0:
+    if m > FIELD_ON_THE_FLY_MAX_ROWS and n > 0:
+        _field_sliced(a2, field, bias, transpose, flatten(out))
+    elif m > 0 and n > 0:
         out2 = flatten(out)
         n_pts, step_out, step_in, rho2 = field.geometry()
         grid = lambda meta: (cdiv(m, meta["BM"]) * cdiv(n, meta["BN"]),)  # noqa: E731
@@ -602,6 +679,37 @@ def _field_matmul(a: torch.Tensor, field: Field, bias: torch.Tensor | None, tran
             PRECISION=dot_precision(a.dtype),
         )
     return out
+
+
+def _field_sliced(a2: torch.Tensor, field: Field, bias: torch.Tensor | None, transpose: bool,
+                  out2: torch.Tensor) -> None:
+    """out2 ``(M, n)`` = a2 ``(M, k)`` @ B + bias, B = W.T (or W with ``transpose``), in slices of
+    ``field_slice_rows`` output columns: ``_field_slice_kernel`` writes the slice's rows of B.T into
+    one reused workspace, then one GEMM writes its columns of out2 (cuBLAS takes the strided
+    columns as they are: leading dimension n, no copy). The GEMM rounds only its output, from fp32
+    sums (fp32 inputs: TF32 exactly when torch's matmul setting, which ``dot_precision`` follows,
+    allows it), as ``_field_matmul_kernel`` does. With a bias, torch fills the columns with it and
+    the GEMM adds onto them (beta = 1; its fused-bias epilogue needs a contiguous output).
+    FLOPs: 2*M*n*k (cuBLAS) + ~6*N_PTS*n*k (generation, once). Bytes: elt*(M*k*slices + M*n)
+    (+ 2*elt*M*n with a bias), plus elt*n*k written and read through L2.
+    """
+    m, k = a2.shape
+    n = out2.shape[1]
+    rows = field_slice_rows(n, k, a2.element_size())
+    ws = torch.empty(rows, k, device=a2.device, dtype=a2.dtype)
+    n_pts, step_out, step_in, rho2 = field.geometry()
+    bias = None if bias is None else bias.to(a2.dtype)
+    for j0 in range(0, n, rows):
+        j = min(rows, n - j0)
+        _field_slice_kernel[lambda meta, j=j: (cdiv(j, meta["BJ"]), cdiv(k, meta["BK"]))](
+            *field.tensors(), ws, j0, j, k, n_pts, step_out, step_in, rho2,
+            BASIS=field.basis, LOCAL=field.rho > 0, TRANSPOSE=transpose,
+        )
+        cols = out2[:, j0:j0 + j]
+        if bias is None:
+            torch.mm(a2, ws[:j].T, out=cols)
+        else:
+            torch.addmm(bias[j0:j0 + j], a2, ws[:j].T, out=cols)
 
 
 def field_linear_backward(
