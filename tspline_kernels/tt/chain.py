@@ -27,11 +27,31 @@ def config_keys(kernel) -> tuple[tuple[int, int, int, int], ...]:
     return hit[1]
 
 
+def tiles(plan: cost.ChainPlan) -> dict[str, tuple[int, ...]]:
+    """The chain kernels' padded tile sizes (constexpr tuples NI, NO, RP, X) of a plan."""
+    return {"NI": plan.ni, "NO": plan.no, "RP": plan.rp, "X": plan.x}
+
+
+_TILED: dict[tuple, triton.Config] = {}
+
+
+def _tiled(config, plan: cost.ChainPlan) -> triton.Config:
+    """``config`` with ``plan``'s tile sizes among its constexprs: one object per (config, plan),
+    so a harness that tells configs apart by identity sees the same one on every launch."""
+    key = (config_key(config), config.num_warps, config.num_stages, plan)
+    if key not in _TILED:
+        _TILED[key] = triton.Config({**config.kwargs, **tiles(plan)}, num_warps=config.num_warps,
+                                    num_stages=config.num_stages)
+    return _TILED[key]
+
+
 def _chain_pruner(grad: bool):
     """Autotune pruning for a chain kernel: one config per distinct plan (and warps, stages) among
-    those ``cost.chain_plans`` keeps. Never empty: where no plan fits (the launchers route such
-    cores to the step kernels, so only a direct launch gets here) the config with the smallest
-    register tiles."""
+    those ``cost.chain_plans`` keeps, each with its plan's tile sizes (``_tiled``: the autotuner
+    launches the config it keeps with them, no per-launch heuristics). Never empty: where no plan
+    fits (the launchers route such cores to the step kernels, so only a direct launch gets here)
+    the config with the smallest register tiles. (An autotuner with one config skips pruning:
+    the launchers pass that config's tiles, ``launch_tiles``.)"""
     def prune(cfgs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         shape = (args["IN"], args["OUT"], args["RANK"])
@@ -41,17 +61,21 @@ def _chain_pruner(grad: bool):
             p = cost.chain_plan(*shape, *config_key(c))
             if p in fits and (p, c.num_warps, c.num_stages) not in seen:
                 seen.add((p, c.num_warps, c.num_stages))
-                kept.append(c)
-        return kept or [min(cfgs, key=lambda c: cost.chain_plan(*shape, *config_key(c)).largest_tile())]
+                kept.append(_tiled(c, p))
+        if kept:
+            return kept
+        c = min(cfgs, key=lambda c: cost.chain_plan(*shape, *config_key(c)).largest_tile())
+        return [_tiled(c, cost.chain_plan(*shape, *config_key(c)))]
     return prune
 
 
-def _chain_tiles(args) -> cost.ChainPlan:
-    return cost.chain_plan(args["IN"], args["OUT"], args["RANK"], args["BM"], args["BO1"], args["BO2"], args["CD"])
-
-
-# the chain kernels' padded tile sizes (constexpr tuples), derived from the config and the modes
-_with_chain_tiles = triton.heuristics({n: lambda a, n=n: getattr(_chain_tiles(a), n.lower()) for n in ("NI", "NO", "RP", "X")})
+def launch_tiles(kernel, modes: tuple) -> dict[str, tuple[int, ...]]:
+    """The tile-size constexprs a launch of chain ``kernel`` on cores of ``modes`` must pass: those
+    of its config where the autotuner holds one (it then runs it without pruning), else none (the
+    pruner adds them to the configs it keeps)."""
+    if len(kernel.configs) != 1:
+        return {}
+    return tiles(cost.chain_plan(*modes, *config_key(kernel.configs[0])))
 
 
 def _chain_configs(space, **kwargs) -> list:
@@ -141,7 +165,6 @@ def _chain_prev(ds, k: tl.constexpr, NO: tl.constexpr, NI: tl.constexpr, RP: tl.
     key=["M_BUCKET", "IN", "OUT", "RANK", "SPLINE"],
     prune_configs_by={"early_config_prune": _chain_pruner(grad=False)},
 )
-@_with_chain_tiles
 @triton.jit
 def _chain_kernel(
     x_ptr, g_ptr, bias_ptr, y_ptr,
@@ -251,7 +274,6 @@ def _chain_store_grad(part_ptr, acc, k: tl.constexpr, blocks, chunk, groups, spl
     key=["M_BUCKET", "IN", "OUT", "RANK", "SPLINE"],
     prune_configs_by={"early_config_prune": _chain_pruner(grad=True)},
 )
-@_with_chain_tiles
 @triton.jit
 def _chain_grad_kernel(
     x_ptr, dy_ptr, g_ptr, part_ptr,

@@ -142,7 +142,7 @@ def chain_plan(in_modes, out_modes, ranks, bm: int, bo1: int, bo2: int, cd: int)
 
 @functools.lru_cache(maxsize=4096)
 def _chain_plan(in_modes, out_modes, ranks, bm: int, bo1: int, bo2: int, cd: int) -> ChainPlan:
-    """``chain_plan``, cached: each chain launch asks four times (its tile-size heuristics)."""
+    """``chain_plan``, cached: the launchers (grids, split) and the pruners ask on every launch."""
     d = len(in_modes)
     ip, op = [_next_pow2(i) for i in in_modes], [_next_pow2(o) for o in out_modes]
     ni = tuple(ip[:-1]) + (min(cd, ip[-1]),)

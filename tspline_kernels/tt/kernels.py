@@ -77,7 +77,7 @@ from .._layers import cast
 from .._triton import INTERPRET, SplitSlots, cdiv, check_inputs, dot_precision, flatten, m_bucket
 from ..reference import tt as ref
 from . import cost
-from .chain import _chain_grad_kernel, _chain_kernel, config_keys
+from .chain import _chain_grad_kernel, _chain_kernel, config_keys, launch_tiles
 from .rebuild import _rebuild_grad_kernel, _rebuild_kernel, rebuild_tiles
 from .steps import _grad_step_kernel, _step_kernel
 from .tiles import Core, core_modes, state_args, state_elt
@@ -169,12 +169,16 @@ def chain_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None)
     if m == 0:
         return y
     packed, meta_args = _chain_args(cores)
-    grid = lambda meta: (cdiv(m, meta["BM"]), cdiv(cores[0].o, meta["NO"][0]),  # noqa: E731
-                         cdiv(cores[1].o, meta["NO"][1]))
+    modes = meta_args["IN"], meta_args["OUT"], meta_args["RANK"]
+
+    def grid(meta):
+        no = cost.chain_plan(*modes, meta["BM"], meta["BO1"], meta["BO2"], meta["CD"]).no
+        return cdiv(m, meta["BM"]), cdiv(modes[1][0], no[0]), cdiv(modes[1][1], no[1])
+
     _chain_kernel[grid](
         x2, packed, bias if bias is not None else y, y,
         m, m_bucket(m), x2.stride(0), x2.stride(1), y.stride(0), y.stride(1),
-        **meta_args, HAS_BIAS=bias is not None, **state_args(x2.dtype),
+        **meta_args, HAS_BIAS=bias is not None, **state_args(x2.dtype), **launch_tiles(_chain_kernel, modes),
     )
     return y
 
@@ -209,7 +213,7 @@ def chain_grad(dy2: torch.Tensor, x2: torch.Tensor, cores: list[Core]) -> list[t
     _chain_grad_kernel[grid](
         x2, dy2, packed, part,
         m, m_bucket(m), x2.stride(0), x2.stride(1), dy2.stride(0), dy2.stride(1),
-        **meta_args, **state_args(x2.dtype),
+        **meta_args, **state_args(x2.dtype), **launch_tiles(_chain_grad_kernel, modes),
     )
     return _chain_grad_sum(part[:slots.used], *launched[-1], cores)
 
