@@ -635,7 +635,7 @@ class Field:
 
 # On the fly, each W tile is generated once per row block of BM <= 128 rows: above 256 rows that is
 # 3 or more times, while the sliced path generates it once and pays only the workspace's round trip
-# through L2 and two launches per slice (bench/NOTES.md, "fields generated once").
+# through L2 and two launches per slice (bench/NOTES.md, "field bases generated once").
 FIELD_ON_THE_FLY_MAX_ROWS = 256
 # The workspace of the sliced path: 8 MiB (1024 rows of a 4096-wide bf16 W) stays in the H200's
 # 50 MB L2 (25 MB per partition) between the kernel that writes it and the GEMM that reads it, beside
