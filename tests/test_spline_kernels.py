@@ -356,12 +356,16 @@ def test_field_sliced_matches_reference(name, dtype, sliced, kernel_device):
     assert_backends_agree(layer, x, torch.randn(5, 45, device=kernel_device, dtype=dtype), dtype)
 
 
-@pytest.mark.parametrize("lead", [(2, 3), (0,)], ids=["3d-2x3", "empty-batch"])
+@pytest.mark.parametrize("lead", [(2, 3), (0,), "strided"], ids=["3d-2x3", "empty-batch", "column-stride-2"])
 @pytest.mark.parametrize("name", ["gaussian", "eisenstein-local"])
-def test_field_sliced_no_bias_3d_and_empty(name, lead, sliced, kernel_device):
-    """Without a bias, on a 3-D input and on an empty batch (no launch, zero gradients)."""
+def test_field_sliced_no_bias_3d_empty_and_strided(name, lead, sliced, kernel_device):
+    """Without a bias, on a 3-D input, an empty batch (no launch, zero gradients) and an input with
+    no unit stride (made contiguous once, not copied per slice)."""
     layer = tk.SplineLinear(37, 45, bias=False, **LAYERS[name]).to(kernel_device)
-    x = torch.randn(*lead, 37, device=kernel_device)
+    if lead == "strided":
+        lead, x = (6,), torch.randn(6, 2 * 37, device=kernel_device)[:, ::2]
+    else:
+        x = torch.randn(*lead, 37, device=kernel_device)
     assert_backends_agree(layer, x, torch.randn(*lead, 45, device=kernel_device), torch.float32)
 
 

@@ -693,6 +693,8 @@ def _field_sliced(a2: torch.Tensor, field: Field, bias: torch.Tensor | None, tra
     FLOPs: 2*M*n*k (cuBLAS) + ~6*N_PTS*n*k (generation, once). Bytes: elt*(M*k*slices + M*n)
     (+ 2*elt*M*n with a bias), plus elt*n*k written and read through L2.
     """
+    if 1 not in a2.stride():  # else cuBLAS would take a copy per slice
+        a2 = a2.contiguous()
     m, k = a2.shape
     n = out2.shape[1]
     rows = field_slice_rows(n, k, a2.element_size())
