@@ -16,10 +16,11 @@ dtypes), so argument binding, specialisation, constexprs and autotune pruning ar
 ``--report FILE`` writes JSON: per compiled kernel variant (the case that built it, constexprs
 with the config's block sizes, warps, stages) what ``ptxas`` made of it: registers and local memory
 (spill) bytes per thread (Triton's ``n_spills`` on a GPU is that size / 4), shared memory, each
-``tl.dot`` of the TritonGPU IR (tile, types, precision, tensor cores or FMAs) and the HMMA/HGMMA
-instructions in the SASS (``cuobjdump`` from the triton wheel on the cubin); plus ``findings``: a
-kernel that spills, or a 16-bit (or tf32) ``tl.dot`` that does not run on tensor cores (also
-printed as ``FINDING`` lines).
+``tl.dot`` of the TritonGPU IR (tile, types, precision, tensor cores or FMAs), the HMMA/HGMMA
+instructions and the global loads by width in the SASS (``cuobjdump`` from the triton wheel on the
+cubin); plus ``findings``: a kernel that spills, a 16-bit (or tf32) ``tl.dot`` that does not run
+on tensor cores, or (``--bench``: aligned goal shapes) a kernel streaming x without 128-bit loads
+(also printed as ``FINDING`` lines).
 """
 
 from __future__ import annotations
@@ -113,7 +114,23 @@ def cubin_resources(cubin: bytes) -> dict:
     regs, local = (int(re.search(rf"\b{key}:(\d+)", usage)[1]) for key in ("REG", "LOCAL"))
     opcodes = Counter(m[1] for m in re.finditer(rf"\b({'|'.join(TENSOR_CORE_OPS)})\.", sass))
     return {"registers": regs, "local_bytes": local, "n_spills": local // 4,
-            "tensor_core_instructions": {op: opcodes[op] for op in TENSOR_CORE_OPS}}
+            "tensor_core_instructions": {op: opcodes[op] for op in TENSOR_CORE_OPS},
+            "global_loads": global_loads(sass)}
+
+
+_GLOBAL_LOAD = re.compile(r"\b(LDGSTS|LDG)((?:\.[A-Z0-9_]+)*)(?=\s)")  # not LDGDEPBAR
+
+
+def global_loads(sass: str) -> dict[str, int]:
+    """Global-memory load instructions of a kernel's SASS by width in bits (``LDG`` and the
+    ``LDGSTS`` of cp.async; no width suffix: 32), and ``tma``: ``UTMALDG`` tensor-memory copies."""
+    widths = Counter()
+    for m in _GLOBAL_LOAD.finditer(sass):
+        suffixes = m[2].split(".")
+        bits = next((int(w.removeprefix("U").removeprefix("S")) for w in suffixes
+                     if w.removeprefix("U").removeprefix("S") in ("8", "16", "64", "128")), 32)
+        widths[str(bits)] += 1
+    return {**{w: widths[w] for w in ("128", "64", "32", "16", "8")}, "tma": len(re.findall(r"\bUTMALDG\b", sass))}
 
 
 def ir_dots(ttgir: str) -> list[dict]:
@@ -136,11 +153,22 @@ def ir_dots(ttgir: str) -> list[dict]:
     return dots
 
 
-def findings(rec: dict) -> list[str]:
+# kernels that stream x (or dy) as row-major tiles: at the goal rows' shapes (rows 16-byte
+# aligned) their SASS must hold 128-bit global loads (LDG/LDGSTS .128) or TMA copies
+X_STREAMING = {"_lowrank_fwd_kernel", "_lowrank_grad_kernel", "_kron_fwd_kernel", "_kron_grad_kernel",
+               "_separable_in_kernel", "_field_matmul_kernel", "_rebuild_kernel", "_rebuild_grad_kernel",
+               "_chain_kernel", "_chain_grad_kernel", "_decoupled_fwd_kernel", "_decoupled_bwd_kernel"}
+
+
+def findings(rec: dict, aligned: bool = False) -> list[str]:
     """What to fix or explain in one compiled kernel: spills; a ``tl.dot`` that could run on tensor
     cores (16-bit operands, or fp32 as tf32) but was lowered to FMAs; tensor-core dots with no
-    HMMA/HGMMA in the SASS."""
+    HMMA/HGMMA in the SASS; with ``aligned`` (the goal rows' shapes), an x-streaming kernel
+    without 128-bit or TMA global loads."""
     out = []
+    loads = rec["global_loads"]
+    if aligned and rec["kernel"] in X_STREAMING and not loads["128"] + loads["tma"]:
+        out.append(f"streams x without 128-bit global loads (loads by width: {loads})")
     if rec["local_bytes"]:
         out.append(f"spills: {rec['local_bytes']} bytes of local memory per thread ({rec['registers']} registers)")
     for d in rec["dots"]:
@@ -162,8 +190,8 @@ class Recorder:
     that first built it, its constexprs (the config's block sizes among them), warps, stages and
     what ``ptxas`` made of it (``cubin_resources``, ``ir_dots``) when ``inspect`` is set."""
 
-    def __init__(self, inspect: bool):
-        self.inspect = inspect
+    def __init__(self, inspect: bool, aligned: bool = False):
+        self.inspect, self.aligned = inspect, aligned
         self.case = ""
         self.records: list[dict] = []
         real = CompiledKernel._init_handles
@@ -182,7 +210,7 @@ class Recorder:
                "num_stages": kernel.metadata.num_stages, "constexprs": constexprs, "shared_bytes": kernel.metadata.shared}
         if self.inspect:
             rec.update(cubin_resources(kernel.asm["cubin"]), dots=ir_dots(kernel.asm["ttgir"]))
-            rec["findings"] = findings(rec)
+            rec["findings"] = findings(rec, aligned=self.aligned)
         return rec
 
 
@@ -198,6 +226,8 @@ def layers(dtypes) -> list[tuple[str, object]]:
                    dict(basis="eisenstein", n_control_points=40, support="local")):
             cases.append((f"SplineLinear{kw}", tk.SplineLinear(67, 45, **kw), dtype))
         cases.append(("HierarchicalSplineLinear", tk.HierarchicalSplineLinear(67, 45), dtype))
+        # more rows than the field kernels generate W on the fly for: W in slices (_field_slice_kernel)
+        cases.append(("SplineLinear gaussian, 257 rows", tk.SplineLinear(67, 45, basis="gaussian"), dtype, 257))
         cases.append(("LowRankLinear", tk.LowRankLinear(67, 45, rank=5), dtype))
         for s in ("contract", "rebuild"):
             cases.append((f"TTLinear[{s}]", tk.TTLinear((3, 2, 5), (2, 3, 4), (1, 2, 3, 1), strategy=s), dtype))
@@ -211,11 +241,11 @@ def layers(dtypes) -> list[tuple[str, object]]:
         cases.append(("DecoupledSplineMLP rank 5", tk.DecoupledSplineMLP(67, 45, rank=5), dtype))
         cases.append(("DecoupledSplineMLP rank 150", tk.DecoupledSplineMLP(67, 300, rank=150, n_basis=4), dtype))
 
-    def run(layer, dtype):
+    def run(layer, dtype, rows=5):
         layer = layer.to(dtype)
-        x = torch.randn(5, layer.in_features, dtype=dtype, requires_grad=True)
+        x = torch.randn(rows, layer.in_features, dtype=dtype, requires_grad=True)
         return lambda: layer(x).sum().backward()
-    return [(f"{name} {str(dtype).removeprefix('torch.')}", run(layer, dtype)) for name, layer, dtype in cases]
+    return [(f"{name} {str(dtype).removeprefix('torch.')}", run(layer, dtype, *rows)) for name, layer, dtype, *rows in cases]
 
 
 def bench_cases() -> list[tuple[str, object]]:
@@ -234,7 +264,7 @@ def main() -> int:
     parser.add_argument("--report", type=Path, help="write per-kernel registers, spills, shared memory and tensor-core counts (JSON)")
     args = parser.parse_args()
     driver_mod.set_active(CompileOnlyDriver())
-    recorder = Recorder(inspect=args.report is not None)
+    recorder = Recorder(inspect=args.report is not None, aligned=args.bench)
 
     import tspline_kernels as tk
 

@@ -7,6 +7,7 @@ cubin, and the per-kernel report of registers, spills, shared memory and tensor-
 """
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -67,3 +68,25 @@ def test_report_has_every_kernels_resources(dry_run):
         assert any(r["tensor_core_instructions"][op] > 0 for r in bf16), op
     fp32_ieee = [d for r in records if "float32" in r["case"] for d in r["dots"] if d["precision"] == "ieee"]
     assert fp32_ieee and not any(d["tensor_cores"] for d in fp32_ieee)  # exact fp32 dots stay on FMAs
+
+
+def test_goal_rows_compile_without_spills_on_tensor_cores_with_wide_loads_of_x(tmp_path):
+    """The issue's static checks at the benchmarks' goal shapes, for every config their autotuner
+    tries in the GPU check (``TSPLINE_AUTOTUNE=quick``): no spills, every bf16 ``tl.dot`` on tensor
+    cores (HMMA/HGMMA in the SASS), and x streamed with 128-bit loads (``X_STREAMING``)."""
+    report = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, str(SCRIPT), "--bench", "--report", str(report)], capture_output=True,
+                          text=True, timeout=1200, env={**os.environ, "TSPLINE_AUTOTUNE": "quick"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    data = json.loads(report.read_text())
+    assert data["mode"] == "bench" and data["autotune"] == "quick" and data["failures"] == 0
+    assert not data["findings"], "\n".join(data["findings"])
+    records = data["kernels"]
+    kernels = {r["kernel"] for r in records}
+    assert {"_separable_in_kernel", "_lowrank_fwd_kernel", "_lowrank_grad_kernel", "_kron_fwd_kernel", "_kron_grad_kernel",
+            "_chain_kernel", "_chain_grad_kernel", "_rebuild_kernel", "_rebuild_grad_kernel"} <= kernels
+    for r in records:
+        assert r["local_bytes"] == 0, r
+        loads = r["global_loads"]
+        if r["kernel"] in ("_lowrank_fwd_kernel", "_kron_fwd_kernel", "_separable_in_kernel", "_rebuild_kernel"):
+            assert loads["128"] + loads["tma"] > 0, r
