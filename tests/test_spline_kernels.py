@@ -200,6 +200,19 @@ def test_no_dense_weight_buffer_on_cuda(name):
     assert peak < dense_weight / 8, f"peak {peak / 2**20:.1f} MiB vs dense weight {dense_weight / 2**20:.1f} MiB"
 
 
+@pytest.mark.cuda
+def test_field_sliced_workspace_on_cuda():
+    """Above FIELD_ON_THE_FLY_MAX_ROWS rows the field forward and dx run in slices: the step's peak
+    (outputs, dx, the 8 MiB workspace) stays below a quarter of W at 8192^2 bf16 (128 MiB)."""
+    from tspline_kernels.spline import kernels
+
+    n, m = 8192, 2 * kernels.FIELD_ON_THE_FLY_MAX_ROWS
+    layer = make_layer("gaussian", n, n, torch.bfloat16, "cuda")
+    x = torch.randn(m, n, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    peak = cuda_step_peak_bytes(layer, x, torch.randn(m, n, device="cuda", dtype=torch.bfloat16))
+    assert peak < n * n * 2 / 4, f"peak {peak / 2**20:.1f} MiB vs dense weight {n * n * 2 / 2**20:.1f} MiB"
+
+
 # ------------------------------------------------------------------ separable forward, two passes
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
