@@ -689,9 +689,10 @@ def _field_sliced(a2: torch.Tensor, field: Field, bias: torch.Tensor | None, tra
     columns as they are: leading dimension n, no copy). The GEMM accumulates in fp32 and rounds its
     output, as ``_field_matmul_kernel`` does (fp32 inputs: TF32 exactly when torch's matmul setting,
     which ``dot_precision`` follows, allows it); like ``F.linear``, cuBLAS may reduce split-K
-    partials of fp16/bf16 GEMMs in that type where torch's ``allow_{fp16,bf16}_reduced_precision_reduction``
-    allows it (the default; the goal shapes are not split). With a bias, torch fills the columns with it and
-    the GEMM adds onto them (beta = 1; its fused-bias epilogue needs a contiguous output).
+    partials of fp16/bf16 GEMMs in that type where torch's
+    ``allow_{fp16,bf16}_reduced_precision_reduction`` allows it (the default; the goal shapes are
+    not split). With a bias, torch fills the columns with it and the GEMM adds onto them (beta = 1;
+    its fused-bias epilogue needs a contiguous output).
     FLOPs: 2*M*n*k (cuBLAS) + ~6*N_PTS*n*k (generation, once). Bytes: elt*(M*k*slices + M*n)
     (+ 2*elt*M*n with a bias), plus elt*n*k written and read through L2.
     """
