@@ -12,10 +12,13 @@ import math
 import torch
 from torch import Tensor
 
-from .._backend import owned, register_autograd, use_triton
+from .._backend import kernels_of, owned, register_autograd, use_triton
 from .._multilinear import linear_backward, multilinear_double_backward, transpose_factors
 from ..reference import spline_tt as ref
 from ..reference.common import compute_dtype
+
+
+_kernels = kernels_of(__package__)  # the Triton launchers, imported on first use
 
 
 @torch.library.custom_op("tspline::spline_tt_linear", mutates_args=())
@@ -23,8 +26,7 @@ def spline_tt_linear(x: Tensor, controls: list[Tensor], bias: Tensor | None, in_
                      out_modes: list[int], strategy: str) -> Tensor:
     """y = x @ W.T + bias; x ``(*, prod in_modes)``, controls ``(r_{k-1}, Go_k, Gi_k, r_k)`` -> ``(*, prod out_modes)``."""
     if use_triton(x):
-        from .kernels import spline_tt_linear as launch
-        return owned(launch(x, controls, bias, in_modes, out_modes, strategy))
+        return owned(_kernels().spline_tt_linear(x, controls, bias, in_modes, out_modes, strategy))
     return owned(ref.spline_tt_linear(x, controls, bias, in_modes, out_modes))
 
 
@@ -39,8 +41,7 @@ def spline_tt_grad(dy: Tensor, x: Tensor, controls: list[Tensor], in_modes: list
     """``[dC_1, ..., dC_d]`` of sum(dy * (x @ W.T)) in fp32 (fp64 for fp64 inputs), then ``dx = dy @ W``
     (x's shape and dtype) if ``need_dx``."""
     if use_triton(dy):
-        from .kernels import spline_tt_grad as launch
-        return launch(dy, x, controls, in_modes, out_modes, strategy, need_dx)
+        return _kernels().spline_tt_grad(dy, x, controls, in_modes, out_modes, strategy, need_dx)
     return ref.spline_tt_grad(dy, x, controls, in_modes, out_modes, need_dx)
 
 

@@ -449,7 +449,7 @@ def _strategy(strategy: str, m: int, modes: tuple, dtype: torch.dtype, backward:
 def cores_linear(x: torch.Tensor, cores: list[Core], bias: torch.Tensor | None, strategy: str) -> torch.Tensor:
     """y = x @ W.T + bias for x ``(*, I)`` -> ``(*, O)`` with the strategy ``strategy`` resolves to;
     plain or spline cores (rebuild forms the core-sized spline cores first)."""
-    check_inputs(x, *(c.t for c in cores), *([bias] if bias is not None else []))
+    check_inputs(x, *(c.t for c in cores), bias)
     x2 = flatten(x)
     modes = core_modes(cores)
     if _strategy(strategy, x2.shape[0], modes, x.dtype) == "rebuild":

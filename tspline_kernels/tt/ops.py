@@ -16,18 +16,20 @@ import math
 import torch
 from torch import Tensor
 
-from .._backend import owned, register_autograd, use_triton
+from .._backend import kernels_of, owned, register_autograd, use_triton
 from .._multilinear import linear_backward, multilinear_double_backward, transpose_factors
 from ..reference import tt as ref
 from ..reference.common import compute_dtype
+
+
+_kernels = kernels_of(__package__)  # the Triton launchers, imported on first use
 
 
 @torch.library.custom_op("tspline::tt_linear", mutates_args=())
 def tt_linear(x: Tensor, cores: list[Tensor], bias: Tensor | None, strategy: str) -> Tensor:
     """y = x @ W.T + bias; x ``(*, prod I_k)``, cores ``(r_{k-1}, O_k, I_k, r_k)`` -> ``(*, prod O_k)``."""
     if use_triton(x):
-        from .kernels import tt_linear as launch
-        return owned(launch(x, cores, bias, strategy))
+        return owned(_kernels().tt_linear(x, cores, bias, strategy))
     return owned(ref.tt_linear(x, cores, bias))
 
 
@@ -41,8 +43,7 @@ def tt_grad(dy: Tensor, x: Tensor, cores: list[Tensor], strategy: str, need_dx: 
     """``[dG_1, ..., dG_d]`` of sum(dy * (x @ W.T)) in fp32 (fp64 for fp64 inputs), then ``dx = dy @ W``
     (x's shape and dtype) if ``need_dx``; dy ``(*, O)``, x ``(*, I)``."""
     if use_triton(dy):
-        from .kernels import tt_grad as launch
-        return launch(dy, x, cores, strategy, need_dx)
+        return _kernels().tt_grad(dy, x, cores, strategy, need_dx)
     return ref.tt_grad(dy, x, cores, need_dx)
 
 
