@@ -399,6 +399,23 @@ def test_field_sliced_equals_on_the_fly(sliced, kernel_device):
         torch.testing.assert_close(got.float(), want.float(), rtol=2**-6, atol=2**-6 * want.float().abs().max().item())
 
 
+@pytest.mark.parametrize("basis, support", [("gaussian", "global"), ("eisenstein", "local")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_field_weight_is_the_reference_weight(basis, support, dtype, kernel_device):
+    """``field_weight`` (the benchmarks' materialise baseline) writes W whole, as the reference
+    defines it, rounded once to ``dtype``."""
+    from tspline_kernels.reference import spline as ref_spline
+    from tspline_kernels.spline import kernels
+
+    layer = tk.SplineLinear(37, 45, basis=basis, support=support, n_control_points=40).to(kernel_device)
+    gaussian = basis == "gaussian"
+    field = kernels.Field(layer.control.detach(), layer.lattice, layer.log_bandwidth.detach() if gaussian else None,
+                          45, 37, ref_spline.GAUSSIAN if gaussian else ref_spline.IDW, layer.rho)
+    w = kernels.field_weight(field, dtype)
+    assert w.dtype == dtype and w.shape == (45, 37)
+    assert_close(w, layer.materialize().detach().to(dtype), dtype)
+
+
 @pytest.mark.parametrize("n, k, elt", [(4096, 4096, 2), (4096, 4096, 4), (45, 37, 4), (3, 5, 2), (10, 1 << 22, 4)])
 def test_field_slice_rows_bounded(n, k, elt):
     """The workspace holds at most FIELD_SLICE_BYTES (one row where a row alone is larger), never more

@@ -702,19 +702,37 @@ def _field_sliced(a2: torch.Tensor, field: Field, bias: torch.Tensor | None, tra
     n = out2.shape[1]
     rows = field_slice_rows(n, k, a2.element_size())
     ws = torch.empty(rows, k, device=a2.device, dtype=a2.dtype)
-    n_pts, step_out, step_in, rho2 = field.geometry()
     bias = None if bias is None else bias.to(a2.dtype)
     for j0 in range(0, n, rows):
         j = min(rows, n - j0)
-        _field_slice_kernel[lambda meta, j=j: (cdiv(j, meta["BJ"]), cdiv(k, meta["BK"]))](
-            *field.tensors(), ws, j0, j, k, n_pts, step_out, step_in, rho2,
-            BASIS=field.basis, LOCAL=field.rho > 0, TRANSPOSE=transpose,
-        )
+        _generate(ws, field, j0, j, transpose)
         cols = out2[:, j0:j0 + j]
         if bias is None:
             torch.mm(a2, ws[:j].T, out=cols)
         else:
             torch.addmm(bias[j0:j0 + j], a2, ws[:j].T, out=cols)
+
+
+def _generate(ws: torch.Tensor, field: Field, j0: int, j: int, transpose: bool) -> None:
+    """ws[:j] = rows j0..j0+j-1 of W (of W.T with ``transpose``), by ``_field_slice_kernel``; ws
+    ``(>= j, k)`` contiguous."""
+    n_pts, step_out, step_in, rho2 = field.geometry()
+    k = ws.shape[1]
+    _field_slice_kernel[lambda meta: (cdiv(j, meta["BJ"]), cdiv(k, meta["BK"]))](
+        *field.tensors(), ws, j0, j, k, n_pts, step_out, step_in, rho2,
+        BASIS=field.basis, LOCAL=field.rho > 0, TRANSPOSE=transpose,
+    )
+
+
+def field_weight(field: Field, dtype: torch.dtype) -> torch.Tensor:
+    """W ``(n_out, n_in)`` whole in ``dtype``, written by the sliced path's generation kernel: the
+    benchmarks' materialise + cuBLAS baseline (the same work per entry as the layer's own
+    generation) and tests. The layers never form W."""
+    check_inputs(field.control, field.lattice, field.log_bandwidth)
+    w = torch.empty(field.n_out, field.n_in, device=field.control.device, dtype=dtype)
+    if w.numel():
+        _generate(w, field, 0, field.n_out, False)
+    return w
 
 
 def field_linear_backward(
