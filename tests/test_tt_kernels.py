@@ -569,3 +569,115 @@ def test_cost_model_counts_the_launches_made(shape, dtype, path, monkeypatch):
             "grad_cores_cost": launches(lambda: kernels.cores_grad(dy, x, cores, strategy, False)),
             "grad_cost": launches(lambda: kernels.cores_grad(dy, x, cores, strategy, True))}
     assert made == model
+
+
+# ----------------------------------------------------------------------------------------------
+# rebuild's sliced path (many rows): slices of W by _rebuild_slice_kernel, then cuBLAS per slice
+# ----------------------------------------------------------------------------------------------
+SLICED = TT["d3-3x2x5-r23"]  # O_h = 6 head indices of O_d = 4 rows each, I = 30
+
+
+def force_sliced(monkeypatch, elt: int, heads: int = 4) -> int:
+    """Run rebuild's product in slices from one row on, ``heads`` head indices (of ``SLICED``) per
+    slice: a bound just short of ``heads + 1`` of them (4 does not divide O_h = 6); returns the bound."""
+    row_bytes = SLICED[1][-1] * math.prod(SLICED[0]) * elt
+    bound = (heads + 1) * row_bytes - 1
+    monkeypatch.setattr(kernels.cost, "REBUILD_FUSED_MAX_ROWS", 0)
+    monkeypatch.setattr(kernels.cost, "REBUILD_SLICE_BYTES", bound)
+    return bound
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_rebuild_sliced_matches_reference(dtype, bias, spy, monkeypatch, kernel_device):
+    """Forward, dx and every core (and bias) gradient with the product in slices of W (two slices,
+    the second partial), 3-D input: the forward and dx both take the sliced path."""
+    force_sliced(monkeypatch, dtype.itemsize)
+    calls = spy(kernels, "_rebuild_sliced")
+    layer = TTLinear(*SLICED, bias=bias, strategy="rebuild").to(kernel_device, dtype)
+    assert_backends_agree(layer, *inputs(layer, (2, 5), kernel_device, dtype), dtype)
+    assert calls == ["_rebuild_sliced"] * 2
+
+
+def test_rebuild_sliced_strided_input(monkeypatch, kernel_device):
+    """An input with no unit stride (made contiguous once) and one slice per head index."""
+    force_sliced(monkeypatch, 4, heads=1)
+    layer = TTLinear(*SLICED, strategy="rebuild").to(kernel_device)
+    x = torch.randn(30, 7, device=kernel_device).T
+    assert_backends_agree(layer, x, torch.randn(7, 24, device=kernel_device), torch.float32)
+
+
+def test_rebuild_sliced_empty_batch(monkeypatch, kernel_device):
+    force_sliced(monkeypatch, 4)
+    check_empty_batch(TTLinear(*SLICED, strategy="rebuild").to(kernel_device), kernel_device, "triton")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_rebuild_sliced_workspace_bound(dtype, monkeypatch, kernel_device):
+    """The only buffer besides y is one workspace of whole head indices within
+    ``cost.REBUILD_SLICE_BYTES``, and the slice plan at the goal shape: 1024 rows of a 4096-wide bf16 W."""
+    bound = force_sliced(monkeypatch, dtype.itemsize)
+    allocated = []
+    real_empty = torch.empty
+
+    def empty(*shape, **kw):
+        out = real_empty(*shape, **kw)
+        allocated.append((tuple(out.shape), out.numel() * out.element_size()))
+        return out
+    ins, outs, ranks = SLICED
+    cores = [torch.randn(ranks[k], o, i, ranks[k + 1], device=kernel_device, dtype=dtype)
+             for k, (o, i) in enumerate(zip(outs, ins))]
+    x = torch.randn(9, 30, device=kernel_device, dtype=dtype)
+    head, last = kernels._head_and_last(cores, dtype)
+    monkeypatch.setattr(torch, "empty", empty)
+    y = kernels._rebuild(x, head, last, None)
+    assert allocated[0][0] == (9, 24)
+    assert [a[0] for a in allocated[1:]] == [(16, 30)] and allocated[1][1] <= bound
+    assert_close(y, kernels.ref.tt_linear(x, cores, None), dtype, name="y")
+    monkeypatch.undo()
+    assert kernels.cost.rebuild_slice_heads(256, 16, 4096, 2) * 16 == 1024
+    assert kernels.cost.rebuild_slice_heads(256, 16, 4096, 4) * 16 * 4096 * 4 == kernels.cost.REBUILD_SLICE_BYTES
+    assert kernels.cost.rebuild_slice_heads(3, 16, 1 << 20, 4) == 1  # one head index over the bound
+    assert kernels.cost.rebuild_slice_heads(3, 2, 5, 2) == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_rebuild_sliced_cost_counts_the_launches_made(dtype, monkeypatch):
+    """The sliced path's launches (per slice one generation kernel and one GEMM, after the head
+    product; dx the same on W.T) are those ``cost.forward_cost`` and ``grad_cost`` count."""
+    force_sliced(monkeypatch, dtype.itemsize)
+    ins, outs, ranks = SLICED
+    cores = kernels.plain_cores([torch.randn(ranks[k], o, i, ranks[k + 1], dtype=dtype)
+                                 for k, (o, i) in enumerate(zip(outs, ins))])
+    x = torch.randn(20, math.prod(ins), dtype=dtype)
+    dy = torch.randn(20, math.prod(outs), dtype=dtype)
+
+    def launches(fn) -> int:
+        with stubbed_launches() as triton_launches, _TorchLaunches() as torch_ops:
+            fn()
+        return torch_ops.count + len(triton_launches)
+
+    state_elt = kernels.cost.state_dtype(dtype).itemsize
+    forward = kernels.cost.forward_cost("rebuild", 20, ins, outs, ranks, dtype.itemsize, state_elt)
+    backward = kernels.cost.grad_cost("rebuild", 20, ins, outs, ranks, dtype.itemsize, state_elt)
+    assert forward.launches == launches(lambda: kernels.cores_linear(x, cores, None, "rebuild"))
+    assert backward.launches == launches(lambda: kernels.cores_grad(dy, x, cores, "rebuild", True))
+    monkeypatch.setattr(kernels.cost, "REBUILD_FUSED_MAX_ROWS", 20)
+    fused = kernels.cost.forward_cost("rebuild", 20, ins, outs, ranks, dtype.itemsize, state_elt)
+    assert forward.launches == fused.launches + 2 * 2 - 1  # two slices of two launches for one fused kernel
+
+
+def test_cost_model_picks_at_the_goal_rows():
+    """bf16 4096^2 goal rows: 16^3 rank 16 runs rebuild at M = 8192 (forward in slices of 1024 rows
+    of W, backward too) and contract at M = 16; 8^4 rank 8 runs contract forward at both."""
+    cost = kernels.cost
+    big = ((16, 16, 16), (16, 16, 16), (1, 16, 16, 1))
+    small = ((8, 8, 8, 8), (8, 8, 8, 8), (1, 8, 8, 8, 1))
+    assert 8192 > cost.REBUILD_FUSED_MAX_ROWS >= 16
+    assert [cost.pick_strategy(8192, *big, backward=b) for b in (False, True)] == ["rebuild", "rebuild"]
+    assert [cost.pick_strategy(16, *big, backward=b) for b in (False, True)] == ["contract", "contract"]
+    assert [cost.pick_strategy(m, *small) for m in (16, 8192)] == ["contract", "contract"]
+    sliced = cost.forward_cost("rebuild", 8192, *big)
+    assert sliced.launches == cost.head_launches(3, 2, 2) + 2 * 4  # 4 slices of 1024 rows
+    gemm, generation = 2.0 * 8192 * 4096 ** 2, 2.0 * 16 * 4096 ** 2  # generation once, not per row block
+    assert sliced.flops == pytest.approx(gemm + generation + cost._head_cost(*big, 2, 2).flops)

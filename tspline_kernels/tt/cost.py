@@ -287,10 +287,56 @@ def head_size(in_modes, out_modes, ranks) -> int:
     return math.prod(out_modes[:-1]) * math.prod(in_modes[:-1]) * ranks[-2]
 
 
+# Above this many rows the rebuild forward (and dx) writes W in slices and multiplies them with
+# cuBLAS (``kernels._rebuild_sliced``) instead of the fused kernel, whose main dot reaches ~65% of the
+# bf16 peak where cuBLAS reaches ~99% of its measured 798 TFLOP/s (bench/NOTES.md). Above 2048 rows a
+# 1024-column slice of a 4096-wide output has more than 16 x 8 = 128 GEMM tiles of 128 x 128: a full
+# wave on 132 SMs, so each slice's GEMM runs at the whole GEMM's efficiency. At fewer rows a slice is
+# part of a wave and its two launches weigh on a ~100 us call: the fused kernel's single launch is
+# the better bet (and the cost model, which counts both at the peak, then keeps rebuild over contract
+# for 16^3 rank 16 from ~1000 rows on without a window where the slices' launches tip it to contract).
+REBUILD_FUSED_MAX_ROWS = 2048
+# The sliced path's workspace: at most 8 MiB of W (1024 rows of a 4096-wide bf16 W), which stays in
+# the H200's L2 (25 MB per partition) between the kernel that writes it and the GEMM that reads it,
+# as the field bases' slices (``spline.kernels.FIELD_SLICE_BYTES``).
+REBUILD_SLICE_BYTES = 8 << 20
+
+
+def rebuild_slice_heads(o_h: int, o_d: int, n_in: int, elt: int) -> int:
+    """Head output indices per slice of the sliced path (``o_d`` rows of W each, ``n_in`` columns of
+    ``elt`` bytes): as many as ``REBUILD_SLICE_BYTES`` holds, at least 1, at most ``o_h``."""
+    return max(1, min(o_h, REBUILD_SLICE_BYTES // max(o_d * n_in * elt, 1)))
+
+
 def rebuild_cost(m: int, in_modes, out_modes, ranks, elt: int = 2, state_elt: int | None = None) -> Cost:
-    """Forward (or dx) by on-chip tile rebuild: the host-side head product, then one kernel."""
-    return _head_cost(in_modes, out_modes, ranks, elt, state_elt or elt) + _rebuild_kernel_cost(m, in_modes, out_modes,
-                                                                                                ranks, elt, state_elt)
+    """Forward (or dx) by rebuild: the host-side head product, then one fused kernel or, above
+    ``REBUILD_FUSED_MAX_ROWS`` rows, the sliced path (``_rebuild_product_cost``)."""
+    return _head_cost(in_modes, out_modes, ranks, elt, state_elt or elt) + _rebuild_product_cost(m, in_modes, out_modes,
+                                                                                                 ranks, elt, state_elt)
+
+
+def _rebuild_product_cost(m: int, in_modes, out_modes, ranks, elt: int, state_elt: int | None) -> Cost:
+    """y = x @ W.T from the head product and the last core: the fused kernel up to
+    ``REBUILD_FUSED_MAX_ROWS`` rows, else per slice of ``rebuild_slice_heads`` head indices one
+    generation launch (2 r_{d-1} O_slice I FLOPs, the slice written to L2, the head rows read) and one
+    cuBLAS GEMM (2 M O_slice I FLOPs at the peak, x read again per slice, its columns of y written;
+    its 128 x 128 tiles set the occupancy)."""
+    if m <= REBUILD_FUSED_MAX_ROWS:
+        return _rebuild_kernel_cost(m, in_modes, out_modes, ranks, elt, state_elt)
+    n_out, n_in, r = math.prod(out_modes), math.prod(in_modes), ranks[-2]
+    o_d, i_d = out_modes[-1], in_modes[-1]
+    o_h = n_out // o_d
+    heads = rebuild_slice_heads(o_h, o_d, n_in, elt)
+    total = Cost(0.0, 0.0, 0, 0.0)
+    for h0 in range(0, o_h, heads):
+        rows = min(heads, o_h - h0) * o_d
+        head_bytes = (state_elt or elt) * rows * n_in * r / (o_d * i_d)
+        gen = _launch(2.0 * r * rows * n_in, head_bytes, math.ceil(rows / 64) * math.ceil(n_in / 64),
+                      l2_bytes=elt * rows * n_in)
+        gemm = _launch(2.0 * m * rows * n_in, elt * (m * n_in + m * rows), math.ceil(m / TILE) * math.ceil(rows / TILE),
+                       l2_bytes=elt * rows * n_in)
+        total = total + gen + gemm
+    return total
 
 
 def _rebuild_kernel_cost(m: int, in_modes, out_modes, ranks, elt: int, state_elt: int | None) -> Cost:
@@ -380,15 +426,15 @@ def grad_cores_cost(strategy: str, m: int, in_modes, out_modes, ranks, elt: int 
 
 def grad_cost(strategy: str, m: int, in_modes, out_modes, ranks, elt: int = 2, state_elt: int | None = None) -> Cost:
     """Cost of the backward with every d(core) and dx: rebuild adds copies of L and the last core
-    transposed (W.T's) and a rebuild launch; contract a chain launch on W.T's cores where the
-    gradient chain kernel runs, else one more step (the dy sweep ends in dx; its work is within
-    ``grad_cores_cost``'s 3x)."""
+    transposed (W.T's) and the product with W.T (``_rebuild_product_cost``); contract a chain launch
+    on W.T's cores where the gradient chain kernel runs, else one more step (the dy sweep ends in
+    dx; its work is within ``grad_cores_cost``'s 3x)."""
     total = grad_cores_cost(strategy, m, in_modes, out_modes, ranks, elt, state_elt)
     se = state_elt or elt
     if strategy == "rebuild":
         copies = _launch(0.0, 2.0 * se * (head_size(in_modes, out_modes, ranks) + ranks[-2] * in_modes[-1] * out_modes[-1]),
                          SMS, launches=2)
-        return total + copies + _rebuild_kernel_cost(m, out_modes, in_modes, ranks, elt, state_elt)
+        return total + copies + _rebuild_product_cost(m, out_modes, in_modes, ranks, elt, state_elt)
     if chain_cost(m, in_modes, out_modes, ranks, elt, grad=True, state_elt=state_elt) is not None:
         return total + contract_cost(m, out_modes, in_modes, ranks, elt, state_elt)
     return total + Cost(0.0, 0.0, 1, LAUNCH_S)

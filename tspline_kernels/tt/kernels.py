@@ -42,13 +42,16 @@ Notation: d cores ``(r_{k-1}, O_k, I_k, r_k)``, ``O = prod O_k``, ``I = prod I_k
   size of W: 1/16 for 16^3 rank 16, 1/8 for 8^4 rank 8). Each ``(BK, BN)`` tile of W.T is
   ``L_sub (PO PI x r) @ T (r x O_d I_d)`` on tensor cores, permuted in registers and fed to the main
   ``tl.dot``. FLOPs ``2 M O I + 2 r O I cdiv(M, BM)`` (rebuild overhead r / BM); bytes
-  ``elt (M I + M O + |L| cdiv(M, BM))`` with x re-reads served from L2. Backward
+  ``elt (M I + M O + |L| cdiv(M, BM))`` with x re-reads served from L2. Above
+  ``cost.REBUILD_FUSED_MAX_ROWS`` rows the product runs in slices of W instead (``_rebuild_sliced``:
+  ``_rebuild_slice_kernel`` writes at most ``cost.REBUILD_SLICE_BYTES`` of W's rows, L2-resident,
+  then one cuBLAS GEMM per slice), so the main product runs at cuBLAS's efficiency. Backward
   (``_rebuild_grad_kernel``): each tile of G = dy.T @ x is accumulated over M on chip and reduced
   against T (-> dL, each entry owned by one tile) and L (-> dT partials summed on the host);
   dL -> d(G_1..G_{d-1}) by a small host VJP (``reference.tt.head_product_grad``); dx is a second
   ``_rebuild_kernel`` launch on the cores of W.T.
 
-Neither strategy writes W or dW to global memory.
+Neither strategy writes W or dW whole to global memory.
 
 Precision: every ``tl.dot`` accumulates in fp32. Between the dots the intermediates (the states of
 both contract paths, in registers or in global memory, and rebuild's head product L) are kept in
@@ -78,7 +81,7 @@ from .._triton import INTERPRET, SplitSlots, cdiv, check_inputs, dot_precision, 
 from ..reference import tt as ref
 from . import cost
 from .chain import _chain_grad_kernel, _chain_kernel, config_keys, launch_tiles
-from .rebuild import _rebuild_grad_kernel, _rebuild_kernel, rebuild_tiles
+from .rebuild import _rebuild_grad_kernel, _rebuild_kernel, _rebuild_slice_kernel, rebuild_tiles
 from .steps import _grad_step_kernel, _step_kernel
 from .tiles import Core, core_modes, state_args, state_elt
 
@@ -378,13 +381,17 @@ def _head_and_last(cores: list[torch.Tensor], dtype: torch.dtype) -> tuple[torch
 
 
 def _rebuild(x2: torch.Tensor, head: torch.Tensor, last: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """y = x2 @ W.T + bias by one ``_rebuild_kernel`` launch, W from its head product ``head``
-    ``(O_h, I_h, r)`` and last core ``last`` ``(r, O_d, I_d)`` (both contiguous); x2 ``(M, I)``."""
+    """y = x2 @ W.T + bias, W from its head product ``head`` ``(O_h, I_h, r)`` and last core ``last``
+    ``(r, O_d, I_d)`` (both contiguous); x2 ``(M, I)``: one ``_rebuild_kernel`` launch up to
+    ``cost.REBUILD_FUSED_MAX_ROWS`` rows, else in slices of W (``_rebuild_sliced``)."""
     r, o_d, i_d = last.shape
     o_h, i_h = head.shape[:2]
     m = x2.shape[0]
     y = torch.empty(m, o_h * o_d, device=x2.device, dtype=x2.dtype)
     if m == 0:
+        return y
+    if m > cost.REBUILD_FUSED_MAX_ROWS:
+        _rebuild_sliced(x2, head, last, bias, y)
         return y
     tl_ = rebuild_tiles(o_d, i_d, r)
     grid = lambda meta: (cdiv(m, meta["BM"]) * cdiv(o_h, tl_.po),)  # noqa: E731
@@ -396,6 +403,41 @@ def _rebuild(x2: torch.Tensor, head: torch.Tensor, last: torch.Tensor, bias: tor
         PO=tl_.po, PI=tl_.pi, ODP=tl_.odp, IDP=tl_.idp, RP=tl_.rp,
     )
     return y
+
+
+def _rebuild_sliced(x2: torch.Tensor, head: torch.Tensor, last: torch.Tensor, bias: torch.Tensor | None,
+                    y: torch.Tensor) -> None:
+    """y ``(M, O)`` = x2 ``(M, I)`` @ W.T + bias with W never whole: per slice of
+    ``cost.rebuild_slice_heads`` head indices (their O_d rows of W each), ``_rebuild_slice_kernel``
+    writes the slice's rows of W into one reused workspace (at most ``cost.REBUILD_SLICE_BYTES``),
+    in x's dtype, with the fused kernel's values and rounding; then one cuBLAS GEMM writes the
+    slice's columns of y in place (strided columns, leading dimension O: no copy). The GEMM
+    accumulates in fp32 and rounds once, as ``_rebuild_kernel`` does (fp32 inputs: TF32 exactly
+    when torch's matmul setting, which ``dot_precision`` follows, allows it); like ``F.linear``,
+    cuBLAS may reduce split-K partials of fp16/bf16 GEMMs in that type where torch allows it. With
+    a bias, torch fills the columns with it and the GEMM adds onto them (beta = 1).
+    FLOPs 2 M O I (cuBLAS) + 2 r O I (generation, once: r / M of the GEMM's). Bytes
+    elt (M I slices + M O) (+ 2 elt M O with a bias) + |L| once, plus elt O I written and read
+    through L2."""
+    r, o_d, i_d = last.shape
+    o_h, i_h = head.shape[:2]
+    if 1 not in x2.stride():  # else cuBLAS would take a copy per slice
+        x2 = x2.contiguous()
+    heads = cost.rebuild_slice_heads(o_h, o_d, i_h * i_d, x2.element_size())
+    ws = torch.empty(heads * o_d, i_h * i_d, device=x2.device, dtype=x2.dtype)
+    bias = None if bias is None else bias.to(x2.dtype)
+    tl_ = rebuild_tiles(o_d, i_d, r)
+    for h0 in range(0, o_h, heads):
+        h = min(heads, o_h - h0)
+        _rebuild_slice_kernel[(cdiv(h, tl_.po), cdiv(i_h, tl_.pi))](
+            head, last, ws, h0, h, i_h, o_d, i_d, r, ws.stride(0),
+            PRECISION=state_args(x2.dtype)["PRECISION"], PO=tl_.po, PI=tl_.pi, ODP=tl_.odp, IDP=tl_.idp, RP=tl_.rp,
+        )
+        c0, c = h0 * o_d, h * o_d
+        if bias is None:
+            torch.mm(x2, ws[:c].T, out=y[:, c0:c0 + c])
+        else:
+            torch.addmm(bias[c0:c0 + c], x2, ws[:c].T, out=y[:, c0:c0 + c])
 
 
 def rebuild_linear(x2: torch.Tensor, cores: list[torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """The "rebuild" kernels: W tiles rebuilt on chip from the head product L and the last core
-(``_rebuild_kernel``: y = x @ W.T and dx; ``_rebuild_grad_kernel``: dL and dT), and their tile
-shapes (``rebuild_tiles``). Launched by ``kernels.py``."""
+(``_rebuild_kernel``: y = x @ W.T and dx; ``_rebuild_grad_kernel``: dL and dT; at many rows
+``_rebuild_slice_kernel`` writes slices of W for cuBLAS), and their tile shapes
+(``rebuild_tiles``). Launched by ``kernels.py``."""
 
 from __future__ import annotations
 
@@ -91,6 +92,35 @@ def _rebuild_kernel(
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rm[:, None] * stride_ym + cols[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
              mask=m_mask[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _rebuild_slice_kernel(
+    l_ptr, t_ptr, w_ptr,
+    OH0, NH, I_H, O_D: tl.constexpr, I_D: tl.constexpr, R, stride_w,
+    PRECISION: tl.constexpr,
+    PO: tl.constexpr, PI: tl.constexpr, ODP: tl.constexpr, IDP: tl.constexpr, RP: tl.constexpr,
+):
+    """One slice of W for the sliced path: w[j, k] = W[OH0 O_D + j, k] for j < NH O_D, k < I_H I_D,
+    W = sum_r L[o_h, i_h, r] T[r, o_d, i_d] (rows o_h O_D + o_d, columns i_h I_D + i_d).
+
+    Program (n, k) writes the (PO ODP, PI IDP) tile of head indices OH0 + [n*PO, +PO) x [k*PI, +PI):
+    L_sub (PO PI x RP) @ T (RP x ODP IDP) on tensor cores, permuted (po, pi, od, id) -> (po, od) x
+    (pi, id) and rounded to w's dtype: the values ``_rebuild_kernel`` feeds to its main ``tl.dot``.
+    w ``(>= NH O_D, I_H I_D)``, row stride ``stride_w``, unit column stride.
+    FLOPs 2 RP NH O_D I_H I_D (padded rank). Bytes: the slice written (L2-resident for the GEMM
+    that follows) + the head rows read once.
+    """
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    t = _load_last(t_ptr, O_D, I_D, R, ODP, IDP, RP)
+    w = tl.dot(_load_head(l_ptr, OH0 + pid_n * PO, pid_k * PI, OH0 + NH, I_H, R, PO, PI, RP), t,
+               input_precision=PRECISION)
+    w = tl.reshape(tl.permute(tl.reshape(w, (PO, PI, ODP, IDP)), (0, 2, 1, 3)), (PO * ODP, PI * IDP))
+    rows, row_ok = _tile_index(pid_n, PO, ODP, O_D, NH)
+    cols, col_ok = _tile_index(pid_k, PI, IDP, I_D, I_H)
+    tl.store(w_ptr + rows[:, None] * stride_w + cols[None, :], w.to(w_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.autotune(
