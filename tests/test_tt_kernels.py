@@ -590,13 +590,14 @@ def force_sliced(monkeypatch, elt: int, heads: int = 4) -> int:
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 def test_rebuild_sliced_matches_reference(dtype, bias, spy, monkeypatch, kernel_device):
-    """Forward, dx and every core (and bias) gradient with the product in slices of W (two slices,
-    the second partial), 3-D input: the forward and dx both take the sliced path."""
+    """Forward, dx and every core (and bias) gradient with the products in slices of W (two slices,
+    the second partial) and the core gradients in slices of G (fp32 rows: 4 + 2 head indices for
+    fp32, 2 + 2 + 2 for 16-bit inputs), 3-D input."""
     force_sliced(monkeypatch, dtype.itemsize)
-    calls = spy(kernels, "_rebuild_sliced")
+    calls = spy(kernels, "_rebuild_sliced", "_rebuild_grad_sliced")
     layer = TTLinear(*SLICED, bias=bias, strategy="rebuild").to(kernel_device, dtype)
     assert_backends_agree(layer, *inputs(layer, (2, 5), kernel_device, dtype), dtype)
-    assert calls == ["_rebuild_sliced"] * 2
+    assert calls == ["_rebuild_sliced", "_rebuild_grad_sliced", "_rebuild_sliced"]
 
 
 def test_rebuild_sliced_strided_input(monkeypatch, kernel_device):
@@ -612,10 +613,25 @@ def test_rebuild_sliced_empty_batch(monkeypatch, kernel_device):
     check_empty_batch(TTLinear(*SLICED, strategy="rebuild").to(kernel_device), kernel_device, "triton")
 
 
+class _Outputs(TorchDispatchMode):
+    """Records the bytes of every tensor the torch ops inside the block return."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.bytes += [t.numel() * t.element_size() for t in (out if isinstance(out, (tuple, list)) else [out])
+                       if isinstance(t, torch.Tensor)]
+        return out
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_rebuild_sliced_workspace_bound(dtype, monkeypatch, kernel_device):
     """The only buffer besides y is one workspace of whole head indices within
-    ``cost.REBUILD_SLICE_BYTES``, and the slice plan at the goal shape: 1024 rows of a 4096-wide bf16 W."""
+    ``cost.REBUILD_SLICE_BYTES``; the core gradients' buffers stay within it too; the slice plan at
+    the goal shape: 1024 rows of a 4096-wide bf16 W."""
     bound = force_sliced(monkeypatch, dtype.itemsize)
     allocated = []
     real_empty = torch.empty
@@ -634,6 +650,9 @@ def test_rebuild_sliced_workspace_bound(dtype, monkeypatch, kernel_device):
     assert allocated[0][0] == (9, 24)
     assert [a[0] for a in allocated[1:]] == [(16, 30)] and allocated[1][1] <= bound
     assert_close(y, kernels.ref.tt_linear(x, cores, None), dtype, name="y")
+    with _Outputs() as outputs:  # the core gradients: G's slice and its permuted copy, fp32
+        d_head, d_last = kernels._rebuild_grad_sliced(torch.randn(9, 24, device=kernel_device, dtype=dtype), x, head, last)
+    assert max(outputs.bytes) <= bound and d_head.shape == (6, 6, 3) and d_last.shape == (3, 4, 5)
     monkeypatch.undo()
     assert kernels.cost.rebuild_slice_heads(256, 16, 4096, 2) * 16 == 1024
     assert kernels.cost.rebuild_slice_heads(256, 16, 4096, 4) * 16 * 4096 * 4 == kernels.cost.REBUILD_SLICE_BYTES
@@ -644,7 +663,9 @@ def test_rebuild_sliced_workspace_bound(dtype, monkeypatch, kernel_device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_rebuild_sliced_cost_counts_the_launches_made(dtype, monkeypatch):
     """The sliced path's launches (per slice one generation kernel and one GEMM, after the head
-    product; dx the same on W.T) are those ``cost.forward_cost`` and ``grad_cost`` count."""
+    product; dx the same on W.T; the core gradients per slice of G a GEMM, a permuting copy and two
+    matmuls) are those ``cost.forward_cost`` and ``grad_cost`` count (for CUDA: the CPU also casts
+    16-bit slices to fp32)."""
     force_sliced(monkeypatch, dtype.itemsize)
     ins, outs, ranks = SLICED
     cores = kernels.plain_cores([torch.randn(ranks[k], o, i, ranks[k + 1], dtype=dtype)
@@ -661,7 +682,9 @@ def test_rebuild_sliced_cost_counts_the_launches_made(dtype, monkeypatch):
     forward = kernels.cost.forward_cost("rebuild", 20, ins, outs, ranks, dtype.itemsize, state_elt)
     backward = kernels.cost.grad_cost("rebuild", 20, ins, outs, ranks, dtype.itemsize, state_elt)
     assert forward.launches == launches(lambda: kernels.cores_linear(x, cores, None, "rebuild"))
-    assert backward.launches == launches(lambda: kernels.cores_grad(dy, x, cores, "rebuild", True))
+    grad_slices = math.ceil(6 / kernels.cost.rebuild_slice_heads(6, 4, 30, 4))  # fp32 rows of G per slice
+    cpu_casts = 0 if dtype == torch.float32 else 2 * grad_slices  # the CPU has no 16-bit GEMM with fp32 output
+    assert backward.launches + cpu_casts == launches(lambda: kernels.cores_grad(dy, x, cores, "rebuild", True))
     monkeypatch.setattr(kernels.cost, "REBUILD_FUSED_MAX_ROWS", 20)
     fused = kernels.cost.forward_cost("rebuild", 20, ins, outs, ranks, dtype.itemsize, state_elt)
     assert forward.launches == fused.launches + 2 * 2 - 1  # two slices of two launches for one fused kernel
@@ -669,7 +692,8 @@ def test_rebuild_sliced_cost_counts_the_launches_made(dtype, monkeypatch):
 
 def test_cost_model_picks_at_the_goal_rows():
     """bf16 4096^2 goal rows: 16^3 rank 16 runs rebuild at M = 8192 (forward in slices of 1024 rows
-    of W, backward too) and contract at M = 16; 8^4 rank 8 runs contract forward at both."""
+    of W, backward too) and contract at M = 16; 8^4 rank 8 runs contract forward at both M and
+    backward at M = 16, rebuild (sliced) backward at M = 8192."""
     cost = kernels.cost
     big = ((16, 16, 16), (16, 16, 16), (1, 16, 16, 1))
     small = ((8, 8, 8, 8), (8, 8, 8, 8), (1, 8, 8, 8, 1))
@@ -677,6 +701,7 @@ def test_cost_model_picks_at_the_goal_rows():
     assert [cost.pick_strategy(8192, *big, backward=b) for b in (False, True)] == ["rebuild", "rebuild"]
     assert [cost.pick_strategy(16, *big, backward=b) for b in (False, True)] == ["contract", "contract"]
     assert [cost.pick_strategy(m, *small) for m in (16, 8192)] == ["contract", "contract"]
+    assert [cost.pick_strategy(m, *small, backward=True) for m in (16, 8192)] == ["contract", "rebuild"]
     sliced = cost.forward_cost("rebuild", 8192, *big)
     assert sliced.launches == cost.head_launches(3, 2, 2) + 2 * 4  # 4 slices of 1024 rows
     gemm, generation = 2.0 * 8192 * 4096 ** 2, 2.0 * 16 * 4096 ** 2  # generation once, not per row block

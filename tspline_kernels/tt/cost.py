@@ -287,19 +287,22 @@ def head_size(in_modes, out_modes, ranks) -> int:
     return math.prod(out_modes[:-1]) * math.prod(in_modes[:-1]) * ranks[-2]
 
 
-# Above this many rows the rebuild forward (and dx) writes W in slices and multiplies them with
-# cuBLAS (``kernels._rebuild_sliced``) instead of the fused kernel, whose main dot reaches ~65% of the
+# Above this many rows the rebuild forward and dx write W in slices and multiply them with cuBLAS
+# (``kernels._rebuild_sliced``), and the core gradients form G = dy.T @ x in slices with cuBLAS
+# (``kernels._rebuild_grad_sliced``), instead of the fused kernels, whose main dot reaches ~65% of the
 # bf16 peak where cuBLAS reaches ~99% of its measured 798 TFLOP/s (bench/NOTES.md). Above 2048 rows a
 # 1024-column slice of a 4096-wide output has more than 16 x 8 = 128 GEMM tiles of 128 x 128: a full
 # wave on 132 SMs, so each slice's GEMM runs at the whole GEMM's efficiency. At fewer rows a slice is
-# part of a wave and its two launches weigh on a ~100 us call: the fused kernel's single launch is
-# the better bet (and the cost model, which counts both at the peak, then keeps rebuild over contract
-# for 16^3 rank 16 from ~1000 rows on without a window where the slices' launches tip it to contract).
+# part of a wave and its launches weigh on a ~100 us call: the fused kernel's single launch is the
+# better bet.
 REBUILD_FUSED_MAX_ROWS = 2048
 # The sliced path's workspace: at most 8 MiB of W (1024 rows of a 4096-wide bf16 W), which stays in
 # the H200's L2 (25 MB per partition) between the kernel that writes it and the GEMM that reads it,
 # as the field bases' slices (``spline.kernels.FIELD_SLICE_BYTES``).
 REBUILD_SLICE_BYTES = 8 << 20
+# cuBLAS's GEMM rate relative to the rate the model gives the Triton kernels (PEAK_FLOPS, for all of
+# them alike): ~99% of the measured bf16 peak against the fused kernels' expected ~65%.
+CUBLAS_SPEEDUP = 1.5
 
 
 def rebuild_slice_heads(o_h: int, o_d: int, n_in: int, elt: int) -> int:
@@ -319,8 +322,8 @@ def _rebuild_product_cost(m: int, in_modes, out_modes, ranks, elt: int, state_el
     """y = x @ W.T from the head product and the last core: the fused kernel up to
     ``REBUILD_FUSED_MAX_ROWS`` rows, else per slice of ``rebuild_slice_heads`` head indices one
     generation launch (2 r_{d-1} O_slice I FLOPs, the slice written to L2, the head rows read) and one
-    cuBLAS GEMM (2 M O_slice I FLOPs at the peak, x read again per slice, its columns of y written;
-    its 128 x 128 tiles set the occupancy)."""
+    cuBLAS GEMM (2 M O_slice I FLOPs at ``CUBLAS_SPEEDUP`` times the Triton rate, x read again per
+    slice, its columns of y written; its 128 x 128 tiles set the occupancy), launches queued."""
     if m <= REBUILD_FUSED_MAX_ROWS:
         return _rebuild_kernel_cost(m, in_modes, out_modes, ranks, elt, state_elt)
     n_out, n_in, r = math.prod(out_modes), math.prod(in_modes), ranks[-2]
@@ -333,10 +336,46 @@ def _rebuild_product_cost(m: int, in_modes, out_modes, ranks, elt: int, state_el
         head_bytes = (state_elt or elt) * rows * n_in * r / (o_d * i_d)
         gen = _launch(2.0 * r * rows * n_in, head_bytes, math.ceil(rows / 64) * math.ceil(n_in / 64),
                       l2_bytes=elt * rows * n_in)
-        gemm = _launch(2.0 * m * rows * n_in, elt * (m * n_in + m * rows), math.ceil(m / TILE) * math.ceil(rows / TILE),
+        gemm = _cublas(2.0 * m * rows * n_in, elt * (m * n_in + m * rows), math.ceil(m / TILE) * math.ceil(rows / TILE),
                        l2_bytes=elt * rows * n_in)
         total = total + gen + gemm
-    return total
+    return _queued(total)
+
+
+def _cublas(flops: float, nbytes: float, programs: int, l2_bytes: float) -> Cost:
+    """One cuBLAS GEMM: ``_launch`` at ``CUBLAS_SPEEDUP`` times the Triton kernels' FLOP rate."""
+    c = _launch(flops / CUBLAS_SPEEDUP, nbytes, programs, l2_bytes=l2_bytes)
+    return Cost(flops, c.bytes, c.launches, c.seconds)
+
+
+def _queued(c: Cost) -> Cost:
+    """``c``, a sequence of launches that each run long, with its launch overheads hidden: the host
+    queues launch k + 1 while launch k runs, so only the first one's is exposed (unless the host is
+    the slower side)."""
+    roof = c.seconds - c.launches * LAUNCH_S
+    return Cost(c.flops, c.bytes, c.launches, max(roof + LAUNCH_S, c.launches * LAUNCH_S))
+
+
+def _rebuild_grad_sliced_cost(m: int, in_modes, out_modes, ranks, elt: int, state_elt: int) -> Cost:
+    """dL and dT in slices of G (``kernels._rebuild_grad_sliced``), beyond what ``_head_grad_cost``
+    counts for the fused kernel (its zeroed dL and its sum of dT partials are not made): L and T cast
+    to fp32 (16-bit states), then per slice of ``rebuild_slice_heads`` head indices (fp32 rows of G)
+    a cuBLAS GEMM (``_cublas``; dy's columns and x read, G written to L2), G permuted (a copy, unless
+    O_d or I_h is 1) and two fp32 matmuls (dL rows, dT accumulated), launches queued."""
+    n_out, n_in, r = math.prod(out_modes), math.prod(in_modes), ranks[-2]
+    o_d, i_h = out_modes[-1], n_in // in_modes[-1]
+    o_h = n_out // o_d
+    heads = rebuild_slice_heads(o_h, o_d, n_in, 4)
+    casts = 2 * int(state_elt < 4)
+    total = Cost(0.0, 0.0, casts - 2, (casts - 2) * LAUNCH_S)
+    for h0 in range(0, o_h, heads):
+        rows = min(heads, o_h - h0) * o_d
+        gemm = _cublas(2.0 * m * rows * n_in, elt * m * (n_in + rows), math.ceil(rows / TILE) * math.ceil(n_in / TILE),
+                       l2_bytes=4.0 * rows * n_in)
+        copy = _launch(0.0, 0.0, SMS, launches=int(o_d > 1 and i_h > 1), l2_bytes=8.0 * rows * n_in)
+        reduce = _launch(4.0 * r * rows * n_in, 8.0 * rows // o_d * i_h * r, SMS, launches=2, l2_bytes=8.0 * rows * n_in)
+        total = total + gemm + copy + reduce
+    return _queued(total)
 
 
 def _rebuild_kernel_cost(m: int, in_modes, out_modes, ranks, elt: int, state_elt: int | None) -> Cost:
@@ -414,10 +453,13 @@ def grad_cores_cost(strategy: str, m: int, in_modes, out_modes, ranks, elt: int 
     se = state_elt or elt
     if strategy == "rebuild":
         head = head_size(in_modes, out_modes, ranks)
+        host = _head_cost(in_modes, out_modes, ranks, elt, se) + _head_grad_cost(in_modes, out_modes, ranks, elt)
+        if m > REBUILD_FUSED_MAX_ROWS:
+            return host + _rebuild_grad_sliced_cost(m, in_modes, out_modes, ranks, elt, se)
         tiles = math.ceil(n_out / TILE) * math.ceil(n_in / TILE)
         kernel = _launch(2.0 * m * n_out * n_in + 4.0 * ranks[-2] * n_out * n_in,
                          elt * m * (n_in + n_out) + 4.0 * head, tiles)
-        return kernel + _head_cost(in_modes, out_modes, ranks, elt, se) + _head_grad_cost(in_modes, out_modes, ranks, elt)
+        return kernel + host
     chain = chain_cost(m, in_modes, out_modes, ranks, elt, grad=True, state_elt=state_elt)
     if chain is not None:
         return _times(chain, 3, 2 * d + 1, chain.bytes)

@@ -47,7 +47,9 @@ Notation: d cores ``(r_{k-1}, O_k, I_k, r_k)``, ``O = prod O_k``, ``I = prod I_k
   ``_rebuild_slice_kernel`` writes at most ``cost.REBUILD_SLICE_BYTES`` of W's rows, L2-resident,
   then one cuBLAS GEMM per slice), so the main product runs at cuBLAS's efficiency. Backward
   (``_rebuild_grad_kernel``): each tile of G = dy.T @ x is accumulated over M on chip and reduced
-  against T (-> dL, each entry owned by one tile) and L (-> dT partials summed on the host);
+  against T (-> dL, each entry owned by one tile) and L (-> dT partials summed on the host); above
+  the same row count G is formed in fp32 slices by cuBLAS and reduced by torch matmuls instead
+  (``_rebuild_grad_sliced``);
   dL -> d(G_1..G_{d-1}) by a small host VJP (``reference.tt.head_product_grad``); dx is a second
   ``_rebuild_kernel`` launch on the cores of W.T.
 
@@ -447,10 +449,24 @@ def rebuild_linear(x2: torch.Tensor, cores: list[torch.Tensor], bias: torch.Tens
 
 def rebuild_grad(dy2: torch.Tensor, x2: torch.Tensor, cores: list[torch.Tensor], need_dx: bool
                  ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    """(d(core) (fp32) for every core, dx ``(M, I)`` or None): dL and dT on chip, then dL ->
-    d(G_1..G_{d-1}) on the host; dx by ``_rebuild_kernel`` on W.T, whose head product and last
-    core are W's transposed (two copies, no second head product)."""
+    """(d(core) (fp32) for every core, dx ``(M, I)`` or None): dL and dT (on chip up to
+    ``cost.REBUILD_FUSED_MAX_ROWS`` rows, ``_rebuild_grad_fused``, else in slices of G,
+    ``_rebuild_grad_sliced``), then dL -> d(G_1..G_{d-1}) on the host; dx by the product with
+    W.T (``_rebuild``), whose head product and last core are W's transposed (two copies, no second
+    head product)."""
     head, last = _head_and_last(cores, x2.dtype)
+    grad = _rebuild_grad_sliced if x2.shape[0] > cost.REBUILD_FUSED_MAX_ROWS else _rebuild_grad_fused
+    d_head, d_last = grad(dy2, x2, head, last)
+    grads = ref.head_product_grad([c.float() for c in cores], d_head) + [d_last[..., None]]
+    if not need_dx:
+        return grads, None
+    return grads, _rebuild(dy2, head.transpose(0, 1).contiguous(), last.transpose(1, 2).contiguous(), None)
+
+
+def _rebuild_grad_fused(dy2: torch.Tensor, x2: torch.Tensor, head: torch.Tensor, last: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dL ``(O_h, I_h, r)``, dT ``(r, O_d, I_d)``), fp32, of sum(G * W), G = dy2.T @ x2, by one
+    ``_rebuild_grad_kernel`` launch (G tile by tile on chip) and the sum of its dT partials."""
     r, o_d, i_d = last.shape
     o_h, i_h = head.shape[:2]
     tl_ = rebuild_tiles(o_d, i_d, r)
@@ -466,11 +482,41 @@ def rebuild_grad(dy2: torch.Tensor, x2: torch.Tensor, cores: list[torch.Tensor],
             dy2.stride(0), dy2.stride(1), x2.stride(0), x2.stride(1),
             PRECISION=dot_precision(x2.dtype), PO=tl_.po, PI=tl_.pi, ODP=tl_.odp, IDP=tl_.idp, RP=tl_.rp,
         )
-    d_last = d_last.sum(0)[:r, :o_d, :i_d, None]
-    grads = ref.head_product_grad([c.float() for c in cores], d_head) + [d_last]
-    if not need_dx:
-        return grads, None
-    return grads, _rebuild(dy2, head.transpose(0, 1).contiguous(), last.transpose(1, 2).contiguous(), None)
+    return d_head, d_last.sum(0)[:r, :o_d, :i_d]
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b accumulated and returned in fp32: cuBLAS's fp32 output of 16-bit inputs on CUDA (as
+    a ``tl.dot`` accumulator, never rounded to 16 bits); the CPU, which has no such GEMM, upcasts."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b)
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float())
+
+
+def _rebuild_grad_sliced(dy2: torch.Tensor, x2: torch.Tensor, head: torch.Tensor, last: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_rebuild_grad_fused``'s (dL, dT) with G formed per slice of ``cost.rebuild_slice_heads``
+    head indices (their O_d rows of G, fp32, at most ``cost.REBUILD_SLICE_BYTES``) by one cuBLAS
+    GEMM accumulating and stored in fp32 (fp32 inputs: TF32 exactly when torch allows it, as
+    ``dot_precision``), permuted to G' ``(h I_h, O_d I_d)`` (a second buffer of that size) and reduced
+    by fp32 matmuls: dL[slice] = G' @ T.T (each dL row belongs to one slice), dT += L[slice].T @ G'.
+    FLOPs 2 M O I (cuBLAS) + 4 r O I. Bytes elt M (O + I slices) + 4 (|L| + |dL|), G' through L2."""
+    r, o_d, i_d = last.shape
+    o_h, i_h = head.shape[:2]
+    dy2, x2 = (t if 1 in t.stride() else t.contiguous() for t in (dy2, x2))  # else cuBLAS copies per slice
+    heads = cost.rebuild_slice_heads(o_h, o_d, i_h * i_d, 4)
+    t2, lf = last.float().view(r, o_d * i_d), head.float()
+    d_head = torch.empty(o_h, i_h, r, device=x2.device, dtype=torch.float32)
+    d_last = torch.zeros(r, o_d * i_d, device=x2.device, dtype=torch.float32)
+    for h0 in range(0, o_h, heads):
+        h = min(heads, o_h - h0)
+        g = _mm_fp32(dy2[:, h0 * o_d:(h0 + h) * o_d].T, x2)
+        g = g.view(h, o_d, i_h, i_d).transpose(1, 2).reshape(h * i_h, o_d * i_d)
+        torch.mm(g, t2.T, out=d_head[h0:h0 + h].view(h * i_h, r))
+        d_last.addmm_(lf[h0:h0 + h].view(h * i_h, r).T, g)
+    return d_head, d_last.view(r, o_d, i_d)
 
 
 def dense_cores(cores: list[Core]) -> list[torch.Tensor]:
