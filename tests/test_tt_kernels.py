@@ -706,3 +706,78 @@ def test_cost_model_picks_at_the_goal_rows():
     assert sliced.launches == cost.head_launches(3, 2, 2) + 2 * 4  # 4 slices of 1024 rows
     gemm, generation = 2.0 * 8192 * 4096 ** 2, 2.0 * 16 * 4096 ** 2  # generation once, not per row block
     assert sliced.flops == pytest.approx(gemm + generation + cost._head_cost(*big, 2, 2).flops)
+
+
+# ----------------------------------------------------------------------------------------------
+# The forward chain kernel's split-K (cost.chain_split): y and dx with forced split counts
+# ----------------------------------------------------------------------------------------------
+def _spy_forward_splits(monkeypatch, splits: int | None) -> list[int]:
+    """Force ``splits`` (None: the cost model's) on every forward chain launch; the returned list
+    receives the number of slots each split-K launch summed (a launch without slots adds none)."""
+    monkeypatch.setattr(kernels, "CHAIN_SPLIT", splits)
+    used = []
+
+    class Recording(kernels.SplitSlots):
+        def sum(self, part):
+            used.append(self.used)
+            return super().sum(part)
+
+    monkeypatch.setattr(kernels, "SplitSlots", Recording)
+    return used
+
+
+# d3-3x2x5-r23 under the interpreter's config (CD = 2): 3 chunks of I_3 = 5 forward, 2 of I_3 = 4
+# for dx; 2 splits do not divide 3 chunks, 4 splits leave a split without a chunk (it stores zeros)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("splits", [1, 2, 3, 4])
+def test_chain_split_k_forward_and_dx(splits, dtype, bias, monkeypatch, kernel_device):
+    used = _spy_forward_splits(monkeypatch, splits)
+    layer = TTLinear(*TT["d3-3x2x5-r23"], bias=bias, strategy="contract").to(kernel_device, dtype)
+    layer.requires_grad_(False)  # y and dx: two forward chain launches (W's cores, then W.T's)
+    assert_backends_agree(layer, *inputs(layer, (2, 3), kernel_device, dtype), dtype)
+    assert used == ([] if splits == 1 else [splits, splits])
+
+
+@pytest.mark.parametrize("splits", [2, 3])
+def test_spline_tt_chain_split_k(splits, monkeypatch, kernel_device):
+    """Spline-TT cores generated in the kernel (SPLINE) with the I_d chunks split."""
+    used = _spy_forward_splits(monkeypatch, splits)
+    layer = SplineTTLinear((5, 4, 7), (6, 5, 4), 2, (4, 4), strategy="contract").to(kernel_device)
+    layer.requires_grad_(False)
+    assert_backends_agree(layer, *inputs(layer, (2, 5), kernel_device, torch.float32), torch.float32)
+    assert used == [splits, splits]
+
+
+def test_chain_split_k_empty_batch(monkeypatch, kernel_device):
+    _spy_forward_splits(monkeypatch, 3)
+    check_empty_batch(TTLinear(*TT["d3-3x2x5-r23"], strategy="contract").to(kernel_device), kernel_device, "triton")
+
+
+def test_chain_split_k_is_deterministic(monkeypatch, kernel_device):
+    """Two split-K forward launches give bitwise-equal y (slots summed on the host in a fixed order)."""
+    used = _spy_forward_splits(monkeypatch, 3)
+    layer = TTLinear(*TT["d3-3x2x5-r23"], strategy="contract").to(kernel_device)
+    cores = kernels.plain_cores([c.detach() for c in layer.cores])
+    x = torch.randn(7, 30, device=kernel_device)
+    first, second = kernels.chain_linear(x, cores, layer.bias), kernels.chain_linear(x, cores, layer.bias)
+    assert used == [3, 3] and torch.equal(first, second)
+
+
+def test_chain_split_policy_for_the_benchmark_shapes():
+    """On the GPU's configs: 16^3 rank 16 and 8^4 rank 8 split every plan at M = 16 (at least 2,
+    no split without a chunk, a program per SM or a chunk per split, slots within
+    ``CHAIN_PART_BYTES``) and none at M = 8192; the cost model then counts the sum and the cast
+    (3 launches, bf16)."""
+    cost = kernels.cost
+    for ins, outs, ranks in [((16,) * 3, (16,) * 3, (1, 16, 16, 1)), ((8,) * 4, (8,) * 4, (1, 8, 8, 8, 1))]:
+        for plan in cost.chain_plans(ins, outs, ranks):
+            chunks = math.ceil(ins[-1] / plan.ni[-1])
+            s = cost.chain_split(plan, 16, ins, outs, ranks)
+            assert 2 <= s <= chunks and (s - 1) * math.ceil(chunks / s) < chunks, plan
+            assert 4 * s * 16 * 4096 <= cost.CHAIN_PART_BYTES, plan
+            assert plan.programs(16, outs) * s >= cost.SMS or s == chunks, plan  # else a chunk per split
+            assert cost.chain_split(plan, 8192, ins, outs, ranks) == 1
+        assert cost.chain_cost(16, ins, outs, ranks).launches == 3
+        assert cost.chain_cost(16, ins, outs, ranks, elt=4).launches == 2
+        assert cost.chain_cost(8192, ins, outs, ranks).launches == 1

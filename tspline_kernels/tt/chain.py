@@ -168,7 +168,7 @@ def _chain_prev(ds, k: tl.constexpr, NO: tl.constexpr, NI: tl.constexpr, RP: tl.
 @triton.jit
 def _chain_kernel(
     x_ptr, g_ptr, bias_ptr, y_ptr,
-    M, M_BUCKET, stride_xm, stride_xk, stride_ym, stride_yn,
+    M, M_BUCKET, stride_xm, stride_xk, stride_ys, stride_ym, stride_yn,
     D: tl.constexpr, IN: tl.constexpr, OUT: tl.constexpr, RANK: tl.constexpr,
     STRIDES: tl.constexpr, AXES: tl.constexpr, OFFS: tl.constexpr,
     SPLINE: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, STATE: tl.constexpr,
@@ -178,8 +178,12 @@ def _chain_kernel(
     """y = x @ W.T + bias for a TT matrix, the d contraction steps chained on chip; the states and
     core tiles enter each ``tl.dot`` as ``STATE`` (``cost.state_dtype``, see ``kernels.py``'s docstring).
 
-    Program (m block, O_1 block, O_2 block) owns y[BM rows, o_1 in its block, o_2 in its block, all
-    o_3..o_d] and loops over chunks of NI[D-1] indices of i_d. Per chunk the state S_k, rows
+    Program (m block, O_1 block, O_2 block x split s) owns y[BM rows, o_1 in its block, o_2 in its
+    block, all o_3..o_d] and loops over split s's run of chunks of NI[D-1] indices of i_d: with S
+    splits (``num_programs(2) / O_2 blocks``, ``cost.chain_split``), chunks ``s cdiv(C, S) ..`` of
+    the C chunks (none past the last: such a split stores zeros). It stores its tile at
+    ``y_ptr + s stride_ys``: y itself (S = 1) or the fp32 partial slot s the host sums (split-K,
+    for grids with fewer programs than SMs); split 0 adds the bias. Per chunk the state S_k, rows
     ``(i_k+1..i_d-1, i_d in chunk, m, o_1..o_k-1)`` and columns ``(a_k-1, i_k)``, goes through
     ``S_k @ B_k``, ``B_k[(a, i), (o, b)] = G_k[a, o, i, b]`` (``(r_k-1 I_k, O_k r_k)``, loaded from the
     packed cores ``g_ptr + OFFS[k]`` with strides ``STRIDES[k]`` (W's cores serve W.T's too), or
@@ -188,12 +192,16 @@ def _chain_kernel(
     the chunk's share of y into an fp32 accumulator. No state leaves the registers; padded sizes
     (``cost.ChainPlan``: NI, NO, RP, X) are zero-filled so every ``tl.dot`` side is >= 16.
     FLOPs ``2 sum_k X[k] RP[k] NI[k] NO[k] RP[k+1]`` per program and chunk (the useful part is
-    ``sum_k 2 M O_<=k r_k-1 r_k I_>=k``, step 1 repeated once per O_2 block).
-    Bytes ``elt (M I * O_1 blocks * O_2 blocks + M O)`` for x (re-reads mostly from L2) and y, plus
-    the core tiles once per program and chunk (L2).
+    ``sum_k 2 M O_<=k r_k-1 r_k I_>=k``, step 1 repeated once per O_2 block; splits add none).
+    Bytes ``elt M I * O_1 blocks * O_2 blocks`` for x (re-reads mostly from L2), ``elt M O`` for y
+    (S = 1) or ``4 S M O`` for the slots, plus the core tiles once per program and chunk (L2).
     """
     pid_m = tl.program_id(0)
-    starts = (tl.program_id(1) * NO[0], tl.program_id(2) * NO[1])
+    n_o2: tl.constexpr = (OUT[1] + NO[1] - 1) // NO[1]
+    chunks: tl.constexpr = (IN[D - 1] + NI[D - 1] - 1) // NI[D - 1]
+    split = tl.program_id(2) // n_o2
+    per_split = tl.cdiv(chunks, tl.num_programs(2) // n_o2)
+    starts = (tl.program_id(1) * NO[0], (tl.program_id(2) % n_o2) * NO[1])
     rm, c, row_ok, row_off, col_ok, col_off = _chain_in_index(BM, D, IN, NI, RP, X)
     rm += pid_m * BM
     row_ok &= rm < M
@@ -202,7 +210,8 @@ def _chain_kernel(
     # tl.full, not tl.zeros: Triton 3.6 cannot pass a shape of entries of a constexpr tuple to a
     # @jit function (tl.zeros is one there)
     acc = tl.full((X[D - 1], NO[D - 1]), 0.0, tl.float32)
-    for d0 in range(0, IN[D - 1], NI[D - 1]):
+    for d0 in range(split * per_split * NI[D - 1], tl.minimum(split * per_split + per_split, chunks) * NI[D - 1],
+                    NI[D - 1]):
         s = tl.load((x_rows + (d0 + c).to(tl.int64) * stride_xk)[:, None] + x_cols[None, :],
                     mask=(row_ok & (d0 + c < IN[D - 1]))[:, None] & col_ok[None, :], other=0.0)
         for k in tl.static_range(D):
@@ -216,8 +225,10 @@ def _chain_kernel(
     off = out_off[:, None] + od[None, :]
     mask = (out_ok & (rm < M))[:, None] & (od < OUT[D - 1])[None, :]
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + off, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + rm.to(tl.int64)[:, None] * stride_ym + off * stride_yn, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        if split == 0:
+            acc += tl.load(bias_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + split.to(tl.int64) * stride_ys + rm.to(tl.int64)[:, None] * stride_ym + off * stride_yn,
+             acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -52,6 +52,10 @@ CHAIN_GRAD_CONFIGS = ((16, 1, 4, 1), (16, 4, 4, 1), (64, 1, 4, 1), (16, 1, 16, 1
 # one chunk group and one row split per O block allow it, and programs enough to fill the GPU twice
 CHAIN_GRAD_PART_BYTES = 4 << 20
 CHAIN_GRAD_PROGRAMS = 2 * SMS
+# the forward chain kernel's split-K (``chain_split``): programs it aims at, and at most this many
+# bytes of fp32 partial y slots
+CHAIN_PROGRAMS = 2 * SMS
+CHAIN_PART_BYTES = 4 << 20
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -234,6 +238,38 @@ def _grad_split(plan: ChainPlan, row_blocks: int, i_last: int, out_head: tuple[i
     return split(best.groups, max(1, splits))
 
 
+def chain_split(plan: ChainPlan, m: int, in_modes, out_modes, ranks, programs: int | None = None,
+                budget: int | None = None) -> int:
+    """Split-K count S of the forward chain kernel with ``plan`` on ``m`` rows: split s of S runs
+    I_d chunks ``s cdiv(C, S) ..`` of the C chunks and writes an fp32 partial y ``(m, O)`` to slot
+    s, which the host sums (bias added by split 0); S = 1 writes y directly (no slot, no sum).
+
+    Split-K is on, for every config alike (so the launches made do not depend on the one the
+    autotuner picks), where even the plan with the most programs (``ChainPlan.programs``) among
+    ``chain_plans`` and ``plan`` has at most half of ``programs`` (default ``CHAIN_PROGRAMS``) and
+    two slots fit ``budget`` bytes (default ``CHAIN_PART_BYTES``). Then S is ``cdiv(programs,
+    plan's programs)``, at most C and what the budget holds, lowered to the fewest splits that
+    keep the same chunks per split (none left empty), and at least 2 (where C = 1 the second
+    split has no chunk and writes zeros)."""
+    programs = CHAIN_PROGRAMS if programs is None else programs
+    budget = CHAIN_PART_BYTES if budget is None else budget
+    return _chain_split(plan, m, tuple(in_modes), tuple(out_modes), tuple(ranks), programs, budget)
+
+
+@functools.lru_cache(maxsize=4096)
+def _chain_split(plan: ChainPlan, m: int, in_modes, out_modes, ranks, programs: int, budget: int) -> int:
+    """``chain_split``, cached (the launcher asks once per config and call)."""
+    if m == 0:  # nothing to split (the launcher returns at once)
+        return 1
+    slots = budget // (4 * m * math.prod(out_modes))
+    most = max([plan.programs(m, out_modes)] + [p.programs(m, out_modes) for p in chain_plans(in_modes, out_modes, ranks)])
+    if slots < 2 or 2 * most > programs:
+        return 1
+    chunks = math.ceil(in_modes[-1] / plan.ni[-1])
+    per_split = math.ceil(chunks / min(chunks, slots, math.ceil(programs / plan.programs(m, out_modes))))
+    return max(2, math.ceil(chunks / per_split))  # as few splits as take per_split chunks: none empty
+
+
 def chain_cost(m: int, in_modes, out_modes, ranks, elt: int = 2, grad: bool = False,
                state_elt: int | None = None) -> Cost | None:
     """Forward (or dx) by the fused chain kernel with its cheapest plan; None when no plan fits.
@@ -241,17 +277,28 @@ def chain_cost(m: int, in_modes, out_modes, ranks, elt: int = 2, grad: bool = Fa
     Per program and I_d chunk, step k is a ``(x[k], rp[k] ni[k]) @ (rp[k] ni[k], no[k] rp[k+1])``
     ``tl.dot`` (padded sizes: the tensor cores do the zeros too). HBM bytes: x, y and the cores once;
     L2 bytes: x once per block column (O_1, O_2 blocks) and the core tiles once per program and chunk.
+    The forward with S > 1 splits (``chain_split``; not ``grad``, whose plans serve the gradient
+    kernel) runs S times the programs, writes ``4 S M O`` bytes of slots instead of y, and two
+    more launches read them: their sum (``4 (S + 1) M O`` bytes) and, for 16-bit y, its cast
+    (``(4 + elt) M O``).
     """
     best = None
+    n_out = math.prod(out_modes)
     for p in chain_plans(in_modes, out_modes, ranks, grad=grad, elt=state_elt or elt):
         programs, chunks = p.programs(m, out_modes), math.ceil(in_modes[-1] / p.ni[-1])
+        splits = 1 if grad else chain_split(p, m, in_modes, out_modes, ranks)
         step = sum(2.0 * x * p.rp[k] * ni * no * p.rp[k + 1] for k, (ni, no, x) in enumerate(zip(p.ni, p.no, p.x)))
         tiles = sum(p.core_tiles())
         columns = math.ceil(out_modes[0] / p.no[0]) * math.ceil(out_modes[1] / p.no[1])
         cores = sum(ranks[k] * o * i * ranks[k + 1] for k, (o, i) in enumerate(zip(out_modes, in_modes)))
-        nbytes = elt * (m * math.prod(in_modes) + m * math.prod(out_modes) + cores)
+        y_bytes = elt * m * n_out if splits == 1 else 4 * splits * m * n_out
+        nbytes = elt * (m * math.prod(in_modes) + cores) + y_bytes
         l2 = elt * (m * math.prod(in_modes) * columns + tiles * programs * chunks)
-        c = _launch(programs * chunks * step, float(nbytes), programs, l2_bytes=float(l2))
+        c = _launch(programs * chunks * step, float(nbytes), programs * splits, l2_bytes=float(l2))
+        if splits > 1:
+            c = c + _launch(0.0, 4.0 * (splits + 1) * m * n_out, SMS)
+            if elt < 4:
+                c = c + _launch(0.0, (4.0 + elt) * m * n_out, SMS)
         best = c if best is None or c.seconds < best.seconds else best
     return best
 

@@ -16,7 +16,10 @@ Notation: d cores ``(r_{k-1}, O_k, I_k, r_k)``, ``O = prod O_k``, ``I = prod I_k
     chunks of i_d and runs all d steps on its tile, each a ``tl.dot`` of the state with a core tile
     (loaded, or generated from spline control points, ``SPLINE``) followed by a register
     reshape/permute; the states never leave the chip. Bytes ``elt (M I + M O)`` from HBM, plus x
-    re-reads per output block and core-tile re-reads per chunk (L2).
+    re-reads per output block and core-tile re-reads per chunk (L2). Where the grid has fewer
+    programs than the GPU takes (small M, ``cost.chain_split``), S programs per tile split its
+    chunks (split-K) and write fp32 partial y slots, summed on the host (2 more launches for
+    16-bit y, 1 for fp32; ``4 S M O`` bytes within ``cost.CHAIN_PART_BYTES``).
   - Core gradients (``_chain_grad_kernel``, 1 launch, plus a ``_chain_kernel`` launch on the cores
     of W.T for dx): program (O_1 block x O_2 block, group of I_d chunks, row split) reruns the
     forward chain per chunk and row block, keeping every step's input in registers, and walks it
@@ -167,25 +170,52 @@ def _chain_args(cores: list[Core]) -> tuple[torch.Tensor, dict]:
     return derived("chain", sources, lambda: torch.cat([s.reshape(-1) for s in sources])), _chain_meta(layout)
 
 
+CHAIN_SPLIT: int | None = None  # the forward chain kernel's split-K count for every config (tests); None: cost.chain_split
+
+
+@functools.lru_cache(maxsize=1024)
+def _chain_splits(m: int, modes: tuple, keys: tuple, forced: int | None) -> dict[tuple, tuple[cost.ChainPlan, int]]:
+    """{config key (``chain.config_key``): (plan, split-K count)} of the forward chain kernel's
+    configs ``keys`` on ``m`` rows, the count ``forced`` or else ``cost.chain_split``'s; cached, as
+    the launcher asks for every config on every call (``SplitSlots`` sizes the slots by all)."""
+    plans = {key: cost.chain_plan(*modes, *key) for key in keys}
+    return {key: (plan, forced or cost.chain_split(plan, m, *modes)) for key, plan in plans.items()}
+
+
 def chain_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None) -> torch.Tensor:
-    """y = x2 @ W.T + bias by one ``_chain_kernel`` launch; x2 ``(M, I)`` -> ``(M, O)``."""
+    """y = x2 @ W.T + bias by one ``_chain_kernel`` launch; x2 ``(M, I)`` -> ``(M, O)``.
+
+    Where the grid is small (``cost.chain_split``: split-K, the same for every config) the I_d
+    chunks are split S ways: split s writes an fp32 partial y ``(M, O)`` to slot s of a
+    ``SplitSlots`` buffer (``4 S M O`` bytes, within ``cost.CHAIN_PART_BYTES``), split 0 with the
+    bias, and the host sums the slots the launch wrote (one more launch, and a cast to x's dtype
+    for 16-bit x). Otherwise the kernel writes y."""
     m = x2.shape[0]
-    y = torch.empty(m, math.prod(c.o for c in cores), device=x2.device, dtype=x2.dtype)
+    n_out = math.prod(c.o for c in cores)
     if m == 0:
-        return y
+        return torch.empty(m, n_out, device=x2.device, dtype=x2.dtype)
     packed, meta_args = _chain_args(cores)
     modes = meta_args["IN"], meta_args["OUT"], meta_args["RANK"]
+    table = _chain_splits(m, modes, config_keys(_chain_kernel), CHAIN_SPLIT)
+    if next(iter(table.values()))[1] == 1:  # split-K for every config or for none
+        out, slots = torch.empty(m, n_out, device=x2.device, dtype=x2.dtype), None
+    else:
+        slots = SplitSlots(_chain_kernel, lambda meta: table[meta["BM"], meta["BO1"], meta["BO2"], meta["CD"]][1])
+        out = slots.empty(m, n_out, device=x2.device)
 
     def grid(meta):
-        no = cost.chain_plan(*modes, meta["BM"], meta["BO1"], meta["BO2"], meta["CD"]).no
-        return cdiv(m, meta["BM"]), cdiv(modes[1][0], no[0]), cdiv(modes[1][1], no[1])
+        plan, splits = table[meta["BM"], meta["BO1"], meta["BO2"], meta["CD"]]
+        if slots is not None:
+            slots(meta)
+        return cdiv(m, meta["BM"]), cdiv(modes[1][0], plan.no[0]), cdiv(modes[1][1], plan.no[1]) * splits
 
     _chain_kernel[grid](
-        x2, packed, bias if bias is not None else y, y,
-        m, m_bucket(m), x2.stride(0), x2.stride(1), y.stride(0), y.stride(1),
-        **meta_args, HAS_BIAS=bias is not None, **state_args(x2.dtype), **launch_tiles(_chain_kernel, modes),
+        x2, packed, bias if bias is not None else out, out,
+        m, m_bucket(m), x2.stride(0), x2.stride(1), 0 if slots is None else out.stride(0), out.stride(-2),
+        out.stride(-1), **meta_args, HAS_BIAS=bias is not None, **state_args(x2.dtype),
+        **launch_tiles(_chain_kernel, modes),
     )
-    return y
+    return out if slots is None else cast(slots.sum(out), x2.dtype)
 
 
 GRAD_PROGRAMS = 2 if INTERPRET else cost.CHAIN_GRAD_PROGRAMS  # programs the gradient chain kernel's split aims at
