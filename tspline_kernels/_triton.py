@@ -218,9 +218,11 @@ class SplitSlots:
     no atomics. ``programs(meta)`` must be >= 1, and each of those programs must write its slot.
     """
 
-    def __init__(self, kernel, programs: Callable[[dict], int]) -> None:
+    def __init__(self, kernel, programs: Callable[[dict], int], most: int | None = None) -> None:
+        """``most``: the largest ``programs`` over the autotuner's configs, where the caller keeps
+        it (else every config is asked, on each construction)."""
         self.programs = programs
-        self.slots = max(map(programs, _block_sizes(kernel)))
+        self.slots = max(map(programs, _block_sizes(kernel))) if most is None else most
         self.used = 0
 
     def __call__(self, meta: dict) -> int:

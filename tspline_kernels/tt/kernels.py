@@ -174,12 +174,14 @@ CHAIN_SPLIT: int | None = None  # the forward chain kernel's split-K count for e
 
 
 @functools.lru_cache(maxsize=1024)
-def _chain_splits(m: int, modes: tuple, keys: tuple, forced: int | None) -> dict[tuple, tuple[cost.ChainPlan, int]]:
-    """{config key (``chain.config_key``): (plan, split-K count)} of the forward chain kernel's
-    configs ``keys`` on ``m`` rows, the count ``forced`` or else ``cost.chain_split``'s; cached, as
-    the launcher asks for every config on every call (``SplitSlots`` sizes the slots by all)."""
+def _chain_splits(m: int, modes: tuple, keys: tuple, forced: int | None
+                  ) -> tuple[dict[tuple, tuple[cost.ChainPlan, int]], int]:
+    """({config key (``chain.config_key``): (plan, split-K count)} of the forward chain kernel's
+    configs ``keys`` on ``m`` rows, the count ``forced`` or else ``cost.chain_split``'s; the largest
+    count, which sizes ``SplitSlots``); cached: the launcher needs them on every call."""
     plans = {key: cost.chain_plan(*modes, *key) for key in keys}
-    return {key: (plan, forced or cost.chain_split(plan, m, *modes)) for key, plan in plans.items()}
+    table = {key: (plan, forced or cost.chain_split(plan, m, *modes)) for key, plan in plans.items()}
+    return table, max(splits for _, splits in table.values())
 
 
 def chain_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None) -> torch.Tensor:
@@ -196,11 +198,11 @@ def chain_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None)
         return torch.empty(m, n_out, device=x2.device, dtype=x2.dtype)
     packed, meta_args = _chain_args(cores)
     modes = meta_args["IN"], meta_args["OUT"], meta_args["RANK"]
-    table = _chain_splits(m, modes, config_keys(_chain_kernel), CHAIN_SPLIT)
-    if next(iter(table.values()))[1] == 1:  # split-K for every config or for none
+    table, most = _chain_splits(m, modes, config_keys(_chain_kernel), CHAIN_SPLIT)
+    if most == 1:  # split-K for every config or for none
         out, slots = torch.empty(m, n_out, device=x2.device, dtype=x2.dtype), None
     else:
-        slots = SplitSlots(_chain_kernel, lambda meta: table[meta["BM"], meta["BO1"], meta["BO2"], meta["CD"]][1])
+        slots = SplitSlots(_chain_kernel, lambda meta: table[meta["BM"], meta["BO1"], meta["BO2"], meta["CD"]][1], most)
         out = slots.empty(m, n_out, device=x2.device)
 
     def grid(meta):
