@@ -217,6 +217,7 @@ class Recorder:
 def layers(dtypes) -> list[tuple[str, object]]:
     """(name, run) for every layer family with odd shapes, M=5: ``run()`` is a forward and backward."""
     import tspline_kernels as tk
+    from tspline_kernels.tt import cost as tt_cost
 
     cases = []
     for dtype in dtypes:
@@ -232,6 +233,10 @@ def layers(dtypes) -> list[tuple[str, object]]:
         for s in ("contract", "rebuild"):
             cases.append((f"TTLinear[{s}]", tk.TTLinear((3, 2, 5), (2, 3, 4), (1, 2, 3, 1), strategy=s), dtype))
             cases.append((f"SplineTTLinear[{s}]", tk.SplineTTLinear((5, 4, 7), (6, 5, 4), 2, (4, 4), strategy=s), dtype))
+        # more rows than the fused rebuild kernels take: W (and G) in slices (_rebuild_slice_kernel)
+        rows = tt_cost.REBUILD_FUSED_MAX_ROWS + 1
+        cases.append((f"TTLinear[rebuild], {rows} rows",
+                      tk.TTLinear((3, 2, 5), (2, 3, 4), (1, 2, 3, 1), strategy="rebuild"), dtype, rows))
         # a middle core too large for the chain kernels' registers: the per-step kernels
         cases.append(("TTLinear[contract, step kernels]", tk.TTLinear((4, 64, 4), (4, 64, 4), 16, strategy="contract"), dtype))
         cases.append(("KroneckerLinear(3,5)->(4,7)", tk.KroneckerLinear((3, 5), (4, 7)), dtype))
