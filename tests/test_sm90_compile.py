@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import triton
 
 SCRIPT = Path(__file__).with_name("sm90_dryrun.py")
 PACKAGE = SCRIPT.parent.parent / "tspline_kernels"
@@ -70,6 +71,8 @@ def test_report_has_every_kernels_resources(dry_run):
     assert fp32_ieee and not any(d["tensor_cores"] for d in fp32_ieee)  # exact fp32 dots stay on FMAs
 
 
+@pytest.mark.skipif(not triton.__version__.startswith("3.6."),
+                    reason="checks what the GPU image's Triton (3.6) builds for the goal rows: CI's Triton 3.6 stage runs it")
 def test_goal_rows_compile_without_spills_on_tensor_cores_with_wide_loads_of_x(tmp_path):
     """The issue's static checks at the benchmarks' goal shapes, for every config their autotuner
     tries in the GPU check (``TSPLINE_AUTOTUNE=quick``): no spills, every bf16 ``tl.dot`` on tensor
