@@ -182,6 +182,29 @@ def check_inputs(*tensors: torch.Tensor | None) -> None:
         raise RuntimeError("Triton kernels on CPU tensors need TRITON_INTERPRET=1 set before Python starts")
 
 
+def sliced_gemm(a2: torch.Tensor, out2: torch.Tensor, bias: torch.Tensor | None, width: int,
+                write: Callable[[int, int], torch.Tensor]) -> None:
+    """out2 ``(M, n)`` = a2 ``(M, k)`` @ B + bias with B ``(k, n)`` never whole: per slice of ``width``
+    output columns, ``write(j0, j)`` returns rows j0..j0+j-1 of B.T ``(j, k)`` (written into a reused,
+    bounded workspace), then one cuBLAS GEMM writes columns j0..j0+j-1 of out2 in place (strided
+    columns, leading dimension n: no copy). The GEMM accumulates in fp32 and rounds once (fp32
+    inputs: TF32 exactly when torch's matmul setting, which ``dot_precision`` follows, allows it;
+    like ``F.linear``, cuBLAS may reduce split-K partials of fp16/bf16 GEMMs in that type where
+    torch allows it). With a bias, torch fills the columns with it and the GEMM adds onto them
+    (beta = 1: cuBLAS's fused-bias epilogue needs a contiguous output)."""
+    if 1 not in a2.stride():  # else cuBLAS would take a copy per slice
+        a2 = a2.contiguous()
+    bias = None if bias is None else bias.to(a2.dtype)
+    n = out2.shape[1]
+    for j0 in range(0, n, width):
+        j = min(width, n - j0)
+        bt, cols = write(j0, j), out2[:, j0:j0 + j]
+        if bias is None:
+            torch.mm(a2, bt.T, out=cols)
+        else:
+            torch.addmm(bias[j0:j0 + j], a2, bt.T, out=cols)
+
+
 @triton.jit
 def grouped_pid(pid, num_m, num_n, GROUP_M: tl.constexpr):
     """(pid_m, pid_n) of program ``pid`` on a ``num_m x num_n`` tile grid, launched in groups of

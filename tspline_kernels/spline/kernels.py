@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 
 from .._triton import (SplitSlots, cdiv, check_inputs, configs, dot_precision, flatten, grouped_pid, m_bucket, next_pow2,
-                       tl, triton)
+                       sliced_gemm, tl, triton)
 from ..reference import spline as ref
 from ..reference.spline import EXP_FLOOR, GAUSSIAN, GAUSSIAN_EPS, IDW, IDW_EPS, SIGMA_MIN
 
@@ -684,33 +684,21 @@ def _field_matmul(a: torch.Tensor, field: Field, bias: torch.Tensor | None, tran
 def _field_sliced(a2: torch.Tensor, field: Field, bias: torch.Tensor | None, transpose: bool,
                   out2: torch.Tensor) -> None:
     """out2 ``(M, n)`` = a2 ``(M, k)`` @ B + bias, B = W.T (or W with ``transpose``), in slices of
-    ``field_slice_rows`` output columns: ``_field_slice_kernel`` writes the slice's rows of B.T into
-    one reused workspace, then one GEMM writes its columns of out2 (cuBLAS takes the strided
-    columns as they are: leading dimension n, no copy). The GEMM accumulates in fp32 and rounds its
-    output, as ``_field_matmul_kernel`` does (fp32 inputs: TF32 exactly when torch's matmul setting,
-    which ``dot_precision`` follows, allows it); like ``F.linear``, cuBLAS may reduce split-K
-    partials of fp16/bf16 GEMMs in that type where torch's
-    ``allow_{fp16,bf16}_reduced_precision_reduction`` allows it (the default; the goal shapes are
-    not split). With a bias, torch fills the columns with it and the GEMM adds onto them (beta = 1;
-    its fused-bias epilogue needs a contiguous output).
+    ``field_slice_rows`` output columns (``sliced_gemm``): ``_field_slice_kernel`` writes the
+    slice's rows of B.T into one reused workspace with ``_field_matmul_kernel``'s values and
+    rounding, then cuBLAS multiplies. The goal shapes' GEMMs are not split-K.
     FLOPs: 2*M*n*k (cuBLAS) + ~6*N_PTS*n*k (generation, once). Bytes: elt*(M*k*slices + M*n)
     (+ 2*elt*M*n with a bias), plus elt*n*k written and read through L2.
     """
-    if 1 not in a2.stride():  # else cuBLAS would take a copy per slice
-        a2 = a2.contiguous()
-    m, k = a2.shape
-    n = out2.shape[1]
+    k, n = a2.shape[1], out2.shape[1]
     rows = field_slice_rows(n, k, a2.element_size())
     ws = torch.empty(rows, k, device=a2.device, dtype=a2.dtype)
-    bias = None if bias is None else bias.to(a2.dtype)
-    for j0 in range(0, n, rows):
-        j = min(rows, n - j0)
+
+    def write(j0: int, j: int) -> torch.Tensor:
         _generate(ws, field, j0, j, transpose)
-        cols = out2[:, j0:j0 + j]
-        if bias is None:
-            torch.mm(a2, ws[:j].T, out=cols)
-        else:
-            torch.addmm(bias[j0:j0 + j], a2, ws[:j].T, out=cols)
+        return ws[:j]
+
+    sliced_gemm(a2, out2, bias, rows, write)
 
 
 def _generate(ws: torch.Tensor, field: Field, j0: int, j: int, transpose: bool) -> None:

@@ -82,7 +82,7 @@ from typing import NamedTuple
 import torch
 
 from .._layers import cast
-from .._triton import INTERPRET, SplitSlots, cdiv, check_inputs, dot_precision, flatten, m_bucket
+from .._triton import INTERPRET, SplitSlots, cdiv, check_inputs, dot_precision, flatten, m_bucket, sliced_gemm
 from ..reference import tt as ref
 from . import cost
 from .chain import _chain_grad_kernel, _chain_kernel, config_keys, launch_tiles
@@ -441,37 +441,28 @@ def _rebuild(x2: torch.Tensor, head: torch.Tensor, last: torch.Tensor, bias: tor
 
 def _rebuild_sliced(x2: torch.Tensor, head: torch.Tensor, last: torch.Tensor, bias: torch.Tensor | None,
                     y: torch.Tensor) -> None:
-    """y ``(M, O)`` = x2 ``(M, I)`` @ W.T + bias with W never whole: per slice of
+    """y ``(M, O)`` = x2 ``(M, I)`` @ W.T + bias with W never whole (``sliced_gemm``): per slice of
     ``cost.rebuild_slice_heads`` head indices (their O_d rows of W each), ``_rebuild_slice_kernel``
-    writes the slice's rows of W into one reused workspace (at most ``cost.REBUILD_SLICE_BYTES``),
-    in x's dtype, with the fused kernel's values and rounding; then one cuBLAS GEMM writes the
-    slice's columns of y in place (strided columns, leading dimension O: no copy). The GEMM
-    accumulates in fp32 and rounds once, as ``_rebuild_kernel`` does (fp32 inputs: TF32 exactly
-    when torch's matmul setting, which ``dot_precision`` follows, allows it); like ``F.linear``,
-    cuBLAS may reduce split-K partials of fp16/bf16 GEMMs in that type where torch allows it. With
-    a bias, torch fills the columns with it and the GEMM adds onto them (beta = 1).
+    writes the slice's rows of W into one reused workspace (at most ``cost.REBUILD_SLICE_BYTES``)
+    in x's dtype, with the fused kernel's values and rounding; then cuBLAS multiplies.
     FLOPs 2 M O I (cuBLAS) + 2 r O I (generation, once: r / M of the GEMM's). Bytes
     elt (M I slices + M O) (+ 2 elt M O with a bias) + |L| once, plus elt O I written and read
     through L2."""
     r, o_d, i_d = last.shape
     o_h, i_h = head.shape[:2]
-    if 1 not in x2.stride():  # else cuBLAS would take a copy per slice
-        x2 = x2.contiguous()
     heads = cost.rebuild_slice_heads(o_h, o_d, i_h * i_d, x2.element_size())
     ws = torch.empty(heads * o_d, i_h * i_d, device=x2.device, dtype=x2.dtype)
-    bias = None if bias is None else bias.to(x2.dtype)
     tl_ = rebuild_tiles(o_d, i_d, r)
-    for h0 in range(0, o_h, heads):
-        h = min(heads, o_h - h0)
+
+    def write(c0: int, c: int) -> torch.Tensor:  # slices hold whole heads: c0 and c are multiples of O_d
+        h0, h = c0 // o_d, c // o_d
         _rebuild_slice_kernel[(cdiv(h, tl_.po), cdiv(i_h, tl_.pi))](
             head, last, ws, h0, h, i_h, o_d, i_d, r, ws.stride(0),
             PRECISION=state_args(x2.dtype)["PRECISION"], PO=tl_.po, PI=tl_.pi, ODP=tl_.odp, IDP=tl_.idp, RP=tl_.rp,
         )
-        c0, c = h0 * o_d, h * o_d
-        if bias is None:
-            torch.mm(x2, ws[:c].T, out=y[:, c0:c0 + c])
-        else:
-            torch.addmm(bias[c0:c0 + c], x2, ws[:c].T, out=y[:, c0:c0 + c])
+        return ws[:c]
+
+    sliced_gemm(x2, y, bias, heads * o_d, write)
 
 
 def rebuild_linear(x2: torch.Tensor, cores: list[torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
