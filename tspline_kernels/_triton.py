@@ -177,7 +177,7 @@ def check_inputs(*tensors: torch.Tensor | None) -> None:
         if t.dtype not in _KERNEL_DTYPES:
             raise TypeError(f"Triton kernels take fp32, fp16 or bf16 tensors, got {t.dtype} (use the reference backend)")
         if t.device != device:
-            raise ValueError(f"tensors are on different devices: {sorted({str(t.device) for t in tensors})}")
+            raise ValueError(f"tensors are on different devices: {sorted({str(u.device) for u in tensors if u is not None})}")
     if device.type != "cuda" and not INTERPRET:
         raise RuntimeError("Triton kernels on CPU tensors need TRITON_INTERPRET=1 set before Python starts")
 

@@ -250,7 +250,7 @@ def separable_linear(
     """Launch the separable forward (input pass, then output pass), plus ``residual`` (shaped like the
     output) if given: the op's arguments. x ``(*, n_in)``, control ``(G_out, G_in)``; ``chunk``:
     columns of x per input-pass program (default ``in_chunk(M)``), a power of two >= 128."""
-    check_inputs(x, control, *(t for t in (bias, residual) if t is not None))
+    check_inputs(x, control, bias, residual)
     x2 = flatten(x)
     m = x2.shape[0]
     chunk = _chunk(m, chunk)
@@ -656,7 +656,7 @@ def field_linear(a: torch.Tensor, field: Field, bias: torch.Tensor | None, trans
     """Launch ``a @ W.T + bias`` for a ``(*, n_in)``, or ``a @ W + bias`` for a ``(*, n_out)`` when
     ``transpose``, W never whole in memory: generated on chip for at most
     ``FIELD_ON_THE_FLY_MAX_ROWS`` rows of a, else in slices (``_field_sliced``)."""
-    check_inputs(a, field.control, *(t for t in (field.log_bandwidth, bias) if t is not None))
+    check_inputs(a, field.control, field.log_bandwidth, bias)
     return _field_matmul(a, field, bias, transpose)
 
 
