@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import tspline_kernels  # noqa: F401  (sets TRITON_INTERPRET on CPU-only torch)
+from tspline_kernels import _triton
 from tspline_kernels._triton import grouped_pid, tl, triton
 
 
@@ -72,3 +73,14 @@ def test_split_slots_sum_only_what_the_last_launch_wrote():
     assert slots({"SPLIT": 16}) == 6 and slots({"SPLIT": 4}) == 4
     assert slots.sum(part).tolist() == [6.0, 6.0]
     assert slots({"SPLIT": 1}) == 1 and slots.sum(part).tolist() == [0.0, 0.0]
+
+
+def test_check_inputs_skips_none_and_names_the_devices():
+    """An absent bias (None) is skipped; tensors on different devices are refused by name, with the
+    None left out of the message; fp64 is refused."""
+    x = torch.randn(3, 4)
+    _triton.check_inputs(x, None, torch.randn(4))
+    with pytest.raises(ValueError, match=r"different devices: \['cpu', 'meta'\]"):
+        _triton.check_inputs(x, None, torch.randn(4, device="meta"))
+    with pytest.raises(TypeError, match="fp32, fp16 or bf16"):
+        _triton.check_inputs(x, None, torch.randn(4, dtype=torch.float64))
