@@ -18,6 +18,11 @@ import torch._inductor.config  # noqa: E402
 torch._inductor.config.fx_graph_cache = False
 torch._functorch.config.enable_autograd_cache = False
 
+# Under pytest-xdist (the README's `pytest -n auto`) the workers share the cores: each gets its
+# share of torch's intra-op threads instead of all of them.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 # The device the Triton kernels are checked on: compiled on a GPU, interpreted on the CPU.
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -152,7 +152,8 @@ def test_restores_modes_on_error():
     (dict(max_grad_norm=0.0), ValueError, "max_grad_norm"),
     (dict(train_mode=1), TypeError, "train_mode"),
     (dict(loss=lambda s, t: (s - t).abs()), ValueError, "scalar"),
-], ids=lambda v: repr(v)[:40] if isinstance(v, dict) else "")
+], ids=lambda v: ",".join(f"{k}={x!r}" if isinstance(x, (int, float, str, list)) else f"{k}={type(x).__name__}"
+                           for k, x in v.items()) if isinstance(v, dict) else "")  # the same in every xdist worker
 def test_bad_arguments(kwargs, error, match):
     student, teacher = pair()
     args = dict(batches=batches(1), steps=2, lr=1e-3) | kwargs

@@ -70,9 +70,10 @@ FAMILIES = {
     "lowrank": (lambda: tk.LowRankLinear(40, 24, 3), 1, 3),  # fwd; + dx (same kernel) + factor grads
     "kronecker": (lambda: tk.KroneckerLinear((5, 8), (4, 6)), 1, 3),
     "kronecker gated": (lambda: tk.KroneckerLinear((5, 8), (4, 6), gated=True), 1, 3),
-    "gaussian": (lambda: tk.SplineLinear(40, 24, basis="gaussian", n_control_points=7), 1, 3),  # + dx, d(params)
+    # + dx, d(params) and the sum of the gradient's partial slots (one per output x input tile)
+    "gaussian": (lambda: tk.SplineLinear(40, 24, basis="gaussian", n_control_points=7), 1, 4),
     "eisenstein local": (lambda: tk.SplineLinear(40, 24, basis="eisenstein", n_control_points=20, support="local"),
-                         1, 3),
+                         1, 4),
     "decoupled": (lambda: tk.DecoupledSplineMLP(40, 24, rank=5, n_basis=6), 1, 3),  # + fused backward + factor grads
 }
 
@@ -96,11 +97,20 @@ def test_stubbed_layer_calls_record_each_launch_and_run_no_kernel(family, monkey
 def test_measure_layer_row(monkeypatch):
     _forbid_kernel_bodies(monkeypatch)
     with tk.backend("triton"):
-        row = host_overhead.measure_layer("lowrank", tk.LowRankLinear(40, 24, 3), "cpu", torch.float32, True, 0.01)
+        row = host_overhead.measure_layer("lowrank", tk.LowRankLinear(40, 24, 3), "cpu", torch.float32, 1.5, 0.01)
     assert (row["fwd_launches"], row["fwd+bwd_launches"]) == (1, 3)
     assert row["fwd_kernels"] == ["_lowrank_fwd_kernel"]
     assert row["fwd+bwd_kernels"] == ["_lowrank_fwd_kernel", "_lowrank_grad_kernel"]
-    assert row["fwd_us"] > 0 and row["fwd+bwd_us"] > 0 and row["fwd_goal_met"] in (True, False)
+    assert row["fwd_us"] > 0 and row["fwd+bwd_us"] > 0
+    for mode, goal in (("fwd", host_overhead.GOAL_FWD_US), ("fwd+bwd", host_overhead.GOAL_FWD_BWD_US)):
+        # the host time is the measured time less the stub's 1.5 us per stubbed launch, and the goal is on it
+        assert row[f"{mode}_host_us"] == pytest.approx(row[f"{mode}_us"] - 1.5 * row[f"{mode}_launches"])
+        assert row[f"{mode}_goal_met"] == (row[f"{mode}_host_us"] <= goal)
+
+
+def test_stub_cost_is_measured_on_a_stubbed_launch(monkeypatch):
+    _forbid_kernel_bodies(monkeypatch)
+    assert 0 < host_overhead.stub_us(0.01) < 1000
 
 
 def test_torch_kernels_counts_arithmetic_not_views():

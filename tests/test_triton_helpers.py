@@ -75,6 +75,31 @@ def test_split_slots_sum_only_what_the_last_launch_wrote():
     assert slots({"SPLIT": 1}) == 1 and slots.sum(part).tolist() == [0.0, 0.0]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape, used", [((3, 5, 7), 3), ((1, 2500), 1), ((4, 1), 2), ((2, 0, 3), 2)])
+def test_split_slots_sum_kernel_adds_the_used_slots_in_order_and_casts(kernel_device, dtype, shape, used):
+    """The slot-sum kernel: the first ``used`` slots of a larger buffer, odd and empty sizes, more
+    than one program (2500 elements), its result cast to ``dtype`` once, fp32 added in slot order."""
+    from tspline_kernels._triton import SplitSlots
+
+    class Tuner:
+        configs = [triton.Config({"SPLIT": s}) for s in (1, shape[0])]
+
+    slots = SplitSlots(Tuner, lambda meta: meta["SPLIT"])
+    part = slots.empty(*shape[1:], device=kernel_device)
+    part.copy_(torch.randn(part.shape) * 100)
+    slots({"SPLIT": used})
+    expected = part[0].clone()
+    for s in range(1, used):
+        expected += part[s]
+    got = slots.sum(part, dtype)
+    assert got.dtype == dtype and got.shape == shape[1:]
+    if dtype == torch.bfloat16 and kernel_device == "cpu":  # the interpreter truncates to bf16 (a GPU rounds)
+        torch.testing.assert_close(got.float(), expected, rtol=2**-7, atol=0)
+    else:
+        assert torch.equal(got, expected.to(dtype))
+
+
 def test_check_inputs_skips_none_and_names_the_devices():
     """An absent bias (None) is skipped; tensors on different devices are refused by name, with the
     None left out of the message; fp64 is refused."""

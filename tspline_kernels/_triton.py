@@ -260,6 +260,28 @@ class SplitSlots:
         """As :meth:`empty`, zero-filled: for kernels that leave parts of their slot unwritten."""
         return torch.zeros(self.slots, *shape, device=device, dtype=torch.float32)
 
-    def sum(self, part: torch.Tensor) -> torch.Tensor:
-        """The sum of the slots of ``part`` the last launch wrote."""
-        return part[0] if self.used == 1 else part[:self.used].sum(0)
+    def sum(self, part: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The sum of the slots of ``part`` (an :meth:`empty` or :meth:`zeros` buffer) the last
+        launch wrote, in ``dtype``: one ``_slot_sum_kernel`` launch (none for one fp32 slot)."""
+        if self.used == 1 and dtype == torch.float32:
+            return part[0]
+        out = torch.empty(part.shape[1:], device=part.device, dtype=dtype)
+        n = out.numel()
+        if n:
+            _slot_sum_kernel[(cdiv(n, SLOT_SUM_BLOCK),)](part, out, n, self.used, BLOCK=SLOT_SUM_BLOCK, num_warps=4)
+        return out
+
+
+SLOT_SUM_BLOCK = 1024
+
+
+@triton.jit
+def _slot_sum_kernel(part_ptr, out_ptr, n, slots, BLOCK: tl.constexpr):
+    """out[i] = sum over s < slots of part[s, i] (fp32, s in order: deterministic), cast to out's
+    dtype; part ``(>= slots, n)`` contiguous. FLOPs: slots * n. Bytes: 4 * slots * n + elt * n."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for s in range(slots):
+        acc += tl.load(part_ptr + s * n + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)

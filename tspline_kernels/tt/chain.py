@@ -69,13 +69,13 @@ def _chain_pruner(grad: bool):
     return prune
 
 
-def launch_tiles(kernel, modes: tuple) -> dict[str, tuple[int, ...]]:
-    """The tile-size constexprs a launch of chain ``kernel`` on cores of ``modes`` must pass: those
-    of its config where the autotuner holds one (it then runs it without pruning), else none (the
-    pruner adds them to the configs it keeps)."""
-    if len(kernel.configs) != 1:
+def launch_tiles(keys: tuple, modes: tuple) -> dict[str, tuple[int, ...]]:
+    """The tile-size constexprs a launch of a chain kernel whose configs have the keys ``keys``
+    (``config_keys``) on cores of ``modes`` must pass: those of its config where the autotuner holds
+    one (it then runs it without pruning), else none (the pruner adds them to the configs it keeps)."""
+    if len(keys) != 1:
         return {}
-    return tiles(cost.chain_plan(*modes, *config_key(kernel.configs[0])))
+    return tiles(cost.chain_plan(*modes, *keys[0]))
 
 
 def _chain_configs(space, **kwargs) -> list:

@@ -278,9 +278,8 @@ def chain_cost(m: int, in_modes, out_modes, ranks, elt: int = 2, grad: bool = Fa
     ``tl.dot`` (padded sizes: the tensor cores do the zeros too). HBM bytes: x, y and the cores once;
     L2 bytes: x once per block column (O_1, O_2 blocks) and the core tiles once per program and chunk.
     The forward with S > 1 splits (``chain_split``; not ``grad``, whose plans serve the gradient
-    kernel) runs S times the programs, writes ``4 S M O`` bytes of slots instead of y, and two
-    more launches read them: their sum (``4 (S + 1) M O`` bytes) and, for 16-bit y, its cast
-    (``(4 + elt) M O``).
+    kernel) runs S times the programs, writes ``4 S M O`` bytes of slots instead of y, and one
+    more launch sums them into y (``(4 S + elt) M O`` bytes, ``SplitSlots.sum``).
     """
     best = None
     n_out = math.prod(out_modes)
@@ -296,9 +295,7 @@ def chain_cost(m: int, in_modes, out_modes, ranks, elt: int = 2, grad: bool = Fa
         l2 = elt * (m * math.prod(in_modes) * columns + tiles * programs * chunks)
         c = _launch(programs * chunks * step, float(nbytes), programs * splits, l2_bytes=float(l2))
         if splits > 1:
-            c = c + _launch(0.0, 4.0 * (splits + 1) * m * n_out, SMS)
-            if elt < 4:
-                c = c + _launch(0.0, (4.0 + elt) * m * n_out, SMS)
+            c = c + _launch(0.0, (4.0 * splits + elt) * m * n_out, SMS)
         best = c if best is None or c.seconds < best.seconds else best
     return best
 

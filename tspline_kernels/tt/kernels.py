@@ -156,32 +156,45 @@ def _chain_meta(layout: tuple) -> dict:
                 OFFS=tuple(itertools.accumulate((c.t.numel() for c in cores[:-1]), initial=0)))
 
 
-def _chain_args(cores: list[Core]) -> tuple[torch.Tensor, dict]:
+def _chain_args(cores: list[Core]) -> tuple[torch.Tensor, tuple]:
     """The cores (or spline control tensors) packed into one contiguous buffer (core-sized, not W),
-    each in its memory order, and the chain kernels' constexpr description of them (each core's
-    strides in the buffer). W.T's cores (views) share W's buffer; cached per parameter version
-    (``derived``)."""
+    each in its memory order, and their layout, the key of the chain kernels' constexpr description
+    (``_chain_meta``: each core's strides in the buffer). W.T's cores (views) share W's buffer;
+    cached per parameter version (``derived``)."""
     sources = [_memory_order(c.t) for c in cores]
     if any(s is None for s in sources):  # other layouts: packed contiguous, every call
         sources = [c.t.contiguous() for c in cores]
         layout = tuple((tuple(c.t.shape), s.stride(), c.o, c.i, c.spline) for c, s in zip(cores, sources))
-        return torch.cat([s.reshape(-1) for s in sources]), _chain_meta(layout)
+        return torch.cat([s.reshape(-1) for s in sources]), layout
     layout = tuple((tuple(c.t.shape), c.t.stride(), c.o, c.i, c.spline) for c in cores)
-    return derived("chain", sources, lambda: torch.cat([s.reshape(-1) for s in sources])), _chain_meta(layout)
+    return derived("chain", sources, lambda: torch.cat([s.reshape(-1) for s in sources])), layout
 
 
 CHAIN_SPLIT: int | None = None  # the forward chain kernel's split-K count for every config (tests); None: cost.chain_split
 
 
+class ChainLaunch(NamedTuple):
+    """What a forward chain launch passes besides its tensors and strides, for one layout of cores,
+    row count and dtype (``_chain_launch``)."""
+
+    consts: dict  # every constexpr but the config's: the cores' description, HAS_BIAS, STATE, PRECISION, tiles
+    table: dict  # config key (``chain.config_key``) -> (plan, split-K count)
+    most: int  # the largest split-K count, which sizes ``SplitSlots``
+    out_modes: tuple
+
+
 @functools.lru_cache(maxsize=1024)
-def _chain_splits(m: int, modes: tuple, keys: tuple, forced: int | None
-                  ) -> tuple[dict[tuple, tuple[cost.ChainPlan, int]], int]:
-    """({config key (``chain.config_key``): (plan, split-K count)} of the forward chain kernel's
-    configs ``keys`` on ``m`` rows, the count ``forced`` or else ``cost.chain_split``'s; the largest
-    count, which sizes ``SplitSlots``); cached: the launcher needs them on every call."""
+def _chain_launch(layout: tuple, m: int, dtype: torch.dtype, has_bias: bool, keys: tuple, forced: int | None
+                  ) -> ChainLaunch:
+    """The forward chain launch on ``m`` rows of cores laid out as ``layout`` (``_chain_args``), for
+    the kernel's configs ``keys``; split-K counts ``forced`` or else ``cost.chain_split``'s. Cached:
+    all of it is the same on every call of a layer at a row count."""
+    meta = _chain_meta(layout)
+    modes = meta["IN"], meta["OUT"], meta["RANK"]
     plans = {key: cost.chain_plan(*modes, *key) for key in keys}
     table = {key: (plan, forced or cost.chain_split(plan, m, *modes)) for key, plan in plans.items()}
-    return table, max(splits for _, splits in table.values())
+    return ChainLaunch({**meta, "HAS_BIAS": has_bias, **state_args(dtype), **launch_tiles(keys, modes)}, table,
+                       max(splits for _, splits in table.values()), modes[1])
 
 
 def chain_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None) -> torch.Tensor:
@@ -190,34 +203,34 @@ def chain_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None)
     Where the grid is small (``cost.chain_split``: split-K, the same for every config) the I_d
     chunks are split S ways: split s writes an fp32 partial y ``(M, O)`` to slot s of a
     ``SplitSlots`` buffer (``4 S M O`` bytes, within ``cost.CHAIN_PART_BYTES``), split 0 with the
-    bias, and the host sums the slots the launch wrote (one more launch, and a cast to x's dtype
-    for 16-bit x). Otherwise the kernel writes y."""
+    bias, and one more launch sums the slots the launch wrote into y in x's dtype
+    (``SplitSlots.sum``). Otherwise the kernel writes y."""
     m = x2.shape[0]
-    n_out = math.prod(c.o for c in cores)
+    packed, layout = _chain_args(cores)
+    launch = _chain_launch(layout, m, x2.dtype, bias is not None, config_keys(_chain_kernel), CHAIN_SPLIT)
+    table, out_modes = launch.table, launch.out_modes
+    n_out = math.prod(out_modes)
     if m == 0:
         return torch.empty(m, n_out, device=x2.device, dtype=x2.dtype)
-    packed, meta_args = _chain_args(cores)
-    modes = meta_args["IN"], meta_args["OUT"], meta_args["RANK"]
-    table, most = _chain_splits(m, modes, config_keys(_chain_kernel), CHAIN_SPLIT)
-    if most == 1:  # split-K for every config or for none
+    if launch.most == 1:  # split-K for every config or for none
         out, slots = torch.empty(m, n_out, device=x2.device, dtype=x2.dtype), None
     else:
-        slots = SplitSlots(_chain_kernel, lambda meta: table[meta["BM"], meta["BO1"], meta["BO2"], meta["CD"]][1], most)
+        slots = SplitSlots(_chain_kernel, lambda meta: table[meta["BM"], meta["BO1"], meta["BO2"], meta["CD"]][1],
+                           launch.most)
         out = slots.empty(m, n_out, device=x2.device)
 
     def grid(meta):
         plan, splits = table[meta["BM"], meta["BO1"], meta["BO2"], meta["CD"]]
         if slots is not None:
             slots(meta)
-        return cdiv(m, meta["BM"]), cdiv(modes[1][0], plan.no[0]), cdiv(modes[1][1], plan.no[1]) * splits
+        return cdiv(m, meta["BM"]), cdiv(out_modes[0], plan.no[0]), cdiv(out_modes[1], plan.no[1]) * splits
 
     _chain_kernel[grid](
         x2, packed, bias if bias is not None else out, out,
         m, m_bucket(m), x2.stride(0), x2.stride(1), 0 if slots is None else out.stride(0), out.stride(-2),
-        out.stride(-1), **meta_args, HAS_BIAS=bias is not None, **state_args(x2.dtype),
-        **launch_tiles(_chain_kernel, modes),
+        out.stride(-1), **launch.consts,
     )
-    return out if slots is None else cast(slots.sum(out), x2.dtype)
+    return out if slots is None else slots.sum(out, x2.dtype)
 
 
 GRAD_PROGRAMS = 2 if INTERPRET else cost.CHAIN_GRAD_PROGRAMS  # programs the gradient chain kernel's split aims at
@@ -246,11 +259,11 @@ def chain_grad(dy2: torch.Tensor, x2: torch.Tensor, cores: list[Core]) -> list[t
         launched.append(split(meta))  # the last is the launch that counts (after any autotuning)
         return launched[-1][1].grid
 
-    packed, meta_args = _chain_args(cores)
+    packed, layout = _chain_args(cores)
     _chain_grad_kernel[grid](
         x2, dy2, packed, part,
         m, m_bucket(m), x2.stride(0), x2.stride(1), dy2.stride(0), dy2.stride(1),
-        **meta_args, **state_args(x2.dtype), **launch_tiles(_chain_grad_kernel, modes),
+        **_chain_meta(layout), **state_args(x2.dtype), **launch_tiles(config_keys(_chain_grad_kernel), modes),
     )
     return _chain_grad_sum(part[:slots.used], *launched[-1], cores)
 
