@@ -180,27 +180,50 @@ def test_eager_op_leaves_modes_and_keywords_to_the_custom_op():
     assert "eager" not in type(y.grad_fn).__name__
 
 
-def test_ops_with_tensor_lists_run_directly_without_autograd_and_through_the_custom_op_with_it(monkeypatch):
+def test_ops_with_tensor_lists_take_the_eager_path_with_and_without_autograd(monkeypatch):
+    """A tensor-list argument is flattened into the eager Function and regrouped for the op's
+    function, setup and backward (``needs_input_grad`` with a list of flags for the list); the
+    gradients match the custom op's; an op returning a tensor list keeps the custom op with autograd."""
     @torch.library.custom_op("tspline_test::scaled_sum", mutates_args=())
-    def scaled_sum(xs: list[torch.Tensor], s: float) -> torch.Tensor:
-        return sum(xs) * s
+    def scaled_sum(x: torch.Tensor, xs: list[torch.Tensor], s: float) -> torch.Tensor:
+        return (x + sum(xs)) * s
 
     def setup(ctx, inputs, output):
-        ctx.n, ctx.s = len(inputs[0]), inputs[1]
+        ctx.n, ctx.s = len(inputs[1]), inputs[2]
 
-    register_autograd(scaled_sum, lambda ctx, g: ([g * ctx.s] * ctx.n, None), setup)
-    assert isinstance(scaled_sum, EagerOp) and scaled_sum._eager_function is None
+    needs = []
+
+    def backward(ctx, g):
+        needs.append(ctx.needs_input_grad)
+        return g * ctx.s, [g * ctx.s if need else None for need in ctx.needs_input_grad[1]], None
+
+    register_autograd(scaled_sum, backward, setup)
+    assert isinstance(scaled_sum, EagerOp) and scaled_sum._eager_function is not None
     dispatched = []
     custom_call = CustomOpDef.__call__
     monkeypatch.setattr(CustomOpDef, "__call__", lambda self, *a, **k: dispatched.append(1) or custom_call(self, *a, **k))
-    xs = [torch.randn(3, requires_grad=True) for _ in range(2)]
+    x = torch.randn(3, requires_grad=True)
+    xs = [torch.randn(3, requires_grad=True), torch.randn(3), torch.randn(3, requires_grad=True)]
     with torch.no_grad():
-        torch.testing.assert_close(scaled_sum(xs, 2.0), (xs[0] + xs[1]) * 2)
-    assert dispatched == []  # the direct call
-    y = scaled_sum(xs, 2.0)
-    assert dispatched == [1]  # a list argument needs the custom op's autograd
-    y.sum().backward()
-    torch.testing.assert_close(xs[1].grad, torch.full((3,), 2.0))
+        torch.testing.assert_close(scaled_sum(x, xs, 2.0), (x + xs[0] + xs[1] + xs[2]) * 2)
+    y = scaled_sum(x, xs, 3.0)
+    assert dispatched == [] and "eager" in type(y.grad_fn).__name__
+    eager = torch.autograd.grad(y, [x, xs[0], xs[2]], torch.arange(3.0))
+    via_op = torch.autograd.grad(torch.ops.tspline_test.scaled_sum(x, xs, 3.0), [x, xs[0], xs[2]], torch.arange(3.0))
+    assert needs == [(True, [True, False, True], False)] * 2
+    for a, b in zip(eager, via_op):
+        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a, torch.arange(3.0) * 3)
+
+    @torch.library.custom_op("tspline_test::split_two", mutates_args=())
+    def split_two(x: torch.Tensor) -> list[torch.Tensor]:
+        return [x * 1, x * 2]
+
+    register_autograd(split_two, lambda ctx, gs: gs[0] + 2 * gs[1], lambda ctx, inputs, output: None)
+    assert split_two._eager_function is None
+    dispatched.clear()
+    sum(split_two(x)).sum().backward()
+    assert dispatched == [1] and torch.equal(x.grad, torch.full((3,), 3.0))
 
 
 # ------------------------------------------------------------------------------- derived values

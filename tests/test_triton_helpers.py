@@ -76,10 +76,11 @@ def test_split_slots_sum_only_what_the_last_launch_wrote():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("shape, used", [((3, 5, 7), 3), ((1, 2500), 1), ((4, 1), 2), ((2, 0, 3), 2)])
+@pytest.mark.parametrize("shape, used", [((3, 5, 7), 3), ((1, 2500), 1), ((4, 1), 2), ((2, 0, 3), 2), ((3,), 2)])
 def test_split_slots_sum_kernel_adds_the_used_slots_in_order_and_casts(kernel_device, dtype, shape, used):
-    """The slot-sum kernel: the first ``used`` slots of a larger buffer, odd and empty sizes, more
-    than one program (2500 elements), its result cast to ``dtype`` once, fp32 added in slot order."""
+    """The slot-sum kernel: the first ``used`` slots of a larger buffer, odd, empty and scalar
+    sizes, more than one program (2500 elements), its result cast to ``dtype`` once, fp32 added in
+    slot order."""
     from tspline_kernels._triton import SplitSlots
 
     class Tuner:

@@ -110,6 +110,24 @@ def _eager_mode(args: tuple) -> str | None:
     return "autograd" if grad and torch.is_grad_enabled() else "direct"
 
 
+def _is_tensor_list(t: torch.Type) -> bool:
+    return isinstance(t, torch.ListType) and t.getElementType().isSubtypeOf(torch.TensorType.get())
+
+
+def _grouped(spec: tuple[int | None, ...], flat) -> list:
+    """``flat`` regrouped as the op's arguments: entry k is a list of the next ``spec[k]`` items
+    where ``spec[k]`` is a length, else the next item."""
+    args, k = [], 0
+    for length in spec:
+        if length is None:
+            args.append(flat[k])
+            k += 1
+        else:
+            args.append(list(flat[k:k + length]))
+            k += length
+    return args
+
+
 class EagerOp(CustomOpDef):
     """A custom op whose plain eager calls (:func:`_eager_mode`, every argument given
     positionally) skip torch.library's dispatch: without autograd they call the op's function
@@ -117,38 +135,69 @@ class EagerOp(CustomOpDef):
     function, ``setup_context`` and registered backward. Anything else (``torch.compile``,
     ``torch.export``, ``opcheck``, vmap, fake or DTensor inputs, keyword arguments) calls the
     custom op itself, so traces, fake implementations and schema checks see it as before.
-    Ops taking tensor lists take the direct path only: with autograd they keep the custom op's
-    (a Function only tracks top-level tensors)."""
+    A Function only tracks top-level tensors, so an op taking tensor lists (TT cores) gets them
+    flattened into its Function's arguments, after a spec of the list lengths, and regrouped for
+    its function, ``setup_context`` (``ctx.needs_input_grad`` too: a list of flags per list, as
+    torch.library gives it) and backward; an op returning a tensor list takes the direct path only."""
 
     _eager_function: type[torch.autograd.Function] | None
     _eager_arity: int
+    _eager_lists: bool
 
     @classmethod
     def install(cls, op: CustomOpDef, setup: Callable, backward: Callable) -> None:
         """Give ``op`` (the ``torch.library.custom_op`` object, so every caller gets it) the eager
-        path; calls with autograd only where no argument is a tensor list."""
-        arguments = op._opoverload._schema.arguments
+        path; calls with autograd only where it returns no tensor list."""
+        schema = op._opoverload._schema
         op.__class__ = cls
-        op._eager_function, op._eager_arity = None, len(arguments)
-        if any(isinstance(a.type, torch.ListType) and a.type.getElementType().isSubtypeOf(torch.TensorType.get())
-               for a in arguments):
+        op._eager_function, op._eager_arity = None, len(schema.arguments)
+        op._eager_lists = any(_is_tensor_list(a.type) for a in schema.arguments)
+        if any(_is_tensor_list(r.type) for r in schema.returns):
             return
         fn = op._init_fn
+        if op._eager_lists:
+            def forward(ctx, spec, *flat):
+                args = _grouped(spec, flat)
+                ctx.eager_spec = spec
+                ctx.needs_input_grad = tuple(_grouped(spec, ctx.needs_input_grad[1:]))
+                out = fn(*args)
+                setup(ctx, args, out)
+                return out
 
-        def forward(ctx, *args):
-            out = fn(*args)
-            setup(ctx, args, out)
-            return out
+            def flat_backward(ctx, *grads):
+                flat: list = [None]  # the spec's
+                for length, g in zip(ctx.eager_spec, backward(ctx, *grads)):
+                    if length is None:
+                        flat.append(g)
+                    else:
+                        flat.extend([None] * length if g is None else g)
+                return tuple(flat)
+        else:
+            def forward(ctx, *args):
+                out = fn(*args)
+                setup(ctx, args, out)
+                return out
 
+            flat_backward = backward
         # built by name so that its graph nodes read "<op>_eagerBackward"
         op._eager_function = type(f"{op._name}_eager", (torch.autograd.Function,),
-                                  {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+                                  {"forward": staticmethod(forward), "backward": staticmethod(flat_backward)})
 
     def __call__(self, *args, **kwargs):
         mode = None if kwargs or len(args) != self._eager_arity else _eager_mode(args)
         if mode is None or (mode == "autograd" and self._eager_function is None):
             return super().__call__(*args, **kwargs)
-        return self._eager_function.apply(*args) if mode == "autograd" else self._init_fn(*args)
+        if mode == "direct":
+            return self._init_fn(*args)
+        if not self._eager_lists:
+            return self._eager_function.apply(*args)
+        flat = []
+        for a in args:
+            if type(a) is list:
+                flat.extend(a)
+            else:
+                flat.append(a)
+        return self._eager_function.apply(tuple(len(a) if type(a) is list else None for a in args), *flat)
 
 
 _UNSAFE_VIEW = torch.ops.aten._unsafe_view.default

@@ -289,7 +289,7 @@ def decoupled_mlp(x: torch.Tensor, v: torch.Tensor, w: torch.Tensor, coef: torch
     x2 = flatten(x)
     m, k = x2.shape
     n, r = w.shape
-    y = torch.empty((*x.shape[:-1], n), device=x.device, dtype=x.dtype)  # final shape: no view to re-label
+    y = torch.empty(*x.shape[:-1], n, device=x.device, dtype=x.dtype)  # final shape: no view to re-label
     if m > 0 and n > 0:
         grid = lambda meta: (cdiv(m, meta["BM"]), cdiv(n, meta["BN"]))  # noqa: E731
         _decoupled_fwd_kernel[grid](
@@ -317,9 +317,9 @@ def decoupled_mlp_backward(
     n, r = w.shape
     kb = coef.shape[1]
     # final shapes, contiguous
-    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype) if need_input else x.new_empty(0)
-    g = torch.empty((*x.shape[:-1], r), device=x.device, dtype=torch.float32)
-    dz = torch.empty((*x.shape[:-1], r), device=x.device, dtype=torch.float32)
+    dx = torch.empty(*x.shape, device=x.device, dtype=x.dtype) if need_input else x.new_empty(0)
+    g = torch.empty(*x.shape[:-1], r, device=x.device, dtype=torch.float32)
+    dz = torch.empty(*x.shape[:-1], r, device=x.device, dtype=torch.float32)
     if m == 0:
         dcoef = torch.zeros(r, kb, device=x.device, dtype=torch.float32)
     else:

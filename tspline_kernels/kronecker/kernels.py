@@ -199,7 +199,7 @@ def kronecker_linear(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: to
     m = x2.shape[0]
     (m1, n1), (m2, n2) = a.shape, b.shape
     # allocated in its final shape, contiguous: no view for the op to re-label
-    y = torch.empty((*x.shape[:-1], m1 * m2), device=x.device, dtype=x.dtype)
+    y = torch.empty(*x.shape[:-1], m1 * m2, device=x.device, dtype=x.dtype)
     if m > 0:
         grid = lambda meta: (cdiv(m, meta["BM"]),)  # noqa: E731
         _kron_fwd_kernel[grid](

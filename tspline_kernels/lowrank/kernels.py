@@ -218,8 +218,8 @@ def lowrank_linear(
     m, k = x2.shape
     n, r = b.shape
     # allocated in their final shape, contiguous (rows m * n apart): no view for the op to re-label
-    y = torch.empty((*x.shape[:-1], n), device=x.device, dtype=x.dtype)
-    t = torch.empty((*x.shape[:-1], r), device=x.device, dtype=torch.float32)
+    y = torch.empty(*x.shape[:-1], n, device=x.device, dtype=x.dtype)
+    t = torch.empty(*x.shape[:-1], r, device=x.device, dtype=torch.float32)
     if m > 0:
         grid = lambda meta: (cdiv(m, meta["BM"]), meta["N_SPLIT"])  # noqa: E731
         _lowrank_fwd_kernel[grid](

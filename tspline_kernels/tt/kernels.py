@@ -74,6 +74,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import operator
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
@@ -156,17 +157,27 @@ def _chain_meta(layout: tuple) -> dict:
                 OFFS=tuple(itertools.accumulate((c.t.numel() for c in cores[:-1]), initial=0)))
 
 
-def _chain_args(cores: list[Core]) -> tuple[torch.Tensor, tuple]:
-    """The cores (or spline control tensors) packed into one contiguous buffer (core-sized, not W),
-    each in its memory order, and their layout, the key of the chain kernels' constexpr description
-    (``_chain_meta``: each core's strides in the buffer). W.T's cores (views) share W's buffer;
-    cached per parameter version (``derived``)."""
+def _chain_layout(cores: list[Core]) -> tuple[list[torch.Tensor] | None, tuple]:
+    """(each core (or spline control tensor) in its memory order, None where one is in neither;
+    the layout of the chain kernels' packed buffer, each core's ``(shape, strides, o, i, spline)``
+    in it, contiguous where not in memory order: the key of ``_chain_meta``). No copy."""
     sources = [_memory_order(c.t) for c in cores]
-    if any(s is None for s in sources):  # other layouts: packed contiguous, every call
-        sources = [c.t.contiguous() for c in cores]
-        layout = tuple((tuple(c.t.shape), s.stride(), c.o, c.i, c.spline) for c, s in zip(cores, sources))
-        return torch.cat([s.reshape(-1) for s in sources]), layout
-    layout = tuple((tuple(c.t.shape), c.t.stride(), c.o, c.i, c.spline) for c in cores)
+    if any(s is None for s in sources):
+        return None, tuple((tuple(c.t.shape), _contiguous_strides(c.t.shape), c.o, c.i, c.spline) for c in cores)
+    return sources, tuple((tuple(c.t.shape), c.t.stride(), c.o, c.i, c.spline) for c in cores)
+
+
+def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
+    return tuple(itertools.accumulate(reversed(shape[1:]), operator.mul, initial=1))[::-1]
+
+
+def _chain_args(cores: list[Core], chain_layout: tuple | None = None) -> tuple[torch.Tensor, tuple]:
+    """The cores packed into one contiguous buffer (core-sized, not W) as ``_chain_layout`` (given,
+    or computed here) lays them out, and that layout. Cores in memory order are cached per parameter
+    version (``derived``; W.T's cores, views of W's, share W's buffer); others packed every call."""
+    sources, layout = chain_layout or _chain_layout(cores)
+    if sources is None:
+        return torch.cat([c.t.reshape(-1) for c in cores]), layout  # reshape copies in C order
     return derived("chain", sources, lambda: torch.cat([s.reshape(-1) for s in sources])), layout
 
 
@@ -197,8 +208,10 @@ def _chain_launch(layout: tuple, m: int, dtype: torch.dtype, has_bias: bool, key
                        max(splits for _, splits in table.values()), modes[1])
 
 
-def chain_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None) -> torch.Tensor:
-    """y = x2 @ W.T + bias by one ``_chain_kernel`` launch; x2 ``(M, I)`` -> ``(M, O)``.
+def chain_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None,
+                 plan: tuple[tuple, ChainLaunch] | None = None) -> torch.Tensor:
+    """y = x2 @ W.T + bias by one ``_chain_kernel`` launch; x2 ``(M, I)`` -> ``(M, O)``; ``plan``:
+    the cores' ``_chain_layout`` and the ``_chain_launch`` where the caller has them.
 
     Where the grid is small (``cost.chain_split``: split-K, the same for every config) the I_d
     chunks are split S ways: split s writes an fp32 partial y ``(M, O)`` to slot s of a
@@ -206,8 +219,11 @@ def chain_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None)
     bias, and one more launch sums the slots the launch wrote into y in x's dtype
     (``SplitSlots.sum``). Otherwise the kernel writes y."""
     m = x2.shape[0]
-    packed, layout = _chain_args(cores)
-    launch = _chain_launch(layout, m, x2.dtype, bias is not None, config_keys(_chain_kernel), CHAIN_SPLIT)
+    if plan is None:
+        packed, layout = _chain_args(cores)
+        launch = _chain_launch(layout, m, x2.dtype, bias is not None, config_keys(_chain_kernel), CHAIN_SPLIT)
+    else:
+        packed, launch = _chain_args(cores, plan[0])[0], plan[1]
     table, out_modes = launch.table, launch.out_modes
     n_out = math.prod(out_modes)
     if m == 0:
@@ -359,10 +375,11 @@ def chain_fits(modes: tuple, grad: bool = False, elt: int = 2) -> bool:
     return bool(cost.chain_plans(*modes, config_keys(_chain_grad_kernel if grad else _chain_kernel), grad, elt))
 
 
-def contract_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None, modes: tuple) -> torch.Tensor:
-    """y = x2 @ W.T + bias by the chain kernel where it fits, else by d step launches (``modes``: the
-    cores' ``core_modes``)."""
-    return chain_linear(x2, cores, bias) if chain_fits(modes) else steps_linear(x2, cores, bias)
+def contract_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None,
+                    plan: tuple[tuple, ChainLaunch] | None) -> torch.Tensor:
+    """y = x2 @ W.T + bias by the chain kernel where it fits (``plan``: as ``chain_linear`` takes
+    it), else (None) by d step launches."""
+    return chain_linear(x2, cores, bias, plan) if plan is not None else steps_linear(x2, cores, bias)
 
 
 def steps_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None) -> torch.Tensor:
@@ -570,16 +587,34 @@ def _strategy(strategy: str, m: int, modes: tuple, dtype: torch.dtype, backward:
     return cost.resolve(strategy, m, *modes, dtype.itemsize, backward, state_elt(dtype))
 
 
+@functools.lru_cache(maxsize=1024)
+def _forward_path(layout: tuple, m: int, dtype: torch.dtype, has_bias: bool, strategy: str, keys: tuple,
+                  forced: int | None, limit: int) -> str | ChainLaunch:
+    """How the forward runs on ``m`` rows of cores laid out as ``layout`` (``_chain_layout``):
+    "rebuild", "steps" or the chain kernel's ``ChainLaunch``. Cached, with everything it reads that
+    tests change (the chain configs' ``keys``, the ``CHAIN_SPLIT`` count ``forced`` and ``limit``,
+    ``cost.CHAIN_MAX_TILE``) in the key: a layer asks on every call."""
+    meta = _chain_meta(layout)
+    modes = meta["IN"], meta["OUT"], meta["RANK"]
+    if _strategy(strategy, m, modes, dtype) == "rebuild":
+        return "rebuild"
+    if not chain_fits(modes):
+        return "steps"
+    return _chain_launch(layout, m, dtype, has_bias, keys, forced)
+
+
 def cores_linear(x: torch.Tensor, cores: list[Core], bias: torch.Tensor | None, strategy: str) -> torch.Tensor:
     """y = x @ W.T + bias for x ``(*, I)`` -> ``(*, O)`` with the strategy ``strategy`` resolves to;
     plain or spline cores (rebuild forms the core-sized spline cores first)."""
     check_inputs(x, *(c.t for c in cores), bias)
     x2 = flatten(x)
-    modes = core_modes(cores)
-    if _strategy(strategy, x2.shape[0], modes, x.dtype) == "rebuild":
+    layout = _chain_layout(cores)
+    path = _forward_path(layout[1], x2.shape[0], x.dtype, bias is not None, strategy, config_keys(_chain_kernel),
+                         CHAIN_SPLIT, cost.CHAIN_MAX_TILE)
+    if path == "rebuild":
         y = rebuild_linear(x2, dense_cores(cores), bias)
     else:
-        y = contract_linear(x2, cores, bias, modes)
+        y = contract_linear(x2, cores, bias, None if path == "steps" else (layout, path))
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[1])  # no view of y to re-label (ops' owned)
 
 
