@@ -101,6 +101,16 @@ def merged_modes(in_modes: tuple[int, ...], out_modes: tuple[int, ...], ranks: t
             ranks[:-2] + (1,))
 
 
+def merge_cores(cores: list[torch.Tensor]) -> torch.Tensor:
+    """One core ``(r_0, prod O_k, prod I_k, r_d)`` equal to the TT product of ``cores`` (each merged
+    mode index row-major, the first core's most significant, as in W's rows and columns)."""
+    out = cores[0]
+    for c in cores[1:]:
+        r0, o, i, _ = out.shape
+        out = torch.einsum("aoib,bpjc->aopijc", out, c).reshape(r0, o * c.shape[1], i * c.shape[2], c.shape[3])
+    return out
+
+
 def _merge_last(cores: list[torch.Tensor]) -> list[torch.Tensor]:
     """The same TT matrix with the last two cores merged, ``(r_{d-2}, O_{d-1} O_d, I_{d-1} I_d, 1)``,
     where ``merged_modes`` merges them; otherwise ``cores`` unchanged."""

@@ -782,3 +782,84 @@ def test_chain_split_policy_for_the_benchmark_shapes():
         assert cost.chain_cost(16, ins, outs, ranks).launches == 2
         assert cost.chain_cost(16, ins, outs, ranks, elt=4).launches == 2
         assert cost.chain_cost(8192, ins, outs, ranks).launches == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# the Kronecker-sum forward: cores merged into two halves, W = sum_a A_a (x) B_a, rows stacked in
+# the MMA M dimension (forced here; the cost model picks it for 8^4 from a few hundred rows)
+# ----------------------------------------------------------------------------------------------
+KRONSUM = {"d2-3x5-7x2-r3": TT["d2-3x5-7x2-r3"], "d3-3x2x5-r23": TT["d3-3x2x5-r23"],
+           "d4-2x3x2x3-r213": TT["d4-2x3x2x3-r213"], "d4-alternating-1": DEGENERATE["d4-alternating-1"],
+           "d2-all-1": DEGENERATE["d2-all-1"], "d3-first-1": DEGENERATE["d3-first-1"]}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("lead", [(1,), (7,), (2, 3)], ids=["one-row", "7-rows", "3d"])
+@pytest.mark.parametrize("name", list(KRONSUM), ids=list(KRONSUM))
+def test_kronsum_forward(name, lead, dtype, spy, monkeypatch, kernel_device):
+    monkeypatch.setattr(kernels, "KRONSUM", True)
+    calls = spy(kernels, "kronsum_linear")
+    forbid(monkeypatch, "chain_linear", "steps_linear", "rebuild_linear")
+    layer = TTLinear(*KRONSUM[name], bias=lead != (7,), strategy="contract").to(kernel_device, dtype)
+    assert_forward_agrees(layer, inputs(layer, lead, kernel_device, dtype)[0], dtype)
+    assert calls == ["kronsum_linear"]
+
+
+def assert_forward_agrees(layer, x, dtype) -> None:
+    """y of the kernels against the reference's (inference: no backward runs), ``dtype``'s tolerances."""
+    with torch.no_grad():
+        with backend("triton"):
+            y = layer(x)
+        with backend("reference"):
+            want = layer(x)
+    assert y.dtype == want.dtype and y.shape == want.shape
+    assert_close(y, want, dtype, name="y")
+
+
+def test_kronsum_forward_then_the_contract_backward(spy, monkeypatch, kernel_device):
+    """Training through it: the forward by the Kronecker-sum kernel, dx and every core gradient by
+    the contract backward; merged cores rebuilt after an in-place update of one core."""
+    monkeypatch.setattr(kernels, "KRONSUM", True)
+    calls = spy(kernels, "kronsum_linear")
+    layer = TTLinear(*TT["d4-2x3x2x3-r213"], strategy="contract").to(kernel_device)
+    assert_backends_agree(layer, *inputs(layer, (2, 5), kernel_device, torch.float32), torch.float32)
+    with torch.no_grad():
+        layer.cores[3].mul_(-2)
+    assert_backends_agree(layer, *inputs(layer, (4,), kernel_device, torch.float32), torch.float32)
+    assert calls == ["kronsum_linear"] * 2
+
+
+def test_kronsum_empty_batch(monkeypatch, kernel_device):
+    monkeypatch.setattr(kernels, "KRONSUM", True)
+    check_empty_batch(TTLinear(*TT["d3-3x2x5-r23"], strategy="contract").to(kernel_device), kernel_device, "triton")
+
+
+def test_kronsum_8x8x8x8_rank_8(monkeypatch, kernel_device):
+    """The goal row's layer (64 x 64 halves, full tiles) on a few rows, bf16 and fp32."""
+    monkeypatch.setattr(kernels, "KRONSUM", True)
+    for dtype in (torch.float32, torch.bfloat16):
+        layer = TTLinear((8,) * 4, (8,) * 4, 8, strategy="contract").to(kernel_device, dtype)
+        assert_forward_agrees(layer, inputs(layer, (3,), kernel_device, dtype)[0], dtype)
+
+
+def test_kronsum_policy_and_launches():
+    """The cost model runs the Kronecker-sum kernel for 8^4 rank 8 from a wave of row blocks on,
+    never for 16^3 rank 16 (a 256 x 256 half does not fit), the chain kernel below; its cost counts
+    the one launch the launcher makes (merged cores cached)."""
+    cost = kernels.cost
+    e8, e16 = ((8,) * 4, (8,) * 4, (1, 8, 8, 8, 1)), ((16,) * 3, (16,) * 3, (1, 16, 16, 1))
+    assert cost.kronsum_plan(*e8) == cost.KronsumPlan(2, (8, 64, 64, 64, 64), (64, 64, 64, 64))
+    assert cost.kronsum_plan(*e16) is None
+    assert [cost.contract_path(m, *e8) for m in (16, cost.KRONSUM_MIN_ROWS, 8192)] == ["chain", "kronsum", "kronsum"]
+    assert cost.contract_path(8192, *e16) == "chain"
+    assert cost.kronsum_flops(cost.kronsum_plan(*e8), 8192) == 2 * 8192 * 8 * 2 * 64 ** 3  # 68.7 GFLOP
+    m = cost.KRONSUM_MIN_ROWS
+    layer = TTLinear(*e8[:2], 8, strategy="contract")
+    cores = kernels.plain_cores([c.detach() for c in layer.cores])
+    x = torch.randn(m, 4096)
+    with stubbed_launches() as launches:
+        kernels.cores_linear(x, cores, None, "contract")  # merges the cores
+        launches.clear()
+        kernels.cores_linear(x, cores, None, "contract")
+    assert [launch.kernel for launch in launches] == ["_kronsum_kernel"]
+    assert cost.forward_cost("contract", m, *e8, 4).launches == 1

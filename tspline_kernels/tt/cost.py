@@ -300,9 +300,76 @@ def chain_cost(m: int, in_modes, out_modes, ranks, elt: int = 2, grad: bool = Fa
     return best
 
 
-def contract_cost(m: int, in_modes, out_modes, ranks, elt: int = 2, state_elt: int | None = None) -> Cost:
-    """Forward (or, with the modes swapped, dx) by sequential contraction: the chain kernel where
-    it fits, else the step kernels."""
+# the Kronecker-sum kernel (``tt/kronsum.py``): its largest fp32 register tile, and the row blocks
+# (of 2 rows) it needs to fill the GPU; below that the chain kernel's split-K serves few rows better
+KRONSUM_ACC_LIMIT = 8192
+KRONSUM_MIN_ROWS = 2 * SMS
+
+
+@dataclass(frozen=True)
+class KronsumPlan:
+    """Cores 1..cut and cut+1..d merged into A ``(1, O_a, I_a, R)`` and B ``(R, O_b, I_b, 1)``;
+    ``sizes`` = (R, O_a, I_a, O_b, I_b) and ``padded`` their padded mode sizes."""
+
+    cut: int
+    sizes: tuple[int, int, int, int, int]
+    padded: tuple[int, int, int, int]
+
+
+def kronsum_plan(in_modes, out_modes, ranks) -> KronsumPlan | None:
+    """The Kronecker-sum kernel's cut with the fewest executed FLOPs among those whose merged,
+    padded modes fit its register tiles (``KRONSUM_ACC_LIMIT``: 64 x 64 halves at most, or
+    128 x 32 ones); None if none does (or d = 1)."""
+    best = None
+    for c in range(1, len(in_modes)):
+        o_a, i_a, o_b, i_b = (math.prod(out_modes[:c]), math.prod(in_modes[:c]), math.prod(out_modes[c:]),
+                              math.prod(in_modes[c:]))
+        m1p, n1p, m2p, n2p = (max(16, _next_pow2(n)) for n in (o_a, i_a, o_b, i_b))
+        # fp32 V and accumulator tiles; the 16-bit x, A_a and B_a tiles at most twice as many elements
+        if max(n1p, m1p) * m2p > KRONSUM_ACC_LIMIT or max(n1p * n2p, n2p * m2p, n1p * m1p) > 2 * KRONSUM_ACC_LIMIT:
+            continue
+        plan = KronsumPlan(c, (ranks[c], o_a, i_a, o_b, i_b), (m1p, n1p, m2p, n2p))
+        if best is None or kronsum_flops(plan, 1) < kronsum_flops(best, 1):
+            best = plan
+    return best
+
+
+def kronsum_flops(plan: KronsumPlan, m: int) -> float:
+    """Executed FLOPs of the Kronecker-sum kernel on m rows (padded sizes)."""
+    m1p, n1p, m2p, n2p = plan.padded
+    return 2.0 * m * plan.sizes[0] * (n1p * n2p * m2p + m2p * n1p * m1p)
+
+
+def kronsum_cost(m: int, in_modes, out_modes, ranks, elt: int = 2) -> Cost | None:
+    """Forward by the Kronecker-sum kernel (its merged cores cached per parameter version, like the
+    chain kernel's packed cores: no launch); None where no cut fits or below ``KRONSUM_MIN_ROWS``."""
+    plan = kronsum_plan(in_modes, out_modes, ranks)
+    if plan is None or m < KRONSUM_MIN_ROWS:
+        return None
+    r, o_a, i_a, o_b, i_b = plan.sizes
+    programs = math.ceil(m / 2)
+    merged = r * (o_a * i_a + o_b * i_b)
+    return _launch(kronsum_flops(plan, m), float(elt * (m * (i_a * i_b + o_a * o_b) + merged)), programs,
+                   l2_bytes=float(elt * merged * programs))
+
+
+def contract_path(m: int, in_modes, out_modes, ranks, elt: int = 2, state_elt: int | None = None) -> str:
+    """Which kernel the contract forward runs (by the model's time): "kronsum", "chain" or "steps"."""
+    chain = chain_cost(m, in_modes, out_modes, ranks, elt, state_elt=state_elt)
+    kron = kronsum_cost(m, in_modes, out_modes, ranks, elt)
+    if kron is not None and (chain is None or kron.seconds < chain.seconds):
+        return "kronsum"
+    return "steps" if chain is None else "chain"
+
+
+def contract_cost(m: int, in_modes, out_modes, ranks, elt: int = 2, state_elt: int | None = None,
+                  kronsum: bool = True) -> Cost:
+    """Forward (or, with the modes swapped and ``kronsum`` off, dx) by sequential contraction: the
+    Kronecker-sum kernel where it fits and is faster (``contract_path``), else the chain kernel
+    where it fits, else the step kernels."""
+    path = contract_path(m, in_modes, out_modes, ranks, elt, state_elt) if kronsum else "chain"
+    if path == "kronsum":
+        return kronsum_cost(m, in_modes, out_modes, ranks, elt)
     return (chain_cost(m, in_modes, out_modes, ranks, elt, state_elt=state_elt)
             or steps_cost(m, in_modes, out_modes, ranks, elt, state_elt))
 
@@ -522,7 +589,7 @@ def grad_cost(strategy: str, m: int, in_modes, out_modes, ranks, elt: int = 2, s
                          SMS, launches=2)
         return total + copies + _rebuild_product_cost(m, out_modes, in_modes, ranks, elt, state_elt)
     if chain_cost(m, in_modes, out_modes, ranks, elt, grad=True, state_elt=state_elt) is not None:
-        return total + contract_cost(m, out_modes, in_modes, ranks, elt, state_elt)
+        return total + contract_cost(m, out_modes, in_modes, ranks, elt, state_elt, kronsum=False)
     return total + Cost(0.0, 0.0, 1, LAUNCH_S)
 
 

@@ -29,7 +29,11 @@ Notation: d cores ``(r_{k-1}, O_k, I_k, r_k)``, ``O = prod O_k``, ``I = prod I_k
     ``cost.CHAIN_GRAD_PART_BYTES`` (``cost.grad_split``) or, where one group and split per O block
     already exceed it, take that least split: 3.5-5.1 MiB for 16^3 rank 16 and 2.1-3.2 MiB for 8^4
     rank 8 (bf16, per config, at any M). About 3x the forward chain's FLOPs.
-  - Both are used where one of ``cost.CHAIN_CONFIGS`` fits ``cost.CHAIN_MAX_TILE`` register
+  - Forward on many rows where the cores split into two halves with small merged modes (8^4),
+    the Kronecker-sum kernel instead (``kronsum.py``, 1 launch, ``cost.contract_path``): the halves
+    merged on the host (core-sized, cached per parameter version), W = sum_a A_a (x) B_a with rows
+    in the MMA M dimension; 2 M R (I_a I_b O_b + O_b I_a O_a) FLOPs (0.4x the chain's for 8^4 r8).
+  - Both chain kernels are used where one of ``cost.CHAIN_CONFIGS`` fits ``cost.CHAIN_MAX_TILE`` register
     elements (``chain_fits``; the gradient also needs its accumulators to fit): the benchmark
     shapes do; a middle core with ``r_{k-1} I_k`` and ``O_k r_k`` both in the thousands does not.
     Otherwise ``_step_kernel`` (d launches): step k is the batched product
@@ -87,6 +91,7 @@ from .._triton import INTERPRET, SplitSlots, cdiv, check_inputs, dot_precision, 
 from ..reference import tt as ref
 from . import cost
 from .chain import _chain_grad_kernel, _chain_kernel, config_keys, launch_tiles
+from .kronsum import _kronsum_kernel
 from .rebuild import _rebuild_grad_kernel, _rebuild_kernel, _rebuild_slice_kernel, rebuild_tiles
 from .steps import _grad_step_kernel, _step_kernel
 from .tiles import Core, core_modes, state_args, state_elt
@@ -126,7 +131,8 @@ def derived(kind: Hashable, tensors: list[torch.Tensor], build: Callable[[], obj
         return hit[2]
     with torch.no_grad():  # an autograd graph would keep the tensors alive (the ops' gradients are explicit)
         value = build()
-    drop = lambda _: _derived.pop(key, None)  # noqa: E731
+    table = _derived  # the callback may run at interpreter exit, after the module's globals are cleared
+    drop = lambda _: table.pop(key, None)  # noqa: E731
     _derived[key] = ([weakref.ref(r, drop) for r in roots], state, value)
     _derived.move_to_end(key)
     while len(_derived) > DERIVED_SIZE:
@@ -376,10 +382,34 @@ def chain_fits(modes: tuple, grad: bool = False, elt: int = 2) -> bool:
 
 
 def contract_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None,
-                    plan: tuple[tuple, ChainLaunch] | None) -> torch.Tensor:
-    """y = x2 @ W.T + bias by the chain kernel where it fits (``plan``: as ``chain_linear`` takes
-    it), else (None) by d step launches."""
-    return chain_linear(x2, cores, bias, plan) if plan is not None else steps_linear(x2, cores, bias)
+                    path: str | ChainLaunch | cost.KronsumPlan, layout: tuple | None = None) -> torch.Tensor:
+    """y = x2 @ W.T + bias by the path ``_forward_path`` found: the Kronecker-sum kernel (its plan),
+    the chain kernel (its launch, with the cores' ``_chain_layout``) or d step launches ("steps")."""
+    if isinstance(path, cost.KronsumPlan):
+        return kronsum_linear(x2, cores, bias, path)
+    return steps_linear(x2, cores, bias) if path == "steps" else chain_linear(x2, cores, bias, (layout, path))
+
+
+def kronsum_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None, plan: cost.KronsumPlan
+                   ) -> torch.Tensor:
+    """y = x2 @ W.T + bias by one ``_kronsum_kernel`` launch on the cores merged at ``plan.cut``
+    (plain cores; merged in fp32, in x's dtype, cached per parameter version); x2 ``(M, I)``."""
+    c = plan.cut
+    a, b = derived(("kronsum", c, x2.dtype), [k.t for k in cores], lambda: (
+        ref.merge_cores([k.t.float() for k in cores[:c]]).to(x2.dtype),
+        ref.merge_cores([k.t.float() for k in cores[c:]]).to(x2.dtype)))
+    m = x2.shape[0]
+    r, m1, n1, m2, n2 = plan.sizes
+    y = torch.empty(m, m1 * m2, device=x2.device, dtype=x2.dtype)
+    if m > 0:
+        m1p, n1p, m2p, n2p = plan.padded
+        _kronsum_kernel[lambda meta: (cdiv(m, meta["BM"]),)](
+            x2, a, b, bias if bias is not None else y, y,
+            m, r, m1, n1, m2, n2, m_bucket(m), x2.stride(0), x2.stride(1), y.stride(0), y.stride(1),
+            a.stride(1), a.stride(2), a.stride(3), b.stride(0), b.stride(1), b.stride(2),
+            HAS_BIAS=bias is not None, M1P=m1p, N1P=n1p, M2P=m2p, N2P=n2p, PRECISION=dot_precision(x2.dtype),
+        )
+    return y
 
 
 def steps_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None) -> torch.Tensor:
@@ -587,17 +617,25 @@ def _strategy(strategy: str, m: int, modes: tuple, dtype: torch.dtype, backward:
     return cost.resolve(strategy, m, *modes, dtype.itemsize, backward, state_elt(dtype))
 
 
+KRONSUM: bool | None = None  # force the Kronecker-sum forward where it fits (True) or never (False) (tests); None: cost
+
+
 @functools.lru_cache(maxsize=1024)
 def _forward_path(layout: tuple, m: int, dtype: torch.dtype, has_bias: bool, strategy: str, keys: tuple,
-                  forced: int | None, limit: int) -> str | ChainLaunch:
+                  forced: int | None, limit: int, kronsum: bool | None) -> str | ChainLaunch | cost.KronsumPlan:
     """How the forward runs on ``m`` rows of cores laid out as ``layout`` (``_chain_layout``):
-    "rebuild", "steps" or the chain kernel's ``ChainLaunch``. Cached, with everything it reads that
-    tests change (the chain configs' ``keys``, the ``CHAIN_SPLIT`` count ``forced`` and ``limit``,
-    ``cost.CHAIN_MAX_TILE``) in the key: a layer asks on every call."""
+    "rebuild", the Kronecker-sum kernel's plan (plain cores, ``kronsum`` or else
+    ``cost.contract_path``), "steps" or the chain kernel's ``ChainLaunch``. Cached, with everything
+    it reads that tests change (the chain configs' ``keys``, the ``CHAIN_SPLIT`` count ``forced``,
+    ``limit``, ``cost.CHAIN_MAX_TILE``, and ``KRONSUM``) in the key: a layer asks on every call."""
     meta = _chain_meta(layout)
     modes = meta["IN"], meta["OUT"], meta["RANK"]
     if _strategy(strategy, m, modes, dtype) == "rebuild":
         return "rebuild"
+    plan = None if meta["SPLINE"] else cost.kronsum_plan(*modes)
+    if plan is not None and (kronsum if kronsum is not None else
+                             cost.contract_path(m, *modes, dtype.itemsize, state_elt(dtype)) == "kronsum"):
+        return plan
     if not chain_fits(modes):
         return "steps"
     return _chain_launch(layout, m, dtype, has_bias, keys, forced)
@@ -610,11 +648,11 @@ def cores_linear(x: torch.Tensor, cores: list[Core], bias: torch.Tensor | None, 
     x2 = flatten(x)
     layout = _chain_layout(cores)
     path = _forward_path(layout[1], x2.shape[0], x.dtype, bias is not None, strategy, config_keys(_chain_kernel),
-                         CHAIN_SPLIT, cost.CHAIN_MAX_TILE)
+                         CHAIN_SPLIT, cost.CHAIN_MAX_TILE, KRONSUM)
     if path == "rebuild":
         y = rebuild_linear(x2, dense_cores(cores), bias)
     else:
-        y = contract_linear(x2, cores, bias, None if path == "steps" else (layout, path))
+        y = contract_linear(x2, cores, bias, path, layout)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[1])  # no view of y to re-label (ops' owned)
 
 
