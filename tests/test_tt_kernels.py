@@ -863,3 +863,36 @@ def test_kronsum_policy_and_launches():
         kernels.cores_linear(x, cores, None, "contract")
     assert [launch.kernel for launch in launches] == ["_kronsum_kernel"]
     assert cost.forward_cost("contract", m, *e8, 4).launches == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", ["d3-3x2x5-r23", "d4-2x3x2x3-r213"])
+def test_kronsum_dx_of_the_rebuild_backward(name, dtype, spy, monkeypatch, kernel_device):
+    """rebuild's backward with dx by the Kronecker-sum kernel on W's merged halves read transposed
+    (the product with W.T not launched); the core gradients by rebuild as before."""
+    monkeypatch.setattr(kernels, "KRONSUM", True)
+    calls = spy(kernels, "kronsum_linear", "rebuild_grad")
+    layer = TTLinear(*TT[name], strategy="rebuild").to(kernel_device, dtype)
+    assert_backends_agree(layer, *inputs(layer, (2, 3), kernel_device, dtype), dtype)
+    assert calls == ["rebuild_grad", "kronsum_linear"]
+
+
+def test_rebuild_dx_policy():
+    """The cost model takes the Kronecker-sum dx for 8^4 rank 8 at 8192 rows (where the backward is
+    rebuild's), never for 16^3, and the backward's launch count follows it."""
+    cost = kernels.cost
+    e8, e16 = ((8,) * 4, (8,) * 4, (1, 8, 8, 8, 1)), ((16,) * 3, (16,) * 3, (1, 16, 16, 1))
+    assert cost.pick_strategy(8192, *e8, backward=True) == "rebuild"
+    assert cost.rebuild_dx_cost(8192, *e8, 2, 2)[0] == "kronsum"
+    assert cost.rebuild_dx_cost(8192, *e16, 2, 2)[0] == "rebuild"
+    m = cost.KRONSUM_MIN_ROWS
+    layer = TTLinear(*e8[:2], 8, strategy="rebuild")
+    cores = kernels.plain_cores([c.detach() for c in layer.cores])
+    x, dy = torch.randn(m, 4096), torch.randn(m, 4096)
+    assert cost.rebuild_dx_cost(m, *e8, 4, 4)[0] == "kronsum"  # fp32, as below
+    with stubbed_launches():
+        kernels.cores_grad(dy, x, cores, "rebuild", True)  # merges the cores
+    with stubbed_launches() as launches, _TorchLaunches() as torch_ops:
+        kernels.cores_grad(dy, x, cores, "rebuild", True)
+    assert "_kronsum_kernel" in [launch.kernel for launch in launches]
+    assert cost.grad_cost("rebuild", m, *e8, 4).launches == len(launches) + torch_ops.count

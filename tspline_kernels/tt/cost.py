@@ -577,17 +577,26 @@ def grad_cores_cost(strategy: str, m: int, in_modes, out_modes, ranks, elt: int 
     return _times(steps_cost(m, in_modes, out_modes, ranks, elt, state_elt), 3, 5 * d - 2)
 
 
+def rebuild_dx_cost(m: int, in_modes, out_modes, ranks, elt: int, state_elt: int) -> tuple[str, Cost]:
+    """dx = dy @ W in rebuild's backward: ("kronsum", its cost) by the Kronecker-sum kernel on W's
+    merged halves read transposed (W.T's TT swaps the modes) where it fits and is faster, else
+    ("rebuild", copies of L and the last core transposed plus the product with W.T)."""
+    copies = _launch(0.0, 2.0 * state_elt * (head_size(in_modes, out_modes, ranks) + ranks[-2] * in_modes[-1] * out_modes[-1]),
+                     SMS, launches=2)
+    rebuild = copies + _rebuild_product_cost(m, out_modes, in_modes, ranks, elt, state_elt)
+    kron = kronsum_cost(m, out_modes, in_modes, ranks, elt)
+    return ("kronsum", kron) if kron is not None and kron.seconds < rebuild.seconds else ("rebuild", rebuild)
+
+
 def grad_cost(strategy: str, m: int, in_modes, out_modes, ranks, elt: int = 2, state_elt: int | None = None) -> Cost:
-    """Cost of the backward with every d(core) and dx: rebuild adds copies of L and the last core
-    transposed (W.T's) and the product with W.T (``_rebuild_product_cost``); contract a chain launch
+    """Cost of the backward with every d(core) and dx: rebuild adds dx by ``rebuild_dx_cost`` (the
+    product with W.T, or the Kronecker-sum kernel); contract a chain launch
     on W.T's cores where the gradient chain kernel runs, else one more step (the dy sweep ends in
     dx; its work is within ``grad_cores_cost``'s 3x)."""
     total = grad_cores_cost(strategy, m, in_modes, out_modes, ranks, elt, state_elt)
     se = state_elt or elt
     if strategy == "rebuild":
-        copies = _launch(0.0, 2.0 * se * (head_size(in_modes, out_modes, ranks) + ranks[-2] * in_modes[-1] * out_modes[-1]),
-                         SMS, launches=2)
-        return total + copies + _rebuild_product_cost(m, out_modes, in_modes, ranks, elt, state_elt)
+        return total + rebuild_dx_cost(m, in_modes, out_modes, ranks, elt, se)[1]
     if chain_cost(m, in_modes, out_modes, ranks, elt, grad=True, state_elt=state_elt) is not None:
         return total + contract_cost(m, out_modes, in_modes, ranks, elt, state_elt, kronsum=False)
     return total + Cost(0.0, 0.0, 1, LAUNCH_S)

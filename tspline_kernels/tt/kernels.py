@@ -33,6 +33,7 @@ Notation: d cores ``(r_{k-1}, O_k, I_k, r_k)``, ``O = prod O_k``, ``I = prod I_k
     the Kronecker-sum kernel instead (``kronsum.py``, 1 launch, ``cost.contract_path``): the halves
     merged on the host (core-sized, cached per parameter version), W = sum_a A_a (x) B_a with rows
     in the MMA M dimension; 2 M R (I_a I_b O_b + O_b I_a O_a) FLOPs (0.4x the chain's for 8^4 r8).
+    rebuild's dx runs it too where the cost model prefers it (``cost.rebuild_dx_cost``).
   - Both chain kernels are used where one of ``cost.CHAIN_CONFIGS`` fits ``cost.CHAIN_MAX_TILE`` register
     elements (``chain_fits``; the gradient also needs its accumulators to fit): the benchmark
     shapes do; a middle core with ``r_{k-1} I_k`` and ``O_k r_k`` both in the thousands does not.
@@ -390,14 +391,17 @@ def contract_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | No
     return steps_linear(x2, cores, bias) if path == "steps" else chain_linear(x2, cores, bias, (layout, path))
 
 
-def kronsum_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None, plan: cost.KronsumPlan
-                   ) -> torch.Tensor:
-    """y = x2 @ W.T + bias by one ``_kronsum_kernel`` launch on the cores merged at ``plan.cut``
-    (plain cores; merged in fp32, in x's dtype, cached per parameter version); x2 ``(M, I)``."""
+def kronsum_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None, plan: cost.KronsumPlan,
+                   transpose: bool = False) -> torch.Tensor:
+    """y = x2 @ W.T + bias, or with ``transpose`` x2 @ W (``plan`` then W.T's), by one
+    ``_kronsum_kernel`` launch on the cores merged at ``plan.cut`` (plain cores; merged in fp32, in
+    x's dtype, cached per parameter version: W.T's halves are W's read transposed); x2 ``(M, I)``."""
     c = plan.cut
     a, b = derived(("kronsum", c, x2.dtype), [k.t for k in cores], lambda: (
         ref.merge_cores([k.t.float() for k in cores[:c]]).to(x2.dtype),
         ref.merge_cores([k.t.float() for k in cores[c:]]).to(x2.dtype)))
+    if transpose:
+        a, b = a.transpose(1, 2), b.transpose(1, 2)
     m = x2.shape[0]
     r, m1, n1, m2, n2 = plan.sizes
     y = torch.empty(m, m1 * m2, device=x2.device, dtype=x2.dtype)
@@ -656,13 +660,26 @@ def cores_linear(x: torch.Tensor, cores: list[Core], bias: torch.Tensor | None, 
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[1])  # no view of y to re-label (ops' owned)
 
 
+@functools.lru_cache(maxsize=1024)
+def _dx_kronsum(m: int, modes: tuple, dtype: torch.dtype, kronsum: bool | None) -> cost.KronsumPlan | None:
+    """The Kronecker-sum plan of W.T for rebuild's dx on ``m`` rows (``KRONSUM`` as ``kronsum``, else
+    ``cost.rebuild_dx_cost``'s choice), or None: the product with W.T."""
+    ins, outs, ranks = modes
+    plan = cost.kronsum_plan(outs, ins, ranks)
+    use = kronsum if kronsum is not None else (
+        cost.rebuild_dx_cost(m, ins, outs, ranks, dtype.itemsize, state_elt(dtype))[0] == "kronsum")
+    return plan if use else None
+
+
 def cores_grad(dy: torch.Tensor, x: torch.Tensor, cores: list[Core], strategy: str, need_dx: bool
                ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """(``[dG_1 .. dG_d]`` fp32 in the ``(r0, O, I, r1)`` layout, dx in x's shape and dtype or None)
     of sum(dy * (x @ W.T)).
 
     contract: the dy sweep that yields the core gradients ends in dx (one more step).
-    rebuild: dL/dT from ``_rebuild_grad_kernel``; dx by ``_rebuild_kernel`` on W.T (``rebuild_grad``).
+    rebuild: dL/dT from ``_rebuild_grad_kernel``; dx by ``_rebuild_kernel`` on W.T (``rebuild_grad``),
+    or by the Kronecker-sum kernel on W's merged halves where the cost model prefers it
+    (``_dx_kronsum``; plain cores).
     """
     check_inputs(dy, x, *(c.t for c in cores))
     dy2, x2 = flatten(dy), flatten(x)
@@ -672,7 +689,10 @@ def cores_grad(dy: torch.Tensor, x: torch.Tensor, cores: list[Core], strategy: s
         return [torch.zeros(s, device=dy.device, dtype=torch.float32) for s in shapes], x.new_zeros(x.shape) if need_dx else None
     modes = core_modes(cores)
     if _strategy(strategy, m, modes, dy.dtype, backward=True) == "rebuild":
-        grads, dx = rebuild_grad(dy2, x2, dense_cores(cores), need_dx)
+        plan = _dx_kronsum(m, modes, dy.dtype, KRONSUM) if need_dx and not cores[0].spline else None
+        grads, dx = rebuild_grad(dy2, x2, dense_cores(cores), need_dx and plan is None)
+        if plan is not None:
+            dx = kronsum_linear(dy2, cores, None, plan, True)  # transposed: W.T
     else:
         grads, dx = contract_grad(dy2, x2, cores, need_dx, modes)
     return grads, None if dx is None else cast(dx if x.dim() == 2 else dx.reshape(x.shape), x.dtype)

@@ -1,4 +1,4 @@
-"""The "Kronecker-sum" forward kernel for TT matrices whose cores split into two halves with small
+"""The "Kronecker-sum" kernel for TT matrices whose cores split into two halves with small
 merged modes (8^4 rank 8: two 64 x 64 halves). Merging each half's cores (exact, host-side,
 core-sized) gives A ``(1, O_a, I_a, R)`` and B ``(R, O_b, I_b, 1)`` with R = r_c, the rank at the
 cut, and
@@ -9,7 +9,8 @@ cut, and
 kernel executes 172 and a dense GEMM 275. Unlike the Kronecker layer's kernel (one row per
 ``tl.dot``), a program stacks BM rows in the MMA M dimension: X ``(BM I_a, I_b)`` @ B_a.T gives
 V ``[(r, i), q]``, a register permute makes it ``[(r, q), i]``, and @ A_a.T accumulates
-y ``[(r, q), p]`` in fp32 over the R terms. Launched by ``kernels.py``.
+y ``[(r, q), p]`` in fp32 over the R terms. It runs the forward (contract) and rebuild's dx (x @ W
+with W.T's halves, W's read transposed). Launched by ``kernels.py``.
 """
 
 from __future__ import annotations
