@@ -226,15 +226,15 @@ def chain_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None,
     bias, and one more launch sums the slots the launch wrote into y in x's dtype
     (``SplitSlots.sum``). Otherwise the kernel writes y."""
     m = x2.shape[0]
+    n_out = math.prod(c.o for c in cores)
+    if m == 0:
+        return torch.empty(m, n_out, device=x2.device, dtype=x2.dtype)
     if plan is None:
         packed, layout = _chain_args(cores)
         launch = _chain_launch(layout, m, x2.dtype, bias is not None, config_keys(_chain_kernel), CHAIN_SPLIT)
     else:
         packed, launch = _chain_args(cores, plan[0])[0], plan[1]
     table, out_modes = launch.table, launch.out_modes
-    n_out = math.prod(out_modes)
-    if m == 0:
-        return torch.empty(m, n_out, device=x2.device, dtype=x2.dtype)
     if launch.most == 1:  # split-K for every config or for none
         out, slots = torch.empty(m, n_out, device=x2.device, dtype=x2.dtype), None
     else:
@@ -621,7 +621,9 @@ def _strategy(strategy: str, m: int, modes: tuple, dtype: torch.dtype, backward:
     return cost.resolve(strategy, m, *modes, dtype.itemsize, backward, state_elt(dtype))
 
 
-KRONSUM: bool | None = None  # force the Kronecker-sum forward where it fits (True) or never (False) (tests); None: cost
+# the Kronecker-sum kernel (forward, rebuild's dx) wherever it fits (True) or never (False), for tests;
+# None: where the cost model prefers it
+KRONSUM: bool | None = None
 
 
 @functools.lru_cache(maxsize=1024)
