@@ -340,11 +340,13 @@ def kronsum_flops(plan: KronsumPlan, m: int) -> float:
     return 2.0 * m * plan.sizes[0] * (n1p * n2p * m2p + m2p * n1p * m1p)
 
 
-def kronsum_cost(m: int, in_modes, out_modes, ranks, elt: int = 2) -> Cost | None:
+def kronsum_cost(m: int, in_modes, out_modes, ranks, elt: int = 2, state_elt: int | None = None) -> Cost | None:
     """Forward by the Kronecker-sum kernel (its merged cores cached per parameter version, like the
-    chain kernel's packed cores: no launch); None where no cut fits or below ``KRONSUM_MIN_ROWS``."""
+    chain kernel's packed cores: no launch); None where no cut fits, below ``KRONSUM_MIN_ROWS``, or
+    where the states need more range than the input dtype (fp16, ``state_dtype``): the kernel's
+    merged cores and intermediates are in the input dtype."""
     plan = kronsum_plan(in_modes, out_modes, ranks)
-    if plan is None or m < KRONSUM_MIN_ROWS:
+    if plan is None or m < KRONSUM_MIN_ROWS or (state_elt or elt) != elt:
         return None
     r, o_a, i_a, o_b, i_b = plan.sizes
     programs = math.ceil(m / 2)
@@ -356,7 +358,7 @@ def kronsum_cost(m: int, in_modes, out_modes, ranks, elt: int = 2) -> Cost | Non
 def contract_path(m: int, in_modes, out_modes, ranks, elt: int = 2, state_elt: int | None = None) -> str:
     """Which kernel the contract forward runs (by the model's time): "kronsum", "chain" or "steps"."""
     chain = chain_cost(m, in_modes, out_modes, ranks, elt, state_elt=state_elt)
-    kron = kronsum_cost(m, in_modes, out_modes, ranks, elt)
+    kron = kronsum_cost(m, in_modes, out_modes, ranks, elt, state_elt)
     if kron is not None and (chain is None or kron.seconds < chain.seconds):
         return "kronsum"
     return "steps" if chain is None else "chain"
@@ -369,7 +371,7 @@ def contract_cost(m: int, in_modes, out_modes, ranks, elt: int = 2, state_elt: i
     where it fits, else the step kernels."""
     path = contract_path(m, in_modes, out_modes, ranks, elt, state_elt) if kronsum else "chain"
     if path == "kronsum":
-        return kronsum_cost(m, in_modes, out_modes, ranks, elt)
+        return kronsum_cost(m, in_modes, out_modes, ranks, elt, state_elt)
     return (chain_cost(m, in_modes, out_modes, ranks, elt, state_elt=state_elt)
             or steps_cost(m, in_modes, out_modes, ranks, elt, state_elt))
 
@@ -584,7 +586,7 @@ def rebuild_dx_cost(m: int, in_modes, out_modes, ranks, elt: int, state_elt: int
     copies = _launch(0.0, 2.0 * state_elt * (head_size(in_modes, out_modes, ranks) + ranks[-2] * in_modes[-1] * out_modes[-1]),
                      SMS, launches=2)
     rebuild = copies + _rebuild_product_cost(m, out_modes, in_modes, ranks, elt, state_elt)
-    kron = kronsum_cost(m, out_modes, in_modes, ranks, elt)
+    kron = kronsum_cost(m, out_modes, in_modes, ranks, elt, state_elt)
     return ("kronsum", kron) if kron is not None and kron.seconds < rebuild.seconds else ("rebuild", rebuild)
 
 

@@ -621,6 +621,12 @@ def _strategy(strategy: str, m: int, modes: tuple, dtype: torch.dtype, backward:
     return cost.resolve(strategy, m, *modes, dtype.itemsize, backward, state_elt(dtype))
 
 
+def _kronsum_dtype(dtype: torch.dtype) -> bool:
+    """Whether the Kronecker-sum kernel takes ``dtype`` inputs: where the states are kept in it (not
+    fp16, whose merged cores and intermediates could pass 65504; ``cost.kronsum_cost`` agrees)."""
+    return cost.state_dtype(dtype) == dtype
+
+
 # the Kronecker-sum kernel (forward, rebuild's dx) wherever it fits (True) or never (False), for tests;
 # None: where the cost model prefers it
 KRONSUM: bool | None = None
@@ -638,7 +644,7 @@ def _forward_path(layout: tuple, m: int, dtype: torch.dtype, has_bias: bool, str
     modes = meta["IN"], meta["OUT"], meta["RANK"]
     if _strategy(strategy, m, modes, dtype) == "rebuild":
         return "rebuild"
-    plan = None if meta["SPLINE"] else cost.kronsum_plan(*modes)
+    plan = None if meta["SPLINE"] or not _kronsum_dtype(dtype) else cost.kronsum_plan(*modes)
     if plan is not None and (kronsum if kronsum is not None else
                              cost.contract_path(m, *modes, dtype.itemsize, state_elt(dtype)) == "kronsum"):
         return plan
@@ -667,7 +673,7 @@ def _dx_kronsum(m: int, modes: tuple, dtype: torch.dtype, kronsum: bool | None) 
     """The Kronecker-sum plan of W.T for rebuild's dx on ``m`` rows (``KRONSUM`` as ``kronsum``, else
     ``cost.rebuild_dx_cost``'s choice), or None: the product with W.T."""
     ins, outs, ranks = modes
-    plan = cost.kronsum_plan(outs, ins, ranks)
+    plan = cost.kronsum_plan(outs, ins, ranks) if _kronsum_dtype(dtype) else None
     use = kronsum if kronsum is not None else (
         cost.rebuild_dx_cost(m, ins, outs, ranks, dtype.itemsize, state_elt(dtype))[0] == "kronsum")
     return plan if use else None
