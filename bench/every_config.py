@@ -61,8 +61,8 @@ CASES: list[tuple[str, Callable[[], torch.nn.Module], int]] = [
     ("lowrank", lambda: tk.LowRankLinear(37, 45, rank=5), 300),
     ("tt.contract", lambda: tk.TTLinear((3, 2, 5), (2, 3, 4), (1, 2, 3, 1), strategy="contract"), 300),
     ("tt.rebuild", lambda: tk.TTLinear((3, 2, 5), (2, 3, 4), (1, 2, 3, 1), strategy="rebuild"), 300),
-    # 8^4 rank 8 on rows enough for the cost model's Kronecker-sum forward (64 x 64 halves)
-    ("tt.kronsum", lambda: tk.TTLinear((8,) * 4, (8,) * 4, 8, strategy="contract"), 300),
+    # 8^4 rank 8 on rows enough for the cost model's Kronecker-sum forward and backward (64 x 64 halves)
+    ("tt.kronsum", lambda: tk.TTLinear((8,) * 4, (8,) * 4, 8, strategy="contract"), 1024),
     # a middle core too large for the chain kernels: the per-step kernels
     ("tt.steps", lambda: tk.TTLinear((2, 40, 2), (2, 40, 2), (1, 8, 8, 1), strategy="contract"), 40),
     ("spline_tt.contract", lambda: tk.SplineTTLinear((5, 4, 3), (3, 5, 4), 2, (4, 4), strategy="contract"), 300),

@@ -27,7 +27,7 @@ from .common import compute_dtype
 
 __all__ = [
     "modes_of", "step_matrix", "tt_weight", "tt_linear", "tt_grad", "tt_norm_sq",
-    "head_product", "head_product_grad", "merged_modes",
+    "head_product", "head_product_grad", "merged_modes", "merge_cores", "merge_cores_grad",
 ]
 
 
@@ -109,6 +109,32 @@ def merge_cores(cores: list[torch.Tensor]) -> torch.Tensor:
         r0, o, i, _ = out.shape
         out = torch.einsum("aoib,bpjc->aopijc", out, c).reshape(r0, o * c.shape[1], i * c.shape[2], c.shape[3])
     return out
+
+
+def merge_cores_grad(cores: list[torch.Tensor], d_merged: torch.Tensor) -> list[torch.Tensor]:
+    """``[dG_k]`` of sum(d_merged * merge_cores(cores)), each in its core's shape and d_merged's
+    dtype (the cores are cast to it): d_merged contracted with the merge of the cores before core k
+    and of those after it."""
+    r0, _, _, r1 = d_merged.shape
+    cores = [c.to(d_merged.dtype) for c in cores]
+    grads = []
+    for k, core in enumerate(cores):
+        left = merge_cores(cores[:k]) if k else None  # (r0, O_<k, I_<k, r_{k-1})
+        right = merge_cores(cores[k + 1:]) if k + 1 < len(cores) else None  # (r_k, O_>k, I_>k, r1)
+        o_l, i_l = (left.shape[1], left.shape[2]) if k else (1, 1)
+        o_r, i_r = (right.shape[1], right.shape[2]) if right is not None else (1, 1)
+        dm = d_merged.reshape(r0, o_l, core.shape[1], o_r, i_l, core.shape[2], i_r, r1)
+        # x: r0, p/s: O_<k/I_<k, o/i: core k's modes, q/t: O_>k/I_>k, z: r1
+        terms, operands = ["xpoqsitz"], [dm]
+        if left is not None:
+            terms.append("xpsa")
+            operands.append(left)
+        if right is not None:
+            terms.append("bqtz")
+            operands.append(right)
+        out = ("a" if left is not None else "x") + "oi" + ("b" if right is not None else "z")
+        grads.append(torch.einsum(",".join(terms) + "->" + out, *operands))
+    return grads
 
 
 def _merge_last(cores: list[torch.Tensor]) -> list[torch.Tensor]:

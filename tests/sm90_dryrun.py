@@ -237,9 +237,10 @@ def layers(dtypes) -> list[tuple[str, object]]:
         rows = tt_cost.REBUILD_FUSED_MAX_ROWS + 1
         cases.append((f"TTLinear[rebuild], {rows} rows",
                       tk.TTLinear((3, 2, 5), (2, 3, 4), (1, 2, 3, 1), strategy="rebuild"), dtype, rows))
-        # 8^4 rank 8 on enough rows that the cost model runs the Kronecker-sum forward (64 x 64 halves)
-        cases.append((f"TTLinear 8^4 r8, {tt_cost.KRONSUM_MIN_ROWS} rows", tk.TTLinear((8,) * 4, (8,) * 4, 8), dtype,
-                      tt_cost.KRONSUM_MIN_ROWS))
+        # 8^4 rank 8 on enough rows that the cost model runs the Kronecker-sum kernels (64 x 64 halves):
+        # the forward, and from ~1000 rows the core gradients and dx too
+        for rows in (tt_cost.KRONSUM_MIN_ROWS, 1024):
+            cases.append((f"TTLinear 8^4 r8, {rows} rows", tk.TTLinear((8,) * 4, (8,) * 4, 8), dtype, rows))
         # a middle core too large for the chain kernels' registers: the per-step kernels
         cases.append(("TTLinear[contract, step kernels]", tk.TTLinear((4, 64, 4), (4, 64, 4), 16, strategy="contract"), dtype))
         cases.append(("KroneckerLinear(3,5)->(4,7)", tk.KroneckerLinear((3, 5), (4, 7)), dtype))

@@ -18,6 +18,8 @@ LAYERS = {
     "lowrank": lambda: tk.LowRankLinear(384, 320, rank=24),
     "tt.contract": lambda: tk.TTLinear((8, 8, 6), (8, 8, 5), 8, strategy="contract"),
     "tt.rebuild": lambda: tk.TTLinear((8, 8, 6), (8, 8, 5), 8, strategy="rebuild"),
+    # the goal row's 8^4 rank 8: the Kronecker-sum forward, core gradients and dx at this many rows
+    "tt.kronsum": lambda: tk.TTLinear((8,) * 4, (8,) * 4, 8, strategy="contract"),
     "tt.steps": lambda: tk.TTLinear((4, 64, 4), (4, 64, 4), 16, strategy="contract"),
     "spline_tt.contract": lambda: tk.SplineTTLinear((8, 8, 6), (8, 8, 5), 4, (6, 6), strategy="contract"),
     "spline_tt.rebuild": lambda: tk.SplineTTLinear((8, 8, 6), (8, 8, 5), 4, (6, 6), strategy="rebuild"),

@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from tspline_kernels import backend
 from tspline_kernels._triton import triton
 from tspline_kernels.bench.host_overhead import stubbed_launches
+from tspline_kernels.reference import tt as ref
 from tspline_kernels.spline_tt import SplineTTLinear
 from tspline_kernels.testing import assert_backends_agree, assert_close, cuda_step_peak_bytes
 from tspline_kernels.tt import TTLinear, suggest_modes
@@ -693,8 +694,8 @@ def test_rebuild_sliced_cost_counts_the_launches_made(dtype, monkeypatch):
 
 def test_cost_model_picks_at_the_goal_rows():
     """bf16 4096^2 goal rows: 16^3 rank 16 runs rebuild at M = 8192 (forward in slices of 1024 rows
-    of W, backward too) and contract at M = 16; 8^4 rank 8 runs contract forward at both M and
-    backward at M = 16, rebuild (sliced) backward at M = 8192."""
+    of W, backward too) and contract at M = 16; 8^4 rank 8 runs contract at both M, forward and
+    backward (at M = 8192 the Kronecker-sum kernels)."""
     cost = kernels.cost
     big = ((16, 16, 16), (16, 16, 16), (1, 16, 16, 1))
     small = ((8, 8, 8, 8), (8, 8, 8, 8), (1, 8, 8, 8, 1))
@@ -702,7 +703,8 @@ def test_cost_model_picks_at_the_goal_rows():
     assert [cost.pick_strategy(8192, *big, backward=b) for b in (False, True)] == ["rebuild", "rebuild"]
     assert [cost.pick_strategy(16, *big, backward=b) for b in (False, True)] == ["contract", "contract"]
     assert [cost.pick_strategy(m, *small) for m in (16, 8192)] == ["contract", "contract"]
-    assert [cost.pick_strategy(m, *small, backward=True) for m in (16, 8192)] == ["contract", "rebuild"]
+    assert [cost.pick_strategy(m, *small, backward=True) for m in (16, 8192)] == ["contract", "contract"]
+    assert [cost.contract_grad_path(m, *small) for m in (16, 8192)] == ["chain", "kronsum"]
     sliced = cost.forward_cost("rebuild", 8192, *big)
     assert sliced.launches == cost.head_launches(3, 2, 2) + 2 * 4  # 4 slices of 1024 rows
     gemm, generation = 2.0 * 8192 * 4096 ** 2, 2.0 * 16 * 4096 ** 2  # generation once, not per row block
@@ -826,17 +828,48 @@ def assert_forward_agrees(layer, x, dtype) -> None:
     assert_close(y, want, dtype, name="y")
 
 
-def test_kronsum_forward_then_the_contract_backward(spy, monkeypatch, kernel_device):
-    """Training through it: the forward by the Kronecker-sum kernel, dx and every core gradient by
-    the contract backward; merged cores rebuilt after an in-place update of one core."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", list(KRONSUM), ids=list(KRONSUM))
+def test_kronsum_backward(name, dtype, spy, monkeypatch, kernel_device):
+    """The contract backward by the Kronecker-sum kernels: every core gradient from the merged
+    halves' (``_kronsum_grad_kernel``, then ``merge_cores_grad``) and dx by the Kronecker-sum kernel
+    on W.T's halves; nothing by the chain or step kernels."""
     monkeypatch.setattr(kernels, "KRONSUM", True)
-    calls = spy(kernels, "kronsum_linear")
+    calls = spy(kernels, "kronsum_linear", "kronsum_grad")
+    forbid(monkeypatch, "chain_linear", "chain_grad", "steps_linear", "steps_grad")
+    layer = TTLinear(*KRONSUM[name], strategy="contract").to(kernel_device, dtype)
+    assert_backends_agree(layer, *inputs(layer, (2, 3), kernel_device, dtype), dtype)
+    assert calls == ["kronsum_linear", "kronsum_grad", "kronsum_linear"]
+
+
+def test_kronsum_training_follows_in_place_updates(spy, monkeypatch, kernel_device):
+    """Training through the Kronecker-sum kernels: the merged halves are rebuilt after an in-place
+    update of one core, for the forward and the backward alike."""
+    monkeypatch.setattr(kernels, "KRONSUM", True)
+    calls = spy(kernels, "kronsum_linear", "kronsum_grad")
     layer = TTLinear(*TT["d4-2x3x2x3-r213"], strategy="contract").to(kernel_device)
-    assert_backends_agree(layer, *inputs(layer, (2, 5), kernel_device, torch.float32), torch.float32)
+    assert_backends_agree(layer, *inputs(layer, (5,), kernel_device, torch.float32), torch.float32)
     with torch.no_grad():
         layer.cores[3].mul_(-2)
     assert_backends_agree(layer, *inputs(layer, (4,), kernel_device, torch.float32), torch.float32)
-    assert calls == ["kronsum_linear"] * 2
+    assert calls == ["kronsum_linear", "kronsum_grad", "kronsum_linear"] * 2
+
+
+@pytest.mark.parametrize("programs, rows", [(6, 7), (64, 3)], ids=["splits-of-several-blocks", "splits-without-rows"])
+def test_kronsum_grad_splits(programs, rows, monkeypatch, kernel_device):
+    """Row splits of the gradient kernel (slots summed on the host): splits over several row
+    blocks, and more splits than row blocks (those programs write zero slots)."""
+    monkeypatch.setattr(kernels, "GRAD_PROGRAMS", programs)
+    ins, outs, ranks = TT["d3-3x2x5-r23"]
+    plan = kernels.cost.kronsum_plan(ins, outs, ranks)
+    splits = kernels.cost.kronsum_grad_splits(plan, rows, programs)
+    assert splits > 1 and (splits > rows / 2) == (rows == 3)  # the interpreter's BM is 2
+    cores = [torch.randn(ranks[k], o, i, ranks[k + 1], device=kernel_device) for k, (o, i) in enumerate(zip(outs, ins))]
+    x, dy = torch.randn(rows, math.prod(ins), device=kernel_device), torch.randn(rows, math.prod(outs), device=kernel_device)
+    got = kernels.kronsum_grad(dy, x, kernels.plain_cores(cores), plan)
+    for g, want in zip(got, ref.tt_grad(dy, x, cores, False)):
+        assert g.dtype == torch.float32 and g.shape == want.shape
+        torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-4)
 
 
 def test_kronsum_empty_batch(monkeypatch, kernel_device):
@@ -889,11 +922,10 @@ def test_kronsum_dx_of_the_rebuild_backward(name, dtype, spy, monkeypatch, kerne
 
 
 def test_rebuild_dx_policy():
-    """The cost model takes the Kronecker-sum dx for 8^4 rank 8 at 8192 rows (where the backward is
-    rebuild's), never for 16^3, and the backward's launch count follows it."""
+    """The cost model takes the Kronecker-sum dx for 8^4 rank 8 at 8192 rows in rebuild's backward,
+    never for 16^3, and the backward's launch count follows it."""
     cost = kernels.cost
     e8, e16 = ((8,) * 4, (8,) * 4, (1, 8, 8, 8, 1)), ((16,) * 3, (16,) * 3, (1, 16, 16, 1))
-    assert cost.pick_strategy(8192, *e8, backward=True) == "rebuild"
     assert cost.rebuild_dx_cost(8192, *e8, 2, 2)[0] == "kronsum"
     assert cost.rebuild_dx_cost(8192, *e16, 2, 2)[0] == "rebuild"
     m = cost.KRONSUM_MIN_ROWS
@@ -907,3 +939,30 @@ def test_rebuild_dx_policy():
         kernels.cores_grad(dy, x, cores, "rebuild", True)
     assert "_kronsum_kernel" in [launch.kernel for launch in launches]
     assert cost.grad_cost("rebuild", m, *e8, 4).launches == len(launches) + torch_ops.count
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_kronsum_backward_policy_and_launches(dtype, monkeypatch):
+    """The contract backward of 8^4 rank 8 runs the Kronecker-sum kernels from about a thousand rows
+    (the chain kernels below; never for 16^3 rank 16 or fp16), the backward then prefers contract to
+    rebuild at 8192 rows, and the cost counts the launches and host ops ``cores_grad`` makes."""
+    cost = kernels.cost
+    e8, e16 = ((8,) * 4, (8,) * 4, (1, 8, 8, 8, 1)), ((16,) * 3, (16,) * 3, (1, 16, 16, 1))
+    assert [cost.contract_grad_path(m, *e8) for m in (16, cost.KRONSUM_MIN_ROWS, 1024, 8192)] == [
+        "chain", "chain", "kronsum", "kronsum"]
+    assert cost.contract_grad_path(8192, *e16) == "chain" and cost.contract_grad_path(8192, *e8, 2, 4) == "chain"
+    assert cost.pick_strategy(8192, *e8, backward=True) == "contract"
+    assert cost.kronsum_grad_cost(8192, *e8).flops == pytest.approx(2 * cost.kronsum_flops(cost.kronsum_plan(*e8), 8192), rel=1e-3)
+    m = 1024
+    monkeypatch.setattr(kernels, "GRAD_PROGRAMS", cost.CHAIN_GRAD_PROGRAMS)  # the GPU's splits (slots summed)
+    cores = kernels.plain_cores([torch.randn(r0, 8, 8, r1, dtype=dtype) for r0, r1 in zip(e8[2], e8[2][1:])])
+    x, dy = torch.randn(m, 4096, dtype=dtype), torch.randn(m, 4096, dtype=dtype)
+    with stubbed_launches():
+        kernels.cores_grad(dy, x, cores, "contract", True)  # merges the cores
+    with stubbed_launches() as launches, _TorchLaunches() as torch_ops:
+        kernels.tt_grad(dy, x, [c.t for c in cores], "contract", True)
+    assert [launch.kernel for launch in launches] == ["_kronsum_grad_kernel", "_slot_sum_kernel", "_kronsum_kernel"]
+    # the host ops of merge_cores_grad are torch's einsum's (its layout copies vary): counted as
+    # MERGE_GRAD_OPS per core (and a cast of 16-bit cores), at most one too many per core
+    counted, made = cost.grad_cost("contract", m, *e8, dtype.itemsize).launches, len(launches) + torch_ops.count
+    assert made <= counted <= made + 4

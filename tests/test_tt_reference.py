@@ -108,6 +108,25 @@ def test_head_product_and_its_gradient():
         assert_close(a, b)
 
 
+@pytest.mark.parametrize("shapes", [
+    [(1, 2, 3, 4), (4, 3, 2, 5)],  # the first half of a cut (leading rank 1)
+    [(3, 2, 1, 4), (4, 1, 3, 2), (2, 2, 2, 1)],  # a second half (trailing rank 1), modes of 1
+    [(2, 3, 4, 1)],  # one core
+    [(1, 2, 2, 3), (3, 1, 1, 2), (2, 3, 1, 4), (4, 2, 2, 1)],
+], ids=["d2", "d3", "d1", "d4"])
+def test_merge_cores_and_its_gradient(shapes):
+    """merge_cores is the TT product (a whole TT merges to W), merge_cores_grad its exact VJP."""
+    cores = [torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in shapes]
+    merged = ref.merge_cores(cores)
+    if merged.shape[0] == merged.shape[3] == 1:
+        assert_close(merged[0, :, :, 0], ref.tt_weight(cores), name="merged TT against W")
+    d_merged = torch.randn_like(merged)
+    for a, b in zip(ref.merge_cores_grad([c.detach() for c in cores], d_merged),
+                    torch.autograd.grad(merged, cores, d_merged)):
+        assert a.shape == b.shape
+        assert_close(a, b)
+
+
 def test_norm_sq_without_forming_w():
     cores = random_cores((3, 4, 2), (2, 5, 3), (1, 3, 2, 1))
     assert_close(ref.tt_norm_sq(cores), ref.tt_weight(cores).square().sum())

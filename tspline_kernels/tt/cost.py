@@ -355,6 +355,38 @@ def kronsum_cost(m: int, in_modes, out_modes, ranks, elt: int = 2, state_elt: in
                    l2_bytes=float(elt * merged * programs))
 
 
+def kronsum_grad_splits(plan: KronsumPlan, m: int, programs: int | None = None) -> int:
+    """Row splits of the Kronecker-sum gradient kernel (R programs each): towards ``programs``
+    (``CHAIN_GRAD_PROGRAMS``) programs, at most one per row, and within
+    ``CHAIN_GRAD_PART_BYTES`` of fp32 partial slots (each R (O_a I_a + O_b I_b) floats)."""
+    r, o_a, i_a, o_b, i_b = plan.sizes
+    slot = 4 * r * (o_a * i_a + o_b * i_b)
+    return max(1, min(m, (programs or CHAIN_GRAD_PROGRAMS) // r, CHAIN_GRAD_PART_BYTES // slot))
+
+
+# host ops of the cores' gradients from the merged halves' (``merge_cores_grad``): per core an einsum
+# (a layout copy and a batched GEMM, and sometimes one more copy or a copy to a contiguous result:
+# counted as 3, at most one too many) and, for 16-bit cores, their cast to fp32
+MERGE_GRAD_OPS = 3
+
+
+def kronsum_grad_cost(m: int, in_modes, out_modes, ranks, elt: int = 2, state_elt: int | None = None) -> Cost | None:
+    """Every d(core) by the Kronecker-sum gradient kernel (twice the forward's FLOPs; x and dy read
+    once from HBM, the R programs of a row block sharing them in L2; fp32 partial slots), the sum of
+    its slots and the host ops of ``merge_cores_grad``; None where ``kronsum_cost`` is."""
+    if kronsum_cost(m, in_modes, out_modes, ranks, elt, state_elt) is None:
+        return None
+    plan = kronsum_plan(in_modes, out_modes, ranks)
+    r, o_a, i_a, o_b, i_b = plan.sizes
+    splits = kronsum_grad_splits(plan, m)
+    merged = r * (o_a * i_a + o_b * i_b)
+    kernel = _launch(2 * kronsum_flops(plan, m), float(elt * m * (i_a * i_b + o_a * o_b) + 4 * splits * merged),
+                     splits * r, l2_bytes=float(elt * merged * splits))
+    host = len(in_modes) * (MERGE_GRAD_OPS + (elt < 4))
+    sums = _launch(float(splits * merged), 4.0 * (splits + 1) * merged, SMS, launches=1 + host)
+    return kernel + sums
+
+
 def contract_path(m: int, in_modes, out_modes, ranks, elt: int = 2, state_elt: int | None = None) -> str:
     """Which kernel the contract forward runs (by the model's time): "kronsum", "chain" or "steps"."""
     chain = chain_cost(m, in_modes, out_modes, ranks, elt, state_elt=state_elt)
@@ -554,15 +586,16 @@ def grad_cores_cost(strategy: str, m: int, in_modes, out_modes, ranks, elt: int 
                     state_elt: int | None = None) -> Cost:
     """Cost of every d(core) from (dy, x), launches counted as ``kernels.cores_grad`` makes them.
 
-    contract: where the gradient chain kernel fits, one launch that reruns the forward chain and
-    its reverse on chip (3x the chain's FLOPs and time), plus per core the sum of its partial slots
-    and a copy out of the padded tiles; otherwise recompute the forward states U_1..U_{d-1}, run the dy sweep V_d..V_2, and
-    one reduction per core (each as costly as its step, plus the sum of its partials and a
-    permuting copy), all with the step kernels: at most 3x their forward, counted as 3x.
+    contract (``contract_grad_path``): the Kronecker-sum gradient kernel (``kronsum_grad_cost``);
+    or, where the gradient chain kernel fits, one launch that reruns the forward chain and its
+    reverse on chip (3x the chain's FLOPs and time), plus per core the sum of its partial slots and
+    a copy out of the padded tiles; otherwise recompute the forward states U_1..U_{d-1}, run the dy
+    sweep V_d..V_2, and one reduction per core (each as costly as its step, plus the sum of its
+    partials and a permuting copy), all with the step kernels: at most 3x their forward, counted as 3x.
     rebuild: G = dy.T @ x tile by tile on chip (2 M O I FLOPs, never stored), reduced against L and
     the last core (4 r O I FLOPs); dL -> d(cores 1..d-1) on the host (``_head_grad_cost``).
     """
-    n_out, n_in, d = math.prod(out_modes), math.prod(in_modes), len(in_modes)
+    n_out, n_in = math.prod(out_modes), math.prod(in_modes)
     se = state_elt or elt
     if strategy == "rebuild":
         head = head_size(in_modes, out_modes, ranks)
@@ -573,10 +606,33 @@ def grad_cores_cost(strategy: str, m: int, in_modes, out_modes, ranks, elt: int 
         kernel = _launch(2.0 * m * n_out * n_in + 4.0 * ranks[-2] * n_out * n_in,
                          elt * m * (n_in + n_out) + 4.0 * head, tiles)
         return kernel + host
+    if contract_grad_path(m, in_modes, out_modes, ranks, elt, state_elt) == "kronsum":
+        return kronsum_grad_cost(m, in_modes, out_modes, ranks, elt, state_elt)
+    return _chain_grad_costs(m, in_modes, out_modes, ranks, elt, state_elt)[0]
+
+
+def _chain_grad_costs(m: int, in_modes, out_modes, ranks, elt: int, state_elt: int | None) -> tuple[Cost, Cost]:
+    """(every d(core), dx) of the contract backward by the chain kernels, or the step kernels
+    where the gradient chain kernel does not fit (their dy sweep ends in dx: one more step, its
+    work within the 3x)."""
+    d = len(in_modes)
     chain = chain_cost(m, in_modes, out_modes, ranks, elt, grad=True, state_elt=state_elt)
     if chain is not None:
-        return _times(chain, 3, 2 * d + 1, chain.bytes)
-    return _times(steps_cost(m, in_modes, out_modes, ranks, elt, state_elt), 3, 5 * d - 2)
+        return (_times(chain, 3, 2 * d + 1, chain.bytes),
+                contract_cost(m, out_modes, in_modes, ranks, elt, state_elt, kronsum=False))
+    return _times(steps_cost(m, in_modes, out_modes, ranks, elt, state_elt), 3, 5 * d - 2), Cost(0.0, 0.0, 1, LAUNCH_S)
+
+
+def contract_grad_path(m: int, in_modes, out_modes, ranks, elt: int = 2, state_elt: int | None = None) -> str:
+    """Which kernels the contract backward runs (by the model's time for the core gradients and
+    dx): "kronsum" (``kronsum_grad_cost``, dx by the Kronecker-sum kernel on W.T's halves; where
+    both W's and W.T's halves fit) or "chain" (the chain kernels or the step kernels)."""
+    kron = kronsum_grad_cost(m, in_modes, out_modes, ranks, elt, state_elt)
+    kron_dx = kronsum_cost(m, out_modes, in_modes, ranks, elt, state_elt)
+    if kron is None or kron_dx is None:
+        return "chain"
+    cores, dx = _chain_grad_costs(m, in_modes, out_modes, ranks, elt, state_elt)
+    return "kronsum" if (kron + kron_dx).seconds < (cores + dx).seconds else "chain"
 
 
 def rebuild_dx_cost(m: int, in_modes, out_modes, ranks, elt: int, state_elt: int) -> tuple[str, Cost]:
@@ -592,16 +648,15 @@ def rebuild_dx_cost(m: int, in_modes, out_modes, ranks, elt: int, state_elt: int
 
 def grad_cost(strategy: str, m: int, in_modes, out_modes, ranks, elt: int = 2, state_elt: int | None = None) -> Cost:
     """Cost of the backward with every d(core) and dx: rebuild adds dx by ``rebuild_dx_cost`` (the
-    product with W.T, or the Kronecker-sum kernel); contract a chain launch
-    on W.T's cores where the gradient chain kernel runs, else one more step (the dy sweep ends in
-    dx; its work is within ``grad_cores_cost``'s 3x)."""
+    product with W.T, or the Kronecker-sum kernel); contract dx by the Kronecker-sum kernel on W.T's
+    halves with its core gradients, else a chain launch on W.T's cores where the gradient chain
+    kernel runs, else one more step (``_chain_grad_costs``)."""
     total = grad_cores_cost(strategy, m, in_modes, out_modes, ranks, elt, state_elt)
-    se = state_elt or elt
     if strategy == "rebuild":
-        return total + rebuild_dx_cost(m, in_modes, out_modes, ranks, elt, se)[1]
-    if chain_cost(m, in_modes, out_modes, ranks, elt, grad=True, state_elt=state_elt) is not None:
-        return total + contract_cost(m, out_modes, in_modes, ranks, elt, state_elt, kronsum=False)
-    return total + Cost(0.0, 0.0, 1, LAUNCH_S)
+        return total + rebuild_dx_cost(m, in_modes, out_modes, ranks, elt, state_elt or elt)[1]
+    if contract_grad_path(m, in_modes, out_modes, ranks, elt, state_elt) == "kronsum":
+        return total + kronsum_cost(m, out_modes, in_modes, ranks, elt, state_elt)
+    return total + _chain_grad_costs(m, in_modes, out_modes, ranks, elt, state_elt)[1]
 
 
 def pick_strategy(m: int, in_modes, out_modes, ranks, elt: int = 2, backward: bool = False,

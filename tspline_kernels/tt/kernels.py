@@ -92,7 +92,7 @@ from .._triton import INTERPRET, SplitSlots, cdiv, check_inputs, dot_precision, 
 from ..reference import tt as ref
 from . import cost
 from .chain import _chain_grad_kernel, _chain_kernel, config_keys, launch_tiles
-from .kronsum import _kronsum_kernel
+from .kronsum import _kronsum_grad_kernel, _kronsum_kernel
 from .rebuild import _rebuild_grad_kernel, _rebuild_kernel, _rebuild_slice_kernel, rebuild_tiles
 from .steps import _grad_step_kernel, _step_kernel
 from .tiles import Core, core_modes, state_args, state_elt
@@ -396,10 +396,7 @@ def kronsum_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | Non
     """y = x2 @ W.T + bias, or with ``transpose`` x2 @ W (``plan`` then W.T's), by one
     ``_kronsum_kernel`` launch on the cores merged at ``plan.cut`` (plain cores; merged in fp32, in
     x's dtype, cached per parameter version: W.T's halves are W's read transposed); x2 ``(M, I)``."""
-    c = plan.cut
-    a, b = derived(("kronsum", c, x2.dtype), [k.t for k in cores], lambda: (
-        ref.merge_cores([k.t.float() for k in cores[:c]]).to(x2.dtype),
-        ref.merge_cores([k.t.float() for k in cores[c:]]).to(x2.dtype)))
+    a, b = _halves(cores, plan.cut, x2.dtype)
     if transpose:
         a, b = a.transpose(1, 2), b.transpose(1, 2)
     m = x2.shape[0]
@@ -414,6 +411,40 @@ def kronsum_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | Non
             HAS_BIAS=bias is not None, M1P=m1p, N1P=n1p, M2P=m2p, N2P=n2p, PRECISION=dot_precision(x2.dtype),
         )
     return y
+
+
+def _halves(cores: list[Core], cut: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The merged halves A ``(1, O_a, I_a, R)`` and B ``(R, O_b, I_b, 1)`` of plain cores cut after
+    core ``cut``: merged in fp32, in ``dtype``, cached per parameter version (``derived``)."""
+    return derived(("kronsum", cut, dtype), [k.t for k in cores], lambda: (
+        ref.merge_cores([k.t.float() for k in cores[:cut]]).to(dtype),
+        ref.merge_cores([k.t.float() for k in cores[cut:]]).to(dtype)))
+
+
+def kronsum_grad(dy2: torch.Tensor, x2: torch.Tensor, cores: list[Core], plan: cost.KronsumPlan
+                 ) -> list[torch.Tensor]:
+    """``[dG_k]`` (fp32, ``(r0, O, I, r1)``) of sum(dy2 * (x2 @ W.T)) for plain cores: the merged
+    halves' gradients by one ``_kronsum_grad_kernel`` launch (``cost.kronsum_grad_splits`` slots of
+    partials, summed by one more), then each core's on the host (``ref.merge_cores_grad``,
+    core-sized). x2 ``(M, I)``, dy2 ``(M, O)``, M > 0."""
+    a, b = _halves(cores, plan.cut, x2.dtype)
+    m = x2.shape[0]
+    r, m1, n1, m2, n2 = plan.sizes
+    m1p, n1p, m2p, n2p = plan.padded
+    splits = cost.kronsum_grad_splits(plan, m, GRAD_PROGRAMS)
+    slots = SplitSlots(_kronsum_grad_kernel, lambda meta: splits, splits)
+    part = slots.empty(r, m1 * n1 + m2 * n2, device=x2.device)
+    _kronsum_grad_kernel[lambda meta: (slots(meta) * r,)](
+        x2, dy2, a, b, part,
+        m, r, m1, n1, m2, n2, m_bucket(m), splits, x2.stride(0), x2.stride(1), dy2.stride(0), dy2.stride(1),
+        a.stride(1), a.stride(2), a.stride(3), b.stride(0), b.stride(1), b.stride(2),
+        M1P=m1p, N1P=n1p, M2P=m2p, N2P=n2p, PRECISION=dot_precision(x2.dtype),
+    )
+    total = slots.sum(part)  # (R, M1 N1 + M2 N2)
+    da = total[:, :m1 * n1].view(r, m1, n1).permute(1, 2, 0).unsqueeze(0)  # A's (1, O_a, I_a, R)
+    db = total[:, m1 * n1:].view(r, m2, n2, 1)
+    c = plan.cut
+    return ref.merge_cores_grad([k.t for k in cores[:c]], da) + ref.merge_cores_grad([k.t for k in cores[c:]], db)
 
 
 def steps_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None) -> torch.Tensor:
@@ -679,12 +710,28 @@ def _dx_kronsum(m: int, modes: tuple, dtype: torch.dtype, kronsum: bool | None) 
     return plan if use else None
 
 
+@functools.lru_cache(maxsize=1024)
+def _grad_kronsum(m: int, modes: tuple, dtype: torch.dtype, kronsum: bool | None
+                  ) -> tuple[cost.KronsumPlan, cost.KronsumPlan] | None:
+    """The Kronecker-sum plans of W (core gradients) and W.T (dx) for the contract backward on ``m``
+    rows of plain cores (``KRONSUM`` as ``kronsum``, else ``cost.contract_grad_path``'s choice;
+    both must fit), or None: the chain or step kernels."""
+    ins, outs, ranks = modes
+    plans = (cost.kronsum_plan(ins, outs, ranks), cost.kronsum_plan(outs, ins, ranks))
+    if not _kronsum_dtype(dtype) or None in plans:
+        return None
+    use = kronsum if kronsum is not None else (
+        cost.contract_grad_path(m, ins, outs, ranks, dtype.itemsize, state_elt(dtype)) == "kronsum")
+    return plans if use else None
+
+
 def cores_grad(dy: torch.Tensor, x: torch.Tensor, cores: list[Core], strategy: str, need_dx: bool
                ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """(``[dG_1 .. dG_d]`` fp32 in the ``(r0, O, I, r1)`` layout, dx in x's shape and dtype or None)
     of sum(dy * (x @ W.T)).
 
-    contract: the dy sweep that yields the core gradients ends in dx (one more step).
+    contract: the Kronecker-sum gradient kernel and dx by the Kronecker-sum kernel on W.T's halves
+    where the cost model prefers them (``_grad_kronsum``; plain cores), else ``contract_grad``.
     rebuild: dL/dT from ``_rebuild_grad_kernel``; dx by ``_rebuild_kernel`` on W.T (``rebuild_grad``),
     or by the Kronecker-sum kernel on W's merged halves where the cost model prefers it
     (``_dx_kronsum``; plain cores).
@@ -701,6 +748,9 @@ def cores_grad(dy: torch.Tensor, x: torch.Tensor, cores: list[Core], strategy: s
         grads, dx = rebuild_grad(dy2, x2, dense_cores(cores), need_dx and plan is None)
         if plan is not None:
             dx = kronsum_linear(dy2, cores, None, plan, True)  # transposed: W.T
+    elif (kron := None if cores[0].spline else _grad_kronsum(m, modes, dy.dtype, KRONSUM)) is not None:
+        grads = kronsum_grad(dy2, x2, cores, kron[0])
+        dx = kronsum_linear(dy2, cores, None, kron[1], True) if need_dx else None  # transposed: W.T
     else:
         grads, dx = contract_grad(dy2, x2, cores, need_dx, modes)
     return grads, None if dx is None else cast(dx if x.dim() == 2 else dx.reshape(x.shape), x.dtype)

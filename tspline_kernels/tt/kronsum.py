@@ -9,8 +9,14 @@ cut, and
 kernel executes 172 and a dense GEMM 275. Unlike the Kronecker layer's kernel (one row per
 ``tl.dot``), a program stacks BM rows in the MMA M dimension: X ``(BM I_a, I_b)`` @ B_a.T gives
 V ``[(r, i), q]``, a register permute makes it ``[(r, q), i]``, and @ A_a.T accumulates
-y ``[(r, q), p]`` in fp32 over the R terms. It runs the forward (contract) and rebuild's dx (x @ W
-with W.T's halves, W's read transposed). Launched by ``kernels.py``.
+y ``[(r, q), p]`` in fp32 over the R terms. It runs the forward (contract) and dx (x @ W
+with W.T's halves, W's read transposed). ``_kronsum_grad_kernel`` gives the merged halves'
+gradients with rows in the MMA M dimension too,
+
+    dA_a = sum_r dY[r] V_a[r],  V_a[r] = X[r] B_a.T;   dB_a = sum_r U_a[r] X[r],  U_a[r] = dY[r].T A_a,
+
+(half the FLOPs of a dense dW); the cores' gradients follow on the host (``reference.tt.merge_cores_grad``).
+Launched by ``kernels.py``.
 """
 
 from __future__ import annotations
@@ -79,3 +85,64 @@ def _kronsum_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + col, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + r.to(tl.int64)[:, None] * stride_ym + col * stride_yn, acc.to(out_ty), mask=mask)
+
+
+@triton.autotune(
+    configs=configs([{"BM": bm} for bm in (1, 2, 4)], interpret={"BM": 2},
+                    quick=[{"BM": 1, "num_warps": 8, "num_stages": 2}, {"BM": 2, "num_warps": 8, "num_stages": 2}],
+                    stages=(2,)),
+    key=["M_BUCKET", "R", "M1", "N1", "M2", "N2"],
+    prune_configs_by={"early_config_prune": _prune},
+)
+@triton.jit(do_not_specialize=["M"])
+def _kronsum_grad_kernel(
+    x_ptr, dy_ptr, a_ptr, b_ptr, part_ptr,
+    M, R, M1, N1, M2, N2, M_BUCKET, SPLITS,
+    stride_xm, stride_xk, stride_dm, stride_dn,
+    sa_o, sa_i, sa_r, sb_r, sb_o, sb_i,
+    M1P: tl.constexpr, N1P: tl.constexpr, M2P: tl.constexpr, N2P: tl.constexpr,
+    PRECISION: tl.constexpr, BM: tl.constexpr,
+):
+    """Program (s, a) (a the fastest grid axis: the R programs on the same rows share them in L2)
+    sums over the row blocks s, s + SPLITS, ... of BM rows
+        dA_a[p, i] = sum_r sum_q dY[r][p, q] V[r][i, q],  V[r] = X[r] B_a.T  (dY[r] = dy[r].reshape(M1, M2))
+        dB_a[q, k] = sum_r sum_i U[r][q, i] X[r][i, k],   U[r] = dY[r].T A_a
+    in fp32 and writes them to ``part[s, a] = (dA_a (M1, N1) row-major, dB_a (M2, N2))``, every
+    entry (zeros where it has no rows); the host sums the SPLITS slots. x ``(M, N1*N2)``, dy
+    ``(M, M1*M2)``, A and B strided as in ``_kronsum_kernel``.
+
+    FLOPs (tensor cores): 4*M*R*(N1P*N2P*M2P + M2P*N1P*M1P), twice the forward's.
+    Bytes: elt*M*(N1*N2 + M1*M2) (the R programs of a row block share it in L2)
+    + 4*SPLITS*R*(M1*N1 + M2*N2) partials + elt*R*(M1*N1 + M2*N2) per program.
+    """
+    pid = tl.program_id(0)
+    a, s = pid % R, pid // R
+    in_ty = x_ptr.dtype.element_ty
+    p = tl.arange(0, M1P)
+    i = tl.arange(0, N1P)
+    q = tl.arange(0, M2P)
+    k = tl.arange(0, N2P)
+    bt = tl.load(b_ptr + a * sb_r + k[:, None] * sb_i + q[None, :] * sb_o,
+                 mask=(k < N2)[:, None] & (q < M2)[None, :], other=0.0)  # B_a.T (k, q)
+    am = tl.load(a_ptr + a * sa_r + p[:, None] * sa_o + i[None, :] * sa_i,
+                 mask=(p < M1)[:, None] & (i < N1)[None, :], other=0.0)  # A_a (p, i)
+    da = tl.zeros((M1P, N1P), dtype=tl.float32)
+    db = tl.zeros((M2P, N2P), dtype=tl.float32)
+    xr = tl.arange(0, BM * N1P)  # X rows (r, i)
+    dc = tl.arange(0, BM * M2P)  # dY columns (r, q)
+    for block in range(s, tl.cdiv(M, BM), SPLITS):
+        r = block * BM + xr // N1P
+        x = tl.load(x_ptr + r.to(tl.int64)[:, None] * stride_xm + ((xr % N1P)[:, None] * N2 + k[None, :]) * stride_xk,
+                    mask=((r < M) & (xr % N1P < N1))[:, None] & (k < N2)[None, :], other=0.0)
+        r = block * BM + dc // M2P
+        dyt = tl.load(dy_ptr + r.to(tl.int64)[None, :] * stride_dm + (p[:, None] * M2 + (dc % M2P)[None, :]) * stride_dn,
+                      mask=(p < M1)[:, None] & ((r < M) & (dc % M2P < M2))[None, :], other=0.0)  # [p, (r, q)]
+        v = tl.dot(x, bt, input_precision=PRECISION)  # [(r, i), q]
+        v = tl.reshape(tl.permute(tl.reshape(v, (BM, N1P, M2P)), (0, 2, 1)), (BM * M2P, N1P))  # [(r, q), i]
+        da += tl.dot(dyt, v.to(in_ty), input_precision=PRECISION)
+        u = tl.dot(tl.trans(dyt), am, input_precision=PRECISION)  # [(r, q), i]
+        u = tl.reshape(tl.permute(tl.reshape(u, (BM, M2P, N1P)), (1, 0, 2)), (M2P, BM * N1P))  # [q, (r, i)]
+        db += tl.dot(u.to(in_ty), x, input_precision=PRECISION)
+    out = part_ptr + pid.to(tl.int64) * (M1 * N1 + M2 * N2)  # slot s, entry a
+    tl.store(out + p[:, None] * N1 + i[None, :], da, mask=(p < M1)[:, None] & (i < N1)[None, :])
+    tl.store(out + M1 * N1 + q[:, None] * N2 + k[None, :], db, mask=(q < M2)[:, None] & (k < N2)[None, :])
