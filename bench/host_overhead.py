@@ -11,6 +11,12 @@ CPU) its arithmetic runs here and is part of the time, so each row also reports 
 kernels" per call (:func:`torch_kernels`). The row's ``<mode>_host_us`` is the measured time less the
 stub's own cost per launch (:func:`stub_us`).
 
+Which configs. Kernel paths depend on the autotuners' configs (TT's chain kernel runs where one
+of its configs fits the cores), and without a GPU those are the interpreter's single small-block
+config, under which TT 8^4 would take the per-step kernels the GPU does not. So without a GPU every
+autotuner carries, while the layers are measured, the GPU's quick configs (the GPU check's
+``TSPLINE_AUTOTUNE=quick``; :func:`gpu_configs`), and each launch's grid sees the first.
+
 What is not counted. The launch ``kernel[grid](*args)`` itself is a no-op that records the kernel's
 name and grid: nothing of Triton's launch path runs (the autotuner's key and cache lookup, the
 JIT's argument binding and specialisation, the driver launch; under the interpreter, the whole
@@ -55,7 +61,7 @@ import torch.utils.benchmark
 from torch import nn
 
 import tspline_kernels as tk
-from tspline_kernels._triton import triton  # (sets TRITON_INTERPRET before triton is imported)
+from tspline_kernels._triton import INTERPRET, triton  # (sets TRITON_INTERPRET before triton is imported)
 
 from .harness import free_path, write_json
 
@@ -121,6 +127,23 @@ class _Meta(Mapping):
 
     def __len__(self) -> int:
         return len(self._keys())
+
+
+@contextlib.contextmanager
+def gpu_configs() -> Iterator[None]:
+    """Inside the block every autotuned kernel of the package carries the GPU's quick configs
+    (``configs.quick``) in place of the interpreter's; nothing changes on a GPU."""
+    from .every_config import autotuners
+
+    tuners = autotuners() if INTERPRET else {}
+    saved = {name: t.configs for name, t in tuners.items()}
+    try:
+        for t in tuners.values():
+            t.configs = list(t.configs.quick)
+        yield
+    finally:
+        for name, t in tuners.items():
+            t.configs = saved[name]
 
 
 def _kernel_name(kernel) -> str:
@@ -325,7 +348,7 @@ def run(out: str | None = None, layers: list[str] | None = None, min_run_time: f
     stub = stub_us(min_run_time)
     print(f"the launch stub itself: {stub:.1f} us per launch (subtracted)")
     rows = []
-    with tk.backend("triton"):
+    with tk.backend("triton"), gpu_configs():
         for name in (bar := tqdm(names, desc="host overhead", leave=False, disable=None)):  # no bar off a terminal
             row = measure_layer(name, LAYERS[name](), device, torch.bfloat16, stub, min_run_time)
             for mode in GRAD_MODE:

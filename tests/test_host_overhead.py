@@ -4,6 +4,8 @@ what cut the overhead computes the same: an op's eager path (``EagerOp``) agains
 values derived once (``Derived``) after every kind of parameter update.
 Timings are benchmarks, never tests: nothing here checks one."""
 
+import contextlib
+
 import pytest
 import torch
 from torch._library.custom_ops import CustomOpDef
@@ -13,6 +15,7 @@ from triton.runtime.jit import JITFunction, KernelInterface
 
 import tspline_kernels as tk
 from tspline_kernels._backend import EagerOp, register_autograd
+from tspline_kernels import _triton
 from tspline_kernels._layers import Derived
 from tspline_kernels._triton import cdiv, tl, triton
 from tspline_kernels.bench import host_overhead
@@ -106,6 +109,27 @@ def test_measure_layer_row(monkeypatch):
         # the host time is the measured time less the stub's 1.5 us per stubbed launch, and the goal is on it
         assert row[f"{mode}_host_us"] == pytest.approx(row[f"{mode}_us"] - 1.5 * row[f"{mode}_launches"])
         assert row[f"{mode}_goal_met"] == (row[f"{mode}_host_us"] <= goal)
+
+
+@pytest.mark.skipif(not _triton.INTERPRET, reason="on a GPU the autotuners carry the GPU's configs already")
+def test_gpu_configs_put_the_gpu_paths_under_the_stub(monkeypatch):
+    """Without a GPU the benchmark measures the paths the GPU's configs choose: TT 8^4 rank 8 takes
+    the chain kernel (no chain config fits it under the interpreter's small blocks: per-step
+    kernels); every autotuner gets its configs back afterwards."""
+    _forbid_kernel_bodies(monkeypatch)
+    from tspline_kernels.bench.every_config import autotuners
+
+    before = {name: t.configs for name, t in autotuners().items()}
+    layer = tk.TTLinear((8,) * 4, (8,) * 4, 8, strategy="contract")
+    x = torch.randn(16, 4096)
+    kernels = {}
+    for gpu in (False, True):
+        with tk.backend("triton"), torch.no_grad(), stubbed_launches() as launches, \
+                host_overhead.gpu_configs() if gpu else contextlib.nullcontext():
+            layer(x)
+        kernels[gpu] = [launch.kernel for launch in launches]
+    assert kernels == {False: ["_step_kernel"] * 4, True: ["_chain_kernel", "_slot_sum_kernel"]}
+    assert all(t.configs is before[name] for name, t in autotuners().items())
 
 
 def test_stub_cost_is_measured_on_a_stubbed_launch(monkeypatch):
