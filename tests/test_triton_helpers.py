@@ -1,5 +1,7 @@
 """Shared Triton helpers in ``tspline_kernels/_triton.py``, run under the interpreter."""
 
+import math
+
 import pytest
 import torch
 
@@ -99,6 +101,19 @@ def test_split_slots_sum_kernel_adds_the_used_slots_in_order_and_casts(kernel_de
         torch.testing.assert_close(got.float(), expected, rtol=2**-7, atol=0)
     else:
         assert torch.equal(got, expected.to(dtype))
+
+
+@pytest.mark.parametrize("shape, padded", [((2, 5, 3, 4), (3, 6, 5, 4)), ((1, 3, 1, 2), (4, 3, 8, 2)), ((7,), (9,)),
+                                           ((2, 3), (2, 3))], ids=["4d", "4d-modes-of-1", "1d", "uncut"])
+def test_slot_sum_cuts_the_padding_in_the_same_pass(kernel_device, shape, padded):
+    """``slot_sum`` with ``padded`` slots keeps each slot's leading ``shape`` corner: the TT gradient
+    chain kernel's padded partial cores summed and cut in one launch, in slot order."""
+    part = torch.randn(3 * math.prod(padded) + 5, device=kernel_device)  # three slots, then unused entries
+    got = _triton.slot_sum(part, 3, shape, padded)
+    slots = part[:3 * math.prod(padded)].view(3, *padded)
+    expected = slots[0] + slots[1] + slots[2]
+    assert got.shape == shape and got.is_contiguous()
+    assert torch.equal(got, expected[tuple(slice(0, n) for n in shape)])
 
 
 def test_check_inputs_skips_none_and_names_the_devices():

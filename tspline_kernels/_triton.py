@@ -8,6 +8,7 @@ choice is made once, here, before any ``@triton.jit`` runs.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 
@@ -265,23 +266,43 @@ class SplitSlots:
         launch wrote, in ``dtype``: one ``_slot_sum_kernel`` launch (none for one fp32 slot)."""
         if self.used == 1 and dtype == torch.float32:
             return part[0]
-        out = torch.empty(part.shape[1:], device=part.device, dtype=dtype)
-        n = out.numel()
-        if n:
-            _slot_sum_kernel[(cdiv(n, SLOT_SUM_BLOCK),)](part, out, n, self.used, BLOCK=SLOT_SUM_BLOCK, num_warps=4)
-        return out
+        return slot_sum(part, self.used, part.shape[1:], dtype=dtype)
 
 
 SLOT_SUM_BLOCK = 1024
 
 
+def slot_sum(part: torch.Tensor, slots: int, shape: tuple[int, ...], padded: tuple[int, ...] | None = None,
+             dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``part[:slots].sum(0)`` in ``dtype``, contiguous ``shape``, by one ``_slot_sum_kernel``
+    launch: ``part`` holds ``slots`` fp32 slots one after the other, each contiguous ``padded``
+    (default ``shape``; at most 4 dims, each at least ``shape``'s), of which the leading ``shape``
+    corner is kept (the padding cut in the same pass)."""
+    padded = shape if padded is None else padded
+    out = torch.empty(shape, device=part.device, dtype=dtype)
+    n = out.numel()
+    if n:
+        d = (1,) * (4 - len(shape)) + tuple(shape)
+        p = (1,) * (4 - len(padded)) + tuple(padded)
+        _slot_sum_kernel[(cdiv(n, SLOT_SUM_BLOCK),)](part, out, n, slots, math.prod(p), d[1], d[2], d[3],
+                                                      p[1] * p[2] * p[3], p[2] * p[3], p[3], BLOCK=SLOT_SUM_BLOCK,
+                                                      num_warps=4)
+    return out
+
+
 @triton.jit
-def _slot_sum_kernel(part_ptr, out_ptr, n, slots, BLOCK: tl.constexpr):
-    """out[i] = sum over s < slots of part[s, i] (fp32, s in order: deterministic), cast to out's
-    dtype; part ``(>= slots, n)`` contiguous. FLOPs: slots * n. Bytes: 4 * slots * n + elt * n."""
+def _slot_sum_kernel(part_ptr, out_ptr, n, slots, slot_size, d1, d2, d3, s0, s1, s2, BLOCK: tl.constexpr):
+    """out[a, b, c, e] = sum over s < slots of part[s, a, b, c, e] (fp32, s in order: deterministic),
+    cast to out's dtype; out contiguous ``(d0, d1, d2, d3)`` (n elements), part's slots ``slot_size``
+    elements apart with strides ``(s0, s1, s2, 1)`` inside. FLOPs: slots * n. Bytes: 4 * slots * n + elt * n."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
+    e = offs % d3
+    c = offs // d3 % d2
+    b = offs // (d3 * d2) % d1
+    a = offs // (d3 * d2 * d1)
+    src = a * s0 + b * s1 + c * s2 + e
     acc = tl.zeros((BLOCK,), tl.float32)
     for s in range(slots):
-        acc += tl.load(part_ptr + s * n + offs, mask=mask, other=0.0)
+        acc += tl.load(part_ptr + s * slot_size + src, mask=mask, other=0.0)
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)

@@ -88,7 +88,8 @@ from typing import NamedTuple
 import torch
 
 from .._layers import cast
-from .._triton import INTERPRET, SplitSlots, cdiv, check_inputs, dot_precision, flatten, m_bucket, sliced_gemm
+from .._triton import (INTERPRET, SplitSlots, cdiv, check_inputs, dot_precision, flatten, m_bucket, sliced_gemm,
+                       slot_sum)
 from ..reference import tt as ref
 from . import cost
 from .chain import _chain_grad_kernel, _chain_kernel, config_keys, launch_tiles
@@ -296,7 +297,8 @@ def _chain_grad_sum(part: torch.Tensor, plan: cost.ChainPlan, split: cost.GradSp
     """``[dG_k]`` from the partials of a ``_chain_grad_kernel`` launch (``part``, flat fp32): core
     k's region is ``(n, RP, nb NO, nc NI, RP1)`` (``_chain_store_grad``: each of the n partials a
     padded core, its O_1 / O_2 blocks (k < 2) and its chunks (core d) in place), summed over n and
-    cut to ``(r0, O, I, r1)``. Two launches per core; separate tensors, as a custom op must return."""
+    cut to ``(r0, O, I, r1)`` by one ``slot_sum`` launch per core; separate tensors, as a custom op
+    must return."""
     d, programs = len(cores), math.prod(split.grid)
     tiles = plan.core_tiles()
     grads, off = [], 0
@@ -304,8 +306,9 @@ def _chain_grad_sum(part: torch.Tensor, plan: cost.ChainPlan, split: cost.GradSp
         nb = split.blocks[k] if k < 2 else 1
         nc = split.groups * split.per_group if k == d - 1 else 1
         size = programs * tiles[k] * (split.per_group if k == d - 1 else 1)
-        padded = part[off:off + size].view(-1, plan.rp[k], nb * plan.no[k], nc * plan.ni[k], plan.rp[k + 1]).sum(0)
-        grads.append(padded[:core.r0, :core.o, :core.i, :core.r1].clone(memory_format=torch.contiguous_format))
+        padded = (plan.rp[k], nb * plan.no[k], nc * plan.ni[k], plan.rp[k + 1])
+        grads.append(slot_sum(part[off:off + size], size // math.prod(padded), (core.r0, core.o, core.i, core.r1),
+                              padded))
         off += size
     return grads
 
