@@ -587,7 +587,8 @@ def rebuild_grad(dy2: torch.Tensor, x2: torch.Tensor, cores: list[torch.Tensor],
 def _rebuild_grad_fused(dy2: torch.Tensor, x2: torch.Tensor, head: torch.Tensor, last: torch.Tensor
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dL ``(O_h, I_h, r)``, dT ``(r, O_d, I_d)``), fp32, of sum(G * W), G = dy2.T @ x2, by one
-    ``_rebuild_grad_kernel`` launch (G tile by tile on chip) and the sum of its dT partials."""
+    ``_rebuild_grad_kernel`` launch (G tile by tile on chip) and the sum of its padded dT partials,
+    cut to ``(r, O_d, I_d)`` in the same launch (``slot_sum``)."""
     r, o_d, i_d = last.shape
     o_h, i_h = head.shape[:2]
     tl_ = rebuild_tiles(o_d, i_d, r)
@@ -603,7 +604,7 @@ def _rebuild_grad_fused(dy2: torch.Tensor, x2: torch.Tensor, head: torch.Tensor,
             dy2.stride(0), dy2.stride(1), x2.stride(0), x2.stride(1),
             PRECISION=dot_precision(x2.dtype), PO=tl_.po, PI=tl_.pi, ODP=tl_.odp, IDP=tl_.idp, RP=tl_.rp,
         )
-    return d_head, d_last.sum(0)[:r, :o_d, :i_d]
+    return d_head, slot_sum(d_last, grid[0] * grid[1], (r, o_d, i_d), (tl_.rp, tl_.odp, tl_.idp))
 
 
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
