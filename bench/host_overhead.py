@@ -52,7 +52,7 @@ import contextlib
 import datetime
 import inspect
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,38 +95,31 @@ def _wrappers(kernel) -> tuple[dict[str, int], list[tuple[str, object]]]:
     return index, chain
 
 
-class _Meta(Mapping):
-    """The ``meta`` a launch's grid callable receives: the kernel's arguments by name plus what its
-    :func:`_wrappers` add, read lazily (a grid reads two or three entries; building the whole dict
-    would add the stub's own ~1.5 us to every launch)."""
+class _Meta(dict):
+    """The ``meta`` a launch's grid callable receives: a dict, as Triton's, of the launch's keyword
+    arguments and what its :func:`_wrappers` add (config, heuristics); a positional argument is
+    read on first use (``__missing__``: copying every argument into the dict would add ~1.5 us to
+    every launch, more than a grid's few reads). Built by :func:`_meta`."""
 
-    def __init__(self, wrappers: tuple[dict[str, int], list[tuple[str, object]]], args: tuple, kwargs: dict) -> None:
-        self._index, chain = wrappers
-        self._args, self._kwargs, self._extra = args, kwargs, {}
-        for kind, payload in chain:
-            if kind == "config":
-                self._extra.update(payload)
-            else:  # in order: a heuristic sees the values of those before it, as in Triton
-                for name, value in payload.items():
-                    self._extra[name] = value(self)
+    __slots__ = ("index", "args")
 
-    def __getitem__(self, key: str):
-        for table in (self._extra, self._kwargs):
-            if key in table:
-                return table[key]
-        k = self._index[key]
-        if k >= len(self._args):
+    def __missing__(self, key: str):
+        k = self.index[key]
+        if k >= len(self.args):
             raise KeyError(key)
-        return self._args[k]
+        return self.args[k]
 
-    def _keys(self) -> dict:
-        return {**{n: None for n, k in self._index.items() if k < len(self._args)}, **self._kwargs, **self._extra}
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._keys())
-
-    def __len__(self) -> int:
-        return len(self._keys())
+def _meta(wrappers: tuple[dict[str, int], list[tuple[str, object]]], args: tuple, kwargs: dict) -> _Meta:
+    meta = _Meta(kwargs)
+    meta.index, meta.args = wrappers[0], args
+    for kind, payload in wrappers[1]:
+        if kind == "config":
+            meta.update(payload)
+        else:  # in order: a heuristic sees the values of those before it, as in Triton
+            for name, value in payload.items():
+                meta[name] = value(meta)
+    return meta
 
 
 @contextlib.contextmanager
@@ -170,7 +163,7 @@ def stubbed_launches() -> Iterator[list[Launch]]:
         name, wrappers = known[id(kernel)]
 
         def launch(*args, **kwargs) -> None:
-            shape = grid(_Meta(wrappers, args, kwargs)) if callable(grid) else grid
+            shape = grid(_meta(wrappers, args, kwargs)) if callable(grid) else grid
             launches.append(Launch(name, tuple(shape)))
         return launch
 

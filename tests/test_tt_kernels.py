@@ -523,6 +523,24 @@ def test_derived_entries_go_with_their_tensors(kernel_device):
     assert len(kernels._derived) == size
 
 
+def test_forward_plan_checks_inputs_per_call(kernel_device):
+    """The forward's plan (cached per parameter version) checks every input when it is built and
+    keys on the inputs' dtypes and devices: a bias or x the kernels cannot take is refused on
+    every call, also after a good call has cached the layer's plan."""
+    layer = TTLinear(*TT["d3-3x2x5-r23"]).to(kernel_device)
+    x = torch.randn(2, layer.in_features, device=kernel_device)
+    cores, bias = list(layer.cores), layer.bias.detach()
+    with backend("triton"):
+        kernels.tt_linear(x, cores, bias, "contract")
+        for _ in range(2):
+            with pytest.raises(TypeError, match="fp32, fp16 or bf16"):
+                kernels.tt_linear(x, cores, bias.double(), "contract")
+            with pytest.raises(TypeError, match="fp32, fp16 or bf16"):
+                kernels.tt_linear(x.double(), cores, bias, "contract")
+            with pytest.raises(ValueError, match="different devices"):
+                kernels.tt_linear(x, cores, bias.to("meta"), "contract")
+
+
 class _TorchLaunches(TorchDispatchMode):
     """Counts the torch ops that run (each one launch on a GPU): views and allocations are free."""
 

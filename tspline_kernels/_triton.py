@@ -8,6 +8,7 @@ choice is made once, here, before any ``@triton.jit`` runs.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable
@@ -278,16 +279,21 @@ def slot_sum(part: torch.Tensor, slots: int, shape: tuple[int, ...], padded: tup
     launch: ``part`` holds ``slots`` fp32 slots one after the other, each contiguous ``padded``
     (default ``shape``; at most 4 dims, each at least ``shape``'s), of which the leading ``shape``
     corner is kept (the padding cut in the same pass)."""
-    padded = shape if padded is None else padded
     out = torch.empty(shape, device=part.device, dtype=dtype)
-    n = out.numel()
-    if n:
-        d = (1,) * (4 - len(shape)) + tuple(shape)
-        p = (1,) * (4 - len(padded)) + tuple(padded)
-        _slot_sum_kernel[(cdiv(n, SLOT_SUM_BLOCK),)](part, out, n, slots, math.prod(p), d[1], d[2], d[3],
-                                                      p[1] * p[2] * p[3], p[2] * p[3], p[3], BLOCK=SLOT_SUM_BLOCK,
-                                                      num_warps=4)
+    grid, sizes = _slot_sum_geometry(tuple(shape), None if padded is None else tuple(padded))
+    if grid[0]:
+        _slot_sum_kernel[grid](part, out, sizes[0], slots, *sizes[1:], BLOCK=SLOT_SUM_BLOCK, num_warps=4)
     return out
+
+
+@functools.lru_cache(maxsize=256)
+def _slot_sum_geometry(shape: tuple[int, ...], padded: tuple[int, ...] | None) -> tuple[tuple[int], tuple[int, ...]]:
+    """(grid, (n, slot_size, d1, d2, d3, s0, s1, s2)) of ``_slot_sum_kernel`` for ``slot_sum``'s shapes."""
+    padded = shape if padded is None else padded
+    d = (1,) * (4 - len(shape)) + shape
+    p = (1,) * (4 - len(padded)) + padded
+    n = math.prod(d)
+    return (cdiv(n, SLOT_SUM_BLOCK),), (n, math.prod(p), d[1], d[2], d[3], p[1] * p[2] * p[3], p[2] * p[3], p[3])
 
 
 @triton.jit

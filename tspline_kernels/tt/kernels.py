@@ -121,12 +121,16 @@ def derived(kind: Hashable, tensors: list[torch.Tensor], build: Callable[[], obj
     them alive)."""
     if tensors[0].is_cuda and torch.cuda.is_current_stream_capturing():
         return build()
-    try:  # one tuple per tensor: the entry's key is the roots' ids, the rest must match
-        state = tuple((t._version, t.data_ptr(), t.shape, t.stride(), t.dtype, t.device) for t in tensors)
+    state, roots, key = [], [], [kind]  # the entry's key is the roots' ids, the rest must match
+    try:
+        for t in tensors:  # one loop, no generators: this runs on every call
+            state += (t._version, t.data_ptr(), t.shape, t.stride(), t.dtype, t.device)
+            root = t if t._base is None else t._base
+            roots.append(root)
+            key.append(id(root))
     except RuntimeError:  # an inference tensor (no version counter)
         return build()
-    roots = [t if t._base is None else t._base for t in tensors]
-    key = (kind, *map(id, roots))
+    key = tuple(key)
     hit = _derived.get(key)
     if hit is not None and hit[1] == state and all(ref() is r for ref, r in zip(hit[0], roots)):
         _derived.move_to_end(key)
@@ -200,6 +204,7 @@ class ChainLaunch(NamedTuple):
     table: dict  # config key (``chain.config_key``) -> (plan, split-K count)
     most: int  # the largest split-K count, which sizes ``SplitSlots``
     out_modes: tuple
+    n_out: int  # O, the product of out_modes
 
 
 @functools.lru_cache(maxsize=1024)
@@ -213,13 +218,13 @@ def _chain_launch(layout: tuple, m: int, dtype: torch.dtype, has_bias: bool, key
     plans = {key: cost.chain_plan(*modes, *key) for key in keys}
     table = {key: (plan, forced or cost.chain_split(plan, m, *modes)) for key, plan in plans.items()}
     return ChainLaunch({**meta, "HAS_BIAS": has_bias, **state_args(dtype), **launch_tiles(keys, modes)}, table,
-                       max(splits for _, splits in table.values()), modes[1])
+                       max(splits for _, splits in table.values()), modes[1], math.prod(modes[1]))
 
 
 def chain_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None,
-                 plan: tuple[tuple, ChainLaunch] | None = None) -> torch.Tensor:
+                 plan: tuple[torch.Tensor, ChainLaunch] | None = None) -> torch.Tensor:
     """y = x2 @ W.T + bias by one ``_chain_kernel`` launch; x2 ``(M, I)`` -> ``(M, O)``; ``plan``:
-    the cores' ``_chain_layout`` and the ``_chain_launch`` where the caller has them.
+    the cores packed (``_chain_args``) and the ``_chain_launch`` where the caller has them.
 
     Where the grid is small (``cost.chain_split``: split-K, the same for every config) the I_d
     chunks are split S ways: split s writes an fp32 partial y ``(M, O)`` to slot s of a
@@ -227,15 +232,14 @@ def chain_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None,
     bias, and one more launch sums the slots the launch wrote into y in x's dtype
     (``SplitSlots.sum``). Otherwise the kernel writes y."""
     m = x2.shape[0]
-    n_out = math.prod(c.o for c in cores)
     if m == 0:
-        return torch.empty(m, n_out, device=x2.device, dtype=x2.dtype)
+        return torch.empty(m, math.prod(c.o for c in cores), device=x2.device, dtype=x2.dtype)
     if plan is None:
         packed, layout = _chain_args(cores)
         launch = _chain_launch(layout, m, x2.dtype, bias is not None, config_keys(_chain_kernel), CHAIN_SPLIT)
     else:
-        packed, launch = _chain_args(cores, plan[0])[0], plan[1]
-    table, out_modes = launch.table, launch.out_modes
+        packed, launch = plan
+    table, out_modes, n_out = launch.table, launch.out_modes, launch.n_out
     if launch.most == 1:  # split-K for every config or for none
         out, slots = torch.empty(m, n_out, device=x2.device, dtype=x2.dtype), None
     else:
@@ -386,12 +390,15 @@ def chain_fits(modes: tuple, grad: bool = False, elt: int = 2) -> bool:
 
 
 def contract_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None,
-                    path: str | ChainLaunch | cost.KronsumPlan, layout: tuple | None = None) -> torch.Tensor:
+                    path: str | ChainLaunch | cost.KronsumPlan, packed: torch.Tensor | None = None) -> torch.Tensor:
     """y = x2 @ W.T + bias by the path ``_forward_path`` found: the Kronecker-sum kernel (its plan),
-    the chain kernel (its launch, with the cores' ``_chain_layout``) or d step launches ("steps")."""
+    the chain kernel (its launch, with the cores ``packed`` where the caller has them) or d step
+    launches ("steps")."""
     if isinstance(path, cost.KronsumPlan):
         return kronsum_linear(x2, cores, bias, path)
-    return steps_linear(x2, cores, bias) if path == "steps" else chain_linear(x2, cores, bias, (layout, path))
+    if path == "steps":
+        return steps_linear(x2, cores, bias)
+    return chain_linear(x2, cores, bias, (_chain_args(cores)[0] if packed is None else packed, path))
 
 
 def kronsum_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None, plan: cost.KronsumPlan,
@@ -688,18 +695,37 @@ def _forward_path(layout: tuple, m: int, dtype: torch.dtype, has_bias: bool, str
     return _chain_launch(layout, m, dtype, has_bias, keys, forced)
 
 
+def _forward_plan(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None, strategy: str
+                  ) -> tuple[str | ChainLaunch | cost.KronsumPlan, torch.Tensor | None]:
+    """(``_forward_path``'s path, the cores packed for the chain kernel or None: another path, or
+    cores in neither memory order, packed per call) for ``x2 @ W.T + bias``, with every input
+    checked (``check_inputs``). Cached per parameter version, row count, the inputs' dtypes and
+    devices and the module settings tests change (``derived``): a layer's call then pays one lookup
+    for all of it."""
+    def build() -> tuple[str | ChainLaunch | cost.KronsumPlan, torch.Tensor | None]:
+        check_inputs(x2, *(c.t for c in cores), bias)
+        sources, layout = _chain_layout(cores)
+        path = _forward_path(layout, x2.shape[0], x2.dtype, bias is not None, strategy, keys, CHAIN_SPLIT,
+                             cost.CHAIN_MAX_TILE, KRONSUM)
+        chain = isinstance(path, ChainLaunch) and sources is not None
+        return path, _chain_args(cores, (sources, layout))[0] if chain else None
+
+    keys = config_keys(_chain_kernel)
+    kind = ("forward", tuple((c.o, c.i, c.spline) for c in cores), x2.shape[0], x2.device, x2.dtype,
+            None if bias is None else (bias.device, bias.dtype), strategy, keys, CHAIN_SPLIT, cost.CHAIN_MAX_TILE,
+            KRONSUM)
+    return derived(kind, [c.t for c in cores], build)
+
+
 def cores_linear(x: torch.Tensor, cores: list[Core], bias: torch.Tensor | None, strategy: str) -> torch.Tensor:
     """y = x @ W.T + bias for x ``(*, I)`` -> ``(*, O)`` with the strategy ``strategy`` resolves to;
     plain or spline cores (rebuild forms the core-sized spline cores first)."""
-    check_inputs(x, *(c.t for c in cores), bias)
     x2 = flatten(x)
-    layout = _chain_layout(cores)
-    path = _forward_path(layout[1], x2.shape[0], x.dtype, bias is not None, strategy, config_keys(_chain_kernel),
-                         CHAIN_SPLIT, cost.CHAIN_MAX_TILE, KRONSUM)
+    path, packed = _forward_plan(x2, cores, bias, strategy)  # checks the inputs
     if path == "rebuild":
         y = rebuild_linear(x2, dense_cores(cores), bias)
     else:
-        y = contract_linear(x2, cores, bias, path, layout)
+        y = contract_linear(x2, cores, bias, path, packed)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[1])  # no view of y to re-label (ops' owned)
 
 
