@@ -38,7 +38,7 @@ KEYS_A = -0.75
 
 __all__ = [
     "BSPLINE", "BICUBIC", "IDW", "GAUSSIAN", "positions", "bspline_rows", "basis_matrix", "separable_weight",
-    "separable_linear", "separable_grad_control", "eisenstein_lattice", "support_radius",
+    "separable_linear", "separable_levels", "separable_grad_control", "eisenstein_lattice", "support_radius",
     "gaussian_width", "field_weight", "field_linear", "field_linear_backward",
 ]
 
@@ -144,6 +144,19 @@ def separable_linear(
     if residual is not None:
         y = y + residual.to(cd)
     return y.to(x.dtype)
+
+
+def separable_levels(x: torch.Tensor, controls: list[torch.Tensor], bias: torch.Tensor | None, out_features: int,
+                     kind: int) -> torch.Tensor:
+    """The sum of separable levels (a hierarchical layer's grids, coarse to fine) + bias: level k's
+    output, in x's dtype, is level k + 1's ``residual`` (``separable_linear``), the bias is added by
+    the last. x ``(*, n_in)``, controls ``[(G_out_k, G_in_k)]`` -> ``(*, out_features)``."""
+    if not controls:
+        raise ValueError("separable_levels needs at least one control grid")
+    y = None
+    for k, control in enumerate(controls):
+        y = separable_linear(x, control, bias if k == len(controls) - 1 else None, out_features, kind, y)
+    return y
 
 
 def separable_grad_control(u: torch.Tensor, v: torch.Tensor, g_out: int, g_in: int, kind: int) -> torch.Tensor:

@@ -32,7 +32,7 @@ def test_default_env_and_context(monkeypatch):
 
 def test_routing(spy):
     """auto sends CPU tensors to the reference; triton forces the launcher."""
-    calls = spy(kernels, "separable_linear")
+    calls = spy(kernels, "separable_levels")
     layer = tk.SplineLinear(9, 5)
     x = torch.randn(2, 9)
     with backend("auto"):
@@ -40,7 +40,7 @@ def test_routing(spy):
     assert calls == []
     with backend("triton"):
         layer(x)
-    assert calls == ["separable_linear"]
+    assert calls == ["separable_levels"]
 
 
 def test_override_is_per_thread():

@@ -263,6 +263,24 @@ def test_separable_passes_empty_batch_and_3d(dtype, kernel_device):
         assert_close(got, ref.separable_linear(x, control, None, 70, ref.BSPLINE), dtype)
 
 
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+def test_separable_levels_match_reference(dtype, kernel_device):
+    """Two levels in one call (a hierarchical layer: coarse grid, then fine, 4 launches), 3-D and
+    empty inputs, against the reference's levels; no control grid is refused."""
+    from tspline_kernels.reference import spline as ref
+    from tspline_kernels.spline import kernels
+
+    controls = [torch.randn(5, 4, device=kernel_device).to(dtype), torch.randn(12, 9, device=kernel_device).to(dtype)]
+    b = torch.randn(70, device=kernel_device).to(dtype)
+    for lead in [(2, 3), (0,)]:
+        x = torch.randn(*lead, 260, device=kernel_device).to(dtype)
+        got = kernels.separable_levels(x, controls, b, 70, ref.BSPLINE, chunk=128)
+        assert got.shape == (*lead, 70) and got.dtype == dtype
+        assert_close(got, ref.separable_levels(x, controls, b, 70, ref.BSPLINE), dtype)
+    with pytest.raises(ValueError, match="at least one control grid"):
+        kernels.separable_levels(x, [], b, 70, ref.BSPLINE)
+
+
 def test_separable_residual_shape_validation(kernel_device):
     from tspline_kernels.spline import kernels
 

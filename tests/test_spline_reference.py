@@ -152,15 +152,29 @@ def test_field_linear_gradcheck(basis, local, transpose):
 
 @pytest.mark.parametrize("kind", [ref.BSPLINE, ref.BICUBIC], ids=["bspline", "bicubic"])
 def test_separable_linear_gradcheck(kind):
+    """The op with one level and with two (a hierarchical layer's grids), first and second order."""
     x = torch.randn(2, 3, 11, dtype=torch.float64, requires_grad=True)
     control = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    fine = torch.randn(8, 7, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(9, dtype=torch.float64, requires_grad=True)
-    residual = torch.randn(2, 3, 9, dtype=torch.float64, requires_grad=True)
     with backend("reference"):
-        assert torch.autograd.gradcheck(lambda x, c, b, r: ops.separable_linear(x, c, b, 9, kind, r),
-                                        (x, control, bias, residual))
-        # second order through the autograd formula's own ops (dx = separable_linear(dy, C.T))
-        assert torch.autograd.gradgradcheck(lambda x, c: ops.separable_linear(x, c, None, 9, kind), (x, control))
+        assert torch.autograd.gradcheck(lambda x, c, f, b: ops.separable_linear(x, [c, f], b, 9, kind),
+                                        (x, control, fine, bias))
+        # second order through the autograd formula's own ops (dx = separable_linear(dy, [C.T]))
+        assert torch.autograd.gradgradcheck(lambda x, c: ops.separable_linear(x, [c], None, 9, kind), (x, control))
+        assert torch.autograd.gradgradcheck(lambda x, c, f: ops.separable_linear(x, [c, f], None, 9, kind),
+                                            (x, control, fine))
+
+
+def test_separable_levels_sum_the_levels():
+    """Two levels are the sum of each level's map (float64: one rounding is none), plus the bias once."""
+    x = torch.randn(4, 11, dtype=torch.float64)
+    coarse, fine, bias = torch.randn(5, 6, dtype=torch.float64), torch.randn(8, 7, dtype=torch.float64), torch.randn(9, dtype=torch.float64)
+    want = (x @ (ref.separable_weight(coarse, 9, 11, ref.BSPLINE) + ref.separable_weight(fine, 9, 11, ref.BSPLINE)).T
+            + bias)
+    torch.testing.assert_close(ref.separable_levels(x, [coarse, fine], bias, 9, ref.BSPLINE), want)
+    with pytest.raises(ValueError, match="at least one control grid"):
+        ref.separable_levels(x, [], bias, 9, ref.BSPLINE)
 
 
 @pytest.mark.parametrize("basis", ["bspline", "bicubic", "gaussian", "eisenstein"])

@@ -248,30 +248,56 @@ def separable_linear(
     residual: torch.Tensor | None = None, *, chunk: int | None = None,
 ) -> torch.Tensor:
     """Launch the separable forward (input pass, then output pass), plus ``residual`` (shaped like the
-    output) if given: the op's arguments. x ``(*, n_in)``, control ``(G_out, G_in)``; ``chunk``:
-    columns of x per input-pass program (default ``in_chunk(M)``), a power of two >= 128."""
-    check_inputs(x, control, bias, residual)
+    output) if given. x ``(*, n_in)``, control ``(G_out, G_in)``; ``chunk``: columns of x per
+    input-pass program (default ``in_chunk(M)``), a power of two >= 128."""
+    return separable_levels(x, [control], bias, out_features, kind, residual, chunk=chunk)
+
+
+def separable_levels(
+    x: torch.Tensor, controls: list[torch.Tensor], bias: torch.Tensor | None, out_features: int, kind: int,
+    residual: torch.Tensor | None = None, *, chunk: int | None = None,
+) -> torch.Tensor:
+    """The op ``separable_linear``: per level (control grid, coarse to fine) the input pass and the
+    output pass, level k's output (x's dtype) added into level k + 1's output pass as its residual
+    (``residual``, if given, into the first's), the bias into the last's: 2 launches per level,
+    the inputs checked and the row geometry found once. x ``(*, n_in)``, controls
+    ``[(G_out_k, G_in_k)]`` -> ``(*, out_features)``; ``chunk`` as in ``separable_linear``."""
+    check_inputs(x, *controls, bias, residual)
+    if not controls:
+        raise ValueError("separable_levels needs at least one control grid")
     x2 = flatten(x)
     m = x2.shape[0]
     chunk = _chunk(m, chunk)
+    shape = (*x.shape[:-1], out_features)
+    if residual is not None and residual.shape != shape:
+        raise ValueError(f"residual must have the output's shape {shape}, got {tuple(residual.shape)}")
+    if m == 0 or out_features == 0:
+        return x.new_empty(shape)
+    bucket = m_bucket(m)
+    r2 = None if residual is None else flatten(residual)
+    for k, control in enumerate(controls):
+        y2 = x2.new_empty(m, out_features)
+        _separable_passes(x2, control, bias if k == len(controls) - 1 else None, kind, r2, y2, chunk, bucket)
+        r2 = y2
+    return y2 if x.dim() == 2 else y2.reshape(shape)  # a view: the op's owned() re-labels it
+
+
+def _separable_passes(x2: torch.Tensor, control: torch.Tensor, bias: torch.Tensor | None, kind: int,
+                      r2: torch.Tensor | None, y2: torch.Tensor, chunk: int, bucket: int) -> None:
+    """y2 ``(M, n_out)`` = x2 ``(M, n_in)`` through one control grid + bias + r2: the input and the
+    output pass (M > 0, ``bucket`` = ``m_bucket(M)``)."""
+    m, out_features = y2.shape
     g_out, g_in = control.shape
-    y = torch.empty(*x.shape[:-1], out_features, device=x.device, dtype=x.dtype)
-    if residual is not None and residual.shape != y.shape:
-        raise ValueError(f"residual must have the output's shape {tuple(y.shape)}, got {tuple(residual.shape)}")
-    if m > 0 and out_features > 0:
-        bucket = m_bucket(m)
-        part, bi = _input_pass(x2, g_in, kind, chunk, bucket)
-        bo = basis_windows(out_features, g_out, kind, OUT_TILE, torch.float32, x.device)
-        y2 = flatten(y)
-        r2 = y2 if residual is None else flatten(residual)
-        _separable_out_kernel[lambda meta: (cdiv(m, meta["BM"]), meta["N_SPLIT"])](
-            part, bi.start, control, bo.table, bo.start, bias if bias is not None else y2, r2, y2,
-            m, bi.chunks, out_features, g_in, g_out, bucket, *control.stride(), *r2.stride(), *y2.stride(),
-            HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-            GIP=_pad(g_in), W_IN=bi.width, BN=OUT_TILE, PW=bo.width,
-            PRECISION=_fp32_operand_precision(x.dtype),
-        )
-    return y
+    part, bi = _input_pass(x2, g_in, kind, chunk, bucket)
+    bo = basis_windows(out_features, g_out, kind, OUT_TILE, torch.float32, x2.device)
+    res = y2 if r2 is None else r2
+    _separable_out_kernel[lambda meta: (cdiv(m, meta["BM"]), meta["N_SPLIT"])](
+        part, bi.start, control, bo.table, bo.start, bias if bias is not None else y2, res, y2,
+        m, bi.chunks, out_features, g_in, g_out, bucket, *control.stride(), *res.stride(), *y2.stride(),
+        HAS_BIAS=bias is not None, HAS_RESIDUAL=r2 is not None,
+        GIP=_pad(g_in), W_IN=bi.width, BN=OUT_TILE, PW=bo.width,
+        PRECISION=_fp32_operand_precision(x2.dtype),
+    )
 
 
 @triton.autotune(
