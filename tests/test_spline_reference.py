@@ -158,11 +158,11 @@ def test_separable_linear_gradcheck(kind):
     fine = torch.randn(8, 7, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(9, dtype=torch.float64, requires_grad=True)
     with backend("reference"):
-        assert torch.autograd.gradcheck(lambda x, c, f, b: ops.separable_linear(x, [c, f], b, 9, kind),
+        assert torch.autograd.gradcheck(lambda x, c, f, b: ops.separable_linear(x, c, b, 9, kind, f),
                                         (x, control, fine, bias))
-        # second order through the autograd formula's own ops (dx = separable_linear(dy, [C.T]))
-        assert torch.autograd.gradgradcheck(lambda x, c: ops.separable_linear(x, [c], None, 9, kind), (x, control))
-        assert torch.autograd.gradgradcheck(lambda x, c, f: ops.separable_linear(x, [c, f], None, 9, kind),
+        # second order through the autograd formula's own ops (dx = separable_linear(dy, C.T))
+        assert torch.autograd.gradgradcheck(lambda x, c: ops.separable_linear(x, c, None, 9, kind), (x, control))
+        assert torch.autograd.gradgradcheck(lambda x, c, f: ops.separable_linear(x, c, None, 9, kind, f),
                                             (x, control, fine))
 
 

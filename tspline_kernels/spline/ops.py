@@ -2,8 +2,8 @@
 
 Each forward op has a fake implementation and an autograd formula built from other ops, so
 ``torch.compile(fullgraph=True)`` traces straight through. Backward:
-  separable: dx = separable_linear(dy, [C_k.T]) (the same two passes per level with the axes swapped),
-             dC_k = separable_grad_control(dy, x) (Triton: the input pass on dy and on x, then their product);
+  separable: dx = separable_linear(dy, C.T) (the same two passes, per level, with the axes swapped),
+             dC = separable_grad_control(dy, x) per level (Triton: the input pass on dy and on x, then their product);
   field:     field_linear_backward gives dx and d(control, log_bandwidth) together, the latter as one vector
              (the reference builds each weight block once for both; Triton runs the transposed matmul
              and a reduction kernel whose partial sums hold both);
@@ -25,17 +25,20 @@ _kernels = kernels_of(__package__)  # the Triton launchers, imported on first us
 
 # --------------------------------------------------------------------------------------- separable
 @torch.library.custom_op("tspline::separable_linear", mutates_args=())
-def separable_linear(x: Tensor, controls: list[Tensor], bias: Tensor | None, out_features: int, kind: int) -> Tensor:
-    """y = sum over levels k of ((x @ Bi_k) @ C_k.T) @ Bo_k.T + bias; x ``(*, n_in)``, one control grid
-    C_k ``(G_out_k, G_in_k)`` per level (a hierarchical layer's, coarse to fine: level k's output, in
-    x's dtype, is added into level k + 1's before its one rounding) -> ``(*, out_features)``."""
+def separable_linear(x: Tensor, control: Tensor, bias: Tensor | None, out_features: int, kind: int,
+                     fine: Tensor | None = None) -> Tensor:
+    """y = ((x @ Bi) @ C.T) @ Bo.T + bias (+ the same through ``fine``, a second level's grid: a
+    hierarchical layer's, whose output pass adds the first level's output, in x's dtype, before its
+    one rounding); x ``(*, n_in)``, C ``(G_out, G_in)``, fine ``(G_out', G_in')`` -> ``(*, out_features)``.
+    Two tensors, not a list of levels: a list argument costs an eager call ~10 us of packing."""
+    controls = [control] if fine is None else [control, fine]
     if use_triton(x):
         return owned(_kernels().separable_levels(x, controls, bias, out_features, kind))
     return owned(ref.separable_levels(x, controls, bias, out_features, kind))
 
 
 @separable_linear.register_fake
-def _(x, controls, bias, out_features, kind):
+def _(x, control, bias, out_features, kind, fine=None):
     return x.new_empty(*x.shape[:-1], out_features)
 
 
@@ -62,8 +65,8 @@ def _grad_control_backward(ctx, grad):
     """dC is bilinear in (u, v): du = v @ (Bo G Bi.T).T and dv = u @ (Bo G Bi.T), both separable."""
     u, v = ctx.saved_tensors
     grad = grad.to(u.dtype)
-    du = separable_linear(v, [grad], None, u.shape[-1], ctx.kind) if ctx.needs_input_grad[0] else None
-    dv = separable_linear(u, [grad.mT], None, v.shape[-1], ctx.kind) if ctx.needs_input_grad[1] else None
+    du = separable_linear(v, grad, None, u.shape[-1], ctx.kind, None) if ctx.needs_input_grad[0] else None
+    dv = separable_linear(u, grad.mT, None, v.shape[-1], ctx.kind, None) if ctx.needs_input_grad[1] else None
     return du, dv, None, None, None
 
 
@@ -71,21 +74,28 @@ register_autograd(separable_grad_control, _grad_control_backward, _grad_control_
 
 
 def _separable_setup(ctx, inputs, output):
-    x, controls, bias, out_features, kind = inputs
-    ctx.save_for_backward(x, *controls)
+    x, control, bias, out_features, kind, fine = inputs
+    ctx.save_for_backward(x, control, fine)
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.kind = kind
+    # read here, not from needs_input_grad: torch.library's dispatch drops a trailing default argument
+    ctx.has_fine = fine is not None
 
 
 def _separable_backward(ctx, dy):
-    """dx: the same levels on W.T's grids (C_k.T); dC_k per level; d bias."""
-    x, *controls = ctx.saved_tensors
-    need_x, need_controls, need_bias = ctx.needs_input_grad[:3]
-    dx = separable_linear(dy, [c.mT for c in controls], None, x.shape[-1], ctx.kind) if need_x else None
-    dcs = [separable_grad_control(dy, x, c.shape[0], c.shape[1], ctx.kind).to(c.dtype) if need else None
-           for c, need in zip(controls, need_controls)]
-    db = bias_grad(dy, ctx.bias_dtype) if ctx.bias_dtype is not None and need_bias else None
-    return dx, dcs, db, None, None
+    """dx: the same levels on W.T's grids (C.T); dC per level; d bias."""
+    x, control, fine = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx = dc = db = d_fine = None
+    if need[0]:
+        dx = separable_linear(dy, control.mT, None, x.shape[-1], ctx.kind, None if fine is None else fine.mT)
+    if need[1]:
+        dc = separable_grad_control(dy, x, control.shape[0], control.shape[1], ctx.kind).to(control.dtype)
+    if ctx.bias_dtype is not None and need[2]:
+        db = bias_grad(dy, ctx.bias_dtype)
+    if ctx.has_fine and need[5]:
+        d_fine = separable_grad_control(dy, x, fine.shape[0], fine.shape[1], ctx.kind).to(fine.dtype)
+    return dx, dc, db, None, None, d_fine
 
 
 register_autograd(separable_linear, _separable_backward, _separable_setup)
