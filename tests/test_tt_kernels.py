@@ -541,6 +541,26 @@ def test_forward_plan_checks_inputs_per_call(kernel_device):
                 kernels.tt_linear(x, cores, bias.to("meta"), "contract")
 
 
+def test_forward_plan_one_entry_per_layer(kernel_device):
+    """Row counts share the layer's plan entry (their paths are kept in it, at most
+    ``FORWARD_PATHS``): batches of many sizes never push the cores' other cached results out."""
+    layer = TTLinear(*TT["d3-3x2x5-r23"], strategy="contract").to(kernel_device)
+    cores = list(layer.cores)
+
+    def entries() -> int:
+        return sum(key[0][0] == "forward" and key[1] == id(cores[0]) for key in kernels._derived
+                   if isinstance(key[0], tuple))
+
+    with backend("triton"):
+        for m in (1, 2, 5, 3):
+            x = torch.randn(m, layer.in_features, device=kernel_device)
+            assert_close(kernels.tt_linear(x, cores, None, "contract"), ref.tt_linear(x, cores, None), torch.float32)
+        assert entries() == 1
+        plans = next(v[2] for k, v in kernels._derived.items()
+                     if isinstance(k[0], tuple) and k[0][0] == "forward" and k[1] == id(cores[0]))
+        assert sorted(plans.paths) == [1, 2, 3, 5]
+
+
 class _TorchLaunches(TorchDispatchMode):
     """Counts the torch ops that run (each one launch on a GPU): views and allocations are free."""
 

@@ -695,26 +695,51 @@ def _forward_path(layout: tuple, m: int, dtype: torch.dtype, has_bias: bool, str
     return _chain_launch(layout, m, dtype, has_bias, keys, forced)
 
 
+FORWARD_PATHS = 64  # row counts whose forward path a layer keeps (``_forward_plan``); more clear the table
+
+
+class _ForwardPlans:
+    """What ``_forward_plan`` keeps per parameter version: the checked cores' ``_chain_layout`` key,
+    their packed buffer once a chain launch needed it, and the path per row count."""
+
+    __slots__ = ("layout", "packed", "paths")
+
+    def __init__(self, layout: tuple) -> None:
+        self.layout, self.packed, self.paths = layout, None, {}
+
+
 def _forward_plan(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None, strategy: str
                   ) -> tuple[str | ChainLaunch | cost.KronsumPlan, torch.Tensor | None]:
-    """(``_forward_path``'s path, the cores packed for the chain kernel or None: another path, or
-    cores in neither memory order, packed per call) for ``x2 @ W.T + bias``, with every input
-    checked (``check_inputs``). Cached per parameter version, row count, the inputs' dtypes and
-    devices and the module settings tests change (``derived``): a layer's call then pays one lookup
-    for all of it."""
-    def build() -> tuple[str | ChainLaunch | cost.KronsumPlan, torch.Tensor | None]:
+    """(``_forward_path``'s path for x2's row count, the cores packed for the chain kernel or None:
+    another path, or cores in neither memory order, packed per call) for ``x2 @ W.T + bias``, with
+    every input checked (``check_inputs``). One ``derived`` entry per parameter version, the
+    inputs' dtypes and devices and the module settings tests change holds a :class:`_ForwardPlans`
+    (a batch size of its own does not take an entry, which would push the cores' other results
+    out): a layer's call pays one lookup for all of it."""
+    def build() -> _ForwardPlans:
         check_inputs(x2, *(c.t for c in cores), bias)
-        sources, layout = _chain_layout(cores)
-        path = _forward_path(layout, x2.shape[0], x2.dtype, bias is not None, strategy, keys, CHAIN_SPLIT,
-                             cost.CHAIN_MAX_TILE, KRONSUM)
-        chain = isinstance(path, ChainLaunch) and sources is not None
-        return path, _chain_args(cores, (sources, layout))[0] if chain else None
+        return _ForwardPlans(_chain_layout(cores)[1])
 
     keys = config_keys(_chain_kernel)
-    kind = ("forward", tuple((c.o, c.i, c.spline) for c in cores), x2.shape[0], x2.device, x2.dtype,
+    kind = ("forward", tuple((c.o, c.i, c.spline) for c in cores), x2.device, x2.dtype,
             None if bias is None else (bias.device, bias.dtype), strategy, keys, CHAIN_SPLIT, cost.CHAIN_MAX_TILE,
             KRONSUM)
-    return derived(kind, [c.t for c in cores], build)
+    plans = derived(kind, [c.t for c in cores], build)
+    m = x2.shape[0]
+    path = plans.paths.get(m)
+    if path is None:
+        if len(plans.paths) >= FORWARD_PATHS:
+            plans.paths.clear()
+        path = plans.paths[m] = _forward_path(plans.layout, m, x2.dtype, bias is not None, strategy, keys,
+                                              CHAIN_SPLIT, cost.CHAIN_MAX_TILE, KRONSUM)
+    if not isinstance(path, ChainLaunch):
+        return path, None
+    if plans.packed is None:  # packed on the first chain launch (other paths never need it)
+        sources, layout = _chain_layout(cores)
+        if sources is None:
+            return path, None
+        plans.packed = _chain_args(cores, (sources, layout))[0]
+    return path, plans.packed
 
 
 def cores_linear(x: torch.Tensor, cores: list[Core], bias: torch.Tensor | None, strategy: str) -> torch.Tensor:
