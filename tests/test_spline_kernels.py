@@ -227,26 +227,27 @@ SEPARABLE = {
 }
 
 
-@pytest.mark.parametrize("extra", ["bias", "none", "bias+residual"])
+@pytest.mark.parametrize("extra", ["bias", "none", "bias+coarse"])
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 @pytest.mark.parametrize("case", list(SEPARABLE), ids=list(SEPARABLE))
 def test_separable_passes_match_reference(case, dtype, extra, kernel_device):
     """The input pass (split over K into windowed partials) and the output pass (gather, windowed
-    middle and output dots, N_SPLIT tiles per program, optional bias and residual) against the
-    float reference, every dtype, on odd shapes, one and several chunks (the large-M path's
-    512-column chunks among them); the residual is a transposed view (both strides exercised)."""
+    middle and output dots, N_SPLIT tiles per program, optional bias, and with a coarse level
+    before it that level's output as the residual) against the float reference, every dtype, on
+    odd shapes, one and several chunks (the large-M path's 512-column chunks among them)."""
     from tspline_kernels.reference import spline as ref
     from tspline_kernels.spline import kernels
 
     m, n_in, n_out, (g_out, g_in), basis, chunk = SEPARABLE[case]
     kind = ref.BSPLINE if basis == "bspline" else ref.BICUBIC
     x = torch.randn(m, n_in, device=kernel_device).to(dtype)
-    control = torch.randn(g_out, g_in, device=kernel_device).to(dtype)
+    controls = [torch.randn(g_out, g_in, device=kernel_device).to(dtype)]
+    if "coarse" in extra:
+        controls.insert(0, torch.randn(4, 5, device=kernel_device).to(dtype))
     b = torch.randn(n_out, device=kernel_device).to(dtype) if "bias" in extra else None
-    r = torch.randn(n_out, m, device=kernel_device).to(dtype).T if "residual" in extra else None
-    got = kernels.separable_linear(x, control, b, n_out, kind, r, chunk=chunk)
+    got = kernels.separable_levels(x, controls, b, n_out, kind, chunk=chunk)
     assert got.dtype == dtype and got.shape == (m, n_out)
-    assert_close(got, ref.separable_linear(x, control, b, n_out, kind, r), dtype)
+    assert_close(got, ref.separable_levels(x, controls, b, n_out, kind), dtype)
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
@@ -258,7 +259,7 @@ def test_separable_passes_empty_batch_and_3d(dtype, kernel_device):
     control = torch.randn(9, 12, device=kernel_device).to(dtype)
     for lead in [(0,), (2, 0), (2, 3)]:
         x = torch.randn(*lead, 260, device=kernel_device).to(dtype)
-        got = kernels.separable_linear(x, control, None, 70, ref.BSPLINE, chunk=128)
+        got = kernels.separable_levels(x, [control], None, 70, ref.BSPLINE, chunk=128)
         assert got.shape == (*lead, 70)
         assert_close(got, ref.separable_linear(x, control, None, 70, ref.BSPLINE), dtype)
 
@@ -281,20 +282,12 @@ def test_separable_levels_match_reference(dtype, kernel_device):
         kernels.separable_levels(x, [], b, 70, ref.BSPLINE)
 
 
-def test_separable_residual_shape_validation(kernel_device):
-    from tspline_kernels.spline import kernels
-
-    x, control = torch.randn(2, 37, device=kernel_device), torch.randn(6, 6, device=kernel_device)
-    with pytest.raises(ValueError, match="residual must have the output's shape"):
-        kernels.separable_linear(x, control, None, 5, 0, torch.randn(2, 4, device=kernel_device))
-
-
 @pytest.mark.parametrize("chunk", [0, 64, 96, 384])
 def test_separable_chunk_validation(chunk, kernel_device):
     from tspline_kernels.spline import kernels
 
     with pytest.raises(ValueError, match="chunk"):
-        kernels.separable_linear(torch.randn(2, 37, device=kernel_device), torch.randn(6, 6, device=kernel_device),
+        kernels.separable_levels(torch.randn(2, 37, device=kernel_device), [torch.randn(6, 6, device=kernel_device)],
                                  None, 5, 0, chunk=chunk)
 
 

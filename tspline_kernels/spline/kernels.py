@@ -243,42 +243,29 @@ def _input_pass(a2: torch.Tensor, g: int, kind: int, chunk: int,
     return part, win
 
 
-def separable_linear(
-    x: torch.Tensor, control: torch.Tensor, bias: torch.Tensor | None, out_features: int, kind: int,
-    residual: torch.Tensor | None = None, *, chunk: int | None = None,
-) -> torch.Tensor:
-    """Launch the separable forward (input pass, then output pass), plus ``residual`` (shaped like the
-    output) if given. x ``(*, n_in)``, control ``(G_out, G_in)``; ``chunk``: columns of x per
-    input-pass program (default ``in_chunk(M)``), a power of two >= 128."""
-    return separable_levels(x, [control], bias, out_features, kind, residual, chunk=chunk)
-
-
 def separable_levels(
     x: torch.Tensor, controls: list[torch.Tensor], bias: torch.Tensor | None, out_features: int, kind: int,
-    residual: torch.Tensor | None = None, *, chunk: int | None = None,
+    *, chunk: int | None = None,
 ) -> torch.Tensor:
     """The op ``separable_linear``: per level (control grid, coarse to fine) the input pass and the
-    output pass, level k's output (x's dtype) added into level k + 1's output pass as its residual
-    (``residual``, if given, into the first's), the bias into the last's: 2 launches per level,
-    the inputs checked and the row geometry found once. x ``(*, n_in)``, controls
-    ``[(G_out_k, G_in_k)]`` -> ``(*, out_features)``; ``chunk`` as in ``separable_linear``."""
-    check_inputs(x, *controls, bias, residual)
+    output pass, level k's output (x's dtype) added into level k + 1's output pass as its residual,
+    the bias into the last's: 2 launches per level, the inputs checked and the row geometry found
+    once. x ``(*, n_in)``, controls ``[(G_out_k, G_in_k)]`` -> ``(*, out_features)``; ``chunk``:
+    columns of x per input-pass program (default ``in_chunk(M)``), a power of two >= 128."""
+    check_inputs(x, *controls, bias)
     if not controls:
         raise ValueError("separable_levels needs at least one control grid")
     x2 = flatten(x)
     m = x2.shape[0]
     chunk = _chunk(m, chunk)
     shape = (*x.shape[:-1], out_features)
-    if residual is not None and residual.shape != shape:
-        raise ValueError(f"residual must have the output's shape {shape}, got {tuple(residual.shape)}")
     if m == 0 or out_features == 0:
         return x.new_empty(shape)
     bucket = m_bucket(m)
-    r2 = None if residual is None else flatten(residual)
+    y2 = None
     for k, control in enumerate(controls):
-        y2 = x2.new_empty(m, out_features)
+        r2, y2 = y2, x2.new_empty(m, out_features)
         _separable_passes(x2, control, bias if k == len(controls) - 1 else None, kind, r2, y2, chunk, bucket)
-        r2 = y2
     return y2 if x.dim() == 2 else y2.reshape(shape)  # a view: the op's owned() re-labels it
 
 
@@ -336,7 +323,7 @@ def _separable_dc_kernel(
 def separable_grad_control(u: torch.Tensor, v: torch.Tensor, g_out: int, g_in: int, kind: int,
                            chunk: int | None = None) -> torch.Tensor:
     """dC ``(g_out, g_in)`` fp32 from output grad u ``(*, n_out)`` and input v ``(*, n_in)``: the
-    input pass on each, then ``_separable_dc_kernel``. ``chunk`` as in ``separable_linear``."""
+    input pass on each, then ``_separable_dc_kernel``. ``chunk`` as in ``separable_levels``."""
     check_inputs(u, v)
     u2, v2 = flatten(u), flatten(v)
     m = u2.shape[0]
