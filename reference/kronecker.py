@@ -27,6 +27,8 @@ takes the transform path when g_k > 0.5, else the identity path. Averages commut
 affine maps, so the fibre mean seen by mode k is the mean over the other axes of the layers
 before k applied to the batch mean of x: ``gated_modes`` finds every gate from that one
 "sample", and the layer is then the plain Kronecker layer with the mixed factors and biases.
+For two modes ``gated_maps`` gives the mixed factors and the effective bias of the two-factor op
+below from x and the parameters, and ``kronecker_gated_linear`` applies them: the gated op.
 
 Fused op. For two modes, y[b] = A X[b] B.T + bias with X[b] = x[b].reshape(n_1, n_2):
 ``kronecker_linear(x, a, b, bias)``; its input gradient is the same op with (A.T, B.T). More modes
@@ -47,7 +49,10 @@ import torch
 from .common import compute_dtype
 
 __all__ = [
+    "gate_paths",
+    "gated_maps",
     "gated_modes",
+    "kronecker_gated_linear",
     "kron_factors",
     "kronecker_bias",
     "kronecker_grad_factors",
@@ -145,6 +150,53 @@ def gated_modes(
             mixed_b[k] = g * mixed_b[k] + (0 if p_b is None else (1 - g) * p_b)
         t = _add_along(mode_product(t, mixed_f[k], axis), mixed_b[k], axis)
     return mixed_f, mixed_b
+
+
+def gate_paths(*tensors: torch.Tensor | None) -> tuple[list[Gate | None], list[Projection]]:
+    """``gated_maps``'s per-mode tensors (w1, b1, w2, b2, p, pb for each of the two modes) grouped
+    as ``gated_modes`` takes them; a gate's four tensors and a projection's two come together."""
+    gates, projections = [], []
+    for k in (0, 1):
+        w1, b1, w2, b2, p, pb = tensors[6 * k:6 * k + 6]
+        if (b1 is None, w2 is None, b2 is None) != (w1 is None,) * 3:
+            raise ValueError(f"mode {k}'s gate network (w1, b1, w2, b2) needs all its tensors or none")
+        if (pb is None) != (p is None):
+            raise ValueError(f"mode {k}'s projection (p, pb) needs both tensors or none")
+        gates.append(None if w1 is None else (w1, b1, w2, b2))
+        projections.append(None if p is None else (p, pb))
+    return gates, projections
+
+
+def gated_maps(
+    x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias_a: torch.Tensor | None, bias_b: torch.Tensor | None,
+    w1_a: torch.Tensor | None, b1_a: torch.Tensor | None, w2_a: torch.Tensor | None, b2_a: torch.Tensor | None,
+    p_a: torch.Tensor | None, pb_a: torch.Tensor | None,
+    w1_b: torch.Tensor | None, b1_b: torch.Tensor | None, w2_b: torch.Tensor | None, b2_b: torch.Tensor | None,
+    p_b: torch.Tensor | None, pb_b: torch.Tensor | None, hard: bool, transform_outer: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The two-mode gated layer's (A', B', b_eff) for the batch x, in x's dtype: the mixed factors
+    ``(m_1, n_1)``, ``(m_2, n_2)`` and the effective bias ``(m_1 m_2,)`` with which
+    ``kronecker_linear(x, A', B', b_eff)`` is the gated layer's output.
+
+    x ``(*, n_1 n_2)``; a, b the factors; bias_a, bias_b their biases (None: zero). Per mode
+    (suffix _a for the first, _b for the second) the gate network w1 ``(h, n_k)``, b1 ``(h,)``, w2
+    ``(1, h)``, b2 ``(1,)`` (all None: the mode is not gated) and the identity path's projection
+    p ``(m_k, n_k)`` with bias pb ``(m_k,)`` (both None: the identity, m_k = n_k). The gates read
+    the batch mean of x (zeros for an empty batch); see the module docstring."""
+    gates, projections = gate_paths(w1_a, b1_a, w2_a, b2_a, p_a, pb_a, w1_b, b1_b, w2_b, b2_b, p_b, pb_b)
+    cd = compute_dtype(x)
+    rows = x.reshape(-1, x.shape[-1])
+    x_mean = (rows.sum(0, dtype=cd) / max(rows.shape[0], 1)).reshape(a.shape[1], b.shape[1])
+    biases = [f.new_zeros(f.shape[0]) if c is None else c for f, c in ((a, bias_a), (b, bias_b))]
+    factors, mixed_b = gated_modes(x_mean, [a, b], biases, gates, projections, hard, transform_outer)
+    bias = kronecker_bias(factors, mixed_b, transform_outer)
+    return factors[0].to(x.dtype), factors[1].to(x.dtype), bias.to(x.dtype)
+
+
+def kronecker_gated_linear(x: torch.Tensor, *args) -> torch.Tensor:
+    """The two-mode gated layer: y ``(*, m_1 m_2)`` in x's dtype = ``kronecker_linear`` with the
+    maps ``gated_maps(x, *args)`` (same arguments)."""
+    return kronecker_linear(x, *gated_maps(x, *args))
 
 
 def kronecker_linear(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

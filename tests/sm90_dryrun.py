@@ -247,6 +247,10 @@ def layers(dtypes) -> list[tuple[str, object]]:
         cases.append(("KroneckerLinear(64,64)", tk.KroneckerLinear((64, 64), (64, 64)), dtype))
         cases.append(("KroneckerLinear(128,96)->(100,128)", tk.KroneckerLinear((128, 96), (100, 128)), dtype))
         cases.append(("KroneckerLinear gated 3 modes", tk.KroneckerLinear((3, 5, 2), (4, 3, 3), gated=True), dtype))
+        # two modes: the gate kernels (batch sum, one-program gates), at an odd and the goal rows' size
+        cases.append(("KroneckerLinear gated (3,5)->(4,5)", tk.KroneckerLinear((3, 5), (4, 5), gated=True), dtype))
+        cases.append(("KroneckerLinear gated (64,64) reversed, hard",
+                      tk.KroneckerLinear((64, 64), (64, 64), gated=True, gating_mode="hard", transform_outer=False), dtype))
         cases.append(("DecoupledSplineMLP rank 5", tk.DecoupledSplineMLP(67, 45, rank=5), dtype))
         cases.append(("DecoupledSplineMLP rank 150", tk.DecoupledSplineMLP(67, 300, rank=150, n_basis=4), dtype))
 

@@ -194,11 +194,16 @@ GATED = {
 }
 
 
+@pytest.mark.parametrize("modes", [2, 3], ids=["2-modes", "3-modes"])
 @pytest.mark.parametrize("case", list(GATED), ids=list(GATED))
-def test_gated_matches_ndlinear_gated(case):
-    """Same outputs and gradients as NdLinearGated's loop, on 3 modes with one square mode (identity path)."""
-    ins, outs = (3, 5, 2), (4, 5, 3)
-    theirs = _randomize(GatedOracle(ins, outs, gating_hidden_dim=6, **GATED[case]))
+def test_gated_matches_ndlinear_gated(case, modes):
+    """Same outputs and gradients as NdLinearGated's loop, with one square mode (identity path).
+    Two modes run the gated op (``kronecker_gated_linear``), three the per-mode torch path."""
+    ins, outs = ((3, 5, 2), (4, 5, 3)) if modes == 3 else ((3, 5), (4, 5))
+    kwargs = dict(GATED[case])
+    if modes == 2 and case == "topk":
+        kwargs["topk_modes"] = [1]
+    theirs = _randomize(GatedOracle(ins, outs, gating_hidden_dim=6, **kwargs))
     ours = KroneckerLinear.from_ndlinear(theirs)
     assert ours.gated and isinstance(ours.projections[1], nn.Identity)
     _same_as_peer(theirs, ours, 6, ins, outs, rtol=1e-5)
@@ -248,6 +253,67 @@ def test_reference_gradchecks():
         return torch.cat([m.flatten() for m in mixed_f + mixed_b])
 
     assert torch.autograd.gradcheck(gated, (x_mean, *fs, *bs, *gate0, *gate2, *proj))
+
+
+def _gated_args(dtype=torch.float64, gated=(True, True), hard=False, outer=True, bias=True):
+    """``kronecker_gated_linear``'s arguments for x ``(3, 2, 15)``, modes (3 -> 4, projection) and
+    (5 -> 5, identity), hidden size 4; leaves that require grad."""
+    def r(*shape):
+        return torch.randn(*shape, dtype=dtype, requires_grad=True)
+
+    modes = []
+    for (n, m, proj), on in zip(((3, 4, True), (5, 5, False)), gated):
+        gate = (r(4, n), r(4), r(1, 4), r(1)) if on else (None,) * 4
+        modes += [*gate, *((r(m, n), r(m)) if on and proj else (None, None))]
+    biases = (r(4), r(5)) if bias else (None, None)
+    return (r(3, 2, 15), r(4, 3), r(5, 5), *biases, *modes, hard, outer)
+
+
+@pytest.mark.parametrize("case", ["soft", "reversed", "first-only-no-bias", "second-only-reversed"])
+def test_gated_op_gradchecks(case):
+    """The two-mode gated op (reference backend) in float64, first and second order: its backward
+    pulls the factor gradients back through the reference's maps under ``torch.func.vjp``."""
+    args = _gated_args(gated=(case != "second-only-reversed", case != "first-only-no-bias"),
+                       outer="reversed" not in case, bias="no-bias" not in case)
+    tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+
+    def f(*t):
+        full = list(args)
+        for i, v in zip(tensors, t):
+            full[i] = v
+        return ops.kronecker_gated_linear(*full)
+
+    with backend("reference"):
+        inputs = tuple(args[i] for i in tensors)
+        assert torch.autograd.gradcheck(f, inputs)
+        assert torch.autograd.gradgradcheck(f, inputs)
+
+
+def test_gated_op_is_the_gated_layer():
+    """The gated op equals the per-mode torch path (``gated_modes``, the closed-form effective bias,
+    the plain fused op), soft and hard, both orders; hard gates' networks get no gradient."""
+    for hard in (False, True):
+        for outer in (True, False):
+            layer = KroneckerLinear((3, 5), (4, 5), gated=True, gating_hidden_dim=4, dtype=torch.float64,
+                                    gating_mode="hard" if hard else "soft", transform_outer=outer)
+            x = torch.randn(3, 15, dtype=torch.float64)
+            assert_close(ops.kronecker_gated_linear(x, *layer._gated_arguments()),
+                         ops.kronecker_linear(x, *layer._fused_maps(x)), torch.float64)
+    args = _gated_args(hard=True)
+    grads = torch.autograd.grad(ops.kronecker_gated_linear(*args).sum(),
+                                [a for a in args if isinstance(a, torch.Tensor)], allow_unused=True)
+    assert [g is None for g in grads] == [False] * 5 + [True] * 4 + [False] * 2 + [True] * 4
+
+
+def test_gated_op_rejects_half_given_paths():
+    args = list(_gated_args())
+    args[6] = None  # mode 0's gate without b1
+    with pytest.raises(ValueError, match="mode 0's gate network .* needs all its tensors or none"):
+        ops.kronecker_gated_linear(*args)
+    args = list(_gated_args())
+    args[10] = None  # mode 0's projection without its bias
+    with pytest.raises(ValueError, match=r"mode 0's projection \(p, pb\) needs both tensors or none"):
+        ops.kronecker_gated_linear(*args)
 
 
 def test_op_gradchecks_first_and_second_order():
@@ -480,6 +546,8 @@ def test_fake_tensor_shapes():
         da, db, dsum = ops.kronecker_grad_factors(torch.randn(6, 15), torch.randn(6, 28), torch.randn(4, 3),
                                                   torch.randn(7, 5))
         assert da.shape == (4, 3) and db.shape == (7, 5) and dsum.shape == (28,)
+        assert KroneckerLinear((3, 5), (4, 7), gated=True)(torch.randn(2, 4, 15)).shape == (2, 4, 28)
+        assert ops.kronecker_gated_linear(*_gated_args(dtype=torch.float32)).shape == (3, 2, 20)
 
 
 def test_trains_to_a_kronecker_target():
@@ -489,9 +557,11 @@ def test_trains_to_a_kronecker_target():
 
 
 @pytest.mark.compile
+@pytest.mark.parametrize("dims", [((3, 5, 2), (4, 3, 2)), ((6, 5), (4, 6))], ids=["3-modes", "2-modes"])
 @pytest.mark.parametrize("kwargs", [{}, {"gated": True, "gating_hidden_dim": 4}], ids=["plain", "gated"])
-def test_torch_compile_fullgraph(kwargs):
-    """fullgraph tracing through both custom ops and their autograd formulas; the compiled graph
-    then runs the Triton kernels too (the backend is chosen inside the op at run time)."""
-    model = nn.Sequential(KroneckerLinear((3, 5, 2), (4, 3, 2), **kwargs), nn.GELU(), nn.Linear(24, 3))
+def test_torch_compile_fullgraph(kwargs, dims):
+    """fullgraph tracing through the custom ops and their autograd formulas (the two-mode gated
+    layer's op too); the compiled graph then runs the Triton kernels too (the backend is
+    chosen inside the op at run time)."""
+    model = nn.Sequential(KroneckerLinear(*dims, **kwargs), nn.GELU(), nn.Linear(24, 3))
     assert_compiles_like_eager(model, torch.randn(5, 30, requires_grad=True))

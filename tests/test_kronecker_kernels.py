@@ -12,6 +12,7 @@ import torch
 
 from tspline_kernels import backend
 from tspline_kernels.kronecker import KroneckerLinear, kernels, ops
+from tspline_kernels.reference import kronecker as ref
 from tspline_kernels.testing import assert_backends_agree, assert_close, cuda_step_peak_bytes
 
 # (leading shape of x, in_dims, out_dims)
@@ -59,37 +60,62 @@ def test_half_dtypes(shape, dtype, kernel_device):
 
 @pytest.mark.parametrize("kwargs", [{}, {"gating_mode": "hard", "transform_outer": False}], ids=["soft", "hard-reversed"])
 def test_gated(kwargs, kernel_device):
-    """The gated layer runs the same kernels on its mixed factors; gate and projection gradients too."""
+    """The three-mode gated layer runs the same kernels on its mixed factors (found by torch ops);
+    gate and projection gradients too."""
     layer = make_layer((3, 5, 2), (4, 5, 3), torch.float32, kernel_device, gated=True, gating_hidden_dim=4, **kwargs)
     assert_backends_agree(layer, *inputs((2, 3), layer, torch.float32, kernel_device), torch.float32)
 
 
-# Scales of (A, B, x, dy) and bias for which an fp32 intermediate of the kernels leaves fp16's range
-# (A X or A.T dY past 65504, or A X a few fp16 subnormal steps) while every result is a normal
-# fp16 number (no bias with a tiny A X: the per-mode bias gradients would pass 65504 then).
-FP16_RANGE = {"x-large": (50, 1e-2, 2e3, 3e-3, True), "dy-large": (50, 1e-2, 1e-2, 2e3, True),
-              "x-tiny": (3e-4, 1e3, 3e-4, 100, False)}
+# two-mode gated layers (the gate kernels): (leading shape, in_dims, out_dims, layer keywords)
+GATED_2 = {
+    "soft-proj+identity": ((5,), (3, 5), (4, 5), {}),
+    "hard-reversed": ((2, 3), (3, 5), (4, 5), {"gating_mode": "hard", "transform_outer": False}),
+    "reversed-no-bias": ((4,), (6, 2), (3, 9), {"transform_outer": False, "bias": False}),
+    "second-only": ((1,), (3, 5), (4, 7), {"gated_modes": [1]}),
+    "first-reversed": ((3,), (5, 3), (5, 2), {"gated_modes": "first", "transform_outer": False}),
+    "wide-17-hidden-20": ((3,), (17, 3), (2, 18), {"gating_hidden_dim": 20}),
+}
 
 
-@pytest.mark.parametrize("case", list(FP16_RANGE))
-def test_fp16_intermediates_keep_fp32_range(case, kernel_device):
-    """Large- and small-magnitude fp16 data: y, dx and every parameter gradient as the reference
-    (which keeps intermediates in fp32) gives them, not inf, NaN or underflowed values."""
-    sa, sb, sx, sg, bias = FP16_RANGE[case]
-    layer = make_layer((5, 3), (4, 2), torch.float16, kernel_device, bias=bias)
-    with torch.no_grad():
-        for f, scale in zip(layer.factors, (sa, sb)):
-            f.copy_(torch.randn_like(f) * scale)
-    x = (torch.randn(6, 15, device=kernel_device) * sx).half()
-    g = (torch.randn(6, 8, device=kernel_device) * sg).half()
-    a = layer.factors[0].float()
-    ax, adg = a @ x.float().reshape(6, 5, 3), a.T @ g.float().reshape(6, 4, 2)
-    assert max(ax.abs().max(), adg.abs().max()) > 65504 or ax.abs().max() < 1e-6
-    with backend("reference"):
-        xr = x.clone().requires_grad_()
-        y = layer(xr)
-        assert all(r.isfinite().all() for r in (y, *torch.autograd.grad(y, [xr, *layer.parameters()], g)))
-    assert_backends_agree(layer, x, g, torch.float16)
+@pytest.mark.parametrize("case", list(GATED_2), ids=list(GATED_2))
+def test_gated_two_modes(case, kernel_device):
+    """The gate kernels (batch sum, one-program gates) and their reference backward against the
+    reference: output, dx (through the batch mean too) and every parameter's gradient."""
+    lead, ins, outs, kwargs = GATED_2[case]
+    layer = make_layer(ins, outs, torch.float32, kernel_device, **{**GATED_SMALL, **kwargs})
+    assert_backends_agree(layer, *inputs(lead, layer, torch.float32, kernel_device), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_gated_two_modes_half(dtype, kernel_device):
+    layer = make_layer((3, 5), (4, 5), dtype, kernel_device, gated=True, gating_hidden_dim=4)
+    assert_backends_agree(layer, *inputs((6,), layer, dtype, kernel_device), dtype)
+
+
+@pytest.mark.parametrize("split_rows", [2, kernels.GATE_SPLIT_ROWS], ids=["5-slots", "rows-direct"])
+def test_gated_maps_directly(split_rows, monkeypatch, kernel_device):
+    """The gate kernels' (A', B', b_eff) and the gated op's y on a strided 3-D x of 9 rows, summed
+    by the gate program itself or first into 5 partial slots; fp32 gate networks for bf16 x, a
+    transposed gate weight, soft and hard, both orders; and a hidden size past the kernel's tile,
+    which runs the reference."""
+    monkeypatch.setattr(kernels, "GATE_SPLIT_ROWS", split_rows)
+    x = torch.randn(3, 3, 40, device=kernel_device)[..., ::2]
+    r = lambda *shape: torch.randn(*shape, device=kernel_device) * 0.5  # noqa: E731
+    for hidden in (6, kernels.max_tile(torch.float32) + 1):
+        for dtype in (torch.float32, torch.bfloat16):
+            for hard, outer in ((False, True), (True, False)):
+                args = (x.to(dtype), r(4, 4), r(2, 5), r(4), r(2),
+                        r(4, hidden).T, r(hidden), r(1, hidden), r(1), None, None,  # mode 0: 4 x 4, identity
+                        r(hidden, 5), r(hidden), r(1, hidden), r(1), r(2, 5), r(2), hard, outer)
+                with backend("triton"):
+                    maps = kernels.gated_maps(*args)
+                    y = ops.kronecker_gated_linear(*args)
+                assert (maps is None) == (kernels.pad(hidden) > kernels.max_tile(dtype))
+                want = ref.gated_maps(*args)
+                for name, got, expected in zip(("A'", "B'", "bias"), maps or want, want):
+                    assert got.dtype == expected.dtype == dtype and got.shape == expected.shape, name
+                    assert_close(got, expected, dtype, name=f"{name} ({dtype}, hard={hard})")
+                assert_close(y, ref.kronecker_gated_linear(*args), dtype, name=f"y (hidden {hidden}, {dtype})")
 
 
 def test_non_contiguous_input_and_expanded_grad(kernel_device):
@@ -168,18 +194,29 @@ def test_routing(spy, kernel_device):
         calls.clear()
 
 
+def test_routing_gated(spy, kernel_device):
+    """A two-mode gated layer under Triton: the gated launcher forward; in the backward the factor
+    gradients and dx (the maps themselves are recomputed by the reference, by design)."""
+    calls = spy(kernels, "gated_linear", "kronecker_linear", "kronecker_grad_factors")
+    layer = make_layer((3, 5), (4, 7), torch.float32, kernel_device, **GATED_SMALL)
+    with backend("triton"):
+        layer(torch.randn(2, 15, device=kernel_device, requires_grad=True)).sum().backward()
+    assert calls == ["gated_linear", "kronecker_grad_factors", "kronecker_linear"]
+
+
 GATED_SMALL = {"gated": True, "gating_hidden_dim": 4}
 
 
+@pytest.mark.parametrize("dims", [((3, 5, 2), (4, 5, 3)), ((3, 5), (4, 5))], ids=["3-modes", "2-modes"])
 @pytest.mark.parametrize("lead", [(0,), (2, 0)], ids=["0-rows", "2x0-rows"])
 @pytest.mark.parametrize("kwargs", [{}, GATED_SMALL, {**GATED_SMALL, "gating_mode": "hard", "transform_outer": False}],
                          ids=["plain", "gated", "gated-hard-reversed"])
 @pytest.mark.parametrize("which", ["triton", "reference"])
-def test_empty_batch_gives_zero_gradients(which, kwargs, lead, kernel_device):
+def test_empty_batch_gives_zero_gradients(which, kwargs, lead, dims, kernel_device):
     """An empty batch: an empty output and exactly zero (not NaN) gradients for every parameter,
     gates included (the gated layer's batch mean has no rows to average). Hard gates are a step
     function: their networks get no gradient on any batch."""
-    layer = make_layer((3, 5, 2), (4, 5, 3), torch.float32, kernel_device, **kwargs)
+    layer = make_layer(*dims, torch.float32, kernel_device, **kwargs)
     x = torch.randn(*lead, layer.in_features, device=kernel_device, requires_grad=True)
     with backend(which):
         y = layer(x)

@@ -48,6 +48,7 @@ def every_family() -> dict[str, nn.Module]:
         "kronecker": tk.KroneckerLinear((4, 6), (6, 4)),
         "kronecker_3_modes": tk.KroneckerLinear((2, 3, 4), (3, 4, 2), transform_outer=False),
         "kronecker_gated": tk.KroneckerLinear((2, 3, 4), (3, 4, 2), gated=True),
+        "kronecker_gated_2_modes": tk.KroneckerLinear((4, 6), (6, 4), gated=True, transform_outer=False),
         "bspline": tk.SplineLinear(IN, IN, grid=(6, 6)),
         "bicubic": tk.SplineLinear(IN, IN, basis="bicubic", n_control_points=10),
         "gaussian": tk.SplineLinear(IN, IN, basis="gaussian", n_control_points=10),

@@ -19,6 +19,7 @@ LAYERS = {
     "tt": lambda: tk.TTLinear((3, 2, 2), (2, 3, 2), 2),
     "spline_tt": lambda: tk.SplineTTLinear((4, 5), (5, 4), 2, (4, 4)),
     "kronecker": lambda: tk.KroneckerLinear((3, 5, 2), (4, 3, 2)),
+    "kronecker_gated": lambda: tk.KroneckerLinear((3, 5), (4, 5), gated=True, gating_hidden_dim=4),
     "decoupled": lambda: tk.DecoupledSplineMLP(19, 13, 3),
 }
 

@@ -90,9 +90,10 @@ def register_autograd(op: CustomOpDef, backward: Callable, setup_context: Callab
 
 
 _PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
+_SCALARS = (bool, int, float, str)
 
 
-def _eager_mode(args: tuple) -> str | None:
+def eager_mode(args: tuple) -> str | None:
     """How a call with ``args`` runs in plain eager PyTorch: ``"autograd"`` when autograd records it,
     ``"direct"`` when not; None when it is not plain eager (a compile, export or jit trace, a
     functorch transform, a torch function or dispatch mode, a tensor subclass: DTensor, FakeTensor, ...)."""
@@ -101,12 +102,18 @@ def _eager_mode(args: tuple) -> str | None:
             or torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack()):
         return None
     grad = False
-    for a in args:  # exact-type tests first, no generators: this runs on every op call
-        for t in a if type(a) is list else (a,):
-            if type(t) in _PLAIN_TENSORS:
-                grad = grad or t.requires_grad
-            elif isinstance(t, torch.Tensor):  # a subclass
-                return None
+    for a in args:  # exact-type tests first, no generators or tuples: this runs on every op call
+        kind = type(a)
+        if kind in _PLAIN_TENSORS:
+            grad = grad or a.requires_grad
+        elif kind is list:
+            for t in a:
+                if type(t) in _PLAIN_TENSORS:
+                    grad = grad or t.requires_grad
+                elif isinstance(t, torch.Tensor):  # a subclass
+                    return None
+        elif a is not None and kind not in _SCALARS and isinstance(a, torch.Tensor):  # a subclass
+            return None
     return "autograd" if grad and torch.is_grad_enabled() else "direct"
 
 
@@ -129,7 +136,7 @@ def _grouped(spec: tuple[int | None, ...], flat) -> list:
 
 
 class EagerOp(CustomOpDef):
-    """A custom op whose plain eager calls (:func:`_eager_mode`, every argument given
+    """A custom op whose plain eager calls (:func:`eager_mode`, every argument given
     positionally) skip torch.library's dispatch: without autograd they call the op's function
     directly, with it they go through a classic ``autograd.Function`` (~5 us) running the op's
     function, ``setup_context`` and registered backward. Anything else (``torch.compile``,
@@ -184,7 +191,7 @@ class EagerOp(CustomOpDef):
                                   {"forward": staticmethod(forward), "backward": staticmethod(flat_backward)})
 
     def __call__(self, *args, **kwargs):
-        mode = None if kwargs or len(args) != self._eager_arity else _eager_mode(args)
+        mode = None if kwargs or len(args) != self._eager_arity else eager_mode(args)
         if mode is None or (mode == "autograd" and self._eager_function is None):
             return super().__call__(*args, **kwargs)
         if mode == "direct":

@@ -55,6 +55,7 @@ _REFERENCES: dict[object, Callable] = {
     _OPS.spline_tt_linear.default: lambda x, controls, bias, in_modes, out_modes, strategy:
         spline_tt.spline_tt_linear(x, controls, bias, in_modes, out_modes),
     _OPS.kronecker_linear.default: kronecker.kronecker_linear,
+    _OPS.kronecker_gated_linear.default: kronecker.kronecker_gated_linear,
     _OPS.separable_linear.default: lambda x, control, bias, out_features, kind, fine=None:
         spline.separable_levels(x, [control] if fine is None else [control, fine], bias, out_features, kind),
     # W in blocks of 4M elements: a few graph nodes per layer instead of one block per 256K

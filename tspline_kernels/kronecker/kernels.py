@@ -21,6 +21,14 @@ scales each slice the next dot keeps by a power of two, so a large-magnitude fp1
 intermediate passes 65504 (or drops below fp16's normal range) still gives the reference's
 result (fp16 precision, fp32 range; see ``_rescale.py``). Keeping them fp32 with tf32 dots would
 double the on-chip tiles, which already set the fp16 size limit (128).
+
+Gated layer (two modes). Its factors and bias depend on the batch mean of x, through a small gate
+network per mode (``reference.kronecker.gated_maps``). ``gated_linear`` finds them in one launch
+(two past ``GATE_SPLIT_ROWS`` rows) instead of ~60 small torch ops, then runs the fused forward
+on them: ``_kron_gate_kernel``, one program, sums x's rows (or, for a larger batch, the fp32
+partial slots ``_kron_batch_sum_kernel`` wrote) and runs the modes in order on whole tiles: fibre
+mean, gate, mixed factor and bias, then the effective bias. The backward recomputes the maps with
+the reference under autograd (``ops.py``).
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from .._triton import (
     cdiv,
     check_inputs,
     configs,
+    contiguous,
     dot_precision,
     flatten,
     m_bucket,
@@ -194,7 +203,12 @@ def kronecker_linear(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: to
     sizes = padded(*a.shape, *b.shape, x.dtype)
     if sizes is None:
         return ref.kronecker_linear(x, a, b, bias)
-    a, b = cast(a, x.dtype), cast(b, x.dtype)
+    return _forward(x, cast(a, x.dtype), cast(b, x.dtype), bias, sizes)
+
+
+def _forward(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None,
+             sizes: dict[str, int]) -> torch.Tensor:
+    """``_kron_fwd_kernel`` on checked inputs, the factors in x's dtype, ``sizes`` their ``padded``."""
     x2 = flatten(x)
     m = x2.shape[0]
     (m1, n1), (m2, n2) = a.shape, b.shape
@@ -241,3 +255,180 @@ def kronecker_grad_factors(
         **sizes, PRECISION=dot_precision(x.dtype),
     )
     return slots.sum(da), slots.sum(db), slots.sum(dsum)
+
+
+GATE_SPLIT_ROWS = 64  # up to this many rows the gate program sums x itself; past it, slots of this many rows ...
+GATE_MAX_SPLITS = 32  # ... at most this many (the gate program reads them all)
+GATE_SUM_BLOCK = 1024  # columns per batch-sum program
+
+
+@triton.jit
+def _kron_batch_sum_kernel(x_ptr, part_ptr, M, N, stride_xm, stride_xk, BLOCK: tl.constexpr):
+    """part[s, j] = sum of x[r, j] over rows r = s, s + n_split, ... (fp32); x ``(M, N)``, part
+    ``(n_split, N)`` contiguous, n_split = the grid's first size, BLOCK columns per program.
+    FLOPs: M*N. Bytes: elt*M*N + 4*n_split*N."""
+    s = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < N
+    acc = tl.zeros((BLOCK,), tl.float32)
+    sxm = tl.full((), stride_xm, tl.int64)  # rows past 2^31 elements
+    for r in range(s, M, tl.num_programs(0)):
+        acc += tl.load(x_ptr + r * sxm + cols * stride_xk, mask=mask, other=0.0).to(tl.float32)
+    tl.store(part_ptr + s * N + cols, acc, mask=mask)
+
+
+@triton.jit
+def _gate(mu, w1_ptr, b1_ptr, w2_ptr, b2_ptr, N, H, NP: tl.constexpr, HP: tl.constexpr, HARD: tl.constexpr):
+    """g = sigmoid(w2 relu(w1 mu + b1) + b2) (hard: 1 where that exceeds 0.5, else 0) for the fibre
+    mean mu ``(NP,)``; w1 ``(H, N)``, b1 ``(H,)``, w2 ``(1, H)``, b2 ``(1,)`` contiguous."""
+    j = tl.arange(0, HP)
+    i = tl.arange(0, NP)
+    w1 = tl.load(w1_ptr + j[:, None] * N + i[None, :], mask=(j[:, None] < H) & (i[None, :] < N), other=0.0)
+    z = tl.sum(w1.to(tl.float32) * mu[None, :], 1) + tl.load(b1_ptr + j, mask=j < H, other=0.0).to(tl.float32)
+    w2 = tl.load(w2_ptr + j, mask=j < H, other=0.0).to(tl.float32)
+    g = tl.sigmoid(tl.sum(tl.maximum(z, 0.0) * w2, 0) + tl.load(b2_ptr).to(tl.float32))
+    if HARD:
+        g = tl.where(g > 0.5, 1.0, 0.0)
+    return g
+
+
+@triton.jit
+def _mixed(f_ptr, c_ptr, p_ptr, pc_ptr, g, M, N, MP: tl.constexpr, NP: tl.constexpr,
+           GATED: tl.constexpr, PROJ: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Mode k's mixed factor g F + (1 - g) P ``(MP, NP)`` and bias g c + (1 - g) pc ``(MP,)`` in fp32,
+    zero-padded; P the projection (PROJ) or the identity. Ungated: F and c. F, P ``(M, N)`` and
+    c, pc ``(M,)`` contiguous; c is zero without HAS_BIAS."""
+    o = tl.arange(0, MP)
+    i = tl.arange(0, NP)
+    mask = (o[:, None] < M) & (i[None, :] < N)
+    f = tl.load(f_ptr + o[:, None] * N + i[None, :], mask=mask, other=0.0).to(tl.float32)
+    c = tl.zeros((MP,), tl.float32)
+    if HAS_BIAS:
+        c = tl.load(c_ptr + o, mask=o < M, other=0.0).to(tl.float32)
+    if GATED:
+        if PROJ:
+            p = tl.load(p_ptr + o[:, None] * N + i[None, :], mask=mask, other=0.0).to(tl.float32)
+            pc = tl.load(pc_ptr + o, mask=o < M, other=0.0).to(tl.float32)
+            c = g * c + (1 - g) * pc
+        else:
+            p = tl.where((o[:, None] == i[None, :]) & mask, 1.0, 0.0)
+            c = g * c
+        f = g * f + (1 - g) * p
+    return f, c
+
+
+@triton.jit
+def _kron_gate_kernel(
+    rows_ptr, a_ptr, b_ptr, bias_a_ptr, bias_b_ptr,
+    w1a_ptr, b1a_ptr, w2a_ptr, b2a_ptr, pa_ptr, pba_ptr, w1b_ptr, b1b_ptr, w2b_ptr, b2b_ptr, pb_ptr, pbb_ptr,
+    a_out_ptr, b_out_ptr, bias_out_ptr,
+    n_rows, stride_r, stride_k, inv_m, M1, N1, M2, N2, HA, HB,
+    M1P: tl.constexpr, N1P: tl.constexpr, M2P: tl.constexpr, N2P: tl.constexpr, HP: tl.constexpr,
+    GATED_A: tl.constexpr, GATED_B: tl.constexpr, PROJ_A: tl.constexpr, PROJ_B: tl.constexpr,
+    BIAS_A: tl.constexpr, BIAS_B: tl.constexpr, HARD: tl.constexpr, OUTER: tl.constexpr,
+):
+    """One program: the gated layer's A' ``(M1, N1)``, B' ``(M2, N2)`` and b_eff ``(M1*M2,)`` in the
+    outputs' dtype, from the batch mean X = inv_m * (sum of the n_rows rows ``(N1*N2,)`` at
+    rows_ptr: x's own rows, or the batch sum's fp32 slots), viewed ``(N1, N2)``.
+
+    Modes in order (A first when OUTER). The first mode's gate reads X's fibre mean; the second's
+    reads the mean of the first mode's output, e.g. for OUTER the column means of A' X + c_a 1.T:
+    (1.T A' X + sum(c_a)) / M1. Then b_eff = c_a (x) B' 1 + 1 (x) c_b (OUTER), A' 1 (x) c_b +
+    c_a (x) 1 (not). Parameters contiguous, any float dtype, computed in fp32.
+
+    FLOPs: ~2*(n_rows*N1*N2 + (M1 + HA)*N1 + (M2 + HB)*N2) + N1*N2 per fibre mean, on the FMA units.
+    Bytes: elt*n_rows*N1*N2 + elt*(2*(M1*N1 + M2*N2) + HA*N1 + HB*N2 + M1*M2) (parameters read once).
+    """
+    o1 = tl.arange(0, M1P)
+    i1 = tl.arange(0, N1P)
+    o2 = tl.arange(0, M2P)
+    i2 = tl.arange(0, N2P)
+    x_off = (i1[:, None] * N2 + i2[None, :]) * stride_k
+    x_mask = (i1[:, None] < N1) & (i2[None, :] < N2)
+    xm = tl.zeros((N1P, N2P), tl.float32)
+    s_r = tl.full((), stride_r, tl.int64)
+    for r in range(n_rows):
+        xm += tl.load(rows_ptr + r * s_r + x_off, mask=x_mask, other=0.0).to(tl.float32)
+    xm = xm * inv_m
+    g_a = 1.0
+    g_b = 1.0
+    if OUTER:
+        if GATED_A:
+            g_a = _gate(tl.sum(xm, 1) / N2, w1a_ptr, b1a_ptr, w2a_ptr, b2a_ptr, N1, HA, N1P, HP, HARD)
+        fa, ca = _mixed(a_ptr, bias_a_ptr, pa_ptr, pba_ptr, g_a, M1, N1, M1P, N1P, GATED_A, PROJ_A, BIAS_A)
+        if GATED_B:
+            mu_b = (tl.sum(tl.sum(fa, 0)[:, None] * xm, 0) + tl.sum(ca, 0)) / M1
+            g_b = _gate(mu_b, w1b_ptr, b1b_ptr, w2b_ptr, b2b_ptr, N2, HB, N2P, HP, HARD)
+        fb, cb = _mixed(b_ptr, bias_b_ptr, pb_ptr, pbb_ptr, g_b, M2, N2, M2P, N2P, GATED_B, PROJ_B, BIAS_B)
+        bias = ca[:, None] * tl.sum(fb, 1)[None, :] + cb[None, :]
+    else:
+        if GATED_B:
+            g_b = _gate(tl.sum(xm, 0) / N1, w1b_ptr, b1b_ptr, w2b_ptr, b2b_ptr, N2, HB, N2P, HP, HARD)
+        fb, cb = _mixed(b_ptr, bias_b_ptr, pb_ptr, pbb_ptr, g_b, M2, N2, M2P, N2P, GATED_B, PROJ_B, BIAS_B)
+        if GATED_A:
+            mu_a = (tl.sum(xm * tl.sum(fb, 0)[None, :], 1) + tl.sum(cb, 0)) / M2
+            g_a = _gate(mu_a, w1a_ptr, b1a_ptr, w2a_ptr, b2a_ptr, N1, HA, N1P, HP, HARD)
+        fa, ca = _mixed(a_ptr, bias_a_ptr, pa_ptr, pba_ptr, g_a, M1, N1, M1P, N1P, GATED_A, PROJ_A, BIAS_A)
+        bias = tl.sum(fa, 1)[:, None] * cb[None, :] + ca[:, None]
+    out_ty = a_out_ptr.dtype.element_ty
+    tl.store(a_out_ptr + o1[:, None] * N1 + i1[None, :], fa.to(out_ty), mask=(o1[:, None] < M1) & (i1[None, :] < N1))
+    tl.store(b_out_ptr + o2[:, None] * N2 + i2[None, :], fb.to(out_ty), mask=(o2[:, None] < M2) & (i2[None, :] < N2))
+    tl.store(bias_out_ptr + o1[:, None] * M2 + o2[None, :], bias.to(out_ty), mask=(o1[:, None] < M1) & (o2[None, :] < M2))
+
+
+@functools.cache
+def _gate_sizes(m1: int, n1: int, m2: int, n2: int, hidden: int, dtype: torch.dtype) -> dict | None:
+    """``_kron_gate_kernel``'s padded sizes and warps for modes ``(m_1, n_1)``, ``(m_2, n_2)`` and
+    the larger gate hidden size, or None where a padded size passes ``max_tile(dtype)``."""
+    sizes = padded(m1, n1, m2, n2, dtype)
+    if sizes is None or pad(hidden) > max_tile(dtype):
+        return None
+    return {**sizes, "HP": pad(hidden), "num_warps": 4 if max(*sizes.values(), pad(hidden)) <= 64 else 8}
+
+
+def gated_linear(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias_a: torch.Tensor | None,
+                 bias_b: torch.Tensor | None, *modes_and_flags) -> torch.Tensor:
+    """Launch the two-mode gated layer (``reference.kronecker.kronecker_gated_linear``, same
+    arguments): its maps (``gated_maps``), then the fused forward on them; y ``(*, m_1 m_2)`` in
+    x's dtype. Shapes whose padded modes or gate hidden size pass ``max_tile`` run the reference."""
+    maps = gated_maps(x, a, b, bias_a, bias_b, *modes_and_flags)
+    if maps is None:
+        return ref.kronecker_gated_linear(x, a, b, bias_a, bias_b, *modes_and_flags)
+    return _forward(x, *maps)
+
+
+def gated_maps(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias_a: torch.Tensor | None,
+               bias_b: torch.Tensor | None, *modes_and_flags) -> tuple | None:
+    """The gated layer's (A', B', b_eff) in x's dtype (``reference.kronecker.gated_maps``, same
+    arguments) and the fused forward's padded sizes, by one or two launches; None for shapes
+    past ``max_tile``."""
+    *tensors, hard, outer = modes_and_flags
+    (gate_a, gate_b), (proj_a, proj_b) = ref.gate_paths(*tensors)
+    check_inputs(x, a, b, bias_a, bias_b, *tensors)
+    (m1, n1), (m2, n2) = a.shape, b.shape
+    h_a = 0 if gate_a is None else gate_a[0].shape[0]
+    h_b = 0 if gate_b is None else gate_b[0].shape[0]
+    sizes = _gate_sizes(m1, n1, m2, n2, max(h_a, h_b), x.dtype)
+    if sizes is None:
+        return None
+    rows = flatten(x)
+    m = rows.shape[0]
+    n_rows = min(cdiv(m, GATE_SPLIT_ROWS), GATE_MAX_SPLITS)
+    if n_rows > 1:  # partial sums first: the gate program then reads n_rows fp32 slots
+        part = torch.empty(n_rows, n1 * n2, device=x.device, dtype=torch.float32)
+        _kron_batch_sum_kernel[(n_rows, cdiv(n1 * n2, GATE_SUM_BLOCK))](
+            rows, part, m, n1 * n2, rows.stride(0), rows.stride(1), BLOCK=GATE_SUM_BLOCK, num_warps=4)
+        rows = part
+    else:
+        n_rows = m
+    a_out = torch.empty(m1, n1, device=x.device, dtype=x.dtype)
+    b_out = torch.empty(m2, n2, device=x.device, dtype=x.dtype)
+    bias = torch.empty(m1 * m2, device=x.device, dtype=x.dtype)
+    params = [a if t is None else contiguous(t) for t in (a, b, bias_a, bias_b, *tensors)]
+    _kron_gate_kernel[(1,)](
+        rows, *params, a_out, b_out, bias, n_rows, rows.stride(0), rows.stride(1), 1.0 / max(m, 1),
+        m1, n1, m2, n2, h_a, h_b, **sizes, GATED_A=gate_a is not None, GATED_B=gate_b is not None,
+        PROJ_A=proj_a is not None, PROJ_B=proj_b is not None, BIAS_A=bias_a is not None, BIAS_B=bias_b is not None,
+        HARD=hard, OUTER=outer,
+    )
+    return a_out, b_out, bias, padded(m1, n1, m2, n2, x.dtype)
