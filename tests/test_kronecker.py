@@ -88,6 +88,17 @@ def test_effective_bias_formula():
     assert_close(ref.kronecker_bias([a1, a2], [b1, b2], False), torch.kron(a1.sum(1), b2) + torch.kron(b1, ones[0]))
 
 
+@pytest.mark.parametrize("transform_outer", [True, False])
+@pytest.mark.parametrize("dims", [((5,), (3,)), ((3, 5), (4, 2)), ((2, 3, 4), (3, 1, 2)), ((1, 3, 2, 2), (2, 2, 1, 3))],
+                         ids=["1-mode", "2-modes", "3-modes", "4-modes"])
+def test_effective_bias_closed_form(dims, transform_outer):
+    """``effective_bias``, the closed form the layers run, is ``kronecker_bias``, NdLinear's chain on x = 0."""
+    torch.manual_seed(5)
+    factors = [torch.randn(o, i, dtype=torch.float64) for i, o in zip(*dims)]
+    biases = [torch.randn(o, dtype=torch.float64) for o in dims[1]]
+    assert_close(ref.effective_bias(factors, biases, transform_outer), ref.kronecker_bias(factors, biases, transform_outer))
+
+
 def test_reference_ops_match_definition():
     x = torch.randn(2, 3, 15, dtype=torch.float64)
     a, b = torch.randn(4, 3, dtype=torch.float64), torch.randn(7, 5, dtype=torch.float64)

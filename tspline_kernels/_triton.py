@@ -165,7 +165,7 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_KERNEL_DTYPES = frozenset((torch.float32, torch.float16, torch.bfloat16))  # a hash lookup, not 3 comparisons
 
 
 def check_inputs(*tensors: torch.Tensor | None) -> None:

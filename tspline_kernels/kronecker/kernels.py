@@ -377,13 +377,14 @@ def _kron_gate_kernel(
 
 
 @functools.cache
-def _gate_sizes(m1: int, n1: int, m2: int, n2: int, hidden: int, dtype: torch.dtype) -> dict | None:
-    """``_kron_gate_kernel``'s padded sizes and warps for modes ``(m_1, n_1)``, ``(m_2, n_2)`` and
-    the larger gate hidden size, or None where a padded size passes ``max_tile(dtype)``."""
+def _gate_sizes(m1: int, n1: int, m2: int, n2: int, hidden: int, dtype: torch.dtype) -> tuple[dict, dict] | None:
+    """(``_kron_gate_kernel``'s padded sizes and warps, the fused forward's ``padded`` sizes) for
+    modes ``(m_1, n_1)``, ``(m_2, n_2)`` and the larger gate hidden size, or None where a padded
+    size passes ``max_tile(dtype)``."""
     sizes = padded(m1, n1, m2, n2, dtype)
     if sizes is None or pad(hidden) > max_tile(dtype):
         return None
-    return {**sizes, "HP": pad(hidden), "num_warps": 4 if max(*sizes.values(), pad(hidden)) <= 64 else 8}
+    return {**sizes, "HP": pad(hidden), "num_warps": 4 if max(*sizes.values(), pad(hidden)) <= 64 else 8}, sizes
 
 
 def gated_linear(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias_a: torch.Tensor | None,
@@ -411,6 +412,7 @@ def gated_maps(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias_a: torch.
     sizes = _gate_sizes(m1, n1, m2, n2, max(h_a, h_b), x.dtype)
     if sizes is None:
         return None
+    sizes, forward_sizes = sizes
     rows = flatten(x)
     m = rows.shape[0]
     n_rows = min(cdiv(m, GATE_SPLIT_ROWS), GATE_MAX_SPLITS)
@@ -431,4 +433,4 @@ def gated_maps(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias_a: torch.
         PROJ_A=proj_a is not None, PROJ_B=proj_b is not None, BIAS_A=bias_a is not None, BIAS_B=bias_b is not None,
         HARD=hard, OUTER=outer,
     )
-    return a_out, b_out, bias, padded(m1, n1, m2, n2, x.dtype)
+    return a_out, b_out, bias, forward_sizes

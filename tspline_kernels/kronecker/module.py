@@ -48,31 +48,6 @@ def _split(ins: tuple[int, ...], outs: tuple[int, ...]) -> int:
                key=lambda s: max(math.prod(ins[:s]), math.prod(outs[:s]), math.prod(ins[s:]), math.prod(outs[s:])))
 
 
-def effective_bias(factors: Sequence[torch.Tensor], biases: Sequence[torch.Tensor],
-                   transform_outer: bool = True) -> torch.Tensor:
-    """``ref.kronecker_bias`` (the layer's output at x = 0, ``(prod out_dims,)`` in the compute dtype) in
-    closed form, a few vector ops instead of NdLinear's chain of mode products on a zero input (a
-    dozen ops forward and as many backward on every training call). Bias k, added after mode k's
-    map, is constant along every other mode; each mode j mapped after it turns that constant into
-    the row sums A_j 1. So b_eff = sum_k (x)_j v_kj with v_kk = b_k, v_kj = A_j 1 for the modes
-    mapped after k and 1 for those mapped before (row-major mode order)."""
-    cd = compute_dtype(factors[0])
-    n = len(factors)
-    order = list(range(n)) if transform_outer else list(range(n - 1, -1, -1))
-
-    def along(v: torch.Tensor, mode: int) -> torch.Tensor:
-        return v.reshape([-1 if j == mode else 1 for j in range(n)])
-
-    row_sums = {j: along(factors[j].sum(1, dtype=cd), j) for j in order[1:]}
-    total = None
-    for pos, k in enumerate(order):
-        term = along(biases[k].to(cd), k)
-        for j in order[pos + 1:]:
-            term = term * row_sums[j]
-        total = term if total is None else total + term
-    return total.expand([f.shape[0] for f in factors]).reshape(-1)
-
-
 class KroneckerLinear(SavedSettings, CompressedLinear):
     """``nn.Linear`` with weight W = A_1 (x) ... (x) A_N and NdLinear's per-mode biases.
 
@@ -207,7 +182,7 @@ class KroneckerLinear(SavedSettings, CompressedLinear):
         """(A, B, bias) of the fused two-factor op for the batch x, in x's dtype (x only matters
         to a gated layer)."""
         factors, biases = self._mode_maps(x)
-        bias = None if biases is None else cast(effective_bias(factors, biases, self.transform_outer), x.dtype)
+        bias = None if biases is None else cast(ref.effective_bias(factors, biases, self.transform_outer), x.dtype)
         return (*self._pair(factors), bias)
 
     def _prepare(self, x: torch.Tensor) -> torch.dtype:
