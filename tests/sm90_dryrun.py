@@ -217,6 +217,7 @@ class Recorder:
 def layers(dtypes) -> list[tuple[str, object]]:
     """(name, run) for every layer family with odd shapes, M=5: ``run()`` is a forward and backward."""
     import tspline_kernels as tk
+    from tspline_kernels.kronecker import kernels as kron_kernels
     from tspline_kernels.tt import cost as tt_cost
 
     cases = []
@@ -247,8 +248,12 @@ def layers(dtypes) -> list[tuple[str, object]]:
         cases.append(("KroneckerLinear(64,64)", tk.KroneckerLinear((64, 64), (64, 64)), dtype))
         cases.append(("KroneckerLinear(128,96)->(100,128)", tk.KroneckerLinear((128, 96), (100, 128)), dtype))
         cases.append(("KroneckerLinear gated 3 modes", tk.KroneckerLinear((3, 5, 2), (4, 3, 3), gated=True), dtype))
-        # two modes: the gate kernels (batch sum, one-program gates), at an odd and the goal rows' size
+        # two modes: the gate program, at an odd and the goal rows' size; past GATE_SPLIT_ROWS rows
+        # the batch sum into partial slots first
         cases.append(("KroneckerLinear gated (3,5)->(4,5)", tk.KroneckerLinear((3, 5), (4, 5), gated=True), dtype))
+        rows = kron_kernels.GATE_SPLIT_ROWS + 1
+        cases.append((f"KroneckerLinear gated (3,5)->(4,5), {rows} rows", tk.KroneckerLinear((3, 5), (4, 5), gated=True),
+                      dtype, rows))
         cases.append(("KroneckerLinear gated (64,64) reversed, hard",
                       tk.KroneckerLinear((64, 64), (64, 64), gated=True, gating_mode="hard", transform_outer=False), dtype))
         cases.append(("DecoupledSplineMLP rank 5", tk.DecoupledSplineMLP(67, 45, rank=5), dtype))
