@@ -257,8 +257,8 @@ def kronecker_grad_factors(
     return slots.sum(da), slots.sum(db), slots.sum(dsum)
 
 
-GATE_SPLIT_ROWS = 64  # up to this many rows the gate program sums x itself; past it, slots of this many rows ...
-GATE_MAX_SPLITS = 32  # ... at most this many (the gate program reads them all)
+GATE_SPLIT_ROWS = 64  # up to this many rows the gate program sums x itself; past it, one partial slot per this many rows,
+GATE_MAX_SPLITS = 32  # at most this many slots (the one gate program reads them all)
 GATE_SUM_BLOCK = 1024  # columns per batch-sum program
 
 
