@@ -86,6 +86,16 @@ def test_gated_two_modes(case, kernel_device):
     assert_backends_agree(layer, *inputs(lead, layer, torch.float32, kernel_device), torch.float32)
 
 
+@pytest.mark.parametrize("frozen", ["x+gates.0+factors.1", "every parameter"])
+def test_gated_two_modes_partial_gradients(frozen, kernel_device):
+    """The gated op's backward with some inputs frozen: only the gradients asked for, each as the reference's."""
+    layer = make_layer((3, 5), (4, 5), torch.float32, kernel_device, **GATED_SMALL)
+    for name, p in layer.named_parameters():
+        p.requires_grad_(frozen != "every parameter" and not name.startswith(("gates.0", "factors.1")))
+    x, g = inputs((4,), layer, torch.float32, kernel_device)
+    assert_backends_agree(layer, x, g, torch.float32, x_grad=frozen == "every parameter")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_gated_two_modes_half(dtype, kernel_device):
     layer = make_layer((3, 5), (4, 5), dtype, kernel_device, gated=True, gating_hidden_dim=4)
