@@ -252,10 +252,10 @@ def layers(dtypes) -> list[tuple[str, object]]:
         # the batch sum into partial slots first
         cases.append(("KroneckerLinear gated (3,5)->(4,5)", tk.KroneckerLinear((3, 5), (4, 5), gated=True), dtype))
         rows = kron_kernels.GATE_SPLIT_ROWS + 1
-        cases.append((f"KroneckerLinear gated (3,5)->(4,5), {rows} rows", tk.KroneckerLinear((3, 5), (4, 5), gated=True),
-                      dtype, rows))
-        cases.append(("KroneckerLinear gated (64,64) reversed, hard",
-                      tk.KroneckerLinear((64, 64), (64, 64), gated=True, gating_mode="hard", transform_outer=False), dtype))
+        cases.append((f"KroneckerLinear gated (3,5)->(4,5), hard, {rows} rows",
+                      tk.KroneckerLinear((3, 5), (4, 5), gated=True, gating_mode="hard"), dtype, rows))
+        cases.append(("KroneckerLinear gated (64,64) reversed",
+                      tk.KroneckerLinear((64, 64), (64, 64), gated=True, transform_outer=False), dtype))
         cases.append(("DecoupledSplineMLP rank 5", tk.DecoupledSplineMLP(67, 45, rank=5), dtype))
         cases.append(("DecoupledSplineMLP rank 150", tk.DecoupledSplineMLP(67, 300, rank=150, n_basis=4), dtype))
 

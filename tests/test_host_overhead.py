@@ -72,8 +72,8 @@ def test_autotuned_grid_sees_the_config_the_launch_would_run(monkeypatch):
 FAMILIES = {
     "lowrank": (lambda: tk.LowRankLinear(40, 24, 3), 1, 3),  # fwd; + dx (same kernel) + factor grads
     "kronecker": (lambda: tk.KroneckerLinear((5, 8), (4, 6)), 1, 3),
-    # the gate program, then the forward; the backward recomputes the maps with torch ops (no launch)
-    "kronecker gated": (lambda: tk.KroneckerLinear((5, 8), (4, 6), gated=True), 2, 4),
+    # the gate program, then the forward; + the maps again, factor grads, the gates' pullback, dx
+    "kronecker gated": (lambda: tk.KroneckerLinear((5, 8), (4, 6), gated=True), 2, 6),
     # + dx, d(params) and the sum of the gradient's partial slots (one per output x input tile)
     "gaussian": (lambda: tk.SplineLinear(40, 24, basis="gaussian", n_control_points=7), 1, 4),
     "eisenstein local": (lambda: tk.SplineLinear(40, 24, basis="eisenstein", n_control_points=20, support="local"),

@@ -27,8 +27,8 @@ network per mode (``reference.kronecker.gated_maps``). ``gated_linear`` finds th
 (two past ``GATE_SPLIT_ROWS`` rows) instead of ~60 small torch ops, then runs the fused forward
 on them: ``_kron_gate_kernel``, one program, sums x's rows (or, for a larger batch, the fp32
 partial slots ``_kron_batch_sum_kernel`` wrote) and runs the modes in order on whole tiles: fibre
-mean, gate, mixed factor and bias, then the effective bias. The backward recomputes the maps with
-the reference under autograd (``ops.py``).
+mean, gate, mixed factor and bias, then the effective bias. ``_kron_gate_grad_kernel`` is its
+pullback (``gated_grads``): one program that recomputes the forward and runs it backwards.
 """
 
 from __future__ import annotations
@@ -278,15 +278,24 @@ def _kron_batch_sum_kernel(x_ptr, part_ptr, M, N, stride_xm, stride_xk, BLOCK: t
 
 
 @triton.jit
-def _gate(mu, w1_ptr, b1_ptr, w2_ptr, b2_ptr, N, H, NP: tl.constexpr, HP: tl.constexpr, HARD: tl.constexpr):
-    """g = sigmoid(w2 relu(w1 mu + b1) + b2) (hard: 1 where that exceeds 0.5, else 0) for the fibre
-    mean mu ``(NP,)``; w1 ``(H, N)``, b1 ``(H,)``, w2 ``(1, H)``, b2 ``(1,)`` contiguous."""
+def _gate_hidden(mu, w1_ptr, b1_ptr, N, H, NP: tl.constexpr, HP: tl.constexpr):
+    """(w1 ``(HP, NP)`` fp32 zero-padded, u = w1 mu + b1 ``(HP,)``): a gate's first layer on the
+    fibre mean mu ``(NP,)``; w1 ``(H, N)``, b1 ``(H,)`` contiguous."""
     j = tl.arange(0, HP)
     i = tl.arange(0, NP)
     w1 = tl.load(w1_ptr + j[:, None] * N + i[None, :], mask=(j[:, None] < H) & (i[None, :] < N), other=0.0)
-    z = tl.sum(w1.to(tl.float32) * mu[None, :], 1) + tl.load(b1_ptr + j, mask=j < H, other=0.0).to(tl.float32)
+    w1 = w1.to(tl.float32)
+    return w1, tl.sum(w1 * mu[None, :], 1) + tl.load(b1_ptr + j, mask=j < H, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _gate(mu, w1_ptr, b1_ptr, w2_ptr, b2_ptr, N, H, NP: tl.constexpr, HP: tl.constexpr, HARD: tl.constexpr):
+    """g = sigmoid(w2 relu(w1 mu + b1) + b2) (hard: 1 where that exceeds 0.5, else 0) for the fibre
+    mean mu ``(NP,)``; w2 ``(1, H)``, b2 ``(1,)`` contiguous."""
+    j = tl.arange(0, HP)
+    _, u = _gate_hidden(mu, w1_ptr, b1_ptr, N, H, NP, HP)
     w2 = tl.load(w2_ptr + j, mask=j < H, other=0.0).to(tl.float32)
-    g = tl.sigmoid(tl.sum(tl.maximum(z, 0.0) * w2, 0) + tl.load(b2_ptr).to(tl.float32))
+    g = tl.sigmoid(tl.sum(tl.maximum(u, 0.0) * w2, 0) + tl.load(b2_ptr).to(tl.float32))
     if HARD:
         g = tl.where(g > 0.5, 1.0, 0.0)
     return g
@@ -318,6 +327,53 @@ def _mixed(f_ptr, c_ptr, p_ptr, pc_ptr, g, M, N, MP: tl.constexpr, NP: tl.conste
 
 
 @triton.jit
+def _gated_forward(
+    rows_ptr, n_rows, stride_r, stride_k, inv_m, a_ptr, b_ptr, bias_a_ptr, bias_b_ptr,
+    w1a_ptr, b1a_ptr, w2a_ptr, b2a_ptr, pa_ptr, pba_ptr, w1b_ptr, b1b_ptr, w2b_ptr, b2b_ptr, pb_ptr, pbb_ptr,
+    M1, N1, M2, N2, HA, HB,
+    M1P: tl.constexpr, N1P: tl.constexpr, M2P: tl.constexpr, N2P: tl.constexpr, HP: tl.constexpr,
+    GATED_A: tl.constexpr, GATED_B: tl.constexpr, PROJ_A: tl.constexpr, PROJ_B: tl.constexpr,
+    BIAS_A: tl.constexpr, BIAS_B: tl.constexpr, HARD: tl.constexpr, OUTER: tl.constexpr,
+):
+    """(X, mu_a, g_a, A', c_a, mu_b, g_b, B', c_b) in fp32, zero-padded: the batch mean X = inv_m *
+    (sum of the n_rows rows ``(N1*N2,)`` at rows_ptr: x's own rows, or the batch sum's fp32 slots)
+    viewed ``(N1P, N2P)``, and per mode its fibre mean, gate (1 where ungated), mixed factor and
+    bias. Modes in order (A first when OUTER): the first mode's gate reads X's fibre mean, the
+    second's the mean of the first mode's output, e.g. for OUTER the column means of A' X + c_a 1.T,
+    (1.T A' X + sum(c_a)) / M1. Parameters contiguous, any float dtype."""
+    i1 = tl.arange(0, N1P)
+    i2 = tl.arange(0, N2P)
+    x_off = (i1[:, None] * N2 + i2[None, :]) * stride_k
+    x_mask = (i1[:, None] < N1) & (i2[None, :] < N2)
+    xm = tl.zeros((N1P, N2P), tl.float32)
+    s_r = tl.full((), stride_r, tl.int64)
+    for r in range(n_rows):
+        xm += tl.load(rows_ptr + r * s_r + x_off, mask=x_mask, other=0.0).to(tl.float32)
+    xm = xm * inv_m
+    g_a = tl.full((), 1.0, tl.float32)
+    g_b = tl.full((), 1.0, tl.float32)
+    if OUTER:
+        mu_a = tl.sum(xm, 1) / N2
+        if GATED_A:
+            g_a = _gate(mu_a, w1a_ptr, b1a_ptr, w2a_ptr, b2a_ptr, N1, HA, N1P, HP, HARD)
+        fa, ca = _mixed(a_ptr, bias_a_ptr, pa_ptr, pba_ptr, g_a, M1, N1, M1P, N1P, GATED_A, PROJ_A, BIAS_A)
+        mu_b = (tl.sum(tl.sum(fa, 0)[:, None] * xm, 0) + tl.sum(ca, 0)) / M1
+        if GATED_B:
+            g_b = _gate(mu_b, w1b_ptr, b1b_ptr, w2b_ptr, b2b_ptr, N2, HB, N2P, HP, HARD)
+        fb, cb = _mixed(b_ptr, bias_b_ptr, pb_ptr, pbb_ptr, g_b, M2, N2, M2P, N2P, GATED_B, PROJ_B, BIAS_B)
+    else:
+        mu_b = tl.sum(xm, 0) / N1
+        if GATED_B:
+            g_b = _gate(mu_b, w1b_ptr, b1b_ptr, w2b_ptr, b2b_ptr, N2, HB, N2P, HP, HARD)
+        fb, cb = _mixed(b_ptr, bias_b_ptr, pb_ptr, pbb_ptr, g_b, M2, N2, M2P, N2P, GATED_B, PROJ_B, BIAS_B)
+        mu_a = (tl.sum(xm * tl.sum(fb, 0)[None, :], 1) + tl.sum(cb, 0)) / M2
+        if GATED_A:
+            g_a = _gate(mu_a, w1a_ptr, b1a_ptr, w2a_ptr, b2a_ptr, N1, HA, N1P, HP, HARD)
+        fa, ca = _mixed(a_ptr, bias_a_ptr, pa_ptr, pba_ptr, g_a, M1, N1, M1P, N1P, GATED_A, PROJ_A, BIAS_A)
+    return xm, mu_a, g_a, fa, ca, mu_b, g_b, fb, cb
+
+
+@triton.jit
 def _kron_gate_kernel(
     rows_ptr, a_ptr, b_ptr, bias_a_ptr, bias_b_ptr,
     w1a_ptr, b1a_ptr, w2a_ptr, b2a_ptr, pa_ptr, pba_ptr, w1b_ptr, b1b_ptr, w2b_ptr, b2b_ptr, pb_ptr, pbb_ptr,
@@ -328,63 +384,160 @@ def _kron_gate_kernel(
     BIAS_A: tl.constexpr, BIAS_B: tl.constexpr, HARD: tl.constexpr, OUTER: tl.constexpr,
 ):
     """One program: the gated layer's A' ``(M1, N1)``, B' ``(M2, N2)`` and b_eff ``(M1*M2,)`` in the
-    outputs' dtype, from the batch mean X = inv_m * (sum of the n_rows rows ``(N1*N2,)`` at
-    rows_ptr: x's own rows, or the batch sum's fp32 slots), viewed ``(N1, N2)``.
-
-    Modes in order (A first when OUTER). The first mode's gate reads X's fibre mean; the second's
-    reads the mean of the first mode's output, e.g. for OUTER the column means of A' X + c_a 1.T:
-    (1.T A' X + sum(c_a)) / M1. Then b_eff = c_a (x) B' 1 + 1 (x) c_b (OUTER), A' 1 (x) c_b +
-    c_a (x) 1 (not). Parameters contiguous, any float dtype, computed in fp32.
+    outputs' dtype (``_gated_forward``, then b_eff = c_a (x) B' 1 + 1 (x) c_b when OUTER, else
+    A' 1 (x) c_b + c_a (x) 1). Computed in fp32.
 
     FLOPs: ~2*(n_rows*N1*N2 + (M1 + HA)*N1 + (M2 + HB)*N2) + N1*N2 per fibre mean, on the FMA units.
     Bytes: elt*n_rows*N1*N2 + elt*(2*(M1*N1 + M2*N2) + HA*N1 + HB*N2 + M1*M2) (parameters read once).
     """
+    _, _, _, fa, ca, _, _, fb, cb = _gated_forward(
+        rows_ptr, n_rows, stride_r, stride_k, inv_m, a_ptr, b_ptr, bias_a_ptr, bias_b_ptr,
+        w1a_ptr, b1a_ptr, w2a_ptr, b2a_ptr, pa_ptr, pba_ptr, w1b_ptr, b1b_ptr, w2b_ptr, b2b_ptr, pb_ptr, pbb_ptr,
+        M1, N1, M2, N2, HA, HB, M1P, N1P, M2P, N2P, HP, GATED_A, GATED_B, PROJ_A, PROJ_B, BIAS_A, BIAS_B, HARD, OUTER)
+    if OUTER:
+        bias = ca[:, None] * tl.sum(fb, 1)[None, :] + cb[None, :]
+    else:
+        bias = tl.sum(fa, 1)[:, None] * cb[None, :] + ca[:, None]
     o1 = tl.arange(0, M1P)
     i1 = tl.arange(0, N1P)
     o2 = tl.arange(0, M2P)
     i2 = tl.arange(0, N2P)
-    x_off = (i1[:, None] * N2 + i2[None, :]) * stride_k
-    x_mask = (i1[:, None] < N1) & (i2[None, :] < N2)
-    xm = tl.zeros((N1P, N2P), tl.float32)
-    s_r = tl.full((), stride_r, tl.int64)
-    for r in range(n_rows):
-        xm += tl.load(rows_ptr + r * s_r + x_off, mask=x_mask, other=0.0).to(tl.float32)
-    xm = xm * inv_m
-    g_a = 1.0
-    g_b = 1.0
-    if OUTER:
-        if GATED_A:
-            g_a = _gate(tl.sum(xm, 1) / N2, w1a_ptr, b1a_ptr, w2a_ptr, b2a_ptr, N1, HA, N1P, HP, HARD)
-        fa, ca = _mixed(a_ptr, bias_a_ptr, pa_ptr, pba_ptr, g_a, M1, N1, M1P, N1P, GATED_A, PROJ_A, BIAS_A)
-        if GATED_B:
-            mu_b = (tl.sum(tl.sum(fa, 0)[:, None] * xm, 0) + tl.sum(ca, 0)) / M1
-            g_b = _gate(mu_b, w1b_ptr, b1b_ptr, w2b_ptr, b2b_ptr, N2, HB, N2P, HP, HARD)
-        fb, cb = _mixed(b_ptr, bias_b_ptr, pb_ptr, pbb_ptr, g_b, M2, N2, M2P, N2P, GATED_B, PROJ_B, BIAS_B)
-        bias = ca[:, None] * tl.sum(fb, 1)[None, :] + cb[None, :]
-    else:
-        if GATED_B:
-            g_b = _gate(tl.sum(xm, 0) / N1, w1b_ptr, b1b_ptr, w2b_ptr, b2b_ptr, N2, HB, N2P, HP, HARD)
-        fb, cb = _mixed(b_ptr, bias_b_ptr, pb_ptr, pbb_ptr, g_b, M2, N2, M2P, N2P, GATED_B, PROJ_B, BIAS_B)
-        if GATED_A:
-            mu_a = (tl.sum(xm * tl.sum(fb, 0)[None, :], 1) + tl.sum(cb, 0)) / M2
-            g_a = _gate(mu_a, w1a_ptr, b1a_ptr, w2a_ptr, b2a_ptr, N1, HA, N1P, HP, HARD)
-        fa, ca = _mixed(a_ptr, bias_a_ptr, pa_ptr, pba_ptr, g_a, M1, N1, M1P, N1P, GATED_A, PROJ_A, BIAS_A)
-        bias = tl.sum(fa, 1)[:, None] * cb[None, :] + ca[:, None]
     out_ty = a_out_ptr.dtype.element_ty
     tl.store(a_out_ptr + o1[:, None] * N1 + i1[None, :], fa.to(out_ty), mask=(o1[:, None] < M1) & (i1[None, :] < N1))
     tl.store(b_out_ptr + o2[:, None] * N2 + i2[None, :], fb.to(out_ty), mask=(o2[:, None] < M2) & (i2[None, :] < N2))
     tl.store(bias_out_ptr + o1[:, None] * M2 + o2[None, :], bias.to(out_ty), mask=(o1[:, None] < M1) & (o2[None, :] < M2))
 
 
+@triton.jit
+def _mode_grad(
+    df, dc, g, mu, f_ptr, c_ptr, p_ptr, pc_ptr, w1_ptr, b1_ptr, w2_ptr,
+    gf_ptr, gc_ptr, gp_ptr, gpc_ptr, gw1_ptr, gb1_ptr, gw2_ptr, gb2_ptr, M, N, H,
+    MP: tl.constexpr, NP: tl.constexpr, HP: tl.constexpr,
+    GATED: tl.constexpr, PROJ: tl.constexpr, HAS_BIAS: tl.constexpr, HARD: tl.constexpr,
+):
+    """Store the gradients of mode k's factor, bias, projection and gate network from those of its
+    mixed factor df ``(MP, NP)`` and bias dc ``(MP,)`` (fp32, zero-padded); return that of its
+    fibre mean mu, dmu ``(NP,)``. With F' = g F + (1 - g) P: dF = g dF', dP = (1 - g) dF', and
+    dg = <dF', F - P> + <dc', c - pc> through the gate's sigmoid, ReLU and two layers (hard
+    gates: a step, no gradient). Each gradient is stored in its tensor's dtype."""
+    o = tl.arange(0, MP)
+    i = tl.arange(0, NP)
+    mask = (o[:, None] < M) & (i[None, :] < N)
+    idx = o[:, None] * N + i[None, :]
+    dmu = tl.zeros((NP,), tl.float32)
+    if not GATED:
+        tl.store(gf_ptr + idx, df.to(gf_ptr.dtype.element_ty), mask=mask)
+        if HAS_BIAS:
+            tl.store(gc_ptr + o, dc.to(gc_ptr.dtype.element_ty), mask=o < M)
+    else:
+        tl.store(gf_ptr + idx, (g * df).to(gf_ptr.dtype.element_ty), mask=mask)
+        f = tl.load(f_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        c = tl.zeros((MP,), tl.float32)
+        if HAS_BIAS:
+            tl.store(gc_ptr + o, (g * dc).to(gc_ptr.dtype.element_ty), mask=o < M)
+            c = tl.load(c_ptr + o, mask=o < M, other=0.0).to(tl.float32)
+        if PROJ:
+            tl.store(gp_ptr + idx, ((1 - g) * df).to(gp_ptr.dtype.element_ty), mask=mask)
+            tl.store(gpc_ptr + o, ((1 - g) * dc).to(gpc_ptr.dtype.element_ty), mask=o < M)
+            p = tl.load(p_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+            pc = tl.load(pc_ptr + o, mask=o < M, other=0.0).to(tl.float32)
+        else:
+            p = tl.where((o[:, None] == i[None, :]) & mask, 1.0, 0.0)
+            pc = tl.zeros((MP,), tl.float32)
+        if not HARD:
+            dg = tl.sum(tl.sum(df * (f - p), 1), 0) + tl.sum(dc * (c - pc), 0)
+            j = tl.arange(0, HP)
+            w1, u = _gate_hidden(mu, w1_ptr, b1_ptr, N, H, NP, HP)
+            w2 = tl.load(w2_ptr + j, mask=j < H, other=0.0).to(tl.float32)
+            dz = dg * g * (1 - g)
+            du = tl.where(u > 0, dz * w2, 0.0)
+            tl.store(gw2_ptr + j, (dz * tl.maximum(u, 0.0)).to(gw2_ptr.dtype.element_ty), mask=j < H)
+            tl.store(gb2_ptr, dz.to(gb2_ptr.dtype.element_ty))
+            tl.store(gb1_ptr + j, du.to(gb1_ptr.dtype.element_ty), mask=j < H)
+            tl.store(gw1_ptr + j[:, None] * N + i[None, :], (du[:, None] * mu[None, :]).to(gw1_ptr.dtype.element_ty),
+                     mask=(j[:, None] < H) & (i[None, :] < N))
+            dmu = tl.sum(w1 * du[:, None], 0)
+    return dmu
+
+
+@triton.jit
+def _kron_gate_grad_kernel(
+    rows_ptr, a_ptr, b_ptr, bias_a_ptr, bias_b_ptr,
+    w1a_ptr, b1a_ptr, w2a_ptr, b2a_ptr, pa_ptr, pba_ptr, w1b_ptr, b1b_ptr, w2b_ptr, b2b_ptr, pb_ptr, pbb_ptr,
+    da_ptr, db_ptr, dbias_ptr,
+    ga_ptr, gb_ptr, gbias_a_ptr, gbias_b_ptr,
+    gw1a_ptr, gb1a_ptr, gw2a_ptr, gb2a_ptr, gpa_ptr, gpba_ptr, gw1b_ptr, gb1b_ptr, gw2b_ptr, gb2b_ptr, gpb_ptr, gpbb_ptr,
+    gx_ptr,
+    n_rows, stride_r, stride_k, inv_m, M1, N1, M2, N2, HA, HB,
+    M1P: tl.constexpr, N1P: tl.constexpr, M2P: tl.constexpr, N2P: tl.constexpr, HP: tl.constexpr,
+    GATED_A: tl.constexpr, GATED_B: tl.constexpr, PROJ_A: tl.constexpr, PROJ_B: tl.constexpr,
+    BIAS_A: tl.constexpr, BIAS_B: tl.constexpr, HARD: tl.constexpr, OUTER: tl.constexpr,
+):
+    """One program: ``_kron_gate_kernel``'s pullback. From the gradients of A' ``(M1, N1)``, B'
+    ``(M2, N2)`` and b_eff ``(M1*M2,)`` (fp32, contiguous) it stores every parameter's gradient
+    (``_mode_grad``) and gx ``(N1*N2,)``, the gradient of x's batch mean / M (each row's share).
+    The forward is recomputed (``_gated_forward``); then in reverse order, e.g. for OUTER with
+    b_eff = c_a (x) B' 1 + 1 (x) c_b and mu_b = (1.T A' X + sum(c_a)) / M1:
+    dc_a = dBm B' 1, dB' += (dBm.T c_a) 1.T, dc_b = dBm.T 1; mode b; dA' += 1 (X dmu_b).T / M1,
+    dX = (A'.T 1) dmu_b.T / M1, dc_a += sum(dmu_b) / M1; mode a; dX += dmu_a 1.T / N2.
+
+    FLOPs: ~3x ``_kron_gate_kernel``'s. Bytes: its bytes + 4*(M1*N1 + M2*N2 + M1*M2) + the gradients.
+    """
+    xm, mu_a, g_a, fa, ca, mu_b, g_b, fb, cb = _gated_forward(
+        rows_ptr, n_rows, stride_r, stride_k, inv_m, a_ptr, b_ptr, bias_a_ptr, bias_b_ptr,
+        w1a_ptr, b1a_ptr, w2a_ptr, b2a_ptr, pa_ptr, pba_ptr, w1b_ptr, b1b_ptr, w2b_ptr, b2b_ptr, pb_ptr, pbb_ptr,
+        M1, N1, M2, N2, HA, HB, M1P, N1P, M2P, N2P, HP, GATED_A, GATED_B, PROJ_A, PROJ_B, BIAS_A, BIAS_B, HARD, OUTER)
+    o1 = tl.arange(0, M1P)
+    i1 = tl.arange(0, N1P)
+    o2 = tl.arange(0, M2P)
+    i2 = tl.arange(0, N2P)
+    mask_a = (o1[:, None] < M1) & (i1[None, :] < N1)
+    mask_b = (o2[:, None] < M2) & (i2[None, :] < N2)
+    x_mask = (i1[:, None] < N1) & (i2[None, :] < N2)
+    dfa = tl.load(da_ptr + o1[:, None] * N1 + i1[None, :], mask=mask_a, other=0.0)
+    dfb = tl.load(db_ptr + o2[:, None] * N2 + i2[None, :], mask=mask_b, other=0.0)
+    dbm = tl.load(dbias_ptr + o1[:, None] * M2 + o2[None, :], mask=(o1[:, None] < M1) & (o2[None, :] < M2), other=0.0)
+    if OUTER:
+        dca = tl.sum(dbm * tl.sum(fb, 1)[None, :], 1)
+        dcb = tl.sum(dbm, 0)
+        dfb += tl.where(mask_b, tl.sum(dbm * ca[:, None], 0)[:, None], 0.0)
+        dmu_b = _mode_grad(dfb, dcb, g_b, mu_b, b_ptr, bias_b_ptr, pb_ptr, pbb_ptr, w1b_ptr, b1b_ptr, w2b_ptr,
+                           gb_ptr, gbias_b_ptr, gpb_ptr, gpbb_ptr, gw1b_ptr, gb1b_ptr, gw2b_ptr, gb2b_ptr,
+                           M2, N2, HB, M2P, N2P, HP, GATED_B, PROJ_B, BIAS_B, HARD)
+        dfa += tl.where(mask_a, (tl.sum(xm * dmu_b[None, :], 1) / M1)[None, :], 0.0)
+        dxm = tl.sum(fa, 0)[:, None] * dmu_b[None, :] / M1
+        dca += tl.where(o1 < M1, tl.sum(dmu_b, 0) / M1, 0.0)
+        dmu_a = _mode_grad(dfa, dca, g_a, mu_a, a_ptr, bias_a_ptr, pa_ptr, pba_ptr, w1a_ptr, b1a_ptr, w2a_ptr,
+                           ga_ptr, gbias_a_ptr, gpa_ptr, gpba_ptr, gw1a_ptr, gb1a_ptr, gw2a_ptr, gb2a_ptr,
+                           M1, N1, HA, M1P, N1P, HP, GATED_A, PROJ_A, BIAS_A, HARD)
+        dxm += dmu_a[:, None] / N2
+    else:
+        dcb = tl.sum(dbm * tl.sum(fa, 1)[:, None], 0)
+        dca = tl.sum(dbm, 1)
+        dfa += tl.where(mask_a, tl.sum(dbm * cb[None, :], 1)[:, None], 0.0)
+        dmu_a = _mode_grad(dfa, dca, g_a, mu_a, a_ptr, bias_a_ptr, pa_ptr, pba_ptr, w1a_ptr, b1a_ptr, w2a_ptr,
+                           ga_ptr, gbias_a_ptr, gpa_ptr, gpba_ptr, gw1a_ptr, gb1a_ptr, gw2a_ptr, gb2a_ptr,
+                           M1, N1, HA, M1P, N1P, HP, GATED_A, PROJ_A, BIAS_A, HARD)
+        dfb += tl.where(mask_b, (tl.sum(xm * dmu_a[:, None], 0) / M2)[None, :], 0.0)
+        dxm = dmu_a[:, None] * tl.sum(fb, 0)[None, :] / M2
+        dcb += tl.where(o2 < M2, tl.sum(dmu_a, 0) / M2, 0.0)
+        dmu_b = _mode_grad(dfb, dcb, g_b, mu_b, b_ptr, bias_b_ptr, pb_ptr, pbb_ptr, w1b_ptr, b1b_ptr, w2b_ptr,
+                           gb_ptr, gbias_b_ptr, gpb_ptr, gpbb_ptr, gw1b_ptr, gb1b_ptr, gw2b_ptr, gb2b_ptr,
+                           M2, N2, HB, M2P, N2P, HP, GATED_B, PROJ_B, BIAS_B, HARD)
+        dxm += dmu_b[None, :] / N1
+    tl.store(gx_ptr + i1[:, None] * N2 + i2[None, :], (dxm * inv_m).to(gx_ptr.dtype.element_ty), mask=x_mask)
+
+
 @functools.cache
 def _gate_sizes(m1: int, n1: int, m2: int, n2: int, hidden: int, dtype: torch.dtype) -> tuple[dict, dict] | None:
-    """(``_kron_gate_kernel``'s padded sizes and warps, the fused forward's ``padded`` sizes) for
-    modes ``(m_1, n_1)``, ``(m_2, n_2)`` and the larger gate hidden size, or None where a padded
-    size passes ``max_tile(dtype)``."""
+    """(the gate kernels' padded sizes and warps, the fused forward's ``padded`` sizes) for modes
+    ``(m_1, n_1)``, ``(m_2, n_2)`` and the larger gate hidden size, or None where a padded size
+    passes ``max_tile(dtype)``. 8 warps past 32: the pullback holds ~10 tiles (64 x 64: ~230
+    registers a thread, no spills on sm_90)."""
     sizes = padded(m1, n1, m2, n2, dtype)
     if sizes is None or pad(hidden) > max_tile(dtype):
         return None
-    return {**sizes, "HP": pad(hidden), "num_warps": 4 if max(*sizes.values(), pad(hidden)) <= 64 else 8}, sizes
+    return {**sizes, "HP": pad(hidden), "num_warps": 4 if max(*sizes.values(), pad(hidden)) <= 32 else 8}, sizes
 
 
 def gated_linear(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias_a: torch.Tensor | None,
@@ -403,6 +556,48 @@ def gated_maps(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias_a: torch.
     """The gated layer's (A', B', b_eff) in x's dtype (``reference.kronecker.gated_maps``, same
     arguments) and the fused forward's padded sizes, by one or two launches; None for shapes
     past ``max_tile``."""
+    plan = _gate_plan(x, a, b, bias_a, bias_b, modes_and_flags)
+    if plan is None:
+        return None
+    rows, params, scalars, constexprs, forward_sizes = plan
+    (m1, n1), (m2, n2) = a.shape, b.shape
+    a_out = torch.empty(m1, n1, device=x.device, dtype=x.dtype)
+    b_out = torch.empty(m2, n2, device=x.device, dtype=x.dtype)
+    bias = torch.empty(m1 * m2, device=x.device, dtype=x.dtype)
+    _kron_gate_kernel[(1,)](rows, *params, a_out, b_out, bias, *scalars, **constexprs)
+    return a_out, b_out, bias, forward_sizes
+
+
+def gated_grads(da: torch.Tensor, db: torch.Tensor, dbias: torch.Tensor, x: torch.Tensor, a: torch.Tensor,
+                b: torch.Tensor, bias_a: torch.Tensor | None, bias_b: torch.Tensor | None,
+                *modes_and_flags) -> tuple[torch.Tensor, list[torch.Tensor | None]] | None:
+    """The gated maps' pullback by one or two launches: from the fp32 gradients of A' ``(m_1, n_1)``,
+    B' ``(m_2, n_2)`` and b_eff ``(m_1 m_2,)``, (gx ``(n_1 n_2,)`` in x's dtype, the share of
+    every row of x in the gradient of its batch mean; the gradients of a, b, bias_a, bias_b and
+    the per-mode tensors, each in its tensor's dtype, None where that is None). None for shapes
+    past ``max_tile``."""
+    plan = _gate_plan(x, a, b, bias_a, bias_b, modes_and_flags)
+    if plan is None:
+        return None
+    rows, params, scalars, constexprs, _ = plan
+    hard = modes_and_flags[-2]  # a step: the gate networks get no gradient (and none is written)
+    inputs = (a, b, bias_a, bias_b, *modes_and_flags[:-2])
+    grads = [None if t is None or (hard and k in _GATE_NETWORKS) else torch.empty(t.shape, device=t.device, dtype=t.dtype)
+             for k, t in enumerate(inputs)]
+    gx = torch.empty(a.shape[1] * b.shape[1], device=x.device, dtype=x.dtype)
+    _kron_gate_grad_kernel[(1,)](rows, *params, contiguous(da), contiguous(db), contiguous(dbias),
+                                 *(gx if g is None else g for g in grads), gx, *scalars, **constexprs)
+    return gx, grads
+
+
+_GATE_NETWORKS = frozenset((4, 5, 6, 7, 10, 11, 12, 13))  # gated_grads' inputs that are gate networks' tensors
+
+
+def _gate_plan(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias_a: torch.Tensor | None,
+               bias_b: torch.Tensor | None, modes_and_flags: tuple) -> tuple | None:
+    """What both gate kernels take around their own pointers: (rows, the 16 parameter pointers,
+    the scalars, the constexprs, the fused forward's padded sizes); x's rows first summed into
+    fp32 slots past ``GATE_SPLIT_ROWS`` rows. None for shapes past ``max_tile``."""
     *tensors, hard, outer = modes_and_flags
     (gate_a, gate_b), (proj_a, proj_b) = ref.gate_paths(*tensors)
     check_inputs(x, a, b, bias_a, bias_b, *tensors)
@@ -423,14 +618,9 @@ def gated_maps(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias_a: torch.
         rows = part
     else:
         n_rows = m
-    a_out = torch.empty(m1, n1, device=x.device, dtype=x.dtype)
-    b_out = torch.empty(m2, n2, device=x.device, dtype=x.dtype)
-    bias = torch.empty(m1 * m2, device=x.device, dtype=x.dtype)
     params = [a if t is None else contiguous(t) for t in (a, b, bias_a, bias_b, *tensors)]
-    _kron_gate_kernel[(1,)](
-        rows, *params, a_out, b_out, bias, n_rows, rows.stride(0), rows.stride(1), 1.0 / max(m, 1),
-        m1, n1, m2, n2, h_a, h_b, **sizes, GATED_A=gate_a is not None, GATED_B=gate_b is not None,
-        PROJ_A=proj_a is not None, PROJ_B=proj_b is not None, BIAS_A=bias_a is not None, BIAS_B=bias_b is not None,
-        HARD=hard, OUTER=outer,
-    )
-    return a_out, b_out, bias, forward_sizes
+    scalars = (n_rows, rows.stride(0), rows.stride(1), 1.0 / max(m, 1), m1, n1, m2, n2, h_a, h_b)
+    constexprs = dict(sizes, GATED_A=gate_a is not None, GATED_B=gate_b is not None,
+                      PROJ_A=proj_a is not None, PROJ_B=proj_b is not None,
+                      BIAS_A=bias_a is not None, BIAS_B=bias_b is not None, HARD=hard, OUTER=outer)
+    return rows, params, scalars, constexprs, forward_sizes

@@ -10,8 +10,8 @@ recomputes them on chip instead of storing them.
 
 The two-mode gated layer is kronecker_gated_linear(x, parameters...) = kronecker_linear(x, A', B',
 b_eff) with the maps (A', B', b_eff) its gates give for the batch. Its backward recomputes the maps
-with the reference under autograd and pulls kronecker_grad_factors' (dA', dB', dbias) back
-through them.
+(the gate kernels, or the reference under autograd) and pulls kronecker_grad_factors' (dA', dB',
+dbias) back through them.
 """
 
 from __future__ import annotations
@@ -144,33 +144,44 @@ def _gated_setup(ctx, inputs, output):
 
 def _gated_backward(ctx, dy):
     """dx = the fused op on (A'.T, B'.T), plus the path through the batch mean; every parameter's
-    gradient is the pullback of (dA', dB', dbias) through the reference's maps, recomputed here
-    (small tensors: the parameters and x's batch mean). A plain eager backward records the
-    recompute with autograd (~30% less host time); a traced or differentiated one (create_graph)
-    uses ``torch.func.vjp``, which traces and stays differentiable."""
+    gradient is the pullback of kronecker_grad_factors' (dA', dB', dbias) through the maps. On
+    the Triton backend the gate kernels recompute the maps and pull back (two launches). Else,
+    and where the backward is traced or differentiated (create_graph), the reference recomputes
+    them under ``torch.func.vjp`` (traceable, differentiable again), or plain autograd in eager
+    mode (~30% less host time)."""
     saved = ctx.saved_tensors
     args: list = [None] * (ctx.n_inputs - 2) + list(ctx.flags)
-
-    def maps(*tensors):
-        for i, t in zip(ctx.tensors, tensors):
-            args[i] = t
-        return ref.gated_maps(*args)
-
-    if torch.is_grad_enabled() or eager_mode(saved) is None:
-        (a, b, _), pullback = vjp(maps, *saved)
-    else:
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_() for t in saved]
-            outputs = maps(*leaves)
-        a, b = outputs[0].detach(), outputs[1].detach()
-
-        def pullback(cotangents):
-            return torch.autograd.grad(outputs, leaves, cotangents, allow_unused=True)
+    for i, t in zip(ctx.tensors, saved):
+        args[i] = t
     x = saved[0]
-    da, db, dsum = kronecker_grad_factors(x, dy, a, b)
-    grads = [None] * ctx.n_inputs
-    for i, g in zip(ctx.tensors, pullback((da.to(a.dtype), db.to(b.dtype), dsum.to(a.dtype)))):
-        grads[i] = g if ctx.needs_input_grad[i] else None
+    plain = not torch.is_grad_enabled() and eager_mode(saved) is not None
+    maps = _kernels().gated_maps(*args) if plain and use_triton(x) else None
+    if maps is not None:
+        a, b = maps[0], maps[1]
+        da, db, dsum = kronecker_grad_factors(x, dy, a, b)
+        gx, grads = _kernels().gated_grads(da, db, dsum, *args)
+        grads = [gx, *grads, None, None]  # (x, the 16 tensors, the two flags)
+    else:
+        def reference_maps(*tensors):
+            for i, t in zip(ctx.tensors, tensors):
+                args[i] = t
+            return ref.gated_maps(*args)
+
+        if plain:
+            with torch.enable_grad():
+                leaves = [t.detach().requires_grad_() for t in saved]
+                outputs = reference_maps(*leaves)
+            a, b = outputs[0].detach(), outputs[1].detach()
+        else:
+            (a, b, _), pullback = vjp(reference_maps, *saved)
+        da, db, dsum = kronecker_grad_factors(x, dy, a, b)
+        cotangents = (da.to(a.dtype), db.to(b.dtype), dsum.to(a.dtype))
+        pulled = (torch.autograd.grad(outputs, leaves, cotangents, allow_unused=True) if plain
+                  else pullback(cotangents))
+        grads = [None] * ctx.n_inputs
+        for i, g in zip(ctx.tensors, pulled):
+            grads[i] = g
+    grads = [g if need else None for g, need in zip(grads, ctx.needs_input_grad)]
     if ctx.needs_input_grad[0]:
         dx = kronecker_linear(dy, a.mT, b.mT, None)
         grads[0] = dx if grads[0] is None else grads[0] + dx  # None: hard gates, x reaches them only
