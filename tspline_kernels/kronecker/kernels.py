@@ -557,8 +557,11 @@ def gated_maps(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias_a: torch.
     arguments) and the fused forward's padded sizes, by one or two launches; None for shapes
     past ``max_tile``."""
     plan = _gate_plan(x, a, b, bias_a, bias_b, modes_and_flags)
-    if plan is None:
-        return None
+    return None if plan is None else _launch_maps(plan, x, a, b)
+
+
+def _launch_maps(plan: tuple, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple:
+    """``_kron_gate_kernel`` on a ``_gate_plan``: (A', B', b_eff, the fused forward's sizes)."""
     rows, params, scalars, constexprs, forward_sizes = plan
     (m1, n1), (m2, n2) = a.shape, b.shape
     a_out = torch.empty(m1, n1, device=x.device, dtype=x.dtype)
@@ -568,26 +571,27 @@ def gated_maps(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias_a: torch.
     return a_out, b_out, bias, forward_sizes
 
 
-def gated_grads(da: torch.Tensor, db: torch.Tensor, dbias: torch.Tensor, x: torch.Tensor, a: torch.Tensor,
-                b: torch.Tensor, bias_a: torch.Tensor | None, bias_b: torch.Tensor | None,
-                *modes_and_flags) -> tuple[torch.Tensor, list[torch.Tensor | None]] | None:
-    """The gated maps' pullback by one or two launches: from the fp32 gradients of A' ``(m_1, n_1)``,
-    B' ``(m_2, n_2)`` and b_eff ``(m_1 m_2,)``, (gx ``(n_1 n_2,)`` in x's dtype, the share of
-    every row of x in the gradient of its batch mean; the gradients of a, b, bias_a, bias_b and
-    the per-mode tensors, each in its tensor's dtype, None where that is None). None for shapes
-    past ``max_tile``."""
+def gated_grads(x: torch.Tensor, dy: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias_a: torch.Tensor | None,
+                bias_b: torch.Tensor | None, *modes_and_flags) -> tuple | None:
+    """The gated layer's backward but for dx's fused-op term, from one plan (checks and batch sum
+    once): the maps again, their gradients (``kronecker_grad_factors``) and the gate pullback.
+    Returns (A', B', gx ``(n_1 n_2,)`` in x's dtype: every row's share in the gradient of x's batch
+    mean, the gradients of a, b, bias_a, bias_b and the per-mode tensors, each in its tensor's
+    dtype, None where that is None or a hard gate's network). None for shapes past ``max_tile``."""
     plan = _gate_plan(x, a, b, bias_a, bias_b, modes_and_flags)
     if plan is None:
         return None
+    a_mixed, b_mixed, _, _ = _launch_maps(plan, x, a, b)
+    da, db, dbias = kronecker_grad_factors(x, dy, a_mixed, b_mixed)
     rows, params, scalars, constexprs, _ = plan
     hard = modes_and_flags[-2]  # a step: the gate networks get no gradient (and none is written)
     inputs = (a, b, bias_a, bias_b, *modes_and_flags[:-2])
     grads = [None if t is None or (hard and k in _GATE_NETWORKS) else torch.empty(t.shape, device=t.device, dtype=t.dtype)
              for k, t in enumerate(inputs)]
     gx = torch.empty(a.shape[1] * b.shape[1], device=x.device, dtype=x.dtype)
-    _kron_gate_grad_kernel[(1,)](rows, *params, contiguous(da), contiguous(db), contiguous(dbias),
-                                 *(gx if g is None else g for g in grads), gx, *scalars, **constexprs)
-    return gx, grads
+    _kron_gate_grad_kernel[(1,)](rows, *params, da, db, dbias, *(gx if g is None else g for g in grads), gx,
+                                 *scalars, **constexprs)
+    return a_mixed, b_mixed, gx, grads
 
 
 _GATE_NETWORKS = frozenset((4, 5, 6, 7, 10, 11, 12, 13))  # gated_grads' inputs that are gate networks' tensors

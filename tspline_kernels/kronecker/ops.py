@@ -145,7 +145,7 @@ def _gated_setup(ctx, inputs, output):
 def _gated_backward(ctx, dy):
     """dx = the fused op on (A'.T, B'.T), plus the path through the batch mean; every parameter's
     gradient is the pullback of kronecker_grad_factors' (dA', dB', dbias) through the maps. On
-    the Triton backend the gate kernels recompute the maps and pull back (two launches). Else,
+    the Triton backend the gate kernels recompute the maps and pull back (``gated_grads``). Else,
     and where the backward is traced or differentiated (create_graph), the reference recomputes
     them under ``torch.func.vjp`` (traceable, differentiable again), or plain autograd in eager
     mode (~30% less host time)."""
@@ -155,11 +155,9 @@ def _gated_backward(ctx, dy):
         args[i] = t
     x = saved[0]
     plain = not torch.is_grad_enabled() and eager_mode(saved) is not None
-    maps = _kernels().gated_maps(*args) if plain and use_triton(x) else None
-    if maps is not None:
-        a, b = maps[0], maps[1]
-        da, db, dsum = kronecker_grad_factors(x, dy, a, b)
-        gx, grads = _kernels().gated_grads(da, db, dsum, *args)
+    pulled = _kernels().gated_grads(x, dy, *args[1:]) if plain and use_triton(x) else None
+    if pulled is not None:
+        a, b, gx, grads = pulled
         grads = [gx, *grads, None, None]  # (x, the 16 tensors, the two flags)
     else:
         def reference_maps(*tensors):
