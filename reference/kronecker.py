@@ -239,10 +239,11 @@ def kronecker_linear(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: to
 
 
 def kronecker_grad_factors(
-    x: torch.Tensor, dy: torch.Tensor, a: torch.Tensor, b: torch.Tensor
+    x: torch.Tensor, dy: torch.Tensor, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(sum_r dY[r] B X[r].T ``(m_1, n_1)``, sum_r dY[r].T A X[r] ``(m_2, n_2)``, dy summed over rows
-    ``(m_1 m_2,)``) in the compute dtype: dL/da, dL/db and dL/dbias of ``kronecker_linear``."""
+    ``(m_1 m_2,)``) in the compute dtype, returned in ``dtype``: dL/da, dL/db and dL/dbias of
+    ``kronecker_linear``."""
     cd = compute_dtype(x)
     (m1, n1), (m2, n2) = a.shape, b.shape
     xs = x.to(cd).reshape(-1, n1, n2)
@@ -253,7 +254,7 @@ def kronecker_grad_factors(
     db = gs.reshape(-1, m2).mT @ ax.reshape(-1, n2)
     xb = (xs.reshape(-1, n2) @ b.to(cd).mT).reshape(-1, n1, m2)
     da = torch.bmm(gs, xb.mT).sum(0)
-    return da, db, gs.sum(0).reshape(-1)
+    return da.to(dtype), db.to(dtype), gs.sum(0).reshape(-1).to(dtype)
 
 
 def rearrange(w: torch.Tensor, out_dims: tuple[int, int], in_dims: tuple[int, int]) -> torch.Tensor:

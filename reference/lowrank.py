@@ -42,9 +42,10 @@ def lowrank_linear(
 
 
 def lowrank_grad_factors(
-    x: torch.Tensor, dy: torch.Tensor, p: torch.Tensor, q: torch.Tensor
+    x: torch.Tensor, dy: torch.Tensor, p: torch.Tensor, q: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x.T @ q, dy.T @ p, dy summed over rows) over the flattened leading dims, in the compute dtype.
+    """(x.T @ q, dy.T @ p, dy summed over rows) over the flattened leading dims, accumulated in the
+    compute dtype and returned in ``dtype`` (the parameters').
 
     x ``(*, k)``, dy ``(*, n)``, p ``(*, r)``, q ``(*, r)`` -> ``(k, r)``, ``(n, r)``, ``(n,)``.
     With y = (x @ a) @ b.T + bias, p = x @ a and q = dy @ b these are dL/da, dL/db and dL/dbias.
@@ -53,4 +54,4 @@ def lowrank_grad_factors(
     r = p.shape[-1]
     x2 = x.reshape(-1, x.shape[-1]).to(cd)
     dy2 = dy.reshape(-1, dy.shape[-1]).to(cd)
-    return x2.T @ q.reshape(-1, r).to(cd), dy2.T @ p.reshape(-1, r).to(cd), dy2.sum(0)
+    return (x2.T @ q.reshape(-1, r).to(cd)).to(dtype), (dy2.T @ p.reshape(-1, r).to(cd)).to(dtype), dy2.sum(0).to(dtype)

@@ -159,13 +159,15 @@ def separable_levels(x: torch.Tensor, controls: list[torch.Tensor], bias: torch.
     return y
 
 
-def separable_grad_control(u: torch.Tensor, v: torch.Tensor, g_out: int, g_in: int, kind: int) -> torch.Tensor:
-    """dC = (u @ Bo).T @ (v @ Bi) for u ``(*, n_out)`` (output grad), v ``(*, n_in)`` (input)."""
+def separable_grad_control(u: torch.Tensor, v: torch.Tensor, g_out: int, g_in: int, kind: int,
+                           dtype: torch.dtype) -> torch.Tensor:
+    """dC = (u @ Bo).T @ (v @ Bi) for u ``(*, n_out)`` (output grad), v ``(*, n_in)`` (input), in the
+    compute dtype, returned in ``dtype``."""
     cd = compute_dtype(u)
     bo = basis_matrix(u.shape[-1], g_out, kind, cd, u.device)
     bi = basis_matrix(v.shape[-1], g_in, kind, cd, u.device)
     u2, v2 = u.reshape(-1, u.shape[-1]).to(cd), v.reshape(-1, v.shape[-1]).to(cd)
-    return (u2 @ bo).T @ (v2 @ bi)
+    return ((u2 @ bo).T @ (v2 @ bi)).to(dtype)
 
 
 def eisenstein_lattice(n: int) -> torch.Tensor:
@@ -297,7 +299,7 @@ def field_linear_backward(
     sigma = max(e, SIGMA_MIN), e = exp(log_bandwidth): d log_bandwidth = d sigma * e where
     e >= SIGMA_MIN, else 0 (the clamp's gradient).
     Returns ``(da like a, d_params (n + 1,))``, d_params the concatenation of d_control and
-    d_log_bandwidth; unrequested ones are empty tensors.
+    d_log_bandwidth in control's dtype; unrequested ones are empty tensors.
     """
     cd = compute_dtype(dy)
     e = None if log_bandwidth is None else log_bandwidth.to(cd).exp()
@@ -327,5 +329,5 @@ def field_linear_backward(
     d_log_bandwidth = d_sigma
     if need_params and basis == GAUSSIAN:
         d_log_bandwidth = d_sigma / sigma.reshape(()) ** 3 * torch.where(e >= SIGMA_MIN, e, 0)
-    d_params = torch.cat([d_control, d_log_bandwidth]) if need_params else c.new_empty(0)
+    d_params = torch.cat([d_control, d_log_bandwidth]).to(control.dtype) if need_params else control.new_empty(0)
     return da.reshape(a.shape).to(a.dtype) if need_input else da, d_params

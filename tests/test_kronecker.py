@@ -108,7 +108,7 @@ def test_reference_ops_match_definition():
     dy = torch.randn(2, 3, 28, dtype=torch.float64)
     a_, b_ = a.clone().requires_grad_(), b.clone().requires_grad_()
     want = torch.autograd.grad(((x @ torch.kron(a_, b_).T) * dy).sum(), [a_, b_])
-    da, db, dsum = ref.kronecker_grad_factors(x, dy, a, b)
+    da, db, dsum = ref.kronecker_grad_factors(x, dy, a, b, torch.float64)
     assert_close(da, want[0])
     assert_close(db, want[1])
     assert_close(dsum, dy.reshape(6, 28).sum(0))
@@ -119,8 +119,9 @@ def test_reference_computes_half_types_in_fp32():
     a, b = torch.randn(4, 3).bfloat16(), torch.randn(7, 5).bfloat16()
     y = ref.kronecker_linear(x, a, b, None)
     assert y.dtype == torch.bfloat16
-    da, _, _ = ref.kronecker_grad_factors(x, y, a, b)
-    assert da.dtype == torch.float32
+    da32, _, _ = ref.kronecker_grad_factors(x, y, a, b, torch.float32)
+    da, _, _ = ref.kronecker_grad_factors(x, y, a, b, torch.bfloat16)
+    assert da32.dtype == torch.float32 and torch.equal(da, da32.bfloat16())  # rounded once, from fp32
 
 
 @pytest.mark.parametrize("dims", list(DIMS), ids=list(DIMS))
@@ -248,7 +249,7 @@ def test_reference_gradchecks():
     bs = [torch.randn(2, **f64), torch.randn(3, **f64), torch.randn(2, **f64)]
     xn = torch.randn(2, 3, 2, 2, **f64)
     assert torch.autograd.gradcheck(ref.kronecker_linear, (x, a, b, bias))
-    assert torch.autograd.gradcheck(ref.kronecker_grad_factors, (x, dy, a, b))
+    assert torch.autograd.gradcheck(lambda *t: ref.kronecker_grad_factors(*t, torch.float64), (x, dy, a, b))
     assert torch.autograd.gradcheck(lambda *t: ref.kronecker_weight(t), tuple(fs))
     for outer in (True, False):
         assert torch.autograd.gradcheck(lambda x, *t, o=outer: ref.ndlinear_forward(x, t[:3], t[3:], o), (xn, *fs, *bs))
@@ -336,9 +337,9 @@ def test_op_gradchecks_first_and_second_order():
     with backend("reference"):
         assert torch.autograd.gradcheck(ops.kronecker_linear, (x, a, b, bias))
         assert torch.autograd.gradgradcheck(ops.kronecker_linear, (x, a, b, bias))
-        assert torch.autograd.gradcheck(ops.kronecker_grad_factors, (x, dy, a, b))
-        assert torch.autograd.gradcheck(lambda *t: torch.cat([o.flatten() for o in ops.kronecker_grad_factors(*t)]),
-                                        (x, dy, a, b))
+        assert torch.autograd.gradcheck(lambda *t: ops.kronecker_grad_factors(*t, torch.float64), (x, dy, a, b))
+        assert torch.autograd.gradcheck(
+            lambda *t: torch.cat([o.flatten() for o in ops.kronecker_grad_factors(*t, torch.float64)]), (x, dy, a, b))
 
 
 @pytest.mark.parametrize("kind", ["plain", "no-bias", "gated", "reversed-hard"])
@@ -555,8 +556,9 @@ def test_fake_tensor_shapes():
     with FakeTensorMode(allow_non_fake_inputs=True):
         assert layer(torch.randn(2, 4, 30)).shape == (2, 4, 84)
         da, db, dsum = ops.kronecker_grad_factors(torch.randn(6, 15), torch.randn(6, 28), torch.randn(4, 3),
-                                                  torch.randn(7, 5))
+                                                  torch.randn(7, 5), torch.bfloat16)
         assert da.shape == (4, 3) and db.shape == (7, 5) and dsum.shape == (28,)
+        assert da.dtype == db.dtype == dsum.dtype == torch.bfloat16
         assert KroneckerLinear((3, 5), (4, 7), gated=True)(torch.randn(2, 4, 15)).shape == (2, 4, 28)
         assert ops.kronecker_gated_linear(*_gated_args(dtype=torch.float32)).shape == (3, 2, 20)
 

@@ -165,18 +165,21 @@ def test_second_order_gradients(kernel_device):
         assert_close(got, want, torch.float32, name=f"input {i}")
 
 
+@pytest.mark.parametrize("lead", [(5, 7), (2,)], ids=["35-rows", "2-rows"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_ops_directly(dtype, kernel_device):
-    """Both ops on transposed factor views (as the dx call passes them), batch split partials summed."""
-    x = torch.randn(3, 7, 35, device=kernel_device, dtype=dtype)
+def test_ops_directly(dtype, lead, kernel_device):
+    """Both ops on transposed factor views (as the dx call passes them); the factor gradients in
+    the parameters' dtype: batch split partials summed into it (35 rows: 2 splits of at least
+    MIN_SPLIT_ROWS), or one program's own stores in it (2 rows)."""
+    x = torch.randn(*lead, 35, device=kernel_device, dtype=dtype)
     a = torch.randn(5, 4, device=kernel_device, dtype=dtype).mT  # (4, 5), strides swapped
     b = torch.randn(6, 7, device=kernel_device, dtype=dtype)
-    dy = torch.randn(3, 7, 24, device=kernel_device, dtype=dtype)
+    dy = torch.randn(*lead, 24, device=kernel_device, dtype=dtype)
     results = {}
     for which in ("triton", "reference"):
         with backend(which):
             results[which] = (ops.kronecker_linear(x[..., :20], a.mT.mT[:, :4], b[:, :5], None),
-                              *ops.kronecker_grad_factors(x, dy, a[:, :5], b))
+                              *ops.kronecker_grad_factors(x, dy, a[:, :5], b, dtype))
     for name, got, want in zip(["y", "dA", "dB", "dy row sum"], results["triton"], results["reference"]):
         assert got.dtype == want.dtype and got.shape == want.shape, name
         assert_close(got, want, dtype, name=name)

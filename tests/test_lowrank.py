@@ -43,7 +43,7 @@ def test_reference_ops_match_definition(rank):
     assert_close(t, torch.einsum("mnk,kr->mnr", x, a))
     assert_close(y, torch.einsum("mnk,ok->mno", x, b @ a.T) + bias)
     dy = torch.randn(2, 5, 11, dtype=torch.float64)
-    da, db, dbias = ref.lowrank_grad_factors(x, dy, t, dy @ b)
+    da, db, dbias = ref.lowrank_grad_factors(x, dy, t, dy @ b, torch.float64)
     x2, dy2 = x.reshape(10, 13), dy.reshape(10, 11)
     assert_close(da, x2.T @ dy2 @ b)
     assert_close(db, dy2.T @ x2 @ a)
@@ -97,10 +97,10 @@ def test_grad_factors_gradcheck():
     p = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
     q = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
     with backend("reference"):
-        assert torch.autograd.gradcheck(ops.lowrank_grad_factors, (x, dy, p, q))
+        assert torch.autograd.gradcheck(lambda *a: ops.lowrank_grad_factors(*a, torch.float64), (x, dy, p, q))
         # all three outputs in one: gradients reach d(dy) from dy.T @ p and from the row sum at once
-        assert torch.autograd.gradcheck(lambda *a: torch.cat([o.flatten() for o in ops.lowrank_grad_factors(*a)]),
-                                        (x, dy, p, q))
+        assert torch.autograd.gradcheck(
+            lambda *a: torch.cat([o.flatten() for o in ops.lowrank_grad_factors(*a, torch.float64)]), (x, dy, p, q))
 
 
 @pytest.mark.parametrize("frozen", ["none", "x", "U", "V", "U+V"])
@@ -325,8 +325,9 @@ def test_fake_tensor_shapes():
         y = layer(torch.randn(2, 4, 9))
         assert y.shape == (2, 4, 5)
         da, db, dsum = ops.lowrank_grad_factors(torch.randn(2, 3, 9), torch.randn(2, 3, 5), torch.randn(2, 3, 3),
-                                                torch.randn(2, 3, 3))
+                                                torch.randn(2, 3, 3), torch.bfloat16)
         assert da.shape == (9, 3) and db.shape == (5, 3) and dsum.shape == (5,)
+        assert da.dtype == db.dtype == dsum.dtype == torch.bfloat16
 
 
 def test_trains_to_a_low_rank_target():

@@ -119,22 +119,26 @@ def test_second_order_gradients(kernel_device):
         assert_close(got, want, torch.float32, name=name)
 
 
+@pytest.mark.parametrize("lead", [(3, 23), (5,)], ids=["69-rows", "5-rows"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_ops_directly(dtype, kernel_device):
-    """The projection output t and the factor-gradient op (batch split partials summed on the host)."""
-    x = torch.randn(3, 23, 19, device=kernel_device, dtype=dtype)  # 69 rows: 5 row blocks over 2 splits
+def test_ops_directly(dtype, lead, kernel_device):
+    """The projection output t and the factor-gradient op in the parameters' dtype: with 69 rows
+    (5 row blocks over 2 splits) the fp32 partials summed into it, with 5 rows (one program per
+    feature tile) the kernel's own stores in it."""
+    x = torch.randn(*lead, 19, device=kernel_device, dtype=dtype)
     a = torch.randn(19, 5, device=kernel_device, dtype=dtype)
     b = torch.randn(26, 5, device=kernel_device, dtype=dtype)
-    dy = torch.randn(3, 23, 26, device=kernel_device, dtype=dtype)
-    p = torch.randn(3, 23, 5, device=kernel_device)
-    q = torch.randn(3, 23, 5, device=kernel_device)
+    dy = torch.randn(*lead, 26, device=kernel_device, dtype=dtype)
+    p = torch.randn(*lead, 5, device=kernel_device)
+    q = torch.randn(*lead, 5, device=kernel_device)
     results = {}
     for which in ("triton", "reference"):
         with backend(which):
-            results[which] = (*ops.lowrank_linear(x, a, b, None), *ops.lowrank_grad_factors(x, dy, p, q))
+            results[which] = (*ops.lowrank_linear(x, a, b, None), *ops.lowrank_grad_factors(x, dy, p, q, dtype))
     for name, got, want in zip(["y", "t", "x.T q", "dy.T p", "dy row sum"], results["triton"], results["reference"]):
         assert got.dtype == want.dtype and got.shape == want.shape, name
         assert_close(got, want, dtype, name=name)
+    assert results["triton"][2].dtype == dtype
 
 
 def test_routing(spy, kernel_device):

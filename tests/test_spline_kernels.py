@@ -323,7 +323,8 @@ def test_basis_windows_hold_the_whole_basis(basis, n, g, chunk):
 @pytest.mark.parametrize("case", ["one-chunk-odd", "split-3-chunks", "long-chunk-large-m-path", "bicubic-split"])
 def test_separable_grad_control_from_input_passes(case, dtype, kernel_device):
     """dC = (dy @ Bo).T @ (x @ Bi) from the input pass run on dy and on x (each split into
-    chunks) and the gather-and-multiply kernel, in fp32 whatever the input dtype."""
+    chunks) and the gather-and-multiply kernel, accumulated in fp32 and returned in the dtype asked
+    for: the inputs' (as a layer asks, its parameters sharing it) and fp32."""
     from tspline_kernels.reference import spline as ref
     from tspline_kernels.spline import kernels
 
@@ -331,9 +332,10 @@ def test_separable_grad_control_from_input_passes(case, dtype, kernel_device):
     kind = ref.BSPLINE if basis == "bspline" else ref.BICUBIC
     x = torch.randn(m, n_in, device=kernel_device).to(dtype)
     dy = torch.randn(m, n_out, device=kernel_device).to(dtype)
-    got = kernels.separable_grad_control(dy, x, g_out, g_in, kind, chunk)
-    assert got.dtype == torch.float32 and got.shape == (g_out, g_in)
-    assert_close(got, ref.separable_grad_control(dy, x, g_out, g_in, kind), dtype)
+    for out in {dtype, torch.float32}:
+        got = kernels.separable_grad_control(dy, x, g_out, g_in, kind, out, chunk)
+        assert got.dtype == out and got.shape == (g_out, g_in)
+        assert_close(got, ref.separable_grad_control(dy, x, g_out, g_in, kind, out), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -347,7 +349,7 @@ def test_separable_16bit_inputs_meet_an_unrounded_basis(dtype, kernel_device):
 
     x = (torch.randn(6, 300, device=kernel_device) * 1000).to(dtype)
     dy = torch.randn(6, 131, device=kernel_device).to(dtype)
-    got = kernels.separable_grad_control(dy, x, 40, 70, ref.BSPLINE, 128).double().cpu()
+    got = kernels.separable_grad_control(dy, x, 40, 70, ref.BSPLINE, torch.float32, 128).double().cpu()
     bo, bi = ref.basis_matrix(131, 40, ref.BSPLINE, torch.float64), ref.basis_matrix(300, 70, ref.BSPLINE, torch.float64)
     exact = (dy.double().cpu() @ bo).T @ (x.double().cpu() @ bi)
     assert (got - exact).norm() / exact.norm() < 1e-4

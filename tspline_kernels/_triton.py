@@ -254,18 +254,23 @@ class SplitSlots:
         self.used = self.programs(meta)
         return self.used
 
-    def empty(self, *shape: int, device: torch.device) -> torch.Tensor:
-        """An fp32 ``(slots, *shape)`` buffer; only slots written by the launch are ever read."""
-        return torch.empty(self.slots, *shape, device=device, dtype=torch.float32)
+    def _dtype(self, dtype: torch.dtype) -> torch.dtype:
+        return dtype if self.slots == 1 else torch.float32
 
-    def zeros(self, *shape: int, device: torch.device) -> torch.Tensor:
+    def empty(self, *shape: int, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A ``(slots, *shape)`` buffer for results wanted in ``dtype``: fp32 partials, or ``dtype``
+        itself where every config launches one program (its store then rounds once and :meth:`sum`
+        launches nothing; the kernel casts to the buffer's type). Only slots the launch wrote are read."""
+        return torch.empty(self.slots, *shape, device=device, dtype=self._dtype(dtype))
+
+    def zeros(self, *shape: int, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """As :meth:`empty`, zero-filled: for kernels that leave parts of their slot unwritten."""
-        return torch.zeros(self.slots, *shape, device=device, dtype=torch.float32)
+        return torch.zeros(self.slots, *shape, device=device, dtype=self._dtype(dtype))
 
     def sum(self, part: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The sum of the slots of ``part`` (an :meth:`empty` or :meth:`zeros` buffer) the last
-        launch wrote, in ``dtype``: one ``_slot_sum_kernel`` launch (none for one fp32 slot)."""
-        if self.used == 1 and dtype == torch.float32:
+        launch wrote, in ``dtype``: one ``_slot_sum_kernel`` launch, none for one slot already in ``dtype``."""
+        if self.used == 1 and part.dtype == dtype:
             return part[0]
         return slot_sum(part, self.used, part.shape[1:], dtype=dtype)
 
@@ -310,5 +315,5 @@ def _slot_sum_kernel(part_ptr, out_ptr, n, slots, slot_size, d1, d2, d3, s0, s1,
     src = a * s0 + b * s1 + c * s2 + e
     acc = tl.zeros((BLOCK,), tl.float32)
     for s in range(slots):
-        acc += tl.load(part_ptr + s * slot_size + src, mask=mask, other=0.0)
+        acc += tl.load(part_ptr + s * slot_size + src, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)

@@ -5,7 +5,7 @@ y = g(x @ V) @ W.T + bias, with z = x @ V ``(*, r)`` and g the per-unit cubic B-
   decoupled_mlp_backward gives (dx = dz @ V.T, G = g(z), dz, dcoef) in one pass: dcoef[i, j] =
   sum over rows of u[:, i] * dg_i/dcoef[i, j] (the four nonzero basis values of each scalar,
   extrapolation included), G and dz in the compute dtype for the factor gradients;
-  (dV, dW, dbias) = lowrank_grad_factors(x, dy, G, dz) = (x.T @ dz, dy.T @ G, sum of dy's rows),
+  (dV, dW, dbias) = lowrank_grad_factors(x, dy, G, dz, dtype) = (x.T @ dz, dy.T @ G, sum of dy's rows),
   the low-rank family's two-sided skinny-product op (same shapes, same partial sums).
 The knot ranges lo, hi are constants (buffers): they get no gradient. Second order runs the
 vector-Jacobian product of the reference backward (``torch.func.vjp``), on any backend.
@@ -19,7 +19,7 @@ from torch import Tensor
 from .._backend import kernels_of, owned, register_autograd, use_triton
 from ..lowrank.ops import lowrank_grad_factors
 from ..reference import decoupled as ref
-from ..reference.common import bias_grad, compute_dtype
+from ..reference.common import bias_grad, compute_dtype, grad_dtype
 
 _kernels = kernels_of(__package__)  # the Triton launchers, imported on first use
 
@@ -115,7 +115,7 @@ def _backward(ctx, dy):
         dx = dx if need_x else None
         dcoef = dcoef.to(coef.dtype) if need_coef else None
         if need_v or need_w:
-            dv, dw, dsum = lowrank_grad_factors(x, dy, g, dz)
+            dv, dw, dsum = lowrank_grad_factors(x, dy, g, dz, grad_dtype(g.dtype, v, w, ctx.bias_dtype))
             dv = dv.to(v.dtype) if need_v else None
             dw = dw.to(w.dtype) if need_w else None
             dbias = dsum.to(ctx.bias_dtype) if need_bias else None

@@ -155,7 +155,8 @@ def _kron_grad_kernel(
     and A X[r] are narrowed to x's dtype for the second dots (rescaled for fp16).
 
     x ``(M, N1*N2)``, dy ``(M, M1*M2)`` in one dtype; da ``(>= n_split, M1, N1)``, db
-    ``(>= n_split, M2, N2)``, dsum ``(>= n_split, M1*M2)`` fp32 contiguous. The number of splits
+    ``(>= n_split, M2, N2)``, dsum ``(>= n_split, M1*M2)`` contiguous, fp32 (or the gradients'
+    dtype where the host allocated one slot). The number of splits
     n_split is the grid size: the config's SPLIT capped by the partial slots the host allocated.
 
     FLOPs (tensor cores): 4*M*(M1P*N1P*N2P + M1P*M2P*N2P).
@@ -190,9 +191,9 @@ def _kron_grad_kernel(
         uh, inv_u = narrow(u, dt, 1)
         acc_a += tl.dot(uh, tl.trans(xr), input_precision=PRECISION) * inv_u
         acc_s += g.to(tl.float32)
-    tl.store(da_ptr + pid * M1 * N1 + o1[:, None] * N1 + i1[None, :], acc_a, mask=a_mask)
-    tl.store(db_ptr + pid * M2 * N2 + o2[:, None] * N2 + i2[None, :], acc_b, mask=b_mask)
-    tl.store(dsum_ptr + pid * M1 * M2 + g_idx, acc_s, mask=g_mask)
+    tl.store(da_ptr + pid * M1 * N1 + o1[:, None] * N1 + i1[None, :], acc_a.to(da_ptr.dtype.element_ty), mask=a_mask)
+    tl.store(db_ptr + pid * M2 * N2 + o2[:, None] * N2 + i2[None, :], acc_b.to(db_ptr.dtype.element_ty), mask=b_mask)
+    tl.store(dsum_ptr + pid * M1 * M2 + g_idx, acc_s.to(dsum_ptr.dtype.element_ty), mask=g_mask)
 
 
 def kronecker_linear(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -226,27 +227,26 @@ def _forward(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tens
 
 
 def kronecker_grad_factors(
-    x: torch.Tensor, dy: torch.Tensor, a: torch.Tensor, b: torch.Tensor
+    x: torch.Tensor, dy: torch.Tensor, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(sum_r dY[r] B X[r].T ``(m_1, n_1)``, sum_r dY[r].T A X[r] ``(m_2, n_2)``, dy summed over
-    rows ``(m_1 m_2,)``) in fp32 for x ``(*, n_1 n_2)``, dy ``(*, m_1 m_2)``."""
+    rows ``(m_1 m_2,)``), accumulated in fp32 and returned in ``dtype``, for x ``(*, n_1 n_2)``,
+    dy ``(*, m_1 m_2)``."""
     check_inputs(x, dy, a, b)
     sizes = padded(*a.shape, *b.shape, x.dtype)
     if sizes is None:
-        return ref.kronecker_grad_factors(x, dy, a, b)
+        return ref.kronecker_grad_factors(x, dy, a, b, dtype)
     dy, a, b = cast(dy, x.dtype), cast(a, x.dtype), cast(b, x.dtype)
     x2, g2 = flatten(x), flatten(dy)
     m = x2.shape[0]
     (m1, n1), (m2, n2) = a.shape, b.shape
     if m == 0:
-        return (x2.new_zeros(m1, n1, dtype=torch.float32), x2.new_zeros(m2, n2, dtype=torch.float32),
-                x2.new_zeros(m1 * m2, dtype=torch.float32))
+        return x2.new_zeros(m1, n1, dtype=dtype), x2.new_zeros(m2, n2, dtype=dtype), x2.new_zeros(m1 * m2, dtype=dtype)
     # One partial slot per batch split of at least MIN_SPLIT_ROWS rows (fewer splits than rows: the
     # slots' bytes and their host sum stay a fraction of x's). Separate buffers: the outputs of a
     # custom op may not share storage.
     slots = SplitSlots(_kron_grad_kernel, lambda meta: min(meta["SPLIT"], cdiv(m, MIN_SPLIT_ROWS)))
-    da, db = slots.empty(m1, n1, device=x.device), slots.empty(m2, n2, device=x.device)
-    dsum = slots.empty(m1 * m2, device=x.device)
+    da, db, dsum = (slots.empty(*shape, device=x.device, dtype=dtype) for shape in ((m1, n1), (m2, n2), (m1 * m2,)))
     _kron_grad_kernel[lambda meta: (slots(meta),)](
         x2, g2, a, b, da, db, dsum,
         m, m1, n1, m2, n2, m_bucket(m),
@@ -254,7 +254,7 @@ def kronecker_grad_factors(
         a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         **sizes, PRECISION=dot_precision(x.dtype),
     )
-    return slots.sum(da), slots.sum(db), slots.sum(dsum)
+    return slots.sum(da, dtype), slots.sum(db, dtype), slots.sum(dsum, dtype)
 
 
 GATE_SPLIT_ROWS = 64  # up to this many rows the gate program sums x itself; past it, one partial slot per this many rows,
@@ -582,7 +582,7 @@ def gated_grads(x: torch.Tensor, dy: torch.Tensor, a: torch.Tensor, b: torch.Ten
     if plan is None:
         return None
     a_mixed, b_mixed, _, _ = _launch_maps(plan, x, a, b)
-    da, db, dbias = kronecker_grad_factors(x, dy, a_mixed, b_mixed)
+    da, db, dbias = kronecker_grad_factors(x, dy, a_mixed, b_mixed, torch.float32)
     rows, params, scalars, constexprs, _ = plan
     hard = modes_and_flags[-2]  # a step: the gate networks get no gradient (and none is written)
     inputs = (a, b, bias_a, bias_b, *modes_and_flags[:-2])

@@ -3,8 +3,9 @@
 Each op has a fake implementation and an autograd formula built from ops, so
 ``torch.compile(fullgraph=True)`` traces straight through. For y[r] = A X[r] B.T + bias:
   dx = kronecker_linear(dy, A.T, B.T) (the same fused kernel on transposed views),
-  (dA, dB, dbias) = kronecker_grad_factors(x, dy, A, B)
-                  = (sum_r dY[r] B X[r].T, sum_r dY[r].T A X[r], sum_r dY[r]).
+  (dA, dB, dbias) = kronecker_grad_factors(x, dy, A, B, dtype)
+                  = (sum_r dY[r] B X[r].T, sum_r dY[r].T A X[r], sum_r dY[r])
+in the parameters' dtype (the kernel rounds once: no cast after it).
 Nothing is saved but the inputs: the per-row intermediates are as large as x, so the backward
 recomputes them on chip instead of storing them.
 
@@ -22,7 +23,7 @@ from torch.func import vjp
 
 from .._backend import eager_mode, kernels_of, owned, register_autograd, use_triton
 from ..reference import kronecker as ref
-from ..reference.common import bias_grad, compute_dtype
+from ..reference.common import bias_grad, compute_dtype, grad_dtype
 
 _kernels = kernels_of(__package__)  # the Triton launchers, imported on first use
 
@@ -44,22 +45,23 @@ def _(x, a, b, bias):
 
 # --------------------------------------------------------------------------- factor-gradient op
 @torch.library.custom_op("tspline::kronecker_grad_factors", mutates_args=())
-def kronecker_grad_factors(x: Tensor, dy: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def kronecker_grad_factors(x: Tensor, dy: Tensor, a: Tensor, b: Tensor, dtype: torch.dtype
+                           ) -> tuple[Tensor, Tensor, Tensor]:
     """(sum_r dY[r] B X[r].T ``(m_1, n_1)``, sum_r dY[r].T A X[r] ``(m_2, n_2)``, dy's row sum
-    ``(m_1 m_2,)``) in the compute dtype, over the leading dims of x ``(*, n_1 n_2)`` and dy ``(*, m_1 m_2)``."""
+    ``(m_1 m_2,)``) over the leading dims of x ``(*, n_1 n_2)`` and dy ``(*, m_1 m_2)``, in the
+    compute dtype, returned in ``dtype``."""
     if use_triton(x):
-        return _kernels().kronecker_grad_factors(x, dy, a, b)
-    return ref.kronecker_grad_factors(x, dy, a, b)
+        return _kernels().kronecker_grad_factors(x, dy, a, b, dtype)
+    return ref.kronecker_grad_factors(x, dy, a, b, dtype)
 
 
 @kronecker_grad_factors.register_fake
-def _(x, dy, a, b):
-    cd = compute_dtype(x)
-    return a.new_empty(a.shape, dtype=cd), b.new_empty(b.shape, dtype=cd), dy.new_empty(dy.shape[-1], dtype=cd)
+def _(x, dy, a, b, dtype):
+    return a.new_empty(a.shape, dtype=dtype), b.new_empty(b.shape, dtype=dtype), dy.new_empty(dy.shape[-1], dtype=dtype)
 
 
 def _grad_factors_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    ctx.save_for_backward(*inputs[:4])
     ctx.set_materialize_grads(False)
 
 
@@ -68,7 +70,7 @@ def _grad_factors_backward(ctx, gda, gdb, gsum):
     dX[r] = G.T dY[r] B + A.T dY[r] H, d(dY)[r] = G X[r] B.T + A X[r] H.T + gsum,
     dA = sum_r dY[r] H X[r].T and dB = sum_r dY[r].T G X[r]: the forward op and this op again."""
     x, dy, a, b = ctx.saved_tensors
-    need_x, need_dy, need_a, need_b = ctx.needs_input_grad
+    need_x, need_dy, need_a, need_b, _ = ctx.needs_input_grad
     g = torch.zeros_like(a) if gda is None else gda.to(a.dtype)
     h = torch.zeros_like(b) if gdb is None else gdb.to(b.dtype)
     dx = ddy = da = db = None
@@ -78,9 +80,9 @@ def _grad_factors_backward(ctx, gda, gdb, gsum):
         bias = None if gsum is None else gsum.to(dy.dtype)
         ddy = (kronecker_linear(x, g, b, bias) + kronecker_linear(x, a, h, None)).to(dy.dtype)
     if need_a or need_b:
-        ga, gb, _ = kronecker_grad_factors(x, dy, g, h)
+        ga, gb, _ = kronecker_grad_factors(x, dy, g, h, grad_dtype(compute_dtype(x), a, b))
         da, db = (ga.to(a.dtype) if need_a else None), (gb.to(b.dtype) if need_b else None)
-    return dx, ddy, da, db
+    return dx, ddy, da, db, None
 
 
 register_autograd(kronecker_grad_factors, _grad_factors_backward, _grad_factors_setup)
@@ -100,7 +102,7 @@ def _linear_backward(ctx, dy):
     if need_x:
         dx = kronecker_linear(dy, a.mT, b.mT, None)
     if need_a or need_b:
-        da, db, dsum = kronecker_grad_factors(x, dy, a, b)
+        da, db, dsum = kronecker_grad_factors(x, dy, a, b, grad_dtype(compute_dtype(x), a, b, ctx.bias_dtype))
         da = da.to(a.dtype) if need_a else None
         db = db.to(b.dtype) if need_b else None
         if need_bias and ctx.bias_dtype is not None:
@@ -172,7 +174,7 @@ def _gated_backward(ctx, dy):
             a, b = outputs[0].detach(), outputs[1].detach()
         else:
             (a, b, _), pullback = vjp(reference_maps, *saved)
-        da, db, dsum = kronecker_grad_factors(x, dy, a, b)
+        da, db, dsum = kronecker_grad_factors(x, dy, a, b, grad_dtype(compute_dtype(x), a, b))
         cotangents = (da.to(a.dtype), db.to(b.dtype), dsum.to(a.dtype))
         pulled = (torch.autograd.grad(outputs, leaves, cotangents, allow_unused=True) if plain
                   else pullback(cotangents))

@@ -157,9 +157,9 @@ def _strip_product(a_ptr, s_ptr, out_ptr, sum_ptr, f0, F, M, R, stride_am, strid
         acc += tl.dot(at, sh, input_precision=PRECISION) * inv
         if COLSUM:
             colsum += tl.sum(at.to(tl.float32), axis=1)
-    tl.store(out_ptr + rf[:, None] * R + rr[None, :], acc, mask=f_mask[:, None] & r_mask[None, :])
+    tl.store(out_ptr + rf[:, None] * R + rr[None, :], acc.to(out_ptr.dtype.element_ty), mask=f_mask[:, None] & r_mask[None, :])
     if COLSUM:
-        tl.store(sum_ptr + rf, colsum, mask=f_mask)
+        tl.store(sum_ptr + rf, colsum.to(sum_ptr.dtype.element_ty), mask=f_mask)
 
 
 @triton.autotune(
@@ -183,7 +183,8 @@ def _lowrank_grad_kernel(
     dsum_part[s] = column sums of dy (the bias gradient, read from the dy tiles already loaded).
 
     x ``(M, K)``, dy ``(M, N)``, p and q ``(M, R)`` fp32; da_part ``(>= n_split, K, R)``, db_part
-    ``(>= n_split, N, R)`` and dsum_part ``(>= n_split, N)`` fp32 contiguous. Program (f, s):
+    ``(>= n_split, N, R)`` and dsum_part ``(>= n_split, N)`` contiguous, fp32 (or the gradients'
+    dtype where the host allocated one slot). Program (f, s):
     feature tile f of x (f < cdiv(K, BF)) or of dy (the rest), rows of split s. The number of
     splits n_split is the grid's second axis: the config's SPLIT capped by the partial slots the
     host allocated (SPLIT itself only shapes the grid). The host sums the partials (deterministic,
@@ -232,25 +233,25 @@ def lowrank_linear(
 
 
 def lowrank_grad_factors(
-    x: torch.Tensor, dy: torch.Tensor, p: torch.Tensor, q: torch.Tensor
+    x: torch.Tensor, dy: torch.Tensor, p: torch.Tensor, q: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x.T @ q ``(k, r)``, dy.T @ p ``(n, r)``, dy summed over rows ``(n,)``) in fp32 for
-    x ``(*, k)``, dy ``(*, n)``, p and q ``(*, r)``; ranks that do not ``fit`` run the reference."""
+    """(x.T @ q ``(k, r)``, dy.T @ p ``(n, r)``, dy summed over rows ``(n,)``), accumulated in fp32
+    and returned in ``dtype``, for x ``(*, k)``, dy ``(*, n)``, p and q ``(*, r)``; ranks that do
+    not ``fit`` run the reference."""
     check_inputs(x, dy, p, q)
     if not fits(p.shape[-1]):
-        return ref.lowrank_grad_factors(x, dy, p, q)
+        return ref.lowrank_grad_factors(x, dy, p, q, dtype)
     x2, g2 = flatten(x), flatten(cast(dy, x.dtype))
     p2, q2 = flatten(cast(p, torch.float32)), flatten(cast(q, torch.float32))
     m, k = x2.shape
     n = g2.shape[1]
     r = p2.shape[1]
     if m == 0:
-        return (x2.new_zeros(k, r, dtype=torch.float32), x2.new_zeros(n, r, dtype=torch.float32),
-                x2.new_zeros(n, dtype=torch.float32))
+        return x2.new_zeros(k, r, dtype=dtype), x2.new_zeros(n, r, dtype=dtype), x2.new_zeros(n, dtype=dtype)
     # One partial slot per batch split, never more splits than row blocks. Separate buffers: the
     # outputs of a custom op may not share storage.
     slots = SplitSlots(_lowrank_grad_kernel, lambda meta: min(meta["SPLIT"], cdiv(m, meta["BM"])))
-    da, db, dsum = slots.empty(k, r, device=x.device), slots.empty(n, r, device=x.device), slots.empty(n, device=x.device)
+    da, db, dsum = (slots.empty(*shape, device=x.device, dtype=dtype) for shape in ((k, r), (n, r), (n,)))
     grid = lambda meta: (cdiv(k, meta["BF"]) + cdiv(n, meta["BF"]), slots(meta))  # noqa: E731
     _lowrank_grad_kernel[grid](
         x2, g2, p2, q2, da, db, dsum,
@@ -259,4 +260,4 @@ def lowrank_grad_factors(
         p2.stride(0), p2.stride(1), q2.stride(0), q2.stride(1),
         RP=pad_rank(r), PRECISION=dot_precision(x.dtype),
     )
-    return slots.sum(da), slots.sum(db), slots.sum(dsum)
+    return slots.sum(da, dtype), slots.sum(db, dtype), slots.sum(dsum, dtype)

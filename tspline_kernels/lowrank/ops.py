@@ -4,7 +4,8 @@ Each op has a fake implementation and an autograd formula built from ops, so
 ``torch.compile(fullgraph=True)`` traces straight through. For y = (x @ a) @ b.T + bias with the
 projection t = x @ a also returned (the layer passes a = V, b = U):
   dx = lowrank_linear(dy, b, a) (the same fused kernel, roles swapped; its projection is q = dy @ b),
-  (da, db, dbias) = lowrank_grad_factors(x, dy, t, q) = (x.T @ q, dy.T @ t, sum of dy's rows),
+  (da, db, dbias) = lowrank_grad_factors(x, dy, t, q, dtype) = (x.T @ q, dy.T @ t, sum of dy's rows)
+  in the parameters' dtype (the kernel rounds once: no cast after it),
 so the backward reuses the forward's t and the dx kernel's q: it reads dy twice (dx kernel,
 factor kernel) and x once, and the bias gradient is summed from the dy tiles the factor kernel
 loads anyway. Recomputing t and q there instead would cost one more pass over each of x and dy.
@@ -18,7 +19,7 @@ from torch import Tensor
 
 from .._backend import kernels_of, owned, register_autograd, use_triton
 from ..reference import lowrank as ref
-from ..reference.common import bias_grad, compute_dtype
+from ..reference.common import bias_grad, compute_dtype, grad_dtype
 
 _kernels = kernels_of(__package__)  # the Triton launchers, imported on first use
 
@@ -41,20 +42,20 @@ def _(x, a, b, bias):
 
 # --------------------------------------------------------------------------- factor-gradient op
 @torch.library.custom_op("tspline::lowrank_grad_factors", mutates_args=())
-def lowrank_grad_factors(x: Tensor, dy: Tensor, p: Tensor, q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(x.T @ q ``(k, r)``, dy.T @ p ``(n, r)``, dy's row sum ``(n,)``) in the compute dtype, summed
-    over the leading dims; x ``(*, k)``, dy ``(*, n)``, p and q ``(*, r)``."""
+def lowrank_grad_factors(x: Tensor, dy: Tensor, p: Tensor, q: Tensor, dtype: torch.dtype
+                         ) -> tuple[Tensor, Tensor, Tensor]:
+    """(x.T @ q ``(k, r)``, dy.T @ p ``(n, r)``, dy's row sum ``(n,)``) summed over the leading dims
+    in the compute dtype, returned in ``dtype``; x ``(*, k)``, dy ``(*, n)``, p and q ``(*, r)``."""
     if use_triton(x):
-        return _kernels().lowrank_grad_factors(x, dy, p, q)
-    return ref.lowrank_grad_factors(x, dy, p, q)
+        return _kernels().lowrank_grad_factors(x, dy, p, q, dtype)
+    return ref.lowrank_grad_factors(x, dy, p, q, dtype)
 
 
 @lowrank_grad_factors.register_fake
-def _(x, dy, p, q):
-    cd = compute_dtype(x)
+def _(x, dy, p, q, dtype):
     r = p.shape[-1]
     n = dy.shape[-1]
-    return x.new_empty(x.shape[-1], r, dtype=cd), x.new_empty(n, r, dtype=cd), x.new_empty(n, dtype=cd)
+    return x.new_empty(x.shape[-1], r, dtype=dtype), x.new_empty(n, r, dtype=dtype), x.new_empty(n, dtype=dtype)
 
 
 def _mm(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
@@ -64,7 +65,7 @@ def _mm(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _grad_factors_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    ctx.save_for_backward(*inputs[:4])
     ctx.set_materialize_grads(False)
 
 
@@ -83,7 +84,7 @@ def _grad_factors_backward(ctx, gda, gdb, gsum):
     if gsum is not None and need[1]:
         ddy_sum = gsum.to(dy.dtype).expand(dy.shape)
         ddy = ddy_sum if ddy is None else ddy + ddy_sum
-    return dx, ddy, dp, dq
+    return dx, ddy, dp, dq, None
 
 
 register_autograd(lowrank_grad_factors, _grad_factors_backward, _grad_factors_setup)
@@ -121,7 +122,7 @@ def _linear_backward(ctx, dy, dt):
     da = db = dbias = None
     want_b = need_b and dy is not None
     if need_a and want_b:
-        da, db, dsum = lowrank_grad_factors(x, dy, t, q)
+        da, db, dsum = lowrank_grad_factors(x, dy, t, q, grad_dtype(t.dtype, a, b, ctx.bias_dtype))
         if need_bias and ctx.bias_dtype is not None:
             dbias = dsum.to(ctx.bias_dtype)
     elif need_a:  # one skinny product only: no need for the two-sided kernel

@@ -299,8 +299,9 @@ def _separable_dc_kernel(
     M, S_OUT, S_IN, G_OUT, G_IN, M_BUCKET,
     GOP: tl.constexpr, GIP: tl.constexpr, W_OUT: tl.constexpr, W_IN: tl.constexpr, BM: tl.constexpr,
 ):
-    """Partial dC for one block of rows: part[pid] = (u @ Bo).T @ (v @ Bi), ``(G_OUT, G_IN)`` fp32
-    (computed on the ``(GOP, GIP)`` padded grid, stored without the padding).
+    """Partial dC for one block of rows: part[pid] = (u @ Bo).T @ (v @ Bi), ``(G_OUT, G_IN)`` fp32, or
+    dC itself in its dtype where the host allocated one slot (computed on the ``(GOP, GIP)`` padded
+    grid, stored without the padding).
 
     u @ Bo and v @ Bi (u the output gradient, v the input) are gathered from the input pass's
     windowed partials, ``(S_OUT, M, W_OUT)`` and ``(S_IN, M, W_IN)`` fp32; the host sums the
@@ -316,31 +317,32 @@ def _separable_dc_kernel(
     part = tl.dot(tl.trans(du), t, input_precision="ieee")
     rp = tl.arange(0, GOP)
     rq = tl.arange(0, GIP)
-    tl.store(part_ptr + pid * G_OUT * G_IN + rp[:, None] * G_IN + rq[None, :], part,
+    tl.store(part_ptr + pid * G_OUT * G_IN + rp[:, None] * G_IN + rq[None, :], part.to(part_ptr.dtype.element_ty),
              mask=(rp < G_OUT)[:, None] & (rq < G_IN)[None, :])
 
 
 def separable_grad_control(u: torch.Tensor, v: torch.Tensor, g_out: int, g_in: int, kind: int,
-                           chunk: int | None = None) -> torch.Tensor:
-    """dC ``(g_out, g_in)`` fp32 from output grad u ``(*, n_out)`` and input v ``(*, n_in)``: the
-    input pass on each, then ``_separable_dc_kernel``. ``chunk`` as in ``separable_levels``."""
+                           dtype: torch.dtype, chunk: int | None = None) -> torch.Tensor:
+    """dC ``(g_out, g_in)`` from output grad u ``(*, n_out)`` and input v ``(*, n_in)``, accumulated
+    in fp32 and returned in ``dtype``: the input pass on each, then ``_separable_dc_kernel``.
+    ``chunk`` as in ``separable_levels``."""
     check_inputs(u, v)
     u2, v2 = flatten(u), flatten(v)
     m = u2.shape[0]
     if m == 0:
-        return torch.zeros(g_out, g_in, device=u.device, dtype=torch.float32)
+        return torch.zeros(g_out, g_in, device=u.device, dtype=dtype)
     chunk = _chunk(m, chunk)
     bucket = m_bucket(m)
     pout, wout = _input_pass(u2, g_out, kind, chunk, bucket)
     pin, win = _input_pass(v2, g_in, kind, chunk, bucket)
     gop, gip = _pad(g_out), _pad(g_in)
     slots = SplitSlots(_separable_dc_kernel, lambda meta: cdiv(m, meta["BM"]))
-    part = slots.empty(g_out, g_in, device=u.device)
+    part = slots.empty(g_out, g_in, device=u.device, dtype=dtype)
     _separable_dc_kernel[lambda meta: (slots(meta),)](
         pout, wout.start, pin, win.start, part, m, wout.chunks, win.chunks, g_out, g_in, bucket,
         GOP=gop, GIP=gip, W_OUT=wout.width, W_IN=win.width,
     )
-    return slots.sum(part)
+    return slots.sum(part, dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -739,20 +741,20 @@ def field_weight(field: Field, dtype: torch.dtype) -> torch.Tensor:
 def field_linear_backward(
     dy: torch.Tensor, a: torch.Tensor, field: Field, transpose: bool, need_input: bool, need_params: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backward of ``field_linear``: (da like a, d_params ``(n + 1,)`` fp32: the control values'
-    gradients, then log_bandwidth's) from the transposed on-the-fly matmul and the tile reduction kernel;
+    """Backward of ``field_linear``: (da like a, d_params ``(n + 1,)`` in the control values' dtype:
+    their gradients, then log_bandwidth's) from the transposed on-the-fly matmul and the tile reduction kernel;
     unrequested results are empty tensors."""
     check_inputs(dy, a, field.control, *([] if field.log_bandwidth is None else [field.log_bandwidth]))
     da = _field_matmul(dy, field, None, not transpose) if need_input else a.new_empty(0)
     if not need_params:
-        return da, dy.new_empty(0, dtype=torch.float32)
+        return da, field.control.new_empty(0)
     u, v = (a, dy) if transpose else (dy, a)
     return da, _field_grad_params(u, v, field)
 
 
 def _field_grad_params(u: torch.Tensor, v: torch.Tensor, field: Field) -> torch.Tensor:
-    """d_params ``(n + 1,)`` fp32 (control values, then log_bandwidth) for G = u.T @ v, u ``(*, n_out)``,
-    v ``(*, n_in)``, on checked inputs."""
+    """d_params ``(n + 1,)`` (control values, then log_bandwidth), summed in fp32 and rounded once to
+    the control values' dtype, for G = u.T @ v, u ``(*, n_out)``, v ``(*, n_in)``, on checked inputs."""
     u2, v2 = flatten(u), flatten(v)
     m = u2.shape[0]
     n_out, n_in = field.n_out, field.n_in
@@ -767,4 +769,4 @@ def _field_grad_params(u: torch.Tensor, v: torch.Tensor, field: Field) -> torch.
             m, n_out, n_in, n_pts, m_bucket(m), step_out, step_in, rho2, *u2.stride(), *v2.stride(),
             BASIS=field.basis, LOCAL=field.rho > 0, PRECISION=dot_precision(u.dtype),
         )
-    return slots.sum(part)
+    return slots.sum(part, field.control.dtype)

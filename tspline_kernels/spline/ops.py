@@ -3,7 +3,8 @@
 Each forward op has a fake implementation and an autograd formula built from other ops, so
 ``torch.compile(fullgraph=True)`` traces straight through. Backward:
   separable: dx = separable_linear(dy, C.T) (the same two passes, per level, with the axes swapped),
-             dC = separable_grad_control(dy, x) per level (Triton: the input pass on dy and on x, then their product);
+             dC = separable_grad_control(dy, x) per level, in the parameters' dtype (Triton: the input
+             pass on dy and on x, then their product, rounded once);
   field:     field_linear_backward gives dx and d(control, log_bandwidth) together, the latter as one vector
              (the reference builds each weight block once for both; Triton runs the transposed matmul
              and a reduction kernel whose partial sums hold both);
@@ -18,7 +19,7 @@ from torch import Tensor
 from .._backend import kernels_of, owned, register_autograd, use_triton
 from .._layers import cast
 from ..reference import spline as ref
-from ..reference.common import bias_grad, compute_dtype
+from ..reference.common import bias_grad
 
 _kernels = kernels_of(__package__)  # the Triton launchers, imported on first use
 
@@ -43,20 +44,21 @@ def _(x, control, bias, out_features, kind, fine=None):
 
 
 @torch.library.custom_op("tspline::separable_grad_control", mutates_args=())
-def separable_grad_control(u: Tensor, v: Tensor, g_out: int, g_in: int, kind: int) -> Tensor:
-    """dC = (u @ Bo).T @ (v @ Bi) in fp32 (fp64 for fp64 inputs): u ``(*, n_out)``, v ``(*, n_in)``."""
+def separable_grad_control(u: Tensor, v: Tensor, g_out: int, g_in: int, kind: int, dtype: torch.dtype) -> Tensor:
+    """dC = (u @ Bo).T @ (v @ Bi) in fp32 (fp64 for fp64 inputs), returned in ``dtype``:
+    u ``(*, n_out)``, v ``(*, n_in)``."""
     if use_triton(u):
-        return _kernels().separable_grad_control(u, v, g_out, g_in, kind)
-    return ref.separable_grad_control(u, v, g_out, g_in, kind)
+        return _kernels().separable_grad_control(u, v, g_out, g_in, kind, dtype)
+    return ref.separable_grad_control(u, v, g_out, g_in, kind, dtype)
 
 
 @separable_grad_control.register_fake
-def _(u, v, g_out, g_in, kind):
-    return u.new_empty(g_out, g_in, dtype=compute_dtype(u))
+def _(u, v, g_out, g_in, kind, dtype):
+    return u.new_empty(g_out, g_in, dtype=dtype)
 
 
 def _grad_control_setup(ctx, inputs, output):
-    u, v, g_out, g_in, kind = inputs
+    u, v, g_out, g_in, kind, dtype = inputs
     ctx.save_for_backward(u, v)
     ctx.kind = kind
 
@@ -67,7 +69,7 @@ def _grad_control_backward(ctx, grad):
     grad = grad.to(u.dtype)
     du = separable_linear(v, grad, None, u.shape[-1], ctx.kind, None) if ctx.needs_input_grad[0] else None
     dv = separable_linear(u, grad.mT, None, v.shape[-1], ctx.kind, None) if ctx.needs_input_grad[1] else None
-    return du, dv, None, None, None
+    return du, dv, None, None, None, None
 
 
 register_autograd(separable_grad_control, _grad_control_backward, _grad_control_setup)
@@ -90,11 +92,11 @@ def _separable_backward(ctx, dy):
     if need[0]:
         dx = separable_linear(dy, control.mT, None, x.shape[-1], ctx.kind, None if fine is None else fine.mT)
     if need[1]:
-        dc = separable_grad_control(dy, x, control.shape[0], control.shape[1], ctx.kind).to(control.dtype)
+        dc = separable_grad_control(dy, x, control.shape[0], control.shape[1], ctx.kind, control.dtype)
     if ctx.bias_dtype is not None and need[2]:
         db = bias_grad(dy, ctx.bias_dtype)
     if ctx.has_fine and need[5]:
-        d_fine = separable_grad_control(dy, x, fine.shape[0], fine.shape[1], ctx.kind).to(fine.dtype)
+        d_fine = separable_grad_control(dy, x, fine.shape[0], fine.shape[1], ctx.kind, fine.dtype)
     return dx, dc, db, None, None, d_fine
 
 
@@ -127,8 +129,8 @@ def field_linear_backward(
     dy: Tensor, a: Tensor, control: Tensor, lattice: Tensor, log_bandwidth: Tensor | None, n_out: int,
     n_in: int, basis: int, rho: float, transpose: bool, need_input: bool, need_params: bool,
 ) -> tuple[Tensor, Tensor]:
-    """(da like a, d_params ``(n + 1,)``: d_control, then d_log_bandwidth (0 for IDW)) of
-    ``field_linear``; unrequested ones are empty."""
+    """(da like a, d_params ``(n + 1,)`` in control's dtype: d_control, then d_log_bandwidth (0 for
+    IDW)) of ``field_linear``; unrequested ones are empty."""
     if use_triton(dy):
         k = _kernels()
         field = k.Field(control, lattice, log_bandwidth, n_out, n_in, basis, rho)
@@ -140,7 +142,7 @@ def field_linear_backward(
 @field_linear_backward.register_fake
 def _(dy, a, control, lattice, log_bandwidth, n_out, n_in, basis, rho, transpose, need_input, need_params):
     da = a.new_empty(a.shape) if need_input else a.new_empty(0)
-    return da, dy.new_empty(control.shape[0] + 1 if need_params else 0, dtype=compute_dtype(dy))
+    return da, control.new_empty(control.shape[0] + 1 if need_params else 0)
 
 
 def _field_setup(ctx, inputs, output):
@@ -160,8 +162,7 @@ def _field_backward(ctx, dy):
         da, dp = field_linear_backward(dy, a, control, lattice, log_bandwidth, n_out, n_in, basis, rho, transpose,
                                        need_input, need_params)
         da = da if need_input else None
-        if need_params:
-            dp = dp.to(control.dtype)  # one cast for both: in a layer the parameters share a dtype
+        if need_params:  # in control's dtype; log_bandwidth shares it in a layer
             dc = dp[:-1]
             dl = None if log_bandwidth is None else cast(dp[-1:], log_bandwidth.dtype)
     if ctx.bias_dtype is not None and ctx.needs_input_grad[4]:
