@@ -134,3 +134,11 @@ def test_interpreter_bf16_dot_is_exact():
     c = torch.empty(16, 16)
     dot[(1,)](a, b, c)
     assert_close(c, a.float() @ b.float(), torch.float32)
+
+
+def test_grad_dtype_is_the_parameters_common_dtype():
+    from tspline_kernels.reference.common import grad_dtype
+
+    bf16, fp32 = torch.bfloat16, torch.float32
+    assert grad_dtype(fp32, torch.ones(2, dtype=bf16), None, bf16) == bf16
+    assert grad_dtype(fp32, torch.ones(2, dtype=bf16), torch.ones(2, dtype=torch.float16)) == fp32

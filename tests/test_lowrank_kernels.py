@@ -201,3 +201,23 @@ def test_no_dense_weight_buffer_on_cuda(n, m):
     activations = 2 * m * n * 2  # y and dx
     dense_weight = n * n * 2
     assert peak - activations < dense_weight / 2, f"peak {peak / 2**20:.1f} MiB beyond activations"
+
+
+
+@pytest.mark.parametrize("which", ["triton", "reference"])
+def test_op_with_parameters_of_mixed_dtypes(which, kernel_device):
+    """Factors in bf16 and the bias in fp32 (a layer refuses it; the op takes it): the factor
+    gradients are computed in the compute dtype (``grad_dtype``'s fallback) and each is returned in
+    its own parameter's dtype, equal to the all-fp32 gradients rounded once."""
+    x = torch.randn(7, 19, device=kernel_device, dtype=torch.bfloat16)
+    a = torch.randn(19, 5, device=kernel_device, dtype=torch.bfloat16, requires_grad=True)
+    b = torch.randn(26, 5, device=kernel_device, dtype=torch.bfloat16, requires_grad=True)
+    bias = torch.randn(26, device=kernel_device, requires_grad=True)
+    dy = torch.randn(7, 26, device=kernel_device, dtype=torch.bfloat16)
+    with backend(which):
+        grads = torch.autograd.grad(ops.lowrank_linear(x, a, b, bias)[0], (a, b, bias), dy)
+    assert [g.dtype for g in grads] == [torch.bfloat16, torch.bfloat16, torch.float32]
+    with backend("reference"):
+        want = torch.autograd.grad(ops.lowrank_linear(x, a.float(), b.float(), bias)[0], (a, b, bias), dy)
+    for g, w in zip(grads, want):
+        assert_close(g, w.to(g.dtype), torch.bfloat16)
