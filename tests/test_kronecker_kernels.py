@@ -193,23 +193,31 @@ def test_large_modes_fall_back_to_the_reference(kernel_device):
     assert_backends_agree(layer, *inputs((3,), layer, torch.float32, kernel_device), torch.float32)
 
 
-def test_routing(spy, kernel_device):
-    """auto sends CPU tensors to the reference and CUDA tensors to Triton; triton forces the launchers."""
-    calls = spy(kernels, "kronecker_linear", "kronecker_grad_factors")
-    layer = make_layer((3, 5), (4, 7), torch.float32, "cpu")
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_routing(spy, kernel_device, bias):
+    """auto sends CPU tensors to the reference and CUDA tensors to Triton; triton forces the
+    launchers. Training a two-mode layer with biases runs the gated op without gates (the
+    closed-form bias on chip); inference, or no bias, the plain fused op."""
+    calls = spy(kernels, "kronecker_linear", "kronecker_grad_factors", "gated_linear")
+    layer = make_layer((3, 5), (4, 7), torch.float32, "cpu", bias=bias)
     x = torch.randn(2, 15)
-    for device, which, expected in (("cpu", "auto", []),
-                                    (kernel_device, "triton", ["kronecker_linear", "kronecker_linear", "kronecker_grad_factors"])):
+    trained = (["gated_linear", "kronecker_grad_factors", "kronecker_linear"] if bias
+               else ["kronecker_linear", "kronecker_linear", "kronecker_grad_factors"])
+    for device, which, expected in (("cpu", "auto", []), (kernel_device, "triton", trained)):
         layer.to(device)
         with backend(which):
             layer(x.to(device).requires_grad_()).sum().backward()
         assert calls == expected
         calls.clear()
+        with backend(which), torch.no_grad():
+            layer(x.to(device))
+        assert calls == (["kronecker_linear"] if expected else [])
+        calls.clear()
 
 
 def test_routing_gated(spy, kernel_device):
     """A two-mode gated layer under Triton: the gated launcher forward; in the backward the factor
-    gradients and dx (the maps themselves are recomputed by the reference, by design)."""
+    gradients (inside ``gated_grads``, with the maps and the gates' pullback) and dx."""
     calls = spy(kernels, "gated_linear", "kronecker_linear", "kronecker_grad_factors")
     layer = make_layer((3, 5), (4, 7), torch.float32, kernel_device, **GATED_SMALL)
     with backend("triton"):

@@ -67,7 +67,9 @@ class KroneckerLinear(SavedSettings, CompressedLinear):
     The modes run as one fused two-factor op: more than two modes are cut into two groups whose
     factors are Kronecker products of the group's modes (small: never the dense weight). A gated
     layer of two modes is one op too, whose kernels find the gates and the mixed factors on chip
-    (``ops.kronecker_gated_linear``); with other mode counts the gates run as torch ops.
+    (``ops.kronecker_gated_linear``); with other mode counts the gates run as torch ops. Training
+    an ungated two-mode layer with biases takes that op too, without gates, so that the effective
+    bias is found (and differentiated) on chip, not by torch ops autograd records.
 
     The state dict's ``_extra_state`` holds the settings no parameter shape shows
     (``transform_outer``, ``gated``, ``gating_mode``, ``gated_modes``): loading it into a layer
@@ -138,25 +140,27 @@ class KroneckerLinear(SavedSettings, CompressedLinear):
         return [f.to(x.dtype) for f in mixed_f], [b.to(x.dtype) for b in mixed_b]
 
     def _gated_arguments(self) -> tuple:
-        """``ops.kronecker_gated_linear``'s arguments after x for a two-mode gated layer: factors,
-        biases, per mode the gate network and projection (None where ungated or the identity),
-        and the two flags. Read from the modules' dicts: ``self.factors`` and ``self.gates[k]``
-        cost ~0.5 us each through ``nn.Module``'s attribute and index lookups."""
+        """``ops.kronecker_gated_linear``'s arguments after x for a two-mode layer: factors, biases,
+        per mode the gate network and projection (None where ungated or the identity), and the two
+        flags. Read from the modules' dicts: ``self.factors`` and ``self.gates[k]`` cost ~0.5 us
+        each through ``nn.Module``'s attribute and index lookups."""
         modules = self._modules
         factors = modules["factors"]._parameters
         args = [factors["0"], factors["1"]]
         biases = modules.get("biases")  # None (bias=False) is a plain attribute, not a module
         args += (None, None) if biases is None else biases._parameters.values()
-        gates, projections = modules["gates"]._modules, modules["projections"]._modules
+        gated = self.gated_modes if self.gated else ()
+        if gated:
+            gates, projections = modules["gates"]._modules, modules["projections"]._modules
         for k in ("0", "1"):
-            if int(k) in self.gated_modes:
+            if int(k) in gated:
                 first, second = gates[k]._modules["0"]._parameters, gates[k]._modules["2"]._parameters
                 proj = projections[k]._parameters
                 args += (first["weight"], first["bias"], second["weight"], second["bias"],
                          proj.get("weight"), proj.get("bias"))
             else:
                 args += (None,) * 6
-        return (*args, self.gating_mode == "hard", self.transform_outer)
+        return (*args, self.gated and self.gating_mode == "hard", self.transform_outer)
 
     def _pair(self, factors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The two factors of the fused op: Kronecker products of the modes before and after the cut."""
@@ -165,9 +169,13 @@ class KroneckerLinear(SavedSettings, CompressedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = cast(x, self._prepare(x))
+        two = len(self.in_dims) == 2
+        # Two modes, gated or training with biases: the gated op, whose kernels find the maps and
+        # the closed-form bias on chip (no gate given: the factors as they are), in place of the
+        # ~10 torch ops autograd would record for the bias and their backward.
+        if two and (self.gated or (self.biases is not None and torch.is_grad_enabled())):
+            return ops.kronecker_gated_linear(x, *self._gated_arguments())
         if self.gated:  # the maps depend on the batch
-            if len(self.in_dims) == 2:
-                return ops.kronecker_gated_linear(x, *self._gated_arguments())
             return ops.kronecker_linear(x, *self._fused_maps(x))
         # the factors and biases, read from the lists' dicts (indexing a ParameterList costs ~1 us an item)
         biases = () if self.biases is None else self.biases._parameters.values()
