@@ -986,19 +986,19 @@ def test_kronsum_backward_policy_and_launches(dtype, monkeypatch):
     rebuild at 8192 rows, and the cost counts the launches and host ops ``cores_grad`` makes."""
     cost = kernels.cost
     e8, e16 = ((8,) * 4, (8,) * 4, (1, 8, 8, 8, 1)), ((16,) * 3, (16,) * 3, (1, 16, 16, 1))
-    assert [cost.contract_grad_path(m, *e8) for m in (16, cost.KRONSUM_MIN_ROWS, 1024, 8192)] == [
+    assert [cost.contract_grad_path(m, *e8) for m in (16, cost.KRONSUM_MIN_ROWS, 2048, 8192)] == [
         "chain", "chain", "kronsum", "kronsum"]
     assert cost.contract_grad_path(8192, *e16) == "chain" and cost.contract_grad_path(8192, *e8, 2, 4) == "chain"
     assert cost.pick_strategy(8192, *e8, backward=True) == "contract"
     assert cost.kronsum_grad_cost(8192, *e8).flops == pytest.approx(2 * cost.kronsum_flops(cost.kronsum_plan(*e8), 8192), rel=1e-3)
-    m = 1024
+    m = 2048
     monkeypatch.setattr(kernels, "GRAD_PROGRAMS", cost.CHAIN_GRAD_PROGRAMS)  # the GPU's splits (slots summed)
     cores = kernels.plain_cores([torch.randn(r0, 8, 8, r1, dtype=dtype) for r0, r1 in zip(e8[2], e8[2][1:])])
     x, dy = torch.randn(m, 4096, dtype=dtype), torch.randn(m, 4096, dtype=dtype)
     with stubbed_launches():
         kernels.cores_grad(dy, x, cores, "contract", True)  # merges the cores
     with stubbed_launches() as launches, _TorchLaunches() as torch_ops:
-        kernels.tt_grad(dy, x, [c.t for c in cores], "contract", True)
+        kernels.tt_grad(dy, x, [c.t for c in cores], "contract", True, dtype)
     assert [launch.kernel for launch in launches] == ["_kronsum_grad_kernel", "_slot_sum_kernel", "_kronsum_kernel"]
     # the host ops of merge_cores_grad are torch's einsum's (its layout copies vary): counted as
     # MERGE_GRAD_OPS per core (and a cast of 16-bit cores), at most one too many per core

@@ -366,7 +366,8 @@ def kronsum_grad_splits(plan: KronsumPlan, m: int, programs: int | None = None) 
 
 # host ops of the cores' gradients from the merged halves' (``merge_cores_grad``): per core an einsum
 # (a layout copy and a batched GEMM, and sometimes one more copy or a copy to a contiguous result:
-# counted as 3, at most one too many) and, for 16-bit cores, their cast to fp32
+# counted as 3, at most one too many) and, for 16-bit cores, their cast to fp32 and the gradient's
+# cast back to the cores' dtype (``tt_grad``'s)
 MERGE_GRAD_OPS = 3
 
 
@@ -382,7 +383,7 @@ def kronsum_grad_cost(m: int, in_modes, out_modes, ranks, elt: int = 2, state_el
     merged = r * (o_a * i_a + o_b * i_b)
     kernel = _launch(2 * kronsum_flops(plan, m), float(elt * m * (i_a * i_b + o_a * o_b) + 4 * splits * merged),
                      splits * r, l2_bytes=float(elt * merged * splits))
-    host = len(in_modes) * (MERGE_GRAD_OPS + (elt < 4))
+    host = len(in_modes) * (MERGE_GRAD_OPS + 2 * (elt < 4))
     sums = _launch(float(splits * merged), 4.0 * (splits + 1) * merged, SMS, launches=1 + host)
     return kernel + sums
 

@@ -264,14 +264,15 @@ def chain_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None,
 GRAD_PROGRAMS = 2 if INTERPRET else cost.CHAIN_GRAD_PROGRAMS  # programs the gradient chain kernel's split aims at
 
 
-def chain_grad(dy2: torch.Tensor, x2: torch.Tensor, cores: list[Core]) -> list[torch.Tensor]:
-    """``[dG_k]`` (fp32, ``(r0, O, I, r1)``, contiguous) of sum(dy2 * (x2 @ W.T)) by one
-    ``_chain_grad_kernel`` launch, its partial slots (``cost.grad_split``: chunk groups and row
+def chain_grad(dy2: torch.Tensor, x2: torch.Tensor, cores: list[Core], dtype: torch.dtype = torch.float32
+               ) -> list[torch.Tensor]:
+    """``[dG_k]`` (``(r0, O, I, r1)``, contiguous, in ``dtype``) of sum(dy2 * (x2 @ W.T)) by one
+    ``_chain_grad_kernel`` launch, its fp32 partial slots (``cost.grad_split``: chunk groups and row
     splits towards ``GRAD_PROGRAMS`` programs within ``cost.CHAIN_GRAD_PART_BYTES``) summed on the
-    host."""
+    host into ``dtype``."""
     m = x2.shape[0]
     if m == 0:
-        return [torch.zeros(c.r0, c.o, c.i, c.r1, device=x2.device, dtype=torch.float32) for c in cores]
+        return [torch.zeros(c.r0, c.o, c.i, c.r1, device=x2.device, dtype=dtype) for c in cores]
     modes = core_modes(cores)
 
     def split(meta) -> tuple[cost.ChainPlan, cost.GradSplit]:
@@ -293,16 +294,16 @@ def chain_grad(dy2: torch.Tensor, x2: torch.Tensor, cores: list[Core]) -> list[t
         m, m_bucket(m), x2.stride(0), x2.stride(1), dy2.stride(0), dy2.stride(1),
         **_chain_meta(layout), **state_args(x2.dtype), **launch_tiles(config_keys(_chain_grad_kernel), modes),
     )
-    return _chain_grad_sum(part[:slots.used], *launched[-1], cores)
+    return _chain_grad_sum(part[:slots.used], *launched[-1], cores, dtype)
 
 
-def _chain_grad_sum(part: torch.Tensor, plan: cost.ChainPlan, split: cost.GradSplit, cores: list[Core]
-                    ) -> list[torch.Tensor]:
-    """``[dG_k]`` from the partials of a ``_chain_grad_kernel`` launch (``part``, flat fp32): core
-    k's region is ``(n, RP, nb NO, nc NI, RP1)`` (``_chain_store_grad``: each of the n partials a
-    padded core, its O_1 / O_2 blocks (k < 2) and its chunks (core d) in place), summed over n and
-    cut to ``(r0, O, I, r1)`` by one ``slot_sum`` launch per core; separate tensors, as a custom op
-    must return."""
+def _chain_grad_sum(part: torch.Tensor, plan: cost.ChainPlan, split: cost.GradSplit, cores: list[Core],
+                    dtype: torch.dtype) -> list[torch.Tensor]:
+    """``[dG_k]`` in ``dtype`` from the partials of a ``_chain_grad_kernel`` launch (``part``, flat
+    fp32): core k's region is ``(n, RP, nb NO, nc NI, RP1)`` (``_chain_store_grad``: each of the n
+    partials a padded core, its O_1 / O_2 blocks (k < 2) and its chunks (core d) in place), summed
+    over n and cut to ``(r0, O, I, r1)`` by one ``slot_sum`` launch per core; separate tensors, as a
+    custom op must return."""
     d, programs = len(cores), math.prod(split.grid)
     tiles = plan.core_tiles()
     grads, off = [], 0
@@ -312,7 +313,7 @@ def _chain_grad_sum(part: torch.Tensor, plan: cost.ChainPlan, split: cost.GradSp
         size = programs * tiles[k] * (split.per_group if k == d - 1 else 1)
         padded = (plan.rp[k], nb * plan.no[k], nc * plan.ni[k], plan.rp[k + 1])
         grads.append(slot_sum(part[off:off + size], size // math.prod(padded), (core.r0, core.o, core.i, core.r1),
-                              padded))
+                              padded, dtype))
         off += size
     return grads
 
@@ -471,15 +472,15 @@ def steps_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None)
     return state.t.view(m, o_done)
 
 
-def contract_grad(dy2: torch.Tensor, x2: torch.Tensor, cores: list[Core], need_dx: bool, modes: tuple
-                  ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    """(d(core) in the ``(r0, O, I, r1)`` layout (fp32) for every core, dx ``(M, I)`` or None): the
-    gradient chain kernel (and a chain launch on W.T's cores for dx) where they fit, else
-    ``steps_grad`` (``modes``: the cores' ``core_modes``)."""
+def contract_grad(dy2: torch.Tensor, x2: torch.Tensor, cores: list[Core], need_dx: bool, modes: tuple,
+                  dtype: torch.dtype = torch.float32) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """(d(core) in the ``(r0, O, I, r1)`` layout for every core, dx ``(M, I)`` or None): the
+    gradient chain kernel (and a chain launch on W.T's cores for dx) where they fit, its core
+    gradients summed into ``dtype``, else ``steps_grad`` (fp32; ``modes``: the cores' ``core_modes``)."""
     ins, outs, ranks = modes
     if chain_fits(modes, grad=True, elt=state_elt(x2.dtype)) and (not need_dx or chain_fits((outs, ins, ranks))):
         dx = chain_linear(dy2, [c.transposed() for c in cores], None) if need_dx else None
-        return chain_grad(dy2, x2, cores), dx
+        return chain_grad(dy2, x2, cores, dtype), dx
     return steps_grad(dy2, x2, cores, need_dx)
 
 
@@ -780,10 +781,11 @@ def _grad_kronsum(m: int, modes: tuple, dtype: torch.dtype, kronsum: bool | None
     return plans if use else None
 
 
-def cores_grad(dy: torch.Tensor, x: torch.Tensor, cores: list[Core], strategy: str, need_dx: bool
-               ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    """(``[dG_1 .. dG_d]`` fp32 in the ``(r0, O, I, r1)`` layout, dx in x's shape and dtype or None)
-    of sum(dy * (x @ W.T)).
+def cores_grad(dy: torch.Tensor, x: torch.Tensor, cores: list[Core], strategy: str, need_dx: bool,
+               dtype: torch.dtype = torch.float32) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """(``[dG_1 .. dG_d]`` in the ``(r0, O, I, r1)`` layout and in ``dtype``, dx in x's shape and
+    dtype or None) of sum(dy * (x @ W.T)), accumulated in fp32: the chain kernel's slot sums write
+    ``dtype``, the other paths' fp32 gradients are cast.
 
     contract: the Kronecker-sum gradient kernel and dx by the Kronecker-sum kernel on W.T's halves
     where the cost model prefers them (``_grad_kronsum``; plain cores), else ``contract_grad``.
@@ -796,7 +798,7 @@ def cores_grad(dy: torch.Tensor, x: torch.Tensor, cores: list[Core], strategy: s
     m = dy2.shape[0]
     if m == 0:
         shapes = [(c.r0, c.o, c.i, c.r1) for c in cores]
-        return [torch.zeros(s, device=dy.device, dtype=torch.float32) for s in shapes], x.new_zeros(x.shape) if need_dx else None
+        return [torch.zeros(s, device=dy.device, dtype=dtype) for s in shapes], x.new_zeros(x.shape) if need_dx else None
     modes = core_modes(cores)
     if _strategy(strategy, m, modes, dy.dtype, backward=True) == "rebuild":
         plan = _dx_kronsum(m, modes, dy.dtype, KRONSUM) if need_dx and not cores[0].spline else None
@@ -807,7 +809,8 @@ def cores_grad(dy: torch.Tensor, x: torch.Tensor, cores: list[Core], strategy: s
         grads = kronsum_grad(dy2, x2, cores, kron[0])
         dx = kronsum_linear(dy2, cores, None, kron[1], True) if need_dx else None  # transposed: W.T
     else:
-        grads, dx = contract_grad(dy2, x2, cores, need_dx, modes)
+        grads, dx = contract_grad(dy2, x2, cores, need_dx, modes, dtype)
+    grads = [cast(g, dtype) for g in grads]
     return grads, None if dx is None else cast(dx if x.dim() == 2 else dx.reshape(x.shape), x.dtype)
 
 
@@ -821,9 +824,9 @@ def tt_linear(x: torch.Tensor, cores: list[torch.Tensor], bias: torch.Tensor | N
     return cores_linear(x, plain_cores(cores), bias, strategy)
 
 
-def tt_grad(dy: torch.Tensor, x: torch.Tensor, cores: list[torch.Tensor], strategy: str, need_dx: bool
-            ) -> list[torch.Tensor]:
-    """``[dG_1 .. dG_d]`` (fp32) of sum(dy * (x @ W.T)), then dx = dy @ W if ``need_dx``."""
-    grads, dx = cores_grad(dy, x, plain_cores(cores), strategy, need_dx)
+def tt_grad(dy: torch.Tensor, x: torch.Tensor, cores: list[torch.Tensor], strategy: str, need_dx: bool,
+            dtype: torch.dtype) -> list[torch.Tensor]:
+    """``[dG_1 .. dG_d]`` (in ``dtype``) of sum(dy * (x @ W.T)), then dx = dy @ W if ``need_dx``."""
+    grads, dx = cores_grad(dy, x, plain_cores(cores), strategy, need_dx, dtype)
     # contiguous, as the fake implementation promises (torch.compile checks strides)
     return [g.contiguous() for g in grads] + ([dx] if need_dx else [])

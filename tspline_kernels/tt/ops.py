@@ -19,7 +19,7 @@ from torch import Tensor
 from .._backend import kernels_of, owned, register_autograd, use_triton
 from .._multilinear import linear_backward, multilinear_double_backward, transpose_factors
 from ..reference import tt as ref
-from ..reference.common import compute_dtype
+from ..reference.common import compute_dtype, grad_dtype
 
 
 _kernels = kernels_of(__package__)  # the Triton launchers, imported on first use
@@ -40,16 +40,20 @@ def _(x, cores, bias, strategy):
 
 @torch.library.custom_op("tspline::tt_grad", mutates_args=())
 def tt_grad(dy: Tensor, x: Tensor, cores: list[Tensor], strategy: str, need_dx: bool) -> list[Tensor]:
-    """``[dG_1, ..., dG_d]`` of sum(dy * (x @ W.T)) in fp32 (fp64 for fp64 inputs), then ``dx = dy @ W``
-    (x's shape and dtype) if ``need_dx``; dy ``(*, O)``, x ``(*, I)``."""
+    """``[dG_1, ..., dG_d]`` of sum(dy * (x @ W.T)), accumulated in fp32 (fp64 for fp64 inputs) and
+    returned in the cores' dtype (``grad_dtype``: the compute dtype if they differ), then
+    ``dx = dy @ W`` (x's shape and dtype) if ``need_dx``; dy ``(*, O)``, x ``(*, I)``."""
+    dtype = grad_dtype(compute_dtype(dy), *cores)
     if use_triton(dy):
-        return _kernels().tt_grad(dy, x, cores, strategy, need_dx)
-    return ref.tt_grad(dy, x, cores, need_dx)
+        return _kernels().tt_grad(dy, x, cores, strategy, need_dx, dtype)
+    grads = ref.tt_grad(dy, x, cores, need_dx)
+    return [g.to(dtype) for g in grads[:len(cores)]] + grads[len(cores):]
 
 
 @tt_grad.register_fake
 def _(dy, x, cores, strategy, need_dx):
-    return [dy.new_empty(c.shape, dtype=compute_dtype(dy)) for c in cores] + ([x.new_empty(x.shape)] if need_dx else [])
+    dtype = grad_dtype(compute_dtype(dy), *cores)
+    return [dy.new_empty(c.shape, dtype=dtype) for c in cores] + ([x.new_empty(x.shape)] if need_dx else [])
 
 
 def _grad_setup(ctx, inputs, output):
