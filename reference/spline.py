@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from .common import compute_dtype
+from .common import bias_grad, compute_dtype
 
 BSPLINE, BICUBIC = 0, 1
 IDW, GAUSSIAN = 0, 1
@@ -286,8 +286,8 @@ def field_linear(
 def field_linear_backward(
     dy: torch.Tensor, a: torch.Tensor, control: torch.Tensor, lattice: torch.Tensor,
     log_bandwidth: torch.Tensor | None, n_out: int, n_in: int, basis: int, rho: float, transpose: bool,
-    need_input: bool, need_params: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    need_input: bool, need_params: bool, bias_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``field_linear`` from one pass over the generated weights.
 
     With G = dy.T @ a (or a.T @ dy when ``transpose``), shape ``(n_out, n_in)``, and S the normaliser:
@@ -298,8 +298,9 @@ def field_linear_backward(
     does not cancel as the plain sum does (fp32 lost ~10x more of it); and through
     sigma = max(e, SIGMA_MIN), e = exp(log_bandwidth): d log_bandwidth = d sigma * e where
     e >= SIGMA_MIN, else 0 (the clamp's gradient).
-    Returns ``(da like a, d_params (n + 1,))``, d_params the concatenation of d_control and
-    d_log_bandwidth in control's dtype; unrequested ones are empty tensors.
+    Returns ``(da like a, d_params (n + 1,), d_bias (n,))``, d_params the concatenation of d_control
+    and d_log_bandwidth in control's dtype, d_bias dy's row sum in ``bias_dtype``; unrequested ones
+    (``bias_dtype`` None: no d_bias) are empty tensors.
     """
     cd = compute_dtype(dy)
     e = None if log_bandwidth is None else log_bandwidth.to(cd).exp()
@@ -330,4 +331,5 @@ def field_linear_backward(
     if need_params and basis == GAUSSIAN:
         d_log_bandwidth = d_sigma / sigma.reshape(()) ** 3 * torch.where(e >= SIGMA_MIN, e, 0)
     d_params = torch.cat([d_control, d_log_bandwidth]).to(control.dtype) if need_params else control.new_empty(0)
-    return da.reshape(a.shape).to(a.dtype) if need_input else da, d_params
+    d_bias = dy.new_empty(0) if bias_dtype is None else bias_grad(dy, bias_dtype)
+    return da.reshape(a.shape).to(a.dtype) if need_input else da, d_params, d_bias

@@ -412,6 +412,37 @@ def test_field_sliced_equals_on_the_fly(sliced, kernel_device):
         torch.testing.assert_close(got.float(), want.float(), rtol=2**-6, atol=2**-6 * want.float().abs().max().item())
 
 
+@pytest.mark.parametrize("need_params", [True, False], ids=["params", "frozen-field"])
+@pytest.mark.parametrize("transpose", [False, True], ids=["a@W.T", "a@W"])
+def test_field_backward_bias_gradient(transpose, need_params, kernel_device):
+    """``field_linear_backward``'s d_bias is dy's row sum in the bias dtype whichever side of the
+    product dy is on: summed by the reduction kernel from the dy tiles it loads (rows over several
+    row blocks, output columns over several tiles), or by torch when the field is frozen; the op's
+    other results agree with the reference too, and an absent bias gives an empty d_bias."""
+    from tspline_kernels.reference import spline as ref
+    from tspline_kernels.spline import ops
+
+    layer = make_layer("gaussian", 37, 45, torch.float32, kernel_device)
+    dy = torch.randn(70, 37 if transpose else 45, device=kernel_device)
+    a = torch.randn(70, 45 if transpose else 37, device=kernel_device)
+    for bias_dtype in (torch.bfloat16, None):
+        args = (dy, a, layer.control.detach(), layer.lattice, layer.log_bandwidth.detach(), 45, 37, ref.GAUSSIAN,
+                0.0, transpose, True, need_params, bias_dtype)
+        out = {}
+        for which in ("triton", "reference"):
+            with tk.backend(which):
+                out[which] = ops.field_linear_backward(*args)
+        for name, got, want in zip(("da", "d_params", "d_bias"), out["triton"], out["reference"]):
+            assert got.dtype == want.dtype, name
+            assert_close(got, want, name=name)  # in the result's dtype's tolerance
+        d_bias = out["triton"][2]
+        if bias_dtype is None:
+            assert d_bias.numel() == 0
+        else:
+            assert d_bias.dtype == bias_dtype
+            assert_close(d_bias, dy.sum(0).to(bias_dtype), torch.bfloat16, name="d_bias vs dy.sum(0)")
+
+
 @pytest.mark.parametrize("basis, support", [("gaussian", "global"), ("eisenstein", "local")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_field_weight_is_the_reference_weight(basis, support, dtype, kernel_device):

@@ -23,6 +23,7 @@ import torch
 from .._triton import (SplitSlots, cdiv, check_inputs, configs, dot_precision, flatten, grouped_pid, m_bucket, next_pow2,
                        sliced_gemm, tl, triton)
 from ..reference import spline as ref
+from ..reference.common import bias_grad
 from ..reference.spline import EXP_FLOOR, GAUSSIAN, GAUSSIAN_EPS, IDW, IDW_EPS, SIGMA_MIN
 
 
@@ -32,6 +33,8 @@ _EXP_FLOOR = tl.constexpr(EXP_FLOOR)
 _SIGMA_MIN = tl.constexpr(SIGMA_MIN)
 _IDW = tl.constexpr(IDW)  # the field basis codes, as the kernels' BASIS
 _GAUSSIAN = tl.constexpr(GAUSSIAN)
+_BIAS_OF_U = tl.constexpr(1)  # _field_grad_kernel's DBIAS: the bias gradient is u's row sum,
+_BIAS_OF_V = tl.constexpr(2)  # v's, or (0) not wanted
 
 
 # ----------------------------------------------------------------------------------------------
@@ -543,13 +546,16 @@ def _field_slice_kernel(
 )
 @triton.jit
 def _field_grad_kernel(
-    u_ptr, v_ptr, ctrl_ptr, lat_ptr, lbw_ptr, dparams_ptr,
+    u_ptr, v_ptr, ctrl_ptr, lat_ptr, lbw_ptr, dparams_ptr, dbias_ptr,
     M, N_OUT, N_IN, N_PTS, M_BUCKET, step_out, step_in, rho2,
     stride_um, stride_un, stride_vm, stride_vk,
-    BASIS: tl.constexpr, LOCAL: tl.constexpr, PRECISION: tl.constexpr,
+    BASIS: tl.constexpr, LOCAL: tl.constexpr, DBIAS: tl.constexpr, PRECISION: tl.constexpr,
     BO: tl.constexpr, BI: tl.constexpr, BM: tl.constexpr,
 ):
-    """Per-tile partial gradients of sum(G * W), G = u.T @ v, never storing G or W.
+    """Per-tile partial gradients of sum(G * W), G = u.T @ v, never storing G or W; and the bias
+    gradient, the row sum of u (``DBIAS == _BIAS_OF_U``) or of v (``_BIAS_OF_V``), from the tiles
+    already loaded: the programs of the first column (row) of tiles sum their u (v) tiles over M and
+    store it, once, in dbias's dtype.
 
     u ``(M, N_OUT)``, v ``(M, N_IN)``, dparams ``(tiles, N_PTS + 1)`` fp32. The tile's G is reduced
     over M on chip; then, with H = G / S: dparams[tile, k] = sum H * phi_k (the control values) and
@@ -570,6 +576,8 @@ def _field_grad_kernel(
     ro = pid_o * BO + tl.arange(0, BO)
     ri = pid_i * BI + tl.arange(0, BI)
     g = tl.zeros((BO, BI), dtype=tl.float32)
+    sum_u = tl.zeros((BO,), dtype=tl.float32)
+    sum_v = tl.zeros((BI,), dtype=tl.float32)
     for m0 in range(0, M, BM):
         rm = (m0 + tl.arange(0, BM)).to(tl.int64)  # row offsets past 2^31 elements
         ut = tl.load(u_ptr + ro[:, None] * stride_un + rm[None, :] * stride_um,
@@ -577,6 +585,18 @@ def _field_grad_kernel(
         vv = tl.load(v_ptr + rm[:, None] * stride_vm + ri[None, :] * stride_vk,
                      mask=(rm < M)[:, None] & (ri < N_IN)[None, :], other=0.0)
         g = tl.dot(ut, vv, g, input_precision=PRECISION)
+        if DBIAS == _BIAS_OF_U:
+            if pid_i == 0:
+                sum_u += tl.sum(ut.to(tl.float32), axis=1)
+        if DBIAS == _BIAS_OF_V:
+            if pid_o == 0:
+                sum_v += tl.sum(vv.to(tl.float32), axis=0)
+    if DBIAS == _BIAS_OF_U:
+        if pid_i == 0:
+            tl.store(dbias_ptr + ro, sum_u.to(dbias_ptr.dtype.element_ty), mask=ro < N_OUT)
+    if DBIAS == _BIAS_OF_V:
+        if pid_o == 0:
+            tl.store(dbias_ptr + ri, sum_v.to(dbias_ptr.dtype.element_ty), mask=ri < N_IN)
     inv_two_s2 = _inv_two_s2(lbw_ptr, BASIS)
     num, den, mom, box = _field_tile(ro, ri, step_out, step_in, ctrl_ptr, lat_ptr, N_PTS, inv_two_s2, rho2,
                                      BASIS, LOCAL, True, BASIS == _GAUSSIAN)
@@ -740,21 +760,26 @@ def field_weight(field: Field, dtype: torch.dtype) -> torch.Tensor:
 
 def field_linear_backward(
     dy: torch.Tensor, a: torch.Tensor, field: Field, transpose: bool, need_input: bool, need_params: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    bias_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward of ``field_linear``: (da like a, d_params ``(n + 1,)`` in the control values' dtype:
-    their gradients, then log_bandwidth's) from the transposed on-the-fly matmul and the tile reduction kernel;
-    unrequested results are empty tensors."""
+    their gradients, then log_bandwidth's, d_bias ``(n,)`` in ``bias_dtype``) from the transposed
+    on-the-fly matmul and the tile reduction kernel, which sums the bias gradient from the dy tiles it
+    loads (torch sums it without ``need_params``); unrequested results (d_bias: ``bias_dtype`` None)
+    are empty tensors."""
     check_inputs(dy, a, field.control, *([] if field.log_bandwidth is None else [field.log_bandwidth]))
     da = _field_matmul(dy, field, None, not transpose) if need_input else a.new_empty(0)
     if not need_params:
-        return da, field.control.new_empty(0)
+        return da, field.control.new_empty(0), dy.new_empty(0) if bias_dtype is None else bias_grad(dy, bias_dtype)
     u, v = (a, dy) if transpose else (dy, a)
-    return da, _field_grad_params(u, v, field)
+    return da, *_field_grad_params(u, v, field, bias_dtype, _BIAS_OF_V if transpose else _BIAS_OF_U)
 
 
-def _field_grad_params(u: torch.Tensor, v: torch.Tensor, field: Field) -> torch.Tensor:
-    """d_params ``(n + 1,)`` (control values, then log_bandwidth), summed in fp32 and rounded once to
-    the control values' dtype, for G = u.T @ v, u ``(*, n_out)``, v ``(*, n_in)``, on checked inputs."""
+def _field_grad_params(u: torch.Tensor, v: torch.Tensor, field: Field, bias_dtype: torch.dtype | None,
+                       bias_of: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d_params ``(n + 1,)`` (control values, then log_bandwidth), summed in fp32 and rounded once
+    to the control values' dtype, for G = u.T @ v, u ``(*, n_out)``, v ``(*, n_in)``; the row sum of
+    u (``bias_of`` ``_BIAS_OF_U``) or v ``_BIAS_OF_V`` in ``bias_dtype``, empty for None), on checked inputs."""
     u2, v2 = flatten(u), flatten(v)
     m = u2.shape[0]
     n_out, n_in = field.n_out, field.n_in
@@ -762,11 +787,15 @@ def _field_grad_params(u: torch.Tensor, v: torch.Tensor, field: Field) -> torch.
     # one partial slot per (BO, BI) tile, every entry written by the kernel
     slots = SplitSlots(_field_grad_kernel, lambda meta: cdiv(n_out, meta["BO"]) * cdiv(n_in, meta["BI"]))
     part = slots.empty(n_pts + 1, device=u.device)
+    dy = v2 if bias_of == _BIAS_OF_V else u2
+    dbias = (dy.new_empty if m > 0 else dy.new_zeros)(0 if bias_dtype is None else dy.shape[1],
+                                                      dtype=bias_dtype or dy.dtype)
     if m > 0:  # else no launch and no slot used: the sum is zero
         grid = lambda meta: (cdiv(n_out, meta["BO"]), slots(meta) // cdiv(n_out, meta["BO"]))  # noqa: E731
         _field_grad_kernel[grid](
-            u2, v2, *field.tensors(), part,
+            u2, v2, *field.tensors(), part, dbias,
             m, n_out, n_in, n_pts, m_bucket(m), step_out, step_in, rho2, *u2.stride(), *v2.stride(),
-            BASIS=field.basis, LOCAL=field.rho > 0, PRECISION=dot_precision(u.dtype),
+            BASIS=field.basis, LOCAL=field.rho > 0, DBIAS=0 if bias_dtype is None else bias_of,
+            PRECISION=dot_precision(u.dtype),
         )
-    return slots.sum(part, field.control.dtype)
+    return slots.sum(part, field.control.dtype), dbias

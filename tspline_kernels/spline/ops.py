@@ -5,9 +5,10 @@ Each forward op has a fake implementation and an autograd formula built from oth
   separable: dx = separable_linear(dy, C.T) (the same two passes, per level, with the axes swapped),
              dC = separable_grad_control(dy, x) per level, in the parameters' dtype (Triton: the input
              pass on dy and on x, then their product, rounded once);
-  field:     field_linear_backward gives dx and d(control, log_bandwidth) together, the latter as one vector
+  field:     field_linear_backward gives dx, d(control, log_bandwidth) (one vector) and d(bias) together
              (the reference builds each weight block once for both; Triton runs the transposed matmul
-             and a reduction kernel whose partial sums hold both);
+             and a reduction kernel whose partial sums hold both, and which sums d(bias) from the dy
+             tiles it loads);
              its own backward (double backward) is the vector-Jacobian product of the reference maths.
 """
 
@@ -128,21 +129,25 @@ def _(a, control, lattice, log_bandwidth, bias, n_out, n_in, basis, rho, transpo
 def field_linear_backward(
     dy: Tensor, a: Tensor, control: Tensor, lattice: Tensor, log_bandwidth: Tensor | None, n_out: int,
     n_in: int, basis: int, rho: float, transpose: bool, need_input: bool, need_params: bool,
-) -> tuple[Tensor, Tensor]:
+    bias_dtype: torch.dtype | None,
+) -> tuple[Tensor, Tensor, Tensor]:
     """(da like a, d_params ``(n + 1,)`` in control's dtype: d_control, then d_log_bandwidth (0 for
-    IDW)) of ``field_linear``; unrequested ones are empty."""
+    IDW), d_bias: dy's row sum ``(n,)`` in ``bias_dtype``) of ``field_linear``; unrequested ones
+    (d_bias: ``bias_dtype`` None) are empty."""
     if use_triton(dy):
         k = _kernels()
         field = k.Field(control, lattice, log_bandwidth, n_out, n_in, basis, rho)
-        return k.field_linear_backward(dy, a, field, transpose, need_input, need_params)
+        return k.field_linear_backward(dy, a, field, transpose, need_input, need_params, bias_dtype)
     return ref.field_linear_backward(dy, a, control, lattice, log_bandwidth, n_out, n_in, basis, rho, transpose,
-                                     need_input, need_params)
+                                     need_input, need_params, bias_dtype)
 
 
 @field_linear_backward.register_fake
-def _(dy, a, control, lattice, log_bandwidth, n_out, n_in, basis, rho, transpose, need_input, need_params):
+def _(dy, a, control, lattice, log_bandwidth, n_out, n_in, basis, rho, transpose, need_input, need_params,
+      bias_dtype):
     da = a.new_empty(a.shape) if need_input else a.new_empty(0)
-    return da, control.new_empty(control.shape[0] + 1 if need_params else 0)
+    return (da, control.new_empty(control.shape[0] + 1 if need_params else 0),
+            dy.new_empty(0 if bias_dtype is None else dy.shape[-1], dtype=bias_dtype or dy.dtype))
 
 
 def _field_setup(ctx, inputs, output):
@@ -157,16 +162,16 @@ def _field_backward(ctx, dy):
     n_out, n_in, basis, rho, transpose = ctx.args
     need_input = ctx.needs_input_grad[0]
     need_params = ctx.needs_input_grad[1] or ctx.needs_input_grad[3]
+    bias_dtype = ctx.bias_dtype if ctx.needs_input_grad[4] else None
     da = dc = dl = db = None
-    if need_input or need_params:
-        da, dp = field_linear_backward(dy, a, control, lattice, log_bandwidth, n_out, n_in, basis, rho, transpose,
-                                       need_input, need_params)
+    if need_input or need_params or bias_dtype is not None:
+        da, dp, db = field_linear_backward(dy, a, control, lattice, log_bandwidth, n_out, n_in, basis, rho,
+                                           transpose, need_input, need_params, bias_dtype)
         da = da if need_input else None
+        db = db if bias_dtype is not None else None
         if need_params:  # in control's dtype; log_bandwidth shares it in a layer
             dc = dp[:-1]
             dl = None if log_bandwidth is None else cast(dp[-1:], log_bandwidth.dtype)
-    if ctx.bias_dtype is not None and ctx.needs_input_grad[4]:
-        db = bias_grad(dy, ctx.bias_dtype)
     return da, dc, None, dl, db, None, None, None, None, None
 
 
