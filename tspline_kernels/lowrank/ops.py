@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .._backend import kernels_of, owned, register_autograd, use_triton
+from .._layers import cast
 from ..reference import lowrank as ref
 from ..reference.common import bias_grad, compute_dtype, grad_dtype
 
@@ -124,13 +125,12 @@ def _linear_backward(ctx, dy, dt):
     if need_a and want_b:
         da, db, dsum = lowrank_grad_factors(x, dy, t, q, grad_dtype(t.dtype, a, b, ctx.bias_dtype))
         if need_bias and ctx.bias_dtype is not None:
-            dbias = dsum.to(ctx.bias_dtype)
+            dbias = cast(dsum, ctx.bias_dtype)
     elif need_a:  # one skinny product only: no need for the two-sided kernel
         da = _mm(_flat(x).mT, _flat(q), t.dtype)
     elif want_b:
         db = _mm(_flat(dy).mT, _flat(t), t.dtype)
-    da = None if da is None else da.to(a.dtype)
-    db = None if db is None else db.to(b.dtype)
+    da, db = cast(da, a.dtype), cast(db, b.dtype)
     if dbias is None and need_bias and dy is not None and ctx.bias_dtype is not None:
         dbias = bias_grad(dy, ctx.bias_dtype)
     return dx, da, db, dbias
