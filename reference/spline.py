@@ -160,14 +160,16 @@ def separable_levels(x: torch.Tensor, controls: list[torch.Tensor], bias: torch.
 
 
 def separable_grad_control(u: torch.Tensor, v: torch.Tensor, g_out: int, g_in: int, kind: int,
-                           dtype: torch.dtype) -> torch.Tensor:
-    """dC = (u @ Bo).T @ (v @ Bi) for u ``(*, n_out)`` (output grad), v ``(*, n_in)`` (input), in the
-    compute dtype, returned in ``dtype``."""
+                           dtype: torch.dtype, bias_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dC, d_bias): dC = (u @ Bo).T @ (v @ Bi) for u ``(*, n_out)`` (output grad), v ``(*, n_in)``
+    (input), in the compute dtype, returned in ``dtype``; d_bias u's row sum ``(n_out,)`` in
+    ``bias_dtype`` (empty for None)."""
     cd = compute_dtype(u)
     bo = basis_matrix(u.shape[-1], g_out, kind, cd, u.device)
     bi = basis_matrix(v.shape[-1], g_in, kind, cd, u.device)
     u2, v2 = u.reshape(-1, u.shape[-1]).to(cd), v.reshape(-1, v.shape[-1]).to(cd)
-    return ((u2 @ bo).T @ (v2 @ bi)).to(dtype)
+    d_bias = u.new_empty(0) if bias_dtype is None else bias_grad(u, bias_dtype)
+    return ((u2 @ bo).T @ (v2 @ bi)).to(dtype), d_bias
 
 
 def eisenstein_lattice(n: int) -> torch.Tensor:

@@ -333,9 +333,12 @@ def test_separable_grad_control_from_input_passes(case, dtype, kernel_device):
     x = torch.randn(m, n_in, device=kernel_device).to(dtype)
     dy = torch.randn(m, n_out, device=kernel_device).to(dtype)
     for out in {dtype, torch.float32}:
-        got = kernels.separable_grad_control(dy, x, g_out, g_in, kind, out, chunk)
+        (got, d_bias), (want, want_bias) = (f(dy, x, g_out, g_in, kind, out, out, *c) for f, c in (
+            (kernels.separable_grad_control, (chunk,)), (ref.separable_grad_control, ())))
         assert got.dtype == out and got.shape == (g_out, g_in)
-        assert_close(got, ref.separable_grad_control(dy, x, g_out, g_in, kind, out), dtype)
+        assert_close(got, want, dtype)
+        assert d_bias.dtype == out and d_bias.shape == (n_out,)
+        assert_close(d_bias, want_bias, dtype, name="d_bias")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -349,7 +352,7 @@ def test_separable_16bit_inputs_meet_an_unrounded_basis(dtype, kernel_device):
 
     x = (torch.randn(6, 300, device=kernel_device) * 1000).to(dtype)
     dy = torch.randn(6, 131, device=kernel_device).to(dtype)
-    got = kernels.separable_grad_control(dy, x, 40, 70, ref.BSPLINE, torch.float32, 128).double().cpu()
+    got = kernels.separable_grad_control(dy, x, 40, 70, ref.BSPLINE, torch.float32, None, 128)[0].double().cpu()
     bo, bi = ref.basis_matrix(131, 40, ref.BSPLINE, torch.float64), ref.basis_matrix(300, 70, ref.BSPLINE, torch.float64)
     exact = (dy.double().cpu() @ bo).T @ (x.double().cpu() @ bi)
     assert (got - exact).norm() / exact.norm() < 1e-4

@@ -143,10 +143,14 @@ def test_field_linear_gradcheck(basis, local, transpose):
             lambda a, c, lb, b: ops.field_linear(a, c, lattice, lb, b, n_out, n_in, basis, rho, transpose),
             (a, control, log_bandwidth, bias),
         )
-        # second order through field_linear_backward's own autograd formula
+        # second order through field_linear_backward's own autograd formula, its d_bias included
         assert torch.autograd.gradgradcheck(
             lambda a, c, lb: ops.field_linear(a, c, lattice, lb, None, n_out, n_in, basis, rho, transpose),
             (a, control, log_bandwidth),
+        )
+        assert torch.autograd.gradgradcheck(
+            lambda a, c, lb, b: ops.field_linear(a, c, lattice, lb, b, n_out, n_in, basis, rho, transpose),
+            (a, control, log_bandwidth, bias),
         )
 
 
@@ -160,8 +164,10 @@ def test_separable_linear_gradcheck(kind):
     with backend("reference"):
         assert torch.autograd.gradcheck(lambda x, c, f, b: ops.separable_linear(x, c, b, 9, kind, f),
                                         (x, control, fine, bias))
-        # second order through the autograd formula's own ops (dx = separable_linear(dy, C.T))
+        # second order through the autograd formula's own ops (dx = separable_linear(dy, C.T), and
+        # separable_grad_control's (dC, d_bias))
         assert torch.autograd.gradgradcheck(lambda x, c: ops.separable_linear(x, c, None, 9, kind), (x, control))
+        assert torch.autograd.gradgradcheck(lambda x, c, b: ops.separable_linear(x, c, b, 9, kind), (x, control, bias))
         assert torch.autograd.gradgradcheck(lambda x, c, f: ops.separable_linear(x, c, None, 9, kind, f),
                                             (x, control, fine))
 

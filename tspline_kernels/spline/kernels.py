@@ -96,9 +96,9 @@ def basis_windows(n: int, g: int, kind: int, chunk: int, dtype: torch.dtype, dev
 )
 @triton.jit
 def _separable_in_kernel(
-    x_ptr, tab_ptr, part_ptr,
+    x_ptr, tab_ptr, part_ptr, colsum_ptr,
     M, N_IN, M_BUCKET, stride_xm, stride_xk,
-    CHUNK: tl.constexpr, W: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+    CHUNK: tl.constexpr, W: tl.constexpr, SPLIT: tl.constexpr, COLSUM: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BK: tl.constexpr,
 ):
     """Input pass, split over K: part[s, rows] = x[rows, chunk s] @ Bi[chunk s, start[s]:start[s]+W].
@@ -108,6 +108,8 @@ def _separable_in_kernel(
     slot is written whatever the config, so no slot is ever stale. Products of x's dtype on the
     tensor cores, fp32 accumulation; with ``SPLIT`` (fp16/bf16, P = 2) x multiplies both parts of
     the table, so the basis is not rounded to x's dtype (x itself is exact). The partials stay fp32.
+    With ``COLSUM`` (x is dy: the bias gradient) the program also sums its block's columns over its
+    rows into slot i of colsum ``(row blocks, N_IN)`` (fp32, or the result's dtype for one block).
     FLOPs: 2*P*M*S*CHUNK*W (useful: 8*M*N_IN). Bytes: elt*M*N_IN + 4*S*M*W, plus the table (L2).
     """
     pid_m = tl.program_id(0)
@@ -122,6 +124,9 @@ def _separable_in_kernel(
                     mask=m_mask[:, None] & (rb < N_IN)[None, :], other=0.0)
         tab = tab_ptr + rb[:, None] * W + rw[None, :]  # rows past N_IN are zero
         acc = tl.dot(a, tl.load(tab), acc, input_precision=PRECISION)
+        if COLSUM:
+            tl.store(colsum_ptr + pid_m.to(tl.int64) * N_IN + rb, tl.sum(a.to(tl.float32), axis=0).to(colsum_ptr.dtype.element_ty),
+                     mask=rb < N_IN)
         if SPLIT:
             acc = tl.dot(a, tl.load(tab + tl.num_programs(1) * CHUNK * W), acc, input_precision=PRECISION)
     tl.store(part_ptr + (s.to(tl.int64) * M + rm)[:, None] * W + rw[None, :], acc, mask=m_mask[:, None])
@@ -232,18 +237,24 @@ def _chunk(m: int, chunk: int | None) -> int:
     return chunk
 
 
-def _input_pass(a2: torch.Tensor, g: int, kind: int, chunk: int,
-                bucket: int) -> tuple[torch.Tensor, BasisWindows]:
+def _input_pass(a2: torch.Tensor, g: int, kind: int, chunk: int, bucket: int,
+                sum_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, BasisWindows, torch.Tensor | None]:
     """Launch ``_separable_in_kernel`` on a2 ``(M, n)`` (M > 0, ``bucket`` = ``m_bucket(M)``): the fp32
-    windowed partials of a2 @ B ``(S, M, W)`` and the basis windows they refer to."""
+    windowed partials of a2 @ B ``(S, M, W)``, the basis windows they refer to, and a2's column sums
+    ``(n,)`` in ``sum_dtype`` (None for None: none summed)."""
     m, n = a2.shape
     win = basis_windows(n, g, kind, chunk, a2.dtype, a2.device)
     part = torch.empty(win.chunks, m, win.width, device=a2.device, dtype=torch.float32)
-    _separable_in_kernel[lambda meta: (cdiv(m, meta["BM"]), win.chunks)](
-        a2, win.table, part, m, n, bucket, *a2.stride(),
-        CHUNK=chunk, W=win.width, SPLIT=win.split, PRECISION=dot_precision(a2.dtype),
+    if sum_dtype is None:
+        slots, colsum, blocks = None, part, lambda meta: cdiv(m, meta["BM"])
+    else:  # a slot of column sums per row block
+        slots = blocks = SplitSlots(_separable_in_kernel, lambda meta: cdiv(m, meta["BM"]))
+        colsum = slots.empty(n, device=a2.device, dtype=sum_dtype)
+    _separable_in_kernel[lambda meta: (blocks(meta), win.chunks)](
+        a2, win.table, part, colsum, m, n, bucket, *a2.stride(),
+        CHUNK=chunk, W=win.width, SPLIT=win.split, COLSUM=slots is not None, PRECISION=dot_precision(a2.dtype),
     )
-    return part, win
+    return part, win, None if slots is None else slots.sum(colsum, sum_dtype)
 
 
 def separable_levels(
@@ -278,7 +289,7 @@ def _separable_passes(x2: torch.Tensor, control: torch.Tensor, bias: torch.Tenso
     output pass (M > 0, ``bucket`` = ``m_bucket(M)``)."""
     m, out_features = y2.shape
     g_out, g_in = control.shape
-    part, bi = _input_pass(x2, g_in, kind, chunk, bucket)
+    part, bi, _ = _input_pass(x2, g_in, kind, chunk, bucket)
     bo = basis_windows(out_features, g_out, kind, OUT_TILE, torch.float32, x2.device)
     res = y2 if r2 is None else r2
     _separable_out_kernel[lambda meta: (cdiv(m, meta["BM"]), meta["N_SPLIT"])](
@@ -325,19 +336,22 @@ def _separable_dc_kernel(
 
 
 def separable_grad_control(u: torch.Tensor, v: torch.Tensor, g_out: int, g_in: int, kind: int,
-                           dtype: torch.dtype, chunk: int | None = None) -> torch.Tensor:
-    """dC ``(g_out, g_in)`` from output grad u ``(*, n_out)`` and input v ``(*, n_in)``, accumulated
-    in fp32 and returned in ``dtype``: the input pass on each, then ``_separable_dc_kernel``.
-    ``chunk`` as in ``separable_levels``."""
+                           dtype: torch.dtype, bias_dtype: torch.dtype | None,
+                           chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dC ``(g_out, g_in)``, d_bias ``(n_out,)``) from output grad u ``(*, n_out)`` and input v
+    ``(*, n_in)``: dC accumulated in fp32 and returned in ``dtype`` (the input pass on each, then
+    ``_separable_dc_kernel``), d_bias u's row sum in ``bias_dtype`` (summed by u's input pass from the
+    blocks it loads; empty for None). ``chunk`` as in ``separable_levels``."""
     check_inputs(u, v)
     u2, v2 = flatten(u), flatten(v)
     m = u2.shape[0]
     if m == 0:
-        return torch.zeros(g_out, g_in, device=u.device, dtype=dtype)
+        return (torch.zeros(g_out, g_in, device=u.device, dtype=dtype),
+                u2.new_zeros(0 if bias_dtype is None else u2.shape[1], dtype=bias_dtype or u2.dtype))
     chunk = _chunk(m, chunk)
     bucket = m_bucket(m)
-    pout, wout = _input_pass(u2, g_out, kind, chunk, bucket)
-    pin, win = _input_pass(v2, g_in, kind, chunk, bucket)
+    pout, wout, d_bias = _input_pass(u2, g_out, kind, chunk, bucket, bias_dtype)
+    pin, win, _ = _input_pass(v2, g_in, kind, chunk, bucket)
     gop, gip = _pad(g_out), _pad(g_in)
     slots = SplitSlots(_separable_dc_kernel, lambda meta: cdiv(m, meta["BM"]))
     part = slots.empty(g_out, g_in, device=u.device, dtype=dtype)
@@ -345,7 +359,7 @@ def separable_grad_control(u: torch.Tensor, v: torch.Tensor, g_out: int, g_in: i
         pout, wout.start, pin, win.start, part, m, wout.chunks, win.chunks, g_out, g_in, bucket,
         GOP=gop, GIP=gip, W_OUT=wout.width, W_IN=win.width,
     )
-    return slots.sum(part, dtype)
+    return slots.sum(part, dtype), u2.new_empty(0) if d_bias is None else d_bias
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ Each forward op has a fake implementation and an autograd formula built from oth
 ``torch.compile(fullgraph=True)`` traces straight through. Backward:
   separable: dx = separable_linear(dy, C.T) (the same two passes, per level, with the axes swapped),
              dC = separable_grad_control(dy, x) per level, in the parameters' dtype (Triton: the input
-             pass on dy and on x, then their product, rounded once);
+             pass on dy and on x, then their product, rounded once), and with the first level d(bias),
+             which the input pass on dy sums from the blocks it loads;
   field:     field_linear_backward gives dx, d(control, log_bandwidth) (one vector) and d(bias) together
              (the reference builds each weight block once for both; Triton runs the transposed matmul
              and a reduction kernel whose partial sums hold both, and which sums d(bias) from the dy
@@ -45,32 +46,41 @@ def _(x, control, bias, out_features, kind, fine=None):
 
 
 @torch.library.custom_op("tspline::separable_grad_control", mutates_args=())
-def separable_grad_control(u: Tensor, v: Tensor, g_out: int, g_in: int, kind: int, dtype: torch.dtype) -> Tensor:
-    """dC = (u @ Bo).T @ (v @ Bi) in fp32 (fp64 for fp64 inputs), returned in ``dtype``:
-    u ``(*, n_out)``, v ``(*, n_in)``."""
+def separable_grad_control(u: Tensor, v: Tensor, g_out: int, g_in: int, kind: int, dtype: torch.dtype,
+                           bias_dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:
+    """(dC, d_bias): dC = (u @ Bo).T @ (v @ Bi) in fp32 (fp64 for fp64 inputs), returned in ``dtype``;
+    d_bias u's row sum ``(n_out,)`` in ``bias_dtype`` (empty for None); u ``(*, n_out)``, v ``(*, n_in)``."""
     if use_triton(u):
-        return _kernels().separable_grad_control(u, v, g_out, g_in, kind, dtype)
-    return ref.separable_grad_control(u, v, g_out, g_in, kind, dtype)
+        return _kernels().separable_grad_control(u, v, g_out, g_in, kind, dtype, bias_dtype)
+    return ref.separable_grad_control(u, v, g_out, g_in, kind, dtype, bias_dtype)
 
 
 @separable_grad_control.register_fake
-def _(u, v, g_out, g_in, kind, dtype):
-    return u.new_empty(g_out, g_in, dtype=dtype)
+def _(u, v, g_out, g_in, kind, dtype, bias_dtype):
+    return (u.new_empty(g_out, g_in, dtype=dtype),
+            u.new_empty(0 if bias_dtype is None else u.shape[-1], dtype=bias_dtype or u.dtype))
 
 
 def _grad_control_setup(ctx, inputs, output):
-    u, v, g_out, g_in, kind, dtype = inputs
+    u, v, g_out, g_in, kind, dtype, bias_dtype = inputs
     ctx.save_for_backward(u, v)
     ctx.kind = kind
+    ctx.set_materialize_grads(False)
 
 
-def _grad_control_backward(ctx, grad):
-    """dC is bilinear in (u, v): du = v @ (Bo G Bi.T).T and dv = u @ (Bo G Bi.T), both separable."""
+def _grad_control_backward(ctx, grad, grad_bias):
+    """dC is bilinear in (u, v): du = v @ (Bo G Bi.T).T and dv = u @ (Bo G Bi.T), both separable;
+    d_bias, u's row sum, adds its gradient to every row of du."""
     u, v = ctx.saved_tensors
-    grad = grad.to(u.dtype)
-    du = separable_linear(v, grad, None, u.shape[-1], ctx.kind, None) if ctx.needs_input_grad[0] else None
-    dv = separable_linear(u, grad.mT, None, v.shape[-1], ctx.kind, None) if ctx.needs_input_grad[1] else None
-    return du, dv, None, None, None, None
+    du = dv = None
+    if grad is not None:
+        grad = grad.to(u.dtype)
+        du = separable_linear(v, grad, None, u.shape[-1], ctx.kind, None) if ctx.needs_input_grad[0] else None
+        dv = separable_linear(u, grad.mT, None, v.shape[-1], ctx.kind, None) if ctx.needs_input_grad[1] else None
+    if grad_bias is not None and grad_bias.numel() and ctx.needs_input_grad[0]:
+        du_bias = grad_bias.to(u.dtype).expand(u.shape)
+        du = du_bias if du is None else du + du_bias
+    return du, dv, None, None, None, None, None
 
 
 register_autograd(separable_grad_control, _grad_control_backward, _grad_control_setup)
@@ -92,13 +102,15 @@ def _separable_backward(ctx, dy):
     dx = dc = db = d_fine = None
     if need[0]:
         dx = separable_linear(dy, control.mT, None, x.shape[-1], ctx.kind, None if fine is None else fine.mT)
-    if need[1]:
-        dc = separable_grad_control(dy, x, control.shape[0], control.shape[1], ctx.kind, control.dtype)
-    if ctx.bias_dtype is not None and need[2]:
-        db = bias_grad(dy, ctx.bias_dtype)
+    bias_dtype = ctx.bias_dtype if need[2] else None
+    if need[1]:  # the bias gradient from the input pass on dy that dC runs anyway
+        dc, db = separable_grad_control(dy, x, control.shape[0], control.shape[1], ctx.kind, control.dtype,
+                                        bias_dtype)
+    elif bias_dtype is not None:
+        db = bias_grad(dy, bias_dtype)
     if ctx.has_fine and need[5]:
-        d_fine = separable_grad_control(dy, x, fine.shape[0], fine.shape[1], ctx.kind, fine.dtype)
-    return dx, dc, db, None, None, d_fine
+        d_fine, _ = separable_grad_control(dy, x, fine.shape[0], fine.shape[1], ctx.kind, fine.dtype, None)
+    return dx, dc, None if bias_dtype is None else db, None, None, d_fine
 
 
 register_autograd(separable_linear, _separable_backward, _separable_setup)
