@@ -77,6 +77,25 @@ def test_split_slots_sum_only_what_the_last_launch_wrote():
     assert slots({"SPLIT": 1}) == 1 and slots.sum(part).tolist() == [0.0, 0.0]
 
 
+def test_split_slots_one_slot_is_the_result():
+    """Where every config launches one program, the buffer is the result itself, in the dtype asked
+    for (no slot dimension, nothing launched or indexed by ``sum``), unless the launch did not run
+    (zeros) or the buffer was allocated in another dtype (one slot-sum launch casts it)."""
+    from tspline_kernels._triton import SplitSlots
+
+    class Tuner:
+        configs = [triton.Config({"BM": bm}) for bm in (16, 64)]
+
+    slots = SplitSlots(Tuner, lambda meta: 1)
+    part = slots.empty(3, 4, device="cpu", dtype=torch.bfloat16)
+    assert slots.slots == 1 and part.shape == (3, 4) and part.dtype == torch.bfloat16
+    part.copy_(torch.randn(3, 4))
+    assert slots.sum(part, torch.bfloat16).tolist() == [[0.0] * 4] * 3  # not launched: no slot written
+    slots({"BM": 16})
+    assert slots.sum(part, torch.bfloat16) is part
+    assert slots.zeros(5, device="cpu").shape == (5,)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape, used", [((3, 5, 7), 3), ((1, 2500), 1), ((4, 1), 2), ((2, 0, 3), 2), ((3,), 2)])
 def test_split_slots_sum_kernel_adds_the_used_slots_in_order_and_casts(kernel_device, dtype, shape, used):
@@ -92,9 +111,10 @@ def test_split_slots_sum_kernel_adds_the_used_slots_in_order_and_casts(kernel_de
     part = slots.empty(*shape[1:], device=kernel_device)
     part.copy_(torch.randn(part.shape) * 100)
     slots({"SPLIT": used})
-    expected = part[0].clone()
+    each = part if slots.slots > 1 else part[None]  # one slot: the buffer is the result's shape
+    expected = each[0].clone()
     for s in range(1, used):
-        expected += part[s]
+        expected += each[s]
     got = slots.sum(part, dtype)
     assert got.dtype == dtype and got.shape == shape[1:]
     if dtype == torch.bfloat16 and kernel_device == "cpu":  # the interpreter truncates to bf16 (a GPU rounds)

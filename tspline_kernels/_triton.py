@@ -254,24 +254,27 @@ class SplitSlots:
         self.used = self.programs(meta)
         return self.used
 
-    def _dtype(self, dtype: torch.dtype) -> torch.dtype:
-        return dtype if self.slots == 1 else torch.float32
-
     def empty(self, *shape: int, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """A ``(slots, *shape)`` buffer for results wanted in ``dtype``: fp32 partials, or ``dtype``
-        itself where every config launches one program (its store then rounds once and :meth:`sum`
-        launches nothing; the kernel casts to the buffer's type). Only slots the launch wrote are read."""
-        return torch.empty(self.slots, *shape, device=device, dtype=self._dtype(dtype))
+        """A ``(slots, *shape)`` fp32 buffer of partials for results wanted in ``dtype``; where every
+        config launches one program, the result itself: ``shape`` in ``dtype`` (the kernel's store,
+        cast to the buffer's type, rounds once; :meth:`sum` returns it, launching nothing and
+        indexing nothing). Only slots the launch wrote are read."""
+        if self.slots == 1:
+            return torch.empty(shape, device=device, dtype=dtype)
+        return torch.empty(self.slots, *shape, device=device, dtype=torch.float32)
 
     def zeros(self, *shape: int, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """As :meth:`empty`, zero-filled: for kernels that leave parts of their slot unwritten."""
-        return torch.zeros(self.slots, *shape, device=device, dtype=self._dtype(dtype))
+        if self.slots == 1:
+            return torch.zeros(shape, device=device, dtype=dtype)
+        return torch.zeros(self.slots, *shape, device=device, dtype=torch.float32)
 
     def sum(self, part: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The sum of the slots of ``part`` (an :meth:`empty` or :meth:`zeros` buffer) the last
-        launch wrote, in ``dtype``: one ``_slot_sum_kernel`` launch, none for one slot already in ``dtype``."""
-        if self.used == 1 and part.dtype == dtype:
-            return part[0]
+        launch wrote, in ``dtype``: ``part`` itself where it is the one slot, written, in ``dtype``,
+        else one ``_slot_sum_kernel`` launch."""
+        if self.slots == 1:
+            return part if self.used == 1 and part.dtype == dtype else slot_sum(part, self.used, part.shape, dtype=dtype)
         return slot_sum(part, self.used, part.shape[1:], dtype=dtype)
 
 

@@ -280,7 +280,7 @@ def chain_grad(dy2: torch.Tensor, x2: torch.Tensor, cores: list[Core], dtype: to
         return plan, cost.grad_split(plan, m, modes[0], modes[1], GRAD_PROGRAMS)
 
     slots = SplitSlots(_chain_grad_kernel, lambda meta: split(meta)[1].elements)  # a slot per fp32 element
-    part = slots.empty(device=x2.device)
+    part = torch.empty(slots.slots, device=x2.device, dtype=torch.float32)
     launched = []
 
     def grid(meta):
