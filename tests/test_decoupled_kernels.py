@@ -85,10 +85,12 @@ def test_fp32_shapes(shape, kernel_device):
     assert_agree(args, torch.randn(*lead, n, device=kernel_device), torch.float32)
 
 
+@pytest.mark.parametrize("rows", [9, 40], ids=["one-split", "splits"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
-def test_dtypes(dtype, kernel_device):
-    args = make_args((9,), 37, 45, 20, 7, dtype, kernel_device)
-    assert_agree(args, torch.randn(9, 45, device=kernel_device).to(dtype), dtype)
+def test_dtypes(dtype, rows, kernel_device):
+    """Every dtype, dcoef rounded once to coef's: by the kernel's single split, or by the slot sum."""
+    args = make_args((rows,), 37, 45, 20, 7, dtype, kernel_device)
+    assert_agree(args, torch.randn(rows, 45, device=kernel_device).to(dtype), dtype)
 
 
 def test_fp16_large_projection_keeps_fp32_range(kernel_device):

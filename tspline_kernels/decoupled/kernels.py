@@ -207,7 +207,7 @@ def _decoupled_fwd_kernel(
 )
 @triton.jit(do_not_specialize=["M"])
 def _decoupled_bwd_kernel(
-    x_ptr, dy_ptr, v_ptr, w_ptr, coef_ptr, lo_ptr, hi_ptr, dx_ptr, g_ptr, dz_ptr, dcoef_ptr,
+    x_ptr, dy_ptr, v_ptr, w_ptr, coef_ptr, lo_ptr, hi_ptr, dx_ptr, g_ptr, dz_ptr, dcoef_ptr, dcoef_out_ptr,
     M, K, N_OUT, R, KB, M_BUCKET,
     stride_xm, stride_xk, stride_gm, stride_gn, stride_vk, stride_vr, stride_wn, stride_wr,
     stride_cr, stride_ck, stride_dxm, stride_dxk,
@@ -218,7 +218,9 @@ def _decoupled_bwd_kernel(
     contiguous), and dcoef partials ``(>= S, R, KB)`` fp32, for z = x @ v; x ``(M, K)``, dy
     ``(M, N_OUT)``, v, w in x's dtype. S = the grid's first axis (the config's SPLIT capped by the
     row blocks; the host allocated the slots); each split's program j == 0 writes every entry of
-    its slot (the first row block stores, later ones add), so no slot read is stale.
+    its slot (the first row block stores, later ones add), so no slot read is stale. With one split
+    its last row block also stores the sum, rounded once, to dcoef_out ``(R, KB)`` (coef's dtype):
+    the host then sums nothing and casts nothing.
 
     FLOPs: (2*M*(K + N_OUT)*R + ~80*M*R)*T + 2*M*K*R for dx (T = cdiv(K, BN) dx tiles, 1 without dx)
     + ~10*M*R*KB for dcoef. Bytes: elt*(M*(K + N_OUT)*T + M*K) + 8*M*R + 4*S*R*KB.
@@ -259,12 +261,14 @@ def _decoupled_bwd_kernel(
                 # dcoef[:, k] += column sums of u * (value of basis k); basis k is tap k - c0
                 slot = dcoef_ptr + pid_s * R * KB + rr * KB
                 added = r_mask & (rr * 0 + m0 > pid_s * BM)  # the split's first row block stores
+                # one split: its last row block also stores the sum, rounded once, as the result
+                final = r_mask & (rr * 0 + n_split == 1) & (rr * 0 + m0 + BM >= M)
                 for k in range(0, KB):
                     tap = k - c0
                     hit = tl.where(tap == 0, b0, tl.where(tap == 1, b1, tl.where(tap == 2, b2, tl.where(tap == 3, b3, 0.0))))
-                    col = tl.sum(u * hit, axis=0)
-                    prev = tl.load(slot + k, mask=added, other=0.0)
-                    tl.store(slot + k, prev + col, mask=r_mask)
+                    total = tl.load(slot + k, mask=added, other=0.0) + tl.sum(u * hit, axis=0)
+                    tl.store(slot + k, total, mask=r_mask)
+                    tl.store(dcoef_out_ptr + rr * KB + k, total.to(dcoef_out_ptr.dtype.element_ty), mask=final)
         if NEED_DX:
             tl.store(dx_ptr + rm[:, None] * stride_dxm + rn[None, :] * stride_dxk, acc.to(dx_ptr.dtype.element_ty),
                      mask=m_mask[:, None] & n_mask[None, :])
@@ -307,7 +311,7 @@ def decoupled_mlp_backward(
     lo: torch.Tensor, hi: torch.Tensor, need_input: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the fused backward: (dx like x, or empty without ``need_input``; G ``(*, r)``,
-    dz ``(*, r)``, dcoef ``(r, K)`` fp32) for dy ``(*, n)`` and the forward's inputs."""
+    dz ``(*, r)`` fp32, dcoef ``(r, K)`` in coef's dtype) for dy ``(*, n)`` and the forward's inputs."""
     check_inputs(dy, x, v, w, coef, lo, hi)
     _check_ranges(v, w, coef, lo, hi)
     v, w, dy = cast(v, x.dtype), cast(w, x.dtype), cast(dy, x.dtype)
@@ -321,18 +325,20 @@ def decoupled_mlp_backward(
     g = torch.empty(*x.shape[:-1], r, device=x.device, dtype=torch.float32)
     dz = torch.empty(*x.shape[:-1], r, device=x.device, dtype=torch.float32)
     if m == 0:
-        dcoef = torch.zeros(r, kb, device=x.device, dtype=torch.float32)
+        dcoef = torch.zeros(r, kb, device=x.device, dtype=coef.dtype)
     else:
         slots = SplitSlots(_decoupled_bwd_kernel, lambda meta: min(meta["SPLIT"], cdiv(m, meta["BM"])))
-        part = slots.empty(r, kb, device=x.device)
+        part = slots.empty(r, kb, device=x.device)  # fp32 accumulators: a split adds each row block in
+        dcoef = torch.empty(r, kb, device=x.device, dtype=coef.dtype)  # written by a single split
         grid = lambda meta: (slots(meta), cdiv(k, meta["BN"]) if need_input else 1)  # noqa: E731
         _decoupled_bwd_kernel[grid](
-            x2, g2, v, w, coef, lo, hi, dx, g, dz, part,
+            x2, g2, v, w, coef, lo, hi, dx, g, dz, part, dcoef,
             m, k, n, r, kb, m_bucket(m),
             x2.stride(0), x2.stride(1), g2.stride(0), g2.stride(1), v.stride(0), v.stride(1),
             w.stride(0), w.stride(1), coef.stride(0), coef.stride(1),
             k if need_input else 0, 1 if need_input else 0,
             NEED_DX=need_input, PRECISION=dot_precision(x.dtype),
         )
-        dcoef = slots.sum(part)
+        if slots.used > 1:
+            dcoef = slots.sum(part, coef.dtype)
     return dx, g, dz, dcoef

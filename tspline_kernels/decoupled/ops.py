@@ -44,7 +44,7 @@ def _(x, v, w, coef, lo, hi, bias):
 def reference_backward(dy: Tensor, x: Tensor, v: Tensor, w: Tensor, coef: Tensor, lo: Tensor, hi: Tensor,
                        need_input: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``decoupled_mlp_backward`` in plain PyTorch (differentiable by autograd in dy, x, v, w, coef)."""
-    cd = compute_dtype(x)
+    cd, coef_dtype = compute_dtype(x), coef.dtype
     x2, dy2 = x.reshape(-1, x.shape[-1]).to(cd), dy.reshape(-1, dy.shape[-1]).to(cd)
     v, coef, lo, hi = v.to(cd), coef.to(cd), lo.to(cd), hi.to(cd)
     z = x2 @ v
@@ -57,14 +57,15 @@ def reference_backward(dy: Tensor, x: Tensor, v: Tensor, w: Tensor, coef: Tensor
     dcoef = torch.zeros(r * k, dtype=cd, device=x.device).index_add(0, cols.reshape(-1), (u[..., None] * values).reshape(-1))
     dx = (dz @ v.T).reshape(x.shape).to(x.dtype) if need_input else x.new_empty(0)
     lead = x.shape[:-1]
-    return dx, g.reshape(*lead, r), dz.reshape(*lead, r), dcoef.reshape(r, k)
+    return dx, g.reshape(*lead, r), dz.reshape(*lead, r), dcoef.reshape(r, k).to(coef_dtype)
 
 
 @torch.library.custom_op("tspline::decoupled_mlp_backward", mutates_args=())
 def decoupled_mlp_backward(dy: Tensor, x: Tensor, v: Tensor, w: Tensor, coef: Tensor, lo: Tensor, hi: Tensor,
                            need_input: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx like x (empty unless ``need_input``), G = g(x @ v) ``(*, r)``, dz = (dy @ w) * g'(x @ v)
-    ``(*, r)``, dcoef ``(r, K)``), the last three in the compute dtype; dy ``(*, n)``."""
+    ``(*, r)`` in the compute dtype, dcoef ``(r, K)`` summed in it and rounded once to coef's dtype);
+    dy ``(*, n)``."""
     if use_triton(x):
         return _kernels().decoupled_mlp_backward(dy, x, v, w, coef, lo, hi, need_input)
     return reference_backward(dy, x, v, w, coef, lo, hi, need_input)
@@ -76,7 +77,7 @@ def _(dy, x, v, w, coef, lo, hi, need_input):
     r = v.shape[1]
     dx = x.new_empty(x.shape) if need_input else x.new_empty(0)
     return (dx, x.new_empty(*x.shape[:-1], r, dtype=cd), x.new_empty(*x.shape[:-1], r, dtype=cd),
-            x.new_empty(coef.shape, dtype=cd))
+            coef.new_empty(coef.shape))
 
 
 def _grad_setup(ctx, inputs, output):
@@ -113,7 +114,7 @@ def _backward(ctx, dy):
     if need_x or need_v or need_w or need_coef:
         dx, g, dz, dcoef = decoupled_mlp_backward(dy, x, v, w, coef, lo, hi, need_x)
         dx = dx if need_x else None
-        dcoef = dcoef.to(coef.dtype) if need_coef else None
+        dcoef = dcoef if need_coef else None
         if need_v or need_w:
             dv, dw, dsum = lowrank_grad_factors(x, dy, g, dz, grad_dtype(g.dtype, v, w, ctx.bias_dtype))
             dv = dv.to(v.dtype) if need_v else None
