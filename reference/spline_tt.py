@@ -33,14 +33,12 @@ def spline_cores(controls: list[torch.Tensor], in_modes: list[int], out_modes: l
     return cores
 
 
-def project_to_control(d_cores: list[torch.Tensor], controls: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Chain rule through the bases: dC_k = Bo_k.T dG_k Bi_k (per rank pair), in dG's dtype."""
-    out = []
-    for dg, c in zip(d_cores, controls):
-        bo = bases(dg.shape[1], c.shape[1], dg.dtype, dg.device)
-        bi = bases(dg.shape[2], c.shape[2], dg.dtype, dg.device)
-        out.append(torch.einsum("op,aoib,iq->apqb", bo, dg, bi).contiguous())
-    return out
+def project_to_control(d_core: torch.Tensor, control: torch.Tensor) -> torch.Tensor:
+    """Chain rule through the bases: dC = Bo.T dG Bi (per rank pair), computed in dG's dtype and
+    returned contiguous in control's."""
+    bo = bases(d_core.shape[1], control.shape[1], d_core.dtype, d_core.device)
+    bi = bases(d_core.shape[2], control.shape[2], d_core.dtype, d_core.device)
+    return torch.einsum("op,aoib,iq->apqb", bo, d_core, bi).to(control.dtype).contiguous()
 
 
 def spline_tt_linear(
@@ -56,9 +54,9 @@ def spline_tt_grad(
     dy: torch.Tensor, x: torch.Tensor, controls: list[torch.Tensor], in_modes: list[int], out_modes: list[int],
     need_dx: bool,
 ) -> list[torch.Tensor]:
-    """Gradients of sum(dy * (x @ W.T)): ``[dC_1, ..., dC_d]`` in the compute dtype, then
-    ``dx = dy @ W`` (x's shape and dtype) if ``need_dx``."""
+    """Gradients of sum(dy * (x @ W.T)): ``[dC_1, ..., dC_d]``, each summed in the compute dtype
+    and returned in its control's dtype, then ``dx = dy @ W`` (x's shape and dtype) if ``need_dx``."""
     cd = compute_dtype(dy)
     cores = spline_cores([c.to(cd) for c in controls], in_modes, out_modes)
     grads = tt.tt_grad(dy, x, cores, need_dx)
-    return project_to_control(grads[:len(cores)], controls) + grads[len(cores):]
+    return [project_to_control(g, c) for g, c in zip(grads, controls)] + grads[len(cores):]

@@ -314,6 +314,25 @@ def test_spline_contract_never_forms_cores(monkeypatch, kernel_device):
     assert x.grad is not None and all(c.grad is not None for c in layer.control)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("o, i, go, gi", [(70, 37, 9, 5), (1, 1, 4, 4), (3, 20, 17, 4)],
+                         ids=["o-over-3-steps", "modes-1", "grid-over-mode"])
+def test_spline_projection_kernel(o, i, go, gi, dtype, kernel_device):
+    """dC = Bo.T dG Bi (the core gradient projected onto the controls) by one ``_project_kernel``
+    launch against float64: output modes over several BLOCK_O steps (a partial last one), modes of
+    1, a grid larger than its mode, ranks 2 x 3, a strided dG; fp32 throughout, rounded once to
+    the control's dtype."""
+    from tspline_kernels.reference import spline_tt as sref
+    from tspline_kernels.spline_tt import kernels as skernels
+
+    d_core = torch.randn(2, i, o, 3, device=kernel_device).transpose(1, 2)  # (2, o, i, 3), not contiguous
+    control = torch.empty(2, go, gi, 3, device=kernel_device, dtype=dtype)
+    got = skernels.project_to_control(d_core, control)
+    want = sref.project_to_control(d_core.double(), control.double())
+    assert got.dtype == dtype and got.shape == (2, go, gi, 3) and got.is_contiguous()
+    assert_close(got, want.to(dtype), dtype)
+
+
 # ------------------------------------------------------------------------- degenerate mode patterns
 # (in_modes, out_modes, ranks) where factored index maths breaks first: modes of 1 first, in the
 # middle, last and everywhere, a single mode > 1, a mode > 128, d = 2..4 (d = 1 is rejected by the

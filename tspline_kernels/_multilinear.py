@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from torch import Tensor
 
+from ._layers import cast
 from .reference.common import bias_grad
 
 
@@ -27,7 +28,7 @@ def linear_backward(ctx, dy: Tensor, factors: list[Tensor], grad_op: Callable[[b
     d_factors: list[Tensor | None] = [None] * len(factors)  # the list input needs a list of gradients
     if any(need[1]):
         grads = grad_op(need[0])
-        d_factors = [g.to(f.dtype) for g, f in zip(grads, factors)]
+        d_factors = [cast(g, f.dtype) for g, f in zip(grads, factors)]
         dx = grads[-1] if need[0] else None
     elif need[0]:
         dx = adjoint(transpose_factors(factors))

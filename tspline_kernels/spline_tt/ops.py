@@ -15,7 +15,6 @@ from torch import Tensor
 from .._backend import kernels_of, owned, register_autograd, use_triton
 from .._multilinear import linear_backward, multilinear_double_backward, transpose_factors
 from ..reference import spline_tt as ref
-from ..reference.common import compute_dtype
 
 
 _kernels = kernels_of(__package__)  # the Triton launchers, imported on first use
@@ -38,8 +37,8 @@ def _(x, controls, bias, in_modes, out_modes, strategy):
 @torch.library.custom_op("tspline::spline_tt_grad", mutates_args=())
 def spline_tt_grad(dy: Tensor, x: Tensor, controls: list[Tensor], in_modes: list[int], out_modes: list[int],
                    strategy: str, need_dx: bool) -> list[Tensor]:
-    """``[dC_1, ..., dC_d]`` of sum(dy * (x @ W.T)) in fp32 (fp64 for fp64 inputs), then ``dx = dy @ W``
-    (x's shape and dtype) if ``need_dx``."""
+    """``[dC_1, ..., dC_d]`` of sum(dy * (x @ W.T)), summed in fp32 (fp64 for fp64 inputs) and
+    returned in each control's dtype, then ``dx = dy @ W`` (x's shape and dtype) if ``need_dx``."""
     if use_triton(dy):
         return _kernels().spline_tt_grad(dy, x, controls, in_modes, out_modes, strategy, need_dx)
     return ref.spline_tt_grad(dy, x, controls, in_modes, out_modes, need_dx)
@@ -47,8 +46,7 @@ def spline_tt_grad(dy: Tensor, x: Tensor, controls: list[Tensor], in_modes: list
 
 @spline_tt_grad.register_fake
 def _(dy, x, controls, in_modes, out_modes, strategy, need_dx):
-    grads = [dy.new_empty(c.shape, dtype=compute_dtype(dy)) for c in controls]
-    return grads + ([x.new_empty(x.shape)] if need_dx else [])
+    return [c.new_empty(c.shape) for c in controls] + ([x.new_empty(x.shape)] if need_dx else [])
 
 
 def _grad_setup(ctx, inputs, output):
