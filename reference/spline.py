@@ -38,8 +38,8 @@ KEYS_A = -0.75
 
 __all__ = [
     "BSPLINE", "BICUBIC", "IDW", "GAUSSIAN", "positions", "bspline_rows", "basis_matrix", "separable_weight",
-    "separable_linear", "separable_levels", "separable_grad_control", "eisenstein_lattice", "support_radius",
-    "gaussian_width", "field_weight", "field_linear", "field_linear_backward",
+    "separable_linear", "separable_levels", "separable_grad_control", "separable_backward", "eisenstein_lattice",
+    "support_radius", "gaussian_width", "field_weight", "field_linear", "field_linear_backward",
 ]
 
 
@@ -160,16 +160,27 @@ def separable_levels(x: torch.Tensor, controls: list[torch.Tensor], bias: torch.
 
 
 def separable_grad_control(u: torch.Tensor, v: torch.Tensor, g_out: int, g_in: int, kind: int,
-                           dtype: torch.dtype, bias_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dC, d_bias): dC = (u @ Bo).T @ (v @ Bi) for u ``(*, n_out)`` (output grad), v ``(*, n_in)``
-    (input), in the compute dtype, returned in ``dtype``; d_bias u's row sum ``(n_out,)`` in
-    ``bias_dtype`` (empty for None)."""
+                           dtype: torch.dtype) -> torch.Tensor:
+    """dC = (u @ Bo).T @ (v @ Bi) for u ``(*, n_out)`` (output grad), v ``(*, n_in)`` (input), in the
+    compute dtype, returned in ``dtype``."""
     cd = compute_dtype(u)
     bo = basis_matrix(u.shape[-1], g_out, kind, cd, u.device)
     bi = basis_matrix(v.shape[-1], g_in, kind, cd, u.device)
     u2, v2 = u.reshape(-1, u.shape[-1]).to(cd), v.reshape(-1, v.shape[-1]).to(cd)
-    d_bias = u.new_empty(0) if bias_dtype is None else bias_grad(u, bias_dtype)
-    return ((u2 @ bo).T @ (v2 @ bi)).to(dtype), d_bias
+    return ((u2 @ bo).T @ (v2 @ bi)).to(dtype)
+
+
+def separable_backward(
+    dy: torch.Tensor, x: torch.Tensor, controls: list[torch.Tensor], kind: int, need_dx: bool,
+    need_controls: list[bool], bias_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor | None, list[torch.Tensor | None], torch.Tensor | None]:
+    """Gradients of ``separable_levels(x, controls, bias, n_out, kind)`` for the output gradient dy
+    ``(*, n_out)``: (dx = dy @ W in x's dtype, [dC_k in control k's dtype], d_bias ``(n_out,)`` in
+    ``bias_dtype``), None where not wanted. W's levels transposed are the levels of W.T."""
+    dx = separable_levels(dy, [c.mT for c in controls], None, x.shape[-1], kind).to(x.dtype) if need_dx else None
+    d_controls = [separable_grad_control(dy, x, *c.shape, kind, c.dtype) if need else None
+                  for c, need in zip(controls, need_controls)]
+    return dx, d_controls, None if bias_dtype is None else bias_grad(dy, bias_dtype)
 
 
 def eisenstein_lattice(n: int) -> torch.Tensor:

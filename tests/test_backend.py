@@ -71,7 +71,7 @@ def test_override_is_per_thread():
 @pytest.mark.parametrize("forward_backend", ["triton", "reference"])
 def test_backward_follows_the_forward_backend(spy, forward_backend):
     """A backward run on another thread, under another override, still uses the forward's backend."""
-    calls = spy(kernels, "separable_grad_control")
+    calls = spy(kernels, "separable_backward")
     layer = tk.SplineLinear(9, 5)
     x = torch.randn(3, 9, requires_grad=True)
     with backend(forward_backend):
@@ -85,7 +85,7 @@ def test_backward_follows_the_forward_backend(spy, forward_backend):
     thread = threading.Thread(target=run_backward)
     thread.start()
     thread.join()
-    assert calls == (["separable_grad_control"] if forward_backend == "triton" else [])
+    assert calls == (["separable_backward"] if forward_backend == "triton" else [])
     with backend("reference"):
         want = torch.autograd.grad(layer(x).sum(), [x, layer.control])
     for a, b in zip(grads, want):

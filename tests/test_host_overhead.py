@@ -81,9 +81,9 @@ FAMILIES = {
     "eisenstein local": (lambda: tk.SplineLinear(40, 24, basis="eisenstein", n_control_points=20, support="local"),
                          1, 4),
     "decoupled": (lambda: tk.DecoupledSplineMLP(40, 24, rank=5, n_basis=6), 1, 3),  # + fused backward + factor grads
-    # input and output pass; + both for dx, the input pass on dy (which sums the bias gradient too)
-    # and on x, and dC's product
-    "bspline": (lambda: tk.SplineLinear(40, 24, grid=(6, 9)), 2, 7),
+    # input and output pass; + the input pass on dy (which sums the bias gradient too) for both dx's
+    # output pass and dC, the input pass on x, dC's product
+    "bspline": (lambda: tk.SplineLinear(40, 24, grid=(6, 9)), 2, 6),
     # chain and slot sum; + both for dx, the gradient chain, its slot sum per core, the projection
     # onto the controls per core
     "spline-tt": (lambda: tk.SplineTTLinear((4, 5, 2), (3, 4, 2), 2, (4, 4)), 2, 11),

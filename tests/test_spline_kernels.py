@@ -333,12 +333,42 @@ def test_separable_grad_control_from_input_passes(case, dtype, kernel_device):
     x = torch.randn(m, n_in, device=kernel_device).to(dtype)
     dy = torch.randn(m, n_out, device=kernel_device).to(dtype)
     for out in {dtype, torch.float32}:
-        (got, d_bias), (want, want_bias) = (f(dy, x, g_out, g_in, kind, out, out, *c) for f, c in (
-            (kernels.separable_grad_control, (chunk,)), (ref.separable_grad_control, ())))
+        got = kernels.separable_grad_control(dy, x, g_out, g_in, kind, out, chunk)
         assert got.dtype == out and got.shape == (g_out, g_in)
-        assert_close(got, want, dtype)
-        assert d_bias.dtype == out and d_bias.shape == (n_out,)
-        assert_close(d_bias, want_bias, dtype, name="d_bias")
+        assert_close(got, ref.separable_grad_control(dy, x, g_out, g_in, kind, out), dtype)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("levels", [1, 2], ids=["one-level", "two-levels"])
+@pytest.mark.parametrize("case", ["one-chunk-odd", "split-3-chunks", "bicubic-split"])
+def test_separable_backward_shares_dy_input_pass(case, levels, dtype, kernel_device):
+    """``separable_backward``: dx (levels chained as residuals), each level's dC and d_bias (the first
+    input pass on dy sums it, over several row blocks in "split-3-chunks") against the reference,
+    in their dtypes, for every subset of wanted results; one input pass on dy per level serves dx
+    and dC (3 launches per level plus x's input pass for each dC)."""
+    from tspline_kernels.bench.host_overhead import stubbed_launches
+    from tspline_kernels.reference import spline as ref
+    from tspline_kernels.spline import kernels
+
+    m, n_in, n_out, (g_out, g_in), basis, chunk = SEPARABLE[case]
+    kind = ref.BSPLINE if basis == "bspline" else ref.BICUBIC
+    x = torch.randn(m, n_in, device=kernel_device).to(dtype)
+    dy = torch.randn(m, n_out, device=kernel_device).to(dtype)
+    controls = [torch.randn(g_out, g_in, device=kernel_device).to(dtype),
+                torch.randn(g_out + 3, g_in + 2, device=kernel_device).to(dtype)][:levels]
+    for need_dx, need_c, bias_dtype in [(True, True, torch.float32), (False, True, None), (True, False, dtype)]:
+        needs = [need_c, not need_c][:levels]
+        got = kernels.separable_backward(dy, x, controls, kind, need_dx, needs, bias_dtype, chunk=chunk)
+        want = ref.separable_backward(dy, x, controls, kind, need_dx, needs, bias_dtype)
+        for name, g, w in [("dx", got[0], want[0]), *((f"dC{k}", a, b) for k, (a, b) in enumerate(zip(got[1], want[1]))),
+                           ("d_bias", got[2], want[2])]:
+            assert (g is None) == (w is None), name
+            if w is not None:
+                assert g.dtype == w.dtype and g.shape == w.shape, name
+                assert_close(g, w, dtype, name=name)
+    with stubbed_launches() as launches:
+        kernels.separable_backward(dy, x, controls, kind, True, [True] * levels, None, chunk=chunk)
+    assert [launch.kernel for launch in launches].count("_separable_in_kernel") == 2 * levels
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -352,7 +382,7 @@ def test_separable_16bit_inputs_meet_an_unrounded_basis(dtype, kernel_device):
 
     x = (torch.randn(6, 300, device=kernel_device) * 1000).to(dtype)
     dy = torch.randn(6, 131, device=kernel_device).to(dtype)
-    got = kernels.separable_grad_control(dy, x, 40, 70, ref.BSPLINE, torch.float32, None, 128)[0].double().cpu()
+    got = kernels.separable_grad_control(dy, x, 40, 70, ref.BSPLINE, torch.float32, 128).double().cpu()
     bo, bi = ref.basis_matrix(131, 40, ref.BSPLINE, torch.float64), ref.basis_matrix(300, 70, ref.BSPLINE, torch.float64)
     exact = (dy.double().cpu() @ bo).T @ (x.double().cpu() @ bi)
     assert (got - exact).norm() / exact.norm() < 1e-4

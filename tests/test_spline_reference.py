@@ -164,8 +164,7 @@ def test_separable_linear_gradcheck(kind):
     with backend("reference"):
         assert torch.autograd.gradcheck(lambda x, c, f, b: ops.separable_linear(x, c, b, 9, kind, f),
                                         (x, control, fine, bias))
-        # second order through the autograd formula's own ops (dx = separable_linear(dy, C.T), and
-        # separable_grad_control's (dC, d_bias))
+        # second order through separable_backward's own autograd formula (dx, dC, d_bias)
         assert torch.autograd.gradgradcheck(lambda x, c: ops.separable_linear(x, c, None, 9, kind), (x, control))
         assert torch.autograd.gradgradcheck(lambda x, c, b: ops.separable_linear(x, c, b, 9, kind), (x, control, bias))
         assert torch.autograd.gradgradcheck(lambda x, c, f: ops.separable_linear(x, c, None, 9, kind, f),

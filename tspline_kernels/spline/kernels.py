@@ -279,25 +279,25 @@ def separable_levels(
     y2 = None
     for k, control in enumerate(controls):
         r2, y2 = y2, x2.new_empty(m, out_features)
-        _separable_passes(x2, control, bias if k == len(controls) - 1 else None, kind, r2, y2, chunk, bucket)
+        part, bi, _ = _input_pass(x2, control.shape[1], kind, chunk, bucket)
+        _output_pass(part, bi, control, bias if k == len(controls) - 1 else None, kind, r2, y2, bucket)
     return y2 if x.dim() == 2 else y2.reshape(shape)  # a view: the op's owned() re-labels it
 
 
-def _separable_passes(x2: torch.Tensor, control: torch.Tensor, bias: torch.Tensor | None, kind: int,
-                      r2: torch.Tensor | None, y2: torch.Tensor, chunk: int, bucket: int) -> None:
-    """y2 ``(M, n_out)`` = x2 ``(M, n_in)`` through one control grid + bias + r2: the input and the
-    output pass (M > 0, ``bucket`` = ``m_bucket(M)``)."""
+def _output_pass(part: torch.Tensor, bi: BasisWindows, control: torch.Tensor, bias: torch.Tensor | None, kind: int,
+                 r2: torch.Tensor | None, y2: torch.Tensor, bucket: int) -> None:
+    """y2 ``(M, n_out)`` = (x2 @ Bi) @ C.T @ Bo.T + bias + r2 from x2's input pass ``part`` over the
+    basis windows ``bi`` (M > 0, ``bucket`` = ``m_bucket(M)``): one ``_separable_out_kernel`` launch."""
     m, out_features = y2.shape
     g_out, g_in = control.shape
-    part, bi, _ = _input_pass(x2, g_in, kind, chunk, bucket)
-    bo = basis_windows(out_features, g_out, kind, OUT_TILE, torch.float32, x2.device)
+    bo = basis_windows(out_features, g_out, kind, OUT_TILE, torch.float32, y2.device)
     res = y2 if r2 is None else r2
     _separable_out_kernel[lambda meta: (cdiv(m, meta["BM"]), meta["N_SPLIT"])](
         part, bi.start, control, bo.table, bo.start, bias if bias is not None else y2, res, y2,
         m, bi.chunks, out_features, g_in, g_out, bucket, *control.stride(), *res.stride(), *y2.stride(),
         HAS_BIAS=bias is not None, HAS_RESIDUAL=r2 is not None,
         GIP=_pad(g_in), W_IN=bi.width, BN=OUT_TILE, PW=bo.width,
-        PRECISION=_fp32_operand_precision(x2.dtype),
+        PRECISION=_fp32_operand_precision(y2.dtype),
     )
 
 
@@ -336,30 +336,69 @@ def _separable_dc_kernel(
 
 
 def separable_grad_control(u: torch.Tensor, v: torch.Tensor, g_out: int, g_in: int, kind: int,
-                           dtype: torch.dtype, bias_dtype: torch.dtype | None,
-                           chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dC ``(g_out, g_in)``, d_bias ``(n_out,)``) from output grad u ``(*, n_out)`` and input v
-    ``(*, n_in)``: dC accumulated in fp32 and returned in ``dtype`` (the input pass on each, then
-    ``_separable_dc_kernel``), d_bias u's row sum in ``bias_dtype`` (summed by u's input pass from the
-    blocks it loads; empty for None). ``chunk`` as in ``separable_levels``."""
+                           dtype: torch.dtype, chunk: int | None = None) -> torch.Tensor:
+    """dC ``(g_out, g_in)`` from output grad u ``(*, n_out)`` and input v ``(*, n_in)``, accumulated
+    in fp32 and returned in ``dtype``: the input pass on each, then ``_separable_dc_kernel``.
+    ``chunk`` as in ``separable_levels``."""
     check_inputs(u, v)
     u2, v2 = flatten(u), flatten(v)
     m = u2.shape[0]
     if m == 0:
-        return (torch.zeros(g_out, g_in, device=u.device, dtype=dtype),
-                u2.new_zeros(0 if bias_dtype is None else u2.shape[1], dtype=bias_dtype or u2.dtype))
+        return torch.zeros(g_out, g_in, device=u.device, dtype=dtype)
     chunk = _chunk(m, chunk)
     bucket = m_bucket(m)
-    pout, wout, d_bias = _input_pass(u2, g_out, kind, chunk, bucket, bias_dtype)
+    pout, wout, _ = _input_pass(u2, g_out, kind, chunk, bucket)
+    return _grad_control(pout, wout, g_out, v2, g_in, kind, chunk, bucket, dtype)
+
+
+def _grad_control(pout: torch.Tensor, wout: BasisWindows, g_out: int, v2: torch.Tensor, g_in: int, kind: int,
+                  chunk: int, bucket: int, dtype: torch.dtype) -> torch.Tensor:
+    """dC ``(g_out, g_in)`` in ``dtype`` from u's input pass ``pout`` over the windows ``wout`` of its
+    ``g_out``-point basis and v2 ``(M, n_in)`` (M > 0): the input pass on v2, then ``_separable_dc_kernel``."""
+    m = v2.shape[0]
     pin, win, _ = _input_pass(v2, g_in, kind, chunk, bucket)
-    gop, gip = _pad(g_out), _pad(g_in)
     slots = SplitSlots(_separable_dc_kernel, lambda meta: cdiv(m, meta["BM"]))
-    part = slots.empty(g_out, g_in, device=u.device, dtype=dtype)
+    part = slots.empty(g_out, g_in, device=v2.device, dtype=dtype)
     _separable_dc_kernel[lambda meta: (slots(meta),)](
         pout, wout.start, pin, win.start, part, m, wout.chunks, win.chunks, g_out, g_in, bucket,
-        GOP=gop, GIP=gip, W_OUT=wout.width, W_IN=win.width,
+        GOP=_pad(g_out), GIP=_pad(g_in), W_OUT=wout.width, W_IN=win.width,
     )
-    return slots.sum(part, dtype), u2.new_empty(0) if d_bias is None else d_bias
+    return slots.sum(part, dtype)
+
+
+def separable_backward(
+    dy: torch.Tensor, x: torch.Tensor, controls: list[torch.Tensor], kind: int, need_dx: bool,
+    need_controls: list[bool], bias_dtype: torch.dtype | None, *, chunk: int | None = None,
+) -> tuple[torch.Tensor | None, list[torch.Tensor | None], torch.Tensor | None]:
+    """The op ``separable_backward``: (dx like x, [dC_k in control k's dtype], d_bias ``(n_out,)`` in
+    ``bias_dtype``; None where not wanted) of ``separable_levels(x, controls, bias)`` for the output
+    gradient dy ``(*, n_out)``. Per level, one input pass on dy (dy @ Bo_k) serves both dx's output
+    pass (with C_k: dx = sum_k ((dy @ Bo_k) @ C_k) @ Bi_k.T, level k added into level k + 1's as its
+    residual) and dC_k's product with x's input pass; the first level's also sums d_bias. 3 or 4
+    launches per level (dx's, dC's), where separate ops would run 5. ``chunk`` as in
+    ``separable_levels``."""
+    check_inputs(dy, x, *controls)
+    dy2, x2 = flatten(dy), flatten(x)
+    m, n_in = x2.shape
+    if m == 0:
+        return (x.new_zeros(x.shape) if need_dx else None,
+                [c.new_zeros(c.shape) if need else None for c, need in zip(controls, need_controls)],
+                None if bias_dtype is None else dy2.new_zeros(dy2.shape[1], dtype=bias_dtype))
+    chunk = _chunk(m, chunk)
+    bucket = m_bucket(m)
+    dx2 = d_bias = None
+    d_controls: list[torch.Tensor | None] = []
+    for k, (control, need) in enumerate(zip(controls, need_controls)):
+        g_out = control.shape[0]
+        pout, wout, colsum = _input_pass(dy2, g_out, kind, chunk, bucket, bias_dtype if k == 0 else None)
+        d_bias = colsum if k == 0 else d_bias
+        if need_dx:
+            r2, dx2 = dx2, x2.new_empty(m, n_in)
+            _output_pass(pout, wout, control.mT, None, kind, r2, dx2, bucket)
+        d_controls.append(_grad_control(pout, wout, g_out, x2, control.shape[1], kind, chunk, bucket, control.dtype)
+                          if need else None)
+    dx = None if dx2 is None else dx2 if x.dim() == 2 else dx2.reshape(x.shape)
+    return dx, d_controls, d_bias
 
 
 # ----------------------------------------------------------------------------------------------

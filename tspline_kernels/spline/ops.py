@@ -2,10 +2,11 @@
 
 Each forward op has a fake implementation and an autograd formula built from other ops, so
 ``torch.compile(fullgraph=True)`` traces straight through. Backward:
-  separable: dx = separable_linear(dy, C.T) (the same two passes, per level, with the axes swapped),
-             dC = separable_grad_control(dy, x) per level, in the parameters' dtype (Triton: the input
-             pass on dy and on x, then their product, rounded once), and with the first level d(bias),
-             which the input pass on dy sums from the blocks it loads;
+  separable: separable_backward gives dx (the same two passes per level on W.T's grids, C.T), dC per
+             level in the parameters' dtype and d(bias) together: Triton runs one input pass on dy per
+             level (dy @ Bo) for both dx's output pass and dC's product with x's input pass (rounded
+             once), the first level's summing d(bias) from the blocks it loads; its own backward
+             (double backward) runs the same two ops, the outputs being bilinear;
   field:     field_linear_backward gives dx, d(control, log_bandwidth) (one vector) and d(bias) together
              (the reference builds each weight block once for both; Triton runs the transposed matmul
              and a reduction kernel whose partial sums hold both, and which sums d(bias) from the dy
@@ -21,7 +22,6 @@ from torch import Tensor
 from .._backend import kernels_of, owned, register_autograd, use_triton
 from .._layers import cast
 from ..reference import spline as ref
-from ..reference.common import bias_grad
 
 _kernels = kernels_of(__package__)  # the Triton launchers, imported on first use
 
@@ -45,45 +45,73 @@ def _(x, control, bias, out_features, kind, fine=None):
     return x.new_empty(*x.shape[:-1], out_features)
 
 
-@torch.library.custom_op("tspline::separable_grad_control", mutates_args=())
-def separable_grad_control(u: Tensor, v: Tensor, g_out: int, g_in: int, kind: int, dtype: torch.dtype,
-                           bias_dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:
-    """(dC, d_bias): dC = (u @ Bo).T @ (v @ Bi) in fp32 (fp64 for fp64 inputs), returned in ``dtype``;
-    d_bias u's row sum ``(n_out,)`` in ``bias_dtype`` (empty for None); u ``(*, n_out)``, v ``(*, n_in)``."""
-    if use_triton(u):
-        return _kernels().separable_grad_control(u, v, g_out, g_in, kind, dtype, bias_dtype)
-    return ref.separable_grad_control(u, v, g_out, g_in, kind, dtype, bias_dtype)
+@torch.library.custom_op("tspline::separable_backward", mutates_args=())
+def separable_backward(dy: Tensor, x: Tensor, control: Tensor, fine: Tensor | None, kind: int, need_dx: bool,
+                       need_control: bool, need_fine: bool, bias_dtype: torch.dtype | None
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of ``separable_linear(x, control, bias, n_out, kind, fine)`` for the output gradient
+    dy ``(*, n_out)``: (dx like x, dC in control's dtype, d_fine in fine's, d_bias ``(n_out,)`` in
+    ``bias_dtype``), each summed in fp32 (fp64 for fp64 inputs); unrequested ones are empty."""
+    controls = [control] if fine is None else [control, fine]
+    needs = [need_control] if fine is None else [need_control, need_fine]
+    if use_triton(dy):
+        dx, d_controls, d_bias = _kernels().separable_backward(dy, x, controls, kind, need_dx, needs, bias_dtype)
+    else:
+        dx, d_controls, d_bias = ref.separable_backward(dy, x, controls, kind, need_dx, needs, bias_dtype)
+    d_control, d_fine = (d_controls + [None])[:2]
+    return (x.new_empty(0) if dx is None else dx, control.new_empty(0) if d_control is None else d_control,
+            (control if fine is None else fine).new_empty(0) if d_fine is None else d_fine,
+            dy.new_empty(0) if d_bias is None else d_bias)
 
 
-@separable_grad_control.register_fake
-def _(u, v, g_out, g_in, kind, dtype, bias_dtype):
-    return (u.new_empty(g_out, g_in, dtype=dtype),
-            u.new_empty(0 if bias_dtype is None else u.shape[-1], dtype=bias_dtype or u.dtype))
+@separable_backward.register_fake
+def _(dy, x, control, fine, kind, need_dx, need_control, need_fine, bias_dtype):
+    return (x.new_empty(x.shape if need_dx else 0), control.new_empty(control.shape if need_control else 0),
+            (control if fine is None else fine).new_empty(fine.shape if fine is not None and need_fine else 0),
+            dy.new_empty(0 if bias_dtype is None else dy.shape[-1], dtype=bias_dtype or dy.dtype))
 
 
-def _grad_control_setup(ctx, inputs, output):
-    u, v, g_out, g_in, kind, dtype, bias_dtype = inputs
-    ctx.save_for_backward(u, v)
-    ctx.kind = kind
+def _backward_setup(ctx, inputs, output):
+    dy, x, control, fine, *args = inputs
+    ctx.save_for_backward(dy, x, control, fine)
+    ctx.args = args
     ctx.set_materialize_grads(False)
 
 
-def _grad_control_backward(ctx, grad, grad_bias):
-    """dC is bilinear in (u, v): du = v @ (Bo G Bi.T).T and dv = u @ (Bo G Bi.T), both separable;
-    d_bias, u's row sum, adds its gradient to every row of du."""
-    u, v = ctx.saved_tensors
-    du = dv = None
-    if grad is not None:
-        grad = grad.to(u.dtype)
-        du = separable_linear(v, grad, None, u.shape[-1], ctx.kind, None) if ctx.needs_input_grad[0] else None
-        dv = separable_linear(u, grad.mT, None, v.shape[-1], ctx.kind, None) if ctx.needs_input_grad[1] else None
-    if grad_bias is not None and grad_bias.numel() and ctx.needs_input_grad[0]:
-        du_bias = grad_bias.to(u.dtype).expand(u.shape)
-        du = du_bias if du is None else du + du_bias
-    return du, dv, None, None, None, None, None
+def _backward_backward(ctx, g_dx, g_control, g_fine, g_bias):
+    """Second order, by the same ops. The outputs are bilinear: dx = dy @ W, dC_l = (dy @ Bo_l).T @
+    (x @ Bi_l), d_bias = dy's row sum. So d(dy) = G_dx @ W.T + (x through a level of grid G_l) +
+    G_bias on every row, d(x) = dy through a level of grid G_l.T, and d(C_l) = the dC_l of
+    (dy, G_dx) (dx's term)."""
+    dy, x, control, fine = ctx.saved_tensors
+    kind = ctx.args[0]
+    need_dy, need_x, need_control, need_fine = ctx.needs_input_grad[:4]
+    d_dy = d_x = d_control = d_fine = None
+
+    def add(acc: Tensor | None, term: Tensor) -> Tensor:
+        return term if acc is None else acc + term
+
+    if g_dx is not None and g_dx.numel():
+        g = g_dx.to(dy.dtype)
+        if need_dy:
+            d_dy = separable_linear(g, control, None, dy.shape[-1], kind, fine)
+        if need_control or need_fine:
+            _, d_control, d_fine, _ = separable_backward(dy, g, control, fine, kind, False, need_control, need_fine,
+                                                         None)
+    for grid, need in ((g_control, True), (g_fine, fine is not None)):
+        if need and grid is not None and grid.numel():
+            grid = grid.to(x.dtype)
+            if need_dy:
+                d_dy = add(d_dy, separable_linear(x, grid, None, dy.shape[-1], kind, None))
+            if need_x:
+                d_x = add(d_x, separable_linear(dy, grid.mT, None, x.shape[-1], kind, None))
+    if g_bias is not None and g_bias.numel() and need_dy:
+        d_dy = add(d_dy, g_bias.to(dy.dtype).expand(dy.shape))
+    return (d_dy, d_x, d_control if need_control else None, d_fine if need_fine else None,
+            None, None, None, None, None)
 
 
-register_autograd(separable_grad_control, _grad_control_backward, _grad_control_setup)
+register_autograd(separable_backward, _backward_backward, _backward_setup)
 
 
 def _separable_setup(ctx, inputs, output):
@@ -96,21 +124,16 @@ def _separable_setup(ctx, inputs, output):
 
 
 def _separable_backward(ctx, dy):
-    """dx: the same levels on W.T's grids (C.T); dC per level; d bias."""
+    """dx (the same levels on W.T's grids), dC per level and d bias, by one op."""
     x, control, fine = ctx.saved_tensors
     need = ctx.needs_input_grad
-    dx = dc = db = d_fine = None
-    if need[0]:
-        dx = separable_linear(dy, control.mT, None, x.shape[-1], ctx.kind, None if fine is None else fine.mT)
     bias_dtype = ctx.bias_dtype if need[2] else None
-    if need[1]:  # the bias gradient from the input pass on dy that dC runs anyway
-        dc, db = separable_grad_control(dy, x, control.shape[0], control.shape[1], ctx.kind, control.dtype,
-                                        bias_dtype)
-    elif bias_dtype is not None:
-        db = bias_grad(dy, bias_dtype)
-    if ctx.has_fine and need[5]:
-        d_fine, _ = separable_grad_control(dy, x, fine.shape[0], fine.shape[1], ctx.kind, fine.dtype, None)
-    return dx, dc, None if bias_dtype is None else db, None, None, d_fine
+    need_fine = ctx.has_fine and need[5]
+    if not (need[0] or need[1] or need_fine or bias_dtype is not None):
+        return None, None, None, None, None, None
+    dx, dc, d_fine, db = separable_backward(dy, x, control, fine, ctx.kind, need[0], need[1], need_fine, bias_dtype)
+    return (dx if need[0] else None, dc if need[1] else None, None if bias_dtype is None else db, None, None,
+            d_fine if need_fine else None)
 
 
 register_autograd(separable_linear, _separable_backward, _separable_setup)
