@@ -333,7 +333,8 @@ def test_separable_grad_control_from_input_passes(case, dtype, kernel_device):
     x = torch.randn(m, n_in, device=kernel_device).to(dtype)
     dy = torch.randn(m, n_out, device=kernel_device).to(dtype)
     for out in {dtype, torch.float32}:
-        got = kernels.separable_grad_control(dy, x, g_out, g_in, kind, out, chunk)
+        control = torch.empty(g_out, g_in, device=kernel_device, dtype=out)  # dC comes in its dtype
+        got = kernels.separable_backward(dy, x, [control], kind, False, [True], None, chunk=chunk)[1][0]
         assert got.dtype == out and got.shape == (g_out, g_in)
         assert_close(got, ref.separable_grad_control(dy, x, g_out, g_in, kind, out), dtype)
 
@@ -382,7 +383,8 @@ def test_separable_16bit_inputs_meet_an_unrounded_basis(dtype, kernel_device):
 
     x = (torch.randn(6, 300, device=kernel_device) * 1000).to(dtype)
     dy = torch.randn(6, 131, device=kernel_device).to(dtype)
-    got = kernels.separable_grad_control(dy, x, 40, 70, ref.BSPLINE, torch.float32, 128).double().cpu()
+    control = torch.empty(40, 70, device=kernel_device)
+    got = kernels.separable_backward(dy, x, [control], ref.BSPLINE, False, [True], None, chunk=128)[1][0].double().cpu()
     bo, bi = ref.basis_matrix(131, 40, ref.BSPLINE, torch.float64), ref.basis_matrix(300, 70, ref.BSPLINE, torch.float64)
     exact = (dy.double().cpu() @ bo).T @ (x.double().cpu() @ bi)
     assert (got - exact).norm() / exact.norm() < 1e-4

@@ -335,22 +335,6 @@ def _separable_dc_kernel(
              mask=(rp < G_OUT)[:, None] & (rq < G_IN)[None, :])
 
 
-def separable_grad_control(u: torch.Tensor, v: torch.Tensor, g_out: int, g_in: int, kind: int,
-                           dtype: torch.dtype, chunk: int | None = None) -> torch.Tensor:
-    """dC ``(g_out, g_in)`` from output grad u ``(*, n_out)`` and input v ``(*, n_in)``, accumulated
-    in fp32 and returned in ``dtype``: the input pass on each, then ``_separable_dc_kernel``.
-    ``chunk`` as in ``separable_levels``."""
-    check_inputs(u, v)
-    u2, v2 = flatten(u), flatten(v)
-    m = u2.shape[0]
-    if m == 0:
-        return torch.zeros(g_out, g_in, device=u.device, dtype=dtype)
-    chunk = _chunk(m, chunk)
-    bucket = m_bucket(m)
-    pout, wout, _ = _input_pass(u2, g_out, kind, chunk, bucket)
-    return _grad_control(pout, wout, g_out, v2, g_in, kind, chunk, bucket, dtype)
-
-
 def _grad_control(pout: torch.Tensor, wout: BasisWindows, g_out: int, v2: torch.Tensor, g_in: int, kind: int,
                   chunk: int, bucket: int, dtype: torch.dtype) -> torch.Tensor:
     """dC ``(g_out, g_in)`` in ``dtype`` from u's input pass ``pout`` over the windows ``wout`` of its
