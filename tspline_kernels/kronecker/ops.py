@@ -158,9 +158,10 @@ def _gated_backward(ctx, dy):
     x = saved[0]
     plain = not torch.is_grad_enabled() and eager_mode(saved) is not None
     pulled = _kernels().gated_grads(x, dy, *args[1:]) if plain and use_triton(x) else None
+    row_share = None  # x's gradient through the batch mean, the same for every row
     if pulled is not None:
-        a, b, gx, grads = pulled
-        grads = [gx, *grads, None, None]  # (x, the 16 tensors, the two flags)
+        a, b, row_share, grads = pulled
+        grads = [None, *grads, None, None]  # (x, the 16 tensors, the two flags)
     else:
         def reference_maps(*tensors):
             for i, t in zip(ctx.tensors, tensors):
@@ -182,9 +183,9 @@ def _gated_backward(ctx, dy):
         for i, g in zip(ctx.tensors, pulled):
             grads[i] = g
     grads = [g if need else None for g, need in zip(grads, ctx.needs_input_grad)]
-    if ctx.needs_input_grad[0]:
-        dx = kronecker_linear(dy, a.mT, b.mT, None)
-        grads[0] = dx if grads[0] is None else grads[0] + dx  # None: hard gates, x reaches them only
+    if ctx.needs_input_grad[0]:  # the rows' common share added as the fused op's bias: no extra pass
+        dx = kronecker_linear(dy, a.mT, b.mT, row_share)
+        grads[0] = dx if grads[0] is None else grads[0] + dx  # None: kernels or hard gates (x reaches them only)
     if ctx.flags[0]:  # hard gates are a step function: their networks get no gradient
         grads[5:9] = grads[11:15] = [None] * 4
     return tuple(grads)
