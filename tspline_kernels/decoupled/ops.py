@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .._backend import kernels_of, owned, register_autograd, use_triton
+from .._layers import cast
 from ..lowrank.ops import lowrank_grad_factors
 from ..reference import decoupled as ref
 from ..reference.common import bias_grad, compute_dtype, grad_dtype
@@ -117,9 +118,9 @@ def _backward(ctx, dy):
         dcoef = dcoef if need_coef else None
         if need_v or need_w:
             dv, dw, dsum = lowrank_grad_factors(x, dy, g, dz, grad_dtype(g.dtype, v, w, ctx.bias_dtype))
-            dv = dv.to(v.dtype) if need_v else None
-            dw = dw.to(w.dtype) if need_w else None
-            dbias = dsum.to(ctx.bias_dtype) if need_bias else None
+            dv = cast(dv, v.dtype) if need_v else None
+            dw = cast(dw, w.dtype) if need_w else None
+            dbias = cast(dsum, ctx.bias_dtype) if need_bias else None
     if need_bias and dbias is None:
         dbias = bias_grad(dy, ctx.bias_dtype)
     return dx, dv, dw, dcoef, None, None, dbias

@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.func import vjp
 
 from .._backend import eager_mode, kernels_of, owned, register_autograd, use_triton
+from .._layers import cast
 from ..reference import kronecker as ref
 from ..reference.common import bias_grad, compute_dtype, grad_dtype
 
@@ -103,10 +104,10 @@ def _linear_backward(ctx, dy):
         dx = kronecker_linear(dy, a.mT, b.mT, None)
     if need_a or need_b:
         da, db, dsum = kronecker_grad_factors(x, dy, a, b, grad_dtype(compute_dtype(x), a, b, ctx.bias_dtype))
-        da = da.to(a.dtype) if need_a else None
-        db = db.to(b.dtype) if need_b else None
+        da = cast(da, a.dtype) if need_a else None
+        db = cast(db, b.dtype) if need_b else None
         if need_bias and ctx.bias_dtype is not None:
-            dbias = dsum.to(ctx.bias_dtype)
+            dbias = cast(dsum, ctx.bias_dtype)
     elif need_bias and ctx.bias_dtype is not None:
         dbias = bias_grad(dy, ctx.bias_dtype)
     return dx, da, db, dbias
