@@ -77,6 +77,28 @@ def test_split_slots_sum_only_what_the_last_launch_wrote():
     assert slots({"SPLIT": 1}) == 1 and slots.sum(part).tolist() == [0.0, 0.0]
 
 
+def test_split_slots_keep_the_most_programs_per_key_while_the_configs_stay():
+    """With a ``key``, the configs are asked once per key; a new config list (the every-config
+    check swaps it) asks them again."""
+    from tspline_kernels._triton import SplitSlots
+
+    class Tuner:
+        configs = [triton.Config({"SPLIT": s}) for s in (1, 4)]
+
+    asked = []
+
+    def programs(meta):
+        asked.append(meta["SPLIT"])
+        return meta["SPLIT"]
+
+    assert SplitSlots(Tuner, programs, key="k").slots == 4 and asked == [1, 4]
+    assert SplitSlots(Tuner, programs, key="k").slots == 4 and asked == [1, 4]  # kept
+    assert SplitSlots(Tuner, lambda meta: 2 * meta["SPLIT"], key="other").slots == 8
+    Tuner.configs = [triton.Config({"SPLIT": 16})]
+    assert SplitSlots(Tuner, programs, key="k").slots == 16 and asked == [1, 4, 16]
+    assert SplitSlots(Tuner, programs).slots == 16 and asked == [1, 4, 16, 16]  # no key: asked every time
+
+
 def test_split_slots_one_slot_is_the_result():
     """Where every config launches one program, the buffer is the result itself, in the dtype asked
     for (no slot dimension, nothing launched or indexed by ``sum``), unless the launch did not run

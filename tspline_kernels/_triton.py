@@ -232,6 +232,24 @@ def _block_sizes(kernel) -> list[dict]:
     return cached[2]
 
 
+_MOST: dict[tuple, tuple[list, int]] = {}
+_MOST_SIZE = 4096
+
+
+def _most(kernel, programs: Callable[[dict], int], key) -> int:
+    """The largest ``programs`` over the distinct block sizes of ``kernel``'s configs, kept per
+    (kernel, ``key``) while the configs are the same (``_block_sizes``' list), unless ``key`` is None."""
+    sizes = _block_sizes(kernel)
+    if key is None:
+        return max(map(programs, sizes))
+    hit = _MOST.get((id(kernel), key))
+    if hit is None or hit[0] is not sizes:
+        if len(_MOST) >= _MOST_SIZE:
+            _MOST.clear()
+        hit = _MOST[id(kernel), key] = (sizes, max(map(programs, sizes)))
+    return hit[1]
+
+
 class SplitSlots:
     """Partial results of an autotuned kernel whose number of programs along a split axis depends
     on its config (row block size, split count): program s writes slot s, the host sums the slots.
@@ -243,11 +261,12 @@ class SplitSlots:
     no atomics. ``programs(meta)`` must be >= 1, and each of those programs must write its slot.
     """
 
-    def __init__(self, kernel, programs: Callable[[dict], int], most: int | None = None) -> None:
+    def __init__(self, kernel, programs: Callable[[dict], int], most: int | None = None, key=None) -> None:
         """``most``: the largest ``programs`` over the autotuner's configs, where the caller keeps
-        it (else every config is asked, on each construction)."""
+        it; else every config is asked, once per ``key`` where one is given (a hashable value that,
+        with the configs, determines ``programs``: a row count, a shape), else on each construction."""
         self.programs = programs
-        self.slots = max(map(programs, _block_sizes(kernel))) if most is None else most
+        self.slots = _most(kernel, programs, key) if most is None else most
         self.used = 0
 
     def __call__(self, meta: dict) -> int:

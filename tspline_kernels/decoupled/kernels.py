@@ -327,7 +327,7 @@ def decoupled_mlp_backward(
     if m == 0:
         dcoef = torch.zeros(r, kb, device=x.device, dtype=coef.dtype)
     else:
-        slots = SplitSlots(_decoupled_bwd_kernel, lambda meta: min(meta["SPLIT"], cdiv(m, meta["BM"])))
+        slots = SplitSlots(_decoupled_bwd_kernel, lambda meta: min(meta["SPLIT"], cdiv(m, meta["BM"])), key=m)
         part = slots.empty(r, kb, device=x.device)  # fp32 accumulators: a split adds each row block in
         dcoef = torch.empty(r, kb, device=x.device, dtype=coef.dtype)  # written by a single split
         grid = lambda meta: (slots(meta), cdiv(k, meta["BN"]) if need_input else 1)  # noqa: E731

@@ -245,7 +245,7 @@ def kronecker_grad_factors(
     # One partial slot per batch split of at least MIN_SPLIT_ROWS rows (fewer splits than rows: the
     # slots' bytes and their host sum stay a fraction of x's). Separate buffers: the outputs of a
     # custom op may not share storage.
-    slots = SplitSlots(_kron_grad_kernel, lambda meta: min(meta["SPLIT"], cdiv(m, MIN_SPLIT_ROWS)))
+    slots = SplitSlots(_kron_grad_kernel, lambda meta: min(meta["SPLIT"], cdiv(m, MIN_SPLIT_ROWS)), key=m)
     da, db, dsum = (slots.empty(*shape, device=x.device, dtype=dtype) for shape in ((m1, n1), (m2, n2), (m1 * m2,)))
     _kron_grad_kernel[lambda meta: (slots(meta),)](
         x2, g2, a, b, da, db, dsum,

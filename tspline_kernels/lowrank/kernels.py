@@ -250,7 +250,7 @@ def lowrank_grad_factors(
         return x2.new_zeros(k, r, dtype=dtype), x2.new_zeros(n, r, dtype=dtype), x2.new_zeros(n, dtype=dtype)
     # One partial slot per batch split, never more splits than row blocks. Separate buffers: the
     # outputs of a custom op may not share storage.
-    slots = SplitSlots(_lowrank_grad_kernel, lambda meta: min(meta["SPLIT"], cdiv(m, meta["BM"])))
+    slots = SplitSlots(_lowrank_grad_kernel, lambda meta: min(meta["SPLIT"], cdiv(m, meta["BM"])), key=m)
     da, db, dsum = (slots.empty(*shape, device=x.device, dtype=dtype) for shape in ((k, r), (n, r), (n,)))
     grid = lambda meta: (cdiv(k, meta["BF"]) + cdiv(n, meta["BF"]), slots(meta))  # noqa: E731
     _lowrank_grad_kernel[grid](

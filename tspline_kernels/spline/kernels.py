@@ -248,7 +248,7 @@ def _input_pass(a2: torch.Tensor, g: int, kind: int, chunk: int, bucket: int,
     if sum_dtype is None:
         slots, colsum, blocks = None, part, lambda meta: cdiv(m, meta["BM"])
     else:  # a slot of column sums per row block
-        slots = blocks = SplitSlots(_separable_in_kernel, lambda meta: cdiv(m, meta["BM"]))
+        slots = blocks = SplitSlots(_separable_in_kernel, lambda meta: cdiv(m, meta["BM"]), key=m)
         colsum = slots.empty(n, device=a2.device, dtype=sum_dtype)
     _separable_in_kernel[lambda meta: (blocks(meta), win.chunks)](
         a2, win.table, part, colsum, m, n, bucket, *a2.stride(),
@@ -341,7 +341,7 @@ def _grad_control(pout: torch.Tensor, wout: BasisWindows, g_out: int, v2: torch.
     ``g_out``-point basis and v2 ``(M, n_in)`` (M > 0): the input pass on v2, then ``_separable_dc_kernel``."""
     m = v2.shape[0]
     pin, win, _ = _input_pass(v2, g_in, kind, chunk, bucket)
-    slots = SplitSlots(_separable_dc_kernel, lambda meta: cdiv(m, meta["BM"]))
+    slots = SplitSlots(_separable_dc_kernel, lambda meta: cdiv(m, meta["BM"]), key=m)
     part = slots.empty(g_out, g_in, device=v2.device, dtype=dtype)
     _separable_dc_kernel[lambda meta: (slots(meta),)](
         pout, wout.start, pin, win.start, part, m, wout.chunks, win.chunks, g_out, g_in, bucket,
@@ -822,7 +822,7 @@ def _field_grad_params(u: torch.Tensor, v: torch.Tensor, field: Field, bias_dtyp
     n_out, n_in = field.n_out, field.n_in
     n_pts, step_out, step_in, rho2 = field.geometry()
     # one partial slot per (BO, BI) tile, every entry written by the kernel
-    slots = SplitSlots(_field_grad_kernel, lambda meta: cdiv(n_out, meta["BO"]) * cdiv(n_in, meta["BI"]))
+    slots = SplitSlots(_field_grad_kernel, lambda meta: cdiv(n_out, meta["BO"]) * cdiv(n_in, meta["BI"]), key=(n_out, n_in))
     part = slots.empty(n_pts + 1, device=u.device)
     dy = v2 if bias_of == _BIAS_OF_V else u2
     dbias = (dy.new_empty if m > 0 else dy.new_zeros)(0 if bias_dtype is None else dy.shape[1],

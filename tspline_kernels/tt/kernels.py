@@ -376,7 +376,7 @@ def _grad_step(v: State, u: State, step: Step) -> torch.Tensor:
     n = step.batch * step.cols
     if n == 0:
         return torch.zeros(p, j, device=v.t.device, dtype=torch.float32)
-    slots = SplitSlots(_grad_step_kernel, lambda meta: meta["N_SPLIT"])
+    slots = SplitSlots(_grad_step_kernel, lambda meta: meta["N_SPLIT"], key=())
     part = slots.empty(p, j, device=v.t.device)
     grid = lambda meta: (cdiv(p, meta["BP"]), cdiv(j, meta["BJ"]), slots(meta))  # noqa: E731
     _grad_step_kernel[grid](v.t, u.t, part, n, step.cols, p, j, m_bucket(n),
