@@ -125,8 +125,8 @@ def _separable_in_kernel(
         tab = tab_ptr + rb[:, None] * W + rw[None, :]  # rows past N_IN are zero
         acc = tl.dot(a, tl.load(tab), acc, input_precision=PRECISION)
         if COLSUM:
-            tl.store(colsum_ptr + pid_m.to(tl.int64) * N_IN + rb, tl.sum(a.to(tl.float32), axis=0).to(colsum_ptr.dtype.element_ty),
-                     mask=rb < N_IN)
+            colsum = tl.sum(a.to(tl.float32), axis=0).to(colsum_ptr.dtype.element_ty)
+            tl.store(colsum_ptr + pid_m.to(tl.int64) * N_IN + rb, colsum, mask=rb < N_IN)
         if SPLIT:
             acc = tl.dot(a, tl.load(tab + tl.num_programs(1) * CHUNK * W), acc, input_precision=PRECISION)
     tl.store(part_ptr + (s.to(tl.int64) * M + rm)[:, None] * W + rw[None, :], acc, mask=m_mask[:, None])
