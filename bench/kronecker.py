@@ -10,8 +10,8 @@ import itertools
 
 import torch
 
+from tspline_kernels._triton import dot_dim
 from tspline_kernels.kronecker import KroneckerLinear
-from tspline_kernels.kronecker.kernels import pad
 
 from .harness import Case, layer_case, module_call, peer, speedup, target
 
@@ -37,7 +37,7 @@ def costs(layer: KroneckerLinear, m: int, elt: int, mode: str) -> tuple[float, f
 
     (n1, n2), (m1, m2) = layer.in_dims, layer.out_dims
     useful = flops(n1, n2, m1, m2, best=True)
-    executed = flops(pad(n1), pad(n2), pad(m1), pad(m2), best=False)
+    executed = flops(dot_dim(n1), dot_dim(n2), dot_dim(m1), dot_dim(m2), best=False)
     one_pass = elt * m * (layer.in_features + layer.out_features)
     params = elt * sum(f.numel() for f in layer.parameters())
     if mode == "fwd":

@@ -10,6 +10,7 @@ import itertools
 import torch
 
 from tspline_kernels import HierarchicalSplineLinear, SplineLinear, backend
+from tspline_kernels._triton import dot_dim
 from tspline_kernels.reference import spline as ref
 
 from .harness import Case, Step, cpu_peak_mb, forward_backward, layer_case, layer_goals, module_call, peer, speedup, target
@@ -29,10 +30,6 @@ LAYERS = {
 }
 
 
-def _pad(g: int) -> int:
-    return max(16, 1 << (g - 1).bit_length())
-
-
 GEN_BM = 128  # nominal row block of the field kernels: W tiles are generated once per row block
 
 
@@ -48,7 +45,7 @@ def _separable_executed(m: int, n_in: int, n_out: int, g_out: int, g_in: int, ki
     bi = kernels.basis_windows(n_in, g_in, kind, chunk, torch.bfloat16 if elt == 2 else torch.float32, cpu)
     bo = kernels.basis_windows(n_out, g_out, kind, kernels.OUT_TILE, torch.float32, cpu)
     parts, slots, tiles = 2 if bi.split else 1, bi.chunks, bo.chunks
-    return 2.0 * m * (parts * slots * chunk * bi.width + tiles * bo.width * (_pad(g_in) + kernels.OUT_TILE))
+    return 2.0 * m * (parts * slots * chunk * bi.width + tiles * bo.width * (dot_dim(g_in) + kernels.OUT_TILE))
 
 
 def costs(kernel: str, layer, m: int, elt: int, mode: str) -> tuple[float, float, float]:

@@ -143,6 +143,11 @@ def next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 1 else 1
 
 
+def dot_dim(n: int) -> int:
+    """A size as a ``tl.dot`` operand dimension carries it: a power of two >= 16 (zero-padded)."""
+    return max(16, next_pow2(n))
+
+
 def m_bucket(m: int) -> int:
     """Autotune key for a batch-like size: its power-of-two bucket, so a new M rarely re-tunes."""
     return min(next_pow2(m), 16384)

@@ -10,7 +10,7 @@ gradient sum_r dY[r] are reductions over the rows; ``_kron_grad_kernel`` compute
 launch, a program per batch split, with both per-row intermediates on chip and the partials summed
 on the host (deterministic, no atomics). No ``(m_1 m_2, n_1 n_2)`` tensor is ever formed.
 
-Every mode size is zero-padded to max(16, next_pow2) (``tl.dot`` needs dimensions >= 16); the
+Every mode size is zero-padded to ``dot_dim``: max(16, next_pow2) (``tl.dot`` needs dimensions >= 16); the
 kernels hold whole factors and per-row tiles on chip, so they take padded sizes up to
 ``max_tile(dtype)`` (128 for 16-bit types, 64 for fp32: an sm_90 block's shared memory). Larger modes fall back to the reference (batched torch matmuls, intermediate in
 global memory): ``fits`` tells which path a shape takes.
@@ -45,21 +45,16 @@ from .._triton import (
     check_inputs,
     configs,
     contiguous,
+    dot_dim,
     dot_precision,
     flatten,
     m_bucket,
-    next_pow2,
     tl,
     triton,
 )
 
 MIN_SPLIT_ROWS = 32  # rows per batch split of the gradient kernel, at least
 from ..reference import kronecker as ref
-
-
-def pad(n: int) -> int:
-    """A mode size as the kernels carry it: a power of two >= 16 (zero-padded)."""
-    return max(16, next_pow2(n))
 
 
 def max_tile(dtype: torch.dtype) -> int:
@@ -71,7 +66,7 @@ def max_tile(dtype: torch.dtype) -> int:
 def padded(m1: int, n1: int, m2: int, n2: int, dtype: torch.dtype) -> dict[str, int] | None:
     """The padded mode sizes ``M1P, N1P, M2P, N2P`` the fused kernels carry for factors
     ``(m_1, n_1)`` and ``(m_2, n_2)`` on ``dtype`` inputs, or None where they do not fit on chip."""
-    sizes = dict(M1P=pad(m1), N1P=pad(n1), M2P=pad(m2), N2P=pad(n2))
+    sizes = dict(M1P=dot_dim(m1), N1P=dot_dim(n1), M2P=dot_dim(m2), N2P=dot_dim(n2))
     return sizes if max(sizes.values()) <= max_tile(dtype) else None
 
 
@@ -535,9 +530,9 @@ def _gate_sizes(m1: int, n1: int, m2: int, n2: int, hidden: int, dtype: torch.dt
     passes ``max_tile(dtype)``. 8 warps past 32: the pullback holds ~10 tiles (64 x 64: ~230
     registers a thread, no spills on sm_90)."""
     sizes = padded(m1, n1, m2, n2, dtype)
-    if sizes is None or pad(hidden) > max_tile(dtype):
+    if sizes is None or dot_dim(hidden) > max_tile(dtype):
         return None
-    return {**sizes, "HP": pad(hidden), "num_warps": 4 if max(*sizes.values(), pad(hidden)) <= 32 else 8}, sizes
+    return {**sizes, "HP": dot_dim(hidden), "num_warps": 4 if max(*sizes.values(), dot_dim(hidden)) <= 32 else 8}, sizes
 
 
 def gated_linear(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias_a: torch.Tensor | None,

@@ -30,13 +30,13 @@ import torch
 
 from .._layers import cast
 from .._rescale import narrow
-from .._triton import SplitSlots, cdiv, check_inputs, configs, dot_precision, flatten, m_bucket, next_pow2, tl, triton
+from .._triton import SplitSlots, cdiv, check_inputs, configs, dot_dim, dot_precision, flatten, m_bucket, tl, triton
 from ..reference import lowrank as ref
 
 
 def pad_rank(r: int) -> int:
     """The rank as the kernels carry it: a power of two >= 16 (zero-padded columns)."""
-    return max(16, next_pow2(r))
+    return dot_dim(r)
 
 
 MAX_RANK = 256  # largest padded rank the fused kernels keep on chip

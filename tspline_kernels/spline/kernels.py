@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import torch
 
-from .._triton import (SplitSlots, cdiv, check_inputs, configs, dot_precision, flatten, grouped_pid, m_bucket, next_pow2,
+from .._triton import (SplitSlots, cdiv, check_inputs, configs, dot_dim, dot_precision, flatten, grouped_pid, m_bucket, next_pow2,
                        sliced_gemm, tl, triton)
 from ..reference import spline as ref
 from ..reference.common import bias_grad
@@ -41,10 +41,6 @@ _BIAS_OF_V = tl.constexpr(2)  # v's, or (0) not wanted
 # Separable forward: an input pass and an output pass, both on tensor cores
 # ----------------------------------------------------------------------------------------------
 OUT_TILE = 64  # output columns per tile of the output pass: the row chunk of the output basis table
-
-
-def _pad(g: int) -> int:
-    return max(16, next_pow2(g))
 
 
 class BasisWindows(NamedTuple):
@@ -296,7 +292,7 @@ def _output_pass(part: torch.Tensor, bi: BasisWindows, control: torch.Tensor, bi
         part, bi.start, control, bo.table, bo.start, bias if bias is not None else y2, res, y2,
         m, bi.chunks, out_features, g_in, g_out, bucket, *control.stride(), *res.stride(), *y2.stride(),
         HAS_BIAS=bias is not None, HAS_RESIDUAL=r2 is not None,
-        GIP=_pad(g_in), W_IN=bi.width, BN=OUT_TILE, PW=bo.width,
+        GIP=dot_dim(g_in), W_IN=bi.width, BN=OUT_TILE, PW=bo.width,
         PRECISION=_fp32_operand_precision(y2.dtype),
     )
 
@@ -345,7 +341,7 @@ def _grad_control(pout: torch.Tensor, wout: BasisWindows, g_out: int, v2: torch.
     part = slots.empty(g_out, g_in, device=v2.device, dtype=dtype)
     _separable_dc_kernel[lambda meta: (slots(meta),)](
         pout, wout.start, pin, win.start, part, m, wout.chunks, win.chunks, g_out, g_in, bucket,
-        GOP=_pad(g_out), GIP=_pad(g_in), W_OUT=wout.width, W_IN=win.width,
+        GOP=dot_dim(g_out), GIP=dot_dim(g_in), W_OUT=wout.width, W_IN=win.width,
     )
     return slots.sum(part, dtype)
 

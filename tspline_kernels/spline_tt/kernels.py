@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .._triton import next_pow2, tl, triton
+from .._triton import dot_dim, tl, triton
 from ..reference import spline_tt as ref
 from ..tt.kernels import Core, cores_grad, cores_linear
 
@@ -70,10 +70,6 @@ def _project_kernel(dg_ptr, bo_ptr, bi_ptr, dc_ptr, O, I, GO, GI, R1, s_a, s_o, 
              mask=(rp < GO)[:, None] & (rq < GI)[None, :])
 
 
-def _pad(n: int) -> int:
-    return max(16, next_pow2(n))  # tl.dot's dimensions are powers of two >= 16
-
-
 def project_to_control(d_core: torch.Tensor, control: torch.Tensor) -> torch.Tensor:
     """dC = Bo.T dG Bi per rank pair (``reference.spline_tt.project_to_control``) by one
     ``_project_kernel`` launch: d_core ``(r0, O, I, r1)`` -> ``(r0, Go, Gi, r1)`` contiguous in
@@ -85,5 +81,5 @@ def project_to_control(d_core: torch.Tensor, control: torch.Tensor) -> torch.Ten
     dc = torch.empty(r0, go, gi, r1, device=d_core.device, dtype=control.dtype)
     if dc.numel():
         _project_kernel[(r0, r1)](d_core, bo, bi, dc, o, i, go, gi, r1, *d_core.stride(),
-                                  GOP=_pad(go), IP=_pad(i), GIP=_pad(gi), BO=min(BLOCK_O, _pad(o)), num_warps=4)
+                                  GOP=dot_dim(go), IP=dot_dim(i), GIP=dot_dim(gi), BO=min(BLOCK_O, dot_dim(o)), num_warps=4)
     return dc

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .._triton import INTERPRET, configs, grouped_pid, next_pow2, tl, triton
+from .._triton import INTERPRET, configs, dot_dim, grouped_pid, next_pow2, tl, triton
 
 
 @triton.jit
@@ -203,5 +203,5 @@ def rebuild_tiles(o_d: int, i_d: int, r: int) -> RebuildTiles:
             po *= 2
         else:
             pi *= 2
-    return RebuildTiles(odp, idp, max(16, next_pow2(r)), po, pi)
+    return RebuildTiles(odp, idp, dot_dim(r), po, pi)
 
