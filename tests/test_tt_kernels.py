@@ -199,6 +199,7 @@ def _spy_grad_splits(monkeypatch) -> list:
 
     split = kernels.cost.grad_split
     monkeypatch.setattr(kernels.cost, "grad_split", spy)
+    kernels._grad_launch.cache_clear()  # launches are planned once per layout and row count
     return seen
 
 
@@ -562,7 +563,7 @@ def test_forward_plan_checks_inputs_per_call(kernel_device):
 
 def test_forward_plan_one_entry_per_layer(kernel_device):
     """Row counts share the layer's plan entry (their paths are kept in it, at most
-    ``FORWARD_PATHS``): batches of many sizes never push the cores' other cached results out."""
+    ``KEPT_PATHS``): batches of many sizes never push the cores' other cached results out."""
     layer = TTLinear(*TT["d3-3x2x5-r23"], strategy="contract").to(kernel_device)
     cores = list(layer.cores)
 

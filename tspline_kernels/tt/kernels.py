@@ -264,58 +264,92 @@ def chain_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None,
 GRAD_PROGRAMS = 2 if INTERPRET else cost.CHAIN_GRAD_PROGRAMS  # programs the gradient chain kernel's split aims at
 
 
-def chain_grad(dy2: torch.Tensor, x2: torch.Tensor, cores: list[Core], dtype: torch.dtype = torch.float32
-               ) -> list[torch.Tensor]:
+class SlotSum(NamedTuple):
+    """Core k's partials in a gradient chain launch's slots (``_chain_store_grad``): ``size`` fp32
+    elements from ``offset``, ``slots`` padded cores ``padded`` one after the other, of which the
+    leading ``shape`` ``(r0, O, I, r1)`` corner is the core's gradient."""
+
+    offset: int
+    size: int
+    slots: int
+    shape: tuple[int, int, int, int]
+    padded: tuple[int, int, int, int]
+
+
+class GradLaunch(NamedTuple):
+    """What a gradient chain launch passes besides its tensors and strides, for one layout of cores,
+    row count and dtype (``_grad_launch``)."""
+
+    consts: dict  # every constexpr but the config's: the cores' description, STATE, PRECISION, tiles
+    table: dict  # config key -> (GradSplit, a SlotSum per core)
+    most: int  # the most fp32 slot elements of any config, which sizes ``SplitSlots``
+
+
+def _slot_sums(plan: cost.ChainPlan, split: cost.GradSplit, layout: tuple) -> tuple[SlotSum, ...]:
+    """Where each core's partials lie in the slots of a launch that takes ``split``: core k's region
+    is ``(n, RP, nb NO, nc NI, RP1)``, each of the n partials a padded core with its O_1 / O_2
+    blocks (k < 2) and its chunks (core d) in place."""
+    d, programs = len(layout), math.prod(split.grid)
+    tiles = plan.core_tiles()
+    sums, off = [], 0
+    for k, (shape, _, o, i, _) in enumerate(layout):
+        nb = split.blocks[k] if k < 2 else 1
+        nc = split.groups * split.per_group if k == d - 1 else 1
+        size = programs * tiles[k] * (split.per_group if k == d - 1 else 1)
+        padded = (plan.rp[k], nb * plan.no[k], nc * plan.ni[k], plan.rp[k + 1])
+        sums.append(SlotSum(off, size, size // math.prod(padded), (shape[0], o, i, shape[3]), padded))
+        off += size
+    return tuple(sums)
+
+
+@functools.lru_cache(maxsize=1024)
+def _grad_launch(layout: tuple, m: int, dtype: torch.dtype, keys: tuple, programs: int, budget: int) -> GradLaunch:
+    """The gradient chain launch on ``m`` rows of cores laid out as ``layout`` (``_chain_args``), for
+    the kernel's configs ``keys``, splits towards ``programs`` programs within ``budget`` bytes of
+    slots (``cost.grad_split``). Cached: all of it is the same on every call of a layer at a row count."""
+    meta = _chain_meta(layout)
+    modes = meta["IN"], meta["OUT"], meta["RANK"]
+    table = {}
+    for key in keys:
+        plan = cost.chain_plan(*modes, *key)
+        split = cost.grad_split(plan, m, modes[0], modes[1], programs, budget)
+        table[key] = split, _slot_sums(plan, split, layout)
+    return GradLaunch({**meta, **state_args(dtype), **launch_tiles(keys, modes)}, table,
+                      max(split.elements for split, _ in table.values()))
+
+
+def chain_grad(dy2: torch.Tensor, x2: torch.Tensor, cores: list[Core], dtype: torch.dtype = torch.float32,
+               plan: tuple[torch.Tensor, GradLaunch] | None = None) -> list[torch.Tensor]:
     """``[dG_k]`` (``(r0, O, I, r1)``, contiguous, in ``dtype``) of sum(dy2 * (x2 @ W.T)) by one
     ``_chain_grad_kernel`` launch, its fp32 partial slots (``cost.grad_split``: chunk groups and row
-    splits towards ``GRAD_PROGRAMS`` programs within ``cost.CHAIN_GRAD_PART_BYTES``) summed on the
-    host into ``dtype``."""
+    splits towards ``GRAD_PROGRAMS`` programs within ``cost.CHAIN_GRAD_PART_BYTES``) summed into
+    ``dtype`` by one ``slot_sum`` launch per core; ``plan``: the cores packed (``_chain_args``) and
+    the ``_grad_launch`` where the caller has them."""
     m = x2.shape[0]
     if m == 0:
         return [torch.zeros(c.r0, c.o, c.i, c.r1, device=x2.device, dtype=dtype) for c in cores]
-    modes = core_modes(cores)
-
-    def split(meta) -> tuple[cost.ChainPlan, cost.GradSplit]:
-        plan = cost.chain_plan(*modes, meta["BM"], meta["BO1"], meta["BO2"], meta["CD"])
-        return plan, cost.grad_split(plan, m, modes[0], modes[1], GRAD_PROGRAMS)
-
-    slots = SplitSlots(_chain_grad_kernel, lambda meta: split(meta)[1].elements)  # a slot per fp32 element
+    if plan is None:
+        packed, layout = _chain_args(cores)
+        launch = _grad_launch(layout, m, x2.dtype, config_keys(_chain_grad_kernel), GRAD_PROGRAMS,
+                              cost.CHAIN_GRAD_PART_BYTES)
+    else:
+        packed, launch = plan
+    table = launch.table
+    slots = SplitSlots(_chain_grad_kernel, lambda meta: table[meta["BM"], meta["BO1"], meta["BO2"], meta["CD"]][0].elements,
+                       launch.most)  # a slot per fp32 element
     part = torch.empty(slots.slots, device=x2.device, dtype=torch.float32)
     launched = []
 
     def grid(meta):
         slots(meta)
-        launched.append(split(meta))  # the last is the launch that counts (after any autotuning)
-        return launched[-1][1].grid
+        launched.append(table[meta["BM"], meta["BO1"], meta["BO2"], meta["CD"]])  # the last counts (after any autotuning)
+        return launched[-1][0].grid
 
-    packed, layout = _chain_args(cores)
     _chain_grad_kernel[grid](
         x2, dy2, packed, part,
-        m, m_bucket(m), x2.stride(0), x2.stride(1), dy2.stride(0), dy2.stride(1),
-        **_chain_meta(layout), **state_args(x2.dtype), **launch_tiles(config_keys(_chain_grad_kernel), modes),
+        m, m_bucket(m), x2.stride(0), x2.stride(1), dy2.stride(0), dy2.stride(1), **launch.consts,
     )
-    return _chain_grad_sum(part[:slots.used], *launched[-1], cores, dtype)
-
-
-def _chain_grad_sum(part: torch.Tensor, plan: cost.ChainPlan, split: cost.GradSplit, cores: list[Core],
-                    dtype: torch.dtype) -> list[torch.Tensor]:
-    """``[dG_k]`` in ``dtype`` from the partials of a ``_chain_grad_kernel`` launch (``part``, flat
-    fp32): core k's region is ``(n, RP, nb NO, nc NI, RP1)`` (``_chain_store_grad``: each of the n
-    partials a padded core, its O_1 / O_2 blocks (k < 2) and its chunks (core d) in place), summed
-    over n and cut to ``(r0, O, I, r1)`` by one ``slot_sum`` launch per core; separate tensors, as a
-    custom op must return."""
-    d, programs = len(cores), math.prod(split.grid)
-    tiles = plan.core_tiles()
-    grads, off = [], 0
-    for k, core in enumerate(cores):
-        nb = split.blocks[k] if k < 2 else 1
-        nc = split.groups * split.per_group if k == d - 1 else 1
-        size = programs * tiles[k] * (split.per_group if k == d - 1 else 1)
-        padded = (plan.rp[k], nb * plan.no[k], nc * plan.ni[k], plan.rp[k + 1])
-        grads.append(slot_sum(part[off:off + size], size // math.prod(padded), (core.r0, core.o, core.i, core.r1),
-                              padded, dtype))
-        off += size
-    return grads
+    return [slot_sum(part[s.offset:s.offset + s.size], s.slots, s.shape, s.padded, dtype) for s in launched[-1][1]]
 
 
 class State(NamedTuple):
@@ -472,16 +506,22 @@ def steps_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None)
     return state.t.view(m, o_done)
 
 
-def contract_grad(dy2: torch.Tensor, x2: torch.Tensor, cores: list[Core], need_dx: bool, modes: tuple,
-                  dtype: torch.dtype = torch.float32) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    """(d(core) in the ``(r0, O, I, r1)`` layout for every core, dx ``(M, I)`` or None): the
-    gradient chain kernel (and a chain launch on W.T's cores for dx) where they fit, its core
-    gradients summed into ``dtype``, else ``steps_grad`` (fp32; ``modes``: the cores' ``core_modes``)."""
-    ins, outs, ranks = modes
-    if chain_fits(modes, grad=True, elt=state_elt(x2.dtype)) and (not need_dx or chain_fits((outs, ins, ranks))):
-        dx = chain_linear(dy2, [c.transposed() for c in cores], None) if need_dx else None
-        return chain_grad(dy2, x2, cores, dtype), dx
-    return steps_grad(dy2, x2, cores, need_dx)
+def contract_grad(dy2: torch.Tensor, x2: torch.Tensor, cores: list[Core], need_dx: bool, path: BackwardPath,
+                  packed: torch.Tensor | None = None, dtype: torch.dtype = torch.float32
+                  ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """(d(core) in the ``(r0, O, I, r1)`` layout for every core, dx ``(M, I)`` or None) by the
+    contract path ``_backward_path`` found: the Kronecker-sum gradient kernel and dx by the
+    Kronecker-sum kernel on W.T's halves (fp32 core gradients), the gradient chain kernel and a
+    chain launch on W.T's cores for dx (core gradients summed into ``dtype``; the cores ``packed``
+    where the caller has them), or ``steps_grad`` (fp32)."""
+    if path.kind == "kronsum":
+        grads = kronsum_grad(dy2, x2, cores, path.grad)
+        return grads, kronsum_linear(dy2, cores, None, path.dx, True) if need_dx else None  # transposed: W.T
+    if path.kind == "steps":
+        return steps_grad(dy2, x2, cores, need_dx)
+    packed = _chain_args(cores)[0] if packed is None else packed
+    dx = chain_linear(dy2, [c.transposed() for c in cores], None, (packed, path.dx)) if need_dx else None
+    return chain_grad(dy2, x2, cores, dtype, (packed, path.grad)), dx
 
 
 def steps_grad(dy2: torch.Tensor, x2: torch.Tensor, cores: list[Core], need_dx: bool
@@ -696,7 +736,7 @@ def _forward_path(layout: tuple, m: int, dtype: torch.dtype, has_bias: bool, str
     return _chain_launch(layout, m, dtype, has_bias, keys, forced)
 
 
-FORWARD_PATHS = 64  # row counts whose forward path a layer keeps (``_forward_plan``); more clear the table
+KEPT_PATHS = 64  # row counts whose path a layer keeps (``_forward_plan``, ``_backward_plan``); more clear the table
 
 
 class _ForwardPlans:
@@ -729,7 +769,7 @@ def _forward_plan(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None
     m = x2.shape[0]
     path = plans.paths.get(m)
     if path is None:
-        if len(plans.paths) >= FORWARD_PATHS:
+        if len(plans.paths) >= KEPT_PATHS:
             plans.paths.clear()
         path = plans.paths[m] = _forward_path(plans.layout, m, x2.dtype, bias is not None, strategy, keys,
                                               CHAIN_SPLIT, cost.CHAIN_MAX_TILE, KRONSUM)
@@ -766,6 +806,40 @@ def _dx_kronsum(m: int, modes: tuple, dtype: torch.dtype, kronsum: bool | None) 
     return plan if use else None
 
 
+class BackwardPath(NamedTuple):
+    """How the core gradients and dx run on one row count (``_backward_path``):
+    "rebuild" (``dx``: the Kronecker-sum plan of W.T for dx, or None: the product with W.T),
+    "kronsum" (``grad`` W's and ``dx`` W.T's Kronecker-sum plans), "chain" (``grad`` the
+    ``GradLaunch``, ``dx`` the chain launch on W.T's cores or None without dx) or "steps"."""
+
+    kind: str
+    grad: GradLaunch | cost.KronsumPlan | None = None
+    dx: ChainLaunch | cost.KronsumPlan | None = None
+
+
+@functools.lru_cache(maxsize=1024)
+def _backward_path(layout: tuple, t_layout: tuple, m: int, dtype: torch.dtype, strategy: str, need_dx: bool,
+                   keys: tuple, grad_keys: tuple, forced: int | None, limit: int, kronsum: bool | None,
+                   programs: int, budget: int) -> BackwardPath:
+    """How the backward runs on ``m`` rows of cores laid out as ``layout`` (W.T's as ``t_layout``,
+    ``_chain_layout``). Rebuild where ``strategy`` resolves to it; else the Kronecker-sum kernels
+    where the cost model prefers them (``_grad_kronsum``; plain cores), the chain kernels where
+    theirs fit, else the step kernels. Cached, with everything it reads that tests change (the
+    chain configs' ``keys`` and ``grad_keys``, the ``CHAIN_SPLIT`` count ``forced``, ``limit``,
+    ``cost.CHAIN_MAX_TILE``, ``KRONSUM``, ``GRAD_PROGRAMS`` and ``cost.CHAIN_GRAD_PART_BYTES``)
+    in the key."""
+    meta = _chain_meta(layout)
+    modes = ins, outs, ranks = meta["IN"], meta["OUT"], meta["RANK"]
+    if _strategy(strategy, m, modes, dtype, backward=True) == "rebuild":
+        return BackwardPath("rebuild", dx=_dx_kronsum(m, modes, dtype, kronsum) if need_dx and not meta["SPLINE"] else None)
+    if (kron := None if meta["SPLINE"] else _grad_kronsum(m, modes, dtype, kronsum)) is not None:
+        return BackwardPath("kronsum", *kron)
+    if chain_fits(modes, grad=True, elt=state_elt(dtype)) and (not need_dx or chain_fits((outs, ins, ranks))):
+        return BackwardPath("chain", _grad_launch(layout, m, dtype, grad_keys, programs, budget),
+                            _chain_launch(t_layout, m, dtype, False, keys, forced) if need_dx else None)
+    return BackwardPath("steps")
+
+
 @functools.lru_cache(maxsize=1024)
 def _grad_kronsum(m: int, modes: tuple, dtype: torch.dtype, kronsum: bool | None
                   ) -> tuple[cost.KronsumPlan, cost.KronsumPlan] | None:
@@ -781,35 +855,72 @@ def _grad_kronsum(m: int, modes: tuple, dtype: torch.dtype, kronsum: bool | None
     return plans if use else None
 
 
+class _BackwardPlans:
+    """What ``_backward_plan`` keeps per parameter version: W's and W.T's ``_chain_layout`` keys,
+    the cores' packed buffer once a chain launch needed it, and the path per (row count, dx)."""
+
+    __slots__ = ("layout", "t_layout", "packed", "paths")
+
+    def __init__(self, layout: tuple, t_layout: tuple) -> None:
+        self.layout, self.t_layout, self.packed, self.paths = layout, t_layout, None, {}
+
+
+def _backward_plan(dy2: torch.Tensor, x2: torch.Tensor, cores: list[Core], strategy: str, need_dx: bool
+                   ) -> tuple[BackwardPath, torch.Tensor | None]:
+    """(``_backward_path``'s path for x2's row count, the cores packed for the chain kernels or None:
+    another path, or cores in neither memory order, packed per call), with every input checked
+    (``check_inputs``): one ``derived`` entry per parameter version, the inputs' dtypes and
+    devices and the module settings tests change, as ``_forward_plan``'s."""
+    def build() -> _BackwardPlans:
+        check_inputs(dy2, x2, *(c.t for c in cores))
+        return _BackwardPlans(_chain_layout(cores)[1], _chain_layout([c.transposed() for c in cores])[1])
+
+    keys, grad_keys = config_keys(_chain_kernel), config_keys(_chain_grad_kernel)
+    settings = (strategy, keys, grad_keys, CHAIN_SPLIT, cost.CHAIN_MAX_TILE, KRONSUM, GRAD_PROGRAMS,
+                cost.CHAIN_GRAD_PART_BYTES)
+    kind = ("backward", tuple((c.o, c.i, c.spline) for c in cores), dy2.device, dy2.dtype, x2.device, x2.dtype,
+            settings)
+    plans = derived(kind, [c.t for c in cores], build)
+    m = x2.shape[0]
+    path = plans.paths.get((m, need_dx))
+    if path is None:
+        if len(plans.paths) >= KEPT_PATHS:
+            plans.paths.clear()
+        path = plans.paths[m, need_dx] = _backward_path(plans.layout, plans.t_layout, m, dy2.dtype, strategy,
+                                                        need_dx, *settings[1:])
+    if path.kind != "chain":
+        return path, None
+    if plans.packed is None:
+        sources, layout = _chain_layout(cores)
+        if sources is None:
+            return path, None
+        plans.packed = _chain_args(cores, (sources, layout))[0]
+    return path, plans.packed
+
+
 def cores_grad(dy: torch.Tensor, x: torch.Tensor, cores: list[Core], strategy: str, need_dx: bool,
                dtype: torch.dtype = torch.float32) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """(``[dG_1 .. dG_d]`` in the ``(r0, O, I, r1)`` layout and in ``dtype``, dx in x's shape and
     dtype or None) of sum(dy * (x @ W.T)), accumulated in fp32: the chain kernel's slot sums write
     ``dtype``, the other paths' fp32 gradients are cast.
 
-    contract: the Kronecker-sum gradient kernel and dx by the Kronecker-sum kernel on W.T's halves
-    where the cost model prefers them (``_grad_kronsum``; plain cores), else ``contract_grad``.
     rebuild: dL/dT from ``_rebuild_grad_kernel``; dx by ``_rebuild_kernel`` on W.T (``rebuild_grad``),
     or by the Kronecker-sum kernel on W's merged halves where the cost model prefers it
-    (``_dx_kronsum``; plain cores).
+    (``_dx_kronsum``; plain cores). contract: ``contract_grad``.
     """
-    check_inputs(dy, x, *(c.t for c in cores))
     dy2, x2 = flatten(dy), flatten(x)
     m = dy2.shape[0]
     if m == 0:
+        check_inputs(dy, x, *(c.t for c in cores))
         shapes = [(c.r0, c.o, c.i, c.r1) for c in cores]
         return [torch.zeros(s, device=dy.device, dtype=dtype) for s in shapes], x.new_zeros(x.shape) if need_dx else None
-    modes = core_modes(cores)
-    if _strategy(strategy, m, modes, dy.dtype, backward=True) == "rebuild":
-        plan = _dx_kronsum(m, modes, dy.dtype, KRONSUM) if need_dx and not cores[0].spline else None
-        grads, dx = rebuild_grad(dy2, x2, dense_cores(cores), need_dx and plan is None)
-        if plan is not None:
-            dx = kronsum_linear(dy2, cores, None, plan, True)  # transposed: W.T
-    elif (kron := None if cores[0].spline else _grad_kronsum(m, modes, dy.dtype, KRONSUM)) is not None:
-        grads = kronsum_grad(dy2, x2, cores, kron[0])
-        dx = kronsum_linear(dy2, cores, None, kron[1], True) if need_dx else None  # transposed: W.T
+    path, packed = _backward_plan(dy2, x2, cores, strategy, need_dx)  # checks the inputs
+    if path.kind == "rebuild":
+        grads, dx = rebuild_grad(dy2, x2, dense_cores(cores), need_dx and path.dx is None)
+        if path.dx is not None:
+            dx = kronsum_linear(dy2, cores, None, path.dx, True)  # transposed: W.T
     else:
-        grads, dx = contract_grad(dy2, x2, cores, need_dx, modes, dtype)
+        grads, dx = contract_grad(dy2, x2, cores, need_dx, path, packed, dtype)
     grads = [cast(g, dtype) for g in grads]
     return grads, None if dx is None else cast(dx if x.dim() == 2 else dx.reshape(x.shape), x.dtype)
 
