@@ -84,9 +84,9 @@ FAMILIES = {
     # input and output pass; + the input pass on dy (which sums the bias gradient too) for both dx's
     # output pass and dC, the input pass on x, dC's product
     "bspline": (lambda: tk.SplineLinear(40, 24, grid=(6, 9)), 2, 6),
-    # chain and slot sum; + both for dx, the gradient chain, its slot sum per core, the projection
-    # onto the controls per core
-    "spline-tt": (lambda: tk.SplineTTLinear((4, 5, 2), (3, 4, 2), 2, (4, 4)), 2, 11),
+    # chain and slot sum; + both for dx, the gradient chain, the sum of its slots, the projection
+    # onto the controls
+    "spline-tt": (lambda: tk.SplineTTLinear((4, 5, 2), (3, 4, 2), 2, (4, 4)), 2, 7),
 }
 
 

@@ -158,6 +158,28 @@ def test_slot_sum_cuts_the_padding_in_the_same_pass(kernel_device, shape, padded
     assert torch.equal(got, expected[tuple(slice(0, n) for n in shape)])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_slot_sums_sum_every_region_in_one_launch(kernel_device, dtype):
+    """``slot_sums``: regions of one flat buffer, each its own slot count, padding and offset (a gap
+    between them, a region without elements), summed in one launch into separate tensors, each the
+    slots in order."""
+    regions = ((0, 3, (2, 5, 3, 4), (3, 6, 5, 4)), (1100, 1, (7,), None), (1120, 5, (2, 3), (4, 3)), (1200, 2, (0, 3), None))
+    part = torch.randn(1210, device=kernel_device)
+    launch = _triton.slot_sums(regions)
+    assert launch.programs == 3  # BLOCK-element programs: one per region with elements
+    outs = launch(part, dtype)
+    for out, (offset, slots, shape, padded) in zip(outs, regions):
+        size = math.prod(padded or shape)
+        each = part[offset:offset + slots * size].view(slots, *(padded or shape))
+        expected = sum(each[s] for s in range(slots))[tuple(slice(0, n) for n in shape)]
+        assert out.shape == shape and out.dtype == dtype and out.is_contiguous()
+        if dtype == torch.bfloat16 and kernel_device == "cpu":  # the interpreter truncates to bf16 (a GPU rounds)
+            torch.testing.assert_close(out.float(), expected, rtol=2**-7, atol=0)
+        else:
+            assert torch.equal(out, expected.to(dtype))
+    assert len({o.untyped_storage().data_ptr() for o in outs if o.numel()}) == 3
+
+
 def test_check_inputs_skips_none_and_names_the_devices():
     """An absent bias (None) is skipped; tensors on different devices are refused by name, with the
     None left out of the message; fp64 is refused."""

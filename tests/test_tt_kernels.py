@@ -316,22 +316,22 @@ def test_spline_contract_never_forms_cores(monkeypatch, kernel_device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
-@pytest.mark.parametrize("o, i, go, gi", [(70, 37, 9, 5), (1, 1, 4, 4), (3, 20, 17, 4)],
-                         ids=["o-over-3-steps", "modes-1", "grid-over-mode"])
-def test_spline_projection_kernel(o, i, go, gi, dtype, kernel_device):
-    """dC = Bo.T dG Bi (the core gradient projected onto the controls) by one ``_project_kernel``
-    launch against float64: output modes over several BLOCK_O steps (a partial last one), modes of
-    1, a grid larger than its mode, ranks 2 x 3, a strided dG; fp32 throughout, rounded once to
-    the control's dtype."""
+def test_spline_projection_kernel(dtype, kernel_device):
+    """dC = Bo.T dG Bi (each core gradient projected onto its controls), every core by one
+    ``_project_kernel`` launch, against float64: output modes over several BLOCK_O steps (a
+    partial last one), modes of 1, a grid larger than its mode, ranks of 1 to 3, a strided dG;
+    fp32 throughout, rounded once to the control's dtype."""
     from tspline_kernels.reference import spline_tt as sref
     from tspline_kernels.spline_tt import kernels as skernels
 
-    d_core = torch.randn(2, i, o, 3, device=kernel_device).transpose(1, 2)  # (2, o, i, 3), not contiguous
-    control = torch.empty(2, go, gi, 3, device=kernel_device, dtype=dtype)
-    got = skernels.project_to_control(d_core, control)
-    want = sref.project_to_control(d_core.double(), control.double())
-    assert got.dtype == dtype and got.shape == (2, go, gi, 3) and got.is_contiguous()
-    assert_close(got, want.to(dtype), dtype)
+    cases = [(70, 37, 9, 5, 2, 3), (1, 1, 4, 4, 3, 1), (3, 20, 17, 4, 1, 2)]  # o, i, go, gi, r0, r1
+    d_cores = [torch.randn(r0, i, o, r1, device=kernel_device).transpose(1, 2) for o, i, _, _, r0, r1 in cases]
+    controls = [torch.empty(r0, go, gi, r1, device=kernel_device, dtype=dtype) for _, _, go, gi, r0, r1 in cases]
+    got = skernels.project_to_controls(d_cores, controls)
+    for g, d_core, control in zip(got, d_cores, controls):
+        want = sref.project_to_control(d_core.double(), control.double())
+        assert g.dtype == dtype and g.shape == control.shape and g.is_contiguous()
+        assert_close(g, want.to(dtype), dtype)
 
 
 # ------------------------------------------------------------------------- degenerate mode patterns

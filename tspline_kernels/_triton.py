@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from typing import NamedTuple
 from collections.abc import Callable
 
 import torch
@@ -311,36 +312,61 @@ def slot_sum(part: torch.Tensor, slots: int, shape: tuple[int, ...], padded: tup
     launch: ``part`` holds ``slots`` fp32 slots one after the other, each contiguous ``padded``
     (default ``shape``; at most 4 dims, each at least ``shape``'s), of which the leading ``shape``
     corner is kept (the padding cut in the same pass)."""
-    out = torch.empty(shape, device=part.device, dtype=dtype)
-    grid, sizes = _slot_sum_geometry(tuple(shape), None if padded is None else tuple(padded))
-    if grid[0]:
-        _slot_sum_kernel[grid](part, out, sizes[0], slots, *sizes[1:], BLOCK=SLOT_SUM_BLOCK, num_warps=4)
-    return out
+    return slot_sums(((0, slots, shape, padded),))(part, dtype)[0]
+
+
+class SlotSums(NamedTuple):
+    """One ``_slot_sum_kernel`` launch that sums regions of a flat fp32 buffer (``slot_sums``)."""
+
+    programs: int
+    regions: tuple[tuple[int, ...], ...]  # per region (first program, n, offset, slots, slot_size, d1, d2, d3, s0, s1, s2)
+    shapes: tuple[tuple[int, ...], ...]
+
+    def __call__(self, part: torch.Tensor, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+        """Each region's sum of ``part``'s slots in ``dtype``: separate contiguous tensors."""
+        outs = [torch.empty(shape, device=part.device, dtype=dtype) for shape in self.shapes]
+        if self.programs:
+            _slot_sum_kernel[(self.programs,)](part, tuple(outs), self.regions, BLOCK=SLOT_SUM_BLOCK, num_warps=4)
+        return outs
 
 
 @functools.lru_cache(maxsize=256)
-def _slot_sum_geometry(shape: tuple[int, ...], padded: tuple[int, ...] | None) -> tuple[tuple[int], tuple[int, ...]]:
-    """(grid, (n, slot_size, d1, d2, d3, s0, s1, s2)) of ``_slot_sum_kernel`` for ``slot_sum``'s shapes."""
-    padded = shape if padded is None else padded
-    d = (1,) * (4 - len(shape)) + shape
-    p = (1,) * (4 - len(padded)) + padded
-    n = math.prod(d)
-    return (cdiv(n, SLOT_SUM_BLOCK),), (n, math.prod(p), d[1], d[2], d[3], p[1] * p[2] * p[3], p[2] * p[3], p[3])
+def slot_sums(regions: tuple[tuple[int, int, tuple[int, ...], tuple[int, ...] | None], ...]) -> SlotSums:
+    """The launch that sums, for each ``(offset, slots, shape, padded)`` of ``regions``, the
+    ``slots`` fp32 slots that follow one another from element ``offset`` of a flat buffer, each a
+    contiguous ``padded`` (None: ``shape``; at most 4 dims, each at least ``shape``'s), into the
+    leading ``shape`` corner (the padding cut in the same pass); a region without elements takes
+    no program."""
+    first, geometry = 0, []
+    for offset, slots, shape, padded in regions:
+        padded = shape if padded is None else padded
+        d = (1,) * (4 - len(shape)) + tuple(shape)
+        p = (1,) * (4 - len(padded)) + tuple(padded)
+        n = math.prod(d)
+        geometry.append((first, n, offset, slots, math.prod(p), d[1], d[2], d[3], p[1] * p[2] * p[3], p[2] * p[3], p[3]))
+        first += cdiv(n, SLOT_SUM_BLOCK)
+    return SlotSums(first, tuple(geometry), tuple(tuple(shape) for _, _, shape, _ in regions))
 
 
 @triton.jit
-def _slot_sum_kernel(part_ptr, out_ptr, n, slots, slot_size, d1, d2, d3, s0, s1, s2, BLOCK: tl.constexpr):
-    """out[a, b, c, e] = sum over s < slots of part[s, a, b, c, e] (fp32, s in order: deterministic),
-    cast to out's dtype; out contiguous ``(d0, d1, d2, d3)`` (n elements), part's slots ``slot_size``
-    elements apart with strides ``(s0, s1, s2, 1)`` inside. FLOPs: slots * n. Bytes: 4 * slots * n + elt * n."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    e = offs % d3
-    c = offs // d3 % d2
-    b = offs // (d3 * d2) % d1
-    a = offs // (d3 * d2 * d1)
-    src = a * s0 + b * s1 + c * s2 + e
-    acc = tl.zeros((BLOCK,), tl.float32)
-    for s in range(slots):
-        acc += tl.load(part_ptr + s * slot_size + src, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+def _slot_sum_kernel(part_ptr, outs, regions, BLOCK: tl.constexpr):
+    """For each region j, ``regions[j] = (first, n, offset, slots, slot_size, d1, d2, d3, s0, s1,
+    s2)``: out[a, b, c, e] = sum over s < slots of part[offset + s slot_size + (a, b, c, e)] (fp32,
+    s in order: deterministic), cast to out's dtype, by programs first .. first + cdiv(n, BLOCK) - 1;
+    ``outs[j]`` contiguous ``(d0, d1, d2, d3)`` (n elements), each slot strided ``(s0, s1, s2, 1)``.
+    FLOPs: slots * n. Bytes: 4 * slots * n + elt * n per region."""
+    pid = tl.program_id(0)
+    for j in tl.static_range(len(outs)):
+        first, n, offset, slots, slot_size, d1, d2, d3, s0, s1, s2 = regions[j]
+        if (pid >= first) & (pid < first + tl.cdiv(n, BLOCK)):
+            offs = (pid - first).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+            mask = offs < n
+            e = offs % d3
+            c = offs // d3 % d2
+            b = offs // (d3 * d2) % d1
+            a = offs // (d3 * d2 * d1)
+            src = part_ptr + offset + a * s0 + b * s1 + c * s2 + e
+            acc = tl.zeros((BLOCK,), tl.float32)
+            for s in range(slots):
+                acc += tl.load(src + s * slot_size, mask=mask, other=0.0).to(tl.float32)
+            tl.store(outs[j] + offs, acc.to(outs[j].dtype.element_ty), mask=mask)

@@ -589,8 +589,8 @@ def grad_cores_cost(strategy: str, m: int, in_modes, out_modes, ranks, elt: int 
 
     contract (``contract_grad_path``): the Kronecker-sum gradient kernel (``kronsum_grad_cost``);
     or, where the gradient chain kernel fits, one launch that reruns the forward chain and its
-    reverse on chip (3x the chain's FLOPs and time), plus per core one launch that sums its partial
-    slots into the unpadded core; otherwise recompute the forward states U_1..U_{d-1}, run the dy
+    reverse on chip (3x the chain's FLOPs and time), plus one launch that sums every core's partial
+    slots into the unpadded cores; otherwise recompute the forward states U_1..U_{d-1}, run the dy
     sweep V_d..V_2, and one reduction per core (each as costly as its step, plus the sum of its
     partials and a permuting copy), all with the step kernels: at most 3x their forward, counted as 3x.
     rebuild: G = dy.T @ x tile by tile on chip (2 M O I FLOPs, never stored), reduced against L and
@@ -619,7 +619,7 @@ def _chain_grad_costs(m: int, in_modes, out_modes, ranks, elt: int, state_elt: i
     d = len(in_modes)
     chain = chain_cost(m, in_modes, out_modes, ranks, elt, grad=True, state_elt=state_elt)
     if chain is not None:
-        return (_times(chain, 3, d + 1, chain.bytes),
+        return (_times(chain, 3, 2, chain.bytes),
                 contract_cost(m, out_modes, in_modes, ranks, elt, state_elt, kronsum=False))
     return _times(steps_cost(m, in_modes, out_modes, ranks, elt, state_elt), 3, 5 * d - 2), Cost(0.0, 0.0, 1, LAUNCH_S)
 

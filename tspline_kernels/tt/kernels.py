@@ -89,7 +89,7 @@ import torch
 
 from .._layers import cast
 from .._triton import (INTERPRET, SplitSlots, cdiv, check_inputs, dot_precision, flatten, m_bucket, sliced_gemm,
-                       slot_sum)
+                       SlotSums, slot_sum, slot_sums)
 from ..reference import tt as ref
 from . import cost
 from .chain import _chain_grad_kernel, _chain_kernel, config_keys, launch_tiles
@@ -264,42 +264,30 @@ def chain_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None,
 GRAD_PROGRAMS = 2 if INTERPRET else cost.CHAIN_GRAD_PROGRAMS  # programs the gradient chain kernel's split aims at
 
 
-class SlotSum(NamedTuple):
-    """Core k's partials in a gradient chain launch's slots (``_chain_store_grad``): ``size`` fp32
-    elements from ``offset``, ``slots`` padded cores ``padded`` one after the other, of which the
-    leading ``shape`` ``(r0, O, I, r1)`` corner is the core's gradient."""
-
-    offset: int
-    size: int
-    slots: int
-    shape: tuple[int, int, int, int]
-    padded: tuple[int, int, int, int]
-
-
 class GradLaunch(NamedTuple):
     """What a gradient chain launch passes besides its tensors and strides, for one layout of cores,
     row count and dtype (``_grad_launch``)."""
 
     consts: dict  # every constexpr but the config's: the cores' description, STATE, PRECISION, tiles
-    table: dict  # config key -> (GradSplit, a SlotSum per core)
+    table: dict  # config key -> (GradSplit, the SlotSums launch of its partials)
     most: int  # the most fp32 slot elements of any config, which sizes ``SplitSlots``
 
 
-def _slot_sums(plan: cost.ChainPlan, split: cost.GradSplit, layout: tuple) -> tuple[SlotSum, ...]:
-    """Where each core's partials lie in the slots of a launch that takes ``split``: core k's region
-    is ``(n, RP, nb NO, nc NI, RP1)``, each of the n partials a padded core with its O_1 / O_2
-    blocks (k < 2) and its chunks (core d) in place."""
+def _slot_sums(plan: cost.ChainPlan, split: cost.GradSplit, layout: tuple) -> SlotSums:
+    """The launch that sums each core's partials in the slots of a launch that takes ``split``:
+    core k's region is ``(n, RP, nb NO, nc NI, RP1)``, each of the n partials a padded core with its
+    O_1 / O_2 blocks (k < 2) and its chunks (core d) in place, cut to ``(r0, O, I, r1)``."""
     d, programs = len(layout), math.prod(split.grid)
     tiles = plan.core_tiles()
-    sums, off = [], 0
+    regions, off = [], 0
     for k, (shape, _, o, i, _) in enumerate(layout):
         nb = split.blocks[k] if k < 2 else 1
         nc = split.groups * split.per_group if k == d - 1 else 1
         size = programs * tiles[k] * (split.per_group if k == d - 1 else 1)
         padded = (plan.rp[k], nb * plan.no[k], nc * plan.ni[k], plan.rp[k + 1])
-        sums.append(SlotSum(off, size, size // math.prod(padded), (shape[0], o, i, shape[3]), padded))
+        regions.append((off, size // math.prod(padded), (shape[0], o, i, shape[3]), padded))
         off += size
-    return tuple(sums)
+    return slot_sums(tuple(regions))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -323,7 +311,7 @@ def chain_grad(dy2: torch.Tensor, x2: torch.Tensor, cores: list[Core], dtype: to
     """``[dG_k]`` (``(r0, O, I, r1)``, contiguous, in ``dtype``) of sum(dy2 * (x2 @ W.T)) by one
     ``_chain_grad_kernel`` launch, its fp32 partial slots (``cost.grad_split``: chunk groups and row
     splits towards ``GRAD_PROGRAMS`` programs within ``cost.CHAIN_GRAD_PART_BYTES``) summed into
-    ``dtype`` by one ``slot_sum`` launch per core; ``plan``: the cores packed (``_chain_args``) and
+    ``dtype`` by one more launch (``slot_sums``); ``plan``: the cores packed (``_chain_args``) and
     the ``_grad_launch`` where the caller has them."""
     m = x2.shape[0]
     if m == 0:
@@ -349,7 +337,7 @@ def chain_grad(dy2: torch.Tensor, x2: torch.Tensor, cores: list[Core], dtype: to
         x2, dy2, packed, part,
         m, m_bucket(m), x2.stride(0), x2.stride(1), dy2.stride(0), dy2.stride(1), **launch.consts,
     )
-    return [slot_sum(part[s.offset:s.offset + s.size], s.slots, s.shape, s.padded, dtype) for s in launched[-1][1]]
+    return launched[-1][1](part, dtype)
 
 
 class State(NamedTuple):
