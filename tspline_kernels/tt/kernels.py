@@ -18,14 +18,14 @@ Notation: d cores ``(r_{k-1}, O_k, I_k, r_k)``, ``O = prod O_k``, ``I = prod I_k
     reshape/permute; the states never leave the chip. Bytes ``elt (M I + M O)`` from HBM, plus x
     re-reads per output block and core-tile re-reads per chunk (L2). Where the grid has fewer
     programs than the GPU takes (small M, ``cost.chain_split``), S programs per tile split its
-    chunks (split-K) and write fp32 partial y slots, summed on the host (2 more launches for
-    16-bit y, 1 for fp32; ``4 S M O`` bytes within ``cost.CHAIN_PART_BYTES``).
+    chunks (split-K) and write fp32 partial y slots, summed into y by one more launch (``4 S M O``
+    bytes within ``cost.CHAIN_PART_BYTES``).
   - Core gradients (``_chain_grad_kernel``, 1 launch, plus a ``_chain_kernel`` launch on the cores
     of W.T for dx): program (O_1 block x O_2 block, group of I_d chunks, row split) reruns the
     forward chain per chunk and row block, keeping every step's input in registers, and walks it
     back (``dB_k += P_k.T dQ_k``, ``dQ_k-1 = unpermute(dQ_k B_k.T)``); fp32 accumulators written
-    to the program's own partial slot, summed on the host (``SplitSlots``: deterministic, no
-    atomics). Groups and splits aim at 2 programs per SM while the slots stay within
+    to the program's own partial slot, every core's summed by one more launch (``slot_sums``:
+    deterministic, no atomics). Groups and splits aim at 2 programs per SM while the slots stay within
     ``cost.CHAIN_GRAD_PART_BYTES`` (``cost.grad_split``) or, where one group and split per O block
     already exceed it, take that least split: 3.5-5.1 MiB for 16^3 rank 16 and 2.1-3.2 MiB for 8^4
     rank 8 (bf16, per config, at any M). About 3x the forward chain's FLOPs.
