@@ -219,10 +219,12 @@ def gated_maps(
     return factors[0].to(x.dtype), factors[1].to(x.dtype), bias.to(x.dtype)
 
 
-def kronecker_gated_linear(x: torch.Tensor, *args) -> torch.Tensor:
-    """The two-mode gated layer: y ``(*, m_1 m_2)`` in x's dtype = ``kronecker_linear`` with the
-    maps ``gated_maps(x, *args)`` (same arguments)."""
-    return kronecker_linear(x, *gated_maps(x, *args))
+def kronecker_gated_linear(x: torch.Tensor, *args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The two-mode gated layer: (y ``(*, m_1 m_2)`` in x's dtype = ``kronecker_linear`` with the
+    maps ``gated_maps(x, *args)`` (same arguments), A', B'): the mixed factors too, which the
+    op's backward reuses."""
+    a, b, bias = gated_maps(x, *args)
+    return kronecker_linear(x, a, b, bias), a, b
 
 
 def kronecker_linear(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -72,10 +72,11 @@ def test_autotuned_grid_sees_the_config_the_launch_would_run(monkeypatch):
 FAMILIES = {
     "lowrank": (lambda: tk.LowRankLinear(40, 24, 3), 1, 3),  # fwd; + dx (same kernel) + factor grads
     "kronecker no bias": (lambda: tk.KroneckerLinear((5, 8), (4, 6), bias=False), 1, 3),
-    # the gate program, then the forward; + the maps again, factor grads, the gates' pullback, dx;
-    # with biases, training runs the gated op without gates: its kernels find the closed-form bias
-    "kronecker": (lambda: tk.KroneckerLinear((5, 8), (4, 6)), 1, 6),
-    "kronecker gated": (lambda: tk.KroneckerLinear((5, 8), (4, 6), gated=True), 2, 6),
+    # the gate program, then the forward; + factor grads on the forward's maps, the gates'
+    # pullback, dx; with biases, training runs the gated op without gates: its kernels find the
+    # closed-form bias
+    "kronecker": (lambda: tk.KroneckerLinear((5, 8), (4, 6)), 1, 5),
+    "kronecker gated": (lambda: tk.KroneckerLinear((5, 8), (4, 6), gated=True), 2, 5),
     # + dx, d(params) and the sum of the gradient's partial slots (one per output x input tile)
     "gaussian": (lambda: tk.SplineLinear(40, 24, basis="gaussian", n_control_points=7), 1, 4),
     "eisenstein local": (lambda: tk.SplineLinear(40, 24, basis="eisenstein", n_control_points=20, support="local"),

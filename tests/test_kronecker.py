@@ -293,7 +293,7 @@ def test_gated_op_gradchecks(case):
         full = list(args)
         for i, v in zip(tensors, t):
             full[i] = v
-        return ops.kronecker_gated_linear(*full)
+        return ops.kronecker_gated_linear(*full)[0]
 
     with backend("reference"):
         inputs = tuple(args[i] for i in tensors)
@@ -309,12 +309,29 @@ def test_gated_op_is_the_gated_layer():
             layer = KroneckerLinear((3, 5), (4, 5), gated=True, gating_hidden_dim=4, dtype=torch.float64,
                                     gating_mode="hard" if hard else "soft", transform_outer=outer)
             x = torch.randn(3, 15, dtype=torch.float64)
-            assert_close(ops.kronecker_gated_linear(x, *layer._gated_arguments()),
+            assert_close(ops.kronecker_gated_linear(x, *layer._gated_arguments())[0],
                          ops.kronecker_linear(x, *layer._fused_maps(x)), torch.float64)
     args = _gated_args(hard=True)
-    grads = torch.autograd.grad(ops.kronecker_gated_linear(*args).sum(),
+    grads = torch.autograd.grad(ops.kronecker_gated_linear(*args)[0].sum(),
                                 [a for a in args if isinstance(a, torch.Tensor)], allow_unused=True)
     assert [g is None for g in grads] == [False] * 5 + [True] * 4 + [False] * 2 + [True] * 4
+
+
+def test_gated_op_returns_its_maps_for_the_backward():
+    """The gated op's second and third outputs are the mixed factors A', B' (x's dtype) of
+    ``reference.kronecker.gated_maps``: not differentiable, and never the factors themselves (a
+    layer without gates, whose maps are its factors, gets copies: an op's outputs must not alias
+    its inputs)."""
+    args = _gated_args(dtype=torch.float32)
+    y, a_mixed, b_mixed = ops.kronecker_gated_linear(*args)
+    want = ref.gated_maps(*args)
+    assert_close(a_mixed, want[0], torch.float32) and assert_close(b_mixed, want[1], torch.float32)
+    assert y.requires_grad and not a_mixed.requires_grad and not b_mixed.requires_grad
+    plain = [t.detach() if isinstance(t, torch.Tensor) else t for t in args]
+    plain[5:17] = [None] * 12  # no gate networks, no projections: the maps are the factors
+    _, a_mixed, b_mixed = ops.kronecker_gated_linear(*plain)
+    assert torch.equal(a_mixed, plain[1]) and torch.equal(b_mixed, plain[2])
+    assert a_mixed.data_ptr() != plain[1].data_ptr() and b_mixed.data_ptr() != plain[2].data_ptr()
 
 
 def test_gated_op_rejects_half_given_paths():
@@ -560,7 +577,8 @@ def test_fake_tensor_shapes():
         assert da.shape == (4, 3) and db.shape == (7, 5) and dsum.shape == (28,)
         assert da.dtype == db.dtype == dsum.dtype == torch.bfloat16
         assert KroneckerLinear((3, 5), (4, 7), gated=True)(torch.randn(2, 4, 15)).shape == (2, 4, 28)
-        assert ops.kronecker_gated_linear(*_gated_args(dtype=torch.float32)).shape == (3, 2, 20)
+        assert [t.shape for t in ops.kronecker_gated_linear(*_gated_args(dtype=torch.float32))] == [(3, 2, 20), (4, 3),
+                                                                                                 (5, 5)]
 
 
 def test_trains_to_a_kronecker_target():

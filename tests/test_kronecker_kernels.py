@@ -120,13 +120,15 @@ def test_gated_maps_directly(split_rows, monkeypatch, kernel_device):
                         r(hidden, 5), r(hidden), r(1, hidden), r(1), r(2, 5), r(2), hard, outer)
                 with backend("triton"):
                     maps = kernels.gated_maps(*args)
-                    y = ops.kronecker_gated_linear(*args)
+                    y, *mixed = ops.kronecker_gated_linear(*args)
                 assert (maps is None) == (dot_dim(hidden) > kernels.max_tile(dtype))
                 want = ref.gated_maps(*args)
                 for name, got, expected in zip(("A'", "B'", "bias"), maps or want, want):
                     assert got.dtype == expected.dtype == dtype and got.shape == expected.shape, name
                     assert_close(got, expected, dtype, name=f"{name} ({dtype}, hard={hard})")
-                assert_close(y, ref.kronecker_gated_linear(*args), dtype, name=f"y (hidden {hidden}, {dtype})")
+                for name, got, expected in zip(("A' (op)", "B' (op)"), mixed, want):
+                    assert_close(got, expected, dtype, name=f"{name} ({dtype}, hard={hard})")
+                assert_close(y, ref.kronecker_gated_linear(*args)[0], dtype, name=f"y (hidden {hidden}, {dtype})")
 
 
 def test_non_contiguous_input_and_expanded_grad(kernel_device):

@@ -536,14 +536,14 @@ def _gate_sizes(m1: int, n1: int, m2: int, n2: int, hidden: int, dtype: torch.dt
 
 
 def gated_linear(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias_a: torch.Tensor | None,
-                 bias_b: torch.Tensor | None, *modes_and_flags) -> torch.Tensor:
+                 bias_b: torch.Tensor | None, *modes_and_flags) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the two-mode gated layer (``reference.kronecker.kronecker_gated_linear``, same
-    arguments): its maps (``gated_maps``), then the fused forward on them; y ``(*, m_1 m_2)`` in
-    x's dtype. Shapes whose padded modes or gate hidden size pass ``max_tile`` run the reference."""
+    arguments): its maps (``gated_maps``), then the fused forward on them; (y ``(*, m_1 m_2)``, A',
+    B') in x's dtype. Shapes whose padded modes or gate hidden size pass ``max_tile`` run the reference."""
     maps = gated_maps(x, a, b, bias_a, bias_b, *modes_and_flags)
     if maps is None:
         return ref.kronecker_gated_linear(x, a, b, bias_a, bias_b, *modes_and_flags)
-    return _forward(x, *maps)
+    return _forward(x, *maps), maps[0], maps[1]
 
 
 def gated_maps(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias_a: torch.Tensor | None,
@@ -566,17 +566,18 @@ def _launch_maps(plan: tuple, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor)
     return a_out, b_out, bias, forward_sizes
 
 
-def gated_grads(x: torch.Tensor, dy: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias_a: torch.Tensor | None,
-                bias_b: torch.Tensor | None, *modes_and_flags) -> tuple | None:
-    """The gated layer's backward but for dx's fused-op term, from one plan (checks and batch sum
-    once): the maps again, their gradients (``kronecker_grad_factors``) and the gate pullback.
-    Returns (A', B', gx ``(n_1 n_2,)`` in x's dtype: every row's share in the gradient of x's batch
-    mean, the gradients of a, b, bias_a, bias_b and the per-mode tensors, each in its tensor's
-    dtype, None where that is None or a hard gate's network). None for shapes past ``max_tile``."""
+def gated_grads(x: torch.Tensor, dy: torch.Tensor, a_mixed: torch.Tensor, b_mixed: torch.Tensor, a: torch.Tensor,
+                b: torch.Tensor, bias_a: torch.Tensor | None, bias_b: torch.Tensor | None, *modes_and_flags
+                ) -> tuple | None:
+    """The gated layer's backward but for dx's fused-op term, from the forward's mixed factors
+    A', B' (x's dtype) and one plan (checks and batch sum once): the maps' gradients
+    (``kronecker_grad_factors``) and the gate pullback. Returns (gx ``(n_1 n_2,)`` in x's dtype:
+    every row's share in the gradient of x's batch mean, the gradients of a, b, bias_a, bias_b and
+    the per-mode tensors, each in its tensor's dtype, None where that is None or a hard gate's
+    network). None for shapes past ``max_tile``."""
     plan = _gate_plan(x, a, b, bias_a, bias_b, modes_and_flags)
     if plan is None:
         return None
-    a_mixed, b_mixed, _, _ = _launch_maps(plan, x, a, b)
     da, db, dbias = kronecker_grad_factors(x, dy, a_mixed, b_mixed, torch.float32)
     rows, params, scalars, constexprs, _ = plan
     hard = modes_and_flags[-2]  # a step: the gate networks get no gradient (and none is written)
@@ -586,7 +587,7 @@ def gated_grads(x: torch.Tensor, dy: torch.Tensor, a: torch.Tensor, b: torch.Ten
     gx = torch.empty(a.shape[1] * b.shape[1], device=x.device, dtype=x.dtype)
     _kron_gate_grad_kernel[(1,)](rows, *params, da, db, dbias, *(gx if g is None else g for g in grads), gx,
                                  *scalars, **constexprs)
-    return a_mixed, b_mixed, gx, grads
+    return gx, grads
 
 
 _GATE_NETWORKS = frozenset((4, 5, 6, 7, 10, 11, 12, 13))  # gated_grads' inputs that are gate networks' tensors

@@ -174,7 +174,7 @@ class KroneckerLinear(SavedSettings, CompressedLinear):
         # the closed-form bias on chip (no gate given: the factors as they are), in place of the
         # ~10 torch ops autograd would record for the bias and their backward.
         if two and (self.gated or (self.biases is not None and torch.is_grad_enabled())):
-            return ops.kronecker_gated_linear(x, *self._gated_arguments())
+            return ops.kronecker_gated_linear(x, *self._gated_arguments())[0]
         if self.gated:  # the maps depend on the batch
             return ops.kronecker_linear(x, *self._fused_maps(x))
         # the factors and biases, read from the lists' dicts (indexing a ParameterList costs ~1 us an item)

@@ -9,10 +9,11 @@ in the parameters' dtype (the kernel rounds once: no cast after it).
 Nothing is saved but the inputs: the per-row intermediates are as large as x, so the backward
 recomputes them on chip instead of storing them.
 
-The two-mode gated layer is kronecker_gated_linear(x, parameters...) = kronecker_linear(x, A', B',
-b_eff) with the maps (A', B', b_eff) its gates give for the batch. Its backward recomputes the maps
-(the gate kernels, or the reference under autograd) and pulls kronecker_grad_factors' (dA', dB',
-dbias) back through them.
+The two-mode gated layer is kronecker_gated_linear(x, parameters...) = (kronecker_linear(x, A', B',
+b_eff), A', B') with the maps (A', B', b_eff) its gates give for the batch; A' and B' are outputs
+(not differentiable) for the backward. On the Triton backend the backward reuses them for
+kronecker_grad_factors' (dA', dB', dbias) and dx, and the gate kernel pulls those back through the
+maps; else the reference recomputes the maps under autograd and pulls back.
 """
 
 from __future__ import annotations
@@ -124,44 +125,51 @@ def kronecker_gated_linear(
     p_a: Tensor | None, pb_a: Tensor | None,
     w1_b: Tensor | None, b1_b: Tensor | None, w2_b: Tensor | None, b2_b: Tensor | None,
     p_b: Tensor | None, pb_b: Tensor | None, hard: bool, transform_outer: bool,
-) -> Tensor:
-    """The two-mode gated layer y ``(*, m_1 m_2)`` in x's dtype for x ``(*, n_1 n_2)``: the fused op
-    on the mixed factors and effective bias its gates give for this batch (arguments:
-    ``reference.kronecker.gated_maps``)."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The two-mode gated layer (y ``(*, m_1 m_2)``, A' ``(m_1, n_1)``, B' ``(m_2, n_2)``), all in
+    x's dtype, for x ``(*, n_1 n_2)``: the fused op on the mixed factors and effective bias its
+    gates give for this batch (arguments: ``reference.kronecker.gated_maps``), and those mixed
+    factors, which the backward reuses (not differentiable)."""
     run = _kernels().gated_linear if use_triton(x) else ref.kronecker_gated_linear
-    return owned(run(x, a, b, bias_a, bias_b, w1_a, b1_a, w2_a, b2_a, p_a, pb_a,
-                     w1_b, b1_b, w2_b, b2_b, p_b, pb_b, hard, transform_outer))
+    y, a_mixed, b_mixed = run(x, a, b, bias_a, bias_b, w1_a, b1_a, w2_a, b2_a, p_a, pb_a,
+                              w1_b, b1_b, w2_b, b2_b, p_b, pb_b, hard, transform_outer)
+    # without gates a map can be the factor itself: an op's outputs must not alias its inputs
+    return owned(y), a_mixed.clone() if a_mixed is a else a_mixed, b_mixed.clone() if b_mixed is b else b_mixed
 
 
 @kronecker_gated_linear.register_fake
 def _(x, a, b, *rest):
-    return x.new_empty(*x.shape[:-1], a.shape[0] * b.shape[0])
+    return x.new_empty(*x.shape[:-1], a.shape[0] * b.shape[0]), x.new_empty(a.shape), x.new_empty(b.shape)
 
 
 def _gated_setup(ctx, inputs, output):
     ctx.tensors = [i for i, t in enumerate(inputs) if isinstance(t, Tensor)]
     ctx.flags = inputs[-2:]
     ctx.n_inputs = len(inputs)
-    ctx.save_for_backward(*(inputs[i] for i in ctx.tensors))
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(*(inputs[i] for i in ctx.tensors), output[1], output[2])
 
 
-def _gated_backward(ctx, dy):
+def _gated_backward(ctx, dy, _a_mixed, _b_mixed):
     """dx = the fused op on (A'.T, B'.T), plus the path through the batch mean; every parameter's
     gradient is the pullback of kronecker_grad_factors' (dA', dB', dbias) through the maps. On
-    the Triton backend the gate kernels recompute the maps and pull back (``gated_grads``). Else,
-    and where the backward is traced or differentiated (create_graph), the reference recomputes
-    them under ``torch.func.vjp`` (traceable, differentiable again), or plain autograd in eager
-    mode (~30% less host time)."""
-    saved = ctx.saved_tensors
+    the Triton backend the forward's maps serve both and the gate kernel pulls back
+    (``gated_grads``). Else, and where the backward is traced or differentiated (create_graph),
+    the reference recomputes the maps under ``torch.func.vjp`` (traceable, differentiable again),
+    or plain autograd in eager mode (~30% less host time)."""
+    if dy is None:  # only the maps were used: they are not differentiable
+        return (None,) * ctx.n_inputs
+    *saved, a, b = ctx.saved_tensors
     args: list = [None] * (ctx.n_inputs - 2) + list(ctx.flags)
     for i, t in zip(ctx.tensors, saved):
         args[i] = t
     x = saved[0]
     plain = not torch.is_grad_enabled() and eager_mode(saved) is not None
-    pulled = _kernels().gated_grads(x, dy, *args[1:]) if plain and use_triton(x) else None
+    pulled = _kernels().gated_grads(x, dy, a, b, *args[1:]) if plain and use_triton(x) else None
     row_share = None  # x's gradient through the batch mean, the same for every row
     if pulled is not None:
-        a, b, row_share, grads = pulled
+        row_share, grads = pulled
         grads = [None, *grads, None, None]  # (x, the 16 tensors, the two flags)
     else:
         def reference_maps(*tensors):
