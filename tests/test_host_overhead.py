@@ -336,3 +336,18 @@ def test_spline_inference_follows_parameter_updates(basis):
             p.mul_(0.5)
         expected = torch.nn.functional.linear(x, layer.materialize(), layer.bias)
         assert_close(layer(x), expected)
+
+
+def test_host_compare_summarizes_minima_and_medians():
+    """``bench.host_compare``'s table: per layer and mode each side's minimum and median over its
+    runs, and the change of the minima (head less base)."""
+    from bench.host_compare import summarize
+
+    def run(fwd: float, both: float) -> dict:
+        return {"lowrank r16": {"fwd": fwd, "fwd+bwd": both}}
+
+    lines = summarize({"base": [run(14.0, 95.0), run(13.0, 99.0), run(15.0, 91.0)],
+                       "head": [run(12.0, 90.0), run(12.5, 88.0), run(13.0, 89.0)]})
+    assert len(lines) == 3
+    assert lines[1].split()[-5:] == ["13.0", "14.0", "12.0", "12.5", "-1.0"]
+    assert lines[2].split()[-5:] == ["91.0", "95.0", "88.0", "89.0", "-3.0"]
