@@ -581,6 +581,34 @@ def test_forward_plan_one_entry_per_layer(kernel_device):
         assert sorted(plans.paths) == [1, 2, 3, 5]
 
 
+def test_backward_plan_one_entry_per_layer(kernel_device):
+    """The backward keeps one plan entry per layer too: its paths per (row count, dx wanted) and
+    W.T's layout beside W's; an in-place update of a core (an optimizer step) plans afresh, and
+    the gradients follow the new values."""
+    layer = TTLinear(*TT["d3-3x2x5-r23"], strategy="contract").to(kernel_device)
+    cores = [c.detach() for c in layer.cores]
+
+    def plans() -> list:
+        return [v[2] for k, v in kernels._derived.items()
+                if isinstance(k[0], tuple) and k[0][0] == "backward" and k[1] == id(cores[0])]
+
+    with backend("triton"):
+        for m, need_dx in ((1, True), (2, False), (5, True), (2, True)):
+            x = torch.randn(m, layer.in_features, device=kernel_device)
+            dy = torch.randn(m, layer.out_features, device=kernel_device)
+            got = kernels.tt_grad(dy, x, cores, "contract", need_dx, torch.float32)
+            want = ref.tt_grad(dy, x, cores, need_dx)
+            for g, w in zip(got, want):
+                assert_close(g, w, torch.float32)
+        assert len(plans()) == 1 and sorted(plans()[0].paths) == [(1, True), (2, False), (2, True), (5, True)]
+        assert len(plans()[0].layouts) == 2  # W's and W.T's
+        cores[1].mul_(2.0)  # a new version: a new plan, and gradients of the new cores
+        got = kernels.tt_grad(dy, x, cores, "contract", True, torch.float32)
+        for g, w in zip(got, ref.tt_grad(dy, x, cores, True)):
+            assert_close(g, w, torch.float32)
+        assert len(plans()) == 1 and sorted(plans()[0].paths) == [(2, True)]
+
+
 class _TorchLaunches(TorchDispatchMode):
     """Counts the torch ops that run (each one launch on a GPU): views and allocations are free."""
 

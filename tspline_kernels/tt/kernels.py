@@ -727,14 +727,34 @@ def _forward_path(layout: tuple, m: int, dtype: torch.dtype, has_bias: bool, str
 KEPT_PATHS = 64  # row counts whose path a layer keeps (``_forward_plan``, ``_backward_plan``); more clear the table
 
 
-class _ForwardPlans:
-    """What ``_forward_plan`` keeps per parameter version: the checked cores' ``_chain_layout`` key,
-    their packed buffer once a chain launch needed it, and the path per row count."""
+class _Plans:
+    """What ``_forward_plan`` and ``_backward_plan`` keep per parameter version: the checked cores'
+    ``_chain_layout`` keys (W's, and for the backward W.T's), their packed buffer once a chain
+    launch needed it, and the path per row count (the backward's per row count and dx)."""
 
-    __slots__ = ("layout", "packed", "paths")
+    __slots__ = ("layouts", "packed", "paths")
 
-    def __init__(self, layout: tuple) -> None:
-        self.layout, self.packed, self.paths = layout, None, {}
+    def __init__(self, *layouts: tuple) -> None:
+        self.layouts, self.packed, self.paths = layouts, None, {}
+
+    def path(self, key: Hashable, find: Callable[[], object]):
+        """The path kept for ``key``, else ``find()``'s, kept (at most ``KEPT_PATHS``)."""
+        path = self.paths.get(key)
+        if path is None:
+            if len(self.paths) >= KEPT_PATHS:
+                self.paths.clear()
+            path = self.paths[key] = find()
+        return path
+
+    def packed_cores(self, cores: list[Core]) -> torch.Tensor | None:
+        """The cores packed for the chain kernels (on the first chain launch: other paths never need
+        it), or None for cores in neither memory order (``_chain_args`` packs those per call)."""
+        if self.packed is None:
+            sources, layout = _chain_layout(cores)
+            if sources is None:
+                return None
+            self.packed = _chain_args(cores, (sources, layout))[0]
+        return self.packed
 
 
 def _forward_plan(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None, strategy: str
@@ -742,12 +762,12 @@ def _forward_plan(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None
     """(``_forward_path``'s path for x2's row count, the cores packed for the chain kernel or None:
     another path, or cores in neither memory order, packed per call) for ``x2 @ W.T + bias``, with
     every input checked (``check_inputs``). One ``derived`` entry per parameter version, the
-    inputs' dtypes and devices and the module settings tests change holds a :class:`_ForwardPlans`
+    inputs' dtypes and devices and the module settings tests change holds a :class:`_Plans`
     (a batch size of its own does not take an entry, which would push the cores' other results
     out): a layer's call pays one lookup for all of it."""
-    def build() -> _ForwardPlans:
+    def build() -> _Plans:
         check_inputs(x2, *(c.t for c in cores), bias)
-        return _ForwardPlans(_chain_layout(cores)[1])
+        return _Plans(_chain_layout(cores)[1])
 
     keys = config_keys(_chain_kernel)
     kind = ("forward", tuple((c.o, c.i, c.spline) for c in cores), x2.device, x2.dtype,
@@ -755,20 +775,9 @@ def _forward_plan(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None
             KRONSUM)
     plans = derived(kind, [c.t for c in cores], build)
     m = x2.shape[0]
-    path = plans.paths.get(m)
-    if path is None:
-        if len(plans.paths) >= KEPT_PATHS:
-            plans.paths.clear()
-        path = plans.paths[m] = _forward_path(plans.layout, m, x2.dtype, bias is not None, strategy, keys,
-                                              CHAIN_SPLIT, cost.CHAIN_MAX_TILE, KRONSUM)
-    if not isinstance(path, ChainLaunch):
-        return path, None
-    if plans.packed is None:  # packed on the first chain launch (other paths never need it)
-        sources, layout = _chain_layout(cores)
-        if sources is None:
-            return path, None
-        plans.packed = _chain_args(cores, (sources, layout))[0]
-    return path, plans.packed
+    path = plans.path(m, lambda: _forward_path(plans.layouts[0], m, x2.dtype, bias is not None, strategy, keys,
+                                               CHAIN_SPLIT, cost.CHAIN_MAX_TILE, KRONSUM))
+    return (path, plans.packed_cores(cores)) if isinstance(path, ChainLaunch) else (path, None)
 
 
 def cores_linear(x: torch.Tensor, cores: list[Core], bias: torch.Tensor | None, strategy: str) -> torch.Tensor:
@@ -843,25 +852,15 @@ def _grad_kronsum(m: int, modes: tuple, dtype: torch.dtype, kronsum: bool | None
     return plans if use else None
 
 
-class _BackwardPlans:
-    """What ``_backward_plan`` keeps per parameter version: W's and W.T's ``_chain_layout`` keys,
-    the cores' packed buffer once a chain launch needed it, and the path per (row count, dx)."""
-
-    __slots__ = ("layout", "t_layout", "packed", "paths")
-
-    def __init__(self, layout: tuple, t_layout: tuple) -> None:
-        self.layout, self.t_layout, self.packed, self.paths = layout, t_layout, None, {}
-
-
 def _backward_plan(dy2: torch.Tensor, x2: torch.Tensor, cores: list[Core], strategy: str, need_dx: bool
                    ) -> tuple[BackwardPath, torch.Tensor | None]:
     """(``_backward_path``'s path for x2's row count, the cores packed for the chain kernels or None:
     another path, or cores in neither memory order, packed per call), with every input checked
     (``check_inputs``): one ``derived`` entry per parameter version, the inputs' dtypes and
     devices and the module settings tests change, as ``_forward_plan``'s."""
-    def build() -> _BackwardPlans:
+    def build() -> _Plans:
         check_inputs(dy2, x2, *(c.t for c in cores))
-        return _BackwardPlans(_chain_layout(cores)[1], _chain_layout([c.transposed() for c in cores])[1])
+        return _Plans(_chain_layout(cores)[1], _chain_layout([c.transposed() for c in cores])[1])
 
     keys, grad_keys = config_keys(_chain_kernel), config_keys(_chain_grad_kernel)
     settings = (strategy, keys, grad_keys, CHAIN_SPLIT, cost.CHAIN_MAX_TILE, KRONSUM, GRAD_PROGRAMS,
@@ -870,20 +869,9 @@ def _backward_plan(dy2: torch.Tensor, x2: torch.Tensor, cores: list[Core], strat
             settings)
     plans = derived(kind, [c.t for c in cores], build)
     m = x2.shape[0]
-    path = plans.paths.get((m, need_dx))
-    if path is None:
-        if len(plans.paths) >= KEPT_PATHS:
-            plans.paths.clear()
-        path = plans.paths[m, need_dx] = _backward_path(plans.layout, plans.t_layout, m, dy2.dtype, strategy,
-                                                        need_dx, *settings[1:])
-    if path.kind != "chain":
-        return path, None
-    if plans.packed is None:
-        sources, layout = _chain_layout(cores)
-        if sources is None:
-            return path, None
-        plans.packed = _chain_args(cores, (sources, layout))[0]
-    return path, plans.packed
+    path = plans.path((m, need_dx), lambda: _backward_path(*plans.layouts, m, dy2.dtype, strategy, need_dx,
+                                                           *settings[1:]))
+    return (path, plans.packed_cores(cores)) if path.kind == "chain" else (path, None)
 
 
 def cores_grad(dy: torch.Tensor, x: torch.Tensor, cores: list[Core], strategy: str, need_dx: bool,
