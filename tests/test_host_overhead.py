@@ -341,7 +341,7 @@ def test_spline_inference_follows_parameter_updates(basis):
 def test_host_compare_summarizes_minima_and_medians():
     """``bench.host_compare``'s table: per layer and mode each side's minimum and median over its
     runs, and the change of the minima (head less base)."""
-    from bench.host_compare import summarize
+    from tspline_kernels.bench.host_compare import summarize
 
     def run(fwd: float, both: float) -> dict:
         return {"lowrank r16": {"fwd": fwd, "fwd+bwd": both}}
