@@ -38,7 +38,8 @@ KEYS_A = -0.75
 
 __all__ = [
     "BSPLINE", "BICUBIC", "IDW", "GAUSSIAN", "positions", "bspline_rows", "basis_matrix", "separable_weight",
-    "separable_linear", "separable_levels", "separable_grad_control", "separable_backward", "eisenstein_lattice",
+    "input_projection", "separable_linear", "separable_levels", "separable_grad_control", "separable_backward",
+    "eisenstein_lattice",
     "support_radius", "gaussian_width", "field_weight", "field_linear", "field_linear_backward",
 ]
 
@@ -129,6 +130,13 @@ def separable_weight(control: torch.Tensor, n_out: int, n_in: int, kind: int) ->
     return bo @ control.to(cd) @ bi.T
 
 
+def input_projection(x: torch.Tensor, g_in: int, kind: int) -> torch.Tensor:
+    """x @ Bi, x on a level's ``g_in`` input basis functions: ``(*, n_in)`` -> ``(*, g_in)`` in the
+    compute dtype. A level's output starts from it, and its grid's gradient ends with it."""
+    cd = compute_dtype(x)
+    return x.to(cd) @ basis_matrix(x.shape[-1], g_in, kind, cd, x.device)
+
+
 def separable_linear(
     x: torch.Tensor, control: torch.Tensor, bias: torch.Tensor | None, out_features: int, kind: int,
     residual: torch.Tensor | None = None,
@@ -136,9 +144,8 @@ def separable_linear(
     """y = ((x @ Bi) @ C.T) @ Bo.T + bias + residual for x ``(*, n_in)``, C ``(G_out, G_in)``, residual
     (optional) ``(*, out_features)`` -> ``(*, out_features)``."""
     cd = compute_dtype(x)
-    bi = basis_matrix(x.shape[-1], control.shape[1], kind, cd, x.device)
     bo = basis_matrix(out_features, control.shape[0], kind, cd, x.device)
-    y = ((x.to(cd) @ bi) @ control.to(cd).T) @ bo.T
+    y = (input_projection(x, control.shape[1], kind) @ control.to(cd).T) @ bo.T
     if bias is not None:
         y = y + bias.to(cd)
     if residual is not None:
@@ -159,27 +166,28 @@ def separable_levels(x: torch.Tensor, controls: list[torch.Tensor], bias: torch.
     return y
 
 
-def separable_grad_control(u: torch.Tensor, v: torch.Tensor, g_out: int, g_in: int, kind: int,
-                           dtype: torch.dtype) -> torch.Tensor:
-    """dC = (u @ Bo).T @ (v @ Bi) for u ``(*, n_out)`` (output grad), v ``(*, n_in)`` (input), in the
-    compute dtype, returned in ``dtype``."""
-    cd = compute_dtype(u)
-    bo = basis_matrix(u.shape[-1], g_out, kind, cd, u.device)
-    bi = basis_matrix(v.shape[-1], g_in, kind, cd, u.device)
-    u2, v2 = u.reshape(-1, u.shape[-1]).to(cd), v.reshape(-1, v.shape[-1]).to(cd)
-    return ((u2 @ bo).T @ (v2 @ bi)).to(dtype)
+def separable_grad_control(dy: torch.Tensor, xb: torch.Tensor, g_out: int, kind: int, dtype: torch.dtype) -> torch.Tensor:
+    """dC = (dy @ Bo).T @ xb for the output gradient dy ``(*, n_out)`` and the input's projection xb
+    ``(*, G_in)`` (``input_projection``), in the compute dtype, returned in ``dtype``."""
+    cd = compute_dtype(dy)
+    bo = basis_matrix(dy.shape[-1], g_out, kind, cd, dy.device)
+    return ((dy.reshape(-1, dy.shape[-1]).to(cd) @ bo).T @ xb.reshape(-1, xb.shape[-1]).to(cd)).to(dtype)
 
 
 def separable_backward(
     dy: torch.Tensor, x: torch.Tensor, controls: list[torch.Tensor], kind: int, need_dx: bool,
-    need_controls: list[bool], bias_dtype: torch.dtype | None,
+    need_controls: list[bool], bias_dtype: torch.dtype | None, u: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, list[torch.Tensor | None], torch.Tensor | None]:
     """Gradients of ``separable_levels(x, controls, bias, n_out, kind)`` for the output gradient dy
     ``(*, n_out)``: (dx = dy @ W in x's dtype, [dC_k in control k's dtype], d_bias ``(n_out,)`` in
-    ``bias_dtype``), None where not wanted. W's levels transposed are the levels of W.T."""
+    ``bias_dtype``), None where not wanted. W's levels transposed are the levels of W.T. ``u``: the
+    levels' ``input_projection`` of x side by side ``(*, sum G_in_k)``, as the forward kept them;
+    None: projected here."""
     dx = separable_levels(dy, [c.mT for c in controls], None, x.shape[-1], kind).to(x.dtype) if need_dx else None
-    d_controls = [separable_grad_control(dy, x, *c.shape, kind, c.dtype) if need else None
-                  for c, need in zip(controls, need_controls)]
+    xbs = [None] * len(controls) if u is None else u.split([c.shape[1] for c in controls], -1)
+    d_controls = [separable_grad_control(dy, input_projection(x, c.shape[1], kind) if xb is None else xb,
+                                         c.shape[0], kind, c.dtype) if need else None
+                  for c, need, xb in zip(controls, need_controls, xbs)]
     return dx, d_controls, None if bias_dtype is None else bias_grad(dy, bias_dtype)
 
 

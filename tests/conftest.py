@@ -55,6 +55,6 @@ def spy(monkeypatch):
         calls: list[str] = []
         for name in names:
             real = getattr(module, name)
-            monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+            monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw))
         return calls
     return wrap

@@ -263,7 +263,16 @@ def layers(dtypes) -> list[tuple[str, object]]:
         layer = layer.to(dtype)
         x = torch.randn(rows, layer.in_features, dtype=dtype, requires_grad=True)
         return lambda: layer(x).sum().backward()
-    return [(f"{name} {str(dtype).removeprefix('torch.')}", run(layer, dtype, *rows)) for name, layer, dtype, *rows in cases]
+
+    def second_order(layer, dtype):  # the separable dC kernel on input passes of x (the forward keeps u for the first)
+        layer = layer.to(dtype)
+        x = torch.randn(5, layer.in_features, dtype=dtype, requires_grad=True)
+        params = [x, *layer.parameters()]
+        return lambda: sum(g.sum() for g in torch.autograd.grad(layer(x).square().sum(), params, create_graph=True)
+                           ).backward()
+    return [(f"{name} {str(dtype).removeprefix('torch.')}", run(layer, dtype, *rows)) for name, layer, dtype, *rows in cases
+            ] + [(f"SplineLinear bspline (6, 9) second order {str(dtype).removeprefix('torch.')}",
+                  second_order(tk.SplineLinear(67, 45, grid=(6, 9)), dtype)) for dtype in dtypes]
 
 
 def bench_cases() -> list[tuple[str, object]]:

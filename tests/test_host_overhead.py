@@ -82,9 +82,9 @@ FAMILIES = {
     "eisenstein local": (lambda: tk.SplineLinear(40, 24, basis="eisenstein", n_control_points=20, support="local"),
                          1, 4),
     "decoupled": (lambda: tk.DecoupledSplineMLP(40, 24, rank=5, n_basis=6), 1, 3),  # + fused backward + factor grads
-    # input and output pass; + the input pass on dy (which sums the bias gradient too) for both dx's
-    # output pass and dC, the input pass on x, dC's product
-    "bspline": (lambda: tk.SplineLinear(40, 24, grid=(6, 9)), 2, 6),
+    # input and output pass (which keeps x @ Bi for dC); + the input pass on dy (which sums the bias
+    # gradient too) for both dx's output pass and dC, dC's product
+    "bspline": (lambda: tk.SplineLinear(40, 24, grid=(6, 9)), 2, 5),
     # chain and slot sum; + both for dx, the gradient chain, the sum of its slots, the projection
     # onto the controls
     "spline-tt": (lambda: tk.SplineTTLinear((4, 5, 2), (3, 4, 2), 2, (4, 4)), 2, 7),

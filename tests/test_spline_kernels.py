@@ -9,6 +9,7 @@ import torch
 
 import tspline_kernels as tk
 from tspline_kernels.testing import assert_backends_agree, assert_close, cuda_step_peak_bytes
+from tspline_kernels.reference.common import compute_dtype
 
 LAYERS = {
     "bspline": dict(basis="bspline", grid=(6, 9)),
@@ -248,6 +249,13 @@ def test_separable_passes_match_reference(case, dtype, extra, kernel_device):
     got = kernels.separable_levels(x, controls, b, n_out, kind, chunk=chunk)
     assert got.dtype == dtype and got.shape == (m, n_out)
     assert_close(got, ref.separable_levels(x, controls, b, n_out, kind), dtype)
+    # with u, the output passes also store each level's x @ Bi side by side, and y is unchanged
+    u = torch.full((m, sum(c.shape[1] for c in controls)), float("nan"), device=kernel_device,
+                   dtype=compute_dtype(x))
+    torch.testing.assert_close(kernels.separable_levels(x, controls, b, n_out, kind, chunk=chunk, u=u), got,
+                               rtol=0, atol=0)
+    want = torch.cat([ref.input_projection(x, c.shape[1], kind) for c in controls], -1)
+    assert_close(u, want, dtype, name="u")
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
@@ -336,7 +344,7 @@ def test_separable_grad_control_from_input_passes(case, dtype, kernel_device):
         control = torch.empty(g_out, g_in, device=kernel_device, dtype=out)  # dC comes in its dtype
         got = kernels.separable_backward(dy, x, [control], kind, False, [True], None, chunk=chunk)[1][0]
         assert got.dtype == out and got.shape == (g_out, g_in)
-        assert_close(got, ref.separable_grad_control(dy, x, g_out, g_in, kind, out), dtype)
+        assert_close(got, ref.separable_grad_control(dy, ref.input_projection(x, g_in, kind), g_out, kind, out), dtype)
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
@@ -346,7 +354,8 @@ def test_separable_backward_shares_dy_input_pass(case, levels, dtype, kernel_dev
     """``separable_backward``: dx (levels chained as residuals), each level's dC and d_bias (the first
     input pass on dy sums it, over several row blocks in "split-3-chunks") against the reference,
     in their dtypes, for every subset of wanted results; one input pass on dy per level serves dx
-    and dC (3 launches per level plus x's input pass for each dC)."""
+    and dC (3 launches per level plus x's input pass for each dC); given x's projections u (the
+    forward's), dC reads them: the same results, no input pass on x."""
     from tspline_kernels.bench.host_overhead import stubbed_launches
     from tspline_kernels.reference import spline as ref
     from tspline_kernels.spline import kernels
@@ -357,19 +366,23 @@ def test_separable_backward_shares_dy_input_pass(case, levels, dtype, kernel_dev
     dy = torch.randn(m, n_out, device=kernel_device).to(dtype)
     controls = [torch.randn(g_out, g_in, device=kernel_device).to(dtype),
                 torch.randn(g_out + 3, g_in + 2, device=kernel_device).to(dtype)][:levels]
+    u = torch.cat([ref.input_projection(x, c.shape[1], kind) for c in controls], -1)
     for need_dx, need_c, bias_dtype in [(True, True, torch.float32), (False, True, None), (True, False, dtype)]:
         needs = [need_c, not need_c][:levels]
-        got = kernels.separable_backward(dy, x, controls, kind, need_dx, needs, bias_dtype, chunk=chunk)
         want = ref.separable_backward(dy, x, controls, kind, need_dx, needs, bias_dtype)
-        for name, g, w in [("dx", got[0], want[0]), *((f"dC{k}", a, b) for k, (a, b) in enumerate(zip(got[1], want[1]))),
-                           ("d_bias", got[2], want[2])]:
-            assert (g is None) == (w is None), name
-            if w is not None:
-                assert g.dtype == w.dtype and g.shape == w.shape, name
-                assert_close(g, w, dtype, name=name)
-    with stubbed_launches() as launches:
-        kernels.separable_backward(dy, x, controls, kind, True, [True] * levels, None, chunk=chunk)
-    assert [launch.kernel for launch in launches].count("_separable_in_kernel") == 2 * levels
+        for given in (None, u):
+            got = kernels.separable_backward(dy, x, controls, kind, need_dx, needs, bias_dtype, chunk=chunk, u=given)
+            pairs = [("dx", got[0], want[0]), *((f"dC{k}", a, b) for k, (a, b) in enumerate(zip(got[1], want[1]))),
+                     ("d_bias", got[2], want[2])]
+            for name, g, w in pairs:
+                assert (g is None) == (w is None), name
+                if w is not None:
+                    assert g.dtype == w.dtype and g.shape == w.shape, name
+                    assert_close(g, w, dtype, name=name)
+    for given, input_passes in ((None, 2 * levels), (u, levels)):
+        with stubbed_launches() as launches:
+            kernels.separable_backward(dy, x, controls, kind, True, [True] * levels, None, chunk=chunk, u=given)
+        assert [launch.kernel for launch in launches].count("_separable_in_kernel") == input_passes
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])

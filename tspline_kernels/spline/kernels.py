@@ -165,10 +165,10 @@ def _split_prune(cfgs, named_args, **kwargs):
 )
 @triton.jit
 def _separable_out_kernel(
-    part_ptr, start_in_ptr, c_ptr, tab_ptr, start_out_ptr, bias_ptr, res_ptr, y_ptr,
+    part_ptr, start_in_ptr, c_ptr, tab_ptr, start_out_ptr, bias_ptr, res_ptr, y_ptr, u_ptr,
     M, S, N_OUT, G_IN, G_OUT, M_BUCKET,
-    stride_co, stride_ci, stride_rm, stride_rn, stride_ym, stride_yn,
-    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    stride_co, stride_ci, stride_rm, stride_rn, stride_ym, stride_yn, stride_um,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, STORE_U: tl.constexpr,
     GIP: tl.constexpr, W_IN: tl.constexpr, BN: tl.constexpr, PW: tl.constexpr,
     PRECISION: tl.constexpr, BM: tl.constexpr, N_SPLIT: tl.constexpr,
 ):
@@ -179,14 +179,16 @@ def _separable_out_kernel(
     (``BasisWindows``, T = cdiv(N_OUT, BN)), residual (with ``HAS_RESIDUAL``) and y ``(M, N_OUT)``.
     The sum is rounded once, at the store. Program (i, j) gathers u for its
     ``BM`` rows once, then for every ``N_SPLIT``-th output tile t from j: z = u @ C[win_t].T over
-    the ``PW`` grid rows tile t touches (Bo is four-banded), y tile = z @ Bo_t.T. u, z and the
+    the ``PW`` grid rows tile t touches (Bo is four-banded), y tile = z @ Bo_t.T. With ``STORE_U``
+    the programs of column 0 also store u ``(M, G_IN)`` (rows ``stride_um`` apart, in u's dtype)
+    for the backward's dC. u, z and the
     fp32 table of Bo stay fp32: ``PRECISION`` "tf32" for fp16/bf16 layers (tensor cores, fp32's
     range, 10-bit mantissas): rounded to fp16, u and z overflowed where y does not (inf * 0 in the
     banded tile then spread NaN over whole rows), and rounded to bf16 they cost cancelling outputs
     several times the reference's error; fp32 layers use torch's matmul precision.
     FLOPs: 2*M*T*PW*(GIP + BN) (useful: 2*M*(G_IN*G_OUT + 4*N_OUT)).
     Bytes: elt*M*N_OUT (twice with a residual) + 4*S*M*W_IN*N_SPLIT (partials, L2-resident)
-    + elt*G_OUT*G_IN.
+    + elt*G_OUT*G_IN (+ 4*M*G_IN with ``STORE_U``).
     Minimal bytes of the whole forward (both passes): elt*(M*(N_IN + N_OUT) + G_OUT*G_IN).
     """
     pid_m = tl.program_id(0)
@@ -195,6 +197,10 @@ def _separable_out_kernel(
     m_mask = rm < M
     u = _gather_windows(part_ptr, start_in_ptr, rm, m_mask, M, S, GIP, W_IN, BM)
     rq = tl.arange(0, GIP)
+    if STORE_U:
+        if pid_n == 0:
+            tl.store(u_ptr + rm[:, None] * stride_um + rq[None, :], u.to(u_ptr.dtype.element_ty),
+                     mask=m_mask[:, None] & (rq < G_IN)[None, :])
     rw = tl.arange(0, PW)
     for t in range(pid_n, tl.cdiv(N_OUT, BN), N_SPLIT):
         rp = tl.load(start_out_ptr + t) + rw
@@ -255,13 +261,14 @@ def _input_pass(a2: torch.Tensor, g: int, kind: int, chunk: int, bucket: int,
 
 def separable_levels(
     x: torch.Tensor, controls: list[torch.Tensor], bias: torch.Tensor | None, out_features: int, kind: int,
-    *, chunk: int | None = None,
+    *, chunk: int | None = None, u: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The op ``separable_linear``: per level (control grid, coarse to fine) the input pass and the
     output pass, level k's output (x's dtype) added into level k + 1's output pass as its residual,
     the bias into the last's: 2 launches per level, the inputs checked and the row geometry found
     once. x ``(*, n_in)``, controls ``[(G_out_k, G_in_k)]`` -> ``(*, out_features)``; ``chunk``:
-    columns of x per input-pass program (default ``in_chunk(M)``), a power of two >= 128."""
+    columns of x per input-pass program (default ``in_chunk(M)``), a power of two >= 128; ``u``:
+    where given, ``(*, sum G_in_k)`` contiguous, the output passes also store each level's x @ Bi in it."""
     check_inputs(x, *controls, bias)
     if not controls:
         raise ValueError("separable_levels needs at least one control grid")
@@ -270,28 +277,41 @@ def separable_levels(
     chunk = _chunk(m, chunk)
     shape = (*x.shape[:-1], out_features)
     if m == 0 or out_features == 0:
+        if u is not None and m:  # no output pass to store x's projections
+            torch.cat([ref.input_projection(x, c.shape[1], kind) for c in controls], -1, out=u)
         return x.new_empty(shape)
     bucket = m_bucket(m)
+    us = _levels_of(u, m, controls)
     y2 = None
     for k, control in enumerate(controls):
         r2, y2 = y2, x2.new_empty(m, out_features)
         part, bi, _ = _input_pass(x2, control.shape[1], kind, chunk, bucket)
-        _output_pass(part, bi, control, bias if k == len(controls) - 1 else None, kind, r2, y2, bucket)
+        _output_pass(part, bi, control, bias if k == len(controls) - 1 else None, kind, r2, y2, bucket, us[k])
     return y2 if x.dim() == 2 else y2.reshape(shape)  # a view: the op's owned() re-labels it
 
 
+def _levels_of(u: torch.Tensor | None, m: int, controls: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """Each level's columns of u ``(*, sum G_in_k)`` as ``(M, G_in_k)`` views; Nones without u."""
+    if u is None:
+        return [None] * len(controls)
+    return list(u.view(m, u.shape[-1]).split([c.shape[1] for c in controls], 1))
+
+
 def _output_pass(part: torch.Tensor, bi: BasisWindows, control: torch.Tensor, bias: torch.Tensor | None, kind: int,
-                 r2: torch.Tensor | None, y2: torch.Tensor, bucket: int) -> None:
+                 r2: torch.Tensor | None, y2: torch.Tensor, bucket: int, u: torch.Tensor | None = None) -> None:
     """y2 ``(M, n_out)`` = (x2 @ Bi) @ C.T @ Bo.T + bias + r2 from x2's input pass ``part`` over the
-    basis windows ``bi`` (M > 0, ``bucket`` = ``m_bucket(M)``): one ``_separable_out_kernel`` launch."""
+    basis windows ``bi`` (M > 0, ``bucket`` = ``m_bucket(M)``): one ``_separable_out_kernel`` launch,
+    which also stores x2 @ Bi in u ``(M, G_in)`` (unit column stride) where given."""
     m, out_features = y2.shape
     g_out, g_in = control.shape
     bo = basis_windows(out_features, g_out, kind, OUT_TILE, torch.float32, y2.device)
     res = y2 if r2 is None else r2
     _separable_out_kernel[lambda meta: (cdiv(m, meta["BM"]), meta["N_SPLIT"])](
         part, bi.start, control, bo.table, bo.start, bias if bias is not None else y2, res, y2,
+        y2 if u is None else u,
         m, bi.chunks, out_features, g_in, g_out, bucket, *control.stride(), *res.stride(), *y2.stride(),
-        HAS_BIAS=bias is not None, HAS_RESIDUAL=r2 is not None,
+        0 if u is None else u.stride(0),
+        HAS_BIAS=bias is not None, HAS_RESIDUAL=r2 is not None, STORE_U=u is not None,
         GIP=dot_dim(g_in), W_IN=bi.width, BN=OUT_TILE, PW=bo.width,
         PRECISION=_fp32_operand_precision(y2.dtype),
     )
@@ -306,42 +326,56 @@ def _output_pass(part: torch.Tensor, bi: BasisWindows, control: torch.Tensor, bi
 @triton.jit
 def _separable_dc_kernel(
     pout_ptr, start_out_ptr, pin_ptr, start_in_ptr, part_ptr,
-    M, S_OUT, S_IN, G_OUT, G_IN, M_BUCKET,
-    GOP: tl.constexpr, GIP: tl.constexpr, W_OUT: tl.constexpr, W_IN: tl.constexpr, BM: tl.constexpr,
+    M, S_OUT, S_IN, G_OUT, G_IN, M_BUCKET, stride_um,
+    GOP: tl.constexpr, GIP: tl.constexpr, W_OUT: tl.constexpr, W_IN: tl.constexpr, DENSE_IN: tl.constexpr,
+    BM: tl.constexpr,
 ):
-    """Partial dC for one block of rows: part[pid] = (u @ Bo).T @ (v @ Bi), ``(G_OUT, G_IN)`` fp32, or
+    """Partial dC for one block of rows: part[pid] = (dy @ Bo).T @ (x @ Bi), ``(G_OUT, G_IN)`` fp32, or
     dC itself in its dtype where the host allocated one slot (computed on the ``(GOP, GIP)`` padded
     grid, stored without the padding).
 
-    u @ Bo and v @ Bi (u the output gradient, v the input) are gathered from the input pass's
-    windowed partials, ``(S_OUT, M, W_OUT)`` and ``(S_IN, M, W_IN)`` fp32; the host sums the
+    dy @ Bo is gathered from the input pass's windowed partials ``(S_OUT, M, W_OUT)`` fp32; x @ Bi
+    likewise from ``(S_IN, M, W_IN)``, or with ``DENSE_IN`` loaded from the forward's u ``(M, G_IN)``
+    (rows ``stride_um`` apart; ``start_in_ptr``, S_IN and W_IN unused). The host sums the
     ``cdiv(M, BM)`` partials (deterministic, no atomics). Their product runs in fp32 ("ieee"):
     nothing is rounded to the input dtype, as in the reference.
-    FLOPs: 2*M*GOP*GIP (plus the two input passes). Bytes: 4*M*(S_OUT*W_OUT + S_IN*W_IN) + 4*cdiv(M,BM)*G_OUT*G_IN.
+    FLOPs: 2*M*GOP*GIP (plus the input passes). Bytes: 4*M*(S_OUT*W_OUT + S_IN*W_IN) (DENSE_IN:
+    4*M*(S_OUT*W_OUT + G_IN)) + 4*cdiv(M,BM)*G_OUT*G_IN.
     """
     pid = tl.program_id(0)
     rm = (pid * BM + tl.arange(0, BM)).to(tl.int64)  # row offsets past 2^31 elements
     m_mask = rm < M
-    du = _gather_windows(pout_ptr, start_out_ptr, rm, m_mask, M, S_OUT, GOP, W_OUT, BM)
-    t = _gather_windows(pin_ptr, start_in_ptr, rm, m_mask, M, S_IN, GIP, W_IN, BM)
-    part = tl.dot(tl.trans(du), t, input_precision="ieee")
     rp = tl.arange(0, GOP)
     rq = tl.arange(0, GIP)
+    du = _gather_windows(pout_ptr, start_out_ptr, rm, m_mask, M, S_OUT, GOP, W_OUT, BM)
+    if DENSE_IN:
+        t = tl.load(pin_ptr + rm[:, None] * stride_um + rq[None, :], mask=m_mask[:, None] & (rq < G_IN)[None, :],
+                    other=0.0).to(tl.float32)
+    else:
+        t = _gather_windows(pin_ptr, start_in_ptr, rm, m_mask, M, S_IN, GIP, W_IN, BM)
+    part = tl.dot(tl.trans(du), t, input_precision="ieee")
     tl.store(part_ptr + pid * G_OUT * G_IN + rp[:, None] * G_IN + rq[None, :], part.to(part_ptr.dtype.element_ty),
              mask=(rp < G_OUT)[:, None] & (rq < G_IN)[None, :])
 
 
 def _grad_control(pout: torch.Tensor, wout: BasisWindows, g_out: int, v2: torch.Tensor, g_in: int, kind: int,
-                  chunk: int, bucket: int, dtype: torch.dtype) -> torch.Tensor:
-    """dC ``(g_out, g_in)`` in ``dtype`` from u's input pass ``pout`` over the windows ``wout`` of its
-    ``g_out``-point basis and v2 ``(M, n_in)`` (M > 0): the input pass on v2, then ``_separable_dc_kernel``."""
+                  chunk: int, bucket: int, dtype: torch.dtype, xb: torch.Tensor | None = None) -> torch.Tensor:
+    """dC ``(g_out, g_in)`` in ``dtype`` from dy's input pass ``pout`` over the windows ``wout`` of its
+    ``g_out``-point basis and the input v2 ``(M, n_in)`` (M > 0): the input pass on v2, then
+    ``_separable_dc_kernel``; given v2's projection xb = v2 @ Bi ``(M, g_in)`` (unit column stride),
+    the dC kernel alone, on xb."""
     m = v2.shape[0]
-    pin, win, _ = _input_pass(v2, g_in, kind, chunk, bucket)
+    if xb is None:
+        pin, win, _ = _input_pass(v2, g_in, kind, chunk, bucket)
+        inputs = (pin, win.start, win.chunks, win.width, 0)
+    else:
+        inputs = (xb, xb, 0, 1, xb.stride(0))
     slots = SplitSlots(_separable_dc_kernel, lambda meta: cdiv(m, meta["BM"]), key=m)
     part = slots.empty(g_out, g_in, device=v2.device, dtype=dtype)
+    pin, start_in, s_in, w_in, stride_um = inputs
     _separable_dc_kernel[lambda meta: (slots(meta),)](
-        pout, wout.start, pin, win.start, part, m, wout.chunks, win.chunks, g_out, g_in, bucket,
-        GOP=dot_dim(g_out), GIP=dot_dim(g_in), W_OUT=wout.width, W_IN=win.width,
+        pout, wout.start, pin, start_in, part, m, wout.chunks, s_in, g_out, g_in, bucket, stride_um,
+        GOP=dot_dim(g_out), GIP=dot_dim(g_in), W_OUT=wout.width, W_IN=w_in, DENSE_IN=xb is not None,
     )
     return slots.sum(part, dtype)
 
@@ -349,14 +383,16 @@ def _grad_control(pout: torch.Tensor, wout: BasisWindows, g_out: int, v2: torch.
 def separable_backward(
     dy: torch.Tensor, x: torch.Tensor, controls: list[torch.Tensor], kind: int, need_dx: bool,
     need_controls: list[bool], bias_dtype: torch.dtype | None, *, chunk: int | None = None,
+    u: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, list[torch.Tensor | None], torch.Tensor | None]:
     """The op ``separable_backward``: (dx like x, [dC_k in control k's dtype], d_bias ``(n_out,)`` in
     ``bias_dtype``; None where not wanted) of ``separable_levels(x, controls, bias)`` for the output
     gradient dy ``(*, n_out)``. Per level, one input pass on dy (dy @ Bo_k) serves both dx's output
     pass (with C_k: dx = sum_k ((dy @ Bo_k) @ C_k) @ Bi_k.T, level k added into level k + 1's as its
     residual) and dC_k's product with x's input pass; the first level's also sums d_bias. 3 or 4
-    launches per level (dx's, dC's), where separate ops would run 5. ``chunk`` as in
-    ``separable_levels``."""
+    launches per level (dx's, dC's), where separate ops would run 5; 2 or 3 given u, x's projections
+    ``(*, sum G_in_k)`` kept by the forward (``separable_levels``' ``u``), which dC then reads instead
+    of an input pass on x. ``chunk`` as in ``separable_levels``."""
     check_inputs(dy, x, *controls)
     dy2, x2 = flatten(dy), flatten(x)
     m, n_in = x2.shape
@@ -368,6 +404,7 @@ def separable_backward(
     bucket = m_bucket(m)
     dx2 = d_bias = None
     d_controls: list[torch.Tensor | None] = []
+    us = _levels_of(u, m, controls)
     for k, (control, need) in enumerate(zip(controls, need_controls)):
         g_out = control.shape[0]
         pout, wout, colsum = _input_pass(dy2, g_out, kind, chunk, bucket, bias_dtype if k == 0 else None)
@@ -375,8 +412,8 @@ def separable_backward(
         if need_dx:
             r2, dx2 = dx2, x2.new_empty(m, n_in)
             _output_pass(pout, wout, control.mT, None, kind, r2, dx2, bucket)
-        d_controls.append(_grad_control(pout, wout, g_out, x2, control.shape[1], kind, chunk, bucket, control.dtype)
-                          if need else None)
+        d_controls.append(_grad_control(pout, wout, g_out, x2, control.shape[1], kind, chunk, bucket, control.dtype,
+                                        us[k]) if need else None)
     dx = None if dx2 is None else dx2 if x.dim() == 2 else dx2.reshape(x.shape)
     return dx, d_controls, d_bias
 

@@ -4,9 +4,11 @@ Each forward op has a fake implementation and an autograd formula built from oth
 ``torch.compile(fullgraph=True)`` traces straight through. Backward:
   separable: separable_backward gives dx (the same two passes per level on W.T's grids, C.T), dC per
              level in the parameters' dtype and d(bias) together: Triton runs one input pass on dy per
-             level (dy @ Bo) for both dx's output pass and dC's product with x's input pass (rounded
-             once), the first level's summing d(bias) from the blocks it loads; its own backward
-             (double backward) runs the same two ops, the outputs being bilinear;
+             level (dy @ Bo) for both dx's output pass and dC's product with x @ Bi (rounded once),
+             which a training forward keeps (``keep_u``: ``(*, G_in)`` fp32 per level, a few % of x's
+             bytes) so the backward neither re-reads x nor runs an input pass on it; the first
+             level's input pass sums d(bias) from the blocks it loads; its own backward (double
+             backward) runs the same two ops, the outputs being bilinear;
   field:     field_linear_backward gives dx, d(control, log_bandwidth) (one vector) and d(bias) together
              (the reference builds each weight block once for both; Triton runs the transposed matmul
              and a reduction kernel whose partial sums hold both, and which sums d(bias) from the dy
@@ -22,6 +24,7 @@ from torch import Tensor
 from .._backend import kernels_of, owned, register_autograd, use_triton
 from .._layers import cast
 from ..reference import spline as ref
+from ..reference.common import compute_dtype
 
 _kernels = kernels_of(__package__)  # the Triton launchers, imported on first use
 
@@ -29,35 +32,55 @@ _kernels = kernels_of(__package__)  # the Triton launchers, imported on first us
 # --------------------------------------------------------------------------------------- separable
 @torch.library.custom_op("tspline::separable_linear", mutates_args=())
 def separable_linear(x: Tensor, control: Tensor, bias: Tensor | None, out_features: int, kind: int,
-                     fine: Tensor | None = None) -> Tensor:
+                     fine: Tensor | None = None, keep_u: bool = False) -> tuple[Tensor, Tensor]:
     """y = ((x @ Bi) @ C.T) @ Bo.T + bias (+ the same through ``fine``, a second level's grid: a
     hierarchical layer's, whose output pass adds the first level's output, in x's dtype, before its
-    one rounding); x ``(*, n_in)``, C ``(G_out, G_in)``, fine ``(G_out', G_in')`` -> ``(*, out_features)``.
+    one rounding); x ``(*, n_in)``, C ``(G_out, G_in)``, fine ``(G_out', G_in')`` -> (y ``(*,
+    out_features)``, u). u: with ``keep_u`` the levels' input projections x @ Bi side by side, ``(*,
+    G_in [+ G_in'])`` in the compute dtype (not differentiable), which the backward reuses for the
+    grids' gradients instead of projecting x again; else empty (see ``keeps_u``).
     Two tensors, not a list of levels: a list argument costs an eager call ~10 us of packing."""
     controls = [control] if fine is None else [control, fine]
+    u = _u_like(x, control, fine, keep_u)
     if use_triton(x):
-        return owned(_kernels().separable_levels(x, controls, bias, out_features, kind))
-    return owned(ref.separable_levels(x, controls, bias, out_features, kind))
+        return owned(_kernels().separable_levels(x, controls, bias, out_features, kind, u=u if keep_u else None)), u
+    y = ref.separable_levels(x, controls, bias, out_features, kind)
+    if keep_u:
+        torch.cat([ref.input_projection(x, c.shape[1], kind) for c in controls], -1, out=u)
+    return owned(y), u
 
 
 @separable_linear.register_fake
-def _(x, control, bias, out_features, kind, fine=None):
-    return x.new_empty(*x.shape[:-1], out_features)
+def _(x, control, bias, out_features, kind, fine=None, keep_u=False):
+    return x.new_empty(*x.shape[:-1], out_features), _u_like(x, control, fine, keep_u)
+
+
+def _u_like(x: Tensor, control: Tensor, fine: Tensor | None, keep_u: bool) -> Tensor:
+    """``separable_linear``'s u, uninitialised: ``(*, G_in [+ G_in'])`` or empty, in x's compute dtype."""
+    width = control.shape[1] + (0 if fine is None else fine.shape[1])
+    return x.new_empty(*x.shape[:-1], width, dtype=compute_dtype(x)) if keep_u else x.new_empty(0, dtype=compute_dtype(x))
+
+
+def keeps_u(*controls: Tensor | None) -> bool:
+    """``separable_linear``'s ``keep_u`` for a forward on these grids: autograd records it and some
+    grid wants a gradient (u serves only theirs)."""
+    return torch.is_grad_enabled() and any(c is not None and c.requires_grad for c in controls)
 
 
 @torch.library.custom_op("tspline::separable_backward", mutates_args=())
 def separable_backward(dy: Tensor, x: Tensor, control: Tensor, fine: Tensor | None, kind: int, need_dx: bool,
-                       need_control: bool, need_fine: bool, bias_dtype: torch.dtype | None
+                       need_control: bool, need_fine: bool, bias_dtype: torch.dtype | None, u: Tensor | None
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of ``separable_linear(x, control, bias, n_out, kind, fine)`` for the output gradient
     dy ``(*, n_out)``: (dx like x, dC in control's dtype, d_fine in fine's, d_bias ``(n_out,)`` in
-    ``bias_dtype``), each summed in fp32 (fp64 for fp64 inputs); unrequested ones are empty."""
+    ``bias_dtype``), each summed in fp32 (fp64 for fp64 inputs); unrequested ones are empty. ``u``:
+    the forward's (``keep_u``), which must be x's projections; None: x is projected here."""
     controls = [control] if fine is None else [control, fine]
     needs = [need_control] if fine is None else [need_control, need_fine]
     if use_triton(dy):
-        dx, d_controls, d_bias = _kernels().separable_backward(dy, x, controls, kind, need_dx, needs, bias_dtype)
+        dx, d_controls, d_bias = _kernels().separable_backward(dy, x, controls, kind, need_dx, needs, bias_dtype, u=u)
     else:
-        dx, d_controls, d_bias = ref.separable_backward(dy, x, controls, kind, need_dx, needs, bias_dtype)
+        dx, d_controls, d_bias = ref.separable_backward(dy, x, controls, kind, need_dx, needs, bias_dtype, u)
     d_control, d_fine = (d_controls + [None])[:2]
     return (x.new_empty(0) if dx is None else dx, control.new_empty(0) if d_control is None else d_control,
             (control if fine is None else fine).new_empty(0) if d_fine is None else d_fine,
@@ -65,16 +88,16 @@ def separable_backward(dy: Tensor, x: Tensor, control: Tensor, fine: Tensor | No
 
 
 @separable_backward.register_fake
-def _(dy, x, control, fine, kind, need_dx, need_control, need_fine, bias_dtype):
+def _(dy, x, control, fine, kind, need_dx, need_control, need_fine, bias_dtype, u):
     return (x.new_empty(x.shape if need_dx else 0), control.new_empty(control.shape if need_control else 0),
             (control if fine is None else fine).new_empty(fine.shape if fine is not None and need_fine else 0),
             dy.new_empty(0 if bias_dtype is None else dy.shape[-1], dtype=bias_dtype or dy.dtype))
 
 
 def _backward_setup(ctx, inputs, output):
-    dy, x, control, fine, *args = inputs
+    dy, x, control, fine, *args, u = inputs
     ctx.save_for_backward(dy, x, control, fine)
-    ctx.args = args
+    ctx.args = args  # u is x's projection: the formulas below differentiate through x
     ctx.set_materialize_grads(False)
 
 
@@ -82,7 +105,7 @@ def _backward_backward(ctx, g_dx, g_control, g_fine, g_bias):
     """Second order, by the same ops. The outputs are bilinear: dx = dy @ W, dC_l = (dy @ Bo_l).T @
     (x @ Bi_l), d_bias = dy's row sum. So d(dy) = G_dx @ W.T + (x through a level of grid G_l) +
     G_bias on every row, d(x) = dy through a level of grid G_l.T, and d(C_l) = the dC_l of
-    (dy, G_dx) (dx's term)."""
+    (dy, G_dx) (dx's term). A given u is x's projection: it gets no gradient of its own."""
     dy, x, control, fine = ctx.saved_tensors
     kind = ctx.args[0]
     need_dy, need_x, need_control, need_fine = ctx.needs_input_grad[:4]
@@ -94,46 +117,50 @@ def _backward_backward(ctx, g_dx, g_control, g_fine, g_bias):
     if g_dx is not None and g_dx.numel():
         g = g_dx.to(dy.dtype)
         if need_dy:
-            d_dy = separable_linear(g, control, None, dy.shape[-1], kind, fine)
+            d_dy = separable_linear(g, control, None, dy.shape[-1], kind, fine, False)[0]
         if need_control or need_fine:
             _, d_control, d_fine, _ = separable_backward(dy, g, control, fine, kind, False, need_control, need_fine,
-                                                         None)
+                                                         None, None)
     for grid, need in ((g_control, True), (g_fine, fine is not None)):
         if need and grid is not None and grid.numel():
             grid = grid.to(x.dtype)
             if need_dy:
-                d_dy = add(d_dy, separable_linear(x, grid, None, dy.shape[-1], kind, None))
+                d_dy = add(d_dy, separable_linear(x, grid, None, dy.shape[-1], kind, None, False)[0])
             if need_x:
-                d_x = add(d_x, separable_linear(dy, grid.mT, None, x.shape[-1], kind, None))
+                d_x = add(d_x, separable_linear(dy, grid.mT, None, x.shape[-1], kind, None, False)[0])
     if g_bias is not None and g_bias.numel() and need_dy:
         d_dy = add(d_dy, g_bias.to(dy.dtype).expand(dy.shape))
     return (d_dy, d_x, d_control if need_control else None, d_fine if need_fine else None,
-            None, None, None, None, None)
+            None, None, None, None, None, None)
 
 
 register_autograd(separable_backward, _backward_backward, _backward_setup)
 
 
 def _separable_setup(ctx, inputs, output):
-    x, control, bias, out_features, kind, fine = inputs
-    ctx.save_for_backward(x, control, fine)
+    x, control, bias, out_features, kind, fine, keep_u = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(x, control, fine, output[1] if keep_u else None)
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.kind = kind
-    # read here, not from needs_input_grad: torch.library's dispatch drops a trailing default argument
+    # read here, not from needs_input_grad: torch.library's dispatch drops trailing default arguments
     ctx.has_fine = fine is not None
 
 
-def _separable_backward(ctx, dy):
-    """dx (the same levels on W.T's grids), dC per level and d bias, by one op."""
-    x, control, fine = ctx.saved_tensors
+def _separable_backward(ctx, dy, _u):
+    """dx (the same levels on W.T's grids), dC per level (from the forward's u where it kept it)
+    and d bias, by one op."""
+    x, control, fine, u = ctx.saved_tensors
     need = ctx.needs_input_grad
     bias_dtype = ctx.bias_dtype if need[2] else None
     need_fine = ctx.has_fine and need[5]
-    if not (need[0] or need[1] or need_fine or bias_dtype is not None):
-        return None, None, None, None, None, None
-    dx, dc, d_fine, db = separable_backward(dy, x, control, fine, ctx.kind, need[0], need[1], need_fine, bias_dtype)
+    if dy is None or not (need[0] or need[1] or need_fine or bias_dtype is not None):
+        return (None,) * 7
+    dx, dc, d_fine, db = separable_backward(dy, x, control, fine, ctx.kind, need[0], need[1], need_fine, bias_dtype,
+                                            u)
     return (dx if need[0] else None, dc if need[1] else None, None if bias_dtype is None else db, None, None,
-            d_fine if need_fine else None)
+            d_fine if need_fine else None, None)
 
 
 register_autograd(separable_linear, _separable_backward, _separable_setup)
