@@ -6,6 +6,7 @@ FLOP and byte counts follow the kernel docstrings in ``tspline_kernels/spline/ke
 from __future__ import annotations
 
 import itertools
+import sys
 
 import torch
 
@@ -150,7 +151,32 @@ def _case(kernel: str, layer, m: int, dtype: torch.dtype, device: str, mode: str
         others["tensor-spline"] = peer(_tensor_spline_call, basis, n, m, mode, device)
     if (device == "cuda" if materialize is None else materialize) and mode == "fwd" and basis in ("gaussian", "eisenstein") and layer.support == "global":
         others["materialize+F.linear"] = _materialize_then_dense(layer.to(device), m, dtype, device)
+    if device == "cuda" and mode == "fwd+bwd" and kernel == "spline.bspline":
+        others[OTHER_KEEP_U] = _other_keep_u(layer, m, dtype, device)
     return layer_case(kernel, layer, m, dtype, device, mode, useful, nbytes, executed, shape, others)
+
+
+OTHER_KEEP_U = "the other keep_u choice"
+
+
+def _other_keep_u(layer, m: int, dtype: torch.dtype, device: str) -> Step:
+    """fwd+bwd of ``layer`` with the choice ``ops.keeps_u`` does not make at this M (keep x @ Bi
+    for dC below ``KEEP_U_MIN_ROWS`` rows, project x again from there): the rows' ratios against
+    it place that threshold (bench/NOTES-separable.md)."""
+    from tspline_kernels.spline import ops
+
+    layer = layer.to(device=device, dtype=dtype)
+    x = torch.randn(m, layer.in_features, device=device, dtype=dtype, requires_grad=True)
+    step = forward_backward(layer, x)
+    flipped = 0 if m < ops.KEEP_U_MIN_ROWS else sys.maxsize
+
+    def run():
+        kept, ops.KEEP_U_MIN_ROWS = ops.KEEP_U_MIN_ROWS, flipped
+        try:
+            step()
+        finally:
+            ops.KEEP_U_MIN_ROWS = kept
+    return Step(run, step.grads)
 
 
 def eisenstein_step(impl: str, n: int, m: int):
@@ -197,6 +223,13 @@ def targets(rows: list[dict], device: str, quick: bool) -> list[dict]:
         out.append(target(f"GPU bf16 {basis} on-the-fly fwd vs materialize+cuBLAS, 4096^2, M=4096 (x faster)",
                           speedup(rows, f"spline.{basis}", "fwd", "bfloat16", "materialize+F.linear", M=4096,
                                   **{"in": 4096}) if gpu else None, 1.0, predicted=1.0))
+    # predicted: bench/NOTES-separable.md, "the forward keeps x @ Bi": host-bound at M=16 (the
+    # kept op costs the host more than the launch it saves), ~108 -> ~91 us per backward at M=8192
+    for m, predicted_ratio in ((16, 1.05), (8192, 1.1)):
+        out.append(target(f"GPU bf16 bspline fwd+bwd vs {OTHER_KEEP_U}, 4096^2, M={m} (x faster; "
+                          f"KEEP_U_MIN_ROWS on the right side)",
+                          speedup(rows, "spline.bspline", "fwd+bwd", "bfloat16", OTHER_KEEP_U, M=m, **at)
+                          if gpu else None, 1.0, predicted=predicted_ratio))
     spline_rows = [r for r in rows if gpu and r["kernel"].startswith("spline.") and r["shape"]["M"] >= 4096
                    and r["roofline_fraction"] is not None]
     worst = min(spline_rows, key=lambda r: r["roofline_fraction"]) if spline_rows else None

@@ -89,6 +89,21 @@ def test_goal_layer_costs_at_target_sizes():
     assert useful == 2 * 16 * (4 * 4096 + 64 * 64 + 4 * 4096) < executed
 
 
+def test_the_other_keep_u_choice_flips_it_for_its_own_calls_only(monkeypatch):
+    """The bspline fwd+bwd rows' baseline that places ``KEEP_U_MIN_ROWS``: the layer with the
+    choice ``keeps_u`` does not make at that M, the threshold restored after each call."""
+    from tspline_kernels.spline import ops
+
+    real, seen = ops.keeps_u, []
+    monkeypatch.setattr(ops, "keeps_u", lambda *a: seen.append(real(*a)) or seen[-1])
+    layer = spline.LAYERS["spline.bspline"](64)
+    for m, kept in ((8, True), (ops.KEEP_U_MIN_ROWS, False)):
+        step = spline._other_keep_u(layer, m, torch.float32, "cpu")
+        step()
+        assert seen[-1] is kept and ops.KEEP_U_MIN_ROWS == 4096
+        assert len(step.grads) == 3 and all(t.grad is not None for t in step.grads)
+
+
 def test_measure_runs_its_cuda_branches_with_stand_in_timers(monkeypatch):
     """No GPU here: CUDA-only calls (do_bench, CUDA graphs, memory stats, device properties) are
     replaced, so a typo in the lines around them fails here and not on the first GPU run."""

@@ -43,8 +43,9 @@ def test_dry_run_passes_every_stage_and_writes_its_results(tmp_path):
     assert meta["goal"] and meta["tiny"] and meta["autotune"] == "quick" and not meta["errors"]
     assert meta["peaks"]["float32"] > 0 and meta["peaks"]["bytes_per_s"] > 0
     assert {"commit", "dirty", "torch", "triton"} <= set(meta)
-    # rows: low rank 4, Kronecker 2, TT 8, spline 6; every GPU goal unmeasured on CPU, with its prediction
-    assert len(data["rows"]) == 20 and len(data["targets"]) == 33 and not meta["not_run"]
+    # rows: low rank 4, Kronecker 2, TT 8, spline 6; every GPU goal (and the keep_u check) unmeasured on
+    # CPU, with its prediction
+    assert len(data["rows"]) == 20 and len(data["targets"]) == 35 and not meta["not_run"]
     assert all(t["measured"] is None and t["met"] is None and t["predicted"] is not None for t in data["targets"])
     for row in data["rows"]:
         assert row["ms"] > 0 and row["baseline_ms"] > 0 and 0 < row["flops"] <= row["executed_flops"], row["kernel"]

@@ -22,6 +22,7 @@ from tspline_kernels.bench import host_overhead
 from tspline_kernels.bench.host_overhead import Launch, stubbed_launches
 from tspline_kernels.lowrank import kernels as lowrank_kernels
 from tspline_kernels.lowrank import ops as lowrank_ops
+from tspline_kernels.spline import ops as spline_ops
 from tspline_kernels.testing import assert_close
 
 
@@ -82,9 +83,9 @@ FAMILIES = {
     "eisenstein local": (lambda: tk.SplineLinear(40, 24, basis="eisenstein", n_control_points=20, support="local"),
                          1, 4),
     "decoupled": (lambda: tk.DecoupledSplineMLP(40, 24, rank=5, n_basis=6), 1, 3),  # + fused backward + factor grads
-    # input and output pass (which keeps x @ Bi for dC); + the input pass on dy (which sums the bias
-    # gradient too) for both dx's output pass and dC, dC's product
-    "bspline": (lambda: tk.SplineLinear(40, 24, grid=(6, 9)), 2, 5),
+    # input and output pass; + the input pass on dy (which sums the bias gradient too) for both dx's
+    # output pass and dC, the input pass on x, dC's product
+    "bspline": (lambda: tk.SplineLinear(40, 24, grid=(6, 9)), 2, 6),
     # chain and slot sum; + both for dx, the gradient chain, the sum of its slots, the projection
     # onto the controls
     "spline-tt": (lambda: tk.SplineTTLinear((4, 5, 2), (3, 4, 2), 2, (4, 4)), 2, 7),
@@ -105,6 +106,24 @@ def test_stubbed_layer_calls_record_each_launch_and_run_no_kernel(family, monkey
                 calls[mode]()
             assert len(launches) == expected, f"{mode}: {launches}"
             assert all(g >= 1 for launch in launches for g in launch.grid), launches
+
+
+@pytest.mark.parametrize("build, levels", [(lambda: tk.SplineLinear(40, 24, grid=(6, 9)), 1),
+                                           (lambda: tk.HierarchicalSplineLinear(40, 24, coarse_grid=(4, 5), fine_grid=(6, 9)), 2)])
+def test_training_forward_of_many_rows_keeps_x_projection(build, levels, monkeypatch):
+    """From ``KEEP_U_MIN_ROWS`` rows a training forward's output passes keep x @ Bi, and the backward
+    runs no input pass on x: one launch fewer per level."""
+    _forbid_kernel_bodies(monkeypatch)
+    monkeypatch.setattr(spline_ops, "KEEP_U_MIN_ROWS", 15)
+    layer = build()
+    launches_per_call = {}
+    for rows in (14, 15):
+        with tk.backend("triton"), stubbed_launches() as launches:
+            host_overhead.calls(layer, torch.randn(rows, 40))["fwd+bwd"]()
+        launches_per_call[rows] = [launch.kernel for launch in launches]
+    assert launches_per_call[14].count("_separable_in_kernel") == 3 * levels
+    assert launches_per_call[15].count("_separable_in_kernel") == 2 * levels
+    assert len(launches_per_call[15]) == len(launches_per_call[14]) - levels
 
 
 def test_measure_layer_row(monkeypatch):

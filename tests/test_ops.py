@@ -5,12 +5,15 @@ strides and dtypes, the autograd registration, and AOT dispatch (what ``torch.co
 on), under each backend. The calls are recorded from each layer's forward and backward.
 """
 
+from unittest import mock
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import tspline_kernels as tk
 from tspline_kernels import backend
+from tspline_kernels.spline import ops as spline_ops
 
 LAYERS = {
     "bspline": lambda: tk.SplineLinear(19, 13, grid=(5, 6)),
@@ -21,6 +24,8 @@ LAYERS = {
     "kronecker": lambda: tk.KroneckerLinear((3, 5, 2), (4, 3, 2)),
     "kronecker_gated": lambda: tk.KroneckerLinear((3, 5), (4, 5), gated=True, gating_hidden_dim=4),
     "decoupled": lambda: tk.DecoupledSplineMLP(19, 13, 3),
+    # a training forward of KEEP_U_MIN_ROWS rows or more (lowered for the call): separable_linear_kept
+    "hierarchical_kept": lambda: tk.HierarchicalSplineLinear(19, 13, coarse_grid=(4, 4), fine_grid=(5, 6)),
 }
 
 
@@ -49,7 +54,7 @@ def _recorded_calls(name: str):
     torch.manual_seed(0)
     layer = LAYERS[name]()
     x = torch.randn(2, 3, layer.in_features, requires_grad=True)
-    with _Record() as rec:
+    with _Record() as rec, mock.patch.object(spline_ops, "KEEP_U_MIN_ROWS", 6 if name.endswith("_kept") else 7):
         layer(x).sum().backward()
     return rec.calls
 

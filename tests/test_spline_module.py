@@ -262,3 +262,26 @@ def test_materialize_backprop_matches_forward(name):
     via_forward = torch.autograd.grad(((layer(torch.eye(11, dtype=torch.float64)) - layer.bias) * r.T).sum(), params)
     for a, b in zip(via_weight, via_forward):
         assert_close(a, b)
+
+
+@pytest.mark.parametrize("which", ["reference", "triton"])
+@pytest.mark.parametrize("make", [lambda: tk.SplineLinear(19, 13, basis="bicubic", n_control_points=5),
+                                  lambda: tk.HierarchicalSplineLinear(19, 13, coarse_grid=(4, 4), fine_grid=(5, 6))],
+                         ids=["bicubic", "hierarchical"])
+def test_training_forward_of_many_rows_gives_the_same_gradients(make, which, monkeypatch):
+    """From ``KEEP_U_MIN_ROWS`` rows the forward keeps x @ Bi for the grids' gradients (lowered here):
+    the same output and gradients as the forward that keeps nothing."""
+    from tspline_kernels.spline import ops
+
+    torch.manual_seed(0)
+    layer = make()
+    x = torch.randn(2, 3, 19, requires_grad=True)
+    dy = torch.randn(2, 3, 13)
+    results = []
+    for rows in (7, 6):
+        monkeypatch.setattr(ops, "KEEP_U_MIN_ROWS", rows)
+        with tk.backend(which):
+            y = layer(x)
+            results.append((y, *torch.autograd.grad(y, [x, *layer.parameters()], dy)))
+    for name, plain, kept in zip(["y", "dx", *(n for n, _ in layer.named_parameters())], *results):
+        torch.testing.assert_close(kept, plain, rtol=1e-5, atol=1e-5, msg=name)

@@ -56,9 +56,8 @@ _REFERENCES: dict[object, Callable] = {
         spline_tt.spline_tt_linear(x, controls, bias, in_modes, out_modes),
     _OPS.kronecker_linear.default: kronecker.kronecker_linear,
     _OPS.kronecker_gated_linear.default: kronecker.kronecker_gated_linear,
-    _OPS.separable_linear.default: lambda x, control, bias, out_features, kind, fine=None, keep_u=False: (
+    _OPS.separable_linear.default: lambda x, control, bias, out_features, kind, fine=None:
         spline.separable_levels(x, [control] if fine is None else [control, fine], bias, out_features, kind),
-        None),
     # W in blocks of 4M elements: a few graph nodes per layer instead of one block per 256K
     _OPS.field_linear.default: functools.partial(spline.field_linear, budget=1 << 22),
     _OPS.decoupled_mlp.default: decoupled.decoupled_mlp,

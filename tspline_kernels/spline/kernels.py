@@ -294,7 +294,10 @@ def _levels_of(u: torch.Tensor | None, m: int, controls: list[torch.Tensor]) -> 
     """Each level's columns of u ``(*, sum G_in_k)`` as ``(M, G_in_k)`` views; Nones without u."""
     if u is None:
         return [None] * len(controls)
-    return list(u.view(m, u.shape[-1]).split([c.shape[1] for c in controls], 1))
+    u2 = flatten(u)
+    if len(controls) == 1:
+        return [u2]
+    return [u2[:, :controls[0].shape[1]], u2[:, controls[0].shape[1]:]]  # coarse, fine
 
 
 def _output_pass(part: torch.Tensor, bi: BasisWindows, control: torch.Tensor, bias: torch.Tensor | None, kind: int,
@@ -367,12 +370,12 @@ def _grad_control(pout: torch.Tensor, wout: BasisWindows, g_out: int, v2: torch.
     m = v2.shape[0]
     if xb is None:
         pin, win, _ = _input_pass(v2, g_in, kind, chunk, bucket)
-        inputs = (pin, win.start, win.chunks, win.width, 0)
+        start_in, s_in, w_in, stride_um = win.start, win.chunks, win.width, 0
     else:
-        inputs = (xb, xb, 0, 1, xb.stride(0))
+        pin = start_in = xb
+        s_in, w_in, stride_um = 0, 1, xb.stride(0)
     slots = SplitSlots(_separable_dc_kernel, lambda meta: cdiv(m, meta["BM"]), key=m)
     part = slots.empty(g_out, g_in, device=v2.device, dtype=dtype)
-    pin, start_in, s_in, w_in, stride_um = inputs
     _separable_dc_kernel[lambda meta: (slots(meta),)](
         pout, wout.start, pin, start_in, part, m, wout.chunks, s_in, g_out, g_in, bucket, stride_um,
         GOP=dot_dim(g_out), GIP=dot_dim(g_in), W_OUT=wout.width, W_IN=w_in, DENSE_IN=xb is not None,

@@ -157,7 +157,7 @@ class SplineLinear(SavedSettings, CompressedLinear):
                                     self.out_features, self.in_features, _FIELD[self.basis], self.rho, False)
         control = cast(self.control, dtype) if self.basis == "bspline" else self._derived.get(
             (self.control,), lambda: cast(self._grid_control(), dtype), dtype)
-        return ops.separable_linear(x, control, bias, self.out_features, self._kind, None, ops.keeps_u(control))[0]
+        return ops.separable(x, control, bias, self.out_features, self._kind)
 
     def materialize(self) -> torch.Tensor:
         if self.basis in _FIELD:
@@ -271,8 +271,7 @@ class HierarchicalSplineLinear(SavedSettings, CompressedLinear):
         x = cast(x, dtype)
         # one op for both levels: the fine level's output pass adds the coarse output (no separate add)
         coarse, fine = cast(self.control_coarse, dtype), cast(self.control_fine, dtype)
-        return ops.separable_linear(x, coarse, cast(self.bias, dtype), self.out_features, ref.BSPLINE, fine,
-                                    ops.keeps_u(coarse, fine))[0]
+        return ops.separable(x, coarse, cast(self.bias, dtype), self.out_features, ref.BSPLINE, fine)
 
     def materialize(self) -> torch.Tensor:
         w = sum(ref.separable_weight(c, self.out_features, self.in_features, ref.BSPLINE)

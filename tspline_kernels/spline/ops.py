@@ -5,8 +5,9 @@ Each forward op has a fake implementation and an autograd formula built from oth
   separable: separable_backward gives dx (the same two passes per level on W.T's grids, C.T), dC per
              level in the parameters' dtype and d(bias) together: Triton runs one input pass on dy per
              level (dy @ Bo) for both dx's output pass and dC's product with x @ Bi (rounded once),
-             which a training forward keeps (``keep_u``: ``(*, G_in)`` fp32 per level, a few % of x's
-             bytes) so the backward neither re-reads x nor runs an input pass on it; the first
+             which a training forward of many rows keeps (``keeps_u``: ``(*, G_in)`` fp32 per level,
+             a few % of x's bytes) so the backward neither re-reads x nor runs an input pass on it,
+             and which is otherwise projected again; the first
              level's input pass sums d(bias) from the blocks it loads; its own backward (double
              backward) runs the same two ops, the outputs being bilinear;
   field:     field_linear_backward gives dx, d(control, log_bandwidth) (one vector) and d(bias) together
@@ -32,39 +33,73 @@ _kernels = kernels_of(__package__)  # the Triton launchers, imported on first us
 # --------------------------------------------------------------------------------------- separable
 @torch.library.custom_op("tspline::separable_linear", mutates_args=())
 def separable_linear(x: Tensor, control: Tensor, bias: Tensor | None, out_features: int, kind: int,
-                     fine: Tensor | None = None, keep_u: bool = False) -> tuple[Tensor, Tensor]:
+                     fine: Tensor | None = None) -> Tensor:
     """y = ((x @ Bi) @ C.T) @ Bo.T + bias (+ the same through ``fine``, a second level's grid: a
     hierarchical layer's, whose output pass adds the first level's output, in x's dtype, before its
-    one rounding); x ``(*, n_in)``, C ``(G_out, G_in)``, fine ``(G_out', G_in')`` -> (y ``(*,
-    out_features)``, u). u: with ``keep_u`` the levels' input projections x @ Bi side by side, ``(*,
-    G_in [+ G_in'])`` in the compute dtype (not differentiable), which the backward reuses for the
-    grids' gradients instead of projecting x again; else empty (see ``keeps_u``).
+    one rounding); x ``(*, n_in)``, C ``(G_out, G_in)``, fine ``(G_out', G_in')`` -> ``(*, out_features)``.
     Two tensors, not a list of levels: a list argument costs an eager call ~10 us of packing."""
-    controls = [control] if fine is None else [control, fine]
-    u = _u_like(x, control, fine, keep_u)
-    if use_triton(x):
-        return owned(_kernels().separable_levels(x, controls, bias, out_features, kind, u=u if keep_u else None)), u
-    y = ref.separable_levels(x, controls, bias, out_features, kind)
-    if keep_u:
-        torch.cat([ref.input_projection(x, c.shape[1], kind) for c in controls], -1, out=u)
-    return owned(y), u
+    return owned(_levels(x, control, bias, out_features, kind, fine, None))
 
 
 @separable_linear.register_fake
-def _(x, control, bias, out_features, kind, fine=None, keep_u=False):
-    return x.new_empty(*x.shape[:-1], out_features), _u_like(x, control, fine, keep_u)
+def _(x, control, bias, out_features, kind, fine=None):
+    return x.new_empty(*x.shape[:-1], out_features)
 
 
-def _u_like(x: Tensor, control: Tensor, fine: Tensor | None, keep_u: bool) -> Tensor:
-    """``separable_linear``'s u, uninitialised: ``(*, G_in [+ G_in'])`` or empty, in x's compute dtype."""
-    width = control.shape[1] + (0 if fine is None else fine.shape[1])
-    return x.new_empty(*x.shape[:-1], width, dtype=compute_dtype(x)) if keep_u else x.new_empty(0, dtype=compute_dtype(x))
+@torch.library.custom_op("tspline::separable_linear_kept", mutates_args=())
+def separable_linear_kept(x: Tensor, control: Tensor, bias: Tensor | None, out_features: int, kind: int,
+                          fine: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``separable_linear``'s y and u, the levels' input projections x @ Bi side by side ``(*, G_in
+    [+ G_in'])`` in the compute dtype (not differentiable), which the backward reuses for the grids'
+    gradients instead of projecting x again: a training forward of many rows (``keeps_u``)."""
+    u = _u_like(x, control, fine)
+    return owned(_levels(x, control, bias, out_features, kind, fine, u)), u
 
 
-def keeps_u(*controls: Tensor | None) -> bool:
-    """``separable_linear``'s ``keep_u`` for a forward on these grids: autograd records it and some
-    grid wants a gradient (u serves only theirs)."""
-    return torch.is_grad_enabled() and any(c is not None and c.requires_grad for c in controls)
+@separable_linear_kept.register_fake
+def _(x, control, bias, out_features, kind, fine=None):
+    return x.new_empty(*x.shape[:-1], out_features), _u_like(x, control, fine)
+
+
+def _u_like(x: Tensor, control: Tensor, fine: Tensor | None) -> Tensor:
+    """``separable_linear_kept``'s u, uninitialised."""
+    return x.new_empty(*x.shape[:-1], control.shape[1] + (0 if fine is None else fine.shape[1]),
+                       dtype=compute_dtype(x))
+
+
+def _levels(x: Tensor, control: Tensor, bias: Tensor | None, out_features: int, kind: int, fine: Tensor | None,
+            u: Tensor | None) -> Tensor:
+    """The forward ops' y, and x's projections written into u where given."""
+    controls = [control] if fine is None else [control, fine]
+    if use_triton(x):
+        return _kernels().separable_levels(x, controls, bias, out_features, kind, u=u)
+    if u is not None:
+        torch.cat([ref.input_projection(x, c.shape[1], kind) for c in controls], -1, out=u)
+    return ref.separable_levels(x, controls, bias, out_features, kind)
+
+
+# Rows from which a training forward keeps u. Below, a step is bound by the host (~100 us per
+# fwd+bwd at 16 rows, while the GPU's work at 4096 x 4096 is predicted at ~100 us near 4096 rows,
+# bench/NOTES-separable.md), and the kept op's second output costs the host more (~6 us measured)
+# than the launch of the input pass it saves; above, the saved pass over x is GPU time. A
+# prediction until a GPU run measures the crossover.
+KEEP_U_MIN_ROWS = 4096
+
+
+def keeps_u(x: Tensor, control: Tensor, fine: Tensor | None = None) -> bool:
+    """Whether a forward of x ``(*, n_in)`` on these grids runs ``separable_linear_kept``: autograd
+    records it, a grid wants a gradient (u serves only theirs), x has at least ``KEEP_U_MIN_ROWS``
+    rows, and no trace (compile, export) runs: there a test of a dynamic batch would guard the graph."""
+    return (torch.is_grad_enabled() and (control.requires_grad or fine is not None and fine.requires_grad)
+            and x.numel() >= KEEP_U_MIN_ROWS * x.shape[-1] and not torch.compiler.is_compiling())
+
+
+def separable(x: Tensor, control: Tensor, bias: Tensor | None, out_features: int, kind: int,
+              fine: Tensor | None = None) -> Tensor:
+    """The layers' forward: ``separable_linear``, or its kept variant's y where ``keeps_u``."""
+    if keeps_u(x, control, fine):
+        return separable_linear_kept(x, control, bias, out_features, kind, fine)[0]
+    return separable_linear(x, control, bias, out_features, kind, fine)
 
 
 @torch.library.custom_op("tspline::separable_backward", mutates_args=())
@@ -74,7 +109,7 @@ def separable_backward(dy: Tensor, x: Tensor, control: Tensor, fine: Tensor | No
     """Gradients of ``separable_linear(x, control, bias, n_out, kind, fine)`` for the output gradient
     dy ``(*, n_out)``: (dx like x, dC in control's dtype, d_fine in fine's, d_bias ``(n_out,)`` in
     ``bias_dtype``), each summed in fp32 (fp64 for fp64 inputs); unrequested ones are empty. ``u``:
-    the forward's (``keep_u``), which must be x's projections; None: x is projected here."""
+    ``separable_linear_kept``'s, x's projections; None: x is projected here."""
     controls = [control] if fine is None else [control, fine]
     needs = [need_control] if fine is None else [need_control, need_fine]
     if use_triton(dy):
@@ -117,7 +152,7 @@ def _backward_backward(ctx, g_dx, g_control, g_fine, g_bias):
     if g_dx is not None and g_dx.numel():
         g = g_dx.to(dy.dtype)
         if need_dy:
-            d_dy = separable_linear(g, control, None, dy.shape[-1], kind, fine, False)[0]
+            d_dy = separable_linear(g, control, None, dy.shape[-1], kind, fine)
         if need_control or need_fine:
             _, d_control, d_fine, _ = separable_backward(dy, g, control, fine, kind, False, need_control, need_fine,
                                                          None, None)
@@ -125,9 +160,9 @@ def _backward_backward(ctx, g_dx, g_control, g_fine, g_bias):
         if need and grid is not None and grid.numel():
             grid = grid.to(x.dtype)
             if need_dy:
-                d_dy = add(d_dy, separable_linear(x, grid, None, dy.shape[-1], kind, None, False)[0])
+                d_dy = add(d_dy, separable_linear(x, grid, None, dy.shape[-1], kind, None))
             if need_x:
-                d_x = add(d_x, separable_linear(dy, grid.mT, None, x.shape[-1], kind, None, False)[0])
+                d_x = add(d_x, separable_linear(dy, grid.mT, None, x.shape[-1], kind, None))
     if g_bias is not None and g_bias.numel() and need_dy:
         d_dy = add(d_dy, g_bias.to(dy.dtype).expand(dy.shape))
     return (d_dy, d_x, d_control if need_control else None, d_fine if need_fine else None,
@@ -138,17 +173,20 @@ register_autograd(separable_backward, _backward_backward, _backward_setup)
 
 
 def _separable_setup(ctx, inputs, output):
-    x, control, bias, out_features, kind, fine, keep_u = inputs
-    ctx.mark_non_differentiable(output[1])
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, control, fine, output[1] if keep_u else None)
+    x, control, bias, out_features, kind, fine = inputs
+    u = None
+    if isinstance(output, tuple):  # separable_linear_kept's
+        u = output[1]
+        ctx.mark_non_differentiable(u)
+        ctx.set_materialize_grads(False)
+    ctx.save_for_backward(x, control, fine, u)
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.kind = kind
-    # read here, not from needs_input_grad: torch.library's dispatch drops trailing default arguments
+    # read here, not from needs_input_grad: torch.library's dispatch drops a trailing default argument
     ctx.has_fine = fine is not None
 
 
-def _separable_backward(ctx, dy, _u):
+def _separable_backward(ctx, dy, _u=None):
     """dx (the same levels on W.T's grids), dC per level (from the forward's u where it kept it)
     and d bias, by one op."""
     x, control, fine, u = ctx.saved_tensors
@@ -156,14 +194,15 @@ def _separable_backward(ctx, dy, _u):
     bias_dtype = ctx.bias_dtype if need[2] else None
     need_fine = ctx.has_fine and need[5]
     if dy is None or not (need[0] or need[1] or need_fine or bias_dtype is not None):
-        return (None,) * 7
+        return None, None, None, None, None, None
     dx, dc, d_fine, db = separable_backward(dy, x, control, fine, ctx.kind, need[0], need[1], need_fine, bias_dtype,
                                             u)
     return (dx if need[0] else None, dc if need[1] else None, None if bias_dtype is None else db, None, None,
-            d_fine if need_fine else None, None)
+            d_fine if need_fine else None)
 
 
 register_autograd(separable_linear, _separable_backward, _separable_setup)
+register_autograd(separable_linear_kept, _separable_backward, _separable_setup)
 
 
 # ------------------------------------------------------------------------------------------- field
