@@ -93,7 +93,7 @@ def test_backward_follows_the_forward_backend(spy, forward_backend):
 
 
 @pytest.mark.compile
-@pytest.mark.parametrize("basis", ["bspline", "gaussian"])
+@pytest.mark.parametrize("basis", ["bspline", "bicubic", "gaussian"])
 def test_torch_compile_fullgraph(basis):
     model = torch.nn.Sequential(tk.SplineLinear(24, 16, basis=basis), torch.nn.GELU(), torch.nn.Linear(16, 3))
     assert_compiles_like_eager(model, torch.randn(5, 24, requires_grad=True))

@@ -18,6 +18,7 @@ from tspline_kernels.spline import ops as spline_ops
 LAYERS = {
     "bspline": lambda: tk.SplineLinear(19, 13, grid=(5, 6)),
     "gaussian": lambda: tk.SplineLinear(19, 13, basis="gaussian", n_control_points=7),
+    "bicubic": lambda: tk.SplineLinear(19, 13, basis="bicubic", n_control_points=7),  # a padded 3 x 3 grid
     "lowrank": lambda: tk.LowRankLinear(19, 13, 3),
     "tt": lambda: tk.TTLinear((3, 2, 2), (2, 3, 2), 2),
     "spline_tt": lambda: tk.SplineTTLinear((4, 5), (5, 4), 2, (4, 4)),
