@@ -1,6 +1,8 @@
 """Backend selection, routing of ops, torch.compile(fullgraph=True) and Triton set-up."""
 
+import os
 import threading
+from unittest import mock
 
 import pytest
 import torch
@@ -28,6 +30,26 @@ def test_default_env_and_context(monkeypatch):
     with pytest.raises(ValueError, match="unknown backend"):
         with backend("fast"):
             pass
+
+
+def test_environment_read_as_os_environ_has_it(monkeypatch):
+    """The variable as ``os.environ`` gives it, after any way of setting it: monkeypatch,
+    ``mock.patch.dict``, ``os.environ`` assigned, ``os.putenv`` alone (not seen, as by
+    ``os.environ``)."""
+    monkeypatch.delenv("TSPLINE_BACKEND", raising=False)
+    with mock.patch.dict(os.environ, {"TSPLINE_BACKEND": "reference"}):
+        assert get_backend() == "reference" == os.environ["TSPLINE_BACKEND"]
+    assert get_backend() == "auto"
+    os.environ["TSPLINE_BACKEND"] = "triton"
+    try:
+        assert get_backend() == "triton"
+    finally:
+        del os.environ["TSPLINE_BACKEND"]
+    os.putenv("TSPLINE_BACKEND", "reference")
+    try:
+        assert get_backend() == "auto" and "TSPLINE_BACKEND" not in os.environ
+    finally:
+        os.unsetenv("TSPLINE_BACKEND")
 
 
 def test_routing(spy):

@@ -43,7 +43,23 @@ def _checked(name: str) -> str:
 def get_backend() -> str:
     """The backend in force now, in this thread: ``"auto"``, ``"triton"`` or ``"reference"``."""
     name = _override.get()
-    return name if name is not None else _checked(os.environ.get("TSPLINE_BACKEND", "auto"))
+    return name if name is not None else _checked(_environment_backend())
+
+
+_ENV = "TSPLINE_BACKEND"
+_ENV_KEY = os.environ.encodekey(_ENV) if hasattr(os.environ, "encodekey") else None
+
+
+def _environment_backend() -> str:
+    """``TSPLINE_BACKEND``, or ``"auto"`` where unset. Read from ``os.environ``'s own mapping where
+    CPython has one: ``os.environ.get`` of an unset variable raises and catches a KeyError inside
+    (~1 us, paid by every op call outside a ``backend(...)`` block)."""
+    env = os.environ
+    data = getattr(env, "_data", None)
+    if _ENV_KEY is None or type(data) is not dict:
+        return env.get(_ENV, "auto")
+    value = data.get(_ENV_KEY)
+    return "auto" if value is None else env.decodevalue(value)
 
 
 @contextlib.contextmanager
