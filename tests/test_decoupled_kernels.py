@@ -160,17 +160,34 @@ def test_second_order_gradients(kernel_device):
         assert_close(got, want, torch.float32, name=name)
 
 
-def test_backward_op_outputs(kernel_device):
+def test_backward_kernel_outputs(kernel_device):
     """G = g(x @ V) and dz = (dy @ W) g'(x @ V) stored by the backward kernel, on a 3-D input."""
     x, v, w, coef, lo, hi, _ = make_args((3, 7), 19, 13, 20, 9, torch.float32, kernel_device)
     dy = torch.randn(3, 7, 13, device=kernel_device)
     z = x.reshape(-1, 19) @ v
-    with backend("triton"):
-        dx, g, dz, dcoef = ops.decoupled_mlp_backward(dy, x, v, w, coef, lo, hi, True)
+    dx, g, dz, dcoef = kernels.decoupled_mlp_backward(dy, x, v, w, coef, lo, hi, True)
     assert g.shape == dz.shape == (3, 7, 20) and dcoef.shape == (20, 9) and dx.shape == x.shape
     assert_close(g.reshape(-1, 20), ref.spline_activation(z, coef, lo, hi), torch.float32, name="G")
     want_dz = (dy.reshape(-1, 13) @ w) * ref.spline_activation_derivative(z, coef, lo, hi)
     assert_close(dz.reshape(-1, 20), want_dz, torch.float32, name="dz")
+
+
+@pytest.mark.parametrize("factor_dtype", [None, torch.float32, torch.bfloat16], ids=["no-factors", "fp32", "bf16"])
+def test_backward_op_gives_every_gradient(factor_dtype, kernel_device):
+    """The one backward op: dx, dcoef, and dV, dW, d_bias in ``factor_dtype`` (empty for None), the
+    kernels against the reference, on a 3-D input."""
+    x, v, w, coef, lo, hi, _ = make_args((3, 7), 19, 13, 20, 9, torch.float32, kernel_device)
+    dy = torch.randn(3, 7, 13, device=kernel_device)
+    out = {}
+    for which in ("triton", "reference"):
+        with backend(which):
+            out[which] = ops.decoupled_mlp_backward(dy, x, v, w, coef, lo, hi, True, factor_dtype)
+    shapes = [x.shape, coef.shape, *([(19, 20), (13, 20), (13,)] if factor_dtype else [(0,)] * 3)]
+    for name, got, want, shape in zip(["dx", "dcoef", "dV", "dW", "dbias"], out["triton"], out["reference"], shapes):
+        assert got.shape == shape, name
+        if got.numel():
+            assert got.dtype == (factor_dtype if name in ("dV", "dW", "dbias") else torch.float32), name
+            assert_close(got, want, name=name)
 
 
 def _opcheck_args(device):
@@ -188,8 +205,9 @@ def test_opcheck_forward(which, kernel_device):
 
 
 @pytest.mark.parametrize("which", ["reference", "triton"])
-@pytest.mark.parametrize("need_input", [True, False], ids=["dx", "no-dx"])
-def test_opcheck_backward(which, need_input, kernel_device):
+@pytest.mark.parametrize("need_input, factor_dtype", [(True, torch.float32), (False, None)],
+                         ids=["dx-factors", "no-dx-no-factors"])
+def test_opcheck_backward(which, need_input, factor_dtype, kernel_device):
     """The backward op as the forward's autograd calls it. AOT dispatch traces its second-order
     formula (the same on both backends): once, on the kernels, with static shapes (dynamic ones
     take 3x as long, ~16 s on a CPU core; the forward op's opcheck covers dynamic shapes)."""
@@ -198,7 +216,8 @@ def test_opcheck_backward(which, need_input, kernel_device):
     if which == "triton" and need_input:
         tests += ("test_aot_dispatch_static",)
     with backend(which):
-        torch.library.opcheck(ops.decoupled_mlp_backward, (dy, x, v, w, coef, lo, hi, need_input), test_utils=tests)
+        torch.library.opcheck(ops.decoupled_mlp_backward, (dy, x, v, w, coef, lo, hi, need_input, factor_dtype),
+                              test_utils=tests)
 
 
 @pytest.mark.compile
