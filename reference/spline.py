@@ -38,8 +38,8 @@ KEYS_A = -0.75
 
 __all__ = [
     "BSPLINE", "BICUBIC", "IDW", "GAUSSIAN", "positions", "bspline_rows", "basis_matrix", "separable_weight",
-    "input_projection", "separable_linear", "separable_levels", "separable_grad_control", "separable_backward",
-    "eisenstein_lattice",
+    "control_grid", "grid_values", "input_projection", "separable_linear", "separable_levels",
+    "separable_grad_control", "separable_backward", "eisenstein_lattice",
     "support_radius", "gaussian_width", "field_weight", "field_linear", "field_linear_backward",
 ]
 
@@ -120,6 +120,26 @@ def _basis_matrix(n: int, g: int, kind: int, dtype: torch.dtype, device) -> torc
 
 
 _cached_basis_matrix = functools.lru_cache(maxsize=64)(_basis_matrix)
+
+
+def control_grid(control: torch.Tensor) -> torch.Tensor:
+    """A separable layer's control grid ``(G_out, G_in)``: a grid as given, or a bicubic layer's n
+    control values ``(n,)`` as the K x K grid, K = ceil(sqrt(n)), filled row by row and zero-padded
+    (a view where n is square)."""
+    if control.dim() == 2:
+        return control
+    n = control.shape[0]
+    k = math.isqrt(n)
+    k += k * k < n
+    return (torch.nn.functional.pad(control, (0, k * k - n)) if k * k > n else control).view(k, k)
+
+
+def grid_values(d_grid: torch.Tensor, control: torch.Tensor) -> torch.Tensor:
+    """A gradient with respect to ``control_grid(control)`` as one with respect to ``control``."""
+    if control.dim() == 2:
+        return d_grid
+    n = control.shape[0]
+    return d_grid.view(n) if d_grid.numel() == n else d_grid.view(-1)[:n]
 
 
 def separable_weight(control: torch.Tensor, n_out: int, n_in: int, kind: int) -> torch.Tensor:

@@ -177,6 +177,24 @@ def test_separable_linear_gradcheck(kind):
         torch.testing.assert_close(y, ops.separable_linear(x, control, bias, 9, kind, fine), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("n", [9, 10], ids=["square", "padded"])
+def test_separable_linear_takes_bicubic_values(n):
+    """A bicubic layer's (n,) values are the op's control as they are: the same output as their
+    K x K grid (zero-padded to K^2), gradients of their own shape, first and second order."""
+    x = torch.randn(2, 3, 11, dtype=torch.float64, requires_grad=True)
+    values = torch.randn(n, dtype=torch.float64, requires_grad=True)
+    grid = ref.control_grid(values)
+    assert grid.shape == ((4, 4) if n == 10 else (3, 3))
+    torch.testing.assert_close(grid.reshape(-1)[:n], values, rtol=0, atol=0)
+    assert not grid.reshape(-1)[n:].any()
+    with backend("reference"):
+        for y in (lambda x, c: ops.separable_linear(x, c, None, 9, ref.BICUBIC),
+                  lambda x, c: ops.separable_linear_kept(x, c, None, 9, ref.BICUBIC)[0]):
+            torch.testing.assert_close(y(x, values), ops.separable_linear(x, grid, None, 9, ref.BICUBIC))
+            assert torch.autograd.gradcheck(y, (x, values))
+            assert torch.autograd.gradgradcheck(y, (x, values))
+
+
 def test_separable_levels_sum_the_levels():
     """Two levels are the sum of each level's map (float64: one rounding is none), plus the bias once."""
     x = torch.randn(4, 11, dtype=torch.float64)

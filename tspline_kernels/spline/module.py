@@ -6,11 +6,10 @@ import math
 import numbers
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .._fit import damped_gram, fit_inputs
-from .._layers import CompressedLinear, Derived, SavedSettings, cast, check_count, check_flag, check_grid, fit_report
+from .._layers import CompressedLinear, SavedSettings, cast, check_count, check_flag, check_grid, fit_report
 from ..reference import spline as ref
 from . import ops
 
@@ -81,7 +80,6 @@ class SplineLinear(SavedSettings, CompressedLinear):
             self.n_control_points = n
             self.control = nn.Parameter(torch.empty(n, **factory))
         self.rho = 0.0
-        self._derived = Derived()  # bicubic's control grid, kept between inference calls
         if basis in _FIELD:
             lattice = ref.eisenstein_lattice(self.n_control_points)  # on the CPU, whatever ``device`` is
             self.register_buffer("lattice", lattice.to(device), persistent=False)
@@ -108,7 +106,6 @@ class SplineLinear(SavedSettings, CompressedLinear):
         return float(radius)
 
     def _apply(self, fn, recurse=True):
-        self._derived = Derived()  # .to(), .half(), ... swap the parameters' storage
         super()._apply(fn, recurse)
         if hasattr(self, "lattice"):
             # The lattice is derived from n, not saved: rebuilt in fp32 whatever the parameters are
@@ -123,11 +120,7 @@ class SplineLinear(SavedSettings, CompressedLinear):
 
     def _grid_control(self) -> torch.Tensor:
         """The control grid of a separable basis; bicubic zero-pads n to K x K, K = ceil(sqrt(n))."""
-        if self.basis == "bspline":
-            return self.control
-        k = math.ceil(math.sqrt(self.n_control_points))
-        pad = k * k - self.n_control_points
-        return (F.pad(self.control, (0, pad)) if pad else self.control).reshape(k, k)  # a square n: a view, no copy
+        return ref.control_grid(self.control)
 
     def _sigma(self) -> torch.Tensor | None:
         return ref.gaussian_width(self.log_bandwidth) if self.basis == "gaussian" else None
@@ -155,9 +148,9 @@ class SplineLinear(SavedSettings, CompressedLinear):
             log_bandwidth = cast(self.log_bandwidth, dtype) if self.basis == "gaussian" else None
             return ops.field_linear(x, cast(self.control, dtype), self.lattice, log_bandwidth, bias,
                                     self.out_features, self.in_features, _FIELD[self.basis], self.rho, False)
-        control = cast(self.control, dtype) if self.basis == "bspline" else self._derived.get(
-            (self.control,), lambda: cast(self._grid_control(), dtype), dtype)
-        return ops.separable(x, control, bias, self.out_features, self._kind)
+        # bicubic's (n,) values go to the op as they are, which makes their grid: no grid view
+        # for autograd to record and replay per call
+        return ops.separable(x, cast(self.control, dtype), bias, self.out_features, self._kind)
 
     def materialize(self) -> torch.Tensor:
         if self.basis in _FIELD:

@@ -36,7 +36,8 @@ def separable_linear(x: Tensor, control: Tensor, bias: Tensor | None, out_featur
                      fine: Tensor | None = None) -> Tensor:
     """y = ((x @ Bi) @ C.T) @ Bo.T + bias (+ the same through ``fine``, a second level's grid: a
     hierarchical layer's, whose output pass adds the first level's output, in x's dtype, before its
-    one rounding); x ``(*, n_in)``, C ``(G_out, G_in)``, fine ``(G_out', G_in')`` -> ``(*, out_features)``.
+    one rounding); x ``(*, n_in)``, C ``(G_out, G_in)`` or a bicubic layer's ``(n,)`` values (their
+    grid ``ref.control_grid``, made inside the op), fine ``(G_out', G_in')`` -> ``(*, out_features)``.
     Two tensors, not a list of levels: a list argument costs an eager call ~10 us of packing."""
     return owned(_levels(x, control, bias, out_features, kind, fine, None))
 
@@ -63,13 +64,14 @@ def _(x, control, bias, out_features, kind, fine=None):
 
 def _u_like(x: Tensor, control: Tensor, fine: Tensor | None) -> Tensor:
     """``separable_linear_kept``'s u, uninitialised."""
-    return x.new_empty(*x.shape[:-1], control.shape[1] + (0 if fine is None else fine.shape[1]),
+    return x.new_empty(*x.shape[:-1], ref.control_grid(control).shape[1] + (0 if fine is None else fine.shape[1]),
                        dtype=compute_dtype(x))
 
 
 def _levels(x: Tensor, control: Tensor, bias: Tensor | None, out_features: int, kind: int, fine: Tensor | None,
             u: Tensor | None) -> Tensor:
     """The forward ops' y, and x's projections written into u where given."""
+    control = ref.control_grid(control)
     controls = [control] if fine is None else [control, fine]
     if use_triton(x):
         return _kernels().separable_levels(x, controls, bias, out_features, kind, u=u)
@@ -110,14 +112,16 @@ def separable_backward(dy: Tensor, x: Tensor, control: Tensor, fine: Tensor | No
     dy ``(*, n_out)``: (dx like x, dC in control's dtype, d_fine in fine's, d_bias ``(n_out,)`` in
     ``bias_dtype``), each summed in fp32 (fp64 for fp64 inputs); unrequested ones are empty. ``u``:
     ``separable_linear_kept``'s, x's projections; None: x is projected here."""
-    controls = [control] if fine is None else [control, fine]
+    grid = ref.control_grid(control)
+    controls = [grid] if fine is None else [grid, fine]
     needs = [need_control] if fine is None else [need_control, need_fine]
     if use_triton(dy):
         dx, d_controls, d_bias = _kernels().separable_backward(dy, x, controls, kind, need_dx, needs, bias_dtype, u=u)
     else:
         dx, d_controls, d_bias = ref.separable_backward(dy, x, controls, kind, need_dx, needs, bias_dtype, u)
     d_control, d_fine = (d_controls + [None])[:2]
-    return (x.new_empty(0) if dx is None else dx, control.new_empty(0) if d_control is None else d_control,
+    return (x.new_empty(0) if dx is None else dx,
+            control.new_empty(0) if d_control is None else ref.grid_values(d_control, control),
             (control if fine is None else fine).new_empty(0) if d_fine is None else d_fine,
             dy.new_empty(0) if d_bias is None else d_bias)
 
@@ -158,7 +162,7 @@ def _backward_backward(ctx, g_dx, g_control, g_fine, g_bias):
                                                          None, None)
     for grid, need in ((g_control, True), (g_fine, fine is not None)):
         if need and grid is not None and grid.numel():
-            grid = grid.to(x.dtype)
+            grid = ref.control_grid(grid.to(x.dtype))
             if need_dy:
                 d_dy = add(d_dy, separable_linear(x, grid, None, dy.shape[-1], kind, None))
             if need_x:
