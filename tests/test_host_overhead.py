@@ -86,6 +86,9 @@ FAMILIES = {
     # input and output pass; + the input pass on dy (which sums the bias gradient too) for both dx's
     # output pass and dC, the input pass on x, dC's product
     "bspline": (lambda: tk.SplineLinear(40, 24, grid=(6, 9)), 2, 6),
+    # one input pass for both grids, an output pass per grid; + the same for dy (both grids' output
+    # bases) and x, dx's output pass and dC's product per grid
+    "hierarchical": (lambda: tk.HierarchicalSplineLinear(40, 24, coarse_grid=(4, 5), fine_grid=(6, 9)), 3, 9),
     # chain and slot sum; + both for dx, the gradient chain, the sum of its slots, the projection
     # onto the controls
     "spline-tt": (lambda: tk.SplineTTLinear((4, 5, 2), (3, 4, 2), 2, (4, 4)), 2, 7),
@@ -112,7 +115,7 @@ def test_stubbed_layer_calls_record_each_launch_and_run_no_kernel(family, monkey
                                            (lambda: tk.HierarchicalSplineLinear(40, 24, coarse_grid=(4, 5), fine_grid=(6, 9)), 2)])
 def test_training_forward_of_many_rows_keeps_x_projection(build, levels, monkeypatch):
     """From ``KEEP_U_MIN_ROWS`` rows a training forward's output passes keep x @ Bi, and the backward
-    runs no input pass on x: one launch fewer per level."""
+    runs no input pass on x (one pass for every level): one launch fewer."""
     _forbid_kernel_bodies(monkeypatch)
     monkeypatch.setattr(spline_ops, "KEEP_U_MIN_ROWS", 15)
     layer = build()
@@ -121,9 +124,10 @@ def test_training_forward_of_many_rows_keeps_x_projection(build, levels, monkeyp
         with tk.backend("triton"), stubbed_launches() as launches:
             host_overhead.calls(layer, torch.randn(rows, 40))["fwd+bwd"]()
         launches_per_call[rows] = [launch.kernel for launch in launches]
-    assert launches_per_call[14].count("_separable_in_kernel") == 3 * levels
-    assert launches_per_call[15].count("_separable_in_kernel") == 2 * levels
-    assert len(launches_per_call[15]) == len(launches_per_call[14]) - levels
+    assert launches_per_call[14].count("_separable_in_kernel") == 3
+    assert launches_per_call[15].count("_separable_in_kernel") == 2
+    assert len(launches_per_call[15]) == len(launches_per_call[14]) - 1
+    assert launches_per_call[14].count("_separable_out_kernel") == 2 * levels  # y's and dx's, per level
 
 
 def test_measure_layer_row(monkeypatch):

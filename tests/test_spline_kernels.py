@@ -327,6 +327,28 @@ def test_basis_windows_hold_the_whole_basis(basis, n, g, chunk):
         assert win.width == 16
 
 
+@pytest.mark.parametrize("grids", [(16, 64), (5, 70, 9)], ids=["coarse-fine", "three-padded"])
+def test_level_windows_put_each_grid_side_by_side(grids):
+    """Several grids' windows share one table: level k's columns from ``offsets[k]`` are its own
+    ``basis_windows`` table (both parts for bf16), the columns past them zero, the width a power
+    of two; one grid is its own table."""
+    from tspline_kernels.reference import spline as ref
+    from tspline_kernels.spline import kernels
+
+    cpu = torch.device("cpu")
+    for dtype in (torch.float32, torch.bfloat16):
+        win = kernels.level_windows(300, grids, ref.BSPLINE, 128, dtype, cpu)
+        assert win.width & (win.width - 1) == 0 and win.width >= sum(w.width for w in win.levels)
+        assert win.table.shape == (2 if dtype == torch.bfloat16 else 1, 3, 128, win.width) and win.chunks == 3
+        for g, level, offset in zip(grids, win.levels, win.offsets):
+            assert level is kernels.basis_windows(300, g, ref.BSPLINE, 128, dtype, cpu)
+            torch.testing.assert_close(win.table[..., offset:offset + level.width], level.table, rtol=0, atol=0)
+        end = win.offsets[-1] + win.levels[-1].width
+        assert not win.table[..., end:].any()
+        one = kernels.level_windows(300, grids[:1], ref.BSPLINE, 128, dtype, cpu)
+        assert one.table is one.levels[0].table and one.offsets == (0,)
+
+
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 @pytest.mark.parametrize("case", ["one-chunk-odd", "split-3-chunks", "long-chunk-large-m-path", "bicubic-split"])
 def test_separable_grad_control_from_input_passes(case, dtype, kernel_device):
@@ -353,9 +375,9 @@ def test_separable_grad_control_from_input_passes(case, dtype, kernel_device):
 def test_separable_backward_shares_dy_input_pass(case, levels, dtype, kernel_device):
     """``separable_backward``: dx (levels chained as residuals), each level's dC and d_bias (the first
     input pass on dy sums it, over several row blocks in "split-3-chunks") against the reference,
-    in their dtypes, for every subset of wanted results; one input pass on dy per level serves dx
-    and dC (3 launches per level plus x's input pass for each dC); given x's projections u (the
-    forward's), dC reads them: the same results, no input pass on x."""
+    in their dtypes, for every subset of wanted results; one input pass on dy over every level's
+    basis serves dx and dC, and one on x every dC (2 launches per level after those two); given
+    x's projections u (the forward's), dC reads them: the same results, no input pass on x."""
     from tspline_kernels.bench.host_overhead import stubbed_launches
     from tspline_kernels.reference import spline as ref
     from tspline_kernels.spline import kernels
@@ -379,10 +401,12 @@ def test_separable_backward_shares_dy_input_pass(case, levels, dtype, kernel_dev
                 if w is not None:
                     assert g.dtype == w.dtype and g.shape == w.shape, name
                     assert_close(g, w, dtype, name=name)
-    for given, input_passes in ((None, 2 * levels), (u, levels)):
+    for given, input_passes in ((None, 2), (u, 1)):
         with stubbed_launches() as launches:
             kernels.separable_backward(dy, x, controls, kind, True, [True] * levels, None, chunk=chunk, u=given)
-        assert [launch.kernel for launch in launches].count("_separable_in_kernel") == input_passes
+        kernel_names = [launch.kernel for launch in launches]
+        assert kernel_names.count("_separable_in_kernel") == input_passes
+        assert len([k for k in kernel_names if k.startswith("_separable")]) == input_passes + 2 * levels
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])

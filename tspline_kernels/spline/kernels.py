@@ -5,6 +5,7 @@ on the tensor cores. The input pass reads x once, split over K, and writes u = x
 partials, each only over the narrow window of grid columns its chunk of x touches (Bi is
 four-banded); the output pass sums u from them and writes y tile by tile through the window of
 C and Bo each tile touches. Bi and Bo are read from per-shape cached tables (``basis_windows``).
+A hierarchical layer's grids share one input pass: their windows side by side (``level_windows``).
 dC (backward) runs the input pass on x and dy and multiplies the gathered results.
 Field bases (``IDW``, ``GAUSSIAN``): y = x @ W.T without W in memory. For few rows every W tile
 is generated from the lattice points in registers and fed to ``tl.dot`` (on the fly); for many
@@ -81,6 +82,38 @@ def basis_windows(n: int, g: int, kind: int, chunk: int, dtype: torch.dtype, dev
                         len(parts) == 2)
 
 
+class LevelWindows(NamedTuple):
+    """Several grids' ``BasisWindows`` of one axis side by side (a hierarchical layer's levels), so
+    that one input pass multiplies each chunk of x by all of them: ``table`` ``(P, S, chunk,
+    width)``, level k's window in columns ``offsets[k]`` on (zero columns pad ``width`` to a power
+    of two); the pass's partials ``(S, M, width)`` hold level k's from column ``offsets[k]``, rows
+    ``width`` apart. One level: its own table."""
+
+    table: torch.Tensor
+    width: int
+    chunks: int
+    split: bool
+    levels: tuple[BasisWindows, ...]
+    offsets: tuple[int, ...]
+
+
+@functools.lru_cache(maxsize=64)
+def level_windows(n: int, grids: tuple[int, ...], kind: int, chunk: int, dtype: torch.dtype,
+                  device: torch.device) -> LevelWindows:
+    """The ``LevelWindows`` of ``n`` rows for the grids ``grids`` (points on this axis, coarse to
+    fine), cached like ``basis_windows``."""
+    levels = tuple(basis_windows(n, g, kind, chunk, dtype, device) for g in grids)
+    first = levels[0]
+    if len(levels) == 1:
+        return LevelWindows(first.table, first.width, first.chunks, first.split, levels, (0,))
+    widths = [w.width for w in levels]
+    width = next_pow2(sum(widths))
+    table = torch.cat([w.table for w in levels], -1)
+    table = torch.nn.functional.pad(table, (0, width - table.shape[-1])).contiguous()
+    offsets = tuple(sum(widths[:k]) for k in range(len(levels)))
+    return LevelWindows(table, width, first.chunks, first.split, levels, offsets)
+
+
 @triton.autotune(
     configs=configs(
         [{"BM": bm, "BK": bk} for bm in (16, 32, 64, 128) for bk in (64, 128)],
@@ -99,14 +132,15 @@ def _separable_in_kernel(
 ):
     """Input pass, split over K: part[s, rows] = x[rows, chunk s] @ Bi[chunk s, start[s]:start[s]+W].
 
-    x ``(M, N_IN)``, the windowed table of Bi ``(P, S, CHUNK, W)`` (``BasisWindows``), part
-    ``(S, M, W)`` fp32. Program (i, s) streams its ``BM x CHUNK`` block of x once; every (s, row)
-    slot is written whatever the config, so no slot is ever stale. Products of x's dtype on the
-    tensor cores, fp32 accumulation; with ``SPLIT`` (fp16/bf16, P = 2) x multiplies both parts of
-    the table, so the basis is not rounded to x's dtype (x itself is exact). The partials stay fp32.
+    x ``(M, N_IN)``, the windowed table of Bi ``(P, S, CHUNK, W)`` (``BasisWindows``, or several
+    grids' side by side: ``LevelWindows``), part ``(S, M, W)`` fp32. Program (i, s) streams its
+    ``BM x CHUNK`` block of x once; every (s, row) slot is written whatever the config, so no slot
+    is ever stale. Products of x's dtype on the tensor cores, fp32 accumulation; with ``SPLIT``
+    (fp16/bf16, P = 2) x multiplies both parts of the table, so the basis is not rounded to x's
+    dtype (x itself is exact). The partials stay fp32.
     With ``COLSUM`` (x is dy: the bias gradient) the program also sums its block's columns over its
     rows into slot i of colsum ``(row blocks, N_IN)`` (fp32, or the result's dtype for one block).
-    FLOPs: 2*P*M*S*CHUNK*W (useful: 8*M*N_IN). Bytes: elt*M*N_IN + 4*S*M*W, plus the table (L2).
+    FLOPs: 2*P*M*S*CHUNK*W (useful: 8*M*N_IN per grid). Bytes: elt*M*N_IN + 4*S*M*W, plus the table (L2).
     """
     pid_m = tl.program_id(0)
     s = tl.program_id(1)
@@ -129,9 +163,11 @@ def _separable_in_kernel(
 
 
 @triton.jit
-def _gather_windows(part_ptr, start_ptr, rm, m_mask, M, S, GP: tl.constexpr, W: tl.constexpr, BM: tl.constexpr):
-    """u[rm, g] = sum over slots s of part[s, rm, g - start[s]] where that lies in the window:
-    ``(BM, GP)`` fp32, summed in slot order (deterministic). Each load gathers
+def _gather_windows(part_ptr, start_ptr, rm, m_mask, M, S, GP: tl.constexpr, W: tl.constexpr, BM: tl.constexpr,
+                    PS: tl.constexpr):
+    """u[rm, g] = sum over slots s of part[s, rm, g - start[s]] where that lies in the window of
+    width W (part's rows ``PS`` apart: W, or a ``LevelWindows`` width): ``(BM, GP)`` fp32, summed
+    in slot order (deterministic). Each load gathers
     ceil(8192 / (BM*GP)) slots at once: an (slots, BM, GP) tile of ~8192 elements. (The expression
     is written out twice: assigned to a name, the interpreter no longer takes it as a constexpr.)"""
     rg = tl.arange(0, GP)
@@ -141,7 +177,7 @@ def _gather_windows(part_ptr, start_ptr, rm, m_mask, M, S, GP: tl.constexpr, W: 
         w = rg[None, None, :] - tl.load(start_ptr + rs, mask=rs < S, other=0)[:, None, None]
         ok = (rs < S)[:, None, None] & m_mask[None, :, None] & (w >= 0) & (w < W)
         rows = rs.to(tl.int64)[:, None, None] * M + rm[None, :, None]
-        u += tl.sum(tl.load(part_ptr + rows * W + w, mask=ok, other=0.0), axis=0)
+        u += tl.sum(tl.load(part_ptr + rows * PS + w, mask=ok, other=0.0), axis=0)
     return u
 
 
@@ -169,7 +205,7 @@ def _separable_out_kernel(
     M, S, N_OUT, G_IN, G_OUT, M_BUCKET,
     stride_co, stride_ci, stride_rm, stride_rn, stride_ym, stride_yn, stride_um,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, STORE_U: tl.constexpr,
-    GIP: tl.constexpr, W_IN: tl.constexpr, BN: tl.constexpr, PW: tl.constexpr,
+    GIP: tl.constexpr, W_IN: tl.constexpr, PS_IN: tl.constexpr, BN: tl.constexpr, PW: tl.constexpr,
     PRECISION: tl.constexpr, BM: tl.constexpr, N_SPLIT: tl.constexpr,
 ):
     """Output pass: y = (u @ C.T) @ Bo.T + bias + residual with u = x @ Bi summed from the input
@@ -195,7 +231,7 @@ def _separable_out_kernel(
     pid_n = tl.program_id(1)
     rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)  # row offsets past 2^31 elements
     m_mask = rm < M
-    u = _gather_windows(part_ptr, start_in_ptr, rm, m_mask, M, S, GIP, W_IN, BM)
+    u = _gather_windows(part_ptr, start_in_ptr, rm, m_mask, M, S, GIP, W_IN, BM, PS_IN)
     rq = tl.arange(0, GIP)
     if STORE_U:
         if pid_n == 0:
@@ -239,13 +275,12 @@ def _chunk(m: int, chunk: int | None) -> int:
     return chunk
 
 
-def _input_pass(a2: torch.Tensor, g: int, kind: int, chunk: int, bucket: int,
-                sum_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, BasisWindows, torch.Tensor | None]:
-    """Launch ``_separable_in_kernel`` on a2 ``(M, n)`` (M > 0, ``bucket`` = ``m_bucket(M)``): the fp32
-    windowed partials of a2 @ B ``(S, M, W)``, the basis windows they refer to, and a2's column sums
-    ``(n,)`` in ``sum_dtype`` (None for None: none summed)."""
+def _input_pass(a2: torch.Tensor, win: BasisWindows | LevelWindows, chunk: int, bucket: int,
+                sum_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Launch ``_separable_in_kernel`` on a2 ``(M, n)`` (M > 0, ``bucket`` = ``m_bucket(M)``) over the
+    windows ``win`` (of n rows in chunks of ``chunk``): the fp32 windowed partials of a2 @ B ``(S,
+    M, win.width)``, and a2's column sums ``(n,)`` in ``sum_dtype`` (None for None: none summed)."""
     m, n = a2.shape
-    win = basis_windows(n, g, kind, chunk, a2.dtype, a2.device)
     part = torch.empty(win.chunks, m, win.width, device=a2.device, dtype=torch.float32)
     if sum_dtype is None:
         slots, colsum, blocks = None, part, lambda meta: cdiv(m, meta["BM"])
@@ -256,19 +291,20 @@ def _input_pass(a2: torch.Tensor, g: int, kind: int, chunk: int, bucket: int,
         a2, win.table, part, colsum, m, n, bucket, *a2.stride(),
         CHUNK=chunk, W=win.width, SPLIT=win.split, COLSUM=slots is not None, PRECISION=dot_precision(a2.dtype),
     )
-    return part, win, None if slots is None else slots.sum(colsum, sum_dtype)
+    return part, None if slots is None else slots.sum(colsum, sum_dtype)
 
 
 def separable_levels(
     x: torch.Tensor, controls: list[torch.Tensor], bias: torch.Tensor | None, out_features: int, kind: int,
     *, chunk: int | None = None, u: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The op ``separable_linear``: per level (control grid, coarse to fine) the input pass and the
-    output pass, level k's output (x's dtype) added into level k + 1's output pass as its residual,
-    the bias into the last's: 2 launches per level, the inputs checked and the row geometry found
-    once. x ``(*, n_in)``, controls ``[(G_out_k, G_in_k)]`` -> ``(*, out_features)``; ``chunk``:
-    columns of x per input-pass program (default ``in_chunk(M)``), a power of two >= 128; ``u``:
-    where given, ``(*, sum G_in_k)`` contiguous, the output passes also store each level's x @ Bi in it."""
+    """The op ``separable_linear``: one input pass over x for every level (control grid, coarse to
+    fine; ``level_windows``), then per level the output pass, level k's output (x's dtype) added
+    into level k + 1's output pass as its residual, the bias into the last's: 1 + levels launches,
+    the inputs checked and the row geometry found once. x ``(*, n_in)``, controls ``[(G_out_k,
+    G_in_k)]`` -> ``(*, out_features)``; ``chunk``: columns of x per input-pass program (default
+    ``in_chunk(M)``), a power of two >= 128; ``u``: where given, ``(*, sum G_in_k)`` contiguous,
+    the output passes also store each level's x @ Bi in it."""
     check_inputs(x, *controls, bias)
     if not controls:
         raise ValueError("separable_levels needs at least one control grid")
@@ -282,12 +318,19 @@ def separable_levels(
         return x.new_empty(shape)
     bucket = m_bucket(m)
     us = _levels_of(u, m, controls)
+    win = level_windows(x2.shape[1], tuple([c.shape[1] for c in controls]), kind, chunk, x2.dtype, x2.device)
+    part, _ = _input_pass(x2, win, chunk, bucket)
     y2 = None
     for k, control in enumerate(controls):
         r2, y2 = y2, x2.new_empty(m, out_features)
-        part, bi, _ = _input_pass(x2, control.shape[1], kind, chunk, bucket)
-        _output_pass(part, bi, control, bias if k == len(controls) - 1 else None, kind, r2, y2, bucket, us[k])
+        _output_pass(_level_part(part, win, k), win.levels[k], win.width, control,
+                     bias if k == len(controls) - 1 else None, kind, r2, y2, bucket, us[k])
     return y2 if x.dim() == 2 else y2.reshape(shape)  # a view: the op's owned() re-labels it
+
+
+def _level_part(part: torch.Tensor, win: LevelWindows, k: int) -> torch.Tensor:
+    """Level k's partials within an input pass's ``part`` over ``win``: from its column on."""
+    return part if k == 0 else part[:, :, win.offsets[k]:]
 
 
 def _levels_of(u: torch.Tensor | None, m: int, controls: list[torch.Tensor]) -> list[torch.Tensor | None]:
@@ -300,11 +343,12 @@ def _levels_of(u: torch.Tensor | None, m: int, controls: list[torch.Tensor]) -> 
     return [u2[:, :controls[0].shape[1]], u2[:, controls[0].shape[1]:]]  # coarse, fine
 
 
-def _output_pass(part: torch.Tensor, bi: BasisWindows, control: torch.Tensor, bias: torch.Tensor | None, kind: int,
-                 r2: torch.Tensor | None, y2: torch.Tensor, bucket: int, u: torch.Tensor | None = None) -> None:
-    """y2 ``(M, n_out)`` = (x2 @ Bi) @ C.T @ Bo.T + bias + r2 from x2's input pass ``part`` over the
-    basis windows ``bi`` (M > 0, ``bucket`` = ``m_bucket(M)``): one ``_separable_out_kernel`` launch,
-    which also stores x2 @ Bi in u ``(M, G_in)`` (unit column stride) where given."""
+def _output_pass(part: torch.Tensor, bi: BasisWindows, stride: int, control: torch.Tensor, bias: torch.Tensor | None,
+                 kind: int, r2: torch.Tensor | None, y2: torch.Tensor, bucket: int, u: torch.Tensor | None = None) -> None:
+    """y2 ``(M, n_out)`` = (x2 @ Bi) @ C.T @ Bo.T + bias + r2 from x2's input-pass partials ``part``
+    over the basis windows ``bi``, rows ``stride`` apart (M > 0, ``bucket`` = ``m_bucket(M)``): one
+    ``_separable_out_kernel`` launch, which also stores x2 @ Bi in u ``(M, G_in)`` (unit column
+    stride) where given."""
     m, out_features = y2.shape
     g_out, g_in = control.shape
     bo = basis_windows(out_features, g_out, kind, OUT_TILE, torch.float32, y2.device)
@@ -315,7 +359,7 @@ def _output_pass(part: torch.Tensor, bi: BasisWindows, control: torch.Tensor, bi
         m, bi.chunks, out_features, g_in, g_out, bucket, *control.stride(), *res.stride(), *y2.stride(),
         0 if u is None else u.stride(0),
         HAS_BIAS=bias is not None, HAS_RESIDUAL=r2 is not None, STORE_U=u is not None,
-        GIP=dot_dim(g_in), W_IN=bi.width, BN=OUT_TILE, PW=bo.width,
+        GIP=dot_dim(g_in), W_IN=bi.width, PS_IN=stride, BN=OUT_TILE, PW=bo.width,
         PRECISION=_fp32_operand_precision(y2.dtype),
     )
 
@@ -330,15 +374,15 @@ def _output_pass(part: torch.Tensor, bi: BasisWindows, control: torch.Tensor, bi
 def _separable_dc_kernel(
     pout_ptr, start_out_ptr, pin_ptr, start_in_ptr, part_ptr,
     M, S_OUT, S_IN, G_OUT, G_IN, M_BUCKET, stride_um,
-    GOP: tl.constexpr, GIP: tl.constexpr, W_OUT: tl.constexpr, W_IN: tl.constexpr, DENSE_IN: tl.constexpr,
-    BM: tl.constexpr,
+    GOP: tl.constexpr, GIP: tl.constexpr, W_OUT: tl.constexpr, W_IN: tl.constexpr, PS_OUT: tl.constexpr,
+    PS_IN: tl.constexpr, DENSE_IN: tl.constexpr, BM: tl.constexpr,
 ):
     """Partial dC for one block of rows: part[pid] = (dy @ Bo).T @ (x @ Bi), ``(G_OUT, G_IN)`` fp32, or
     dC itself in its dtype where the host allocated one slot (computed on the ``(GOP, GIP)`` padded
     grid, stored without the padding).
 
-    dy @ Bo is gathered from the input pass's windowed partials ``(S_OUT, M, W_OUT)`` fp32; x @ Bi
-    likewise from ``(S_IN, M, W_IN)``, or with ``DENSE_IN`` loaded from the forward's u ``(M, G_IN)``
+    dy @ Bo is gathered from the input pass's windowed partials (window W_OUT, rows PS_OUT apart) fp32;
+    x @ Bi likewise (W_IN, PS_IN), or with ``DENSE_IN`` loaded from the forward's u ``(M, G_IN)``
     (rows ``stride_um`` apart; ``start_in_ptr``, S_IN and W_IN unused). The host sums the
     ``cdiv(M, BM)`` partials (deterministic, no atomics). Their product runs in fp32 ("ieee"):
     nothing is rounded to the input dtype, as in the reference.
@@ -350,35 +394,32 @@ def _separable_dc_kernel(
     m_mask = rm < M
     rp = tl.arange(0, GOP)
     rq = tl.arange(0, GIP)
-    du = _gather_windows(pout_ptr, start_out_ptr, rm, m_mask, M, S_OUT, GOP, W_OUT, BM)
+    du = _gather_windows(pout_ptr, start_out_ptr, rm, m_mask, M, S_OUT, GOP, W_OUT, BM, PS_OUT)
     if DENSE_IN:
         t = tl.load(pin_ptr + rm[:, None] * stride_um + rq[None, :], mask=m_mask[:, None] & (rq < G_IN)[None, :],
                     other=0.0).to(tl.float32)
     else:
-        t = _gather_windows(pin_ptr, start_in_ptr, rm, m_mask, M, S_IN, GIP, W_IN, BM)
+        t = _gather_windows(pin_ptr, start_in_ptr, rm, m_mask, M, S_IN, GIP, W_IN, BM, PS_IN)
     part = tl.dot(tl.trans(du), t, input_precision="ieee")
     tl.store(part_ptr + pid * G_OUT * G_IN + rp[:, None] * G_IN + rq[None, :], part.to(part_ptr.dtype.element_ty),
              mask=(rp < G_OUT)[:, None] & (rq < G_IN)[None, :])
 
 
-def _grad_control(pout: torch.Tensor, wout: BasisWindows, g_out: int, v2: torch.Tensor, g_in: int, kind: int,
-                  chunk: int, bucket: int, dtype: torch.dtype, xb: torch.Tensor | None = None) -> torch.Tensor:
-    """dC ``(g_out, g_in)`` in ``dtype`` from dy's input pass ``pout`` over the windows ``wout`` of its
-    ``g_out``-point basis and the input v2 ``(M, n_in)`` (M > 0): the input pass on v2, then
-    ``_separable_dc_kernel``; given v2's projection xb = v2 @ Bi ``(M, g_in)`` (unit column stride),
-    the dC kernel alone, on xb."""
-    m = v2.shape[0]
-    if xb is None:
-        pin, win, _ = _input_pass(v2, g_in, kind, chunk, bucket)
-        start_in, s_in, w_in, stride_um = win.start, win.chunks, win.width, 0
-    else:
-        pin = start_in = xb
-        s_in, w_in, stride_um = 0, 1, xb.stride(0)
+def _grad_control(pout: torch.Tensor, wout: BasisWindows, out_stride: int, g_out: int, pin: torch.Tensor,
+                  win: BasisWindows | None, in_stride: int, g_in: int, bucket: int, dtype: torch.dtype) -> torch.Tensor:
+    """dC ``(g_out, g_in)`` in ``dtype`` by ``_separable_dc_kernel`` from dy's input-pass partials
+    ``pout`` over the windows ``wout`` of its ``g_out``-point basis (rows ``out_stride`` apart) and
+    x's projections: its input-pass partials ``pin`` over ``win`` (rows ``in_stride`` apart), or,
+    ``win`` None, the forward's x @ Bi ``(M, g_in)`` (unit column stride)."""
+    m = pout.shape[1]
     slots = SplitSlots(_separable_dc_kernel, lambda meta: cdiv(m, meta["BM"]), key=m)
-    part = slots.empty(g_out, g_in, device=v2.device, dtype=dtype)
+    part = slots.empty(g_out, g_in, device=pout.device, dtype=dtype)
+    dense = win is None
     _separable_dc_kernel[lambda meta: (slots(meta),)](
-        pout, wout.start, pin, start_in, part, m, wout.chunks, s_in, g_out, g_in, bucket, stride_um,
-        GOP=dot_dim(g_out), GIP=dot_dim(g_in), W_OUT=wout.width, W_IN=w_in, DENSE_IN=xb is not None,
+        pout, wout.start, pin, pin if dense else win.start, part, m, wout.chunks, 0 if dense else win.chunks,
+        g_out, g_in, bucket, pin.stride(0) if dense else 0,
+        GOP=dot_dim(g_out), GIP=dot_dim(g_in), W_OUT=wout.width, W_IN=1 if dense else win.width, PS_OUT=out_stride,
+        PS_IN=1 if dense else in_stride, DENSE_IN=dense,
     )
     return slots.sum(part, dtype)
 
@@ -390,12 +431,12 @@ def separable_backward(
 ) -> tuple[torch.Tensor | None, list[torch.Tensor | None], torch.Tensor | None]:
     """The op ``separable_backward``: (dx like x, [dC_k in control k's dtype], d_bias ``(n_out,)`` in
     ``bias_dtype``; None where not wanted) of ``separable_levels(x, controls, bias)`` for the output
-    gradient dy ``(*, n_out)``. Per level, one input pass on dy (dy @ Bo_k) serves both dx's output
-    pass (with C_k: dx = sum_k ((dy @ Bo_k) @ C_k) @ Bi_k.T, level k added into level k + 1's as its
-    residual) and dC_k's product with x's input pass; the first level's also sums d_bias. 3 or 4
-    launches per level (dx's, dC's), where separate ops would run 5; 2 or 3 given u, x's projections
-    ``(*, sum G_in_k)`` kept by the forward (``separable_levels``' ``u``), which dC then reads instead
-    of an input pass on x. ``chunk`` as in ``separable_levels``."""
+    gradient dy ``(*, n_out)``. One input pass on dy over every level's output basis (dy @ Bo_k,
+    ``level_windows``), which also sums d_bias, serves both dx's output passes (with C_k: dx =
+    sum_k ((dy @ Bo_k) @ C_k) @ Bi_k.T, level k added into level k + 1's as its residual) and dC_k's
+    product with x's projections; those come from one input pass on x over every level's input
+    basis, or from u, the forward's ``(*, sum G_in_k)`` (``separable_levels``' ``u``). Launches:
+    1 + (1 without u) + per level dx's and dC's. ``chunk`` as in ``separable_levels``."""
     check_inputs(dy, x, *controls)
     dy2, x2 = flatten(dy), flatten(x)
     m, n_in = x2.shape
@@ -405,18 +446,29 @@ def separable_backward(
                 None if bias_dtype is None else dy2.new_zeros(dy2.shape[1], dtype=bias_dtype))
     chunk = _chunk(m, chunk)
     bucket = m_bucket(m)
-    dx2 = d_bias = None
-    d_controls: list[torch.Tensor | None] = []
+    wout = level_windows(dy2.shape[1], tuple([c.shape[0] for c in controls]), kind, chunk, dy2.dtype, dy2.device)
+    pout, d_bias = _input_pass(dy2, wout, chunk, bucket, bias_dtype)
+    win = pin = None
+    if u is None and any(need_controls):
+        win = level_windows(n_in, tuple([c.shape[1] for c in controls]), kind, chunk, x2.dtype, x2.device)
+        pin, _ = _input_pass(x2, win, chunk, bucket)
     us = _levels_of(u, m, controls)
+    dx2 = None
+    d_controls: list[torch.Tensor | None] = []
     for k, (control, need) in enumerate(zip(controls, need_controls)):
-        g_out = control.shape[0]
-        pout, wout, colsum = _input_pass(dy2, g_out, kind, chunk, bucket, bias_dtype if k == 0 else None)
-        d_bias = colsum if k == 0 else d_bias
+        g_out, g_in = control.shape
+        pout_k = _level_part(pout, wout, k)
         if need_dx:
             r2, dx2 = dx2, x2.new_empty(m, n_in)
-            _output_pass(pout, wout, control.mT, None, kind, r2, dx2, bucket)
-        d_controls.append(_grad_control(pout, wout, g_out, x2, control.shape[1], kind, chunk, bucket, control.dtype,
-                                        us[k]) if need else None)
+            _output_pass(pout_k, wout.levels[k], wout.width, control.mT, None, kind, r2, dx2, bucket)
+        if not need:
+            d_controls.append(None)
+        elif win is None:
+            d_controls.append(_grad_control(pout_k, wout.levels[k], wout.width, g_out, us[k], None, 0, g_in, bucket,
+                                            control.dtype))
+        else:
+            d_controls.append(_grad_control(pout_k, wout.levels[k], wout.width, g_out, _level_part(pin, win, k),
+                                            win.levels[k], win.width, g_in, bucket, control.dtype))
     dx = None if dx2 is None else dx2 if x.dim() == 2 else dx2.reshape(x.shape)
     return dx, d_controls, d_bias
 
