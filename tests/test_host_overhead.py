@@ -111,8 +111,10 @@ def test_stubbed_layer_calls_record_each_launch_and_run_no_kernel(family, monkey
             assert all(g >= 1 for launch in launches for g in launch.grid), launches
 
 
-@pytest.mark.parametrize("build, levels", [(lambda: tk.SplineLinear(40, 24, grid=(6, 9)), 1),
-                                           (lambda: tk.HierarchicalSplineLinear(40, 24, coarse_grid=(4, 5), fine_grid=(6, 9)), 2)])
+@pytest.mark.parametrize("build, levels", [
+    (lambda: tk.SplineLinear(40, 24, grid=(6, 9)), 1),
+    (lambda: tk.HierarchicalSplineLinear(40, 24, coarse_grid=(4, 5), fine_grid=(6, 9)), 2),
+])
 def test_training_forward_of_many_rows_keeps_x_projection(build, levels, monkeypatch):
     """From ``KEEP_U_MIN_ROWS`` rows a training forward's output passes keep x @ Bi, and the backward
     runs no input pass on x (one pass for every level): one launch fewer."""

@@ -57,8 +57,8 @@ _REFERENCES: dict[object, Callable] = {
     _OPS.kronecker_linear.default: kronecker.kronecker_linear,
     _OPS.kronecker_gated_linear.default: kronecker.kronecker_gated_linear,
     _OPS.separable_linear.default: lambda x, control, bias, out_features, kind, fine=None:
-        spline.separable_levels(x, [spline.control_grid(control)] + ([] if fine is None else [fine]), bias, out_features,
-                                kind),
+        spline.separable_levels(x, [spline.control_grid(control)] + ([] if fine is None else [fine]), bias,
+                                out_features, kind),
     # W in blocks of 4M elements: a few graph nodes per layer instead of one block per 256K
     _OPS.field_linear.default: functools.partial(spline.field_linear, budget=1 << 22),
     _OPS.decoupled_mlp.default: decoupled.decoupled_mlp,

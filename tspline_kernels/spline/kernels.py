@@ -344,7 +344,8 @@ def _levels_of(u: torch.Tensor | None, m: int, controls: list[torch.Tensor]) -> 
 
 
 def _output_pass(part: torch.Tensor, bi: BasisWindows, stride: int, control: torch.Tensor, bias: torch.Tensor | None,
-                 kind: int, r2: torch.Tensor | None, y2: torch.Tensor, bucket: int, u: torch.Tensor | None = None) -> None:
+                 kind: int, r2: torch.Tensor | None, y2: torch.Tensor, bucket: int,
+                 u: torch.Tensor | None = None) -> None:
     """y2 ``(M, n_out)`` = (x2 @ Bi) @ C.T @ Bo.T + bias + r2 from x2's input-pass partials ``part``
     over the basis windows ``bi``, rows ``stride`` apart (M > 0, ``bucket`` = ``m_bucket(M)``): one
     ``_separable_out_kernel`` launch, which also stores x2 @ Bi in u ``(M, G_in)`` (unit column
