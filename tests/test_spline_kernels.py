@@ -349,6 +349,28 @@ def test_level_windows_put_each_grid_side_by_side(grids):
         assert one.table is one.levels[0].table and one.offsets == (0,)
 
 
+def test_three_levels_share_the_input_passes(kernel_device):
+    """The launchers take any number of grids: three (two padded windows) in one input pass per
+    operand, forward and backward against the reference, with and without x's projections u."""
+    from tspline_kernels.reference import spline as ref
+    from tspline_kernels.spline import kernels
+
+    x, dy = torch.randn(7, 300, device=kernel_device), torch.randn(7, 90, device=kernel_device)
+    controls = [torch.randn(g_out, g_in, device=kernel_device) for g_out, g_in in ((5, 6), (9, 70), (12, 9))]
+    u = torch.cat([ref.input_projection(x, c.shape[1], ref.BSPLINE) for c in controls], -1)
+    kept = torch.empty_like(u)
+    y = kernels.separable_levels(x, controls, None, 90, ref.BSPLINE, chunk=128, u=kept)
+    assert_close(y, ref.separable_levels(x, controls, None, 90, ref.BSPLINE), torch.float32, name="y")
+    assert_close(kept, u, torch.float32, name="u")
+    want = ref.separable_backward(dy, x, controls, ref.BSPLINE, True, [True] * 3, torch.float32)
+    for given in (None, u):
+        dx, d_controls, d_bias = kernels.separable_backward(dy, x, controls, ref.BSPLINE, True, [True] * 3,
+                                                            torch.float32, chunk=128, u=given)
+        for name, got, expected in [("dx", dx, want[0]), *zip(("dC0", "dC1", "dC2"), d_controls, want[1]),
+                                    ("d_bias", d_bias, want[2])]:
+            assert_close(got, expected, torch.float32, name=name)
+
+
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 @pytest.mark.parametrize("case", ["one-chunk-odd", "split-3-chunks", "long-chunk-large-m-path", "bicubic-split"])
 def test_separable_grad_control_from_input_passes(case, dtype, kernel_device):

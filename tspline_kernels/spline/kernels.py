@@ -16,6 +16,7 @@ slice, into an L2-sized workspace that cuBLAS multiplies (``field_slice_rows``).
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -110,7 +111,7 @@ def level_windows(n: int, grids: tuple[int, ...], kind: int, chunk: int, dtype: 
     width = next_pow2(sum(widths))
     table = torch.cat([w.table for w in levels], -1)
     table = torch.nn.functional.pad(table, (0, width - table.shape[-1])).contiguous()
-    offsets = tuple(sum(widths[:k]) for k in range(len(levels)))
+    offsets = tuple(itertools.accumulate(widths[:-1], initial=0))
     return LevelWindows(table, width, first.chunks, first.split, levels, offsets)
 
 
@@ -340,7 +341,8 @@ def _levels_of(u: torch.Tensor | None, m: int, controls: list[torch.Tensor]) -> 
     u2 = flatten(u)
     if len(controls) == 1:
         return [u2]
-    return [u2[:, :controls[0].shape[1]], u2[:, controls[0].shape[1]:]]  # coarse, fine
+    ends = list(itertools.accumulate(c.shape[1] for c in controls))
+    return [u2[:, end - c.shape[1]:end] for c, end in zip(controls, ends)]
 
 
 def _output_pass(part: torch.Tensor, bi: BasisWindows, stride: int, control: torch.Tensor, bias: torch.Tensor | None,
