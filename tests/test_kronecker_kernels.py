@@ -199,8 +199,8 @@ def test_large_modes_fall_back_to_the_reference(kernel_device):
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 def test_routing(spy, kernel_device, bias):
     """auto sends CPU tensors to the reference and CUDA tensors to Triton; triton forces the
-    launchers. Training a two-mode layer with biases runs the gated op without gates (the
-    closed-form bias on chip); inference, or no bias, the plain fused op."""
+    launchers. A two-mode layer with biases runs the gated op without gates (the closed-form bias
+    on chip, nothing kept between calls); without biases the plain fused op."""
     calls = spy(kernels, "kronecker_linear", "kronecker_grad_factors", "gated_linear")
     layer = make_layer((3, 5), (4, 7), torch.float32, "cpu", bias=bias)
     x = torch.randn(2, 15)
@@ -214,7 +214,7 @@ def test_routing(spy, kernel_device, bias):
         calls.clear()
         with backend(which), torch.no_grad():
             layer(x.to(device))
-        assert calls == (["kronecker_linear"] if expected else [])
+        assert calls == ([] if not expected else ["gated_linear"] if bias else ["kronecker_linear"])
         calls.clear()
 
 

@@ -7,7 +7,7 @@ import inspect
 import math
 import numbers
 import operator
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -55,37 +55,6 @@ def cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """``t.to(dtype)`` (None stays None) without the dispatch when ``t`` already has ``dtype``
     (``.to`` then returns ``t`` itself too, after ~1 us)."""
     return t if t is None or t.dtype == dtype else t.to(dtype)
-
-
-class Derived:
-    """A value a layer derives from some of its tensors on every call (an effective bias, a grid of
-    control points), kept while they are unchanged: the same tensor objects, storage, dtype and
-    version counter (optimizer steps, ``load_state_dict`` and other in-place updates bump it).
-    While autograd records (grad mode on and a tensor requires grad) the value must carry its own
-    graph, so it is computed afresh and not kept; inference tensors (no version counter) neither,
-    nor under ``torch.compile``/``torch.export`` (the trace computes it in the graph) or a CUDA
-    graph capture (replays after a parameter update must recompute it)."""
-
-    def __init__(self) -> None:
-        self._key: tuple | None = None
-        self._value = None
-
-    def get(self, tensors: tuple[torch.Tensor, ...], compute: Callable[[], object], *extra: Hashable):
-        """``compute()``, or the value kept from an earlier call with the same unchanged ``tensors``
-        (those ``compute`` reads) and equal ``extra`` (e.g. the dtype it is computed in)."""
-        keep = not torch.compiler.is_compiling() and not (tensors[0].is_cuda and torch.cuda.is_current_stream_capturing())
-        grad = torch.is_grad_enabled()
-        key = list(extra)
-        for t in tensors:  # one loop, no generators: this runs on every call
-            if not keep or t.is_inference() or (grad and t.requires_grad):
-                self._key = self._value = None
-                return compute()
-            key.append((t.data_ptr(), t.dtype, t.device, t._version))
-        old = self._key
-        if old is None or old[0] != key or any(a is not b for a, b in zip(old[1], tensors)):
-            self._value = compute()
-            self._key = (key, tensors)
-        return self._value
 
 
 def check_count(name: str, value, minimum: int, why: str = "") -> int:

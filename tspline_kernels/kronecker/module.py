@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .._fit import damped_gram, fit_inputs, output_error, weighted_als
-from .._layers import (CompressedLinear, Derived, FitReport, SavedSettings, cast, check_count, check_flag, check_ints,
+from .._layers import (CompressedLinear, FitReport, SavedSettings, cast, check_count, check_flag, check_ints,
                        fit_report)
 from ..reference import kronecker as ref
 from ..reference.common import compute_dtype
@@ -67,9 +67,10 @@ class KroneckerLinear(SavedSettings, CompressedLinear):
     The modes run as one fused two-factor op: more than two modes are cut into two groups whose
     factors are Kronecker products of the group's modes (small: never the dense weight). A gated
     layer of two modes is one op too, whose kernels find the gates and the mixed factors on chip
-    (``ops.kronecker_gated_linear``); with other mode counts the gates run as torch ops. Training
-    an ungated two-mode layer with biases takes that op too, without gates, so that the effective
-    bias is found (and differentiated) on chip, not by torch ops autograd records.
+    (``ops.kronecker_gated_linear``); with other mode counts the gates run as torch ops. An ungated
+    two-mode layer with biases takes that op too, without gates, so that the effective bias is found
+    (and differentiated) on chip, not by torch ops. Nothing derived from the parameters is kept
+    between calls: a fused optimizer or a write through ``.data`` changes them without a trace.
 
     The state dict's ``_extra_state`` holds the settings no parameter shape shows
     (``transform_outer``, ``gated``, ``gating_mode``, ``gated_modes``): loading it into a layer
@@ -93,7 +94,6 @@ class KroneckerLinear(SavedSettings, CompressedLinear):
         self.in_dims, self.out_dims = ins, outs
         self.transform_outer = transform_outer
         self._cut = _split(ins, outs)
-        self._derived = Derived()  # the ungated layer's fused factors and bias, kept between calls
         factory = {"device": device, "dtype": dtype}
         self.factors = nn.ParameterList(nn.Parameter(torch.empty(o, i, **factory)) for i, o in zip(ins, outs))
         self.biases = nn.ParameterList(nn.Parameter(torch.empty(o, **factory)) for o in outs) if bias else None
@@ -169,22 +169,12 @@ class KroneckerLinear(SavedSettings, CompressedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = cast(x, self._prepare(x))
-        two = len(self.in_dims) == 2
-        # Two modes, gated or training with biases: the gated op, whose kernels find the maps and
-        # the closed-form bias on chip (no gate given: the factors as they are), in place of the
-        # ~10 torch ops autograd would record for the bias and their backward.
-        if two and (self.gated or (self.biases is not None and torch.is_grad_enabled())):
+        # Two modes, gated or with biases: the gated op, whose kernels find the maps and the
+        # closed-form bias on chip (no gate given: the factors as they are), in place of the ~10
+        # torch ops for the bias (and, training, their backward).
+        if len(self.in_dims) == 2 and (self.gated or self.biases is not None):
             return ops.kronecker_gated_linear(x, *self._gated_arguments())[0]
-        if self.gated:  # the maps depend on the batch
-            return ops.kronecker_linear(x, *self._fused_maps(x))
-        # the factors and biases, read from the lists' dicts (indexing a ParameterList costs ~1 us an item)
-        biases = () if self.biases is None else self.biases._parameters.values()
-        params = (*self.factors._parameters.values(), *biases)
-        return ops.kronecker_linear(x, *self._derived.get(params, lambda: self._fused_maps(x), x.dtype))
-
-    def _apply(self, fn, recurse=True):
-        self._derived = Derived()  # .to(), .half(), ... swap the parameters' storage
-        return super()._apply(fn, recurse)
+        return ops.kronecker_linear(x, *self._fused_maps(x))
 
     def _fused_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(A, B, bias) of the fused two-factor op for the batch x, in x's dtype (x only matters
@@ -205,7 +195,8 @@ class KroneckerLinear(SavedSettings, CompressedLinear):
     def materialize(self) -> torch.Tensor:
         if self.gated:
             raise RuntimeError("a gated KroneckerLinear has no fixed weight: its gates depend on the input batch")
-        return ref.kronecker_weight(list(self.factors)).to(self.factors[0].dtype)
+        # a copy: with one mode the product is the factor itself
+        return ref.kronecker_weight(list(self.factors)).to(self.factors[0].dtype, copy=True)
 
     def effective_bias(self) -> torch.Tensor | None:
         """b_eff ``(out_features,)`` with y = x @ W.T + b_eff (ungated layers), None without biases."""

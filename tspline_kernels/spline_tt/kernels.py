@@ -10,7 +10,7 @@ launched by ``tt/kernels.py``:
   ``_grad_step_kernel``) are d(core) in fp32, which ``_project_kernel`` projects onto the control
   points (dC_k = Bo_k.T dG_k Bi_k, a core-sized product), every core in one launch.
 * ``rebuild``: the head product L is needed on the host anyway, so the (core-sized) spline cores
-  are formed there first, in fp32 (kept while the controls are unchanged, ``tt.kernels.derived``);
+  are formed there first, in fp32 (every call: nothing derived from the controls is kept);
   then the TT rebuild kernels run unchanged. W is never formed.
 """
 

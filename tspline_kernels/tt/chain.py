@@ -134,14 +134,14 @@ def _chain_core_index(k: tl.constexpr, d0, starts, D: tl.constexpr, NI: tl.const
 
 
 @triton.jit
-def _chain_core(g_ptr, k: tl.constexpr, d0, starts, D: tl.constexpr, IN: tl.constexpr, OUT: tl.constexpr,
-                RANK: tl.constexpr, STRIDES: tl.constexpr, AXES: tl.constexpr, OFFS: tl.constexpr,
+def _chain_core(g_ptrs, k: tl.constexpr, d0, starts, D: tl.constexpr, IN: tl.constexpr, OUT: tl.constexpr,
+                RANK: tl.constexpr, STRIDES: tl.constexpr, AXES: tl.constexpr,
                 SPLINE: tl.constexpr, NI: tl.constexpr, NO: tl.constexpr, RP: tl.constexpr):
     """``B_k[(a, i), (o, b)] = G_k[a, o, i, b]`` ``(RP[k] NI[k], NO[k] RP[k+1])`` (``_chain_core_index``),
-    zero outside the core; G_k's (a, o, i, b) element strides are ``STRIDES[k]`` from ``g_ptr + OFFS[k]``."""
+    zero outside the core; G_k's (a, o, i, b) element strides are ``STRIDES[k]`` from ``g_ptrs[k]``."""
     a, i, o, b = _chain_core_index(k, d0, starts, D, NI, NO, RP)
     return tl.trans(core_tile(
-        g_ptr + OFFS[k], o, b, a, i, (o < OUT[k]) & (b < RANK[k + 1]), (a < RANK[k]) & (i < IN[k]),
+        g_ptrs[k], o, b, a, i, (o < OUT[k]) & (b < RANK[k + 1]), (a < RANK[k]) & (i < IN[k]),
         STRIDES[k][0], STRIDES[k][1], STRIDES[k][2], STRIDES[k][3],
         AXES[k][0], AXES[k][1], AXES[k][2], AXES[k][3], SPLINE))
 
@@ -167,10 +167,10 @@ def _chain_prev(ds, k: tl.constexpr, NO: tl.constexpr, NI: tl.constexpr, RP: tl.
 )
 @triton.jit
 def _chain_kernel(
-    x_ptr, g_ptr, bias_ptr, y_ptr,
+    x_ptr, g_ptrs, bias_ptr, y_ptr,
     M, M_BUCKET, stride_xm, stride_xk, stride_ys, stride_ym, stride_yn,
     D: tl.constexpr, IN: tl.constexpr, OUT: tl.constexpr, RANK: tl.constexpr,
-    STRIDES: tl.constexpr, AXES: tl.constexpr, OFFS: tl.constexpr,
+    STRIDES: tl.constexpr, AXES: tl.constexpr,
     SPLINE: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, STATE: tl.constexpr,
     BM: tl.constexpr, BO1: tl.constexpr, BO2: tl.constexpr, CD: tl.constexpr,
     NI: tl.constexpr, NO: tl.constexpr, RP: tl.constexpr, X: tl.constexpr,
@@ -185,8 +185,8 @@ def _chain_kernel(
     ``y_ptr + s stride_ys``: y itself (S = 1) or the fp32 partial slot s the host sums (split-K,
     for grids with fewer programs than SMs); split 0 adds the bias. Per chunk the state S_k, rows
     ``(i_k+1..i_d-1, i_d in chunk, m, o_1..o_k-1)`` and columns ``(a_k-1, i_k)``, goes through
-    ``S_k @ B_k``, ``B_k[(a, i), (o, b)] = G_k[a, o, i, b]`` (``(r_k-1 I_k, O_k r_k)``, loaded from the
-    packed cores ``g_ptr + OFFS[k]`` with strides ``STRIDES[k]`` (W's cores serve W.T's too), or
+    ``S_k @ B_k``, ``B_k[(a, i), (o, b)] = G_k[a, o, i, b]`` (``(r_k-1 I_k, O_k r_k)``, loaded from
+    core k at ``g_ptrs[k]`` with strides ``STRIDES[k]`` (W's cores serve W.T's too), or
     generated from spline control points with ``SPLINE``), and a
     register reshape/permute moves (o_k, a_k) to (rows, columns) for step k + 1; the last step sums
     the chunk's share of y into an fp32 accumulator. No state leaves the registers; padded sizes
@@ -217,7 +217,7 @@ def _chain_kernel(
         for k in tl.static_range(D):
             if k > 0:
                 s = _chain_next(s, k, NI, RP, X)
-            g = _chain_core(g_ptr, k, d0, starts, D, IN, OUT, RANK, STRIDES, AXES, OFFS, SPLINE, NI, NO, RP)
+            g = _chain_core(g_ptrs, k, d0, starts, D, IN, OUT, RANK, STRIDES, AXES, SPLINE, NI, NO, RP)
             s = tl.dot(s.to(STATE), g.to(STATE), input_precision=PRECISION)
         acc += tl.sum(tl.reshape(s, (X[D - 1], NO[D - 1], RP[D])), axis=2)  # only b = 0 is nonzero
     rm, out_ok, out_off, od = _chain_out_index(starts, D, OUT, NO, X)
@@ -287,10 +287,10 @@ def _chain_store_grad(part_ptr, acc, k: tl.constexpr, blocks, chunk, groups, spl
 )
 @triton.jit
 def _chain_grad_kernel(
-    x_ptr, dy_ptr, g_ptr, part_ptr,
+    x_ptr, dy_ptr, g_ptrs, part_ptr,
     M, M_BUCKET, stride_xm, stride_xk, stride_dm, stride_dn,
     D: tl.constexpr, IN: tl.constexpr, OUT: tl.constexpr, RANK: tl.constexpr,
-    STRIDES: tl.constexpr, AXES: tl.constexpr, OFFS: tl.constexpr,
+    STRIDES: tl.constexpr, AXES: tl.constexpr,
     SPLINE: tl.constexpr, PRECISION: tl.constexpr, STATE: tl.constexpr,
     BM: tl.constexpr, BO1: tl.constexpr, BO2: tl.constexpr, CD: tl.constexpr,
     NI: tl.constexpr, NO: tl.constexpr, RP: tl.constexpr, X: tl.constexpr,
@@ -327,13 +327,13 @@ def _chain_grad_kernel(
     heads = ()  # cores 1..d-1: their tiles and accumulators do not depend on the chunk
     accs = ()
     for k in tl.static_range(D - 1):
-        heads = heads + (_chain_core(g_ptr, k, 0, starts, D, IN, OUT, RANK, STRIDES, AXES, OFFS, SPLINE, NI, NO, RP).to(STATE),)
+        heads = heads + (_chain_core(g_ptrs, k, 0, starts, D, IN, OUT, RANK, STRIDES, AXES, SPLINE, NI, NO, RP).to(STATE),)
         accs = accs + (tl.full((RP[k] * NI[k], NO[k] * RP[k + 1]), 0.0, tl.float32),)  # as in _chain_kernel
     for j in range(per_group):
         d0 = (tl.program_id(1) * per_group + j) * NI[D - 1]
         row_ok = row_ok_in & (d0 + c < IN[D - 1])
         x_rows = x_ptr + (row_off + d0 + c).to(tl.int64) * stride_xk
-        gs = heads + (_chain_core(g_ptr, D - 1, d0, starts, D, IN, OUT, RANK, STRIDES, AXES, OFFS, SPLINE,
+        gs = heads + (_chain_core(g_ptrs, D - 1, d0, starts, D, IN, OUT, RANK, STRIDES, AXES, SPLINE,
                                   NI, NO, RP).to(STATE),)
         accs = accs + (tl.full((RP[D - 1] * NI[D - 1], NO[D - 1] * RP[D]), 0.0, tl.float32),)
         # a chunk past I_d (the last group's tail) runs no row block: its dB_d tile stays zero

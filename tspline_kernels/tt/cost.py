@@ -5,8 +5,7 @@ Notation: d cores ``(r_{k-1}, O_k, I_k, r_k)``, ``O = prod O_k``, ``I = prod I_k
 ``elt`` bytes per element of x, ``state_elt`` bytes per element of the states and of rebuild's head
 product (``state_dtype``; default ``elt``). The FLOP and byte counts match the kernel docstrings
 (``tt/chain.py``, ``steps.py``, ``rebuild.py``); the launches are those ``tt/kernels.py`` makes, host-side
-torch ops included (each one launch on a GPU; the packed cores cached, as in inference or a backward
-after its forward), which a test counts.
+torch ops included (each one launch on a GPU), which a test counts.
 
 * ``contract``: sequential contraction of x with the cores. The forward (and dx) is one launch of
   the fused chain kernel, states on chip, when one of ``CHAIN_CONFIGS`` fits ``CHAIN_MAX_TILE``
@@ -340,9 +339,16 @@ def kronsum_flops(plan: KronsumPlan, m: int) -> float:
     return 2.0 * m * plan.sizes[0] * (n1p * n2p * m2p + m2p * n1p * m1p)
 
 
+def merge_ops(d: int) -> int:
+    """Host torch ops that merge ``d`` plain cores (in the input dtype) into the Kronecker-sum
+    kernels' two halves, every call (``kernels._halves``): per merge an einsum (a layout copy and a
+    batched GEMM)."""
+    return 2 * (d - 2)
+
+
 def kronsum_cost(m: int, in_modes, out_modes, ranks, elt: int = 2, state_elt: int | None = None) -> Cost | None:
-    """Forward by the Kronecker-sum kernel (its merged cores cached per parameter version, like the
-    chain kernel's packed cores: no launch); None where no cut fits, below ``KRONSUM_MIN_ROWS``, or
+    """Forward by the Kronecker-sum kernel on the cores merged into two halves (``merge_ops``);
+    None where no cut fits, below ``KRONSUM_MIN_ROWS``, or
     where the states need more range than the input dtype (fp16, ``state_dtype``): the kernel's
     merged cores and intermediates are in the input dtype."""
     plan = kronsum_plan(in_modes, out_modes, ranks)
@@ -352,7 +358,7 @@ def kronsum_cost(m: int, in_modes, out_modes, ranks, elt: int = 2, state_elt: in
     programs = math.ceil(m / 2)
     merged = r * (o_a * i_a + o_b * i_b)
     return _launch(kronsum_flops(plan, m), float(elt * (m * (i_a * i_b + o_a * o_b) + merged)), programs,
-                   l2_bytes=float(elt * merged * programs))
+                   launches=1 + merge_ops(len(in_modes)), l2_bytes=float(elt * merged * programs))
 
 
 def kronsum_grad_splits(plan: KronsumPlan, m: int, programs: int | None = None) -> int:
@@ -374,7 +380,8 @@ MERGE_GRAD_OPS = 3
 def kronsum_grad_cost(m: int, in_modes, out_modes, ranks, elt: int = 2, state_elt: int | None = None) -> Cost | None:
     """Every d(core) by the Kronecker-sum gradient kernel (twice the forward's FLOPs; x and dy read
     once from HBM, the R programs of a row block sharing them in L2; fp32 partial slots), the sum of
-    its slots and the host ops of ``merge_cores_grad``; None where ``kronsum_cost`` is."""
+    its slots, the host ops of the merge (``merge_ops``) and of ``merge_cores_grad``; None where
+    ``kronsum_cost`` is."""
     if kronsum_cost(m, in_modes, out_modes, ranks, elt, state_elt) is None:
         return None
     plan = kronsum_plan(in_modes, out_modes, ranks)
@@ -383,7 +390,7 @@ def kronsum_grad_cost(m: int, in_modes, out_modes, ranks, elt: int = 2, state_el
     merged = r * (o_a * i_a + o_b * i_b)
     kernel = _launch(2 * kronsum_flops(plan, m), float(elt * m * (i_a * i_b + o_a * o_b) + 4 * splits * merged),
                      splits * r, l2_bytes=float(elt * merged * splits))
-    host = len(in_modes) * (MERGE_GRAD_OPS + 2 * (elt < 4))
+    host = len(in_modes) * (MERGE_GRAD_OPS + 2 * (elt < 4)) + merge_ops(len(in_modes))
     sums = _launch(float(splits * merged), 4.0 * (splits + 1) * merged, SMS, launches=1 + host)
     return kernel + sums
 

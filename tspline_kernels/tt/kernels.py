@@ -2,8 +2,10 @@
 
 The kernels live by kind: ``chain.py`` (fused contract), ``steps.py`` (unfused contract),
 ``rebuild.py`` (W tiles on chip), with the core tiles and ``Core`` in ``tiles.py``. What the
-launchers derive from the cores on the host (the packed buffer of the chain kernels, spline cores
-for rebuild) is cached per parameter version (``derived``).
+launchers plan from the cores' structure (paths, launch constants) is kept per structure
+(``plans_of``); nothing derived from their values is kept between calls (an optimizer step need
+not tell: fused optimizers and writes through ``.data`` leave no trace a cache could check), so the
+chain kernels read the cores where they are, each through its own pointer.
 
 Two strategies for y = x @ W.T (and for dx = dy @ W, the same with the cores' o and i axes
 swapped); ``tt/cost.py`` picks one per call (the forward and the backward separately) from the
@@ -77,10 +79,7 @@ itself must lie within fp16's range.
 from __future__ import annotations
 
 import functools
-import itertools
 import math
-import operator
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import NamedTuple
@@ -99,98 +98,23 @@ from .steps import _grad_step_kernel, _step_kernel
 from .tiles import Core, core_modes, state_args, state_elt
 
 # ----------------------------------------------------------------------------------------------
-# Host-side results derived from the cores, cached per parameter version
-# ----------------------------------------------------------------------------------------------
-DERIVED_SIZE = 256  # entries kept at most (each core-sized)
-_derived: OrderedDict[Hashable, tuple[list[weakref.ref], tuple[int, ...], object]] = OrderedDict()
-
-
-def derived(kind: Hashable, tensors: list[torch.Tensor], build: Callable[[], object]) -> object:
-    """``build()``, a ``kind`` of host-side result of ``tensors`` (a packed buffer, spline cores), or
-    the one built earlier from the same tensors at the same versions.
-
-    A tensor's values are identified by its root object (the base of a view), storage address,
-    shape, strides, dtype, device and ``_version``: an in-place update (an optimizer step,
-    ``load_state_dict``'s ``copy_``) bumps the version and ``.data =`` moves the storage, so a
-    result is never reused after the values may have changed; it is replaced by the new version's.
-    An entry holds weak references to its roots and goes when one of them is freed, so an ``id``
-    reused by a new tensor never finds it; beyond ``DERIVED_SIZE`` entries the least recently used
-    go. Inference tensors have no version counter, and a CUDA graph being captured must record
-    the build (a replay after an in-place update would read a kept result): their results are
-    built every call. ``build`` must not return the tensors or views of them (the entry would keep
-    them alive)."""
-    if tensors[0].is_cuda and torch.cuda.is_current_stream_capturing():
-        return build()
-    state, roots, key = [], [], [kind]  # the entry's key is the roots' ids, the rest must match
-    try:
-        for t in tensors:  # one loop, no generators: this runs on every call
-            state += (t._version, t.data_ptr(), t.shape, t.stride(), t.dtype, t.device)
-            root = t if t._base is None else t._base
-            roots.append(root)
-            key.append(id(root))
-    except RuntimeError:  # an inference tensor (no version counter)
-        return build()
-    key = tuple(key)
-    hit = _derived.get(key)
-    if hit is not None and hit[1] == state and all(ref() is r for ref, r in zip(hit[0], roots)):
-        _derived.move_to_end(key)
-        return hit[2]
-    with torch.no_grad():  # an autograd graph would keep the tensors alive (the ops' gradients are explicit)
-        value = build()
-    table = _derived  # the callback may run at interpreter exit, after the module's globals are cleared
-    drop = lambda _: table.pop(key, None)  # noqa: E731
-    _derived[key] = ([weakref.ref(r, drop) for r in roots], state, value)
-    _derived.move_to_end(key)
-    while len(_derived) > DERIVED_SIZE:
-        _derived.popitem(last=False)
-    return value
-
-
-# ----------------------------------------------------------------------------------------------
 # Strategy "contract": the chain kernels, or d step launches where they do not fit
 # ----------------------------------------------------------------------------------------------
-def _memory_order(t: torch.Tensor) -> torch.Tensor | None:
-    """``t`` (a core ``(r0, O, I, r1)``) or the view with its O and I axes swapped, whichever is
-    contiguous (W.T's cores are views of W's), else None."""
-    if t.is_contiguous():
-        return t
-    swapped = t.transpose(1, 2)
-    return swapped if swapped.is_contiguous() else None
-
-
 @functools.lru_cache(maxsize=1024)
 def _chain_meta(layout: tuple) -> dict:
     """The chain kernels' constexpr description of cores given as ``(shape, strides, o, i, spline)``
-    each, packed one after the other (``_chain_args``)."""
+    each (``_chain_layout``)."""
     cores = [Core(torch.empty_strided(shape, strides, device="meta"), o, i, spline) for shape, strides, o, i, spline in layout]
     ins, outs, ranks = core_modes(cores)
     return dict(D=len(cores), IN=ins, OUT=outs, RANK=ranks, STRIDES=tuple(strides for _, strides, *_ in layout),
-                AXES=tuple(c.axes() for c in cores), SPLINE=cores[0].spline,
-                OFFS=tuple(itertools.accumulate((c.t.numel() for c in cores[:-1]), initial=0)))
+                AXES=tuple(c.axes() for c in cores), SPLINE=cores[0].spline)
 
 
-def _chain_layout(cores: list[Core]) -> tuple[list[torch.Tensor] | None, tuple]:
-    """(each core (or spline control tensor) in its memory order, None where one is in neither;
-    the layout of the chain kernels' packed buffer, each core's ``(shape, strides, o, i, spline)``
-    in it, contiguous where not in memory order: the key of ``_chain_meta``). No copy."""
-    sources = [_memory_order(c.t) for c in cores]
-    if any(s is None for s in sources):
-        return None, tuple((tuple(c.t.shape), _contiguous_strides(c.t.shape), c.o, c.i, c.spline) for c in cores)
-    return sources, tuple((tuple(c.t.shape), c.t.stride(), c.o, c.i, c.spline) for c in cores)
-
-
-def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
-    return tuple(itertools.accumulate(reversed(shape[1:]), operator.mul, initial=1))[::-1]
-
-
-def _chain_args(cores: list[Core], chain_layout: tuple | None = None) -> tuple[torch.Tensor, tuple]:
-    """The cores packed into one contiguous buffer (core-sized, not W) as ``_chain_layout`` (given,
-    or computed here) lays them out, and that layout. Cores in memory order are cached per parameter
-    version (``derived``; W.T's cores, views of W's, share W's buffer); others packed every call."""
-    sources, layout = chain_layout or _chain_layout(cores)
-    if sources is None:
-        return torch.cat([c.t.reshape(-1) for c in cores]), layout  # reshape copies in C order
-    return derived("chain", sources, lambda: torch.cat([s.reshape(-1) for s in sources])), layout
+def _chain_layout(cores: list[Core]) -> tuple:
+    """Each core's (or spline control tensor's) ``(shape, strides, o, i, spline)`` as it is in memory:
+    the chain kernels read every core through its own pointer and strides (W.T's cores are W's,
+    read with the o and i strides swapped), so nothing is packed or copied. The key of ``_chain_meta``."""
+    return tuple((tuple(c.t.shape), c.t.stride(), c.o, c.i, c.spline) for c in cores)
 
 
 CHAIN_SPLIT: int | None = None  # the forward chain kernel's split-K count for every config (tests); None: cost.chain_split
@@ -210,7 +134,7 @@ class ChainLaunch(NamedTuple):
 @functools.lru_cache(maxsize=1024)
 def _chain_launch(layout: tuple, m: int, dtype: torch.dtype, has_bias: bool, keys: tuple, forced: int | None
                   ) -> ChainLaunch:
-    """The forward chain launch on ``m`` rows of cores laid out as ``layout`` (``_chain_args``), for
+    """The forward chain launch on ``m`` rows of cores laid out as ``layout`` (``_chain_layout``), for
     the kernel's configs ``keys``; split-K counts ``forced`` or else ``cost.chain_split``'s. Cached:
     all of it is the same on every call of a layer at a row count."""
     meta = _chain_meta(layout)
@@ -222,9 +146,9 @@ def _chain_launch(layout: tuple, m: int, dtype: torch.dtype, has_bias: bool, key
 
 
 def chain_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None,
-                 plan: tuple[torch.Tensor, ChainLaunch] | None = None) -> torch.Tensor:
-    """y = x2 @ W.T + bias by one ``_chain_kernel`` launch; x2 ``(M, I)`` -> ``(M, O)``; ``plan``:
-    the cores packed (``_chain_args``) and the ``_chain_launch`` where the caller has them.
+                 launch: ChainLaunch | None = None) -> torch.Tensor:
+    """y = x2 @ W.T + bias by one ``_chain_kernel`` launch; x2 ``(M, I)`` -> ``(M, O)``; ``launch``:
+    the ``_chain_launch`` where the caller has it.
 
     Where the grid is small (``cost.chain_split``: split-K, the same for every config) the I_d
     chunks are split S ways: split s writes an fp32 partial y ``(M, O)`` to slot s of a
@@ -234,11 +158,9 @@ def chain_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None,
     m = x2.shape[0]
     if m == 0:
         return torch.empty(m, math.prod(c.o for c in cores), device=x2.device, dtype=x2.dtype)
-    if plan is None:
-        packed, layout = _chain_args(cores)
-        launch = _chain_launch(layout, m, x2.dtype, bias is not None, config_keys(_chain_kernel), CHAIN_SPLIT)
-    else:
-        packed, launch = plan
+    if launch is None:
+        launch = _chain_launch(_chain_layout(cores), m, x2.dtype, bias is not None, config_keys(_chain_kernel),
+                               CHAIN_SPLIT)
     table, out_modes, n_out = launch.table, launch.out_modes, launch.n_out
     if launch.most == 1:  # split-K for every config or for none
         out, slots = torch.empty(m, n_out, device=x2.device, dtype=x2.dtype), None
@@ -254,7 +176,7 @@ def chain_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None,
         return cdiv(m, meta["BM"]), cdiv(out_modes[0], plan.no[0]), cdiv(out_modes[1], plan.no[1]) * splits
 
     _chain_kernel[grid](
-        x2, packed, bias if bias is not None else out, out,
+        x2, tuple(c.t for c in cores), bias if bias is not None else out, out,
         m, m_bucket(m), x2.stride(0), x2.stride(1), 0 if slots is None else out.stride(0), out.stride(-2),
         out.stride(-1), **launch.consts,
     )
@@ -292,7 +214,7 @@ def _slot_sums(plan: cost.ChainPlan, split: cost.GradSplit, layout: tuple) -> Sl
 
 @functools.lru_cache(maxsize=1024)
 def _grad_launch(layout: tuple, m: int, dtype: torch.dtype, keys: tuple, programs: int, budget: int) -> GradLaunch:
-    """The gradient chain launch on ``m`` rows of cores laid out as ``layout`` (``_chain_args``), for
+    """The gradient chain launch on ``m`` rows of cores laid out as ``layout`` (``_chain_layout``), for
     the kernel's configs ``keys``, splits towards ``programs`` programs within ``budget`` bytes of
     slots (``cost.grad_split``). Cached: all of it is the same on every call of a layer at a row count."""
     meta = _chain_meta(layout)
@@ -307,21 +229,18 @@ def _grad_launch(layout: tuple, m: int, dtype: torch.dtype, keys: tuple, program
 
 
 def chain_grad(dy2: torch.Tensor, x2: torch.Tensor, cores: list[Core], dtype: torch.dtype = torch.float32,
-               plan: tuple[torch.Tensor, GradLaunch] | None = None) -> list[torch.Tensor]:
+               launch: GradLaunch | None = None) -> list[torch.Tensor]:
     """``[dG_k]`` (``(r0, O, I, r1)``, contiguous, in ``dtype``) of sum(dy2 * (x2 @ W.T)) by one
     ``_chain_grad_kernel`` launch, its fp32 partial slots (``cost.grad_split``: chunk groups and row
     splits towards ``GRAD_PROGRAMS`` programs within ``cost.CHAIN_GRAD_PART_BYTES``) summed into
-    ``dtype`` by one more launch (``slot_sums``); ``plan``: the cores packed (``_chain_args``) and
-    the ``_grad_launch`` where the caller has them."""
+    ``dtype`` by one more launch (``slot_sums``); ``launch``: the ``_grad_launch`` where the caller
+    has it."""
     m = x2.shape[0]
     if m == 0:
         return [torch.zeros(c.r0, c.o, c.i, c.r1, device=x2.device, dtype=dtype) for c in cores]
-    if plan is None:
-        packed, layout = _chain_args(cores)
-        launch = _grad_launch(layout, m, x2.dtype, config_keys(_chain_grad_kernel), GRAD_PROGRAMS,
+    if launch is None:
+        launch = _grad_launch(_chain_layout(cores), m, x2.dtype, config_keys(_chain_grad_kernel), GRAD_PROGRAMS,
                               cost.CHAIN_GRAD_PART_BYTES)
-    else:
-        packed, launch = plan
     table = launch.table
     slots = SplitSlots(_chain_grad_kernel, lambda meta: table[meta["BM"], meta["BO1"], meta["BO2"], meta["CD"]][0].elements,
                        launch.most)  # a slot per fp32 element
@@ -334,7 +253,7 @@ def chain_grad(dy2: torch.Tensor, x2: torch.Tensor, cores: list[Core], dtype: to
         return launched[-1][0].grid
 
     _chain_grad_kernel[grid](
-        x2, dy2, packed, part,
+        x2, dy2, tuple(c.t for c in cores), part,
         m, m_bucket(m), x2.stride(0), x2.stride(1), dy2.stride(0), dy2.stride(1), **launch.consts,
     )
     return launched[-1][1](part, dtype)
@@ -413,15 +332,14 @@ def chain_fits(modes: tuple, grad: bool = False, elt: int = 2) -> bool:
 
 
 def contract_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None,
-                    path: str | ChainLaunch | cost.KronsumPlan, packed: torch.Tensor | None = None) -> torch.Tensor:
+                    path: str | ChainLaunch | cost.KronsumPlan) -> torch.Tensor:
     """y = x2 @ W.T + bias by the path ``_forward_path`` found: the Kronecker-sum kernel (its plan),
-    the chain kernel (its launch, with the cores ``packed`` where the caller has them) or d step
-    launches ("steps")."""
+    the chain kernel (its launch) or d step launches ("steps")."""
     if isinstance(path, cost.KronsumPlan):
         return kronsum_linear(x2, cores, bias, path)
     if path == "steps":
         return steps_linear(x2, cores, bias)
-    return chain_linear(x2, cores, bias, (_chain_args(cores)[0] if packed is None else packed, path))
+    return chain_linear(x2, cores, bias, path)
 
 
 def kronsum_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None, plan: cost.KronsumPlan,
@@ -448,10 +366,11 @@ def kronsum_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | Non
 
 def _halves(cores: list[Core], cut: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """The merged halves A ``(1, O_a, I_a, R)`` and B ``(R, O_b, I_b, 1)`` of plain cores cut after
-    core ``cut``: merged in fp32, in ``dtype``, cached per parameter version (``derived``)."""
-    return derived(("kronsum", cut, dtype), [k.t for k in cores], lambda: (
-        ref.merge_cores([k.t.float() for k in cores[:cut]]).to(dtype),
-        ref.merge_cores([k.t.float() for k in cores[cut:]]).to(dtype)))
+    core ``cut``, merged in ``dtype`` (fp32 or bf16: each merge's GEMM accumulates in fp32 and rounds
+    once, so a half of two cores is the fp32 product rounded), core-sized, every call
+    (``cost.merge_ops``)."""
+    return (ref.merge_cores([cast(k.t, dtype) for k in cores[:cut]]),
+            ref.merge_cores([cast(k.t, dtype) for k in cores[cut:]]))
 
 
 def kronsum_grad(dy2: torch.Tensor, x2: torch.Tensor, cores: list[Core], plan: cost.KronsumPlan
@@ -495,21 +414,19 @@ def steps_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None)
 
 
 def contract_grad(dy2: torch.Tensor, x2: torch.Tensor, cores: list[Core], need_dx: bool, path: BackwardPath,
-                  packed: torch.Tensor | None = None, dtype: torch.dtype = torch.float32
+                  dtype: torch.dtype = torch.float32
                   ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """(d(core) in the ``(r0, O, I, r1)`` layout for every core, dx ``(M, I)`` or None) by the
     contract path ``_backward_path`` found: the Kronecker-sum gradient kernel and dx by the
     Kronecker-sum kernel on W.T's halves (fp32 core gradients), the gradient chain kernel and a
-    chain launch on W.T's cores for dx (core gradients summed into ``dtype``; the cores ``packed``
-    where the caller has them), or ``steps_grad`` (fp32)."""
+    chain launch on W.T's cores for dx (core gradients summed into ``dtype``), or ``steps_grad`` (fp32)."""
     if path.kind == "kronsum":
         grads = kronsum_grad(dy2, x2, cores, path.grad)
         return grads, kronsum_linear(dy2, cores, None, path.dx, True) if need_dx else None  # transposed: W.T
     if path.kind == "steps":
         return steps_grad(dy2, x2, cores, need_dx)
-    packed = _chain_args(cores)[0] if packed is None else packed
-    dx = chain_linear(dy2, [c.transposed() for c in cores], None, (packed, path.dx)) if need_dx else None
-    return chain_grad(dy2, x2, cores, dtype, (packed, path.grad)), dx
+    dx = chain_linear(dy2, [c.transposed() for c in cores], None, path.dx) if need_dx else None
+    return chain_grad(dy2, x2, cores, dtype, path.grad), dx
 
 
 def steps_grad(dy2: torch.Tensor, x2: torch.Tensor, cores: list[Core], need_dx: bool
@@ -679,10 +596,8 @@ def _rebuild_grad_sliced(dy2: torch.Tensor, x2: torch.Tensor, head: torch.Tensor
 
 def dense_cores(cores: list[Core]) -> list[torch.Tensor]:
     """The cores ``(r0, O, I, r1)`` rebuild takes: plain cores as they are, spline cores formed from
-    their control points (fp32, core-sized; cached per parameter version, ``derived``)."""
-    if not cores[0].spline:
-        return [c.t for c in cores]
-    return derived(("dense", tuple((c.o, c.i) for c in cores)), [c.t for c in cores], lambda: [c.dense() for c in cores])
+    their control points (fp32, core-sized, every call)."""
+    return [c.dense() for c in cores]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -728,14 +643,14 @@ KEPT_PATHS = 64  # row counts whose path a layer keeps (``_forward_plan``, ``_ba
 
 
 class _Plans:
-    """What ``_forward_plan`` and ``_backward_plan`` keep per parameter version: the checked cores'
-    ``_chain_layout`` keys (W's, and for the backward W.T's), their packed buffer once a chain
-    launch needed it, and the path per row count (the backward's per row count and dx)."""
+    """What ``_forward_plan`` and ``_backward_plan`` keep per structure of the cores (``plans_of``):
+    the checked cores' ``_chain_layout`` keys (W's, and for the backward W.T's) and the path per
+    row count (the backward's per row count and dx)."""
 
-    __slots__ = ("layouts", "packed", "paths")
+    __slots__ = ("layouts", "paths")
 
     def __init__(self, *layouts: tuple) -> None:
-        self.layouts, self.packed, self.paths = layouts, None, {}
+        self.layouts, self.paths = layouts, {}
 
     def path(self, key: Hashable, find: Callable[[], object]):
         """The path kept for ``key``, else ``find()``'s, kept (at most ``KEPT_PATHS``)."""
@@ -746,49 +661,56 @@ class _Plans:
             path = self.paths[key] = find()
         return path
 
-    def packed_cores(self, cores: list[Core]) -> torch.Tensor | None:
-        """The cores packed for the chain kernels (on the first chain launch: other paths never need
-        it), or None for cores in neither memory order (``_chain_args`` packs those per call)."""
-        if self.packed is None:
-            sources, layout = _chain_layout(cores)
-            if sources is None:
-                return None
-            self.packed = _chain_args(cores, (sources, layout))[0]
-        return self.packed
+
+PLANS_SIZE = 256  # structures whose plans are kept at most (least recently used go first)
+_plans: OrderedDict[tuple, _Plans] = OrderedDict()
+
+
+def plans_of(kind: tuple, cores: list[Core], build: Callable[[], _Plans]) -> _Plans:
+    """The :class:`_Plans` for ``kind`` (the other inputs' dtypes and devices, the settings) and
+    cores of this structure (each one's shape, strides, dtype and device), ``build()`` (which checks
+    the inputs) on the first call with them. A plan depends on the structure only, never on the
+    values, so whatever updates the parameters (an optimizer, fused or not, a write through
+    ``.data``) it stays valid; nothing derived from the values is kept between calls."""
+    key = (kind, *[(c.t.shape, c.t.stride(), c.t.dtype, c.t.device) for c in cores])
+    plans = _plans.get(key)
+    if plans is None:
+        plans = _plans[key] = build()
+        if len(_plans) > PLANS_SIZE:
+            _plans.popitem(last=False)
+    else:
+        _plans.move_to_end(key)
+    return plans
 
 
 def _forward_plan(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None, strategy: str
-                  ) -> tuple[str | ChainLaunch | cost.KronsumPlan, torch.Tensor | None]:
-    """(``_forward_path``'s path for x2's row count, the cores packed for the chain kernel or None:
-    another path, or cores in neither memory order, packed per call) for ``x2 @ W.T + bias``, with
-    every input checked (``check_inputs``). One ``derived`` entry per parameter version, the
-    inputs' dtypes and devices and the module settings tests change holds a :class:`_Plans`
-    (a batch size of its own does not take an entry, which would push the cores' other results
-    out): a layer's call pays one lookup for all of it."""
+                  ) -> str | ChainLaunch | cost.KronsumPlan:
+    """``_forward_path``'s path for x2's row count for ``x2 @ W.T + bias``, with every input checked
+    (``check_inputs``) when the plans of the cores' structure, the inputs' dtypes and devices and
+    the module settings tests change are built (``plans_of``): a layer's call pays one lookup."""
     def build() -> _Plans:
         check_inputs(x2, *(c.t for c in cores), bias)
-        return _Plans(_chain_layout(cores)[1])
+        return _Plans(_chain_layout(cores))
 
     keys = config_keys(_chain_kernel)
     kind = ("forward", tuple((c.o, c.i, c.spline) for c in cores), x2.device, x2.dtype,
             None if bias is None else (bias.device, bias.dtype), strategy, keys, CHAIN_SPLIT, cost.CHAIN_MAX_TILE,
             KRONSUM)
-    plans = derived(kind, [c.t for c in cores], build)
+    plans = plans_of(kind, cores, build)
     m = x2.shape[0]
-    path = plans.path(m, lambda: _forward_path(plans.layouts[0], m, x2.dtype, bias is not None, strategy, keys,
+    return plans.path(m, lambda: _forward_path(plans.layouts[0], m, x2.dtype, bias is not None, strategy, keys,
                                                CHAIN_SPLIT, cost.CHAIN_MAX_TILE, KRONSUM))
-    return (path, plans.packed_cores(cores)) if isinstance(path, ChainLaunch) else (path, None)
 
 
 def cores_linear(x: torch.Tensor, cores: list[Core], bias: torch.Tensor | None, strategy: str) -> torch.Tensor:
     """y = x @ W.T + bias for x ``(*, I)`` -> ``(*, O)`` with the strategy ``strategy`` resolves to;
     plain or spline cores (rebuild forms the core-sized spline cores first)."""
     x2 = flatten(x)
-    path, packed = _forward_plan(x2, cores, bias, strategy)  # checks the inputs
+    path = _forward_plan(x2, cores, bias, strategy)  # checks the inputs
     if path == "rebuild":
         y = rebuild_linear(x2, dense_cores(cores), bias)
     else:
-        y = contract_linear(x2, cores, bias, path, packed)
+        y = contract_linear(x2, cores, bias, path)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[1])  # no view of y to re-label (ops' owned)
 
 
@@ -853,25 +775,22 @@ def _grad_kronsum(m: int, modes: tuple, dtype: torch.dtype, kronsum: bool | None
 
 
 def _backward_plan(dy2: torch.Tensor, x2: torch.Tensor, cores: list[Core], strategy: str, need_dx: bool
-                   ) -> tuple[BackwardPath, torch.Tensor | None]:
-    """(``_backward_path``'s path for x2's row count, the cores packed for the chain kernels or None:
-    another path, or cores in neither memory order, packed per call), with every input checked
-    (``check_inputs``): one ``derived`` entry per parameter version, the inputs' dtypes and
-    devices and the module settings tests change, as ``_forward_plan``'s."""
+                   ) -> BackwardPath:
+    """``_backward_path``'s path for x2's row count, with every input checked (``check_inputs``)
+    when the plans are built (``plans_of``), as ``_forward_plan``'s."""
     def build() -> _Plans:
         check_inputs(dy2, x2, *(c.t for c in cores))
-        return _Plans(_chain_layout(cores)[1], _chain_layout([c.transposed() for c in cores])[1])
+        return _Plans(_chain_layout(cores), _chain_layout([c.transposed() for c in cores]))
 
     keys, grad_keys = config_keys(_chain_kernel), config_keys(_chain_grad_kernel)
     settings = (strategy, keys, grad_keys, CHAIN_SPLIT, cost.CHAIN_MAX_TILE, KRONSUM, GRAD_PROGRAMS,
                 cost.CHAIN_GRAD_PART_BYTES)
     kind = ("backward", tuple((c.o, c.i, c.spline) for c in cores), dy2.device, dy2.dtype, x2.device, x2.dtype,
             settings)
-    plans = derived(kind, [c.t for c in cores], build)
+    plans = plans_of(kind, cores, build)
     m = x2.shape[0]
-    path = plans.path((m, need_dx), lambda: _backward_path(*plans.layouts, m, dy2.dtype, strategy, need_dx,
+    return plans.path((m, need_dx), lambda: _backward_path(*plans.layouts, m, dy2.dtype, strategy, need_dx,
                                                            *settings[1:]))
-    return (path, plans.packed_cores(cores)) if path.kind == "chain" else (path, None)
 
 
 def cores_grad(dy: torch.Tensor, x: torch.Tensor, cores: list[Core], strategy: str, need_dx: bool,
@@ -890,13 +809,13 @@ def cores_grad(dy: torch.Tensor, x: torch.Tensor, cores: list[Core], strategy: s
         check_inputs(dy, x, *(c.t for c in cores))
         shapes = [(c.r0, c.o, c.i, c.r1) for c in cores]
         return [torch.zeros(s, device=dy.device, dtype=dtype) for s in shapes], x.new_zeros(x.shape) if need_dx else None
-    path, packed = _backward_plan(dy2, x2, cores, strategy, need_dx)  # checks the inputs
+    path = _backward_plan(dy2, x2, cores, strategy, need_dx)  # checks the inputs
     if path.kind == "rebuild":
         grads, dx = rebuild_grad(dy2, x2, dense_cores(cores), need_dx and path.dx is None)
         if path.dx is not None:
             dx = kronsum_linear(dy2, cores, None, path.dx, True)  # transposed: W.T
     else:
-        grads, dx = contract_grad(dy2, x2, cores, need_dx, path, packed, dtype)
+        grads, dx = contract_grad(dy2, x2, cores, need_dx, path, dtype)
     grads = [cast(g, dtype) for g in grads]
     return grads, None if dx is None else cast(dx if x.dim() == 2 else dx.reshape(x.shape), x.dtype)
 
