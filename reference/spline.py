@@ -57,7 +57,8 @@ def bspline_rows(v: torch.Tensor, g: int, degree: int = 3) -> tuple[torch.Tensor
     In span units the clamped knots are integers: U[j] = clamp(j - degree, 0, g - degree).
     """
     spans = g - degree
-    s = torch.clamp(torch.floor(v), 0, spans - 1)
+    # a NaN point takes span 0 (a valid index; its values stay NaN), as the kernels' clamp does
+    s = torch.clamp(torch.nan_to_num(torch.floor(v), nan=0.0), 0, spans - 1)
     steps = range(1, degree + 1)
     left = [None] + [v - torch.clamp(s + 1 - j, 0, spans) for j in steps]
     right = [None] + [torch.clamp(s + j, 0, spans) - v for j in steps]

@@ -42,7 +42,7 @@ class DecoupledSplineMLP(CompressedLinear):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """V like nn.Linear(in, rank)'s weight, W like nn.Linear(rank, out)'s, every g_i the spline
-        nearest GELU on [-3, 3] (nothing to do on the meta device)."""
+        nearest GELU on [-3, 3], the bias nn.Linear(in, out)'s (nothing to do on the meta device)."""
         if self.V.is_meta:
             return
         nn.init.uniform_(self.V, -1 / math.sqrt(self.in_features), 1 / math.sqrt(self.in_features))
@@ -51,6 +51,7 @@ class DecoupledSplineMLP(CompressedLinear):
         self.hi.fill_(INIT_RANGE)
         lo, hi = self.lo.double(), self.hi.double()
         self.coef.copy_(_fit.spline_coefficients(nn.functional.gelu, lo, hi, self.n_basis))
+        self.reset_bias()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self._prepare(x)

@@ -59,10 +59,12 @@ class LowRankLinear(CompressedLinear):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """V like nn.Linear(in, rank)'s weight (variance 1 / (3 in)), U with variance 1 / rank, so
-        that E[W^2] = 1 / (3 in_features), nn.Linear's default, and activations keep its scale."""
+        that E[W^2] = 1 / (3 in_features), nn.Linear's default, and activations keep its scale; the
+        bias nn.Linear's."""
         nn.init.uniform_(self.V, -1 / math.sqrt(self.in_features), 1 / math.sqrt(self.in_features))
         bound = math.sqrt(3 / self.rank)
         nn.init.uniform_(self.U, -bound, bound)
+        self.reset_bias()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self._prepare(x)

@@ -52,9 +52,9 @@ class SplineLinear(SavedSettings, CompressedLinear):
     """
 
     def __init__(
-        self, in_features: int, out_features: int, *, basis: str = "bspline", grid=None,
-        n_control_points: int | None = None, support: str = "global", support_radius: float | None = None,
-        bias: bool = True, device=None, dtype=None,
+        self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
+        basis: str = "bspline", grid=None, n_control_points: int | None = None, support: str = "global",
+        support_radius: float | None = None,
     ) -> None:
         if not isinstance(basis, str) or basis not in BASES:
             raise ValueError(f"unknown basis {basis!r}; expected one of {BASES}")
@@ -84,10 +84,7 @@ class SplineLinear(SavedSettings, CompressedLinear):
             lattice = ref.eisenstein_lattice(self.n_control_points)  # on the CPU, whatever ``device`` is
             self.register_buffer("lattice", lattice.to(device), persistent=False)
             if basis == "gaussian":
-                # bandwidth starts at the lattice spacing, so neighbouring control points overlap
-                # without washing W out (tensor-spline starts at 1.0; from_tensor_spline copies it)
-                spacing = torch.pdist(lattice).min().item() if self.n_control_points > 1 else 1.0
-                self.log_bandwidth = nn.Parameter(torch.full((1,), math.log(spacing), **factory))
+                self.log_bandwidth = nn.Parameter(torch.empty(1, **factory))
             if support == "local":
                 self.rho = self._check_radius(lattice, support_radius)
         self.reset_parameters()
@@ -127,10 +124,15 @@ class SplineLinear(SavedSettings, CompressedLinear):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Uniform control values scaled so that mean(W^2) equals nn.Linear's default init
-        (nothing to do on the meta device: ``to_empty`` and ``load_state_dict`` fill the values)."""
+        """Uniform control values scaled so that mean(W^2) equals nn.Linear's default init, the
+        Gaussian's bandwidth at the lattice spacing (neighbouring control points overlap without
+        washing W out; tensor-spline starts at 1.0, ``from_tensor_spline`` copies it), nn.Linear's
+        bias (nothing to do on the meta device: ``to_empty`` and ``load_state_dict`` fill the values)."""
         if self.control.is_meta:
             return
+        if self.basis == "gaussian":
+            spacing = torch.pdist(self.lattice.double()).min().item() if self.n_control_points > 1 else 1.0
+            self.log_bandwidth.fill_(math.log(spacing))
         self.control.uniform_(-1, 1)
         if self.basis in _FIELD:
             w = ref.field_weight(self.control.double(), self.lattice, self._sigma(),
@@ -139,6 +141,7 @@ class SplineLinear(SavedSettings, CompressedLinear):
         else:
             mean_sq = _separable_mean_sq(self._grid_control(), self.out_features, self.in_features, self._kind)
         _scale_to_fan_in(self.control, mean_sq, self.in_features)
+        self.reset_bias()
 
     # ---- forward --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -237,8 +240,8 @@ class HierarchicalSplineLinear(SavedSettings, CompressedLinear):
     fine one local detail); each is applied separably, so W is never formed.
     """
 
-    def __init__(self, in_features: int, out_features: int, *, coarse_grid=None, fine_grid=None,
-                 bias: bool = True, device=None, dtype=None) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
+                 coarse_grid=None, fine_grid=None) -> None:
         super().__init__(in_features, out_features, check_flag("bias", bias), device, dtype)
         fine = fine_grid if fine_grid is not None else (default_grid(out_features), default_grid(in_features))
         self.fine_grid = check_grid(fine, "fine_grid")
@@ -251,13 +254,15 @@ class HierarchicalSplineLinear(SavedSettings, CompressedLinear):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Each level gets half of nn.Linear's default weight variance (nothing to do on meta)."""
+        """Each level gets half of nn.Linear's default weight variance, the bias nn.Linear's
+        (nothing to do on meta)."""
         if self.control_fine.is_meta:
             return
         for c in (self.control_coarse, self.control_fine):
             c.uniform_(-1, 1)
             mean_sq = _separable_mean_sq(c, self.out_features, self.in_features, ref.BSPLINE)
             _scale_to_fan_in(c, mean_sq, self.in_features, share=0.5)
+        self.reset_bias()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self._prepare(x)
