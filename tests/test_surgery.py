@@ -61,3 +61,30 @@ def test_training_script_switch():
         loss.backward()
         opt.step()
     assert loss.item() < loss0
+
+
+def test_a_bare_linear_is_refused():
+    """A model that is itself the Linear cannot be replaced in place: a clear error, no partial swap."""
+    linear = nn.Linear(8, 8)
+    with pytest.raises(ValueError, match="wrap it"):
+        tk.replace_linear(linear, lambda m: tk.LowRankLinear(8, 8, 2))
+    with pytest.raises(ValueError, match="wrap it"):
+        tk.compress_(linear, tk.LowRank(rank=2), progress=False)
+    assert list(linear.state_dict()) == ["weight", "bias"]
+
+
+def test_a_shared_linear_is_replaced_everywhere_and_stays_shared():
+    """A Linear used at two places (shared weights) is replaced at both by one compressed layer:
+    the model shrinks, its two uses keep sharing, and the report counts the layer once."""
+    torch.manual_seed(0)
+    shared = nn.Linear(16, 16)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    before = sum(p.numel() for p in model.parameters())
+    report = tk.replace_linear(model, lambda m: tk.LowRankLinear(16, 16, 2))
+    assert [r.name for r in report] == ["0"] and model[0] is model[2]
+    assert isinstance(model[0], tk.LowRankLinear)
+    assert sum(p.numel() for p in model.parameters()) == report[0].new_params < before
+    shared = nn.Linear(16, 16)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    rows = tk.compress_(model, tk.LowRank(rank=2), progress=False).layers
+    assert len(rows) == 1 and model[0] is model[2] and isinstance(model[2], tk.LowRankLinear)

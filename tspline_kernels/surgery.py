@@ -39,9 +39,14 @@ def select_linear(model: nn.Module, include: str | None = None, exclude: str | N
                   min_features: int = 0) -> list[tuple[str, nn.Linear]]:
     """``(qualified name, module)`` of every plain ``nn.Linear`` in ``model`` (module order) whose
     name matches ``include`` (regex, searched; all when None), does not match ``exclude``, and has
-    both in and out features >= ``min_features``. Subclasses of nn.Linear are not selected."""
+    both in and out features >= ``min_features``. Subclasses of nn.Linear are not selected. A
+    module reached by several paths (shared) is listed once, by its first path; :func:`swap_module`
+    replaces it at every path."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if type(model) is nn.Linear:
+        raise ValueError("the model is itself an nn.Linear, which cannot be replaced in place: wrap it "
+                         "(e.g. nn.Sequential(linear)) and pass the wrapper")
     inc, exc = _pattern("include", include), _pattern("exclude", exclude)
     min_features = check_count("min_features", min_features, 0)
     return [
@@ -64,12 +69,17 @@ def require_linear(model: nn.Module, include: str | None = None, exclude: str | 
 
 
 def swap_module(model: nn.Module, name: str, new: nn.Module, like: nn.Linear) -> None:
-    """Put ``new`` at the qualified ``name`` of ``model``, on ``like.weight``'s device and dtype."""
+    """Put ``new``, on ``like.weight``'s device and dtype, in place of the module at the qualified
+    ``name`` of ``model``, at every path that holds that module (a shared module stays shared)."""
     if not isinstance(new, nn.Module):
         raise TypeError(f"factory returned {type(new).__name__} for {name!r}, expected an nn.Module")
+    if not name:
+        raise ValueError("cannot replace the model itself: wrap it (e.g. in nn.Sequential) and pass the wrapper")
     new = new.to(device=like.weight.device, dtype=like.weight.dtype)
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child, new)
+    old = model.get_submodule(name)
+    for path in [n for n, m in model.named_modules(remove_duplicate=False) if m is old]:
+        parent_name, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, new)
 
 
 def replace_linear(
