@@ -102,6 +102,12 @@ def test_errors_name_the_problem(model):
         tk.calibrate(model, [torch.randn(2, 6)], include=3)
     with pytest.raises(ValueError, match="min_features"):
         tk.calibrate(model, [torch.randn(2, 6)], min_features=-1)
+    mlp = nn.Sequential(nn.Linear(8, 8))
+    with pytest.raises(ValueError, match=r"layer '0' takes inputs of 8 features .* gave it shape \(4, 9\)"):
+        tk.calibrate(mlp, [torch.randn(4, 9)])
+    with pytest.raises(ValueError, match=r"layer '0' takes inputs of 8 features"):
+        tk.compress_(mlp, tk.LowRank(rank=2), [torch.randn(4, 9)], progress=False)
+    assert all(not m._forward_pre_hooks for m in mlp.modules())
 
 
 def test_hooks_removed_and_no_grad_even_on_error(model):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tspline_kernels import cli
+from tspline_kernels import cli, demo
 from tspline_kernels.demo import MODELS
 
 
@@ -18,6 +18,21 @@ def test_demo_trains_every_model_on_both_tasks(capsys):
         assert int(params) > 0 and float(ratio[:-1]) >= 1.0
         assert float(metric) == float(metric) and float(seconds) >= 0  # not NaN
     assert "best is" in out
+
+
+@pytest.mark.parametrize("epochs", ["0", "-3", "two"])
+def test_demo_refuses_epochs_below_one(epochs, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["demo", "--epochs", epochs])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "argument --epochs:" in err and ">= 1" in err
+
+
+@pytest.mark.parametrize("epochs, error", [(0, ValueError), (-3, ValueError), (1.5, TypeError)])
+def test_demo_main_refuses_epochs_below_one(epochs, error, capsys):
+    with pytest.raises(error, match="epochs must"):
+        demo.main(epochs=epochs)
+    assert capsys.readouterr().out == ""  # nothing trained, no table
 
 
 def test_bench_writes_json_then_plot_draws_it(tmp_path, capsys):

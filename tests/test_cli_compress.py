@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 import tspline_kernels as tk
-from tspline_kernels import cli
+from tspline_kernels import cli, cli_commands
+from tspline_kernels._fit import output_error
 from tspline_kernels.testing import assert_close
 
 pytest.importorskip("safetensors")
@@ -245,7 +246,8 @@ def test_minilm_two_layers_calibrated_then_compare_and_plot(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_transformers_directory_calibrated_and_healed(tmp_path, capsys):
+def tiny_bert(tmp_path) -> tuple[str, str]:
+    """A one-layer BERT directory (model and tokenizer) and a calibration text file."""
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("tokenizers")
     torch.manual_seed(0)
@@ -259,6 +261,12 @@ def test_transformers_directory_calibrated_and_healed(tmp_path, capsys):
     transformers.BertModel(config).save_pretrained(src)
     calib = tmp_path / "calib.txt"
     calib.write_text("the cat sat on the mat\na big dog ran under the tree\nthe small red cat and the blue dog\n")
+    return str(src), str(calib)
+
+
+def test_transformers_directory_calibrated_and_healed(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    src, calib = tiny_bert(tmp_path)
     dst = tmp_path / "bert.safetensors"
     out = run_cli(["compress", str(src), "--out", str(dst), "--format", "spline", "--ratio", "2", "--calib",
                    str(calib), "--heal-steps", "3", "--heal-lr", "1e-3", "--include", r"encoder\."], capsys)
@@ -278,6 +286,27 @@ def test_transformers_directory_calibrated_and_healed(tmp_path, capsys):
             assert torch.equal(fitted.state_dict()[key], value), key
     unhealed = tk.SplineLinear.from_linear(original.get_submodule(name), grid=healed.grid)
     assert not torch.equal(healed.control, unhealed.control)
+
+
+def test_a_healed_file_reports_the_healed_errors(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    src, calib = tiny_bert(tmp_path)
+    dst = tmp_path / "bert.safetensors"
+    run_cli(["compress", src, "--out", str(dst), "--format", "lowrank", "--ratio", "2", "--calib", calib,
+             "--heal-steps", "3", "--heal-lr", "1e-2", "--include", r"encoder\.layer\.0\.output\.dense$"], capsys)
+    original = transformers.AutoModel.from_pretrained(src)
+    data = cli_commands._data(original, src, cli_commands.HF, cli_commands.read_texts(calib, "--calib"))
+    gram = tk.calibrate(original, data.calibration, include=r"layer\.0\.output\.dense$")[
+        "encoder.layer.0.output.dense"].gram
+    with tk.open_compressed(dst) as f:
+        (info,) = f.layers
+        weight, healed = original.get_submodule(info.name).weight.detach(), f.materialize(info.name)
+    unhealed = tk.LowRankLinear.from_linear(original.get_submodule(info.name), info.init_args["rank"],
+                                            input_gram=gram).fit_report
+    measured = ((healed - weight).norm() / weight.norm()).item()
+    assert info.errors["weight_error"] == pytest.approx(measured, rel=1e-5)
+    assert info.errors["weight_error"] != pytest.approx(unhealed.relative_error, rel=1e-3)  # not the fit's
+    assert info.errors["output_error"] == pytest.approx(output_error(weight, healed, gram), rel=1e-5)
 
 
 @pytest.fixture()
@@ -363,6 +392,40 @@ def test_bad_paths_and_arguments_exit_2_with_a_message(files, argv, message, cap
         cli.main(argv)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_plot_refuses_what_it_cannot_draw_with_a_usage_error(tmp_path, every_family, capsys):
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(6, 12), nn.GELU(), nn.Linear(12, 6))
+    tk.compress_(block, tk.Decoupled(ratio=1.5, iters=1, tokens=32), [torch.randn(32, 6)], progress=False)
+    decoupled = tmp_path / "block.safetensors"
+    tk.save_compressed(block, decoupled)
+    (tmp_path / "empty.json").write_text("{}")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    for argv, message in [
+        ([str(decoupled), "--layer", "0"], "layer '0' is a DecoupledSplineMLP, which has no weight matrix to draw"),
+        ([every_family], "is not a bench results file"),  # a compressed model file without --layer
+        ([str(tmp_path / "missing.json")], "no such file"),
+        ([str(tmp_path / "empty.json")], "no 'meta' object and non-empty 'rows' list"),
+        ([str(tmp_path / "list.json")], "holds a JSON list"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["plot", *argv])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and "Traceback" not in err, err
+        assert err.splitlines()[-1].startswith("tspline plot: error: ")
+    assert "add --layer NAME" in err
+
+
+def test_compare_names_a_file_of_another_model(files, monkeypatch, capsys):
+    monkeypatch.setattr(cli_commands, "source_kind", lambda src: cli_commands.ST)
+    monkeypatch.setattr(cli_commands, "load_model", lambda src, kind: nn.Sequential(nn.Linear(24, 24)))
+    monkeypatch.setattr(cli_commands, "embed", lambda model, texts, batch_size: torch.randn(len(texts), 4))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["compare", files["DIR"], files["CF"], "--texts", files["TEXTS"]])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"{files['CF']} does not fit {files['DIR']}: the file's layer '1'" in err
+    assert "strict=False" not in err and "compare a file compressed from this model" in err
 
 
 @pytest.mark.parametrize("command", ["compress", "compare", "plot"])

@@ -187,6 +187,26 @@ def test_layers_left_dense_say_why():
     assert "kept dense" in str(report)
 
 
+
+@pytest.mark.parametrize("ratio", [60, 100, 1000], ids=["grid-short", "bias-over", "far-over"])
+def test_a_spline_over_its_budget_stays_dense(ratio):
+    # 64x64 with bias: 4160 parameters; at 100x the bias alone (64) is over the budget (41.6)
+    model = nn.Sequential(nn.Linear(64, 64))
+    row = tk.compress_(model, tk.Spline(ratio=ratio), progress=False).layers[0]
+    assert row.format == "dense" and "4 x 4 control grid has 80 parameters" in row.structure
+    assert type(model[0]) is nn.Linear
+    spline = next(r for r in tk.recommend(model, None, ratio=ratio, progress=False).layers if r.format == "spline")
+    assert spline.structure.startswith("n/a: a 4 x 4 control grid")
+    with pytest.raises(ValueError, match="ask for a smaller ratio"):  # Auto's whole budget is unreachable
+        tk.compress_(model, tk.Auto(ratio=ratio, formats=("lowrank", "spline")), progress=False)
+
+
+def test_auto_sizes_a_spline_near_its_smallest_grid():
+    model = nn.Sequential(nn.Linear(64, 64))  # at 50x, Auto's 100x candidate has no spline grid
+    report = tk.compress_(model, tk.Auto(ratio=50, formats=("lowrank", "spline")), progress=False)
+    assert report.layers[0].format == "spline" and "grid=(4, 4)" in report.layers[0].structure
+
+
 def test_report_renders_and_round_trips(net):
     report = tk.compress_(net, tk.LowRank(ratio=2), progress=False)
     text = str(report)

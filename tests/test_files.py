@@ -209,6 +209,93 @@ def test_tied_tensors_are_stored_once_and_tied_again(tmp_path):
     assert torch.equal(fresh["emb"].weight, model["emb"].weight)
 
 
+
+def shared_model(device=None) -> nn.Sequential:
+    """One Linear at two paths, 0 and 2."""
+    linear = nn.Linear(32, 32, device=device)
+    return nn.Sequential(linear, nn.ReLU(), linear)
+
+
+@pytest.mark.parametrize("device", [None, "meta"], ids=["dense", "meta"])
+def test_a_shared_layer_is_recorded_at_every_path_and_loaded_shared(tmp_path, device, capsys):
+    torch.manual_seed(0)
+    model = shared_model()
+    tk.compress_(model, tk.LowRank(rank=4), progress=False)
+    assert model[0] is model[2]
+    path = tmp_path / "shared.safetensors"
+    tk.save_compressed(model, path)
+    x = torch.randn(3, 32)
+    for include in (None, "^2$"):  # one path selected: the layer still goes to every path of the module
+        fresh = tk.load_compressed(shared_model(device), path, include=include)
+        assert isinstance(fresh[0], tk.LowRankLinear) and fresh[0] is fresh[2], include
+        assert torch.equal(fresh(x), model(x))
+    apart = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32))
+    tk.load_compressed(apart, path)  # a model holding two modules gets one copy of the layer in each
+    assert apart[0] is not apart[2] and torch.equal(apart(x), model(x))
+    with tk.open_compressed(path) as f:
+        assert [(i.name, i.shares) for i in f.layers] == [("0", None), ("2", "0")]
+    cli.main(["inspect", str(path)])
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.strip()}
+    assert rows["2"][3:6] == ["=", "0", "-"]  # counted once, in the totals too
+    assert rows["total"][3:6] == [str(model[0].num_parameters()), str(32 * 32 + 32), "3.67x"]
+    assert "1 compressed layers (3.67x fewer" in out and "1 more paths hold a layer listed before" in out
+
+
+def test_a_model_sharing_what_the_file_stores_apart_is_refused(tmp_path):
+    torch.manual_seed(0)
+    apart = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32))
+    tk.compress_(apart, tk.LowRank(rank=4), progress=False)
+    tk.save_compressed(apart, tmp_path / "apart.safetensors")
+    model = shared_model()
+    state = snapshot(model)
+    with pytest.raises(ValueError, match=r"holds one module at '0', '2' \(shared\), but the file records '0' and "
+                                         r"a different layer at '2'"):
+        tk.load_compressed(model, tmp_path / "apart.safetensors")
+    assert_same_model(model, *state)
+
+
+def mlp(device=None) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(32, 128, device=device), nn.GELU(), nn.Linear(128, 32, device=device))
+
+
+@pytest.mark.parametrize("device", [None, "meta"], ids=["dense", "meta"])
+def test_a_decoupled_block_loads_back_into_its_original_architecture(tmp_path, device, capsys):
+    torch.manual_seed(0)
+    model = mlp()
+    batches = [torch.randn(64, 32) for _ in range(3)]
+    report = tk.compress_(model, tk.Decoupled(ratio=2, iters=2, tokens=128), batches, include="^0$",
+                          progress=False)
+    path = tmp_path / "block.safetensors"
+    tk.save_compressed(model, path, report=report)
+    x = torch.randn(5, 32)
+    fresh = tk.load_compressed(mlp(device), path)
+    assert isinstance(fresh[0], tk.DecoupledSplineMLP)
+    assert isinstance(fresh[1], nn.Identity) and isinstance(fresh[2], nn.Identity)
+    assert torch.equal(fresh(x), model(x))
+    tk.save_compressed(fresh, tmp_path / "again.safetensors")  # the loaded model records the block again
+    assert torch.equal(tk.load_compressed(mlp(device), tmp_path / "again.safetensors")(x), model(x))
+
+    block = 32 * 128 + 128 + 128 * 32 + 32
+    with tk.open_compressed(path) as f:
+        (info,) = f.layers
+        assert info.absorbs == {"activation": "1", "second": "2"}
+        assert (info.params, info.dense_params) == (report.params_after, report.params_before)
+        assert (info.params, info.dense_params) == (model[0].num_parameters(), block)
+    cli.main(["inspect", str(path)])
+    row = next(line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("0 "))
+    assert row[3:6] == [str(info.params), str(block), f"{block / info.params:.2f}x"]
+
+    other = nn.Sequential(nn.Linear(32, 128), nn.GELU(), nn.Linear(128, 16))
+    state = snapshot(other)
+    with pytest.raises(ValueError, match=r"layer '0': the model's block 0 \.\. 2 is 16x32, the file's "
+                                         "DecoupledSplineMLP 32x32"):
+        tk.load_compressed(other, path)
+    assert_same_model(other, *state)
+    with pytest.raises(ValueError, match=r"layer '0' has no block \(0, 1, 2\) in the model \(strict=False skips"):
+        tk.load_compressed(nn.Sequential(nn.Linear(32, 128), nn.GELU()), path)
+
+
 # ---- metadata and lazy reading --------------------------------------------------------------------
 def test_open_reads_metadata_only(tmp_path, monkeypatch):
     torch.manual_seed(0)

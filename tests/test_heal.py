@@ -137,6 +137,18 @@ def test_restores_modes_on_error():
     assert student.training and teacher.training
 
 
+@pytest.mark.parametrize("clip", [1.0, None], ids=["clipped", "unclipped"])
+def test_a_diverging_heal_raises_and_restores_the_student(clip):
+    torch.manual_seed(0)
+    student, teacher = pair()
+    teacher.eval()
+    before = copy.deepcopy(student.state_dict())
+    with pytest.raises(ValueError, match=r"healing diverged: .* at step \d+ of 20 \(lr 1e\+06 may be too high"):
+        tk.heal(student, teacher, batches(4), 20, 1e6, max_grad_norm=clip, progress=False)
+    after = student.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert student.training and not teacher.training  # the modes are restored too
+
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(steps=0), ValueError, "steps"),
     (dict(steps=2.0), TypeError, "steps"),

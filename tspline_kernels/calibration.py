@@ -82,7 +82,8 @@ def observe_inputs(model: nn.Module, calibration, modules: Sequence[tuple[str, n
                    record: Callable[[str, torch.Tensor], None], progress: bool = True) -> None:
     """Run ``calibration`` on ``model`` (see :func:`calibrate`) with a hook that passes every input
     of each named module, detached and flattened to ``(rows, features)``, to ``record(name, x)``.
-    A module the calibration never reaches raises ValueError."""
+    A module the calibration never reaches, or reaches with inputs of another width, raises
+    ValueError."""
     check_flag("progress", progress)
     check_calibration(calibration)
     rows = {name: 0 for name, _ in modules}
@@ -92,6 +93,9 @@ def observe_inputs(model: nn.Module, calibration, modules: Sequence[tuple[str, n
             x = args[0] if args else kwargs.get("input")
             if not isinstance(x, torch.Tensor):
                 return  # the module itself raises on it
+            if x.dim() == 0 or x.shape[-1] != width:
+                raise ValueError(f"layer {name!r} takes inputs of {width} features (the last dimension), but the "
+                                 f"calibration gave it shape {tuple(x.shape)}: check the batches' width")
             x = x.detach().reshape(-1, width)
             rows[name] += x.shape[0]
             record(name, x)

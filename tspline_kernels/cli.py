@@ -13,11 +13,23 @@ def _or_usage_error(parser: argparse.ArgumentParser, run, *args):
         parser.error(str(e))
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="tspline", description="tspline-kernels: compressed linear layers")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train dense vs spline MLPs on digits and a smooth regression task")
-    demo.add_argument("--epochs", type=int, default=None, help="training epochs per model (default: per task)")
+    demo.add_argument("--epochs", type=_positive_int, default=None,
+                      help="training epochs per model, >= 1 (default: per task)")
     demo.add_argument("--seed", type=int, default=0)
     bench = sub.add_parser("bench", help="benchmark every kernel against dense F.linear; write JSON")
     bench.add_argument("--quick", action="store_true", help="a small subset of shapes")
@@ -139,9 +151,9 @@ def main(argv: list[str] | None = None) -> None:
 
         print(f"wrote {_or_usage_error(plot, plot_layer, args.file, args.layer, args.out)}")
     else:
-        from .bench.plot import main as run_plot
+        from .cli_commands import plot_bench
 
-        run_plot(args.file, args.out)
+        _or_usage_error(plot, plot_bench, args.file, args.out)
 
 
 if __name__ == "__main__":

@@ -22,12 +22,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ._fit import output_error
 from ._layers import CompressedLinear
-from .calibration import with_progress
+from .calibration import Calibration, calibrate, with_progress
 from .compress import (DENSE, Auto, CompressionReport, Kronecker, LayerReport, LowRank, Spline, TensorTrain,
                        allocate, compress_, config_for)
 from .fidelity import embed, fidelity, sentence_embedding, tokenized
-from .files import StreamingWriter, _filesystem, _read_header, load_compressed, open_compressed, save_compressed
+from .files import (ModelMismatch, StreamingWriter, _filesystem, _read_header, load_compressed, open_compressed,
+                    save_compressed)
 from .heal import heal
 from .surgery import _pattern, count_parameters
 
@@ -150,7 +152,8 @@ def compress(src: str, out: str, fmt: str, ratio: float | None = None, calib: st
     model = load_model(src, kind)
     data = _data(model, src, kind, texts) if texts is not None else None
     teacher = copy.deepcopy(model) if heal_steps else None
-    report = compress_(model, config, data.calibration if data else None, include, exclude, progress=progress)
+    grams = calibrate(model, data.calibration, include, exclude, progress=progress) if data else None
+    report = compress_(model, config, grams, include, exclude, progress=progress)
     if heal_steps:
         # only the compressed layers learn: the rest of the file stays the original's
         trainable = {id(p) for m in model.modules() if isinstance(m, CompressedLinear) for p in m.parameters()}
@@ -158,8 +161,28 @@ def compress(src: str, out: str, fmt: str, ratio: float | None = None, calib: st
             p.requires_grad_(id(p) in trainable)
         print(heal(model, teacher, data.batches, heal_steps, heal_lr, forward=data.forward, loss=data.loss,
                    progress=progress))
+        report = remeasured(report, model, teacher, grams)
     save_compressed(model, out, report, max_shard_size, progress=progress)
     return report
+
+
+@torch.no_grad()
+def remeasured(report: CompressionReport, model: nn.Module, original: nn.Module,
+             calibration: Calibration | None = None) -> CompressionReport:
+    """``report`` with the weight error of every compressed layer of ``model`` measured again
+    against the Linear of ``original`` at its name, and its output error against the calibration's
+    Gram (when given): what they are after healing changed the compressed weights."""
+    rows = []
+    for row in report.layers:
+        if row.format == DENSE:
+            rows.append(row)
+            continue
+        weight = original.get_submodule(row.name).weight.detach().double()
+        approx = model.get_submodule(row.name).materialize().detach().double().to(weight.device)
+        error = (torch.linalg.vector_norm(approx - weight) / torch.linalg.vector_norm(weight).clamp_min(1e-300)).item()
+        out = None if calibration is None else output_error(weight, approx, calibration[row.name].gram)
+        rows.append(replace(row, weight_error=error, output_error=out))
+    return replace(report, layers=tuple(rows))
 
 
 class StateDictReader:
@@ -318,7 +341,11 @@ def compare(original: str, compressed: str, texts_file: str, batch_size: int = 3
                          "sentence-transformers model directory (with modules.json)")
     model = load_model(original, kind)
     reference = embed(model, texts, batch_size)
-    load_compressed(model, compressed, progress=True)
+    try:
+        load_compressed(model, compressed, progress=True)
+    except ModelMismatch as e:
+        raise ValueError(f"{compressed} does not fit {original}: {e.detail}; compare a file compressed from "
+                         "this model (tspline compress ORIGINAL --out FILE ...)") from None
     return {**fidelity(reference, embed(model, texts, batch_size)), "texts": len(texts)}
 
 
@@ -340,11 +367,36 @@ def layer_png(path: str, name: str) -> Path:
     return folder / f"{stem}.{name}.png"
 
 
+def plot_bench(path: str, out: str | None = None) -> Path:
+    """``tspline plot BENCH.json``: the speed-up charts of a ``tspline bench`` JSON file (checked
+    first: a JSON object with a non-empty ``rows`` list and ``meta``), written to ``out``."""
+    from .bench.plot import main
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError(f"it holds a JSON {type(data).__name__}, not an object")
+        rows, meta = data.get("rows"), data.get("meta")
+        if not (isinstance(rows, list) and rows and isinstance(meta, dict)):
+            raise ValueError("it has no 'meta' object and non-empty 'rows' list")
+        keys = {"kernel", "mode", "shape", "dtype", "speedup"}
+        if not all(isinstance(r, dict) and keys <= r.keys() and isinstance(r["shape"], dict) for r in rows):
+            raise ValueError(f"a row lacks one of {sorted(keys)}")
+    except ValueError as e:  # UnicodeDecodeError and JSONDecodeError too
+        raise ValueError(f"{path} is not a bench results file (JSON written by tspline bench): {e}; to draw a "
+                         "layer of a compressed model file, add --layer NAME") from None
+    return main(path, out)
+
+
 @torch.no_grad()
 def plot_layer(path: str, name: str, out: str | None = None) -> Path:
     """``tspline plot FILE --layer NAME``: one compressed layer as a PNG. Splines: the control grid
     heat map; low rank: the singular values of its weight with the kept rank marked; tensor trains:
-    the TT ranks and each core's norm; other layers: the singular values of their weight."""
+    the TT ranks and each core's norm; other layers: the singular values of their weight (a layer
+    that is not one linear map, such as a DecoupledSplineMLP, raises ValueError)."""
     from .spline import HierarchicalSplineLinear, SplineLinear
     from .tt.module import TTStructured
 
@@ -376,8 +428,13 @@ def plot_layer(path: str, name: str, out: str | None = None) -> Path:
         for ax in (left, right):
             ax.set_xticks(range(len(layer.ranks) if ax is left else len(norms)))
     else:
+        try:
+            weight = layer.materialize()
+        except NotImplementedError:
+            raise ValueError(f"layer {name!r} is a {type(layer).__name__}, which has no weight matrix to draw "
+                             "(it is not one linear map)") from None
         fig, ax = plt.subplots(figsize=(8, 4.5))
-        values = torch.linalg.svdvals(layer.materialize().double()).cpu().numpy()
+        values = torch.linalg.svdvals(weight.double()).cpu().numpy()
         ax.semilogy(range(1, len(values) + 1), values, marker=".", markersize=3)
         ax.set(title="singular values of the weight", xlabel="index", ylabel="singular value")
         rank = getattr(layer, "rank", None)

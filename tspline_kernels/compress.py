@@ -136,11 +136,13 @@ class _SplineFamily:
         """The grid shaped like the weight (the same share of control points along each axis)."""
         n_out, n_in = linear.out_features, linear.in_features
         points = _budget(linear, ratio) - _bias(linear)
+        too_many = (f"a 4 x 4 control grid has {self.params(linear, {'grid': (4, 4)})} parameters, over the "
+                    f"{ratio:g}x budget")
+        if points < 16:  # also when the bias alone is over the budget (points < 0)
+            return too_many
         g_out = min(max(4, math.floor(math.sqrt(points * n_out / n_in))), n_out)
         g_in = min(math.floor(points / g_out), n_in)
-        if g_out < 4 or g_in < 4:
-            return f"a 4 x 4 control grid has {self.params(linear, {'grid': (4, 4)})} parameters, over the {ratio:g}x budget"
-        return {"grid": (g_out, g_in)}
+        return too_many if g_out < 4 or g_in < 4 else {"grid": (g_out, g_in)}
 
     def fit(self, linear: nn.Linear, spec: Spec, gram: torch.Tensor | None) -> CompressedLinear:
         return SplineLinear.from_linear(linear, grid=spec["grid"], input_gram=gram)
@@ -300,8 +302,9 @@ class Decoupled:
     residual and LayerNorm stay) and ``nn.Sequential(..., Linear, activation, Linear, ...)``;
     other models give ``blocks`` = ((fc1_name, fc2_name, activation), ...), the activation being
     the name of the model attribute that holds it or the module itself. fc1 becomes the new layer,
-    the activation and fc2 ``nn.Identity()``. The report's row is named after fc1, with the fit's
-    held-out relative Jacobian error as ``weight_error`` and value error as ``output_error``."""
+    the activation and fc2 identities (:class:`Absorbed`, which ``save_compressed`` records). The
+    report's row is named after fc1, with the fit's held-out relative Jacobian error as
+    ``weight_error`` and value error as ``output_error``."""
 
     ratio: float
     blocks: tuple[tuple[str, str, str | nn.Module], ...] | None = None
@@ -740,12 +743,37 @@ def _block_rank(block: MLPBlock, ratio: float, n_basis: int) -> int:
     return rank
 
 
+class Absorbed(nn.Identity):
+    """The identity left at the place of an MLP block's activation (``role="activation"``) or second
+    Linear (``role="second"``) once ``layer``, at the first Linear's place, replaced the whole block
+    of ``block_params`` dense parameters. ``save_compressed`` records these places with the layer,
+    so that ``load_compressed`` can put the layer back into the original architecture."""
+
+    def __init__(self, layer: nn.Module, role: str, block_params: int) -> None:
+        super().__init__()
+        object.__setattr__(self, "layer", layer)  # a reference, not a submodule: it lives at fc1's place
+        self.role, self.block_params = role, block_params
+
+    def extra_repr(self) -> str:
+        return f"{self.role} of the block replaced by a {type(self.layer).__name__}"
+
+
+def put_module(model: nn.Module, name: str, value) -> None:
+    """Set the attribute at qualified ``name`` of ``model`` to ``value`` (a module, or what the
+    attribute held before, such as a plain activation function)."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    if not isinstance(value, nn.Module) and child in parent._modules:
+        delattr(parent, child)  # nn.Module refuses to assign a non-module over a child module
+    setattr(parent, child, value)
+
+
 def install_block(model: nn.Module, block: MLPBlock, new: nn.Module) -> None:
-    """Put ``new`` (the whole block) at fc1's place, ``nn.Identity()`` at the activation's and fc2's."""
+    """Put ``new`` (the whole block) at fc1's place, an :class:`Absorbed` identity at the
+    activation's and fc2's."""
     swap_module(model, block.first, new, block.fc1)
-    for name in (block.activation, block.second):
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, nn.Identity())
+    for role, name in (("activation", block.activation), ("second", block.second)):
+        put_module(model, name, Absorbed(new, role, block.params))
 
 
 def decouple_block(model: nn.Module, block: MLPBlock, samples: torch.Tensor, rank: int, n_basis: int = 12,

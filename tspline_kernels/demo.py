@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from . import HierarchicalSplineLinear, SplineLinear, replace_linear
+from ._layers import check_count
 
 Factory = Callable[[nn.Linear], nn.Module] | None
 
@@ -121,13 +122,18 @@ def train(task: dict, factory: Factory, epochs: int, seed: int, label: str) -> d
 
 
 def main(epochs: int | None = None, seed: int = 0) -> list[dict]:
+    """Train every model of ``MODELS`` on both tasks for ``epochs`` (>= 1; default: each task's
+    own), print the table and return its rows."""
+    if epochs is not None:
+        check_count("epochs", epochs, 1)
     _require("tqdm")
     # The layers are at most 256 wide: intra-op threads gain little here, and on a busy machine
     # OpenMP threads waiting on each other made training 30-100x slower in our runs.
     torch.set_num_threads(1)
     results = []
     for task in (digits_task(seed), smooth_task(seed)):
-        rows = [train(task, f, epochs or task["epochs"], seed, label) for label, f in MODELS.items()]
+        rows = [train(task, f, task["epochs"] if epochs is None else epochs, seed, label)
+                for label, f in MODELS.items()]
         results.append((task, rows))
     print(f"\n{'task':<20} {'model':<24} {'params':>8} {'compression':>12} {'test metric':>12} {'train s':>8}")
     for task, rows in results:

@@ -27,6 +27,7 @@ from torch import nn
 
 from ._layers import CompressedLinear, check_flag
 from .calibration import with_progress
+from .compress import Absorbed, put_module
 from .surgery import _pattern
 
 FORMAT = "tspline-compressed"
@@ -148,9 +149,10 @@ def _owner_in(key: str, names) -> str | None:
 
 
 def _outermost_compressed(model: nn.Module) -> dict[str, CompressedLinear]:
-    """Qualified name -> compressed layer, skipping those nested inside another compressed layer."""
+    """Qualified name -> compressed layer, skipping those nested inside another compressed layer;
+    a layer reached by several paths (shared) is listed at each."""
     found: dict[str, CompressedLinear] = {}
-    for name, m in model.named_modules():
+    for name, m in model.named_modules(remove_duplicate=False):
         if isinstance(m, CompressedLinear) and _owner_in(name, found) is None:
             if name == "":
                 raise ValueError("save_compressed takes a model that contains compressed layers; the model "
@@ -159,7 +161,23 @@ def _outermost_compressed(model: nn.Module) -> dict[str, CompressedLinear]:
     return found
 
 
-def _layer_record(name: str, layer: CompressedLinear) -> dict:
+def _absorbed(model: nn.Module, layers: Mapping[str, CompressedLinear]) -> dict[str, dict[str, Absorbed]]:
+    """Layer path -> {path: its :class:`Absorbed` identity} for the layers of ``layers`` that
+    replaced a whole MLP block (the first path holding the layer, when it is shared)."""
+    first = {}
+    for name, layer in layers.items():
+        first.setdefault(id(layer), name)
+    found: dict[str, dict[str, Absorbed]] = {}
+    for path, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, Absorbed) and id(m.layer) in first:
+            found.setdefault(first[id(m.layer)], {})[path] = m
+    return found
+
+
+def _layer_record(name: str, layer: CompressedLinear, absorbed: Mapping[str, Absorbed] | None = None) -> dict:
+    """What the metadata holds of compressed ``layer`` at ``name``; with ``absorbed`` (the
+    identities left where the rest of the block it replaced was), their places by role and the
+    block's dense parameter count."""
     args = getattr(layer, "init_args", None)
     if not isinstance(args, dict):
         raise ValueError(f"layer {name!r} ({type(layer).__name__}) has no recorded constructor arguments (init_args)")
@@ -169,9 +187,13 @@ def _layer_record(name: str, layer: CompressedLinear) -> dict:
         except (TypeError, ValueError):
             raise TypeError(f"layer {name!r} ({type(layer).__name__}): argument {key}={value!r} cannot be "
                             "recorded in JSON") from None
-    return {"class": _class_key(type(layer)), "init_args": args, "in_features": layer.in_features,
-            "out_features": layer.out_features, "params": layer.num_parameters(),
-            "dense_params": layer.dense_parameters()}
+    record = {"class": _class_key(type(layer)), "init_args": args, "in_features": layer.in_features,
+              "out_features": layer.out_features, "params": layer.num_parameters(),
+              "dense_params": layer.dense_parameters()}
+    if absorbed:
+        record["absorbs"] = {m.role: path for path, m in absorbed.items()}
+        record["dense_params"] = next(iter(absorbed.values())).block_params
+    return record
 
 
 def _tensors_to_write(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -224,15 +246,19 @@ def save_compressed(model: nn.Module, path, report=None, max_shard_size=None, *,
     ``to_json()``, or a dict), stored in the metadata. ``max_shard_size`` (bytes, or "500MB") splits
     the tensors into shards beside ``path + ".index.json"``. Returns the paths written.
 
-    Every compressed layer (``tk.CompressedLinear``, outermost only) is recorded by class and the
-    constructor arguments it was built with (``layer.init_args``); every tensor by dtype, shape and
-    SHA-256. Tied tensors are stored once. A previous file or index at ``path`` is replaced."""
+    Every compressed layer (``tk.CompressedLinear``, outermost only; a shared one at each path) is
+    recorded by class and the constructor arguments it was built with (``layer.init_args``), one
+    that replaced a whole MLP block (``Decoupled``) with the places of the block's activation and
+    second Linear; every tensor by dtype, shape and SHA-256. Tied tensors are stored once. A
+    previous file or index at ``path`` is replaced."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     st = _need("safetensors.torch")
     limit = _shard_bytes(max_shard_size)
     fs, root, _ = _filesystem(path)
-    layers = {name: _layer_record(name, m) for name, m in _outermost_compressed(model).items()}
+    compressed = _outermost_compressed(model)
+    absorbed = _absorbed(model, compressed)
+    layers = {name: _layer_record(name, m, absorbed.get(name)) for name, m in compressed.items()}
     tensors, aliases = _tensors_to_write(model)
     records = {name: {"dtype": _dtype_name(t), "shape": list(t.shape), "sha256": _sha256(t)}
                for name, t in with_progress(tensors.items(), progress, desc="checksums", total=len(tensors))}
@@ -402,7 +428,11 @@ class TensorInfo:
 @dataclass(frozen=True)
 class LayerInfo:
     """One compressed layer as recorded: its module path, class, constructor arguments, dense
-    ``shape`` ``(out_features, in_features)``, parameter counts and the report's errors for it."""
+    ``shape`` ``(out_features, in_features)``, parameter counts (``dense_params``: of what it
+    replaced, a whole MLP block for a ``Decoupled`` one) and the report's errors for it.
+    ``absorbs``: role ("activation", "second") -> module path, for a layer that replaced a whole
+    block; ``shares``: the path of an earlier layer this one is (a shared module: same class,
+    arguments and stored tensors), else None."""
 
     name: str
     class_name: str
@@ -411,6 +441,8 @@ class LayerInfo:
     params: int
     dense_params: int
     errors: dict = field(default_factory=dict)
+    absorbs: dict = field(default_factory=dict)
+    shares: str | None = None
 
     @property
     def ratio(self) -> float:
@@ -515,19 +547,26 @@ class CompressedFile:
         try:
             self.tensors = {name: TensorInfo(r["dtype"], tuple(r["shape"]), r["sha256"], shards[name])
                             for name, r in doc["tensors"].items()}
-            errors = _layer_errors(self.report)
-            self.layers = tuple(
-                LayerInfo(name, r["class"].rpartition(".")[2], dict(r["init_args"]),
-                          (r["out_features"], r["in_features"]), r["params"], r["dense_params"],
-                          errors.get(name, {}))
-                for name, r in doc["layers"].items())
             self._classes = {name: r["class"] for name, r in doc["layers"].items()}
+            self._by_layer: dict[str | None, list[str]] = {}  # layer name (None: outside them) -> its keys
+            for key in self.keys():
+                self._by_layer.setdefault(_owner_in(key, self._classes), []).append(key)
+            errors = _layer_errors(self.report)
+            firsts: dict[str, str] = {}  # what makes a layer (class, arguments, stored tensors) -> first path
+            layers = []
+            for name, r in doc["layers"].items():
+                args = dict(r["init_args"])
+                stored = sorted((k[len(name) + 1:], self.aliases.get(k, k)) for k in self.layer_tensors(name))
+                first = firsts.setdefault(json.dumps([r["class"], args, stored], sort_keys=True), name)
+                shares = first if stored and first != name else None
+                layers.append(LayerInfo(name, r["class"].rpartition(".")[2], args,
+                                        (r["out_features"], r["in_features"]), r["params"], r["dense_params"],
+                                        errors.get(name, errors.get(shares, {})), dict(r.get("absorbs", {})),
+                                        shares))
+            self.layers = tuple(layers)
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{self.path}: bad {_KEY!r} metadata: missing or malformed {e}") from None
         self._info = {info.name: info for info in self.layers}
-        self._by_layer: dict[str | None, list[str]] = {}  # layer name (None: outside them) -> its keys
-        for key in self.keys():
-            self._by_layer.setdefault(_owner_in(key, self._classes), []).append(key)
         stored = {name for header in headers.values() for name in header}
         if stored != set(self.tensors):
             odd = sorted(stored ^ set(self.tensors))[:5]
@@ -687,15 +726,18 @@ class CompressedFile:
             return "-" if value is None else f"{value:.4f}"
 
         header = ["layer", "format", "shape", "params", "dense", "ratio", "weight err", "output err", "checksum"]
-        rows = [[i.name, i.class_name, f"{i.shape[0]}x{i.shape[1]}", str(i.params), str(i.dense_params),
-                 f"{i.ratio:.2f}x", err(i.errors.get("weight_error")), err(i.errors.get("output_error")),
+        rows = [[i.name, i.class_name, f"{i.shape[0]}x{i.shape[1]}",
+                 *((str(i.params), str(i.dense_params), f"{i.ratio:.2f}x") if i.shares is None
+                   else (f"= {i.shares}", "-", "-")),
+                 err(i.errors.get("weight_error")), err(i.errors.get("output_error")),
                  status(self.layer_tensors(i.name))] for i in self.layers]
         other = [t for t in self.other_tensors() if t in self.tensors]
         other_elements = sum(math.prod(self.tensors[t].shape) for t in other)
         rows.append([f"(other tensors: {len(other)})", "-", "-", str(other_elements), str(other_elements), "-", "-",
                      "-", status(other)])
-        params = sum(i.params for i in self.layers)
-        dense = sum(i.dense_params for i in self.layers)
+        own = [i for i in self.layers if i.shares is None]  # a shared layer's parameters count once
+        params = sum(i.params for i in own)
+        dense = sum(i.dense_params for i in own)
         rows.append(["total", "-", "-", str(params + other_elements), str(dense + other_elements),
                      f"{(dense + other_elements) / max(params + other_elements, 1):.2f}x", "-", "-",
                      status(list(self.tensors))])
@@ -703,8 +745,10 @@ class CompressedFile:
         lines = ["  ".join(c.ljust(w) if k < 3 else c.rjust(w) for k, (c, w) in enumerate(zip(r, widths))).rstrip()
                  for r in [header] + rows]
         lines.insert(-1, "-" * len(lines[0]))
-        lines.append(f"{len(self.layers)} compressed layers ({dense / max(params, 1):.2f}x fewer parameters than "
-                     f"their dense Linears), {len(self.tensors)} tensors, format version {self.format_version}, "
+        shared = len(self.layers) - len(own)
+        at = f"; {shared} more paths hold a layer listed before them ('= PATH'), counted once" if shared else ""
+        lines.append(f"{len(own)} compressed layers ({dense / max(params, 1):.2f}x fewer parameters than what they "
+                     f"replaced{at}), {len(self.tensors)} tensors, format version {self.format_version}, "
                      f"written by tspline-kernels {self.package_version}")
         if failed is None:
             lines.append("checksums: not verified (--verify reads every tensor and checks its SHA-256)")
@@ -746,25 +790,72 @@ def _tie(module: nn.Module, aliases: Mapping[str, str]) -> None:
                 setattr(owner, attr, state[target])
 
 
+class ModelMismatch(ValueError):
+    """The file's layers or tensors and the model's modules differ (``load_compressed`` with
+    ``strict``): ``detail`` says how; ``str()`` adds what ``strict=False`` does about it."""
+
+    def __init__(self, detail: str, hint: str) -> None:
+        super().__init__(detail, hint)
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return f"{self.args[0]} ({self.args[1]})"
+
+
+def _attribute(model: nn.Module, path: str):
+    """What the attribute at qualified ``path`` of ``model`` holds; AttributeError when none."""
+    parent, _, child = path.rpartition(".")
+    return getattr(model.get_submodule(parent), child)
+
+
 def _targets(model: nn.Module, f: CompressedFile, names: list[str], strict: bool) -> dict[str, nn.Module]:
-    """The model's module at each recorded layer's path (usually an nn.Linear; a block for layers
-    that replace one, such as DecoupledSplineMLP), with the same features where it has them."""
+    """The model's module at each recorded layer's path (usually an nn.Linear; for a layer that
+    replaced a whole MLP block, the block's first Linear, or a module holding the block), with the
+    layer's features where it has them: a block's inputs are its first Linear's, its outputs its
+    second Linear's."""
     targets = {}
     for name in names:
+        info = f.layer(name)
         try:
             old = model.get_submodule(name)
+            second = {role: _attribute(model, path) for role, path in info.absorbs.items()}.get("second")
         except AttributeError:
             if strict:
-                raise ValueError(f"the file's layer {name!r} has no module in the model "
-                                 "(strict=False skips it)") from None
+                what = f"block ({', '.join([name, *info.absorbs.values()])})" if info.absorbs else "module"
+                raise ModelMismatch(f"the file's layer {name!r} has no {what} in the model",
+                                    "strict=False skips it") from None
             continue
-        info = f.layer(name)
-        shape = (getattr(old, "out_features", None), getattr(old, "in_features", None))
+        shape = (getattr(second, "out_features", getattr(old, "out_features", None)), getattr(old, "in_features", None))
         if None not in shape and shape != info.shape:
-            raise ValueError(f"layer {name!r}: the model's {type(old).__name__} is {shape[0]}x{shape[1]}, the "
+            what = type(old).__name__ if second is None else f"block {name} .. {info.absorbs['second']}"
+            raise ValueError(f"layer {name!r}: the model's {what} is {shape[0]}x{shape[1]}, the "
                              f"file's {info.class_name} {info.shape[0]}x{info.shape[1]}")
         targets[name] = old
     return targets
+
+
+def _places(model: nn.Module, f: CompressedFile, targets: Mapping[str, nn.Module]) -> dict[str, list[str]]:
+    """Layer to build -> the paths to put it at: every path of the model that holds the module its
+    own path holds (a shared module stays shared), each of which the file must record as that same
+    layer (:attr:`LayerInfo.shares`)."""
+    paths: dict[int, list[str]] = {}
+    for path, m in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(m), []).append(path)
+    places: dict[str, list[str]] = {}
+    placed: set[str] = set()
+    for name, old in targets.items():
+        if name in placed:
+            continue
+        held, first = paths[id(old)], f.layer(name).shares or name
+        odd = [f"no compressed layer at {p!r}" if p not in f._info else f"a different layer at {p!r}"
+               for p in held if p not in f._info or (f.layer(p).shares or p) != first]
+        if odd:
+            raise ValueError(f"the model holds one module at {', '.join(map(repr, held))} (shared), but the file "
+                             f"records {name!r} and {'; '.join(odd)}: load it into a model whose modules at those "
+                             "paths are separate")
+        places[name] = held
+        placed.update(held)
+    return places
 
 
 def load_compressed(model: nn.Module, path, strict: bool = True, include: str | None = None, *,
@@ -773,12 +864,15 @@ def load_compressed(model: nn.Module, path, strict: bool = True, include: str | 
     (dense, or built on the meta device), in place, and return it.
 
     Each recorded compressed layer replaces the module at its path (an ``nn.Linear`` of the same
-    features, a compressed layer, or the block a DecoupledSplineMLP replaced); every other stored
-    tensor is loaded into the model. Tensors keep their stored dtype and go to the device of what
-    they replace (the CPU for meta); tied tensors are tied again. Non-persistent buffers are not in
-    the file: on a meta model they stay on meta. ``include``: a regex; only the layers and tensors
-    whose names match (searched) are loaded. ``strict``: every selected name must exist in the
-    model and, without ``include``, every model tensor must be in the file. All checksums are
+    features, a compressed layer, or the block a DecoupledSplineMLP replaced: the module holding it,
+    or its first Linear, with identities at its activation's and second Linear's places); a module
+    the model holds at several paths gets one layer at all of them when the file records the same
+    layer there (ValueError otherwise); every other stored tensor is loaded into the model.
+    Tensors keep their stored dtype and go to the device of what they replace (the CPU for meta);
+    tied tensors are tied again. Non-persistent buffers are not in the file: on a meta model they
+    stay on meta. ``include``: a regex; only the layers and tensors whose names match (searched)
+    are loaded. ``strict``: every selected name must exist in the model and, without ``include``,
+    every model tensor must be in the file (else :class:`ModelMismatch`). All checksums are
     verified, all layers built and every shape checked before the model is touched: on any error
     (:class:`IntegrityError` for corrupted data) the model is left exactly as it was."""
     if not isinstance(model, nn.Module):
@@ -791,41 +885,46 @@ def load_compressed(model: nn.Module, path, strict: bool = True, include: str | 
         if pattern is not None and not picked and not plain:
             raise ValueError(f"include={include!r} matches no layer or tensor of {f.path}")
         targets = _targets(model, f, picked, strict)
+        places = _places(model, f, targets)
+        replaced = {p for held in places.values() for p in held}
+        replaced.update(p for name in places for p in f.layer(name).absorbs.values())
         kept = {k: v for k, v in model.state_dict(keep_vars=True).items()
-                if _owner_in(k, targets) is None}
+                if _owner_in(k, replaced) is None}
         unexpected = [k for k in plain if k not in kept]
         missing = [k for k in kept if k not in plain] if pattern is None else []
         if strict and (unexpected or missing):
-            raise ValueError(f"the file and the model differ: in the file only {unexpected[:10]}, in the model "
-                             f"only {missing[:10]} (strict=False loads what matches)")
+            raise ModelMismatch(f"the file and the model differ: in the file only {unexpected[:10]}, in the model "
+                                f"only {missing[:10]}", "strict=False loads what matches")
         plain = [k for k in plain if k in kept]
         for k in plain:
             stored = f.tensors[f.aliases.get(k, k)].shape
             if tuple(kept[k].shape) != stored:
                 raise ValueError(f"tensor {k!r}: the file holds shape {stored}, the model {tuple(kept[k].shape)}")
-        tensors = f.read([t for name in targets for t in f.layer_tensors(name)] + plain, progress)
-        layers = {name: f._build(name, tensors, _home(next(iter(old.parameters()), None)))
-                  for name, old in targets.items()}
+        tensors = f.read([t for name in places for t in f.layer_tensors(name)] + plain, progress)
+        modules: dict[str, nn.Module] = {}
+        for name, held in places.items():
+            layer = f._build(name, tensors, _home(next(iter(targets[name].parameters()), None)))
+            modules.update(dict.fromkeys(held, layer))
+            info = f.layer(name)
+            modules.update({path: Absorbed(layer, role, info.dense_params) for role, path in info.absorbs.items()})
         aliases = {a: t for a, t in f.aliases.items() if a in plain}
-    _swap(model, layers, {k: tensors[k].to(_home(kept[k])) for k in plain}, aliases)
+    _swap(model, modules, {k: tensors[k].to(_home(kept[k])) for k in plain}, aliases)
     return model
 
 
-def _swap(model: nn.Module, layers: Mapping[str, nn.Module], state: Mapping[str, torch.Tensor],
+def _swap(model: nn.Module, modules: Mapping[str, nn.Module], state: Mapping[str, torch.Tensor],
           aliases: Mapping[str, str]) -> None:
-    """Put ``layers`` in ``model``, assign ``state`` and re-tie ``aliases``; on any error put back
-    every module and tensor object it replaced."""
-    old_layers = {name: model.get_submodule(name) for name in layers}
+    """Put ``modules`` (path -> module) in ``model``, assign ``state`` and re-tie ``aliases``; on
+    any error put back every module, attribute and tensor object it replaced."""
+    old = {path: _attribute(model, path) for path in modules}
     before = model.state_dict(keep_vars=True)
     try:
-        for name, layer in layers.items():
-            parent, child = _owner(model, name)
-            setattr(parent, child, layer)
+        for path, module in modules.items():
+            put_module(model, path, module)
         model.load_state_dict(dict(state), strict=False, assign=True)
         _tie(model, aliases)
     except BaseException:
-        for name, layer in old_layers.items():
-            parent, child = _owner(model, name)
-            setattr(parent, child, layer)
+        for path, value in old.items():
+            put_module(model, path, value)
         model.load_state_dict({k: before[k] for k in state}, strict=False, assign=True)
         raise

@@ -88,6 +88,15 @@ def _cycled(batches: Iterable, steps: int, target: Callable[[object], torch.Tens
         yield seen[i % len(seen)]
 
 
+@torch.no_grad()
+def _diverged(params: list[nn.Parameter], initial: list[torch.Tensor], what: str, lr: float) -> None:
+    """Put ``initial`` back into ``params`` and raise ValueError saying ``what`` happened."""
+    for p, value in zip(params, initial):
+        p.copy_(value)
+    raise ValueError(f"healing diverged: {what} (lr {lr:g} may be too high, or the data holds inf or NaN); the "
+                     "student's parameters are restored to their values before healing")
+
+
 def _modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:
     return [(m, m.training) for m in model.modules()]
 
@@ -110,6 +119,8 @@ def heal(student: nn.Module, teacher: nn.Module, batches: Iterable, steps: int, 
     unless ``train_mode``; both models' train/eval flags are restored afterwards, also on error.
     ``max_grad_norm`` clips the gradient norm (None: no clipping). ``held_out`` batches give the
     loss before and after healing in the returned :class:`HealReport`. ``progress`` shows a tqdm bar.
+    A loss or parameter that becomes inf or NaN (too high an ``lr``) stops healing: the student's
+    parameters are restored to their values before it and ValueError is raised.
     """
     if not isinstance(student, nn.Module) or not isinstance(teacher, nn.Module):
         bad, value = ("student", student) if not isinstance(student, nn.Module) else ("teacher", teacher)
@@ -152,6 +163,7 @@ def heal(student: nn.Module, teacher: nn.Module, batches: Iterable, steps: int, 
         return sum(values) / len(values)
 
     modes = _modes(student) + _modes(teacher)
+    initial = [p.detach().clone() for p in params]
     start = time.perf_counter()
     bar = None
     try:
@@ -168,15 +180,19 @@ def heal(student: nn.Module, teacher: nn.Module, batches: Iterable, steps: int, 
             value = loss_fn(forward(student, batch), want)
             if value.dim() != 0:
                 raise ValueError(f"loss must return a scalar, got shape {tuple(value.shape)}")
+            history.append(value.item())
+            if not math.isfinite(history[-1]):
+                _diverged(params, initial, f"the loss became {history[-1]} at step {len(history)} of {steps}", lr)
             optimizer.zero_grad(set_to_none=True)
             value.backward()
             if max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()
-            history.append(value.item())
             if bar is not None:
                 bar.update()
                 bar.set_postfix(loss=f"{history[-1]:.4g}")
+        if not all(torch.isfinite(p).all() for p in params):
+            _diverged(params, initial, f"a parameter became non-finite at step {steps}", lr)
         after = held_out_loss()
     finally:
         if bar is not None:
