@@ -75,7 +75,8 @@ def check_report(report: tk.CompressionReport, dense: nn.Module, model: nn.Modul
             assert row.structure.startswith("kept dense: ") and row.weight_error == 0
             continue
         w_hat = new.materialize().double()
-        assert row.structure == new._structure()
+        bias_error = new.fit_report.details.get("bias_error", 0.0)
+        assert row.structure == new._structure() + (f", bias error {bias_error:.3g}" if bias_error > 1e-6 else "")
         assert math.isclose(row.weight_error, ((w - w_hat).norm() / w.norm()).item(), rel_tol=1e-6)
         if x is None:
             assert row.output_error is None
@@ -477,3 +478,16 @@ def test_two_minilm_layers():
         cosine[calibration is not None] = torch.nn.functional.cosine_similarity(before, after).min().item()
     assert max(r.output_error for r in report.layers) < 0.1
     assert cosine[True] > 0.99 and cosine[True] > cosine[False]
+
+
+def test_a_kronecker_row_shows_the_bias_error():
+    """Kronecker's per-mode biases fit a Linear's bias only in least squares: the report says how
+    well, beside the structure (the weight error alone would read as exact here)."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(16, 16))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.kron(torch.randn(4, 4), torch.randn(4, 4)))
+    row = tk.compress_(model, tk.Kronecker(), progress=False).layers[0]
+    assert row.weight_error < 1e-5 and "bias error" in row.structure
+    error = float(row.structure.rpartition("bias error ")[2])
+    assert error == pytest.approx(model[0].fit_report.details["bias_error"], rel=1e-2) and error > 0.1

@@ -111,6 +111,11 @@ def test_gram_and_whitening_are_cached_until_the_gram_changes(inference, monkeyp
     again = check_gram(gram, 12)
     assert again is not doubled
     assert_close(again, 2 * checked)
+    if not inference:  # writes that leave the version counter alone: through .data and a numpy view
+        gram.data.mul_(0.5)
+        assert_close(check_gram(gram, 12), checked)
+        gram.numpy()[:] *= 3
+        assert_close(check_gram(gram, 12), 3 * checked)
 
 
 def test_cache_entries_go_with_their_gram():
@@ -266,3 +271,31 @@ def test_grams_from_inference_mode_and_weights_that_require_grad():
     assert output_error(linear.weight, kron.materialize(), gram) == pytest.approx(kron.fit_report.output_error)
     result = fit.weighted_als([torch.randn(3, 4), torch.randn(4, 5)], _kron, linear.weight, gram, sweeps=1)
     assert not any(b.requires_grad for b in result.blocks) and result.relative_error < 1
+
+
+@pytest.mark.parametrize("where", ["weight", "bias"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan")], ids=["inf", "nan"])
+def test_a_non_finite_linear_is_refused_by_every_fit(where, value):
+    """A clear ValueError, not a NaN layer or a LAPACK error, whichever format fits it."""
+    import tspline_kernels as tk
+
+    linear = nn.Linear(12, 6)
+    with torch.no_grad():
+        getattr(linear, where)[1].fill_(value)
+    for convert in (lambda: LowRankLinear.from_linear(linear, 2), lambda: TTLinear.from_linear(linear, (3, 4), (2, 3)),
+                    lambda: KroneckerLinear.from_linear(linear, (3, 4), (2, 3)),
+                    lambda: tk.SplineLinear.from_linear(linear, grid=(4, 4))):
+        with pytest.raises(ValueError, match=f"Linear's {where} has non-finite values"):
+            convert()
+
+
+def test_a_fit_that_overflows_the_layer_dtype_is_refused():
+    """Factors that do not fit in the layer's dtype (here a spline's least-squares controls
+    overshooting fp16 where W is near its largest value) raise, naming them, not a NaN layer."""
+    import tspline_kernels as tk
+
+    linear = nn.Linear(16, 16).half()
+    with torch.no_grad():
+        linear.weight.copy_(torch.where(torch.rand(16, 16) < 0.5, 6.5e4, -6.5e4))
+    with pytest.raises(ValueError, match="do not fit in torch.float16"):
+        tk.SplineLinear.from_linear(linear, grid=(4, 4))

@@ -307,3 +307,38 @@ def test_reference_backend_is_used_for_cpu_auto(monkeypatch):
     with backend("auto"):
         layer(torch.randn(2, 15))
     assert calls == []
+
+
+def test_tt_svd_without_eps_keeps_no_rounding_noise():
+    """``eps=None`` keeps the numerically nonzero singular values: a Kronecker product is a rank-1
+    TT matrix, and a TT matrix of ranks (2, 3) comes back at those ranks, not at ranks padded
+    with rounding noise (more parameters than the dense layer)."""
+    torch.manual_seed(0)
+    kron = torch.kron(torch.randn(8, 8, dtype=torch.float64), torch.randn(8, 8, dtype=torch.float64))
+    assert TTLinear.from_linear(_linear_with_weight(kron), (8, 8), (8, 8)).ranks == (1, 1, 1)
+    truth = TTLinear((3, 4, 2), (2, 5, 3), (1, 2, 3, 1), dtype=torch.float64)
+    layer = TTLinear.from_linear(_linear_with_weight(truth.materialize().detach()), (3, 4, 2), (2, 5, 3))
+    assert layer.ranks == (1, 2, 3, 1) and layer.fit_report.relative_error < 1e-12
+
+
+def test_tt_cores_share_the_norm_so_fp16_fits_do_not_overflow():
+    """TT-SVD leaves ||W|| in its last core; the fit shares it evenly, so a large fp16 weight (every
+    entry 4000, exactly rank 1) gives finite cores and an exact layer."""
+    linear = nn.Linear(64, 64, dtype=torch.float16)
+    with torch.no_grad():
+        linear.weight.fill_(4000.0)
+    layer = TTLinear.from_linear(linear, (32, 2), (32, 2), max_rank=1)
+    norms = [c.double().norm().item() for c in layer.cores]
+    assert max(norms) / min(norms) < 1.01 and layer.fit_report.relative_error < 1e-3
+
+
+def test_tt_from_linear_takes_the_gram_sixth_and_checks_strategy_first():
+    """The README's order (linear, in_modes, out_modes, eps, max_rank, input_gram); ``strategy`` is
+    keyword-only and checked before the fit (a TypeError for a non-str)."""
+    torch.manual_seed(1)
+    linear = nn.Linear(12, 6)
+    x = torch.randn(40, 12)
+    layer = TTLinear.from_linear(linear, (3, 4), (2, 3), None, 2, x.T @ x, sweeps=1)
+    assert layer.fit_report.output_error is not None
+    with pytest.raises(TypeError, match="strategy must be a str"):
+        TTLinear.from_linear(linear, (3, 4), (2, 3), strategy=x.T @ x)

@@ -31,12 +31,15 @@ def fit_inputs(linear, input_gram=None) -> tuple[torch.Tensor, torch.Tensor | No
     if linear.weight.is_meta:
         raise ValueError("from_linear fits the Linear's weight values, but it is on the meta device and has "
                          "none: load its weights first")
+    for name, t in (("weight", linear.weight), ("bias", linear.bias)):
+        if t is not None and not torch.isfinite(t).all():
+            raise ValueError(f"the Linear's {name} has non-finite values (inf or NaN): there is nothing to fit")
     weight = linear.weight.detach()
     return weight, None if input_gram is None else check_gram(input_gram, linear.in_features).to(weight.device)
 
 
-# Tensors tracked by identity, id(t) -> (weak reference to t, t's stamp, payload); an entry goes
-# with its tensor and is ignored once the tensor has changed in place. ``_derived``: what
+# Tensors tracked by identity, id(t) -> (weak reference to t, a copy of t's values, payload); an
+# entry goes with its tensor and is ignored once the tensor's values have changed. ``_derived``: what
 # ``derived`` computed from a tensor, {key: (value, the value's stamps)}; ``_checked``: the
 # tensors check_gram returned (payload None), so that checking one again returns it as it is.
 _Entry = tuple[weakref.ref, object, object]
@@ -44,15 +47,16 @@ _derived: dict[int, _Entry] = {}
 _checked: dict[int, _Entry] = {}
 
 
-def _stamp(t: torch.Tensor) -> int | torch.Tensor:
-    """What tells whether ``t`` changed in place: its version counter, or for an inference-mode
-    tensor (calibration under ``torch.inference_mode`` makes them; they have no version counter) a
-    copy of its values."""
-    return t.detach().clone() if t.is_inference() else t._version
+def _stamp(t: torch.Tensor) -> torch.Tensor:
+    """What tells whether ``t`` changed: a copy of its values. Not its version counter, which writes
+    through ``.data`` or a numpy view of the storage leave as it was (and inference-mode tensors,
+    which calibration under ``torch.inference_mode`` makes, do not have); comparing the values costs
+    one pass over a Gram, little beside the fits that reuse it."""
+    return t.detach().clone()
 
 
-def _unchanged(t: torch.Tensor, stamp: int | torch.Tensor) -> bool:
-    return torch.equal(t, stamp) if isinstance(stamp, torch.Tensor) else t._version == stamp
+def _unchanged(t: torch.Tensor, stamp: torch.Tensor) -> bool:
+    return torch.equal(t, stamp)
 
 
 def _tensors(value: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -77,8 +81,8 @@ def _track(table: dict[int, _Entry], t: torch.Tensor, payload: object) -> _Entry
 
 def derived(source: torch.Tensor, key: Hashable, compute: Callable[[], torch.Tensor | tuple[torch.Tensor, ...]]):
     """``compute()`` (a tensor or a tuple of tensors computed from ``source``), cached under ``key`` for
-    this ``source`` object while it is alive and neither it nor the cached value has changed in
-    place since (version counters; values for inference-mode tensors)."""
+    this ``source`` object while it is alive and neither its values nor the cached value's have
+    changed since."""
     cache = (_tracked(_derived, source) or _track(_derived, source, {}))[2]
     hit = cache.get(key)
     if hit is not None and all(_unchanged(v, s) for v, s in zip(_tensors(hit[0]), hit[1])):
@@ -91,7 +95,7 @@ def derived(source: torch.Tensor, key: Hashable, compute: Callable[[], torch.Ten
 def check_gram(input_gram, in_features: int) -> torch.Tensor:
     """``input_gram`` ``(in_features, in_features)`` validated (a real floating-point tensor, finite,
     symmetric up to rounding, non-negative diagonal, not all zero) and returned as a symmetrised
-    float64 tensor on its own device. Cached (:func:`derived`): the same unchanged ``input_gram``
+    float64 tensor on its own device. Cached (:func:`derived`): the same ``input_gram``, its values unchanged,
     gives the same tensor, and that tensor checked again is itself, so what is derived from it
     (the whitening) is computed once per Gram."""
     if not isinstance(input_gram, torch.Tensor):

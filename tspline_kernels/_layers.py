@@ -20,7 +20,9 @@ from ._fit import check_gram, output_error
 class FitReport:
     """How well a compressed layer reproduces the dense weight it was fitted to.
 
-    ``relative_error`` is ||W - W_hat||_F / ||W||_F over the whole weight (bias copied exactly);
+    ``relative_error`` is ||W - W_hat||_F / ||W||_F over the whole weight (the bias is copied
+    exactly, but for ``KroneckerLinear``, whose per-mode biases fit it by least squares: its
+    ``details["bias_error"]``, which the compression report shows beside the structure);
     ``output_error`` is ||(W - W_hat) X^T||_F / ||W X^T||_F on the calibration inputs X, computed from
     their Gram X^T X (None when the fit had no ``input_gram``).
     """
@@ -48,6 +50,10 @@ def fit_report(method: str, dense: torch.Tensor, layer: CompressedLinear, input_
         w_hat = layer.materialize().double().to(w.device)
         err = (w_hat - w).norm() / w.norm().clamp_min(1e-300)
         out = None if input_gram is None else output_error(w, w_hat, check_gram(input_gram, w.shape[1]))
+    overflow = [name for name, p in layer.named_parameters() if not torch.isfinite(p).all()]
+    if overflow:
+        raise ValueError(f"{method}: the fitted {', '.join(overflow)} do not fit in {dense.dtype} (the Linear's "
+                         "weight does, the fit's factors overflow): fit a float32 copy of the Linear")
     return FitReport(method, err.item(), layer.dense_parameters(), layer.num_parameters(), details, out)
 
 

@@ -858,8 +858,10 @@ def _row(name: str, linear: nn.Linear, fmt: str, structure: str, params_after: i
 
 def _fitted_row(name: str, linear: nn.Linear, fmt: str, new: CompressedLinear, seconds: float) -> LayerReport:
     rep = new.fit_report
-    return _row(name, linear, fmt, new._structure(), new.num_parameters(), (rep.relative_error, rep.output_error),
-                seconds)
+    structure = new._structure()
+    if rep.details.get("bias_error", 0.0) > 1e-6:  # Kronecker's per-mode biases fit the bias in least squares
+        structure += f", bias error {rep.details['bias_error']:.3g}"
+    return _row(name, linear, fmt, structure, new.num_parameters(), (rep.relative_error, rep.output_error), seconds)
 
 
 def _flat(out) -> torch.Tensor:

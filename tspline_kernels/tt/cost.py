@@ -688,7 +688,10 @@ def _pick(m: int, in_modes, out_modes, ranks, elt: int, state_elt: int, backward
 
 
 def check_strategy(strategy: str, in_modes, out_modes) -> str:
-    """``strategy`` if it is known and, for "rebuild", feasible for these modes; else a ValueError."""
+    """``strategy`` if it is known and, for "rebuild", feasible for these modes; else a TypeError (not
+    a str) or ValueError."""
+    if not isinstance(strategy, str):
+        raise TypeError(f"strategy must be a str, one of {STRATEGIES}; got a {type(strategy).__name__}")
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown TT strategy {strategy!r}; expected one of {STRATEGIES}")
     if strategy == "rebuild" and not rebuild_feasible(in_modes, out_modes):

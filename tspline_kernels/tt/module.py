@@ -205,13 +205,14 @@ class TTLinear(TTStructured):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, in_modes: Sequence[int], out_modes: Sequence[int],
-                    eps: float | None = None, max_rank: int | None = None, strategy: str = "auto",
-                    input_gram: torch.Tensor | None = None, *, sweeps: int = 10, damping: float = 1e-6,
+                    eps: float | None = None, max_rank: int | None = None, input_gram: torch.Tensor | None = None,
+                    *, strategy: str = "auto", sweeps: int = 10, damping: float = 1e-6,
                     progress: bool = False) -> TTLinear:
         """TT-SVD of ``linear.weight`` (Oseledets 2011): ||W - W_hat||_F <= eps ||W||_F whenever
         ``max_rank`` does not bind. Each unfolding keeps the fewest singular values whose discarded
         tail has norm <= eps / sqrt(d - 1) * ||W||_F; ``max_rank`` caps every rank. ``eps=None``
-        keeps every nonzero singular value (exact up to rounding) unless capped.
+        keeps every numerically nonzero singular value (exact up to rounding) unless capped. The
+        cores share ||W|| evenly (``balanced``).
 
         With the calibration Gram ``input_gram`` G = X.T X ``(in, in)`` the TT-SVD cores (ranks as
         above) start at most ``sweeps`` sweeps of alternating least squares on the output error
@@ -220,6 +221,7 @@ class TTLinear(TTStructured):
         error. Computed in float64, stored in the Linear's dtype. Attaches ``fit_report`` (measured
         errors; ranks, and with a Gram the start's and the final output error and the ALS objective
         after every step, in its details)."""
+        cost.check_strategy(strategy, *_check_modes(in_modes, out_modes))  # before the (long) fit
         fit = fit_tt_cores(linear, in_modes, out_modes, eps, max_rank, input_gram, sweeps, damping, progress)
         ins, outs, ranks = ref.modes_of(fit.cores)
         w = fit.weight
@@ -267,7 +269,7 @@ def fit_tt_cores(linear: nn.Linear, in_modes: Sequence[int], out_modes: Sequence
         solve = None if system is None else _tt_block_solver(system)
         cores, refined = refine_weighted(cores, ref.tt_weight, w.double(), gram, sweeps, progress, damping, solve)
         details.update(refined)
-    return CoreFit(w, gram, cores, details)
+    return CoreFit(w, gram, balanced(cores), details)
 
 
 def refine_weighted(blocks: list[torch.Tensor], build: Callable[[list[torch.Tensor]], torch.Tensor],
@@ -376,7 +378,9 @@ def tt_svd(w: torch.Tensor, in_modes: tuple[int, ...], out_modes: tuple[int, ...
 
     W is reshaped to the order-d tensor with merged indices (o_k, i_k), then split left to right:
     each unfolding ``(r_{k-1} O_k I_k, rest)`` is SVD-ed and truncated to the smallest rank whose
-    discarded singular values have norm <= delta = eps ||W||_F / sqrt(d - 1), capped at max_rank.
+    discarded singular values have norm <= delta = eps ||W||_F / sqrt(d - 1), capped at max_rank;
+    ``eps=None`` keeps the numerically nonzero ones (above max(shape) x the dtype's epsilon x the
+    largest, as ``torch.linalg.matrix_rank``: rounding noise is no rank).
     """
     d = len(in_modes)
     t = w.reshape(*out_modes, *in_modes)
@@ -391,7 +395,8 @@ def tt_svd(w: torch.Tensor, in_modes: tuple[int, ...], out_modes: tuple[int, ...
         tail = torch.cat([s.flip(0).square().cumsum(0).flip(0).sqrt(), s.new_zeros(1)])
         keep = int((tail > delta).sum().clamp(min=1))
         if eps is None:
-            keep = max(int((s > 0).sum()), 1)
+            unfolding = rest.reshape(r * n, -1)
+            keep = max(int((s > s[0] * max(unfolding.shape) * torch.finfo(s.dtype).eps).sum()), 1)
         if max_rank is not None:
             keep = min(keep, max_rank)
         cores.append(u[:, :keep].reshape(r, out_modes[k], in_modes[k], keep))
@@ -399,3 +404,14 @@ def tt_svd(w: torch.Tensor, in_modes: tuple[int, ...], out_modes: tuple[int, ...
         r = keep
     cores.append(rest.reshape(r, out_modes[-1], in_modes[-1], 1))
     return cores
+
+
+def balanced(cores: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The same TT matrix with ||W|| shared evenly by the cores: each scaled by the geometric mean of
+    the cores' norms over its own (the scales multiply to 1). TT-SVD leaves it all in the last core,
+    which in a 16-bit layer can overflow where W does not."""
+    norms = [c.norm() for c in cores]
+    if not all(n > 0 for n in norms):
+        return cores
+    mean = torch.stack(norms).log().mean().exp()
+    return [c * (mean / n) for c, n in zip(cores, norms)]
