@@ -175,3 +175,43 @@ def test_gaussian_bandwidth_resets_to_the_lattice_spacing():
 def test_bias_device_dtype_positional_as_in_nn_linear(cls):
     layer = cls(16, 8, False, "cpu", torch.float64)
     assert layer.bias is None and layer(torch.randn(2, 16, dtype=torch.float64)).dtype == torch.float64
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_autocast_computes_as_the_layer_in_its_dtype(family, backend):
+    """Under autocast a layer computes what the same layer converted to autocast's dtype does: its
+    ops run with autocast off, so their fp32 intermediates stay fp32 (under fp16 autocast the
+    reference's products had run in fp16 and overflowed: inf where the fp16 layer is finite)."""
+    torch.manual_seed(7)
+    layer = FAMILIES[family]()
+    x = 30 * torch.randn(3, 12)
+    with tk.backend(backend):
+        with torch.autocast("cpu", dtype=torch.float16):
+            got = layer(x)
+            got.float().square().sum().backward()
+        grads = [p.grad.clone() for p in layer.parameters()]
+        layer.zero_grad()
+        half = layer.half()
+        want = half(x.half())
+        want.float().square().sum().backward()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for g, p in zip(grads, half.parameters()):
+        torch.testing.assert_close(g.half(), p.grad, rtol=2e-3, atol=1e-2)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_strided_bias_and_control_read_as_their_values(family):
+    """A 1-D parameter that is a strided view (a column of a matrix) gives the kernels the same
+    results as its contiguous copy: they read 1-D operands contiguous."""
+    torch.manual_seed(8)
+    layer = FAMILIES[family]()
+    x = torch.randn(3, 12)
+    with tk.backend("reference"), torch.no_grad():
+        want = layer(x)
+    for p in layer.parameters():
+        if p.dim() == 1 and p.numel() > 1:
+            p.data = torch.stack([p.data, torch.full_like(p.data, 7.0)], 1)[:, 0]
+    assert any(not p.is_contiguous() for p in layer.parameters())
+    with tk.backend("triton"), torch.no_grad():
+        torch.testing.assert_close(layer(x), want, rtol=1e-4, atol=1e-5)

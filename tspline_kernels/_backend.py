@@ -86,10 +86,19 @@ def kernels_of(package: str) -> Callable[[], ModuleType]:
     return functools.cache(lambda: importlib.import_module(f"{package}.kernels"))
 
 
+def autocast_off(args: tuple) -> contextlib.AbstractContextManager:
+    """Autocast switched off on the device of the first tensor in ``args``. An op computes in the
+    dtypes it is given (the layers pass autocast's) and keeps its own intermediates: under autocast
+    the reference's fp32 products would run in fp16 and overflow where the kernels do not."""
+    device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+    return torch.autocast(device, enabled=False)
+
+
 def register_autograd(op: CustomOpDef, backward: Callable, setup_context: Callable) -> None:
     """``op.register_autograd(backward, setup_context=...)``, with the backend in force at forward
-    time recorded in ``ctx`` and forced again while ``backward`` runs, whatever thread runs it; and
-    ``op`` made an :class:`EagerOp` running the same forward, setup and backward in eager mode."""
+    time recorded in ``ctx`` and forced again while ``backward`` runs, whatever thread runs it (and
+    autocast off, as for the forward: :meth:`EagerOp.__call__`); and ``op`` made an
+    :class:`EagerOp` running the same forward, setup and backward in eager mode."""
     def setup(ctx, inputs, output) -> None:
         ctx.tspline_backend = get_backend()
         setup_context(ctx, inputs, output)
@@ -97,6 +106,9 @@ def register_autograd(op: CustomOpDef, backward: Callable, setup_context: Callab
     def replay(ctx, *grads):
         token = _override.set(ctx.tspline_backend)  # backend(...) without a context manager's cost
         try:
+            if torch._C._is_any_autocast_enabled():
+                with autocast_off(grads):
+                    return backward(ctx, *grads)
             return backward(ctx, *grads)
         finally:
             _override.reset(token)
@@ -212,6 +224,13 @@ class EagerOp(CustomOpDef):
         op._eager_apply = super(torch.autograd.Function, op._eager_function).apply
 
     def __call__(self, *args, **kwargs):
+        """The op on ``args``, with autocast off (:func:`autocast_off`) where it is on."""
+        if torch._C._is_any_autocast_enabled():
+            with autocast_off(args):
+                return self._call(*args, **kwargs)
+        return self._call(*args, **kwargs)
+
+    def _call(self, *args, **kwargs):
         mode = None if kwargs or len(args) != self._eager_arity else eager_mode(args)
         if mode is None or (mode == "autograd" and self._eager_function is None):
             return super().__call__(*args, **kwargs)

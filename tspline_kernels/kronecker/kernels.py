@@ -213,7 +213,7 @@ def _forward(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tens
     if m > 0:
         grid = lambda meta: (cdiv(m, meta["BM"]),)  # noqa: E731
         _kron_fwd_kernel[grid](
-            x2, a, b, bias if bias is not None else y, y,
+            x2, a, b, contiguous(bias) if bias is not None else y, y,
             m, m1, n1, m2, n2, m_bucket(m),
             x2.stride(0), x2.stride(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1), m1 * m2, 1,
             HAS_BIAS=bias is not None, **sizes, PRECISION=dot_precision(x.dtype),

@@ -30,7 +30,8 @@ import torch
 
 from .._layers import cast
 from .._rescale import narrow
-from .._triton import SplitSlots, cdiv, check_inputs, configs, dot_dim, dot_precision, flatten, m_bucket, tl, triton
+from .._triton import (SplitSlots, cdiv, check_inputs, configs, contiguous, dot_dim, dot_precision, flatten, m_bucket,
+                       tl, triton)
 from ..reference import lowrank as ref
 
 
@@ -224,7 +225,7 @@ def lowrank_linear(
     if m > 0:
         grid = lambda meta: (cdiv(m, meta["BM"]), meta["N_SPLIT"])  # noqa: E731
         _lowrank_fwd_kernel[grid](
-            x2, a, b, bias if bias is not None else y, y, t,
+            x2, a, b, contiguous(bias) if bias is not None else y, y, t,
             m, k, n, r, m_bucket(m),
             x2.stride(0), x2.stride(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1), n, 1,
             HAS_BIAS=bias is not None, RP=pad_rank(r), PRECISION=dot_precision(x.dtype),

@@ -22,8 +22,8 @@ from typing import NamedTuple
 
 import torch
 
-from .._triton import (SplitSlots, cdiv, check_inputs, configs, dot_dim, dot_precision, flatten, grouped_pid, m_bucket, next_pow2,
-                       sliced_gemm, tl, triton)
+from .._triton import (SplitSlots, cdiv, check_inputs, configs, contiguous, dot_dim, dot_precision, flatten, grouped_pid,
+                       m_bucket, next_pow2, sliced_gemm, tl, triton)
 from ..reference import spline as ref
 from ..reference.common import bias_grad
 from ..reference.spline import EXP_FLOOR, GAUSSIAN, GAUSSIAN_EPS, IDW, IDW_EPS, SIGMA_MIN
@@ -357,7 +357,7 @@ def _output_pass(part: torch.Tensor, bi: BasisWindows, stride: int, control: tor
     bo = basis_windows(out_features, g_out, kind, OUT_TILE, torch.float32, y2.device)
     res = y2 if r2 is None else r2
     _separable_out_kernel[lambda meta: (cdiv(m, meta["BM"]), meta["N_SPLIT"])](
-        part, bi.start, control, bo.table, bo.start, bias if bias is not None else y2, res, y2,
+        part, bi.start, control, bo.table, bo.start, contiguous(bias) if bias is not None else y2, res, y2,
         y2 if u is None else u,
         m, bi.chunks, out_features, g_in, g_out, bucket, *control.stride(), *res.stride(), *y2.stride(),
         0 if u is None else u.stride(0),
@@ -785,9 +785,11 @@ class Field:
     rho: float
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The kernels' (control, lattice, log_bandwidth) pointers; the lattice stands in for an absent
-        log_bandwidth (never read: only the Gaussian loads it)."""
-        return self.control, self.lattice, self.lattice if self.log_bandwidth is None else self.log_bandwidth
+        """The kernels' (control, lattice, log_bandwidth) pointers, contiguous (the kernels read them
+        so); the lattice stands in for an absent log_bandwidth (never read: only the Gaussian loads it)."""
+        lattice = contiguous(self.lattice)
+        return (contiguous(self.control), lattice,
+                lattice if self.log_bandwidth is None else contiguous(self.log_bandwidth))
 
     def geometry(self) -> tuple[int, float, float, float]:
         """The kernels' (N_PTS, step_out, step_in, rho2): lattice size, weight spacing along each
@@ -836,7 +838,7 @@ def _field_matmul(a: torch.Tensor, field: Field, bias: torch.Tensor | None, tran
         n_pts, step_out, step_in, rho2 = field.geometry()
         grid = lambda meta: (cdiv(m, meta["BM"]) * cdiv(n, meta["BN"]),)  # noqa: E731
         _field_matmul_kernel[grid](
-            a2, *field.tensors(), bias if bias is not None else out2, out2,
+            a2, *field.tensors(), contiguous(bias) if bias is not None else out2, out2,
             m, n, k, n_pts, m_bucket(m), step_out, step_in, rho2, *a2.stride(), *out2.stride(),
             BASIS=field.basis, LOCAL=field.rho > 0, TRANSPOSE=transpose, HAS_BIAS=bias is not None,
             PRECISION=dot_precision(a.dtype),

@@ -87,8 +87,8 @@ from typing import NamedTuple
 import torch
 
 from .._layers import cast
-from .._triton import (INTERPRET, SplitSlots, cdiv, check_inputs, dot_precision, flatten, m_bucket, sliced_gemm,
-                       SlotSums, slot_sum, slot_sums)
+from .._triton import (INTERPRET, SplitSlots, cdiv, check_inputs, contiguous, dot_precision, flatten, m_bucket,
+                       sliced_gemm, SlotSums, slot_sum, slot_sums)
 from ..reference import tt as ref
 from . import cost
 from .chain import _chain_grad_kernel, _chain_kernel, config_keys, launch_tiles
@@ -176,7 +176,7 @@ def chain_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None,
         return cdiv(m, meta["BM"]), cdiv(out_modes[0], plan.no[0]), cdiv(out_modes[1], plan.no[1]) * splits
 
     _chain_kernel[grid](
-        x2, tuple(c.t for c in cores), bias if bias is not None else out, out,
+        x2, tuple(c.t for c in cores), contiguous(bias) if bias is not None else out, out,
         m, m_bucket(m), x2.stride(0), x2.stride(1), 0 if slots is None else out.stride(0), out.stride(-2),
         out.stride(-1), **launch.consts,
     )
@@ -301,7 +301,7 @@ def _step(state: State, step: Step, last: bool = False, bias: torch.Tensor | Non
     core = step.core
     grid = lambda meta: (cdiv(p, meta["BP"]), cdiv(n, meta["BN"]))  # noqa: E731
     _step_kernel[grid](
-        state.t, core.t, bias if bias is not None else out, out,
+        state.t, core.t, contiguous(bias) if bias is not None else out, out,
         n, step.cols, p, j, core.t.shape[3], core.i, 1 if bias is None else bias.shape[0], m_bucket(n),
         state.batch_stride, state.stride, *core.t.stride(), *core.axes(),
         SPLINE=core.spline, TRANSPOSED=step.transposed, HAS_BIAS=bias is not None,
@@ -356,7 +356,7 @@ def kronsum_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | Non
     if m > 0:
         m1p, n1p, m2p, n2p = plan.padded
         _kronsum_kernel[lambda meta: (cdiv(m, meta["BM"]),)](
-            x2, a, b, bias if bias is not None else y, y,
+            x2, a, b, contiguous(bias) if bias is not None else y, y,
             m, r, m1, n1, m2, n2, m_bucket(m), x2.stride(0), x2.stride(1), y.stride(0), y.stride(1),
             a.stride(1), a.stride(2), a.stride(3), b.stride(0), b.stride(1), b.stride(2),
             HAS_BIAS=bias is not None, M1P=m1p, N1P=n1p, M2P=m2p, N2P=n2p, PRECISION=dot_precision(x2.dtype),
@@ -481,7 +481,7 @@ def _rebuild(x2: torch.Tensor, head: torch.Tensor, last: torch.Tensor, bias: tor
     tl_ = rebuild_tiles(o_d, i_d, r)
     grid = lambda meta: (cdiv(m, meta["BM"]) * cdiv(o_h, tl_.po),)  # noqa: E731
     _rebuild_kernel[grid](
-        x2, head, last, bias if bias is not None else y, y,
+        x2, head, last, contiguous(bias) if bias is not None else y, y,
         m, o_h, i_h, o_d, i_d, r, m_bucket(m),
         x2.stride(0), x2.stride(1), y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, PRECISION=state_args(x2.dtype)["PRECISION"],
