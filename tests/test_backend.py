@@ -164,3 +164,17 @@ def test_grad_dtype_is_the_parameters_common_dtype():
     bf16, fp32 = torch.bfloat16, torch.float32
     assert grad_dtype(fp32, torch.ones(2, dtype=bf16), None, bf16) == bf16
     assert grad_dtype(fp32, torch.ones(2, dtype=bf16), torch.ones(2, dtype=torch.float16)) == fp32
+
+
+@pytest.mark.parametrize("transform", ["jvp", "jacfwd"])
+def test_forward_mode_transforms_raise_instead_of_zero_tangents(transform):
+    """The ops define a backward formula only: forward-mode ``torch.func`` transforms raise rather
+    than give zero tangents silently; reverse mode by autograd is unaffected."""
+    import tspline_kernels as tk
+
+    layer, x = tk.LowRankLinear(8, 4, 2), torch.randn(8)
+    run = {"jvp": lambda: torch.func.jvp(layer, (x,), (x,)), "jacfwd": lambda: torch.func.jacfwd(layer)(x)}[transform]
+    with pytest.raises(NotImplementedError, match="forward-mode AD"):
+        run()
+    jac = torch.autograd.functional.jacobian(layer, x)
+    torch.testing.assert_close(jac, layer.materialize().detach())

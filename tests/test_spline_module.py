@@ -97,7 +97,7 @@ def test_autocast_runs_in_autocast_dtype():
         # floats and strings were truncated by int(); bools and NaN slipped through
         (dict(grid=(4.7, 5.9)), TypeError, r"grid\[0\].*must be an int"),
         (dict(grid=("4", "5")), TypeError, r"grid\[0\].*must be an int"),
-        (dict(grid="45"), ValueError, "pair"),
+        (dict(grid="45"), TypeError, "pair"),
         (dict(grid=(True, 5)), TypeError, "must be an int"),
         (dict(grid=(5, 6, 7)), ValueError, "pair"),
         (dict(grid=(4, -5)), ValueError, r"grid\[1\].*>= 4"),
@@ -138,7 +138,8 @@ def test_integer_like_arguments_are_accepted():
         (dict(fine_grid=(4.7, 8)), TypeError, r"fine_grid\[0\].*must be an int"),
         (dict(coarse_grid=("4", "5")), TypeError, r"coarse_grid\[0\].*must be an int"),
         (dict(coarse_grid=(3, 4)), ValueError, r"coarse_grid\[0\].*>= 4"),
-        (dict(fine_grid=8), ValueError, "fine_grid must be a pair"),
+        (dict(fine_grid=8), TypeError, "fine_grid must be a pair"),
+        (dict(fine_grid=(8, 8, 8)), ValueError, "fine_grid must be a pair"),
         (dict(bias=1), TypeError, "bias must be True or False"),
     ],
 )

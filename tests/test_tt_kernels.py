@@ -991,3 +991,17 @@ def test_kronsum_backward_policy_and_launches(dtype, monkeypatch):
     # MERGE_GRAD_OPS per core (and a cast of 16-bit cores), at most one too many per core
     counted, made = cost.grad_cost("contract", m, *e8, dtype.itemsize).launches, len(launches) + torch_ops.count
     assert made <= counted <= made + 4
+
+def test_step_kernel_grids_stay_within_cuda_limits():
+    """The step kernel's columns (M x O_<k x I_>k, ~1000 x M) run on grid axis 0 (2^31 - 1
+    programs); axes 1 and 2 stay within CUDA's 65535. Shapes only (meta tensors, launches
+    stubbed): fp16 (8, 8, 64) rank 32 at 8192 rows takes the steps path and had put 65536 programs
+    on axis 1."""
+    cores = kernels.plain_cores([torch.empty(r0, o, i, r1, device="meta", dtype=torch.float16)
+                                 for o, i, r0, r1 in zip((8, 8, 64), (8, 8, 64), (1, 32, 32), (32, 32, 1))])
+    x = torch.empty(8192, 4096, device="meta", dtype=torch.float16)
+    with stubbed_launches() as launches:
+        kernels.steps_linear(x, cores, None)
+    steps = [launch.grid for launch in launches if launch.kernel == "_step_kernel"]
+    assert len(steps) == 3 and all(max(grid[1:]) <= 65535 for grid in steps)
+    assert max(grid[0] for grid in steps) > 65535

@@ -117,6 +117,15 @@ def register_autograd(op: CustomOpDef, backward: Callable, setup_context: Callab
     EagerOp.install(op, setup, replay)
 
 
+def _forward_mode() -> bool:
+    """Whether a forward-mode ``torch.func`` transform (``jvp``, ``jacfwd``) is active: a custom op
+    with only a backward formula would give it zero tangents without a word."""
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return any(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters())
+
+
 _PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
 _SCALARS = (bool, int, float, str)
 
@@ -233,6 +242,9 @@ class EagerOp(CustomOpDef):
     def _call(self, *args, **kwargs):
         mode = None if kwargs or len(args) != self._eager_arity else eager_mode(args)
         if mode is None or (mode == "autograd" and self._eager_function is None):
+            if torch._C._are_functorch_transforms_active() and _forward_mode():
+                raise NotImplementedError(f"{self._name}: forward-mode AD (torch.func.jvp, jacfwd) is not supported: "
+                                          "the ops define a backward formula only (torch.autograd or torch.func.vjp)")
             return super().__call__(*args, **kwargs)
         if mode == "direct":
             return self._init_fn(*args)

@@ -77,8 +77,11 @@ def check_count(name: str, value, minimum: int, why: str = "") -> int:
 
 
 def check_grid(grid, name: str = "grid") -> tuple[int, int]:
-    """A cubic B-spline grid ``(G_out, G_in)``: two ints >= 4."""
-    if isinstance(grid, (str, bytes)) or not hasattr(grid, "__len__") or len(grid) != 2:
+    """A cubic B-spline grid ``(G_out, G_in)``: two ints >= 4 (a TypeError for what is not a
+    sequence, a ValueError for a sequence of another length)."""
+    if isinstance(grid, (str, bytes)) or not hasattr(grid, "__len__"):
+        raise TypeError(f"{name} must be a pair (G_out, G_in), got {grid!r} ({type(grid).__name__})")
+    if len(grid) != 2:
         raise ValueError(f"{name} must be a pair (G_out, G_in), got {grid!r}")
     why = " (a cubic B-spline needs at least 4 control points per axis)"
     return tuple(check_count(f"{name}[{axis}]", g, 4, why) for axis, g in enumerate(grid))

@@ -368,5 +368,5 @@ def _slot_sum_kernel(part_ptr, outs, regions, BLOCK: tl.constexpr):
             src = part_ptr + offset + a * s0 + b * s1 + c * s2 + e
             acc = tl.zeros((BLOCK,), tl.float32)
             for s in range(slots):
-                acc += tl.load(src + s * slot_size, mask=mask, other=0.0).to(tl.float32)
+                acc += tl.load(src + tl.full((), s, tl.int64) * slot_size, mask=mask, other=0.0).to(tl.float32)
             tl.store(outs[j] + offs, acc.to(outs[j].dtype.element_ty), mask=mask)

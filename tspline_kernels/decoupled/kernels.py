@@ -109,6 +109,7 @@ def _unit_block(x_ptr, v_ptr, coef_ptr, lo_ptr, hi_ptr, rm, m_mask, r0, K, R, KB
     scale = top / (hi - lo)
     v = (z - lo[None, :]) * scale[None, :]
     vc = clamp(v, 0.0, top)
+    vc = tl.where(vc == vc, vc, 0.0)  # a NaN z (a NaN input) takes span 0, a valid index; e = v - vc stays NaN
     c0, c1, c2, c3, b0, b1, b2, b3 = basis_taps(vc, 1.0, top, BSPLINE_KIND)
     row = coef_ptr + rr[None, :] * stride_cr
     k0 = tl.load(row + c0 * stride_ck, mask=r_mask[None, :], other=0.0).to(tl.float32)

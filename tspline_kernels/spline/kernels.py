@@ -404,7 +404,7 @@ def _separable_dc_kernel(
     else:
         t = _gather_windows(pin_ptr, start_in_ptr, rm, m_mask, M, S_IN, GIP, W_IN, BM, PS_IN)
     part = tl.dot(tl.trans(du), t, input_precision="ieee")
-    tl.store(part_ptr + pid * G_OUT * G_IN + rp[:, None] * G_IN + rq[None, :], part.to(part_ptr.dtype.element_ty),
+    tl.store(part_ptr + pid.to(tl.int64) * G_OUT * G_IN + rp[:, None] * G_IN + rq[None, :], part.to(part_ptr.dtype.element_ty),
              mask=(rp < G_OUT)[:, None] & (rq < G_IN)[None, :])
 
 

@@ -20,7 +20,7 @@ def _check_core_grids(grid, d: int) -> tuple[tuple[int, int], ...]:
     sequence of d pairs (numpy / torch ints accepted; floats, strings and bools refused)."""
     def sequence(g) -> list:
         if isinstance(g, (str, bytes, Mapping)) or not hasattr(g, "__getitem__") or not hasattr(g, "__len__"):
-            raise ValueError(f"grid must be a pair (G_out, G_in) or {d} such pairs, got {grid!r}")
+            raise TypeError(f"grid must be a pair (G_out, G_in) or {d} such pairs, got {grid!r} ({type(grid).__name__})")
         return list(g)
 
     items = sequence(grid)

@@ -299,7 +299,7 @@ def _step(state: State, step: Step, last: bool = False, bias: torch.Tensor | Non
     if n == 0:
         return out
     core = step.core
-    grid = lambda meta: (cdiv(p, meta["BP"]), cdiv(n, meta["BN"]))  # noqa: E731
+    grid = lambda meta: (cdiv(n, meta["BN"]), cdiv(p, meta["BP"]))  # noqa: E731
     _step_kernel[grid](
         state.t, core.t, contiguous(bias) if bias is not None else out, out,
         n, step.cols, p, j, core.t.shape[3], core.i, 1 if bias is None else bias.shape[0], m_bucket(n),

@@ -33,8 +33,8 @@ def _step_kernel(
     FLOPs 2 P J N (tensor cores; + 32 P J cdiv(N, BN) tap FMAs with ``SPLINE``).
     Bytes elt * (J N cdiv(P, BP) + P N + P J cdiv(N, BN)).
     """
-    pid_p = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_n = tl.program_id(0)  # the columns (M x O_<k x I_>k, up to ~1000 x M) on axis 0: 2^31 - 1 programs, not 65535
+    pid_p = tl.program_id(1)
     rp = pid_p * BP + tl.arange(0, BP)
     rn = pid_n * BN + tl.arange(0, BN)
     n_mask = rn < N
