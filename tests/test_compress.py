@@ -491,3 +491,20 @@ def test_a_kronecker_row_shows_the_bias_error():
     assert row.weight_error < 1e-5 and "bias error" in row.structure
     error = float(row.structure.rpartition("bias error ")[2])
     assert error == pytest.approx(model[0].fit_report.details["bias_error"], rel=1e-2) and error > 0.1
+
+
+def test_auto_without_calibration_scores_kronecker_bias_error():
+    """Without calibration Auto scores a candidate by ||(W, b) - (W_hat, b_hat)|| / ||W||: a layer
+    whose weight is exactly a Kronecker product but whose large bias the per-mode biases cannot
+    hold is not scored as exact (it had been, by the weight error alone)."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(16, 16))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.kron(torch.randn(4, 4), torch.randn(4, 4)))
+        model[0].bias.copy_(3 * model[0].weight.norm() * torch.nn.functional.normalize(torch.randn(16), dim=0))
+    linear = model[0]
+    config = tk.Auto(ratio=4, formats=("kronecker",))
+    error = config._options(linear, None)[1][3]  # (family, spec, params, squared error), dense first
+    bias_error = tk.KroneckerLinear.from_linear(linear, (4, 4), (4, 4)).fit_report.details["bias_error"]
+    assert bias_error > 0.1
+    assert error == pytest.approx((bias_error * 3) ** 2, rel=1e-3)

@@ -356,7 +356,9 @@ def _check_formats(formats) -> tuple[str, ...]:
 class Auto:
     """Format and size chosen per layer to minimise the summed squared calibrated output error
     sum_l ||(W_l - W_hat_l) X_l^T||^2 / ||W_l X_l^T||^2 (each layer relative to its own output
-    energy; the weight error without calibration) under one budget: the targeted Linears keep at
+    energy; without calibration the weight error, with the bias error Kronecker's per-mode biases
+    leave in units of ||W||, as ||(W, b) - (W_hat, b_hat)|| / ||W||; with calibration that bias error
+    is not scored: the Gram does not hold the inputs' mean) under one budget: the targeted Linears keep at
     most (their dense parameters) / ``ratio`` parameters in total. Keeping a layer dense is always
     an option. Low rank is scored at every rank from one SVD; TT and spline are fitted at each of
     ``candidate_ratios()`` (per-layer ratios), Kronecker at its one size. The cost is dominated by
@@ -439,6 +441,8 @@ class Auto:
                 new = family.fit(linear, spec, gram)
                 rep = new.fit_report
                 error = (rep.relative_error if gram is None else rep.output_error) ** 2
+                if gram is None and linear.bias is not None:  # Kronecker's biases fit the bias in least squares
+                    error += (rep.details.get("bias_error", 0.0) * _ratio_of_norms(linear.bias, linear.weight)) ** 2
                 dominated = any(p <= new.num_parameters() and e <= error for _, _, p, e in options)
                 options.append((family, spec, new.num_parameters(), error))
                 if dominated and self.prune:
@@ -833,6 +837,12 @@ def _targets_and_grams(model: nn.Module, calibration, include, exclude, min_feat
         except (TypeError, ValueError) as e:
             raise type(e)(f"the calibration of {name!r}: {e}") from None
     return targets, grams
+
+
+def _ratio_of_norms(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a|| / ||b|| (Frobenius, float64): a relative bias error in units of ||W||, so that without a
+    Gram a candidate's error is ||(W, b) - (W_hat, b_hat)||_F / ||W||_F."""
+    return (a.detach().double().norm() / b.detach().double().norm().clamp_min(1e-300)).item()
 
 
 def _fit(linear: nn.Linear, family, spec: Spec | str, gram: torch.Tensor | None
