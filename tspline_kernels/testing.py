@@ -51,9 +51,12 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
 def assert_compiles_like_eager(model: torch.nn.Module, x: torch.Tensor, backends=("reference", "triton")) -> None:
     """``torch.compile(model, fullgraph=True)`` matches eager in output and in the gradients of ``x``
     and every parameter, with each backend forced (the op picks its backend at run time, inside the
-    compiled graph)."""
+    compiled graph). Dynamo's caches are reset first: the entries other models compiled earlier in
+    the process left on the same code objects (``nn.Sequential.forward``) count against its
+    recompile limit, which under ``fullgraph=True`` is an error."""
     from ._backend import backend
 
+    torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True)
     params = [x, *model.parameters()]
     y_eager = model(x)
