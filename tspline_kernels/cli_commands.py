@@ -22,8 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._fit import output_error
-from ._layers import CompressedLinear
+from ._layers import CompressedLinear, fit_report
 from .calibration import Calibration, calibrate, with_progress
 from .compress import (DENSE, Auto, CompressionReport, Kronecker, LayerReport, LowRank, Spline, TensorTrain,
                        allocate, compress_, config_for)
@@ -177,11 +176,10 @@ def remeasured(report: CompressionReport, model: nn.Module, original: nn.Module,
         if row.format == DENSE:
             rows.append(row)
             continue
-        weight = original.get_submodule(row.name).weight.detach().double()
-        approx = model.get_submodule(row.name).materialize().detach().double().to(weight.device)
-        error = (torch.linalg.vector_norm(approx - weight) / torch.linalg.vector_norm(weight).clamp_min(1e-300)).item()
-        out = None if calibration is None else output_error(weight, approx, calibration[row.name].gram)
-        rows.append(replace(row, weight_error=error, output_error=out))
+        gram = None if calibration is None else calibration[row.name].gram
+        fit = fit_report("healed", original.get_submodule(row.name).weight.detach(), model.get_submodule(row.name),
+                         gram)
+        rows.append(replace(row, weight_error=fit.relative_error, output_error=fit.output_error))
     return replace(report, layers=tuple(rows))
 
 
