@@ -102,7 +102,10 @@ def kron_factors(factors: Sequence[torch.Tensor]) -> torch.Tensor:
     """A_1 (x) ... (x) A_N ``(prod out_k, prod in_k)`` for a non-empty list, row-major mode indices."""
     out = factors[0]
     for f in factors[1:]:
-        out = torch.kron(out, f)
+        # the outer product reshaped, not torch.kron: kron raises a view error for a non-contiguous
+        # (e.g. transposed) operand
+        (m1, n1), (m2, n2) = out.shape, f.shape
+        out = (out[:, None, :, None] * f[None, :, None, :]).reshape(m1 * m2, n1 * n2)
     return out
 
 

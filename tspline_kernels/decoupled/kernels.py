@@ -242,7 +242,8 @@ def _decoupled_bwd_kernel(
                 stride_xm, stride_xk, stride_vk, stride_vr, stride_cr, stride_ck, PRECISION, BM, BR, BK)
             u = _project(dy_ptr, w_ptr, rm, m_mask, rr, r_mask, N_OUT, stride_gm, stride_gn, stride_wn, stride_wr,
                          PRECISION, BM, BR, BK)
-            d0, d1, d2, d3 = _slopes(vc, top)
+            # slopes at v_c, NaN where z is NaN (e is NaN exactly there: vc took span 0 only for the index)
+            d0, d1, d2, d3 = _slopes(tl.where(e == e, vc, e), top)
             # values with the linear extrapolation: B_j(v_c) + B_j'(v_c) (v - v_c)
             b0 += d0 * e
             b1 += d1 * e
@@ -267,7 +268,10 @@ def _decoupled_bwd_kernel(
                 for k in range(0, KB):
                     tap = k - c0
                     hit = tl.where(tap == 0, b0, tl.where(tap == 1, b1, tl.where(tap == 2, b2, tl.where(tap == 3, b3, 0.0))))
-                    total = tl.load(slot + k, mask=added, other=0.0) + tl.sum(u * hit, axis=0)
+                    # selected after the product: an inf / NaN u (from dy) reaches only the four
+                    # columns its row touches, as the reference's index_add (u * 0 would be NaN in all)
+                    hit = tl.where((tap >= 0) & (tap < 4), u * hit, 0.0)
+                    total = tl.load(slot + k, mask=added, other=0.0) + tl.sum(hit, axis=0)
                     tl.store(slot + k, total, mask=r_mask)
                     tl.store(dcoef_out_ptr + rr * KB + k, total.to(dcoef_out_ptr.dtype.element_ty), mask=final)
         if NEED_DX:

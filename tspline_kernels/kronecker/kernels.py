@@ -290,7 +290,10 @@ def _gate(mu, w1_ptr, b1_ptr, w2_ptr, b2_ptr, N, H, NP: tl.constexpr, HP: tl.con
     j = tl.arange(0, HP)
     _, u = _gate_hidden(mu, w1_ptr, b1_ptr, N, H, NP, HP)
     w2 = tl.load(w2_ptr + j, mask=j < H, other=0.0).to(tl.float32)
-    g = tl.sigmoid(tl.sum(tl.maximum(u, 0.0) * w2, 0) + tl.load(b2_ptr).to(tl.float32))
+    # ReLU that keeps a NaN (tl.maximum's default is fmax: relu(NaN) would be 0, a finite gate the
+    # reference, torch.relu, never computes)
+    g = tl.sigmoid(tl.sum(tl.maximum(u, 0.0, propagate_nan=tl.PropagateNan.ALL) * w2, 0)
+                   + tl.load(b2_ptr).to(tl.float32))
     if HARD:
         g = tl.where(g > 0.5, 1.0, 0.0)
     return g
@@ -445,8 +448,9 @@ def _mode_grad(
             w1, u = _gate_hidden(mu, w1_ptr, b1_ptr, N, H, NP, HP)
             w2 = tl.load(w2_ptr + j, mask=j < H, other=0.0).to(tl.float32)
             dz = dg * g * (1 - g)
-            du = tl.where(u > 0, dz * w2, 0.0)
-            tl.store(gw2_ptr + j, (dz * tl.maximum(u, 0.0)).to(gw2_ptr.dtype.element_ty), mask=j < H)
+            du = tl.where(u <= 0, 0.0, dz * w2)  # as torch's ReLU backward: a NaN u passes the gradient
+            relu = tl.maximum(u, 0.0, propagate_nan=tl.PropagateNan.ALL)
+            tl.store(gw2_ptr + j, (dz * relu).to(gw2_ptr.dtype.element_ty), mask=j < H)
             tl.store(gb2_ptr, dz.to(gb2_ptr.dtype.element_ty))
             tl.store(gb1_ptr + j, du.to(gb1_ptr.dtype.element_ty), mask=j < H)
             tl.store(gw1_ptr + j[:, None] * N + i[None, :], (du[:, None] * mu[None, :]).to(gw1_ptr.dtype.element_ty),
