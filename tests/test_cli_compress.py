@@ -402,8 +402,11 @@ def test_plot_refuses_what_it_cannot_draw_with_a_usage_error(tmp_path, every_fam
     tk.save_compressed(block, decoupled)
     (tmp_path / "empty.json").write_text("{}")
     (tmp_path / "list.json").write_text("[1, 2]")
+    gated = tmp_path / "gated.safetensors"
+    tk.save_compressed(nn.Sequential(tk.KroneckerLinear((2, 3), (3, 2), gated=True)), gated)
     for argv, message in [
         ([str(decoupled), "--layer", "0"], "layer '0' is a DecoupledSplineMLP, which has no weight matrix to draw"),
+        ([str(gated), "--layer", "0"], "layer '0' is a KroneckerLinear, which has no weight matrix to draw"),
         ([every_family], "is not a bench results file"),  # a compressed model file without --layer
         ([str(tmp_path / "missing.json")], "no such file"),
         ([str(tmp_path / "empty.json")], "no 'meta' object and non-empty 'rows' list"),

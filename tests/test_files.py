@@ -601,3 +601,54 @@ def test_save_refuses_fsdp2_shards_clearly(tmp_path):
         assert not (tmp_path / "m.safetensors").exists()
     finally:
         dist.destroy_process_group()
+
+
+# ---- regressions (review) -------------------------------------------------------------------------
+def test_loaded_tensors_do_not_share_the_files_pages(tmp_path):
+    """A save to the same path after loading must not change the loaded model (safe_open's tensors
+    are views of the mapped file), and loaded tensors are fresh, aligned allocations."""
+    path = tmp_path / "m.safetensors"
+    torch.manual_seed(0)
+    a, b = (nn.Sequential(tk.LowRankLinear(64, 64, 8), nn.Linear(64, 8)) for _ in range(2))
+    tk.save_compressed(a, path)
+    restored = tk.load_compressed(nn.Sequential(nn.Linear(64, 64, device="meta"), nn.Linear(64, 8, device="meta")), path)
+    with tk.open_compressed(path) as f:
+        lazy = f.load_layer("0")
+    x = torch.randn(1, 64)
+    tk.save_compressed(b, path)
+    assert torch.equal(restored(x), a(x)) and torch.equal(lazy(x), a[0](x))
+    assert all(t.data_ptr() % 16 == 0 for t in restored.state_dict().values() if t.numel())
+
+
+def test_a_layer_is_not_put_in_place_of_a_module_that_is_no_linear(tmp_path):
+    path = tmp_path / "m.safetensors"
+    tk.save_compressed(nn.Sequential(tk.LowRankLinear(16, 16, 4), nn.ReLU(), nn.Linear(16, 4)), path)
+    other = nn.Sequential(nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 4))
+    state = snapshot(other)
+    with pytest.raises(ValueError, match="layer '0': the model holds a LayerNorm there"):
+        tk.load_compressed(other, path)
+    assert_same_model(other, *state)
+
+
+def test_a_tensor_tied_across_compressed_layers_is_tied_again(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(tk.LowRankLinear(8, 8, 2), nn.ReLU(), tk.LowRankLinear(8, 8, 2))
+    model[2].V = model[0].V
+    tk.save_compressed(model, tmp_path / "m.safetensors")
+    fresh = tk.load_compressed(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)), tmp_path / "m.safetensors")
+    assert fresh[2].V is fresh[0].V and torch.equal(fresh[0].V, model[0].V)
+
+
+def test_save_refuses_to_delete_a_checkpoint_it_did_not_write(tmp_path):
+    for k in (1, 2):
+        save_file({f"w{k}": torch.randn(4)}, str(tmp_path / f"model-0000{k}-of-00002.safetensors"))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"w1": "model-00001-of-00002.safetensors", "w2": "model-00002-of-00002.safetensors"}}))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    model = nn.Sequential(tk.LowRankLinear(8, 8, 2))
+    with pytest.raises(FileExistsError, match="not written by tspline-kernels"):
+        tk.save_compressed(model, tmp_path / "model.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    tk.save_compressed(model, tmp_path / "mine.safetensors", max_shard_size=64)  # its own index: replaced as before
+    tk.save_compressed(model, tmp_path / "mine.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before + ["mine.safetensors"])

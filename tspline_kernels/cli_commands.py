@@ -428,7 +428,7 @@ def plot_layer(path: str, name: str, out: str | None = None) -> Path:
     else:
         try:
             weight = layer.materialize()
-        except NotImplementedError:
+        except (NotImplementedError, RuntimeError):  # DecoupledSplineMLP; a gated KroneckerLinear
             raise ValueError(f"layer {name!r} is a {type(layer).__name__}, which has no weight matrix to draw "
                              "(it is not one linear map)") from None
         fig, ax = plt.subplots(figsize=(8, 4.5))

@@ -256,6 +256,7 @@ def save_compressed(model: nn.Module, path, report=None, max_shard_size=None, *,
     st = _need("safetensors.torch")
     limit = _shard_bytes(max_shard_size)
     fs, root, _ = _filesystem(path)
+    _check_previous(fs, root)
     compressed = _outermost_compressed(model)
     absorbed = _absorbed(model, compressed)
     layers = {name: _layer_record(name, m, absorbed.get(name)) for name, m in compressed.items()}
@@ -299,6 +300,21 @@ def _write(fs, path: str, data: bytes) -> None:
         f.write(data)
 
 
+def _check_previous(fs, root: str) -> None:
+    """Refuse to save at ``root`` when an index beside it was not written by tspline-kernels (a
+    Hugging Face checkpoint's): replacing it would delete that index and every shard it names."""
+    index = root + INDEX_SUFFIX
+    if not fs.isfile(index):
+        return
+    try:
+        ours = _KEY in json.loads(fs.cat_file(index))["metadata"]
+    except (ValueError, KeyError, TypeError):
+        ours = False
+    if not ours:
+        raise FileExistsError(f"{index} exists and was not written by tspline-kernels: saving to {root} would "
+                              "delete it and the shards it names; choose another path")
+
+
 def _remove_previous(fs, root: str, keep: set[str]) -> None:
     """Remove what a previous save left at ``root`` (the file, or the index and its shards) and
     the new save did not overwrite (``keep``)."""
@@ -333,6 +349,7 @@ class StreamingWriter:
         if self._limit is None:
             raise ValueError("max_shard_size must be given: it bounds the memory the writer holds")
         self._fs, self._root, _ = _filesystem(path)
+        _check_previous(self._fs, self._root)
         self._stem = self._root[self._root.rfind("/") + 1:].removesuffix(".safetensors")
         self._layers: dict[str, dict] = {}
         self._records: dict[str, dict] = {}
@@ -645,7 +662,9 @@ class CompressedFile:
         info = self.tensors[name]
         handle = self._handle(info.shard)
         try:
-            t = handle.get_tensor(name)
+            # copied out of the mapping: a tensor safe_open returns is a view of the file's pages, so
+            # a later write to the file (a save to the same path) would change the loaded model
+            t = handle.get_tensor(name).clone()
         except _need("safetensors").SafetensorError as e:
             raise ValueError(f"{info.shard}: cannot read tensor {name!r}: {e}") from e
         if _dtype_name(t) != info.dtype or tuple(t.shape) != info.shape:
@@ -826,6 +845,10 @@ def _targets(model: nn.Module, f: CompressedFile, names: list[str], strict: bool
                                     "strict=False skips it") from None
             continue
         shape = (getattr(second, "out_features", getattr(old, "out_features", None)), getattr(old, "in_features", None))
+        whole_block = info.absorbs or info.class_name == "DecoupledSplineMLP"  # may replace a module holding a block
+        if not whole_block and not isinstance(old, (nn.Linear, CompressedLinear)):
+            raise ValueError(f"layer {name!r}: the model holds a {type(old).__name__} there, not the nn.Linear "
+                             f"(or compressed layer) the file's {info.class_name} replaces")
         if None not in shape and shape != info.shape:
             what = type(old).__name__ if second is None else f"block {name} .. {info.absorbs['second']}"
             raise ValueError(f"layer {name!r}: the model's {what} is {shape[0]}x{shape[1]}, the "
@@ -907,7 +930,9 @@ def load_compressed(model: nn.Module, path, strict: bool = True, include: str | 
             modules.update(dict.fromkeys(held, layer))
             info = f.layer(name)
             modules.update({path: Absorbed(layer, role, info.dense_params) for role, path in info.absorbs.items()})
-        aliases = {a: t for a, t in f.aliases.items() if a in plain}
+        # ties among plain tensors, and ties between different layers (or a layer and a plain tensor)
+        loaded = set(plain).union(*(f.layer_tensors(name) for name in places))
+        aliases = {a: t for a, t in f.aliases.items() if a in loaded and t in loaded}
     _swap(model, modules, {k: tensors[k].to(_home(kept[k])) for k in plain}, aliases)
     return model
 
