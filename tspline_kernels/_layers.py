@@ -57,6 +57,24 @@ def fit_report(method: str, dense: torch.Tensor, layer: CompressedLinear, input_
     return FitReport(method, err.item(), layer.dense_parameters(), layer.num_parameters(), details, out)
 
 
+def full_value(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or the whole value of a sharded ``DTensor`` (FSDP2's parameters: an all-gather, so
+    every rank must call it). Initialisers that scale by a statistic of the whole weight read it
+    here: DTensor refuses to mix with the plain basis tensors, and a shard's statistic differs per rank."""
+    full = getattr(t, "full_tensor", None)
+    return t if full is None else full()
+
+
+def assign_(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``param.copy_(value)`` for a whole ``value`` the same on every rank; a sharded ``DTensor``
+    parameter takes its own shard of it."""
+    mesh = getattr(param, "device_mesh", None)
+    if mesh is None:
+        return param.copy_(value)
+    from torch.distributed.tensor import distribute_tensor
+    return param.copy_(distribute_tensor(value.to(device=param.device, dtype=param.dtype), mesh, param.placements))
+
+
 def cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """``t.to(dtype)`` (None stays None) without the dispatch when ``t`` already has ``dtype``
     (``.to`` then returns ``t`` itself too, after ~1 us)."""

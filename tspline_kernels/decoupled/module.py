@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from .._layers import CompressedLinear, cast, check_count, check_flag
+from .._layers import CompressedLinear, assign_, cast, check_count, check_flag
 from . import fit as _fit
 from . import ops
 
@@ -50,7 +50,7 @@ class DecoupledSplineMLP(CompressedLinear):
         self.lo.fill_(-INIT_RANGE)
         self.hi.fill_(INIT_RANGE)
         lo, hi = self.lo.double(), self.hi.double()
-        self.coef.copy_(_fit.spline_coefficients(nn.functional.gelu, lo, hi, self.n_basis))
+        assign_(self.coef, _fit.spline_coefficients(nn.functional.gelu, lo, hi, self.n_basis))
         self.reset_bias()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from .._fit import damped_gram, fit_inputs
-from .._layers import CompressedLinear, SavedSettings, cast, check_count, check_flag, check_grid, fit_report
+from .._layers import (CompressedLinear, SavedSettings, cast, check_count, check_flag, check_grid, fit_report,
+                       full_value)
 from ..reference import spline as ref
 from . import ops
 
@@ -31,7 +32,7 @@ def _scale_to_fan_in(control: torch.Tensor, mean_sq_weight: float, in_features: 
 
 def _separable_mean_sq(control: torch.Tensor, n_out: int, n_in: int, kind: int) -> float:
     """mean(W^2) of W = Bo C Bi.T via the small Gram matrices: ||W||^2 = sum((Bo'Bo C) * (C Bi'Bi))."""
-    c = control.detach().double().cpu()
+    c = full_value(control).detach().double().cpu()
     bo = ref.basis_matrix(n_out, c.shape[0], kind, torch.float64)
     bi = ref.basis_matrix(n_in, c.shape[1], kind, torch.float64)
     return ((bo.T @ bo @ c) * (c @ (bi.T @ bi))).sum().item() / (n_out * n_in)
@@ -135,11 +136,13 @@ class SplineLinear(SavedSettings, CompressedLinear):
             self.log_bandwidth.fill_(math.log(spacing))
         self.control.uniform_(-1, 1)
         if self.basis in _FIELD:
-            w = ref.field_weight(self.control.double(), self.lattice, self._sigma(),
+            sigma = None if self.basis != "gaussian" else ref.gaussian_width(full_value(self.log_bandwidth))
+            w = ref.field_weight(full_value(self.control).double(), self.lattice, sigma,
                                  min(self.out_features, 64), min(self.in_features, 64), _FIELD[self.basis], self.rho)
             mean_sq = w.pow(2).mean().item()
         else:
-            mean_sq = _separable_mean_sq(self._grid_control(), self.out_features, self.in_features, self._kind)
+            mean_sq = _separable_mean_sq(ref.control_grid(full_value(self.control)), self.out_features,
+                                         self.in_features, self._kind)
         _scale_to_fan_in(self.control, mean_sq, self.in_features)
         self.reset_bias()
 

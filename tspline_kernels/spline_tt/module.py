@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .._layers import SavedSettings, cast, check_grid, fit_report
+from .._layers import SavedSettings, cast, check_grid, fit_report, full_value
 from ..reference import spline_tt as ref
 from ..reference import tt as ref_tt
 from ..tt.module import (TTLinear, TTStructured, check_structure, fit_tt_cores, init_scale, refine_weighted,
@@ -73,7 +73,7 @@ class SplineTTLinear(SavedSettings, TTStructured):
         nn.Linear's bias."""
         for c in self.control:
             c.uniform_(-1, 1)
-        cores = ref.spline_cores([c.double() for c in self.control], self.in_modes, self.out_modes)
+        cores = ref.spline_cores([full_value(c).double() for c in self.control], self.in_modes, self.out_modes)
         scale = init_scale(cores, self.in_features)
         for c in self.control:
             c.mul_(scale)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .._fit import damped_gram, fit_inputs, output_error, weighted_als
-from .._layers import CompressedLinear, cast, check_count, check_flag, check_ints, fit_report
+from .._layers import CompressedLinear, cast, check_count, check_flag, check_ints, fit_report, full_value
 from ..reference import tt as ref
 from . import cost, ops
 
@@ -99,7 +99,7 @@ def init_scale(cores: list[torch.Tensor], in_features: int) -> float:
     if cores[0].is_meta:
         return 1.0
     n = math.prod(c.shape[1] * c.shape[2] for c in cores)
-    mean_sq = ref.tt_norm_sq([c.detach().double() for c in cores]).item() / n
+    mean_sq = ref.tt_norm_sq([full_value(c).detach().double() for c in cores]).item() / n
     return (1.0 / (3 * in_features * max(mean_sq, 1e-300))) ** (1.0 / (2 * len(cores)))
 
 
