@@ -286,3 +286,20 @@ def test_training_forward_of_many_rows_gives_the_same_gradients(make, which, mon
             results.append((y, *torch.autograd.grad(y, [x, *layer.parameters()], dy)))
     for name, plain, kept in zip(["y", "dx", *(n for n, _ in layer.named_parameters())], *results):
         torch.testing.assert_close(kept, plain, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("make", [lambda: tk.SplineLinear(24, 16, grid=(5, 6)),
+                                  lambda: tk.SplineLinear(24, 16, basis="bicubic", n_control_points=10),
+                                  lambda: tk.HierarchicalSplineLinear(24, 16, coarse_grid=(4, 4), fine_grid=(6, 6))],
+                         ids=["bspline", "bicubic", "hierarchical"])
+@pytest.mark.parametrize("strict", [False, True])
+def test_export_with_a_dynamic_batch(make, strict):
+    """The kept-projection choice (``ops.keeps_u``, by row count) is not made under a trace: comparing
+    the symbolic batch with its threshold had bounded the exported batch to 4095 rows
+    (ConstraintViolation for an unbounded Dim)."""
+    torch.manual_seed(0)
+    layer = make()
+    ep = torch.export.export(layer, (torch.randn(5, 24),), dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
+                             strict=strict)
+    x = torch.randn(4100, 24)
+    assert_close(ep.module()(x), layer(x))

@@ -92,8 +92,11 @@ def keeps_u(x: Tensor, control: Tensor, fine: Tensor | None = None) -> bool:
     """Whether a forward of x ``(*, n_in)`` on these grids runs ``separable_linear_kept``: autograd
     records it, a grid wants a gradient (u serves only theirs), x has at least ``KEEP_U_MIN_ROWS``
     rows, and no trace (compile, export) runs: there a test of a dynamic batch would guard the graph."""
-    return (torch.is_grad_enabled() and (control.requires_grad or fine is not None and fine.requires_grad)
-            and x.numel() >= KEEP_U_MIN_ROWS * x.shape[-1] and not torch.compiler.is_compiling())
+    # the trace test first: under compile or export x.numel() is symbolic, and comparing it would
+    # guard the graph to batches below the threshold (a dynamic batch Dim then fails to export)
+    return (not torch.compiler.is_compiling() and torch.is_grad_enabled()
+            and (control.requires_grad or fine is not None and fine.requires_grad)
+            and x.numel() >= KEEP_U_MIN_ROWS * x.shape[-1])
 
 
 def separable(x: Tensor, control: Tensor, bias: Tensor | None, out_features: int, kind: int,
