@@ -596,3 +596,28 @@ def test_torch_compile_fullgraph(kwargs, dims):
     chosen inside the op at run time)."""
     model = nn.Sequential(KroneckerLinear(*dims, **kwargs), nn.GELU(), nn.Linear(24, 3))
     assert_compiles_like_eager(model, torch.randn(5, 30, requires_grad=True))
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2])
+def test_factor_written_in_place_before_backward_raises(mode):
+    """As after nn.Linear, a factor changed in place between forward and backward is an autograd
+    error, not a silently wrong gradient: with three or more modes the layer multiplies factors
+    into its two Kronecker groups by torch ops, whose saved inputs must keep the version counter."""
+    layer = KroneckerLinear((2, 3, 4), (2, 2, 4)).double()
+    y = layer(torch.randn(5, 24, dtype=torch.float64))
+    with torch.no_grad():
+        layer.factors[mode].mul_(1.5)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(y.square().sum(), list(layer.factors))
+
+
+def test_gated_reset_parameters_after_to_empty():
+    """``reset_parameters`` redraws a gated layer's gate networks and projections too (``to_empty``
+    leaves them uninitialised), and keeps the construction's random stream."""
+    layer = KroneckerLinear((4, 6), (4, 4), gated=True, device="meta").to_empty(device="cpu")
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.fill_(float("nan"))
+    layer.reset_parameters()
+    assert all(torch.isfinite(p).all() for p in layer.parameters())
+    assert torch.isfinite(layer(torch.randn(3, 24))).all()

@@ -108,12 +108,21 @@ class KroneckerLinear(SavedSettings, CompressedLinear):
             self.projections = nn.ModuleList(
                 nn.Linear(i, o, **factory) if i != o else nn.Identity() for i, o in zip(ins, outs)
             )
-        self.reset_parameters()
+        self._reset_maps()  # the gates and projections were drawn by their nn.Linear constructors
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Factors uniform with a common bound such that E[W^2] = 1 / (3 in_features), nn.Linear's
-        default, so activations keep its scale; each bias as its mode's nn.Linear(in_k, out_k)."""
+        default, so activations keep its scale; each bias as its mode's nn.Linear(in_k, out_k); a
+        gated layer's gate networks and projections as nn.Linear's (after ``to_empty`` they hold
+        uninitialised memory too)."""
+        self._reset_maps()
+        for m in (*self.gates.modules(), *self.projections.modules()) if self.gated else ():
+            if isinstance(m, nn.Linear):
+                m.reset_parameters()
+
+    @torch.no_grad()
+    def _reset_maps(self) -> None:
         bound = math.sqrt(3) * (3 * self.in_features) ** (-1 / (2 * len(self.in_dims)))
         for f in self.factors:
             nn.init.uniform_(f, -bound, bound)
