@@ -244,7 +244,7 @@ class EagerOp(CustomOpDef):
         if mode is None or (mode == "autograd" and self._eager_function is None):
             if torch._C._are_functorch_transforms_active() and _forward_mode():
                 raise NotImplementedError(f"{self._name}: forward-mode AD (torch.func.jvp, jacfwd) is not supported: "
-                                          "the ops define a backward formula only (torch.autograd or torch.func.vjp)")
+                                          "the ops define a backward formula for torch.autograd only")
             return super().__call__(*args, **kwargs)
         if mode == "direct":
             return self._init_fn(*args)
