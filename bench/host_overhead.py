@@ -43,6 +43,12 @@ every layer, on ``<mode>_host_us``.
 
 ``tspline bench --only host_overhead`` (or ``python -m bench.host_overhead``) writes
 ``bench/results/host-overhead-<date>.json``.
+
+Counting instead of timing. On a shared machine these times move by up to 2x between runs, more
+than most changes to the host code. ``python -m bench.host_overhead --instructions`` runs the same
+calls under valgrind's callgrind and reports host instructions per call (torch's kernel loops and
+the stub left out, :func:`count_instructions`), which repeat to a fraction of a percent: the way to
+tell whether a change cut host work. An instruction is no fixed time, so the goals stay on the times.
 """
 
 from __future__ import annotations
@@ -51,6 +57,13 @@ import argparse
 import contextlib
 import datetime
 import inspect
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -356,6 +369,129 @@ def run(out: str | None = None, layers: list[str] | None = None, min_run_time: f
     return path
 
 
+# ------------------------------------------------------------------------ instruction counts
+# baselines whose instructions are host work (nn.Linear 4096's are its matmul's arithmetic)
+COUNTED_BASELINES = ("empty autograd.Function 64", "nn.Linear 64 (dispatch only)")
+
+
+def _callgrind_child(names: list[str], calls_per_row: int, manifest: str) -> None:
+    """Run under callgrind with ``--dump-before=getsid``: each ``os.getsid`` call dumps the counts
+    since the previous one. Per row and mode: the layer's set-up and warm-up (one dump, not used),
+    then ``calls_per_row`` calls (the next dump); the rows' order and launches go to ``manifest``."""
+    torch.set_num_threads(1)
+    order = []
+
+    def count(label: str, mode: str, fn: Callable[[], object], stubbed: bool) -> None:
+        with contextlib.ExitStack() as stack:
+            launches = stack.enter_context(stubbed_launches()) if stubbed else []
+            stack.enter_context(torch.set_grad_enabled(GRAD_MODE[mode]))
+            for _ in range(3):
+                fn()
+            launches.clear()
+            fn()
+            order.append((label, mode, len(launches)))
+            os.getsid(0)
+            for _ in range(calls_per_row):
+                fn()
+                launches.clear()
+            os.getsid(0)
+
+    x = torch.empty(1)
+    count("launch stub", "fwd", lambda: _no_op[lambda meta: (1,)](x), True)
+    for name in COUNTED_BASELINES:
+        layer = BASELINES[name]()
+        for mode, fn in calls(layer, torch.randn(ROWS, layer.in_features)).items():
+            count(name, mode, fn, False)
+    with tk.backend("triton"), gpu_configs():
+        for name in names:
+            layer = LAYERS[name]().to(torch.bfloat16)
+            for mode, fn in calls(layer, torch.randn(ROWS, layer.in_features, dtype=torch.bfloat16)).items():
+                count(name, mode, fn, True)
+    Path(manifest).write_text(json.dumps(order))
+
+
+# callgrind counts only inside these functions when given them as --toggle-collect: the loops of
+# torch's TensorIterator kernels (a fill, a sum, a cast), whose arithmetic a GPU runs, not the host
+ARITHMETIC = "*::callback_fn<*"
+
+
+def _callgrind(valgrind: str, tmp: str, names: list[str], calls_per_row: int, only: str | None) -> subprocess.Popen:
+    """The :func:`_callgrind_child` process counting into ``tmp`` (``only``: a --toggle-collect pattern)."""
+    cmd = [valgrind, "--tool=callgrind", "--dump-before=getsid", f"--callgrind-out-file={tmp}/cg",
+           *([f"--toggle-collect={only}"] if only else []), sys.executable, "-m", "bench.host_overhead",
+           "--callgrind-child", f"{tmp}/order.json", "--calls", str(calls_per_row), "--layers", *names]
+    return subprocess.Popen(cmd, env={**os.environ, "PYTHONHASHSEED": "0"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _counted(process: subprocess.Popen, tmp: str) -> tuple[list, list[int]]:
+    """(the rows' order, each row's instructions in its timed calls) once ``process`` ends: the
+    even dumps hold the timed calls (:func:`_callgrind_child`)."""
+    _, err = process.communicate()
+    if process.returncode != 0 or not Path(f"{tmp}/order.json").exists():
+        raise SystemExit(f"the callgrind run failed:\n{err[-3000:]}")
+    order = json.loads(Path(f"{tmp}/order.json").read_text())
+    return order, [int(re.search(r"^totals: (\d+)", Path(f"{tmp}/cg.{2 * (k + 1)}").read_text(), re.M)[1])
+                   for k in range(len(order))]
+
+
+def instruction_rows(order: list, totals: list[int], arithmetic: list[int], calls_per_row: int) -> list[dict]:
+    """Rows from the counts of :func:`_callgrind_child`'s ``order`` (the launch stub first, then
+    (name, mode, launches) per row): per call, ``<mode>_instructions`` is the host's (all counted,
+    less torch's kernel arithmetic and, for a stubbed layer, the stub's per launch),
+    ``<mode>_arithmetic_instructions`` torch's kernel loops (a GPU's work, not the host's) and
+    ``<mode>_vs_linear64`` the host count over ``nn.Linear 64 (dispatch only)``'s."""
+    per_call = [(t - a) / calls_per_row for t, a in zip(totals, arithmetic)]
+    stub = per_call[0]  # one launch per call
+    rows: dict[str, dict] = {}
+    for (name, mode, launches), n, arith in zip(order[1:], per_call[1:], arithmetic[1:]):
+        stubbed = name in LAYERS
+        row = rows.setdefault(name, {"layer": name, "rows": ROWS, "stubbed": stubbed})
+        row[f"{mode}_launches"] = launches
+        row[f"{mode}_instructions"] = round(n - launches * stub if stubbed else n)
+        row[f"{mode}_arithmetic_instructions"] = round(arith / calls_per_row)
+    linear = rows["nn.Linear 64 (dispatch only)"]
+    for row in rows.values():
+        for mode in GRAD_MODE:
+            row[f"{mode}_vs_linear64"] = row[f"{mode}_instructions"] / linear[f"{mode}_instructions"]
+    return list(rows.values())
+
+
+def count_instructions(out: str | None = None, layers: list[str] | None = None, calls_per_row: int = 200) -> Path:
+    """Host instructions per call of every layer (or ``layers``) and of the baselines but nn.Linear
+    4096, counted by valgrind's callgrind (the calls of :func:`run`, launches stubbed), written to
+    ``bench/results/host-instructions-<date>.json``. A second process counts, at the same time, the
+    instructions inside torch's kernel loops (``ARITHMETIC``): a GPU runs those, so the host count
+    leaves them out, as it leaves out the stub's own per launch. Unlike times, counts repeat to a
+    fraction of a percent on a shared machine, so they compare two versions of the host code
+    exactly; they do not see the CPU's speed, cache misses or system calls (an instruction is not a
+    fixed time)."""
+    valgrind = shutil.which("valgrind")
+    if valgrind is None:
+        raise SystemExit("--instructions needs valgrind (Debian: apt install valgrind)")
+    names = layers or list(LAYERS)
+    path = free_path(out or Path("bench/results") / f"host-instructions-{datetime.date.today().isoformat()}.json")
+    print(f"counting {len(names) + len(COUNTED_BASELINES)} rows under callgrind (minutes: ~50x slower than native)")
+    with tempfile.TemporaryDirectory() as every, tempfile.TemporaryDirectory() as loops:
+        processes = [_callgrind(valgrind, every, names, calls_per_row, None),
+                     _callgrind(valgrind, loops, names, calls_per_row, ARITHMETIC)]
+        (order, totals), (_, arithmetic) = _counted(processes[0], every), _counted(processes[1], loops)
+    rows = instruction_rows(order, totals, arithmetic, calls_per_row)
+    print(f"{'layer':<36} {'fwd host instr':>14} {'x Linear64':>10} {'fwd+bwd host instr':>18} {'x Linear64':>10}"
+          f" {'torch arithmetic':>16}")
+    for row in rows:
+        print(f"{row['layer']:<36} {row['fwd_instructions']:>14} {row['fwd_vs_linear64']:>10.2f}"
+              f" {row['fwd+bwd_instructions']:>18} {row['fwd+bwd_vs_linear64']:>10.2f}"
+              f" {row['fwd+bwd_arithmetic_instructions']:>16}")
+    extra = {"rows_per_call": ROWS, "calls_per_row": calls_per_row,
+             "stub_instructions_per_launch": round((totals[0] - arithmetic[0]) / calls_per_row),
+             "counter": f"valgrind callgrind Ir, PYTHONHASHSEED=0; arithmetic: --toggle-collect={ARITHMETIC}",
+             "what": count_instructions.__doc__}
+    write_json(path, "cpu", rows, [], extra)
+    print(f"wrote {path}")
+    return path
+
+
 def _line(row: dict) -> str:
     """A row of the printed table; ``*`` marks a host time over its goal."""
     marks = {True: " ", False: "*", None: " "}
@@ -378,5 +514,14 @@ if __name__ == "__main__":
     parser.add_argument("--out", help="JSON file (default bench/results/host-overhead-<date>.json)")
     parser.add_argument("--layers", nargs="+", choices=list(LAYERS), metavar="LAYER", help="only these layers")
     parser.add_argument("--min-run-time", type=float, default=0.5, help="seconds of timing per measurement")
+    parser.add_argument("--instructions", action="store_true",
+                        help="count instructions per call under valgrind instead of timing (repeatable on a noisy machine)")
+    parser.add_argument("--calls", type=int, default=200, help="calls counted per row with --instructions")
+    parser.add_argument("--callgrind-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    run(args.out, args.layers, args.min_run_time)
+    if args.callgrind_child:
+        _callgrind_child(args.layers or list(LAYERS), args.calls, args.callgrind_child)
+    elif args.instructions:
+        count_instructions(args.out, args.layers, args.calls)
+    else:
+        run(args.out, args.layers, args.min_run_time)

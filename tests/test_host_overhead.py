@@ -5,6 +5,7 @@ and the layers' outputs after parameter updates.
 Timings are benchmarks, never tests: nothing here checks one."""
 
 import contextlib
+import json
 
 import pytest
 import torch
@@ -350,3 +351,43 @@ def test_host_compare_summarizes_minima_and_medians():
     assert len(lines) == 3
     assert lines[1].split()[-5:] == ["13.0", "14.0", "12.0", "12.5", "-1.0"]
     assert lines[2].split()[-5:] == ["91.0", "95.0", "88.0", "89.0", "-3.0"]
+
+
+def test_instruction_rows_leave_out_the_stub_and_torch_arithmetic():
+    """``--instructions``' rows: per call, all counted instructions less torch's kernel loops, and for a
+    stubbed layer less the stub's per launch; the ratio is over nn.Linear 64's host count."""
+    order = [["launch stub", "fwd", 1], ["nn.Linear 64 (dispatch only)", "fwd", 0],
+             ["nn.Linear 64 (dispatch only)", "fwd+bwd", 0], ["lowrank r16", "fwd", 1], ["lowrank r16", "fwd+bwd", 3]]
+    totals = [1_000, 60_000, 300_000, 150_000, 800_000]  # over 10 calls each
+    arithmetic = [0, 2_000, 4_000, 0, 100_000]
+    rows = {r["layer"]: r for r in host_overhead.instruction_rows(order, totals, arithmetic, 10)}
+    lowrank, linear = rows["lowrank r16"], rows["nn.Linear 64 (dispatch only)"]
+    assert (linear["fwd_instructions"], linear["fwd+bwd_instructions"]) == (5_800, 29_600)  # not stubbed
+    assert (lowrank["fwd_instructions"], lowrank["fwd+bwd_instructions"]) == (15_000 - 100, 70_000 - 300)
+    assert lowrank["fwd+bwd_arithmetic_instructions"] == 10_000 and lowrank["fwd+bwd_launches"] == 3
+    assert lowrank["fwd+bwd_vs_linear64"] == pytest.approx(69_700 / 29_600)
+
+
+def test_callgrind_child_marks_exactly_the_counted_calls(monkeypatch, tmp_path):
+    """Under callgrind each ``os.getsid`` dumps the counts since the last: per row the child calls it
+    once after the warm-up and once after the counted calls, so every second dump holds exactly
+    ``calls`` calls of that row; the manifest lists the rows in that order with their launches."""
+    _forbid_kernel_bodies(monkeypatch)
+    events = []
+    monkeypatch.setattr(host_overhead.os, "getsid", lambda pid: events.append("mark"))
+    monkeypatch.setattr(host_overhead, "LAYERS", {"lowrank": lambda: tk.LowRankLinear(40, 24, 3)})
+    real_calls = host_overhead.calls
+
+    def counted_calls(layer, x):
+        return {mode: (lambda fn=fn: (events.append("call"), fn())) for mode, fn in real_calls(layer, x).items()}
+
+    monkeypatch.setattr(host_overhead, "calls", counted_calls)
+    host_overhead._callgrind_child(["lowrank"], 3, str(tmp_path / "order.json"))
+    order = json.loads((tmp_path / "order.json").read_text())
+    assert [row[:2] for row in order[1:]] == [[name, mode] for name in (*host_overhead.COUNTED_BASELINES, "lowrank")
+                                               for mode in ("fwd", "fwd+bwd")]
+    assert order[-2][2] == 1 and order[-1][2] == 3  # lowrank's launches per fwd, fwd+bwd
+    between = "".join("|" if e == "mark" else "c" for e in events).split("|")
+    assert len(between) == 2 * len(order) + 1
+    # dump 2k + 2 holds row k's counted calls (split segment 2k + 1): none of calls() for the stub's row
+    assert between[1] == "" and between[3::2] == ["ccc"] * (len(order) - 1)
