@@ -47,8 +47,8 @@ every layer, on ``<mode>_host_us``.
 Counting instead of timing. On a shared machine these times move by up to 2x between runs, more
 than most changes to the host code. ``python -m bench.host_overhead --instructions`` runs the same
 calls under valgrind's callgrind and reports host instructions per call (torch's kernel loops and
-the stub left out, :func:`count_instructions`), which repeat to a fraction of a percent: the way to
-tell whether a change cut host work. An instruction is no fixed time, so the goals stay on the times.
+the stub left out, :func:`count_instructions`), which repeat within ~1%: the way to tell whether
+a change cut host work. An instruction is no fixed time, so the goals stay on the times.
 """
 
 from __future__ import annotations
@@ -462,10 +462,10 @@ def count_instructions(out: str | None = None, layers: list[str] | None = None, 
     4096, counted by valgrind's callgrind (the calls of :func:`run`, launches stubbed), written to
     ``bench/results/host-instructions-<date>.json``. A second process counts, at the same time, the
     instructions inside torch's kernel loops (``ARITHMETIC``): a GPU runs those, so the host count
-    leaves them out, as it leaves out the stub's own per launch. Unlike times, counts repeat to a
-    fraction of a percent on a shared machine, so they compare two versions of the host code
-    exactly; they do not see the CPU's speed, cache misses or system calls (an instruction is not a
-    fixed time)."""
+    leaves them out, as it leaves out the stub's own per launch. Unlike times, counts repeat
+    within ~1% on a shared machine (a few thousand instructions: addresses, hence hashes and
+    garbage collection, differ between runs), so they compare two versions of the host code; they
+    do not see the CPU's speed, cache misses or system calls (an instruction is not a fixed time)."""
     valgrind = shutil.which("valgrind")
     if valgrind is None:
         raise SystemExit("--instructions needs valgrind (Debian: apt install valgrind)")

@@ -148,7 +148,9 @@ def _chain_launch(layout: tuple, m: int, dtype: torch.dtype, has_bias: bool, key
 def chain_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None,
                  launch: ChainLaunch | None = None) -> torch.Tensor:
     """y = x2 @ W.T + bias by one ``_chain_kernel`` launch; x2 ``(M, I)`` -> ``(M, O)``; ``launch``:
-    the ``_chain_launch`` where the caller has it.
+    the ``_chain_launch`` where the caller has it. The launch holds the cores' layout (shapes and
+    strides), so with one the cores give only their pointers: W's cores with the launch of W.T's
+    layout compute dy2 @ W.
 
     Where the grid is small (``cost.chain_split``: split-K, the same for every config) the I_d
     chunks are split S ways: split s writes an fp32 partial y ``(M, O)`` to slot s of a
@@ -157,7 +159,8 @@ def chain_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None,
     (``SplitSlots.sum``). Otherwise the kernel writes y."""
     m = x2.shape[0]
     if m == 0:
-        return torch.empty(m, math.prod(c.o for c in cores), device=x2.device, dtype=x2.dtype)
+        n_out = math.prod(c.o for c in cores) if launch is None else launch.n_out
+        return torch.empty(m, n_out, device=x2.device, dtype=x2.dtype)
     if launch is None:
         launch = _chain_launch(_chain_layout(cores), m, x2.dtype, bias is not None, config_keys(_chain_kernel),
                                CHAIN_SPLIT)
@@ -175,10 +178,10 @@ def chain_linear(x2: torch.Tensor, cores: list[Core], bias: torch.Tensor | None,
             slots(meta)
         return cdiv(m, meta["BM"]), cdiv(out_modes[0], plan.no[0]), cdiv(out_modes[1], plan.no[1]) * splits
 
+    out_strides = out.stride()
     _chain_kernel[grid](
         x2, tuple(c.t for c in cores), contiguous(bias) if bias is not None else out, out,
-        m, m_bucket(m), x2.stride(0), x2.stride(1), 0 if slots is None else out.stride(0), out.stride(-2),
-        out.stride(-1), **launch.consts,
+        m, m_bucket(m), *x2.stride(), 0 if slots is None else out_strides[0], *out_strides[-2:], **launch.consts,
     )
     return out if slots is None else slots.sum(out, x2.dtype)
 
@@ -254,7 +257,7 @@ def chain_grad(dy2: torch.Tensor, x2: torch.Tensor, cores: list[Core], dtype: to
 
     _chain_grad_kernel[grid](
         x2, dy2, tuple(c.t for c in cores), part,
-        m, m_bucket(m), x2.stride(0), x2.stride(1), dy2.stride(0), dy2.stride(1), **launch.consts,
+        m, m_bucket(m), *x2.stride(), *dy2.stride(), **launch.consts,
     )
     return launched[-1][1](part, dtype)
 
@@ -425,7 +428,9 @@ def contract_grad(dy2: torch.Tensor, x2: torch.Tensor, cores: list[Core], need_d
         return grads, kronsum_linear(dy2, cores, None, path.dx, True) if need_dx else None  # transposed: W.T
     if path.kind == "steps":
         return steps_grad(dy2, x2, cores, need_dx)
-    dx = chain_linear(dy2, [c.transposed() for c in cores], None, path.dx) if need_dx else None
+    # W.T's cores are W's read with the o and i strides swapped: the dx launch, from W.T's layout,
+    # holds those strides, so W's own tensors serve as its pointers (no transposed views per call)
+    dx = chain_linear(dy2, cores, None, path.dx) if need_dx else None
     return chain_grad(dy2, x2, cores, dtype, path.grad), dx
 
 
