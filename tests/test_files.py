@@ -573,6 +573,40 @@ def test_inspect_prints_the_layer_table(saved, tmp_path, capsys):
     assert "FAILED (1 of" in next(line for line in out.splitlines() if line.startswith("layers.hierarchical"))
 
 
+def test_inspect_counts_buffers_apart_from_parameters(tmp_path, capsys):
+    """Buffers (running statistics, integer ids) are listed with their elements but counted in no
+    parameter total; a streamed state dict, which cannot tell them apart, says so."""
+    model = nn.Sequential(tk.LowRankLinear(24, 12, 2), nn.BatchNorm1d(12), nn.Linear(12, 3))
+    model.register_buffer("ids", torch.arange(7))
+    path = tmp_path / "m.safetensors"
+    tk.save_compressed(model, path)
+    cli.main(["inspect", str(path)])
+    rows = {line.split(":")[0]: line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("(")}
+    params = 2 * 12 + 3 * 12 + 3  # BatchNorm's weight and bias, the Linear's
+    assert rows["(other parameters"][5:7] == [str(params), str(params)]  # after "(other parameters: 4) - -"
+    assert rows["(buffers"][5] == f"({12 + 12 + 1 + 7})"  # running mean, var, num_batches_tracked, ids
+    total = next(line.split() for line in cli_lines(path, capsys) if line.startswith("total"))
+    assert total[3] == str(model[0].num_parameters() + params)
+
+    from tspline_kernels.files import StreamingWriter
+
+    with StreamingWriter(tmp_path / "s.safetensors", max_shard_size="1MB") as writer:
+        for name, t in model.state_dict().items():
+            writer.add(name, t)
+        # no close(): a clean exit of the block closes the writer (no file was written before)
+    assert writer.closed and any(line.startswith("(other tensors (parameters and buffers): 11)")
+                                 for line in cli_lines(tmp_path / "s.safetensors", capsys))
+    with pytest.raises(RuntimeError, match="closed already"):
+        writer.close()
+    with pytest.raises(RuntimeError, match="nothing more can be added"):
+        writer.add("late", torch.ones(1))
+
+
+def cli_lines(path, capsys) -> list[str]:
+    cli.main(["inspect", str(path)])
+    return capsys.readouterr().out.splitlines()
+
+
 def test_inspect_help_and_bad_paths(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(["inspect", "--help"])

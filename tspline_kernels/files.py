@@ -6,7 +6,8 @@ beside a Hugging Face style ``<path>.index.json`` (``{"metadata": {...}, "weight
 Tensor names are the model's state-dict keys (module paths). The JSON document (in the file's
 ``__metadata__["tspline"]``, or the index's ``metadata["tspline"]``) holds the format version, the
 package version, every compressed layer's class and constructor arguments, each tensor's dtype,
-shape and SHA-256 (of its bytes as stored), tied tensors (``aliases``) and the report. Storage goes
+shape and SHA-256 (of its bytes as stored), tied tensors (``aliases``), which tensors are buffers
+(``buffers``; null from a streamed state dict, which cannot tell) and the report. Storage goes
 through fsspec, so a path may be any fsspec URL. Nothing is pickled.
 """
 
@@ -263,7 +264,7 @@ def save_compressed(model: nn.Module, path, report=None, max_shard_size=None, *,
     tensors, aliases = _tensors_to_write(model)
     records = {name: {"dtype": _dtype_name(t), "shape": list(t.shape), "sha256": _sha256(t)}
                for name, t in with_progress(tensors.items(), progress, desc="checksums", total=len(tensors))}
-    doc = _doc(layers, records, aliases, report)
+    doc = _doc(layers, records, aliases, report, _buffer_keys(model))
     groups = _shards(tensors, limit)
     if "/" in root.strip("/"):
         fs.makedirs(root[:root.rfind("/")], exist_ok=True)
@@ -284,10 +285,19 @@ def save_compressed(model: nn.Module, path, report=None, max_shard_size=None, *,
     return written + [root + INDEX_SUFFIX]
 
 
-def _doc(layers: dict, records: dict, aliases: dict, report) -> dict:
-    """The JSON document a file's metadata holds (see the module docstring)."""
+def _buffer_keys(model: nn.Module) -> list[str]:
+    """The state-dict keys of ``model``'s buffers (running statistics, position ids): tensors that
+    are not parameters, which ``inspect`` counts apart."""
+    keys = set(model.state_dict())
+    return [name for name, _ in model.named_buffers(remove_duplicate=False) if name in keys]
+
+
+def _doc(layers: dict, records: dict, aliases: dict, report, buffers: list[str] | None) -> dict:
+    """The JSON document a file's metadata holds (see the module docstring); ``buffers``: the
+    buffers' keys, None where the writer cannot tell them from parameters (a streamed state dict)."""
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "package_version": _version(),
-            "layers": layers, "tensors": records, "aliases": aliases, "report": _report_json(report)}
+            "layers": layers, "tensors": records, "aliases": aliases, "report": _report_json(report),
+            "buffers": buffers}
 
 
 def _write_index(fs, root: str, doc: dict, total: int, weight_map: dict[str, str]) -> None:
@@ -340,8 +350,9 @@ class StreamingWriter:
 
     ``close(report)`` writes the metadata: one file at ``path`` when everything fit in one shard,
     else the shards (``<stem>-00001-of-0000N.safetensors``) beside ``path + ".index.json"``; what a
-    previous save left at ``path`` is replaced only then. As a context manager, an exception inside
-    it removes the shards written so far (``abort``)."""
+    previous save left at ``path`` is replaced only then. As a context manager, a clean exit closes
+    the writer where ``close`` was not called (no report), and an exception inside it removes the
+    shards written so far (``abort``)."""
 
     def __init__(self, path, max_shard_size="1GB") -> None:
         self._st = _need("safetensors.torch")
@@ -357,9 +368,12 @@ class StreamingWriter:
         self._buffered = 0
         self._shards: list[tuple[str, list[str]]] = []  # (temporary file, its tensors)
         self.total = 0  # bytes of tensor data added
+        self.closed = False
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Store ``tensor`` under the state-dict key ``name``."""
+        if self.closed:
+            raise RuntimeError("the writer is closed: nothing more can be added")
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"tensor {name!r} must be a torch.Tensor, got {type(tensor).__name__}")
         if name in self._records:
@@ -395,7 +409,10 @@ class StreamingWriter:
     def close(self, report=None) -> list[str]:
         """Write what is buffered and the metadata (``report`` as for :func:`save_compressed`).
         Returns the paths written."""
-        doc = _doc(self._layers, self._records, {}, report)
+        if self.closed:
+            raise RuntimeError("the writer is closed already")
+        self.closed = True
+        doc = _doc(self._layers, self._records, {}, report, None)
         fs, root = self._fs, self._root
         if not self._shards:
             if "/" in root.strip("/"):
@@ -429,6 +446,8 @@ class StreamingWriter:
     def __exit__(self, exc_type, *exc) -> None:
         if exc_type is not None:
             self.abort()
+        elif not self.closed:
+            self.close()
 
 
 # ---- reading -----------------------------------------------------------------------------------
@@ -561,6 +580,8 @@ class CompressedFile:
         self.package_version = doc.get("package_version")
         self.report = doc.get("report")
         self.aliases: dict[str, str] = dict(doc.get("aliases") or {})
+        buffers = doc.get("buffers")
+        self.buffers: set[str] | None = None if buffers is None else set(buffers)  # None: not told apart
         try:
             self.tensors = {name: TensorInfo(r["dtype"], tuple(r["shape"]), r["sha256"], shards[name])
                             for name, r in doc["tensors"].items()}
@@ -751,9 +772,16 @@ class CompressedFile:
                  err(i.errors.get("weight_error")), err(i.errors.get("output_error")),
                  status(self.layer_tensors(i.name))] for i in self.layers]
         other = [t for t in self.other_tensors() if t in self.tensors]
+        buffers = [] if self.buffers is None else [t for t in other if t in self.buffers]
+        other = [t for t in other if t not in buffers]
         other_elements = sum(math.prod(self.tensors[t].shape) for t in other)
-        rows.append([f"(other tensors: {len(other)})", "-", "-", str(other_elements), str(other_elements), "-", "-",
+        what = "other parameters" if self.buffers is not None else "other tensors (parameters and buffers)"
+        rows.append([f"({what}: {len(other)})", "-", "-", str(other_elements), str(other_elements), "-", "-",
                      "-", status(other)])
+        if buffers:  # elements, not parameters: in no total
+            rows.append([f"(buffers: {len(buffers)}, elements)", "-", "-",
+                         f"({sum(math.prod(self.tensors[t].shape) for t in buffers)})", "-", "-", "-", "-",
+                         status(buffers)])
         own = [i for i in self.layers if i.shares is None]  # a shared layer's parameters count once
         params = sum(i.params for i in own)
         dense = sum(i.dense_params for i in own)
