@@ -122,7 +122,7 @@ def main(quick: bool = False, out: str | None = None, only: list[str] | None = N
         state = {True: "met", False: "NOT met", None: "not measured here"}[t["met"]]
         value = "-" if t["measured"] is None else f"{t['measured']:.3g}"
         guess = "" if t.get("predicted") is None or t["measured"] is not None else \
-            f"; PREDICTED {t['predicted']:.3g} by the H200 cost model, not measured (bench/NOTES.md)"
+            f"; PREDICTED {t['predicted']:.3g}, not measured: bench/NOTES.md's estimate for an H200"
         print(f"  [{state:>17}] {t['target']}: {value} (threshold {t['threshold']}{guess})")
     print(f"\nwrote {path}")
     if extra["errors"]:

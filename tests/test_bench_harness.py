@@ -184,3 +184,49 @@ def test_bench_only_runs_a_standalone_benchmark_alone(monkeypatch, tmp_path, nam
     assert calls == [(True, str(tmp_path / "b.json"))]
     with pytest.raises(SystemExit, match="runs alone"):
         cli.main(["bench", "--only", name, "lowrank"])
+
+
+def test_tt_useful_flops_are_no_more_than_the_kernels_picked_on_a_gpu():
+    """8^4 r8 at M=8192 runs the Kronecker-sum kernel, 2*M*8*2*64^3 = 68.7 GFLOP: useful FLOPs
+    counted as sequential contraction (77.3 GFLOP) exceeded the executed ones and raised the floor."""
+    layer = tt.make("tt", "8x8x8x8-r8", "auto")
+    for mode, factor in (("fwd", 1), ("fwd+bwd", 3)):
+        useful, executed, _, picked = tt.costs(layer, 8192, torch.bfloat16, mode, "cuda")
+        assert useful == factor * 2.0 * 8192 * 8 * 2 * 64**3 <= executed, picked
+    assert tt.useful_flops(8192, (16,) * 3, (16,) * 3, (1, 16, 16, 1)) == 2.0 * 8192 * 4096**2  # dense is cheapest
+
+
+def test_separable_fwd_bwd_bytes_count_the_passes_the_backward_makes():
+    """The backward reads dy once (its projection serves dx and dC) and writes dx; from
+    KEEP_U_MIN_ROWS rows x's projections come from the forward (fp32), below x is read again."""
+    from tspline_kernels.spline import ops
+
+    layer = spline.LAYERS["spline.bspline"](4096)
+    act = 2 * 8192 * (4096 + 4096)
+    _, _, fwd = spline.costs("spline.bspline", layer, 8192, 2, "fwd")
+    useful, executed, both = spline.costs("spline.bspline", layer, 8192, 2, "fwd+bwd")
+    assert fwd == act and both == 2 * act + 8 * 8192 * 64
+    assert useful == 2 * (2 * 8192 * (4 * 4096 + 64 * 64 + 4 * 4096)) + 2 * 8192 * 64 * 64 <= executed
+    m = ops.KEEP_U_MIN_ROWS - 1
+    assert spline.costs("spline.bspline", layer, m, 2, "fwd+bwd")[2] == 2 * 2 * m * 8192 + 2 * m * 4096
+    hier = spline.LAYERS["spline.hierarchical"](4096)
+    assert spline.costs("spline.hierarchical", hier, 8192, 2, "fwd")[2] == act  # one input pass, y once
+
+
+def test_fwd_bwd_seed_gradient_is_made_once_not_per_repetition():
+    layer = torch.nn.Linear(8, 4)
+    x = torch.randn(3, 8, requires_grad=True)
+    made = []
+    real = torch.ones_like
+    for step in (harness.forward_backward(layer, x), harness.dense_call(x, 4, "fwd+bwd")):
+        made.clear()
+        torch.ones_like = lambda t, **kw: (made.append(1), real(t, **kw))[1]
+        try:
+            for _ in range(3):
+                for t in step.grads:
+                    t.grad = None
+                step()
+        finally:
+            torch.ones_like = real
+        assert len(made) == 1
+        torch.testing.assert_close(step.grads[-1].grad, torch.full((4,), 3.0))
