@@ -508,3 +508,68 @@ def test_auto_without_calibration_scores_kronecker_bias_error():
     bias_error = tk.KroneckerLinear.from_linear(linear, (4, 4), (4, 4)).fit_report.details["bias_error"]
     assert bias_error > 0.1
     assert error == pytest.approx((bias_error * 3) ** 2, rel=1e-3)
+
+
+# ---- review regressions: tied weights, failures midway -------------------------------------------------
+
+class TiedLM(nn.Module):
+    """An output layer tied to the input embedding (GPT-2 / BERT-MLM style)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(64, 16)
+        self.body = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 64, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.body(self.emb(ids))))
+
+
+@pytest.mark.parametrize("config", [tk.LowRank(ratio=2), tk.Auto(ratio=2, formats=("lowrank",))])
+def test_a_linear_tied_to_another_module_is_refused_with_the_model_untouched(config):
+    """Compressing a Linear whose weight another module also holds would untie them and keep the
+    tensor in the other module: the model would gain parameters while the report claimed 2x."""
+    torch.manual_seed(0)
+    model = TiedLM()
+    with pytest.raises(ValueError, match=r"'head' shares its weight with 'emb'.*exclude 'head'"):
+        tk.compress_(model, config, [torch.randint(0, 64, (2, 8))], progress=False)
+    assert type(model.head) is nn.Linear and model.head.weight is model.emb.weight
+    report = tk.compress_(model, config, [torch.randint(0, 64, (2, 8))], exclude="head", progress=False)
+    assert [r.name for r in report.layers] == ["body"]
+
+
+def test_two_linears_sharing_one_weight_are_refused():
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
+    model[2].weight = model[0].weight
+    with pytest.raises(ValueError, match="shares its weight"):
+        tk.compress_(model, tk.LowRank(ratio=2), progress=False)
+    assert all(type(m) is not tk.LowRankLinear for m in model)
+
+
+@pytest.mark.parametrize("config", [tk.LowRank(ratio=2), tk.Spline(ratio=2), tk.Kronecker(),
+                                    tk.Auto(ratio=2, formats=("lowrank",))])
+def test_a_non_finite_layer_is_named_before_any_layer_is_replaced(config):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
+    with torch.no_grad():
+        model[4].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"layer '4': its weight has non-finite values"):
+        tk.compress_(model, config, progress=False)
+    assert [type(m) for m in model[::2]] == [nn.Linear] * 3
+
+
+def test_a_fit_that_fails_midway_leaves_the_model_as_it_was(monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
+    fit = tk.compress._LowRankFamily.fit
+
+    def flaky(self, linear, spec, gram):
+        if linear.out_features == 8:
+            raise ValueError("cannot fit this one")
+        return fit(self, linear, spec, gram)
+
+    monkeypatch.setattr(tk.compress._LowRankFamily, "fit", flaky)
+    with pytest.raises(ValueError, match=r"layer '4': cannot fit this one"):
+        tk.compress_(model, tk.LowRank(ratio=2), progress=False)
+    assert [type(m) for m in model[::2]] == [nn.Linear] * 3

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import tspline_kernels as tk
+from tspline_kernels.surgery import select_linear
 
 
 class Block(nn.Module):
@@ -88,3 +89,19 @@ def test_a_shared_linear_is_replaced_everywhere_and_stays_shared():
     model = nn.Sequential(shared, nn.ReLU(), shared)
     rows = tk.compress_(model, tk.LowRank(rank=2), progress=False).layers
     assert len(rows) == 1 and model[0] is model[2] and isinstance(model[2], tk.LowRankLinear)
+
+
+def test_a_shared_linear_is_selected_by_any_of_its_paths():
+    """A module at two paths is replaced at both: excluding either path keeps it, including either
+    selects it (it had been judged by its first path alone, so exclude='^dec' replaced dec.0)."""
+    def make():
+        model = nn.Module()
+        model.enc, model.dec, model.other = nn.Sequential(nn.Linear(8, 8)), nn.Sequential(), nn.Linear(8, 8)
+        model.dec.append(model.enc[0])
+        return model
+
+    model = make()
+    assert [n for n, _ in select_linear(model, exclude=r"^dec\.")] == ["other"]
+    assert [n for n, _ in select_linear(model, include=r"^dec\.")] == ["enc.0"]
+    tk.replace_linear(model, lambda m: tk.LowRankLinear(8, 8, 2), exclude=r"^dec\.")
+    assert type(model.dec[0]) is nn.Linear and model.dec[0] is model.enc[0]

@@ -12,6 +12,7 @@ measures how much the model's output moves with each layer's error, as weights f
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import json
 import math
@@ -32,7 +33,7 @@ from .decoupled import DecoupledSplineMLP
 from .kronecker import KroneckerLinear
 from .lowrank import LowRankLinear
 from .spline import SplineLinear
-from .surgery import count_parameters, require_linear, swap_module
+from .surgery import count_parameters, require_linear, require_untied, swap_module
 from .tt import TTLinear, suggest_modes
 
 FORMATS = ("lowrank", "tt", "spline", "kronecker")
@@ -295,8 +296,8 @@ class Decoupled:
     its own cubic B-spline per hidden unit) with the largest rank that keeps at most 1/``ratio``
     of the block's parameters (both Linears), fitted by ``from_mlp`` to the block's values and
     Jacobians at up to ``tokens`` inputs of fc1 drawn from one calibration run of the original model
-    (so it needs ``calibration``; every input row counts, padding tokens included), ``iters`` ALS
-    iterations, ``value_weight`` weighing values against Jacobians. ``include`` selects the
+    (so it needs ``calibration``; padding rows are left out where the model runs with a key-padding
+    ``attention_mask``, as for :func:`calibrate`), ``iters`` ALS iterations, ``value_weight`` weighing values against Jacobians. ``include`` selects the
     blocks' first Linears; fc2 and the activation are found for Hugging Face BERT-style encoders
     (``*.intermediate.dense`` -> ``*.intermediate.intermediate_act_fn`` -> ``*.output.dense``; the
     residual and LayerNorm stay) and ``nn.Sequential(..., Linear, activation, Linear, ...)``;
@@ -456,8 +457,10 @@ class Auto:
         if missing:
             raise ValueError(f"Auto's weights have no entry for {', '.join(missing)}: measure them with "
                              "tk.sensitivity over the same layers")
-        options = [self._options(linear, grams[name])
-                   for name, linear in with_progress(targets, progress, desc="Auto: error curves", unit="layer")]
+        options = []
+        for name, linear in with_progress(targets, progress, desc="Auto: error curves", unit="layer"):
+            with _layer(name):
+                options.append(self._options(linear, grams[name]))
         budget = sum(count_parameters(linear) for _, linear in targets) / self.ratio
         chosen = allocate([[(p, weights[name] * e) for _, _, p, e in opts] for (name, _), opts in zip(targets, options)],
                           budget)
@@ -781,19 +784,23 @@ def install_block(model: nn.Module, block: MLPBlock, new: nn.Module) -> None:
 
 
 def decouple_block(model: nn.Module, block: MLPBlock, samples: torch.Tensor, rank: int, n_basis: int = 12,
-                   iters: int = 5, progress: bool = True, **options) -> LayerReport:
+                   iters: int = 5, progress: bool = True, *, install: bool = True, **options):
     """Fit a rank-``rank`` DecoupledSplineMLP to ``block`` at ``samples`` ``(N, in)``
     (``DecoupledSplineMLP.from_mlp``; ``options``: its other keyword arguments), install it in
-    ``model`` (:func:`install_block`) and return its report row."""
+    ``model`` (:func:`install_block`) and return its report row; with ``install=False`` return
+    (the fitted layer, its row) and leave ``model`` as it is."""
     start = time.perf_counter()
     new = DecoupledSplineMLP.from_mlp(block.fc1, block.act, block.fc2, samples, rank, n_basis, iters,
                                       progress=progress, **options)
     seconds = time.perf_counter() - start
-    install_block(model, block, new)
     rep = new.fit_report
-    return LayerReport(block.first, (block.fc2.out_features, block.fc1.in_features), "decoupled",
-                       f"{new._structure()}, block to {block.second}", block.params,
-                       new.num_parameters(), rep.relative_error, rep.output_error, seconds)
+    row = LayerReport(block.first, (block.fc2.out_features, block.fc1.in_features), "decoupled",
+                      f"{new._structure()}, block to {block.second}", block.params,
+                      new.num_parameters(), rep.relative_error, rep.output_error, seconds)
+    if not install:
+        return new, row
+    install_block(model, block, new)
+    return row
 
 
 def _decouple(model: nn.Module, config: Decoupled, calibration, targets: list[tuple[str, nn.Linear]],
@@ -808,9 +815,14 @@ def _decouple(model: nn.Module, config: Decoupled, calibration, targets: list[tu
     ranks = [_block_rank(b, config.ratio, config.n_basis) for b in blocks]  # raises before any work
     samples = collect_inputs(model, calibration, [(b.first, b.fc1) for b in blocks], config.tokens,
                              progress=progress)
-    return [decouple_block(model, b, samples[b.first], rank, config.n_basis, config.iters, progress,
-                           value_weight=config.value_weight)
-            for b, rank in with_progress(list(zip(blocks, ranks)), progress, desc="decoupling", unit="block")]
+    fitted = []
+    for b, rank in with_progress(list(zip(blocks, ranks)), progress, desc="decoupling", unit="block"):
+        with _layer(b.first):
+            fitted.append(decouple_block(model, b, samples[b.first], rank, config.n_basis, config.iters, progress,
+                                         install=False, value_weight=config.value_weight))
+    for b, (new, _) in zip(blocks, fitted):  # only once every fit succeeded: a failure leaves the model as it was
+        install_block(model, b, new)
+    return [row for _, row in fitted]
 
 
 # ---- entry points -------------------------------------------------------------------------------------
@@ -818,10 +830,39 @@ def _decouple(model: nn.Module, config: Decoupled, calibration, targets: list[tu
 _CONFIGS = (LowRank, TensorTrain, Kronecker, Spline, Auto, Decoupled)
 
 
+@contextlib.contextmanager
+def _layer(name: str):
+    """Name the layer in an error raised while working on it: a ValueError or TypeError is raised
+    again, same type, with the name in its message; another exception gets a note (Python 3.11+)."""
+    try:
+        yield
+    except Exception as e:
+        if type(e) in (ValueError, TypeError):
+            raise type(e)(f"layer {name!r}: {e}") from e
+        if hasattr(e, "add_note"):
+            e.add_note(f"(while fitting layer {name!r})")
+        raise
+
+
+def _check_weights(targets: list[tuple[str, nn.Linear]]) -> None:
+    """Every targeted Linear has finite weight and bias values (not on the meta device), before any work."""
+    for name, linear in targets:
+        for pname, t in (("weight", linear.weight), ("bias", linear.bias)):
+            if t is None:
+                continue
+            if t.is_meta:
+                raise ValueError(f"layer {name!r}: its {pname} is on the meta device and has no values to fit: "
+                                 "load the weights first")
+            if not torch.isfinite(t).all():
+                raise ValueError(f"layer {name!r}: its {pname} has non-finite values (inf or NaN): there is nothing "
+                                 "to fit (exclude it, or repair the checkpoint)")
+
+
 def _targets_and_grams(model: nn.Module, calibration, include, exclude, min_features, progress: bool
                        ) -> tuple[list[tuple[str, nn.Linear]], dict[str, torch.Tensor | None]]:
     check_flag("progress", progress)
     targets = require_linear(model, include, exclude, min_features)
+    _check_weights(targets)
     if calibration is None:
         return targets, {name: None for name, _ in targets}
     if not isinstance(calibration, Calibration):
@@ -960,23 +1001,30 @@ def compress_(model: nn.Module, config, calibration=None, include: str | None = 
         raise TypeError(f"config must be one of {', '.join(c.__name__ for c in _CONFIGS)}, got {config!r}")
     if isinstance(config, Decoupled):
         check_flag("progress", progress)
-        rows = _decouple(model, config, calibration, require_linear(model, include, exclude, min_features), progress)
+        targets = require_linear(model, include, exclude, min_features)
+        require_untied(model, targets)
+        _check_weights(targets)
+        rows = _decouple(model, config, calibration, targets, progress)
         return CompressionReport(tuple(rows), repr(config), time.perf_counter() - start)
+    require_untied(model, require_linear(model, include, exclude, min_features))
     targets, grams = _targets_and_grams(model, calibration, include, exclude, min_features, progress)
     if isinstance(config, Auto):
         plans = config._allocate(targets, grams, progress)
     else:
         plans = {name: config._plan(linear) for name, linear in targets}
-    rows = []
+    rows, fitted = [], []
     for name, linear in with_progress(targets, progress, desc=f"compressing ({type(config).__name__})", unit="layer"):
         family, spec = plans[name]
-        new, seconds = _fit(linear, family, spec, grams[name])
+        with _layer(name):
+            new, seconds = _fit(linear, family, spec, grams[name])
         if isinstance(new, str):
             exact = (0.0, None if grams[name] is None else 0.0)
             rows.append(_row(name, linear, DENSE, f"kept dense: {new}", errors=exact, seconds=seconds))
         else:
-            swap_module(model, name, new, linear)
+            fitted.append((name, linear, new))
             rows.append(_fitted_row(name, linear, family.name, new, seconds))
+    for name, linear, new in fitted:  # only once every fit succeeded: a failure leaves the model as it was
+        swap_module(model, name, new, linear)
     return CompressionReport(tuple(rows), repr(config), time.perf_counter() - start)
 
 

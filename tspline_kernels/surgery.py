@@ -40,8 +40,9 @@ def select_linear(model: nn.Module, include: str | None = None, exclude: str | N
     """``(qualified name, module)`` of every plain ``nn.Linear`` in ``model`` (module order) whose
     name matches ``include`` (regex, searched; all when None), does not match ``exclude``, and has
     both in and out features >= ``min_features``. Subclasses of nn.Linear are not selected. A
-    module reached by several paths (shared) is listed once, by its first path; :func:`swap_module`
-    replaces it at every path."""
+    module reached by several paths (shared) is listed once, by its first path, and since
+    :func:`swap_module` replaces it at every path, it is selected when any of its paths matches
+    ``include`` and none matches ``exclude`` (excluding one path keeps the module at all of them)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if type(model) is nn.Linear:
@@ -49,13 +50,41 @@ def select_linear(model: nn.Module, include: str | None = None, exclude: str | N
                          "(e.g. nn.Sequential(linear)) and pass the wrapper")
     inc, exc = _pattern("include", include), _pattern("exclude", exclude)
     min_features = check_count("min_features", min_features, 0)
+    paths: dict[int, tuple[nn.Module, list[str]]] = {}  # module order: first paths first
+    for name, m in model.named_modules(remove_duplicate=False):
+        if type(m) is nn.Linear:
+            paths.setdefault(id(m), (m, []))[1].append(name)
     return [
-        (name, m) for name, m in model.named_modules()
-        if type(m) is nn.Linear
-        and (inc is None or inc.search(name))
-        and not (exc is not None and exc.search(name))
+        (names[0], m) for m, names in paths.values()
+        if (inc is None or any(inc.search(n) for n in names))
+        and not (exc is not None and any(exc.search(n) for n in names))
         and min(m.in_features, m.out_features) >= min_features
     ]
+
+
+def tied_parameters(model: nn.Module, module: nn.Module) -> list[tuple[str, str]]:
+    """``(parameter name, path of the other module)`` for every parameter of ``module`` that another
+    module of ``model`` also holds (tied weights, such as an output projection tied to the input
+    embedding): replacing ``module`` would untie them and leave the tensor in the other module."""
+    owners: dict[int, list[tuple[str, nn.Module]]] = {}
+    for path, m in model.named_modules(remove_duplicate=False):
+        for p in m.parameters(recurse=False):
+            owners.setdefault(id(p), []).append((path, m))
+    return [(pname, path) for pname, p in module.named_parameters()
+            for path, m in owners.get(id(p), []) if m is not module]
+
+
+def require_untied(model: nn.Module, targets: list[tuple[str, nn.Module]]) -> None:
+    """Raise ValueError naming the first target whose parameters another module also holds
+    (:func:`tied_parameters`): compressing it would add parameters instead of removing them."""
+    for name, module in targets:
+        tied = tied_parameters(model, module)
+        if tied:
+            pname, other = tied[0]
+            raise ValueError(f"layer {name!r} shares its {pname} with {other!r} (tied parameters, e.g. an output "
+                             "layer tied to the embedding): replacing it would untie them and leave that tensor in "
+                             f"{other!r}, so the model would gain parameters instead of losing them; exclude "
+                             f"{name!r}")
 
 
 def require_linear(model: nn.Module, include: str | None = None, exclude: str | None = None,
