@@ -345,8 +345,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deadline", type=float, default=float("inf"),
                         help="with --jobs: stop unfinished shards this many seconds after the start (their partial results are kept)")
     parser.add_argument("--json", help="write the outcomes here")
+    parser.add_argument("--warm-only", action="store_true",
+                        help="only compile every case's first configs (fills Triton's on-disk cache for a later run) and exit")
     args = parser.parse_args(argv)
     dtypes = [DTYPES[d] for d in args.dtype]
+    if args.warm_only:
+        start = time.monotonic()
+        warm(dtypes, args.case, args.rows)
+        print(f"every-config warm: {len(args.case or CASES)} cases x {len(dtypes)} dtype(s) in {time.monotonic() - start:.0f} s")
+        return 0
     if args.jobs > 1:
         start = time.monotonic()
         if not _triton.INTERPRET:  # compiled once here, not once per shard

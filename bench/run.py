@@ -97,6 +97,16 @@ def main(quick: bool = False, out: str | None = None, only: list[str] | None = N
              "launch_floor": floor, "errors": {}, "deadline_s": deadline, "not_run": []}
     # metadata taken once: commit and dirty flag as the run began
     rows, targets = [], []
+
+    def show(family_targets: list[dict]) -> None:  # printed per family: a stage cut later keeps them
+        for t in family_targets:
+            state = {True: "met", False: "NOT met", None: "not measured here"}[t["met"]]
+            value = "-" if t["measured"] is None else f"{t['measured']:.3g}"
+            guess = "" if t.get("predicted") is None else \
+                f"; PREDICTED {t['predicted']:.3g}" + (", not measured" if t["measured"] is None else "") + \
+                ": bench/NOTES.md's estimate for an H200"
+            print(f"  [{state:>17}] {t['target']}: {value} (threshold {t['threshold']}{guess})", flush=True)
+
     for name in families:
         module = importlib.import_module(f"{__package__}.{name}")
         print(f"== {name} on {device_name(device)}")
@@ -112,18 +122,16 @@ def main(quick: bool = False, out: str | None = None, only: list[str] | None = N
                                        progress=lambda line, t=elapsed: print(f"[{t:5.0f} s] {line}"))
                 write_json(path, device, rows + family_rows, targets, extra)
             rows += family_rows
-            targets += module.targets(family_rows, device, quick)  # GPU goals are measured on CUDA only
+            family_targets = module.targets(family_rows, device, quick)  # GPU goals are measured on CUDA only
+            targets += family_targets
+            print(f"== {name} targets (benchmarks, not tests)")
+            show(family_targets)
         except Exception:  # keep going: the other families' numbers are still worth having
             extra["errors"][name] = traceback.format_exc()
             print(f"FAILED {name}:\n{extra['errors'][name]}")
         write_json(path, device, rows, targets, extra)
     print("\n== targets (benchmarks, not tests)")
-    for t in targets:
-        state = {True: "met", False: "NOT met", None: "not measured here"}[t["met"]]
-        value = "-" if t["measured"] is None else f"{t['measured']:.3g}"
-        guess = "" if t.get("predicted") is None or t["measured"] is not None else \
-            f"; PREDICTED {t['predicted']:.3g}, not measured: bench/NOTES.md's estimate for an H200"
-        print(f"  [{state:>17}] {t['target']}: {value} (threshold {t['threshold']}{guess})")
+    show(targets)
     print(f"\nwrote {path}")
     if extra["errors"]:
         raise SystemExit(1)
