@@ -62,29 +62,23 @@ def select_linear(model: nn.Module, include: str | None = None, exclude: str | N
     ]
 
 
-def tied_parameters(model: nn.Module, module: nn.Module) -> list[tuple[str, str]]:
-    """``(parameter name, path of the other module)`` for every parameter of ``module`` that another
-    module of ``model`` also holds (tied weights, such as an output projection tied to the input
-    embedding): replacing ``module`` would untie them and leave the tensor in the other module."""
-    owners: dict[int, list[tuple[str, nn.Module]]] = {}
+def require_untied(model: nn.Module, targets: list[tuple[str, nn.Module]]) -> None:
+    """Raise ValueError naming the first target that shares a parameter with another module of
+    ``model`` (tied weights, such as an output projection tied to the input embedding): replacing
+    it would untie them and leave the tensor in the other module, so the model would gain
+    parameters instead of losing them."""
+    owners: dict[int, list[tuple[str, nn.Module]]] = {}  # parameter -> every module holding it
     for path, m in model.named_modules(remove_duplicate=False):
         for p in m.parameters(recurse=False):
             owners.setdefault(id(p), []).append((path, m))
-    return [(pname, path) for pname, p in module.named_parameters()
-            for path, m in owners.get(id(p), []) if m is not module]
-
-
-def require_untied(model: nn.Module, targets: list[tuple[str, nn.Module]]) -> None:
-    """Raise ValueError naming the first target whose parameters another module also holds
-    (:func:`tied_parameters`): compressing it would add parameters instead of removing them."""
     for name, module in targets:
-        tied = tied_parameters(model, module)
-        if tied:
-            pname, other = tied[0]
-            raise ValueError(f"layer {name!r} shares its {pname} with {other!r} (tied parameters, e.g. an output "
-                             "layer tied to the embedding): replacing it would untie them and leave that tensor in "
-                             f"{other!r}, so the model would gain parameters instead of losing them; exclude "
-                             f"{name!r}")
+        for pname, p in module.named_parameters():
+            other = next((path for path, m in owners.get(id(p), []) if m is not module), None)
+            if other is not None:
+                raise ValueError(f"layer {name!r} shares its {pname} with {other!r} (tied parameters, e.g. an "
+                                 "output layer tied to the embedding): replacing it would untie them and leave that "
+                                 f"tensor in {other!r}, so the model would gain parameters instead of losing them; "
+                                 f"exclude {name!r}")
 
 
 def require_linear(model: nn.Module, include: str | None = None, exclude: str | None = None,
