@@ -858,11 +858,20 @@ def _check_weights(targets: list[tuple[str, nn.Linear]]) -> None:
                                  "to fit (exclude it, or repair the checkpoint)")
 
 
-def _targets_and_grams(model: nn.Module, calibration, include, exclude, min_features, progress: bool
-                       ) -> tuple[list[tuple[str, nn.Linear]], dict[str, torch.Tensor | None]]:
-    check_flag("progress", progress)
+def _targets(model: nn.Module, include, exclude, min_features, replacing: bool) -> list[tuple[str, nn.Linear]]:
+    """The selected Linears (``require_linear``), refused where tied to another module if they are
+    to be ``replacing``-d (``require_untied``) and checked for weights to fit (``_check_weights``)."""
     targets = require_linear(model, include, exclude, min_features)
+    if replacing:
+        require_untied(model, targets)
     _check_weights(targets)
+    return targets
+
+
+def _targets_and_grams(model: nn.Module, calibration, include, exclude, min_features, progress: bool,
+                       replacing: bool = False) -> tuple[list[tuple[str, nn.Linear]], dict[str, torch.Tensor | None]]:
+    check_flag("progress", progress)
+    targets = _targets(model, include, exclude, min_features, replacing)
     if calibration is None:
         return targets, {name: None for name, _ in targets}
     if not isinstance(calibration, Calibration):
@@ -1001,13 +1010,9 @@ def compress_(model: nn.Module, config, calibration=None, include: str | None = 
         raise TypeError(f"config must be one of {', '.join(c.__name__ for c in _CONFIGS)}, got {config!r}")
     if isinstance(config, Decoupled):
         check_flag("progress", progress)
-        targets = require_linear(model, include, exclude, min_features)
-        require_untied(model, targets)
-        _check_weights(targets)
-        rows = _decouple(model, config, calibration, targets, progress)
+        rows = _decouple(model, config, calibration, _targets(model, include, exclude, min_features, True), progress)
         return CompressionReport(tuple(rows), repr(config), time.perf_counter() - start)
-    require_untied(model, require_linear(model, include, exclude, min_features))
-    targets, grams = _targets_and_grams(model, calibration, include, exclude, min_features, progress)
+    targets, grams = _targets_and_grams(model, calibration, include, exclude, min_features, progress, replacing=True)
     if isinstance(config, Auto):
         plans = config._allocate(targets, grams, progress)
     else:
