@@ -264,7 +264,7 @@ def save_compressed(model: nn.Module, path, report=None, max_shard_size=None, *,
     tensors, aliases = _tensors_to_write(model)
     records = {name: {"dtype": _dtype_name(t), "shape": list(t.shape), "sha256": _sha256(t)}
                for name, t in with_progress(tensors.items(), progress, desc="checksums", total=len(tensors))}
-    doc = _doc(layers, records, aliases, report, _buffer_keys(model))
+    doc = _doc(layers, records, aliases, report, _buffer_keys(model, {*tensors, *aliases}))
     groups = _shards(tensors, limit)
     if "/" in root.strip("/"):
         fs.makedirs(root[:root.rfind("/")], exist_ok=True)
@@ -285,10 +285,9 @@ def save_compressed(model: nn.Module, path, report=None, max_shard_size=None, *,
     return written + [root + INDEX_SUFFIX]
 
 
-def _buffer_keys(model: nn.Module) -> list[str]:
-    """The state-dict keys of ``model``'s buffers (running statistics, position ids): tensors that
-    are not parameters, which ``inspect`` counts apart."""
-    keys = set(model.state_dict())
+def _buffer_keys(model: nn.Module, keys: set[str]) -> list[str]:
+    """Which of the state-dict ``keys`` are ``model``'s buffers (running statistics, position ids):
+    tensors that are not parameters, which ``inspect`` counts apart."""
     return [name for name, _ in model.named_buffers(remove_duplicate=False) if name in keys]
 
 
